@@ -1,0 +1,54 @@
+//! Command line of the `l4proxy` binary.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Layer-4 transparent proxy steered by eBPF sk_lookup")]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Intercept the flows named in a policy and relay them to their upstreams.
+    Run(RunArgs),
+    /// Validate a policy file: exit 0, or print where and why it is wrong.
+    Check {
+        /// Policy file (JSON).
+        file: PathBuf,
+    },
+    /// Remove routes left in this network namespace by a daemon that was killed
+    /// before it could clean up (they carry route protocol 244).
+    Cleanup,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Policy file (JSON).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// After SIGTERM/SIGINT, how long open connections may finish (seconds).
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    pub grace_period: Duration,
+    /// How long to wait for an upstream to accept a connection (seconds).
+    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    pub connect_timeout: Duration,
+    /// Most client connections relayed at once; further ones are closed at accept.
+    #[arg(long, default_value_t = 16384)]
+    pub max_connections: usize,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {text}"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("not a valid duration: {text}"))
+}

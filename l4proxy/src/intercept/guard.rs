@@ -1,0 +1,82 @@
+//! Crash guard: a forked child that removes our routes if the daemon dies
+//! without removing them itself (SIGKILL, OOM kill, panic with abort).
+//!
+//! The BPF link is owned by a file descriptor and dies with the process; routes
+//! are not, so without this a killed daemon would leave its prefixes local and
+//! black-holed. The child waits for end-of-file on a pipe whose only write end
+//! the daemon holds: the kernel closes it however the daemon ends.
+
+use std::{
+    fs::File,
+    io::{self, Read},
+    os::fd::{FromRawFd, OwnedFd},
+};
+
+use super::routes;
+
+/// Held by the daemon for its whole life; dropping it (or dying) wakes the guard.
+pub struct Guard {
+    _write_end: OwnedFd,
+}
+
+/// Forks the guard process.
+///
+/// # Safety
+/// Must be called while the process has a single thread (before the tokio
+/// runtime starts): the child of a multi-threaded fork may only call
+/// async-signal-safe functions, and the guard builds a runtime of its own.
+pub unsafe fn spawn() -> io::Result<Guard> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: single-threaded per this function's contract.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            drop(write_end);
+            watch(read_end)
+        }
+        _ => Ok(Guard {
+            _write_end: write_end,
+        }),
+    }
+}
+
+fn watch(read_end: OwnedFd) -> ! {
+    // A terminal's Ctrl-C or a service manager's SIGTERM reaches the whole
+    // process group; the guard must outlive the daemon to clean up after it.
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: setting a signal to SIG_IGN has no handler to be unsafe in.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
+    let mut pipe = File::from(read_end);
+    let mut byte = [0u8; 1];
+    loop {
+        match pipe.read(&mut byte) {
+            Ok(0) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(_) | Err(_) => break,
+        }
+    }
+    let removed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(routes::RouteError::Socket)
+        .and_then(|runtime| runtime.block_on(routes::remove_leftovers()));
+    match removed {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            routes = n,
+            "daemon ended without cleaning up; guard removed its routes"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "guard could not remove the daemon's routes; run `l4proxy cleanup`")
+        }
+    }
+    std::process::exit(0)
+}

@@ -1,0 +1,164 @@
+//! `local` routes for intercepted prefixes, over rtnetlink.
+//!
+//! `sk_lookup` only runs for packets the stack delivers locally, so every
+//! intercepted prefix needs `ip route add local PREFIX dev lo` (table local). We
+//! mark ours with [`ROUTE_PROTOCOL`] so that exactly ours are removed on exit, and
+//! so leftovers of a crashed daemon can be found and removed later.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        route::{RouteMessage, RouteProtocol, RouteScope, RouteType},
+    },
+};
+
+/// Route protocol number that marks l4proxy's routes (`ip route show proto 244`).
+/// Unassigned in the kernel's `RTPROT_*` list and iproute2's rt_protos.
+pub const ROUTE_PROTOCOL: u8 = 244;
+
+/// Table `local`, where the kernel looks for local-delivery routes first.
+const TABLE_LOCAL: u32 = 255;
+
+/// The loopback interface always has index 1 in a network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+const EEXIST: i32 = libc::EEXIST;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("adding local route {prefix}: {source}")]
+    Add {
+        prefix: IpNet,
+        source: rtnetlink::Error,
+    },
+    #[error("removing route {route}: {source}")]
+    Remove {
+        route: String,
+        source: rtnetlink::Error,
+    },
+    #[error("listing routes: {0}")]
+    List(rtnetlink::Error),
+}
+
+/// The routes this daemon added, removed again by [`LocalRoutes::remove`].
+pub struct LocalRoutes {
+    handle: Handle,
+    added: Vec<IpNet>,
+}
+
+/// Opens an rtnetlink connection in the calling thread's network namespace and
+/// drives it on the current tokio runtime.
+fn connect() -> Result<Handle, RouteError> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+impl LocalRoutes {
+    /// Adds a `local` route for each prefix. A prefix that is already local
+    /// (a route the operator made) is left alone and not removed on exit.
+    pub async fn install(prefixes: &[IpNet]) -> Result<Self, RouteError> {
+        let mut routes = Self {
+            handle: connect()?,
+            added: Vec::new(),
+        };
+        for &prefix in prefixes {
+            match routes
+                .handle
+                .route()
+                .add(local_route(prefix))
+                .execute()
+                .await
+            {
+                Ok(()) => routes.added.push(prefix),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => {
+                    tracing::info!(%prefix, "local route already present; leaving it as it is");
+                }
+                Err(source) => {
+                    // Undo what we did so a failed start leaves nothing behind.
+                    if let Err(e) = routes.remove().await {
+                        tracing::warn!(error = %e, "removing routes after a failed start");
+                    }
+                    return Err(RouteError::Add { prefix, source });
+                }
+            }
+        }
+        Ok(routes)
+    }
+
+    pub fn added(&self) -> &[IpNet] {
+        &self.added
+    }
+
+    /// Removes exactly the routes `install` added.
+    pub async fn remove(&mut self) -> Result<(), RouteError> {
+        while let Some(prefix) = self.added.pop() {
+            self.handle
+                .route()
+                .del(local_route(prefix))
+                .execute()
+                .await
+                .map_err(|source| RouteError::Remove {
+                    route: prefix.to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes every route marked with [`ROUTE_PROTOCOL`] in the calling thread's
+/// network namespace: what a daemon that died without cleaning up left behind.
+/// Returns how many were removed.
+pub async fn remove_leftovers() -> Result<usize, RouteError> {
+    let handle = connect()?;
+    let mut removed = 0;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut query = RouteMessage::default();
+        query.header.address_family = family;
+        let ours: Vec<RouteMessage> = handle
+            .route()
+            .get(query)
+            .execute()
+            .try_filter(|route| {
+                std::future::ready(route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+            })
+            .try_collect()
+            .await
+            .map_err(RouteError::List)?;
+        for route in ours {
+            let description = format!("{:?}", route.attributes);
+            handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .map_err(|source| RouteError::Remove {
+                    route: description,
+                    source,
+                })?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// `ip route add local PREFIX dev lo table local proto 244`.
+fn local_route(prefix: IpNet) -> RouteMessage {
+    RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(prefix.addr(), prefix.prefix_len())
+        .expect("an IpNet's length is valid for its family")
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .table_id(TABLE_LOCAL)
+        .output_interface(LOOPBACK_IFINDEX)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .build()
+}

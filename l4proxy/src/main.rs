@@ -1,0 +1,76 @@
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use l4proxy::{
+    cli::{Cli, Command, RunArgs},
+    intercept::{guard, routes},
+    logging,
+    policy::Policy,
+    server::{self, Settings},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        // `check` speaks to a person or a CI job: one plain line, no log prefix.
+        Command::Check { file } => return check(&file),
+        Command::Cleanup => cleanup(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let policy = Policy::load(&args.policy)?;
+    // SAFETY: no thread has been started yet; the runtime is built below.
+    let _guard = unsafe { guard::spawn() }.context("starting the route guard")?;
+    let settings = Settings {
+        grace_period: args.grace_period,
+        connect_timeout: args.connect_timeout,
+        max_connections: args.max_connections,
+    };
+    runtime()?.block_on(server::run(policy, settings))?;
+    Ok(())
+}
+
+fn check(file: &std::path::Path) -> ExitCode {
+    match Policy::load(file) {
+        Ok(policy) => {
+            println!(
+                "{}: ok ({} intercept rules, {} upstreams)",
+                file.display(),
+                policy.rules.len(),
+                policy.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cleanup() -> anyhow::Result<()> {
+    let removed = runtime()?.block_on(routes::remove_leftovers())?;
+    println!(
+        "removed {removed} route(s) with protocol {}",
+        routes::ROUTE_PROTOCOL
+    );
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}

@@ -1,0 +1,300 @@
+//! The daemon: listeners, the accept loop, one task per connection, and an
+//! orderly shutdown.
+//!
+//! Start-up order matters: listeners go into the socket map before the program
+//! is attached, and the routes go in before it too, so the first steered SYN
+//! already finds a socket. Shutdown runs the other way round: detach first, so
+//! new connections are refused at once instead of being dropped while we drain.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use socket2::{Domain, Socket, Type};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    signal::unix::{SignalKind, signal},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    addrs::{ClientAddr, OrigDstAddr},
+    intercept::{
+        Family, InterceptError, Interceptor,
+        routes::{self, LocalRoutes, RouteError},
+    },
+    policy::Policy,
+    relay, route,
+    upstream::Pool,
+};
+
+const LISTEN_BACKLOG: i32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Intercept(#[from] InterceptError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("creating the {family:?} listener: {source}")]
+    Listen { family: Family, source: io::Error },
+    #[error("installing signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+/// Run-time settings from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub grace_period: Duration,
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// What every connection task shares.
+struct Shared {
+    policy: Policy,
+    pools: Vec<Pool>,
+    settings: Settings,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+/// Runs until SIGTERM or SIGINT, then drains and cleans up.
+pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> {
+    let leftovers = routes::remove_leftovers().await?;
+    if leftovers > 0 {
+        tracing::warn!(
+            routes = leftovers,
+            "removed routes left by an earlier daemon"
+        );
+    }
+    let mut signals = Signals::new()?;
+
+    let mut interceptor = Interceptor::load(&policy)?;
+    let listeners = bind_listeners(&policy, &mut interceptor)?;
+    let mut local_routes = LocalRoutes::install(&intercepted_prefixes(&policy)).await?;
+    if let Err(e) = interceptor.attach() {
+        local_routes.remove().await?;
+        return Err(e.into());
+    }
+    tracing::info!(
+        rules = policy.rules.len(),
+        kernel_entries = interceptor.rule_entries(),
+        routes = ?local_routes.added(),
+        listeners = ?listeners.iter().map(|l| l.local_addr().ok()).collect::<Vec<_>>(),
+        "ready"
+    );
+
+    let shared = Arc::new(Shared {
+        pools: policy.upstreams.iter().map(Pool::new).collect(),
+        policy,
+        limit: Arc::new(Semaphore::new(settings.max_connections)),
+        settings,
+        shutdown: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    for listener in listeners {
+        tracker.spawn(accept_loop(
+            listener,
+            shared.clone(),
+            tracker.clone(),
+            stop_accepting.clone(),
+        ));
+    }
+
+    signals.recv().await;
+    tracing::info!(grace_period = ?shared.settings.grace_period, "shutting down: no new connections");
+    interceptor.detach()?;
+    stop_accepting.cancel();
+    tracker.close();
+    if tokio::time::timeout(shared.settings.grace_period, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing the connections still open");
+        shared.shutdown.cancel();
+        tracker.wait().await;
+    }
+    log_counters(&interceptor);
+    local_routes.remove().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One listener per family the policy intercepts, bound to loopback on a free
+/// port: `sk_lookup` assigns it whatever the connection's destination.
+fn bind_listeners(
+    policy: &Policy,
+    interceptor: &mut Interceptor,
+) -> Result<Vec<TcpListener>, ServerError> {
+    let prefixes = intercepted_prefixes(policy);
+    let mut listeners = Vec::new();
+    for (family, wanted, addr) in [
+        (
+            Family::V4,
+            prefixes.iter().any(|p| matches!(p, IpNet::V4(_))),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        ),
+        (
+            Family::V6,
+            prefixes.iter().any(|p| matches!(p, IpNet::V6(_))),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+        ),
+    ] {
+        if !wanted {
+            continue;
+        }
+        let listener = listen(addr).map_err(|source| ServerError::Listen { family, source })?;
+        interceptor.set_listener(family, &listener)?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        // Each family has its own listener; never see IPv4-mapped addresses.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn intercepted_prefixes(policy: &Policy) -> Vec<IpNet> {
+    let mut prefixes: Vec<IpNet> = policy
+        .rules
+        .iter()
+        .flat_map(|r| r.prefixes.iter().copied())
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    prefixes
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+            tracing::warn!(
+                client = ?stream.peer_addr().ok(),
+                limit = shared.settings.max_connections,
+                "connection limit reached; closing"
+            );
+            continue;
+        };
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            serve(stream, &shared).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Relays one client connection and logs one line when it ends.
+async fn serve(client: TcpStream, shared: &Shared) {
+    let started = Instant::now();
+    let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
+        return; // The client is already gone.
+    };
+    let (client_addr, orig_dst) = (ClientAddr(peer), OrigDstAddr(local));
+    let _ = client.set_nodelay(true);
+
+    let Some(rule_id) = route::match_rule(&shared.policy, orig_dst.0) else {
+        // The kernel steered it, so a rule matched there; userspace disagreeing
+        // would be a bug in one of the two matchers.
+        tracing::error!(client = %client_addr, orig_dst = %orig_dst, "steered connection matches no rule; closing");
+        return;
+    };
+    let rule = &shared.policy.rules[rule_id.0];
+    let pool = &shared.pools[rule.upstream.0];
+    let (upstream, upstream_addr) = match pool.connect(shared.settings.connect_timeout).await {
+        Ok(connected) => connected,
+        Err(e) => {
+            tracing::warn!(
+                client = %client_addr,
+                orig_dst = %orig_dst,
+                rule = %rule.name,
+                upstream = %e.upstream,
+                bytes_from_client = 0,
+                bytes_from_upstream = 0,
+                duration_ms = started.elapsed().as_millis() as u64,
+                outcome = %format!("upstream connect failed: {}", e.source),
+                "connection closed"
+            );
+            return;
+        }
+    };
+    let relayed = relay::relay(client, upstream, &shared.shutdown).await;
+    tracing::info!(
+        client = %client_addr,
+        orig_dst = %orig_dst,
+        rule = %rule.name,
+        upstream = %upstream_addr,
+        bytes_from_client = relayed.from_client,
+        bytes_from_upstream = relayed.from_upstream,
+        duration_ms = started.elapsed().as_millis() as u64,
+        outcome = %relayed.outcome,
+        "connection closed"
+    );
+}
+
+fn log_counters(interceptor: &Interceptor) {
+    match interceptor.counters() {
+        Ok(counters) => {
+            let summary: Vec<String> = counters
+                .iter()
+                .map(|(c, n)| format!("{}={n}", c.name()))
+                .collect();
+            tracing::info!(counters = %summary.join(" "), "kernel counters");
+        }
+        Err(e) => tracing::warn!(error = %e, "reading kernel counters"),
+    }
+}
+
+/// SIGTERM and SIGINT, the two ways to ask the daemon to stop.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, ServerError> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(ServerError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(ServerError::Signals)?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
