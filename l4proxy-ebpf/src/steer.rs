@@ -24,24 +24,42 @@ const ENOENT: i32 = 2;
 /// A full-length key: port and all 128 address bits.
 const FULL_PREFIX: u32 = RULE_KEY_FIXED_BITS + 128;
 
+/// Reads one field of the `sk_lookup` context with a load of its own.
+macro_rules! read_field {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: the kernel passes a valid bpf_sk_lookup for the program's run.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx).$($field)+)) }
+    };
+}
+
 #[sk_lookup]
 pub fn steer(ctx: SkLookupContext) -> u32 {
-    // SAFETY: the kernel passes a valid bpf_sk_lookup for the program's lifetime.
-    let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP {
+    // Every context field is read here, in straight-line code before any
+    // branch: the verifier allows context loads only at a constant offset from
+    // the context pointer, and loads inside branches let LLVM share one
+    // `ctx + offset` register between paths ("dereference of modified ctx ptr").
+    let lookup = ctx.lookup;
+    let protocol = read_field!(lookup, protocol);
+    let family = read_field!(lookup, family);
+    // local_ip4 and local_ip6 hold network-byte-order words; local_port is in
+    // host byte order.
+    let ip4 = read_field!(lookup, local_ip4);
+    let ip6 = [
+        read_field!(lookup, local_ip6[0]),
+        read_field!(lookup, local_ip6[1]),
+        read_field!(lookup, local_ip6[2]),
+        read_field!(lookup, local_ip6[3]),
+    ];
+    let port = read_field!(lookup, local_port) as u16;
+
+    if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    let (socket, addr) = match lookup.family {
-        // local_ip4 and local_ip6 hold network-byte-order words.
-        AF_INET => (
-            SOCKET_V4,
-            RuleKey::mapped_v4(lookup.local_ip4.to_ne_bytes()),
-        ),
-        AF_INET6 => (SOCKET_V6, ip6_bytes(lookup.local_ip6)),
+    let (socket, addr) = match family {
+        AF_INET => (SOCKET_V4, RuleKey::mapped_v4(ip4.to_ne_bytes())),
+        AF_INET6 => (SOCKET_V6, ip6_bytes(ip6)),
         _ => return SK_PASS,
     };
-    // local_port is in host byte order.
-    let port = lookup.local_port as u16;
 
     let exact = Key::new(FULL_PREFIX, RuleKey::new(port, addr));
     let wildcard = Key::new(FULL_PREFIX, RuleKey::new(ANY_PORT, addr));

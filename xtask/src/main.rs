@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask <task>`. Each task installs what it needs first.
 
+mod demo;
 mod ebpf;
 mod setup;
 mod test;
@@ -25,6 +26,8 @@ enum Task {
     Setup,
     /// Build the kernel programs (l4proxy-ebpf) that the l4proxy binary embeds.
     BuildEbpf,
+    /// Build everything and show l4proxy at work in a network-namespace lab.
+    Demo,
     /// Everything CI checks: set-up, build, fmt, clippy, unit and integration tests.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
@@ -37,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::BuildEbpf => ebpf::build(),
+        Task::Demo => demo::run(),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
     }
 }

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The l4proxy demo: three hosts in network namespaces, l4proxy on the middle one
+# owning the service prefixes 192.0.2.0/24 and 2001:db8:a::/64.
+#
+#   client (198.51.100.2, 2001:db8:c::2)
+#     |
+#   proxy  (198.51.100.1, 2001:db8:c::1 | 203.0.113.1, 2001:db8:5::1)  <- l4proxy
+#     |
+#   server (203.0.113.2, 2001:db8:5::2): nginx on :8080 (site A) and :8081 (site B)
+#
+# Usage: demo.sh L4PROXY_BINARY POLICY   (run by `cargo xtask demo`)
+# Everything it creates lives in namespaces named l4demo-<pid>-*, removed on exit.
+set -euo pipefail
+
+l4proxy=$(realpath "$1")
+policy=$(realpath "$2")
+tag="l4demo-$$"
+work=$(mktemp -d)
+chmod 755 "$work" # nginx workers (www-data) read the sites from here
+cl="$tag-client" px="$tag-proxy" sv="$tag-server"
+daemon_pid=""
+
+cleanup() {
+    if [[ -n $daemon_pid ]] && kill -0 "$daemon_pid" 2>/dev/null; then
+        kill -TERM "$daemon_pid"
+        wait "$daemon_pid" || true
+    fi
+    [[ -f $work/nginx.pid ]] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+    for ns in "$cl" "$px" "$sv"; do ip netns del "$ns" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+show() { printf '$ %s\n' "$*"; "$@"; }
+
+say "building the lab: $cl, $px, $sv"
+for ns in "$cl" "$px" "$sv"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
+done
+ip -n "$cl" link add to-px type veth peer name to-cl netns "$px"
+ip -n "$px" link add to-sv type veth peer name to-px netns "$sv"
+ip -n "$cl" addr add 198.51.100.2/24 dev to-px
+ip -n "$cl" addr add 2001:db8:c::2/64 dev to-px nodad
+ip -n "$px" addr add 198.51.100.1/24 dev to-cl
+ip -n "$px" addr add 2001:db8:c::1/64 dev to-cl nodad
+ip -n "$px" addr add 203.0.113.1/24 dev to-sv
+ip -n "$px" addr add 2001:db8:5::1/64 dev to-sv nodad
+ip -n "$sv" addr add 203.0.113.2/24 dev to-px
+ip -n "$sv" addr add 2001:db8:5::2/64 dev to-px nodad
+for link in "$cl to-px" "$px to-cl" "$px to-sv" "$sv to-px"; do
+    set -- $link
+    ip -n "$1" link set "$2" up
+done
+ip -n "$cl" route add 192.0.2.0/24 via 198.51.100.1
+ip -n "$cl" route add 2001:db8:a::/64 via 2001:db8:c::1
+ip -n "$sv" route add default via 203.0.113.1
+ip -n "$sv" route add default via 2001:db8:5::1
+
+say "starting nginx on the server: site A on :8080, site B on :8081"
+mkdir -p "$work/a" "$work/b"
+echo "hello from site A" >"$work/a/index.html"
+echo "hello from site B" >"$work/b/index.html"
+cat >"$work/nginx.conf" <<CONF
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events {}
+http {
+    access_log $work/nginx-access.log;
+    server { listen 8080; listen [::]:8080; root $work/a; }
+    server { listen 8081; listen [::]:8081; root $work/b; }
+}
+CONF
+ip netns exec "$sv" nginx -c "$work/nginx.conf"
+
+say "the policy ($policy)"
+cat "$policy"
+show "$l4proxy" check "$policy"
+
+say "starting l4proxy in the proxy namespace"
+ip netns exec "$px" "$l4proxy" run --policy "$policy" --grace-period 2 2>"$work/l4proxy.log" &
+daemon_pid=$!
+for _ in $(seq 50); do
+    grep -q ready "$work/l4proxy.log" && break
+    kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/l4proxy.log"; exit 1; }
+    sleep 0.1
+done
+grep -q ready "$work/l4proxy.log" || { cat "$work/l4proxy.log"; echo "l4proxy did not start"; exit 1; }
+cat "$work/l4proxy.log"
+
+say "what l4proxy installed in the proxy namespace (no iptables, no nft)"
+show ip -n "$px" route show table local proto 244
+show ip -n "$px" -6 route show table local proto 244
+bpftool link show 2>/dev/null | grep -A1 sk_lookup || true
+
+say "the client connects to addresses in the service prefixes"
+show ip netns exec "$cl" curl -sS --max-time 5 http://192.0.2.10/
+show ip netns exec "$cl" curl -sS --max-time 5 http://192.0.2.77/
+show ip netns exec "$cl" curl -sS --max-time 5 "http://[2001:db8:a::10]/"
+show ip netns exec "$cl" curl -sS --max-time 5 http://192.0.2.20:8000/
+show ip netns exec "$cl" curl -sS --max-time 5 "http://[2001:db8:a::20]:8999/"
+show ip netns exec "$cl" curl -sS --max-time 5 http://192.0.2.20:8000/
+
+say "a port no rule names is not steered (nothing listens there: refused)"
+if ip netns exec "$cl" curl -sS --max-time 5 http://192.0.2.10:2222/; then
+    echo "unexpected: port 2222 answered"; exit 1
+fi
+
+say "what the server saw (the proxy's address: this demo is not transparent)"
+cat "$work/nginx-access.log"
+
+say "stopping l4proxy (SIGTERM)"
+kill -TERM "$daemon_pid"
+wait "$daemon_pid"
+daemon_pid=""
+tail -n +$(($(grep -c '' "$work/l4proxy.log") - 9)) "$work/l4proxy.log" | grep -v '^$' || true
+show ip -n "$px" route show table local proto 244
+echo "(no routes of ours left)"
+
+say "done: removing the lab"
