@@ -77,7 +77,10 @@ impl Interceptor {
         for entry in rules::compile(policy) {
             rules
                 .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
-                .map_err(|source| InterceptError::Map { name: "RULES", source })?;
+                .map_err(|source| InterceptError::Map {
+                    name: "RULES",
+                    source,
+                })?;
         }
         let sockets = take_map(&mut ebpf, "SOCKETS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
@@ -96,10 +99,17 @@ impl Interceptor {
     }
 
     /// Puts a listening socket into the program's socket map.
-    pub fn set_listener(&mut self, family: Family, listener: &impl AsRawFd) -> Result<(), InterceptError> {
+    pub fn set_listener(
+        &mut self,
+        family: Family,
+        listener: &impl AsRawFd,
+    ) -> Result<(), InterceptError> {
         self.sockets
             .set(family.socket_index(), listener, 0)
-            .map_err(|source| InterceptError::Map { name: "SOCKETS", source })
+            .map_err(|source| InterceptError::Map {
+                name: "SOCKETS",
+                source,
+            })
     }
 
     /// Attaches the program to the network namespace of the calling thread.
@@ -125,10 +135,12 @@ impl Interceptor {
         Counter::ALL
             .iter()
             .map(|&counter| {
-                let per_cpu = self
-                    .counters
-                    .get(&(counter as u32), 0)
-                    .map_err(|source| InterceptError::Map { name: "COUNTERS", source })?;
+                let per_cpu = self.counters.get(&(counter as u32), 0).map_err(|source| {
+                    InterceptError::Map {
+                        name: "COUNTERS",
+                        source,
+                    }
+                })?;
                 Ok((counter, per_cpu.iter().sum()))
             })
             .collect()
