@@ -4,7 +4,8 @@
 //! Pass what isn't ours; drop and count what is ours but broken (after
 //! cloudflare/tubular): no rule → `SK_PASS` so the normal socket lookup runs; a
 //! rule whose listener is missing → `SK_DROP`, because handing the SYN to whatever
-//! else listens on that address would silently bypass the policy.
+//! else listens on that address would silently bypass the policy. (For TCP the
+//! failed lookup makes the kernel answer the SYN with a reset.)
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},

@@ -1,0 +1,97 @@
+//! The `sk_lookup` program on its own, driven through the library: what it
+//! steers, what it passes, and the counter for a rule whose listener is missing.
+
+mod lab;
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpListener},
+    time::Duration,
+};
+
+use l4proxy::{
+    intercept::{Family, Interceptor},
+    policy::Policy,
+};
+use l4proxy_common::Counter;
+
+const POLICY: &str = r#"{
+  "intercept": [ { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "a" } ],
+  "upstreams": { "a": { "servers": ["203.0.113.2:8080"] } }
+}"#;
+
+fn counter(interceptor: &Interceptor, which: Counter) -> u64 {
+    let counters = interceptor.counters().expect("reading the kernel counters");
+    counters
+        .iter()
+        .find(|(c, _)| *c == which)
+        .map(|(_, n)| *n)
+        .expect("every counter is reported")
+}
+
+#[test]
+fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
+    let topo = lab::Topo::new("kernel");
+    // The daemon installs this route itself; here the test drives the program alone.
+    topo.px.ip(&["route", "add", "local", "192.0.2.0/24", "dev", "lo"]);
+    let policy = Policy::from_json(POLICY).expect("test policy is valid");
+    let steered: SocketAddr = "192.0.2.10:80".parse().unwrap();
+
+    let mut interceptor = topo.px.run(|| {
+        let mut interceptor = Interceptor::load(&policy).expect("loading the BPF programs");
+        interceptor.attach().expect("attaching sk_lookup to the px namespace");
+        interceptor
+    });
+
+    // Something else listens on the intercepted port itself.
+    let bystander = topo
+        .px
+        .run(|| TcpListener::bind("0.0.0.0:80").expect("binding the bystander listener"));
+    bystander.set_nonblocking(true).unwrap();
+
+    // A rule matches but no listener is in the map: the lookup fails (the
+    // client gets a reset) instead of falling through to the bystander, which
+    // would bypass the policy.
+    match lab::try_connect(&topo.cl, steered, Duration::from_secs(5)) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => panic!("connect with no listener in the map should be refused, got {other:?}"),
+    }
+    assert_eq!(
+        bystander.accept().map_err(|e| e.kind()).err(),
+        Some(ErrorKind::WouldBlock),
+        "the connection reached the bystander listener"
+    );
+    assert_eq!(counter(&interceptor, Counter::NoSocket), 1, "the drop was not counted");
+    assert_eq!(counter(&interceptor, Counter::Steered), 0);
+    assert_eq!(counter(&interceptor, Counter::Passed), 0);
+
+    // A port no rule names passes to whatever listens there.
+    let plain = topo
+        .px
+        .run(|| TcpListener::bind("0.0.0.0:2222").expect("binding the plain listener"));
+    lab::try_connect(&topo.cl, "192.0.2.10:2222".parse().unwrap(), Duration::from_secs(5))
+        .expect("a port outside the policy reaches its own listener");
+    let (accepted, _) = plain.accept().expect("accept on the plain listener");
+    assert_eq!(accepted.local_addr().unwrap(), "192.0.2.10:2222".parse().unwrap());
+    assert!(counter(&interceptor, Counter::Passed) >= 1);
+
+    // With the listener in the map, the connection is steered into it and its
+    // local address is the destination the client asked for.
+    let listener = topo
+        .px
+        .run(|| TcpListener::bind("127.0.0.1:0").expect("binding the proxy listener"));
+    interceptor
+        .set_listener(Family::V4, &listener)
+        .expect("putting the listener in the socket map");
+    lab::try_connect(&topo.cl, steered, Duration::from_secs(5)).expect("steered connect");
+    let (accepted, _) = listener.accept().expect("accept on the proxy listener");
+    assert_eq!(accepted.local_addr().unwrap(), steered);
+    assert_eq!(counter(&interceptor, Counter::Steered), 1);
+
+    // Detached, the program steers nothing: the bystander gets the next one.
+    interceptor.detach().expect("detaching");
+    lab::try_connect(&topo.cl, steered, Duration::from_secs(5)).expect("connect after detach");
+    bystander.set_nonblocking(false).unwrap();
+    let (accepted, _) = bystander.accept().expect("accept on the bystander after detach");
+    assert_eq!(accepted.local_addr().unwrap(), steered);
+}
