@@ -33,13 +33,16 @@ fn counter(interceptor: &Interceptor, which: Counter) -> u64 {
 fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
     let topo = lab::Topo::new("kernel");
     // The daemon installs this route itself; here the test drives the program alone.
-    topo.px.ip(&["route", "add", "local", "192.0.2.0/24", "dev", "lo"]);
+    topo.px
+        .ip(&["route", "add", "local", "192.0.2.0/24", "dev", "lo"]);
     let policy = Policy::from_json(POLICY).expect("test policy is valid");
     let steered: SocketAddr = "192.0.2.10:80".parse().unwrap();
 
     let mut interceptor = topo.px.run(|| {
         let mut interceptor = Interceptor::load(&policy).expect("loading the BPF programs");
-        interceptor.attach().expect("attaching sk_lookup to the px namespace");
+        interceptor
+            .attach()
+            .expect("attaching sk_lookup to the px namespace");
         interceptor
     });
 
@@ -61,7 +64,11 @@ fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
         Some(ErrorKind::WouldBlock),
         "the connection reached the bystander listener"
     );
-    assert_eq!(counter(&interceptor, Counter::NoSocket), 1, "the drop was not counted");
+    assert_eq!(
+        counter(&interceptor, Counter::NoSocket),
+        1,
+        "the drop was not counted"
+    );
     assert_eq!(counter(&interceptor, Counter::Steered), 0);
     assert_eq!(counter(&interceptor, Counter::Passed), 0);
 
@@ -69,10 +76,17 @@ fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
     let plain = topo
         .px
         .run(|| TcpListener::bind("0.0.0.0:2222").expect("binding the plain listener"));
-    lab::try_connect(&topo.cl, "192.0.2.10:2222".parse().unwrap(), Duration::from_secs(5))
-        .expect("a port outside the policy reaches its own listener");
+    lab::try_connect(
+        &topo.cl,
+        "192.0.2.10:2222".parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("a port outside the policy reaches its own listener");
     let (accepted, _) = plain.accept().expect("accept on the plain listener");
-    assert_eq!(accepted.local_addr().unwrap(), "192.0.2.10:2222".parse().unwrap());
+    assert_eq!(
+        accepted.local_addr().unwrap(),
+        "192.0.2.10:2222".parse().unwrap()
+    );
     assert!(counter(&interceptor, Counter::Passed) >= 1);
 
     // With the listener in the map, the connection is steered into it and its
@@ -92,6 +106,8 @@ fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
     interceptor.detach().expect("detaching");
     lab::try_connect(&topo.cl, steered, Duration::from_secs(5)).expect("connect after detach");
     bystander.set_nonblocking(false).unwrap();
-    let (accepted, _) = bystander.accept().expect("accept on the bystander after detach");
+    let (accepted, _) = bystander
+        .accept()
+        .expect("accept on the bystander after detach");
     assert_eq!(accepted.local_addr().unwrap(), steered);
 }

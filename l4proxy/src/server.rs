@@ -109,10 +109,14 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     }
 
     signals.recv().await;
-    tracing::info!(grace_period = ?shared.settings.grace_period, "shutting down: no new connections");
     interceptor.detach()?;
     stop_accepting.cancel();
     tracker.close();
+    tracing::info!(
+        open_connections = shared.settings.max_connections - shared.limit.available_permits(),
+        grace_period = ?shared.settings.grace_period,
+        "draining: new connections are refused"
+    );
     if tokio::time::timeout(shared.settings.grace_period, tracker.wait())
         .await
         .is_err()

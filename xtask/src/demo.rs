@@ -9,11 +9,13 @@ pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     ebpf::build()?;
     let root = workspace_root();
-    run_command(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["build", "--release", "--locked", "--package", "l4proxy"]),
-    )?;
+    run_command(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "l4proxy",
+    ]))?;
     run_command(
         Command::new("bash")
             .current_dir(&root)

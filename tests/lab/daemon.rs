@@ -1,0 +1,301 @@
+//! The daemon under test, started inside a namespace with `--log-format json`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::Netns;
+
+/// Path of the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_l4proxy")
+}
+
+/// A running `l4proxy run`. Dropping it kills the daemon if it still runs;
+/// while a test panics, the collected log is printed.
+pub struct Daemon {
+    child: Child,
+    exited: Option<ExitStatus>,
+    log: Arc<Mutex<Vec<String>>>,
+    dir: PathBuf,
+    ns: String,
+}
+
+/// Reads lines from a pipe into the shared log until EOF.
+fn collect<R: Read + Send + 'static>(pipe: R, tag: &'static str, log: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            match line {
+                Ok(l) => log.lock().unwrap().push(format!("{tag}{l}")),
+                Err(_) => break,
+            }
+        }
+    });
+}
+
+impl Daemon {
+    /// Writes `policy` to a temporary file and starts
+    /// `l4proxy run --policy FILE --log-format json EXTRA...` inside `ns`.
+    pub fn start(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
+        let dir =
+            std::env::temp_dir().join(format!("l4proxy-test-{}-{}", std::process::id(), ns.name()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let policy_path = dir.join("policy.json");
+        std::fs::write(&policy_path, serde_json::to_vec_pretty(policy).unwrap())
+            .unwrap_or_else(|e| panic!("write {}: {e}", policy_path.display()));
+
+        let ns_path = ns.path();
+        let ns_file =
+            File::open(&ns_path).unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
+        let ns_fd = ns_file.as_raw_fd();
+
+        let mut cmd = Command::new(binary());
+        cmd.arg("run")
+            .arg("--policy")
+            .arg(&policy_path)
+            .args(["--log-format", "json"])
+            .args(extra)
+            // `ready` and `connection closed` are info events: make sure a
+            // RUST_LOG of the caller does not hide them.
+            .env(
+                "RUST_LOG",
+                std::env::var("L4PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe calls (setns) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "spawn {} run in netns {}: {e} (is the daemon built?)",
+                binary(),
+                ns.name()
+            )
+        });
+        drop(ns_file);
+
+        let log = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stderr.take().unwrap(), "", log.clone());
+        collect(child.stdout.take().unwrap(), "stdout: ", log.clone());
+        Daemon {
+            child,
+            exited: None,
+            log,
+            dir,
+            ns: ns.name().to_owned(),
+        }
+    }
+
+    /// Starts the daemon and waits for `ready` (10 s).
+    pub fn start_ready(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
+        let mut d = Daemon::start(ns, policy, extra);
+        d.wait_ready(Duration::from_secs(10));
+        d
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// All lines collected so far (stderr, and stdout prefixed `stdout: `).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The log as text, for panic messages.
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    /// Every log line that parses as a JSON object.
+    pub fn events(&self) -> Vec<Value> {
+        self.log_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.is_object())
+            .collect()
+    }
+
+    /// Has the process exited? (Reaps it if so.)
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self
+                .child
+                .try_wait()
+                .unwrap_or_else(|e| panic!("waitpid daemon: {e}"));
+        }
+        self.exited
+    }
+
+    /// Waits for an event matching `pred`; panics with the log on timeout or
+    /// if the daemon exits first.
+    pub fn wait_event(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ev) = self.events().into_iter().find(|e| pred(e)) {
+                return ev;
+            }
+            if let Some(st) = self.try_exit() {
+                // Give the reader threads a moment to drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some(ev) = self.events().into_iter().find(|e| pred(e)) {
+                    return ev;
+                }
+                panic!(
+                    "daemon exited ({st}) before logging {what} (the l4proxy log is printed below)",
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "daemon did not log {what} within {timeout:?} (the l4proxy log is printed below)",
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the `ready` message.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        self.wait_event("`ready`", timeout, |e| message(e) == Some("ready"));
+    }
+
+    /// Waits until `n` `connection closed` events are logged and returns them.
+    pub fn wait_closed_events(&mut self, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let closed: Vec<Value> = self
+                .events()
+                .into_iter()
+                .filter(|e| message(e) == Some("connection closed"))
+                .collect();
+            if closed.len() >= n {
+                return closed;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "expected {n} `connection closed` events within {timeout:?}, got {} (the l4proxy log is printed below)",
+                    closed.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain syscall on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        if rc != 0 {
+            panic!(
+                "kill({}, {sig}): {}",
+                self.pid(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Waits for the process to exit; panics with the log on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_exit() {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                panic!("daemon did not exit within {timeout:?} (the l4proxy log is printed below)",);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits (up to `timeout`) for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(timeout)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> ExitStatus {
+        if self.try_exit().is_none() {
+            self.signal(libc::SIGKILL);
+        }
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Panics with the log unless `st` is a clean exit 0.
+    pub fn assert_exit_ok(&self, st: ExitStatus) {
+        assert!(
+            st.success(),
+            "daemon exit status {st} (signal {:?}), expected 0 (the l4proxy log is printed below)",
+            st.signal()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- l4proxy log (netns {}) ----\n{}\n---- end of log ----",
+                self.ns,
+                self.log_text()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `fields.message` of a tracing-subscriber JSON event (or a top-level
+/// `message` if the events are flattened).
+pub fn message(ev: &Value) -> Option<&str> {
+    field(ev, "message").and_then(|m| m.as_str())
+}
+
+/// A field of a JSON event: under `fields`, else at the top level, else in
+/// `span`.
+pub fn field<'a>(ev: &'a Value, name: &str) -> Option<&'a Value> {
+    ev.get("fields")
+        .and_then(|f| f.get(name))
+        .or_else(|| ev.get(name))
+        .or_else(|| ev.get("span").and_then(|s| s.get(name)))
+}
+
+/// A field as a string (JSON strings as they are, other values rendered).
+pub fn field_str(ev: &Value, name: &str) -> Option<String> {
+    field(ev, name).map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+/// A field as an unsigned number (accepts numbers and numeric strings).
+pub fn field_u64(ev: &Value, name: &str) -> Option<u64> {
+    match field(ev, name)? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}

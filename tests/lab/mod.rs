@@ -1,0 +1,341 @@
+//! Test lab: network namespaces as hosts, the daemon under test, tiny servers.
+//!
+//! Every namespace a test builds is named `l4p-<pid>-<test>-<role>` and deleted
+//! when its `Netns` is dropped, also while a failing test unwinds. Nothing is
+//! ever configured in the root namespace: commands run as `ip -n NS ...`, and
+//! in-process code enters a namespace on a thread of its own (`Netns::run`).
+//! Only the documentation ranges of shared/LAB.md are used.
+//!
+//! The daemon runs with `RUST_LOG=info` (override with `L4PROXY_TEST_LOG`); its
+//! log is printed when a test fails.
+//!
+//! Each test target does `mod lab;` and uses a part of this, hence the
+//! `dead_code` allowance.
+#![allow(dead_code, unused_imports)]
+
+pub mod daemon;
+pub mod net;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub use daemon::Daemon;
+pub use net::*;
+
+/// Prefix of every namespace this lab creates.
+const NS_PREFIX: &str = "l4p-";
+
+/// Runs a command, returning its output; panics if it cannot be started at all
+/// (missing tool), saying which.
+pub fn run_cmd(prog: &str, args: &[&str]) -> Output {
+    match Command::new(prog).args(args).output() {
+        Ok(out) => out,
+        Err(e) => panic!(
+            "cannot run `{prog} {}`: {e} (is `{prog}` installed? \
+             `ip` is in iproute2, `bpftool` in the Debian package bpftool)",
+            args.join(" ")
+        ),
+    }
+}
+
+/// Runs a command and panics, with its output, if it fails.
+pub fn must(prog: &str, args: &[&str]) -> String {
+    let out = run_cmd(prog, args);
+    if !out.status.success() {
+        panic!(
+            "`{prog} {}` failed ({}):\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim_end(),
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Deletes namespaces left by earlier test processes that died without
+/// unwinding (SIGKILL, abort). Only names of this lab whose creating process
+/// is gone are touched.
+fn sweep_stale_namespaces() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let Ok(dir) = std::fs::read_dir("/run/netns") else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !PathBuf::from(format!("/proc/{pid}")).exists() {
+                let _ = run_cmd("ip", &["netns", "del", &name]);
+            }
+        }
+    });
+}
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `l4p-<pid>-<test>-<role>`, brings `lo` up and turns IPv6 DAD
+    /// off so that addresses are usable at once.
+    pub fn new(test: &str, role: &str) -> Netns {
+        sweep_stale_namespaces();
+        let name = format!("{NS_PREFIX}{}-{test}-{role}", std::process::id());
+        assert!(name.len() < 200, "namespace name too long: {name}");
+        must("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Inode of the namespace (what `bpftool link` shows as `netns_ino`).
+    pub fn inode(&self) -> u64 {
+        let path = self.path();
+        std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+            .ino()
+    }
+
+    /// `ip -n NS ARGS...`, panicking with the output on failure; returns stdout.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        must("ip", &full)
+    }
+
+    /// Sets a sysctl inside the namespace (writes /proc/sys from a thread that
+    /// entered it: /proc/sys/net is per network namespace).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let ns = self.name.clone();
+        let value = value.to_owned();
+        self.run(move || {
+            std::fs::write(&path, &value)
+                .unwrap_or_else(|e| panic!("sysctl {path} = {value} in netns {ns}: {e}"))
+        });
+    }
+
+    /// Adds an address; IPv6 ones with `nodad`.
+    pub fn addr(&self, dev: &str, cidr: &str) {
+        if cidr.contains(':') {
+            self.ip(&["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
+        } else {
+            self.ip(&["addr", "add", cidr, "dev", dev]);
+        }
+    }
+
+    /// `ip route add PREFIX via GW` (family taken from the prefix).
+    pub fn route(&self, prefix: &str, via: &str) {
+        let fam = if via.contains(':') { "-6" } else { "-4" };
+        self.ip(&[fam, "route", "add", prefix, "via", via]);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace and returns its
+    /// result (a panic in `f` is resumed here). Sockets created in `f` stay in
+    /// this namespace wherever they are used afterwards.
+    pub fn run<R, F>(&self, f: F) -> R
+    where
+        R: Send,
+        F: FnOnce() -> R + Send,
+    {
+        let path = self.path();
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: plain syscall on a valid fd; only this thread moves.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    panic!(
+                        "setns into {}: {}",
+                        path.display(),
+                        std::io::Error::last_os_error()
+                    );
+                }
+                f()
+            })
+            .join()
+        });
+        match result {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// Routes installed by the daemon (protocol 244), both families, any table.
+    pub fn proxy_routes(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for fam in ["-4", "-6"] {
+            let out = self.ip(&[fam, "route", "show", "table", "all", "proto", "244"]);
+            lines.extend(
+                out.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| format!("{fam} {l}")),
+            );
+        }
+        lines
+    }
+
+    /// Polls until the daemon's routes are gone; returns what is left on timeout.
+    pub fn wait_no_proxy_routes(&self, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let routes = self.proxy_routes();
+            if routes.is_empty() || Instant::now() >= deadline {
+                return routes;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// BPF links attached to this namespace (`bpftool -j link show`, entries of
+    /// type `netns` whose `netns_ino` is ours). Panics if bpftool is missing.
+    pub fn bpf_netns_links(&self) -> Vec<serde_json::Value> {
+        let ino = self.inode();
+        let out = must("bpftool", &["-j", "link", "show"]);
+        let all: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("bpftool -j link show: bad JSON ({e}): {out}"));
+        let all = all
+            .as_array()
+            .unwrap_or_else(|| panic!("bpftool -j link show: not an array: {out}"));
+        all.iter()
+            .filter(|l| {
+                l.get("type").and_then(|t| t.as_str()) == Some("netns")
+                    && l.get("netns_ino").and_then(|i| i.as_u64()) == Some(ino)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Polls until no BPF link is attached to this namespace; returns what is
+    /// left on timeout.
+    pub fn wait_no_bpf_links(&self, timeout: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let links = self.bpf_netns_links();
+            if links.is_empty() || Instant::now() >= deadline {
+                return links;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let out = run_cmd("ip", &["netns", "del", &self.name]);
+        if !out.status.success() {
+            // Never panic in drop (it may run while unwinding): say it loudly.
+            eprintln!(
+                "lab: `ip netns del {}` failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            );
+        }
+    }
+}
+
+/// Creates a veth pair with one end in each namespace and brings both up.
+pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
+    a.ip(&[
+        "link",
+        "add",
+        a_dev,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_dev,
+        "netns",
+        b.name(),
+    ]);
+    a.ip(&["link", "set", a_dev, "up"]);
+    b.ip(&["link", "set", b_dev, "up"]);
+}
+
+/// Addresses of the standard topology.
+pub mod addr {
+    pub const CL4: &str = "198.51.100.2";
+    pub const PX4_CL: &str = "198.51.100.1";
+    pub const PX4_SV: &str = "203.0.113.1";
+    pub const SV4: &str = "203.0.113.2";
+    pub const SV4_B: &str = "203.0.113.3";
+    pub const CL6: &str = "2001:db8:c::2";
+    pub const PX6_CL: &str = "2001:db8:c::1";
+    pub const PX6_SV: &str = "2001:db8:5::1";
+    pub const SV6: &str = "2001:db8:5::2";
+    pub const SV6_B: &str = "2001:db8:5::3";
+}
+
+/// The standard topology:
+///
+/// ```text
+/// cl (198.51.100.2, 2001:db8:c::2)
+///  | to-px / to-cl
+/// px (198.51.100.1, 2001:db8:c::1 | 203.0.113.1, 2001:db8:5::1), forwarding on
+///  | to-sv / to-px
+/// sv (203.0.113.2 + .3, 2001:db8:5::2 + ::3), default routes via px
+/// ```
+///
+/// cl routes the service prefixes (192.0.2.0/24, 2001:db8:a::/64) and the
+/// server side via px. Fields drop (namespaces are deleted) in order.
+pub struct Topo {
+    pub cl: Netns,
+    pub px: Netns,
+    pub sv: Netns,
+}
+
+impl Topo {
+    pub fn new(test: &str) -> Topo {
+        use addr::*;
+        let cl = Netns::new(test, "cl");
+        let px = Netns::new(test, "px");
+        let sv = Netns::new(test, "sv");
+        veth(&cl, "to-px", &px, "to-cl");
+        veth(&px, "to-sv", &sv, "to-px");
+
+        cl.addr("to-px", &format!("{CL4}/24"));
+        cl.addr("to-px", &format!("{CL6}/64"));
+        px.addr("to-cl", &format!("{PX4_CL}/24"));
+        px.addr("to-cl", &format!("{PX6_CL}/64"));
+        px.addr("to-sv", &format!("{PX4_SV}/24"));
+        px.addr("to-sv", &format!("{PX6_SV}/64"));
+        sv.addr("to-px", &format!("{SV4}/24"));
+        sv.addr("to-px", &format!("{SV4_B}/24"));
+        sv.addr("to-px", &format!("{SV6}/64"));
+        sv.addr("to-px", &format!("{SV6_B}/64"));
+
+        px.sysctl("net.ipv4.ip_forward", "1");
+        px.sysctl("net.ipv6.conf.all.forwarding", "1");
+
+        cl.route("192.0.2.0/24", PX4_CL);
+        cl.route("203.0.113.0/24", PX4_CL);
+        cl.route("2001:db8:a::/64", PX6_CL);
+        cl.route("2001:db8:5::/64", PX6_CL);
+        sv.route("default", PX4_SV);
+        sv.route("default", PX6_SV);
+
+        Topo { cl, px, sv }
+    }
+}

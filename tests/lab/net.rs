@@ -1,0 +1,334 @@
+//! Tiny TCP servers and clients living in namespaces, and test data.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::Netns;
+
+/// Read/write timeout put on every test socket, so that a stuck relay turns
+/// into an error instead of a hung test.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn sa(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad socket address {s}: {e}"))
+}
+
+/// Deterministic pseudo-random bytes (splitmix64).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        out.extend_from_slice(&z.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A seed that differs between runs.
+pub fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What one side read from a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub len: usize,
+    pub sha256: String,
+}
+
+impl Received {
+    pub fn of(data: &[u8]) -> Received {
+        Received {
+            len: data.len(),
+            sha256: sha256_hex(data),
+        }
+    }
+}
+
+/// Reads until EOF, hashing; the error says how much arrived before it.
+pub fn read_to_eof(s: &mut TcpStream) -> io::Result<Received> {
+    let mut hasher = Sha256::new();
+    let mut len = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                len += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("after {len} bytes read: {e}"),
+                ));
+            }
+        }
+    }
+    Ok(Received {
+        len,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_exact_n(s: &mut TcpStream, n: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// Reads one `\n`-terminated line (byte by byte, so nothing after it is lost).
+pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF after {:?}", String::from_utf8_lossy(&line)),
+                ));
+            }
+            _ if b[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            _ => line.push(b[0]),
+        }
+    }
+}
+
+fn set_timeouts(s: &TcpStream) {
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+}
+
+/// Connects from inside `ns` (the socket stays there), with timeouts set.
+pub fn try_connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = ns.run(move || TcpStream::connect_timeout(&addr, timeout))?;
+    set_timeouts(&s);
+    Ok(s)
+}
+
+/// Connects from inside `ns`; panics saying where to if it fails.
+pub fn connect(ns: &Netns, addr: SocketAddr) -> TcpStream {
+    try_connect(ns, addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect from netns {} to {addr}: {e}", ns.name()))
+}
+
+/// Sends all of `data` and then shuts the write side down.
+pub fn send_and_shutdown(s: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+    s.write_all(data)?;
+    s.shutdown(Shutdown::Write)
+}
+
+/// Sends `data` on a clone of the stream from another thread (then shuts the
+/// write side down) while the caller reads to EOF: both directions at once.
+pub fn exchange(s: &mut TcpStream, data: Arc<Vec<u8>>) -> io::Result<Received> {
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || send_and_shutdown(&mut w, &data));
+    let got = read_to_eof(s);
+    let sent = writer.join().expect("writer thread panicked");
+    sent.map_err(|e| io::Error::new(e.kind(), format!("sending: {e}")))?;
+    got
+}
+
+/// One connection a server accepted.
+#[derive(Clone, Copy, Debug)]
+pub struct Accepted {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// A listener in a namespace, accepting on a thread, one thread per
+/// connection running `handler`. Stops on drop.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<Mutex<Vec<Accepted>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start<H>(ns: &Netns, addr: SocketAddr, handler: H) -> Server
+    where
+        H: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = ns
+            .run(move || TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr} in netns {}: {e}", ns.name()));
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let handler = Arc::new(handler);
+        let thread = {
+            let stop = stop.clone();
+            let accepted = accepted.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, peer)) => {
+                            s.set_nonblocking(false).unwrap();
+                            set_timeouts(&s);
+                            let local = s.local_addr().unwrap();
+                            accepted.lock().unwrap().push(Accepted { peer, local });
+                            let h = handler.clone();
+                            std::thread::spawn(move || h(s));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => panic!("accept on {addr}: {e}"),
+                    }
+                }
+            })
+        };
+        Server {
+            addr,
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> Vec<Accepted> {
+        self.accepted.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` connections were accepted; panics on timeout.
+    pub fn wait_accepted(&self, n: usize, timeout: Duration) -> Vec<Accepted> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let acc = self.accepted();
+            if acc.len() >= n {
+                return acc;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "server {} accepted {} connections within {timeout:?}, expected {n}",
+                    self.addr,
+                    acc.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connection handlers for `Server::start`. Those that report send one
+/// `Result` per connection on their channel (a dropped sender — a panicked
+/// handler — shows as a receive error).
+pub mod handlers {
+    use super::*;
+
+    /// Writes `id\n`, then echoes everything until EOF, then shuts down.
+    pub fn hello_echo(id: &str) -> impl Fn(TcpStream) + Send + Sync + 'static {
+        let id = id.to_owned();
+        move |mut s: TcpStream| {
+            if s.write_all(format!("{id}\n").as_bytes()).is_err() {
+                return;
+            }
+            let mut r = match s.try_clone() {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            let _ = io::copy(&mut r, &mut s);
+            let _ = s.shutdown(Shutdown::Write);
+        }
+    }
+
+    /// Reads to EOF, reports what came, THEN sends `reply` and closes.
+    pub fn sink_then_send(
+        reply: Arc<Vec<u8>>,
+        tx: Sender<io::Result<Received>>,
+    ) -> impl Fn(TcpStream) + Send + Sync + 'static {
+        let tx = Mutex::new(tx);
+        move |mut s: TcpStream| {
+            let got = read_to_eof(&mut s);
+            let ok = got.is_ok();
+            let _ = tx.lock().unwrap().send(got);
+            if ok {
+                let _ = send_and_shutdown(&mut s, &reply);
+            }
+        }
+    }
+
+    /// Sends `data`, shuts its write side down, then reads to EOF and
+    /// reports what came.
+    pub fn send_then_sink(
+        data: Arc<Vec<u8>>,
+        tx: Sender<io::Result<Received>>,
+    ) -> impl Fn(TcpStream) + Send + Sync + 'static {
+        let tx = Mutex::new(tx);
+        move |mut s: TcpStream| {
+            let res = send_and_shutdown(&mut s, &data)
+                .map_err(|e| io::Error::new(e.kind(), format!("server sending: {e}")))
+                .and_then(|()| read_to_eof(&mut s));
+            let _ = tx.lock().unwrap().send(res);
+        }
+    }
+
+    /// Sends `data` and reads to EOF at the same time; reports what came.
+    pub fn bulk(
+        data: Arc<Vec<u8>>,
+        tx: Sender<io::Result<Received>>,
+    ) -> impl Fn(TcpStream) + Send + Sync + 'static {
+        let tx = Mutex::new(tx);
+        move |mut s: TcpStream| {
+            let res = exchange(&mut s, data.clone());
+            let _ = tx.lock().unwrap().send(res);
+        }
+    }
+}
+
+/// A channel for handler reports.
+pub fn reports() -> (Sender<io::Result<Received>>, Receiver<io::Result<Received>>) {
+    mpsc::channel()
+}
+
+/// Receives one handler report; panics if none comes or it is an error.
+pub fn recv_report(rx: &Receiver<io::Result<Received>>, what: &str) -> Received {
+    match rx.recv_timeout(IO_TIMEOUT + Duration::from_secs(5)) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("{what}: server side failed: {e}"),
+        Err(e) => panic!("{what}: no report from the server side: {e}"),
+    }
+}

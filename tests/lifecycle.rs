@@ -1,0 +1,217 @@
+//! Lifecycle: what the daemon leaves behind after SIGTERM and SIGKILL, and
+//! the grace period for open connections.
+
+mod lab;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lab::{Daemon, Server, Topo, connect, handlers, sa, try_connect};
+use serde_json::{Value, json};
+
+fn policy() -> Value {
+    json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80], "upstream": "pool-a" }
+        ],
+        "upstreams": { "pool-a": { "servers": ["203.0.113.2:8080"] } }
+    })
+}
+
+/// Positive control before a teardown check: the daemon's routes and its
+/// sk_lookup link are there and a connection gets through. Without it the
+/// "gone afterwards" checks could pass vacuously.
+fn assert_running(t: &Topo, srv: &Server) {
+    let routes = t.px.proxy_routes();
+    assert!(
+        routes.iter().any(|r| r.contains("192.0.2.0/24")),
+        "while running, px should have a proto 244 route for 192.0.2.0/24; has {routes:?}"
+    );
+    assert!(
+        routes.iter().any(|r| r.contains("2001:db8:a::/64")),
+        "while running, px should have a proto 244 route for 2001:db8:a::/64; has {routes:?}"
+    );
+    let links = t.px.bpf_netns_links();
+    assert!(
+        links.iter().any(|l| l.to_string().contains("sk_lookup")),
+        "while running, an sk_lookup link should be attached to netns {} (ino {}); bpftool shows {links:?}",
+        t.px.name(),
+        t.px.inode()
+    );
+    let before = srv.accepted().len();
+    let mut c = connect(&t.cl, sa("192.0.2.10:80"));
+    assert_eq!(
+        lab::read_line(&mut c).expect("greeting via the running proxy"),
+        "upstream"
+    );
+    c.shutdown(Shutdown::Write).unwrap();
+    let _ = lab::read_to_eof(&mut c);
+    srv.wait_accepted(before + 1, Duration::from_secs(5));
+}
+
+/// After the daemon is gone: no link on the namespace, no route, and a
+/// connection to a service address goes nowhere.
+fn assert_gone(t: &Topo, srv: &Server, what: &str) {
+    let px = &t.px;
+    let links = px.wait_no_bpf_links(Duration::from_secs(2));
+    assert!(
+        links.is_empty(),
+        "after {what}: BPF links still attached to netns {} (ino {}): {links:?}",
+        px.name(),
+        px.inode()
+    );
+    let routes = px.proxy_routes();
+    assert!(
+        routes.is_empty(),
+        "after {what}: proto 244 routes left in {}: {routes:?}",
+        px.name()
+    );
+    let before = srv.accepted().len();
+    match try_connect(&t.cl, sa("192.0.2.10:80"), Duration::from_secs(2)) {
+        Err(_) => {}
+        Ok(c) => panic!(
+            "after {what}: a connection to 192.0.2.10:80 was still established \
+             (local {:?}, peer {:?})",
+            c.local_addr(),
+            c.peer_addr()
+        ),
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        srv.accepted().len(),
+        before,
+        "after {what}: the upstream server accepted a new connection"
+    );
+}
+
+/// SIGTERM: exit 0, link detached, routes removed, no more steering.
+#[test]
+fn sigterm_cleans_up() {
+    let t = Topo::new("sigterm");
+    let srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let mut d = Daemon::start_ready(&t.px, &policy(), &[]);
+    assert_running(&t, &srv);
+
+    let st = d.terminate(Duration::from_secs(10));
+    d.assert_exit_ok(st);
+    assert_gone(&t, &srv, "SIGTERM");
+}
+
+/// SIGKILL: the link dies with the process, the guard removes the routes.
+#[test]
+fn sigkill_cleans_up() {
+    let t = Topo::new("sigkill");
+    let srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let mut d = Daemon::start_ready(&t.px, &policy(), &[]);
+    assert_running(&t, &srv);
+
+    d.kill();
+    let routes = t.px.wait_no_proxy_routes(Duration::from_secs(3));
+    assert!(
+        routes.is_empty(),
+        "3 s after SIGKILL, the guard has not removed the proto 244 routes: {routes:?} (the l4proxy log is printed below)",
+    );
+    assert_gone(&t, &srv, "SIGKILL");
+}
+
+/// A connection open at SIGTERM keeps flowing both ways; no new connection is
+/// taken; the daemon exits 0 once the last connection closes, well before the
+/// grace period ends.
+#[test]
+fn sigterm_grace_period() {
+    const GRACE_SECS: u64 = 30;
+    let t = Topo::new("grace");
+    let srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let grace = GRACE_SECS.to_string();
+    let mut d = Daemon::start_ready(&t.px, &policy(), &["--grace-period", &grace]);
+
+    let mut c = connect(&t.cl, sa("192.0.2.10:80"));
+    assert_eq!(lab::read_line(&mut c).expect("greeting"), "upstream");
+    c.write_all(b"before").unwrap();
+    assert_eq!(
+        lab::read_exact_n(&mut c, 6).expect("echo before SIGTERM"),
+        b"before"
+    );
+
+    let term_at = Instant::now();
+    d.signal(libc::SIGTERM);
+    // The daemon logs `draining` once it has stopped steering and accepting.
+    d.wait_event("draining", Duration::from_secs(5), |e| {
+        lab::daemon::message(e) == Some("draining: new connections are refused")
+    });
+    assert!(
+        d.try_exit().is_none(),
+        "daemon exited at SIGTERM with a connection open (grace {GRACE_SECS} s) (the l4proxy log is printed below)",
+    );
+
+    // The open connection still flows, both ways.
+    let data = Arc::new(lab::random_bytes(256 * 1024, lab::seed()));
+    let mut w = c.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || w.write_all(&sent));
+    let back = lab::read_exact_n(&mut c, data.len())
+        .unwrap_or_else(|e| panic!("echo of bytes sent after SIGTERM: {e}"));
+    writer
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("sending after SIGTERM: {e}"));
+    assert!(
+        back == *data,
+        "bytes sent after SIGTERM came back different"
+    );
+
+    // A new connection is not taken.
+    match try_connect(&t.cl, sa("192.0.2.10:80"), Duration::from_secs(2)) {
+        Err(_) => {}
+        Ok(n) => panic!(
+            "a new connection after SIGTERM was established (local {:?}): the proxy still \
+             accepts (or holds a listening socket) during the grace period",
+            n.local_addr()
+        ),
+    }
+    assert_eq!(
+        srv.accepted().len(),
+        1,
+        "upstream got a second connection after SIGTERM"
+    );
+    assert!(
+        d.try_exit().is_none(),
+        "daemon exited while a connection was still open (the l4proxy log is printed below)",
+    );
+
+    // The client closes; the daemon exits 0 soon after, not at the grace end.
+    c.shutdown(Shutdown::Write).unwrap();
+    let rest = lab::read_to_eof(&mut c).expect("EOF after closing");
+    assert_eq!(rest.len, 0);
+    drop(c);
+    let closed_at = Instant::now();
+    let st = d.wait_exit(Duration::from_secs(GRACE_SECS + 10));
+    d.assert_exit_ok(st);
+    let after_close = closed_at.elapsed();
+    assert!(
+        after_close < Duration::from_secs(5),
+        "daemon took {after_close:?} to exit after the last connection closed \
+         ({:?} after SIGTERM, grace {GRACE_SECS} s)",
+        term_at.elapsed()
+    );
+    d.wait_closed_events(1, Duration::from_secs(1));
+    assert!(
+        t.px.proxy_routes().is_empty(),
+        "routes left after the graceful exit: {:?}",
+        t.px.proxy_routes()
+    );
+}
