@@ -624,6 +624,30 @@ mod raw {
 }
 
 #[cfg(test)]
+impl Policy {
+    /// A policy built by hand, unchecked, for tests of the matchers: rules given
+    /// as (prefixes, ports), all to one upstream.
+    pub(crate) fn of_rules(rules: &[(&[&str], &[PortSpec])]) -> Policy {
+        Policy {
+            rules: rules
+                .iter()
+                .enumerate()
+                .map(|(i, (prefixes, ports))| InterceptRule {
+                    name: format!("r{i}"),
+                    prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+                    ports: ports.to_vec(),
+                    upstream: UpstreamId(0),
+                })
+                .collect(),
+            upstreams: vec![Upstream {
+                name: "u".to_owned(),
+                servers: vec!["198.51.100.1:80".parse().unwrap()],
+            }],
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -50,26 +50,9 @@ mod tests {
     use PortSpec::{Any, Range, Single};
 
     use super::*;
-    use crate::policy::{InterceptRule, Upstream, UpstreamId};
 
-    /// A policy of rules given as (prefixes, ports), all to one upstream.
     fn policy(rules: &[(&[&str], &[PortSpec])]) -> Policy {
-        Policy {
-            rules: rules
-                .iter()
-                .enumerate()
-                .map(|(i, (prefixes, ports))| InterceptRule {
-                    name: format!("r{i}"),
-                    prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
-                    ports: ports.to_vec(),
-                    upstream: UpstreamId(0),
-                })
-                .collect(),
-            upstreams: vec![Upstream {
-                name: "u".to_owned(),
-                servers: vec!["198.51.100.1:80".parse().unwrap()],
-            }],
-        }
+        Policy::of_rules(rules)
     }
 
     fn rule_for(policy: &Policy, dst: &str) -> Option<usize> {

@@ -168,26 +168,9 @@ mod tests {
     use PortSpec::{Any, Range, Single};
 
     use super::*;
-    use crate::policy::{InterceptRule, Upstream, UpstreamId};
 
-    /// A policy built by hand (not checked), rules given as (prefixes, ports).
     fn policy(rules: &[(&[&str], &[PortSpec])]) -> Policy {
-        Policy {
-            rules: rules
-                .iter()
-                .enumerate()
-                .map(|(i, (prefixes, ports))| InterceptRule {
-                    name: format!("r{i}"),
-                    prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
-                    ports: ports.to_vec(),
-                    upstream: UpstreamId(0),
-                })
-                .collect(),
-            upstreams: vec![Upstream {
-                name: "u".to_owned(),
-                servers: vec!["198.51.100.1:80".parse().unwrap()],
-            }],
-        }
+        Policy::of_rules(rules)
     }
 
     fn entry(prefix_len: u32, port: u16, addr: &str, rule: u32) -> KernelEntry {
