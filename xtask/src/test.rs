@@ -1,6 +1,11 @@
 //! `cargo xtask test`: what CI runs, from a fresh machine to a verdict.
 
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, bail};
 
 use crate::{ebpf, run_command, setup, workspace_root};
 
@@ -23,10 +28,57 @@ pub fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run_command(
-        cargo()
-            .args(["test", "--workspace", "--locked", "--"])
-            .args(cargo_test_args),
-    )?;
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--locked", "--"])
+        .args(cargo_test_args);
+    let totals = run_counting(&mut test)?;
+    // cargo prints one `test result` line per test binary, the last often a
+    // crate with no tests; one total line tells a reader (and CI) what ran.
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs `cargo test`, passing its output through, and adds up its
+/// `test result: ok. N passed; M failed; ...` lines.
+fn run_counting(command: &mut Command) -> anyhow::Result<Totals> {
+    let description = format!("{command:?}");
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {description}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            totals.passed += count(result, " passed");
+            totals.failed += count(result, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+        bail!("{description} failed with {status}");
+    }
+    Ok(totals)
+}
+
+/// The number before `what` in "ok. 40 passed; 0 failed; ...".
+fn count(result: &str, what: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(what))
+        .and_then(|n| n.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
