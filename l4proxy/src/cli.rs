@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// Most client connections relayed at once; further ones are closed at accept.
     #[arg(long, default_value_t = 16384)]
     pub max_connections: usize,
+    /// How long to wait for a client's first bytes (TLS ClientHello, HTTP
+    /// request head) when a route needs them; then it is routed as "other".
+    #[arg(long, default_value = "10", value_parser = parse_seconds)]
+    pub sniff_timeout: Duration,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {

@@ -36,6 +36,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         grace_period: args.grace_period,
         connect_timeout: args.connect_timeout,
         max_connections: args.max_connections,
+        sniff_timeout: args.sniff_timeout,
     };
     runtime()?.block_on(server::run(policy, settings))?;
     Ok(())
@@ -44,6 +45,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 fn check(file: &std::path::Path) -> ExitCode {
     match Policy::load(file) {
         Ok(policy) => {
+            for warning in policy.warnings() {
+                eprintln!("{}: warning: {warning}", file.display());
+            }
             println!(
                 "{}: ok ({} intercept rules, {} upstreams)",
                 file.display(),

@@ -16,6 +16,7 @@ use std::{
 use ipnet::IpNet;
 use socket2::{Domain, Socket, Type};
 use tokio::{
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
     signal::unix::{SignalKind, signal},
     sync::Semaphore,
@@ -24,12 +25,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     addrs::{ClientAddr, OrigDstAddr},
+    hello,
     intercept::{
         Family, InterceptError, Interceptor,
         routes::{self, LocalRoutes, RouteError},
     },
     policy::Policy,
-    relay, route,
+    relay, route, sniff,
     upstream::Pool,
 };
 
@@ -53,6 +55,7 @@ pub struct Settings {
     pub grace_period: Duration,
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    pub sniff_timeout: Duration,
 }
 
 /// What every connection task shares.
@@ -236,7 +239,57 @@ async fn serve(client: TcpStream, shared: &Shared) {
         return;
     };
     let rule = &shared.policy.rules[rule_id.0];
-    let pool = &shared.pools[rule.upstream.0];
+    let conn = route::Connection {
+        client: client_addr,
+        orig_dst,
+        rule: rule_id,
+    };
+    let mut sniffed = None;
+    let mut decision = route::decide(&shared.policy, &conn, None);
+    if matches!(decision, route::Decision::NeedHello) {
+        let said = match hello::peek_until(
+            &client,
+            sniff::MAX_SNIFF_LEN,
+            shared.settings.sniff_timeout,
+            |bytes| match sniff::sniff(bytes) {
+                sniff::SniffResult::Done(said) => Some(said),
+                sniff::SniffResult::NeedMore => None,
+            },
+        )
+        .await
+        {
+            Ok(Ok(said)) => said,
+            Ok(Err(gave_up)) => {
+                tracing::debug!(client = %client_addr, reason = gave_up.as_str(), "sniffing gave up");
+                sniff::Sniffed::Other
+            }
+            Err(e) => {
+                tracing::info!(client = %client_addr, error = %e, "client failed while sniffing");
+                return;
+            }
+        };
+        decision = route::decide(&shared.policy, &conn, Some(&hello_of(&said)));
+        sniffed = Some(said);
+    }
+    let (upstream_id, route_why) = match decision {
+        route::Decision::Upstream { upstream, why, .. } => (upstream, why.to_string()),
+        refused => {
+            refuse(client, sniffed.as_ref()).await;
+            tracing::info!(
+                client = %client_addr,
+                orig_dst = %orig_dst,
+                rule = %rule.name,
+                sni = sniffed.as_ref().and_then(sni_of),
+                host = sniffed.as_ref().and_then(host_of),
+                decision = %refused,
+                duration_ms = started.elapsed().as_millis() as u64,
+                outcome = "refused",
+                "connection closed"
+            );
+            return;
+        }
+    };
+    let pool = &shared.pools[upstream_id.0];
     let (upstream, upstream_addr) = match pool.connect(shared.settings.connect_timeout).await {
         Ok(connected) => connected,
         Err(e) => {
@@ -259,6 +312,9 @@ async fn serve(client: TcpStream, shared: &Shared) {
         client = %client_addr,
         orig_dst = %orig_dst,
         rule = %rule.name,
+        route = %route_why,
+        sni = sniffed.as_ref().and_then(sni_of),
+        host = sniffed.as_ref().and_then(host_of),
         upstream = %upstream_addr,
         bytes_from_client = relayed.from_client,
         bytes_from_upstream = relayed.from_upstream,
@@ -266,6 +322,53 @@ async fn serve(client: TcpStream, shared: &Shared) {
         outcome = %relayed.outcome,
         "connection closed"
     );
+}
+
+/// What the decision needs from the sniffed hello.
+fn hello_of(said: &sniff::Sniffed) -> route::Hello<'_> {
+    match said {
+        sniff::Sniffed::Tls(hello) => route::Hello::Tls {
+            sni: hello.sni.as_deref(),
+            alpn: &hello.alpn,
+        },
+        sniff::Sniffed::Http(request) => route::Hello::Http {
+            host: request.host.as_deref(),
+        },
+        sniff::Sniffed::Other => route::Hello::Other,
+    }
+}
+
+fn sni_of(said: &sniff::Sniffed) -> Option<&str> {
+    match said {
+        sniff::Sniffed::Tls(hello) => hello.sni.as_deref(),
+        _ => None,
+    }
+}
+
+fn host_of(said: &sniff::Sniffed) -> Option<&str> {
+    match said {
+        sniff::Sniffed::Http(request) => request.host.as_deref(),
+        _ => None,
+    }
+}
+
+const SERVICE_UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n\
+no route to service\n";
+
+/// No route, or a rejecting one: TLS gets a reset, HTTP/1.x a 503, the rest a close.
+async fn refuse(mut client: TcpStream, sniffed: Option<&sniff::Sniffed>) {
+    match sniffed {
+        Some(sniff::Sniffed::Tls(_)) => {
+            // Linger 0: close() sends a reset instead of a FIN.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        }
+        Some(sniff::Sniffed::Http(_)) => {
+            let _ = client.write_all(SERVICE_UNAVAILABLE).await;
+            let _ = client.shutdown().await;
+        }
+        _ => {}
+    }
 }
 
 fn log_counters(interceptor: &Interceptor) {

@@ -15,6 +15,7 @@
 
 pub mod daemon;
 pub mod net;
+pub mod tls;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

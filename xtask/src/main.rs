@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask <task>`. Each task installs what it needs first.
 
+mod bench;
 mod demo;
 mod ebpf;
 mod setup;
@@ -28,6 +29,7 @@ enum Task {
     BuildEbpf,
     /// Build everything and show l4proxy at work in a network-namespace lab.
     Demo,
+    Bench(bench::Args),
     /// Everything CI checks: set-up, build, fmt, clippy, unit and integration tests.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
@@ -41,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::BuildEbpf => ebpf::build(),
         Task::Demo => demo::run(),
+        Task::Bench(args) => bench::run(&args),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
     }
 }

@@ -21,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "nginx-light",
     "haproxy",
     "iperf3",
+    "iptables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,4 +1,4 @@
-//! Which intercept rule a connection belongs to: a pure decision, no I/O.
+//! Which intercept rule a connection belongs to, by its destination alone.
 //!
 //! Precedence, most specific first: the longest prefix containing the
 //! destination address; then the narrowest port spec containing its port (a

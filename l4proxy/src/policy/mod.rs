@@ -1,0 +1,403 @@
+//! Policy files: the JSON an operator writes, checked into the [`Policy`] the
+//! daemon runs. `docs/policy.md` is the operator's reference; this is the
+//! summary.
+//!
+//! # Format
+//!
+//! ```json
+//! {
+//!   "intercept": [
+//!     { "name": "https", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"],
+//!       "ports": [443], "upstream": "fallback" },
+//!     { "name": "http", "prefixes": ["192.0.2.0/24"], "ports": [80, "8000-8099"] }
+//!   ],
+//!   "routes": [
+//!     { "name": "api", "match": { "sni": ["api.example.com", "*.api.example.com"] },
+//!       "upstream": "api" },
+//!     { "match": { "intercept": ["https"], "no_sni": true }, "reject": true },
+//!     { "match": { "host": ["www.example.com"] }, "upstream": "web" }
+//!   ],
+//!   "upstreams": {
+//!     "api": { "servers": ["203.0.113.2:8443"] },
+//!     "web": { "servers": ["203.0.113.3:8080", "[2001:db8:5::3]:8080"] },
+//!     "fallback": { "servers": ["203.0.113.4:443"] }
+//!   }
+//! }
+//! ```
+//!
+//! - `intercept`: at least one rule; a rule's index in this list is its
+//!   [`RuleId`].
+//!   - `name`: non-empty, unique among rules.
+//!   - `prefixes`: at least one CIDR prefix (`192.0.2.0/24`, `2001:db8::/32`),
+//!     without host bits, never IPv4-mapped IPv6 (write the IPv4 form).
+//!   - `ports`: at least one of: a port number 1-65535, a range `"N-M"` with
+//!     N < M, or `"*"` for any port.
+//!   - `upstream` (optional): the name of an entry of `upstreams`, where the
+//!     rule's connections go when no route matches.
+//! - `routes` (optional): tried in order, the first that matches wins; see
+//!   [`Route`] and [`crate::route`].
+//! - `upstreams`: upstream name (non-empty, unique) → `{ "servers": [...] }`,
+//!   at least one `ip:port` or `[ipv6]:port` each.
+//!
+//! Unknown fields are refused everywhere. A destination that several rules
+//! match goes to the most specific one (see [`crate::route`]); two rules that
+//! would tie are refused, as is an upstream server the policy itself would
+//! intercept (the proxy's own connection would loop back into it). What is
+//! legal but almost certainly a mistake, such as a route no connection can
+//! reach, is reported by [`Policy::warnings`].
+//!
+//! Checking has two passes: serde reads the text into the `raw` types, checking
+//! each value that stands alone (names, prefixes, ports, servers, name
+//! patterns, a route's conditions among themselves) as it goes, so those
+//! errors carry the JSON path and line:column; then `check` resolves names and
+//! runs the checks across fields, whose errors carry the path only.
+
+mod check;
+mod name;
+mod raw;
+mod warnings;
+
+use std::{
+    fmt, fs,
+    net::{Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::{IpNet, Ipv6Net};
+use thiserror::Error;
+
+pub use name::NamePattern;
+
+/// Index of an intercept rule in `Policy::rules`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleId(pub usize);
+
+/// Index of a route in `Policy::routes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId(pub usize);
+
+/// Index of an upstream in `Policy::upstreams`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UpstreamId(pub usize);
+
+/// Which destination ports a rule intercepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortSpec {
+    Any,
+    /// A port 1-65535.
+    Single(u16),
+    /// Inclusive range, `1 <= first < last`.
+    Range(u16, u16),
+}
+
+impl PortSpec {
+    pub fn contains(self, port: u16) -> bool {
+        match self {
+            PortSpec::Any => true,
+            PortSpec::Single(p) => p == port,
+            PortSpec::Range(first, last) => (first..=last).contains(&port),
+        }
+    }
+
+    /// How many ports it covers: the fewer, the more specific.
+    pub fn width(self) -> u32 {
+        match self {
+            PortSpec::Any => 1 << 16,
+            PortSpec::Single(_) => 1,
+            PortSpec::Range(first, last) => u32::from(last - first) + 1,
+        }
+    }
+
+    /// The ports both cover, if any.
+    pub fn intersection(self, other: PortSpec) -> Option<PortSpec> {
+        match (self, other) {
+            (PortSpec::Any, spec) | (spec, PortSpec::Any) => Some(spec),
+            (PortSpec::Single(p), spec) | (spec, PortSpec::Single(p)) => {
+                spec.contains(p).then_some(PortSpec::Single(p))
+            }
+            (PortSpec::Range(a1, b1), PortSpec::Range(a2, b2)) => {
+                let (first, last) = (a1.max(a2), b1.min(b2));
+                match first.cmp(&last) {
+                    std::cmp::Ordering::Less => Some(PortSpec::Range(first, last)),
+                    std::cmp::Ordering::Equal => Some(PortSpec::Single(first)),
+                    std::cmp::Ordering::Greater => None,
+                }
+            }
+        }
+    }
+}
+
+/// Reads as in a sentence: "any port", "port 80", "ports 8000-8099".
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortSpec::Any => f.write_str("any port"),
+            PortSpec::Single(p) => write!(f, "port {p}"),
+            PortSpec::Range(first, last) => write!(f, "ports {first}-{last}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterceptRule {
+    pub name: String,
+    /// Canonical (no host bits set), never IPv4-mapped IPv6.
+    pub prefixes: Vec<IpNet>,
+    pub ports: Vec<PortSpec>,
+    /// The rule's default route (HAProxy's `default_backend`): where its
+    /// connections go when no route matches. Without one they get the
+    /// no-route treatment.
+    pub upstream: Option<UpstreamId>,
+}
+
+/// Where connections go that match all of `conditions`, judged by addresses
+/// and by what the client sends first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// As written; messages call an unnamed route `routes[i]`.
+    pub name: Option<String>,
+    pub conditions: Conditions,
+    pub action: Action,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Upstream(UpstreamId),
+    /// Refuse the connection (the same treatment as no route).
+    Reject,
+}
+
+/// A route's `match`: every condition given must hold; `None` is "not
+/// given", which holds for every connection. A list holds when any of its
+/// elements does; lists are never empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conditions {
+    /// The intercept rule that steered the connection.
+    pub intercept: Option<Vec<RuleId>>,
+    /// Prefixes containing the original destination address; checked as for
+    /// intercept rules.
+    pub destination: Option<Vec<IpNet>>,
+    /// The original destination port.
+    pub ports: Option<Vec<PortSpec>>,
+    /// Prefixes containing the client's address.
+    pub source: Option<Vec<IpNet>>,
+    /// Conditions on the client's first bytes; the only ones that need them.
+    pub hello: Option<HelloConditions>,
+}
+
+/// What the client's first bytes must be. Built so that conditions that could
+/// never hold together (`host` with `sni`, `sni` with `no_sni`) cannot be
+/// written down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HelloConditions {
+    /// A TLS ClientHello (`protocol: "tls"`, or implied by `sni`, `no_sni`,
+    /// `alpn`).
+    Tls {
+        sni: SniCondition,
+        /// Holds when the ClientHello offers any of these (exact bytes).
+        alpn: Option<Vec<String>>,
+    },
+    /// An HTTP/1.x request head (`protocol: "http"`, or implied by `host`).
+    Http {
+        /// Patterns for the Host header; a request without one never matches.
+        host: Option<Vec<NamePattern>>,
+    },
+    /// Neither, including when sniffing gave up (`protocol: "other"`).
+    Other,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SniCondition {
+    /// Any ClientHello, with or without SNI.
+    Any,
+    /// An SNI that one of these patterns matches.
+    Names(Vec<NamePattern>),
+    /// No SNI at all (`no_sni: true`).
+    Absent,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    /// At least one server.
+    pub servers: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub rules: Vec<InterceptRule>,
+    /// In the order written: the first that matches wins.
+    pub routes: Vec<Route>,
+    /// Sorted by name.
+    pub upstreams: Vec<Upstream>,
+}
+
+/// How messages name a route: `routes[1] ("api")`, or `routes[1]` when it has
+/// no name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteLabel<'p> {
+    pub id: RouteId,
+    pub name: Option<&'p str>,
+}
+
+impl fmt::Display for RouteLabel<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "routes[{}]", self.id.0)?;
+        match self.name {
+            Some(name) => write!(f, " ({name:?})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `::ffff:0:0/96`: IPv4 addresses written as IPv6. The kernel keys IPv4 rules
+/// there, so a policy names them in their IPv4 form only.
+pub(crate) const IPV4_MAPPED: Ipv6Net =
+    Ipv6Net::new_assert(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96);
+
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    #[error("{}: {error}", file.display())]
+    Read {
+        file: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{at}{reason}")]
+    Invalid { at: Location, reason: String },
+}
+
+/// Where in a policy an error is; each part is shown when known.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Location {
+    pub file: Option<PathBuf>,
+    /// 1-based line and column, known for errors found while parsing.
+    pub line_column: Option<(usize, usize)>,
+    /// JSON path such as `intercept[0].ports[1]`.
+    pub path: Option<String>,
+}
+
+/// The message prefix: `file:line:col: path: `.
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line_column) {
+            (Some(file), Some((line, col))) => write!(f, "{}:{line}:{col}: ", file.display())?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            (None, Some((line, col))) => write!(f, "{line}:{col}: ")?,
+            (None, None) => {}
+        }
+        match &self.path {
+            Some(path) => write!(f, "{path}: "),
+            None => Ok(()),
+        }
+    }
+}
+
+impl PolicyError {
+    /// An error found after parsing, at a JSON path.
+    fn at(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        PolicyError::Invalid {
+            at: Location {
+                path: Some(path.into()),
+                ..Location::default()
+            },
+            reason: reason.into(),
+        }
+    }
+
+    fn json(error: serde_json::Error, path: Option<String>) -> Self {
+        let (line, col) = (error.line(), error.column());
+        let message = error.to_string();
+        // serde_json appends the position; it goes in front instead. Column 0
+        // means "before the first character" there.
+        let reason = message
+            .strip_suffix(&format!(" at line {line} column {col}"))
+            .unwrap_or(&message)
+            .to_owned();
+        PolicyError::Invalid {
+            at: Location {
+                file: None,
+                line_column: (line != 0).then_some((line, col.max(1))),
+                path,
+            },
+            reason,
+        }
+    }
+
+    fn in_file(self, file: &Path) -> Self {
+        match self {
+            PolicyError::Invalid { mut at, reason } => {
+                at.file = Some(file.to_owned());
+                PolicyError::Invalid { at, reason }
+            }
+            read @ PolicyError::Read { .. } => read,
+        }
+    }
+}
+
+impl Policy {
+    pub fn from_json(text: &str) -> Result<Policy, PolicyError> {
+        if text.trim().is_empty() {
+            return Err(PolicyError::Invalid {
+                at: Location::default(),
+                reason:
+                    "policy is empty; expected a JSON object with \"intercept\" and \"upstreams\""
+                        .to_owned(),
+            });
+        }
+        let mut de = serde_json::Deserializer::from_str(text);
+        let raw::Object(raw) = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+            let path = err
+                .path()
+                .iter()
+                .next()
+                .is_some()
+                .then(|| err.path().to_string());
+            PolicyError::json(err.into_inner(), path)
+        })?;
+        de.end().map_err(|err| PolicyError::json(err, None))?;
+        check::check(raw)
+    }
+
+    pub fn load(file: &Path) -> Result<Policy, PolicyError> {
+        let text = fs::read_to_string(file).map_err(|error| PolicyError::Read {
+            file: file.to_owned(),
+            error,
+        })?;
+        Policy::from_json(&text).map_err(|err| err.in_file(file))
+    }
+
+    pub fn route_label(&self, id: RouteId) -> RouteLabel<'_> {
+        RouteLabel {
+            id,
+            name: self.routes[id.0].name.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Policy {
+    /// A policy built by hand, unchecked, for tests of the matchers: rules given
+    /// as (prefixes, ports), all to one upstream, and no routes.
+    pub(crate) fn of_rules(rules: &[(&[&str], &[PortSpec])]) -> Policy {
+        Policy {
+            rules: rules
+                .iter()
+                .enumerate()
+                .map(|(i, (prefixes, ports))| InterceptRule {
+                    name: format!("r{i}"),
+                    prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+                    ports: ports.to_vec(),
+                    upstream: Some(UpstreamId(0)),
+                })
+                .collect(),
+            routes: Vec::new(),
+            upstreams: vec![Upstream {
+                name: "u".to_owned(),
+                servers: vec!["198.51.100.1:80".parse().unwrap()],
+            }],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,523 @@
+use std::{collections::BTreeMap, fmt, marker::PhantomData, net::SocketAddr};
+
+use ipnet::IpNet;
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, Error as _, MapAccess, Visitor, value::MapAccessDeserializer},
+    forward_to_deserialize_any,
+};
+
+use super::{HelloConditions, IPV4_MAPPED, NamePattern, PortSpec, SniCondition};
+
+/// A struct read from a JSON object only: serde_json would also take an
+/// array of the field values, which no one means to write in a policy.
+pub(super) struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        T::deserialize(ObjectOnly(deserializer)).map(Object)
+    }
+}
+
+struct ObjectOnly<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(visitor)
+    }
+
+    forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+        enum identifier ignored_any
+    }
+}
+
+/// Reads a JSON object as `F`, then checks it as a whole into `T`. The check
+/// runs inside the object, so that serde_json puts its error right after the
+/// closing brace; `#[serde(try_from)]` would run it later, and the error
+/// would point at whatever follows the object.
+fn whole_object<'de, D, F, T>(deserializer: D, expecting: &'static str) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    F: Deserialize<'de>,
+    T: TryFrom<F, Error: fmt::Display>,
+{
+    struct Whole<F, T> {
+        expecting: &'static str,
+        types: PhantomData<fn(F) -> T>,
+    }
+
+    impl<'de, F, T> Visitor<'de> for Whole<F, T>
+    where
+        F: Deserialize<'de>,
+        T: TryFrom<F, Error: fmt::Display>,
+    {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            let fields = F::deserialize(MapAccessDeserializer::new(map))?;
+            T::try_from(fields).map_err(A::Error::custom)
+        }
+    }
+
+    deserializer.deserialize_map(Whole {
+        expecting,
+        types: PhantomData,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a policy object with \"intercept\" and \"upstreams\""
+)]
+pub(super) struct Policy {
+    #[serde(deserialize_with = "non_empty")]
+    pub intercept: Vec<Object<Rule>>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(deserialize_with = "unique_upstreams")]
+    pub upstreams: BTreeMap<String, Object<Upstream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Rule {
+    pub name: Name,
+    #[serde(deserialize_with = "non_empty")]
+    pub prefixes: Vec<Prefix>,
+    #[serde(deserialize_with = "non_empty")]
+    pub ports: Vec<Port>,
+    #[serde(default, deserialize_with = "some")]
+    pub upstream: Option<String>,
+}
+
+/// A route with exactly one action.
+pub(super) struct Route {
+    pub name: Option<Name>,
+    pub conditions: Conditions,
+    pub action: Action,
+}
+
+pub(super) enum Action {
+    Upstream(String),
+    Reject,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFields {
+    #[serde(default, deserialize_with = "some")]
+    name: Option<Name>,
+    #[serde(rename = "match")]
+    conditions: Conditions,
+    #[serde(default, deserialize_with = "some")]
+    upstream: Option<String>,
+    #[serde(default, deserialize_with = "some")]
+    reject: Option<True>,
+}
+
+impl<'de> Deserialize<'de> for Route {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        whole_object::<_, RouteFields, _>(deserializer, "a route object")
+    }
+}
+
+impl TryFrom<RouteFields> for Route {
+    type Error = &'static str;
+    fn try_from(fields: RouteFields) -> Result<Self, Self::Error> {
+        let action = match (fields.upstream, fields.reject) {
+            (Some(upstream), None) => Action::Upstream(upstream),
+            (None, Some(True)) => Action::Reject,
+            (None, None) => {
+                return Err(r#"a route needs an action: "upstream": NAME or "reject": true"#);
+            }
+            (Some(_), Some(True)) => {
+                return Err(r#"a route takes "upstream" or "reject", not both"#);
+            }
+        };
+        Ok(Route {
+            name: fields.name,
+            conditions: fields.conditions,
+            action,
+        })
+    }
+}
+
+/// A route's `match`, its conditions checked against each other: what the
+/// client sends first is one protocol, so conditions of two protocols could
+/// never hold together.
+pub(super) struct Conditions {
+    pub intercept: Option<Vec<Name>>,
+    pub destination: Option<Vec<Prefix>>,
+    pub ports: Option<Vec<Port>>,
+    pub source: Option<Vec<Prefix>>,
+    pub hello: Option<HelloConditions>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConditionFields {
+    #[serde(default, deserialize_with = "some_non_empty")]
+    intercept: Option<Vec<Name>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    destination: Option<Vec<Prefix>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    ports: Option<Vec<Port>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    source: Option<Vec<Prefix>>,
+    #[serde(default, deserialize_with = "some")]
+    protocol: Option<Protocol>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    sni: Option<Vec<Pattern>>,
+    #[serde(default, deserialize_with = "some")]
+    no_sni: Option<True>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    alpn: Option<Vec<Alpn>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    host: Option<Vec<Pattern>>,
+}
+
+impl<'de> Deserialize<'de> for Conditions {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        whole_object::<_, ConditionFields, _>(deserializer, "an object of conditions")
+    }
+}
+
+impl TryFrom<ConditionFields> for Conditions {
+    type Error = String;
+    fn try_from(fields: ConditionFields) -> Result<Self, Self::Error> {
+        let patterns = |list: Vec<Pattern>| list.into_iter().map(|p| p.0).collect();
+        // The TLS conditions given, by name, for the messages.
+        let tls: Vec<&str> = [
+            ("sni", fields.sni.is_some()),
+            ("no_sni", fields.no_sni.is_some()),
+            ("alpn", fields.alpn.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect();
+        let implied = match (tls.first(), &fields.host) {
+            (Some(tls), Some(_)) => {
+                return Err(format!(
+                    "\"host\" (HTTP) and {tls:?} (TLS) never hold together: \
+                     a connection starts with one protocol; write two routes"
+                ));
+            }
+            (Some(tls), None) => Some((Protocol::Tls, *tls)),
+            (None, Some(_)) => Some((Protocol::Http, "host")),
+            (None, None) => None,
+        };
+        let protocol = match (fields.protocol, implied) {
+            (Some(given), Some((implied, by))) if given != implied => {
+                return Err(format!(
+                    "\"protocol\": {:?} contradicts {by:?}, which means {:?}",
+                    given.name(),
+                    implied.name()
+                ));
+            }
+            (given, implied) => given.or(implied.map(|(protocol, _)| protocol)),
+        };
+        let sni = match (fields.sni, fields.no_sni) {
+            (Some(_), Some(True)) => {
+                return Err("\"sni\" and \"no_sni\" never hold together: \
+                            a ClientHello has a server name or not"
+                    .to_owned());
+            }
+            (Some(names), None) => SniCondition::Names(patterns(names)),
+            (None, Some(True)) => SniCondition::Absent,
+            (None, None) => SniCondition::Any,
+        };
+        // A TLS condition implies "tls" and the checks above refuse any other
+        // protocol with it: `sni` and `alpn` only matter for "tls".
+        let hello = protocol.map(|protocol| match protocol {
+            Protocol::Tls => HelloConditions::Tls {
+                sni,
+                alpn: fields
+                    .alpn
+                    .map(|list| list.into_iter().map(|a| a.0).collect()),
+            },
+            Protocol::Http => HelloConditions::Http {
+                host: fields.host.map(patterns),
+            },
+            Protocol::Other => HelloConditions::Other,
+        });
+        Ok(Conditions {
+            intercept: fields.intercept,
+            destination: fields.destination,
+            ports: fields.ports,
+            source: fields.source,
+            hello,
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Protocol {
+    Tls,
+    Http,
+    Other,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Tls => "tls",
+            Protocol::Http => "http",
+            Protocol::Other => "other",
+        }
+    }
+}
+
+/// `true`, the only value of a flag: `false` would read as a condition or
+/// action that it is not.
+struct True;
+
+impl<'de> Deserialize<'de> for True {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match bool::deserialize(deserializer)? {
+            true => Ok(True),
+            false => Err(D::Error::custom(
+                "only true means something here; omit the field instead of writing false",
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct Pattern(NamePattern);
+
+impl TryFrom<String> for Pattern {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        NamePattern::parse(&text).map(Pattern)
+    }
+}
+
+/// An ALPN protocol ID: 1-255 bytes on the wire, compared exactly.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct Alpn(String);
+
+impl TryFrom<String> for Alpn {
+    type Error = String;
+    fn try_from(id: String) -> Result<Self, Self::Error> {
+        match id.len() {
+            0 => Err("an ALPN protocol must not be empty".to_owned()),
+            1..=255 => Ok(Alpn(id)),
+            len => Err(format!("an ALPN protocol is at most 255 bytes, got {len}")),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Upstream {
+    #[serde(deserialize_with = "non_empty")]
+    pub servers: Vec<Server>,
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct Name(pub String);
+
+impl TryFrom<String> for Name {
+    type Error = &'static str;
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        if name.is_empty() {
+            return Err("name must not be empty");
+        }
+        Ok(Name(name))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct Prefix(pub IpNet);
+
+impl TryFrom<String> for Prefix {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let net: IpNet = text
+            .parse()
+            .map_err(|_| format!("expected an address prefix like 192.0.2.0/24, got {text:?}"))?;
+        if net.trunc() != net {
+            return Err(format!("host bits set; did you mean {}?", net.trunc()));
+        }
+        if let IpNet::V6(v6) = net
+            && IPV4_MAPPED.contains(&v6)
+            && let Some(v4) = v6.network().to_ipv4_mapped()
+        {
+            return Err(format!(
+                "IPv4-mapped IPv6 prefix; use the IPv4 form {v4}/{}",
+                v6.prefix_len() - IPV4_MAPPED.prefix_len()
+            ));
+        }
+        Ok(Prefix(net))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct Server(pub SocketAddr);
+
+impl TryFrom<String> for Server {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            format!("expected a server address like 203.0.113.2:8080 or [2001:db8::2]:8080, got {text:?}")
+        })?;
+        if addr.port() == 0 {
+            return Err("port must be 1-65535, got 0".to_owned());
+        }
+        if let SocketAddr::V6(v6) = addr
+            && let Some(v4) = v6.ip().to_ipv4_mapped()
+        {
+            return Err(format!(
+                "IPv4-mapped IPv6 address; use the IPv4 form {v4}:{}",
+                addr.port()
+            ));
+        }
+        Ok(Server(addr))
+    }
+}
+
+/// A number, `"N-M"` or `"*"`.
+pub(super) struct Port(pub PortSpec);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PortVisitor).map(Port)
+    }
+}
+
+struct PortVisitor;
+
+impl Visitor<'_> for PortVisitor {
+    type Value = PortSpec;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a port number, a \"N-M\" range or \"*\"")
+    }
+
+    fn visit_u64<E: de::Error>(self, port: u64) -> Result<PortSpec, E> {
+        port_number(port).map(PortSpec::Single).map_err(E::custom)
+    }
+
+    fn visit_i64<E: de::Error>(self, port: i64) -> Result<PortSpec, E> {
+        match u64::try_from(port) {
+            Ok(port) => self.visit_u64(port),
+            Err(_) => Err(E::custom(format!("port must be 1-65535, got {port}"))),
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<PortSpec, E> {
+        if text == "*" {
+            return Ok(PortSpec::Any);
+        }
+        let not_a_port = || {
+            E::custom(format!(
+                "expected a port number, a \"N-M\" range or \"*\", got {text:?}"
+            ))
+        };
+        let (first, last) = text.split_once('-').ok_or_else(not_a_port)?;
+        let first: u64 = first.parse().map_err(|_| not_a_port())?;
+        let last: u64 = last.parse().map_err(|_| not_a_port())?;
+        let (first, last) = (
+            port_number(first).map_err(E::custom)?,
+            port_number(last).map_err(E::custom)?,
+        );
+        if first >= last {
+            return Err(E::custom(format!(
+                "a port range must be \"N-M\" with N < M, got {text:?}"
+            )));
+        }
+        Ok(PortSpec::Range(first, last))
+    }
+}
+
+fn port_number(port: u64) -> Result<u16, String> {
+    match u16::try_from(port) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(format!("port must be 1-65535, got {port}")),
+    }
+}
+
+/// For optional fields: present means a value, never `null`.
+fn some<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+/// For optional list conditions: an empty list could never hold.
+fn some_non_empty<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    non_empty(deserializer).map(Some)
+}
+
+fn non_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let items = Vec::<T>::deserialize(deserializer)?;
+    if items.is_empty() {
+        return Err(D::Error::custom("must not be empty"));
+    }
+    Ok(items)
+}
+
+/// Like a map, but a repeated name is an error rather than the last one winning.
+fn unique_upstreams<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, Object<Upstream>>, D::Error> {
+    struct Upstreams;
+
+    impl<'de> Visitor<'de> for Upstreams {
+        type Value = BTreeMap<String, Object<Upstream>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object mapping upstream names to upstreams")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut upstreams = BTreeMap::new();
+            while let Some(Name(name)) = map.next_key()? {
+                if upstreams.contains_key(&name) {
+                    return Err(A::Error::custom(format!(
+                        "duplicate upstream name {name:?}"
+                    )));
+                }
+                let upstream = map.next_value()?;
+                upstreams.insert(name, upstream);
+            }
+            Ok(upstreams)
+        }
+    }
+
+    deserializer.deserialize_map(Upstreams)
+}

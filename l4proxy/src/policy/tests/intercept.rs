@@ -1,0 +1,377 @@
+//! Intercept rules and upstreams as written before routes existed: all of it
+//! must keep working, and keep being refused, as it was.
+
+use l4proxy_common::MAX_RULE_ENTRIES;
+
+use super::error_of;
+use crate::policy::*;
+
+/// The example of the module doc, each rule on its own line so that
+/// positions in the tests below are easy to check.
+const EXAMPLE: &str = r#"{
+  "intercept": [
+    { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80, "8000-8099"], "upstream": "web-servers" },
+    { "name": "all-ports", "prefixes": ["192.0.2.10/32"], "ports": ["*"], "upstream": "web-servers" }
+  ],
+  "upstreams": {
+    "web-servers": { "servers": ["203.0.113.2:8080", "[2001:db8:5::2]:8080"] }
+  }
+}"#;
+
+/// The error message for `EXAMPLE` with `from` replaced by `to`.
+fn error_with(from: &str, to: &str) -> String {
+    assert!(EXAMPLE.contains(from), "{from:?} is not in the example");
+    error_of(&EXAMPLE.replacen(from, to, 1))
+}
+
+#[test]
+fn example_is_valid() {
+    let policy = Policy::from_json(EXAMPLE).unwrap();
+    assert_eq!(
+        policy,
+        Policy {
+            rules: vec![
+                InterceptRule {
+                    name: "web".to_owned(),
+                    prefixes: vec![
+                        "192.0.2.0/24".parse().unwrap(),
+                        "2001:db8:a::/64".parse().unwrap()
+                    ],
+                    ports: vec![PortSpec::Single(80), PortSpec::Range(8000, 8099)],
+                    upstream: Some(UpstreamId(0)),
+                },
+                InterceptRule {
+                    name: "all-ports".to_owned(),
+                    prefixes: vec!["192.0.2.10/32".parse().unwrap()],
+                    ports: vec![PortSpec::Any],
+                    upstream: Some(UpstreamId(0)),
+                },
+            ],
+            routes: vec![],
+            upstreams: vec![Upstream {
+                name: "web-servers".to_owned(),
+                servers: vec![
+                    "203.0.113.2:8080".parse().unwrap(),
+                    "[2001:db8:5::2]:8080".parse().unwrap()
+                ],
+            }],
+        }
+    );
+}
+
+#[test]
+fn upstreams_are_sorted_by_name() {
+    let json = EXAMPLE
+        .replacen(r#""upstream": "web-servers" }"#, r#""upstream": "b" }"#, 1)
+        .replacen(
+            r#""web-servers": {"#,
+            r#""b": { "servers": ["203.0.113.3:80"] }, "a": { "servers": ["203.0.113.4:80"] }, "web-servers": {"#,
+            1,
+        );
+    let policy = Policy::from_json(&json).unwrap();
+    let names: Vec<&str> = policy.upstreams.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "web-servers"]);
+    assert_eq!(policy.rules[0].upstream, Some(UpstreamId(1)));
+    assert_eq!(policy.rules[1].upstream, Some(UpstreamId(2)));
+}
+
+#[test]
+fn unknown_field_at_top_level() {
+    let err = error_with(r#""upstreams": {"#, r#""intercepts": [], "upstreams": {"#);
+    assert!(
+        err.starts_with("6:14: intercepts: unknown field `intercepts`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_field_in_rule() {
+    let err = error_with(r#""name": "web","#, r#""name": "web", "port": 80,"#);
+    assert!(
+        err.starts_with("3:27: intercept[0].port: unknown field `port`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_field_in_upstream() {
+    let err = error_with(r#""servers": ["203"#, r#""weight": 1, "servers": ["203"#);
+    assert!(
+        err.contains("upstreams.web-servers.weight: unknown field `weight`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_prefix() {
+    assert_eq!(
+        error_with(r#""192.0.2.0/24""#, r#""192.0.2""#),
+        r#"3:45: intercept[0].prefixes[0]: expected an address prefix like 192.0.2.0/24, got "192.0.2""#
+    );
+}
+
+#[test]
+fn bare_address_is_not_a_prefix() {
+    let err = error_with(r#""192.0.2.10/32""#, r#""192.0.2.10""#);
+    assert!(
+        err.ends_with(r#"intercept[1].prefixes[0]: expected an address prefix like 192.0.2.0/24, got "192.0.2.10""#),
+        "{err}"
+    );
+}
+
+#[test]
+fn prefix_with_host_bits() {
+    assert_eq!(
+        error_with(r#""192.0.2.0/24""#, r#""192.0.2.1/24""#),
+        "3:50: intercept[0].prefixes[0]: host bits set; did you mean 192.0.2.0/24?"
+    );
+}
+
+#[test]
+fn ipv4_mapped_prefix() {
+    let err = error_with(r#""192.0.2.0/24""#, r#""::ffff:192.0.2.0/120""#);
+    assert!(
+        err.ends_with(
+            "intercept[0].prefixes[0]: IPv4-mapped IPv6 prefix; use the IPv4 form 192.0.2.0/24"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn port_zero() {
+    assert_eq!(
+        error_with(r#"[80, "8000-8099"]"#, "[80, 0]"),
+        "3:85: intercept[0].ports[1]: port must be 1-65535, got 0"
+    );
+}
+
+#[test]
+fn port_too_large() {
+    assert_eq!(
+        error_with(r#"[80, "8000-8099"]"#, "[80, 70000]"),
+        "3:89: intercept[0].ports[1]: port must be 1-65535, got 70000"
+    );
+    let err = error_with(r#"[80, "8000-8099"]"#, r#"[80, "8000-70000"]"#);
+    assert!(
+        err.ends_with("intercept[0].ports[1]: port must be 1-65535, got 70000"),
+        "{err}"
+    );
+}
+
+#[test]
+fn backwards_port_range() {
+    let err = error_with(r#""8000-8099""#, r#""80-70""#);
+    assert!(
+        err.ends_with(
+            r#"intercept[0].ports[1]: a port range must be "N-M" with N < M, got "80-70""#
+        ),
+        "{err}"
+    );
+    let err = error_with(r#""8000-8099""#, r#""80-80""#);
+    assert!(err.contains("with N < M"), "{err}");
+}
+
+#[test]
+fn port_that_is_no_port() {
+    for bad in [r#""http""#, r#""80""#, "80.5", "-1", "null"] {
+        let err = error_with(r#""8000-8099""#, bad);
+        assert!(err.contains("intercept[0].ports[1]: "), "{err}");
+    }
+}
+
+#[test]
+fn empty_file() {
+    for text in ["", " \n\t"] {
+        assert_eq!(
+            error_of(text),
+            r#"policy is empty; expected a JSON object with "intercept" and "upstreams""#
+        );
+    }
+}
+
+#[test]
+fn empty_object() {
+    assert_eq!(error_of("{}"), "1:2: missing field `intercept`");
+}
+
+#[test]
+fn not_an_object() {
+    assert_eq!(
+        error_of("[]"),
+        r#"1:1: invalid type: sequence, expected a policy object with "intercept" and "upstreams""#
+    );
+    // serde_json would take a struct's fields as an array too; a policy doesn't.
+    let err = error_with(
+        r#"{ "name": "all-ports", "prefixes": ["192.0.2.10/32"], "ports": ["*"], "upstream": "web-servers" }"#,
+        r#"["all-ports", ["192.0.2.10/32"], ["*"], "web-servers"]"#,
+    );
+    assert!(
+        err.contains("intercept[1]: invalid type: sequence"),
+        "{err}"
+    );
+}
+
+#[test]
+fn trailing_text() {
+    assert_eq!(
+        error_of(&format!("{EXAMPLE} {{}}")),
+        "9:3: trailing characters"
+    );
+}
+
+#[test]
+fn empty_lists() {
+    assert_eq!(
+        error_of(r#"{ "intercept": [], "upstreams": {} }"#),
+        "1:17: intercept: must not be empty"
+    );
+    assert!(
+        error_with(r#"[80, "8000-8099"]"#, "[]").contains("intercept[0].ports: must not be empty")
+    );
+    assert!(
+        error_with(r#"["192.0.2.10/32"]"#, "[]")
+            .contains("intercept[1].prefixes: must not be empty")
+    );
+    let err = error_with(r#"["203.0.113.2:8080", "[2001:db8:5::2]:8080"]"#, "[]");
+    assert!(
+        err.contains("upstreams.web-servers.servers: must not be empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_names() {
+    assert!(
+        error_with(r#""name": "web""#, r#""name": """#)
+            .contains("intercept[0].name: name must not be empty")
+    );
+    assert!(error_with(r#""web-servers": {"#, r#""": {"#).contains("name must not be empty"));
+}
+
+#[test]
+fn bad_servers() {
+    let err = error_with("203.0.113.2:8080", "203.0.113.2");
+    assert!(
+        err.contains(
+            r#"upstreams.web-servers.servers[0]: expected a server address like 203.0.113.2:8080"#
+        ),
+        "{err}"
+    );
+    let err = error_with("203.0.113.2:8080", "203.0.113.2:0");
+    assert!(
+        err.ends_with("upstreams.web-servers.servers[0]: port must be 1-65535, got 0"),
+        "{err}"
+    );
+    let err = error_with("203.0.113.2:8080", "[::ffff:203.0.113.2]:8080");
+    assert!(
+        err.ends_with("servers[0]: IPv4-mapped IPv6 address; use the IPv4 form 203.0.113.2:8080"),
+        "{err}"
+    );
+}
+
+#[test]
+fn duplicate_upstream_name() {
+    let err = error_with(
+        r#""web-servers": {"#,
+        r#""web-servers": { "servers": ["203.0.113.9:80"] }, "web-servers": {"#,
+    );
+    assert!(
+        err.contains(r#"upstreams: duplicate upstream name "web-servers""#),
+        "{err}"
+    );
+}
+
+#[test]
+fn loop_back_into_the_proxy() {
+    assert_eq!(
+        error_with("203.0.113.2:8080", "192.0.2.10:9"),
+        "upstreams.web-servers.servers[0]: 192.0.2.10:9 is intercepted by rule \"all-ports\" (intercept[1]); \
+         connecting to it would loop back into the proxy"
+    );
+    // A port the rules don't take is fine.
+    Policy::from_json(&EXAMPLE.replacen("203.0.113.2:8080", "192.0.2.1:9", 1)).unwrap();
+}
+
+#[test]
+fn unknown_upstream() {
+    assert_eq!(
+        error_with(
+            r#""ports": ["*"], "upstream": "web-servers""#,
+            r#""ports": ["*"], "upstream": "web""#
+        ),
+        r#"intercept[1].upstream: no upstream named "web"; known: web-servers"#
+    );
+}
+
+#[test]
+fn duplicate_rule_name() {
+    assert_eq!(
+        error_with(r#""name": "all-ports""#, r#""name": "web""#),
+        r#"intercept[1].name: duplicate rule name "web" (also intercept[0])"#
+    );
+}
+
+#[test]
+fn overlap_with_equal_precedence() {
+    let second = r#""prefixes": ["192.0.2.10/32"], "ports": ["*"]"#;
+    assert_eq!(
+        error_with(second, r#""prefixes": ["192.0.2.0/24"], "ports": [80]"#),
+        r#"intercept[1]: overlaps intercept[0] ("web") on 192.0.2.0/24 port 80 with equal precedence"#
+    );
+    assert_eq!(
+        error_with(
+            second,
+            r#""prefixes": ["192.0.2.0/24"], "ports": ["8050-8149"]"#
+        ),
+        r#"intercept[1]: overlaps intercept[0] ("web") on 192.0.2.0/24 ports 8050-8099 with equal precedence"#
+    );
+    // Different precedence (narrower range, longer prefix) or no common port: fine.
+    for ok in [
+        r#""prefixes": ["192.0.2.0/24"], "ports": ["8050-8059", 81]"#,
+        r#""prefixes": ["192.0.2.0/25"], "ports": [80]"#,
+        r#""prefixes": ["192.0.2.0/24"], "ports": ["8100-8199"]"#,
+    ] {
+        Policy::from_json(&EXAMPLE.replacen(second, ok, 1)).unwrap();
+    }
+}
+
+#[test]
+fn too_many_kernel_entries() {
+    let prefixes = r#"["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16", "10.3.0.0/16", "10.4.0.0/16"]"#;
+    let err = error_with(
+        r#"["192.0.2.10/32"], "ports": ["*"]"#,
+        &format!(r#"{prefixes}, "ports": ["1-65535"]"#),
+    );
+    assert_eq!(
+        err,
+        format!(
+            "intercept: compiles to {} kernel entries, more than the limit of {MAX_RULE_ENTRIES} \
+             (each port of a range takes one entry per prefix)",
+            5 * 65535 + 2 * 101
+        )
+    );
+}
+
+#[test]
+fn load_names_the_file() {
+    let dir = std::env::temp_dir().join(format!("l4proxy-policy-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.json");
+    std::fs::write(&file, EXAMPLE.replacen("[80, ", "[70000, ", 1)).unwrap();
+    let err = Policy::load(&file).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}:3:85: intercept[0].ports[0]: port must be 1-65535, got 70000",
+            file.display()
+        )
+    );
+    let missing = dir.join("missing.json");
+    let err = Policy::load(&missing).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}: ", missing.display())),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,16 @@
+//! Reading policies: what is accepted, and what is refused with which path,
+//! position and reason.
+
+mod examples;
+mod intercept;
+mod routes;
+
+use super::Policy;
+
+/// The message `json` is refused with.
+fn error_of(json: &str) -> String {
+    match Policy::from_json(json) {
+        Ok(policy) => panic!("accepted: {policy:?}"),
+        Err(err) => err.to_string(),
+    }
+}

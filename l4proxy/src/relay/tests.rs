@@ -1,0 +1,277 @@
+//! Each behaviour is checked on both paths: splice through pooled pipes, and
+//! the buffer copy a direction falls back to when no pipe can be had.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    task::JoinHandle,
+};
+
+use super::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    Splice,
+    Copy,
+}
+
+const PATHS: [Path; 2] = [Path::Splice, Path::Copy];
+
+/// The pipe source of the copy path: every pipe fails as it would at EMFILE.
+fn no_pipes() -> io::Result<Pipe> {
+    Err(io::Error::from_raw_os_error(libc::EMFILE))
+}
+
+/// A relay under test between a client and a server, both over loopback.
+struct Lab {
+    /// The client's socket (the relay holds the accepted end).
+    client: TcpStream,
+    /// The server's accepted socket (the relay holds the connecting end).
+    server: TcpStream,
+    shutdown: CancellationToken,
+    relay: JoinHandle<Relayed>,
+}
+
+/// A connected pair: (connecting end, accepted end).
+async fn pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connecting = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = listener.accept().await.unwrap();
+    (connecting, accepted)
+}
+
+impl Lab {
+    async fn start(path: Path) -> Lab {
+        if let Path::Splice = path {
+            // Else every burst would quietly take the copy path.
+            pipe::give_back(pipe::take().expect("a pipe for the splice path"));
+        }
+        let (client, accepted) = pair().await;
+        let (upstream, server) = pair().await;
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let relay = tokio::spawn(async move {
+            match path {
+                Path::Splice => relay_with(accepted, upstream, &token, &pipe::take).await,
+                Path::Copy => relay_with(accepted, upstream, &token, &no_pipes).await,
+            }
+        });
+        Lab {
+            client,
+            server,
+            shutdown,
+            relay,
+        }
+    }
+}
+
+/// Waits for the relay's result.
+async fn finish(relay: JoinHandle<Relayed>, path: Path) -> Relayed {
+    // A hang guard, not a timing assertion.
+    tokio::time::timeout(Duration::from_secs(30), relay)
+        .await
+        .unwrap_or_else(|_| panic!("{path:?}: relay did not end"))
+        .unwrap()
+}
+
+fn random_bytes(len: usize, mut state: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        // splitmix64
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes everything, half-closes, and reads to EOF at the same time.
+async fn exchange(stream: TcpStream, data: Vec<u8>) -> Vec<u8> {
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        write.write_all(&data).await.unwrap();
+        write.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    read.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    got
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+fn reset(stream: TcpStream) {
+    // Linger 0: close sends a reset instead of a FIN.
+    SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+#[tokio::test]
+async fn moves_megabytes_both_ways_byte_exact() {
+    const SIZE: usize = 3 << 20;
+    for path in PATHS {
+        let Lab {
+            client,
+            server,
+            shutdown: _,
+            relay,
+        } = Lab::start(path).await;
+        let up = random_bytes(SIZE, 1);
+        let down = random_bytes(SIZE + 12_345, 2);
+        let (at_server, at_client) = tokio::join!(
+            tokio::spawn(exchange(server, down.clone())),
+            tokio::spawn(exchange(client, up.clone())),
+        );
+        let relayed = finish(relay, path).await;
+        assert_eq!(sha256(&at_server.unwrap()), sha256(&up), "{path:?}: upload");
+        assert_eq!(
+            sha256(&at_client.unwrap()),
+            sha256(&down),
+            "{path:?}: download"
+        );
+        assert!(
+            matches!(relayed.outcome, Outcome::Closed),
+            "{path:?}: {relayed:?}"
+        );
+        assert_eq!(relayed.from_client, up.len() as u64, "{path:?}");
+        assert_eq!(relayed.from_upstream, down.len() as u64, "{path:?}");
+    }
+}
+
+#[tokio::test]
+async fn client_half_close_reaches_the_server_and_the_answer_still_flows() {
+    for path in PATHS {
+        let Lab {
+            mut client,
+            mut server,
+            shutdown: _,
+            relay,
+        } = Lab::start(path).await;
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut request = Vec::new();
+        server.read_to_end(&mut request).await.unwrap();
+        assert_eq!(request, b"request", "{path:?}");
+        server.write_all(b"response").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).await.unwrap();
+        assert_eq!(response, b"response", "{path:?}");
+        let relayed = finish(relay, path).await;
+        assert!(
+            matches!(relayed.outcome, Outcome::Closed),
+            "{path:?}: {relayed:?}"
+        );
+        assert_eq!((relayed.from_client, relayed.from_upstream), (7, 8));
+    }
+}
+
+#[tokio::test]
+async fn server_half_close_reaches_the_client_and_the_upload_still_flows() {
+    for path in PATHS {
+        let Lab {
+            mut client,
+            mut server,
+            shutdown: _,
+            relay,
+        } = Lab::start(path).await;
+        server.write_all(b"banner").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut banner = Vec::new();
+        client.read_to_end(&mut banner).await.unwrap();
+        assert_eq!(banner, b"banner", "{path:?}");
+        client.write_all(b"upload after EOF").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut upload = Vec::new();
+        server.read_to_end(&mut upload).await.unwrap();
+        assert_eq!(upload, b"upload after EOF", "{path:?}");
+        let relayed = finish(relay, path).await;
+        assert!(
+            matches!(relayed.outcome, Outcome::Closed),
+            "{path:?}: {relayed:?}"
+        );
+        assert_eq!((relayed.from_client, relayed.from_upstream), (16, 6));
+    }
+}
+
+#[tokio::test]
+async fn upstream_reset_ends_both_sides_with_counts() {
+    for path in PATHS {
+        let Lab {
+            mut client,
+            mut server,
+            shutdown: _,
+            relay,
+        } = Lab::start(path).await;
+        client.write_all(b"abc").await.unwrap();
+        let mut got = [0u8; 3];
+        server.read_exact(&mut got).await.unwrap();
+        reset(server);
+        // The client's connection ends too (its EOF, or a reset).
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{path:?}: client connection left open"));
+        let relayed = finish(relay, path).await;
+        assert!(
+            matches!(relayed.outcome, Outcome::UpstreamError(_)),
+            "{path:?}: {relayed:?}"
+        );
+        assert_eq!((relayed.from_client, relayed.from_upstream), (3, 0));
+    }
+}
+
+#[tokio::test]
+async fn client_reset_ends_both_sides_with_counts() {
+    for path in PATHS {
+        let Lab {
+            mut client,
+            mut server,
+            shutdown: _,
+            relay,
+        } = Lab::start(path).await;
+        server.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.unwrap();
+        reset(client);
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), server.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{path:?}: upstream connection left open"));
+        let relayed = finish(relay, path).await;
+        assert!(
+            matches!(relayed.outcome, Outcome::ClientError(_)),
+            "{path:?}: {relayed:?}"
+        );
+        assert_eq!((relayed.from_client, relayed.from_upstream), (0, 5));
+    }
+}
+
+#[tokio::test]
+async fn cancellation_ends_an_open_relay() {
+    for path in PATHS {
+        let mut lab = Lab::start(path).await;
+        lab.client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        lab.server.read_exact(&mut got).await.unwrap();
+        lab.shutdown.cancel();
+        let relayed = finish(lab.relay, path).await;
+        assert!(
+            matches!(relayed.outcome, Outcome::ShutDown),
+            "{path:?}: {relayed:?}"
+        );
+        assert_eq!((relayed.from_client, relayed.from_upstream), (4, 0));
+    }
+}

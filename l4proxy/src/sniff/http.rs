@@ -1,0 +1,483 @@
+//! HTTP/1.x: the method and target host of a request head (RFC 9112).
+//!
+//! Choices, where the RFC leaves room or real servers differ:
+//! - A bare LF ends a line as CRLF does (RFC 9112 §2.2 allows it; HAProxy and
+//!   nginx accept it); a CR anywhere else is an error.
+//! - The host comes from an absolute-form target (`GET http://h/ HTTP/1.1`,
+//!   which overrides Host, RFC 9112 §3.2.2), from the authority-form target of
+//!   CONNECT, else from the Host header. Two Host headers are an error.
+//! - The host is lower-cased, without port, userinfo or one trailing dot. An
+//!   IPv6 literal loses its brackets and is written canonically
+//!   (`[0:0::1]:80` gives `::1`), so a host is always a name or a bare address.
+//!   A host that is neither (bad characters, bad port) gives `host: None`:
+//!   the head is still HTTP, it just names nothing routable.
+//! - Lines folded with leading whitespace (obs-fold) are an error, as is
+//!   whitespace before a header's colon, and leading empty lines: none are
+//!   sent by real clients, and each is a request-smuggling vector.
+
+use std::net::Ipv6Addr;
+
+use thiserror::Error;
+
+use super::normalize_host_name;
+
+/// The longest request head accepted, request line and final empty line
+/// included: Node's default limit and HAProxy's default buffer size. Real
+/// heads are far shorter; a longer one is more likely an attack.
+pub const MAX_HEAD_LEN: usize = 16 * 1024;
+/// Longer than any registered method (`UPDATEREDIRECTREF` has 17 bytes), and
+/// short so that the first word of another protocol is refused quickly.
+const MAX_METHOD_LEN: usize = 20;
+const VERSION_PREFIX: &[u8] = b"HTTP/1.";
+
+/// What a request head says about where the client wants to go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequestInfo {
+    /// The method token as sent (methods are case-sensitive).
+    pub method: String,
+    /// See the module notes for where it comes from and its normal form.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HttpError {
+    #[error("request head is longer than {MAX_HEAD_LEN} bytes")]
+    TooLarge,
+    #[error("request line does not start with a method token and a space")]
+    BadMethod,
+    #[error("invalid request target")]
+    BadTarget,
+    #[error("request line does not end with HTTP/1.x")]
+    BadVersion,
+    #[error("invalid header line")]
+    BadHeader,
+    #[error("more than one Host header")]
+    DuplicateHost,
+}
+
+/// Parses the request head at the start of `buf`, everything received so
+/// far; bytes after the head (a body, a pipelined request) are ignored.
+///
+/// `Ok(None)`: `buf` is a prefix of a valid head, more bytes are needed.
+/// `Err`: `buf` does not start with a valid HTTP/1.x head, whatever follows;
+/// returned as soon as the offending byte is seen (the method is checked
+/// byte by byte, so other protocols are refused within a few bytes). At
+/// [`MAX_HEAD_LEN`] bytes the answer is never `Ok(None)`.
+pub fn parse_request_head(buf: &[u8]) -> Result<Option<HttpRequestInfo>, HttpError> {
+    let window = &buf[..buf.len().min(MAX_HEAD_LEN)];
+    let mut lines = window.split_inclusive(|&b| b == b'\n').map(split_eol);
+    let Some((line, complete)) = lines.next() else {
+        return Ok(None);
+    };
+    let Some(RequestLine { method, target }) = request_line(line, complete)? else {
+        return need_more(buf);
+    };
+    let mut host_header = None;
+    for (line, complete) in lines {
+        if complete && line.is_empty() {
+            let authority = absolute_form_authority(target)
+                .or_else(|| (method == b"CONNECT").then_some(target))
+                .or(host_header);
+            return Ok(Some(HttpRequestInfo {
+                method: String::from_utf8_lossy(method).into_owned(),
+                host: authority.and_then(host_of),
+            }));
+        }
+        let Some(Field { name, value }) = header_line(line, complete)? else {
+            return need_more(buf);
+        };
+        if name.eq_ignore_ascii_case(b"host") && host_header.replace(value).is_some() {
+            return Err(HttpError::DuplicateHost);
+        }
+    }
+    need_more(buf)
+}
+
+/// Token characters (RFC 9110 §5.6.2): what methods and field names are
+/// made of.
+pub(super) fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn need_more(buf: &[u8]) -> Result<Option<HttpRequestInfo>, HttpError> {
+    if buf.len() >= MAX_HEAD_LEN {
+        Err(HttpError::TooLarge)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A line without its end, and whether the end has arrived. An unfinished
+/// line loses a trailing CR too, as the LF may follow.
+fn split_eol(raw: &[u8]) -> (&[u8], bool) {
+    let (line, complete) = match raw.strip_suffix(b"\n") {
+        Some(line) => (line, true),
+        None => (raw, false),
+    };
+    (line.strip_suffix(b"\r").unwrap_or(line), complete)
+}
+
+struct RequestLine<'a> {
+    method: &'a [u8],
+    target: &'a [u8],
+}
+
+/// `method SP request-target SP HTTP/1.x`, checked as far as it has arrived.
+fn request_line(line: &[u8], complete: bool) -> Result<Option<RequestLine<'_>>, HttpError> {
+    let mut parts = line.splitn(3, |&b| b == b' ');
+    let method = parts.next().unwrap_or_default();
+    if method.len() > MAX_METHOD_LEN || !method.iter().all(|&b| is_token_byte(b)) {
+        return Err(HttpError::BadMethod);
+    }
+    let Some(target) = parts.next() else {
+        return if complete {
+            Err(HttpError::BadMethod)
+        } else {
+            Ok(None)
+        };
+    };
+    if method.is_empty() {
+        return Err(HttpError::BadMethod);
+    }
+    // Visible ASCII, plus the raw UTF-8 that some clients send unencoded.
+    if !target.iter().all(|&b| b > b' ' && b != 0x7f) {
+        return Err(HttpError::BadTarget);
+    }
+    let Some(version) = parts.next() else {
+        return if complete {
+            Err(HttpError::BadVersion)
+        } else {
+            Ok(None)
+        };
+    };
+    if target.is_empty() {
+        return Err(HttpError::BadTarget);
+    }
+    let version_so_far_ok = version.len() <= VERSION_PREFIX.len() + 1
+        && version
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| match VERSION_PREFIX.get(i) {
+                Some(&want) => b == want,
+                None => b.is_ascii_digit(),
+            });
+    if !version_so_far_ok || (complete && version.len() != VERSION_PREFIX.len() + 1) {
+        return Err(HttpError::BadVersion);
+    }
+    Ok(complete.then_some(RequestLine { method, target }))
+}
+
+struct Field<'a> {
+    name: &'a [u8],
+    value: &'a [u8],
+}
+
+/// `field-name ":" OWS field-value OWS`, checked as far as it has arrived.
+fn header_line(line: &[u8], complete: bool) -> Result<Option<Field<'_>>, HttpError> {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return if complete || !line.iter().all(|&b| is_token_byte(b)) {
+            Err(HttpError::BadHeader)
+        } else {
+            Ok(None)
+        };
+    };
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    // No controls but HTAB in a value: a NUL or stray CR here is an attack.
+    let value_ok = value
+        .iter()
+        .all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f));
+    if name.is_empty() || !name.iter().all(|&b| is_token_byte(b)) || !value_ok {
+        return Err(HttpError::BadHeader);
+    }
+    Ok(complete.then_some(Field {
+        name,
+        value: value.trim_ascii(),
+    }))
+}
+
+/// The authority of an absolute-form target (`scheme://authority/...`),
+/// without userinfo. `None` for the other forms.
+fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
+    let sep = target.windows(3).position(|w| w == b"://")?;
+    let (scheme, rest) = (&target[..sep], &target[sep + 3..]);
+    let scheme_ok = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+    if !scheme_ok {
+        return None;
+    }
+    let end = rest
+        .iter()
+        .position(|b| b"/?#".contains(b))
+        .unwrap_or(rest.len());
+    let authority = &rest[..end];
+    Some(match authority.iter().rposition(|&b| b == b'@') {
+        Some(at) => &authority[at + 1..],
+        None => authority,
+    })
+}
+
+/// The normal form of `host [":" port]` (RFC 9110 §7.2), `None` if invalid.
+fn host_of(host_port: &[u8]) -> Option<String> {
+    let port_ok = |port: &[u8]| match port.split_first() {
+        None => true,
+        Some((&b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    if let Some(rest) = host_port.strip_prefix(b"[") {
+        let close = rest.iter().position(|&b| b == b']')?;
+        if !port_ok(&rest[close + 1..]) {
+            return None;
+        }
+        let addr: Ipv6Addr = std::str::from_utf8(&rest[..close]).ok()?.parse().ok()?;
+        return Some(addr.to_string());
+    }
+    let colon = host_port
+        .iter()
+        .rposition(|&b| b == b':')
+        .unwrap_or(host_port.len());
+    let (host, port) = host_port.split_at(colon);
+    if !port_ok(port) {
+        return None;
+    }
+    normalize_host_name(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CURL: &[u8] = include_bytes!("fixtures/http_curl.http");
+    const CURL_UPPER_HOST: &[u8] = include_bytes!("fixtures/http_curl_upper_host.http");
+    const CURL_PROXY: &[u8] = include_bytes!("fixtures/http_curl_proxy.http");
+    const CURL_10_NO_HOST: &[u8] = include_bytes!("fixtures/http_curl_10_no_host.http");
+    const CURL_POST: &[u8] = include_bytes!("fixtures/http_curl_post.http");
+
+    /// Each fixture with the method and host its head should give.
+    const FIXTURES: &[(&str, &[u8], &str, Option<&str>)] = &[
+        // Host: web.example.test:<port>
+        ("http_curl", CURL, "GET", Some("web.example.test")),
+        (
+            "http_curl_upper_host",
+            CURL_UPPER_HOST,
+            "GET",
+            Some("upper.example.com"),
+        ),
+        // GET http://Proxied.Example.ORG/some/path?q=1
+        (
+            "http_curl_proxy",
+            CURL_PROXY,
+            "GET",
+            Some("proxied.example.org"),
+        ),
+        ("http_curl_10_no_host", CURL_10_NO_HOST, "GET", None),
+        // A body follows the head.
+        (
+            "http_curl_post",
+            CURL_POST,
+            "POST",
+            Some("post.example.net"),
+        ),
+    ];
+
+    fn info(method: &str, host: Option<&str>) -> HttpRequestInfo {
+        HttpRequestInfo {
+            method: method.into(),
+            host: host.map(String::from),
+        }
+    }
+
+    fn host(head: &str) -> Option<String> {
+        match parse_request_head(head.as_bytes()) {
+            Ok(Some(info)) => info.host,
+            other => panic!("{head:?} gave {other:?}"),
+        }
+    }
+
+    fn err(head: &str) -> HttpError {
+        match parse_request_head(head.as_bytes()) {
+            Err(e) => e,
+            other => panic!("{head:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fixtures_parse_after_every_prefix() {
+        for &(name, input, method, host) in FIXTURES {
+            let head_len = input.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            for end in 0..head_len {
+                assert_eq!(
+                    parse_request_head(&input[..end]),
+                    Ok(None),
+                    "{name}: prefix of {end} bytes"
+                );
+            }
+            for end in head_len..=input.len() {
+                assert_eq!(
+                    parse_request_head(&input[..end]),
+                    Ok(Some(info(method, host))),
+                    "{name}: {end} bytes"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn host_header_forms() {
+        let cases = [
+            ("example.com", Some("example.com")),
+            ("example.com:8080", Some("example.com")),
+            ("example.com:", Some("example.com")),
+            ("WWW.Example.COM.:443", Some("www.example.com")),
+            ("192.0.2.7:80", Some("192.0.2.7")),
+            ("[::1]", Some("::1")),
+            ("[0:0::1]:8080", Some("::1")),
+            ("[2001:DB8::A]:80", Some("2001:db8::a")),
+            ("", None),
+            ("example.com:http", None),
+            ("::1", None),
+            ("[::1", None),
+            ("[::1]x", None),
+            ("[example.com]", None),
+            ("user@example.com", None),
+            ("exa_mple.com:80:80", None),
+            ("bad!name", None),
+        ];
+        for (value, want) in cases {
+            let head = format!("GET / HTTP/1.1\r\nAccept: */*\r\nhOsT: \t{value} \r\n\r\n");
+            assert_eq!(host(&head).as_deref(), want, "Host: {value:?}");
+        }
+    }
+
+    #[test]
+    fn target_forms() {
+        let cases = [
+            (
+                "GET http://Example.COM:8080/x HTTP/1.1\r\nHost: other\r\n\r\n",
+                Some("example.com"),
+            ),
+            (
+                "GET HTTPS://user:pw@secure.example/ HTTP/1.1\r\n\r\n",
+                Some("secure.example"),
+            ),
+            (
+                "GET http://q.example?x=1 HTTP/1.1\r\n\r\n",
+                Some("q.example"),
+            ),
+            ("OPTIONS http://[::1]:80 HTTP/1.1\r\n\r\n", Some("::1")),
+            ("GET http:///nohost HTTP/1.1\r\nHost: ignored\r\n\r\n", None),
+            (
+                "CONNECT Tunnel.Example:443 HTTP/1.1\r\nHost: other\r\n\r\n",
+                Some("tunnel.example"),
+            ),
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: star.example\r\n\r\n",
+                Some("star.example"),
+            ),
+            // Not a scheme: an origin-form path that happens to contain "://".
+            (
+                "GET /r?u=http://x.example HTTP/1.1\r\nHost: real.example\r\n\r\n",
+                Some("real.example"),
+            ),
+            ("GET / HTTP/1.1\r\n\r\n", None),
+        ];
+        for (head, want) in cases {
+            assert_eq!(host(head).as_deref(), want, "{head:?}");
+        }
+    }
+
+    #[test]
+    fn bare_lf_ends_lines() {
+        let head = "PUT /x HTTP/1.0\nHost: lf.example\nX: 1\r\n\n";
+        assert_eq!(
+            parse_request_head(head.as_bytes()),
+            Ok(Some(info("PUT", Some("lf.example"))))
+        );
+        for end in 0..head.len() {
+            assert_eq!(
+                parse_request_head(&head.as_bytes()[..end]),
+                Ok(None),
+                "prefix of {end} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn too_large() {
+        let mut head = b"GET / HTTP/1.1\r\nHost: a.example\r\nCookie: ".to_vec();
+        head.resize(MAX_HEAD_LEN - 1, b'c');
+        assert_eq!(parse_request_head(&head), Ok(None));
+        head.push(b'c');
+        assert_eq!(parse_request_head(&head), Err(HttpError::TooLarge));
+        // Exactly at the bound, a complete head is still accepted.
+        head.truncate(MAX_HEAD_LEN - 4);
+        head.extend(b"\r\n\r\n");
+        assert_eq!(
+            parse_request_head(&head),
+            Ok(Some(info("GET", Some("a.example"))))
+        );
+    }
+
+    #[test]
+    fn malformed_heads() {
+        let cases = [
+            ("get / http/1.1\r\n\r\n", HttpError::BadVersion),
+            ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", HttpError::BadVersion),
+            ("GET /\r\n", HttpError::BadVersion),
+            ("GET / HTTP/1.1 \r\n", HttpError::BadVersion),
+            ("GET / HTTP/1.11\r\n", HttpError::BadVersion),
+            ("GET / HTTP/1.1\r\r\n", HttpError::BadVersion),
+            ("GET\r\n", HttpError::BadMethod),
+            ("\r\nGET / HTTP/1.1\r\n\r\n", HttpError::BadMethod),
+            (" GET / HTTP/1.1\r\n", HttpError::BadMethod),
+            ("G(T / HTTP/1.1\r\n", HttpError::BadMethod),
+            ("GET  / HTTP/1.1\r\n", HttpError::BadTarget),
+            ("GET /a\tb HTTP/1.1\r\n", HttpError::BadTarget),
+            ("GET /\x7f HTTP/1.1\r\n", HttpError::BadTarget),
+            (
+                "GET / HTTP/1.1\r\nHost : a.example\r\n\r\n",
+                HttpError::BadHeader,
+            ),
+            (
+                "GET / HTTP/1.1\r\nX: 1\r\n folded\r\n\r\n",
+                HttpError::BadHeader,
+            ),
+            ("GET / HTTP/1.1\r\nNo colon\r\n\r\n", HttpError::BadHeader),
+            (
+                "GET / HTTP/1.1\r\n: empty name\r\n\r\n",
+                HttpError::BadHeader,
+            ),
+            ("GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", HttpError::BadHeader),
+            ("GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", HttpError::BadHeader),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHOST: b\r\n\r\n",
+                HttpError::DuplicateHost,
+            ),
+        ];
+        for (head, want) in cases {
+            assert_eq!(err(head), want, "{head:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_early() {
+        // Each is refused at its last byte, before any line end.
+        let cases = [
+            ("SSH-2.0-OpenSSH_9.2p1", HttpError::BadMethod),
+            ("GET /x\0", HttpError::BadTarget),
+            ("GET / X", HttpError::BadVersion),
+            ("GET / HTTP/2", HttpError::BadVersion),
+            ("GET / HTTP/1.1\r\nX:\x01", HttpError::BadHeader),
+            ("GET / HTTP/1.1\r\nX ", HttpError::BadHeader),
+        ];
+        for (head, want) in cases {
+            assert_eq!(err(head), want, "{head:?}");
+            assert_eq!(
+                parse_request_head(&head.as_bytes()[..head.len() - 1]),
+                Ok(None),
+                "{head:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,692 @@
+//! `cargo xtask bench`: l4proxy side by side with the direct path and HAProxy,
+//! in one namespace lab, and the steering cost of sk_lookup against the
+//! classic iptables TPROXY recipe as rules grow.
+//!
+//! Cases: bulk throughput (iperf3), connection rate of short TLS connections
+//! routed by SNI, added time to first byte, memory per idle connection, and
+//! connection rate against the number of rules. The report goes to
+//! `bench/results/<date>.md` and `bench/results/latest.md`, with SVG charts.
+//!
+//! On this 2-core machine the client, the proxy and the server share the
+//! cores, so the figures are for comparing paths with each other, as ratios.
+
+mod hello;
+mod iperf;
+mod lab;
+mod load;
+mod report;
+mod stats;
+mod targets;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use self::{
+    lab::{Lab, Proc},
+    load::{Mode, Responder},
+    report::{Flow, LatencyRow, MemoryRow, Report, Row, RulesRow},
+    stats::{Spread, quantile},
+    targets::{Service, Target},
+};
+use crate::{ebpf, run_command, setup, workspace_root};
+
+/// Measure l4proxy against the direct path and HAProxy in a namespace lab.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A short smoke run: one repetition, short runs, fewer idle connections.
+    #[arg(long)]
+    quick: bool,
+    /// Measure this l4proxy binary instead of building target/release/l4proxy.
+    #[arg(long, value_name = "PATH")]
+    l4proxy: Option<PathBuf>,
+    /// Run only these cases (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Case>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Case {
+    Memory,
+    Throughput,
+    Rate,
+    Latency,
+    Rules,
+}
+
+/// How much of each case to run.
+struct Plan {
+    repetitions: usize,
+    iperf_seconds: u64,
+    rate_duration: Duration,
+    /// Bound on connections per rate run, besides the duration.
+    rate_max: u64,
+    concurrencies: [usize; 3],
+    latency_requests: usize,
+    idle_connections: usize,
+    rule_counts: [usize; 3],
+    rules_concurrency: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        Plan {
+            repetitions: if quick { 1 } else { 3 },
+            iperf_seconds: if quick { 1 } else { 3 },
+            rate_duration: Duration::from_secs(if quick { 1 } else { 3 }),
+            rate_max: 200_000,
+            concurrencies: [1, 64, 512],
+            latency_requests: if quick { 300 } else { 2000 },
+            idle_connections: if quick { 1000 } else { 10_000 },
+            rule_counts: [1, 1000, 10_000],
+            rules_concurrency: 64,
+        }
+    }
+}
+
+/// Descriptors wanted for this process and the daemons it starts (which
+/// inherit the limit): 10 000 idle connections take two in each.
+const NOFILE: u64 = 200_000;
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let plan = Plan::new(args.quick);
+    let wanted_idle = plan.idle_connections;
+    let root = workspace_root();
+    setup::run()?;
+    let binary = match &args.l4proxy {
+        Some(path) => path
+            .canonicalize()
+            .with_context(|| format!("{}", path.display()))?,
+        None => build(&root)?,
+    };
+    let fd_limit = lab::raise_nofile(NOFILE)?;
+    // Each idle connection takes two descriptors in this process (client and
+    // responder) and two in the proxy, which also needs some for pipes.
+    let fit = idle_fit(fd_limit) as usize;
+    let mut plan = plan;
+    if plan.idle_connections > fit {
+        plan.idle_connections = fit;
+    }
+    lab::sweep_stale();
+    lab::clean_up_on_signal()?;
+    let work = WorkDir::new()?;
+
+    let mut report = Report {
+        date: output_of("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?,
+        command: command_line(args),
+        setup: machine_description(&root, &binary),
+        latency_requests: plan.latency_requests,
+        rules_concurrency: plan.rules_concurrency,
+        ..Report::default()
+    };
+    if plan.idle_connections < wanted_idle {
+        report.notes.push(format!(
+            "Memory: {} idle connections instead of {wanted_idle}: the descriptor limit here is \
+             {fd_limit} (no CAP_SYS_RESOURCE to raise the hard limit), and a proxy needs two \
+             descriptors per connection.",
+            plan.idle_connections
+        ));
+    }
+    report.setup.push(format!(
+        "descriptor limit (RLIMIT_NOFILE) for every process: {fd_limit}"
+    ));
+    let wanted = |case| args.only.is_empty() || args.only.contains(&case);
+    {
+        let lab = Lab::new()?;
+        let mut bench = Bench::start(&lab, &binary, &work.0, &plan, fd_limit, &mut report)?;
+        // Memory first: on freshly started proxies, before other cases have
+        // grown their allocators' free lists.
+        if wanted(Case::Memory) {
+            bench.memory(&mut report)?;
+        }
+        if wanted(Case::Throughput) {
+            bench.throughput(&mut report)?;
+        }
+        if wanted(Case::Rate) {
+            bench.rate(&mut report)?;
+        }
+        if wanted(Case::Latency) {
+            bench.latency(&mut report)?;
+        }
+        if wanted(Case::Rules) {
+            bench.rules(&mut report)?;
+        }
+    }
+    report.notes.push(format!(
+        "Total run time {:.0} s.",
+        started.elapsed().as_secs_f64()
+    ));
+    let stamp = output_of("date", &["-u", "+%Y-%m-%d-%H%M"])?;
+    let dir = root.join("bench/results");
+    let markdown = report.write(&dir, &stamp)?;
+    println!("{markdown}");
+    eprintln!(
+        "bench: written to {} and latest.md",
+        dir.join(format!("{stamp}.md")).display()
+    );
+    Ok(())
+}
+
+/// Builds the release daemon (and the kernel programs it embeds).
+fn build(root: &Path) -> anyhow::Result<PathBuf> {
+    ebpf::build()?;
+    run_command(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "l4proxy",
+    ]))?;
+    Ok(root.join("target/release/l4proxy"))
+}
+
+/// The lab with everything that runs for the whole benchmark.
+struct Bench<'a> {
+    lab: &'a Lab,
+    plan: &'a Plan,
+    work: &'a Path,
+    binary: &'a Path,
+    hello: Arc<[u8]>,
+    maxconn: u64,
+    // Dropped (stopped) before the lab's namespaces go.
+    l4proxy: Option<Proc>,
+    haproxy: Proc,
+    haproxy_splice: Proc,
+    _iperf: Proc,
+    _responder: Responder,
+}
+
+impl<'a> Bench<'a> {
+    fn start(
+        lab: &'a Lab,
+        binary: &'a Path,
+        work: &'a Path,
+        plan: &'a Plan,
+        fd_limit: u64,
+        report: &mut Report,
+    ) -> anyhow::Result<Bench<'a>> {
+        eprintln!("bench: starting the server side, l4proxy and HAProxy");
+        let responder = Responder::start(
+            &lab.sv,
+            &[
+                (Service::Tls.server_port(), Mode::Close),
+                (Service::Idle.server_port(), Mode::Hold),
+            ],
+        )?;
+        let iperf = Proc::start(
+            &lab.sv,
+            "iperf3 server",
+            &[
+                "iperf3",
+                "-s",
+                "-p",
+                &Service::Iperf.server_port().to_string(),
+            ],
+            &[],
+            work.join("iperf3.log"),
+        )?;
+
+        let policy = work.join("l4proxy.json");
+        let sni = targets::check_policy(binary, &policy, &targets::l4proxy_policy(true));
+        report.rate_title =
+            "short connections: TLS ClientHello routed by SNI, small reply, close".to_owned();
+        if let Err(e) = &sni {
+            targets::check_policy(binary, &policy, &targets::l4proxy_policy(false))?;
+            report.rate_title +=
+                "; l4proxy: SNI routing PENDING, plain forwarding of the same connections";
+            report.notes.push(format!(
+                "l4proxy's SNI routing is pending: this binary refused the policy with `routes` \
+                 ({}), so its connection-rate and latency rows forward the TLS connections \
+                 without SNI routing. HAProxy's rows do route by `req.ssl_sni`.",
+                e.to_string().lines().next().unwrap_or_default()
+            ));
+        }
+        let l4proxy = targets::start_l4proxy(&lab.px, binary, &policy, &work.join("l4proxy.log"))?;
+
+        let mut haproxies = Vec::new();
+        for (target, name) in [
+            (Target::Haproxy, "haproxy"),
+            (Target::HaproxySplice, "haproxy-splice"),
+        ] {
+            let ip = target.addr(Service::Tls).ip().to_string();
+            lab.px
+                .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+            let config = work.join(format!("{name}.cfg"));
+            std::fs::write(&config, targets::haproxy_config(target, maxconn(fd_limit)))?;
+            haproxies.push(targets::start_haproxy(
+                &lab.px,
+                name,
+                &config,
+                &work.join(format!("{name}.log")),
+            )?);
+        }
+        let haproxy_splice = haproxies.pop().expect("two started");
+        let haproxy = haproxies.pop().expect("two started");
+        let mut bench = Bench {
+            lab,
+            plan,
+            work,
+            binary,
+            hello: hello::client_hello(targets::SNI).into(),
+            maxconn: maxconn(fd_limit),
+            l4proxy: Some(l4proxy),
+            haproxy,
+            haproxy_splice,
+            _iperf: iperf,
+            _responder: responder,
+        };
+        for target in Target::ALL {
+            bench.probe(target.addr(Service::Tls), target)?;
+        }
+        Ok(bench)
+    }
+
+    fn proc(&mut self, target: Target) -> Option<&mut Proc> {
+        match target {
+            Target::Direct => None,
+            Target::L4proxy => self.l4proxy.as_mut(),
+            Target::Haproxy => Some(&mut self.haproxy),
+            Target::HaproxySplice => Some(&mut self.haproxy_splice),
+        }
+    }
+
+    /// Waits (up to a minute) until one exchange through `target` works;
+    /// fails with the proxy's log if it dies meanwhile.
+    fn probe(&mut self, addr: std::net::SocketAddr, target: Target) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let hello = self.hello.clone();
+            let probed = self.lab.cl.block_on(move || async move {
+                load::probe(addr, &hello, Duration::from_secs(1)).await
+            })?;
+            if let Some(proc) = self.proc(target) {
+                proc.check_running()?;
+            }
+            match probed {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context(format!("{} is not answering", target.label())));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn memory(&mut self, report: &mut Report) -> anyhow::Result<()> {
+        let count = self.plan.idle_connections;
+        for target in [Target::L4proxy, Target::Haproxy, Target::HaproxySplice] {
+            eprintln!(
+                "bench: memory, {count} idle connections through {}",
+                target.label()
+            );
+            let pid = self.proc(target).context("a proxy")?.pid();
+            let rss_before = lab::tree_rss(pid)?;
+            let (addr, hello) = (target.addr(Service::Idle), self.hello.clone());
+            let rss_with = self.lab.cl.block_on(move || {
+                load::while_idle(addr, hello, count, move || lab::tree_rss(pid))
+            })???;
+            report.memory.push(MemoryRow {
+                target,
+                connections: count,
+                rss_before,
+                rss_with,
+            });
+            // The proxy closes its side as the client's closes arrive.
+            std::thread::sleep(Duration::from_secs(1));
+            self.proc(target).context("a proxy")?.check_running()?;
+        }
+        Ok(())
+    }
+
+    fn throughput(&mut self, report: &mut Report) -> anyhow::Result<()> {
+        let flows = [
+            Flow {
+                streams: 1,
+                reverse: false,
+            },
+            Flow {
+                streams: 1,
+                reverse: true,
+            },
+            Flow {
+                streams: 8,
+                reverse: false,
+            },
+            Flow {
+                streams: 8,
+                reverse: true,
+            },
+        ];
+        let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
+        for rep in 1..=self.plan.repetitions {
+            for flow in flows {
+                for target in Target::ALL {
+                    eprintln!(
+                        "bench: throughput {rep}/{}, {} streams{}, {}",
+                        self.plan.repetitions,
+                        flow.streams,
+                        if flow.reverse { " reverse" } else { "" },
+                        target.label()
+                    );
+                    let addr = target.addr(Service::Iperf);
+                    let bits = iperf::throughput(
+                        &self.lab.cl,
+                        addr,
+                        flow.streams,
+                        flow.reverse,
+                        self.plan.iperf_seconds,
+                    )
+                    .or_else(|e| {
+                        // A failed run can leave the iperf3 server busy for a moment.
+                        eprintln!("bench: {e:#}; retrying once");
+                        std::thread::sleep(Duration::from_secs(2));
+                        iperf::throughput(
+                            &self.lab.cl,
+                            addr,
+                            flow.streams,
+                            flow.reverse,
+                            self.plan.iperf_seconds,
+                        )
+                    })?;
+                    samples.push((flow, target, bits));
+                }
+            }
+        }
+        for flow in flows {
+            for target in Target::ALL {
+                let values: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.0 == flow && s.1 == target)
+                    .map(|s| s.2)
+                    .collect();
+                if let Some(value) = Spread::of(&values) {
+                    report.throughput.push(Row {
+                        case: flow,
+                        target,
+                        value,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rate(&mut self, report: &mut Report) -> anyhow::Result<()> {
+        let paths = [Target::Direct, Target::L4proxy, Target::Haproxy];
+        let mut samples: Vec<(usize, Target, f64)> = Vec::new();
+        for rep in 1..=self.plan.repetitions {
+            for concurrency in self.plan.concurrencies {
+                for target in paths {
+                    eprintln!(
+                        "bench: connection rate {rep}/{}, concurrency {concurrency}, {}",
+                        self.plan.repetitions,
+                        target.label()
+                    );
+                    let rate = self.connection_rate(target.addr(Service::Tls), concurrency)?;
+                    self.note_failures(
+                        &rate,
+                        &format!("{} at concurrency {concurrency}", target.label()),
+                        report,
+                    );
+                    samples.push((concurrency, target, rate.per_second));
+                }
+            }
+        }
+        for concurrency in self.plan.concurrencies {
+            for target in paths {
+                let values: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.0 == concurrency && s.1 == target)
+                    .map(|s| s.2)
+                    .collect();
+                if let Some(value) = Spread::of(&values) {
+                    report.rate.push(Row {
+                        case: concurrency,
+                        target,
+                        value,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn connection_rate(
+        &self,
+        addr: std::net::SocketAddr,
+        concurrency: usize,
+    ) -> anyhow::Result<load::Rate> {
+        let (hello, duration, max) = (
+            self.hello.clone(),
+            self.plan.rate_duration,
+            self.plan.rate_max,
+        );
+        let rate = self
+            .lab
+            .cl
+            .block_on(move || load::connection_rate(addr, hello, concurrency, duration, max))?;
+        // Let TIME_WAIT and closing sockets of this run settle before the next.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(rate)
+    }
+
+    fn note_failures(&self, rate: &load::Rate, what: &str, report: &mut Report) {
+        if rate.failed > 0 {
+            report.notes.push(format!(
+                "{what}: {} connections failed (first error: {}); only completed ones are counted.",
+                rate.failed,
+                rate.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+
+    fn latency(&mut self, report: &mut Report) -> anyhow::Result<()> {
+        let paths = [Target::Direct, Target::L4proxy, Target::Haproxy];
+        let mut samples: Vec<(Target, [f64; 3])> = Vec::new();
+        for rep in 1..=self.plan.repetitions {
+            for target in paths {
+                eprintln!(
+                    "bench: latency {rep}/{}, {}",
+                    self.plan.repetitions,
+                    target.label()
+                );
+                let (addr, hello, count) = (
+                    target.addr(Service::Tls),
+                    self.hello.clone(),
+                    self.plan.latency_requests,
+                );
+                let times = self.lab.cl.block_on(move || async move {
+                    load::first_byte_times(addr, &hello, count, Duration::from_secs(60)).await
+                })??;
+                let micros: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1e6).collect();
+                samples.push((target, [0.5, 0.99, 0.999].map(|q| quantile(&micros, q))));
+            }
+        }
+        for target in paths {
+            let of = |i: usize| {
+                let values: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.0 == target)
+                    .map(|s| s.1[i])
+                    .collect();
+                Spread::of(&values)
+            };
+            if let (Some(p50), Some(p99), Some(p999)) = (of(0), of(1), of(2)) {
+                report.latency.push(LatencyRow {
+                    target,
+                    quantiles: [p50, p99, p999],
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Connection rate to the last of N rules: l4proxy (sk_lookup) restarted
+    /// with each policy, then iptables TPROXY rules in front of HAProxy.
+    fn rules(&mut self, report: &mut Report) -> anyhow::Result<()> {
+        self.l4proxy = None; // one l4proxy per namespace
+        const L4PROXY: &str = "l4proxy (sk_lookup)";
+        const TPROXY: &str = "iptables TPROXY + HAProxy";
+        for rules in self.plan.rule_counts {
+            eprintln!("bench: {rules} rules, {L4PROXY}");
+            let policy = self.work.join(format!("rules-{rules}.json"));
+            std::fs::write(&policy, serde_json::to_vec(&targets::rules_policy(rules))?)?;
+            self.l4proxy = Some(targets::start_l4proxy(
+                &self.lab.px,
+                self.binary,
+                &policy,
+                &self.work.join(format!("l4proxy-rules-{rules}.log")),
+            )?);
+            let rate = self.rules_rate(rules, Target::L4proxy, L4PROXY, report)?;
+            report.rules.push(RulesRow {
+                steering: L4PROXY,
+                rules,
+                rate,
+            });
+            self.l4proxy = None;
+        }
+
+        targets::install_tproxy_routing(&self.lab.px)?;
+        let config = self.work.join("haproxy-tproxy.cfg");
+        std::fs::write(&config, targets::haproxy_tproxy_config(self.maxconn))?;
+        // Stands in the HAProxy slot of `proc` so a crash shows its log.
+        let plain = std::mem::replace(
+            &mut self.haproxy,
+            targets::start_haproxy(
+                &self.lab.px,
+                "haproxy-tproxy",
+                &config,
+                &self.work.join("haproxy-tproxy.log"),
+            )?,
+        );
+        drop(plain);
+        for rules in self.plan.rule_counts {
+            eprintln!("bench: {rules} rules, {TPROXY}");
+            targets::install_tproxy(&self.lab.px, rules)?;
+            let rate = self.rules_rate(rules, Target::Haproxy, TPROXY, report)?;
+            report.rules.push(RulesRow {
+                steering: TPROXY,
+                rules,
+                rate,
+            });
+        }
+        Ok(())
+    }
+
+    fn rules_rate(
+        &mut self,
+        rules: usize,
+        target: Target,
+        steering: &str,
+        report: &mut Report,
+    ) -> anyhow::Result<Spread> {
+        let addr = targets::rule_dst(rules - 1);
+        self.probe(addr, target)?;
+        let mut values = Vec::new();
+        for _ in 0..self.plan.repetitions {
+            let rate = self.connection_rate(addr, self.plan.rules_concurrency)?;
+            self.note_failures(&rate, &format!("{steering} with {rules} rules"), report);
+            values.push(rate.per_second);
+        }
+        Spread::of(&values).context("at least one repetition")
+    }
+}
+
+/// Idle connections that fit a descriptor limit: two descriptors each, after
+/// HAProxy's pipes (`targets::MAX_PIPES`, two descriptors each) and a reserve.
+fn idle_fit(fd_limit: u64) -> u64 {
+    fd_limit.saturating_sub(2 * targets::MAX_PIPES + 256) / 2 / 100 * 100
+}
+
+/// HAProxy's `maxconn`: the idle connections and some to spare, so that it
+/// starts under the descriptor limit (it refuses to if the limit is lower than
+/// what `maxconn` and `maxpipes` need).
+fn maxconn(fd_limit: u64) -> u64 {
+    idle_fit(fd_limit) + 100
+}
+
+/// Scratch space for configs and logs, removed at the end.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new() -> anyhow::Result<WorkDir> {
+        let dir = lab::work_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(WorkDir(dir))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn output_of(prog: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {prog}"))?;
+    if !out.status.success() {
+        bail!("{prog} {} failed: {}", args.join(" "), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn command_line(args: &Args) -> String {
+    let mut line = "cargo xtask bench".to_owned();
+    if args.quick {
+        line += " --quick";
+    }
+    if let Some(binary) = &args.l4proxy {
+        line += &format!(" --l4proxy {}", binary.display());
+    }
+    if !args.only.is_empty() {
+        let only: Vec<String> = args
+            .only
+            .iter()
+            .map(|c| format!("{c:?}").to_lowercase())
+            .collect();
+        line += &format!(" --only {}", only.join(","));
+    }
+    line
+}
+
+/// What the figures were measured on.
+fn machine_description(root: &Path, binary: &Path) -> Vec<String> {
+    let first_line = |prog: &str, args: &[&str]| {
+        output_of(prog, args)
+            .map(|s| s.lines().next().unwrap_or_default().to_owned())
+            .unwrap_or_else(|e| format!("unknown ({e})"))
+    };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let revision = first_line(
+        "git",
+        &[
+            "-C",
+            &root.to_string_lossy(),
+            "describe",
+            "--always",
+            "--dirty",
+        ],
+    );
+    vec![
+        format!(
+            "{cores} cores shared by client, proxy and server; Linux {}",
+            first_line("uname", &["-r"])
+        ),
+        format!("l4proxy: {} (tree {revision})", binary.display()),
+        first_line("haproxy", &["-v"]),
+        first_line("iperf3", &["-v"]),
+        "lab: client 198.51.100.2 → proxy host (services 192.0.2.10 l4proxy, .20 HAProxy, \
+         .21 HAProxy+splice) → server 203.0.113.2; direct = client to the server through \
+         the proxy host's forwarding"
+            .to_owned(),
+    ]
+}

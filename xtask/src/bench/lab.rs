@@ -1,0 +1,465 @@
+//! The benchmark's hosts: three network namespaces joined by veth pairs, the
+//! processes started in them, and their removal on every way out (normal end,
+//! error, panic, Ctrl-C or SIGTERM).
+//!
+//! ```text
+//! cl (198.51.100.2) — (198.51.100.1) px (203.0.113.1) — (203.0.113.2) sv
+//! ```
+//!
+//! `cl` routes the service prefix 192.0.2.0/24 and the server side via `px`;
+//! `sv`'s default route is `px`. Only the documentation ranges of
+//! shared/LAB.md are used, and nothing is configured in the root namespace.
+
+use std::{
+    fs::File,
+    future::Future,
+    io::Read,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// Every namespace of the benchmark is named `l4bench-<pid>-<role>`.
+const PREFIX: &str = "l4bench-";
+
+pub const CL: &str = "198.51.100.2";
+pub const PX_CL: &str = "198.51.100.1";
+pub const PX_SV: &str = "203.0.113.1";
+pub const SV: &str = "203.0.113.2";
+
+/// What must go when the process is interrupted: namespaces and child pids.
+static LIVE: Mutex<Live> = Mutex::new(Live {
+    namespaces: Vec::new(),
+    children: Vec::new(),
+});
+
+struct Live {
+    namespaces: Vec<String>,
+    children: Vec<u32>,
+}
+
+fn live() -> std::sync::MutexGuard<'static, Live> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// On SIGINT or SIGTERM: kill what we started, delete the namespaces and the
+/// work directory, exit 130.
+/// (The normal paths clean up through `Drop`.)
+pub fn clean_up_on_signal() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        eprintln!("bench: interrupted; removing the lab");
+        let Live {
+            namespaces,
+            children,
+        } = std::mem::replace(
+            &mut *live(),
+            Live {
+                namespaces: Vec::new(),
+                children: Vec::new(),
+            },
+        );
+        for pid in children {
+            signal(pid, libc::SIGKILL);
+        }
+        for ns in namespaces {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(work_dir());
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+/// Scratch space for configs and logs (the caller removes it at the end).
+pub fn work_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("l4bench-{}", std::process::id()))
+}
+
+/// Deletes benchmark namespaces whose creating process is gone (SIGKILL).
+pub fn sweep_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain syscall; `pid` is a child we started and have not reaped.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(role: &str) -> anyhow::Result<Netns> {
+        let name = format!("{PREFIX}{}-{role}", std::process::id());
+        run("ip", &["netns", "add", &name])?;
+        live().namespaces.push(name.clone());
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NS ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+    }
+
+    /// Runs a program inside the namespace to completion.
+    pub fn exec(&self, prog: &str, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["netns", "exec", &self.name, prog];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Like [`Netns::exec`] with `input` on standard input.
+    pub fn exec_with_input(&self, prog: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, prog])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {prog} in {}", self.name))?;
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{prog} {} in {} failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `make()`'s future to completion on a thread inside the namespace,
+    /// on a current-thread runtime: sockets it opens live in the namespace.
+    pub fn block_on<F, Fut, T>(&self, make: F) -> anyhow::Result<T>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = T>,
+        T: Send,
+    {
+        let file = self.file()?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                enter(&file)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                Ok(runtime.block_on(make()))
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Like [`Netns::block_on`], but on a thread that outlives the call.
+    pub fn spawn<F, Fut>(&self, make: F) -> anyhow::Result<std::thread::JoinHandle<()>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let file = self.file()?;
+        let name = self.name.clone();
+        Ok(std::thread::spawn(move || {
+            let runtime = enter(&file).and_then(|()| {
+                Ok(tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?)
+            });
+            match runtime {
+                Ok(runtime) => runtime.block_on(make()),
+                Err(e) => eprintln!("bench: thread in {name}: {e:#}"),
+            }
+        }))
+    }
+
+    fn file(&self) -> anyhow::Result<File> {
+        let path = format!("/run/netns/{}", self.name);
+        File::open(&path).with_context(|| format!("opening {path}"))
+    }
+}
+
+/// Moves the calling thread into the namespace `file` refers to.
+fn enter(file: &File) -> anyhow::Result<()> {
+    // SAFETY: plain syscall on an open namespace descriptor; it changes only the
+    // calling thread, which is one of ours.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        live().namespaces.retain(|n| *n != self.name);
+    }
+}
+
+/// The three hosts. Fields drop (namespaces are deleted) in order.
+pub struct Lab {
+    pub cl: Netns,
+    pub px: Netns,
+    pub sv: Netns,
+}
+
+impl Lab {
+    pub fn new() -> anyhow::Result<Lab> {
+        let lab = Lab {
+            cl: Netns::new("cl")?,
+            px: Netns::new("px")?,
+            sv: Netns::new("sv")?,
+        };
+        let (cl, px, sv) = (&lab.cl, &lab.px, &lab.sv);
+        cl.ip(&[
+            "link", "add", "to-px", "type", "veth", "peer", "name", "to-cl", "netns", &px.name,
+        ])?;
+        px.ip(&[
+            "link", "add", "to-sv", "type", "veth", "peer", "name", "to-px", "netns", &sv.name,
+        ])?;
+        for (ns, dev, addr) in [
+            (cl, "to-px", CL),
+            (px, "to-cl", PX_CL),
+            (px, "to-sv", PX_SV),
+            (sv, "to-px", SV),
+        ] {
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        cl.ip(&["route", "add", "192.0.2.0/24", "via", PX_CL])?;
+        cl.ip(&["route", "add", "203.0.113.0/24", "via", PX_CL])?;
+        sv.ip(&["route", "add", "default", "via", PX_SV])?;
+        px.sysctl("net.ipv4.ip_forward", "1")?;
+        // TPROXY delivers packets for addresses px does not own; strict
+        // reverse-path filtering would drop them.
+        for conf in ["all", "default", "to-cl", "lo"] {
+            px.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0")?;
+        }
+        // Many short connections: a wide port range, and ports in TIME_WAIT
+        // reused for new outgoing connections.
+        for ns in [cl, px] {
+            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        }
+        for ns in [cl, px, sv] {
+            ns.sysctl("net.core.somaxconn", "8192")?;
+            ns.sysctl("net.ipv4.tcp_max_syn_backlog", "8192")?;
+        }
+        Ok(lab)
+    }
+}
+
+/// A process started inside a namespace, its output in a log file; stopped
+/// (SIGTERM, then SIGKILL) on drop.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        command: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> anyhow::Result<Proc> {
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        // `ip netns exec` enters the namespace and execs the program, so the
+        // pid is the program's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(command)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}: {}", command.join(" ")))?;
+        live().children.push(child.id());
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails, with the end of its log, if the process has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited ({status}); end of its log ({}):\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal(pid, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        live().children.retain(|&p| p != pid);
+    }
+}
+
+/// Runs a command to completion, failing with its stderr.
+pub fn run(prog: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .with_context(|| format!("starting {prog}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{prog} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    Ok(())
+}
+
+/// Resident memory of a process and all its descendants, in bytes.
+pub fn tree_rss(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    let mut todo = vec![pid];
+    let parents = parent_map();
+    while let Some(p) = todo.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status"))
+            .with_context(|| format!("reading /proc/{p}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        total += kib * 1024;
+        todo.extend(
+            parents
+                .iter()
+                .filter(|(_, parent)| *parent == p)
+                .map(|(c, _)| *c),
+        );
+    }
+    Ok(total)
+}
+
+/// (pid, parent pid) of every process.
+fn parent_map() -> Vec<(u32, u32)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name is in parentheses and may contain spaces.
+            let after = &stat[stat.rfind(')')? + 1..];
+            let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// Raises this process's descriptor limit towards `wanted` (children inherit
+/// it) and returns the limit in force. Without CAP_SYS_RESOURCE only the soft
+/// limit can go up, to the hard one.
+pub fn raise_nofile(wanted: u64) -> anyhow::Result<u64> {
+    let mut value = libc::rlimit {
+        rlim_cur: wanted,
+        rlim_max: wanted,
+    };
+    // SAFETY: passes a pointer to a live, initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &value) } == 0 {
+        return Ok(wanted);
+    }
+    // SAFETY: as above; getrlimit fills it in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut value) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    }
+    value.rlim_cur = value.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &value) } != 0 {
+        bail!(
+            "raising RLIMIT_NOFILE to {}: {}",
+            value.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(value.rlim_max)
+}

@@ -1,0 +1,465 @@
+//! The results as a Markdown report and two hand-written SVG charts.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Context;
+
+use super::{stats::Spread, targets::Target};
+
+/// One bulk-throughput case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub streams: usize,
+    /// Server to client (`iperf3 -R`).
+    pub reverse: bool,
+}
+
+impl Flow {
+    fn label(self) -> String {
+        let streams = match self.streams {
+            1 => "1 stream".to_owned(),
+            n => format!("{n} streams"),
+        };
+        let way = if self.reverse {
+            "server→client"
+        } else {
+            "client→server"
+        };
+        format!("{streams}, {way}")
+    }
+}
+
+/// A measured figure of one path in one case.
+pub struct Row<K> {
+    pub case: K,
+    pub target: Target,
+    pub value: Spread,
+}
+
+pub struct LatencyRow {
+    pub target: Target,
+    /// p50, p99, p99.9 in microseconds.
+    pub quantiles: [Spread; 3],
+}
+
+pub struct MemoryRow {
+    pub target: Target,
+    pub connections: usize,
+    pub rss_before: u64,
+    pub rss_with: u64,
+}
+
+impl MemoryRow {
+    fn per_connection(&self) -> f64 {
+        self.rss_with.saturating_sub(self.rss_before) as f64 / self.connections as f64
+    }
+}
+
+pub struct RulesRow {
+    pub steering: &'static str,
+    pub rules: usize,
+    pub rate: Spread,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub date: String,
+    pub command: String,
+    pub setup: Vec<String>,
+    pub throughput: Vec<Row<Flow>>,
+    pub rate: Vec<Row<usize>>,
+    pub rate_title: String,
+    pub latency: Vec<LatencyRow>,
+    pub latency_requests: usize,
+    pub memory: Vec<MemoryRow>,
+    pub rules: Vec<RulesRow>,
+    pub rules_concurrency: usize,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// Writes `<stamp>.md` and its charts into `dir`, and the same as
+    /// `latest.md`, `latest-*.svg`; returns the Markdown.
+    pub fn write(&self, dir: &Path, stamp: &str) -> anyhow::Result<String> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for name in [stamp, "latest"] {
+            let markdown = self.markdown(name);
+            std::fs::write(dir.join(format!("{name}.md")), &markdown)?;
+            if !self.throughput.is_empty() {
+                std::fs::write(
+                    dir.join(format!("{name}-throughput.svg")),
+                    self.throughput_svg(),
+                )?;
+            }
+            if !self.rules.is_empty() {
+                std::fs::write(dir.join(format!("{name}-rules.svg")), self.rules_svg())?;
+            }
+        }
+        Ok(self.markdown(stamp))
+    }
+
+    fn markdown(&self, name: &str) -> String {
+        let mut md = format!("# l4proxy benchmark, {}\n\n", self.date);
+        let _ = writeln!(md, "`{}`\n", self.command);
+        for line in &self.setup {
+            let _ = writeln!(md, "- {line}");
+        }
+        md += "\nEach figure is the median of the runs, with their range (min–max). \
+               Ratios divide the median by the same case's median on another path.\n";
+
+        if !self.throughput.is_empty() {
+            md += "\n## Bulk throughput (iperf3, Gbit/s, higher is better)\n\n\
+                   | case | path | Gbit/s | min–max | ÷ direct | ÷ HAProxy | ÷ HAProxy+splice |\n\
+                   |---|---|---:|---:|---:|---:|---:|\n";
+            for row in &self.throughput {
+                let of = |t| ratio(row.value.median, find(&self.throughput, row.case, t));
+                let v = row.value.scaled(1e-9);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.2} | {:.2}–{:.2} | {} | {} | {} |",
+                    row.case.label(),
+                    row.target.label(),
+                    v.median,
+                    v.min,
+                    v.max,
+                    of(Target::Direct),
+                    of(Target::Haproxy),
+                    of(Target::HaproxySplice),
+                );
+            }
+            let _ = writeln!(md, "\n![throughput]({name}-throughput.svg)");
+        }
+
+        if !self.rate.is_empty() {
+            let _ = write!(
+                md,
+                "\n## Connection rate ({}; conn/s, higher is better)\n\n\
+                 | concurrency | path | conn/s | min–max | ÷ direct | ÷ HAProxy |\n\
+                 |---:|---|---:|---:|---:|---:|\n",
+                self.rate_title
+            );
+            for row in &self.rate {
+                let of = |t| ratio(row.value.median, find(&self.rate, row.case, t));
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} |",
+                    row.case,
+                    row.target.label(),
+                    row.value.median,
+                    row.value.min,
+                    row.value.max,
+                    of(Target::Direct),
+                    of(Target::Haproxy),
+                );
+            }
+        }
+
+        if !self.latency.is_empty() {
+            let _ = write!(
+                md,
+                "\n## Latency: time to first byte ({} sequential short connections; µs, lower is better)\n\n\
+                 \"added\" is the path's figure minus the direct path's.\n\n\
+                 | path | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | added p50 ÷ HAProxy's |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|\n",
+                self.latency_requests
+            );
+            let direct = self.latency.iter().find(|r| r.target == Target::Direct);
+            let added = |row: &LatencyRow, i: usize| {
+                direct.map(|d| row.quantiles[i].median - d.quantiles[i].median)
+            };
+            let haproxy_added = self
+                .latency
+                .iter()
+                .find(|r| r.target == Target::Haproxy)
+                .and_then(|r| added(r, 0));
+            for row in &self.latency {
+                let q = |i: usize| {
+                    let s = row.quantiles[i];
+                    format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max)
+                };
+                let a = |i: usize| added(row, i).map_or("–".to_owned(), |v| format!("{v:+.0}"));
+                let vs = match (row.target, added(row, 0), haproxy_added) {
+                    (Target::Direct, ..) => "–".to_owned(),
+                    (_, Some(mine), Some(theirs)) => ratio(mine, Some(theirs)),
+                    _ => "–".to_owned(),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    row.target.label(),
+                    q(0),
+                    q(1),
+                    q(2),
+                    a(0),
+                    a(1),
+                    a(2),
+                    vs
+                );
+            }
+        }
+
+        if !self.memory.is_empty() {
+            md += "\n## Memory with idle connections (RSS of the proxy's processes; lower is better)\n\n\
+                   Each connection sent a ClientHello and got its answer, then stayed open and idle. \
+                   One measurement per proxy, on a freshly started process.\n\n\
+                   | path | idle connections | RSS before | RSS with them | per connection | ÷ HAProxy |\n\
+                   |---|---:|---:|---:|---:|---:|\n";
+            let haproxy = self
+                .memory
+                .iter()
+                .find(|r| r.target == Target::Haproxy)
+                .map(MemoryRow::per_connection);
+            for row in &self.memory {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} KiB | {} |",
+                    row.target.label(),
+                    row.connections,
+                    row.rss_before as f64 / MIB,
+                    row.rss_with as f64 / MIB,
+                    row.per_connection() / 1024.0,
+                    ratio(row.per_connection(), haproxy),
+                );
+            }
+        }
+
+        if !self.rules.is_empty() {
+            let _ = write!(
+                md,
+                "\n## Steering cost as rules grow (conn/s at concurrency {}, to the last rule; higher is better)\n\n\
+                 | steering | rules | conn/s | min–max | ÷ same steering at 1 rule |\n\
+                 |---|---:|---:|---:|---:|\n",
+                self.rules_concurrency
+            );
+            for row in &self.rules {
+                let one = self
+                    .rules
+                    .iter()
+                    .find(|r| r.steering == row.steering && r.rules == 1)
+                    .map(|r| r.rate.median);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.0} | {:.0}–{:.0} | {} |",
+                    row.steering,
+                    row.rules,
+                    row.rate.median,
+                    row.rate.min,
+                    row.rate.max,
+                    ratio(row.rate.median, one)
+                );
+            }
+            let _ = writeln!(md, "\n![rules]({name}-rules.svg)");
+        }
+
+        if !self.notes.is_empty() {
+            md += "\n## Notes\n\n";
+            for note in &self.notes {
+                let _ = writeln!(md, "- {note}");
+            }
+        }
+        md
+    }
+
+    /// Grouped bars: one group per case, one bar per path, min–max whiskers.
+    fn throughput_svg(&self) -> String {
+        let mut cases: Vec<Flow> = Vec::new();
+        for row in &self.throughput {
+            if !cases.contains(&row.case) {
+                cases.push(row.case);
+            }
+        }
+        let top = self
+            .throughput
+            .iter()
+            .map(|r| r.value.max * 1e-9)
+            .fold(1.0, f64::max)
+            .ceil();
+        let (width, height, left, bottom, plot_h) = (760.0, 380.0, 60.0, 330.0, 280.0);
+        let group_w = (width - left - 20.0) / cases.len().max(1) as f64;
+        let bar_w = group_w / (Target::ALL.len() as f64 + 1.5);
+        let y = |gbit: f64| bottom - gbit / top * plot_h;
+        let mut svg = svg_head(width, height, "Bulk throughput, Gbit/s (median, min–max)");
+        axis(&mut svg, left, bottom, width, top, plot_h, "Gbit/s");
+        for (c, case) in cases.iter().enumerate() {
+            let x0 = left + c as f64 * group_w + bar_w * 0.75;
+            for (t, target) in Target::ALL.iter().enumerate() {
+                let Some(row) = self
+                    .throughput
+                    .iter()
+                    .find(|r| r.case == *case && r.target == *target)
+                else {
+                    continue;
+                };
+                let v = row.value.scaled(1e-9);
+                let x = x0 + t as f64 * bar_w;
+                let _ = write!(
+                    svg,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"/><line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#,
+                    y(v.median),
+                    bar_w * 0.9,
+                    bottom - y(v.median),
+                    COLORS[t],
+                    x + bar_w * 0.45,
+                    x + bar_w * 0.45,
+                    y(v.min),
+                    y(v.max)
+                );
+            }
+            let _ = write!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                left + (c as f64 + 0.5) * group_w,
+                bottom + 18.0,
+                case.label()
+            );
+        }
+        for (t, target) in Target::ALL.iter().enumerate() {
+            let x = left + 10.0 + t as f64 * 150.0;
+            let _ = write!(
+                svg,
+                r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{}</text>"#,
+                height - 22.0,
+                COLORS[t],
+                x + 16.0,
+                height - 12.0,
+                target.label()
+            );
+        }
+        svg + "</svg>\n"
+    }
+
+    /// Connection rate relative to one rule, per steering mechanism.
+    fn rules_svg(&self) -> String {
+        let mut steerings: Vec<&str> = Vec::new();
+        let mut counts: Vec<usize> = Vec::new();
+        for row in &self.rules {
+            if !steerings.contains(&row.steering) {
+                steerings.push(row.steering);
+            }
+            if !counts.contains(&row.rules) {
+                counts.push(row.rules);
+            }
+        }
+        counts.sort_unstable();
+        let (width, height, left, bottom, plot_h) = (760.0, 380.0, 60.0, 330.0, 280.0);
+        let top = 1.25;
+        // Room on the right for the last point's label.
+        let step = (width - left - 160.0) / (counts.len().max(2) - 1) as f64;
+        let x = |i: usize| left + 40.0 + i as f64 * step;
+        let y = |relative: f64| bottom - relative / top * plot_h;
+        let mut svg = svg_head(
+            width,
+            height,
+            "Connection rate vs. number of rules (÷ rate at 1 rule)",
+        );
+        axis(&mut svg, left, bottom, width, top, plot_h, "÷ 1 rule");
+        for (i, count) in counts.iter().enumerate() {
+            let _ = write!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{count} rule{}</text>"#,
+                x(i),
+                bottom + 18.0,
+                if *count == 1 { "" } else { "s" }
+            );
+        }
+        for (s, steering) in steerings.iter().enumerate() {
+            let one = self
+                .rules
+                .iter()
+                .find(|r| r.steering == *steering && r.rules == 1)
+                .map(|r| r.rate.median);
+            let Some(one) = one.filter(|v| *v > 0.0) else {
+                continue;
+            };
+            let points: Vec<(f64, f64, f64)> = counts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, count)| {
+                    let row = self
+                        .rules
+                        .iter()
+                        .find(|r| r.steering == *steering && r.rules == *count)?;
+                    Some((x(i), y(row.rate.median / one), row.rate.median))
+                })
+                .collect();
+            let path: Vec<String> = points
+                .iter()
+                .map(|(px, py, _)| format!("{px:.1},{py:.1}"))
+                .collect();
+            let _ = write!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
+                path.join(" "),
+                COLORS[s + 1]
+            );
+            // The first series labels its points above, the others below.
+            let label_dy = if s == 0 { -8.0 } else { 18.0 };
+            for (px, py, rate) in points {
+                let _ = write!(
+                    svg,
+                    r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{}"/><text x="{:.1}" y="{:.1}">{rate:.0} conn/s</text>"#,
+                    COLORS[s + 1],
+                    px + 6.0,
+                    py + label_dy
+                );
+            }
+            let lx = left + 10.0 + s as f64 * 300.0;
+            let _ = write!(
+                svg,
+                r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{steering}</text>"#,
+                height - 22.0,
+                COLORS[s + 1],
+                lx + 16.0,
+                height - 12.0
+            );
+        }
+        svg + "</svg>\n"
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// One color per path (in `Target::ALL` order), reused for the rule chart.
+const COLORS: [&str; 4] = ["#7f7f7f", "#1f77b4", "#d62728", "#ff7f0e"];
+
+fn find<K: PartialEq + Copy>(rows: &[Row<K>], case: K, target: Target) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.case == case && r.target == target)
+        .map(|r| r.value.median)
+}
+
+/// `a ÷ b` as "0.93×", or "–" when there is nothing to divide by.
+fn ratio(a: f64, b: Option<f64>) -> String {
+    match b {
+        Some(b) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".to_owned(),
+    }
+}
+
+fn svg_head(width: f64, height: f64, title: &str) -> String {
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="15">{title}</text>"#,
+        width / 2.0
+    )
+}
+
+/// The y axis with five grid lines from 0 to `top`.
+fn axis(svg: &mut String, left: f64, bottom: f64, width: f64, top: f64, plot_h: f64, unit: &str) {
+    for i in 0..=5 {
+        let value = top * i as f64 / 5.0;
+        let y = bottom - plot_h * i as f64 / 5.0;
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{value:.2}</text>"##,
+            width - 20.0,
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="14" y="{:.1}" transform="rotate(-90 14 {:.1})" text-anchor="middle">{unit}</text>"#,
+        bottom - plot_h / 2.0,
+        bottom - plot_h / 2.0
+    );
+}

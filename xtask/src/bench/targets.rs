@@ -1,0 +1,308 @@
+//! The paths under test and how to start them: the direct path, l4proxy
+//! (steered by sk_lookup), HAProxy without and with `option splice-auto`
+//! (listening on service addresses of the proxy host), and for the rule-count
+//! case the classic iptables TPROXY recipe in front of a transparent HAProxy.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use super::lab::{self, Netns, Proc};
+
+/// A way from the client to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Direct,
+    L4proxy,
+    Haproxy,
+    HaproxySplice,
+}
+
+impl Target {
+    pub const ALL: [Target; 4] = [
+        Target::Direct,
+        Target::L4proxy,
+        Target::Haproxy,
+        Target::HaproxySplice,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::L4proxy => "l4proxy",
+            Target::Haproxy => "HAProxy",
+            Target::HaproxySplice => "HAProxy+splice",
+        }
+    }
+
+    /// The service address clients connect to: the server's own, or one the
+    /// proxy host owns.
+    fn ip(self) -> Ipv4Addr {
+        match self {
+            Target::Direct => lab::SV.parse().expect("a literal address"),
+            Target::L4proxy => Ipv4Addr::new(192, 0, 2, 10),
+            Target::Haproxy => Ipv4Addr::new(192, 0, 2, 20),
+            Target::HaproxySplice => Ipv4Addr::new(192, 0, 2, 21),
+        }
+    }
+
+    pub fn addr(self, service: Service) -> SocketAddr {
+        let port = match self {
+            Target::Direct => service.server_port(),
+            _ => service.proxy_port(),
+        };
+        SocketAddr::from((self.ip(), port))
+    }
+}
+
+/// What the client asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum Service {
+    /// The iperf3 server.
+    Iperf,
+    /// The responder behind an SNI route (`a.example.com`).
+    Tls,
+    /// The responder in hold mode, for idle connections.
+    Idle,
+}
+
+impl Service {
+    const ALL: [Service; 3] = [Service::Iperf, Service::Tls, Service::Idle];
+
+    pub fn server_port(self) -> u16 {
+        match self {
+            Service::Iperf => 5201,
+            Service::Tls => 8080,
+            Service::Idle => 8081,
+        }
+    }
+
+    fn proxy_port(self) -> u16 {
+        match self {
+            Service::Iperf => 5201,
+            Service::Tls => 443,
+            Service::Idle => 8081,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Service::Iperf => "iperf",
+            Service::Tls => "tls",
+            Service::Idle => "idle",
+        }
+    }
+}
+
+/// The server name the load generator sends and the proxies route on.
+pub const SNI: &str = "a.example.com";
+
+/// l4proxy's policy: one rule per service; the TLS one sends `SNI` to the
+/// responder by a route (`sni_routes`), or straight on if the daemon has no
+/// SNI routing yet.
+pub fn l4proxy_policy(sni_routes: bool) -> Value {
+    let ip = Target::L4proxy.ip();
+    let intercept: Vec<Value> = Service::ALL
+        .iter()
+        .map(|&s| {
+            let mut rule = json!({
+                "name": s.name(),
+                "prefixes": [format!("{ip}/32")],
+                "ports": [s.proxy_port()],
+                "upstream": s.name(),
+            });
+            if sni_routes && matches!(s, Service::Tls) {
+                rule.as_object_mut().expect("an object").remove("upstream");
+            }
+            rule
+        })
+        .collect();
+    let upstreams: serde_json::Map<String, Value> = Service::ALL
+        .iter()
+        .map(|&s| {
+            let server = format!("{}:{}", lab::SV, s.server_port());
+            (s.name().to_owned(), json!({ "servers": [server] }))
+        })
+        .collect();
+    let mut policy = json!({ "intercept": intercept, "upstreams": upstreams });
+    if sni_routes {
+        policy["routes"] = json!([{
+            "name": "a",
+            "match": { "intercept": [Service::Tls.name()], "sni": [SNI] },
+            "upstream": Service::Tls.name(),
+        }]);
+    }
+    policy
+}
+
+/// Writes `policy` and asks the binary whether it accepts it; the error is
+/// the checker's message.
+pub fn check_policy(binary: &Path, file: &Path, policy: &Value) -> anyhow::Result<()> {
+    std::fs::write(file, serde_json::to_vec_pretty(policy)?)?;
+    let out = std::process::Command::new(binary)
+        .arg("check")
+        .arg(file)
+        .output()
+        .with_context(|| format!("running {} check", binary.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr).trim_end().to_owned()
+                + String::from_utf8_lossy(&out.stdout).trim_end()
+        );
+    }
+    Ok(())
+}
+
+/// Starts `l4proxy run` in the proxy namespace. Per-connection log lines are
+/// off (`RUST_LOG=warn`), as HAProxy here has no `log` line either.
+pub fn start_l4proxy(px: &Netns, binary: &Path, policy: &Path, log: &Path) -> anyhow::Result<Proc> {
+    let binary = binary.to_str().context("binary path is not UTF-8")?;
+    let policy = policy.to_str().context("policy path is not UTF-8")?;
+    Proc::start(
+        px,
+        "l4proxy",
+        &[
+            binary,
+            "run",
+            "--policy",
+            policy,
+            "--grace-period",
+            "1",
+            "--max-connections",
+            "30000",
+        ],
+        &[("RUST_LOG", "warn")],
+        log.to_owned(),
+    )
+}
+
+/// HAProxy in TCP mode on its service address (`splice`: `option
+/// splice-auto`), one frontend per service; the TLS one routes by
+/// `req.ssl_sni`.
+pub fn haproxy_config(target: Target, maxconn: u64) -> String {
+    let ip = target.ip();
+    let splice = if target == Target::HaproxySplice {
+        "    option splice-auto\n"
+    } else {
+        ""
+    };
+    let mut config = format!("{}{splice}", haproxy_common(maxconn));
+    for s in Service::ALL {
+        let (name, server) = (s.name(), format!("{}:{}", lab::SV, s.server_port()));
+        config += &format!("frontend {name}\n    bind {ip}:{}\n", s.proxy_port());
+        match s {
+            Service::Tls => {
+                config += "    tcp-request inspect-delay 5s\n\
+                           \x20   tcp-request content accept if { req.ssl_hello_type 1 }\n";
+                config += &format!("    use_backend {name} if {{ req.ssl_sni -i {SNI} }}\n");
+            }
+            Service::Iperf | Service::Idle => config += &format!("    default_backend {name}\n"),
+        }
+        config += &format!("backend {name}\n    server s {server}\n");
+    }
+    config
+}
+
+/// HAProxy accepting whatever TPROXY hands its transparent listener, relaying
+/// it to the responder.
+pub fn haproxy_tproxy_config(maxconn: u64) -> String {
+    format!(
+        "{}frontend tproxy\n    bind 0.0.0.0:{TPROXY_PORT} transparent\n    default_backend tls\n\
+         backend tls\n    server s {}:{}\n",
+        haproxy_common(maxconn),
+        lab::SV,
+        Service::Tls.server_port()
+    )
+}
+
+/// HAProxy's `maxpipes` (its default, `maxconn`/4, would not fit the
+/// descriptor limit here); the splice cases use a few dozen.
+pub const MAX_PIPES: u64 = 1024;
+
+/// `global` and `defaults`: TCP mode, and `maxconn` both process-wide and per
+/// frontend (whose own default would be lower).
+fn haproxy_common(maxconn: u64) -> String {
+    format!(
+        "global\n    maxconn {maxconn}\n    maxpipes {MAX_PIPES}\n\
+         defaults\n    mode tcp\n    maxconn {maxconn}\n    timeout connect 5s\n    \
+         timeout client 120s\n    timeout server 120s\n"
+    )
+}
+
+pub fn start_haproxy(px: &Netns, name: &str, config: &Path, log: &Path) -> anyhow::Result<Proc> {
+    let config = config.to_str().context("config path is not UTF-8")?;
+    Proc::start(
+        px,
+        name,
+        &["haproxy", "-db", "-f", config],
+        &[],
+        log.to_owned(),
+    )
+}
+
+/// Port of the transparent listener the TPROXY rules point at.
+const TPROXY_PORT: u16 = 7000;
+
+/// The (address, port) of rule `i` of the rule-count case: 100 addresses of
+/// 192.0.2.100-199, then the next port. The measured connections go to the
+/// last rule, the one iptables reaches last.
+pub fn rule_dst(i: usize) -> SocketAddr {
+    let host = 100 + (i % 100) as u8;
+    let port = 20_000 + (i / 100) as u16;
+    SocketAddr::from((Ipv4Addr::new(192, 0, 2, host), port))
+}
+
+/// l4proxy with `rules` intercept rules, each to the responder.
+pub fn rules_policy(rules: usize) -> Value {
+    let intercept: Vec<Value> = (0..rules)
+        .map(|i| {
+            let dst = rule_dst(i);
+            json!({
+                "name": format!("r{i}"),
+                "prefixes": [format!("{}/32", dst.ip())],
+                "ports": [dst.port()],
+                "upstream": "tls",
+            })
+        })
+        .collect();
+    let server = format!("{}:{}", lab::SV, Service::Tls.server_port());
+    json!({ "intercept": intercept, "upstreams": { "tls": { "servers": [server] } } })
+}
+
+/// The classic recipe, inside the proxy namespace: marked packets are
+/// delivered locally, and one TPROXY rule per (address, port).
+pub fn install_tproxy(px: &Netns, rules: usize) -> anyhow::Result<()> {
+    let mut script = String::from("*mangle\n:PREROUTING ACCEPT [0:0]\n");
+    for i in 0..rules {
+        let dst = rule_dst(i);
+        script += &format!(
+            "-A PREROUTING -d {}/32 -p tcp -m tcp --dport {} -j TPROXY --on-port {TPROXY_PORT} --tproxy-mark 0x1/0x1\n",
+            dst.ip(),
+            dst.port()
+        );
+    }
+    script += "COMMIT\n";
+    // Without --noflush, iptables-restore replaces the table: rerunning with
+    // another count leaves exactly `rules` rules.
+    px.exec_with_input("iptables-restore", &[], &script)
+}
+
+/// The routing half of the recipe (once per lab).
+pub fn install_tproxy_routing(px: &Netns) -> anyhow::Result<()> {
+    px.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])?;
+    px.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ])
+}
