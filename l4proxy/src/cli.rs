@@ -1,6 +1,6 @@
 //! Command line of the `l4proxy` binary.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -25,9 +25,35 @@ pub enum Command {
         /// Policy file (JSON).
         file: PathBuf,
     },
+    /// Print which rule, route and upstream a connection would take, and why.
+    Explain(ExplainArgs),
     /// Remove routes left in this network namespace by a daemon that was killed
     /// before it could clean up (they carry route protocol 244).
     Cleanup,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Policy file (JSON).
+    pub file: PathBuf,
+    /// The client's address.
+    #[arg(long)]
+    pub src: SocketAddr,
+    /// The destination the client connects to.
+    #[arg(long)]
+    pub dst: SocketAddr,
+    /// TLS server name the client sends (implies TLS).
+    #[arg(long)]
+    pub sni: Option<String>,
+    /// An ALPN protocol the client offers (implies TLS; repeatable).
+    #[arg(long)]
+    pub alpn: Vec<String>,
+    /// A TLS ClientHello without SNI.
+    #[arg(long, conflicts_with_all = ["sni", "host"])]
+    pub tls: bool,
+    /// HTTP/1.x Host the client sends (implies HTTP).
+    #[arg(long, conflicts_with_all = ["sni", "alpn"])]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Args)]

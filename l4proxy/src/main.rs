@@ -3,10 +3,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use l4proxy::{
-    cli::{Cli, Command, RunArgs},
+    addrs::{ClientAddr, OrigDstAddr},
+    cli::{Cli, Command, ExplainArgs, RunArgs},
     intercept::{guard, routes},
     logging,
     policy::Policy,
+    route,
     server::{self, Settings},
 };
 
@@ -17,6 +19,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         // `check` speaks to a person or a CI job: one plain line, no log prefix.
         Command::Check { file } => return check(&file),
+        Command::Explain(args) => explain(&args),
         Command::Cleanup => cleanup(),
     };
     match result {
@@ -61,6 +64,52 @@ fn check(file: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
+    let policy = Policy::load(&args.file)?;
+    let Some(rule) = route::match_rule(&policy, args.dst) else {
+        println!("not intercepted: no intercept rule matches {}", args.dst);
+        return Ok(());
+    };
+    println!(
+        "intercept rule: {} (intercept[{}])",
+        policy.rules[rule.0].name, rule.0
+    );
+    let conn = route::Connection {
+        client: ClientAddr(args.src),
+        orig_dst: OrigDstAddr(args.dst),
+        rule,
+    };
+    let alpn = &args.alpn;
+    let hello = if args.sni.is_some() || !alpn.is_empty() || args.tls {
+        route::Hello::Tls {
+            sni: args.sni.as_deref(),
+            alpn,
+        }
+    } else if let Some(host) = &args.host {
+        route::Hello::Http { host: Some(host) }
+    } else {
+        route::Hello::Other
+    };
+    let decision = route::decide(&policy, &conn, Some(&hello));
+    match &decision {
+        route::Decision::Upstream {
+            upstream,
+            name,
+            why,
+        } => {
+            println!("route: {}", why.route_name());
+            println!(
+                "upstream: {name} {:?}",
+                policy.upstreams[upstream.0].servers
+            );
+        }
+        route::Decision::Reject { why } => println!("route: {}\nrejected", why.route_name()),
+        _ => println!("no route"),
+    }
+    println!("why: {decision}");
+    Ok(())
 }
 
 fn cleanup() -> anyhow::Result<()> {

@@ -245,6 +245,7 @@ async fn serve(client: TcpStream, shared: &Shared) {
         rule: rule_id,
     };
     let mut sniffed = None;
+    let mut sniff_gave_up = None;
     let mut decision = route::decide(&shared.policy, &conn, None);
     if matches!(decision, route::Decision::NeedHello) {
         let said = match hello::peek_until(
@@ -260,7 +261,7 @@ async fn serve(client: TcpStream, shared: &Shared) {
         {
             Ok(Ok(said)) => said,
             Ok(Err(gave_up)) => {
-                tracing::debug!(client = %client_addr, reason = gave_up.as_str(), "sniffing gave up");
+                sniff_gave_up = Some(gave_up.as_str());
                 sniff::Sniffed::Other
             }
             Err(e) => {
@@ -272,7 +273,7 @@ async fn serve(client: TcpStream, shared: &Shared) {
         sniffed = Some(said);
     }
     let (upstream_id, route_why) = match decision {
-        route::Decision::Upstream { upstream, why, .. } => (upstream, why.to_string()),
+        route::Decision::Upstream { upstream, why, .. } => (upstream, why.route_name()),
         refused => {
             refuse(client, sniffed.as_ref()).await;
             tracing::info!(
@@ -281,6 +282,12 @@ async fn serve(client: TcpStream, shared: &Shared) {
                 rule = %rule.name,
                 sni = sniffed.as_ref().and_then(sni_of),
                 host = sniffed.as_ref().and_then(host_of),
+                alpn = sniffed.as_ref().and_then(alpn_of),
+                sniff_gave_up,
+                route = match &refused {
+                    route::Decision::Reject { why } => why.route_name(),
+                    _ => "none".to_owned(),
+                },
                 decision = %refused,
                 duration_ms = started.elapsed().as_millis() as u64,
                 outcome = "refused",
@@ -315,6 +322,8 @@ async fn serve(client: TcpStream, shared: &Shared) {
         route = %route_why,
         sni = sniffed.as_ref().and_then(sni_of),
         host = sniffed.as_ref().and_then(host_of),
+        alpn = sniffed.as_ref().and_then(alpn_of),
+        sniff_gave_up,
         upstream = %upstream_addr,
         bytes_from_client = relayed.from_client,
         bytes_from_upstream = relayed.from_upstream,
@@ -341,6 +350,14 @@ fn hello_of(said: &sniff::Sniffed) -> route::Hello<'_> {
 fn sni_of(said: &sniff::Sniffed) -> Option<&str> {
     match said {
         sniff::Sniffed::Tls(hello) => hello.sni.as_deref(),
+        _ => None,
+    }
+}
+
+/// The protocols the ClientHello offered, comma-separated.
+fn alpn_of(said: &sniff::Sniffed) -> Option<String> {
+    match said {
+        sniff::Sniffed::Tls(hello) if !hello.alpn.is_empty() => Some(hello.alpn.join(",")),
         _ => None,
     }
 }

@@ -82,6 +82,20 @@ impl fmt::Display for Why<'_> {
     }
 }
 
+impl Why<'_> {
+    /// Short name for logs: the route's name (or `routes[i]`), or `default`
+    /// for the intercept rule's default upstream.
+    pub fn route_name(&self) -> String {
+        match self {
+            Why::Route(label) => match label.name {
+                Some(name) => name.to_owned(),
+                None => format!("routes[{}]", label.id.0),
+            },
+            Why::Default { .. } => "default".to_owned(),
+        }
+    }
+}
+
 impl fmt::Display for Decision<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
