@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -30,6 +31,12 @@ enum Task {
     /// Build everything and show l4proxy at work in a network-namespace lab.
     Demo,
     Bench(bench::Args),
+    /// Run every fuzz target for a bounded time (nightly + cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Everything CI checks: set-up, build, fmt, clippy, unit and integration tests.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
@@ -43,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::BuildEbpf => ebpf::build(),
         Task::Demo => demo::run(),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Bench(args) => bench::run(&args),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
     }
