@@ -34,7 +34,7 @@ use self::{
     stats::{Spread, quantile},
     targets::{Service, Target},
 };
-use crate::{ebpf, run_command, setup, workspace_root};
+use crate::{build_release_daemon, setup, workspace_root};
 
 /// Measure l4proxy against the direct path and HAProxy in a namespace lab.
 #[derive(clap::Args)]
@@ -103,7 +103,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         Some(path) => path
             .canonicalize()
             .with_context(|| format!("{}", path.display()))?,
-        None => build(&root)?,
+        None => build_release_daemon(&root)?,
     };
     let fd_limit = lab::raise_nofile(NOFILE)?;
     // Each idle connection takes two descriptors in this process (client and
@@ -171,19 +171,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         dir.join(format!("{stamp}.md")).display()
     );
     Ok(())
-}
-
-/// Builds the release daemon (and the kernel programs it embeds).
-fn build(root: &Path) -> anyhow::Result<PathBuf> {
-    ebpf::build()?;
-    run_command(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "--locked",
-        "--package",
-        "l4proxy",
-    ]))?;
-    Ok(root.join("target/release/l4proxy"))
 }
 
 /// The lab with everything that runs for the whole benchmark.

@@ -3,24 +3,17 @@
 
 use std::process::Command;
 
-use crate::{ebpf, run_command, setup, workspace_root};
+use crate::{build_release_daemon, run_command, setup, workspace_root};
 
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
-    ebpf::build()?;
     let root = workspace_root();
-    run_command(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--locked",
-        "--package",
-        "l4proxy",
-    ]))?;
+    let daemon = build_release_daemon(&root)?;
     run_command(
         Command::new("bash")
             .current_dir(&root)
             .arg("demo/demo.sh")
-            .arg("target/release/l4proxy")
+            .arg(daemon)
             .arg("examples/demo.json"),
     )
 }

@@ -64,6 +64,19 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Builds the release daemon (and the kernel programs it embeds); returns its path.
+fn build_release_daemon(root: &Path) -> anyhow::Result<PathBuf> {
+    ebpf::build()?;
+    run_command(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "l4proxy",
+    ]))?;
+    Ok(root.join("target/release/l4proxy"))
+}
+
 /// Runs a command to completion and fails with its command line if it fails.
 fn run_command(command: &mut Command) -> anyhow::Result<()> {
     let description = format!("{command:?}");
