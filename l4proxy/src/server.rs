@@ -79,8 +79,9 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     let mut signals = Signals::new()?;
 
     let mut interceptor = Interceptor::load(&policy)?;
-    let listeners = bind_listeners(&policy, &mut interceptor)?;
-    let mut local_routes = LocalRoutes::install(&intercepted_prefixes(&policy)).await?;
+    let prefixes = intercepted_prefixes(&policy);
+    let listeners = bind_listeners(&prefixes, &mut interceptor)?;
+    let mut local_routes = LocalRoutes::install(&prefixes).await?;
     if let Err(e) = interceptor.attach() {
         local_routes.remove().await?;
         return Err(e.into());
@@ -134,13 +135,12 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     Ok(())
 }
 
-/// One listener per family the policy intercepts, bound to loopback on a free
+/// One listener per family among the intercepted prefixes, bound to loopback on a free
 /// port: `sk_lookup` assigns it whatever the connection's destination.
 fn bind_listeners(
-    policy: &Policy,
+    prefixes: &[IpNet],
     interceptor: &mut Interceptor,
 ) -> Result<Vec<TcpListener>, ServerError> {
-    let prefixes = intercepted_prefixes(policy);
     let mut listeners = Vec::new();
     for (family, wanted, addr) in [
         (
