@@ -150,30 +150,47 @@ async fn moves_megabytes_both_ways_byte_exact() {
     }
 }
 
+/// One side sends `first` and half-closes; the other reads to EOF, then sends
+/// `answer` and closes; both must arrive whole, and the relay end cleanly.
+async fn half_close_then_answer(
+    path: Path,
+    client_first: bool,
+    first: &[u8],
+    answer: &[u8],
+) -> Relayed {
+    let Lab {
+        mut client,
+        mut server,
+        shutdown: _,
+        relay,
+    } = Lab::start(path).await;
+    let (speaker, listener) = if client_first {
+        (&mut client, &mut server)
+    } else {
+        (&mut server, &mut client)
+    };
+    speaker.write_all(first).await.unwrap();
+    speaker.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    listener.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, first, "{path:?}");
+    listener.write_all(answer).await.unwrap();
+    listener.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    speaker.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, answer, "{path:?}");
+    let relayed = finish(relay, path).await;
+    assert!(
+        matches!(relayed.outcome, Outcome::Closed),
+        "{path:?}: {relayed:?}"
+    );
+    relayed
+}
+
 #[tokio::test]
 async fn client_half_close_reaches_the_server_and_the_answer_still_flows() {
     for path in PATHS {
-        let Lab {
-            mut client,
-            mut server,
-            shutdown: _,
-            relay,
-        } = Lab::start(path).await;
-        client.write_all(b"request").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut request = Vec::new();
-        server.read_to_end(&mut request).await.unwrap();
-        assert_eq!(request, b"request", "{path:?}");
-        server.write_all(b"response").await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut response = Vec::new();
-        client.read_to_end(&mut response).await.unwrap();
-        assert_eq!(response, b"response", "{path:?}");
-        let relayed = finish(relay, path).await;
-        assert!(
-            matches!(relayed.outcome, Outcome::Closed),
-            "{path:?}: {relayed:?}"
-        );
+        let relayed = half_close_then_answer(path, true, b"request", b"response").await;
         assert_eq!((relayed.from_client, relayed.from_upstream), (7, 8));
     }
 }
@@ -181,27 +198,7 @@ async fn client_half_close_reaches_the_server_and_the_answer_still_flows() {
 #[tokio::test]
 async fn server_half_close_reaches_the_client_and_the_upload_still_flows() {
     for path in PATHS {
-        let Lab {
-            mut client,
-            mut server,
-            shutdown: _,
-            relay,
-        } = Lab::start(path).await;
-        server.write_all(b"banner").await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut banner = Vec::new();
-        client.read_to_end(&mut banner).await.unwrap();
-        assert_eq!(banner, b"banner", "{path:?}");
-        client.write_all(b"upload after EOF").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut upload = Vec::new();
-        server.read_to_end(&mut upload).await.unwrap();
-        assert_eq!(upload, b"upload after EOF", "{path:?}");
-        let relayed = finish(relay, path).await;
-        assert!(
-            matches!(relayed.outcome, Outcome::Closed),
-            "{path:?}: {relayed:?}"
-        );
+        let relayed = half_close_then_answer(path, false, b"banner", b"upload after EOF").await;
         assert_eq!((relayed.from_client, relayed.from_upstream), (16, 6));
     }
 }
