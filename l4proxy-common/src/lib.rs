@@ -19,9 +19,19 @@ pub const RULE_KEY_FIXED_BITS: u32 = 32;
 /// Most entries the `RULES` trie holds (port ranges are expanded into it).
 pub const MAX_RULE_ENTRIES: u32 = 262_144;
 
+/// Most (interface, rule) pairs in `INTERFACE_RULES`.
+pub const MAX_INTERFACE_RULES: u32 = 65_536;
+
+/// Most interfaces the `classify` program is attached to.
+pub const MAX_INTERFACES: u32 = 4_096;
+
+/// Most upstream servers in `UPSTREAM_SERVERS`.
+pub const MAX_UPSTREAM_SERVERS: u32 = 65_536;
+
 /// Data part of the `RULES` LPM-trie key: destination port, then the destination
 /// address as 16 bytes (IPv4 as an IPv4-mapped IPv6 address, so one trie serves
-/// both families).
+/// both families). `UPSTREAM_SERVERS` uses the same layout for a server's
+/// address and port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleKey {
@@ -48,33 +58,80 @@ impl RuleKey {
     }
 }
 
-/// Value of the `RULES` trie: which intercept rule matched.
+/// [`RuleValue::flags`]: the rule takes only connections that arrive on the
+/// interfaces listed for it in `INTERFACE_RULES` (gateway interception).
+pub const RULE_ON_INTERFACES: u32 = 1;
+
+/// Value of the `RULES` trie: which intercept rule matched, and how it applies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleValue {
     pub rule_id: u32,
+    /// [`RULE_ON_INTERFACES`] or 0.
+    pub flags: u32,
+    /// The rule's precedence for this entry, greater wins: the kernel looks up
+    /// the exact port and the wildcard port separately and keeps the higher.
+    pub rank: u64,
 }
 
-/// Named per-CPU counters of the `sk_lookup` program (index into `COUNTERS`).
+/// Key of `INTERFACE_RULES`: a gateway rule intercepts on this interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterfaceRuleKey {
+    pub ifindex: u32,
+    pub rule_id: u32,
+}
+
+/// [`InterfaceConfig::flags`]: mark packets of a local transparent socket
+/// (replies to l4proxy's upstream connections made from a client's address).
+pub const INTERFACE_REPLIES: u32 = 1;
+
+/// Value of `INTERFACES`, keyed by ifindex: how `classify` reads packets there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    /// Bytes before the IP header at tc ingress: 14 on Ethernet, 0 on layer-3
+    /// devices (tun, WireGuard).
+    pub l2_len: u32,
+    /// [`INTERFACE_REPLIES`] or 0.
+    pub flags: u32,
+}
+
+/// Index into the `MARK` array: the value `classify` sets in `skb->mark`.
+pub const MARK_VALUE: u32 = 0;
+/// Index into the `MARK` array: the bits of `skb->mark` that are ours.
+pub const MARK_MASK: u32 = 1;
+
+/// Named per-CPU counters of the kernel programs (index into `COUNTERS`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
     /// A connection matched a rule and was assigned to the proxy's listener.
     Steered = 0,
-    /// A connection matched no rule and was left to the normal socket lookup.
+    /// A socket lookup matched no rule and was left to the normal lookup.
     Passed = 1,
     /// A connection matched a rule but the listener for its family was missing.
     NoSocket = 2,
     /// The kernel refused to assign the listener (`bpf_sk_assign` failed).
     AssignFailed = 3,
+    /// A connection matched a gateway rule but arrived on an interface the
+    /// rule does not list, and was left to the normal lookup.
+    OtherInterface = 4,
+    /// `classify` marked a packet of an intercepted flow for local delivery.
+    MarkedIntercept = 5,
+    /// `classify` marked a reply to one of l4proxy's transparent sockets.
+    MarkedReply = 6,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Steered,
         Counter::Passed,
         Counter::NoSocket,
         Counter::AssignFailed,
+        Counter::OtherInterface,
+        Counter::MarkedIntercept,
+        Counter::MarkedReply,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -84,6 +141,9 @@ impl Counter {
             Counter::Passed => "passed",
             Counter::NoSocket => "dropped_no_socket",
             Counter::AssignFailed => "dropped_assign_failed",
+            Counter::OtherInterface => "passed_other_interface",
+            Counter::MarkedIntercept => "marked_intercept",
+            Counter::MarkedReply => "marked_reply",
         }
     }
 }
@@ -94,4 +154,8 @@ mod pod {
     unsafe impl aya::Pod for super::RuleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InterfaceRuleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InterfaceConfig {}
 }

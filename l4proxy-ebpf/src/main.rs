@@ -2,16 +2,20 @@
 #![no_std]
 #![no_main]
 
+mod classify;
 mod steer;
 
 use aya_ebpf::{
     macros::map,
-    maps::{LpmTrie, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
 };
-use l4proxy_common::{Counter, MAX_RULE_ENTRIES, RuleKey, RuleValue};
+use l4proxy_common::{
+    ANY_PORT, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES, MAX_INTERFACES,
+    MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, RULE_KEY_FIXED_BITS, RuleKey, RuleValue,
+};
 
 /// Intercept rules, filled by the daemon from the policy: (port, address prefix)
-/// to rule id. Port ranges arrive expanded; `ANY_PORT` entries are the wildcards.
+/// to rule. Port ranges arrive expanded; `ANY_PORT` entries are the wildcards.
 #[map]
 static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
 
@@ -19,9 +23,55 @@ static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_E
 #[map]
 static SOCKETS: SockMap = SockMap::with_max_entries(2, 0);
 
+/// (interface, rule) pairs of gateway rules: where each may intercept.
+#[map]
+static INTERFACE_RULES: HashMap<InterfaceRuleKey, u8> =
+    HashMap::with_max_entries(MAX_INTERFACE_RULES, 0);
+
+/// The interfaces `classify` is attached to, by ifindex.
+#[map]
+static INTERFACES: HashMap<u32, InterfaceConfig> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// Upstream servers (port, address), whose packets may be replies to one of
+/// the daemon's transparent sockets.
+#[map]
+static UPSTREAM_SERVERS: HashMap<RuleKey, u8> = HashMap::with_max_entries(MAX_UPSTREAM_SERVERS, 0);
+
+/// The packet mark that routes a packet to local delivery: `MARK_VALUE` and
+/// `MARK_MASK`.
+#[map]
+static MARK: Array<u32> = Array::with_max_entries(2, 0);
+
 /// Named per-CPU counters, indexed by `Counter`.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// A full-length `RULES` key: port and all 128 address bits.
+const FULL_PREFIX: u32 = RULE_KEY_FIXED_BITS + 128;
+
+/// The rule a connection to (`port`, `addr`) belongs to: the better of the
+/// longest-prefix matches for the exact port and for the wildcard port (the
+/// daemon ranks each entry, so this is the same rule it picks itself).
+fn rule_for(port: u16, addr: [u8; 16]) -> Option<RuleValue> {
+    let exact = RULES
+        .get(&Key::new(FULL_PREFIX, RuleKey::new(port, addr)))
+        .copied();
+    let wildcard = RULES
+        .get(&Key::new(FULL_PREFIX, RuleKey::new(ANY_PORT, addr)))
+        .copied();
+    match (exact, wildcard) {
+        (Some(exact), Some(wildcard)) if wildcard.rank > exact.rank => Some(wildcard),
+        (Some(exact), _) => Some(exact),
+        (None, wildcard) => wildcard,
+    }
+}
+
+/// Whether gateway rule `rule_id` lists interface `ifindex`.
+fn on_interface(ifindex: u32, rule_id: u32) -> bool {
+    INTERFACE_RULES
+        .get_ptr(InterfaceRuleKey { ifindex, rule_id })
+        .is_some()
+}
 
 fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {

@@ -6,24 +6,25 @@
 //! rule whose listener is missing → `SK_DROP`, because handing the SYN to whatever
 //! else listens on that address would silently bypass the policy. (For TCP the
 //! failed lookup makes the kernel answer the SYN with a reset.)
+//!
+//! A gateway rule (one with `interfaces`) takes only connections that arrived
+//! on one of its interfaces: `classify` delivered them locally for exactly
+//! that reason, and the same destination reached any other way (from this
+//! host, from the server side) is not the rule's.
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     macros::sk_lookup,
-    maps::lpm_trie::Key,
     programs::SkLookupContext,
 };
-use l4proxy_common::{ANY_PORT, Counter, RULE_KEY_FIXED_BITS, RuleKey, SOCKET_V4, SOCKET_V6};
+use l4proxy_common::{Counter, RULE_ON_INTERFACES, RuleKey, SOCKET_V4, SOCKET_V6};
 
-use crate::{RULES, SOCKETS, count};
+use crate::{SOCKETS, count, on_interface, rule_for};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 const ENOENT: i32 = 2;
-
-/// A full-length key: port and all 128 address bits.
-const FULL_PREFIX: u32 = RULE_KEY_FIXED_BITS + 128;
 
 /// Reads one field of the `sk_lookup` context with a load of its own.
 macro_rules! read_field {
@@ -52,6 +53,7 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         read_field!(lookup, local_ip6[3]),
     ];
     let port = read_field!(lookup, local_port) as u16;
+    let ifindex = read_field!(lookup, ingress_ifindex);
 
     if protocol != IPPROTO_TCP {
         return SK_PASS;
@@ -62,10 +64,12 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         _ => return SK_PASS,
     };
 
-    let exact = Key::new(FULL_PREFIX, RuleKey::new(port, addr));
-    let wildcard = Key::new(FULL_PREFIX, RuleKey::new(ANY_PORT, addr));
-    if RULES.get(&exact).is_none() && RULES.get(&wildcard).is_none() {
+    let Some(rule) = rule_for(port, addr) else {
         count(Counter::Passed);
+        return SK_PASS;
+    };
+    if rule.flags & RULE_ON_INTERFACES != 0 && !on_interface(ifindex, rule.rule_id) {
+        count(Counter::OtherInterface);
         return SK_PASS;
     }
 

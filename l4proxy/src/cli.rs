@@ -4,7 +4,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::logging::LogFormat;
+use crate::{
+    intercept::delivery::{self, Mark},
+    logging::LogFormat,
+};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Layer-4 transparent proxy steered by eBPF sk_lookup")]
@@ -74,6 +77,15 @@ pub struct RunArgs {
     /// request head) when a route needs them; then it is routed as "other".
     #[arg(long, default_value = "10", value_parser = parse_seconds)]
     pub sniff_timeout: Duration,
+    /// Packet mark (VALUE/MASK) that routes intercepted forwarded packets and
+    /// replies to transparent connections to this host; only the MASK bits
+    /// of a packet's mark are changed.
+    #[arg(long, default_value_t = delivery::DEFAULT_MARK)]
+    pub fwmark: Mark,
+    /// Routing table that holds the `local default dev lo` routes for marked
+    /// packets; it must not be used by anything else.
+    #[arg(long, default_value_t = delivery::DEFAULT_TABLE, value_parser = clap::value_parser!(u32).range(1..=0xfffffffe))]
+    pub routing_table: u32,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {

@@ -2,19 +2,22 @@
 //! (`sk_lookup`) instead of iptables TPROXY rules.
 //!
 //! Module map, in the order of the data path: `policy` (raw JSON → checked
-//! `Policy`), `intercept` (BPF programs, maps, local routes), `server` (listen,
+//! `Policy`), `intercept` (BPF programs, maps, local routes and policy
+//! routing), `local_addrs` (this host's addresses), `server` (listen,
 //! accept), `route` (which rule and upstream a connection takes), `upstream`
-//! (connect), `relay` (copy bytes both ways).
+//! (connect, from which source), `relay` (copy bytes both ways).
 //!
-//! `unsafe` is confined to three places, each saying why at the call:
+//! `unsafe` is confined to four places, each saying why at the call:
 //! `intercept::guard` (fork before the runtime starts), `hello` (`MSG_PEEK`
-//! and `SO_RCVLOWAT`) and `relay::pipe` (splice(2) and `F_SETPIPE_SZ`), which
-//! neither std, tokio nor socket2 offer safely.
+//! and `SO_RCVLOWAT`), `relay::pipe` (splice(2) and `F_SETPIPE_SZ`) and
+//! `upstream` (`IP_BIND_ADDRESS_NO_PORT`), which neither std, tokio nor
+//! socket2 offer safely.
 
 pub mod addrs;
 pub mod cli;
 pub mod hello;
 pub mod intercept;
+pub mod local_addrs;
 pub mod logging;
 pub mod policy;
 pub mod proxy_protocol;

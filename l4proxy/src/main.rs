@@ -7,7 +7,7 @@ use l4proxy::{
     cli::{Cli, Command, ExplainArgs, RunArgs},
     intercept::{guard, routes},
     logging,
-    policy::Policy,
+    policy::{Policy, Target},
     route,
     server::{self, Settings},
 };
@@ -40,6 +40,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         max_connections: args.max_connections,
         sniff_timeout: args.sniff_timeout,
+        mark: args.fwmark,
+        routing_table: args.routing_table,
     };
     runtime()?.block_on(server::run(policy, settings))?;
     Ok(())
@@ -97,13 +99,17 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         route::Decision::Upstream {
             upstream,
             name,
+            bind,
             why,
         } => {
             println!("route: {}", why.route_name());
-            println!(
-                "upstream: {name} {:?}",
-                policy.upstreams[upstream.0].servers
-            );
+            match &policy.upstreams[upstream.0].target {
+                Target::Servers(servers) => println!("upstream: {name} {servers:?}"),
+                Target::OriginalDestination => {
+                    println!("upstream: {name} (original destination {})", args.dst)
+                }
+            }
+            println!("bind: {bind}");
         }
         route::Decision::Reject { why } => println!("route: {}\nrejected", why.route_name()),
         _ => println!("no route"),

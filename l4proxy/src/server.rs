@@ -1,10 +1,11 @@
 //! The daemon: listeners, the accept loop, one task per connection, and an
 //! orderly shutdown.
 //!
-//! Start-up order matters: listeners go into the socket map before the program
-//! is attached, and the routes go in before it too, so the first steered SYN
-//! already finds a socket. Shutdown runs the other way round: detach first, so
-//! new connections are refused at once instead of being dropped while we drain.
+//! Start-up order matters: listeners go into the socket map before the programs
+//! are attached, and the routes and routing rules go in before them too, so the
+//! first steered SYN already finds a socket. Shutdown runs the other way round:
+//! detach first, so new connections are refused at once instead of being
+//! dropped while we drain.
 
 use std::{
     io,
@@ -27,12 +28,16 @@ use crate::{
     addrs::{ClientAddr, OrigDstAddr},
     hello,
     intercept::{
-        Family, InterceptError, Interceptor,
+        ClassifyRole, Family, InterceptError, Interceptor,
+        delivery::{Delivery, DeliveryError, Mark},
+        interfaces::{self, Interface},
         routes::{self, LocalRoutes, RouteError},
+        sysctl,
     },
-    policy::Policy,
+    local_addrs::{LocalAddrs, LocalAddrsError},
+    policy::{Bind, Policy},
     relay, route, sniff,
-    upstream::Pool,
+    upstream::{self, Pool},
 };
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -43,10 +48,18 @@ pub enum ServerError {
     Intercept(#[from] InterceptError),
     #[error(transparent)]
     Route(#[from] RouteError),
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    #[error(transparent)]
+    LocalAddrs(#[from] LocalAddrsError),
     #[error("creating the {family:?} listener: {source}")]
     Listen { family: Family, source: io::Error },
     #[error("installing signal handlers: {0}")]
     Signals(io::Error),
+    #[error("{path}: no interface {name:?} in this network namespace")]
+    NoInterface { path: String, name: String },
+    #[error("this host is not set up for the policy:\n  {}", .0.join("\n  "))]
+    Sysctl(Vec<String>),
 }
 
 /// Run-time settings from the command line.
@@ -56,12 +69,16 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub max_connections: usize,
     pub sniff_timeout: Duration,
+    /// The packet mark of local delivery, and its routing table.
+    pub mark: Mark,
+    pub routing_table: u32,
 }
 
 /// What every connection task shares.
 struct Shared {
     policy: Policy,
     pools: Vec<Pool>,
+    local: Arc<LocalAddrs>,
     settings: Settings,
     limit: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -73,23 +90,59 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     if leftovers > 0 {
         tracing::warn!(
             routes = leftovers,
-            "removed routes left by an earlier daemon"
+            "removed routes and rules left by an earlier daemon"
         );
     }
     let mut signals = Signals::new()?;
 
-    let mut interceptor = Interceptor::load(&policy)?;
-    let prefixes = intercepted_prefixes(&policy);
-    let listeners = bind_listeners(&prefixes, &mut interceptor)?;
-    let mut local_routes = LocalRoutes::install(&prefixes).await?;
-    if let Err(e) = interceptor.attach() {
-        local_routes.remove().await?;
-        return Err(e.into());
+    let mut interceptor = Interceptor::load(&policy, settings.mark)?;
+    let owned = owned_prefixes(&policy);
+    let listeners = bind_listeners(&policy, &mut interceptor)?;
+    let local = LocalAddrs::load(&owned).await?;
+    local.watch()?;
+    let classify = classify_plan(&policy, &interfaces::list().await?)?;
+    let marking: Vec<String> = classify.iter().map(|(i, ..)| i.name.clone()).collect();
+    let findings = sysctl::check(&sysctl::Plan {
+        gateway_v4: gateway_family(&policy, true),
+        gateway_v6: gateway_family(&policy, false),
+        marking: &marking,
+    });
+    for warning in &findings.warnings {
+        tracing::warn!("{warning}");
+    }
+    if !findings.errors.is_empty() {
+        return Err(ServerError::Sysctl(findings.errors));
+    }
+    let local_servers = local_transparent_servers(&policy, &local);
+
+    let mut installed = Installed {
+        local_routes: Some(LocalRoutes::install(&owned).await?),
+        delivery: None,
+    };
+    let attached = async {
+        if !classify.is_empty() || !local_servers.is_empty() {
+            installed.delivery = Some(
+                Delivery::install(settings.mark, settings.routing_table, &local_servers).await?,
+            );
+        }
+        for (interface, role, rules) in &classify {
+            interceptor.attach_classify(interface, *role, rules)?;
+        }
+        interceptor.attach()?;
+        Ok::<_, ServerError>(())
+    }
+    .await;
+    if let Err(e) = attached {
+        interceptor.detach()?;
+        installed.remove().await?;
+        return Err(e);
     }
     tracing::info!(
         rules = policy.rules.len(),
         kernel_entries = interceptor.rule_entries(),
-        routes = ?local_routes.added(),
+        routes = ?installed.local_routes.as_ref().map(LocalRoutes::added),
+        tc_interfaces = ?interceptor.classify_interfaces(),
+        local_servers = ?local_servers,
         listeners = ?listeners.iter().map(|l| l.local_addr().ok()).collect::<Vec<_>>(),
         "ready"
     );
@@ -97,6 +150,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     let shared = Arc::new(Shared {
         pools: policy.upstreams.iter().map(Pool::new).collect(),
         policy,
+        local,
         limit: Arc::new(Semaphore::new(settings.max_connections)),
         settings,
         shutdown: CancellationToken::new(),
@@ -130,17 +184,123 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         tracker.wait().await;
     }
     log_counters(&interceptor);
-    local_routes.remove().await?;
+    installed.remove().await?;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// The routing state this daemon added, removed on exit (and on a failed
+/// start).
+struct Installed {
+    local_routes: Option<LocalRoutes>,
+    delivery: Option<Delivery>,
+}
+
+impl Installed {
+    async fn remove(&mut self) -> Result<(), RouteError> {
+        if let Some(delivery) = &mut self.delivery {
+            delivery.remove().await?;
+        }
+        if let Some(local_routes) = &mut self.local_routes {
+            local_routes.remove().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Where `classify` goes, and what it does there: every interface a gateway
+/// rule lists (with those rules), and, when some upstream connection is made
+/// from an address that is not this host's own (a client's, or a fixed one),
+/// every interface but loopback, since a server's replies may come in on any.
+fn classify_plan(
+    policy: &Policy,
+    all: &[Interface],
+) -> Result<Vec<(Interface, ClassifyRole, Vec<usize>)>, ServerError> {
+    let mut plan: Vec<(Interface, ClassifyRole, Vec<usize>)> = Vec::new();
+    for (r, rule) in policy.rules.iter().enumerate() {
+        for (k, name) in rule.interfaces.iter().enumerate() {
+            let interface = all.iter().find(|i| &i.name == name).ok_or_else(|| {
+                ServerError::NoInterface {
+                    path: format!("intercept[{r}].interfaces[{k}]"),
+                    name: name.clone(),
+                }
+            })?;
+            match plan.iter_mut().find(|(i, ..)| i == interface) {
+                Some((_, _, rules)) => rules.push(r),
+                None => plan.push((
+                    interface.clone(),
+                    ClassifyRole {
+                        intercept: true,
+                        replies: false,
+                    },
+                    vec![r],
+                )),
+            }
+        }
+    }
+    let spoofing = policy
+        .bind_targets()
+        .iter()
+        .any(|target| target.bind != Bind::Proxy);
+    if spoofing {
+        for interface in all.iter().filter(|i| !i.is_loopback()) {
+            match plan.iter_mut().find(|(i, ..)| i == interface) {
+                Some((_, role, _)) => role.replies = true,
+                None => plan.push((
+                    interface.clone(),
+                    ClassifyRole {
+                        intercept: false,
+                        replies: true,
+                    },
+                    Vec::new(),
+                )),
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Whether gateway rules intercept prefixes of one family.
+fn gateway_family(policy: &Policy, v4: bool) -> bool {
+    policy
+        .rules
+        .iter()
+        .filter(|rule| rule.is_gateway())
+        .flat_map(|rule| &rule.prefixes)
+        .any(|prefix| prefix.addr().is_ipv4() == v4)
+}
+
+/// Servers on this host that connections are made to from client
+/// addresses: their replies need a routing rule of their own.
+fn local_transparent_servers(policy: &Policy, local: &LocalAddrs) -> Vec<SocketAddr> {
+    let mut servers: Vec<SocketAddr> = policy
+        .bind_targets()
+        .iter()
+        .filter(|target| target.bind.is_client())
+        .flat_map(|target| policy.upstreams[target.upstream.0].servers())
+        .copied()
+        .filter(|server| local.contains(server.ip()))
+        .collect();
+    servers.sort();
+    servers.dedup();
+    servers
+}
+
 /// One listener per family among the intercepted prefixes, bound to loopback on a free
-/// port: `sk_lookup` assigns it whatever the connection's destination.
+/// port: `sk_lookup` assigns it whatever the connection's destination. With
+/// gateway rules they are transparent: a connection's local address is then
+/// not this host's, and the kernel sends the SYN-ACK from it only for a
+/// transparent socket.
 fn bind_listeners(
-    prefixes: &[IpNet],
+    policy: &Policy,
     interceptor: &mut Interceptor,
 ) -> Result<Vec<TcpListener>, ServerError> {
+    let prefixes: Vec<IpNet> = policy
+        .rules
+        .iter()
+        .flat_map(|r| r.prefixes.iter().copied())
+        .collect();
+    let transparent = policy.rules.iter().any(|rule| rule.is_gateway());
     let mut listeners = Vec::new();
     for (family, wanted, addr) in [
         (
@@ -157,18 +317,22 @@ fn bind_listeners(
         if !wanted {
             continue;
         }
-        let listener = listen(addr).map_err(|source| ServerError::Listen { family, source })?;
+        let listener = listen(addr, transparent)
+            .map_err(|source| ServerError::Listen { family, source })?;
         interceptor.set_listener(family, &listener)?;
         listeners.push(listener);
     }
     Ok(listeners)
 }
 
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         // Each family has its own listener; never see IPv4-mapped addresses.
         socket.set_only_v6(true)?;
+        socket.set_ip_transparent_v6(transparent)?;
+    } else {
+        socket.set_ip_transparent_v4(transparent)?;
     }
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
@@ -177,10 +341,13 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-fn intercepted_prefixes(policy: &Policy) -> Vec<IpNet> {
+/// The prefixes this host takes as its own (rules without `interfaces`):
+/// they get `local` routes.
+fn owned_prefixes(policy: &Policy) -> Vec<IpNet> {
     let mut prefixes: Vec<IpNet> = policy
         .rules
         .iter()
+        .filter(|r| !r.is_gateway())
         .flat_map(|r| r.prefixes.iter().copied())
         .collect();
     prefixes.sort();
@@ -272,8 +439,10 @@ async fn serve(client: TcpStream, shared: &Shared) {
         decision = route::decide(&shared.policy, &conn, Some(&hello_of(&said)));
         sniffed = Some(said);
     }
-    let (upstream_id, route_why) = match decision {
-        route::Decision::Upstream { upstream, why, .. } => (upstream, why.route_name()),
+    let (upstream_id, bind, route_why) = match decision {
+        route::Decision::Upstream {
+            upstream, bind, why, ..
+        } => (upstream, bind, why.route_name()),
         refused => {
             refuse(client, sniffed.as_ref()).await;
             tracing::info!(
@@ -297,24 +466,36 @@ async fn serve(client: TcpStream, shared: &Shared) {
         }
     };
     let pool = &shared.pools[upstream_id.0];
-    let (upstream, upstream_addr) = match pool.connect(shared.settings.connect_timeout).await {
+    let request = upstream::Request {
+        client: client_addr,
+        orig_dst,
+        bind,
+    };
+    let connected = match pool
+        .connect(&request, &shared.local, shared.settings.connect_timeout)
+        .await
+    {
         Ok(connected) => connected,
         Err(e) => {
             tracing::warn!(
                 client = %client_addr,
                 orig_dst = %orig_dst,
                 rule = %rule.name,
-                upstream = %e.upstream,
+                route = %route_why,
+                upstream = e.upstream().map(tracing::field::display),
+                bind = %bind,
                 bytes_from_client = 0,
                 bytes_from_upstream = 0,
                 duration_ms = started.elapsed().as_millis() as u64,
-                outcome = %format!("upstream connect failed: {}", e.source),
+                outcome = %format!("upstream connect failed: {e}"),
                 "connection closed"
             );
             return;
         }
     };
-    let relayed = relay::relay(client, upstream, &shared.shutdown).await;
+    let upstream_addr = connected.upstream;
+    let source = connected.stream.local_addr().ok();
+    let relayed = relay::relay(client, connected.stream, &shared.shutdown).await;
     tracing::info!(
         client = %client_addr,
         orig_dst = %orig_dst,
@@ -325,6 +506,9 @@ async fn serve(client: TcpStream, shared: &Shared) {
         alpn = sniffed.as_ref().and_then(alpn_of),
         sniff_gave_up,
         upstream = %upstream_addr,
+        bind = %bind,
+        source = source.map(tracing::field::display),
+        bind_fallback = connected.fallback.map(tracing::field::display),
         bytes_from_client = relayed.from_client,
         bytes_from_upstream = relayed.from_upstream,
         duration_ms = started.elapsed().as_millis() as u64,

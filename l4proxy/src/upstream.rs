@@ -1,62 +1,328 @@
-//! Connecting to an upstream pool's servers.
+//! Connecting to an upstream: which server, and from which source address.
+//!
+//! The source follows the upstream's (or the route's) `bind`:
+//! - `proxy`: the kernel's choice, one of this host's addresses;
+//! - `client-ip`: the client's IP address, a port the kernel picks;
+//! - `client`: the client's IP address and port;
+//! - an address: that address, a port the kernel picks.
+//!
+//! A client address is bound with `IP_TRANSPARENT` (`IPV6_TRANSPARENT`): it is
+//! not one of this host's, and the kernel programs deliver the server's
+//! replies back here. A connection is made in the client's family then, so
+//! only servers of that family are tried, and no IPv4-mapped address is ever
+//! used. Two cases never spoof:
+//! - the client is this host itself (or loopback): the source is the kernel's
+//!   choice, as the client would have had it (HAProxy gist, "connections from
+//!   local sources");
+//! - the original destination is on this host: nothing routes its replies
+//!   back to the proxy (the daemon routes them back only for the servers a
+//!   policy lists, see `intercept::delivery`).
+//!
+//! And `client` becomes `client-ip` where the client's own port cannot be
+//! used: towards the client's original destination (the connection would
+//! have the client connection's four addresses and ports, HAProxy gist
+//! footnote 6), or when the port is taken.
 
 use std::{
-    io,
-    sync::atomic::{AtomicUsize, Ordering},
+    fmt, io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
-use tokio::net::TcpStream;
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
 
-use crate::{addrs::UpstreamAddr, policy::Upstream};
+use crate::{
+    addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
+    local_addrs::LocalAddrs,
+    policy::{Bind, Target, Upstream},
+};
 
-/// A pool's servers with a round-robin cursor.
+/// What the proxy connects from: the address to bind, if any, and whether it
+/// needs `IP_TRANSPARENT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// No bind: the kernel picks address and port.
+    Kernel,
+    /// A client's address (port 0: any port), bound transparently.
+    Client(SocketAddr),
+    /// A fixed address, any port; transparently, since it may not be local.
+    Fixed(IpAddr),
+}
+
+/// Why the source differs from what `bind` asked for, for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// The client is this host: not spoofed.
+    LocalClient,
+    /// The original destination is this host: not spoofed.
+    LocalDestination,
+    /// `client` towards the original destination: the client's 4-tuple.
+    SameFourTuple,
+    /// `client`, but the client's port is taken here.
+    PortInUse,
+}
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fallback::LocalClient => "client is this host: not spoofed",
+            Fallback::LocalDestination => "destination is this host: not spoofed",
+            Fallback::SameFourTuple => {
+                "client port towards the original destination repeats the client's connection: client-ip"
+            }
+            Fallback::PortInUse => "client port taken here: client-ip",
+        })
+    }
+}
+
+/// The source for a connection under `request` to `server` (`passthrough`:
+/// the original destination rather than a listed server).
+pub fn source(
+    request: &Request,
+    server: UpstreamAddr,
+    passthrough: bool,
+    local: &LocalAddrs,
+) -> (Source, Option<Fallback>) {
+    let client = SocketAddr::new(
+        request.client.0.ip().to_canonical(),
+        request.client.0.port(),
+    );
+    match request.bind {
+        Bind::Proxy => (Source::Kernel, None),
+        Bind::Address(ip) => (Source::Fixed(ip), None),
+        Bind::ClientIp | Bind::Client if local.contains(client.ip()) => {
+            (Source::Kernel, Some(Fallback::LocalClient))
+        }
+        Bind::ClientIp | Bind::Client if passthrough && local.contains(server.0.ip()) => {
+            (Source::Kernel, Some(Fallback::LocalDestination))
+        }
+        Bind::ClientIp => (Source::Client(SocketAddr::new(client.ip(), 0)), None),
+        Bind::Client if server.0 == request.orig_dst.0 => (
+            Source::Client(SocketAddr::new(client.ip(), 0)),
+            Some(Fallback::SameFourTuple),
+        ),
+        Bind::Client => (Source::Client(client), None),
+    }
+}
+
+/// An upstream's servers with a round-robin cursor; none for the original
+/// destination.
 pub struct Pool {
-    servers: Vec<UpstreamAddr>,
+    target: PoolTarget,
     next: AtomicUsize,
 }
 
+enum PoolTarget {
+    Servers(Vec<UpstreamAddr>),
+    OriginalDestination,
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("connecting to {upstream}: {source}")]
-pub struct ConnectError {
+pub enum ConnectError {
+    #[error("connecting to {upstream}: {error}")]
+    Failed {
+        upstream: UpstreamAddr,
+        error: io::Error,
+    },
+    #[error(
+        "no {family} server: a connection from the client's address is made in the client's family"
+    )]
+    NoServerOfFamily { family: &'static str },
+}
+
+impl ConnectError {
+    /// The server tried last, if any.
+    pub fn upstream(&self) -> Option<UpstreamAddr> {
+        match self {
+            ConnectError::Failed { upstream, .. } => Some(*upstream),
+            ConnectError::NoServerOfFamily { .. } => None,
+        }
+    }
+}
+
+/// An open upstream connection.
+pub struct Connected {
+    pub stream: TcpStream,
     pub upstream: UpstreamAddr,
-    pub source: io::Error,
+    /// Why the source is not what `bind` asked for, if it is not.
+    pub fallback: Option<Fallback>,
+}
+
+/// What a connection needs to know to pick its server and source.
+pub struct Request {
+    pub client: ClientAddr,
+    pub orig_dst: OrigDstAddr,
+    pub bind: Bind,
 }
 
 impl Pool {
     pub fn new(upstream: &Upstream) -> Self {
+        let target = match &upstream.target {
+            Target::Servers(servers) => {
+                PoolTarget::Servers(servers.iter().copied().map(UpstreamAddr).collect())
+            }
+            Target::OriginalDestination => PoolTarget::OriginalDestination,
+        };
         Self {
-            servers: upstream.servers.iter().copied().map(UpstreamAddr).collect(),
+            target,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Connects to the next server in turn; if it fails, tries each other server
-    /// once before giving up with the last error.
+    /// Connects to the next server in turn (of the client's family when the
+    /// source is the client's address); if it fails, tries each other such
+    /// server once before giving up with the last error.
     pub async fn connect(
         &self,
+        request: &Request,
+        local: &Arc<LocalAddrs>,
         timeout: Duration,
-    ) -> Result<(TcpStream, UpstreamAddr), ConnectError> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+    ) -> Result<Connected, ConnectError> {
+        let passthrough = matches!(self.target, PoolTarget::OriginalDestination);
+        let servers: Vec<UpstreamAddr> = match &self.target {
+            PoolTarget::OriginalDestination => {
+                vec![UpstreamAddr(SocketAddr::new(
+                    request.orig_dst.0.ip().to_canonical(),
+                    request.orig_dst.0.port(),
+                ))]
+            }
+            PoolTarget::Servers(servers) => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
+                (0..servers.len())
+                    .map(|i| servers[(start + i) % servers.len()])
+                    .filter(|&server| {
+                        // Only a connection from the client's own address is
+                        // held to its family; `source` decides whether it is.
+                        !matches!(
+                            source(request, server, false, local).0,
+                            Source::Client(_)
+                        ) || server.0.is_ipv4() == client_v4
+                    })
+                    .collect()
+            }
+        };
+        if servers.is_empty() {
+            let family = if request.client.0.ip().to_canonical().is_ipv4() {
+                "IPv4"
+            } else {
+                "IPv6"
+            };
+            return Err(ConnectError::NoServerOfFamily { family });
+        }
         let mut last_error = None;
-        for i in 0..self.servers.len() {
-            let upstream = self.servers[(start + i) % self.servers.len()];
-            match connect_one(upstream, timeout).await {
-                Ok(stream) => return Ok((stream, upstream)),
-                Err(source) => {
-                    tracing::debug!(%upstream, error = %source, "upstream connect failed");
-                    last_error = Some(ConnectError { upstream, source });
+        for upstream in servers {
+            let (from, fallback) = source(request, upstream, passthrough, local);
+            match connect_from(upstream, from, fallback, timeout).await {
+                Ok(connected) => return Ok(connected),
+                Err(error) => {
+                    tracing::debug!(%upstream, %error, "upstream connect failed");
+                    last_error = Some(ConnectError::Failed { upstream, error });
                 }
             }
         }
-        Err(last_error.expect("a checked policy gives every pool at least one server"))
+        Err(last_error.expect("at least one server was tried"))
     }
 }
 
-async fn connect_one(upstream: UpstreamAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(upstream.0))
+/// Connects from `from`; a client port that is taken here falls back to any
+/// port of the client's address.
+async fn connect_from(
+    upstream: UpstreamAddr,
+    from: Source,
+    fallback: Option<Fallback>,
+    timeout: Duration,
+) -> io::Result<Connected> {
+    let attempt = tokio::time::timeout(timeout, connect_one(upstream, from));
+    let result = attempt
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?;
+    match (result, from) {
+        (Ok(stream), _) => Ok(Connected {
+            stream,
+            upstream,
+            fallback,
+        }),
+        (Err(e), Source::Client(client))
+            if client.port() != 0
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            let any_port = Source::Client(SocketAddr::new(client.ip(), 0));
+            let stream = tokio::time::timeout(timeout, connect_one(upstream, any_port))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            Ok(Connected {
+                stream,
+                upstream,
+                fallback: Some(Fallback::PortInUse),
+            })
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
+async fn connect_one(upstream: UpstreamAddr, from: Source) -> io::Result<TcpStream> {
+    let socket = if upstream.0.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    match from {
+        Source::Kernel => {}
+        Source::Client(addr) => bind_transparent(&socket, addr)?,
+        Source::Fixed(ip) => bind_transparent(&socket, SocketAddr::new(ip, 0))?,
+    }
+    let stream = socket.connect(upstream.0).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Binds to an address that need not be this host's. Port 0 waits for
+/// `connect` to pick the port (`IP_BIND_ADDRESS_NO_PORT`), so one source
+/// address can have as many connections as there are distinct destinations;
+/// a given port is bound with `SO_REUSEADDR`, as the same client port may be
+/// in use towards another destination.
+fn bind_transparent(socket: &TcpSocket, addr: SocketAddr) -> io::Result<()> {
+    let sock = SockRef::from(socket);
+    if addr.is_ipv4() {
+        sock.set_ip_transparent_v4(true)?;
+    } else {
+        sock.set_ip_transparent_v6(true)?;
+    }
+    if addr.port() == 0 {
+        set_bind_address_no_port(socket)?;
+    } else {
+        sock.set_reuse_address(true)?;
+    }
+    socket.bind(addr)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`, which socket2 does not wrap (it applies to
+/// IPv6 sockets too).
+fn set_bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int,
+    // on a descriptor the socket owns for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

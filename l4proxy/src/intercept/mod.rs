@@ -1,37 +1,60 @@
-//! Kernel side of interception: the embedded BPF object, its maps, and the local
-//! routes that make intercepted prefixes deliverable.
+//! Kernel side of interception: the embedded BPF object, its maps and
+//! program links, and the routing state that makes intercepted packets
+//! deliverable to this host.
 //!
-//! The `sk_lookup` link is owned by a file descriptor of this process, so it goes
-//! away with the process, however it ends. Routes are not fd-owned: `routes`
-//! marks them with our own protocol number and `guard` removes them if the
-//! daemon dies without doing so itself.
+//! Two programs: `steer` (`sk_lookup`, attached to the network namespace)
+//! hands new connections to intercepted destinations to the daemon's
+//! listeners; `classify` (tcx ingress, attached to interfaces) marks
+//! forwarded packets that must be delivered locally instead (gateway rules,
+//! and replies to the daemon's transparent upstream connections). Both links
+//! are owned by file descriptors of this process, so they go away with the
+//! process, however it ends. Routes and rules are not fd-owned: `routes` and
+//! `delivery` mark them with our own protocol number and `guard` removes them
+//! if the daemon dies without doing so itself.
 
+pub mod delivery;
 pub mod guard;
+pub mod interfaces;
 pub mod routes;
 pub mod rules;
+pub mod sysctl;
 
 use std::{fs::File, os::fd::AsRawFd};
 
 use aya::{
     Ebpf,
-    maps::{LpmTrie, MapData, PerCpuArray, SockMap, lpm_trie::Key},
-    programs::{SkLookup, sk_lookup::SkLookupLinkId},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap, lpm_trie::Key},
+    programs::{
+        LinkOrder, SchedClassifier, SkLookup, TcAttachType,
+        sk_lookup::SkLookupLinkId,
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+    },
 };
-use l4proxy_common::{Counter, RuleKey, RuleValue, SOCKET_V4, SOCKET_V6};
+use l4proxy_common::{
+    Counter, INTERFACE_REPLIES, InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE,
+    RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
+};
 
+use self::{delivery::Mark, interfaces::Interface};
 use crate::policy::Policy;
 
 /// The kernel programs, built by `cargo xtask build-ebpf` and embedded by build.rs.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l4proxy-ebpf.o"));
 
 const STEER_PROGRAM: &str = "steer";
+const CLASSIFY_PROGRAM: &str = "classify";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
     #[error("loading the BPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("BPF program {STEER_PROGRAM}: {0}")]
+    #[error("BPF program: {0}")]
     Program(#[from] aya::programs::ProgramError),
+    #[error("attaching the tc program to {interface} (tcx needs Linux 6.6 or later): {source}")]
+    Classify {
+        interface: String,
+        source: aya::programs::ProgramError,
+    },
     #[error("BPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -41,6 +64,10 @@ pub enum InterceptError {
     Missing(&'static str),
     #[error("opening this thread's network namespace: {0}")]
     Netns(std::io::Error),
+    #[error(
+        "interface {name} has a link-layer type the tc program cannot read (only Ethernet and layer-3 devices)"
+    )]
+    LinkType { name: String },
 }
 
 /// Address family of a listener, naming its slot in the `SOCKETS` map.
@@ -59,41 +86,71 @@ impl Family {
     }
 }
 
-/// The loaded and attached `sk_lookup` program with its maps.
+/// What `classify` does on one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClassifyRole {
+    /// Gateway rules that list the interface: their packets are marked.
+    pub intercept: bool,
+    /// Replies to the daemon's transparent sockets are marked.
+    pub replies: bool,
+}
+
+/// The loaded programs with their maps and links.
 pub struct Interceptor {
     ebpf: Ebpf,
     link: Option<SkLookupLinkId>,
+    classify_links: Vec<(String, SchedClassifierLinkId)>,
     rules: LpmTrie<MapData, RuleKey, RuleValue>,
     sockets: SockMap<MapData>,
+    interface_rules: HashMap<MapData, InterfaceRuleKey, u8>,
+    interfaces: HashMap<MapData, u32, InterfaceConfig>,
     counters: PerCpuArray<MapData, u64>,
 }
 
 impl Interceptor {
-    /// Loads the embedded programs and fills the rule map from `policy`. Nothing
-    /// is attached yet: call [`Interceptor::attach`] once the listeners are in.
-    pub fn load(policy: &Policy) -> Result<Self, InterceptError> {
+    /// Loads the embedded programs and fills the rule, upstream and mark maps
+    /// from `policy`. Nothing is attached yet: call [`Interceptor::attach`]
+    /// once the listeners are in.
+    pub fn load(policy: &Policy, mark: Mark) -> Result<Self, InterceptError> {
         let mut ebpf = Ebpf::load(BPF_OBJECT)?;
         let mut rules: LpmTrie<MapData, RuleKey, RuleValue> = take_map(&mut ebpf, "RULES")?;
         for entry in rules::compile(policy) {
             rules
                 .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
-                .map_err(|source| InterceptError::Map {
-                    name: "RULES",
-                    source,
-                })?;
+                .map_err(map_error("RULES"))?;
         }
+        let mut upstream_servers: HashMap<MapData, RuleKey, u8> =
+            take_map(&mut ebpf, "UPSTREAM_SERVERS")?;
+        for server in policy.upstreams.iter().flat_map(|u| u.servers()) {
+            let addr = match server.ip() {
+                std::net::IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
+                std::net::IpAddr::V6(v6) => v6.octets(),
+            };
+            upstream_servers
+                .insert(RuleKey::new(server.port(), addr), 1, 0)
+                .map_err(map_error("UPSTREAM_SERVERS"))?;
+        }
+        let mut marks: Array<MapData, u32> = take_map(&mut ebpf, "MARK")?;
+        marks
+            .set(MARK_VALUE, mark.value, 0)
+            .and_then(|()| marks.set(MARK_MASK, mark.mask, 0))
+            .map_err(map_error("MARK"))?;
         let sockets = take_map(&mut ebpf, "SOCKETS")?;
+        let interface_rules = take_map(&mut ebpf, "INTERFACE_RULES")?;
+        let interfaces = take_map(&mut ebpf, "INTERFACES")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
-        let program: &mut SkLookup = ebpf
-            .program_mut(STEER_PROGRAM)
-            .ok_or(InterceptError::Missing("program steer"))?
-            .try_into()?;
-        program.load()?;
+        let steer: &mut SkLookup = program(&mut ebpf, STEER_PROGRAM)?.try_into()?;
+        steer.load()?;
+        let classify: &mut SchedClassifier = program(&mut ebpf, CLASSIFY_PROGRAM)?.try_into()?;
+        classify.load()?;
         Ok(Self {
             ebpf,
             link: None,
+            classify_links: Vec::new(),
             rules,
             sockets,
+            interface_rules,
+            interfaces,
             counters,
         })
     }
@@ -106,26 +163,82 @@ impl Interceptor {
     ) -> Result<(), InterceptError> {
         self.sockets
             .set(family.socket_index(), listener, 0)
-            .map_err(|source| InterceptError::Map {
-                name: "SOCKETS",
-                source,
-            })
+            .map_err(map_error("SOCKETS"))
     }
 
-    /// Attaches the program to the network namespace of the calling thread.
+    /// Attaches `steer` to the network namespace of the calling thread.
     pub fn attach(&mut self) -> Result<(), InterceptError> {
         // thread-self, not self: tests enter namespaces per thread with setns.
         let netns = File::open("/proc/thread-self/ns/net").map_err(InterceptError::Netns)?;
-        let link = self.steer_program()?.attach(netns)?;
-        self.link = Some(link);
+        let steer: &mut SkLookup = program(&mut self.ebpf, STEER_PROGRAM)?.try_into()?;
+        self.link = Some(steer.attach(netns)?);
         Ok(())
     }
 
-    /// Detaches the program: new connections take the normal socket lookup
-    /// again. Dropping the `Interceptor` (or the process ending) does the same.
+    /// Attaches `classify` to an interface's ingress (tcx, after any program
+    /// already there), with the gateway rules that list it.
+    pub fn attach_classify(
+        &mut self,
+        interface: &Interface,
+        role: ClassifyRole,
+        gateway_rules: &[usize],
+    ) -> Result<(), InterceptError> {
+        let l2_len = interface.l2_len.ok_or_else(|| InterceptError::LinkType {
+            name: interface.name.clone(),
+        })?;
+        for &rule in gateway_rules.iter().filter(|_| role.intercept) {
+            let key = InterfaceRuleKey {
+                ifindex: interface.index,
+                // Fits: rule indices are below MAX_RULE_ENTRIES (see rules::compile).
+                rule_id: rule as u32,
+            };
+            self.interface_rules
+                .insert(key, 1, 0)
+                .map_err(map_error("INTERFACE_RULES"))?;
+        }
+        let config = InterfaceConfig {
+            l2_len,
+            flags: if role.replies { INTERFACE_REPLIES } else { 0 },
+        };
+        self.interfaces
+            .insert(interface.index, config, 0)
+            .map_err(map_error("INTERFACES"))?;
+        let classify: &mut SchedClassifier =
+            program(&mut self.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
+        let link = classify
+            .attach_with_options(
+                &interface.name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| InterceptError::Classify {
+                interface: interface.name.clone(),
+                source,
+            })?;
+        self.classify_links.push((interface.name.clone(), link));
+        Ok(())
+    }
+
+    /// Names of the interfaces `classify` is attached to.
+    pub fn classify_interfaces(&self) -> Vec<&str> {
+        self.classify_links
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+
+    /// Detaches every program: new connections take the normal socket lookup
+    /// and forwarded packets are forwarded again. Dropping the `Interceptor`
+    /// (or the process ending) does the same.
     pub fn detach(&mut self) -> Result<(), InterceptError> {
         if let Some(link) = self.link.take() {
-            self.steer_program()?.detach(link)?;
+            let steer: &mut SkLookup = program(&mut self.ebpf, STEER_PROGRAM)?.try_into()?;
+            steer.detach(link)?;
+        }
+        let classify: &mut SchedClassifier =
+            program(&mut self.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
+        for (_, link) in self.classify_links.drain(..) {
+            classify.detach(link)?;
         }
         Ok(())
     }
@@ -135,12 +248,10 @@ impl Interceptor {
         Counter::ALL
             .iter()
             .map(|&counter| {
-                let per_cpu = self.counters.get(&(counter as u32), 0).map_err(|source| {
-                    InterceptError::Map {
-                        name: "COUNTERS",
-                        source,
-                    }
-                })?;
+                let per_cpu = self
+                    .counters
+                    .get(&(counter as u32), 0)
+                    .map_err(map_error("COUNTERS"))?;
                 Ok((counter, per_cpu.iter().sum()))
             })
             .collect()
@@ -150,14 +261,17 @@ impl Interceptor {
     pub fn rule_entries(&self) -> usize {
         self.rules.keys().count()
     }
+}
 
-    fn steer_program(&mut self) -> Result<&mut SkLookup, InterceptError> {
-        Ok(self
-            .ebpf
-            .program_mut(STEER_PROGRAM)
-            .ok_or(InterceptError::Missing("program steer"))?
-            .try_into()?)
-    }
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, InterceptError> {
+    ebpf.program_mut(name).ok_or(InterceptError::Missing(name))
+}
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError {
+    move |source| InterceptError::Map { name, source }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, InterceptError>
@@ -165,5 +279,5 @@ where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or(InterceptError::Missing(name))?;
-    T::try_from(map).map_err(|source| InterceptError::Map { name, source })
+    T::try_from(map).map_err(map_error(name))
 }

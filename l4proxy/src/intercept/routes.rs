@@ -1,19 +1,21 @@
 //! `local` routes for intercepted prefixes, over rtnetlink.
 //!
 //! `sk_lookup` only runs for packets the stack delivers locally, so every
-//! intercepted prefix needs `ip route add local PREFIX dev lo` (table local). We
-//! mark ours with [`ROUTE_PROTOCOL`] so that exactly ours are removed on exit, and
-//! so leftovers of a crashed daemon can be found and removed later.
+//! prefix of a rule without `interfaces` needs `ip route add local PREFIX dev
+//! lo` (table local). We mark ours, and the routing rules of `delivery`, with
+//! [`ROUTE_PROTOCOL`] so that exactly ours are removed on exit, and so
+//! leftovers of a crashed daemon can be found and removed later.
 
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::{
-    Handle, RouteMessageBuilder,
+    Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
         route::{RouteMessage, RouteProtocol, RouteScope, RouteType},
+        rule::{RuleAttribute, RuleMessage},
     },
 };
 
@@ -38,6 +40,11 @@ pub enum RouteError {
         prefix: IpNet,
         source: rtnetlink::Error,
     },
+    #[error("adding routing rule {rule}: {source}")]
+    AddRule {
+        rule: String,
+        source: rtnetlink::Error,
+    },
     #[error("removing route {route}: {source}")]
     Remove {
         route: String,
@@ -55,7 +62,7 @@ pub struct LocalRoutes {
 
 /// Opens an rtnetlink connection in the calling thread's network namespace and
 /// drives it on the current tokio runtime.
-fn connect() -> Result<Handle, RouteError> {
+pub(super) fn connect() -> Result<Handle, RouteError> {
     let (connection, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(connection);
     Ok(handle)
@@ -73,7 +80,7 @@ impl LocalRoutes {
             match routes
                 .handle
                 .route()
-                .add(local_route(prefix))
+                .add(local_route(prefix, TABLE_LOCAL))
                 .execute()
                 .await
             {
@@ -102,7 +109,7 @@ impl LocalRoutes {
         while let Some(prefix) = self.added.pop() {
             self.handle
                 .route()
-                .del(local_route(prefix))
+                .del(local_route(prefix, TABLE_LOCAL))
                 .execute()
                 .await
                 .map_err(|source| RouteError::Remove {
@@ -114,25 +121,37 @@ impl LocalRoutes {
     }
 }
 
-/// Removes every route marked with [`ROUTE_PROTOCOL`] in the calling thread's
-/// network namespace: what a daemon that died without cleaning up left behind.
-/// Returns how many were removed.
+/// Removes every route and routing rule marked with [`ROUTE_PROTOCOL`] in
+/// the calling thread's network namespace: what a daemon that died without
+/// cleaning up left behind. Returns how many were removed.
 pub async fn remove_leftovers() -> Result<usize, RouteError> {
     let handle = connect()?;
     let mut removed = 0;
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let ours: Vec<RuleMessage> = rules(&handle, version)
+            .await?
+            .into_iter()
+            .filter(is_ours)
+            .collect();
+        for rule in ours {
+            let description = format!("{:?}", rule.attributes);
+            handle
+                .rule()
+                .del(rule)
+                .execute()
+                .await
+                .map_err(|source| RouteError::Remove {
+                    route: description,
+                    source,
+                })?;
+            removed += 1;
+        }
+    }
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let mut query = RouteMessage::default();
-        query.header.address_family = family;
-        let ours: Vec<RouteMessage> = handle
-            .route()
-            .get(query)
-            .execute()
-            .try_filter(|route| {
-                std::future::ready(route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
-            })
-            .try_collect()
-            .await
-            .map_err(RouteError::List)?;
+        let ours = routes(&handle, family)
+            .await?
+            .into_iter()
+            .filter(|route| route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL));
         for route in ours {
             let description = format!("{:?}", route.attributes);
             handle
@@ -150,14 +169,50 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
     Ok(removed)
 }
 
-/// `ip route add local PREFIX dev lo table local proto 244`.
-fn local_route(prefix: IpNet) -> RouteMessage {
+/// Every routing rule of one family.
+pub(super) async fn rules(
+    handle: &Handle,
+    version: IpVersion,
+) -> Result<Vec<RuleMessage>, RouteError> {
+    handle
+        .rule()
+        .get(version)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(RouteError::List)
+}
+
+/// Whether a routing rule carries [`ROUTE_PROTOCOL`].
+pub(super) fn is_ours(rule: &RuleMessage) -> bool {
+    rule.attributes
+        .contains(&RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)))
+}
+
+/// Every route of one family, in every table.
+pub(super) async fn routes(
+    handle: &Handle,
+    family: AddressFamily,
+) -> Result<Vec<RouteMessage>, RouteError> {
+    let mut query = RouteMessage::default();
+    query.header.address_family = family;
+    handle
+        .route()
+        .get(query)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(RouteError::List)
+}
+
+/// `ip route add local PREFIX dev lo table TABLE proto 244`.
+pub(super) fn local_route(prefix: IpNet, table: u32) -> RouteMessage {
     RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(prefix.addr(), prefix.prefix_len())
         .expect("an IpNet's length is valid for its family")
         .kind(RouteType::Local)
         .scope(RouteScope::Host)
-        .table_id(TABLE_LOCAL)
+        .table_id(table)
         .output_interface(LOOPBACK_IFINDEX)
         .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
         .build()

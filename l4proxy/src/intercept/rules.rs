@@ -1,19 +1,32 @@
 //! Compiles a [`Policy`] into the entries of the kernel's `RULES` LPM trie.
 //!
-//! The kernel (`l4proxy-ebpf/src/steer.rs`) looks up (exact port, address),
-//! then ([`ANY_PORT`], address), and only decides steer-or-pass; userspace
-//! [`route::match_rule`] picks the rule again for each connection. So the
-//! entries must cover exactly the destinations some rule matches:
+//! The kernel (`l4proxy-ebpf`) looks up (exact port, address) and
+//! ([`ANY_PORT`], address) and keeps the entry of higher rank; it must find
+//! the rule [`route::match_rule`] picks, because whether a gateway rule takes
+//! a packet depends on which rule it is. So:
 //! - the trie matches the port in full, so a port range becomes one entry per
 //!   port;
 //! - IPv4 is keyed IPv4-mapped (one trie serves both families), so an IPv6
 //!   prefix that covers `::ffff:0:0/96`, such as `::/0`, is entered as the
-//!   prefixes around that range, or it would steer IPv4 connections too.
+//!   prefixes around that range, or it would steer IPv4 connections too;
+//! - the entry for (port, trie prefix P) holds the best rule among all those
+//!   whose own prefix contains P, not only those entered at P: a piece of a
+//!   split `::/0` is longer than a `::/80` rule that contains it, yet the
+//!   `::/80` rule is the more specific one.
+//!
+//! Ranks order as route precedence does: longer prefix, then narrower port
+//! spec, then lower rule index. The exact-port entries never hold a `*`
+//! claim: the wildcard look-up finds the best of those itself.
 
-use std::{cmp::Reverse, collections::BTreeMap, net::Ipv6Addr, ops::RangeInclusive};
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv6Addr,
+    ops::RangeInclusive,
+};
 
 use ipnet::{IpNet, Ipv6Net};
-use l4proxy_common::{ANY_PORT, RULE_KEY_FIXED_BITS, RuleKey, RuleValue};
+use l4proxy_common::{ANY_PORT, RULE_KEY_FIXED_BITS, RULE_ON_INTERFACES, RuleKey, RuleValue};
 
 use crate::{
     policy::{IPV4_MAPPED, Policy, PortSpec, RuleId},
@@ -26,31 +39,49 @@ pub struct KernelEntry {
     /// Key bits matched: [`RULE_KEY_FIXED_BITS`] plus the address prefix.
     pub prefix_len: u32,
     pub key: RuleKey,
-    /// The rule route precedence prefers among those claiming this key.
+    /// The rule route precedence prefers for this key.
     pub value: RuleValue,
 }
 
 /// The trie entries for `policy`, ordered by prefix length, address, port.
 pub fn compile(policy: &Policy) -> Vec<KernelEntry> {
+    let claims = claims(policy);
+    let by_prefix = by_original_prefix(&claims);
     let mut entries = Vec::new();
-    for (prefix, mut claims) in claims_by_prefix(policy) {
-        // Best first: of the claims on one port, the first to reach it keeps it.
-        claims.sort_by_key(|claim| Reverse(claim.rank));
-        let mut owners: BTreeMap<u16, RuleId> = BTreeMap::new();
-        for claim in &claims {
-            for port in key_ports(claim.ports) {
-                owners.entry(port).or_insert(claim.rule);
-            }
+    for (trie_prefix, at) in by_trie_prefix(&claims) {
+        // Best first: every claim whose own prefix contains this piece.
+        let mut containing: Vec<&Claim> = ancestors(trie_prefix.net)
+            .filter_map(|net| by_prefix.get(&net))
+            .flatten()
+            .map(|&i| &claims[i])
+            .collect();
+        containing.sort_by_key(|claim| Reverse(claim.rank));
+        let ports: BTreeSet<u16> = at
+            .iter()
+            .flat_map(|&i| key_ports(claims[i].ports))
+            .collect();
+        for port in ports {
+            let best = containing
+                .iter()
+                .find(|claim| covers_key(claim.ports, port))
+                .expect("a claim at this prefix covers each of its key ports");
+            entries.push(KernelEntry {
+                prefix_len: trie_prefix.len,
+                key: RuleKey::new(port, trie_prefix.addr),
+                value: RuleValue {
+                    // Fits: a checked policy compiles to at most
+                    // MAX_RULE_ENTRIES (a u32) entries, and a rule owning one
+                    // has an index below that.
+                    rule_id: best.rule.0 as u32,
+                    flags: if policy.rules[best.rule.0].is_gateway() {
+                        RULE_ON_INTERFACES
+                    } else {
+                        0
+                    },
+                    rank: best.rank_value(),
+                },
+            });
         }
-        entries.extend(owners.into_iter().map(|(port, RuleId(rule))| KernelEntry {
-            prefix_len: prefix.len,
-            key: RuleKey::new(port, prefix.addr),
-            // Fits: a checked policy compiles to at most MAX_RULE_ENTRIES (a u32)
-            // entries, and a rule owning one has an index below that.
-            value: RuleValue {
-                rule_id: rule as u32,
-            },
-        }));
     }
     entries
 }
@@ -58,36 +89,53 @@ pub fn compile(policy: &Policy) -> Vec<KernelEntry> {
 /// `compile(policy).len()`, without expanding port ranges: the policy check
 /// uses it to refuse a policy before it is expanded.
 pub fn entry_count(policy: &Policy) -> usize {
-    claims_by_prefix(policy)
+    let claims = claims(policy);
+    by_trie_prefix(&claims)
         .values()
-        .map(|claims| distinct_ports(claims))
+        .map(|at| distinct_ports(at.iter().map(|&i| &claims[i])))
         .sum()
 }
 
-/// An address prefix as the trie keys it.
+/// An address prefix as the trie keys it, and as written in its own family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct TriePrefix {
     len: u32,
     addr: [u8; 16],
+    net: IpNet,
 }
 
-/// A rule's ports under one trie prefix.
+/// One (prefix, ports) pair of a rule, under one trie piece of that prefix.
 struct Claim {
     rule: RuleId,
+    /// The rule's own prefix (a trie piece may be longer).
+    prefix: IpNet,
+    piece: TriePrefix,
     ports: PortSpec,
-    /// Route precedence (of the rule's own prefix, not of the trie prefix it
-    /// may have been split into), greater wins.
+    /// Route precedence of the rule's own prefix and ports, greater wins.
     rank: (Specificity, Reverse<usize>),
 }
 
-fn claims_by_prefix(policy: &Policy) -> BTreeMap<TriePrefix, Vec<Claim>> {
-    let mut claims: BTreeMap<TriePrefix, Vec<Claim>> = BTreeMap::new();
+impl Claim {
+    /// `rank` as one number the kernel compares: prefix length, then port
+    /// width (narrower is greater), then rule index (lower is greater).
+    fn rank_value(&self) -> u64 {
+        let (specificity, Reverse(index)) = self.rank;
+        let narrowness = u64::from((1u32 << 16) - specificity.port_width());
+        (u64::from(specificity.prefix_len()) << 56)
+            | (narrowness << 32)
+            | u64::from(u32::MAX - u32::try_from(index).unwrap_or(u32::MAX))
+    }
+}
+
+fn claims(policy: &Policy) -> Vec<Claim> {
+    let mut claims = Vec::new();
     for (i, rule) in policy.rules.iter().enumerate() {
         for prefix in &rule.prefixes {
-            for trie_prefix in trie_prefixes(prefix) {
-                let under = claims.entry(trie_prefix).or_default();
-                under.extend(rule.ports.iter().map(|&ports| Claim {
+            for piece in trie_prefixes(prefix) {
+                claims.extend(rule.ports.iter().map(|&ports| Claim {
                     rule: RuleId(i),
+                    prefix: *prefix,
+                    piece,
                     ports,
                     rank: (route::specificity(prefix, ports), Reverse(i)),
                 }));
@@ -95,6 +143,31 @@ fn claims_by_prefix(policy: &Policy) -> BTreeMap<TriePrefix, Vec<Claim>> {
         }
     }
     claims
+}
+
+/// Claims (indices) by the trie piece they are entered at.
+fn by_trie_prefix(claims: &[Claim]) -> BTreeMap<TriePrefix, Vec<usize>> {
+    let mut by: BTreeMap<TriePrefix, Vec<usize>> = BTreeMap::new();
+    for (i, claim) in claims.iter().enumerate() {
+        by.entry(claim.piece).or_default().push(i);
+    }
+    by
+}
+
+/// Claims (indices) by their rule's own prefix.
+fn by_original_prefix(claims: &[Claim]) -> HashMap<IpNet, Vec<usize>> {
+    let mut by: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    for (i, claim) in claims.iter().enumerate() {
+        by.entry(claim.prefix).or_default().push(i);
+    }
+    by
+}
+
+/// `net` and every shorter prefix containing it, down to length 0.
+fn ancestors(net: IpNet) -> impl Iterator<Item = IpNet> {
+    (0..=net.prefix_len())
+        .rev()
+        .map(move |len| IpNet::new_assert(net.addr(), len).trunc())
 }
 
 /// The key ports a port spec takes: each port of it, or just [`ANY_PORT`].
@@ -106,10 +179,18 @@ fn key_ports(ports: PortSpec) -> RangeInclusive<u16> {
     }
 }
 
-/// How many distinct key ports the claims under one prefix take.
-fn distinct_ports(claims: &[Claim]) -> usize {
-    let mut spans: Vec<RangeInclusive<u16>> =
-        claims.iter().map(|claim| key_ports(claim.ports)).collect();
+/// Whether a claim's ports belong in the entry for key port `port`: `*`
+/// claims only in the wildcard entries, the others only in exact ones.
+fn covers_key(ports: PortSpec, port: u16) -> bool {
+    match ports {
+        PortSpec::Any => port == ANY_PORT,
+        _ => port != ANY_PORT && ports.contains(port),
+    }
+}
+
+/// How many distinct key ports some claims take.
+fn distinct_ports<'c>(claims: impl Iterator<Item = &'c Claim>) -> usize {
+    let mut spans: Vec<RangeInclusive<u16>> = claims.map(|claim| key_ports(claim.ports)).collect();
     spans.sort_by_key(|span| *span.start());
     let mut count = 0;
     // First port not counted yet; spans are sorted by start, so all below it are.
@@ -129,12 +210,14 @@ fn trie_prefixes(prefix: &IpNet) -> Vec<TriePrefix> {
         IpNet::V4(v4) => vec![TriePrefix {
             len: RULE_KEY_FIXED_BITS + u32::from(IPV4_MAPPED.prefix_len() + v4.prefix_len()),
             addr: RuleKey::mapped_v4(v4.network().octets()),
+            net: *prefix,
         }],
         IpNet::V6(v6) => outside_ipv4_mapped(*v6)
             .into_iter()
             .map(|net| TriePrefix {
                 len: RULE_KEY_FIXED_BITS + u32::from(net.prefix_len()),
                 addr: net.network().octets(),
+                net: IpNet::V6(net),
             })
             .collect(),
     }
@@ -173,23 +256,27 @@ mod tests {
         Policy::of_rules(rules)
     }
 
-    fn entry(prefix_len: u32, port: u16, addr: &str, rule: u32) -> KernelEntry {
+    /// An entry as (key prefix length, key, rule).
+    fn entry(prefix_len: u32, port: u16, addr: &str, rule: u32) -> (u32, RuleKey, u32) {
         let addr = match addr.parse().unwrap() {
             IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
             IpAddr::V6(v6) => v6.octets(),
         };
-        KernelEntry {
-            prefix_len,
-            key: RuleKey::new(port, addr),
-            value: RuleValue { rule_id: rule },
-        }
+        (prefix_len, RuleKey::new(port, addr), rule)
+    }
+
+    fn entries(policy: &Policy) -> Vec<(u32, RuleKey, u32)> {
+        compile(policy)
+            .iter()
+            .map(|e| (e.prefix_len, e.key, e.value.rule_id))
+            .collect()
     }
 
     #[test]
     fn v4_is_keyed_mapped_with_96_more_bits() {
         let p = policy(&[(&["192.0.2.0/24", "2001:db8::/32"], &[Single(80)])]);
         assert_eq!(
-            compile(&p),
+            entries(&p),
             [
                 entry(32 + 32, 80, "2001:db8::", 0),
                 entry(32 + 96 + 24, 80, "192.0.2.0", 0)
@@ -236,24 +323,51 @@ mod tests {
         let entries = compile(&p);
         assert_eq!(entries.len(), 96);
         assert_eq!(entry_count(&p), 96);
-        assert!(kernel_steers(&entries, "[2001:db8::1]:80".parse().unwrap()));
-        assert!(kernel_steers(&entries, "[::1]:80".parse().unwrap()));
-        assert!(!kernel_steers(&entries, "192.0.2.1:80".parse().unwrap()));
+        assert_eq!(kernel_rule(&entries, "[2001:db8::1]:80".parse().unwrap()), Some(0));
+        assert_eq!(kernel_rule(&entries, "[::1]:80".parse().unwrap()), Some(0));
+        assert_eq!(kernel_rule(&entries, "192.0.2.1:80".parse().unwrap()), None);
     }
 
-    /// The kernel's look-up: longest-prefix match over the whole key, exact port
-    /// first, then the wildcard; only whether anything matched counts.
-    fn kernel_steers(entries: &[KernelEntry], dst: SocketAddr) -> bool {
+    #[test]
+    fn a_containing_rule_beats_a_longer_piece_of_a_split_prefix() {
+        // ::/0 is entered as pieces, one of them ::/96 (longer than ::/80),
+        // yet ::/80 is the more specific rule for ::1.
+        let p = policy(&[(&["::/0"], &[Single(80)]), (&["::/80"], &[Single(80)])]);
+        let entries = compile(&p);
+        assert_eq!(kernel_rule(&entries, "[::1]:80".parse().unwrap()), Some(1));
+        assert_eq!(kernel_rule(&entries, "[2001:db8::1]:80".parse().unwrap()), Some(0));
+    }
+
+    #[test]
+    fn gateway_rules_are_flagged() {
+        let mut p = policy(&[(&["192.0.2.0/24"], &[Single(80)]), (&["203.0.113.0/24"], &[Any])]);
+        p.rules[1].interfaces = vec!["eth0".to_owned()];
+        let flags: Vec<(u32, u32)> = compile(&p)
+            .iter()
+            .map(|e| (e.value.rule_id, e.value.flags))
+            .collect();
+        assert_eq!(flags, [(0, 0), (1, RULE_ON_INTERFACES)]);
+    }
+
+    /// The kernel's look-up (`rule_for` in l4proxy-ebpf): longest-prefix match
+    /// over the whole key for the exact port and for the wildcard port; the
+    /// higher rank wins.
+    fn kernel_rule(entries: &[KernelEntry], dst: SocketAddr) -> Option<u32> {
         let addr = match dst.ip().to_canonical() {
             IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
             IpAddr::V6(v6) => v6.octets(),
         };
-        [dst.port(), ANY_PORT].into_iter().any(|port| {
-            let key = key_bytes(&RuleKey::new(port, addr));
-            entries
-                .iter()
-                .any(|e| same_prefix(&key_bytes(&e.key), &key, e.prefix_len))
-        })
+        [dst.port(), ANY_PORT]
+            .into_iter()
+            .filter_map(|port| {
+                let key = key_bytes(&RuleKey::new(port, addr));
+                entries
+                    .iter()
+                    .filter(|e| same_prefix(&key_bytes(&e.key), &key, e.prefix_len))
+                    .max_by_key(|e| e.prefix_len)
+            })
+            .max_by_key(|e| e.value.rank)
+            .map(|e| e.value.rule_id)
     }
 
     fn key_bytes(key: &RuleKey) -> Vec<u8> {
@@ -324,7 +438,7 @@ mod tests {
     }
 
     #[test]
-    fn kernel_steers_exactly_what_route_matches() {
+    fn kernel_picks_the_rule_route_matches() {
         let checked = [
             r#"{ "intercept": [
                 { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"],
@@ -357,8 +471,8 @@ mod tests {
                 for port in probe_ports(policy) {
                     let dst = SocketAddr::new(ip, port);
                     assert_eq!(
-                        kernel_steers(&entries, dst),
-                        route::match_rule(policy, dst).is_some(),
+                        kernel_rule(&entries, dst),
+                        route::match_rule(policy, dst).map(|RuleId(r)| r as u32),
                         "{dst} in {policy:?}"
                     );
                 }

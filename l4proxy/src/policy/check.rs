@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use l4proxy_common::MAX_RULE_ENTRIES;
 
 use super::{
-    Action, Conditions, InterceptRule, Policy, PolicyError, PortSpec, Route, RuleId, Upstream,
-    UpstreamId, raw,
+    Action, Bind, Conditions, InterceptRule, Policy, PolicyError, PortSpec, Route, RuleId, Target,
+    Upstream, UpstreamId, raw,
 };
 use crate::{intercept::rules, route};
 
@@ -18,9 +18,15 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
     let upstreams: Vec<Upstream> = raw
         .upstreams
         .into_iter()
-        .map(|(name, raw::Object(upstream))| Upstream {
+        .map(|(name, upstream)| Upstream {
             name,
-            servers: upstream.servers.into_iter().map(|s| s.0).collect(),
+            target: match upstream.target {
+                raw::Target::Servers(servers) => {
+                    Target::Servers(servers.into_iter().map(|s| s.0).collect())
+                }
+                raw::Target::OriginalDestination => Target::OriginalDestination,
+            },
+            bind: upstream.bind,
         })
         .collect();
     let rules = check_rules(raw.intercept, &upstreams)?;
@@ -34,6 +40,10 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
     check_overlaps(&policy)?;
     check_size(&policy)?;
     check_loops(&policy)?;
+    for target in policy.bind_targets() {
+        check_original_destination(&policy, &target)?;
+        check_bind_family(&policy, &target)?;
+    }
     Ok(policy)
 }
 
@@ -62,6 +72,10 @@ fn check_rules(
             prefixes: rule.prefixes.into_iter().map(|p| p.0).collect(),
             ports: rule.ports.into_iter().map(|p| p.0).collect(),
             upstream,
+            interfaces: rule
+                .interfaces
+                .map(|names| names.into_iter().map(|i| i.0).collect())
+                .unwrap_or_default(),
         });
     }
     Ok(rules)
@@ -121,6 +135,7 @@ fn check_routes(
                 hello,
             },
             action,
+            bind: route.bind,
         });
     }
     Ok(routes)
@@ -200,13 +215,17 @@ fn check_overlaps(policy: &Policy) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// The proxy's own connection to an intercepted address would be steered back
-/// into the proxy. Every upstream is checked, whether a rule or a route names
-/// it.
+/// The proxy's own connection to an address a rule makes local would be
+/// steered back into the proxy. Every upstream is checked, whether a rule or a
+/// route names it. A gateway rule takes only forwarded connections arriving
+/// on its interfaces, which the proxy's own never are: its servers may lie in
+/// a gateway rule's prefixes (start-up checks that they are not local).
 fn check_loops(policy: &Policy) -> Result<(), PolicyError> {
     for upstream in &policy.upstreams {
-        for (k, &server) in upstream.servers.iter().enumerate() {
-            if let Some(RuleId(r)) = route::match_rule(policy, server) {
+        for (k, &server) in upstream.servers().iter().enumerate() {
+            if let Some(RuleId(r)) = route::match_rule(policy, server)
+                && !policy.rules[r].is_gateway()
+            {
                 return Err(PolicyError::at(
                     format!("upstreams.{}.servers[{k}]", upstream.name),
                     format!(
@@ -218,6 +237,137 @@ fn check_loops(policy: &Policy) -> Result<(), PolicyError> {
         }
     }
     Ok(())
+}
+
+/// The original destination of a rule without `interfaces` is an address
+/// this host owns: the proxy's connection to it would be steered back in.
+/// And with `bind: client` the connection to it would be the client's own
+/// connection turned around: the same four addresses and ports.
+fn check_original_destination(policy: &Policy, target: &BindTarget) -> Result<(), PolicyError> {
+    let upstream = &policy.upstreams[target.upstream.0];
+    if upstream.target != Target::OriginalDestination {
+        return Ok(());
+    }
+    if target.bind == Bind::Client {
+        return Err(PolicyError::at(
+            target.bind_path(policy),
+            format!(
+                "\"client\" cannot be used with upstream {:?} (original_destination): a connection \
+                 from the client's address and port to its original destination has the four \
+                 addresses and ports of the client's own connection; use \"client-ip\"",
+                upstream.name
+            ),
+        ));
+    }
+    if let Some(&RuleId(r)) = target.rules.iter().find(|&&r| !policy.rules[r.0].is_gateway()) {
+        return Err(PolicyError::at(
+            target.path.clone(),
+            format!(
+                "upstream {:?} sends connections to their original destination, but rule {:?} \
+                 (intercept[{r}]) has no \"interfaces\": its destinations are local to this host, \
+                 so the connection would come back into the proxy{}",
+                upstream.name,
+                policy.rules[r].name,
+                if target.route.is_some() {
+                    "; limit the route to gateway rules with \"intercept\""
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A fixed source address must be of the family of every server it is used
+/// for (for the original destination: of every prefix the rules intercept).
+fn check_bind_family(policy: &Policy, target: &BindTarget) -> Result<(), PolicyError> {
+    let Bind::Address(addr) = target.bind else {
+        return Ok(());
+    };
+    let upstream = &policy.upstreams[target.upstream.0];
+    let mismatch = match &upstream.target {
+        Target::Servers(servers) => servers
+            .iter()
+            .enumerate()
+            .find(|(_, server)| server.is_ipv4() != addr.is_ipv4())
+            .map(|(k, server)| {
+                format!("server {server} (upstreams.{}.servers[{k}])", upstream.name)
+            }),
+        Target::OriginalDestination => target.rules.iter().find_map(|&RuleId(r)| {
+            let rule = &policy.rules[r];
+            let prefix = rule.prefixes.iter().find(|p| p.addr().is_ipv4() != addr.is_ipv4())?;
+            Some(format!("prefix {prefix} of rule {:?} (intercept[{r}])", rule.name))
+        }),
+    };
+    match mismatch {
+        Some(what) => Err(PolicyError::at(
+            target.bind_path(policy),
+            format!(
+                "source address {addr} is {} but {what} is not: a connection is made in one family",
+                if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// One way connections reach an upstream: a rule's default or a route.
+pub struct BindTarget {
+    pub upstream: UpstreamId,
+    /// The source address its connections take.
+    pub bind: Bind,
+    /// The route that sends them, if not a rule's default.
+    pub route: Option<usize>,
+    /// JSON path of the upstream reference.
+    pub path: String,
+    /// The rules whose connections may take this way (an overestimate for
+    /// routes, see [`Route::may_apply`]).
+    pub rules: Vec<RuleId>,
+}
+
+impl BindTarget {
+    /// JSON path of the `bind` in force.
+    fn bind_path(&self, policy: &Policy) -> String {
+        match self.route {
+            Some(j) if policy.routes[j].bind.is_some() => format!("routes[{j}].bind"),
+            _ => format!("upstreams.{}.bind", policy.upstreams[self.upstream.0].name),
+        }
+    }
+}
+
+impl Policy {
+    /// Every way connections reach an upstream, with the source address
+    /// they take.
+    pub fn bind_targets(&self) -> Vec<BindTarget> {
+        let mut targets = Vec::new();
+        for (r, rule) in self.rules.iter().enumerate() {
+            if let Some(upstream) = rule.upstream {
+                targets.push(BindTarget {
+                    upstream,
+                    bind: self.upstreams[upstream.0].bind,
+                    route: None,
+                    path: format!("intercept[{r}].upstream"),
+                    rules: vec![RuleId(r)],
+                });
+            }
+        }
+        for (j, route) in self.routes.iter().enumerate() {
+            if let Action::Upstream(upstream) = route.action {
+                targets.push(BindTarget {
+                    upstream,
+                    bind: route.bind.unwrap_or(self.upstreams[upstream.0].bind),
+                    route: Some(j),
+                    path: format!("routes[{j}].upstream"),
+                    rules: (0..self.rules.len())
+                        .map(RuleId)
+                        .filter(|&id| route.may_apply(id, &self.rules[id.0]))
+                        .collect(),
+                });
+            }
+        }
+        targets
+    }
 }
 
 /// The kernel's rule map has a fixed size; port ranges take one entry per port.

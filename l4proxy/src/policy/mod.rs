@@ -34,15 +34,23 @@
 //!     N < M, or `"*"` for any port.
 //!   - `upstream` (optional): the name of an entry of `upstreams`, where the
 //!     rule's connections go when no route matches.
+//!   - `interfaces` (optional): gateway interception; only forwarded
+//!     connections arriving on these interfaces are taken, and the prefixes
+//!     are not made local.
 //! - `routes` (optional): tried in order, the first that matches wins; see
-//!   [`Route`] and [`crate::route`].
-//! - `upstreams`: upstream name (non-empty, unique) → `{ "servers": [...] }`,
-//!   at least one `ip:port` or `[ipv6]:port` each.
+//!   [`Route`] and [`crate::route`]. A route's `bind` overrides its
+//!   upstream's.
+//! - `upstreams`: upstream name (non-empty, unique) → `{ "servers": [...] }`
+//!   (at least one `ip:port` or `[ipv6]:port`) or
+//!   `{ "original_destination": true }`, and an optional `bind`: `"proxy"`
+//!   (default), `"client-ip"`, `"client"` or an IP address.
 //!
 //! Unknown fields are refused everywhere. A destination that several rules
 //! match goes to the most specific one (see [`crate::route`]); two rules that
 //! would tie are refused, as is an upstream server the policy itself would
-//! intercept (the proxy's own connection would loop back into it). What is
+//! intercept on this host (the proxy's own connection would loop back into
+//! it), and an original-destination upstream for a rule that is not a
+//! gateway rule (for the same reason). What is
 //! legal but almost certainly a mistake, such as a route no connection can
 //! reach, is reported by [`Policy::warnings`].
 //!
@@ -59,13 +67,14 @@ mod warnings;
 
 use std::{
     fmt, fs,
-    net::{Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use ipnet::{IpNet, Ipv6Net};
 use thiserror::Error;
 
+pub use check::BindTarget;
 pub use name::NamePattern;
 
 /// Index of an intercept rule in `Policy::rules`.
@@ -148,6 +157,18 @@ pub struct InterceptRule {
     /// connections go when no route matches. Without one they get the
     /// no-route treatment.
     pub upstream: Option<UpstreamId>,
+    /// Gateway interception: the interfaces on which forwarded connections to
+    /// the rule's destinations are taken. Empty: the destinations are made
+    /// local to this host instead, and taken however they arrive.
+    pub interfaces: Vec<String>,
+}
+
+impl InterceptRule {
+    /// Whether the rule intercepts forwarded traffic on its interfaces (and
+    /// its destinations stay where they are) rather than owning its prefixes.
+    pub fn is_gateway(&self) -> bool {
+        !self.interfaces.is_empty()
+    }
 }
 
 /// Where connections go that match all of `conditions`, judged by addresses
@@ -158,6 +179,32 @@ pub struct Route {
     pub name: Option<String>,
     pub conditions: Conditions,
     pub action: Action,
+    /// Overrides the upstream's `bind` for the connections this route sends.
+    pub bind: Option<Bind>,
+}
+
+impl Route {
+    /// Whether some connection `rule` steers might match this route, judged
+    /// by the conditions on the rule and the destination. Overestimates (it
+    /// ignores that a more specific rule may take part of `rule`'s
+    /// destinations), so a `false` is certain.
+    pub fn may_apply(&self, id: RuleId, rule: &InterceptRule) -> bool {
+        let when = &self.conditions;
+        let overlap = |a: &IpNet, b: &IpNet| a.contains(b) || b.contains(a);
+        when.intercept
+            .as_ref()
+            .is_none_or(|rules| rules.contains(&id))
+            && when.destination.as_ref().is_none_or(|prefixes| {
+                prefixes
+                    .iter()
+                    .any(|p| rule.prefixes.iter().any(|q| overlap(p, q)))
+            })
+            && when.ports.as_ref().is_none_or(|ports| {
+                ports
+                    .iter()
+                    .any(|&p| rule.ports.iter().any(|&q| p.intersection(q).is_some()))
+            })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,8 +266,62 @@ pub enum SniCondition {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upstream {
     pub name: String,
-    /// At least one server.
-    pub servers: Vec<SocketAddr>,
+    pub target: Target,
+    /// The source address of connections to it, unless a route overrides it.
+    pub bind: Bind,
+}
+
+impl Upstream {
+    /// The servers of a pool; none for the original destination.
+    pub fn servers(&self) -> &[SocketAddr] {
+        match &self.target {
+            Target::Servers(servers) => servers,
+            Target::OriginalDestination => &[],
+        }
+    }
+}
+
+/// Where an upstream's connections go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A pool: at least one server, taken in turn.
+    Servers(Vec<SocketAddr>),
+    /// The address and port the client connected to (Traffic Server's
+    /// `tr-pass`), for gateway rules only.
+    OriginalDestination,
+}
+
+/// The source address of the proxy's connection to an upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bind {
+    /// The proxy's own address, chosen by the kernel.
+    Proxy,
+    /// The client's IP address, any port (HAProxy `usesrc clientip`).
+    ClientIp,
+    /// The client's IP address and port (HAProxy `usesrc client`).
+    Client,
+    /// This address, any port.
+    Address(IpAddr),
+}
+
+impl Bind {
+    /// Whether connections are made from the client's address, which needs
+    /// `IP_TRANSPARENT` and replies steered back to this host.
+    pub fn is_client(self) -> bool {
+        matches!(self, Bind::ClientIp | Bind::Client)
+    }
+}
+
+/// As written in a policy: `proxy`, `client-ip`, `client` or the address.
+impl fmt::Display for Bind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Bind::Proxy => f.write_str("proxy"),
+            Bind::ClientIp => f.write_str("client-ip"),
+            Bind::Client => f.write_str("client"),
+            Bind::Address(addr) => addr.fmt(f),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -388,12 +489,14 @@ impl Policy {
                     prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
                     ports: ports.to_vec(),
                     upstream: Some(UpstreamId(0)),
+                    interfaces: Vec::new(),
                 })
                 .collect(),
             routes: Vec::new(),
             upstreams: vec![Upstream {
                 name: "u".to_owned(),
-                servers: vec!["198.51.100.1:80".parse().unwrap()],
+                target: Target::Servers(vec!["198.51.100.1:80".parse().unwrap()]),
+                bind: Bind::Proxy,
             }],
         }
     }

@@ -1,4 +1,9 @@
-use std::{collections::BTreeMap, fmt, marker::PhantomData, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    marker::PhantomData,
+    net::{IpAddr, SocketAddr},
+};
 
 use ipnet::IpNet;
 use serde::{
@@ -7,7 +12,7 @@ use serde::{
     forward_to_deserialize_any,
 };
 
-use super::{HelloConditions, IPV4_MAPPED, NamePattern, PortSpec, SniCondition};
+use super::{Bind, HelloConditions, IPV4_MAPPED, NamePattern, PortSpec, SniCondition};
 
 /// A struct read from a JSON object only: serde_json would also take an
 /// array of the field values, which no one means to write in a policy.
@@ -93,7 +98,7 @@ pub(super) struct Policy {
     #[serde(default)]
     pub routes: Vec<Route>,
     #[serde(deserialize_with = "unique_upstreams")]
-    pub upstreams: BTreeMap<String, Object<Upstream>>,
+    pub upstreams: BTreeMap<String, Upstream>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +111,8 @@ pub(super) struct Rule {
     pub ports: Vec<Port>,
     #[serde(default, deserialize_with = "some")]
     pub upstream: Option<String>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    pub interfaces: Option<Vec<Interface>>,
 }
 
 /// A route with exactly one action.
@@ -113,6 +120,7 @@ pub(super) struct Route {
     pub name: Option<Name>,
     pub conditions: Conditions,
     pub action: Action,
+    pub bind: Option<Bind>,
 }
 
 pub(super) enum Action {
@@ -131,6 +139,8 @@ struct RouteFields {
     upstream: Option<String>,
     #[serde(default, deserialize_with = "some")]
     reject: Option<True>,
+    #[serde(default, deserialize_with = "some")]
+    bind: Option<BindSpec>,
 }
 
 impl<'de> Deserialize<'de> for Route {
@@ -144,6 +154,9 @@ impl TryFrom<RouteFields> for Route {
     fn try_from(fields: RouteFields) -> Result<Self, Self::Error> {
         let action = match (fields.upstream, fields.reject) {
             (Some(upstream), None) => Action::Upstream(upstream),
+            (None, Some(True)) if fields.bind.is_some() => {
+                return Err(r#"a rejecting route makes no upstream connection: "bind" needs "upstream""#);
+            }
             (None, Some(True)) => Action::Reject,
             (None, None) => {
                 return Err(r#"a route needs an action: "upstream": NAME or "reject": true"#);
@@ -156,6 +169,7 @@ impl TryFrom<RouteFields> for Route {
             name: fields.name,
             conditions: fields.conditions,
             action,
+            bind: fields.bind.map(|b| b.0),
         })
     }
 }
@@ -328,11 +342,120 @@ impl TryFrom<String> for Alpn {
     }
 }
 
+/// An upstream with exactly one target.
+pub(super) struct Upstream {
+    pub target: Target,
+    pub bind: Bind,
+}
+
+pub(super) enum Target {
+    Servers(Vec<Server>),
+    OriginalDestination,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct Upstream {
-    #[serde(deserialize_with = "non_empty")]
-    pub servers: Vec<Server>,
+struct UpstreamFields {
+    #[serde(default, deserialize_with = "some_non_empty")]
+    servers: Option<Vec<Server>>,
+    #[serde(default, deserialize_with = "some")]
+    original_destination: Option<True>,
+    #[serde(default, deserialize_with = "some")]
+    bind: Option<BindSpec>,
+}
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        whole_object::<_, UpstreamFields, _>(deserializer, "an upstream object")
+    }
+}
+
+impl TryFrom<UpstreamFields> for Upstream {
+    type Error = &'static str;
+    fn try_from(fields: UpstreamFields) -> Result<Self, Self::Error> {
+        let target = match (fields.servers, fields.original_destination) {
+            (Some(servers), None) => Target::Servers(servers),
+            (None, Some(True)) => Target::OriginalDestination,
+            (None, None) => {
+                return Err(
+                    r#"an upstream needs "servers": [...] or "original_destination": true"#,
+                );
+            }
+            (Some(_), Some(True)) => {
+                return Err(r#"an upstream takes "servers" or "original_destination", not both"#);
+            }
+        };
+        Ok(Upstream {
+            target,
+            bind: fields.bind.map_or(Bind::Proxy, |b| b.0),
+        })
+    }
+}
+
+/// `"proxy"`, `"client-ip"`, `"client"` or an IP address.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct BindSpec(Bind);
+
+impl TryFrom<String> for BindSpec {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let bind = match text.as_str() {
+            "proxy" => Bind::Proxy,
+            "client-ip" => Bind::ClientIp,
+            "client" => Bind::Client,
+            other => {
+                let addr: IpAddr = other.parse().map_err(|_| {
+                    format!(
+                        "expected \"proxy\", \"client-ip\", \"client\" or an IP address, got {text:?}"
+                    )
+                })?;
+                if addr.is_unspecified() {
+                    return Err(format!(
+                        "{addr} is the kernel's choice: write \"proxy\" instead"
+                    ));
+                }
+                if addr.is_multicast() {
+                    return Err(format!("{addr} is a multicast address"));
+                }
+                if let IpAddr::V6(v6) = addr
+                    && let Some(v4) = v6.to_ipv4_mapped()
+                {
+                    return Err(format!("IPv4-mapped IPv6 address; use the IPv4 form {v4}"));
+                }
+                Bind::Address(addr)
+            }
+        };
+        Ok(BindSpec(bind))
+    }
+}
+
+/// A network interface name as the kernel takes it: 1-15 bytes, no `/`,
+/// no whitespace.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct Interface(pub String);
+
+/// IFNAMSIZ less the terminating NUL.
+const MAX_INTERFACE_NAME: usize = 15;
+
+impl TryFrom<String> for Interface {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        if name.is_empty() || name.len() > MAX_INTERFACE_NAME {
+            return Err(format!(
+                "an interface name is 1-{MAX_INTERFACE_NAME} bytes, got {name:?}"
+            ));
+        }
+        if name == "." || name == ".." || name.contains(['/', ':']) || name.contains(char::is_whitespace)
+        {
+            return Err(format!("{name:?} is not a valid interface name"));
+        }
+        if name == "lo" {
+            return Err("\"lo\" carries no forwarded traffic; a rule without \"interfaces\" takes connections made on this host".to_owned());
+        }
+        Ok(Interface(name))
+    }
 }
 
 #[derive(Deserialize)]
@@ -494,11 +617,11 @@ where
 /// Like a map, but a repeated name is an error rather than the last one winning.
 fn unique_upstreams<'de, D: Deserializer<'de>>(
     deserializer: D,
-) -> Result<BTreeMap<String, Object<Upstream>>, D::Error> {
+) -> Result<BTreeMap<String, Upstream>, D::Error> {
     struct Upstreams;
 
     impl<'de> Visitor<'de> for Upstreams {
-        type Value = BTreeMap<String, Object<Upstream>>;
+        type Value = BTreeMap<String, Upstream>;
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an object mapping upstream names to upstreams")

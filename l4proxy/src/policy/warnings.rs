@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{
-    Conditions, HelloConditions, InterceptRule, Policy, PortSpec, Route, RouteId, RuleId,
-    SniCondition,
+    Conditions, HelloConditions, Policy, PortSpec, RouteId, RuleId, SniCondition, Target,
+    check::BindTarget,
 };
 
 /// What an address condition that is not given holds for.
@@ -35,7 +35,7 @@ impl Policy {
                 .rules
                 .iter()
                 .enumerate()
-                .any(|(r, rule)| may_apply(route, RuleId(r), rule))
+                .any(|(r, rule)| route.may_apply(RuleId(r), rule))
             {
                 warnings.push(format!(
                     "routes[{j}]: never matches: no intercept rule steers a connection \
@@ -48,7 +48,7 @@ impl Policy {
                 && !self
                     .routes
                     .iter()
-                    .any(|route| may_apply(route, RuleId(r), rule))
+                    .any(|route| route.may_apply(RuleId(r), rule))
             {
                 warnings.push(format!(
                     "intercept[{r}]: no upstream and no route applies to it: \
@@ -56,7 +56,38 @@ impl Policy {
                 ));
             }
         }
+        warnings.extend(self.bind_targets().iter().filter_map(|t| self.missing_family(t)));
         warnings
+    }
+}
+
+impl Policy {
+    /// A connection from the client's address is made in the client's
+    /// family: a pool without a server of a family its rules intercept
+    /// refuses those clients.
+    fn missing_family(&self, target: &BindTarget) -> Option<String> {
+        let upstream = &self.upstreams[target.upstream.0];
+        if !target.bind.is_client() || upstream.target == Target::OriginalDestination {
+            return None;
+        }
+        let (&RuleId(r), prefix) = target.rules.iter().find_map(|id| {
+            let prefix = self.rules[id.0].prefixes.iter().find(|prefix| {
+                !upstream
+                    .servers()
+                    .iter()
+                    .any(|server| server.is_ipv4() == prefix.addr().is_ipv4())
+            })?;
+            Some((id, prefix))
+        })?;
+        Some(format!(
+            "{}: bind {:?} connects from the client's address, but upstream {:?} has no {} server \
+             for the clients of rule {:?} (intercept[{r}]) prefix {prefix}: they are refused",
+            target.path,
+            target.bind.to_string(),
+            upstream.name,
+            if prefix.addr().is_ipv4() { "IPv4" } else { "IPv6" },
+            self.rules[r].name,
+        ))
     }
 }
 
@@ -137,28 +168,6 @@ fn list_covers<T>(
         (Some(_), None) => false,
         (Some(earlier), Some(later)) => later.iter().all(|l| earlier.iter().any(|e| covers(e, l))),
     }
-}
-
-/// Whether some connection `rule` steers might match `route`, judged by the
-/// conditions on the rule and the destination. Overestimates (it ignores
-/// that a more specific rule may take part of `rule`'s destinations), so a
-/// `false` is certain.
-fn may_apply(route: &Route, id: RuleId, rule: &InterceptRule) -> bool {
-    let when = &route.conditions;
-    let overlap = |a: &IpNet, b: &IpNet| a.contains(b) || b.contains(a);
-    when.intercept
-        .as_ref()
-        .is_none_or(|rules| rules.contains(&id))
-        && when.destination.as_ref().is_none_or(|prefixes| {
-            prefixes
-                .iter()
-                .any(|p| rule.prefixes.iter().any(|q| overlap(p, q)))
-        })
-        && when.ports.as_ref().is_none_or(|ports| {
-            ports
-                .iter()
-                .any(|&p| rule.ports.iter().any(|&q| p.intersection(q).is_some()))
-        })
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use std::fmt;
 use crate::{
     addrs::{ClientAddr, OrigDstAddr},
     policy::{
-        Action, Conditions, HelloConditions, Policy, RouteId, RouteLabel, RuleId, SniCondition,
-        UpstreamId,
+        Action, Bind, Conditions, HelloConditions, Policy, RouteId, RouteLabel, RuleId,
+        SniCondition, UpstreamId,
     },
 };
 
@@ -45,10 +45,11 @@ pub enum Hello<'a> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision<'p> {
-    /// Relay to this upstream.
+    /// Relay to this upstream, connecting from `bind`.
     Upstream {
         upstream: UpstreamId,
         name: &'p str,
+        bind: Bind,
         why: Why<'p>,
     },
     /// A route refuses the connection.
@@ -127,7 +128,7 @@ pub fn decide<'p>(policy: &'p Policy, conn: &Connection, hello: Option<&Hello>) 
         }
         let why = Why::Route(policy.route_label(RouteId(i)));
         return match route.action {
-            Action::Upstream(upstream) => relay_to(policy, upstream, why),
+            Action::Upstream(upstream) => relay_to(policy, upstream, route.bind, why),
             Action::Reject => Decision::Reject { why },
         };
     }
@@ -136,6 +137,7 @@ pub fn decide<'p>(policy: &'p Policy, conn: &Connection, hello: Option<&Hello>) 
         Some(upstream) => relay_to(
             policy,
             upstream,
+            None,
             Why::Default {
                 rule: conn.rule,
                 name: &rule.name,
@@ -145,10 +147,18 @@ pub fn decide<'p>(policy: &'p Policy, conn: &Connection, hello: Option<&Hello>) 
     }
 }
 
-fn relay_to<'p>(policy: &'p Policy, upstream: UpstreamId, why: Why<'p>) -> Decision<'p> {
+/// `bind`: the route's override of the upstream's source address, if any.
+fn relay_to<'p>(
+    policy: &'p Policy,
+    upstream: UpstreamId,
+    bind: Option<Bind>,
+    why: Why<'p>,
+) -> Decision<'p> {
+    let target = &policy.upstreams[upstream.0];
     Decision::Upstream {
         upstream,
-        name: &policy.upstreams[upstream.0].name,
+        name: &target.name,
+        bind: bind.unwrap_or(target.bind),
         why,
     }
 }
@@ -297,6 +307,7 @@ mod tests {
             Decision::Upstream {
                 upstream: UpstreamId(3),
                 name: "fallback",
+                bind: Bind::Proxy,
                 why: Why::Default {
                     rule: RuleId(0),
                     name: "https"

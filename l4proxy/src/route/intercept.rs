@@ -20,6 +20,17 @@ pub struct Specificity {
     port_width: Reverse<u32>,
 }
 
+impl Specificity {
+    pub fn prefix_len(self) -> u8 {
+        self.prefix_len
+    }
+
+    /// How many ports the spec covers (1 to 65536).
+    pub fn port_width(self) -> u32 {
+        self.port_width.0
+    }
+}
+
 pub fn specificity(prefix: &IpNet, ports: PortSpec) -> Specificity {
     Specificity {
         prefix_len: prefix.prefix_len(),

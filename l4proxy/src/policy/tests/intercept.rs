@@ -39,21 +39,24 @@ fn example_is_valid() {
                     ],
                     ports: vec![PortSpec::Single(80), PortSpec::Range(8000, 8099)],
                     upstream: Some(UpstreamId(0)),
+                    interfaces: vec![],
                 },
                 InterceptRule {
                     name: "all-ports".to_owned(),
                     prefixes: vec!["192.0.2.10/32".parse().unwrap()],
                     ports: vec![PortSpec::Any],
                     upstream: Some(UpstreamId(0)),
+                    interfaces: vec![],
                 },
             ],
             routes: vec![],
             upstreams: vec![Upstream {
                 name: "web-servers".to_owned(),
-                servers: vec![
+                target: Target::Servers(vec![
                     "203.0.113.2:8080".parse().unwrap(),
                     "[2001:db8:5::2]:8080".parse().unwrap()
-                ],
+                ]),
+                bind: Bind::Proxy,
             }],
         }
     );

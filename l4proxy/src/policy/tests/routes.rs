@@ -65,6 +65,7 @@ fn example_is_valid() {
                 ..Conditions::default()
             },
             action: Action::Upstream(upstream("api-h2")),
+            bind: None,
         },
         Route {
             name: Some("api".to_owned()),
@@ -76,6 +77,7 @@ fn example_is_valid() {
                 ..Conditions::default()
             },
             action: Action::Upstream(upstream("api")),
+            bind: None,
         },
         Route {
             name: Some("no-sni".to_owned()),
@@ -88,6 +90,7 @@ fn example_is_valid() {
                 ..Conditions::default()
             },
             action: Action::Reject,
+            bind: None,
         },
         Route {
             name: Some("www".to_owned()),
@@ -98,6 +101,7 @@ fn example_is_valid() {
                 ..Conditions::default()
             },
             action: Action::Upstream(upstream("web")),
+            bind: None,
         },
         Route {
             name: None,
@@ -109,11 +113,13 @@ fn example_is_valid() {
                 ..Conditions::default()
             },
             action: Action::Upstream(upstream("raw")),
+            bind: None,
         },
         Route {
             name: None,
             conditions: Conditions::default(),
             action: Action::Upstream(upstream("fallback")),
+            bind: None,
         },
     ];
     assert_eq!(policy.routes, expected);
@@ -171,7 +177,7 @@ fn unknown_fields() {
     );
     assert_eq!(
         error_with(r#""name": "api","#, r#""name": "api", "backend": "api","#),
-        "8:30: routes[1].backend: unknown field `backend`, expected one of `name`, `match`, `upstream`, `reject`"
+        "8:30: routes[1].backend: unknown field `backend`, expected one of `name`, `match`, `upstream`, `reject`, `bind`"
     );
 }
 

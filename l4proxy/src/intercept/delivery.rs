@@ -1,0 +1,291 @@
+//! Local delivery of packets whose destination is not this host's: the
+//! policy routing the classic TPROXY recipe sets up by hand, installed over
+//! rtnetlink and removed on exit.
+//!
+//! - `ip rule add fwmark MARK/MASK lookup TABLE`: what `classify` marked
+//!   (forwarded packets of gateway rules, replies to transparent sockets);
+//! - `ip route add local default dev lo table TABLE`: "deliver here";
+//! - for an upstream server on this host that is connected to from client
+//!   addresses: `ip rule add iif lo from SERVER ipproto tcp sport PORT lookup
+//!   TABLE`. The server's replies to a client's address would otherwise be
+//!   routed out towards the client; this sends them, and only the packets
+//!   this host itself sends from that address and port, to the proxy's
+//!   socket. (Remote clients can then no longer reach that server port
+//!   directly: its replies to them are delivered here too, and the
+//!   reverse-path check refuses their packets.)
+//!
+//! Both families get the same rules; each carries protocol 244, like our
+//! routes, so that a crashed daemon's are found (`routes::remove_leftovers`).
+
+use std::{fmt, net::SocketAddr, str::FromStr};
+
+use ipnet::IpNet;
+use rtnetlink::{
+    Handle, IpVersion,
+    packet_route::{
+        AddressFamily, IpProtocol,
+        route::{RouteAttribute, RouteMessage, RouteProtocol},
+        rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange},
+    },
+};
+
+use super::routes::{self, ROUTE_PROTOCOL, RouteError, connect, local_route};
+
+/// Priority of our routing rules: before `lookup main` (32766) and the
+/// defaults an operator usually adds at 1000 and up.
+pub const RULE_PRIORITY: u32 = 244;
+
+/// The packet mark `classify` sets: `value` in the bits of `mask`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub value: u32,
+    pub mask: u32,
+}
+
+/// `0x4c340000/0xffff0000`: "L4" in the high half, clear of the low bits
+/// that kube-proxy, Cilium and Istio use.
+pub const DEFAULT_MARK: Mark = Mark {
+    value: 0x4c34_0000,
+    mask: 0xffff_0000,
+};
+
+/// The routing table of "deliver here".
+pub const DEFAULT_TABLE: u32 = 244;
+
+impl fmt::Display for Mark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}/{:#x}", self.value, self.mask)
+    }
+}
+
+/// `VALUE` or `VALUE/MASK`, each decimal or `0x` hexadecimal; the value must
+/// be non-zero and within the mask.
+impl FromStr for Mark {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let number = |part: &str| {
+            let parsed = match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16),
+                None => part.parse(),
+            };
+            parsed.map_err(|_| format!("not a 32-bit number: {part:?}"))
+        };
+        let (value, mask) = match text.split_once('/') {
+            Some((value, mask)) => (number(value)?, number(mask)?),
+            None => (number(text)?, u32::MAX),
+        };
+        if value == 0 {
+            return Err("the mark must not be 0: unmarked packets have mark 0".to_owned());
+        }
+        if value & !mask != 0 {
+            return Err(format!("mark {value:#x} has bits outside mask {mask:#x}"));
+        }
+        Ok(Mark { value, mask })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(
+        "routing table {table} already has {count} route(s) l4proxy did not make; choose another with --routing-table"
+    )]
+    TableInUse { table: u32, count: usize },
+    #[error(
+        "a routing rule already uses fwmark {mark:#x} (ip rule: {rule}); choose another with --fwmark"
+    )]
+    MarkInUse { mark: u32, rule: String },
+}
+
+/// The rules and routes this daemon added, removed again by
+/// [`Delivery::remove`].
+pub struct Delivery {
+    handle: Handle,
+    rules: Vec<RuleMessage>,
+    routes: Vec<RouteMessage>,
+}
+
+impl Delivery {
+    /// Installs the fwmark rule, the table's `local default` routes, and a
+    /// rule for each of `local_servers`. Refuses a table or mark someone else
+    /// already uses.
+    pub async fn install(
+        mark: Mark,
+        table: u32,
+        local_servers: &[SocketAddr],
+    ) -> Result<Delivery, DeliveryError> {
+        let handle = connect()?;
+        check_unused(&handle, mark, table).await?;
+        let mut delivery = Delivery {
+            handle,
+            rules: Vec::new(),
+            routes: Vec::new(),
+        };
+        if let Err(e) = delivery.add_all(mark, table, local_servers).await {
+            // Undo what we did so a failed start leaves nothing behind.
+            if let Err(undo) = delivery.remove().await {
+                tracing::warn!(error = %undo, "removing routing state after a failed start");
+            }
+            return Err(e.into());
+        }
+        Ok(delivery)
+    }
+
+    async fn add_all(
+        &mut self,
+        mark: Mark,
+        table: u32,
+        local_servers: &[SocketAddr],
+    ) -> Result<(), RouteError> {
+        for default in ["0.0.0.0/0", "::/0"] {
+            let prefix: IpNet = default.parse().expect("a valid prefix");
+            let route = local_route(prefix, table);
+            self.handle
+                .route()
+                .add(route.clone())
+                .execute()
+                .await
+                .map_err(|source| RouteError::Add { prefix, source })?;
+            self.routes.push(route);
+        }
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut rule = rule(version, table);
+            rule.attributes.push(RuleAttribute::FwMark(mark.value));
+            rule.attributes.push(RuleAttribute::FwMask(mark.mask));
+            self.add_rule(rule, format!("fwmark {mark} lookup {table}"))
+                .await?;
+        }
+        for server in local_servers {
+            let version = if server.is_ipv4() {
+                IpVersion::V4
+            } else {
+                IpVersion::V6
+            };
+            let mut rule = rule(version, table);
+            rule.header.src_len = if server.is_ipv4() { 32 } else { 128 };
+            rule.attributes.extend([
+                RuleAttribute::Source(server.ip()),
+                RuleAttribute::Iifname("lo".to_owned()),
+                RuleAttribute::IpProtocol(IpProtocol::Tcp),
+                RuleAttribute::SourcePortRange(RulePortRange {
+                    start: server.port(),
+                    end: server.port(),
+                }),
+            ]);
+            self.add_rule(
+                rule,
+                format!(
+                    "iif lo from {} ipproto tcp sport {} lookup {table}",
+                    server.ip(),
+                    server.port()
+                ),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn add_rule(&mut self, rule: RuleMessage, description: String) -> Result<(), RouteError> {
+        let mut request = self.handle.rule().add();
+        *request.message_mut() = rule.clone();
+        request
+            .execute()
+            .await
+            .map_err(|source| RouteError::AddRule {
+                rule: description,
+                source,
+            })?;
+        self.rules.push(rule);
+        Ok(())
+    }
+
+    /// Removes exactly what `install` added.
+    pub async fn remove(&mut self) -> Result<(), RouteError> {
+        while let Some(rule) = self.rules.pop() {
+            let description = format!("{:?}", rule.attributes);
+            self.handle
+                .rule()
+                .del(rule)
+                .execute()
+                .await
+                .map_err(|source| RouteError::Remove {
+                    route: description,
+                    source,
+                })?;
+        }
+        while let Some(route) = self.routes.pop() {
+            let description = format!("{:?}", route.attributes);
+            self.handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .map_err(|source| RouteError::Remove {
+                    route: description,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// `ip rule add lookup TABLE pref 244 proto 244` (matching on nothing yet).
+fn rule(version: IpVersion, table: u32) -> RuleMessage {
+    let mut rule = RuleMessage::default();
+    rule.header.family = match version {
+        IpVersion::V4 => AddressFamily::Inet,
+        IpVersion::V6 => AddressFamily::Inet6,
+    };
+    rule.header.action = RuleAction::ToTable;
+    rule.attributes.extend([
+        RuleAttribute::Table(table),
+        RuleAttribute::Priority(RULE_PRIORITY),
+        RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)),
+    ]);
+    rule
+}
+
+/// Another program's routes in our table, or its rule on our mark, would
+/// mix with ours: refuse to start rather than misroute.
+async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), DeliveryError> {
+    let mut count = 0;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        count += routes::routes(handle, family)
+            .await?
+            .iter()
+            .filter(|route| table_of(route) == table)
+            .count();
+    }
+    if count > 0 {
+        return Err(DeliveryError::TableInUse { table, count });
+    }
+    for version in [IpVersion::V4, IpVersion::V6] {
+        for rule in routes::rules(handle, version).await? {
+            let marks = rule.attributes.iter().find_map(|attribute| match attribute {
+                RuleAttribute::FwMark(value) => Some(*value),
+                _ => None,
+            });
+            if let Some(value) = marks
+                && value & mark.mask == mark.value
+            {
+                return Err(DeliveryError::MarkInUse {
+                    mark: mark.value,
+                    rule: format!("{:?}", rule.attributes),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn table_of(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}

@@ -1,0 +1,63 @@
+//! The network interfaces of this namespace, as the kernel programs need
+//! them: index, and how many bytes of link-layer header precede the IP header
+//! at tc ingress.
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
+
+use super::routes::{RouteError, connect};
+
+/// Ethernet header length: destination, source, EtherType.
+const ETHERNET_HEADER: u32 = 14;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    /// 14 on Ethernet (and loopback), 0 on layer-3 devices (tun, WireGuard,
+    /// IP tunnels); `None` for link types the kernel programs cannot read.
+    pub l2_len: Option<u32>,
+}
+
+impl Interface {
+    pub fn is_loopback(&self) -> bool {
+        self.index == 1
+    }
+}
+
+/// Every interface of the calling thread's network namespace.
+pub async fn list() -> Result<Vec<Interface>, RouteError> {
+    let handle = connect()?;
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(RouteError::List)?;
+    Ok(links.iter().filter_map(interface_of).collect())
+}
+
+fn interface_of(link: &LinkMessage) -> Option<Interface> {
+    let name = link.attributes.iter().find_map(|attribute| match attribute {
+        LinkAttribute::IfName(name) => Some(name.clone()),
+        _ => None,
+    })?;
+    let l2_len = match link.header.link_layer_type {
+        LinkLayerType::Ether | LinkLayerType::Loopback => Some(ETHERNET_HEADER),
+        LinkLayerType::None
+        | LinkLayerType::Rawip
+        | LinkLayerType::Ppp
+        | LinkLayerType::Tunnel
+        | LinkLayerType::Tunnel6
+        | LinkLayerType::Sit
+        | LinkLayerType::Ipgre
+        | LinkLayerType::Ip6gre => Some(0),
+        _ => None,
+    };
+    Some(Interface {
+        name,
+        index: link.header.index,
+        l2_len,
+    })
+}

@@ -1,0 +1,117 @@
+//! The addresses of this host, kept current: a connection from one of them
+//! (a client on the proxy host itself) must not be spoofed, and an upstream
+//! on one of them needs its replies routed back to the proxy.
+//!
+//! Read from the kernel's interface addresses (as `ip addr` shows them),
+//! plus the loopback ranges and the prefixes the daemon made local itself;
+//! reread whenever an address is added or removed (rtnetlink's address
+//! multicast groups), so that a DHCP renewal or a new VIP is seen.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, RwLock},
+};
+
+use futures::{StreamExt, TryStreamExt};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use rtnetlink::{
+    MulticastGroup,
+    packet_route::address::{AddressAttribute, AddressMessage},
+};
+
+/// 127.0.0.0/8 and ::1: local whether or not `lo` lists them.
+const LOOPBACK: [IpNet; 2] = [
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+    IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalAddrsError {
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("listing this host's addresses: {0}")]
+    List(rtnetlink::Error),
+}
+
+/// A snapshot of this host's addresses, replaced as a whole on each change.
+pub struct LocalAddrs {
+    /// Prefixes the daemon made local (they do not show as addresses).
+    owned: Vec<IpNet>,
+    current: RwLock<Arc<Vec<IpNet>>>,
+}
+
+impl LocalAddrs {
+    /// Reads the addresses now. `owned`: prefixes the daemon routes to this
+    /// host itself (`local` routes).
+    pub async fn load(owned: &[IpNet]) -> Result<Arc<LocalAddrs>, LocalAddrsError> {
+        let local = LocalAddrs {
+            owned: owned.to_vec(),
+            current: RwLock::new(Arc::new(Vec::new())),
+        };
+        local.reload().await?;
+        Ok(Arc::new(local))
+    }
+
+    /// Whether `ip` is an address of this host.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        current.iter().any(|prefix| prefix.contains(&ip))
+    }
+
+    /// Rereads the addresses whenever the kernel reports a change, until the
+    /// runtime shuts down. A failed reread keeps the last snapshot.
+    pub fn watch(self: &Arc<Self>) -> Result<(), LocalAddrsError> {
+        let (connection, _, mut changes) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr])?;
+        tokio::spawn(connection);
+        let local = Arc::clone(self);
+        tokio::spawn(async move {
+            while changes.next().await.is_some() {
+                if let Err(e) = local.reload().await {
+                    tracing::warn!(error = %e, "rereading this host's addresses; keeping the last ones");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn reload(&self) -> Result<(), LocalAddrsError> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        let driver = tokio::spawn(connection);
+        let messages: Result<Vec<AddressMessage>, _> =
+            handle.address().get().execute().try_collect().await;
+        driver.abort();
+        let mut prefixes: Vec<IpNet> = messages
+            .map_err(LocalAddrsError::List)?
+            .iter()
+            .filter_map(address_of)
+            .map(IpNet::from)
+            .collect();
+        prefixes.extend(LOOPBACK);
+        prefixes.extend(&self.owned);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(prefixes);
+        Ok(())
+    }
+}
+
+/// The host's own address of an `ip addr` entry: IFA_LOCAL where given (on a
+/// point-to-point link IFA_ADDRESS is the peer), else IFA_ADDRESS.
+fn address_of(message: &AddressMessage) -> Option<IpAddr> {
+    let mut address = None;
+    for attribute in &message.attributes {
+        match attribute {
+            AddressAttribute::Local(ip) => return Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    address
+}
