@@ -66,8 +66,10 @@ impl LocalAddrs {
     /// Rereads the addresses whenever the kernel reports a change, until the
     /// runtime shuts down. A failed reread keeps the last snapshot.
     pub fn watch(self: &Arc<Self>) -> Result<(), LocalAddrsError> {
-        let (connection, _, mut changes) =
-            rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr])?;
+        let (connection, _, mut changes) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Ifaddr,
+        ])?;
         tokio::spawn(connection);
         let local = Arc::clone(self);
         tokio::spawn(async move {

@@ -100,7 +100,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     let listeners = bind_listeners(&policy, &mut interceptor)?;
     let local = LocalAddrs::load(&owned).await?;
     local.watch()?;
-    let classify = classify_plan(&policy, &interfaces::list().await?)?;
+    let classify = classify_plan(&policy, &interfaces::list().await?, &local)?;
     let marking: Vec<String> = classify.iter().map(|(i, ..)| i.name.clone()).collect();
     let findings = sysctl::check(&sysctl::Plan {
         gateway_v4: gateway_family(&policy, true),
@@ -211,20 +211,23 @@ impl Installed {
 /// Where `classify` goes, and what it does there: every interface a gateway
 /// rule lists (with those rules), and, when some upstream connection is made
 /// from an address that is not this host's own (a client's, or a fixed one),
-/// every interface but loopback, since a server's replies may come in on any.
+/// every interface but loopback whose packets it can read, since a server's
+/// replies may come in on any.
 fn classify_plan(
     policy: &Policy,
     all: &[Interface],
+    local: &LocalAddrs,
 ) -> Result<Vec<(Interface, ClassifyRole, Vec<usize>)>, ServerError> {
     let mut plan: Vec<(Interface, ClassifyRole, Vec<usize>)> = Vec::new();
     for (r, rule) in policy.rules.iter().enumerate() {
         for (k, name) in rule.interfaces.iter().enumerate() {
-            let interface = all.iter().find(|i| &i.name == name).ok_or_else(|| {
-                ServerError::NoInterface {
-                    path: format!("intercept[{r}].interfaces[{k}]"),
-                    name: name.clone(),
-                }
-            })?;
+            let interface =
+                all.iter()
+                    .find(|i| &i.name == name)
+                    .ok_or_else(|| ServerError::NoInterface {
+                        path: format!("intercept[{r}].interfaces[{k}]"),
+                        name: name.clone(),
+                    })?;
             match plan.iter_mut().find(|(i, ..)| i == interface) {
                 Some((_, _, rules)) => rules.push(r),
                 None => plan.push((
@@ -241,9 +244,16 @@ fn classify_plan(
     let spoofing = policy
         .bind_targets()
         .iter()
-        .any(|target| target.bind != Bind::Proxy);
+        .any(|target| match target.bind {
+            Bind::Proxy => false,
+            Bind::ClientIp | Bind::Client => true,
+            Bind::Address(ip) => !local.contains(ip),
+        });
     if spoofing {
-        for interface in all.iter().filter(|i| !i.is_loopback()) {
+        let readable = all
+            .iter()
+            .filter(|i| !i.is_loopback() && i.l2_len.is_some());
+        for interface in readable {
             match plan.iter_mut().find(|(i, ..)| i == interface) {
                 Some((_, role, _)) => role.replies = true,
                 None => plan.push((
@@ -317,8 +327,8 @@ fn bind_listeners(
         if !wanted {
             continue;
         }
-        let listener = listen(addr, transparent)
-            .map_err(|source| ServerError::Listen { family, source })?;
+        let listener =
+            listen(addr, transparent).map_err(|source| ServerError::Listen { family, source })?;
         interceptor.set_listener(family, &listener)?;
         listeners.push(listener);
     }
@@ -441,7 +451,10 @@ async fn serve(client: TcpStream, shared: &Shared) {
     }
     let (upstream_id, bind, route_why) = match decision {
         route::Decision::Upstream {
-            upstream, bind, why, ..
+            upstream,
+            bind,
+            why,
+            ..
         } => (upstream, bind, why.route_name()),
         refused => {
             refuse(client, sniffed.as_ref()).await;

@@ -200,10 +200,8 @@ impl Pool {
                     .filter(|&server| {
                         // Only a connection from the client's own address is
                         // held to its family; `source` decides whether it is.
-                        !matches!(
-                            source(request, server, false, local).0,
-                            Source::Client(_)
-                        ) || server.0.is_ipv4() == client_v4
+                        !matches!(source(request, server, false, local).0, Source::Client(_))
+                            || server.0.is_ipv4() == client_v4
                     })
                     .collect()
             }

@@ -198,6 +198,62 @@ impl Netns {
         lines
     }
 
+    /// Routing rules installed by the daemon (protocol 244), both families.
+    /// (iproute2 6.1 lists every rule whatever `proto` filter it is given.)
+    pub fn proxy_rules(&self) -> Vec<String> {
+        self.all_rules()
+            .into_iter()
+            .filter(|l| l.ends_with("proto 244"))
+            .collect()
+    }
+
+    /// Every routing rule, both families (to compare before and after).
+    pub fn all_rules(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for fam in ["-4", "-6"] {
+            let out = self.ip(&[fam, "rule", "show"]);
+            lines.extend(out.lines().map(|l| format!("{fam} {l}")));
+        }
+        lines
+    }
+
+    /// Programs attached to the ingress of these interfaces, as
+    /// `DEV: NAME`: tcx ones (asked through aya: Debian's bpftool 7.1 does
+    /// not know tcx) and legacy tc filters (`bpftool net show`).
+    pub fn tc_programs(&self, devs: &[&str]) -> Vec<String> {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let mut found = Vec::new();
+        for dev in devs {
+            let dev = dev.to_string();
+            let tcx = self
+                .run({
+                    let dev = dev.clone();
+                    move || SchedClassifier::query_tcx(&dev, TcAttachType::Ingress)
+                })
+                .unwrap_or_else(|e| panic!("querying tcx programs on {dev} in {}: {e}", self.name));
+            found.extend(
+                tcx.1
+                    .iter()
+                    .map(|program| format!("{dev}: {}", program.name_as_str().unwrap_or("?"))),
+            );
+        }
+        let out = must(
+            "ip",
+            &["netns", "exec", &self.name, "bpftool", "-j", "net", "show"],
+        );
+        let all: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("bpftool -j net show: bad JSON ({e}): {out}"));
+        found.extend(
+            all.as_array()
+                .unwrap_or_else(|| panic!("bpftool -j net show: not an array: {out}"))
+                .iter()
+                .filter_map(|section| section.get("tc").and_then(|tc| tc.as_array()))
+                .flatten()
+                .map(|filter| format!("tc filter: {filter}")),
+        );
+        found
+    }
+
     /// Polls until the daemon's routes are gone; returns what is left on timeout.
     pub fn wait_no_proxy_routes(&self, timeout: Duration) -> Vec<String> {
         let deadline = Instant::now() + timeout;

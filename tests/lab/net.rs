@@ -133,6 +133,25 @@ pub fn try_connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Resul
     Ok(s)
 }
 
+/// Connects from inside `ns` from the given local address (port 0: any),
+/// with timeouts set; panics saying what failed.
+pub fn connect_from(ns: &Netns, local: SocketAddr, addr: SocketAddr) -> TcpStream {
+    let s = ns
+        .run(move || -> io::Result<TcpStream> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.bind(&local.into())?;
+            socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+            Ok(socket.into())
+        })
+        .unwrap_or_else(|e| panic!("connect from {local} in netns {} to {addr}: {e}", ns.name()));
+    set_timeouts(&s);
+    s
+}
+
 /// Connects from inside `ns`; panics saying where to if it fails.
 pub fn connect(ns: &Netns, addr: SocketAddr) -> TcpStream {
     try_connect(ns, addr, Duration::from_secs(5))

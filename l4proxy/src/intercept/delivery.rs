@@ -262,10 +262,13 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
     }
     for version in [IpVersion::V4, IpVersion::V6] {
         for rule in routes::rules(handle, version).await? {
-            let marks = rule.attributes.iter().find_map(|attribute| match attribute {
-                RuleAttribute::FwMark(value) => Some(*value),
-                _ => None,
-            });
+            let marks = rule
+                .attributes
+                .iter()
+                .find_map(|attribute| match attribute {
+                    RuleAttribute::FwMark(value) => Some(*value),
+                    _ => None,
+                });
             if let Some(value) = marks
                 && value & mark.mask == mark.value
             {

@@ -39,10 +39,13 @@ pub async fn list() -> Result<Vec<Interface>, RouteError> {
 }
 
 fn interface_of(link: &LinkMessage) -> Option<Interface> {
-    let name = link.attributes.iter().find_map(|attribute| match attribute {
-        LinkAttribute::IfName(name) => Some(name.clone()),
-        _ => None,
-    })?;
+    let name = link
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })?;
     let l2_len = match link.header.link_layer_type {
         LinkLayerType::Ether | LinkLayerType::Loopback => Some(ETHERNET_HEADER),
         LinkLayerType::None

@@ -31,8 +31,8 @@ use aya::{
     },
 };
 use l4proxy_common::{
-    Counter, INTERFACE_REPLIES, InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE,
-    RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
+    Counter, INTERFACE_REPLIES, InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE, RuleKey,
+    RuleValue, SOCKET_V4, SOCKET_V6,
 };
 
 use self::{delivery::Mark, interfaces::Interface};

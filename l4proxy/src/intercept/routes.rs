@@ -186,7 +186,9 @@ pub(super) async fn rules(
 /// Whether a routing rule carries [`ROUTE_PROTOCOL`].
 pub(super) fn is_ours(rule: &RuleMessage) -> bool {
     rule.attributes
-        .contains(&RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)))
+        .contains(&RuleAttribute::Protocol(RouteProtocol::Other(
+            ROUTE_PROTOCOL,
+        )))
 }
 
 /// Every route of one family, in every table.

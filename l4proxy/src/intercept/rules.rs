@@ -323,7 +323,10 @@ mod tests {
         let entries = compile(&p);
         assert_eq!(entries.len(), 96);
         assert_eq!(entry_count(&p), 96);
-        assert_eq!(kernel_rule(&entries, "[2001:db8::1]:80".parse().unwrap()), Some(0));
+        assert_eq!(
+            kernel_rule(&entries, "[2001:db8::1]:80".parse().unwrap()),
+            Some(0)
+        );
         assert_eq!(kernel_rule(&entries, "[::1]:80".parse().unwrap()), Some(0));
         assert_eq!(kernel_rule(&entries, "192.0.2.1:80".parse().unwrap()), None);
     }
@@ -335,12 +338,18 @@ mod tests {
         let p = policy(&[(&["::/0"], &[Single(80)]), (&["::/80"], &[Single(80)])]);
         let entries = compile(&p);
         assert_eq!(kernel_rule(&entries, "[::1]:80".parse().unwrap()), Some(1));
-        assert_eq!(kernel_rule(&entries, "[2001:db8::1]:80".parse().unwrap()), Some(0));
+        assert_eq!(
+            kernel_rule(&entries, "[2001:db8::1]:80".parse().unwrap()),
+            Some(0)
+        );
     }
 
     #[test]
     fn gateway_rules_are_flagged() {
-        let mut p = policy(&[(&["192.0.2.0/24"], &[Single(80)]), (&["203.0.113.0/24"], &[Any])]);
+        let mut p = policy(&[
+            (&["192.0.2.0/24"], &[Single(80)]),
+            (&["203.0.113.0/24"], &[Any]),
+        ]);
         p.rules[1].interfaces = vec!["eth0".to_owned()];
         let flags: Vec<(u32, u32)> = compile(&p)
             .iter()

@@ -106,7 +106,10 @@ mod tests {
         let eth = ["eth0".to_owned()];
         let found = findings(
             &gateway(&eth),
-            &[("net.ipv4.ip_forward", 0), ("net.ipv6.conf.all.forwarding", 1)],
+            &[
+                ("net.ipv4.ip_forward", 0),
+                ("net.ipv6.conf.all.forwarding", 1),
+            ],
         );
         assert!(found.errors.is_empty());
         assert_eq!(found.warnings.len(), 1);
@@ -129,7 +132,10 @@ mod tests {
     #[test]
     fn src_valid_mark_on_a_marking_interface_is_an_error() {
         let eth = ["eth0".to_owned(), "eth1".to_owned()];
-        let base = [("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1)];
+        let base = [
+            ("net.ipv4.ip_forward", 1),
+            ("net.ipv6.conf.all.forwarding", 1),
+        ];
         let with = |extra: &[(&str, u32)]| {
             let mut set = base.to_vec();
             set.extend_from_slice(extra);
@@ -140,7 +146,9 @@ mod tests {
         assert_eq!(one.errors.len(), 1, "{one:?}");
         assert!(one.errors[0].starts_with("net.ipv4.conf.eth1.src_valid_mark"));
         assert_eq!(
-            with(&[("net.ipv4.conf.all.src_valid_mark", 1)]).errors.len(),
+            with(&[("net.ipv4.conf.all.src_valid_mark", 1)])
+                .errors
+                .len(),
             2
         );
         // accept_local lets the local route pass the check.

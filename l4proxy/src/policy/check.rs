@@ -259,7 +259,11 @@ fn check_original_destination(policy: &Policy, target: &BindTarget) -> Result<()
             ),
         ));
     }
-    if let Some(&RuleId(r)) = target.rules.iter().find(|&&r| !policy.rules[r.0].is_gateway()) {
+    if let Some(&RuleId(r)) = target
+        .rules
+        .iter()
+        .find(|&&r| !policy.rules[r.0].is_gateway())
+    {
         return Err(PolicyError::at(
             target.path.clone(),
             format!(
@@ -296,8 +300,14 @@ fn check_bind_family(policy: &Policy, target: &BindTarget) -> Result<(), PolicyE
             }),
         Target::OriginalDestination => target.rules.iter().find_map(|&RuleId(r)| {
             let rule = &policy.rules[r];
-            let prefix = rule.prefixes.iter().find(|p| p.addr().is_ipv4() != addr.is_ipv4())?;
-            Some(format!("prefix {prefix} of rule {:?} (intercept[{r}])", rule.name))
+            let prefix = rule
+                .prefixes
+                .iter()
+                .find(|p| p.addr().is_ipv4() != addr.is_ipv4())?;
+            Some(format!(
+                "prefix {prefix} of rule {:?} (intercept[{r}])",
+                rule.name
+            ))
         }),
     };
     match mismatch {

@@ -155,7 +155,9 @@ impl TryFrom<RouteFields> for Route {
         let action = match (fields.upstream, fields.reject) {
             (Some(upstream), None) => Action::Upstream(upstream),
             (None, Some(True)) if fields.bind.is_some() => {
-                return Err(r#"a rejecting route makes no upstream connection: "bind" needs "upstream""#);
+                return Err(
+                    r#"a rejecting route makes no upstream connection: "bind" needs "upstream""#,
+                );
             }
             (None, Some(True)) => Action::Reject,
             (None, None) => {
@@ -447,7 +449,10 @@ impl TryFrom<String> for Interface {
                 "an interface name is 1-{MAX_INTERFACE_NAME} bytes, got {name:?}"
             ));
         }
-        if name == "." || name == ".." || name.contains(['/', ':']) || name.contains(char::is_whitespace)
+        if name == "."
+            || name == ".."
+            || name.contains(['/', ':'])
+            || name.contains(char::is_whitespace)
         {
             return Err(format!("{name:?} is not a valid interface name"));
         }

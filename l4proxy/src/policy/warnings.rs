@@ -56,7 +56,11 @@ impl Policy {
                 ));
             }
         }
-        warnings.extend(self.bind_targets().iter().filter_map(|t| self.missing_family(t)));
+        warnings.extend(
+            self.bind_targets()
+                .iter()
+                .filter_map(|t| self.missing_family(t)),
+        );
         warnings
     }
 }
@@ -85,7 +89,11 @@ impl Policy {
             target.path,
             target.bind.to_string(),
             upstream.name,
-            if prefix.addr().is_ipv4() { "IPv4" } else { "IPv6" },
+            if prefix.addr().is_ipv4() {
+                "IPv4"
+            } else {
+                "IPv6"
+            },
             self.rules[r].name,
         ))
     }

@@ -1,0 +1,728 @@
+//! Transparency: gateway interception (the tc program and policy routing),
+//! upstream connections from the client's address (`bind`), passthrough to the
+//! original destination, and the pitfalls around them. Each test builds the
+//! routed lab of tests/lab (cl — px — sv, sv's default route via px) and runs
+//! every case in IPv4 and IPv6.
+
+mod lab;
+
+use std::io::Write;
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::time::Duration;
+
+use lab::daemon::{field_str, message};
+use lab::{Daemon, Server, Topo, addr, connect, connect_from, handlers, try_connect};
+use serde_json::{Value, json};
+
+/// The lab's addresses of one family.
+#[derive(Clone, Copy, Debug)]
+struct Family {
+    name: &'static str,
+    client: &'static str,
+    /// px's address on the client side.
+    px_client_side: &'static str,
+    /// px's address on the server side.
+    px_server_side: &'static str,
+    server: &'static str,
+    server_b: &'static str,
+    loopback: &'static str,
+    /// An address of the service prefix px takes as its own (192.0.2.0/24,
+    /// 2001:db8:a::/64).
+    service: &'static str,
+}
+
+const V4: Family = Family {
+    name: "IPv4",
+    client: addr::CL4,
+    px_client_side: addr::PX4_CL,
+    px_server_side: addr::PX4_SV,
+    server: addr::SV4,
+    server_b: addr::SV4_B,
+    loopback: "127.0.0.1",
+    service: "192.0.2.10",
+};
+
+const V6: Family = Family {
+    name: "IPv6",
+    client: addr::CL6,
+    px_client_side: addr::PX6_CL,
+    px_server_side: addr::PX6_SV,
+    server: addr::SV6,
+    server_b: addr::SV6_B,
+    loopback: "::1",
+    service: "2001:db8:a::10",
+};
+
+const FAMILIES: [Family; 2] = [V4, V6];
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn sock(ip_text: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(ip_text), port)
+}
+
+/// `ADDR:PORT` of both families, as a policy writes servers.
+fn both(port: u16, pick: impl Fn(Family) -> &'static str) -> Vec<String> {
+    FAMILIES
+        .iter()
+        .map(|&f| sock(pick(f), port).to_string())
+        .collect()
+}
+
+/// A gateway rule on px's client-side interface for sv's prefixes.
+fn gateway_rule(ports: Value, upstream: &str) -> Value {
+    json!({ "name": "gateway", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
+            "ports": ports, "interfaces": ["to-cl"], "upstream": upstream })
+}
+
+/// Reads the server's greeting, has one line echoed, half-closes and reads
+/// to the end: the connection works in both directions.
+fn talk(c: &mut std::net::TcpStream, want: &str, what: &str) {
+    let hello = lab::read_line(c).unwrap_or_else(|e| panic!("{what}: greeting: {e}"));
+    assert_eq!(hello, want, "{what}: reached the wrong server");
+    let line = format!("through l4proxy: {what}\n");
+    c.write_all(line.as_bytes()).unwrap();
+    let back = lab::read_exact_n(c, line.len()).unwrap_or_else(|e| panic!("{what}: echo: {e}"));
+    assert_eq!(back, line.as_bytes(), "{what}: echo differs");
+    c.shutdown(Shutdown::Write).unwrap();
+    let rest = lab::read_to_eof(c).unwrap_or_else(|e| panic!("{what}: EOF: {e}"));
+    assert_eq!(rest.len, 0, "{what}: bytes after the echo");
+}
+
+/// The `connection closed` event of the connection from `client`.
+fn closed_event(d: &mut Daemon, client: SocketAddr) -> Value {
+    let wanted = client.to_string();
+    d.wait_event(
+        &format!("`connection closed` for {client}"),
+        Duration::from_secs(10),
+        |e| {
+            message(e) == Some("connection closed")
+                && field_str(e, "client").as_deref() == Some(wanted.as_str())
+        },
+    )
+}
+
+fn field(ev: &Value, name: &str) -> String {
+    field_str(ev, name).unwrap_or_else(|| panic!("no field {name} in {ev}"))
+}
+
+/// One of the four proxy types of the seed slides: the client connects to
+/// `dst`, px relays to the server on sv:8080 with `bind`; returns what the
+/// server saw (peer, local) and the client's own address.
+struct Seen {
+    client: SocketAddr,
+    peer: SocketAddr,
+    local: SocketAddr,
+    closed: Value,
+}
+
+fn proxy_type(
+    test: &str,
+    rule: Value,
+    bind: &str,
+    dst: impl Fn(Family) -> SocketAddr,
+) -> Vec<Seen> {
+    let t = Topo::new(test);
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
+        .collect();
+    let policy = json!({
+        "intercept": [rule],
+        "upstreams": { "web": { "servers": both(8080, |f| f.server), "bind": bind } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let mut seen = Vec::new();
+    for (f, server) in FAMILIES.iter().zip(&servers) {
+        let to = dst(*f);
+        let mut c = connect(&t.cl, to);
+        assert_eq!(c.peer_addr().unwrap(), to, "{}: the client's peer", f.name);
+        let client = c.local_addr().unwrap();
+        assert_eq!(
+            client.ip(),
+            ip(f.client),
+            "{}: the client's address",
+            f.name
+        );
+        talk(&mut c, "server", &format!("{test} {} to {to}", f.name));
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(accepted.len(), 1, "{}: {accepted:?}", f.name);
+        let closed = closed_event(&mut d, client);
+        assert_eq!(field(&closed, "orig_dst"), to.to_string(), "{closed}");
+        assert_eq!(field(&closed, "bind"), bind, "{closed}");
+        assert_eq!(
+            field(&closed, "source"),
+            accepted[0].peer.to_string(),
+            "the logged source is what the server saw: {closed}"
+        );
+        seen.push(Seen {
+            client,
+            peer: accepted[0].peer,
+            local: accepted[0].local,
+            closed,
+        });
+    }
+    seen
+}
+
+/// Fully transparent (gateway interception, `bind: client`): the client
+/// connects to a server address and port of its own choosing behind the
+/// gateway; the server sees the client's address and port.
+#[test]
+fn fully_transparent() {
+    let seen = proxy_type("full", gateway_rule(json!([80]), "web"), "client", |f| {
+        sock(f.server_b, 80)
+    });
+    for (f, s) in FAMILIES.iter().zip(&seen) {
+        assert_eq!(
+            s.peer, s.client,
+            "{}: the server sees the client itself",
+            f.name
+        );
+        assert_eq!(s.local, sock(f.server, 8080), "{}", f.name);
+        assert_eq!(field(&s.closed, "rule"), "gateway");
+    }
+}
+
+/// Inbound transparent (gateway interception, `bind: proxy`): the client
+/// connects to the server's address; the server sees the proxy.
+#[test]
+fn inbound_transparent() {
+    let seen = proxy_type("inbound", gateway_rule(json!([80]), "web"), "proxy", |f| {
+        sock(f.server_b, 80)
+    });
+    for (f, s) in FAMILIES.iter().zip(&seen) {
+        assert_eq!(
+            s.peer.ip(),
+            ip(f.px_server_side),
+            "{}: the server sees px",
+            f.name
+        );
+    }
+}
+
+/// Outbound transparent (the client names the proxy, `bind: client-ip`): the
+/// server sees the client's address.
+#[test]
+fn outbound_transparent() {
+    let rule = json!({ "name": "explicit", "prefixes": ["198.51.100.1/32", "2001:db8:c::1/128"],
+                       "ports": [8000], "upstream": "web" });
+    let seen = proxy_type("outbound", rule, "client-ip", |f| {
+        sock(f.px_client_side, 8000)
+    });
+    for (f, s) in FAMILIES.iter().zip(&seen) {
+        assert_eq!(
+            s.peer.ip(),
+            s.client.ip(),
+            "{}: the server sees the client's address",
+            f.name
+        );
+    }
+}
+
+/// Explicit (not transparent): the client names the proxy, the server sees
+/// the proxy.
+#[test]
+fn explicit_proxy() {
+    let rule = json!({ "name": "explicit", "prefixes": ["198.51.100.1/32", "2001:db8:c::1/128"],
+                       "ports": [8000], "upstream": "web" });
+    let seen = proxy_type("explicit", rule, "proxy", |f| sock(f.px_client_side, 8000));
+    for (f, s) in FAMILIES.iter().zip(&seen) {
+        assert_eq!(
+            s.peer.ip(),
+            ip(f.px_server_side),
+            "{}: the server sees px",
+            f.name
+        );
+    }
+}
+
+/// Passthrough (`original_destination`): connections to two different
+/// servers behind the gateway each reach the server the client named, from
+/// the client's address.
+#[test]
+fn passthrough_to_the_original_destination() {
+    let t = Topo::new("passthrough");
+    let mut servers = Vec::new();
+    for f in FAMILIES {
+        for (addr, id) in [(f.server, "a"), (f.server_b, "b")] {
+            servers.push((
+                f,
+                sock(addr, 8080),
+                id,
+                Server::start(&t.sv, sock(addr, 8080), handlers::hello_echo(id)),
+            ));
+        }
+    }
+    let policy = json!({
+        "intercept": [gateway_rule(json!([8080]), "origin")],
+        "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    for (f, to, id, server) in &servers {
+        let mut c = connect(&t.cl, *to);
+        let client = c.local_addr().unwrap();
+        talk(&mut c, id, &format!("{} passthrough to {to}", f.name));
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer.ip(),
+            client.ip(),
+            "{to} sees the client's address"
+        );
+        let closed = closed_event(&mut d, client);
+        assert_eq!(field(&closed, "upstream"), to.to_string(), "{closed}");
+        assert_eq!(field(&closed, "orig_dst"), to.to_string(), "{closed}");
+    }
+    for (_, to, _, server) in &servers {
+        assert_eq!(
+            server.accepted().len(),
+            1,
+            "{to} got exactly its own connection"
+        );
+    }
+}
+
+/// With a gateway rule and transparent upstreams in force, a port the policy
+/// does not name is forwarded as before: the server sees the client's own
+/// connection, and the daemon never sees it.
+#[test]
+fn unlisted_port_is_forwarded_untouched() {
+    let t = Topo::new("fwd_untouched");
+    let mut servers = Vec::new();
+    for f in FAMILIES {
+        servers.push(Server::start(
+            &t.sv,
+            sock(f.server, 8080),
+            handlers::hello_echo("proxied"),
+        ));
+        servers.push(Server::start(
+            &t.sv,
+            sock(f.server, 9090),
+            handlers::hello_echo("direct"),
+        ));
+    }
+    let policy = json!({
+        "intercept": [gateway_rule(json!([80]), "web")],
+        "upstreams": { "web": { "servers": both(8080, |f| f.server), "bind": "client" } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    for (i, f) in FAMILIES.iter().enumerate() {
+        // Control: port 80 is intercepted.
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        let proxied_client = c.local_addr().unwrap();
+        talk(&mut c, "proxied", &format!("{} port 80", f.name));
+        closed_event(&mut d, proxied_client);
+
+        let mut c = connect(&t.cl, sock(f.server, 9090));
+        let client = c.local_addr().unwrap();
+        talk(&mut c, "direct", &format!("{} port 9090", f.name));
+        let accepted = servers[2 * i + 1].wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer, client,
+            "{}: the server sees the client's own connection",
+            f.name
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let logged = d.events().into_iter().any(|e| {
+            message(&e) == Some("connection closed")
+                && field_str(&e, "client").as_deref() == Some(client.to_string().as_str())
+        });
+        assert!(
+            !logged,
+            "{}: the daemon relayed a connection to port 9090",
+            f.name
+        );
+    }
+}
+
+/// A client on the proxy host itself (its own addresses, loopback) reaching
+/// an intercepted address is relayed but not spoofed: the server sees the
+/// proxy's address. A remote client of the same rule is spoofed (control).
+#[test]
+fn local_client_is_not_spoofed() {
+    let t = Topo::new("local_client");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
+        .collect();
+    // One pool per family: a client that is not spoofed may be relayed to a
+    // server of the other family, and each server must see its own.
+    let policy = json!({
+        "intercept": [
+            { "name": "svc4", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "web4" },
+            { "name": "svc6", "prefixes": ["2001:db8:a::/64"], "ports": [80], "upstream": "web6" }
+        ],
+        "upstreams": {
+            "web4": { "servers": [sock(V4.server, 8080).to_string()], "bind": "client" },
+            "web6": { "servers": [sock(V6.server, 8080).to_string()], "bind": "client" }
+        }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    for (f, server) in FAMILIES.iter().zip(&servers) {
+        let to = sock(f.service, 80);
+        let mut c = connect(&t.cl, to);
+        let remote = c.local_addr().unwrap();
+        talk(&mut c, "server", &format!("{} remote client", f.name));
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer, remote,
+            "{}: a remote client is spoofed",
+            f.name
+        );
+
+        for from in [f.px_client_side, f.loopback, f.px_server_side] {
+            let mut c = connect_from(&t.px, sock(from, 0), to);
+            let local_client = c.local_addr().unwrap();
+            talk(&mut c, "server", &format!("{} from px's {from}", f.name));
+            let closed = closed_event(&mut d, local_client);
+            let accepted = server.accepted();
+            let last = accepted.last().unwrap();
+            assert_eq!(
+                last.peer.ip(),
+                ip(f.px_server_side),
+                "{}: a client on px ({local_client}) must not be spoofed",
+                f.name
+            );
+            assert_eq!(
+                field(&closed, "bind_fallback"),
+                "client is this host: not spoofed",
+                "{closed}"
+            );
+        }
+    }
+}
+
+/// Proxy and server on the same host: the daemon routes the server's replies
+/// to a client's address back to itself, so the server sees the client.
+/// Servers on loopback and on px's own address.
+#[test]
+fn server_on_the_proxy_host_sees_the_client() {
+    let t = Topo::new("same_host");
+    let mut servers = Vec::new();
+    for f in FAMILIES {
+        for (addr, port) in [(f.loopback, 8080), (f.px_server_side, 8081)] {
+            let listen = sock(addr, port);
+            servers.push((
+                f,
+                listen,
+                Server::start(&t.px, listen, handlers::hello_echo("on-px")),
+            ));
+        }
+    }
+    let policy = json!({
+        "intercept": [
+            { "name": "lo", "prefixes": ["192.0.2.10/32", "2001:db8:a::10/128"], "ports": [80], "upstream": "loopback" },
+            { "name": "own", "prefixes": ["192.0.2.20/32", "2001:db8:a::20/128"], "ports": [80], "upstream": "own" }
+        ],
+        "upstreams": {
+            "loopback": { "servers": ["127.0.0.1:8080", "[::1]:8080"], "bind": "client" },
+            "own": { "servers": both(8081, |f| f.px_server_side), "bind": "client" }
+        }
+    });
+    let _d = Daemon::start_ready(&t.px, &policy, &[]);
+    for (f, listen, server) in &servers {
+        let service = if listen.port() == 8080 {
+            f.service
+        } else {
+            &f.service.replace("10", "20")
+        };
+        let mut c = connect(&t.cl, sock(service, 80));
+        let client = c.local_addr().unwrap();
+        talk(
+            &mut c,
+            "on-px",
+            &format!("{} to the server on px at {listen}", f.name),
+        );
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer, client,
+            "the server at {listen} sees the client"
+        );
+    }
+    let rules = t.px.proxy_rules();
+    for (_, listen, _) in &servers {
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.contains(&format!("from {}", listen.ip()))
+                    && r.contains(&format!("sport {}", listen.port()))),
+            "a rule for the replies of {listen}: {rules:#?}"
+        );
+    }
+}
+
+/// `bind: client` towards the original destination would repeat the
+/// client's own 4-tuple: the port is left to the kernel (client-ip).
+#[test]
+fn client_port_to_the_original_destination_falls_back_to_client_ip() {
+    let t = Topo::new("four_tuple");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
+        .collect();
+    let policy = json!({
+        "intercept": [ { "name": "gateway", "prefixes": ["203.0.113.2/32", "2001:db8:5::2/128"],
+                         "ports": [8080], "interfaces": ["to-cl"], "upstream": "web" } ],
+        "upstreams": { "web": { "servers": both(8080, |f| f.server), "bind": "client" } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    for (f, server) in FAMILIES.iter().zip(&servers) {
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        let client = c.local_addr().unwrap();
+        talk(
+            &mut c,
+            "server",
+            &format!("{} to {}:8080", f.name, f.server),
+        );
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer.ip(),
+            client.ip(),
+            "{}: the client's address",
+            f.name
+        );
+        assert_ne!(
+            accepted[0].peer.port(),
+            client.port(),
+            "{}: not the client's port",
+            f.name
+        );
+        let closed = closed_event(&mut d, client);
+        assert!(
+            field(&closed, "bind_fallback").contains("client-ip"),
+            "{closed}"
+        );
+    }
+}
+
+/// The policy of the teardown tests: gateway interception and transparent
+/// upstreams, so that every kind of kernel state is in use.
+fn full_policy() -> Value {
+    json!({
+        "intercept": [gateway_rule(json!([80]), "web")],
+        "upstreams": { "web": { "servers": both(8080, |f| f.server), "bind": "client" } }
+    })
+}
+
+/// Starts the daemon with `full_policy`, checks that its kernel state is
+/// there and works, ends it with `signal`, and checks that nothing is left:
+/// no tc program, routing rule or route, and traffic is forwarded as before.
+fn nothing_left_after(test: &str, signal: i32) {
+    let t = Topo::new(test);
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
+        .collect();
+    let rules_before = t.px.all_rules();
+    let mut d = Daemon::start_ready(&t.px, &full_policy(), &[]);
+
+    let tc = t.px.tc_programs(&["to-cl", "to-sv"]);
+    assert_eq!(
+        tc,
+        ["to-cl: classify", "to-sv: classify"],
+        "while running, classify should be on both interfaces"
+    );
+    let rules = t.px.proxy_rules();
+    assert!(
+        rules.iter().any(|r| r.contains("fwmark")),
+        "fwmark rule: {rules:#?}"
+    );
+    let routes = t.px.proxy_routes();
+    assert!(
+        routes.iter().any(|r| r.contains("table 244")),
+        "table 244 routes: {routes:#?}"
+    );
+    let mut c = connect(&t.cl, sock(V4.server_b, 80));
+    talk(&mut c, "server", "while running");
+
+    d.signal(signal);
+    let status = d.wait_exit(Duration::from_secs(10));
+    if signal == libc::SIGTERM {
+        d.assert_exit_ok(status);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !(t.px.proxy_rules().is_empty() && t.px.proxy_routes().is_empty())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        t.px.tc_programs(&["to-cl", "to-sv"]),
+        Vec::<String>::new(),
+        "tc programs left"
+    );
+    assert_eq!(
+        t.px.proxy_rules(),
+        Vec::<String>::new(),
+        "proto 244 rules left"
+    );
+    assert_eq!(
+        t.px.proxy_routes(),
+        Vec::<String>::new(),
+        "proto 244 routes left"
+    );
+    assert_eq!(
+        t.px.all_rules(),
+        rules_before,
+        "routing rules differ from before the start"
+    );
+    assert_eq!(
+        t.px.wait_no_bpf_links(Duration::from_secs(2)),
+        Vec::<Value>::new()
+    );
+    for (f, server) in FAMILIES.iter().zip(&servers) {
+        // Port 80 on sv has no listener: without the proxy it is refused.
+        assert!(
+            try_connect(&t.cl, sock(f.server_b, 80), Duration::from_secs(2)).is_err(),
+            "{}: port 80 still answered after the daemon ended",
+            f.name
+        );
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        let client = c.local_addr().unwrap();
+        talk(
+            &mut c,
+            "server",
+            &format!("{} forwarded after the end", f.name),
+        );
+        assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
+    }
+}
+
+#[test]
+fn nothing_left_after_sigterm() {
+    nothing_left_after("left_term", libc::SIGTERM);
+}
+
+#[test]
+fn nothing_left_after_sigkill() {
+    nothing_left_after("left_kill", libc::SIGKILL);
+}
+
+/// The start-up checks: an interface the policy names must exist, and
+/// `src_valid_mark` (which makes marked packets fail the reverse-path check)
+/// is refused with what to change; both leave nothing behind.
+#[test]
+fn start_up_refuses_a_host_not_set_up_for_the_policy() {
+    let t = Topo::new("startup");
+    let missing = json!({
+        "intercept": [ { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["to-cl", "nope0"], "upstream": "web" } ],
+        "upstreams": { "web": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let mut d = Daemon::start(&t.px, &missing, &[]);
+    assert!(
+        !d.wait_exit(Duration::from_secs(10)).success(),
+        "started without nope0"
+    );
+    assert!(
+        d.log_text()
+            .contains(r#"intercept[0].interfaces[1]: no interface \"nope0\""#),
+        "{}",
+        d.log_text()
+    );
+
+    t.px.sysctl("net.ipv4.conf.to-cl.src_valid_mark", "1");
+    let mut d = Daemon::start(&t.px, &full_policy(), &[]);
+    assert!(
+        !d.wait_exit(Duration::from_secs(10)).success(),
+        "started with src_valid_mark"
+    );
+    assert!(
+        d.log_text()
+            .contains("net.ipv4.conf.to-cl.src_valid_mark (or .all.) is 1"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
+    assert_eq!(t.px.proxy_routes(), Vec::<String>::new());
+    assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
+}
+
+/// Forwarding off on a gateway is only a warning: what the rules intercept
+/// is delivered here and still works.
+#[test]
+fn forwarding_off_is_a_warning() {
+    let t = Topo::new("no_forward");
+    t.px.sysctl("net.ipv4.ip_forward", "0");
+    t.px.sysctl("net.ipv6.conf.all.forwarding", "0");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
+        .collect();
+    let policy = json!({
+        "intercept": [gateway_rule(json!([80]), "web")],
+        "upstreams": { "web": { "servers": both(8080, |f| f.server) } }
+    });
+    let d = Daemon::start_ready(&t.px, &policy, &[]);
+    for key in [
+        "net.ipv4.ip_forward is 0",
+        "net.ipv6.conf.all.forwarding is 0",
+    ] {
+        assert!(
+            d.log_text().contains(key),
+            "warning {key:?}: {}",
+            d.log_text()
+        );
+    }
+    for (f, server) in FAMILIES.iter().zip(&servers) {
+        let mut c = connect(&t.cl, sock(f.server_b, 80));
+        talk(&mut c, "server", &format!("{} without forwarding", f.name));
+        assert_eq!(server.wait_accepted(1, Duration::from_secs(5)).len(), 1);
+    }
+}
+
+/// Strict reverse-path filtering is fine; `src_valid_mark` is not: set
+/// after start-up (which would have refused it), new intercepted connections
+/// are dropped as martians. This is the failure the start-up check prevents.
+#[test]
+fn strict_rp_filter_works_and_src_valid_mark_breaks_interception() {
+    let t = Topo::new("rp_filter");
+    let _servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
+        .collect();
+    for key in ["all", "default", "to-cl", "to-sv"] {
+        t.px.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "1");
+    }
+    let _d = Daemon::start_ready(&t.px, &full_policy(), &[]);
+    let mut c = connect(&t.cl, sock(V4.server_b, 80));
+    talk(&mut c, "server", "with strict rp_filter");
+
+    t.px.sysctl("net.ipv4.conf.to-cl.src_valid_mark", "1");
+    match try_connect(&t.cl, sock(V4.server_b, 80), Duration::from_secs(2)) {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("with src_valid_mark the SYN should be dropped, got {other:?}"),
+    }
+}
+
+/// A fixed source address that is not px's own works like a client's: the
+/// server sees it, and its replies are routed back to px.
+#[test]
+fn fixed_source_address() {
+    let t = Topo::new("fixed_source");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
+        .collect();
+    let sources = ["192.0.2.99", "2001:db8:a::99"];
+    let policy = json!({
+        "intercept": [
+            { "name": "gw4", "prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["to-cl"], "upstream": "web4" },
+            { "name": "gw6", "prefixes": ["2001:db8:5::/64"], "ports": [80], "interfaces": ["to-cl"], "upstream": "web6" }
+        ],
+        "upstreams": {
+            "web4": { "servers": [sock(V4.server, 8080).to_string()], "bind": sources[0] },
+            "web6": { "servers": [sock(V6.server, 8080).to_string()], "bind": sources[1] }
+        }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    for ((f, server), source) in FAMILIES.iter().zip(&servers).zip(sources) {
+        let mut c = connect(&t.cl, sock(f.server_b, 80));
+        let client = c.local_addr().unwrap();
+        talk(&mut c, "server", &format!("{} from {source}", f.name));
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(accepted[0].peer.ip(), ip(source), "{}", f.name);
+        assert_eq!(field(&closed_event(&mut d, client), "bind"), source);
+    }
+}
