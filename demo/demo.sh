@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The l4proxy demo: three hosts in network namespaces, l4proxy on the middle one
-# owning the service prefixes 192.0.2.0/24 and 2001:db8:a::/64.
+# The l4proxy demo: three hosts in network namespaces, l4proxy on the middle one.
+# Act 1: l4proxy owns the service prefixes 192.0.2.0/24 and 2001:db8:a::/64.
+# Act 2: the middle host is a router; l4proxy intercepts the client's
+# connections to the server's own addresses on port 80 and passes them on
+# from the client's address (fully transparent).
 #
 #   client (198.51.100.2, 2001:db8:c::2)
 #     |
 #   proxy  (198.51.100.1, 2001:db8:c::1 | 203.0.113.1, 2001:db8:5::1)  <- l4proxy
 #     |
-#   server (203.0.113.2, 2001:db8:5::2): nginx on :8080 (site A) and :8081 (site B)
+#   server (203.0.113.2, 2001:db8:5::2): nginx on :8080 (site A), :8081 (site B)
+#                                        and :80 (site C)
 #
-# Usage: demo.sh L4PROXY_BINARY POLICY   (run by `cargo xtask demo`)
+# Usage: demo.sh L4PROXY_BINARY POLICY GATEWAY_POLICY   (run by `cargo xtask demo`)
 # Everything it creates lives in namespaces named l4demo-<pid>-*, removed on exit.
 set -euo pipefail
 
 l4proxy=$(realpath "$1")
 policy=$(realpath "$2")
+gateway_policy=$(realpath "$3")
 tag="l4demo-$$"
 work=$(mktemp -d)
 chmod 755 "$work" # nginx workers (www-data) read the sites from here
@@ -56,13 +61,17 @@ for link in "$cl to-px" "$px to-cl" "$px to-sv" "$sv to-px"; do
 done
 ip -n "$cl" route add 192.0.2.0/24 via 198.51.100.1
 ip -n "$cl" route add 2001:db8:a::/64 via 2001:db8:c::1
+ip -n "$cl" route add 203.0.113.0/24 via 198.51.100.1
+ip -n "$cl" route add 2001:db8:5::/64 via 2001:db8:c::1
+ip netns exec "$px" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
 ip -n "$sv" route add default via 203.0.113.1
 ip -n "$sv" route add default via 2001:db8:5::1
 
-say "starting nginx on the server: site A on :8080, site B on :8081"
-mkdir -p "$work/a" "$work/b"
+say "starting nginx on the server: site A on :8080, site B on :8081, site C on :80"
+mkdir -p "$work/a" "$work/b" "$work/c"
 echo "hello from site A" >"$work/a/index.html"
 echo "hello from site B" >"$work/b/index.html"
+echo "hello from site C" >"$work/c/index.html"
 cat >"$work/nginx.conf" <<CONF
 pid $work/nginx.pid;
 error_log $work/nginx-error.log;
@@ -71,24 +80,39 @@ http {
     access_log $work/nginx-access.log;
     server { listen 8080; listen [::]:8080; root $work/a; }
     server { listen 8081; listen [::]:8081; root $work/b; }
+    server { listen 80; listen [::]:80; root $work/c; }
 }
 CONF
 ip netns exec "$sv" nginx -c "$work/nginx.conf"
 
-say "the policy ($policy)"
-cat "$policy"
-show "$l4proxy" check "$policy"
+# Starts l4proxy in the proxy namespace with policy $1 and waits for `ready`.
+start_l4proxy() {
+    say "the policy ($1)"
+    cat "$1"
+    show "$l4proxy" check "$1"
+    say "starting l4proxy in the proxy namespace"
+    : >"$work/l4proxy.log"
+    ip netns exec "$px" "$l4proxy" run --policy "$1" --grace-period 2 2>"$work/l4proxy.log" &
+    daemon_pid=$!
+    for _ in $(seq 50); do
+        grep -q ready "$work/l4proxy.log" && break
+        kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/l4proxy.log"; exit 1; }
+        sleep 0.1
+    done
+    grep -q ready "$work/l4proxy.log" || { cat "$work/l4proxy.log"; echo "l4proxy did not start"; exit 1; }
+    cat "$work/l4proxy.log"
+}
 
-say "starting l4proxy in the proxy namespace"
-ip netns exec "$px" "$l4proxy" run --policy "$policy" --grace-period 2 2>"$work/l4proxy.log" &
-daemon_pid=$!
-for _ in $(seq 50); do
-    grep -q ready "$work/l4proxy.log" && break
-    kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/l4proxy.log"; exit 1; }
-    sleep 0.1
-done
-grep -q ready "$work/l4proxy.log" || { cat "$work/l4proxy.log"; echo "l4proxy did not start"; exit 1; }
-cat "$work/l4proxy.log"
+stop_l4proxy() {
+    say "stopping l4proxy (SIGTERM)"
+    kill -TERM "$daemon_pid"
+    wait "$daemon_pid"
+    daemon_pid=""
+    tail -n 10 "$work/l4proxy.log" | grep -v '^$' || true
+}
+
+say "ACT 1: l4proxy owns the service prefixes"
+start_l4proxy "$policy"
 
 say "what l4proxy installed in the proxy namespace (no iptables, no nft)"
 show ip -n "$px" route show table local proto 244
@@ -108,15 +132,31 @@ if ip netns exec "$cl" curl -sS --max-time 5 http://192.0.2.10:2222/; then
     echo "unexpected: port 2222 answered"; exit 1
 fi
 
-say "what the server saw (the proxy's address: this demo is not transparent)"
+say "what the server saw (the proxy's address: act 1 is not transparent)"
 cat "$work/nginx-access.log"
-
-say "stopping l4proxy (SIGTERM)"
-kill -TERM "$daemon_pid"
-wait "$daemon_pid"
-daemon_pid=""
-tail -n +$(($(grep -c '' "$work/l4proxy.log") - 9)) "$work/l4proxy.log" | grep -v '^$' || true
+stop_l4proxy
 show ip -n "$px" route show table local proto 244
 echo "(no routes of ours left)"
+
+say "ACT 2: the proxy host is a gateway; l4proxy intercepts port 80 on to-cl"
+start_l4proxy "$gateway_policy"
+
+say "what l4proxy installed: a mark rule, a table, tc programs (no iptables, no nft)"
+show ip -n "$px" rule show
+show ip -n "$px" route show table 244
+show ip -n "$px" -6 route show table 244
+
+say "the client connects to the server's own addresses, through the gateway"
+: >"$work/nginx-access.log"
+show ip netns exec "$cl" curl -sS --max-time 5 http://203.0.113.2/
+show ip netns exec "$cl" curl -sS --max-time 5 "http://[2001:db8:5::2]/"
+say "port 8080 is not in the policy: forwarded untouched"
+show ip netns exec "$cl" curl -sS --max-time 5 http://203.0.113.2:8080/
+
+say "what the server saw: the client's own address every time (fully transparent)"
+cat "$work/nginx-access.log"
+stop_l4proxy
+show ip -n "$px" rule show
+echo "(no rules, routes or tc programs of ours left)"
 
 say "done: removing the lab"

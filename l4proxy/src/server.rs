@@ -116,7 +116,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     let local_servers = local_transparent_servers(&policy, &local);
 
     let mut installed = Installed {
-        local_routes: Some(LocalRoutes::install(&owned).await?),
+        local_routes: LocalRoutes::install(&owned).await?,
         delivery: None,
     };
     let attached = async {
@@ -140,7 +140,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     tracing::info!(
         rules = policy.rules.len(),
         kernel_entries = interceptor.rule_entries(),
-        routes = ?installed.local_routes.as_ref().map(LocalRoutes::added),
+        routes = ?installed.local_routes.added(),
         tc_interfaces = ?interceptor.classify_interfaces(),
         local_servers = ?local_servers,
         listeners = ?listeners.iter().map(|l| l.local_addr().ok()).collect::<Vec<_>>(),
@@ -192,7 +192,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
 /// The routing state this daemon added, removed on exit (and on a failed
 /// start).
 struct Installed {
-    local_routes: Option<LocalRoutes>,
+    local_routes: LocalRoutes,
     delivery: Option<Delivery>,
 }
 
@@ -201,10 +201,7 @@ impl Installed {
         if let Some(delivery) = &mut self.delivery {
             delivery.remove().await?;
         }
-        if let Some(local_routes) = &mut self.local_routes {
-            local_routes.remove().await?;
-        }
-        Ok(())
+        self.local_routes.remove().await
     }
 }
 

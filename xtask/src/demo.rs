@@ -14,6 +14,7 @@ pub fn run() -> anyhow::Result<()> {
             .current_dir(&root)
             .arg("demo/demo.sh")
             .arg(daemon)
-            .arg("examples/demo.json"),
+            .arg("examples/demo.json")
+            .arg("examples/demo-gateway.json"),
     )
 }

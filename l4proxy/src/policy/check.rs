@@ -40,7 +40,16 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
     check_overlaps(&policy)?;
     check_size(&policy)?;
     check_loops(&policy)?;
-    for target in policy.bind_targets() {
+    // Each upstream's own `bind`, whether or not a route overrides it, then
+    // each way connections reach an upstream, with the `bind` in force there.
+    let own = (0..policy.upstreams.len()).map(|u| BindTarget {
+        upstream: UpstreamId(u),
+        bind: policy.upstreams[u].bind,
+        route: None,
+        path: format!("upstreams.{}", policy.upstreams[u].name),
+        rules: Vec::new(),
+    });
+    for target in own.chain(policy.bind_targets()) {
         check_original_destination(&policy, &target)?;
         check_bind_family(&policy, &target)?;
     }

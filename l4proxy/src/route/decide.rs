@@ -380,6 +380,26 @@ mod tests {
     }
 
     #[test]
+    fn a_routes_bind_overrides_its_upstreams() {
+        let p = policy(
+            r#"{ "match": { "sni": ["api.example.com"] }, "upstream": "a", "bind": "client-ip" },
+               { "match": { "sni": ["*.example.com"] }, "upstream": "a" }"#,
+        );
+        let c = conn(&p, CLIENT, HTTPS);
+        let bind = |hello: Hello| match decide(&p, &c, Some(&hello)) {
+            Decision::Upstream { bind, .. } => bind,
+            other => panic!("{other}"),
+        };
+        assert_eq!(bind(sni("api.example.com")), Bind::ClientIp);
+        assert_eq!(bind(sni("www.example.com")), Bind::Proxy);
+        assert_eq!(
+            bind(sni("www.example.net")),
+            Bind::Proxy,
+            "the rule's default"
+        );
+    }
+
+    #[test]
     fn sni_patterns() {
         let p = policy(
             r#"{ "match": { "sni": ["api.example.com", "*.api.example.com"] }, "upstream": "a" },

@@ -26,10 +26,15 @@ fn every_example_loads_without_warnings() {
     // The scenarios docs/policy.md walks through.
     for name in [
         "demo.json",
+        "demo-gateway.json",
         "dual-stack.json",
         "http-host.json",
         "tls-sni.json",
         "web-combined.json",
+        "explicit.json",
+        "inbound-transparent.json",
+        "outbound-transparent.json",
+        "fully-transparent.json",
     ] {
         assert!(
             checked.iter().any(|c| c == name),

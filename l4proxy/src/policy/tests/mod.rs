@@ -4,6 +4,7 @@
 mod examples;
 mod intercept;
 mod routes;
+mod transparency;
 
 use super::Policy;
 
