@@ -151,7 +151,7 @@ fn sigterm_grace_period() {
     d.signal(libc::SIGTERM);
     // The daemon logs `draining` once it has stopped steering and accepting.
     d.wait_event("draining", Duration::from_secs(5), |e| {
-        lab::daemon::message(e) == Some("draining: new connections are refused")
+        lab::daemon::message(e) == Some("draining: no new connections are taken")
     });
     assert!(
         d.try_exit().is_none(),

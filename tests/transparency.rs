@@ -284,6 +284,69 @@ fn passthrough_to_the_original_destination() {
     }
 }
 
+/// The proxy's own connections are never taken again: a client reaching
+/// px's own address inside a gateway prefix is relayed to that original
+/// destination, and l4proxy's connection to it (which arrives on loopback,
+/// not on the rule's interface) reaches the plain server there instead of
+/// l4proxy. Not spoofed either: nothing would route the replies back.
+#[test]
+fn own_connections_are_not_intercepted_again() {
+    let t = Topo::new("no_loop");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| {
+            Server::start(
+                &t.px,
+                sock(f.px_server_side, 8080),
+                handlers::hello_echo("px-local"),
+            )
+        })
+        .collect();
+    let policy = json!({
+        "intercept": [gateway_rule(json!([8080]), "origin")],
+        "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    for (f, server) in FAMILIES.iter().zip(&servers) {
+        let to = sock(f.px_server_side, 8080);
+        let mut c = connect(&t.cl, to);
+        let client = c.local_addr().unwrap();
+        talk(&mut c, "px-local", &format!("{} to px's own {to}", f.name));
+        let closed = closed_event(&mut d, client);
+        assert_eq!(field(&closed, "upstream"), to.to_string(), "{closed}");
+        assert_eq!(
+            field(&closed, "bind_fallback"),
+            "destination is this host: not spoofed"
+        );
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer.ip(),
+            ip(f.px_server_side),
+            "{}: from px itself",
+            f.name
+        );
+    }
+    let closed = d
+        .events()
+        .into_iter()
+        .filter(|e| message(e) == Some("connection closed"))
+        .count();
+    assert_eq!(closed, 2, "one relayed connection per family, no loop");
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(10));
+    d.assert_exit_ok(status);
+    let counters = d
+        .events()
+        .into_iter()
+        .find(|e| message(e) == Some("kernel counters"))
+        .map(|e| field(&e, "counters"))
+        .expect("kernel counters logged at exit");
+    assert!(
+        counters.contains("passed_other_interface=2"),
+        "sk_lookup passed the proxy's own two connections: {counters}"
+    );
+}
+
 /// With a gateway rule and transparent upstreams in force, a port the policy
 /// does not name is forwarded as before: the server sees the client's own
 /// connection, and the daemon never sees it.
@@ -598,6 +661,71 @@ fn nothing_left_after_sigterm() {
 #[test]
 fn nothing_left_after_sigkill() {
     nothing_left_after("left_kill", libc::SIGKILL);
+}
+
+/// SIGTERM on a gateway: an open intercepted connection, relayed from the
+/// client's address, keeps working through the grace period; a new
+/// connection is forwarded to its destination as if l4proxy were not there;
+/// the daemon exits once the open one closes.
+#[test]
+fn draining_keeps_open_connections_and_forwards_new_ones() {
+    let t = Topo::new("drain");
+    let mut direct = Vec::new();
+    for f in FAMILIES {
+        direct.push(Server::start(
+            &t.sv,
+            sock(f.server, 8080),
+            handlers::hello_echo("direct"),
+        ));
+        direct.push(Server::start(
+            &t.sv,
+            sock(f.server, 9090),
+            handlers::hello_echo("proxied"),
+        ));
+    }
+    let policy = json!({
+        "intercept": [gateway_rule(json!([8080]), "web")],
+        "upstreams": { "web": { "servers": both(9090, |f| f.server), "bind": "client" } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &["--grace-period", "30"]);
+    let mut open = Vec::new();
+    for f in FAMILIES {
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        assert_eq!(lab::read_line(&mut c).unwrap(), "proxied", "{}", f.name);
+        open.push(c);
+    }
+
+    d.signal(libc::SIGTERM);
+    d.wait_event("draining", Duration::from_secs(5), |e| {
+        message(e) == Some("draining: no new connections are taken")
+    });
+    for (f, c) in FAMILIES.iter().zip(&mut open) {
+        let line = format!("{} after SIGTERM\n", f.name);
+        c.write_all(line.as_bytes()).unwrap();
+        let back = lab::read_exact_n(c, line.len())
+            .unwrap_or_else(|e| panic!("{}: echo during the drain: {e}", f.name));
+        assert_eq!(back, line.as_bytes());
+
+        let mut n = connect(&t.cl, sock(f.server, 8080));
+        let client = n.local_addr().unwrap();
+        talk(
+            &mut n,
+            "direct",
+            &format!("{} new connection while draining", f.name),
+        );
+        let server = &direct[if f.name == "IPv4" { 0 } else { 2 }];
+        assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
+    }
+    assert!(d.try_exit().is_none(), "exited with connections open");
+
+    for mut c in open {
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(lab::read_to_eof(&mut c).unwrap().len, 0);
+    }
+    let status = d.wait_exit(Duration::from_secs(10));
+    d.assert_exit_ok(status);
+    assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
+    assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
 }
 
 /// The start-up checks: an interface the policy names must exist, and

@@ -97,10 +97,15 @@ pub struct InterfaceConfig {
     pub flags: u32,
 }
 
-/// Index into the `MARK` array: the value `classify` sets in `skb->mark`.
+/// Index into the `SETTINGS` array: the value `classify` sets in `skb->mark`.
 pub const MARK_VALUE: u32 = 0;
-/// Index into the `MARK` array: the bits of `skb->mark` that are ours.
+/// Index into the `SETTINGS` array: the bits of `skb->mark` that are ours.
 pub const MARK_MASK: u32 = 1;
+/// Index into the `SETTINGS` array: non-zero while the daemon drains, when
+/// gateway rules take no new connections but keep their open ones.
+pub const DRAINING: u32 = 2;
+/// Entries of the `SETTINGS` array.
+pub const SETTINGS_COUNT: u32 = 3;
 
 /// Named per-CPU counters of the kernel programs (index into `COUNTERS`).
 #[repr(u32)]

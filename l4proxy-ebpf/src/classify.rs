@@ -11,6 +11,11 @@
 //!   socket that is not listening, that is, a reply to one of the daemon's
 //!   upstream connections made from a client's address (transparent bind).
 //!
+//! While the daemon drains, a gateway rule's packets are marked only if they
+//! belong to a connection the daemon already has (a local socket): new
+//! connections are forwarded to their destination as if l4proxy were not
+//! there, and open ones keep working until they close.
+//!
 //! Everything else is left alone. The program never drops: it returns
 //! `TC_ACT_UNSPEC` (tcx's "next"), so programs after it and the stack decide.
 
@@ -25,10 +30,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use l4proxy_common::{
-    Counter, INTERFACE_REPLIES, MARK_MASK, MARK_VALUE, RULE_ON_INTERFACES, RuleKey,
+    Counter, DRAINING, INTERFACE_REPLIES, MARK_MASK, MARK_VALUE, RULE_ON_INTERFACES, RuleKey,
 };
 
-use crate::{INTERFACES, MARK, UPSTREAM_SERVERS, count, on_interface, rule_for};
+use crate::{INTERFACES, SETTINGS, UPSTREAM_SERVERS, count, on_interface, rule_for};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -66,6 +71,7 @@ pub fn classify(ctx: TcContext) -> i32 {
     if let Some(rule) = rule_for(flow.dport, flow.dst)
         && rule.flags & RULE_ON_INTERFACES != 0
         && on_interface(ifindex, rule.rule_id)
+        && (!draining() || to_local_socket(&ctx, &flow))
     {
         set_mark(&ctx, mark);
         count(Counter::MarkedIntercept);
@@ -186,8 +192,12 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
 
 /// Sets our bits of the packet mark, keeping the others.
 fn set_mark(ctx: &TcContext, mark: u32) {
-    let (Some(&value), Some(&mask)) = (MARK.get(MARK_VALUE), MARK.get(MARK_MASK)) else {
+    let (Some(&value), Some(&mask)) = (SETTINGS.get(MARK_VALUE), SETTINGS.get(MARK_MASK)) else {
         return;
     };
     ctx.set_mark((mark & !mask) | value);
+}
+
+fn draining() -> bool {
+    SETTINGS.get(DRAINING).is_some_and(|&flag| flag != 0)
 }

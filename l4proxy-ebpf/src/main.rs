@@ -12,6 +12,7 @@ use aya_ebpf::{
 use l4proxy_common::{
     ANY_PORT, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES, MAX_INTERFACES,
     MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, RULE_KEY_FIXED_BITS, RuleKey, RuleValue,
+    SETTINGS_COUNT,
 };
 
 /// Intercept rules, filled by the daemon from the policy: (port, address prefix)
@@ -37,10 +38,10 @@ static INTERFACES: HashMap<u32, InterfaceConfig> = HashMap::with_max_entries(MAX
 #[map]
 static UPSTREAM_SERVERS: HashMap<RuleKey, u8> = HashMap::with_max_entries(MAX_UPSTREAM_SERVERS, 0);
 
-/// The packet mark that routes a packet to local delivery: `MARK_VALUE` and
-/// `MARK_MASK`.
+/// Settings the daemon writes: the packet mark that routes a packet to local
+/// delivery (`MARK_VALUE`, `MARK_MASK`), and whether it drains (`DRAINING`).
 #[map]
-static MARK: Array<u32> = Array::with_max_entries(2, 0);
+static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
 
 /// Named per-CPU counters, indexed by `Counter`.
 #[map]

@@ -4,8 +4,9 @@
 //! Start-up order matters: listeners go into the socket map before the programs
 //! are attached, and the routes and routing rules go in before them too, so the
 //! first steered SYN already finds a socket. Shutdown runs the other way round:
-//! detach first, so new connections are refused at once instead of being
-//! dropped while we drain.
+//! stop taking new connections first (they are refused, or forwarded past us
+//! on a gateway) instead of dropping them while we drain, and keep delivering
+//! the open ones' packets until they are done.
 
 use std::{
     io,
@@ -167,13 +168,13 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     }
 
     signals.recv().await;
-    interceptor.detach()?;
+    interceptor.drain()?;
     stop_accepting.cancel();
     tracker.close();
     tracing::info!(
         open_connections = shared.settings.max_connections - shared.limit.available_permits(),
         grace_period = ?shared.settings.grace_period,
-        "draining: new connections are refused"
+        "draining: no new connections are taken"
     );
     if tokio::time::timeout(shared.settings.grace_period, tracker.wait())
         .await
@@ -183,6 +184,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         shared.shutdown.cancel();
         tracker.wait().await;
     }
+    interceptor.detach()?;
     log_counters(&interceptor);
     installed.remove().await?;
     tracing::info!("stopped");

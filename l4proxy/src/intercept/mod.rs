@@ -31,8 +31,8 @@ use aya::{
     },
 };
 use l4proxy_common::{
-    Counter, INTERFACE_REPLIES, InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE, RuleKey,
-    RuleValue, SOCKET_V4, SOCKET_V6,
+    Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE,
+    RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
 };
 
 use self::{delivery::Mark, interfaces::Interface};
@@ -104,6 +104,7 @@ pub struct Interceptor {
     sockets: SockMap<MapData>,
     interface_rules: HashMap<MapData, InterfaceRuleKey, u8>,
     interfaces: HashMap<MapData, u32, InterfaceConfig>,
+    settings: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -130,11 +131,11 @@ impl Interceptor {
                 .insert(RuleKey::new(server.port(), addr), 1, 0)
                 .map_err(map_error("UPSTREAM_SERVERS"))?;
         }
-        let mut marks: Array<MapData, u32> = take_map(&mut ebpf, "MARK")?;
-        marks
+        let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
+        settings
             .set(MARK_VALUE, mark.value, 0)
-            .and_then(|()| marks.set(MARK_MASK, mark.mask, 0))
-            .map_err(map_error("MARK"))?;
+            .and_then(|()| settings.set(MARK_MASK, mark.mask, 0))
+            .map_err(map_error("SETTINGS"))?;
         let sockets = take_map(&mut ebpf, "SOCKETS")?;
         let interface_rules = take_map(&mut ebpf, "INTERFACE_RULES")?;
         let interfaces = take_map(&mut ebpf, "INTERFACES")?;
@@ -151,6 +152,7 @@ impl Interceptor {
             sockets,
             interface_rules,
             interfaces,
+            settings,
             counters,
         })
     }
@@ -227,14 +229,26 @@ impl Interceptor {
             .collect()
     }
 
-    /// Detaches every program: new connections take the normal socket lookup
-    /// and forwarded packets are forwarded again. Dropping the `Interceptor`
-    /// (or the process ending) does the same.
-    pub fn detach(&mut self) -> Result<(), InterceptError> {
+    /// Takes no new connection, keeps the open ones: detaches `steer` (new
+    /// connections to this host's prefixes take the normal socket lookup,
+    /// and find nothing) and has `classify` mark a gateway rule's packets
+    /// only for connections the daemon already has (new ones are forwarded).
+    pub fn drain(&mut self) -> Result<(), InterceptError> {
+        self.settings
+            .set(DRAINING, 1, 0)
+            .map_err(map_error("SETTINGS"))?;
         if let Some(link) = self.link.take() {
             let steer: &mut SkLookup = program(&mut self.ebpf, STEER_PROGRAM)?.try_into()?;
             steer.detach(link)?;
         }
+        Ok(())
+    }
+
+    /// Detaches every program: new connections take the normal socket lookup
+    /// and forwarded packets are forwarded again. Dropping the `Interceptor`
+    /// (or the process ending) does the same.
+    pub fn detach(&mut self) -> Result<(), InterceptError> {
+        self.drain()?;
         let classify: &mut SchedClassifier =
             program(&mut self.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
         for (_, link) in self.classify_links.drain(..) {
