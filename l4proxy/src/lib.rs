@@ -3,9 +3,12 @@
 //!
 //! Module map, in the order of the data path: `policy` (raw JSON → checked
 //! `Policy`), `intercept` (BPF programs, maps, local routes and policy
-//! routing), `local_addrs` (this host's addresses), `server` (listen,
-//! accept), `route` (which rule and upstream a connection takes), `upstream`
-//! (connect, from which source), `relay` (copy bytes both ways).
+//! routing), `local_addrs` (this host's addresses), `server` (set-up,
+//! listen, accept, shutdown), `session` (one connection from accept to its
+//! log line), `proxy_header` (PROXY protocol headers in and out, over the
+//! `proxy_protocol` codec), `route` (which rule and upstream a connection
+//! takes), `upstream` (connect, from which source), `relay` (copy bytes both
+//! ways).
 //!
 //! `unsafe` is confined to four places, each saying why at the call:
 //! `intercept::guard` (fork before the runtime starts), `hello` (`MSG_PEEK`
@@ -15,14 +18,17 @@
 
 pub mod addrs;
 pub mod cli;
+pub mod conn_id;
 pub mod hello;
 pub mod intercept;
 pub mod local_addrs;
 pub mod logging;
 pub mod policy;
+pub mod proxy_header;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod session;
 pub mod sniff;
 pub mod upstream;

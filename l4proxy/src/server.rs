@@ -1,5 +1,5 @@
-//! The daemon: listeners, the accept loop, one task per connection, and an
-//! orderly shutdown.
+//! The daemon: kernel set-up, listeners, the accept loop (one `session` task
+//! per connection), and an orderly shutdown.
 //!
 //! Start-up order matters: listeners go into the socket map before the programs
 //! are attached, and the routes and routing rules go in before them too, so the
@@ -12,22 +12,20 @@ use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ipnet::IpNet;
 use socket2::{Domain, Socket, Type};
 use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    addrs::{ClientAddr, OrigDstAddr},
-    hello,
+    conn_id::ConnectionIds,
     intercept::{
         ClassifyRole, Family, InterceptError, Interceptor,
         delivery::{Delivery, DeliveryError, Mark},
@@ -37,8 +35,8 @@ use crate::{
     },
     local_addrs::{LocalAddrs, LocalAddrsError},
     policy::{Bind, Policy},
-    relay, route, sniff,
-    upstream::{self, Pool},
+    session::{self, Shared},
+    upstream::Pool,
 };
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -73,16 +71,6 @@ pub struct Settings {
     /// The packet mark of local delivery, and its routing table.
     pub mark: Mark,
     pub routing_table: u32,
-}
-
-/// What every connection task shares.
-struct Shared {
-    policy: Policy,
-    pools: Vec<Pool>,
-    local: Arc<LocalAddrs>,
-    settings: Settings,
-    limit: Arc<Semaphore>,
-    shutdown: CancellationToken,
 }
 
 /// Runs until SIGTERM or SIGINT, then drains and cleans up.
@@ -152,16 +140,22 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         pools: policy.upstreams.iter().map(Pool::new).collect(),
         policy,
         local,
-        limit: Arc::new(Semaphore::new(settings.max_connections)),
-        settings,
+        ids: ConnectionIds::new(),
+        connect_timeout: settings.connect_timeout,
+        sniff_timeout: settings.sniff_timeout,
         shutdown: CancellationToken::new(),
     });
+    let limit = Limit {
+        permits: Arc::new(Semaphore::new(settings.max_connections)),
+        max: settings.max_connections,
+    };
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     for listener in listeners {
         tracker.spawn(accept_loop(
             listener,
             shared.clone(),
+            limit.clone(),
             tracker.clone(),
             stop_accepting.clone(),
         ));
@@ -172,11 +166,11 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     stop_accepting.cancel();
     tracker.close();
     tracing::info!(
-        open_connections = shared.settings.max_connections - shared.limit.available_permits(),
-        grace_period = ?shared.settings.grace_period,
+        open_connections = limit.max - limit.permits.available_permits(),
+        grace_period = ?settings.grace_period,
         "draining: no new connections are taken"
     );
-    if tokio::time::timeout(shared.settings.grace_period, tracker.wait())
+    if tokio::time::timeout(settings.grace_period, tracker.wait())
         .await
         .is_err()
     {
@@ -364,9 +358,17 @@ fn owned_prefixes(policy: &Policy) -> Vec<IpNet> {
     prefixes
 }
 
+/// At most `max` connections at once.
+#[derive(Clone)]
+struct Limit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
+    limit: Limit,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -383,204 +385,19 @@ async fn accept_loop(
             },
             () = stop.cancelled() => return,
         };
-        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+        let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
             tracing::warn!(
                 client = ?stream.peer_addr().ok(),
-                limit = shared.settings.max_connections,
+                limit = limit.max,
                 "connection limit reached; closing"
             );
             continue;
         };
         let shared = shared.clone();
         tracker.spawn(async move {
-            serve(stream, &shared).await;
+            session::serve(stream, &shared).await;
             drop(permit);
         });
-    }
-}
-
-/// Relays one client connection and logs one line when it ends.
-async fn serve(client: TcpStream, shared: &Shared) {
-    let started = Instant::now();
-    let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
-        return; // The client is already gone.
-    };
-    let (client_addr, orig_dst) = (ClientAddr(peer), OrigDstAddr(local));
-    let _ = client.set_nodelay(true);
-
-    let Some(rule_id) = route::match_rule(&shared.policy, orig_dst.0) else {
-        // The kernel steered it, so a rule matched there; userspace disagreeing
-        // would be a bug in one of the two matchers.
-        tracing::error!(client = %client_addr, orig_dst = %orig_dst, "steered connection matches no rule; closing");
-        return;
-    };
-    let rule = &shared.policy.rules[rule_id.0];
-    let conn = route::Connection {
-        client: client_addr,
-        orig_dst,
-        rule: rule_id,
-    };
-    let mut sniffed = None;
-    let mut sniff_gave_up = None;
-    let mut decision = route::decide(&shared.policy, &conn, None);
-    if matches!(decision, route::Decision::NeedHello) {
-        let said = match hello::peek_until(
-            &client,
-            sniff::MAX_SNIFF_LEN,
-            shared.settings.sniff_timeout,
-            |bytes| match sniff::sniff(bytes) {
-                sniff::SniffResult::Done(said) => Some(said),
-                sniff::SniffResult::NeedMore => None,
-            },
-        )
-        .await
-        {
-            Ok(Ok(said)) => said,
-            Ok(Err(gave_up)) => {
-                sniff_gave_up = Some(gave_up.as_str());
-                sniff::Sniffed::Other
-            }
-            Err(e) => {
-                tracing::info!(client = %client_addr, error = %e, "client failed while sniffing");
-                return;
-            }
-        };
-        decision = route::decide(&shared.policy, &conn, Some(&hello_of(&said)));
-        sniffed = Some(said);
-    }
-    let (upstream_id, bind, route_why) = match decision {
-        route::Decision::Upstream {
-            upstream,
-            bind,
-            why,
-            ..
-        } => (upstream, bind, why.route_name()),
-        refused => {
-            refuse(client, sniffed.as_ref()).await;
-            tracing::info!(
-                client = %client_addr,
-                orig_dst = %orig_dst,
-                rule = %rule.name,
-                sni = sniffed.as_ref().and_then(sni_of),
-                host = sniffed.as_ref().and_then(host_of),
-                alpn = sniffed.as_ref().and_then(alpn_of),
-                sniff_gave_up,
-                route = match &refused {
-                    route::Decision::Reject { why } => why.route_name(),
-                    _ => "none".to_owned(),
-                },
-                decision = %refused,
-                duration_ms = started.elapsed().as_millis() as u64,
-                outcome = "refused",
-                "connection closed"
-            );
-            return;
-        }
-    };
-    let pool = &shared.pools[upstream_id.0];
-    let request = upstream::Request {
-        client: client_addr,
-        orig_dst,
-        bind,
-    };
-    let connected = match pool
-        .connect(&request, &shared.local, shared.settings.connect_timeout)
-        .await
-    {
-        Ok(connected) => connected,
-        Err(e) => {
-            tracing::warn!(
-                client = %client_addr,
-                orig_dst = %orig_dst,
-                rule = %rule.name,
-                route = %route_why,
-                upstream = e.upstream().map(tracing::field::display),
-                bind = %bind,
-                bytes_from_client = 0,
-                bytes_from_upstream = 0,
-                duration_ms = started.elapsed().as_millis() as u64,
-                outcome = %format!("upstream connect failed: {e}"),
-                "connection closed"
-            );
-            return;
-        }
-    };
-    let upstream_addr = connected.upstream;
-    let source = connected.stream.local_addr().ok();
-    let relayed = relay::relay(client, connected.stream, &shared.shutdown).await;
-    tracing::info!(
-        client = %client_addr,
-        orig_dst = %orig_dst,
-        rule = %rule.name,
-        route = %route_why,
-        sni = sniffed.as_ref().and_then(sni_of),
-        host = sniffed.as_ref().and_then(host_of),
-        alpn = sniffed.as_ref().and_then(alpn_of),
-        sniff_gave_up,
-        upstream = %upstream_addr,
-        bind = %bind,
-        source = source.map(tracing::field::display),
-        bind_fallback = connected.fallback.map(tracing::field::display),
-        bytes_from_client = relayed.from_client,
-        bytes_from_upstream = relayed.from_upstream,
-        duration_ms = started.elapsed().as_millis() as u64,
-        outcome = %relayed.outcome,
-        "connection closed"
-    );
-}
-
-/// What the decision needs from the sniffed hello.
-fn hello_of(said: &sniff::Sniffed) -> route::Hello<'_> {
-    match said {
-        sniff::Sniffed::Tls(hello) => route::Hello::Tls {
-            sni: hello.sni.as_deref(),
-            alpn: &hello.alpn,
-        },
-        sniff::Sniffed::Http(request) => route::Hello::Http {
-            host: request.host.as_deref(),
-        },
-        sniff::Sniffed::Other => route::Hello::Other,
-    }
-}
-
-fn sni_of(said: &sniff::Sniffed) -> Option<&str> {
-    match said {
-        sniff::Sniffed::Tls(hello) => hello.sni.as_deref(),
-        _ => None,
-    }
-}
-
-/// The protocols the ClientHello offered, comma-separated.
-fn alpn_of(said: &sniff::Sniffed) -> Option<String> {
-    match said {
-        sniff::Sniffed::Tls(hello) if !hello.alpn.is_empty() => Some(hello.alpn.join(",")),
-        _ => None,
-    }
-}
-
-fn host_of(said: &sniff::Sniffed) -> Option<&str> {
-    match said {
-        sniff::Sniffed::Http(request) => request.host.as_deref(),
-        _ => None,
-    }
-}
-
-const SERVICE_UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-Content-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n\
-no route to service\n";
-
-/// No route, or a rejecting one: TLS gets a reset, HTTP/1.x a 503, the rest a close.
-async fn refuse(mut client: TcpStream, sniffed: Option<&sniff::Sniffed>) {
-    match sniffed {
-        Some(sniff::Sniffed::Tls(_)) => {
-            // Linger 0: close() sends a reset instead of a FIN.
-            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-        }
-        Some(sniff::Sniffed::Http(_)) => {
-            let _ = client.write_all(SERVICE_UNAVAILABLE).await;
-            let _ = client.shutdown().await;
-        }
-        _ => {}
     }
 }
 

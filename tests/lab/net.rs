@@ -108,7 +108,13 @@ pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
-        match s.read(&mut b)? {
+        // A read with a timeout returns EINTR when the process is stopped
+        // and resumed (or frozen), whatever the signal disposition: retry.
+        let n = match s.read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
+        match n {
             0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

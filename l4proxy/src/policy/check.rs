@@ -11,7 +11,7 @@ use super::{
     Action, Bind, Conditions, InterceptRule, Policy, PolicyError, PortSpec, Route, RuleId, Target,
     Upstream, UpstreamId, raw,
 };
-use crate::{intercept::rules, route};
+use crate::{intercept::rules, proxy_protocol, route};
 
 pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
     // BTreeMap order: upstreams sorted by name, so they can be found by binary search.
@@ -27,6 +27,10 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
                 raw::Target::OriginalDestination => Target::OriginalDestination,
             },
             bind: upstream.bind,
+            proxy_protocol: upstream.proxy_protocol.map(|version| match version {
+                raw::ProxyVersion::V1 => proxy_protocol::Version::V1,
+                raw::ProxyVersion::V2 => proxy_protocol::Version::V2,
+            }),
         })
         .collect();
     let rules = check_rules(raw.intercept, &upstreams)?;
@@ -84,6 +88,10 @@ fn check_rules(
             interfaces: rule
                 .interfaces
                 .map(|names| names.into_iter().map(|i| i.0).collect())
+                .unwrap_or_default(),
+            accept_proxy_from: rule
+                .accept_proxy_protocol
+                .map(|raw::Object(accept)| accept.from.into_iter().map(|p| p.0).collect())
                 .unwrap_or_default(),
         });
     }

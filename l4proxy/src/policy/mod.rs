@@ -37,13 +37,16 @@
 //!   - `interfaces` (optional): gateway interception; only forwarded
 //!     connections arriving on these interfaces are taken, and the prefixes
 //!     are not made local.
+//!   - `accept_proxy_protocol` (optional): `{ "from": [prefixes] }`, front
+//!     proxies whose connections start with a PROXY header.
 //! - `routes` (optional): tried in order, the first that matches wins; see
 //!   [`Route`] and [`crate::route`]. A route's `bind` overrides its
 //!   upstream's.
 //! - `upstreams`: upstream name (non-empty, unique) → `{ "servers": [...] }`
 //!   (at least one `ip:port` or `[ipv6]:port`) or
-//!   `{ "original_destination": true }`, and an optional `bind`: `"proxy"`
-//!   (default), `"client-ip"`, `"client"` or an IP address.
+//!   `{ "original_destination": true }`, an optional `bind`: `"proxy"`
+//!   (default), `"client-ip"`, `"client"` or an IP address, and an optional
+//!   `proxy_protocol`: `"v1"` or `"v2"`.
 //!
 //! Unknown fields are refused everywhere. A destination that several rules
 //! match goes to the most specific one (see [`crate::route`]); two rules that
@@ -161,6 +164,9 @@ pub struct InterceptRule {
     /// the rule's destinations are taken. Empty: the destinations are made
     /// local to this host instead, and taken however they arrive.
     pub interfaces: Vec<String>,
+    /// Front proxies whose connections start with a PROXY protocol header
+    /// (v1 or v2), by source prefix. Empty: no header is read from anyone.
+    pub accept_proxy_from: Vec<IpNet>,
 }
 
 impl InterceptRule {
@@ -168,6 +174,14 @@ impl InterceptRule {
     /// its destinations stay where they are) rather than owning its prefixes.
     pub fn is_gateway(&self) -> bool {
         !self.interfaces.is_empty()
+    }
+
+    /// Whether a connection from `peer` must start with a PROXY header.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.accept_proxy_from
+            .iter()
+            .any(|prefix| prefix.contains(&peer))
     }
 }
 
@@ -269,6 +283,8 @@ pub struct Upstream {
     pub target: Target,
     /// The source address of connections to it, unless a route overrides it.
     pub bind: Bind,
+    /// The PROXY protocol header sent before the client's bytes, if any.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
 }
 
 impl Upstream {
@@ -490,6 +506,7 @@ impl Policy {
                     ports: ports.to_vec(),
                     upstream: Some(UpstreamId(0)),
                     interfaces: Vec::new(),
+                    accept_proxy_from: Vec::new(),
                 })
                 .collect(),
             routes: Vec::new(),
@@ -497,6 +514,7 @@ impl Policy {
                 name: "u".to_owned(),
                 target: Target::Servers(vec!["198.51.100.1:80".parse().unwrap()]),
                 bind: Bind::Proxy,
+                proxy_protocol: None,
             }],
         }
     }

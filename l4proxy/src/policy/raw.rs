@@ -113,6 +113,16 @@ pub(super) struct Rule {
     pub upstream: Option<String>,
     #[serde(default, deserialize_with = "some_non_empty")]
     pub interfaces: Option<Vec<Interface>>,
+    #[serde(default, deserialize_with = "some")]
+    pub accept_proxy_protocol: Option<Object<AcceptProxyProtocol>>,
+}
+
+/// Where a rule takes PROXY protocol headers from.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AcceptProxyProtocol {
+    #[serde(deserialize_with = "non_empty")]
+    pub from: Vec<Prefix>,
 }
 
 /// A route with exactly one action.
@@ -348,6 +358,7 @@ impl TryFrom<String> for Alpn {
 pub(super) struct Upstream {
     pub target: Target,
     pub bind: Bind,
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
 pub(super) enum Target {
@@ -364,6 +375,16 @@ struct UpstreamFields {
     original_destination: Option<True>,
     #[serde(default, deserialize_with = "some")]
     bind: Option<BindSpec>,
+    #[serde(default, deserialize_with = "some")]
+    proxy_protocol: Option<ProxyVersion>,
+}
+
+/// `"v1"` or `"v2"`.
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum ProxyVersion {
+    V1,
+    V2,
 }
 
 impl<'de> Deserialize<'de> for Upstream {
@@ -390,6 +411,7 @@ impl TryFrom<UpstreamFields> for Upstream {
         Ok(Upstream {
             target,
             bind: fields.bind.map_or(Bind::Proxy, |b| b.0),
+            proxy_protocol: fields.proxy_protocol,
         })
     }
 }

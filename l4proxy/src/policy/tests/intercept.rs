@@ -40,6 +40,7 @@ fn example_is_valid() {
                     ports: vec![PortSpec::Single(80), PortSpec::Range(8000, 8099)],
                     upstream: Some(UpstreamId(0)),
                     interfaces: vec![],
+                    accept_proxy_from: vec![],
                 },
                 InterceptRule {
                     name: "all-ports".to_owned(),
@@ -47,6 +48,7 @@ fn example_is_valid() {
                     ports: vec![PortSpec::Any],
                     upstream: Some(UpstreamId(0)),
                     interfaces: vec![],
+                    accept_proxy_from: vec![],
                 },
             ],
             routes: vec![],
@@ -57,6 +59,7 @@ fn example_is_valid() {
                     "[2001:db8:5::2]:8080".parse().unwrap()
                 ]),
                 bind: Bind::Proxy,
+                proxy_protocol: None,
             }],
         }
     );

@@ -1,0 +1,216 @@
+//! The PROXY protocol on the wire: reading the header a trusted front proxy
+//! sends before its client's bytes, and writing one to an upstream before
+//! ours. The format is `proxy_protocol`'s (a pure codec); this is the I/O.
+
+use std::{io, time::Duration};
+
+use tokio::net::TcpStream;
+
+use crate::{
+    hello::{self, GaveUp},
+    proxy_protocol::{self, DecodeError, Decoded, MAX_HEADER_LEN},
+};
+
+/// Why no header could be taken; the connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("no PROXY protocol header from a trusted front proxy")]
+    Missing,
+    #[error("malformed PROXY protocol header: {0}")]
+    Malformed(DecodeError),
+    #[error("no complete PROXY protocol header within {0:?}")]
+    Timeout(Duration),
+    #[error("front proxy closed before a complete PROXY protocol header")]
+    Closed,
+    #[error("reading the PROXY protocol header: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads the header at the start of `stream` within `deadline` and takes it
+/// off the stream; the client's own bytes stay queued behind it.
+pub async fn read(stream: &TcpStream, deadline: Duration) -> Result<Decoded, ReadError> {
+    let verdict = hello::peek_until(stream, MAX_HEADER_LEN, deadline, |bytes| {
+        proxy_protocol::decode(bytes).transpose()
+    })
+    .await?;
+    let decoded = match verdict {
+        Ok(Ok(decoded)) => decoded,
+        Ok(Err(DecodeError::NotProxy)) => return Err(ReadError::Missing),
+        Ok(Err(e)) => return Err(ReadError::Malformed(e)),
+        Err(GaveUp::Timeout) => return Err(ReadError::Timeout(deadline)),
+        Err(GaveUp::Closed) => return Err(ReadError::Closed),
+        // The decoder has a verdict by MAX_HEADER_LEN bytes; this would be a
+        // bug, and the header is refused either way.
+        Err(GaveUp::TooLarge) => {
+            return Err(ReadError::Malformed(DecodeError::V2TooLong(MAX_HEADER_LEN)));
+        }
+    };
+    discard(stream, decoded.len).await?;
+    Ok(decoded)
+}
+
+/// Reads and drops `len` bytes that are already queued (they were peeked).
+async fn discard(stream: &TcpStream, mut len: usize) -> io::Result<()> {
+    let mut buffer = [0u8; MAX_HEADER_LEN];
+    while len > 0 {
+        stream.readable().await?;
+        match stream.try_read(&mut buffer[..len.min(MAX_HEADER_LEN)]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => len -= n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Most client bytes sent along with the header.
+const WITH_HEADER: usize = 16 * 1024;
+
+/// Writes `header` to `upstream` before anything else, in one write with
+/// whatever the client has sent so far (taken off the client socket), so the
+/// upstream sees header and first bytes in one segment where they fit.
+/// Returns how many of the client's bytes went with it.
+pub async fn write(client: &TcpStream, upstream: &TcpStream, header: Vec<u8>) -> io::Result<u64> {
+    let mut out = header;
+    let header_len = out.len();
+    out.resize(header_len + WITH_HEADER, 0);
+    let taken = match client.try_read(&mut out[header_len..]) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    out.truncate(header_len + taken);
+    let mut written = 0;
+    while written < out.len() {
+        upstream.writable().await?;
+        match upstream.try_write(&out[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(taken as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+    use crate::{
+        addrs::{ClientAddr, OrigDstAddr},
+        proxy_protocol::{Addresses, Header, Tlvs, Version, encode},
+    };
+
+    /// A connected pair over loopback: (what the proxy accepted, the peer).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (accepted, peer)
+    }
+
+    fn header() -> Header {
+        Header::Proxy {
+            addresses: Addresses {
+                client: ClientAddr("198.51.100.7:40000".parse().unwrap()),
+                orig_dst: OrigDstAddr("192.0.2.10:443".parse().unwrap()),
+            },
+            tlvs: Tlvs::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn read_takes_the_header_in_pieces_and_leaves_the_data() {
+        let (accepted, mut peer) = pair().await;
+        let mut bytes = encode(Version::V2, &header()).unwrap();
+        bytes.extend_from_slice(b"client data");
+        tokio::spawn(async move {
+            for chunk in bytes.chunks(5) {
+                peer.write_all(chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peer.shutdown().await.unwrap();
+            peer
+        });
+        let decoded = read(&accepted, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(decoded.header, header());
+        let mut rest = Vec::new();
+        let mut accepted = accepted;
+        accepted.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"client data");
+    }
+
+    #[tokio::test]
+    async fn read_refuses_missing_malformed_slow_and_short() {
+        let (accepted, mut peer) = pair().await;
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(matches!(
+            read(&accepted, Duration::from_secs(5)).await,
+            Err(ReadError::Missing)
+        ));
+
+        let (accepted, mut peer) = pair().await;
+        peer.write_all(b"PROXY TCP4 192.0.2.1 nope 1 2\r\n")
+            .await
+            .unwrap();
+        assert!(matches!(
+            read(&accepted, Duration::from_secs(5)).await,
+            Err(ReadError::Malformed(DecodeError::V1Field(_)))
+        ));
+
+        let (accepted, mut peer) = pair().await;
+        peer.write_all(b"PROXY TCP4 192.0.2.1").await.unwrap();
+        assert!(matches!(
+            read(&accepted, Duration::from_millis(100)).await,
+            Err(ReadError::Timeout(_))
+        ));
+
+        let (accepted, mut peer) = pair().await;
+        peer.write_all(b"PROXY TCP4").await.unwrap();
+        peer.shutdown().await.unwrap();
+        assert!(matches!(
+            read(&accepted, Duration::from_secs(5)).await,
+            Err(ReadError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn write_sends_header_and_queued_client_bytes_together() {
+        let (to_proxy, mut client) = pair().await;
+        let (to_upstream, mut upstream) = pair().await;
+        client.write_all(b"hello").await.unwrap();
+        to_proxy.readable().await.unwrap();
+        let header = encode(Version::V1, &header()).unwrap();
+        let taken = write(&to_proxy, &to_upstream, header.clone())
+            .await
+            .unwrap();
+        assert_eq!(taken, 5);
+        drop(to_upstream);
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, [&header[..], b"hello"].concat());
+    }
+
+    #[tokio::test]
+    async fn write_without_client_bytes_sends_the_header_alone() {
+        let (to_proxy, _client) = pair().await;
+        let (to_upstream, mut upstream) = pair().await;
+        let header = encode(Version::V2, &header()).unwrap();
+        assert_eq!(
+            write(&to_proxy, &to_upstream, header.clone())
+                .await
+                .unwrap(),
+            0
+        );
+        let mut got = vec![0u8; header.len()];
+        upstream.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, header);
+    }
+}

@@ -1,0 +1,350 @@
+//! One client connection, from accept to close: the PROXY header of a
+//! trusted front proxy, the route (sniffing the client's first bytes when a
+//! route needs them), the upstream connection and its PROXY header, the
+//! relay, and one log line when it ends.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
+    conn_id::{ConnectionId, ConnectionIds},
+    hello,
+    local_addrs::LocalAddrs,
+    policy::{Bind, Policy},
+    proxy_header,
+    proxy_protocol::{self, Addresses, Header, Tlvs, Version},
+    relay, route, sniff,
+    upstream::{self, Fallback, Pool},
+};
+
+/// What every connection shares.
+pub struct Shared {
+    pub policy: Policy,
+    pub pools: Vec<Pool>,
+    pub local: Arc<LocalAddrs>,
+    pub ids: ConnectionIds,
+    pub connect_timeout: Duration,
+    /// The deadline for a client's first bytes: its hello, or a front
+    /// proxy's PROXY header.
+    pub sniff_timeout: Duration,
+    /// Cancelled when the grace period is over.
+    pub shutdown: CancellationToken,
+}
+
+/// Everything the close log line says, filled in as the connection goes.
+struct Record {
+    started: Instant,
+    conn_id: ConnectionId,
+    client: ClientAddr,
+    orig_dst: OrigDstAddr,
+    /// The front proxy, when its PROXY header named the client.
+    peer: Option<SocketAddr>,
+    proxy_header: Option<&'static str>,
+    rule: Option<String>,
+    route: Option<String>,
+    sniffed: Option<sniff::Sniffed>,
+    sniff_gave_up: Option<&'static str>,
+    upstream: Option<UpstreamAddr>,
+    bind: Option<Bind>,
+    source: Option<SocketAddr>,
+    bind_fallback: Option<Fallback>,
+    from_client: u64,
+    from_upstream: u64,
+}
+
+/// `connection closed` at a level, with every field of a [`Record`].
+macro_rules! closed {
+    ($level:expr, $record:expr, $outcome:expr) => {{
+        // `display` is in scope inside tracing's macros.
+        let r = $record;
+        tracing::event!(
+            $level,
+            conn_id = %r.conn_id,
+            client = %r.client,
+            orig_dst = %r.orig_dst,
+            peer = r.peer.map(display),
+            proxy_header = r.proxy_header,
+            rule = r.rule.as_deref(),
+            route = r.route.as_deref(),
+            sni = r.sniffed.as_ref().and_then(sni_of),
+            host = r.sniffed.as_ref().and_then(host_of),
+            alpn = r.sniffed.as_ref().and_then(alpn_of),
+            sniff_gave_up = r.sniff_gave_up,
+            upstream = r.upstream.map(display),
+            bind = r.bind.map(display),
+            source = r.source.map(display),
+            bind_fallback = r.bind_fallback.map(display),
+            bytes_from_client = r.from_client,
+            bytes_from_upstream = r.from_upstream,
+            duration_ms = r.started.elapsed().as_millis() as u64,
+            outcome = %$outcome,
+            "connection closed"
+        )
+    }};
+}
+
+impl Record {
+    fn closed(&self, outcome: &dyn std::fmt::Display) {
+        closed!(tracing::Level::INFO, self, outcome);
+    }
+
+    fn failed(&self, outcome: &dyn std::fmt::Display) {
+        closed!(tracing::Level::WARN, self, outcome);
+    }
+}
+
+/// Relays one client connection and logs one line when it ends.
+pub async fn serve(client: TcpStream, shared: &Shared) {
+    let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
+        return; // The client is already gone.
+    };
+    let _ = client.set_nodelay(true);
+    let mut record = Record {
+        started: Instant::now(),
+        conn_id: shared.ids.next(),
+        client: ClientAddr(peer),
+        orig_dst: OrigDstAddr(local),
+        peer: None,
+        proxy_header: None,
+        rule: None,
+        route: None,
+        sniffed: None,
+        sniff_gave_up: None,
+        upstream: None,
+        bind: None,
+        source: None,
+        bind_fallback: None,
+        from_client: 0,
+        from_upstream: 0,
+    };
+
+    let Some(rule_id) = route::match_rule(&shared.policy, local) else {
+        // The kernel steered it, so a rule matched there; userspace disagreeing
+        // would be a bug in one of the two matchers.
+        tracing::error!(client = %peer, orig_dst = %local, "steered connection matches no rule; closing");
+        return;
+    };
+    let rule = &shared.policy.rules[rule_id.0];
+    record.rule = Some(rule.name.clone());
+
+    // A trusted front proxy names the client and its destination first.
+    let mut onward_local = false;
+    if rule.trusts(peer.ip()) {
+        match proxy_header::read(&client, shared.sniff_timeout).await {
+            Ok(decoded) => {
+                record.peer = Some(peer);
+                record.proxy_header = Some(header_kind(&decoded));
+                onward_local = decoded.header == Header::Local;
+                if let Some(addresses) = decoded.header.addresses() {
+                    record.client = addresses.client;
+                    record.orig_dst = addresses.orig_dst;
+                }
+            }
+            Err(e) => {
+                record.peer = Some(peer);
+                record.failed(&e);
+                return;
+            }
+        }
+    }
+
+    let conn = route::Connection {
+        client: record.client,
+        orig_dst: record.orig_dst,
+        rule: rule_id,
+    };
+    let mut decision = route::decide(&shared.policy, &conn, None);
+    if matches!(decision, route::Decision::NeedHello) {
+        let said = match hello::peek_until(
+            &client,
+            sniff::MAX_SNIFF_LEN,
+            shared.sniff_timeout,
+            |bytes| match sniff::sniff(bytes) {
+                sniff::SniffResult::Done(said) => Some(said),
+                sniff::SniffResult::NeedMore => None,
+            },
+        )
+        .await
+        {
+            Ok(Ok(said)) => said,
+            Ok(Err(gave_up)) => {
+                record.sniff_gave_up = Some(gave_up.as_str());
+                sniff::Sniffed::Other
+            }
+            Err(e) => {
+                record.failed(&format!("client failed while sniffing: {e}"));
+                return;
+            }
+        };
+        decision = route::decide(&shared.policy, &conn, Some(&hello_of(&said)));
+        record.sniffed = Some(said);
+    }
+    let (upstream_id, bind) = match decision {
+        route::Decision::Upstream {
+            upstream,
+            bind,
+            why,
+            ..
+        } => {
+            record.route = Some(why.route_name());
+            (upstream, bind)
+        }
+        refused => {
+            record.route = Some(match &refused {
+                route::Decision::Reject { why } => why.route_name(),
+                _ => "none".to_owned(),
+            });
+            refuse(client, record.sniffed.as_ref()).await;
+            record.closed(&format!("refused: {refused}"));
+            return;
+        }
+    };
+    record.bind = Some(bind);
+
+    let request = upstream::Request {
+        client: record.client,
+        orig_dst: record.orig_dst,
+        bind,
+    };
+    let connected = match shared.pools[upstream_id.0]
+        .connect(&request, &shared.local, shared.connect_timeout)
+        .await
+    {
+        Ok(connected) => connected,
+        Err(e) => {
+            record.upstream = e.upstream();
+            record.failed(&format!("upstream connect failed: {e}"));
+            return;
+        }
+    };
+    record.upstream = Some(connected.upstream);
+    record.source = connected.stream.local_addr().ok();
+    record.bind_fallback = connected.fallback;
+
+    if let Some(version) = shared.policy.upstreams[upstream_id.0].proxy_protocol {
+        let header = if onward_local {
+            Header::Local
+        } else {
+            announce(&record)
+        };
+        let bytes = match proxy_protocol::encode(version, &header) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                record.failed(&format!("encoding the PROXY header: {e}"));
+                return;
+            }
+        };
+        match proxy_header::write(&client, &connected.stream, bytes).await {
+            Ok(taken) => record.from_client = taken,
+            Err(e) => {
+                record.failed(&format!("upstream error: sending the PROXY header: {e}"));
+                return;
+            }
+        }
+    }
+
+    let relayed = relay::relay(client, connected.stream, &shared.shutdown).await;
+    record.from_client += relayed.from_client;
+    record.from_upstream = relayed.from_upstream;
+    record.closed(&relayed.outcome);
+}
+
+/// How the close log names the header a front proxy sent.
+fn header_kind(decoded: &proxy_protocol::Decoded) -> &'static str {
+    match (decoded.version, &decoded.header) {
+        (Version::V1, Header::Proxy { .. }) => "v1",
+        (Version::V2, Header::Proxy { .. }) => "v2",
+        (Version::V1, _) => "v1 UNKNOWN",
+        (Version::V2, Header::Local) => "v2 LOCAL",
+        (Version::V2, _) => "v2 UNSPEC",
+    }
+}
+
+/// The header sent upstream: the client and where it meant to go, and (v2
+/// only) the ALPN protocol the client wants most and the name it asked for,
+/// when its first bytes were read, and the connection's ID.
+fn announce(record: &Record) -> Header {
+    let said = record.sniffed.as_ref();
+    Header::Proxy {
+        addresses: Addresses {
+            client: record.client,
+            orig_dst: record.orig_dst,
+        },
+        tlvs: Tlvs {
+            alpn: said.and_then(first_alpn).map(|p| p.as_bytes().to_vec()),
+            authority: said
+                .and_then(|said| sni_of(said).or_else(|| host_of(said)))
+                .map(str::to_owned),
+            unique_id: Some(record.conn_id.to_ascii()),
+        },
+    }
+}
+
+/// What the decision needs from the sniffed hello.
+fn hello_of(said: &sniff::Sniffed) -> route::Hello<'_> {
+    match said {
+        sniff::Sniffed::Tls(hello) => route::Hello::Tls {
+            sni: hello.sni.as_deref(),
+            alpn: &hello.alpn,
+        },
+        sniff::Sniffed::Http(request) => route::Hello::Http {
+            host: request.host.as_deref(),
+        },
+        sniff::Sniffed::Other => route::Hello::Other,
+    }
+}
+
+fn sni_of(said: &sniff::Sniffed) -> Option<&str> {
+    match said {
+        sniff::Sniffed::Tls(hello) => hello.sni.as_deref(),
+        _ => None,
+    }
+}
+
+/// The protocols the ClientHello offered, comma-separated.
+fn alpn_of(said: &sniff::Sniffed) -> Option<String> {
+    match said {
+        sniff::Sniffed::Tls(hello) if !hello.alpn.is_empty() => Some(hello.alpn.join(",")),
+        _ => None,
+    }
+}
+
+fn first_alpn(said: &sniff::Sniffed) -> Option<&str> {
+    match said {
+        sniff::Sniffed::Tls(hello) => hello.alpn.first().map(String::as_str),
+        _ => None,
+    }
+}
+
+fn host_of(said: &sniff::Sniffed) -> Option<&str> {
+    match said {
+        sniff::Sniffed::Http(request) => request.host.as_deref(),
+        _ => None,
+    }
+}
+
+const SERVICE_UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n\
+no route to service\n";
+
+/// No route, or a rejecting one: TLS gets a reset, HTTP/1.x a 503, the rest a close.
+async fn refuse(mut client: TcpStream, sniffed: Option<&sniff::Sniffed>) {
+    match sniffed {
+        Some(sniff::Sniffed::Tls(_)) => {
+            // Linger 0: close() sends a reset instead of a FIN.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        }
+        Some(sniff::Sniffed::Http(_)) => {
+            let _ = client.write_all(SERVICE_UNAVAILABLE).await;
+            let _ = client.shutdown().await;
+        }
+        _ => {}
+    }
+}
