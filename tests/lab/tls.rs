@@ -157,14 +157,14 @@ impl Output {
 }
 
 /// `ip netns exec NS prog args...` in a process group of its own.
-fn ns_command(ns: &Netns, prog: &str, args: &[&str]) -> Command {
+pub fn ns_command(ns: &Netns, prog: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns.name(), prog]).args(args);
     cmd.process_group(0);
     cmd
 }
 
-fn kill_group(child: &mut Child) {
+pub fn kill_group(child: &mut Child) {
     // SAFETY: plain syscall; the group is the one this child leads.
     unsafe {
         libc::kill(-(child.id() as i32), libc::SIGKILL);
@@ -399,6 +399,9 @@ pub struct Site {
     pub listen: SocketAddr,
     pub tls: Option<Cert>,
     pub http2: bool,
+    /// `listen ... proxy_protocol`: every connection starts with a PROXY
+    /// header (v1 or v2), logged as `pp=ADDR:PORT`.
+    pub proxy_protocol: bool,
     pub body: String,
 }
 
@@ -408,6 +411,7 @@ impl Site {
             listen: super::sa(listen),
             tls: Some(cert.clone()),
             http2: false,
+            proxy_protocol: false,
             body: body.to_owned(),
         }
     }
@@ -424,7 +428,16 @@ impl Site {
             listen: super::sa(listen),
             tls: None,
             http2: false,
+            proxy_protocol: false,
             body: body.to_owned(),
+        }
+    }
+
+    /// Plain HTTP behind a PROXY protocol header.
+    pub fn proxy_protocol(listen: &str, body: &str) -> Site {
+        Site {
+            proxy_protocol: true,
+            ..Site::plain(listen, body)
         }
     }
 }
@@ -451,7 +464,7 @@ impl Nginx {
              http {{\n\
              \x20 default_type text/plain;\n\
              \x20 ssl_protocols TLSv1.2 TLSv1.3;\n\
-             \x20 log_format routing '$server_addr:$server_port sni=$ssl_server_name tls=$ssl_protocol alpn=$ssl_alpn_protocol host=$host \"$request\" $status';\n\
+             \x20 log_format routing '$server_addr:$server_port sni=$ssl_server_name tls=$ssl_protocol alpn=$ssl_alpn_protocol host=$host \"$request\" $status pp=$proxy_protocol_addr:$proxy_protocol_port';\n\
              \x20 access_log {d}/access.log routing;\n\
              \x20 client_body_temp_path {d}/body;\n\
              \x20 proxy_temp_path {d}/proxy;\n\
@@ -467,6 +480,9 @@ impl Nginx {
             }
             if site.http2 {
                 flags.push_str(" http2");
+            }
+            if site.proxy_protocol {
+                flags.push_str(" proxy_protocol");
             }
             conf.push_str(&format!("  server {{\n    listen {listen}{flags};\n"));
             if let Some(cert) = &site.tls {
@@ -536,7 +552,7 @@ impl Nginx {
     }
 
     /// Lines of the access log:
-    /// `ADDR:PORT sni=... tls=... alpn=... host=... "REQUEST" STATUS`.
+    /// `ADDR:PORT sni=... tls=... alpn=... host=... "REQUEST" STATUS pp=ADDR:PORT`.
     pub fn access_log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.join("access.log"))
             .unwrap_or_default()

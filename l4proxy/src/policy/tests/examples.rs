@@ -35,6 +35,7 @@ fn every_example_loads_without_warnings() {
         "inbound-transparent.json",
         "outbound-transparent.json",
         "fully-transparent.json",
+        "proxy-protocol.json",
     ] {
         assert!(
             checked.iter().any(|c| c == name),
