@@ -10,7 +10,7 @@ use std::{
 };
 
 use l4proxy::{
-    intercept::{Family, Interceptor, delivery::DEFAULT_MARK},
+    intercept::{Family, Interceptor, delivery::DEFAULT_MARK, rules},
     policy::Policy,
 };
 use l4proxy_common::Counter;
@@ -39,8 +39,8 @@ fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
     let steered: SocketAddr = "192.0.2.10:80".parse().unwrap();
 
     let mut interceptor = topo.px.run(|| {
-        let mut interceptor =
-            Interceptor::load(&policy, DEFAULT_MARK).expect("loading the BPF programs");
+        let mut interceptor = Interceptor::load(&policy, &rules::compile(&policy), DEFAULT_MARK)
+            .expect("loading the BPF programs");
         interceptor
             .attach()
             .expect("attaching sk_lookup to the px namespace");

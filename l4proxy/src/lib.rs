@@ -23,6 +23,7 @@ pub mod hello;
 pub mod intercept;
 pub mod local_addrs;
 pub mod logging;
+pub mod lpm;
 pub mod policy;
 pub mod proxy_header;
 pub mod proxy_protocol;

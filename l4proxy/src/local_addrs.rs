@@ -14,6 +14,8 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::lpm::Lpm;
 use rtnetlink::{
     MulticastGroup,
     packet_route::address::{AddressAttribute, AddressMessage},
@@ -37,7 +39,7 @@ pub enum LocalAddrsError {
 pub struct LocalAddrs {
     /// Prefixes the daemon made local (they do not show as addresses).
     owned: Vec<IpNet>,
-    current: RwLock<Arc<Vec<IpNet>>>,
+    current: RwLock<Arc<Lpm<()>>>,
 }
 
 impl LocalAddrs {
@@ -46,7 +48,7 @@ impl LocalAddrs {
     pub async fn load(owned: &[IpNet]) -> Result<Arc<LocalAddrs>, LocalAddrsError> {
         let local = LocalAddrs {
             owned: owned.to_vec(),
-            current: RwLock::new(Arc::new(Vec::new())),
+            current: RwLock::new(Arc::new(Lpm::default())),
         };
         local.reload().await?;
         Ok(Arc::new(local))
@@ -54,13 +56,12 @@ impl LocalAddrs {
 
     /// Whether `ip` is an address of this host.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
         let current = self
             .current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
-        current.iter().any(|prefix| prefix.contains(&ip))
+        current.contains(ip)
     }
 
     /// Rereads the addresses whenever the kernel reports a change, until the
@@ -88,14 +89,18 @@ impl LocalAddrs {
         let messages: Result<Vec<AddressMessage>, _> =
             handle.address().get().execute().try_collect().await;
         driver.abort();
-        let mut prefixes: Vec<IpNet> = messages
+        let addresses: Vec<IpNet> = messages
             .map_err(LocalAddrsError::List)?
             .iter()
             .filter_map(address_of)
             .map(IpNet::from)
             .collect();
-        prefixes.extend(LOOPBACK);
-        prefixes.extend(&self.owned);
+        let prefixes = Lpm::of(
+            addresses
+                .into_iter()
+                .chain(LOOPBACK)
+                .chain(self.owned.iter().copied()),
+        );
         *self
             .current
             .write()

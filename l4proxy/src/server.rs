@@ -31,6 +31,7 @@ use crate::{
         delivery::{Delivery, DeliveryError, Mark},
         interfaces::{self, Interface},
         routes::{self, LocalRoutes, RouteError},
+        rules::{self, RuleIndex},
         sysctl,
     },
     local_addrs::{LocalAddrs, LocalAddrsError},
@@ -84,7 +85,8 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     }
     let mut signals = Signals::new()?;
 
-    let mut interceptor = Interceptor::load(&policy, settings.mark)?;
+    let entries = rules::compile(&policy);
+    let mut interceptor = Interceptor::load(&policy, &entries, settings.mark)?;
     let owned = owned_prefixes(&policy);
     let listeners = bind_listeners(&policy, &mut interceptor)?;
     let local = LocalAddrs::load(&owned).await?;
@@ -137,6 +139,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     );
 
     let shared = Arc::new(Shared {
+        rules: RuleIndex::new(&entries),
         pools: policy.upstreams.iter().map(Pool::new).collect(),
         policy,
         local,

@@ -16,6 +16,7 @@ use crate::{
     addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
     conn_id::{ConnectionId, ConnectionIds},
     hello,
+    intercept::rules::RuleIndex,
     local_addrs::LocalAddrs,
     policy::{Bind, Policy},
     proxy_header,
@@ -27,6 +28,8 @@ use crate::{
 /// What every connection shares.
 pub struct Shared {
     pub policy: Policy,
+    /// The policy's rules, indexed as the kernel looks them up.
+    pub rules: RuleIndex,
     pub pools: Vec<Pool>,
     pub local: Arc<LocalAddrs>,
     pub ids: ConnectionIds,
@@ -125,7 +128,7 @@ pub async fn serve(client: TcpStream, shared: &Shared) {
         from_upstream: 0,
     };
 
-    let Some(rule_id) = route::match_rule(&shared.policy, local) else {
+    let Some(rule_id) = shared.rules.lookup(local) else {
         // The kernel steered it, so a rule matched there; userspace disagreeing
         // would be a bug in one of the two matchers.
         tracing::error!(client = %peer, orig_dst = %local, "steered connection matches no rule; closing");

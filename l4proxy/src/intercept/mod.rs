@@ -109,13 +109,18 @@ pub struct Interceptor {
 }
 
 impl Interceptor {
-    /// Loads the embedded programs and fills the rule, upstream and mark maps
-    /// from `policy`. Nothing is attached yet: call [`Interceptor::attach`]
-    /// once the listeners are in.
-    pub fn load(policy: &Policy, mark: Mark) -> Result<Self, InterceptError> {
+    /// Loads the embedded programs and fills the rule map with `entries`
+    /// (`rules::compile` of `policy`), the upstream map from `policy` and the
+    /// mark. Nothing is attached yet: call [`Interceptor::attach`] once the
+    /// listeners are in.
+    pub fn load(
+        policy: &Policy,
+        entries: &[rules::KernelEntry],
+        mark: Mark,
+    ) -> Result<Self, InterceptError> {
         let mut ebpf = Ebpf::load(BPF_OBJECT)?;
         let mut rules: LpmTrie<MapData, RuleKey, RuleValue> = take_map(&mut ebpf, "RULES")?;
-        for entry in rules::compile(policy) {
+        for entry in entries {
             rules
                 .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
                 .map_err(map_error("RULES"))?;

@@ -17,11 +17,16 @@
 //! Ranks order as route precedence does: longer prefix, then narrower port
 //! spec, then lower rule index. The exact-port entries never hold a `*`
 //! claim: the wildcard look-up finds the best of those itself.
+//!
+//! [`RuleIndex`] is the same look-up in userspace, over the same entries: the
+//! daemon finds each connection's rule in a few hash probes, however many
+//! rules there are. [`route::match_rule`], a plain scan, stays the reference
+//! both are tested against.
 
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv6Addr,
+    net::{Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
 };
 
@@ -29,6 +34,7 @@ use ipnet::{IpNet, Ipv6Net};
 use l4proxy_common::{ANY_PORT, RULE_KEY_FIXED_BITS, RULE_ON_INTERFACES, RuleKey, RuleValue};
 
 use crate::{
+    lpm::{self, Lpm},
     policy::{IPV4_MAPPED, Policy, PortSpec, RuleId},
     route::{self, Specificity},
 };
@@ -84,6 +90,40 @@ pub fn compile(policy: &Policy) -> Vec<KernelEntry> {
         }
     }
     entries
+}
+
+/// The rule of a destination, found as the kernel finds it.
+pub struct RuleIndex {
+    by_port: HashMap<u16, Lpm<RuleValue>>,
+}
+
+impl RuleIndex {
+    pub fn new(entries: &[KernelEntry]) -> Self {
+        let mut by_port: HashMap<u16, Lpm<RuleValue>> = HashMap::new();
+        for entry in entries {
+            let len = entry.prefix_len - RULE_KEY_FIXED_BITS;
+            by_port
+                .entry(u16::from_be_bytes(entry.key.port))
+                .or_default()
+                .insert(
+                    u128::from_be_bytes(entry.key.addr),
+                    u8::try_from(len).expect("an address prefix is at most 128 bits"),
+                    entry.value,
+                );
+        }
+        Self { by_port }
+    }
+
+    /// The rule a connection to `dst` belongs to: the better-ranked of the
+    /// longest matches for its port and for any port.
+    pub fn lookup(&self, dst: SocketAddr) -> Option<RuleId> {
+        let addr = lpm::key(dst.ip());
+        [dst.port(), ANY_PORT]
+            .iter()
+            .filter_map(|port| self.by_port.get(port)?.longest(addr))
+            .max_by_key(|value| value.rank)
+            .map(|value| RuleId(value.rule_id as usize))
+    }
 }
 
 /// `compile(policy).len()`, without expanding port ranges: the policy check
@@ -475,15 +515,18 @@ mod tests {
         ]);
         for policy in checked.iter().chain([&unchecked]) {
             let entries = compile(policy);
+            let index = RuleIndex::new(&entries);
             assert_eq!(entry_count(policy), entries.len());
             for ip in probe_addrs(policy) {
                 for port in probe_ports(policy) {
                     let dst = SocketAddr::new(ip, port);
+                    let reference = route::match_rule(policy, dst);
                     assert_eq!(
                         kernel_rule(&entries, dst),
-                        route::match_rule(policy, dst).map(|RuleId(r)| r as u32),
-                        "{dst} in {policy:?}"
+                        reference.map(|RuleId(r)| r as u32),
+                        "kernel: {dst} in {policy:?}"
                     );
+                    assert_eq!(index.lookup(dst), reference, "index: {dst} in {policy:?}");
                 }
             }
         }
