@@ -30,8 +30,9 @@ pub enum Command {
     },
     /// Print which rule, route and upstream a connection would take, and why.
     Explain(ExplainArgs),
-    /// Remove routes left in this network namespace by a daemon that was killed
-    /// before it could clean up (they carry route protocol 244).
+    /// Remove routes and routing rules left in this network namespace by a
+    /// daemon that was killed before it could clean up (they carry protocol
+    /// 244).
     Cleanup,
 }
 

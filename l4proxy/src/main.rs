@@ -121,7 +121,7 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
 fn cleanup() -> anyhow::Result<()> {
     let removed = runtime()?.block_on(routes::remove_leftovers())?;
     println!(
-        "removed {removed} route(s) with protocol {}",
+        "removed {removed} route(s) and routing rule(s) with protocol {}",
         routes::ROUTE_PROTOCOL
     );
     Ok(())

@@ -51,10 +51,12 @@ pub async fn read(stream: &TcpStream, deadline: Duration) -> Result<Decoded, Rea
 
 /// Reads and drops `len` bytes that are already queued (they were peeked).
 async fn discard(stream: &TcpStream, mut len: usize) -> io::Result<()> {
-    let mut buffer = [0u8; MAX_HEADER_LEN];
+    // On the heap: a buffer in this future would be in every connection's
+    // task, header or not, for the connection's whole life.
+    let mut buffer = vec![0u8; len];
     while len > 0 {
         stream.readable().await?;
-        match stream.try_read(&mut buffer[..len.min(MAX_HEADER_LEN)]) {
+        match stream.try_read(&mut buffer[..len]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => len -= n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -351,3 +351,40 @@ async fn refuse(mut client: TcpStream, sniffed: Option<&sniff::Sniffed>) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::intercept::rules;
+
+    /// Every open connection holds its `serve` future for its whole life:
+    /// what the future holds across its awaits is memory per idle connection.
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let policy = Policy::from_json(
+            r#"{ "intercept": [ { "name": "r", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "u" } ],
+                 "upstreams": { "u": { "servers": ["203.0.113.2:80"] } } }"#,
+        )
+        .unwrap();
+        let shared = Shared {
+            rules: RuleIndex::new(&rules::compile(&policy)),
+            pools: policy.upstreams.iter().map(Pool::new).collect(),
+            local: LocalAddrs::load(&[]).await.unwrap(),
+            ids: ConnectionIds::new(),
+            connect_timeout: Duration::from_secs(1),
+            sniff_timeout: Duration::from_secs(1),
+            shutdown: CancellationToken::new(),
+            policy,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let task = serve(stream, &shared);
+        let size = std::mem::size_of_val(&task);
+        println!("serve future: {size} bytes");
+        assert!(size <= 2048, "serve's future is {size} bytes");
+    }
+}
