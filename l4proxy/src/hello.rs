@@ -46,6 +46,8 @@ pub async fn peek_until<T>(
     mut classify: impl FnMut(&[u8]) -> Option<T>,
 ) -> io::Result<Result<T, GaveUp>> {
     let mut buffer = vec![0u8; limit];
+    // Raised only when the first bytes were not enough; then set back.
+    let mut lowat_raised = false;
     let peeked = tokio::time::timeout(deadline, async {
         let mut seen = 0;
         loop {
@@ -67,6 +69,7 @@ pub async fn peek_until<T>(
                     return Ok(Err(GaveUp::Closed));
                 }
                 set_recv_lowat(stream.as_raw_fd(), n + 1)?;
+                lowat_raised = true;
                 Err(io::ErrorKind::WouldBlock.into())
             });
             match step {
@@ -77,7 +80,9 @@ pub async fn peek_until<T>(
         }
     })
     .await;
-    set_recv_lowat(stream.as_raw_fd(), 1)?;
+    if lowat_raised {
+        set_recv_lowat(stream.as_raw_fd(), 1)?;
+    }
     match peeked {
         Ok(result) => result,
         Err(_elapsed) => Ok(Err(GaveUp::Timeout)),

@@ -341,6 +341,9 @@ fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
         socket.set_ip_transparent_v4(transparent)?;
     }
     socket.set_reuse_address(true)?;
+    // Accepted sockets inherit it: one setsockopt here instead of one per
+    // connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -376,7 +379,7 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -390,7 +393,7 @@ async fn accept_loop(
         };
         let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
             tracing::warn!(
-                client = ?stream.peer_addr().ok(),
+                client = %peer,
                 limit = limit.max,
                 "connection limit reached; closing"
             );
@@ -398,7 +401,7 @@ async fn accept_loop(
         };
         let shared = shared.clone();
         tracker.spawn(async move {
-            session::serve(stream, &shared).await;
+            session::serve(stream, peer, &shared).await;
             drop(permit);
         });
     }
@@ -436,5 +439,22 @@ impl Signals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `serve` relies on it: sockets accepted from our listeners have
+    /// `TCP_NODELAY` without a setsockopt of their own.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), false).unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

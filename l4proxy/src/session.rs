@@ -103,12 +103,12 @@ impl Record {
     }
 }
 
-/// Relays one client connection and logs one line when it ends.
-pub async fn serve(client: TcpStream, shared: &Shared) {
-    let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
+/// Relays one client connection (`peer`: its address, from accept) and logs
+/// one line when it ends. `TCP_NODELAY` comes from the listener.
+pub async fn serve(client: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let Ok(local) = client.local_addr() else {
         return; // The client is already gone.
     };
-    let _ = client.set_nodelay(true);
     let mut record = Record {
         started: Instant::now(),
         conn_id: shared.ids.next(),
@@ -228,7 +228,10 @@ pub async fn serve(client: TcpStream, shared: &Shared) {
         }
     };
     record.upstream = Some(connected.upstream);
-    record.source = connected.stream.local_addr().ok();
+    // Only the close log needs it: no getsockname per connection without it.
+    if tracing::enabled!(tracing::Level::INFO) {
+        record.source = connected.stream.local_addr().ok();
+    }
     record.bind_fallback = connected.fallback;
 
     if let Some(version) = shared.policy.upstreams[upstream_id.0].proxy_protocol {
@@ -382,7 +385,8 @@ mod tests {
         let stream = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let task = serve(stream, &shared);
+        let peer = stream.local_addr().unwrap();
+        let task = serve(stream, peer, &shared);
         let size = std::mem::size_of_val(&task);
         println!("serve future: {size} bytes");
         assert!(size <= 2048, "serve's future is {size} bytes");
