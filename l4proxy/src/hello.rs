@@ -15,6 +15,9 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
+/// The peek buffer's first size; it doubles while a peek fills it.
+const INITIAL_BUFFER: usize = 4096;
+
 /// Why peeking stopped before the classifier could decide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GaveUp {
@@ -45,32 +48,22 @@ pub async fn peek_until<T>(
     deadline: Duration,
     mut classify: impl FnMut(&[u8]) -> Option<T>,
 ) -> io::Result<Result<T, GaveUp>> {
-    let mut buffer = vec![0u8; limit];
-    // Raised only when the first bytes were not enough; then set back.
-    let mut lowat_raised = false;
+    let fd = stream.as_raw_fd();
+    let mut peeker = Peeker::new(limit);
     let peeked = tokio::time::timeout(deadline, async {
-        let mut seen = 0;
+        // Speculative first look: the bytes are often queued by the time the
+        // connection is accepted (nearly always under load), and waiting for
+        // epoll to report them would cost a wake-up.
+        match peeker.look(fd, false, &mut classify) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
         loop {
             let ready = stream.ready(Interest::READABLE).await?;
             // Inside try_io, a WouldBlock clears only the readiness observed
             // before the peek, so data arriving meanwhile still wakes us.
             let step = stream.try_io(Interest::READABLE, || {
-                let n = peek(stream.as_raw_fd(), &mut buffer)?;
-                if n > seen {
-                    seen = n;
-                    if let Some(verdict) = classify(&buffer[..n]) {
-                        return Ok(Ok(verdict));
-                    }
-                    if n == limit {
-                        return Ok(Err(GaveUp::TooLarge));
-                    }
-                }
-                if n == 0 || ready.is_read_closed() {
-                    return Ok(Err(GaveUp::Closed));
-                }
-                set_recv_lowat(stream.as_raw_fd(), n + 1)?;
-                lowat_raised = true;
-                Err(io::ErrorKind::WouldBlock.into())
+                peeker.look(fd, ready.is_read_closed(), &mut classify)
             });
             match step {
                 Ok(done) => return Ok(done),
@@ -80,12 +73,69 @@ pub async fn peek_until<T>(
         }
     })
     .await;
-    if lowat_raised {
-        set_recv_lowat(stream.as_raw_fd(), 1)?;
+    if peeker.lowat_raised {
+        set_recv_lowat(fd, 1)?;
     }
     match peeked {
         Ok(result) => result,
         Err(_elapsed) => Ok(Err(GaveUp::Timeout)),
+    }
+}
+
+/// The state of one `peek_until`.
+struct Peeker {
+    /// Most hellos fit in a few KiB: it starts there and grows towards
+    /// `limit` only for the rare big one, instead of zeroing `limit` bytes
+    /// for every connection.
+    buffer: Vec<u8>,
+    limit: usize,
+    /// Bytes seen by the last look.
+    seen: usize,
+    /// `SO_RCVLOWAT` was raised (only when the first bytes were not enough)
+    /// and must be set back.
+    lowat_raised: bool,
+}
+
+impl Peeker {
+    fn new(limit: usize) -> Self {
+        Self {
+            buffer: vec![0u8; limit.min(INITIAL_BUFFER)],
+            limit,
+            seen: 0,
+            lowat_raised: false,
+        }
+    }
+
+    /// Peeks at everything queued and asks `classify` if there is more than
+    /// last time. `WouldBlock`: wait for more (`SO_RCVLOWAT` is set so that
+    /// only more, or the end, wakes the socket). `closed`: the peer has
+    /// finished sending.
+    fn look<T>(
+        &mut self,
+        fd: RawFd,
+        closed: bool,
+        classify: &mut impl FnMut(&[u8]) -> Option<T>,
+    ) -> io::Result<Result<T, GaveUp>> {
+        let mut n = peek(fd, &mut self.buffer)?;
+        while n == self.buffer.len() && n < self.limit {
+            self.buffer.resize((2 * n).min(self.limit), 0);
+            n = peek(fd, &mut self.buffer)?;
+        }
+        if n > self.seen {
+            self.seen = n;
+            if let Some(verdict) = classify(&self.buffer[..n]) {
+                return Ok(Ok(verdict));
+            }
+            if n == self.limit {
+                return Ok(Err(GaveUp::TooLarge));
+            }
+        }
+        if n == 0 || closed {
+            return Ok(Err(GaveUp::Closed));
+        }
+        set_recv_lowat(fd, n + 1)?;
+        self.lowat_raised = true;
+        Err(io::ErrorKind::WouldBlock.into())
     }
 }
 
@@ -197,6 +247,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(verdict, Err(GaveUp::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_hello_larger_than_the_first_buffer_is_seen_whole() {
+        let (accepted, mut client) = pair().await;
+        let mut big = vec![b'x'; 3 * INITIAL_BUFFER];
+        big.push(b'\n');
+        client.write_all(&big).await.unwrap();
+        let verdict = peek_until(&accepted, 64 * 1024, Duration::from_secs(5), line)
+            .await
+            .unwrap();
+        assert_eq!(verdict, Ok(3 * INITIAL_BUFFER));
     }
 
     #[tokio::test]

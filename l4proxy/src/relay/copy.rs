@@ -1,11 +1,118 @@
-//! One burst of a direction through a user-space buffer: the fallback when no
-//! pipe can be had (out of descriptors).
+//! Copying through a user-space buffer: the first read of each burst (small
+//! messages cost less copied than spliced, as HAProxy's `splice-auto` finds),
+//! and a whole burst when no pipe can be had (out of descriptors).
 
-use std::io;
+use std::{cell::RefCell, io};
 
 use tokio::net::TcpStream;
 
 use super::{Burst, Failed};
+
+/// The most a burst's first read takes; a read that fills it means more is
+/// queued, and the rest of the burst is spliced.
+pub(super) const FIRST_READ: usize = 16 * 1024;
+
+thread_local! {
+    /// One buffer per thread for first reads: it is only held while the read
+    /// and a non-blocking write run, never across an await, so no connection
+    /// owns it.
+    static FIRST: RefCell<Vec<u8>> = RefCell::new(vec![0; FIRST_READ]);
+}
+
+/// How a burst's first read ended.
+pub(super) enum First {
+    /// Everything read was delivered and the read did not fill the buffer:
+    /// the burst may well be over (the next read tells).
+    Short,
+    /// The read filled the buffer and all of it was delivered: more is
+    /// probably queued.
+    Full,
+    /// The source had nothing queued.
+    Drained,
+    /// The source finished sending.
+    Eof,
+}
+
+/// What one read and one non-blocking write did.
+enum Step {
+    Drained,
+    Eof,
+    Read {
+        read: usize,
+        written: usize,
+        /// What `dst` did not take at once.
+        rest: Option<Vec<u8>>,
+    },
+    ReadFailed(io::Error),
+    WriteFailed(io::Error),
+}
+
+/// Reads once into the thread's buffer and writes what came to `dst`
+/// without waiting; only what `dst` cannot take at once is copied out and
+/// waited for.
+pub(super) async fn first_read(
+    src: &TcpStream,
+    dst: &TcpStream,
+    count: &mut u64,
+) -> Result<First, Failed> {
+    let step = FIRST.with_borrow_mut(|buffer| {
+        let read = match src.try_read(buffer) {
+            Ok(0) => return Step::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
+            Err(e) => return Step::ReadFailed(e),
+        };
+        let written = match dst.try_write(&buffer[..read]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Step::WriteFailed(e),
+        };
+        Step::Read {
+            read,
+            written,
+            rest: (written < read).then(|| buffer[written..read].to_vec()),
+        }
+    });
+    let read = match step {
+        Step::Drained => return Ok(First::Drained),
+        Step::Eof => return Ok(First::Eof),
+        Step::ReadFailed(e) => return Err(Failed::Read(e)),
+        Step::WriteFailed(e) => return Err(Failed::Write(e)),
+        Step::Read {
+            read,
+            written,
+            rest,
+        } => {
+            *count += written as u64;
+            if let Some(rest) = rest {
+                write_all(dst, &rest, count).await?;
+            }
+            read
+        }
+    };
+    Ok(if read == FIRST_READ {
+        First::Full
+    } else {
+        First::Short
+    })
+}
+
+/// Writes all of `data`, waiting for `dst` as needed.
+async fn write_all(dst: &TcpStream, data: &[u8], count: &mut u64) -> Result<(), Failed> {
+    let mut sent = 0;
+    while sent < data.len() {
+        dst.writable().await.map_err(Failed::Write)?;
+        match dst.try_write(&data[sent..]) {
+            Ok(n) => {
+                sent += n;
+                *count += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Failed::Write(e)),
+        }
+    }
+    Ok(())
+}
 
 /// Allocated per burst and freed when the socket runs dry, so an idle
 /// connection holds no buffer.
@@ -28,17 +135,6 @@ pub(super) async fn burst(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(Failed::Read(e)),
         };
-        let mut sent = 0;
-        while sent < read {
-            dst.writable().await.map_err(Failed::Write)?;
-            match dst.try_write(&buffer[sent..read]) {
-                Ok(n) => {
-                    sent += n;
-                    *count += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Failed::Write(e)),
-            }
-        }
+        write_all(dst, &buffer[..read], count).await?;
     }
 }

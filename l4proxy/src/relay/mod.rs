@@ -4,12 +4,15 @@
 //! our write side towards the other and keep the opposite direction flowing,
 //! as a direct TCP connection would. An error on either side ends both.
 //!
-//! Each direction sleeps on its socket's readiness holding nothing, and only
-//! when bytes arrive takes a pipe from a pool (`pipe`), splices them socket →
-//! pipe → socket without copying them through user space (`splice`), and gives
-//! the empty pipe back once the socket runs dry. If no pipe can be had (out of
-//! descriptors), that burst goes through a buffer instead (`copy`). Bytes the
-//! daemon peeked at are still queued in the client socket and go out first.
+//! Each direction sleeps on its socket's readiness holding nothing. When bytes
+//! arrive, the first read goes through a per-thread buffer (`copy`): a small
+//! message (a request, a reply, a ClientHello) costs less copied than spliced.
+//! Only when that read fills the buffer does the direction take a pipe from a
+//! pool (`pipe`), splice the rest socket → pipe → socket without copying it
+//! through user space (`splice`), and give the empty pipe back once the socket
+//! runs dry. If no pipe can be had (out of descriptors), that burst goes
+//! through a buffer instead. Bytes the daemon peeked at are still queued in
+//! the client socket and go out first.
 //!
 //! `unsafe` is confined to `pipe`, which calls splice(2) and `F_SETPIPE_SZ`
 //! through libc (neither std, tokio nor socket2 wraps them).
@@ -132,6 +135,11 @@ async fn forward(
 ) -> Result<(), Failed> {
     loop {
         src.readable().await.map_err(Failed::Read)?;
+        match copy::first_read(src, dst, count).await? {
+            copy::First::Eof => return half_close(dst),
+            copy::First::Drained | copy::First::Short => continue,
+            copy::First::Full => {}
+        }
         let burst = match pipes() {
             Ok(pipe) => {
                 // On error the pipe may still hold bytes: it is dropped, not pooled.
@@ -145,9 +153,14 @@ async fn forward(
             }
         };
         if let Burst::Eof = burst {
-            return SockRef::from(dst)
-                .shutdown(Shutdown::Write)
-                .map_err(Failed::Write);
+            return half_close(dst);
         }
     }
+}
+
+/// The source ended: so does what we send to the other side.
+fn half_close(dst: &TcpStream) -> Result<(), Failed> {
+    SockRef::from(dst)
+        .shutdown(Shutdown::Write)
+        .map_err(Failed::Write)
 }
