@@ -7,10 +7,10 @@
 //! Each direction sleeps on its socket's readiness holding nothing. When bytes
 //! arrive, the first read goes through a per-thread buffer (`copy`): a small
 //! message (a request, a reply, a ClientHello) costs less copied than spliced.
-//! Only when that read fills the buffer does the direction take a pipe from a
-//! pool (`pipe`), splice the rest socket → pipe → socket without copying it
-//! through user space (`splice`), and give the empty pipe back once the socket
-//! runs dry. If no pipe can be had (out of descriptors), that burst goes
+//! Once a read fills that buffer the direction is bulk for good: it takes a
+//! pipe from a pool (`pipe`) for each burst, splices it socket → pipe → socket
+//! without copying it through user space (`splice`), and gives the empty pipe
+//! back once the socket runs dry. If no pipe can be had (out of descriptors), that burst goes
 //! through a buffer instead. Bytes the daemon peeked at are still queued in
 //! the client socket and go out first.
 //!
@@ -133,12 +133,17 @@ async fn forward(
     count: &mut u64,
     pipes: &impl Fn() -> io::Result<Pipe>,
 ) -> Result<(), Failed> {
+    // Once a read fills the buffer the direction carries bulk data: from
+    // then on every burst is spliced whole.
+    let mut bulk = false;
     loop {
         src.readable().await.map_err(Failed::Read)?;
-        match copy::first_read(src, dst, count).await? {
-            copy::First::Eof => return half_close(dst),
-            copy::First::Drained | copy::First::Short => continue,
-            copy::First::Full => {}
+        if !bulk {
+            match copy::first_read(src, dst, count).await? {
+                copy::First::Eof => return half_close(dst),
+                copy::First::Drained | copy::First::Short => continue,
+                copy::First::Full => bulk = true,
+            }
         }
         let burst = match pipes() {
             Ok(pipe) => {
