@@ -21,84 +21,46 @@ thread_local! {
 
 /// How a burst's first read ended.
 pub(super) enum First {
-    /// Everything read was delivered and the read did not fill the buffer:
-    /// the burst may well be over (the next read tells).
-    Short,
-    /// The read filled the buffer and all of it was delivered: more is
-    /// probably queued.
-    Full,
+    /// Read this much and wrote all of it; `Some(rest)` when `dst` could not
+    /// take everything at once, and the caller must write the rest. A read
+    /// that filled the buffer means more is probably queued.
+    Read { read: usize, rest: Option<Vec<u8>> },
     /// The source had nothing queued.
     Drained,
     /// The source finished sending.
     Eof,
 }
 
-/// What one read and one non-blocking write did.
-enum Step {
-    Drained,
-    Eof,
-    Read {
-        read: usize,
-        written: usize,
-        /// What `dst` did not take at once.
-        rest: Option<Vec<u8>>,
-    },
-    ReadFailed(io::Error),
-    WriteFailed(io::Error),
-}
-
 /// Reads once into the thread's buffer and writes what came to `dst`
-/// without waiting; only what `dst` cannot take at once is copied out and
-/// waited for.
-pub(super) async fn first_read(
+/// without waiting; what `dst` cannot take at once is copied out for the
+/// caller. Never waits itself, so it adds nothing to the direction's future.
+pub(super) fn first_read(
     src: &TcpStream,
     dst: &TcpStream,
     count: &mut u64,
 ) -> Result<First, Failed> {
-    let step = FIRST.with_borrow_mut(|buffer| {
+    FIRST.with_borrow_mut(|buffer| {
         let read = match src.try_read(buffer) {
-            Ok(0) => return Step::Eof,
+            Ok(0) => return Ok(First::Eof),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
-            Err(e) => return Step::ReadFailed(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(First::Drained),
+            Err(e) => return Err(Failed::Read(e)),
         };
         let written = match dst.try_write(&buffer[..read]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Step::WriteFailed(e),
+            Err(e) => return Err(Failed::Write(e)),
         };
-        Step::Read {
+        *count += written as u64;
+        Ok(First::Read {
             read,
-            written,
             rest: (written < read).then(|| buffer[written..read].to_vec()),
-        }
-    });
-    let read = match step {
-        Step::Drained => return Ok(First::Drained),
-        Step::Eof => return Ok(First::Eof),
-        Step::ReadFailed(e) => return Err(Failed::Read(e)),
-        Step::WriteFailed(e) => return Err(Failed::Write(e)),
-        Step::Read {
-            read,
-            written,
-            rest,
-        } => {
-            *count += written as u64;
-            if let Some(rest) = rest {
-                write_all(dst, &rest, count).await?;
-            }
-            read
-        }
-    };
-    Ok(if read == FIRST_READ {
-        First::Full
-    } else {
-        First::Short
+        })
     })
 }
 
 /// Writes all of `data`, waiting for `dst` as needed.
-async fn write_all(dst: &TcpStream, data: &[u8], count: &mut u64) -> Result<(), Failed> {
+pub(super) async fn write_all(dst: &TcpStream, data: &[u8], count: &mut u64) -> Result<(), Failed> {
     let mut sent = 0;
     while sent < data.len() {
         dst.writable().await.map_err(Failed::Write)?;

@@ -65,12 +65,14 @@ pub struct Relayed {
 
 /// Relays until both directions have ended, either side failed, or `shutdown`
 /// is cancelled. Byte counts are of bytes delivered, also when it fails.
-pub async fn relay(
+/// (A plain function: an `async fn` wrapper would add its own state to every
+/// connection's task.)
+pub fn relay(
     client: TcpStream,
     upstream: TcpStream,
     shutdown: &CancellationToken,
-) -> Relayed {
-    relay_with(client, upstream, shutdown, &pipe::take).await
+) -> impl Future<Output = Relayed> + '_ {
+    relay_with(client, upstream, shutdown, &pipe::take)
 }
 
 /// [`relay`] with the pipe source as a parameter, so tests can make it fail.
@@ -134,27 +136,35 @@ async fn forward(
     pipes: &impl Fn() -> io::Result<Pipe>,
 ) -> Result<(), Failed> {
     // Once a read fills the buffer the direction carries bulk data: from
-    // then on every burst is spliced whole.
+    // then on every burst is spliced whole. What waits inside a burst is
+    // boxed: only a burst in progress holds it, not the task of every idle
+    // connection (the task is sized for its largest await).
     let mut bulk = false;
     loop {
         src.readable().await.map_err(Failed::Read)?;
         if !bulk {
-            match copy::first_read(src, dst, count).await? {
+            match copy::first_read(src, dst, count)? {
                 copy::First::Eof => return half_close(dst),
-                copy::First::Drained | copy::First::Short => continue,
-                copy::First::Full => bulk = true,
+                copy::First::Drained => continue,
+                copy::First::Read { read, rest } => {
+                    if let Some(rest) = rest {
+                        Box::pin(copy::write_all(dst, &rest, count)).await?;
+                    }
+                    bulk = read == copy::FIRST_READ;
+                    continue;
+                }
             }
         }
         let burst = match pipes() {
             Ok(pipe) => {
                 // On error the pipe may still hold bytes: it is dropped, not pooled.
-                let burst = splice::burst(src, dst, &pipe, count).await?;
+                let burst = Box::pin(splice::burst(src, dst, &pipe, count)).await?;
                 pipe::give_back(pipe);
                 burst
             }
             Err(e) => {
                 tracing::debug!(error = %e, "no pipe for splice; copying through a buffer");
-                copy::burst(src, dst, count).await?
+                Box::pin(copy::burst(src, dst, count)).await?
             }
         };
         if let Burst::Eof = burst {
