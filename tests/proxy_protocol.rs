@@ -12,27 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use l4proxy::proxy_protocol::{self, Header, Version};
-use lab::daemon::{field_str, message};
+use lab::daemon::{field_str, field_string as field};
 use lab::haproxy::Haproxy;
 use lab::tls::{Nginx, Site, curl, require_tools};
 use lab::{Daemon, Server, Topo, connect, handlers, sa};
-use serde_json::{Value, json};
-
-fn closed_event(d: &mut Daemon, client: SocketAddr) -> Value {
-    let wanted = client.to_string();
-    d.wait_event(
-        &format!("`connection closed` for {client}"),
-        Duration::from_secs(10),
-        |e| {
-            message(e) == Some("connection closed")
-                && field_str(e, "client").as_deref() == Some(wanted.as_str())
-        },
-    )
-}
-
-fn field(ev: &Value, name: &str) -> String {
-    field_str(ev, name).unwrap_or_else(|| panic!("no field {name} in {ev}"))
-}
+use serde_json::json;
 
 /// How nginx and HAProxy print an address and port: IPv6 without brackets.
 fn logged(addr: SocketAddr) -> String {
@@ -135,7 +119,7 @@ fn haproxy_accept_proxy_sees_client_destination_and_tlvs() {
         assert_eq!(lab::read_exact_n(&mut c, request.len()).unwrap(), request);
         c.shutdown(Shutdown::Write).unwrap();
         let _ = lab::read_to_eof(&mut c);
-        let closed = closed_event(&mut d, client);
+        let closed = d.closed_event(client);
         assert_eq!(field(&closed, "route"), version, "{closed}");
         let line = haproxy.wait_log_line(&format!("client={} ", logged(client)));
         let tlvs = match version {
@@ -209,7 +193,7 @@ fn routes_and_logs_the_client_haproxy_announces() {
         assert_eq!(lab::read_line(&mut c).unwrap(), "announced", "via {front}");
         c.shutdown(Shutdown::Write).unwrap();
         let _ = lab::read_to_eof(&mut c);
-        let closed = closed_event(&mut d, client);
+        let closed = d.closed_event(client);
         assert_eq!(field(&closed, "orig_dst"), front.to_string(), "{closed}");
         assert_eq!(field(&closed, "route"), "loopback-clients", "{closed}");
         assert_eq!(field(&closed, "proxy_header"), kind, "{closed}");
@@ -274,7 +258,7 @@ fn an_untrusted_header_is_data() {
     lab::send_and_shutdown(&mut c, &sent).unwrap();
     assert_eq!(lab::recv_report(&rx, "untrusted"), lab::Received::of(&sent));
     assert_eq!(lab::read_to_eof(&mut c).unwrap().len, 5);
-    let closed = closed_event(&mut d, client);
+    let closed = d.closed_event(client);
     assert_eq!(field_str(&closed, "proxy_header"), None, "{closed}");
 }
 
@@ -310,7 +294,7 @@ fn a_trusted_peer_without_a_good_header_is_closed() {
         let _ = c.read_to_end(&mut got);
         assert!(got.is_empty(), "{why}: the client got {got:?}");
         // The front proxy is both client and peer: no header named another.
-        let closed = closed_event(&mut d, client);
+        let closed = d.closed_event(client);
         assert!(field(&closed, "outcome").contains(why), "{closed}");
         assert_eq!(field(&closed, "peer"), client.to_string(), "{closed}");
     }
@@ -350,7 +334,7 @@ fn local_uses_the_real_endpoints_and_goes_on_as_local() {
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(lab::read_line(&mut c).unwrap(), "ok");
     assert_eq!(report(&rx), (Header::Local, b"health".to_vec()));
-    let closed = closed_event(&mut d, client);
+    let closed = d.closed_event(client);
     assert_eq!(field(&closed, "orig_dst"), "192.0.2.10:80", "{closed}");
     assert_eq!(field(&closed, "proxy_header"), "v2 LOCAL", "{closed}");
 }

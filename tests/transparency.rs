@@ -10,7 +10,7 @@ use std::io::Write;
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::time::Duration;
 
-use lab::daemon::{field_str, message};
+use lab::daemon::{field_str, field_string as field, message};
 use lab::{Daemon, Server, Topo, addr, connect, connect_from, handlers, try_connect};
 use serde_json::{Value, json};
 
@@ -71,6 +71,20 @@ fn both(port: u16, pick: impl Fn(Family) -> &'static str) -> Vec<String> {
         .collect()
 }
 
+/// One echo server per family in `ns`, on `pick`'s address and `port`,
+/// greeting with `id`.
+fn servers(
+    ns: &lab::Netns,
+    pick: impl Fn(Family) -> &'static str,
+    port: u16,
+    id: &str,
+) -> Vec<Server> {
+    FAMILIES
+        .iter()
+        .map(|&f| Server::start(ns, sock(pick(f), port), handlers::hello_echo(id)))
+        .collect()
+}
+
 /// A gateway rule on px's client-side interface for sv's prefixes.
 fn gateway_rule(ports: Value, upstream: &str) -> Value {
     json!({ "name": "gateway", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
@@ -91,23 +105,6 @@ fn talk(c: &mut std::net::TcpStream, want: &str, what: &str) {
     assert_eq!(rest.len, 0, "{what}: bytes after the echo");
 }
 
-/// The `connection closed` event of the connection from `client`.
-fn closed_event(d: &mut Daemon, client: SocketAddr) -> Value {
-    let wanted = client.to_string();
-    d.wait_event(
-        &format!("`connection closed` for {client}"),
-        Duration::from_secs(10),
-        |e| {
-            message(e) == Some("connection closed")
-                && field_str(e, "client").as_deref() == Some(wanted.as_str())
-        },
-    )
-}
-
-fn field(ev: &Value, name: &str) -> String {
-    field_str(ev, name).unwrap_or_else(|| panic!("no field {name} in {ev}"))
-}
-
 /// One of the four proxy types of the seed slides: the client connects to
 /// `dst`, px relays to the server on sv:8080 with `bind`; returns what the
 /// server saw (peer, local) and the client's own address.
@@ -125,10 +122,7 @@ fn proxy_type(
     dst: impl Fn(Family) -> SocketAddr,
 ) -> Vec<Seen> {
     let t = Topo::new(test);
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
-        .collect();
+    let servers: Vec<Server> = servers(&t.sv, |f| f.server, 8080, "server");
     let policy = json!({
         "intercept": [rule],
         "upstreams": { "web": { "servers": both(8080, |f| f.server), "bind": bind } }
@@ -149,7 +143,7 @@ fn proxy_type(
         talk(&mut c, "server", &format!("{test} {} to {to}", f.name));
         let accepted = server.wait_accepted(1, Duration::from_secs(5));
         assert_eq!(accepted.len(), 1, "{}: {accepted:?}", f.name);
-        let closed = closed_event(&mut d, client);
+        let closed = d.closed_event(client);
         assert_eq!(field(&closed, "orig_dst"), to.to_string(), "{closed}");
         assert_eq!(field(&closed, "bind"), bind, "{closed}");
         assert_eq!(
@@ -271,7 +265,7 @@ fn passthrough_to_the_original_destination() {
             client.ip(),
             "{to} sees the client's address"
         );
-        let closed = closed_event(&mut d, client);
+        let closed = d.closed_event(client);
         assert_eq!(field(&closed, "upstream"), to.to_string(), "{closed}");
         assert_eq!(field(&closed, "orig_dst"), to.to_string(), "{closed}");
     }
@@ -292,16 +286,7 @@ fn passthrough_to_the_original_destination() {
 #[test]
 fn own_connections_are_not_intercepted_again() {
     let t = Topo::new("no_loop");
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| {
-            Server::start(
-                &t.px,
-                sock(f.px_server_side, 8080),
-                handlers::hello_echo("px-local"),
-            )
-        })
-        .collect();
+    let servers: Vec<Server> = servers(&t.px, |f| f.px_server_side, 8080, "px-local");
     let policy = json!({
         "intercept": [gateway_rule(json!([8080]), "origin")],
         "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
@@ -312,7 +297,7 @@ fn own_connections_are_not_intercepted_again() {
         let mut c = connect(&t.cl, to);
         let client = c.local_addr().unwrap();
         talk(&mut c, "px-local", &format!("{} to px's own {to}", f.name));
-        let closed = closed_event(&mut d, client);
+        let closed = d.closed_event(client);
         assert_eq!(field(&closed, "upstream"), to.to_string(), "{closed}");
         assert_eq!(
             field(&closed, "bind_fallback"),
@@ -353,19 +338,8 @@ fn own_connections_are_not_intercepted_again() {
 #[test]
 fn unlisted_port_is_forwarded_untouched() {
     let t = Topo::new("fwd_untouched");
-    let mut servers = Vec::new();
-    for f in FAMILIES {
-        servers.push(Server::start(
-            &t.sv,
-            sock(f.server, 8080),
-            handlers::hello_echo("proxied"),
-        ));
-        servers.push(Server::start(
-            &t.sv,
-            sock(f.server, 9090),
-            handlers::hello_echo("direct"),
-        ));
-    }
+    let _proxied = servers(&t.sv, |f| f.server, 8080, "proxied");
+    let direct = servers(&t.sv, |f| f.server, 9090, "direct");
     let policy = json!({
         "intercept": [gateway_rule(json!([80]), "web")],
         "upstreams": { "web": { "servers": both(8080, |f| f.server), "bind": "client" } }
@@ -376,12 +350,12 @@ fn unlisted_port_is_forwarded_untouched() {
         let mut c = connect(&t.cl, sock(f.server, 80));
         let proxied_client = c.local_addr().unwrap();
         talk(&mut c, "proxied", &format!("{} port 80", f.name));
-        closed_event(&mut d, proxied_client);
+        d.closed_event(proxied_client);
 
         let mut c = connect(&t.cl, sock(f.server, 9090));
         let client = c.local_addr().unwrap();
         talk(&mut c, "direct", &format!("{} port 9090", f.name));
-        let accepted = servers[2 * i + 1].wait_accepted(1, Duration::from_secs(5));
+        let accepted = direct[i].wait_accepted(1, Duration::from_secs(5));
         assert_eq!(
             accepted[0].peer, client,
             "{}: the server sees the client's own connection",
@@ -406,10 +380,7 @@ fn unlisted_port_is_forwarded_untouched() {
 #[test]
 fn local_client_is_not_spoofed() {
     let t = Topo::new("local_client");
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
-        .collect();
+    let servers: Vec<Server> = servers(&t.sv, |f| f.server, 8080, "server");
     // One pool per family: a client that is not spoofed may be relayed to a
     // server of the other family, and each server must see its own.
     let policy = json!({
@@ -439,7 +410,7 @@ fn local_client_is_not_spoofed() {
             let mut c = connect_from(&t.px, sock(from, 0), to);
             let local_client = c.local_addr().unwrap();
             talk(&mut c, "server", &format!("{} from px's {from}", f.name));
-            let closed = closed_event(&mut d, local_client);
+            let closed = d.closed_event(local_client);
             let accepted = server.accepted();
             let last = accepted.last().unwrap();
             assert_eq!(
@@ -521,10 +492,7 @@ fn server_on_the_proxy_host_sees_the_client() {
 #[test]
 fn client_port_to_the_original_destination_falls_back_to_client_ip() {
     let t = Topo::new("four_tuple");
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
-        .collect();
+    let servers: Vec<Server> = servers(&t.sv, |f| f.server, 8080, "server");
     let policy = json!({
         "intercept": [ { "name": "gateway", "prefixes": ["203.0.113.2/32", "2001:db8:5::2/128"],
                          "ports": [8080], "interfaces": ["to-cl"], "upstream": "web" } ],
@@ -552,7 +520,7 @@ fn client_port_to_the_original_destination_falls_back_to_client_ip() {
             "{}: not the client's port",
             f.name
         );
-        let closed = closed_event(&mut d, client);
+        let closed = d.closed_event(client);
         assert!(
             field(&closed, "bind_fallback").contains("client-ip"),
             "{closed}"
@@ -574,10 +542,7 @@ fn full_policy() -> Value {
 /// no tc program, routing rule or route, and traffic is forwarded as before.
 fn nothing_left_after(test: &str, signal: i32) {
     let t = Topo::new(test);
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
-        .collect();
+    let servers: Vec<Server> = servers(&t.sv, |f| f.server, 8080, "server");
     let rules_before = t.px.all_rules();
     let mut d = Daemon::start_ready(&t.px, &full_policy(), &[]);
 
@@ -670,19 +635,8 @@ fn nothing_left_after_sigkill() {
 #[test]
 fn draining_keeps_open_connections_and_forwards_new_ones() {
     let t = Topo::new("drain");
-    let mut direct = Vec::new();
-    for f in FAMILIES {
-        direct.push(Server::start(
-            &t.sv,
-            sock(f.server, 8080),
-            handlers::hello_echo("direct"),
-        ));
-        direct.push(Server::start(
-            &t.sv,
-            sock(f.server, 9090),
-            handlers::hello_echo("proxied"),
-        ));
-    }
+    let direct = servers(&t.sv, |f| f.server, 8080, "direct");
+    let _proxied = servers(&t.sv, |f| f.server, 9090, "proxied");
     let policy = json!({
         "intercept": [gateway_rule(json!([8080]), "web")],
         "upstreams": { "web": { "servers": both(9090, |f| f.server), "bind": "client" } }
@@ -699,7 +653,7 @@ fn draining_keeps_open_connections_and_forwards_new_ones() {
     d.wait_event("draining", Duration::from_secs(5), |e| {
         message(e) == Some("draining: no new connections are taken")
     });
-    for (f, c) in FAMILIES.iter().zip(&mut open) {
+    for ((f, c), server) in FAMILIES.iter().zip(&mut open).zip(&direct) {
         let line = format!("{} after SIGTERM\n", f.name);
         c.write_all(line.as_bytes()).unwrap();
         let back = lab::read_exact_n(c, line.len())
@@ -713,7 +667,6 @@ fn draining_keeps_open_connections_and_forwards_new_ones() {
             "direct",
             &format!("{} new connection while draining", f.name),
         );
-        let server = &direct[if f.name == "IPv4" { 0 } else { 2 }];
         assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
     }
     assert!(d.try_exit().is_none(), "exited with connections open");
@@ -774,10 +727,7 @@ fn forwarding_off_is_a_warning() {
     let t = Topo::new("no_forward");
     t.px.sysctl("net.ipv4.ip_forward", "0");
     t.px.sysctl("net.ipv6.conf.all.forwarding", "0");
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
-        .collect();
+    let servers: Vec<Server> = servers(&t.sv, |f| f.server, 8080, "server");
     let policy = json!({
         "intercept": [gateway_rule(json!([80]), "web")],
         "upstreams": { "web": { "servers": both(8080, |f| f.server) } }
@@ -806,10 +756,7 @@ fn forwarding_off_is_a_warning() {
 #[test]
 fn strict_rp_filter_works_and_src_valid_mark_breaks_interception() {
     let t = Topo::new("rp_filter");
-    let _servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
-        .collect();
+    let _servers: Vec<Server> = servers(&t.sv, |f| f.server, 8080, "server");
     for key in ["all", "default", "to-cl", "to-sv"] {
         t.px.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "1");
     }
@@ -829,10 +776,7 @@ fn strict_rp_filter_works_and_src_valid_mark_breaks_interception() {
 #[test]
 fn fixed_source_address() {
     let t = Topo::new("fixed_source");
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
-        .collect();
+    let servers: Vec<Server> = servers(&t.sv, |f| f.server, 8080, "server");
     let sources = ["192.0.2.99", "2001:db8:a::99"];
     let policy = json!({
         "intercept": [
@@ -851,6 +795,6 @@ fn fixed_source_address() {
         talk(&mut c, "server", &format!("{} from {source}", f.name));
         let accepted = server.wait_accepted(1, Duration::from_secs(5));
         assert_eq!(accepted[0].peer.ip(), ip(source), "{}", f.name);
-        assert_eq!(field(&closed_event(&mut d, client), "bind"), source);
+        assert_eq!(field(&d.closed_event(client), "bind"), source);
     }
 }

@@ -174,6 +174,20 @@ impl Daemon {
         }
     }
 
+    /// Waits for the `connection closed` event of the connection from
+    /// `client` (10 s).
+    pub fn closed_event(&mut self, client: std::net::SocketAddr) -> Value {
+        let wanted = client.to_string();
+        self.wait_event(
+            &format!("`connection closed` for {client}"),
+            Duration::from_secs(10),
+            |e| {
+                message(e) == Some("connection closed")
+                    && field_str(e, "client").as_deref() == Some(wanted.as_str())
+            },
+        )
+    }
+
     /// Waits for the `ready` message.
     pub fn wait_ready(&mut self, timeout: Duration) {
         self.wait_event("`ready`", timeout, |e| message(e) == Some("ready"));
@@ -289,6 +303,11 @@ pub fn field_str(ev: &Value, name: &str) -> Option<String> {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     })
+}
+
+/// A field as a string; panics, showing the event, if it is missing.
+pub fn field_string(ev: &Value, name: &str) -> String {
+    field_str(ev, name).unwrap_or_else(|| panic!("no field {name} in {ev}"))
 }
 
 /// A field as an unsigned number (accepts numbers and numeric strings).

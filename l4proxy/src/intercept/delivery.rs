@@ -29,7 +29,9 @@ use rtnetlink::{
     },
 };
 
-use super::routes::{self, ROUTE_PROTOCOL, RouteError, connect, local_route};
+use super::routes::{
+    self, ROUTE_PROTOCOL, RouteError, connect, delete_route, delete_rule, local_route,
+};
 
 /// Priority of our routing rules: before `lookup main` (32766) and the
 /// defaults an operator usually adds at 1000 and up.
@@ -203,28 +205,10 @@ impl Delivery {
     /// Removes exactly what `install` added.
     pub async fn remove(&mut self) -> Result<(), RouteError> {
         while let Some(rule) = self.rules.pop() {
-            let description = format!("{:?}", rule.attributes);
-            self.handle
-                .rule()
-                .del(rule)
-                .execute()
-                .await
-                .map_err(|source| RouteError::Remove {
-                    route: description,
-                    source,
-                })?;
+            delete_rule(&self.handle, rule).await?;
         }
         while let Some(route) = self.routes.pop() {
-            let description = format!("{:?}", route.attributes);
-            self.handle
-                .route()
-                .del(route)
-                .execute()
-                .await
-                .map_err(|source| RouteError::Remove {
-                    route: description,
-                    source,
-                })?;
+            delete_route(&self.handle, route).await?;
         }
         Ok(())
     }

@@ -107,15 +107,7 @@ impl LocalRoutes {
     /// Removes exactly the routes `install` added.
     pub async fn remove(&mut self) -> Result<(), RouteError> {
         while let Some(prefix) = self.added.pop() {
-            self.handle
-                .route()
-                .del(local_route(prefix, TABLE_LOCAL))
-                .execute()
-                .await
-                .map_err(|source| RouteError::Remove {
-                    route: prefix.to_string(),
-                    source,
-                })?;
+            delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await?;
         }
         Ok(())
     }
@@ -134,16 +126,7 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
             .filter(is_ours)
             .collect();
         for rule in ours {
-            let description = format!("{:?}", rule.attributes);
-            handle
-                .rule()
-                .del(rule)
-                .execute()
-                .await
-                .map_err(|source| RouteError::Remove {
-                    route: description,
-                    source,
-                })?;
+            delete_rule(&handle, rule).await?;
             removed += 1;
         }
     }
@@ -153,20 +136,39 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
             .into_iter()
             .filter(|route| route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL));
         for route in ours {
-            let description = format!("{:?}", route.attributes);
-            handle
-                .route()
-                .del(route)
-                .execute()
-                .await
-                .map_err(|source| RouteError::Remove {
-                    route: description,
-                    source,
-                })?;
+            delete_route(&handle, route).await?;
             removed += 1;
         }
     }
     Ok(removed)
+}
+
+/// `ip route del`.
+pub(super) async fn delete_route(handle: &Handle, route: RouteMessage) -> Result<(), RouteError> {
+    let description = format!("{:?}", route.attributes);
+    handle
+        .route()
+        .del(route)
+        .execute()
+        .await
+        .map_err(|source| RouteError::Remove {
+            route: description,
+            source,
+        })
+}
+
+/// `ip rule del`.
+pub(super) async fn delete_rule(handle: &Handle, rule: RuleMessage) -> Result<(), RouteError> {
+    let description = format!("{:?}", rule.attributes);
+    handle
+        .rule()
+        .del(rule)
+        .execute()
+        .await
+        .map_err(|source| RouteError::Remove {
+            route: description,
+            source,
+        })
 }
 
 /// Every routing rule of one family.

@@ -20,8 +20,7 @@ const EXAMPLE: &str = r#"{
 
 /// The error message for `EXAMPLE` with `from` replaced by `to`.
 fn error_with(from: &str, to: &str) -> String {
-    assert!(EXAMPLE.contains(from), "{from:?} is not in the example");
-    error_of(&EXAMPLE.replacen(from, to, 1))
+    super::error_in(EXAMPLE, from, to)
 }
 
 #[test]

@@ -9,6 +9,17 @@ mod transparency;
 
 use super::Policy;
 
+/// `example` with the first `from` replaced by `to` (which must be there).
+fn edited(example: &str, from: &str, to: &str) -> String {
+    assert!(example.contains(from), "{from:?} is not in the example");
+    example.replacen(from, to, 1)
+}
+
+/// The message `example`, edited, is refused with.
+fn error_in(example: &str, from: &str, to: &str) -> String {
+    error_of(&edited(example, from, to))
+}
+
 /// The message `json` is refused with.
 fn error_of(json: &str) -> String {
     match Policy::from_json(json) {

@@ -1,6 +1,5 @@
 //! `accept_proxy_protocol` on rules and `proxy_protocol` on upstreams.
 
-use super::error_of;
 use crate::{policy::*, proxy_protocol::Version};
 
 const EXAMPLE: &str = r#"{
@@ -17,8 +16,7 @@ const EXAMPLE: &str = r#"{
 }"#;
 
 fn error_with(from: &str, to: &str) -> String {
-    assert!(EXAMPLE.contains(from), "{from:?} is not in the example");
-    error_of(&EXAMPLE.replacen(from, to, 1))
+    super::error_in(EXAMPLE, from, to)
 }
 
 #[test]

@@ -1,6 +1,5 @@
 //! Routes, and intercept rules without a default upstream.
 
-use super::error_of;
 use crate::policy::*;
 
 /// The routes of the feature's description, one per line so that positions
@@ -29,8 +28,7 @@ const ROUTES: &str = r#"{
 
 /// The error message for `ROUTES` with `from` replaced by `to`.
 fn error_with(from: &str, to: &str) -> String {
-    assert!(ROUTES.contains(from), "{from:?} is not in the example");
-    error_of(&ROUTES.replacen(from, to, 1))
+    super::error_in(ROUTES, from, to)
 }
 
 fn names(patterns: &[&str]) -> Vec<NamePattern> {

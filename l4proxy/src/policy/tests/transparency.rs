@@ -2,7 +2,6 @@
 //! original-destination upstreams: what is accepted, and what is refused
 //! because it could not work.
 
-use super::error_of;
 use crate::policy::*;
 
 /// A gateway rule, a rule on this host's own prefix, and one upstream of each
@@ -23,13 +22,11 @@ const EXAMPLE: &str = r#"{
 }"#;
 
 fn error_with(from: &str, to: &str) -> String {
-    assert!(EXAMPLE.contains(from), "{from:?} is not in the example");
-    error_of(&EXAMPLE.replacen(from, to, 1))
+    super::error_in(EXAMPLE, from, to)
 }
 
 fn policy_with(from: &str, to: &str) -> Policy {
-    assert!(EXAMPLE.contains(from), "{from:?} is not in the example");
-    let json = EXAMPLE.replacen(from, to, 1);
+    let json = super::edited(EXAMPLE, from, to);
     Policy::from_json(&json).unwrap_or_else(|e| panic!("{e}\n{json}"))
 }
 
