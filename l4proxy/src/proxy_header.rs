@@ -69,27 +69,40 @@ async fn discard(stream: &TcpStream, mut len: usize) -> io::Result<()> {
 /// Most client bytes sent along with the header.
 const WITH_HEADER: usize = 16 * 1024;
 
+/// Which side failed while the header went out.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("client error: reading its first bytes to send with the PROXY header: {0}")]
+    Client(io::Error),
+    #[error("upstream error: sending the PROXY header: {0}")]
+    Upstream(io::Error),
+}
+
 /// Writes `header` to `upstream` before anything else, in one write with
 /// whatever the client has sent so far (taken off the client socket), so the
 /// upstream sees header and first bytes in one segment where they fit.
 /// Returns how many of the client's bytes went with it.
-pub async fn write(client: &TcpStream, upstream: &TcpStream, header: Vec<u8>) -> io::Result<u64> {
+pub async fn write(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    header: Vec<u8>,
+) -> Result<u64, WriteError> {
     let mut out = header;
     let header_len = out.len();
     out.resize(header_len + WITH_HEADER, 0);
     let taken = match client.try_read(&mut out[header_len..]) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(e),
+        Err(e) => return Err(WriteError::Client(e)),
     };
     out.truncate(header_len + taken);
     let mut written = 0;
     while written < out.len() {
-        upstream.writable().await?;
+        upstream.writable().await.map_err(WriteError::Upstream)?;
         match upstream.try_write(&out[written..]) {
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(WriteError::Upstream(e)),
         }
     }
     Ok(taken as u64)

@@ -124,8 +124,13 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     }
     .await;
     if let Err(e) = attached {
-        interceptor.detach()?;
-        installed.remove().await?;
+        // Undo what can be undone, and report the error that stopped us.
+        if let Err(undo) = interceptor.detach() {
+            tracing::warn!(error = %undo, "detaching after a failed start");
+        }
+        if let Err(undo) = installed.remove().await {
+            tracing::warn!(error = %undo, "removing routes after a failed start");
+        }
         return Err(e);
     }
     tracing::info!(
@@ -240,11 +245,7 @@ fn classify_plan(
     let spoofing = policy
         .bind_targets()
         .iter()
-        .any(|target| match target.bind {
-            Bind::Proxy => false,
-            Bind::ClientIp | Bind::Client => true,
-            Bind::Address(ip) => !local.contains(ip),
-        });
+        .any(|target| spoofs(target.bind, local));
     if spoofing {
         let readable = all
             .iter()
@@ -266,6 +267,16 @@ fn classify_plan(
     Ok(plan)
 }
 
+/// Whether connections under `bind` come from an address that is not this
+/// host's, whose replies the kernel must be told to deliver here.
+fn spoofs(bind: Bind, local: &LocalAddrs) -> bool {
+    match bind {
+        Bind::Proxy => false,
+        Bind::ClientIp | Bind::Client => true,
+        Bind::Address(ip) => !local.contains(ip),
+    }
+}
+
 /// Whether gateway rules intercept prefixes of one family.
 fn gateway_family(policy: &Policy, v4: bool) -> bool {
     policy
@@ -276,13 +287,14 @@ fn gateway_family(policy: &Policy, v4: bool) -> bool {
         .any(|prefix| prefix.addr().is_ipv4() == v4)
 }
 
-/// Servers on this host that connections are made to from client
-/// addresses: their replies need a routing rule of their own.
+/// Servers on this host that connections are made to from addresses that
+/// are not this host's (a client's, or a fixed one): their replies need a
+/// routing rule of their own.
 fn local_transparent_servers(policy: &Policy, local: &LocalAddrs) -> Vec<SocketAddr> {
     let mut servers: Vec<SocketAddr> = policy
         .bind_targets()
         .iter()
-        .filter(|target| target.bind.is_client())
+        .filter(|target| spoofs(target.bind, local))
         .flat_map(|target| policy.upstreams[target.upstream.0].servers())
         .copied()
         .filter(|server| local.contains(server.ip()))

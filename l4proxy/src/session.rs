@@ -270,7 +270,7 @@ async fn open(
         match proxy_header::write(client, &connected.stream, bytes).await {
             Ok(taken) => record.from_client = taken,
             Err(e) => {
-                record.failed(&format!("upstream error: sending the PROXY header: {e}"));
+                record.failed(&e);
                 return None;
             }
         }

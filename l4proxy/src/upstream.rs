@@ -229,43 +229,39 @@ impl Pool {
     }
 }
 
-/// Connects from `from`; a client port that is taken here falls back to any
-/// port of the client's address.
+/// Connects from `from` within `timeout`; a client port that is taken here
+/// falls back to any port of the client's address, in what is left of it.
 async fn connect_from(
     upstream: UpstreamAddr,
     from: Source,
     fallback: Option<Fallback>,
     timeout: Duration,
 ) -> io::Result<Connected> {
-    let attempt = tokio::time::timeout(timeout, connect_one(upstream, from));
-    let result = attempt
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?;
-    match (result, from) {
-        (Ok(stream), _) => Ok(Connected {
-            stream,
-            upstream,
-            fallback,
-        }),
-        (Err(e), Source::Client(client))
-            if client.port() != 0
-                && matches!(
-                    e.raw_os_error(),
-                    Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
-                ) =>
-        {
-            let any_port = Source::Client(SocketAddr::new(client.ip(), 0));
-            let stream = tokio::time::timeout(timeout, connect_one(upstream, any_port))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            Ok(Connected {
-                stream,
-                upstream,
-                fallback: Some(Fallback::PortInUse),
-            })
+    let attempt = async {
+        match (connect_one(upstream, from).await, from) {
+            (Ok(stream), _) => Ok((stream, fallback)),
+            (Err(e), Source::Client(client))
+                if client.port() != 0
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                let any_port = Source::Client(SocketAddr::new(client.ip(), 0));
+                let stream = connect_one(upstream, any_port).await?;
+                Ok((stream, Some(Fallback::PortInUse)))
+            }
+            (Err(e), _) => Err(e),
         }
-        (Err(e), _) => Err(e),
-    }
+    };
+    let (stream, fallback) = tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    Ok(Connected {
+        stream,
+        upstream,
+        fallback,
+    })
 }
 
 async fn connect_one(upstream: UpstreamAddr, from: Source) -> io::Result<TcpStream> {

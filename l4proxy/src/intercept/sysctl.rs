@@ -36,14 +36,16 @@ pub fn check(plan: &Plan) -> Findings {
     check_with(plan, &|key| read(key))
 }
 
-/// [`check`] with the sysctl reader as a parameter, for tests.
+/// [`check`] with the sysctl reader as a parameter, for tests. Keys are
+/// `/proc/sys` paths (`net/ipv4/conf/eth0.100/rp_filter`): an interface
+/// name may hold dots.
 fn check_with(plan: &Plan, sysctl: &dyn Fn(&str) -> io::Result<u32>) -> Findings {
     let mut findings = Findings::default();
     for (wanted, key) in [
         (plan.gateway_v4, "net.ipv4.ip_forward"),
         (plan.gateway_v6, "net.ipv6.conf.all.forwarding"),
     ] {
-        if wanted && sysctl(key).is_ok_and(|value| value == 0) {
+        if wanted && sysctl(&key.replace('.', "/")).is_ok_and(|value| value == 0) {
             findings.warnings.push(format!(
                 "{key} is 0: connections the gateway rules intercept work, but nothing else \
                  the clients send through this host is forwarded; set {key}=1 on a gateway"
@@ -52,8 +54,8 @@ fn check_with(plan: &Plan, sysctl: &dyn Fn(&str) -> io::Result<u32>) -> Findings
     }
     for interface in plan.marking {
         let either = |name: &str| {
-            let all = sysctl(&format!("net.ipv4.conf.all.{name}")).unwrap_or(0);
-            let own = sysctl(&format!("net.ipv4.conf.{interface}.{name}")).unwrap_or(0);
+            let all = sysctl(&format!("net/ipv4/conf/all/{name}")).unwrap_or(0);
+            let own = sysctl(&format!("net/ipv4/conf/{interface}/{name}")).unwrap_or(0);
             all != 0 || own != 0
         };
         if either("src_valid_mark") && !either("accept_local") {
@@ -68,9 +70,9 @@ fn check_with(plan: &Plan, sysctl: &dyn Fn(&str) -> io::Result<u32>) -> Findings
     findings
 }
 
-/// Reads `/proc/sys/...` of the calling thread's network namespace.
+/// Reads `/proc/sys/KEY` of the calling thread's network namespace.
 fn read(key: &str) -> io::Result<u32> {
-    let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+    let path = PathBuf::from("/proc/sys").join(key);
     let text = fs::read_to_string(&path)?;
     text.trim()
         .parse()
@@ -107,8 +109,8 @@ mod tests {
         let found = findings(
             &gateway(&eth),
             &[
-                ("net.ipv4.ip_forward", 0),
-                ("net.ipv6.conf.all.forwarding", 1),
+                ("net/ipv4/ip_forward", 0),
+                ("net/ipv6/conf/all/forwarding", 1),
             ],
         );
         assert!(found.errors.is_empty());
@@ -124,7 +126,7 @@ mod tests {
             marking: &[],
         };
         assert_eq!(
-            findings(&plan, &[("net.ipv4.ip_forward", 0)]),
+            findings(&plan, &[("net/ipv4/ip_forward", 0)]),
             Findings::default()
         );
     }
@@ -133,8 +135,8 @@ mod tests {
     fn src_valid_mark_on_a_marking_interface_is_an_error() {
         let eth = ["eth0".to_owned(), "eth1".to_owned()];
         let base = [
-            ("net.ipv4.ip_forward", 1),
-            ("net.ipv6.conf.all.forwarding", 1),
+            ("net/ipv4/ip_forward", 1),
+            ("net/ipv6/conf/all/forwarding", 1),
         ];
         let with = |extra: &[(&str, u32)]| {
             let mut set = base.to_vec();
@@ -142,11 +144,11 @@ mod tests {
             findings(&gateway(&eth), &set)
         };
         assert_eq!(with(&[]), Findings::default());
-        let one = with(&[("net.ipv4.conf.eth1.src_valid_mark", 1)]);
+        let one = with(&[("net/ipv4/conf/eth1/src_valid_mark", 1)]);
         assert_eq!(one.errors.len(), 1, "{one:?}");
         assert!(one.errors[0].starts_with("net.ipv4.conf.eth1.src_valid_mark"));
         assert_eq!(
-            with(&[("net.ipv4.conf.all.src_valid_mark", 1)])
+            with(&[("net/ipv4/conf/all/src_valid_mark", 1)])
                 .errors
                 .len(),
             2
@@ -154,14 +156,14 @@ mod tests {
         // accept_local lets the local route pass the check.
         assert_eq!(
             with(&[
-                ("net.ipv4.conf.all.src_valid_mark", 1),
-                ("net.ipv4.conf.all.accept_local", 1)
+                ("net/ipv4/conf/all/src_valid_mark", 1),
+                ("net/ipv4/conf/all/accept_local", 1)
             ]),
             Findings::default()
         );
         // Strict rp_filter alone is fine.
         assert_eq!(
-            with(&[("net.ipv4.conf.all.rp_filter", 1)]),
+            with(&[("net/ipv4/conf/all/rp_filter", 1)]),
             Findings::default()
         );
     }

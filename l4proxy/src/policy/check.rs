@@ -234,9 +234,9 @@ fn check_overlaps(policy: &Policy) -> Result<(), PolicyError> {
 
 /// The proxy's own connection to an address a rule makes local would be
 /// steered back into the proxy. Every upstream is checked, whether a rule or a
-/// route names it. A gateway rule takes only forwarded connections arriving
-/// on its interfaces, which the proxy's own never are: its servers may lie in
-/// a gateway rule's prefixes (start-up checks that they are not local).
+/// route names it. A gateway rule takes only connections arriving on its
+/// interfaces, which the proxy's own never do (they leave through them, or
+/// arrive on loopback): its servers may lie in a gateway rule's prefixes.
 fn check_loops(policy: &Policy) -> Result<(), PolicyError> {
     for upstream in &policy.upstreams {
         for (k, &server) in upstream.servers().iter().enumerate() {
@@ -315,17 +315,15 @@ fn check_bind_family(policy: &Policy, target: &BindTarget) -> Result<(), PolicyE
             .map(|(k, server)| {
                 format!("server {server} (upstreams.{}.servers[{k}])", upstream.name)
             }),
-        Target::OriginalDestination => target.rules.iter().find_map(|&RuleId(r)| {
-            let rule = &policy.rules[r];
-            let prefix = rule
-                .prefixes
-                .iter()
-                .find(|p| p.addr().is_ipv4() != addr.is_ipv4())?;
-            Some(format!(
-                "prefix {prefix} of rule {:?} (intercept[{r}])",
-                rule.name
-            ))
-        }),
+        Target::OriginalDestination => target
+            .destinations(policy)
+            .find(|(_, prefix)| prefix.addr().is_ipv4() != addr.is_ipv4())
+            .map(|(RuleId(r), prefix)| {
+                format!(
+                    "prefix {prefix} of rule {:?} (intercept[{r}])",
+                    policy.rules[r].name
+                )
+            }),
     };
     match mismatch {
         Some(what) => Err(PolicyError::at(
@@ -354,6 +352,31 @@ pub struct BindTarget {
 }
 
 impl BindTarget {
+    /// The (rule, prefix) pairs its connections' destinations may be in: the
+    /// rules' prefixes, less those a route's `destination` condition leaves
+    /// out.
+    pub fn destinations<'p>(
+        &self,
+        policy: &'p Policy,
+    ) -> impl Iterator<Item = (RuleId, &'p IpNet)> {
+        let wanted = self
+            .route
+            .and_then(|j| policy.routes[j].conditions.destination.as_deref());
+        self.rules.iter().flat_map(move |&id| {
+            policy.rules[id.0]
+                .prefixes
+                .iter()
+                .filter(move |prefix| {
+                    wanted.is_none_or(|wanted| {
+                        wanted
+                            .iter()
+                            .any(|w| w.contains(*prefix) || prefix.contains(w))
+                    })
+                })
+                .map(move |prefix| (id, prefix))
+        })
+    }
+
     /// JSON path of the `bind` in force.
     fn bind_path(&self, policy: &Policy) -> String {
         match self.route {

@@ -74,14 +74,11 @@ impl Policy {
         if !target.bind.is_client() || upstream.target == Target::OriginalDestination {
             return None;
         }
-        let (&RuleId(r), prefix) = target.rules.iter().find_map(|id| {
-            let prefix = self.rules[id.0].prefixes.iter().find(|prefix| {
-                !upstream
-                    .servers()
-                    .iter()
-                    .any(|server| server.is_ipv4() == prefix.addr().is_ipv4())
-            })?;
-            Some((id, prefix))
+        let (RuleId(r), prefix) = target.destinations(self).find(|(_, prefix)| {
+            !upstream
+                .servers()
+                .iter()
+                .any(|server| server.is_ipv4() == prefix.addr().is_ipv4())
         })?;
         Some(format!(
             "{}: bind {:?} connects from the client's address, but upstream {:?} has no {} server \

@@ -238,3 +238,24 @@ fn a_client_bind_without_a_server_of_the_clients_family_is_warned() {
         ]
     );
 }
+
+#[test]
+fn the_family_warning_follows_a_routes_destination_condition() {
+    // The route only ever sees IPv4 destinations: an IPv4 pool is enough.
+    let json = EXAMPLE
+        .replacen(r#", "bind": "proxy""#, "", 1)
+        .replacen(
+            r#""intercept": ["gateway"], "ports": [80]"#,
+            r#""intercept": ["gateway"], "destination": ["203.0.113.0/25"], "ports": [80]"#,
+            1,
+        )
+        .replacen(
+            r#"["203.0.113.3:8080", "[2001:db8:5::3]:8080"]"#,
+            r#"["203.0.113.3:8080"]"#,
+            1,
+        );
+    assert_eq!(
+        Policy::from_json(&json).unwrap().warnings(),
+        Vec::<String>::new()
+    );
+}
