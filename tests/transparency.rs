@@ -278,38 +278,38 @@ fn passthrough_to_the_original_destination() {
     }
 }
 
-/// The proxy's own connections are never taken again: a client reaching
-/// px's own address inside a gateway prefix is relayed to that original
-/// destination, and l4proxy's connection to it (which arrives on loopback,
-/// not on the rule's interface) reaches the plain server there instead of
-/// l4proxy. Not spoofed either: nothing would route the replies back.
+/// A gateway rule takes forwarded connections only: a client reaching px's
+/// own address inside the rule's prefixes gets px's own service, untouched;
+/// and the proxy's own connection to an upstream on px inside those prefixes
+/// (it arrives on loopback, not on the rule's interface) is not taken again.
 #[test]
-fn own_connections_are_not_intercepted_again() {
-    let t = Topo::new("no_loop");
-    let servers: Vec<Server> = servers(&t.px, |f| f.px_server_side, 8080, "px-local");
+fn own_addresses_and_own_connections_are_not_taken() {
+    let t = Topo::new("not_taken");
+    let own_service = servers(&t.px, |f| f.px_server_side, 8080, "px-local");
+    let _upstream = servers(&t.px, |f| f.px_server_side, 8081, "px-upstream");
+    let _forwarded_to = servers(&t.sv, |f| f.server, 8080, "sv");
     let policy = json!({
-        "intercept": [gateway_rule(json!([8080]), "origin")],
-        "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
+        "intercept": [gateway_rule(json!([8080, 8081]), "on-px")],
+        "upstreams": { "on-px": { "servers": both(8081, |f| f.px_server_side) } }
     });
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
-    for (f, server) in FAMILIES.iter().zip(&servers) {
+    for (f, server) in FAMILIES.iter().zip(&own_service) {
         let to = sock(f.px_server_side, 8080);
         let mut c = connect(&t.cl, to);
         let client = c.local_addr().unwrap();
         talk(&mut c, "px-local", &format!("{} to px's own {to}", f.name));
-        let closed = d.closed_event(client);
-        assert_eq!(field(&closed, "upstream"), to.to_string(), "{closed}");
-        assert_eq!(
-            field(&closed, "bind_fallback"),
-            "destination is this host: not spoofed"
-        );
         let accepted = server.wait_accepted(1, Duration::from_secs(5));
-        assert_eq!(
-            accepted[0].peer.ip(),
-            ip(f.px_server_side),
-            "{}: from px itself",
-            f.name
+        assert_eq!(accepted[0].peer, client, "{}: not proxied", f.name);
+
+        // Forwarded traffic is taken, and relayed to the upstream on px.
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        let client = c.local_addr().unwrap();
+        talk(
+            &mut c,
+            "px-upstream",
+            &format!("{} through the gateway", f.name),
         );
+        d.closed_event(client);
     }
     let closed = d
         .events()
@@ -327,8 +327,9 @@ fn own_connections_are_not_intercepted_again() {
         .map(|e| field(&e, "counters"))
         .expect("kernel counters logged at exit");
     assert!(
-        counters.contains("passed_other_interface=2"),
-        "sk_lookup passed the proxy's own two connections: {counters}"
+        counters.contains("passed_local=2") && counters.contains("passed_other_interface=2"),
+        "sk_lookup passed the two connections to px's own address and the proxy's own two: \
+         {counters}"
     );
 }
 
@@ -528,6 +529,129 @@ fn client_port_to_the_original_destination_falls_back_to_client_ip() {
     }
 }
 
+/// A connection forwarded through px before the daemon starts is not reset
+/// by the start: only new connections (SYNs) and those the daemon owns are
+/// taken. A new connection to the same port is.
+#[test]
+fn a_start_leaves_forwarded_connections_alone() {
+    let t = Topo::new("start_keeps");
+    let _servers = servers(&t.sv, |f| f.server, 8080, "server");
+    let mut before = Vec::new();
+    for f in FAMILIES {
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        assert_eq!(lab::read_line(&mut c).unwrap(), "server", "{}", f.name);
+        before.push(c);
+    }
+    let _d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
+    let _proxied = servers(&t.sv, |f| f.server, 9090, "proxied");
+    for (f, c) in FAMILIES.iter().zip(&mut before) {
+        let line = format!("{} after the start\n", f.name);
+        c.write_all(line.as_bytes()).unwrap();
+        let back = lab::read_exact_n(c, line.len())
+            .unwrap_or_else(|e| panic!("{}: the forwarded connection broke: {e}", f.name));
+        assert_eq!(back, line.as_bytes());
+        let mut n = connect(&t.cl, sock(f.server, 8080));
+        talk(&mut n, "proxied", &format!("{} new connection", f.name));
+    }
+}
+
+/// Under a SYN flood the listener answers with SYN cookies and keeps no
+/// state: the handshake's last ACK, which no socket owns yet, must still
+/// reach it (`net.ipv4.tcp_syncookies=2` sends cookies always).
+#[test]
+fn syn_cookie_handshakes_complete() {
+    let t = Topo::new("syncookies");
+    t.px.sysctl("net.ipv4.tcp_syncookies", "2");
+    let _proxied = servers(&t.sv, |f| f.server, 9090, "proxied");
+    let _d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
+    for f in FAMILIES {
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        talk(&mut c, "proxied", &format!("{} with SYN cookies", f.name));
+    }
+}
+
+/// A gateway rule on `port` relaying to sv's `to_port` from the client's
+/// address.
+fn full_policy_on(port: u16, to_port: u16) -> Value {
+    json!({
+        "intercept": [gateway_rule(json!([port]), "web")],
+        "upstreams": { "web": { "servers": both(to_port, |f| f.server), "bind": "client" } }
+    })
+}
+
+/// Path-MTU discovery through the proxy: between px and the server a router
+/// (rt) has a 1280-byte link; the server itself has 1500 and says so in its
+/// MSS. The proxy's upstream connection, from the client's address, sends
+/// full-size segments; rt answers "fragmentation needed" / "packet too big"
+/// to the client's address, which the tc program must deliver to the proxy's
+/// socket (as `-m socket` does): otherwise the transfer stalls.
+#[test]
+fn path_mtu_discovery_works_for_connections_from_the_clients_address() {
+    use lab::{Netns, veth};
+    const SIZE: usize = 2 << 20;
+    let cl = Netns::new("pmtu", "cl");
+    let px = Netns::new("pmtu", "px");
+    let rt = Netns::new("pmtu", "rt");
+    let sv = Netns::new("pmtu", "sv");
+    veth(&cl, "to-px", &px, "to-cl");
+    veth(&px, "to-rt", &rt, "to-px");
+    veth(&rt, "to-sv", &sv, "to-rt");
+    for (ns, dev, cidrs) in [
+        (&cl, "to-px", ["198.51.100.2/24", "2001:db8:c::2/64"]),
+        (&px, "to-cl", ["198.51.100.1/24", "2001:db8:c::1/64"]),
+        (&px, "to-rt", ["203.0.113.1/25", "2001:db8:5::1/112"]),
+        (&rt, "to-px", ["203.0.113.2/25", "2001:db8:5::2/112"]),
+        (&rt, "to-sv", ["203.0.113.129/25", "2001:db8:5::1:1/112"]),
+        (&sv, "to-rt", ["203.0.113.130/25", "2001:db8:5::1:2/112"]),
+    ] {
+        for cidr in cidrs {
+            ns.addr(dev, cidr);
+        }
+    }
+    rt.ip(&["link", "set", "to-sv", "mtu", "1280"]);
+    for ns in [&px, &rt] {
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    }
+    cl.route("default", "198.51.100.1");
+    cl.route("default", "2001:db8:c::1");
+    px.route("203.0.113.128/25", "203.0.113.2");
+    px.route("2001:db8:5::1:0/112", "2001:db8:5::2");
+    rt.route("default", "203.0.113.1");
+    rt.route("default", "2001:db8:5::1");
+    sv.route("default", "203.0.113.129");
+    sv.route("default", "2001:db8:5::1:1");
+
+    let (tx, rx) = lab::reports();
+    let reply = std::sync::Arc::new(b"done".to_vec());
+    let _sinks: Vec<Server> = ["203.0.113.130:8080", "[2001:db8:5::1:2]:8080"]
+        .iter()
+        .map(|a| {
+            Server::start(
+                &sv,
+                lab::sa(a),
+                handlers::sink_then_send(reply.clone(), tx.clone()),
+            )
+        })
+        .collect();
+    let policy = json!({
+        "intercept": [ { "name": "gateway", "prefixes": ["203.0.113.128/25", "2001:db8:5::1:0/112"],
+                         "ports": [8080], "interfaces": ["to-cl"], "upstream": "origin" } ],
+        "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
+    });
+    let _d = Daemon::start_ready(&px, &policy, &[]);
+    let data = lab::random_bytes(SIZE, lab::seed());
+    for to in ["203.0.113.130:8080", "[2001:db8:5::1:2]:8080"] {
+        let mut c = connect(&cl, lab::sa(to));
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        lab::send_and_shutdown(&mut c, &data)
+            .unwrap_or_else(|e| panic!("{to}: sending {SIZE} bytes: {e}"));
+        let got = lab::recv_report(&rx, to);
+        assert_eq!(got, lab::Received::of(&data), "{to}: the server's copy");
+        assert_eq!(lab::read_to_eof(&mut c).unwrap().len, 4, "{to}: the reply");
+    }
+}
+
 /// The policy of the teardown tests: gateway interception and transparent
 /// upstreams, so that every kind of kernel state is in use.
 fn full_policy() -> Value {
@@ -702,6 +826,21 @@ fn start_up_refuses_a_host_not_set_up_for_the_policy() {
         "{}",
         d.log_text()
     );
+
+    t.px.ip(&["link", "add", "br0", "type", "bridge"]);
+    t.px.ip(&["link", "set", "to-cl", "master", "br0"]);
+    let mut d = Daemon::start(&t.px, &full_policy(), &[]);
+    assert!(
+        !d.wait_exit(Duration::from_secs(10)).success(),
+        "started on a bridge port"
+    );
+    assert!(
+        d.log_text()
+            .contains(r#"interface \"to-cl\" is a port of \"br0\""#),
+        "{}",
+        d.log_text()
+    );
+    t.px.ip(&["link", "set", "to-cl", "nomaster"]);
 
     t.px.sysctl("net.ipv4.conf.to-cl.src_valid_mark", "1");
     let mut d = Daemon::start(&t.px, &full_policy(), &[]);

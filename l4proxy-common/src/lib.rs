@@ -28,6 +28,9 @@ pub const MAX_INTERFACES: u32 = 4_096;
 /// Most upstream servers in `UPSTREAM_SERVERS`.
 pub const MAX_UPSTREAM_SERVERS: u32 = 65_536;
 
+/// Most prefixes in `LOCAL_ADDRS`.
+pub const MAX_LOCAL_ADDRS: u32 = 16_384;
+
 /// Data part of the `RULES` LPM-trie key: destination port, then the destination
 /// address as 16 bytes (IPv4 as an IPv4-mapped IPv6 address, so one trie serves
 /// both families). `UPSTREAM_SERVERS` uses the same layout for a server's
@@ -126,10 +129,16 @@ pub enum Counter {
     MarkedIntercept = 5,
     /// `classify` marked a reply to one of l4proxy's transparent sockets.
     MarkedReply = 6,
+    /// `classify` marked an ICMP error about one of l4proxy's connections
+    /// (path MTU, unreachable), which would otherwise be forwarded.
+    MarkedIcmp = 7,
+    /// A connection matched a gateway rule but is to one of this host's own
+    /// addresses (not forwarded traffic), and was left to the normal lookup.
+    PassedLocal = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Steered,
         Counter::Passed,
         Counter::NoSocket,
@@ -137,6 +146,8 @@ impl Counter {
         Counter::OtherInterface,
         Counter::MarkedIntercept,
         Counter::MarkedReply,
+        Counter::MarkedIcmp,
+        Counter::PassedLocal,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -149,6 +160,8 @@ impl Counter {
             Counter::OtherInterface => "passed_other_interface",
             Counter::MarkedIntercept => "marked_intercept",
             Counter::MarkedReply => "marked_reply",
+            Counter::MarkedIcmp => "marked_icmp",
+            Counter::PassedLocal => "passed_local",
         }
     }
 }

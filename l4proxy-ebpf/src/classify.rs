@@ -3,53 +3,98 @@
 //! addresses. The daemon's policy-routing rule (`fwmark` → a table whose only
 //! route is `local default dev lo`) then delivers them locally, where
 //! `sk_lookup` (new connections) or the socket table (established ones) finds
-//! their socket. It replaces both iptables rules of the classic TPROXY recipe:
+//! their socket. It replaces the iptables rules of the classic TPROXY recipe:
 //!
 //! - `-j TPROXY`: a packet arriving on an interface that a gateway rule lists,
-//!   to a destination that rule intercepts (the `RULES` trie, as in `steer`);
-//! - `-m socket -j MARK`: a packet from an upstream server to a local
-//!   socket that is not listening, that is, a reply to one of the daemon's
-//!   upstream connections made from a client's address (transparent bind).
+//!   to a destination that rule intercepts (the `RULES` trie, as in `steer`)
+//!   and that is not this host's own: a SYN (a new connection), or a later
+//!   packet of a connection the daemon has. A packet of a connection that was
+//!   forwarded before the daemon started is left alone, so a start or a
+//!   restart does not reset it; only the final ACK of a handshake the
+//!   listener answered with a SYN cookie goes to the listener;
+//! - `-m socket -j MARK`: a packet from an upstream server to a local socket
+//!   that is not listening, that is, a reply to one of the daemon's upstream
+//!   connections made from a client's address (transparent bind);
+//! - and for both, an ICMP error (fragmentation needed, packet too big,
+//!   unreachable, time exceeded) about a packet one of those sockets sent,
+//!   so that path-MTU discovery works through the proxy.
 //!
-//! While the daemon drains, a gateway rule's packets are marked only if they
-//! belong to a connection the daemon already has (a local socket): new
-//! connections are forwarded to their destination as if l4proxy were not
-//! there, and open ones keep working until they close.
+//! While the daemon drains, SYNs are no longer marked: new connections are
+//! forwarded to their destination as if l4proxy were not there, and open ones
+//! keep working until they close.
 //!
 //! Everything else is left alone. The program never drops: it returns
 //! `TC_ACT_UNSPEC` (tcx's "next"), so programs after it and the stack decide.
+//!
+//! Its functions are `#[inline(always)]`: the verifier adds up the stack
+//! frames of calls, and a program gets 512 bytes in all.
 
 use aya_ebpf::{
     bindings::{
         BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, tcphdr,
     },
-    helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie},
     macros::classifier,
     programs::TcContext,
 };
 use l4proxy_common::{
-    Counter, DRAINING, INTERFACE_REPLIES, MARK_MASK, MARK_VALUE, RULE_ON_INTERFACES, RuleKey,
+    Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig, MARK_MASK, MARK_VALUE,
+    RULE_ON_INTERFACES, RuleKey,
 };
 
-use crate::{INTERFACES, SETTINGS, UPSTREAM_SERVERS, count, on_interface, rule_for};
+use crate::{INTERFACES, SETTINGS, UPSTREAM_SERVERS, count, is_local, on_interface, rule_for};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETHERNET_HEADER: usize = 14;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPV4_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+const TCP_HEADER: usize = 20;
+/// Type, code, checksum and four more bytes precede the quoted packet.
+const ICMP_HEADER: usize = 8;
 const TCP_LISTEN: u32 = 10;
+/// Deepest header offset `packet_at` serves: Ethernet, IP with options, TCP.
+const MAX_HEADERS: usize = 128;
 /// IPv4 fragment offset bits: a non-first fragment has no TCP header.
 const IP_OFFSET_MASK: u16 = 0x1fff;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// The addresses and ports of a TCP packet, addresses as 16 bytes (IPv4
-/// mapped, as `RULES` keys them).
+/// mapped, as `RULES` keys them), and where its headers start.
 struct Flow {
     v4: bool,
     src: [u8; 16],
     dst: [u8; 16],
     sport: u16,
     dport: u16,
+    flags: u8,
+    l3: usize,
+    l4: usize,
+}
+
+/// What the packet is, for this program.
+enum Packet {
+    Tcp(Flow),
+    /// An ICMP error about a TCP packet sent from this host: the quoted
+    /// packet's flow, as this host sent it.
+    IcmpError(Flow),
+}
+
+/// What a socket look-up found for a packet's 4-tuple.
+enum Owner {
+    Nobody,
+    /// A connection (or a handshake, or a TIME-WAIT) of this host.
+    Connection,
+    /// A listener, which answered this ACK's handshake with a SYN cookie.
+    CookieAck,
+    /// A listener, and the packet is no cookie ACK.
+    Listener,
 }
 
 #[classifier]
@@ -57,78 +102,183 @@ pub fn classify(ctx: TcContext) -> i32 {
     // Context fields first, in straight-line code (see `steer`).
     let skb = ctx.skb.skb;
     // SAFETY: the kernel passes a valid __sk_buff for the program's run.
-    let (ifindex, protocol, mark) = unsafe { ((*skb).ifindex, (*skb).protocol, (*skb).mark) };
+    let (ifindex, protocol, mark, vlan) = unsafe {
+        (
+            (*skb).ifindex,
+            (*skb).protocol,
+            (*skb).mark,
+            (*skb).vlan_present,
+        )
+    };
 
     // SAFETY: INTERFACES values are plain data the daemon wrote.
     let Some(config) = (unsafe { INTERFACES.get(&ifindex) }).copied() else {
         return TC_ACT_UNSPEC;
     };
-    // skb->protocol is the EtherType in network byte order, in the low 16 bits.
-    let Some(flow) = read_flow(&ctx, config.l2_len as usize, u16::from_be(protocol as u16)) else {
+    // A tagged frame belongs to the VLAN device above this one, whose own
+    // ingress (and `steer`'s interface check) sees it next.
+    if vlan != 0 {
         return TC_ACT_UNSPEC;
+    }
+    // A constant per branch: the verifier must bound packet offsets.
+    let l3 = if config.l2_len == 0 { 0 } else { ETHERNET_HEADER };
+    // skb->protocol is the EtherType in network byte order, in the low 16 bits.
+    let marked = match read_packet(&ctx, l3, u16::from_be(protocol as u16)) {
+        Some(Packet::Tcp(flow)) => tcp_verdict(&ctx, ifindex, &config, &flow),
+        Some(Packet::IcmpError(quoted)) => icmp_verdict(&ctx, &quoted),
+        None => None,
     };
-
-    if let Some(rule) = rule_for(flow.dport, flow.dst)
-        && rule.flags & RULE_ON_INTERFACES != 0
-        && on_interface(ifindex, rule.rule_id)
-        && (!draining() || to_local_socket(&ctx, &flow))
-    {
+    if let Some(counter) = marked {
         set_mark(&ctx, mark);
-        count(Counter::MarkedIntercept);
-    } else if config.flags & INTERFACE_REPLIES != 0
-        && from_upstream(&flow)
-        && to_local_socket(&ctx, &flow)
-    {
-        set_mark(&ctx, mark);
-        count(Counter::MarkedReply);
+        count(counter);
     }
     TC_ACT_UNSPEC
 }
 
-fn read_flow(ctx: &TcContext, l3: usize, ethertype: u16) -> Option<Flow> {
-    let (v4, src, dst, l4) = match ethertype {
+/// Whether (and as what) to mark a TCP packet.
+#[inline(always)]
+fn tcp_verdict(
+    ctx: &TcContext,
+    ifindex: u32,
+    config: &InterfaceConfig,
+    flow: &Flow,
+) -> Option<Counter> {
+    if let Some(rule) = rule_for(flow.dport, flow.dst)
+        && rule.flags & RULE_ON_INTERFACES != 0
+        && on_interface(ifindex, rule.rule_id)
+    {
+        if is_local(flow.dst) {
+            // Delivered here anyway, and not the rule's (see `steer`).
+            return None;
+        }
+        if flow.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            return (!draining()).then_some(Counter::MarkedIntercept);
+        }
+        return match owner(ctx, flow, !draining()) {
+            Owner::Connection | Owner::CookieAck => Some(Counter::MarkedIntercept),
+            Owner::Listener | Owner::Nobody => None,
+        };
+    }
+    if config.flags & INTERFACE_REPLIES != 0
+        && from_upstream(flow)
+        && matches!(owner(ctx, flow, false), Owner::Connection)
+    {
+        return Some(Counter::MarkedReply);
+    }
+    None
+}
+
+/// An ICMP error is marked when the packet it quotes came from one of this
+/// host's connections: the error is that connection's.
+#[inline(always)]
+fn icmp_verdict(ctx: &TcContext, quoted: &Flow) -> Option<Counter> {
+    // The quoted packet left this host; a packet arriving for its socket
+    // would carry the reverse flow.
+    let arriving = Flow {
+        v4: quoted.v4,
+        src: quoted.dst,
+        dst: quoted.src,
+        sport: quoted.dport,
+        dport: quoted.sport,
+        flags: 0,
+        l3: quoted.l3,
+        l4: quoted.l4,
+    };
+    match owner(ctx, &arriving, false) {
+        Owner::Connection => Some(Counter::MarkedIcmp),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn read_packet(ctx: &TcContext, l3: usize, ethertype: u16) -> Option<Packet> {
+    let (proto, l4) = match ethertype {
         ETH_P_IP => {
-            let header: [u8; 20] = ctx.load(l3).ok()?;
+            let header: [u8; IPV4_HEADER] = ctx.load(l3).ok()?;
             let fragment = u16::from_be_bytes([header[6], header[7]]);
-            if header[9] != IPPROTO_TCP || fragment & IP_OFFSET_MASK != 0 {
+            // A non-first fragment has no transport header. (TCP sends with
+            // DF; a first fragment, if any, is taken as a whole packet.)
+            if fragment & IP_OFFSET_MASK != 0 {
                 return None;
             }
-            let ihl = usize::from(header[0] & 0x0f) * 4;
-            (
-                true,
-                RuleKey::mapped_v4([header[12], header[13], header[14], header[15]]),
-                RuleKey::mapped_v4([header[16], header[17], header[18], header[19]]),
-                l3 + ihl,
-            )
+            (header[9], l3 + usize::from(header[0] & 0x0f) * 4)
         }
         ETH_P_IPV6 => {
-            let header: [u8; 40] = ctx.load(l3).ok()?;
-            // Extension headers before TCP are not followed: such packets are
-            // left to the stack (no TCP stack sends them on a plain connection).
-            if header[6] != IPPROTO_TCP {
-                return None;
-            }
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&header[8..24]);
-            dst.copy_from_slice(&header[24..40]);
-            (false, src, dst, l3 + 40)
+            let next: u8 = ctx.load(l3 + 6).ok()?;
+            // Extension headers before the transport header are not followed:
+            // such packets are left to the stack (no TCP stack sends them on
+            // a plain connection).
+            (next, l3 + IPV6_HEADER)
         }
         _ => return None,
     };
+    match (ethertype, proto) {
+        (_, IPPROTO_TCP) => read_tcp(ctx, ethertype == ETH_P_IP, l3, l4).map(Packet::Tcp),
+        (ETH_P_IP, IPPROTO_ICMP) => {
+            let icmp_type: u8 = ctx.load(l4).ok()?;
+            // Destination unreachable (with fragmentation needed), time
+            // exceeded, parameter problem: the errors TCP acts on.
+            if !matches!(icmp_type, 3 | 11 | 12) {
+                return None;
+            }
+            let inner = l4 + ICMP_HEADER;
+            let header: [u8; IPV4_HEADER] = ctx.load(inner).ok()?;
+            if header[9] != IPPROTO_TCP {
+                return None;
+            }
+            let inner_l4 = inner + usize::from(header[0] & 0x0f) * 4;
+            read_tcp(ctx, true, inner, inner_l4).map(Packet::IcmpError)
+        }
+        (ETH_P_IPV6, IPPROTO_ICMPV6) => {
+            let icmp_type: u8 = ctx.load(l4).ok()?;
+            // Destination unreachable, packet too big, time exceeded,
+            // parameter problem.
+            if !matches!(icmp_type, 1..=4) {
+                return None;
+            }
+            let inner = l4 + ICMP_HEADER;
+            let next: u8 = ctx.load(inner + 6).ok()?;
+            if next != IPPROTO_TCP {
+                return None;
+            }
+            read_tcp(ctx, false, inner, inner + IPV6_HEADER).map(Packet::IcmpError)
+        }
+        _ => None,
+    }
+}
+
+/// The flow of the TCP packet (or quoted TCP packet) whose IP header is at
+/// `l3` and TCP header at `l4`. An ICMP error quotes only the first eight
+/// bytes of TCP: the ports and the sequence number, no flags.
+#[inline(always)]
+fn read_tcp(ctx: &TcContext, v4: bool, l3: usize, l4: usize) -> Option<Flow> {
+    let (src, dst) = if v4 {
+        let addrs: [u8; 8] = ctx.load(l3 + 12).ok()?;
+        (
+            RuleKey::mapped_v4([addrs[0], addrs[1], addrs[2], addrs[3]]),
+            RuleKey::mapped_v4([addrs[4], addrs[5], addrs[6], addrs[7]]),
+        )
+    } else {
+        (ctx.load(l3 + 8).ok()?, ctx.load(l3 + 24).ok()?)
+    };
     let ports: [u8; 4] = ctx.load(l4).ok()?;
+    let flags = ctx.load::<u8>(l4 + 13).unwrap_or(0);
     Some(Flow {
         v4,
         src,
         dst,
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
+        flags,
+        l3,
+        l4,
     })
 }
 
 /// Whether the packet comes from a server the daemon connects to: a listed
 /// upstream server, or an address and port a gateway rule intercepts (an
 /// original destination the daemon may pass connections on to).
+#[inline(always)]
 fn from_upstream(flow: &Flow) -> bool {
     UPSTREAM_SERVERS
         .get_ptr(RuleKey::new(flow.sport, flow.src))
@@ -136,10 +286,12 @@ fn from_upstream(flow: &Flow) -> bool {
         || rule_for(flow.sport, flow.src).is_some_and(|rule| rule.flags & RULE_ON_INTERFACES != 0)
 }
 
-/// Whether a local socket other than a listener owns the packet's 4-tuple. A
-/// listener would be any wildcard one on the destination port (or the
-/// daemon's own, through `steer`), not a connection of ours.
-fn to_local_socket(ctx: &TcContext, flow: &Flow) -> bool {
+/// Which local socket owns the packet's 4-tuple. A listener is a wildcard one
+/// on the destination port, or the daemon's own (the look-up runs `steer`):
+/// never a connection of ours, but with `cookies`, an ACK it must see to
+/// finish a handshake it answered with a SYN cookie.
+#[inline(always)]
+fn owner(ctx: &TcContext, flow: &Flow, cookies: bool) -> Owner {
     // SAFETY: zeroed is a valid bpf_sock_tuple (plain integers).
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if flow.v4 {
@@ -171,16 +323,64 @@ fn to_local_socket(ctx: &TcContext, flow: &Flow) -> bool {
         )
     };
     if sk.is_null() {
-        return false;
+        return Owner::Nobody;
     }
     // SAFETY: `sk` is a valid socket until released; `state` is readable on
     // every kind the lookup returns (full, request and timewait sockets).
     let state = unsafe { (*sk).state };
+    let owner = if state != TCP_LISTEN {
+        Owner::Connection
+    } else if cookies && cookie_ack(ctx, sk, flow) {
+        Owner::CookieAck
+    } else {
+        Owner::Listener
+    };
     // SAFETY: `sk` came from the lookup above and is released exactly once.
     unsafe { bpf_sk_release(sk.cast()) };
-    state != TCP_LISTEN
+    owner
 }
 
+/// Whether the packet is the ACK of a handshake `listener` answered with a
+/// valid SYN cookie (under a SYN flood the listener keeps no state, so no
+/// socket owns it yet).
+#[inline(always)]
+fn cookie_ack(ctx: &TcContext, listener: *mut bpf_sock, flow: &Flow) -> bool {
+    let ip_len = if flow.v4 { IPV4_HEADER } else { IPV6_HEADER };
+    let (Some(iph), Some(th)) = (packet_at(ctx, flow.l3, ip_len), packet_at(ctx, flow.l4, TCP_HEADER))
+    else {
+        return false;
+    };
+    // SAFETY: both pointers lie within the packet for the lengths passed
+    // (checked by `packet_at`); the helper only reads them.
+    let verdict = unsafe {
+        bpf_tcp_check_syncookie(
+            listener.cast(),
+            iph.cast(),
+            ip_len as u32,
+            th.cast::<tcphdr>(),
+            TCP_HEADER as u32,
+        )
+    };
+    verdict == 0
+}
+
+/// A pointer to `len` bytes of the packet at `offset`, if the linear part of
+/// the packet holds them.
+#[inline(always)]
+fn packet_at(ctx: &TcContext, offset: usize, len: usize) -> Option<*mut u8> {
+    // The verifier accepts packet pointer arithmetic only with a bounded
+    // offset; ours are at most a few headers deep.
+    if offset > MAX_HEADERS {
+        return None;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + len > end {
+        return None;
+    }
+    Some((start + offset) as *mut u8)
+}
+
+#[inline(always)]
 fn words(addr: &[u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
@@ -191,6 +391,7 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
 }
 
 /// Sets our bits of the packet mark, keeping the others.
+#[inline(always)]
 fn set_mark(ctx: &TcContext, mark: u32) {
     let (Some(&value), Some(&mask)) = (SETTINGS.get(MARK_VALUE), SETTINGS.get(MARK_MASK)) else {
         return;
@@ -198,6 +399,7 @@ fn set_mark(ctx: &TcContext, mark: u32) {
     ctx.set_mark((mark & !mask) | value);
 }
 
+#[inline(always)]
 fn draining() -> bool {
     SETTINGS.get(DRAINING).is_some_and(|&flag| flag != 0)
 }

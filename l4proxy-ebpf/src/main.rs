@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use l4proxy_common::{
     ANY_PORT, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES, MAX_INTERFACES,
-    MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, RULE_KEY_FIXED_BITS, RuleKey, RuleValue,
-    SETTINGS_COUNT,
+    MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, RULE_KEY_FIXED_BITS, RuleKey,
+    RuleValue, SETTINGS_COUNT,
 };
 
 /// Intercept rules, filled by the daemon from the policy: (port, address prefix)
@@ -37,6 +37,11 @@ static INTERFACES: HashMap<u32, InterfaceConfig> = HashMap::with_max_entries(MAX
 /// the daemon's transparent sockets.
 #[map]
 static UPSTREAM_SERVERS: HashMap<RuleKey, u8> = HashMap::with_max_entries(MAX_UPSTREAM_SERVERS, 0);
+
+/// This host's own addresses (IPv4 mapped), kept current by the daemon: a
+/// gateway rule takes forwarded connections, not those to the host itself.
+#[map]
+static LOCAL_ADDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
 /// Settings the daemon writes: the packet mark that routes a packet to local
 /// delivery (`MARK_VALUE`, `MARK_MASK`), and whether it drains (`DRAINING`).
@@ -65,6 +70,11 @@ fn rule_for(port: u16, addr: [u8; 16]) -> Option<RuleValue> {
         (Some(exact), _) => Some(exact),
         (None, wildcard) => wildcard,
     }
+}
+
+/// Whether `addr` is one of this host's own addresses.
+fn is_local(addr: [u8; 16]) -> bool {
+    LOCAL_ADDRS.get(&Key::new(128, addr)).is_some()
 }
 
 /// Whether gateway rule `rule_id` lists interface `ifindex`.

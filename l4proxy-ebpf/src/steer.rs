@@ -10,7 +10,8 @@
 //! A gateway rule (one with `interfaces`) takes only connections that arrived
 //! on one of its interfaces: `classify` delivered them locally for exactly
 //! that reason, and the same destination reached any other way (from this
-//! host, from the server side) is not the rule's.
+//! host, from the server side) is not the rule's. Nor is a connection to one
+//! of this host's own addresses: it is not forwarded traffic.
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
@@ -19,7 +20,7 @@ use aya_ebpf::{
 };
 use l4proxy_common::{Counter, RULE_ON_INTERFACES, RuleKey, SOCKET_V4, SOCKET_V6};
 
-use crate::{SOCKETS, count, on_interface, rule_for};
+use crate::{SOCKETS, count, is_local, on_interface, rule_for};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -68,9 +69,15 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         count(Counter::Passed);
         return SK_PASS;
     };
-    if rule.flags & RULE_ON_INTERFACES != 0 && !on_interface(ifindex, rule.rule_id) {
-        count(Counter::OtherInterface);
-        return SK_PASS;
+    if rule.flags & RULE_ON_INTERFACES != 0 {
+        if !on_interface(ifindex, rule.rule_id) {
+            count(Counter::OtherInterface);
+            return SK_PASS;
+        }
+        if is_local(addr) {
+            count(Counter::PassedLocal);
+            return SK_PASS;
+        }
     }
 
     match SOCKETS.redirect_sk_lookup(&ctx, socket, 0) {

@@ -9,7 +9,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use futures::{StreamExt, TryStreamExt};
@@ -35,20 +35,30 @@ pub enum LocalAddrsError {
     List(rtnetlink::Error),
 }
 
+/// Told this host's addresses after every reread.
+pub type Sink = Box<dyn FnMut(&[IpNet]) + Send>;
+
 /// A snapshot of this host's addresses, replaced as a whole on each change.
 pub struct LocalAddrs {
     /// Prefixes the daemon made local (they do not show as addresses).
     owned: Vec<IpNet>,
     current: RwLock<Arc<Lpm<()>>>,
+    /// The kernel programs' copy (`intercept::LocalMap`), if any.
+    sink: Mutex<Option<Sink>>,
 }
 
 impl LocalAddrs {
     /// Reads the addresses now. `owned`: prefixes the daemon routes to this
     /// host itself (`local` routes).
-    pub async fn load(owned: &[IpNet]) -> Result<Arc<LocalAddrs>, LocalAddrsError> {
+    /// `sink` is told the addresses now and after every change.
+    pub async fn load(
+        owned: &[IpNet],
+        sink: Option<Sink>,
+    ) -> Result<Arc<LocalAddrs>, LocalAddrsError> {
         let local = LocalAddrs {
             owned: owned.to_vec(),
             current: RwLock::new(Arc::new(Lpm::default())),
+            sink: Mutex::new(sink),
         };
         local.reload().await?;
         Ok(Arc::new(local))
@@ -95,12 +105,20 @@ impl LocalAddrs {
             .filter_map(address_of)
             .map(IpNet::from)
             .collect();
-        let prefixes = Lpm::of(
-            addresses
-                .into_iter()
-                .chain(LOOPBACK)
-                .chain(self.owned.iter().copied()),
-        );
+        let all: Vec<IpNet> = addresses
+            .into_iter()
+            .chain(LOOPBACK)
+            .chain(self.owned.iter().copied())
+            .collect();
+        if let Some(sink) = self
+            .sink
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_mut()
+        {
+            sink(&all);
+        }
+        let prefixes = Lpm::of(all);
         *self
             .current
             .write()

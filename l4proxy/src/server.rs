@@ -34,7 +34,7 @@ use crate::{
         rules::{self, RuleIndex},
         sysctl,
     },
-    local_addrs::{LocalAddrs, LocalAddrsError},
+    local_addrs::{self, LocalAddrs, LocalAddrsError},
     policy::{Bind, Policy},
     session::{self, Shared},
     upstream::Pool,
@@ -58,6 +58,14 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("{path}: no interface {name:?} in this network namespace")]
     NoInterface { path: String, name: String },
+    #[error(
+        "{path}: interface {name:?} is a port of {master:?} (a bridge, bond or VRF): its IP traffic arrives on {master:?}; list that instead"
+    )]
+    Enslaved {
+        path: String,
+        name: String,
+        master: String,
+    },
     #[error("this host is not set up for the policy:\n  {}", .0.join("\n  "))]
     Sysctl(Vec<String>),
 }
@@ -89,7 +97,15 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     let mut interceptor = Interceptor::load(&policy, &entries, settings.mark)?;
     let owned = owned_prefixes(&policy);
     let listeners = bind_listeners(&policy, &mut interceptor)?;
-    let local = LocalAddrs::load(&owned).await?;
+    let mut local_map = interceptor
+        .take_local_map()
+        .expect("a freshly loaded interceptor has its map");
+    let sink: local_addrs::Sink = Box::new(move |prefixes| {
+        if let Err(e) = local_map.set(prefixes) {
+            tracing::warn!(error = %e, "updating this host's addresses in the kernel");
+        }
+    });
+    let local = LocalAddrs::load(&owned, Some(sink)).await?;
     local.watch()?;
     let classify = classify_plan(&policy, &interfaces::list().await?, &local)?;
     let marking: Vec<String> = classify.iter().map(|(i, ..)| i.name.clone()).collect();
@@ -222,13 +238,26 @@ fn classify_plan(
     let mut plan: Vec<(Interface, ClassifyRole, Vec<usize>)> = Vec::new();
     for (r, rule) in policy.rules.iter().enumerate() {
         for (k, name) in rule.interfaces.iter().enumerate() {
+            let path = || format!("intercept[{r}].interfaces[{k}]");
             let interface =
                 all.iter()
                     .find(|i| &i.name == name)
                     .ok_or_else(|| ServerError::NoInterface {
-                        path: format!("intercept[{r}].interfaces[{k}]"),
+                        path: path(),
                         name: name.clone(),
                     })?;
+            // `steer` checks the interface a connection arrived on, which
+            // for a port is its master, not the port `classify` ran on.
+            if let Some(master) = interface.master {
+                return Err(ServerError::Enslaved {
+                    path: path(),
+                    name: name.clone(),
+                    master: all
+                        .iter()
+                        .find(|i| i.index == master)
+                        .map_or_else(|| format!("ifindex {master}"), |i| i.name.clone()),
+                });
+            }
             match plan.iter_mut().find(|(i, ..)| i == interface) {
                 Some((_, _, rules)) => rules.push(r),
                 None => plan.push((

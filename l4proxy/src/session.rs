@@ -391,7 +391,7 @@ mod tests {
         let shared = Shared {
             rules: RuleIndex::new(&rules::compile(&policy)),
             pools: policy.upstreams.iter().map(Pool::new).collect(),
-            local: LocalAddrs::load(&[]).await.unwrap(),
+            local: LocalAddrs::load(&[], None).await.unwrap(),
             ids: ConnectionIds::new(),
             connect_timeout: Duration::from_secs(1),
             sniff_timeout: Duration::from_secs(1),

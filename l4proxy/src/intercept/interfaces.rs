@@ -17,6 +17,9 @@ pub struct Interface {
     /// 14 on Ethernet (and loopback), 0 on layer-3 devices (tun, WireGuard,
     /// IP tunnels); `None` for link types the kernel programs cannot read.
     pub l2_len: Option<u32>,
+    /// The bridge, bond or VRF it is enslaved to: its IP traffic arrives on
+    /// that device instead.
+    pub master: Option<u32>,
 }
 
 impl Interface {
@@ -46,6 +49,13 @@ fn interface_of(link: &LinkMessage) -> Option<Interface> {
             LinkAttribute::IfName(name) => Some(name.clone()),
             _ => None,
         })?;
+    let master = link
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Controller(index) => Some(*index),
+            _ => None,
+        });
     let l2_len = match link.header.link_layer_type {
         LinkLayerType::Ether | LinkLayerType::Loopback => Some(ETHERNET_HEADER),
         LinkLayerType::None
@@ -62,5 +72,6 @@ fn interface_of(link: &LinkMessage) -> Option<Interface> {
         name,
         index: link.header.index,
         l2_len,
+        master,
     })
 }

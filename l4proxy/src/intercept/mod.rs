@@ -35,8 +35,10 @@ use l4proxy_common::{
     RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
 };
 
+use ipnet::IpNet;
+
 use self::{delivery::Mark, interfaces::Interface};
-use crate::policy::Policy;
+use crate::{lpm, policy::Policy};
 
 /// The kernel programs, built by `cargo xtask build-ebpf` and embedded by build.rs.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l4proxy-ebpf.o"));
@@ -95,6 +97,35 @@ pub struct ClassifyRole {
     pub replies: bool,
 }
 
+/// This host's own addresses in the kernel (`LOCAL_ADDRS`), which gateway
+/// rules leave alone; [`LocalMap::set`] keeps it equal to a list.
+pub struct LocalMap {
+    trie: LpmTrie<MapData, [u8; 16], u8>,
+    current: Vec<IpNet>,
+}
+
+impl LocalMap {
+    /// Makes the map hold exactly `prefixes`.
+    pub fn set(&mut self, prefixes: &[IpNet]) -> Result<(), InterceptError> {
+        let key = |prefix: &IpNet| {
+            let (addr, len) = lpm::prefix_key(*prefix);
+            Key::new(u32::from(len), addr.to_be_bytes())
+        };
+        for gone in self.current.iter().filter(|p| !prefixes.contains(p)) {
+            self.trie
+                .remove(&key(gone))
+                .map_err(map_error("LOCAL_ADDRS"))?;
+        }
+        for new in prefixes.iter().filter(|p| !self.current.contains(p)) {
+            self.trie
+                .insert(&key(new), 1, 0)
+                .map_err(map_error("LOCAL_ADDRS"))?;
+        }
+        self.current = prefixes.to_vec();
+        Ok(())
+    }
+}
+
 /// The loaded programs with their maps and links.
 pub struct Interceptor {
     ebpf: Ebpf,
@@ -106,6 +137,7 @@ pub struct Interceptor {
     interfaces: HashMap<MapData, u32, InterfaceConfig>,
     settings: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
+    local: Option<LocalMap>,
 }
 
 impl Interceptor {
@@ -145,6 +177,10 @@ impl Interceptor {
         let interface_rules = take_map(&mut ebpf, "INTERFACE_RULES")?;
         let interfaces = take_map(&mut ebpf, "INTERFACES")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let local = LocalMap {
+            trie: take_map(&mut ebpf, "LOCAL_ADDRS")?,
+            current: Vec::new(),
+        };
         let steer: &mut SkLookup = program(&mut ebpf, STEER_PROGRAM)?.try_into()?;
         steer.load()?;
         let classify: &mut SchedClassifier = program(&mut ebpf, CLASSIFY_PROGRAM)?.try_into()?;
@@ -159,7 +195,13 @@ impl Interceptor {
             interfaces,
             settings,
             counters,
+            local: Some(local),
         })
+    }
+
+    /// The map of this host's addresses, for whoever keeps it current (once).
+    pub fn take_local_map(&mut self) -> Option<LocalMap> {
+        self.local.take()
     }
 
     /// Puts a listening socket into the program's socket map.
