@@ -20,6 +20,7 @@ pub mod addrs;
 pub mod cli;
 pub mod conn_id;
 pub mod hello;
+pub mod install;
 pub mod intercept;
 pub mod local_addrs;
 pub mod logging;

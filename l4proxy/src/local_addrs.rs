@@ -41,7 +41,7 @@ pub type Sink = Box<dyn FnMut(&[IpNet]) + Send>;
 /// A snapshot of this host's addresses, replaced as a whole on each change.
 pub struct LocalAddrs {
     /// Prefixes the daemon made local (they do not show as addresses).
-    owned: Vec<IpNet>,
+    owned: Mutex<Vec<IpNet>>,
     current: RwLock<Arc<Lpm<()>>>,
     /// The kernel programs' copy (`intercept::LocalMap`), if any.
     sink: Mutex<Option<Sink>>,
@@ -56,7 +56,7 @@ impl LocalAddrs {
         sink: Option<Sink>,
     ) -> Result<Arc<LocalAddrs>, LocalAddrsError> {
         let local = LocalAddrs {
-            owned: owned.to_vec(),
+            owned: Mutex::new(owned.to_vec()),
             current: RwLock::new(Arc::new(Lpm::default())),
             sink: Mutex::new(sink),
         };
@@ -93,6 +93,15 @@ impl LocalAddrs {
         Ok(())
     }
 
+    /// Takes the prefixes the daemon now makes local (after a new policy).
+    pub async fn set_owned(&self, owned: &[IpNet]) -> Result<(), LocalAddrsError> {
+        *self
+            .owned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = owned.to_vec();
+        self.reload().await
+    }
+
     async fn reload(&self) -> Result<(), LocalAddrsError> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         let driver = tokio::spawn(connection);
@@ -105,11 +114,12 @@ impl LocalAddrs {
             .filter_map(address_of)
             .map(IpNet::from)
             .collect();
-        let all: Vec<IpNet> = addresses
-            .into_iter()
-            .chain(LOOPBACK)
-            .chain(self.owned.iter().copied())
-            .collect();
+        let owned = self
+            .owned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let all: Vec<IpNet> = addresses.into_iter().chain(LOOPBACK).chain(owned).collect();
         if let Some(sink) = self
             .sink
             .lock()

@@ -36,6 +36,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // SAFETY: no thread has been started yet; the runtime is built below.
     let _guard = unsafe { guard::spawn() }.context("starting the route guard")?;
     let settings = Settings {
+        policy_path: args.policy.clone(),
         grace_period: args.grace_period,
         connect_timeout: args.connect_timeout,
         max_connections: args.max_connections,

@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -25,12 +25,19 @@ use crate::{
     upstream::{self, Fallback, Pool},
 };
 
-/// What every connection shares.
-pub struct Shared {
+/// The policy in force, with what is built from it once. A connection takes
+/// the one in force when it is accepted and keeps it: a reload changes what
+/// new connections get.
+pub struct Active {
     pub policy: Policy,
     /// The policy's rules, indexed as the kernel looks them up.
     pub rules: RuleIndex,
     pub pools: Vec<Pool>,
+}
+
+/// What every connection shares.
+pub struct Shared {
+    pub active: RwLock<Arc<Active>>,
     pub local: Arc<LocalAddrs>,
     pub ids: ConnectionIds,
     pub connect_timeout: Duration,
@@ -39,6 +46,24 @@ pub struct Shared {
     pub sniff_timeout: Duration,
     /// Cancelled when the grace period is over.
     pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// The policy in force now.
+    pub fn active(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Puts a new policy in force for the connections to come.
+    pub fn set_active(&self, active: Arc<Active>) {
+        *self
+            .active
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = active;
+    }
 }
 
 /// Everything the close log line says, filled in as the connection goes.
@@ -130,7 +155,9 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
     // Boxed: a task is sized for its largest await, and an idle connection,
     // which only relays, should not carry the size of the header, sniff and
     // connect steps it is long done with.
-    let Some(upstream) = Box::pin(open(&mut client, peer, shared, &mut record)).await else {
+    let active = shared.active();
+    let Some(upstream) = Box::pin(open(&mut client, peer, shared, &active, &mut record)).await
+    else {
         return; // `open` logged why.
     };
     let relayed = relay::relay(client, upstream, &shared.shutdown).await;
@@ -146,16 +173,17 @@ async fn open(
     client: &mut TcpStream,
     peer: SocketAddr,
     shared: &Shared,
+    active: &Active,
     record: &mut Record,
 ) -> Option<TcpStream> {
     let local = record.orig_dst.0;
-    let Some(rule_id) = shared.rules.lookup(local) else {
+    let Some(rule_id) = active.rules.lookup(local) else {
         // The kernel steered it, so a rule matched there; userspace disagreeing
         // would be a bug in one of the two matchers.
         tracing::error!(client = %peer, orig_dst = %local, "steered connection matches no rule; closing");
         return None;
     };
-    let rule = &shared.policy.rules[rule_id.0];
+    let rule = &active.policy.rules[rule_id.0];
     record.rule = Some(rule.name.clone());
 
     // A trusted front proxy names the client and its destination first.
@@ -183,7 +211,7 @@ async fn open(
         orig_dst: record.orig_dst,
         rule: rule_id,
     };
-    let mut decision = route::decide(&shared.policy, &conn, None);
+    let mut decision = route::decide(&active.policy, &conn, None);
     if matches!(decision, route::Decision::NeedHello) {
         let said = match hello::peek_until(
             client,
@@ -206,7 +234,7 @@ async fn open(
                 return None;
             }
         };
-        decision = route::decide(&shared.policy, &conn, Some(&hello_of(&said)));
+        decision = route::decide(&active.policy, &conn, Some(&hello_of(&said)));
         record.sniffed = Some(said);
     }
     let (upstream_id, bind) = match decision {
@@ -236,7 +264,7 @@ async fn open(
         orig_dst: record.orig_dst,
         bind,
     };
-    let connected = match shared.pools[upstream_id.0]
+    let connected = match active.pools[upstream_id.0]
         .connect(&request, &shared.local, shared.connect_timeout)
         .await
     {
@@ -254,7 +282,7 @@ async fn open(
     }
     record.bind_fallback = connected.fallback;
 
-    if let Some(version) = shared.policy.upstreams[upstream_id.0].proxy_protocol {
+    if let Some(version) = active.policy.upstreams[upstream_id.0].proxy_protocol {
         let header = if onward_local {
             Header::Local
         } else {
@@ -389,14 +417,16 @@ mod tests {
         )
         .unwrap();
         let shared = Shared {
-            rules: RuleIndex::new(&rules::compile(&policy)),
-            pools: policy.upstreams.iter().map(Pool::new).collect(),
+            active: RwLock::new(Arc::new(Active {
+                rules: RuleIndex::new(&rules::compile(&policy)),
+                pools: policy.upstreams.iter().map(Pool::new).collect(),
+                policy,
+            })),
             local: LocalAddrs::load(&[], None).await.unwrap(),
             ids: ConnectionIds::new(),
             connect_timeout: Duration::from_secs(1),
             sniff_timeout: Duration::from_secs(1),
             shutdown: CancellationToken::new(),
-            policy,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap())

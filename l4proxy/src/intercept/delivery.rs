@@ -100,117 +100,159 @@ pub enum DeliveryError {
     MarkInUse { mark: u32, rule: String },
 }
 
-/// The rules and routes this daemon added, removed again by
-/// [`Delivery::remove`].
+/// The rules and routes this daemon added, set by [`Delivery::set`] and
+/// removed again by [`Delivery::remove`].
 pub struct Delivery {
     handle: Handle,
+    mark: Mark,
+    table: u32,
+    /// The fwmark rules and the table's routes, when installed.
+    base: Option<Base>,
+    /// The rule for each server on this host, by server.
+    servers: Vec<(SocketAddr, RuleMessage)>,
+}
+
+struct Base {
     rules: Vec<RuleMessage>,
     routes: Vec<RouteMessage>,
 }
 
 impl Delivery {
-    /// Installs the fwmark rule, the table's `local default` routes, and a
-    /// rule for each of `local_servers`. Refuses a table or mark someone else
-    /// already uses.
-    pub async fn install(
-        mark: Mark,
-        table: u32,
-        local_servers: &[SocketAddr],
-    ) -> Result<Delivery, DeliveryError> {
-        let handle = connect()?;
-        check_unused(&handle, mark, table).await?;
-        let mut delivery = Delivery {
-            handle,
-            rules: Vec::new(),
-            routes: Vec::new(),
-        };
-        if let Err(e) = delivery.add_all(mark, table, local_servers).await {
-            // Undo what we did so a failed start leaves nothing behind.
-            if let Err(undo) = delivery.remove().await {
-                tracing::warn!(error = %undo, "removing routing state after a failed start");
-            }
-            return Err(e.into());
-        }
-        Ok(delivery)
+    /// Nothing installed yet.
+    pub fn new(mark: Mark, table: u32) -> Result<Delivery, DeliveryError> {
+        Ok(Delivery {
+            handle: connect()?,
+            mark,
+            table,
+            base: None,
+            servers: Vec::new(),
+        })
     }
 
-    async fn add_all(
+    /// With `needed`, installs the fwmark rule and the table's `local
+    /// default` routes (refusing a table or mark someone else already uses),
+    /// and makes the server rules those of `local_servers`; without, removes
+    /// them all. Changes only what differs from what is installed.
+    pub async fn set(
         &mut self,
-        mark: Mark,
-        table: u32,
+        needed: bool,
         local_servers: &[SocketAddr],
-    ) -> Result<(), RouteError> {
-        for default in ["0.0.0.0/0", "::/0"] {
-            let prefix: IpNet = default.parse().expect("a valid prefix");
-            let route = local_route(prefix, table);
-            self.handle
-                .route()
-                .add(route.clone())
-                .execute()
-                .await
-                .map_err(|source| RouteError::Add { prefix, source })?;
-            self.routes.push(route);
+    ) -> Result<(), DeliveryError> {
+        let local_servers = if needed { local_servers } else { &[] };
+        if needed && self.base.is_none() {
+            check_unused(&self.handle, self.mark, self.table).await?;
+            self.base = Some(self.add_base().await?);
         }
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let mut rule = rule(version, table);
-            rule.attributes.push(RuleAttribute::FwMark(mark.value));
-            rule.attributes.push(RuleAttribute::FwMask(mark.mask));
-            self.add_rule(rule, format!("fwmark {mark} lookup {table}"))
-                .await?;
+        let (kept, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut self.servers)
+            .into_iter()
+            .partition(|(server, _)| local_servers.contains(server));
+        self.servers = kept;
+        for (_, rule) in stale {
+            delete_rule(&self.handle, rule).await?;
         }
-        for server in local_servers {
-            let version = if server.is_ipv4() {
-                IpVersion::V4
-            } else {
-                IpVersion::V6
-            };
-            let mut rule = rule(version, table);
-            rule.header.src_len = if server.is_ipv4() { 32 } else { 128 };
-            rule.attributes.extend([
-                RuleAttribute::Source(server.ip()),
-                RuleAttribute::Iifname("lo".to_owned()),
-                RuleAttribute::IpProtocol(IpProtocol::Tcp),
-                RuleAttribute::SourcePortRange(RulePortRange {
-                    start: server.port(),
-                    end: server.port(),
-                }),
-            ]);
-            self.add_rule(
-                rule,
-                format!(
-                    "iif lo from {} ipproto tcp sport {} lookup {table}",
-                    server.ip(),
-                    server.port()
-                ),
-            )
-            .await?;
+        for &server in local_servers {
+            if self.servers.iter().any(|(known, _)| *known == server) {
+                continue;
+            }
+            let rule = self.add_server_rule(server).await?;
+            self.servers.push((server, rule));
+        }
+        if !needed && let Some(base) = self.base.take() {
+            for rule in base.rules {
+                delete_rule(&self.handle, rule).await?;
+            }
+            for route in base.routes {
+                delete_route(&self.handle, route).await?;
+            }
         }
         Ok(())
     }
 
-    async fn add_rule(&mut self, rule: RuleMessage, description: String) -> Result<(), RouteError> {
+    /// The table's routes and the fwmark rules; on an error, what was added
+    /// is removed again.
+    async fn add_base(&self) -> Result<Base, RouteError> {
+        let mut base = Base {
+            rules: Vec::new(),
+            routes: Vec::new(),
+        };
+        let added = async {
+            for default in ["0.0.0.0/0", "::/0"] {
+                let prefix: IpNet = default.parse().expect("a valid prefix");
+                let route = local_route(prefix, self.table);
+                self.handle
+                    .route()
+                    .add(route.clone())
+                    .execute()
+                    .await
+                    .map_err(|source| RouteError::Add { prefix, source })?;
+                base.routes.push(route);
+            }
+            for version in [IpVersion::V4, IpVersion::V6] {
+                let mut rule = rule(version, self.table);
+                rule.attributes.push(RuleAttribute::FwMark(self.mark.value));
+                rule.attributes.push(RuleAttribute::FwMask(self.mark.mask));
+                let description = format!("fwmark {} lookup {}", self.mark, self.table);
+                self.add_rule(rule.clone(), description).await?;
+                base.rules.push(rule);
+            }
+            Ok::<(), RouteError>(())
+        }
+        .await;
+        if let Err(e) = added {
+            for rule in base.rules {
+                let _ = delete_rule(&self.handle, rule).await;
+            }
+            for route in base.routes {
+                let _ = delete_route(&self.handle, route).await;
+            }
+            return Err(e);
+        }
+        Ok(base)
+    }
+
+    /// `ip rule add iif lo from SERVER ipproto tcp sport PORT lookup TABLE`.
+    async fn add_server_rule(&self, server: SocketAddr) -> Result<RuleMessage, RouteError> {
+        let version = if server.is_ipv4() {
+            IpVersion::V4
+        } else {
+            IpVersion::V6
+        };
+        let mut rule = rule(version, self.table);
+        rule.header.src_len = if server.is_ipv4() { 32 } else { 128 };
+        rule.attributes.extend([
+            RuleAttribute::Source(server.ip()),
+            RuleAttribute::Iifname("lo".to_owned()),
+            RuleAttribute::IpProtocol(IpProtocol::Tcp),
+            RuleAttribute::SourcePortRange(RulePortRange {
+                start: server.port(),
+                end: server.port(),
+            }),
+        ]);
+        let description = format!(
+            "iif lo from {} ipproto tcp sport {} lookup {}",
+            server.ip(),
+            server.port(),
+            self.table
+        );
+        self.add_rule(rule.clone(), description).await?;
+        Ok(rule)
+    }
+
+    async fn add_rule(&self, rule: RuleMessage, description: String) -> Result<(), RouteError> {
         let mut request = self.handle.rule().add();
-        *request.message_mut() = rule.clone();
+        *request.message_mut() = rule;
         request
             .execute()
             .await
             .map_err(|source| RouteError::AddRule {
                 rule: description,
                 source,
-            })?;
-        self.rules.push(rule);
-        Ok(())
+            })
     }
 
-    /// Removes exactly what `install` added.
-    pub async fn remove(&mut self) -> Result<(), RouteError> {
-        while let Some(rule) = self.rules.pop() {
-            delete_rule(&self.handle, rule).await?;
-        }
-        while let Some(route) = self.routes.pop() {
-            delete_route(&self.handle, route).await?;
-        }
-        Ok(())
+    /// Removes everything it added.
+    pub async fn remove(&mut self) -> Result<(), DeliveryError> {
+        self.set(false, &[]).await
     }
 }
 

@@ -19,7 +19,7 @@ pub mod routes;
 pub mod rules;
 pub mod sysctl;
 
-use std::{fs::File, os::fd::AsRawFd};
+use std::{collections::HashSet, fs::File, os::fd::AsRawFd};
 
 use aya::{
     Ebpf,
@@ -38,7 +38,7 @@ use l4proxy_common::{
 use ipnet::IpNet;
 
 use self::{delivery::Mark, interfaces::Interface};
-use crate::{lpm, policy::Policy};
+use crate::lpm;
 
 /// The kernel programs, built by `cargo xtask build-ebpf` and embedded by build.rs.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l4proxy-ebpf.o"));
@@ -126,82 +126,142 @@ impl LocalMap {
     }
 }
 
-/// The loaded programs with their maps and links.
+/// The loaded programs with their maps and links. The maps and the
+/// attachments of `classify` are set from a policy by the `set_*` methods,
+/// each of which changes only what differs from what is there (a reload).
 pub struct Interceptor {
     ebpf: Ebpf,
     link: Option<SkLookupLinkId>,
-    classify_links: Vec<(String, SchedClassifierLinkId)>,
     rules: LpmTrie<MapData, RuleKey, RuleValue>,
     sockets: SockMap<MapData>,
     interface_rules: HashMap<MapData, InterfaceRuleKey, u8>,
     interfaces: HashMap<MapData, u32, InterfaceConfig>,
+    upstream_servers: HashMap<MapData, RuleKey, u8>,
     settings: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
     local: Option<LocalMap>,
+    /// What the maps hold and where `classify` is, as last set.
+    current: Current,
+}
+
+#[derive(Default)]
+struct Current {
+    rules: HashSet<EntryKey>,
+    upstream_servers: HashSet<ServerKey>,
+    interface_rules: HashSet<(u32, u32)>,
+    classify: Vec<Attached>,
+}
+
+/// A `RULES` key, hashable: prefix length, port, address.
+type EntryKey = (u32, [u8; 2], [u8; 16]);
+/// An `UPSTREAM_SERVERS` key, hashable: port, address.
+type ServerKey = ([u8; 2], [u8; 16]);
+
+/// `classify` on one interface.
+struct Attached {
+    index: u32,
+    name: String,
+    link: SchedClassifierLinkId,
+}
+
+/// Where `classify` goes and what it does there.
+pub struct ClassifyPlan {
+    pub interface: Interface,
+    pub role: ClassifyRole,
+    /// Gateway rules that list the interface (indices into the policy).
+    pub rules: Vec<usize>,
 }
 
 impl Interceptor {
-    /// Loads the embedded programs and fills the rule map with `entries`
-    /// (`rules::compile` of `policy`), the upstream map from `policy` and the
-    /// mark. Nothing is attached yet: call [`Interceptor::attach`] once the
-    /// listeners are in.
-    pub fn load(
-        policy: &Policy,
-        entries: &[rules::KernelEntry],
-        mark: Mark,
-    ) -> Result<Self, InterceptError> {
+    /// Loads the embedded programs and sets the packet mark. The maps are
+    /// empty and nothing is attached yet.
+    pub fn load(mark: Mark) -> Result<Self, InterceptError> {
         let mut ebpf = Ebpf::load(BPF_OBJECT)?;
-        let mut rules: LpmTrie<MapData, RuleKey, RuleValue> = take_map(&mut ebpf, "RULES")?;
-        for entry in entries {
-            rules
-                .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
-                .map_err(map_error("RULES"))?;
-        }
-        let mut upstream_servers: HashMap<MapData, RuleKey, u8> =
-            take_map(&mut ebpf, "UPSTREAM_SERVERS")?;
-        for server in policy.upstreams.iter().flat_map(|u| u.servers()) {
-            let addr = match server.ip() {
-                std::net::IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
-                std::net::IpAddr::V6(v6) => v6.octets(),
-            };
-            upstream_servers
-                .insert(RuleKey::new(server.port(), addr), 1, 0)
-                .map_err(map_error("UPSTREAM_SERVERS"))?;
-        }
         let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
         settings
             .set(MARK_VALUE, mark.value, 0)
             .and_then(|()| settings.set(MARK_MASK, mark.mask, 0))
             .map_err(map_error("SETTINGS"))?;
-        let sockets = take_map(&mut ebpf, "SOCKETS")?;
-        let interface_rules = take_map(&mut ebpf, "INTERFACE_RULES")?;
-        let interfaces = take_map(&mut ebpf, "INTERFACES")?;
-        let counters = take_map(&mut ebpf, "COUNTERS")?;
         let local = LocalMap {
             trie: take_map(&mut ebpf, "LOCAL_ADDRS")?,
             current: Vec::new(),
         };
-        let steer: &mut SkLookup = program(&mut ebpf, STEER_PROGRAM)?.try_into()?;
-        steer.load()?;
-        let classify: &mut SchedClassifier = program(&mut ebpf, CLASSIFY_PROGRAM)?.try_into()?;
-        classify.load()?;
-        Ok(Self {
-            ebpf,
-            link: None,
-            classify_links: Vec::new(),
-            rules,
-            sockets,
-            interface_rules,
-            interfaces,
+        let interceptor = Self {
+            rules: take_map(&mut ebpf, "RULES")?,
+            sockets: take_map(&mut ebpf, "SOCKETS")?,
+            interface_rules: take_map(&mut ebpf, "INTERFACE_RULES")?,
+            interfaces: take_map(&mut ebpf, "INTERFACES")?,
+            upstream_servers: take_map(&mut ebpf, "UPSTREAM_SERVERS")?,
+            counters: take_map(&mut ebpf, "COUNTERS")?,
             settings,
-            counters,
             local: Some(local),
-        })
+            link: None,
+            current: Current::default(),
+            ebpf,
+        };
+        let mut interceptor = interceptor;
+        let steer: &mut SkLookup = program(&mut interceptor.ebpf, STEER_PROGRAM)?.try_into()?;
+        steer.load()?;
+        let classify: &mut SchedClassifier =
+            program(&mut interceptor.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
+        classify.load()?;
+        Ok(interceptor)
     }
 
     /// The map of this host's addresses, for whoever keeps it current (once).
     pub fn take_local_map(&mut self) -> Option<LocalMap> {
         self.local.take()
+    }
+
+    /// Makes `RULES` hold exactly `entries` (`rules::compile` of a policy):
+    /// new and changed entries first, then stale ones removed, so that no
+    /// destination both policies take goes unsteered in between.
+    pub fn set_rules(&mut self, entries: &[rules::KernelEntry]) -> Result<(), InterceptError> {
+        let mut wanted = HashSet::with_capacity(entries.len());
+        for entry in entries {
+            self.rules
+                .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
+                .map_err(map_error("RULES"))?;
+            wanted.insert((entry.prefix_len, entry.key.port, entry.key.addr));
+        }
+        for &(prefix_len, port, addr) in self.current.rules.difference(&wanted) {
+            let key = RuleKey {
+                port,
+                _pad: [0; 2],
+                addr,
+            };
+            self.rules
+                .remove(&Key::new(prefix_len, key))
+                .map_err(map_error("RULES"))?;
+        }
+        self.current.rules = wanted;
+        Ok(())
+    }
+
+    /// Makes `UPSTREAM_SERVERS` hold exactly `servers`.
+    pub fn set_upstream_servers(
+        &mut self,
+        servers: impl IntoIterator<Item = std::net::SocketAddr>,
+    ) -> Result<(), InterceptError> {
+        let wanted: HashSet<ServerKey> = servers
+            .into_iter()
+            .map(|server| {
+                let key = RuleKey::new(server.port(), lpm::key(server.ip()).to_be_bytes());
+                (key.port, key.addr)
+            })
+            .collect();
+        for &(port, addr) in wanted.difference(&self.current.upstream_servers) {
+            self.upstream_servers
+                .insert(rule_key(port, addr), 1, 0)
+                .map_err(map_error("UPSTREAM_SERVERS"))?;
+        }
+        for &(port, addr) in self.current.upstream_servers.difference(&wanted) {
+            self.upstream_servers
+                .remove(&rule_key(port, addr))
+                .map_err(map_error("UPSTREAM_SERVERS"))?;
+        }
+        self.current.upstream_servers = wanted;
+        Ok(())
     }
 
     /// Puts a listening socket into the program's socket map.
@@ -224,55 +284,99 @@ impl Interceptor {
         Ok(())
     }
 
-    /// Attaches `classify` to an interface's ingress (tcx, after any program
-    /// already there), with the gateway rules that list it.
-    pub fn attach_classify(
-        &mut self,
-        interface: &Interface,
-        role: ClassifyRole,
-        gateway_rules: &[usize],
-    ) -> Result<(), InterceptError> {
-        let l2_len = interface.l2_len.ok_or_else(|| InterceptError::LinkType {
-            name: interface.name.clone(),
-        })?;
-        for &rule in gateway_rules.iter().filter(|_| role.intercept) {
-            let key = InterfaceRuleKey {
-                ifindex: interface.index,
-                // Fits: rule indices are below MAX_RULE_ENTRIES (see rules::compile).
-                rule_id: rule as u32,
+    /// Makes `classify` run where `plan` says, doing what it says there:
+    /// attaches it (tcx, after any program already there) to interfaces new
+    /// to the plan, updates the others, and detaches it from those the plan
+    /// no longer has.
+    pub fn set_classify(&mut self, plan: &[ClassifyPlan]) -> Result<(), InterceptError> {
+        let mut wanted_rules = HashSet::new();
+        for planned in plan {
+            let interface = &planned.interface;
+            let l2_len = interface.l2_len.ok_or_else(|| InterceptError::LinkType {
+                name: interface.name.clone(),
+            })?;
+            let config = InterfaceConfig {
+                l2_len,
+                flags: if planned.role.replies {
+                    INTERFACE_REPLIES
+                } else {
+                    0
+                },
             };
+            self.interfaces
+                .insert(interface.index, config, 0)
+                .map_err(map_error("INTERFACES"))?;
+            if planned.role.intercept {
+                // Fits: rule indices are below MAX_RULE_ENTRIES (see rules::compile).
+                wanted_rules.extend(planned.rules.iter().map(|&r| (interface.index, r as u32)));
+            }
+        }
+        for &(ifindex, rule_id) in wanted_rules.difference(&self.current.interface_rules) {
             self.interface_rules
-                .insert(key, 1, 0)
+                .insert(InterfaceRuleKey { ifindex, rule_id }, 1, 0)
                 .map_err(map_error("INTERFACE_RULES"))?;
         }
-        let config = InterfaceConfig {
-            l2_len,
-            flags: if role.replies { INTERFACE_REPLIES } else { 0 },
-        };
-        self.interfaces
-            .insert(interface.index, config, 0)
-            .map_err(map_error("INTERFACES"))?;
+        for &(ifindex, rule_id) in self.current.interface_rules.difference(&wanted_rules) {
+            self.interface_rules
+                .remove(&InterfaceRuleKey { ifindex, rule_id })
+                .map_err(map_error("INTERFACE_RULES"))?;
+        }
+        self.current.interface_rules = wanted_rules;
+
+        let (kept, gone): (Vec<Attached>, Vec<Attached>) =
+            std::mem::take(&mut self.current.classify)
+                .into_iter()
+                .partition(|attached| plan.iter().any(|p| p.interface.index == attached.index));
+        self.current.classify = kept;
+        for attached in gone {
+            self.detach_classify(attached)?;
+        }
+        for planned in plan {
+            let interface = &planned.interface;
+            if self
+                .current
+                .classify
+                .iter()
+                .any(|a| a.index == interface.index)
+            {
+                continue;
+            }
+            let classify: &mut SchedClassifier =
+                program(&mut self.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
+            let link = classify
+                .attach_with_options(
+                    &interface.name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|source| InterceptError::Classify {
+                    interface: interface.name.clone(),
+                    source,
+                })?;
+            self.current.classify.push(Attached {
+                index: interface.index,
+                name: interface.name.clone(),
+                link,
+            });
+        }
+        Ok(())
+    }
+
+    fn detach_classify(&mut self, attached: Attached) -> Result<(), InterceptError> {
         let classify: &mut SchedClassifier =
             program(&mut self.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
-        let link = classify
-            .attach_with_options(
-                &interface.name,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|source| InterceptError::Classify {
-                interface: interface.name.clone(),
-                source,
-            })?;
-        self.classify_links.push((interface.name.clone(), link));
+        classify.detach(attached.link)?;
+        // The interface may be gone already, and its entry with it.
+        let _ = self.interfaces.remove(&attached.index);
         Ok(())
     }
 
     /// Names of the interfaces `classify` is attached to.
     pub fn classify_interfaces(&self) -> Vec<&str> {
-        self.classify_links
+        self.current
+            .classify
             .iter()
-            .map(|(name, _)| name.as_str())
+            .map(|attached| attached.name.as_str())
             .collect()
     }
 
@@ -296,10 +400,8 @@ impl Interceptor {
     /// (or the process ending) does the same.
     pub fn detach(&mut self) -> Result<(), InterceptError> {
         self.drain()?;
-        let classify: &mut SchedClassifier =
-            program(&mut self.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
-        for (_, link) in self.classify_links.drain(..) {
-            classify.detach(link)?;
+        for attached in std::mem::take(&mut self.current.classify) {
+            self.detach_classify(attached)?;
         }
         Ok(())
     }
@@ -318,9 +420,17 @@ impl Interceptor {
             .collect()
     }
 
-    /// Number of entries in the rule map (for the start-up log).
+    /// Number of entries in the rule map (for the log).
     pub fn rule_entries(&self) -> usize {
-        self.rules.keys().count()
+        self.current.rules.len()
+    }
+}
+
+fn rule_key(port: [u8; 2], addr: [u8; 16]) -> RuleKey {
+    RuleKey {
+        port,
+        _pad: [0; 2],
+        addr,
     }
 }
 

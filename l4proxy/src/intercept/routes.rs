@@ -58,6 +58,8 @@ pub enum RouteError {
 pub struct LocalRoutes {
     handle: Handle,
     added: Vec<IpNet>,
+    /// Prefixes that were local before we came: left alone.
+    found: Vec<IpNet>,
 }
 
 /// Opens an rtnetlink connection in the calling thread's network namespace and
@@ -69,47 +71,68 @@ pub(super) fn connect() -> Result<Handle, RouteError> {
 }
 
 impl LocalRoutes {
-    /// Adds a `local` route for each prefix. A prefix that is already local
-    /// (a route the operator made) is left alone and not removed on exit.
-    pub async fn install(prefixes: &[IpNet]) -> Result<Self, RouteError> {
-        let mut routes = Self {
+    /// None yet.
+    pub fn new() -> Result<Self, RouteError> {
+        Ok(Self {
             handle: connect()?,
             added: Vec::new(),
-        };
+            found: Vec::new(),
+        })
+    }
+
+    /// Makes `prefixes` local: adds a `local` route for each new one, and
+    /// removes the routes it added for prefixes no longer wanted. A prefix
+    /// that is already local (a route the operator made) is left alone and
+    /// not removed on exit. On an error the routes of this call are undone.
+    pub async fn set(&mut self, prefixes: &[IpNet]) -> Result<(), RouteError> {
+        self.found.retain(|prefix| prefixes.contains(prefix));
+        let mut new = Vec::new();
         for &prefix in prefixes {
-            match routes
+            if self.added.contains(&prefix) || self.found.contains(&prefix) {
+                continue;
+            }
+            match self
                 .handle
                 .route()
                 .add(local_route(prefix, TABLE_LOCAL))
                 .execute()
                 .await
             {
-                Ok(()) => routes.added.push(prefix),
+                Ok(()) => new.push(prefix),
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => {
                     tracing::info!(%prefix, "local route already present; leaving it as it is");
+                    self.found.push(prefix);
                 }
                 Err(source) => {
-                    // Undo what we did so a failed start leaves nothing behind.
-                    if let Err(e) = routes.remove().await {
-                        tracing::warn!(error = %e, "removing routes after a failed start");
+                    for prefix in new {
+                        if let Err(e) =
+                            delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await
+                        {
+                            tracing::warn!(error = %e, "removing a route after a failed change");
+                        }
                     }
                     return Err(RouteError::Add { prefix, source });
                 }
             }
         }
-        Ok(routes)
+        let (kept, stale): (Vec<IpNet>, Vec<IpNet>) = std::mem::take(&mut self.added)
+            .into_iter()
+            .partition(|prefix| prefixes.contains(prefix));
+        self.added = kept;
+        self.added.extend(new);
+        for prefix in stale {
+            delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await?;
+        }
+        Ok(())
     }
 
     pub fn added(&self) -> &[IpNet] {
         &self.added
     }
 
-    /// Removes exactly the routes `install` added.
+    /// Removes exactly the routes it added.
     pub async fn remove(&mut self) -> Result<(), RouteError> {
-        while let Some(prefix) = self.added.pop() {
-            delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await?;
-        }
-        Ok(())
+        self.set(&[]).await
     }
 }
 
