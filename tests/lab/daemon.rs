@@ -108,6 +108,45 @@ impl Daemon {
         d
     }
 
+    /// The policy file the daemon reads (again on SIGHUP).
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.join("policy.json")
+    }
+
+    /// Writes `policy` (or, for a string, that text as is) to the daemon's
+    /// policy file, sends SIGHUP, and waits for the daemon's verdict:
+    /// `policy reloaded` or `policy not reloaded`. Returns that event.
+    pub fn reload(&mut self, policy: &Value) -> Value {
+        let text = match policy {
+            Value::String(text) => text.clone().into_bytes(),
+            other => serde_json::to_vec_pretty(other).unwrap(),
+        };
+        std::fs::write(self.policy_path(), text)
+            .unwrap_or_else(|e| panic!("write {}: {e}", self.policy_path().display()));
+        let seen = self
+            .events()
+            .iter()
+            .filter(|e| is_reload_verdict(e))
+            .count();
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(ev) = self
+                .events()
+                .into_iter()
+                .filter(is_reload_verdict)
+                .nth(seen)
+            {
+                return ev;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload verdict within 10 s (the l4proxy log is printed below)"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
@@ -280,6 +319,11 @@ impl Drop for Daemon {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `policy reloaded`, or an error saying the policy was not.
+fn is_reload_verdict(ev: &Value) -> bool {
+    message(ev).is_some_and(|m| m == "policy reloaded" || m.starts_with("policy not reloaded"))
 }
 
 /// `fields.message` of a tracing-subscriber JSON event (or a top-level

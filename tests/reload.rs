@@ -1,0 +1,165 @@
+//! SIGHUP: the daemon rereads its policy. A policy that is refused (by the
+//! check, or because the host cannot do it) leaves the running one in force;
+//! an accepted one changes the kernel state to match (rules, local routes,
+//! tc programs, routing rules) while open connections go on.
+
+mod lab;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::time::Duration;
+
+use lab::daemon::{field_string, message};
+use lab::{Daemon, Server, Topo, connect, handlers, sa, try_connect};
+use serde_json::{Value, json};
+
+/// Rules on 192.0.2.0/25 (ports 80, 81) to server a.
+fn policy_a() -> Value {
+    json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/25"], "ports": [80], "upstream": "a" },
+            { "name": "old", "prefixes": ["192.0.2.0/25"], "ports": [81], "upstream": "a" }
+        ],
+        "upstreams": { "a": { "servers": ["203.0.113.2:8080"] }, "b": { "servers": ["203.0.113.2:8081"] } }
+    })
+}
+
+/// Port 80 on both halves of 192.0.2.0/24 and port 82 on the upper half, to
+/// server b; port 81 is gone.
+fn policy_b() -> Value {
+    json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/25", "192.0.2.128/25"], "ports": [80], "upstream": "b" },
+            { "name": "new", "prefixes": ["192.0.2.128/25"], "ports": [82], "upstream": "b" }
+        ],
+        "upstreams": { "a": { "servers": ["203.0.113.2:8080"] }, "b": { "servers": ["203.0.113.2:8081"] } }
+    })
+}
+
+/// A gateway rule on px's client side, relaying from the client's address.
+fn policy_gateway() -> Value {
+    json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/25"], "ports": [80], "upstream": "a" },
+            { "name": "gateway", "prefixes": ["203.0.113.0/24"], "ports": [9000],
+              "interfaces": ["to-cl"], "upstream": "b" }
+        ],
+        "upstreams": { "a": { "servers": ["203.0.113.2:8080"] },
+                       "b": { "servers": ["203.0.113.2:8081"], "bind": "client" } }
+    })
+}
+
+fn greeting(t: &Topo, dst: &str) -> String {
+    let mut c = connect(&t.cl, sa(dst));
+    let line = lab::read_line(&mut c).unwrap_or_else(|e| panic!("{dst}: greeting: {e}"));
+    c.shutdown(Shutdown::Write).unwrap();
+    let _ = lab::read_to_eof(&mut c);
+    line
+}
+
+fn refused(t: &Topo, dst: &str) -> bool {
+    try_connect(&t.cl, sa(dst), Duration::from_secs(2)).is_err()
+}
+
+#[test]
+fn reload_changes_the_policy_and_keeps_open_connections() {
+    let t = Topo::new("reload");
+    let _a = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("a"));
+    let b = Server::start(&t.sv, sa("203.0.113.2:8081"), handlers::hello_echo("b"));
+    let mut d = Daemon::start_ready(&t.px, &policy_a(), &[]);
+    let mut open = connect(&t.cl, sa("192.0.2.10:80"));
+    assert_eq!(lab::read_line(&mut open).unwrap(), "a");
+    assert_eq!(greeting(&t, "192.0.2.10:81"), "a");
+
+    // Refused by the check: the error names the place, a keeps serving.
+    let refused_by_check = d.reload(&Value::String(
+        policy_a().to_string().replace("[80]", "[70000]"),
+    ));
+    let text = message(&refused_by_check).unwrap().to_owned();
+    assert!(
+        text.contains("intercept[0].ports[0]: port must be 1-65535, got 70000")
+            && text.contains("the running policy stays in force"),
+        "{refused_by_check}"
+    );
+    // Refused by the host: an interface that does not exist.
+    let missing = policy_gateway().to_string().replace("to-cl", "nope0");
+    let refused_by_host = d.reload(&Value::String(missing));
+    assert!(
+        message(&refused_by_host)
+            .unwrap()
+            .contains(r#"intercept[1].interfaces[0]: no interface "nope0""#),
+        "{refused_by_host}"
+    );
+    assert_eq!(greeting(&t, "192.0.2.10:80"), "a", "the running policy");
+    assert!(t.px.tc_programs(&["to-cl", "to-sv"]).is_empty());
+
+    assert_eq!(
+        message(&d.reload(&policy_b())),
+        Some("policy reloaded"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(greeting(&t, "192.0.2.10:80"), "b");
+    assert_eq!(
+        greeting(&t, "192.0.2.200:80"),
+        "b",
+        "a prefix new to the policy"
+    );
+    assert_eq!(
+        greeting(&t, "192.0.2.200:82"),
+        "b",
+        "a rule new to the policy"
+    );
+    assert!(refused(&t, "192.0.2.10:81"), "a rule gone from the policy");
+    let routes = t.px.proxy_routes();
+    assert!(
+        routes.iter().any(|r| r.contains("192.0.2.0/25"))
+            && routes.iter().any(|r| r.contains("192.0.2.128/25")),
+        "{routes:?}"
+    );
+    // The connection opened under the first policy still flows, to a.
+    open.write_all(b"still here\n").unwrap();
+    assert_eq!(lab::read_exact_n(&mut open, 11).unwrap(), b"still here\n");
+
+    // To a gateway and back: tc programs and routing rules come and go.
+    assert_eq!(
+        message(&d.reload(&policy_gateway())),
+        Some("policy reloaded")
+    );
+    let tc = t.px.tc_programs(&["to-cl", "to-sv"]);
+    assert_eq!(tc, ["to-cl: classify", "to-sv: classify"]);
+    assert!(t.px.proxy_rules().iter().any(|r| r.contains("fwmark")));
+    let mut c = connect(&t.cl, sa("203.0.113.3:9000"));
+    let client = c.local_addr().unwrap();
+    assert_eq!(lab::read_line(&mut c).unwrap(), "b");
+    assert_eq!(
+        b.accepted().last().unwrap().peer,
+        client,
+        "from the client's address"
+    );
+    drop(c);
+    assert!(refused(&t, "192.0.2.200:80"), "192.0.2.128/25 is gone");
+
+    assert_eq!(message(&d.reload(&policy_a())), Some("policy reloaded"));
+    assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
+    assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
+    let routes = t.px.proxy_routes();
+    assert!(
+        !routes.is_empty() && routes.iter().all(|r| r.contains("192.0.2.0/25")),
+        "192.0.2.0/25's local route only: {routes:?}"
+    );
+    assert_eq!(greeting(&t, "192.0.2.10:81"), "a");
+
+    open.shutdown(Shutdown::Write).unwrap();
+    let _ = lab::read_to_eof(&mut open);
+    let closed = d.wait_closed_events(1, Duration::from_secs(5));
+    assert!(
+        closed
+            .iter()
+            .any(|e| field_string(e, "upstream") == "203.0.113.2:8080"),
+        "{closed:#?}"
+    );
+    let status = d.terminate(Duration::from_secs(10));
+    d.assert_exit_ok(status);
+    assert_eq!(t.px.proxy_routes(), Vec::<String>::new());
+}
