@@ -197,13 +197,18 @@ fn inbound_transparent() {
     }
 }
 
+/// A rule on px's own client-side addresses, port 8000: the client names
+/// the proxy.
+fn explicit_rule() -> Value {
+    json!({ "name": "explicit", "prefixes": ["198.51.100.1/32", "2001:db8:c::1/128"],
+            "ports": [8000], "upstream": "web" })
+}
+
 /// Outbound transparent (the client names the proxy, `bind: client-ip`): the
 /// server sees the client's address.
 #[test]
 fn outbound_transparent() {
-    let rule = json!({ "name": "explicit", "prefixes": ["198.51.100.1/32", "2001:db8:c::1/128"],
-                       "ports": [8000], "upstream": "web" });
-    let seen = proxy_type("outbound", rule, "client-ip", |f| {
+    let seen = proxy_type("outbound", explicit_rule(), "client-ip", |f| {
         sock(f.px_client_side, 8000)
     });
     for (f, s) in FAMILIES.iter().zip(&seen) {
@@ -220,9 +225,9 @@ fn outbound_transparent() {
 /// the proxy.
 #[test]
 fn explicit_proxy() {
-    let rule = json!({ "name": "explicit", "prefixes": ["198.51.100.1/32", "2001:db8:c::1/128"],
-                       "ports": [8000], "upstream": "web" });
-    let seen = proxy_type("explicit", rule, "proxy", |f| sock(f.px_client_side, 8000));
+    let seen = proxy_type("explicit", explicit_rule(), "proxy", |f| {
+        sock(f.px_client_side, 8000)
+    });
     for (f, s) in FAMILIES.iter().zip(&seen) {
         assert_eq!(
             s.peer.ip(),
