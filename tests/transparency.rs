@@ -575,6 +575,56 @@ fn syn_cookie_handshakes_complete() {
     }
 }
 
+/// An interface that appears after start-up (a VPN, a new link) gets the tc
+/// program: a server behind it, connected to from the client's address,
+/// answers through it.
+#[test]
+fn an_interface_added_later_carries_replies() {
+    let t = Topo::new("new_link");
+    let policy = json!({
+        "intercept": [ { "name": "svc", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "late" } ],
+        "upstreams": { "late": { "servers": ["203.0.113.200:8080"], "bind": "client" } }
+    });
+    let _d = Daemon::start_ready(&t.px, &policy, &[]);
+    assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]).len(), 2);
+
+    let sv2 = lab::Netns::new("new_link", "sv2");
+    lab::veth(&t.px, "to-sv2", &sv2, "to-px2");
+    t.px.ip(&["route", "add", "203.0.113.200/32", "dev", "to-sv2"]);
+    sv2.addr("to-px2", "203.0.113.200/32");
+    sv2.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        addr::PX4_SV,
+        "dev",
+        "to-px2",
+        "onlink",
+    ]);
+    let server = Server::start(
+        &sv2,
+        sock("203.0.113.200", 8080),
+        handlers::hello_echo("late"),
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while t.px.tc_programs(&["to-sv2"]).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tc program on to-sv2 5 s after it appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = connect(&t.cl, sock(V4.service, 80));
+    let client = c.local_addr().unwrap();
+    talk(&mut c, "late", "through the new interface");
+    assert_eq!(
+        server.wait_accepted(1, Duration::from_secs(5))[0].peer,
+        client
+    );
+}
+
 /// A gateway rule on `port` relaying to sv's `to_port` from the client's
 /// address.
 fn full_policy_on(port: u16, to_port: u16) -> Value {

@@ -25,7 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     conn_id::ConnectionIds,
     install::{self, Applied, InstallError, Installation},
-    intercept::delivery::Mark,
+    intercept::{delivery::Mark, interfaces, routes::RouteError},
     policy::Policy,
     session::{self, Shared},
 };
@@ -36,6 +36,8 @@ pub enum ServerError {
     Install(#[from] InstallError),
     #[error("installing signal handlers: {0}")]
     Signals(io::Error),
+    #[error("watching the interfaces: {0}")]
+    Links(#[from] RouteError),
 }
 
 /// Run-time settings from the command line.
@@ -89,11 +91,32 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     let listeners = accepting.start(applied.new_listeners);
     tracing::info!(listeners = ?listeners, "ready");
 
-    while let Signal::Reload = signals.recv().await {
-        if let Some(applied) = reload(&settings.policy_path, &mut installation).await {
-            shared.set_active(applied.active);
-            accepting.start(applied.new_listeners);
-            tracing::info!("policy reloaded");
+    let mut links = interfaces::watch()?;
+    loop {
+        tokio::select! {
+            signal = signals.recv() => match signal {
+                Signal::Stop => break,
+                Signal::Reload => {
+                    if let Some(applied) = reload(&settings.policy_path, &mut installation).await {
+                        shared.set_active(applied.active);
+                        accepting.start(applied.new_listeners);
+                        tracing::info!("policy reloaded");
+                    }
+                }
+            },
+            // An interface came or went: where `classify` must run may have
+            // changed (a new VPN interface, say). The same policy, applied
+            // again, changes only that.
+            Some(()) = links.recv() => {
+                let policy = shared.active().policy.clone();
+                match installation.apply(policy).await {
+                    Ok(applied) => {
+                        shared.set_active(applied.active);
+                        accepting.start(applied.new_listeners);
+                    }
+                    Err(e) => tracing::error!(error = %e, "following an interface change"),
+                }
+            }
         }
     }
 

@@ -2,8 +2,12 @@
 //! them: index, and how many bytes of link-layer header precede the IP header
 //! at tc ingress.
 
-use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
+use futures::{StreamExt, TryStreamExt};
+use rtnetlink::{
+    MulticastGroup,
+    packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage},
+};
+use tokio::sync::mpsc;
 
 use super::routes::{RouteError, connect};
 
@@ -39,6 +43,24 @@ pub async fn list() -> Result<Vec<Interface>, RouteError> {
         .await
         .map_err(RouteError::List)?;
     Ok(links.iter().filter_map(interface_of).collect())
+}
+
+/// Tells the receiver whenever an interface comes, goes or changes (the
+/// rtnetlink link group); several changes in a row may come as one.
+pub fn watch() -> Result<mpsc::Receiver<()>, RouteError> {
+    let (connection, _, mut changes) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
+    tokio::spawn(connection);
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while changes.next().await.is_some() {
+            // Full: a change is already waiting to be seen; this one joins it.
+            if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 fn interface_of(link: &LinkMessage) -> Option<Interface> {

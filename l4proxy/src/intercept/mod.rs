@@ -146,7 +146,7 @@ pub struct Interceptor {
 
 #[derive(Default)]
 struct Current {
-    rules: HashSet<EntryKey>,
+    rules: std::collections::HashMap<EntryKey, RuleValue>,
     upstream_servers: HashSet<ServerKey>,
     interface_rules: HashSet<(u32, u32)>,
     classify: Vec<Attached>,
@@ -217,22 +217,22 @@ impl Interceptor {
     /// new and changed entries first, then stale ones removed, so that no
     /// destination both policies take goes unsteered in between.
     pub fn set_rules(&mut self, entries: &[rules::KernelEntry]) -> Result<(), InterceptError> {
-        let mut wanted = HashSet::with_capacity(entries.len());
+        let mut wanted = std::collections::HashMap::with_capacity(entries.len());
         for entry in entries {
-            self.rules
-                .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
-                .map_err(map_error("RULES"))?;
-            wanted.insert((entry.prefix_len, entry.key.port, entry.key.addr));
+            let key = (entry.prefix_len, entry.key.port, entry.key.addr);
+            if self.current.rules.get(&key) != Some(&entry.value) {
+                self.rules
+                    .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
+                    .map_err(map_error("RULES"))?;
+            }
+            wanted.insert(key, entry.value);
         }
-        for &(prefix_len, port, addr) in self.current.rules.difference(&wanted) {
-            let key = RuleKey {
-                port,
-                _pad: [0; 2],
-                addr,
-            };
-            self.rules
-                .remove(&Key::new(prefix_len, key))
-                .map_err(map_error("RULES"))?;
+        for &(prefix_len, port, addr) in self.current.rules.keys() {
+            if !wanted.contains_key(&(prefix_len, port, addr)) {
+                self.rules
+                    .remove(&Key::new(prefix_len, rule_key(port, addr)))
+                    .map_err(map_error("RULES"))?;
+            }
         }
         self.current.rules = wanted;
         Ok(())
@@ -365,8 +365,10 @@ impl Interceptor {
     fn detach_classify(&mut self, attached: Attached) -> Result<(), InterceptError> {
         let classify: &mut SchedClassifier =
             program(&mut self.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
-        classify.detach(attached.link)?;
-        // The interface may be gone already, and its entry with it.
+        // An interface that is gone took the link with it: nothing to undo.
+        if let Err(e) = classify.detach(attached.link) {
+            tracing::debug!(interface = %attached.name, error = %e, "detaching classify");
+        }
         let _ = self.interfaces.remove(&attached.index);
         Ok(())
     }
