@@ -141,6 +141,13 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
     assert!(refused(&t, "192.0.2.200:80"), "192.0.2.128/25 is gone");
 
     assert_eq!(message(&d.reload(&policy_a())), Some("policy reloaded"));
+    // The gateway policy's tc programs and rules stay until its (closed)
+    // connection's session has ended and the daemon notices (once a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !t.px.tc_programs(&["to-cl", "to-sv"]).is_empty() && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
     assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
     let routes = t.px.proxy_routes();
@@ -162,4 +169,65 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
     let status = d.terminate(Duration::from_secs(10));
     d.assert_exit_ok(status);
     assert_eq!(t.px.proxy_routes(), Vec::<String>::new());
+}
+
+/// Connections a reload's policy no longer takes keep working until they
+/// close (their local route, the routing rules and the tc programs stay);
+/// then what only they needed is removed.
+#[test]
+fn a_reload_keeps_connections_the_new_policy_drops() {
+    let t = Topo::new("reload_keep");
+    let _a = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("a"));
+    let b = Server::start(&t.sv, sa("203.0.113.2:8081"), handlers::hello_echo("b"));
+    let mut d = Daemon::start_ready(&t.px, &policy_gateway(), &[]);
+    let mut local = connect(&t.cl, sa("192.0.2.10:80"));
+    assert_eq!(lab::read_line(&mut local).unwrap(), "a");
+    let mut gateway = connect(&t.cl, sa("203.0.113.3:9000"));
+    let client = gateway.local_addr().unwrap();
+    assert_eq!(lab::read_line(&mut gateway).unwrap(), "b");
+    assert_eq!(b.accepted()[0].peer, client, "from the client's address");
+
+    // The new policy has neither 192.0.2.0/25 nor the gateway rule.
+    let other = json!({
+        "intercept": [ { "name": "web", "prefixes": ["192.0.2.128/25"], "ports": [80], "upstream": "a" } ],
+        "upstreams": { "a": { "servers": ["203.0.113.2:8080"] } }
+    });
+    assert_eq!(message(&d.reload(&other)), Some("policy reloaded"));
+    for (c, what) in [(&mut local, "local prefix"), (&mut gateway, "gateway")] {
+        for round in 0..3 {
+            let line = format!("{what} after the reload, {round}\n");
+            c.write_all(line.as_bytes()).unwrap();
+            let back = lab::read_exact_n(c, line.len())
+                .unwrap_or_else(|e| panic!("{what}: the open connection broke: {e}"));
+            assert_eq!(back, line.as_bytes());
+        }
+    }
+    assert!(
+        refused(&t, "192.0.2.10:80"),
+        "no new connection to a dropped rule"
+    );
+    assert_eq!(greeting(&t, "192.0.2.200:80"), "a", "the new policy");
+    assert!(!t.px.tc_programs(&["to-cl", "to-sv"]).is_empty());
+
+    for mut c in [local, gateway] {
+        c.shutdown(Shutdown::Write).unwrap();
+        let _ = lab::read_to_eof(&mut c);
+    }
+    d.wait_event("settled", Duration::from_secs(10), |e| {
+        message(e) == Some("replaced policies without open connections forgotten")
+            && lab::daemon::field_u64(e, "still_open") == Some(0)
+    });
+    // What only the old policy needed is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !t.px.tc_programs(&["to-cl", "to-sv"]).is_empty() && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
+    assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
+    let routes = t.px.proxy_routes();
+    assert!(
+        !routes.is_empty() && routes.iter().all(|r| r.contains("192.0.2.128/25")),
+        "{routes:?}"
+    );
 }

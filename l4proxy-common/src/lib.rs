@@ -107,8 +107,12 @@ pub const MARK_MASK: u32 = 1;
 /// Index into the `SETTINGS` array: non-zero while the daemon drains, when
 /// gateway rules take no new connections but keep their open ones.
 pub const DRAINING: u32 = 2;
+/// Index into the `SETTINGS` array: non-zero while connections opened under
+/// a replaced policy are open; their packets are marked by the socket that
+/// owns them, whatever the rules now say.
+pub const RETAINING: u32 = 3;
 /// Entries of the `SETTINGS` array.
-pub const SETTINGS_COUNT: u32 = 3;
+pub const SETTINGS_COUNT: u32 = 4;
 
 /// Named per-CPU counters of the kernel programs (index into `COUNTERS`).
 #[repr(u32)]
@@ -135,10 +139,13 @@ pub enum Counter {
     /// A connection matched a gateway rule but is to one of this host's own
     /// addresses (not forwarded traffic), and was left to the normal lookup.
     PassedLocal = 8,
+    /// `classify` marked a packet of a connection opened under a policy a
+    /// reload replaced.
+    MarkedRetained = 9,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Steered,
         Counter::Passed,
         Counter::NoSocket,
@@ -148,6 +155,7 @@ impl Counter {
         Counter::MarkedReply,
         Counter::MarkedIcmp,
         Counter::PassedLocal,
+        Counter::MarkedRetained,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -162,6 +170,7 @@ impl Counter {
             Counter::MarkedReply => "marked_reply",
             Counter::MarkedIcmp => "marked_icmp",
             Counter::PassedLocal => "passed_local",
+            Counter::MarkedRetained => "marked_retained",
         }
     }
 }

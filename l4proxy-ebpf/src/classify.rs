@@ -21,7 +21,10 @@
 //!
 //! While the daemon drains, SYNs are no longer marked: new connections are
 //! forwarded to their destination as if l4proxy were not there, and open ones
-//! keep working until they close.
+//! keep working until they close. After a reload, while connections opened
+//! under the replaced policy are open, any packet but a SYN that a local
+//! connection owns is marked (`-m socket` for all), so that they keep working
+//! whatever the new rules say; the daemon turns this off once they are gone.
 //!
 //! Everything else is left alone. The program never drops: it returns
 //! `TC_ACT_UNSPEC` (tcx's "next"), so programs after it and the stack decide.
@@ -40,7 +43,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use l4proxy_common::{
-    Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig, MARK_MASK, MARK_VALUE,
+    Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig, MARK_MASK, MARK_VALUE, RETAINING,
     RULE_ON_INTERFACES, RuleKey,
 };
 
@@ -164,6 +167,12 @@ fn tcp_verdict(
         && matches!(owner(ctx, flow, false), Owner::Connection)
     {
         return Some(Counter::MarkedReply);
+    }
+    if retaining()
+        && flow.flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+        && matches!(owner(ctx, flow, false), Owner::Connection)
+    {
+        return Some(Counter::MarkedRetained);
     }
     None
 }
@@ -402,4 +411,9 @@ fn set_mark(ctx: &TcContext, mark: u32) {
 #[inline(always)]
 fn draining() -> bool {
     SETTINGS.get(DRAINING).is_some_and(|&flag| flag != 0)
+}
+
+#[inline(always)]
+fn retaining() -> bool {
+    SETTINGS.get(RETAINING).is_some_and(|&flag| flag != 0)
 }

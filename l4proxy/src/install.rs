@@ -3,22 +3,27 @@
 //! listeners, the `local` routes of the prefixes this host takes, and the
 //! policy routing of local delivery.
 //!
-//! [`Installation::apply`] changes only what differs from what is there, so
-//! a reloaded policy takes effect without dropping a connection. It checks
-//! what can be checked (interfaces, kernel settings) before it changes
-//! anything: a policy it refuses leaves the running one in place.
+//! [`Installation::apply`] changes only what differs from what is there. It
+//! checks what can be checked (interfaces, kernel settings, room in the rule
+//! map) before it changes anything: a policy it refuses leaves the running
+//! one in place. A replaced policy's connections keep working: what only
+//! they need (local routes, routing rules, `classify` on their interfaces,
+//! which marks their packets by socket while `RETAINING` is on) stays until
+//! [`Installation::settle`] finds them all closed.
 //!
 //! Order matters: listeners go into the socket map, and routes and routing
 //! rules go in, before `steer` is attached, so the first steered SYN already
-//! finds a socket; new rule entries go in before stale ones go out.
+//! finds a socket; `steer` before `classify` marks anything; new rule
+//! entries (and their interface pairs) in before stale ones out.
 
 use std::{
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
 use ipnet::IpNet;
+use l4proxy_common::MAX_RULE_ENTRIES;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 
@@ -28,7 +33,7 @@ use crate::{
         delivery::{Delivery, DeliveryError, Mark},
         interfaces::{self, Interface},
         routes::{self, LocalRoutes, RouteError},
-        rules::{self, RuleIndex},
+        rules::{self, KernelEntry, RuleIndex},
         sysctl,
     },
     local_addrs::{self, LocalAddrs, LocalAddrsError},
@@ -63,6 +68,10 @@ pub enum InstallError {
     },
     #[error("this host is not set up for the policy:\n  {}", .0.join("\n  "))]
     Sysctl(Vec<String>),
+    #[error(
+        "the rule map would hold {peak} entries while the new policy replaces the running one, more than its {MAX_RULE_ENTRIES}; restart l4proxy with the new policy instead"
+    )]
+    TooManyEntries { peak: usize },
 }
 
 /// Everything this daemon set up in its network namespace.
@@ -75,6 +84,36 @@ pub struct Installation {
     local: Arc<LocalAddrs>,
     /// `steer` is attached once the first policy is in.
     attached: bool,
+    /// The policy in force.
+    current: Option<Generation>,
+    /// Policies a reload replaced whose connections may still be open: what
+    /// they need from the kernel is kept until they are gone.
+    older: Vec<Generation>,
+}
+
+/// A policy and what it needs from this host.
+struct Generation {
+    active: Arc<Active>,
+    entries: Vec<KernelEntry>,
+    needs: Needs,
+}
+
+/// What a policy needs that depends on this host (its interfaces and
+/// addresses) as well as on the policy.
+struct Needs {
+    /// Prefixes made local (rules without `interfaces`).
+    owned: Vec<IpNet>,
+    /// Upstream servers on this host connected to from other addresses.
+    local_servers: Vec<SocketAddr>,
+    classify: Vec<ClassifyPlan>,
+}
+
+impl Needs {
+    /// The fwmark rule and its table: for marked packets, or for the
+    /// replies of local servers.
+    fn delivery(&self) -> bool {
+        !self.classify.is_empty() || !self.local_servers.is_empty()
+    }
 }
 
 /// What applying a policy produced.
@@ -86,8 +125,8 @@ pub struct Applied {
 }
 
 impl Installation {
-    /// Loads the programs and starts watching this host's addresses; sets
-    /// up nothing a policy asks for yet.
+    /// Loads the programs and reads this host's addresses; sets up nothing
+    /// a policy asks for yet.
     pub async fn new(mark: Mark, routing_table: u32) -> Result<Self, InstallError> {
         let mut interceptor = Interceptor::load(mark)?;
         let mut local_map = interceptor
@@ -99,7 +138,6 @@ impl Installation {
             }
         });
         let local = LocalAddrs::load(&[], Some(sink)).await?;
-        local.watch()?;
         Ok(Self {
             interceptor,
             listening: [false; 2],
@@ -107,6 +145,8 @@ impl Installation {
             delivery: Delivery::new(mark, routing_table)?,
             local,
             attached: false,
+            current: None,
+            older: Vec::new(),
         })
     }
 
@@ -115,13 +155,19 @@ impl Installation {
         &self.local
     }
 
-    /// Makes the kernel state that of `policy`. Refuses, changing nothing,
-    /// a policy whose interfaces are missing or whose kernel settings are
-    /// wrong; an error after that (netlink, BPF maps) may leave part of it
-    /// applied.
+    /// Puts `policy` in force. Refuses, changing nothing, a policy whose
+    /// interfaces are missing, whose kernel settings are wrong, or that does
+    /// not fit the rule map beside the running one. What the replaced policy
+    /// needs stays until its connections are gone ([`Installation::settle`]).
+    /// If a change fails part way, the replaced policy is put back (as far
+    /// as it goes) and the error returned.
     pub async fn apply(&mut self, policy: Policy) -> Result<Applied, InstallError> {
-        let classify = classify_plan(&policy, &interfaces::list().await?, &self.local)?;
-        let marking: Vec<String> = classify.iter().map(|p| p.interface.name.clone()).collect();
+        let needs = self.needs(&policy).await?;
+        let marking: Vec<String> = needs
+            .classify
+            .iter()
+            .map(|p| p.interface.name.clone())
+            .collect();
         let findings = sysctl::check(&sysctl::Plan {
             gateway_v4: gateway_family(&policy, true),
             gateway_v6: gateway_family(&policy, false),
@@ -133,46 +179,156 @@ impl Installation {
         if !findings.errors.is_empty() {
             return Err(InstallError::Sysctl(findings.errors));
         }
+        let entries = rules::compile(&policy);
+        let peak = self.interceptor.peak_rule_entries(&entries);
+        if peak > MAX_RULE_ENTRIES as usize {
+            return Err(InstallError::TooManyEntries { peak });
+        }
 
-        let new_listeners = self.listen(&policy)?;
-        let owned = owned_prefixes(&policy);
+        let (new_listeners, families) = self.listen(&policy)?;
+        let active = Arc::new(Active {
+            rules: RuleIndex::new(&entries),
+            pools: policy.upstreams.iter().map(Pool::new).collect(),
+            policy,
+        });
+        let generation = Generation {
+            active: active.clone(),
+            entries,
+            needs,
+        };
+        let replaced = self.current.replace(generation);
+        self.older.extend(replaced);
+        if let Err(e) = self.enforce().await {
+            // Back to the replaced policy, if there was one.
+            self.current = self.older.pop();
+            if self.current.is_some()
+                && let Err(undo) = self.enforce().await
+            {
+                tracing::error!(error = %undo, "putting the replaced policy back");
+            }
+            return Err(e);
+        }
+        for slot in families {
+            self.listening[slot] = true;
+        }
+        Ok(Applied {
+            active,
+            new_listeners,
+        })
+    }
+
+    /// The host changed (an interface or an address came or went): what the
+    /// policies in force need of it is worked out again and applied.
+    pub async fn refresh(&mut self) -> Result<(), InstallError> {
+        self.local.reload().await?;
+        if let Some(current) = &self.current {
+            let policy = current.active.policy.clone();
+            let needs = self.needs(&policy).await?;
+            if let Some(current) = &mut self.current {
+                current.needs = needs;
+            }
+        }
+        self.enforce().await
+    }
+
+    /// Forgets replaced policies none of whose connections are open any
+    /// more, and removes what only they needed.
+    pub async fn settle(&mut self) -> Result<(), InstallError> {
+        let before = self.older.len();
+        // Strong count 1: only this list holds it; no session does.
+        self.older
+            .retain(|generation| Arc::strong_count(&generation.active) > 1);
+        if self.older.len() == before {
+            return Ok(());
+        }
+        tracing::info!(
+            still_open = self.older.len(),
+            "replaced policies without open connections forgotten"
+        );
+        self.enforce().await
+    }
+
+    /// Makes the kernel state that of the current policy, plus what older
+    /// ones with open connections still need: new entries in before stale
+    /// ones out, and `steer` attached before `classify` marks anything.
+    async fn enforce(&mut self) -> Result<(), InstallError> {
+        let Some(current) = &self.current else {
+            return Ok(());
+        };
+        let generations: Vec<&Generation> = std::iter::once(current).chain(&self.older).collect();
+        let mut owned: Vec<IpNet> = generations
+            .iter()
+            .flat_map(|g| g.needs.owned.iter().copied())
+            .collect();
+        owned.sort();
+        owned.dedup();
+        let mut local_servers: Vec<SocketAddr> = generations
+            .iter()
+            .flat_map(|g| g.needs.local_servers.iter().copied())
+            .collect();
+        local_servers.sort();
+        local_servers.dedup();
+        let delivery = generations.iter().any(|g| g.needs.delivery());
+        // The current policy's plan, and the interfaces of older plans with
+        // no rule of their own: `classify` keeps their connections' packets
+        // (`RETAINING`).
+        let mut classify: Vec<ClassifyPlan> = current.needs.classify.clone();
+        for older in &self.older {
+            for planned in &older.needs.classify {
+                if !classify.iter().any(|p| p.interface == planned.interface) {
+                    classify.push(ClassifyPlan {
+                        interface: planned.interface.clone(),
+                        role: ClassifyRole {
+                            intercept: false,
+                            replies: planned.role.replies,
+                        },
+                        rules: Vec::new(),
+                    });
+                }
+            }
+        }
+        let entries = current.entries.clone();
+        let upstream_servers: Vec<SocketAddr> = current
+            .active
+            .policy
+            .upstreams
+            .iter()
+            .flat_map(|upstream| upstream.servers().iter().copied())
+            .collect();
+        let retaining = !self.older.is_empty();
+
         self.local_routes.set(&owned).await?;
         self.local.set_owned(&owned).await?;
-        let local_servers = local_transparent_servers(&policy, &self.local);
-        self.delivery
-            .set(
-                !classify.is_empty() || !local_servers.is_empty(),
-                &local_servers,
-            )
-            .await?;
-        let entries = rules::compile(&policy);
-        self.interceptor.set_upstream_servers(
-            policy
-                .upstreams
-                .iter()
-                .flat_map(|upstream| upstream.servers().iter().copied()),
-        )?;
+        self.delivery.set(delivery, &local_servers).await?;
+        self.interceptor.set_retaining(retaining)?;
+        self.interceptor.set_upstream_servers(upstream_servers)?;
+        self.interceptor.prepare_classify(&classify)?;
         self.interceptor.set_rules(&entries)?;
-        self.interceptor.set_classify(&classify)?;
         if !self.attached {
             self.interceptor.attach()?;
             self.attached = true;
         }
+        self.interceptor.finish_classify(&classify)?;
         tracing::info!(
-            rules = policy.rules.len(),
             kernel_entries = self.interceptor.rule_entries(),
             routes = ?self.local_routes.added(),
             tc_interfaces = ?self.interceptor.classify_interfaces(),
             local_servers = ?local_servers,
-            "policy applied"
+            retaining,
+            "kernel state set"
         );
-        Ok(Applied {
-            active: Arc::new(Active {
-                rules: RuleIndex::new(&entries),
-                pools: policy.upstreams.iter().map(Pool::new).collect(),
-                policy,
-            }),
-            new_listeners,
+        Ok(())
+    }
+
+    /// What `policy` needs of this host now.
+    async fn needs(&self, policy: &Policy) -> Result<Needs, InstallError> {
+        let owned = owned_prefixes(policy);
+        let is_local =
+            |ip: IpAddr| self.local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
+        Ok(Needs {
+            classify: classify_plan(policy, &interfaces::list().await?, &is_local)?,
+            local_servers: local_transparent_servers(policy, &is_local),
+            owned,
         })
     }
 
@@ -180,9 +336,11 @@ impl Installation {
     /// bound to loopback on a free port (`sk_lookup` assigns it whatever the
     /// connection's destination). Transparent: a gateway connection's local
     /// address is not this host's, and the kernel sends the SYN-ACK from it
-    /// only for a transparent socket.
-    fn listen(&mut self, policy: &Policy) -> Result<Vec<TcpListener>, InstallError> {
+    /// only for a transparent socket. Returns them with their family slots,
+    /// to be marked as listening once the policy is in.
+    fn listen(&mut self, policy: &Policy) -> Result<(Vec<TcpListener>, Vec<usize>), InstallError> {
         let mut listeners = Vec::new();
+        let mut slots = Vec::new();
         for (slot, family, addr) in [
             (0, Family::V4, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
             (1, Family::V6, SocketAddr::from((Ipv6Addr::LOCALHOST, 0))),
@@ -198,10 +356,10 @@ impl Installation {
             let listener =
                 listen(addr).map_err(|source| InstallError::Listen { family, source })?;
             self.interceptor.set_listener(family, &listener)?;
-            self.listening[slot] = true;
             listeners.push(listener);
+            slots.push(slot);
         }
-        Ok(listeners)
+        Ok((listeners, slots))
     }
 
     /// Takes no new connection, keeps delivering the open ones' packets.
@@ -210,13 +368,13 @@ impl Installation {
     }
 
     /// Detaches the programs, logs their counters, removes the routes and
-    /// rules.
+    /// rules: every step is tried, the first error returned.
     pub async fn remove(&mut self) -> Result<(), InstallError> {
-        self.interceptor.detach()?;
+        let detached = self.interceptor.detach().map_err(InstallError::from);
         log_counters(&self.interceptor);
-        self.delivery.remove().await?;
-        self.local_routes.remove().await?;
-        Ok(())
+        let delivery = self.delivery.remove().await.map_err(InstallError::from);
+        let routes = self.local_routes.remove().await.map_err(InstallError::from);
+        detached.and(delivery).and(routes)
     }
 }
 
@@ -259,7 +417,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 fn classify_plan(
     policy: &Policy,
     all: &[Interface],
-    local: &LocalAddrs,
+    is_local: &impl Fn(IpAddr) -> bool,
 ) -> Result<Vec<ClassifyPlan>, InstallError> {
     let mut plan: Vec<ClassifyPlan> = Vec::new();
     for (r, rule) in policy.rules.iter().enumerate() {
@@ -300,7 +458,7 @@ fn classify_plan(
     let spoofing = policy
         .bind_targets()
         .iter()
-        .any(|target| spoofs(target.bind, local));
+        .any(|target| spoofs(target.bind, is_local));
     if spoofing {
         let readable = all
             .iter()
@@ -324,11 +482,11 @@ fn classify_plan(
 
 /// Whether connections under `bind` come from an address that is not this
 /// host's, whose replies the kernel must be told to deliver here.
-fn spoofs(bind: Bind, local: &LocalAddrs) -> bool {
+fn spoofs(bind: Bind, is_local: &impl Fn(IpAddr) -> bool) -> bool {
     match bind {
         Bind::Proxy => false,
         Bind::ClientIp | Bind::Client => true,
-        Bind::Address(ip) => !local.contains(ip),
+        Bind::Address(ip) => !is_local(ip),
     }
 }
 
@@ -345,14 +503,17 @@ fn gateway_family(policy: &Policy, v4: bool) -> bool {
 /// Servers on this host that connections are made to from addresses that
 /// are not this host's (a client's, or a fixed one): their replies need a
 /// routing rule of their own.
-fn local_transparent_servers(policy: &Policy, local: &LocalAddrs) -> Vec<SocketAddr> {
+fn local_transparent_servers(
+    policy: &Policy,
+    is_local: &impl Fn(IpAddr) -> bool,
+) -> Vec<SocketAddr> {
     let mut servers: Vec<SocketAddr> = policy
         .bind_targets()
         .iter()
-        .filter(|target| spoofs(target.bind, local))
+        .filter(|target| spoofs(target.bind, is_local))
         .flat_map(|target| policy.upstreams[target.upstream.0].servers())
         .copied()
-        .filter(|server| local.contains(server.ip()))
+        .filter(|server| is_local(server.ip()))
         .collect();
     servers.sort();
     servers.dedup();

@@ -4,22 +4,20 @@
 //!
 //! Read from the kernel's interface addresses (as `ip addr` shows them),
 //! plus the loopback ranges and the prefixes the daemon made local itself;
-//! reread whenever an address is added or removed (rtnetlink's address
-//! multicast groups), so that a DHCP renewal or a new VIP is seen.
+//! reread whenever an address is added or removed (the daemon follows
+//! rtnetlink's address groups, see `intercept::interfaces::watch`), so that a
+//! DHCP renewal or a new VIP is seen.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex, RwLock},
 };
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::lpm::Lpm;
-use rtnetlink::{
-    MulticastGroup,
-    packet_route::address::{AddressAttribute, AddressMessage},
-};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 
 /// 127.0.0.0/8 and ::1: local whether or not `lo` lists them.
 const LOOPBACK: [IpNet; 2] = [
@@ -74,25 +72,6 @@ impl LocalAddrs {
         current.contains(ip)
     }
 
-    /// Rereads the addresses whenever the kernel reports a change, until the
-    /// runtime shuts down. A failed reread keeps the last snapshot.
-    pub fn watch(self: &Arc<Self>) -> Result<(), LocalAddrsError> {
-        let (connection, _, mut changes) = rtnetlink::new_multicast_connection(&[
-            MulticastGroup::Ipv4Ifaddr,
-            MulticastGroup::Ipv6Ifaddr,
-        ])?;
-        tokio::spawn(connection);
-        let local = Arc::clone(self);
-        tokio::spawn(async move {
-            while changes.next().await.is_some() {
-                if let Err(e) = local.reload().await {
-                    tracing::warn!(error = %e, "rereading this host's addresses; keeping the last ones");
-                }
-            }
-        });
-        Ok(())
-    }
-
     /// Takes the prefixes the daemon now makes local (after a new policy).
     pub async fn set_owned(&self, owned: &[IpNet]) -> Result<(), LocalAddrsError> {
         *self
@@ -102,7 +81,9 @@ impl LocalAddrs {
         self.reload().await
     }
 
-    async fn reload(&self) -> Result<(), LocalAddrsError> {
+    /// Rereads the addresses (after the kernel reported a change). A failed
+    /// reread keeps the last snapshot.
+    pub async fn reload(&self) -> Result<(), LocalAddrsError> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         let driver = tokio::spawn(connection);
         let messages: Result<Vec<AddressMessage>, _> =

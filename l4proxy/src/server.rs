@@ -40,6 +40,9 @@ pub enum ServerError {
     Links(#[from] RouteError),
 }
 
+/// How often to look for replaced policies whose connections are all closed.
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
+
 /// Run-time settings from the command line.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -59,8 +62,12 @@ pub struct Settings {
 pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> {
     install::remove_leftovers().await?;
     let mut signals = Signals::new()?;
+    let mut host_changes = interfaces::watch()?;
     let mut installation = Installation::new(settings.mark, settings.routing_table).await?;
-    let applied = match installation.apply(policy).await {
+    let Applied {
+        active,
+        new_listeners,
+    } = match installation.apply(policy).await {
         Ok(applied) => applied,
         Err(e) => {
             // Undo what can be undone, and report the error that stopped us.
@@ -72,7 +79,9 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     };
 
     let shared = Arc::new(Shared {
-        active: std::sync::RwLock::new(applied.active.clone()),
+        // Moved, not cloned: a replaced policy is forgotten once only its
+        // connections held it (see `Installation::settle`).
+        active: std::sync::RwLock::new(active),
         local: installation.local_addrs().clone(),
         ids: ConnectionIds::new(),
         connect_timeout: settings.connect_timeout,
@@ -88,10 +97,10 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         tracker: TaskTracker::new(),
         stop: CancellationToken::new(),
     };
-    let listeners = accepting.start(applied.new_listeners);
+    let listeners = accepting.start(new_listeners);
     tracing::info!(listeners = ?listeners, "ready");
 
-    let mut links = interfaces::watch()?;
+    let mut settle = tokio::time::interval(SETTLE_EVERY);
     loop {
         tokio::select! {
             signal = signals.recv() => match signal {
@@ -104,17 +113,17 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
                     }
                 }
             },
-            // An interface came or went: where `classify` must run may have
-            // changed (a new VPN interface, say). The same policy, applied
-            // again, changes only that.
-            Some(()) = links.recv() => {
-                let policy = shared.active().policy.clone();
-                match installation.apply(policy).await {
-                    Ok(applied) => {
-                        shared.set_active(applied.active);
-                        accepting.start(applied.new_listeners);
-                    }
-                    Err(e) => tracing::error!(error = %e, "following an interface change"),
+            // An interface or an address came or went: where `classify` must
+            // run, and what is this host's, may have changed (a new VPN
+            // interface, a VIP).
+            Some(()) = host_changes.recv() => {
+                if let Err(e) = installation.refresh().await {
+                    tracing::error!(error = %e, "following a change of interfaces or addresses");
+                }
+            }
+            _ = settle.tick() => {
+                if let Err(e) = installation.settle().await {
+                    tracing::error!(error = %e, "removing what a replaced policy needed");
                 }
             }
         }

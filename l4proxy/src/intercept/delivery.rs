@@ -147,8 +147,13 @@ impl Delivery {
             .into_iter()
             .partition(|(server, _)| local_servers.contains(server));
         self.servers = kept;
-        for (_, rule) in stale {
-            delete_rule(&self.handle, rule).await?;
+        // Every stale rule is tried; one that fails stays on the list.
+        let mut first_error = None;
+        for (server, rule) in stale {
+            if let Err(e) = delete_rule(&self.handle, rule.clone()).await {
+                self.servers.push((server, rule));
+                first_error.get_or_insert(e);
+            }
         }
         for &server in local_servers {
             if self.servers.iter().any(|(known, _)| *known == server) {
@@ -158,14 +163,27 @@ impl Delivery {
             self.servers.push((server, rule));
         }
         if !needed && let Some(base) = self.base.take() {
+            let mut left = Base {
+                rules: Vec::new(),
+                routes: Vec::new(),
+            };
             for rule in base.rules {
-                delete_rule(&self.handle, rule).await?;
+                if let Err(e) = delete_rule(&self.handle, rule.clone()).await {
+                    left.rules.push(rule);
+                    first_error.get_or_insert(e);
+                }
             }
             for route in base.routes {
-                delete_route(&self.handle, route).await?;
+                if let Err(e) = delete_route(&self.handle, route.clone()).await {
+                    left.routes.push(route);
+                    first_error.get_or_insert(e);
+                }
+            }
+            if !(left.rules.is_empty() && left.routes.is_empty()) {
+                self.base = Some(left);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// The table's routes and the fwmark rules; on an error, what was added

@@ -32,7 +32,7 @@ use aya::{
 };
 use l4proxy_common::{
     Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE,
-    RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
+    RETAINING, RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
 };
 
 use ipnet::IpNet;
@@ -105,23 +105,33 @@ pub struct LocalMap {
 }
 
 impl LocalMap {
-    /// Makes the map hold exactly `prefixes`.
+    /// Makes the map hold exactly `prefixes` (repeats allowed).
     pub fn set(&mut self, prefixes: &[IpNet]) -> Result<(), InterceptError> {
         let key = |prefix: &IpNet| {
             let (addr, len) = lpm::prefix_key(*prefix);
             Key::new(u32::from(len), addr.to_be_bytes())
         };
-        for gone in self.current.iter().filter(|p| !prefixes.contains(p)) {
-            self.trie
-                .remove(&key(gone))
-                .map_err(map_error("LOCAL_ADDRS"))?;
+        let mut wanted = prefixes.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        let stale: Vec<IpNet> = self
+            .current
+            .iter()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        for gone in stale {
+            remove_entry(self.trie.remove(&key(&gone)), "LOCAL_ADDRS")?;
+            self.current.retain(|p| *p != gone);
         }
-        for new in prefixes.iter().filter(|p| !self.current.contains(p)) {
-            self.trie
-                .insert(&key(new), 1, 0)
-                .map_err(map_error("LOCAL_ADDRS"))?;
+        for new in wanted {
+            if !self.current.contains(&new) {
+                self.trie
+                    .insert(&key(&new), 1, 0)
+                    .map_err(map_error("LOCAL_ADDRS"))?;
+                self.current.push(new);
+            }
         }
-        self.current = prefixes.to_vec();
         Ok(())
     }
 }
@@ -165,6 +175,7 @@ struct Attached {
 }
 
 /// Where `classify` goes and what it does there.
+#[derive(Clone, Debug)]
 pub struct ClassifyPlan {
     pub interface: Interface,
     pub role: ClassifyRole,
@@ -215,27 +226,58 @@ impl Interceptor {
 
     /// Makes `RULES` hold exactly `entries` (`rules::compile` of a policy):
     /// new and changed entries first, then stale ones removed, so that no
-    /// destination both policies take goes unsteered in between.
+    /// destination both policies take goes unsteered in between. What it did
+    /// is recorded as it goes, so a failure part way leaves the record true.
     pub fn set_rules(&mut self, entries: &[rules::KernelEntry]) -> Result<(), InterceptError> {
-        let mut wanted = std::collections::HashMap::with_capacity(entries.len());
+        let wanted: std::collections::HashMap<EntryKey, RuleValue> = entries
+            .iter()
+            .map(|entry| {
+                (
+                    (entry.prefix_len, entry.key.port, entry.key.addr),
+                    entry.value,
+                )
+            })
+            .collect();
         for entry in entries {
             let key = (entry.prefix_len, entry.key.port, entry.key.addr);
             if self.current.rules.get(&key) != Some(&entry.value) {
                 self.rules
                     .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
                     .map_err(map_error("RULES"))?;
+                self.current.rules.insert(key, entry.value);
             }
-            wanted.insert(key, entry.value);
         }
-        for &(prefix_len, port, addr) in self.current.rules.keys() {
-            if !wanted.contains_key(&(prefix_len, port, addr)) {
+        let stale: Vec<EntryKey> = self
+            .current
+            .rules
+            .keys()
+            .filter(|key| !wanted.contains_key(key))
+            .copied()
+            .collect();
+        for (prefix_len, port, addr) in stale {
+            remove_entry(
                 self.rules
-                    .remove(&Key::new(prefix_len, rule_key(port, addr)))
-                    .map_err(map_error("RULES"))?;
-            }
+                    .remove(&Key::new(prefix_len, rule_key(port, addr))),
+                "RULES",
+            )?;
+            self.current.rules.remove(&(prefix_len, port, addr));
         }
-        self.current.rules = wanted;
         Ok(())
+    }
+
+    /// How many `RULES` entries the map holds while it changes to `entries`:
+    /// the new ones go in before the stale ones go out.
+    pub fn peak_rule_entries(&self, entries: &[rules::KernelEntry]) -> usize {
+        let new = entries
+            .iter()
+            .filter(|e| {
+                !self
+                    .current
+                    .rules
+                    .contains_key(&(e.prefix_len, e.key.port, e.key.addr))
+            })
+            .count();
+        self.current.rules.len() + new
     }
 
     /// Makes `UPSTREAM_SERVERS` hold exactly `servers`.
@@ -250,18 +292,35 @@ impl Interceptor {
                 (key.port, key.addr)
             })
             .collect();
-        for &(port, addr) in wanted.difference(&self.current.upstream_servers) {
-            self.upstream_servers
-                .insert(rule_key(port, addr), 1, 0)
-                .map_err(map_error("UPSTREAM_SERVERS"))?;
+        for &(port, addr) in &wanted {
+            if self.current.upstream_servers.insert((port, addr)) {
+                self.upstream_servers
+                    .insert(rule_key(port, addr), 1, 0)
+                    .map_err(map_error("UPSTREAM_SERVERS"))?;
+            }
         }
-        for &(port, addr) in self.current.upstream_servers.difference(&wanted) {
-            self.upstream_servers
-                .remove(&rule_key(port, addr))
-                .map_err(map_error("UPSTREAM_SERVERS"))?;
+        let stale: Vec<ServerKey> = self
+            .current
+            .upstream_servers
+            .difference(&wanted)
+            .copied()
+            .collect();
+        for (port, addr) in stale {
+            remove_entry(
+                self.upstream_servers.remove(&rule_key(port, addr)),
+                "UPSTREAM_SERVERS",
+            )?;
+            self.current.upstream_servers.remove(&(port, addr));
         }
-        self.current.upstream_servers = wanted;
         Ok(())
+    }
+
+    /// Keeps connections opened under a replaced policy working, whatever
+    /// the rules now say (see `classify`), or stops doing so.
+    pub fn set_retaining(&mut self, retaining: bool) -> Result<(), InterceptError> {
+        self.settings
+            .set(RETAINING, u32::from(retaining), 0)
+            .map_err(map_error("SETTINGS"))
     }
 
     /// Puts a listening socket into the program's socket map.
@@ -284,12 +343,10 @@ impl Interceptor {
         Ok(())
     }
 
-    /// Makes `classify` run where `plan` says, doing what it says there:
-    /// attaches it (tcx, after any program already there) to interfaces new
-    /// to the plan, updates the others, and detaches it from those the plan
-    /// no longer has.
-    pub fn set_classify(&mut self, plan: &[ClassifyPlan]) -> Result<(), InterceptError> {
-        let mut wanted_rules = HashSet::new();
+    /// First half of moving `classify` to `plan`: the configuration of each
+    /// interface and every (interface, rule) pair the plan adds, before the
+    /// rule map changes, so that no rule is ever looked up without its pairs.
+    pub fn prepare_classify(&mut self, plan: &[ClassifyPlan]) -> Result<(), InterceptError> {
         for planned in plan {
             let interface = &planned.interface;
             let l2_len = interface.l2_len.ok_or_else(|| InterceptError::LinkType {
@@ -306,31 +363,22 @@ impl Interceptor {
             self.interfaces
                 .insert(interface.index, config, 0)
                 .map_err(map_error("INTERFACES"))?;
-            if planned.role.intercept {
-                // Fits: rule indices are below MAX_RULE_ENTRIES (see rules::compile).
-                wanted_rules.extend(planned.rules.iter().map(|&r| (interface.index, r as u32)));
+        }
+        for pair in wanted_pairs(plan) {
+            if self.current.interface_rules.insert(pair) {
+                let (ifindex, rule_id) = pair;
+                self.interface_rules
+                    .insert(InterfaceRuleKey { ifindex, rule_id }, 1, 0)
+                    .map_err(map_error("INTERFACE_RULES"))?;
             }
         }
-        for &(ifindex, rule_id) in wanted_rules.difference(&self.current.interface_rules) {
-            self.interface_rules
-                .insert(InterfaceRuleKey { ifindex, rule_id }, 1, 0)
-                .map_err(map_error("INTERFACE_RULES"))?;
-        }
-        for &(ifindex, rule_id) in self.current.interface_rules.difference(&wanted_rules) {
-            self.interface_rules
-                .remove(&InterfaceRuleKey { ifindex, rule_id })
-                .map_err(map_error("INTERFACE_RULES"))?;
-        }
-        self.current.interface_rules = wanted_rules;
+        Ok(())
+    }
 
-        let (kept, gone): (Vec<Attached>, Vec<Attached>) =
-            std::mem::take(&mut self.current.classify)
-                .into_iter()
-                .partition(|attached| plan.iter().any(|p| p.interface.index == attached.index));
-        self.current.classify = kept;
-        for attached in gone {
-            self.detach_classify(attached)?;
-        }
+    /// Second half: attaches `classify` (tcx, after any program already
+    /// there) to the interfaces new to the plan, then removes the pairs and
+    /// the attachments the plan no longer has.
+    pub fn finish_classify(&mut self, plan: &[ClassifyPlan]) -> Result<(), InterceptError> {
         for planned in plan {
             let interface = &planned.interface;
             if self
@@ -358,6 +406,29 @@ impl Interceptor {
                 name: interface.name.clone(),
                 link,
             });
+        }
+        let wanted = wanted_pairs(plan);
+        let stale: Vec<(u32, u32)> = self
+            .current
+            .interface_rules
+            .difference(&wanted)
+            .copied()
+            .collect();
+        for (ifindex, rule_id) in stale {
+            remove_entry(
+                self.interface_rules
+                    .remove(&InterfaceRuleKey { ifindex, rule_id }),
+                "INTERFACE_RULES",
+            )?;
+            self.current.interface_rules.remove(&(ifindex, rule_id));
+        }
+        let (kept, gone): (Vec<Attached>, Vec<Attached>) =
+            std::mem::take(&mut self.current.classify)
+                .into_iter()
+                .partition(|attached| plan.iter().any(|p| p.interface.index == attached.index));
+        self.current.classify = kept;
+        for attached in gone {
+            self.detach_classify(attached)?;
         }
         Ok(())
     }
@@ -425,6 +496,36 @@ impl Interceptor {
     /// Number of entries in the rule map (for the log).
     pub fn rule_entries(&self) -> usize {
         self.current.rules.len()
+    }
+}
+
+/// The (interface, rule) pairs of gateway rules in `plan`.
+fn wanted_pairs(plan: &[ClassifyPlan]) -> HashSet<(u32, u32)> {
+    plan.iter()
+        .filter(|planned| planned.role.intercept)
+        // Fits: rule indices are below MAX_RULE_ENTRIES (see rules::compile).
+        .flat_map(|planned| {
+            planned
+                .rules
+                .iter()
+                .map(|&r| (planned.interface.index, r as u32))
+        })
+        .collect()
+}
+
+/// A removal that found nothing to remove did what was asked.
+fn remove_entry(
+    result: Result<(), aya::maps::MapError>,
+    name: &'static str,
+) -> Result<(), InterceptError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(InterceptError::Map { name, source }),
     }
 }
 

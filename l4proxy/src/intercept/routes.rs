@@ -120,10 +120,16 @@ impl LocalRoutes {
             .partition(|prefix| prefixes.contains(prefix));
         self.added = kept;
         self.added.extend(new);
+        // Every stale route is tried; one that fails stays on the list, for
+        // the next call (or the guard) to remove.
+        let mut first_error = None;
         for prefix in stale {
-            delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await?;
+            if let Err(e) = delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await {
+                self.added.push(prefix);
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     pub fn added(&self) -> &[IpNet] {
@@ -166,32 +172,31 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
     Ok(removed)
 }
 
-/// `ip route del`.
+/// `ip route del`; a route someone already removed is removed.
 pub(super) async fn delete_route(handle: &Handle, route: RouteMessage) -> Result<(), RouteError> {
     let description = format!("{:?}", route.attributes);
-    handle
-        .route()
-        .del(route)
-        .execute()
-        .await
-        .map_err(|source| RouteError::Remove {
-            route: description,
-            source,
-        })
+    removed(handle.route().del(route).execute().await, description)
 }
 
-/// `ip rule del`.
+/// `ip rule del`; a rule someone already removed is removed.
 pub(super) async fn delete_rule(handle: &Handle, rule: RuleMessage) -> Result<(), RouteError> {
     let description = format!("{:?}", rule.attributes);
-    handle
-        .rule()
-        .del(rule)
-        .execute()
-        .await
-        .map_err(|source| RouteError::Remove {
+    removed(handle.rule().del(rule).execute().await, description)
+}
+
+fn removed(result: Result<(), rtnetlink::Error>, description: String) -> Result<(), RouteError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if [-libc::ESRCH, -libc::ENOENT].contains(&e.raw_code()) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(RouteError::Remove {
             route: description,
             source,
-        })
+        }),
+    }
 }
 
 /// Every routing rule of one family.
