@@ -143,12 +143,10 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
     assert_eq!(message(&d.reload(&policy_a())), Some("policy reloaded"));
     // The gateway policy's tc programs and rules stay until its (closed)
     // connection's session has ended and the daemon notices (once a second).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !t.px.tc_programs(&["to-cl", "to-sv"]).is_empty() && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
+    assert_eq!(
+        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(5)),
+        Vec::<String>::new()
+    );
     assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
     let routes = t.px.proxy_routes();
     assert!(
@@ -218,12 +216,10 @@ fn a_reload_keeps_connections_the_new_policy_drops() {
             && lab::daemon::field_u64(e, "still_open") == Some(0)
     });
     // What only the old policy needed is gone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !t.px.tc_programs(&["to-cl", "to-sv"]).is_empty() && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
+    assert_eq!(
+        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(5)),
+        Vec::<String>::new()
+    );
     assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
     let routes = t.px.proxy_routes();
     assert!(

@@ -608,14 +608,15 @@ fn an_interface_added_later_carries_replies() {
         handlers::hello_echo("late"),
     );
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while t.px.tc_programs(&["to-sv2"]).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no tc program on to-sv2 5 s after it appeared"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let programs = lab::poll_until(
+        Duration::from_secs(5),
+        || t.px.tc_programs(&["to-sv2"]),
+        |p| !p.is_empty(),
+    );
+    assert!(
+        !programs.is_empty(),
+        "no tc program on to-sv2 5 s after it appeared"
+    );
     let mut c = connect(&t.cl, sock(V4.service, 80));
     let client = c.local_addr().unwrap();
     talk(&mut c, "late", "through the new interface");
@@ -749,12 +750,11 @@ fn nothing_left_after(test: &str, signal: i32) {
     if signal == libc::SIGTERM {
         d.assert_exit_ok(status);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !(t.px.proxy_rules().is_empty() && t.px.proxy_routes().is_empty())
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab::poll_until(
+        Duration::from_secs(5),
+        || (t.px.proxy_rules(), t.px.proxy_routes()),
+        |(rules, routes)| rules.is_empty() && routes.is_empty(),
+    );
     assert_eq!(
         t.px.tc_programs(&["to-cl", "to-sv"]),
         Vec::<String>::new(),

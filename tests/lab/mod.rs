@@ -29,6 +29,23 @@ use std::time::{Duration, Instant};
 pub use daemon::Daemon;
 pub use net::*;
 
+/// Calls `probe` every 50 ms until `done` holds for its result or `timeout`
+/// passes; returns the last result either way, for the caller to assert on.
+pub fn poll_until<T>(
+    timeout: Duration,
+    mut probe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = probe();
+        if done(&found) || Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Prefix of every namespace this lab creates.
 const NS_PREFIX: &str = "l4p-";
 
@@ -257,14 +274,13 @@ impl Netns {
 
     /// Polls until the daemon's routes are gone; returns what is left on timeout.
     pub fn wait_no_proxy_routes(&self, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let routes = self.proxy_routes();
-            if routes.is_empty() || Instant::now() >= deadline {
-                return routes;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll_until(timeout, || self.proxy_routes(), Vec::is_empty)
+    }
+
+    /// Polls until the tc programs on `devs` are gone; returns what is left on
+    /// timeout.
+    pub fn wait_no_tc_programs(&self, devs: &[&str], timeout: Duration) -> Vec<String> {
+        poll_until(timeout, || self.tc_programs(devs), Vec::is_empty)
     }
 
     /// BPF links attached to this namespace (`bpftool -j link show`, entries of
@@ -289,14 +305,7 @@ impl Netns {
     /// Polls until no BPF link is attached to this namespace; returns what is
     /// left on timeout.
     pub fn wait_no_bpf_links(&self, timeout: Duration) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let links = self.bpf_netns_links();
-            if links.is_empty() || Instant::now() >= deadline {
-                return links;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll_until(timeout, || self.bpf_netns_links(), Vec::is_empty)
     }
 }
 
