@@ -143,16 +143,7 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
     assert_eq!(message(&d.reload(&policy_a())), Some("policy reloaded"));
     // The gateway policy's tc programs and rules stay until its (closed)
     // connection's session has ended and the daemon notices (once a second).
-    assert_eq!(
-        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(5)),
-        Vec::<String>::new()
-    );
-    assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
-    let routes = t.px.proxy_routes();
-    assert!(
-        !routes.is_empty() && routes.iter().all(|r| r.contains("192.0.2.0/25")),
-        "192.0.2.0/25's local route only: {routes:?}"
-    );
+    assert_only_local_route(&t, "192.0.2.0/25");
     assert_eq!(greeting(&t, "192.0.2.10:81"), "a");
 
     open.shutdown(Shutdown::Write).unwrap();
@@ -216,6 +207,12 @@ fn a_reload_keeps_connections_the_new_policy_drops() {
             && lab::daemon::field_u64(e, "still_open") == Some(0)
     });
     // What only the old policy needed is gone.
+    assert_only_local_route(&t, "192.0.2.128/25");
+}
+
+/// Waits for the gateway policy's tc programs to go, then asserts that no
+/// policy rule is left and the only local routes are `prefix`'s.
+fn assert_only_local_route(t: &Topo, prefix: &str) {
     assert_eq!(
         t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(5)),
         Vec::<String>::new()
@@ -223,7 +220,7 @@ fn a_reload_keeps_connections_the_new_policy_drops() {
     assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
     let routes = t.px.proxy_routes();
     assert!(
-        !routes.is_empty() && routes.iter().all(|r| r.contains("192.0.2.128/25")),
-        "{routes:?}"
+        !routes.is_empty() && routes.iter().all(|r| r.contains(prefix)),
+        "{prefix}'s local route only: {routes:?}"
     );
 }

@@ -862,7 +862,7 @@ fn draining_keeps_open_connections_and_forwards_new_ones() {
 
 /// The start-up checks: an interface the policy names must exist, and
 /// `src_valid_mark` (which makes marked packets fail the reverse-path check)
-/// is refused with what to change; both leave nothing behind.
+/// is refused with what to change; none of them leaves anything behind.
 #[test]
 fn start_up_refuses_a_host_not_set_up_for_the_policy() {
     let t = Topo::new("startup");
@@ -870,48 +870,45 @@ fn start_up_refuses_a_host_not_set_up_for_the_policy() {
         "intercept": [ { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["to-cl", "nope0"], "upstream": "web" } ],
         "upstreams": { "web": { "servers": ["203.0.113.2:8080"] } }
     });
-    let mut d = Daemon::start(&t.px, &missing, &[]);
-    assert!(
-        !d.wait_exit(Duration::from_secs(10)).success(),
-        "started without nope0"
-    );
-    assert!(
-        d.log_text()
-            .contains(r#"intercept[0].interfaces[1]: no interface \"nope0\""#),
-        "{}",
-        d.log_text()
+    refuses_to_start(
+        &t,
+        &missing,
+        r#"intercept[0].interfaces[1]: no interface \"nope0\""#,
     );
 
     t.px.ip(&["link", "add", "br0", "type", "bridge"]);
     t.px.ip(&["link", "set", "to-cl", "master", "br0"]);
-    let mut d = Daemon::start(&t.px, &full_policy(), &[]);
-    assert!(
-        !d.wait_exit(Duration::from_secs(10)).success(),
-        "started on a bridge port"
-    );
-    assert!(
-        d.log_text()
-            .contains(r#"interface \"to-cl\" is a port of \"br0\""#),
-        "{}",
-        d.log_text()
+    refuses_to_start(
+        &t,
+        &full_policy(),
+        r#"interface \"to-cl\" is a port of \"br0\""#,
     );
     t.px.ip(&["link", "set", "to-cl", "nomaster"]);
 
     t.px.sysctl("net.ipv4.conf.to-cl.src_valid_mark", "1");
-    let mut d = Daemon::start(&t.px, &full_policy(), &[]);
+    refuses_to_start(
+        &t,
+        &full_policy(),
+        "net.ipv4.conf.to-cl.src_valid_mark (or .all.) is 1",
+    );
+}
+
+/// Starts the daemon with `policy` and asserts that it exits with an error
+/// whose log says `reason`, leaving no rule, route or tc program behind.
+fn refuses_to_start(t: &Topo, policy: &Value, reason: &str) {
+    let mut d = Daemon::start(&t.px, policy, &[]);
     assert!(
         !d.wait_exit(Duration::from_secs(10)).success(),
-        "started with src_valid_mark"
+        "started although {reason}"
     );
-    assert!(
-        d.log_text()
-            .contains("net.ipv4.conf.to-cl.src_valid_mark (or .all.) is 1"),
-        "{}",
-        d.log_text()
+    assert!(d.log_text().contains(reason), "{}", d.log_text());
+    assert_eq!(t.px.proxy_rules(), Vec::<String>::new(), "{reason}");
+    assert_eq!(t.px.proxy_routes(), Vec::<String>::new(), "{reason}");
+    assert_eq!(
+        t.px.tc_programs(&["to-cl", "to-sv"]),
+        Vec::<String>::new(),
+        "{reason}"
     );
-    assert_eq!(t.px.proxy_rules(), Vec::<String>::new());
-    assert_eq!(t.px.proxy_routes(), Vec::<String>::new());
-    assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
 }
 
 /// Forwarding off on a gateway is only a warning: what the rules intercept
