@@ -39,7 +39,8 @@ fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
     let steered: SocketAddr = "192.0.2.10:80".parse().unwrap();
 
     let mut interceptor = topo.px.run(|| {
-        let mut interceptor = Interceptor::load(DEFAULT_MARK).expect("loading the BPF programs");
+        let (mut interceptor, _local_addrs) =
+            Interceptor::load(DEFAULT_MARK).expect("loading the BPF programs");
         interceptor
             .set_rules(&rules::compile(&policy))
             .expect("filling the rule map");

@@ -36,7 +36,7 @@ pub const MAX_LOCAL_ADDRS: u32 = 16_384;
 /// both families). `UPSTREAM_SERVERS` uses the same layout for a server's
 /// address and port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleKey {
     /// Destination port in network byte order; [`ANY_PORT`] for a wildcard.
     pub port: [u8; 2],
@@ -79,7 +79,7 @@ pub struct RuleValue {
 
 /// Key of `INTERFACE_RULES`: a gateway rule intercepts on this interface.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct InterfaceRuleKey {
     pub ifindex: u32,
     pub rule_id: u32,

@@ -128,16 +128,13 @@ impl Installation {
     /// Loads the programs and reads this host's addresses; sets up nothing
     /// a policy asks for yet.
     pub async fn new(mark: Mark, routing_table: u32) -> Result<Self, InstallError> {
-        let mut interceptor = Interceptor::load(mark)?;
-        let mut local_map = interceptor
-            .take_local_map()
-            .expect("a freshly loaded interceptor has its map");
+        let (interceptor, mut local_map) = Interceptor::load(mark)?;
         let sink: local_addrs::Sink = Box::new(move |prefixes| {
             if let Err(e) = local_map.set(prefixes) {
                 tracing::warn!(error = %e, "updating this host's addresses in the kernel");
             }
         });
-        let local = LocalAddrs::load(&[], Some(sink)).await?;
+        let local = LocalAddrs::load(Some(sink)).await?;
         Ok(Self {
             interceptor,
             listening: [false; 2],

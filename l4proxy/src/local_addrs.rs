@@ -46,15 +46,11 @@ pub struct LocalAddrs {
 }
 
 impl LocalAddrs {
-    /// Reads the addresses now. `owned`: prefixes the daemon routes to this
-    /// host itself (`local` routes).
-    /// `sink` is told the addresses now and after every change.
-    pub async fn load(
-        owned: &[IpNet],
-        sink: Option<Sink>,
-    ) -> Result<Arc<LocalAddrs>, LocalAddrsError> {
+    /// Reads the addresses now; `sink` is told them now and after every
+    /// change. The daemon's own prefixes come later ([`LocalAddrs::set_owned`]).
+    pub async fn load(sink: Option<Sink>) -> Result<Arc<LocalAddrs>, LocalAddrsError> {
         let local = LocalAddrs {
-            owned: Mutex::new(owned.to_vec()),
+            owned: Mutex::new(Vec::new()),
             current: RwLock::new(Arc::new(Lpm::default())),
             sink: Mutex::new(sink),
         };

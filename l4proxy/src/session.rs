@@ -422,7 +422,7 @@ mod tests {
                 pools: policy.upstreams.iter().map(Pool::new).collect(),
                 policy,
             })),
-            local: LocalAddrs::load(&[], None).await.unwrap(),
+            local: LocalAddrs::load(None).await.unwrap(),
             ids: ConnectionIds::new(),
             connect_timeout: Duration::from_secs(1),
             sniff_timeout: Duration::from_secs(1),

@@ -15,15 +15,16 @@
 pub mod delivery;
 pub mod guard;
 pub mod interfaces;
+mod mirror;
 pub mod routes;
 pub mod rules;
 pub mod sysctl;
 
-use std::{collections::HashSet, fs::File, os::fd::AsRawFd};
+use std::{fs::File, os::fd::AsRawFd};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap, lpm_trie::Key},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockMap},
     programs::{
         LinkOrder, SchedClassifier, SkLookup, TcAttachType,
         sk_lookup::SkLookupLinkId,
@@ -37,7 +38,11 @@ use l4proxy_common::{
 
 use ipnet::IpNet;
 
-use self::{delivery::Mark, interfaces::Interface};
+use self::{
+    delivery::Mark,
+    interfaces::Interface,
+    mirror::{Contents, Mirrored, MirroredHash, MirroredTrie},
+};
 use crate::lpm;
 
 /// The kernel programs, built by `cargo xtask build-ebpf` and embedded by build.rs.
@@ -99,40 +104,19 @@ pub struct ClassifyRole {
 
 /// This host's own addresses in the kernel (`LOCAL_ADDRS`), which gateway
 /// rules leave alone; [`LocalMap::set`] keeps it equal to a list.
-pub struct LocalMap {
-    trie: LpmTrie<MapData, [u8; 16], u8>,
-    current: Vec<IpNet>,
-}
+pub struct LocalMap(MirroredTrie<[u8; 16], u8>);
 
 impl LocalMap {
     /// Makes the map hold exactly `prefixes` (repeats allowed).
     pub fn set(&mut self, prefixes: &[IpNet]) -> Result<(), InterceptError> {
-        let key = |prefix: &IpNet| {
-            let (addr, len) = lpm::prefix_key(*prefix);
-            Key::new(u32::from(len), addr.to_be_bytes())
-        };
-        let mut wanted = prefixes.to_vec();
-        wanted.sort();
-        wanted.dedup();
-        let stale: Vec<IpNet> = self
-            .current
+        let wanted: Contents<(u32, [u8; 16]), u8> = prefixes
             .iter()
-            .filter(|p| !wanted.contains(p))
-            .copied()
+            .map(|&prefix| {
+                let (addr, len) = lpm::prefix_key(prefix);
+                ((u32::from(len), addr.to_be_bytes()), 1)
+            })
             .collect();
-        for gone in stale {
-            remove_entry(self.trie.remove(&key(&gone)), "LOCAL_ADDRS")?;
-            self.current.retain(|p| *p != gone);
-        }
-        for new in wanted {
-            if !self.current.contains(&new) {
-                self.trie
-                    .insert(&key(&new), 1, 0)
-                    .map_err(map_error("LOCAL_ADDRS"))?;
-                self.current.push(new);
-            }
-        }
-        Ok(())
+        self.0.set(&wanted)
     }
 }
 
@@ -142,30 +126,16 @@ impl LocalMap {
 pub struct Interceptor {
     ebpf: Ebpf,
     link: Option<SkLookupLinkId>,
-    rules: LpmTrie<MapData, RuleKey, RuleValue>,
+    rules: MirroredTrie<RuleKey, RuleValue>,
     sockets: SockMap<MapData>,
-    interface_rules: HashMap<MapData, InterfaceRuleKey, u8>,
+    interface_rules: MirroredHash<InterfaceRuleKey, u8>,
     interfaces: HashMap<MapData, u32, InterfaceConfig>,
-    upstream_servers: HashMap<MapData, RuleKey, u8>,
+    upstream_servers: MirroredHash<RuleKey, u8>,
     settings: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
-    local: Option<LocalMap>,
-    /// What the maps hold and where `classify` is, as last set.
-    current: Current,
-}
-
-#[derive(Default)]
-struct Current {
-    rules: std::collections::HashMap<EntryKey, RuleValue>,
-    upstream_servers: HashSet<ServerKey>,
-    interface_rules: HashSet<(u32, u32)>,
+    /// Where `classify` is attached.
     classify: Vec<Attached>,
 }
-
-/// A `RULES` key, hashable: prefix length, port, address.
-type EntryKey = (u32, [u8; 2], [u8; 16]);
-/// An `UPSTREAM_SERVERS` key, hashable: port, address.
-type ServerKey = ([u8; 2], [u8; 16]);
 
 /// `classify` on one interface.
 struct Attached {
@@ -185,99 +155,59 @@ pub struct ClassifyPlan {
 
 impl Interceptor {
     /// Loads the embedded programs and sets the packet mark. The maps are
-    /// empty and nothing is attached yet.
-    pub fn load(mark: Mark) -> Result<Self, InterceptError> {
+    /// empty and nothing is attached yet. Returns, apart, the map of this
+    /// host's addresses, for whoever keeps it current.
+    pub fn load(mark: Mark) -> Result<(Self, LocalMap), InterceptError> {
         let mut ebpf = Ebpf::load(BPF_OBJECT)?;
         let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
         settings
             .set(MARK_VALUE, mark.value, 0)
             .and_then(|()| settings.set(MARK_MASK, mark.mask, 0))
             .map_err(map_error("SETTINGS"))?;
-        let local = LocalMap {
-            trie: take_map(&mut ebpf, "LOCAL_ADDRS")?,
-            current: Vec::new(),
-        };
+        let local = LocalMap(Mirrored::new(
+            take_map(&mut ebpf, "LOCAL_ADDRS")?,
+            "LOCAL_ADDRS",
+        ));
+        let steer: &mut SkLookup = program(&mut ebpf, STEER_PROGRAM)?.try_into()?;
+        steer.load()?;
+        let classify: &mut SchedClassifier = program(&mut ebpf, CLASSIFY_PROGRAM)?.try_into()?;
+        classify.load()?;
         let interceptor = Self {
-            rules: take_map(&mut ebpf, "RULES")?,
+            rules: Mirrored::new(take_map(&mut ebpf, "RULES")?, "RULES"),
             sockets: take_map(&mut ebpf, "SOCKETS")?,
-            interface_rules: take_map(&mut ebpf, "INTERFACE_RULES")?,
+            interface_rules: Mirrored::new(
+                take_map(&mut ebpf, "INTERFACE_RULES")?,
+                "INTERFACE_RULES",
+            ),
             interfaces: take_map(&mut ebpf, "INTERFACES")?,
-            upstream_servers: take_map(&mut ebpf, "UPSTREAM_SERVERS")?,
+            upstream_servers: Mirrored::new(
+                take_map(&mut ebpf, "UPSTREAM_SERVERS")?,
+                "UPSTREAM_SERVERS",
+            ),
             counters: take_map(&mut ebpf, "COUNTERS")?,
             settings,
-            local: Some(local),
             link: None,
-            current: Current::default(),
+            classify: Vec::new(),
             ebpf,
         };
-        let mut interceptor = interceptor;
-        let steer: &mut SkLookup = program(&mut interceptor.ebpf, STEER_PROGRAM)?.try_into()?;
-        steer.load()?;
-        let classify: &mut SchedClassifier =
-            program(&mut interceptor.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
-        classify.load()?;
-        Ok(interceptor)
-    }
-
-    /// The map of this host's addresses, for whoever keeps it current (once).
-    pub fn take_local_map(&mut self) -> Option<LocalMap> {
-        self.local.take()
+        Ok((interceptor, local))
     }
 
     /// Makes `RULES` hold exactly `entries` (`rules::compile` of a policy):
     /// new and changed entries first, then stale ones removed, so that no
-    /// destination both policies take goes unsteered in between. What it did
-    /// is recorded as it goes, so a failure part way leaves the record true.
+    /// destination both policies take goes unsteered in between.
     pub fn set_rules(&mut self, entries: &[rules::KernelEntry]) -> Result<(), InterceptError> {
-        let wanted: std::collections::HashMap<EntryKey, RuleValue> = entries
-            .iter()
-            .map(|entry| {
-                (
-                    (entry.prefix_len, entry.key.port, entry.key.addr),
-                    entry.value,
-                )
-            })
-            .collect();
-        for entry in entries {
-            let key = (entry.prefix_len, entry.key.port, entry.key.addr);
-            if self.current.rules.get(&key) != Some(&entry.value) {
-                self.rules
-                    .insert(&Key::new(entry.prefix_len, entry.key), entry.value, 0)
-                    .map_err(map_error("RULES"))?;
-                self.current.rules.insert(key, entry.value);
-            }
-        }
-        let stale: Vec<EntryKey> = self
-            .current
-            .rules
-            .keys()
-            .filter(|key| !wanted.contains_key(key))
-            .copied()
-            .collect();
-        for (prefix_len, port, addr) in stale {
-            remove_entry(
-                self.rules
-                    .remove(&Key::new(prefix_len, rule_key(port, addr))),
-                "RULES",
-            )?;
-            self.current.rules.remove(&(prefix_len, port, addr));
-        }
-        Ok(())
+        self.rules.set(&rule_entries(entries))
     }
 
     /// How many `RULES` entries the map holds while it changes to `entries`:
     /// the new ones go in before the stale ones go out.
     pub fn peak_rule_entries(&self, entries: &[rules::KernelEntry]) -> usize {
-        let new = entries
-            .iter()
-            .filter(|e| {
-                !self
-                    .current
-                    .rules
-                    .contains_key(&(e.prefix_len, e.key.port, e.key.addr))
-            })
+        let new = rule_entries(entries)
+            .keys()
+            .filter(|key| !self.rules.holds(key))
             .count();
-        self.current.rules.len() + new
+        self.rules.len() + new
     }
 
     /// Makes `UPSTREAM_SERVERS` hold exactly `servers`.
@@ -285,34 +215,14 @@ impl Interceptor {
         &mut self,
         servers: impl IntoIterator<Item = std::net::SocketAddr>,
     ) -> Result<(), InterceptError> {
-        let wanted: HashSet<ServerKey> = servers
+        let wanted: Contents<RuleKey, u8> = servers
             .into_iter()
             .map(|server| {
                 let key = RuleKey::new(server.port(), lpm::key(server.ip()).to_be_bytes());
-                (key.port, key.addr)
+                (key, 1)
             })
             .collect();
-        for &(port, addr) in &wanted {
-            if self.current.upstream_servers.insert((port, addr)) {
-                self.upstream_servers
-                    .insert(rule_key(port, addr), 1, 0)
-                    .map_err(map_error("UPSTREAM_SERVERS"))?;
-            }
-        }
-        let stale: Vec<ServerKey> = self
-            .current
-            .upstream_servers
-            .difference(&wanted)
-            .copied()
-            .collect();
-        for (port, addr) in stale {
-            remove_entry(
-                self.upstream_servers.remove(&rule_key(port, addr)),
-                "UPSTREAM_SERVERS",
-            )?;
-            self.current.upstream_servers.remove(&(port, addr));
-        }
-        Ok(())
+        self.upstream_servers.set(&wanted)
     }
 
     /// Keeps connections opened under a replaced policy working, whatever
@@ -364,15 +274,7 @@ impl Interceptor {
                 .insert(interface.index, config, 0)
                 .map_err(map_error("INTERFACES"))?;
         }
-        for pair in wanted_pairs(plan) {
-            if self.current.interface_rules.insert(pair) {
-                let (ifindex, rule_id) = pair;
-                self.interface_rules
-                    .insert(InterfaceRuleKey { ifindex, rule_id }, 1, 0)
-                    .map_err(map_error("INTERFACE_RULES"))?;
-            }
-        }
-        Ok(())
+        self.interface_rules.add(&wanted_pairs(plan))
     }
 
     /// Second half: attaches `classify` (tcx, after any program already
@@ -381,12 +283,7 @@ impl Interceptor {
     pub fn finish_classify(&mut self, plan: &[ClassifyPlan]) -> Result<(), InterceptError> {
         for planned in plan {
             let interface = &planned.interface;
-            if self
-                .current
-                .classify
-                .iter()
-                .any(|a| a.index == interface.index)
-            {
+            if self.classify.iter().any(|a| a.index == interface.index) {
                 continue;
             }
             let classify: &mut SchedClassifier =
@@ -401,32 +298,17 @@ impl Interceptor {
                     interface: interface.name.clone(),
                     source,
                 })?;
-            self.current.classify.push(Attached {
+            self.classify.push(Attached {
                 index: interface.index,
                 name: interface.name.clone(),
                 link,
             });
         }
-        let wanted = wanted_pairs(plan);
-        let stale: Vec<(u32, u32)> = self
-            .current
-            .interface_rules
-            .difference(&wanted)
-            .copied()
-            .collect();
-        for (ifindex, rule_id) in stale {
-            remove_entry(
-                self.interface_rules
-                    .remove(&InterfaceRuleKey { ifindex, rule_id }),
-                "INTERFACE_RULES",
-            )?;
-            self.current.interface_rules.remove(&(ifindex, rule_id));
-        }
-        let (kept, gone): (Vec<Attached>, Vec<Attached>) =
-            std::mem::take(&mut self.current.classify)
-                .into_iter()
-                .partition(|attached| plan.iter().any(|p| p.interface.index == attached.index));
-        self.current.classify = kept;
+        self.interface_rules.remove_stale(&wanted_pairs(plan))?;
+        let (kept, gone): (Vec<Attached>, Vec<Attached>) = std::mem::take(&mut self.classify)
+            .into_iter()
+            .partition(|attached| plan.iter().any(|p| p.interface.index == attached.index));
+        self.classify = kept;
         for attached in gone {
             self.detach_classify(attached)?;
         }
@@ -446,8 +328,7 @@ impl Interceptor {
 
     /// Names of the interfaces `classify` is attached to.
     pub fn classify_interfaces(&self) -> Vec<&str> {
-        self.current
-            .classify
+        self.classify
             .iter()
             .map(|attached| attached.name.as_str())
             .collect()
@@ -473,7 +354,7 @@ impl Interceptor {
     /// (or the process ending) does the same.
     pub fn detach(&mut self) -> Result<(), InterceptError> {
         self.drain()?;
-        for attached in std::mem::take(&mut self.current.classify) {
+        for attached in std::mem::take(&mut self.classify) {
             self.detach_classify(attached)?;
         }
         Ok(())
@@ -495,46 +376,34 @@ impl Interceptor {
 
     /// Number of entries in the rule map (for the log).
     pub fn rule_entries(&self) -> usize {
-        self.current.rules.len()
+        self.rules.len()
     }
 }
 
-/// The (interface, rule) pairs of gateway rules in `plan`.
-fn wanted_pairs(plan: &[ClassifyPlan]) -> HashSet<(u32, u32)> {
-    plan.iter()
-        .filter(|planned| planned.role.intercept)
-        // Fits: rule indices are below MAX_RULE_ENTRIES (see rules::compile).
-        .flat_map(|planned| {
-            planned
-                .rules
-                .iter()
-                .map(|&r| (planned.interface.index, r as u32))
-        })
+/// `RULES` entries keyed as the trie keys them.
+fn rule_entries(entries: &[rules::KernelEntry]) -> Contents<(u32, RuleKey), RuleValue> {
+    entries
+        .iter()
+        .map(|entry| ((entry.prefix_len, entry.key), entry.value))
         .collect()
 }
 
-/// A removal that found nothing to remove did what was asked.
-fn remove_entry(
-    result: Result<(), aya::maps::MapError>,
-    name: &'static str,
-) -> Result<(), InterceptError> {
-    match result {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        Err(source) => Err(InterceptError::Map { name, source }),
-    }
-}
-
-fn rule_key(port: [u8; 2], addr: [u8; 16]) -> RuleKey {
-    RuleKey {
-        port,
-        _pad: [0; 2],
-        addr,
-    }
+/// The `INTERFACE_RULES` entries of gateway rules in `plan`.
+fn wanted_pairs(plan: &[ClassifyPlan]) -> Contents<InterfaceRuleKey, u8> {
+    plan.iter()
+        .filter(|planned| planned.role.intercept)
+        .flat_map(|planned| {
+            planned.rules.iter().map(|&r| {
+                let key = InterfaceRuleKey {
+                    ifindex: planned.interface.index,
+                    // Fits: rule indices are below MAX_RULE_ENTRIES (see
+                    // rules::compile).
+                    rule_id: r as u32,
+                };
+                (key, 1)
+            })
+        })
+        .collect()
 }
 
 fn program<'a>(

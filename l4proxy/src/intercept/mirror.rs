@@ -1,0 +1,126 @@
+//! A BPF map the daemon fills, with a record of what it holds: moving the map
+//! to new contents writes only the difference, and the record is kept true
+//! entry by entry, so a failure part way leaves it right for the next try.
+
+use std::{collections::HashMap, hash::Hash};
+
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+};
+
+use super::{InterceptError, map_error};
+
+/// What a map is to hold.
+pub(super) type Contents<K, V> = HashMap<K, V>;
+
+/// An LPM trie, its entries keyed by (prefix length in bits, key data).
+pub(super) type MirroredTrie<K, V> = Mirrored<LpmTrie<MapData, K, V>, (u32, K), V>;
+
+/// A BPF hash map.
+pub(super) type MirroredHash<K, V> = Mirrored<BpfHashMap<MapData, K, V>, K, V>;
+
+/// How a kind of BPF map takes one entry.
+pub(super) trait Entries<K, V> {
+    fn write(&mut self, key: &K, value: &V) -> Result<(), MapError>;
+    fn delete(&mut self, key: &K) -> Result<(), MapError>;
+}
+
+impl<K: Pod, V: Pod> Entries<K, V> for BpfHashMap<MapData, K, V> {
+    fn write(&mut self, key: &K, value: &V) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+
+    fn delete(&mut self, key: &K) -> Result<(), MapError> {
+        self.remove(key)
+    }
+}
+
+/// A trie entry is keyed by (prefix length in bits, key data).
+impl<K: Pod, V: Pod> Entries<(u32, K), V> for LpmTrie<MapData, K, V> {
+    fn write(&mut self, &(len, data): &(u32, K), value: &V) -> Result<(), MapError> {
+        self.insert(&Key::new(len, data), value, 0)
+    }
+
+    fn delete(&mut self, &(len, data): &(u32, K)) -> Result<(), MapError> {
+        self.remove(&Key::new(len, data))
+    }
+}
+
+/// A map and what it holds.
+pub(super) struct Mirrored<M, K, V> {
+    map: M,
+    /// The map's name, for errors.
+    name: &'static str,
+    held: HashMap<K, V>,
+}
+
+impl<M, K, V> Mirrored<M, K, V>
+where
+    M: Entries<K, V>,
+    K: Eq + Hash + Copy,
+    V: PartialEq + Copy,
+{
+    /// `map`, which must be empty.
+    pub fn new(map: M, name: &'static str) -> Self {
+        Self {
+            map,
+            name,
+            held: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn holds(&self, key: &K) -> bool {
+        self.held.contains_key(key)
+    }
+
+    /// Makes the map hold exactly `wanted`: new and changed entries first,
+    /// then the stale ones out, so that what both contents hold is never
+    /// missing in between.
+    pub fn set(&mut self, wanted: &Contents<K, V>) -> Result<(), InterceptError> {
+        self.add(wanted)?;
+        self.remove_stale(wanted)
+    }
+
+    /// Writes the entries of `wanted` the map lacks or holds with another
+    /// value.
+    pub fn add(&mut self, wanted: &Contents<K, V>) -> Result<(), InterceptError> {
+        for (key, value) in wanted {
+            if self.held.get(key) != Some(value) {
+                self.map.write(key, value).map_err(map_error(self.name))?;
+                self.held.insert(*key, *value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the entries `wanted` lacks; one that is already gone counts as
+    /// removed.
+    pub fn remove_stale(&mut self, wanted: &Contents<K, V>) -> Result<(), InterceptError> {
+        let stale: Vec<K> = self
+            .held
+            .keys()
+            .filter(|key| !wanted.contains_key(key))
+            .copied()
+            .collect();
+        for key in stale {
+            match self.map.delete(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(InterceptError::Map {
+                        name: self.name,
+                        source,
+                    });
+                }
+            }
+            self.held.remove(&key);
+        }
+        Ok(())
+    }
+}
