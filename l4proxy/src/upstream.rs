@@ -184,39 +184,31 @@ impl Pool {
         local: &Arc<LocalAddrs>,
         timeout: Duration,
     ) -> Result<Connected, ConnectError> {
-        let passthrough = matches!(self.target, PoolTarget::OriginalDestination);
-        let servers: Vec<UpstreamAddr> = match &self.target {
+        let original_destination;
+        let (servers, start, passthrough) = match &self.target {
             PoolTarget::OriginalDestination => {
-                vec![UpstreamAddr(SocketAddr::new(
+                original_destination = [UpstreamAddr(SocketAddr::new(
                     request.orig_dst.0.ip().to_canonical(),
                     request.orig_dst.0.port(),
-                ))]
+                ))];
+                (&original_destination[..], 0, true)
             }
-            PoolTarget::Servers(servers) => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
-                (0..servers.len())
-                    .map(|i| servers[(start + i) % servers.len()])
-                    .filter(|&server| {
-                        // Only a connection from the client's own address is
-                        // held to its family; `source` decides whether it is.
-                        !matches!(source(request, server, false, local).0, Source::Client(_))
-                            || server.0.is_ipv4() == client_v4
-                    })
-                    .collect()
-            }
+            PoolTarget::Servers(servers) => (
+                &servers[..],
+                self.next.fetch_add(1, Ordering::Relaxed),
+                false,
+            ),
         };
-        if servers.is_empty() {
-            let family = if request.client.0.ip().to_canonical().is_ipv4() {
-                "IPv4"
-            } else {
-                "IPv6"
-            };
-            return Err(ConnectError::NoServerOfFamily { family });
-        }
+        let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
         let mut last_error = None;
-        for upstream in servers {
+        for i in 0..servers.len() {
+            let upstream = servers[(start + i) % servers.len()];
             let (from, fallback) = source(request, upstream, passthrough, local);
+            // Only a connection from the client's own address is held to
+            // its family.
+            if matches!(from, Source::Client(_)) && upstream.0.is_ipv4() != client_v4 {
+                continue;
+            }
             match connect_from(upstream, from, fallback, timeout).await {
                 Ok(connected) => return Ok(connected),
                 Err(error) => {
@@ -225,7 +217,10 @@ impl Pool {
                 }
             }
         }
-        Err(last_error.expect("at least one server was tried"))
+        // None tried: every server is of the other family.
+        Err(last_error.unwrap_or(ConnectError::NoServerOfFamily {
+            family: if client_v4 { "IPv4" } else { "IPv6" },
+        }))
     }
 }
 
@@ -319,4 +314,118 @@ fn set_bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(client: &str, orig_dst: &str, bind: Bind) -> Request {
+        Request {
+            client: ClientAddr(client.parse().unwrap()),
+            orig_dst: OrigDstAddr(orig_dst.parse().unwrap()),
+            bind,
+        }
+    }
+
+    fn server(addr: &str) -> UpstreamAddr {
+        UpstreamAddr(addr.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_source_follows_bind_unless_spoofing_cannot_work() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let remote = "192.0.2.7:40000";
+        let to = "192.0.2.10:80";
+        let cases = [
+            (
+                remote,
+                Bind::Proxy,
+                server("203.0.113.2:80"),
+                false,
+                Source::Kernel,
+                None,
+            ),
+            (
+                remote,
+                Bind::Address("198.51.100.1".parse().unwrap()),
+                server("203.0.113.2:80"),
+                false,
+                Source::Fixed("198.51.100.1".parse().unwrap()),
+                None,
+            ),
+            (
+                remote,
+                Bind::ClientIp,
+                server("203.0.113.2:80"),
+                false,
+                Source::Client("192.0.2.7:0".parse().unwrap()),
+                None,
+            ),
+            (
+                remote,
+                Bind::Client,
+                server("203.0.113.2:80"),
+                false,
+                Source::Client(remote.parse().unwrap()),
+                None,
+            ),
+            // Loopback is this host's, whatever the interfaces say.
+            (
+                "127.0.0.5:40000",
+                Bind::Client,
+                server("203.0.113.2:80"),
+                false,
+                Source::Kernel,
+                Some(Fallback::LocalClient),
+            ),
+            (
+                remote,
+                Bind::ClientIp,
+                server("127.0.0.1:80"),
+                true,
+                Source::Kernel,
+                Some(Fallback::LocalDestination),
+            ),
+            (
+                remote,
+                Bind::Client,
+                server(to),
+                true,
+                Source::Client("192.0.2.7:0".parse().unwrap()),
+                Some(Fallback::SameFourTuple),
+            ),
+        ];
+        for (client, bind, to_server, passthrough, want, fallback) in cases {
+            assert_eq!(
+                source(&request(client, to, bind), to_server, passthrough, &local),
+                (want, fallback),
+                "{client} {bind} to {to_server}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_from_the_clients_address_needs_a_server_of_its_family() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let pool = Pool::new(&Upstream {
+            name: "v6".to_owned(),
+            target: Target::Servers(vec!["[2001:db8:5::2]:80".parse().unwrap()]),
+            bind: Bind::ClientIp,
+            proxy_protocol: None,
+        });
+        let refused = pool
+            .connect(
+                &request("192.0.2.7:40000", "192.0.2.10:80", Bind::ClientIp),
+                &local,
+                Duration::from_secs(1),
+            )
+            .await
+            .err()
+            .expect("no IPv4 server to connect to");
+        assert!(
+            matches!(refused, ConnectError::NoServerOfFamily { family: "IPv4" }),
+            "{refused}"
+        );
+    }
 }
