@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use crate::{
     hello::{self, GaveUp},
     proxy_protocol::{self, DecodeError, Decoded, MAX_HEADER_LEN},
+    relay,
 };
 
 /// Why no header could be taken; the connection is closed.
@@ -66,7 +67,8 @@ async fn discard(stream: &TcpStream, mut len: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Most client bytes sent along with the header.
+/// Room for the client bytes sent along with the header (a read takes what
+/// is queued, up to this much).
 const WITH_HEADER: usize = 16 * 1024;
 
 /// Which side failed while the header went out.
@@ -88,23 +90,16 @@ pub async fn write(
     header: Vec<u8>,
 ) -> Result<u64, WriteError> {
     let mut out = header;
-    let header_len = out.len();
-    out.resize(header_len + WITH_HEADER, 0);
-    let taken = match client.try_read(&mut out[header_len..]) {
+    // Read into the spare capacity: nothing to zero first.
+    out.reserve_exact(WITH_HEADER);
+    let taken = match client.try_read_buf(&mut out) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(WriteError::Client(e)),
     };
-    out.truncate(header_len + taken);
-    let mut written = 0;
-    while written < out.len() {
-        upstream.writable().await.map_err(WriteError::Upstream)?;
-        match upstream.try_write(&out[written..]) {
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(WriteError::Upstream(e)),
-        }
-    }
+    relay::write_all(upstream, &out, &mut 0)
+        .await
+        .map_err(WriteError::Upstream)?;
     Ok(taken as u64)
 }
 

@@ -59,18 +59,20 @@ pub(super) fn first_read(
     })
 }
 
-/// Writes all of `data`, waiting for `dst` as needed.
-pub(super) async fn write_all(dst: &TcpStream, data: &[u8], count: &mut u64) -> Result<(), Failed> {
+/// Writes all of `data`, waiting for `dst` as needed; `count` grows with
+/// every write, so it is right also when one fails. (tokio writes only
+/// through an owned or split `TcpStream`; the relay holds shared ones.)
+pub async fn write_all(dst: &TcpStream, data: &[u8], count: &mut u64) -> io::Result<()> {
     let mut sent = 0;
     while sent < data.len() {
-        dst.writable().await.map_err(Failed::Write)?;
+        dst.writable().await?;
         match dst.try_write(&data[sent..]) {
             Ok(n) => {
                 sent += n;
                 *count += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(Failed::Write(e)),
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -97,6 +99,8 @@ pub(super) async fn burst(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(Failed::Read(e)),
         };
-        write_all(dst, &buffer[..read], count).await?;
+        write_all(dst, &buffer[..read], count)
+            .await
+            .map_err(Failed::Write)?;
     }
 }

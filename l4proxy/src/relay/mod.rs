@@ -29,6 +29,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+pub use self::copy::write_all;
 use self::pipe::Pipe;
 
 /// How a relayed connection ended.
@@ -148,7 +149,9 @@ async fn forward(
                 copy::First::Drained => continue,
                 copy::First::Read { read, rest } => {
                     if let Some(rest) = rest {
-                        Box::pin(copy::write_all(dst, &rest, count)).await?;
+                        Box::pin(copy::write_all(dst, &rest, count))
+                            .await
+                            .map_err(Failed::Write)?;
                     }
                     bulk = read == copy::FIRST_READ;
                     continue;
