@@ -224,3 +224,21 @@ fn assert_only_local_route(t: &Topo, prefix: &str) {
         "{prefix}'s local route only: {routes:?}"
     );
 }
+
+/// The policy's warnings are logged when the daemon starts, and again each
+/// time it rereads the file.
+#[test]
+fn policy_warnings_are_logged_at_start_and_on_reload() {
+    let t = Topo::new("reload_warn");
+    let mut policy = policy_a();
+    policy["intercept"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "idle", "prefixes": ["192.0.2.200/32"], "ports": [80] }));
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let warning = "warning: intercept[2]: no upstream and no route applies to it";
+    let count = |d: &Daemon| d.log_text().matches(warning).count();
+    assert_eq!(count(&d), 1, "at start: {}", d.log_text());
+    assert_eq!(message(&d.reload(&policy)), Some("policy reloaded"));
+    assert_eq!(count(&d), 2, "on reload: {}", d.log_text());
+}

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let policy = Policy::load(&args.policy)?;
+    let policy = server::load_policy(&args.policy)?;
     // SAFETY: no thread has been started yet; the runtime is built below.
     let _guard = unsafe { guard::spawn() }.context("starting the route guard")?;
     let settings = Settings {

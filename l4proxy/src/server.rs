@@ -26,7 +26,7 @@ use crate::{
     conn_id::ConnectionIds,
     install::{self, Applied, InstallError, Installation},
     intercept::{delivery::Mark, interfaces, routes::RouteError},
-    policy::Policy,
+    policy::{Policy, PolicyError},
     session::{self, Shared},
 };
 
@@ -151,19 +151,25 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     Ok(())
 }
 
+/// Reads and checks a policy file, and logs its warnings.
+pub fn load_policy(path: &Path) -> Result<Policy, PolicyError> {
+    let policy = Policy::load(path)?;
+    for warning in policy.warnings() {
+        tracing::warn!("{}: warning: {warning}", path.display());
+    }
+    Ok(policy)
+}
+
 /// Rereads the policy file and applies it. A policy that is refused, by the
 /// check or by the host, is logged with why, and the running one stays.
 async fn reload(path: &Path, installation: &mut Installation) -> Option<Applied> {
-    let policy = match Policy::load(path) {
+    let policy = match load_policy(path) {
         Ok(policy) => policy,
         Err(e) => {
             tracing::error!("policy not reloaded: {e}; the running policy stays in force");
             return None;
         }
     };
-    for warning in policy.warnings() {
-        tracing::warn!("{}: warning: {warning}", path.display());
-    }
     match installation.apply(policy).await {
         Ok(applied) => Some(applied),
         Err(e) => {
