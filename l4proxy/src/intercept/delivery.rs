@@ -30,7 +30,7 @@ use rtnetlink::{
 };
 
 use super::routes::{
-    self, ROUTE_PROTOCOL, RouteError, connect, delete_route, delete_rule, local_route,
+    self, ROUTE_PROTOCOL, RouteError, connect, delete_each, delete_route, delete_rule, local_route,
 };
 
 /// Priority of our routing rules: before `lookup main` (32766) and the
@@ -146,15 +146,13 @@ impl Delivery {
         let (kept, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut self.servers)
             .into_iter()
             .partition(|(server, _)| local_servers.contains(server));
+        // A stale rule that cannot be removed stays on the list.
+        let (left, mut first_error) = delete_each(stale, async |(_, rule)| {
+            delete_rule(&self.handle, rule).await
+        })
+        .await;
         self.servers = kept;
-        // Every stale rule is tried; one that fails stays on the list.
-        let mut first_error = None;
-        for (server, rule) in stale {
-            if let Err(e) = delete_rule(&self.handle, rule.clone()).await {
-                self.servers.push((server, rule));
-                first_error.get_or_insert(e);
-            }
-        }
+        self.servers.extend(left);
         for &server in local_servers {
             if self.servers.iter().any(|(known, _)| *known == server) {
                 continue;
@@ -163,22 +161,8 @@ impl Delivery {
             self.servers.push((server, rule));
         }
         if !needed && let Some(base) = self.base.take() {
-            let mut left = Base {
-                rules: Vec::new(),
-                routes: Vec::new(),
-            };
-            for rule in base.rules {
-                if let Err(e) = delete_rule(&self.handle, rule.clone()).await {
-                    left.rules.push(rule);
-                    first_error.get_or_insert(e);
-                }
-            }
-            for route in base.routes {
-                if let Err(e) = delete_route(&self.handle, route.clone()).await {
-                    left.routes.push(route);
-                    first_error.get_or_insert(e);
-                }
-            }
+            let (left, error) = self.delete_base(base).await;
+            first_error = first_error.or(error);
             if !(left.rules.is_empty() && left.routes.is_empty()) {
                 self.base = Some(left);
             }
@@ -217,15 +201,26 @@ impl Delivery {
         }
         .await;
         if let Err(e) = added {
-            for rule in base.rules {
-                let _ = delete_rule(&self.handle, rule).await;
-            }
-            for route in base.routes {
-                let _ = delete_route(&self.handle, route).await;
+            if let (_, Some(undo)) = self.delete_base(base).await {
+                tracing::warn!(error = %undo, "removing the rules and routes of a failed start");
             }
             return Err(e);
         }
         Ok(base)
+    }
+
+    /// Deletes the fwmark rules and the table's routes, trying all; returns
+    /// what is left, and the first error.
+    async fn delete_base(&self, base: Base) -> (Base, Option<RouteError>) {
+        let (rules, rules_error) = delete_each(base.rules, async |rule| {
+            delete_rule(&self.handle, rule).await
+        })
+        .await;
+        let (routes, routes_error) = delete_each(base.routes, async |route| {
+            delete_route(&self.handle, route).await
+        })
+        .await;
+        (Base { rules, routes }, rules_error.or(routes_error))
     }
 
     /// `ip rule add iif lo from SERVER ipproto tcp sport PORT lookup TABLE`.

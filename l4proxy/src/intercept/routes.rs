@@ -104,12 +104,12 @@ impl LocalRoutes {
                     self.found.push(prefix);
                 }
                 Err(source) => {
-                    for prefix in new {
-                        if let Err(e) =
-                            delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await
-                        {
-                            tracing::warn!(error = %e, "removing a route after a failed change");
-                        }
+                    let (_, undo_error) = delete_each(new, async |prefix| {
+                        delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await
+                    })
+                    .await;
+                    if let Some(e) = undo_error {
+                        tracing::warn!(error = %e, "removing the routes of a failed change");
                     }
                     return Err(RouteError::Add { prefix, source });
                 }
@@ -118,18 +118,16 @@ impl LocalRoutes {
         let (kept, stale): (Vec<IpNet>, Vec<IpNet>) = std::mem::take(&mut self.added)
             .into_iter()
             .partition(|prefix| prefixes.contains(prefix));
+        // A stale route that cannot be removed stays on the list, for the
+        // next call (or the guard) to remove.
+        let (left, error) = delete_each(stale, async |prefix| {
+            delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await
+        })
+        .await;
         self.added = kept;
         self.added.extend(new);
-        // Every stale route is tried; one that fails stays on the list, for
-        // the next call (or the guard) to remove.
-        let mut first_error = None;
-        for prefix in stale {
-            if let Err(e) = delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await {
-                self.added.push(prefix);
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.added.extend(left);
+        error.map_or(Ok(()), Err)
     }
 
     pub fn added(&self) -> &[IpNet] {
@@ -170,6 +168,26 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
         }
     }
     Ok(removed)
+}
+
+/// Deletes each of `items`, trying all of them whatever fails; returns the
+/// ones that could not be deleted, and the first error.
+pub(super) async fn delete_each<T>(
+    items: Vec<T>,
+    delete: impl AsyncFn(T) -> Result<(), RouteError>,
+) -> (Vec<T>, Option<RouteError>)
+where
+    T: Clone,
+{
+    let mut left = Vec::new();
+    let mut first_error = None;
+    for item in items {
+        if let Err(e) = delete(item.clone()).await {
+            left.push(item);
+            first_error.get_or_insert(e);
+        }
+    }
+    (left, first_error)
 }
 
 /// `ip route del`; a route someone already removed is removed.
