@@ -44,7 +44,8 @@ static UPSTREAM_SERVERS: HashMap<RuleKey, u8> = HashMap::with_max_entries(MAX_UP
 static LOCAL_ADDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
 /// Settings the daemon writes: the packet mark that routes a packet to local
-/// delivery (`MARK_VALUE`, `MARK_MASK`), and whether it drains (`DRAINING`).
+/// delivery (`MARK_VALUE`, `MARK_MASK`), whether it drains (`DRAINING`), and
+/// whether connections of a replaced policy are still open (`RETAINING`).
 #[map]
 static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
 

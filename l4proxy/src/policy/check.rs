@@ -367,11 +367,7 @@ impl BindTarget {
                 .prefixes
                 .iter()
                 .filter(move |prefix| {
-                    wanted.is_none_or(|wanted| {
-                        wanted
-                            .iter()
-                            .any(|w| w.contains(*prefix) || prefix.contains(w))
-                    })
+                    wanted.is_none_or(|wanted| wanted.iter().any(|w| super::overlap(w, prefix)))
                 })
                 .map(move |prefix| (id, prefix))
         })

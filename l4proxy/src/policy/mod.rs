@@ -204,7 +204,6 @@ impl Route {
     /// destinations), so a `false` is certain.
     pub fn may_apply(&self, id: RuleId, rule: &InterceptRule) -> bool {
         let when = &self.conditions;
-        let overlap = |a: &IpNet, b: &IpNet| a.contains(b) || b.contains(a);
         when.intercept
             .as_ref()
             .is_none_or(|rules| rules.contains(&id))
@@ -219,6 +218,11 @@ impl Route {
                     .any(|&p| rule.ports.iter().any(|&q| p.intersection(q).is_some()))
             })
     }
+}
+
+/// Whether two prefixes share an address (one holds the other).
+fn overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

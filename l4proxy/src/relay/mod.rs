@@ -10,9 +10,9 @@
 //! Once a read fills that buffer the direction is bulk for good: it takes a
 //! pipe from a pool (`pipe`) for each burst, splices it socket → pipe → socket
 //! without copying it through user space (`splice`), and gives the empty pipe
-//! back once the socket runs dry. If no pipe can be had (out of descriptors), that burst goes
-//! through a buffer instead. Bytes the daemon peeked at are still queued in
-//! the client socket and go out first.
+//! back once the socket runs dry. If no pipe can be had (out of descriptors),
+//! that burst goes through a buffer instead. Bytes the daemon peeked at are
+//! still queued in the client socket and go out first.
 //!
 //! `unsafe` is confined to `pipe`, which calls splice(2) and `F_SETPIPE_SZ`
 //! through libc (neither std, tokio nor socket2 wraps them).
