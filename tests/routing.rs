@@ -18,8 +18,9 @@ use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
+use lab::TempDir;
 use lab::daemon::{field, field_str, message};
-use lab::tls::{self, Cert, Curl, Nginx, Site, TempDir};
+use lab::tls::{self, Cert, Curl, Nginx, Site};
 use lab::{Daemon, Server, Topo, connect, sa};
 use serde_json::{Value, json};
 

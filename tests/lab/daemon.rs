@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::Netns;
+use super::{Netns, TempDir};
 
 /// Path of the binary under test.
 pub fn binary() -> &'static str {
@@ -24,7 +24,8 @@ pub struct Daemon {
     child: Child,
     exited: Option<ExitStatus>,
     log: Arc<Mutex<Vec<String>>>,
-    dir: PathBuf,
+    /// Holds the policy file; removed on drop.
+    dir: TempDir,
     ns: String,
 }
 
@@ -44,9 +45,7 @@ impl Daemon {
     /// Writes `policy` to a temporary file and starts
     /// `l4proxy run --policy FILE --log-format json EXTRA...` inside `ns`.
     pub fn start(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
-        let dir =
-            std::env::temp_dir().join(format!("l4proxy-test-{}-{}", std::process::id(), ns.name()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let dir = TempDir::new(&format!("daemon-{}", ns.name()));
         let policy_path = dir.join("policy.json");
         std::fs::write(&policy_path, serde_json::to_vec_pretty(policy).unwrap())
             .unwrap_or_else(|e| panic!("write {}: {e}", policy_path.display()));
@@ -129,22 +128,12 @@ impl Daemon {
             .filter(|e| is_reload_verdict(e))
             .count();
         self.signal(libc::SIGHUP);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(ev) = self
-                .events()
-                .into_iter()
-                .filter(is_reload_verdict)
-                .nth(seen)
-            {
-                return ev;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no reload verdict within 10 s (the l4proxy log is printed below)"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_nth_event(
+            seen,
+            "a reload verdict",
+            Duration::from_secs(10),
+            is_reload_verdict,
+        )
     }
 
     pub fn pid(&self) -> i32 {
@@ -189,15 +178,28 @@ impl Daemon {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_nth_event(0, what, timeout, pred)
+    }
+
+    /// Waits for the event after the first `n` that match `pred` (counting
+    /// from 0); panics with the log on timeout or if the daemon exits first.
+    pub fn wait_nth_event(
+        &mut self,
+        n: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let nth = |d: &Daemon| d.events().into_iter().filter(|e| pred(e)).nth(n);
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(ev) = self.events().into_iter().find(|e| pred(e)) {
+            if let Some(ev) = nth(self) {
                 return ev;
             }
             if let Some(st) = self.try_exit() {
                 // Give the reader threads a moment to drain the pipes.
                 std::thread::sleep(Duration::from_millis(100));
-                if let Some(ev) = self.events().into_iter().find(|e| pred(e)) {
+                if let Some(ev) = nth(self) {
                     return ev;
                 }
                 panic!(
@@ -232,26 +234,17 @@ impl Daemon {
         self.wait_event("`ready`", timeout, |e| message(e) == Some("ready"));
     }
 
-    /// Waits until `n` `connection closed` events are logged and returns them.
+    /// Waits until `n` (at least 1) `connection closed` events are logged
+    /// and returns them all.
     pub fn wait_closed_events(&mut self, n: usize, timeout: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let closed: Vec<Value> = self
-                .events()
-                .into_iter()
-                .filter(|e| message(e) == Some("connection closed"))
-                .collect();
-            if closed.len() >= n {
-                return closed;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "expected {n} `connection closed` events within {timeout:?}, got {} (the l4proxy log is printed below)",
-                    closed.len()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let closed = |e: &Value| message(e) == Some("connection closed");
+        self.wait_nth_event(
+            n - 1,
+            &format!("{n} `connection closed` events"),
+            timeout,
+            closed,
+        );
+        self.events().into_iter().filter(closed).collect()
     }
 
     pub fn signal(&self, sig: i32) {
@@ -317,7 +310,6 @@ impl Drop for Daemon {
                 self.log_text()
             );
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

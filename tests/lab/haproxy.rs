@@ -5,11 +5,12 @@
 //! is killed and reaped on drop.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::tls::{TempDir, kill_group, ns_command, require_tool};
-use super::{Netns, try_connect};
+use super::tls::{kill_group, ns_command, require_tool, wait_listening};
+use super::{Netns, TempDir, poll_until};
 
 pub struct Haproxy {
     child: Child,
@@ -39,59 +40,46 @@ impl Haproxy {
             .unwrap_or_else(|e| panic!("write {}: {e}", config_path.display()));
         let log = std::fs::File::create(dir.join("out.log")).unwrap();
         let config_arg = config_path.display().to_string();
-        let child = ns_command(ns, "haproxy", &["-db", "-f", &config_arg])
+        let mut child = ns_command(ns, "haproxy", &["-db", "-f", &config_arg])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start haproxy in {}: {e}", ns.name()));
-        let mut haproxy = Haproxy {
+        wait_listening(ns, &mut child, "haproxy", listening, || {
+            format!("config:\n{config}\n{}", haproxy_log(dir.path()))
+        });
+        Haproxy {
             child,
             dir,
             ns: ns.name().to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for &addr in listening {
-            while try_connect(ns, addr, Duration::from_millis(500)).is_err() {
-                if let Some(status) = haproxy.child.try_wait().unwrap() {
-                    panic!(
-                        "haproxy in {} exited ({status}) at start\nconfig:\n{config}\n{}",
-                        haproxy.ns,
-                        haproxy.log()
-                    );
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "haproxy in {} does not accept on {addr} after 10 s\n{}",
-                    haproxy.ns,
-                    haproxy.log()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
         }
-        haproxy
     }
 
     /// Everything HAProxy printed: its log lines and messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("out.log")).unwrap_or_default()
+        haproxy_log(self.dir.path())
     }
 
     /// Waits until a log line contains `needle` (10 s) and returns it.
     pub fn wait_log_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
-                return line.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
+        let line = |log: &str| log.lines().find(|l| l.contains(needle)).map(str::to_owned);
+        poll_until(
+            Duration::from_secs(10),
+            || line(&self.log()),
+            Option::is_some,
+        )
+        .unwrap_or_else(|| {
+            panic!(
                 "no haproxy log line with {needle:?} in 10 s:\n{}",
                 self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            )
+        })
     }
+}
+
+fn haproxy_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("out.log")).unwrap_or_default()
 }
 
 impl Drop for Haproxy {

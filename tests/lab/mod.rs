@@ -21,7 +21,7 @@ pub mod tls;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -43,6 +43,39 @@ pub fn poll_until<T>(
             return found;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A directory under the system temp dir, removed (recursively) on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// `l4proxy-<what>-<pid>-<n>`, fresh.
+    pub fn new(what: &str) -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("l4proxy-{what}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("create temp dir {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -261,13 +294,34 @@ impl Netns {
         );
         let all: serde_json::Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("bpftool -j net show: bad JSON ({e}): {out}"));
+        let text = |filter: &serde_json::Value, key: &str| {
+            filter
+                .get(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
         found.extend(
             all.as_array()
                 .unwrap_or_else(|| panic!("bpftool -j net show: not an array: {out}"))
                 .iter()
                 .filter_map(|section| section.get("tc").and_then(|tc| tc.as_array()))
                 .flatten()
-                .map(|filter| format!("tc filter: {filter}")),
+                // Legacy filters only: a bpftool that knows tcx lists those
+                // too, and they are counted above.
+                .filter(|filter| {
+                    let kind = text(filter, "kind");
+                    devs.contains(&text(filter, "devname").as_str())
+                        && kind.ends_with("ingress")
+                        && !kind.starts_with("tcx")
+                })
+                .map(|filter| {
+                    format!(
+                        "{}: {} (tc filter)",
+                        text(filter, "devname"),
+                        text(filter, "name")
+                    )
+                }),
         );
         found
     }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Netns, try_connect};
+use super::{Netns, TempDir, try_connect};
 
 /// Panics, loudly, unless `tool` is on the PATH (these tests need real
 /// clients and servers; a missing one must not look like a daemon bug).
@@ -35,39 +35,6 @@ pub fn require_tools() {
     require_tool("curl", "curl");
     require_tool("nginx", "nginx-light");
     require_tool("ip", "iproute2");
-}
-
-/// A directory under the system temp dir, removed (recursively) on drop.
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    /// `l4proxy-<what>-<pid>-<n>`, fresh.
-    pub fn new(what: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("l4proxy-{what}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("create temp dir {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 /// A self-signed certificate and its key (PEM files). The certificate is its
@@ -162,6 +129,37 @@ pub fn ns_command(ns: &Netns, prog: &str, args: &[&str]) -> Command {
     cmd.args(["netns", "exec", ns.name(), prog]).args(args);
     cmd.process_group(0);
     cmd
+}
+
+/// Waits until each of `addrs` accepts a connection from inside `ns` (10 s
+/// in all); panics with `logs()` if `child` (`what`) exits first or the time
+/// runs out.
+pub fn wait_listening(
+    ns: &Netns,
+    child: &mut Child,
+    what: &str,
+    addrs: &[SocketAddr],
+    logs: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for &addr in addrs {
+        while try_connect(ns, addr, Duration::from_millis(500)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "{what} in {} exited ({status}) at start\n{}",
+                    ns.name(),
+                    logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} in {} does not accept on {addr} after 10 s\n{}",
+                ns.name(),
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 pub fn kill_group(child: &mut Child) {
@@ -513,42 +511,21 @@ impl Nginx {
             "-g",
             "daemon off; master_process off;",
         ];
-        let child = ns_command(ns, "nginx", &args)
+        let mut child = ns_command(ns, "nginx", &args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start nginx in {}: {e}", ns.name()));
-        let mut nginx = Nginx {
+        let listening: Vec<SocketAddr> = sites.iter().map(|site| site.listen).collect();
+        wait_listening(ns, &mut child, "nginx", &listening, || {
+            format!("config:\n{conf}\n{}", nginx_logs(dir.path()))
+        });
+        Nginx {
             child,
             dir,
             ns: ns.name().to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for site in sites {
-            loop {
-                if let Some(st) = nginx.child.try_wait().unwrap() {
-                    panic!(
-                        "nginx in {} exited ({st}) at start\nconfig:\n{conf}\n{}",
-                        nginx.ns,
-                        nginx.logs()
-                    );
-                }
-                if try_connect(ns, site.listen, Duration::from_millis(500)).is_ok() {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    panic!(
-                        "nginx in {} does not accept on {} after 10 s\nconfig:\n{conf}\n{}",
-                        nginx.ns,
-                        site.listen,
-                        nginx.logs()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
         }
-        nginx
     }
 
     /// Lines of the access log:
@@ -577,14 +554,18 @@ impl Nginx {
 
     /// Error log, stderr and access log, for panic messages.
     pub fn logs(&self) -> String {
-        let read = |n: &str| std::fs::read_to_string(self.dir.join(n)).unwrap_or_default();
-        format!(
-            "--- nginx stderr ---\n{}\n--- nginx error.log ---\n{}\n--- nginx access.log ---\n{}\n--------------------",
-            read("stderr.log").trim_end(),
-            read("error.log").trim_end(),
-            read("access.log").trim_end()
-        )
+        nginx_logs(self.dir.path())
     }
+}
+
+fn nginx_logs(dir: &Path) -> String {
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
+    format!(
+        "--- nginx stderr ---\n{}\n--- nginx error.log ---\n{}\n--- nginx access.log ---\n{}\n--------------------",
+        read("stderr.log").trim_end(),
+        read("error.log").trim_end(),
+        read("access.log").trim_end()
+    )
 }
 
 impl Drop for Nginx {
