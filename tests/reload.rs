@@ -5,8 +5,6 @@
 
 mod lab;
 
-use std::io::Write;
-use std::net::Shutdown;
 use std::time::Duration;
 
 use lab::daemon::{field_string, message};
@@ -49,11 +47,11 @@ fn policy_gateway() -> Value {
     })
 }
 
+/// Which server a new connection to `dst` reaches (its greeting).
 fn greeting(t: &Topo, dst: &str) -> String {
     let mut c = connect(&t.cl, sa(dst));
     let line = lab::read_line(&mut c).unwrap_or_else(|e| panic!("{dst}: greeting: {e}"));
-    c.shutdown(Shutdown::Write).unwrap();
-    let _ = lab::read_to_eof(&mut c);
+    lab::finish(&mut c, dst);
     line
 }
 
@@ -68,6 +66,7 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
     let b = Server::start(&t.sv, sa("203.0.113.2:8081"), handlers::hello_echo("b"));
     let mut d = Daemon::start_ready(&t.px, &policy_a(), &[]);
     let mut open = connect(&t.cl, sa("192.0.2.10:80"));
+    let open_client = open.local_addr().unwrap();
     assert_eq!(lab::read_line(&mut open).unwrap(), "a");
     assert_eq!(greeting(&t, "192.0.2.10:81"), "a");
 
@@ -118,8 +117,7 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
         "{routes:?}"
     );
     // The connection opened under the first policy still flows, to a.
-    open.write_all(b"still here\n").unwrap();
-    assert_eq!(lab::read_exact_n(&mut open, 11).unwrap(), b"still here\n");
+    lab::echo(&mut open, "still here", "the connection opened before");
 
     // To a gateway and back: tc programs and routing rules come and go.
     assert_eq!(
@@ -146,14 +144,12 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
     assert_only_local_route(&t, "192.0.2.0/25");
     assert_eq!(greeting(&t, "192.0.2.10:81"), "a");
 
-    open.shutdown(Shutdown::Write).unwrap();
-    let _ = lab::read_to_eof(&mut open);
-    let closed = d.wait_closed_events(1, Duration::from_secs(5));
-    assert!(
-        closed
-            .iter()
-            .any(|e| field_string(e, "upstream") == "203.0.113.2:8080"),
-        "{closed:#?}"
+    lab::finish(&mut open, "the connection opened before");
+    let closed = d.closed_event(open_client);
+    assert_eq!(
+        field_string(&closed, "upstream"),
+        "203.0.113.2:8080",
+        "it kept the upstream it started with: {closed}"
     );
     let status = d.terminate(Duration::from_secs(10));
     d.assert_exit_ok(status);
@@ -184,11 +180,11 @@ fn a_reload_keeps_connections_the_new_policy_drops() {
     assert_eq!(message(&d.reload(&other)), Some("policy reloaded"));
     for (c, what) in [(&mut local, "local prefix"), (&mut gateway, "gateway")] {
         for round in 0..3 {
-            let line = format!("{what} after the reload, {round}\n");
-            c.write_all(line.as_bytes()).unwrap();
-            let back = lab::read_exact_n(c, line.len())
-                .unwrap_or_else(|e| panic!("{what}: the open connection broke: {e}"));
-            assert_eq!(back, line.as_bytes());
+            lab::echo(
+                c,
+                &format!("{what} after the reload, {round}"),
+                &format!("{what}: the open connection"),
+            );
         }
     }
     assert!(
@@ -198,9 +194,8 @@ fn a_reload_keeps_connections_the_new_policy_drops() {
     assert_eq!(greeting(&t, "192.0.2.200:80"), "a", "the new policy");
     assert!(!t.px.tc_programs(&["to-cl", "to-sv"]).is_empty());
 
-    for mut c in [local, gateway] {
-        c.shutdown(Shutdown::Write).unwrap();
-        let _ = lab::read_to_eof(&mut c);
+    for (mut c, what) in [(local, "local prefix"), (gateway, "gateway")] {
+        lab::finish(&mut c, what);
     }
     d.wait_event("settled", Duration::from_secs(10), |e| {
         message(e) == Some("replaced policies without open connections forgotten")

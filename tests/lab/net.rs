@@ -127,6 +127,34 @@ pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
     }
 }
 
+/// Sends `line` (a newline is added) and expects it back whole: the
+/// connection carries data both ways.
+pub fn echo(s: &mut TcpStream, line: &str, what: &str) {
+    let line = format!("{line}\n");
+    s.write_all(line.as_bytes())
+        .unwrap_or_else(|e| panic!("{what}: send: {e}"));
+    let back = read_exact_n(s, line.len()).unwrap_or_else(|e| panic!("{what}: echo: {e}"));
+    assert_eq!(back, line.as_bytes(), "{what}: echo differs");
+}
+
+/// Half-closes and reads to the end, expecting nothing more: the other side
+/// saw our end and closed in turn.
+pub fn finish(s: &mut TcpStream, what: &str) {
+    s.shutdown(std::net::Shutdown::Write)
+        .unwrap_or_else(|e| panic!("{what}: shutdown: {e}"));
+    let rest = read_to_eof(s).unwrap_or_else(|e| panic!("{what}: EOF: {e}"));
+    assert_eq!(rest.len, 0, "{what}: bytes after the exchange");
+}
+
+/// Reads the server's greeting, has one line echoed, and finishes: the
+/// connection reached `want` and works in both directions.
+pub fn talk(s: &mut TcpStream, want: &str, what: &str) {
+    let hello = read_line(s).unwrap_or_else(|e| panic!("{what}: greeting: {e}"));
+    assert_eq!(hello, want, "{what}: reached the wrong server");
+    echo(s, &format!("through l4proxy: {what}"), what);
+    finish(s, what);
+}
+
 fn set_timeouts(s: &TcpStream) {
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();

@@ -2,6 +2,7 @@
 //! original-destination upstreams: what is accepted, and what is refused
 //! because it could not work.
 
+use super::edited;
 use crate::policy::*;
 
 /// A gateway rule, a rule on this host's own prefix, and one upstream of each
@@ -26,7 +27,7 @@ fn error_with(from: &str, to: &str) -> String {
 }
 
 fn policy_with(from: &str, to: &str) -> Policy {
-    let json = super::edited(EXAMPLE, from, to);
+    let json = edited(EXAMPLE, from, to);
     Policy::from_json(&json).unwrap_or_else(|e| panic!("{e}\n{json}"))
 }
 
@@ -225,10 +226,10 @@ fn servers_in_a_gateway_prefix_do_not_loop() {
 
 #[test]
 fn a_client_bind_without_a_server_of_the_clients_family_is_warned() {
-    let json = EXAMPLE.replacen(r#", "bind": "proxy""#, "", 1).replacen(
+    let json = edited(
+        &edited(EXAMPLE, r#", "bind": "proxy""#, ""),
         r#"["203.0.113.3:8080", "[2001:db8:5::3]:8080"]"#,
         r#"["203.0.113.3:8080"]"#,
-        1,
     );
     let policy = Policy::from_json(&json).unwrap();
     assert_eq!(
@@ -242,18 +243,15 @@ fn a_client_bind_without_a_server_of_the_clients_family_is_warned() {
 #[test]
 fn the_family_warning_follows_a_routes_destination_condition() {
     // The route only ever sees IPv4 destinations: an IPv4 pool is enough.
-    let json = EXAMPLE
-        .replacen(r#", "bind": "proxy""#, "", 1)
-        .replacen(
+    let json = edited(
+        &edited(
+            &edited(EXAMPLE, r#", "bind": "proxy""#, ""),
             r#""intercept": ["gateway"], "ports": [80]"#,
             r#""intercept": ["gateway"], "destination": ["203.0.113.0/25"], "ports": [80]"#,
-            1,
-        )
-        .replacen(
-            r#"["203.0.113.3:8080", "[2001:db8:5::3]:8080"]"#,
-            r#"["203.0.113.3:8080"]"#,
-            1,
-        );
+        ),
+        r#"["203.0.113.3:8080", "[2001:db8:5::3]:8080"]"#,
+        r#"["203.0.113.3:8080"]"#,
+    );
     assert_eq!(
         Policy::from_json(&json).unwrap().warnings(),
         Vec::<String>::new()
