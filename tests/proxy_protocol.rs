@@ -18,11 +18,6 @@ use lab::tls::{Nginx, Site, curl, require_tools};
 use lab::{Daemon, Server, Topo, connect, handlers, sa};
 use serde_json::json;
 
-/// How nginx and HAProxy print an address and port: IPv6 without brackets.
-fn logged(addr: SocketAddr) -> String {
-    format!("{}:{}", addr.ip(), addr.port())
-}
-
 /// nginx behind l4proxy logs the real client (`$proxy_protocol_addr:port`)
 /// for v1 and v2 headers, IPv4 and IPv6 clients.
 #[test]
@@ -65,7 +60,7 @@ fn nginx_logs_the_client_from_v1_and_v2() {
         let client = got
             .local
             .unwrap_or_else(|| panic!("{url}: {}", got.describe()));
-        let want = format!("pp={}", logged(client));
+        let want = format!("pp={}", lab::tls::logged(client));
         assert!(
             nginx.access_log().iter().any(|l| l.ends_with(&want)),
             "{url}: no nginx log line ending in {want}:\n{}",
@@ -120,7 +115,7 @@ fn haproxy_accept_proxy_sees_client_destination_and_tlvs() {
         lab::finish(&mut c, &dst.to_string());
         let closed = d.closed_event(client);
         assert_eq!(field(&closed, "route"), version, "{closed}");
-        let line = haproxy.wait_log_line(&format!("client={} ", logged(client)));
+        let line = haproxy.wait_log_line(&format!("client={} ", lab::tls::logged(client)));
         let tlvs = match version {
             "v2" => format!("authority=www.example.com id={}", field(&closed, "conn_id")),
             _ => "authority=- id=-".to_owned(),
@@ -129,8 +124,8 @@ fn haproxy_accept_proxy_sees_client_destination_and_tlvs() {
             line,
             format!(
                 "pp client={} dst={} {tlvs} end",
-                logged(client),
-                logged(dst)
+                lab::tls::logged(client),
+                lab::tls::logged(dst)
             ),
             "{version} through l4proxy"
         );

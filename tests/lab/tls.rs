@@ -448,6 +448,11 @@ pub struct Nginx {
     ns: String,
 }
 
+/// How nginx and HAProxy print an address and port: IPv6 without brackets.
+pub fn logged(addr: SocketAddr) -> String {
+    format!("{}:{}", addr.ip(), addr.port())
+}
+
 impl Nginx {
     /// Starts nginx in `ns` serving `sites`, and waits until every listen
     /// address accepts a TCP connection from inside `ns` (10 s).
@@ -540,15 +545,10 @@ impl Nginx {
 
     /// Access log lines of requests served on `listen`.
     pub fn requests_on(&self, listen: &str) -> Vec<String> {
-        let prefix = format!("{} ", super::sa(listen));
-        // nginx writes IPv6 server addresses without brackets.
-        let unbracketed = match super::sa(listen) {
-            SocketAddr::V6(a) => format!("{}:{} ", a.ip(), a.port()),
-            SocketAddr::V4(_) => prefix.clone(),
-        };
+        let prefix = format!("{} ", logged(super::sa(listen)));
         self.access_log()
             .into_iter()
-            .filter(|l| l.starts_with(&prefix) || l.starts_with(&unbracketed))
+            .filter(|l| l.starts_with(&prefix))
             .collect()
     }
 
