@@ -146,6 +146,18 @@ fn proxy_type(
     seen
 }
 
+/// With `bind: proxy`, the server sees px's own address.
+fn server_sees_px(seen: &[Seen]) {
+    for (f, s) in FAMILIES.iter().zip(seen) {
+        assert_eq!(
+            s.peer.ip(),
+            ip(f.px_server_side),
+            "{}: the server sees px",
+            f.name
+        );
+    }
+}
+
 /// Fully transparent (gateway interception, `bind: client`): the client
 /// connects to a server address and port of its own choosing behind the
 /// gateway; the server sees the client's address and port.
@@ -172,14 +184,7 @@ fn inbound_transparent() {
     let seen = proxy_type("inbound", gateway_rule(json!([80]), "web"), "proxy", |f| {
         sock(f.server_b, 80)
     });
-    for (f, s) in FAMILIES.iter().zip(&seen) {
-        assert_eq!(
-            s.peer.ip(),
-            ip(f.px_server_side),
-            "{}: the server sees px",
-            f.name
-        );
-    }
+    server_sees_px(&seen);
 }
 
 /// A rule on px's own client-side addresses, port 8000: the client names
@@ -213,14 +218,7 @@ fn explicit_proxy() {
     let seen = proxy_type("explicit", explicit_rule(), "proxy", |f| {
         sock(f.px_client_side, 8000)
     });
-    for (f, s) in FAMILIES.iter().zip(&seen) {
-        assert_eq!(
-            s.peer.ip(),
-            ip(f.px_server_side),
-            "{}: the server sees px",
-            f.name
-        );
-    }
+    server_sees_px(&seen);
 }
 
 /// Passthrough (`original_destination`): connections to two different
