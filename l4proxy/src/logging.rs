@@ -1,9 +1,25 @@
 //! Log output through tracing: text for people, JSON lines for machines.
+//!
+//! Logging never blocks the relay: the threads that log only put each
+//! formatted line on a bounded queue, and one writer thread writes the lines
+//! to stderr. When stderr does not keep up (a pipe nobody reads, a stalled
+//! journald) the queue fills, and further lines are dropped and counted; as
+//! soon as the writer can write again it says how many, in a line of the same
+//! format, before the next line.
 
-use std::io::IsTerminal;
+use std::fs::File;
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
+use tracing::{Dispatch, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -12,15 +28,372 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs to stderr at `info` unless `RUST_LOG` says otherwise.
-pub fn init(format: LogFormat) {
+/// Lines the queue holds: enough for a burst (every connection closing at
+/// the end of a grace period logs a line) to wait out a slow reader, while a
+/// full queue of lines, each well under 1 KiB, stays a few MiB.
+pub const QUEUE_LINES: usize = 4096;
+
+/// How long exit waits for the queued lines: a stuck stderr must not keep a
+/// stopping daemon alive.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Logs to stderr at `info` unless `RUST_LOG` says otherwise. Keep the guard
+/// until exit: dropping it writes out what is still queued.
+pub fn init(format: LogFormat) -> LogGuard {
+    let ansi = io::stderr().is_terminal();
+    // A descriptor of its own: the writer thread never holds std's stderr
+    // lock, which a forked child (the route guard) would inherit held.
+    let stderr = io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .expect("duplicating stderr for the log writer");
+    let (queue, guard) = start(QUEUE_LINES, File::from(stderr), format, ansi);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    subscriber(format, ansi, filter, queue).init();
+    guard
+}
+
+/// Held until exit; dropping it waits, at most [`FLUSH_TIMEOUT`], until every
+/// line queued before has been written.
+#[must_use = "dropping the guard flushes the log: keep it until exit"]
+pub struct LogGuard {
+    messages: SyncSender<Message>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
+        let (done, written) = mpsc::channel();
+        let mut message = Message::Flush(done);
+        // Not a blocking send: with stderr stuck, the queue stays full.
+        loop {
+            match self.messages.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// What the writer thread is handed.
+enum Message {
+    Line(Vec<u8>),
+    /// Answered once everything queued before it has been written.
+    Flush(mpsc::Sender<()>),
+}
+
+/// The tracing writer: puts each event's line on the queue, or counts it as
+/// dropped when the queue is full.
+struct Queue {
+    messages: SyncSender<Message>,
+    dropped: Arc<AtomicU64>,
+    /// The process whose writer thread drains the queue. A forked child (the
+    /// route guard) has no writer thread and writes to stderr itself.
+    pid: u32,
+}
+
+impl Queue {
+    fn push(&self, line: &[u8]) {
+        if self
+            .messages
+            .try_send(Message::Line(line.to_vec()))
+            .is_err()
+        {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for Queue {
+    type Writer = Output<'a>;
+
+    fn make_writer(&'a self) -> Output<'a> {
+        if std::process::id() == self.pid {
+            Output::Queued(self)
+        } else {
+            Output::Direct(io::stderr())
+        }
+    }
+}
+
+/// Where one event's line goes.
+enum Output<'a> {
+    Queued(&'a Queue),
+    Direct(io::Stderr),
+}
+
+impl Write for Output<'_> {
+    /// The fmt layer writes each event as one `write_all` of one whole line:
+    /// taking all of it at once keeps it one queued line.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::Queued(queue) => {
+                queue.push(buf);
+                Ok(buf.len())
+            }
+            Output::Direct(stderr) => stderr.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::Queued(_) => Ok(()),
+            Output::Direct(stderr) => stderr.flush(),
+        }
+    }
+}
+
+/// Starts the writer thread on `out` with a queue of `capacity` lines.
+fn start(capacity: usize, out: File, format: LogFormat, ansi: bool) -> (Queue, LogGuard) {
+    let (messages, queued) = mpsc::sync_channel(capacity);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let queue = Queue {
+        messages: messages.clone(),
+        dropped: dropped.clone(),
+        pid: std::process::id(),
+    };
+    let out = Arc::new(out);
+    // The writer thread's own line goes straight to `out`, formatted like the
+    // rest (through the queue it would wait behind the lines it is about),
+    // whatever RUST_LOG says (the lines it is about were not filtered out).
+    // Registering it takes a global lock: done here, not on that thread, so
+    // that the route guard, forked later, cannot inherit the lock held.
+    let own = Dispatch::new(subscriber(
+        format,
+        ansi,
+        EnvFilter::new("warn"),
+        out.clone(),
+    ));
+    std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || {
+            let _own = tracing::dispatcher::set_default(&own);
+            write_lines(queued, &dropped, &out);
+        })
+        .expect("starting the log writer thread");
+    (queue, LogGuard { messages })
+}
+
+/// The writer thread: writes each queued line to `out`, preceded, when lines
+/// were dropped since the last one, by a line saying how many. Ends when
+/// every sender is gone.
+fn write_lines(queued: Receiver<Message>, dropped: &AtomicU64, mut out: &File) {
+    for message in queued {
+        let dropped = dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "log lines dropped: the log output was not keeping up"
+            );
+        }
+        match message {
+            // A failed write to stderr has nowhere to be reported.
+            Message::Line(line) => _ = out.write_all(&line),
+            Message::Flush(done) => _ = done.send(()),
+        }
+    }
+}
+
+/// The fmt subscriber in `format`: one definition for the daemon's lines and
+/// the writer thread's own, so that both look alike.
+fn subscriber<W>(
+    format: LogFormat,
+    ansi: bool,
+    filter: EnvFilter,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(builder.json().finish()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, PipeReader, Read};
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    fn pipe() -> (PipeReader, File) {
+        let (reader, writer) = io::pipe().unwrap();
+        (reader, File::from(OwnedFd::from(writer)))
+    }
+
+    /// Bytes waiting in the pipe.
+    fn unread(reader: &PipeReader) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer.
+        let rc = unsafe { libc::ioctl(reader.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0, "FIONREAD: {}", io::Error::last_os_error());
+        n as usize
+    }
+
+    /// A line longer than any pipe's default capacity: the writer is stuck in
+    /// it until the test reads.
+    fn stuck_line() -> Vec<u8> {
+        let mut line = vec![b'x'; 1 << 20];
+        line.push(b'\n');
+        line
+    }
+
+    /// Queues `line`, then waits until the writer thread has started writing
+    /// it (so the queue is empty again).
+    fn push_and_wait_written(queue: &Queue, reader: &PipeReader, line: &[u8]) {
+        queue.push(line);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while unread(reader) == 0 {
+            assert!(Instant::now() < deadline, "the writer never wrote");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn full_queue_counts_dropped_lines() {
+        let (messages, _queued) = mpsc::sync_channel(2);
+        let queue = Queue {
+            messages,
+            dropped: Arc::new(AtomicU64::new(0)),
+            pid: std::process::id(),
+        };
+        for line in ["a\n", "b\n", "c\n", "d\n", "e\n"] {
+            queue.make_writer().write_all(line.as_bytes()).unwrap();
+        }
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn each_event_is_one_queued_line() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let (messages, queued) = mpsc::sync_channel(8);
+            let queue = Queue {
+                messages,
+                dropped: Arc::new(AtomicU64::new(0)),
+                pid: std::process::id(),
+            };
+            let events = subscriber(format, false, EnvFilter::new("info"), queue);
+            tracing::subscriber::with_default(events, || {
+                tracing::info!(
+                    client = "198.51.100.2:40000",
+                    bytes = 10,
+                    "connection closed"
+                );
+                tracing::warn!("grace period over");
+            });
+            let lines: Vec<String> = queued
+                .try_iter()
+                .map(|message| match message {
+                    Message::Line(line) => String::from_utf8(line).unwrap(),
+                    Message::Flush(_) => panic!("a flush nobody asked for"),
+                })
+                .collect();
+            assert_eq!(lines.len(), 2, "{format:?}: {lines:?}");
+            for line in &lines {
+                assert!(
+                    line.ends_with('\n') && line.matches('\n').count() == 1,
+                    "{format:?}: not one line: {line:?}"
+                );
+            }
+        }
+    }
+
+    /// Fills the queue while the writer is stuck, then lets it write: the
+    /// line saying how many were dropped comes before the next queued line.
+    fn dropped_lines_are_reported(format: LogFormat) -> String {
+        let (reader, out) = pipe();
+        let (queue, guard) = start(2, out, format, false);
+        let stuck = stuck_line();
+        push_and_wait_written(&queue, &reader, &stuck);
+        for line in ["first\n", "second\n", "lost 1\n", "lost 2\n", "lost 3\n"] {
+            queue.push(line.as_bytes());
+        }
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 3);
+
+        let reading = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            BufReader::new(reader).read_to_end(&mut all).unwrap();
+            all
+        });
+        drop(guard);
+        drop(queue);
+        let all = reading.join().unwrap();
+        let mut lines = all.lines().map(Result::unwrap);
+        assert_eq!(lines.next().unwrap().len(), stuck.len() - 1);
+        let notice = lines.next().unwrap();
+        let rest: Vec<String> = lines.collect();
+        assert_eq!(rest, ["first", "second"], "{format:?}");
+        notice
+    }
+
+    #[test]
+    fn dropped_lines_are_reported_in_json() {
+        let notice = dropped_lines_are_reported(LogFormat::Json);
+        let event: serde_json::Value = serde_json::from_str(&notice)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {notice}"));
+        assert_eq!(event["level"], "WARN", "{notice}");
+        assert_eq!(event["fields"]["dropped"], 3, "{notice}");
+        assert_eq!(
+            event["fields"]["message"],
+            "log lines dropped: the log output was not keeping up"
+        );
+        assert!(event["timestamp"].is_string(), "{notice}");
+    }
+
+    #[test]
+    fn dropped_lines_are_reported_in_text() {
+        let notice = dropped_lines_are_reported(LogFormat::Text);
+        assert!(
+            notice.contains(" WARN ")
+                && notice.contains("log lines dropped: the log output was not keeping up")
+                && notice.ends_with("dropped=3"),
+            "{notice}"
+        );
+    }
+
+    #[test]
+    fn exit_writes_out_queued_lines() {
+        let (mut reader, out) = pipe();
+        let (queue, guard) = start(4, out, LogFormat::Text, false);
+        let stuck = stuck_line();
+        push_and_wait_written(&queue, &reader, &stuck);
+        queue.push(b"queued\n");
+        let flushing = std::thread::spawn(move || drop(guard));
+        let mut first = vec![0; stuck.len()];
+        reader.read_exact(&mut first).unwrap();
+        flushing.join().unwrap();
+        // Everything the flush waited for is in the pipe now.
+        let mut rest = vec![0; unread(&reader)];
+        reader.read_exact(&mut rest).unwrap();
+        assert_eq!(rest, b"queued\n");
+        drop(queue);
+    }
+
+    #[test]
+    fn exit_gives_up_on_a_stuck_output() {
+        let (reader, out) = pipe();
+        let (queue, guard) = start(4, out, LogFormat::Text, false);
+        push_and_wait_written(&queue, &reader, &stuck_line());
+        queue.push(b"never written\n");
+        let started = Instant::now();
+        drop(guard);
+        let waited = started.elapsed();
+        assert!(
+            waited >= FLUSH_TIMEOUT && waited < FLUSH_TIMEOUT + Duration::from_secs(1),
+            "exit waited {waited:?} for a stuck output"
+        );
+        // The writer's write fails once nobody can read: its thread ends.
+        drop(reader);
+        drop(queue);
     }
 }

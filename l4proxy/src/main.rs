@@ -14,7 +14,8 @@ use l4proxy::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // Dropped last, after any error below is logged: flushes the log.
+    let _log = logging::init(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run(args),
         // `check` speaks to a person or a CI job: one plain line, no log prefix.

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,26 @@ impl Daemon {
     /// Writes `policy` to a temporary file and starts
     /// `l4proxy run --policy FILE --log-format json EXTRA...` inside `ns`.
     pub fn start(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
+        let mut d = Daemon::spawn(ns, policy, extra);
+        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d
+    }
+
+    /// Like `start`, but the daemon's stderr (its log) is handed to the
+    /// caller unread, to stall it or read it at will; the log this `Daemon`
+    /// collects and waits on then has stdout only.
+    pub fn start_stderr_unread(
+        ns: &Netns,
+        policy: &Value,
+        extra: &[&str],
+    ) -> (Daemon, ChildStderr) {
+        let mut d = Daemon::spawn(ns, policy, extra);
+        let stderr = d.child.stderr.take().unwrap();
+        (d, stderr)
+    }
+
+    /// Starts the daemon with both pipes; collects stdout.
+    fn spawn(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
         let dir = TempDir::new(&format!("daemon-{}", ns.name()));
         let policy_path = dir.join("policy.json");
         std::fs::write(&policy_path, serde_json::to_vec_pretty(policy).unwrap())
@@ -89,7 +109,6 @@ impl Daemon {
         drop(ns_file);
 
         let log = Arc::new(Mutex::new(Vec::new()));
-        collect(child.stderr.take().unwrap(), "", log.clone());
         collect(child.stdout.take().unwrap(), "stdout: ", log.clone());
         Daemon {
             child,
