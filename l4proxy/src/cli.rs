@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     intercept::delivery::{self, Mark},
     logging::LogFormat,
+    policy::Keepalive,
 };
 
 #[derive(Debug, Parser)]
@@ -71,9 +72,31 @@ pub struct RunArgs {
     /// How long to wait for an upstream to accept a connection (seconds).
     #[arg(long, default_value = "5", value_parser = parse_seconds)]
     pub connect_timeout: Duration,
-    /// Most client connections relayed at once; further ones are closed at accept.
-    #[arg(long, default_value_t = 16384)]
-    pub max_connections: usize,
+    /// Most client connections relayed at once; further ones are reset at
+    /// accept. [default: 16384, lowered with a warning to what the
+    /// open-files limit allows; a number given here that the limit cannot
+    /// cover is refused]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// Most connections one client address may hold at once, over all rules
+    /// (a rule's `limits` can set its own); further ones are reset at once.
+    /// [default: no limit]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: Option<u32>,
+    /// Close a connection when no byte has moved either way for this long
+    /// (seconds; 0: never). A rule or route's `timeouts.idle` overrides it.
+    #[arg(long, default_value = "3600", value_parser = parse_seconds)]
+    pub idle_timeout: Duration,
+    /// Close a connection this long after it was accepted, busy or not
+    /// (seconds; 0: never). A rule or route's `timeouts.lifetime` overrides it.
+    #[arg(long, default_value = "0", value_parser = parse_seconds)]
+    pub max_lifetime: Duration,
+    /// TCP keepalive on both sides of every connection, IDLE,INTERVAL,COUNT
+    /// (seconds of silence before the first probe, seconds between probes,
+    /// unanswered probes before the peer is given up), or `off`. A rule's
+    /// `keepalive` overrides it.
+    #[arg(long, default_value = "60,10,6", value_parser = Keepalive::parse)]
+    pub tcp_keepalive: Keepalive,
     /// How long to wait for a client's first bytes (TLS ClientHello, HTTP
     /// request head) when a route needs them; then it is routed as "other".
     #[arg(long, default_value = "10", value_parser = parse_seconds)]

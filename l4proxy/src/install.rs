@@ -24,7 +24,7 @@ use std::{
 
 use ipnet::IpNet;
 use l4proxy_common::MAX_RULE_ENTRIES;
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -37,9 +37,9 @@ use crate::{
         sysctl,
     },
     local_addrs::{self, LocalAddrs, LocalAddrsError},
-    policy::{Bind, Policy},
+    policy::{Bind, Keepalive, Policy},
     session::Active,
-    upstream::Pool,
+    upstream::{self, Pool},
 };
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -77,6 +77,8 @@ pub enum InstallError {
 /// Everything this daemon set up in its network namespace.
 pub struct Installation {
     interceptor: Interceptor,
+    /// Given to the listeners, so accepted connections have it.
+    keepalive: Keepalive,
     /// The listeners in the socket map, by family (IPv4, IPv6).
     listening: [bool; 2],
     local_routes: LocalRoutes,
@@ -127,7 +129,12 @@ pub struct Applied {
 impl Installation {
     /// Loads the programs and reads this host's addresses; sets up nothing
     /// a policy asks for yet.
-    pub async fn new(mark: Mark, routing_table: u32) -> Result<Self, InstallError> {
+    /// `keepalive`: what the listeners give every accepted connection.
+    pub async fn new(
+        mark: Mark,
+        routing_table: u32,
+        keepalive: Keepalive,
+    ) -> Result<Self, InstallError> {
         let (interceptor, mut local_map) = Interceptor::load(mark)?;
         let sink: local_addrs::Sink = Box::new(move |prefixes| {
             if let Err(e) = local_map.set(prefixes) {
@@ -137,6 +144,7 @@ impl Installation {
         let local = LocalAddrs::load(Some(sink)).await?;
         Ok(Self {
             interceptor,
+            keepalive,
             listening: [false; 2],
             local_routes: LocalRoutes::new()?,
             delivery: Delivery::new(mark, routing_table)?,
@@ -350,8 +358,8 @@ impl Installation {
             if !wanted || self.listening[slot] {
                 continue;
             }
-            let listener =
-                listen(addr).map_err(|source| InstallError::Listen { family, source })?;
+            let listener = listen(addr, self.keepalive)
+                .map_err(|source| InstallError::Listen { family, source })?;
             self.interceptor.set_listener(family, &listener)?;
             listeners.push(listener);
             slots.push(slot);
@@ -387,7 +395,7 @@ pub async fn remove_leftovers() -> Result<(), InstallError> {
     Ok(())
 }
 
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+fn listen(addr: SocketAddr, keepalive: Keepalive) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         // Each family has its own listener; never see IPv4-mapped addresses.
@@ -397,9 +405,10 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
         socket.set_ip_transparent_v4(true)?;
     }
     socket.set_reuse_address(true)?;
-    // Accepted sockets inherit it: one setsockopt here instead of one per
+    // Accepted sockets inherit these: setsockopts here instead of on every
     // connection.
     socket.set_tcp_nodelay(true)?;
+    upstream::set_keepalive(&SockRef::from(&socket), keepalive)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -546,17 +555,33 @@ fn log_counters(interceptor: &Interceptor) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// Sessions rely on it: sockets accepted from our listeners have
-    /// `TCP_NODELAY` without a setsockopt of their own.
+    /// `TCP_NODELAY` and the daemon's keepalive without setsockopts of
+    /// their own.
     #[tokio::test]
-    async fn accepted_sockets_inherit_nodelay() {
-        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let keepalive = Keepalive::Probe {
+            idle: 7,
+            interval: 3,
+            count: 4,
+        };
+        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), keepalive).unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+        let sock = SockRef::from(&accepted);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
     }
 }

@@ -17,8 +17,10 @@
 //! socket2 offer safely.
 
 pub mod addrs;
+pub mod admission;
 pub mod cli;
 pub mod conn_id;
+pub mod descriptors;
 pub mod hello;
 pub mod install;
 pub mod intercept;

@@ -5,11 +5,13 @@ use clap::Parser;
 use l4proxy::{
     addrs::{ClientAddr, OrigDstAddr},
     cli::{Cli, Command, ExplainArgs, RunArgs},
+    descriptors,
     intercept::{guard, routes},
     logging,
-    policy::{Policy, Target},
+    policy::{Policy, Target, Timeouts},
     route,
     server::{self, Settings},
+    session::Defaults,
 };
 
 fn main() -> ExitCode {
@@ -34,14 +36,26 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let policy = server::load_policy(&args.policy)?;
+    let asked = args
+        .max_connections
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let max_connections = descriptors::max_connections(asked)?;
     // SAFETY: no thread has been started yet; the runtime is built below.
     let _guard = unsafe { guard::spawn() }.context("starting the route guard")?;
     let settings = Settings {
         policy_path: args.policy.clone(),
         grace_period: args.grace_period,
         connect_timeout: args.connect_timeout,
-        max_connections: args.max_connections,
+        max_connections,
+        max_connections_per_client: args.max_connections_per_client,
         sniff_timeout: args.sniff_timeout,
+        defaults: Defaults {
+            timeouts: Timeouts {
+                idle: Some(args.idle_timeout),
+                lifetime: Some(args.max_lifetime),
+            },
+            keepalive: args.tcp_keepalive,
+        },
         mark: args.fwmark,
         routing_table: args.routing_table,
     };

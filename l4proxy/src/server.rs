@@ -23,11 +23,13 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admission::{Admission, Refusal},
     conn_id::ConnectionIds,
     install::{self, Applied, InstallError, Installation},
     intercept::{delivery::Mark, interfaces, routes::RouteError},
     policy::{Policy, PolicyError},
-    session::{self, Shared},
+    relay,
+    session::{self, Defaults, Shared},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,9 @@ pub enum ServerError {
 /// How often to look for replaced policies whose connections are all closed.
 const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
+/// How often to close the splice pipes nothing needed since the last time.
+const TRIM_PIPES_EVERY: Duration = Duration::from_secs(5);
+
 /// Run-time settings from the command line.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -50,8 +55,11 @@ pub struct Settings {
     pub policy_path: PathBuf,
     pub grace_period: Duration,
     pub connect_timeout: Duration,
+    /// Already fitted to the open-files limit (`descriptors`).
     pub max_connections: usize,
+    pub max_connections_per_client: Option<u32>,
     pub sniff_timeout: Duration,
+    pub defaults: Defaults,
     /// The packet mark of local delivery, and its routing table.
     pub mark: Mark,
     pub routing_table: u32,
@@ -63,7 +71,12 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     install::remove_leftovers().await?;
     let mut signals = Signals::new()?;
     let mut host_changes = interfaces::watch()?;
-    let mut installation = Installation::new(settings.mark, settings.routing_table).await?;
+    let mut installation = Installation::new(
+        settings.mark,
+        settings.routing_table,
+        settings.defaults.keepalive,
+    )
+    .await?;
     let Applied {
         active,
         new_listeners,
@@ -87,6 +100,8 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         connect_timeout: settings.connect_timeout,
         sniff_timeout: settings.sniff_timeout,
         shutdown: CancellationToken::new(),
+        admission: Admission::new(settings.max_connections_per_client),
+        defaults: settings.defaults,
     });
     let accepting = Accepting {
         shared: shared.clone(),
@@ -98,9 +113,14 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         stop: CancellationToken::new(),
     };
     let listeners = accepting.start(new_listeners);
-    tracing::info!(listeners = ?listeners, "ready");
+    tracing::info!(
+        listeners = ?listeners,
+        max_connections = settings.max_connections,
+        "ready"
+    );
 
     let mut settle = tokio::time::interval(SETTLE_EVERY);
+    let mut trim_pipes = tokio::time::interval(TRIM_PIPES_EVERY);
     loop {
         tokio::select! {
             signal = signals.recv() => match signal {
@@ -126,6 +146,10 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
                     tracing::error!(error = %e, "removing what a replaced policy needed");
                 }
             }
+            _ = trim_pipes.tick() => {
+                let open = relay::trim_pipes();
+                tracing::debug!(open, "splice pipes");
+            }
         }
     }
 
@@ -147,6 +171,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         accepting.tracker.wait().await;
     }
     installation.remove().await?;
+    tracing::info!(refused = %shared.admission.summary(), "connections refused over limits");
     tracing::info!("stopped");
     Ok(())
 }
@@ -234,11 +259,7 @@ async fn accept_loop(
             () = stop.cancelled() => return,
         };
         let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
-            tracing::warn!(
-                client = %peer,
-                limit = limit.max,
-                "connection limit reached; closing"
-            );
+            shared.admission.refuse(&stream, peer, Refusal::Global);
             continue;
         };
         let shared = shared.clone();

@@ -10,13 +10,14 @@
 //! not one of this host's, and the kernel programs deliver the server's
 //! replies back here. A connection is made in the client's family then, so
 //! only servers of that family are tried, and no IPv4-mapped address is ever
-//! used. Two cases never spoof:
-//! - the client is this host itself (or loopback): the source is the kernel's
-//!   choice, as the client would have had it (HAProxy gist, "connections from
-//!   local sources");
-//! - the original destination is on this host: nothing routes its replies
-//!   back to the proxy (the daemon routes them back only for the servers a
-//!   policy lists, see `intercept::delivery`).
+//! used. A client that is this host itself (or loopback) is never spoofed:
+//! the source is the kernel's choice, as the client would have had it
+//! (HAProxy gist, "connections from local sources").
+//!
+//! An original destination is never this host (its own addresses, loopback,
+//! l4proxy's listeners) nor the unspecified address, however it was learnt:
+//! the kernel programs leave this host's addresses alone, and a trusted
+//! front proxy's PROXY header could name anything.
 //!
 //! And `client` becomes `client-ip` where the client's own port cannot be
 //! used: towards the client's original destination (the connection would
@@ -34,13 +35,13 @@ use std::{
     time::Duration,
 };
 
-use socket2::SockRef;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{
     addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
     local_addrs::LocalAddrs,
-    policy::{Bind, Target, Upstream},
+    policy::{Bind, Keepalive, Target, Upstream},
 };
 
 /// What the proxy connects from: the address to bind, if any, and whether it
@@ -60,8 +61,6 @@ pub enum Source {
 pub enum Fallback {
     /// The client is this host: not spoofed.
     LocalClient,
-    /// The original destination is this host: not spoofed.
-    LocalDestination,
     /// `client` towards the original destination: the client's 4-tuple.
     SameFourTuple,
     /// `client`, but the client's port is taken here.
@@ -72,7 +71,6 @@ impl fmt::Display for Fallback {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Fallback::LocalClient => "client is this host: not spoofed",
-            Fallback::LocalDestination => "destination is this host: not spoofed",
             Fallback::SameFourTuple => {
                 "client port towards the original destination repeats the client's connection: client-ip"
             }
@@ -81,12 +79,10 @@ impl fmt::Display for Fallback {
     }
 }
 
-/// The source for a connection under `request` to `server` (`passthrough`:
-/// the original destination rather than a listed server).
+/// The source for a connection under `request` to `server`.
 pub fn source(
     request: &Request,
     server: UpstreamAddr,
-    passthrough: bool,
     local: &LocalAddrs,
 ) -> (Source, Option<Fallback>) {
     let client = SocketAddr::new(
@@ -98,9 +94,6 @@ pub fn source(
         Bind::Address(ip) => (Source::Fixed(ip), None),
         Bind::ClientIp | Bind::Client if local.contains(client.ip()) => {
             (Source::Kernel, Some(Fallback::LocalClient))
-        }
-        Bind::ClientIp | Bind::Client if passthrough && local.contains(server.0.ip()) => {
-            (Source::Kernel, Some(Fallback::LocalDestination))
         }
         Bind::ClientIp => (Source::Client(SocketAddr::new(client.ip(), 0)), None),
         Bind::Client if server.0 == request.orig_dst.0 => (
@@ -134,6 +127,8 @@ pub enum ConnectError {
         "no {family} server: a connection from the client's address is made in the client's family"
     )]
     NoServerOfFamily { family: &'static str },
+    #[error("original destination {0} is this host or unspecified: not connected to")]
+    LocalDestination(UpstreamAddr),
 }
 
 impl ConnectError {
@@ -141,6 +136,7 @@ impl ConnectError {
     pub fn upstream(&self) -> Option<UpstreamAddr> {
         match self {
             ConnectError::Failed { upstream, .. } => Some(*upstream),
+            ConnectError::LocalDestination(upstream) => Some(*upstream),
             ConnectError::NoServerOfFamily { .. } => None,
         }
     }
@@ -159,6 +155,7 @@ pub struct Request {
     pub client: ClientAddr,
     pub orig_dst: OrigDstAddr,
     pub bind: Bind,
+    pub keepalive: Keepalive,
 }
 
 impl Pool {
@@ -185,31 +182,33 @@ impl Pool {
         timeout: Duration,
     ) -> Result<Connected, ConnectError> {
         let original_destination;
-        let (servers, start, passthrough) = match &self.target {
+        let (servers, start) = match &self.target {
             PoolTarget::OriginalDestination => {
-                original_destination = [UpstreamAddr(SocketAddr::new(
+                let to = UpstreamAddr(SocketAddr::new(
                     request.orig_dst.0.ip().to_canonical(),
                     request.orig_dst.0.port(),
-                ))];
-                (&original_destination[..], 0, true)
+                ));
+                if to.0.ip().is_unspecified() || local.contains(to.0.ip()) {
+                    return Err(ConnectError::LocalDestination(to));
+                }
+                original_destination = [to];
+                (&original_destination[..], 0)
             }
-            PoolTarget::Servers(servers) => (
-                &servers[..],
-                self.next.fetch_add(1, Ordering::Relaxed),
-                false,
-            ),
+            PoolTarget::Servers(servers) => {
+                (&servers[..], self.next.fetch_add(1, Ordering::Relaxed))
+            }
         };
         let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
         let mut last_error = None;
         for i in 0..servers.len() {
             let upstream = servers[(start + i) % servers.len()];
-            let (from, fallback) = source(request, upstream, passthrough, local);
+            let (from, fallback) = source(request, upstream, local);
             // Only a connection from the client's own address is held to
             // its family.
             if matches!(from, Source::Client(_)) && upstream.0.is_ipv4() != client_v4 {
                 continue;
             }
-            match connect_from(upstream, from, fallback, timeout).await {
+            match connect_from(upstream, from, fallback, request.keepalive, timeout).await {
                 Ok(connected) => return Ok(connected),
                 Err(error) => {
                     tracing::debug!(%upstream, %error, "upstream connect failed");
@@ -230,10 +229,11 @@ async fn connect_from(
     upstream: UpstreamAddr,
     from: Source,
     fallback: Option<Fallback>,
+    keepalive: Keepalive,
     timeout: Duration,
 ) -> io::Result<Connected> {
     let attempt = async {
-        match (connect_one(upstream, from).await, from) {
+        match (connect_one(upstream, from, keepalive).await, from) {
             (Ok(stream), _) => Ok((stream, fallback)),
             (Err(e), Source::Client(client))
                 if client.port() != 0
@@ -243,7 +243,7 @@ async fn connect_from(
                     ) =>
             {
                 let any_port = Source::Client(SocketAddr::new(client.ip(), 0));
-                let stream = connect_one(upstream, any_port).await?;
+                let stream = connect_one(upstream, any_port, keepalive).await?;
                 Ok((stream, Some(Fallback::PortInUse)))
             }
             (Err(e), _) => Err(e),
@@ -259,12 +259,17 @@ async fn connect_from(
     })
 }
 
-async fn connect_one(upstream: UpstreamAddr, from: Source) -> io::Result<TcpStream> {
+async fn connect_one(
+    upstream: UpstreamAddr,
+    from: Source,
+    keepalive: Keepalive,
+) -> io::Result<TcpStream> {
     let socket = if upstream.0.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
+    set_keepalive(&SockRef::from(&socket), keepalive)?;
     match from {
         Source::Kernel => {}
         Source::Client(addr) => bind_transparent(&socket, addr)?,
@@ -273,6 +278,23 @@ async fn connect_one(upstream: UpstreamAddr, from: Source) -> io::Result<TcpStre
     let stream = socket.connect(upstream.0).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Probes a silent peer as `keepalive` says.
+pub fn set_keepalive(socket: &SockRef<'_>, keepalive: Keepalive) -> io::Result<()> {
+    match keepalive {
+        Keepalive::Off => socket.set_keepalive(false),
+        Keepalive::Probe {
+            idle,
+            interval,
+            count,
+        } => socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(Duration::from_secs(idle.into()))
+                .with_interval(Duration::from_secs(interval.into()))
+                .with_retries(count),
+        ),
+    }
 }
 
 /// Binds to an address that need not be this host's. Port 0 waits for
@@ -325,6 +347,7 @@ mod tests {
             client: ClientAddr(client.parse().unwrap()),
             orig_dst: OrigDstAddr(orig_dst.parse().unwrap()),
             bind,
+            keepalive: Keepalive::Off,
         }
     }
 
@@ -342,7 +365,6 @@ mod tests {
                 remote,
                 Bind::Proxy,
                 server("203.0.113.2:80"),
-                false,
                 Source::Kernel,
                 None,
             ),
@@ -350,7 +372,6 @@ mod tests {
                 remote,
                 Bind::Address("198.51.100.1".parse().unwrap()),
                 server("203.0.113.2:80"),
-                false,
                 Source::Fixed("198.51.100.1".parse().unwrap()),
                 None,
             ),
@@ -358,7 +379,6 @@ mod tests {
                 remote,
                 Bind::ClientIp,
                 server("203.0.113.2:80"),
-                false,
                 Source::Client("192.0.2.7:0".parse().unwrap()),
                 None,
             ),
@@ -366,7 +386,6 @@ mod tests {
                 remote,
                 Bind::Client,
                 server("203.0.113.2:80"),
-                false,
                 Source::Client(remote.parse().unwrap()),
                 None,
             ),
@@ -375,32 +394,54 @@ mod tests {
                 "127.0.0.5:40000",
                 Bind::Client,
                 server("203.0.113.2:80"),
-                false,
                 Source::Kernel,
                 Some(Fallback::LocalClient),
             ),
             (
                 remote,
-                Bind::ClientIp,
-                server("127.0.0.1:80"),
-                true,
-                Source::Kernel,
-                Some(Fallback::LocalDestination),
-            ),
-            (
-                remote,
                 Bind::Client,
                 server(to),
-                true,
                 Source::Client("192.0.2.7:0".parse().unwrap()),
                 Some(Fallback::SameFourTuple),
             ),
         ];
-        for (client, bind, to_server, passthrough, want, fallback) in cases {
+        for (client, bind, to_server, want, fallback) in cases {
             assert_eq!(
-                source(&request(client, to, bind), to_server, passthrough, &local),
+                source(&request(client, to, bind), to_server, &local),
                 (want, fallback),
                 "{client} {bind} to {to_server}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_original_destination_on_this_host_is_never_connected_to() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let pool = Pool::new(&Upstream {
+            name: "pass".to_owned(),
+            target: Target::OriginalDestination,
+            bind: Bind::Proxy,
+            proxy_protocol: None,
+        });
+        for to in [
+            "127.0.0.1:9999",
+            "[::1]:9999",
+            "[::ffff:127.0.0.1]:80",
+            "0.0.0.0:80",
+            "[::]:80",
+        ] {
+            let refused = pool
+                .connect(
+                    &request("192.0.2.7:40000", to, Bind::Proxy),
+                    &local,
+                    Duration::from_secs(1),
+                )
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{to} was connected to"));
+            assert!(
+                matches!(refused, ConnectError::LocalDestination(_)),
+                "{to}: {refused}"
             );
         }
     }

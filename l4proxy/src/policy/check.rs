@@ -93,6 +93,9 @@ fn check_rules(
                 .accept_proxy_protocol
                 .map(|raw::Object(accept)| accept.from.into_iter().map(|p| p.0).collect())
                 .unwrap_or_default(),
+            timeouts: rule.timeouts.map(|t| t.0).unwrap_or_default(),
+            keepalive: rule.keepalive,
+            limits: rule.limits.map(|l| l.0).unwrap_or_default(),
         });
     }
     Ok(rules)
@@ -153,6 +156,7 @@ fn check_routes(
             },
             action,
             bind: route.bind,
+            timeouts: route.timeouts,
         });
     }
     Ok(routes)

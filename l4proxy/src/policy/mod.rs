@@ -64,6 +64,7 @@
 //! runs the checks across fields, whose errors carry the path only.
 
 mod check;
+mod limits;
 mod name;
 mod raw;
 mod warnings;
@@ -78,6 +79,7 @@ use ipnet::{IpNet, Ipv6Net};
 use thiserror::Error;
 
 pub use check::BindTarget;
+pub use limits::{ClientLimits, Keepalive, PrefixLimit, Timeouts};
 pub use name::NamePattern;
 
 /// Index of an intercept rule in `Policy::rules`.
@@ -167,6 +169,11 @@ pub struct InterceptRule {
     /// Front proxies whose connections start with a PROXY protocol header
     /// (v1 or v2), by source prefix. Empty: no header is read from anyone.
     pub accept_proxy_from: Vec<IpNet>,
+    /// What it leaves out comes from the daemon's flags.
+    pub timeouts: Timeouts,
+    /// `None`: the daemon's `--tcp-keepalive`.
+    pub keepalive: Option<Keepalive>,
+    pub limits: ClientLimits,
 }
 
 impl InterceptRule {
@@ -174,6 +181,13 @@ impl InterceptRule {
     /// its destinations stay where they are) rather than owning its prefixes.
     pub fn is_gateway(&self) -> bool {
         !self.interfaces.is_empty()
+    }
+
+    /// Whether the rule's prefixes and ports hold `dst`.
+    pub fn intercepts(&self, dst: SocketAddr) -> bool {
+        let ip = dst.ip().to_canonical();
+        self.prefixes.iter().any(|prefix| prefix.contains(&ip))
+            && self.ports.iter().any(|ports| ports.contains(dst.port()))
     }
 
     /// Whether a connection from `peer` must start with a PROXY header.
@@ -195,6 +209,8 @@ pub struct Route {
     pub action: Action,
     /// Overrides the upstream's `bind` for the connections this route sends.
     pub bind: Option<Bind>,
+    /// Override the rule's, field by field.
+    pub timeouts: Timeouts,
 }
 
 impl Route {
@@ -511,6 +527,9 @@ impl Policy {
                     upstream: Some(UpstreamId(0)),
                     interfaces: Vec::new(),
                     accept_proxy_from: Vec::new(),
+                    timeouts: Timeouts::default(),
+                    keepalive: None,
+                    limits: ClientLimits::default(),
                 })
                 .collect(),
             routes: Vec::new(),

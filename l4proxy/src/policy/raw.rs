@@ -12,7 +12,10 @@ use serde::{
     forward_to_deserialize_any,
 };
 
-use super::{Bind, HelloConditions, IPV4_MAPPED, NamePattern, PortSpec, SniCondition};
+use super::{
+    Bind, ClientLimits, HelloConditions, IPV4_MAPPED, Keepalive, NamePattern, PortSpec,
+    SniCondition, Timeouts,
+};
 
 /// A struct read from a JSON object only: serde_json would also take an
 /// array of the field values, which no one means to write in a policy.
@@ -115,6 +118,12 @@ pub(super) struct Rule {
     pub interfaces: Option<Vec<Interface>>,
     #[serde(default, deserialize_with = "some")]
     pub accept_proxy_protocol: Option<Object<AcceptProxyProtocol>>,
+    #[serde(default, deserialize_with = "some")]
+    pub timeouts: Option<Object<Timeouts>>,
+    #[serde(default, deserialize_with = "some")]
+    pub keepalive: Option<Keepalive>,
+    #[serde(default, deserialize_with = "some")]
+    pub limits: Option<Object<ClientLimits>>,
 }
 
 /// Where a rule takes PROXY protocol headers from.
@@ -131,6 +140,7 @@ pub(super) struct Route {
     pub conditions: Conditions,
     pub action: Action,
     pub bind: Option<Bind>,
+    pub timeouts: Timeouts,
 }
 
 pub(super) enum Action {
@@ -151,6 +161,8 @@ struct RouteFields {
     reject: Option<True>,
     #[serde(default, deserialize_with = "some")]
     bind: Option<BindSpec>,
+    #[serde(default, deserialize_with = "some")]
+    timeouts: Option<Object<Timeouts>>,
 }
 
 impl<'de> Deserialize<'de> for Route {
@@ -182,6 +194,7 @@ impl TryFrom<RouteFields> for Route {
             conditions: fields.conditions,
             action,
             bind: fields.bind.map(|b| b.0),
+            timeouts: fields.timeouts.map(|t| t.0).unwrap_or_default(),
         })
     }
 }

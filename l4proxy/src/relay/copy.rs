@@ -6,7 +6,7 @@ use std::{cell::RefCell, io};
 
 use tokio::net::TcpStream;
 
-use super::{Burst, Failed};
+use super::{Burst, Counter, Failed};
 
 /// The most a burst's first read takes; a read that fills it means more is
 /// queued, and the rest of the burst is spliced.
@@ -37,7 +37,7 @@ pub(super) enum First {
 pub(super) fn first_read(
     src: &TcpStream,
     dst: &TcpStream,
-    count: &mut u64,
+    count: &Counter,
 ) -> Result<First, Failed> {
     FIRST.with_borrow_mut(|buffer| {
         let read = match src.try_read(buffer) {
@@ -51,7 +51,7 @@ pub(super) fn first_read(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(Failed::Write(e)),
         };
-        *count += written as u64;
+        count.add(written);
         Ok(First::Read {
             read,
             rest: (written < read).then(|| buffer[written..read].to_vec()),
@@ -78,6 +78,19 @@ pub async fn write_all(dst: &TcpStream, data: &[u8], count: &mut u64) -> io::Res
     Ok(())
 }
 
+/// [`write_all`] for a relay direction: what was written is counted also
+/// when it fails.
+pub(super) async fn write_counted(
+    dst: &TcpStream,
+    data: &[u8],
+    count: &Counter,
+) -> Result<(), Failed> {
+    let mut written = 0;
+    let result = write_all(dst, data, &mut written).await;
+    count.add(written as usize);
+    result.map_err(Failed::Write)
+}
+
 /// Allocated per burst and freed when the socket runs dry, so an idle
 /// connection holds no buffer.
 const BUFFER_SIZE: usize = 16 * 1024;
@@ -87,7 +100,7 @@ const BUFFER_SIZE: usize = 16 * 1024;
 pub(super) async fn burst(
     src: &TcpStream,
     dst: &TcpStream,
-    count: &mut u64,
+    count: &Counter,
 ) -> Result<Burst, Failed> {
     let mut buffer = vec![0u8; BUFFER_SIZE];
     loop {
@@ -99,8 +112,6 @@ pub(super) async fn burst(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(Failed::Read(e)),
         };
-        write_all(dst, &buffer[..read], count)
-            .await
-            .map_err(Failed::Write)?;
+        write_counted(dst, &buffer[..read], count).await?;
     }
 }

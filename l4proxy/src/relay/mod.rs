@@ -23,26 +23,41 @@ mod splice;
 #[cfg(test)]
 mod tests;
 
-use std::{fmt, io, net::Shutdown};
+use std::{
+    fmt, io,
+    net::Shutdown,
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
+use futures::future::Either;
 use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::{io::Interest, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 pub use self::copy::write_all;
 use self::pipe::Pipe;
+pub use self::pipe::{MAX_PIPES, trim as trim_pipes};
 
-/// How a relayed connection ended.
+/// How a relayed connection ended, and what the other side was told: a
+/// FIN for a FIN (half-close), a reset for a reset or any other failure
+/// (so a truncated transfer never looks complete), and a reset to both
+/// sides when the proxy ends it.
 #[derive(Debug)]
 pub enum Outcome {
     /// Both sides finished sending and every byte was delivered.
     Closed,
-    /// Reading from or writing to the client failed.
+    /// Reading from or writing to the client failed; the upstream is reset.
     ClientError(io::Error),
-    /// Reading from or writing to the upstream failed.
+    /// Reading from or writing to the upstream failed; the client is reset.
     UpstreamError(io::Error),
     /// The daemon's grace period ran out while the connection was open.
     ShutDown,
+    /// No byte moved either way for this long.
+    IdleTimeout(Duration),
+    /// Open this long, the most its rule allows.
+    LifetimeOver(Duration),
 }
 
 impl fmt::Display for Outcome {
@@ -52,8 +67,19 @@ impl fmt::Display for Outcome {
             Outcome::ClientError(e) => write!(f, "client error: {e}"),
             Outcome::UpstreamError(e) => write!(f, "upstream error: {e}"),
             Outcome::ShutDown => f.write_str("shut down after grace period"),
+            Outcome::IdleTimeout(after) => write!(f, "idle timeout ({after:?})"),
+            Outcome::LifetimeOver(after) => write!(f, "lifetime over ({after:?})"),
         }
     }
+}
+
+/// When the proxy ends a connection itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Deadlines {
+    /// After no byte moved either way for this long.
+    pub idle: Option<Duration>,
+    /// At this time, busy or not, and the lifetime that gave it.
+    pub end: Option<(Instant, Duration)>,
 }
 
 /// What a relay did.
@@ -64,53 +90,194 @@ pub struct Relayed {
     pub outcome: Outcome,
 }
 
-/// Relays until both directions have ended, either side failed, or `shutdown`
-/// is cancelled. Byte counts are of bytes delivered, also when it fails.
-/// (A plain function: an `async fn` wrapper would add its own state to every
-/// connection's task.)
+/// Bytes delivered in one direction. Only that direction adds to it; the
+/// idle watch reads it.
+#[derive(Default)]
+struct Counter(AtomicU64);
+
+impl Counter {
+    fn add(&self, n: usize) {
+        // One writer: a load and a store, not a locked add.
+        let now = self.0.load(Ordering::Relaxed);
+        self.0.store(now + n as u64, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Relays until both directions have ended, either side failed, a deadline
+/// passed, or `shutdown` is cancelled. Byte counts are of bytes delivered,
+/// also when it fails. (A plain function: an `async fn` wrapper would add
+/// its own state to every connection's task.)
 pub fn relay(
     client: TcpStream,
     upstream: TcpStream,
+    deadlines: Deadlines,
     shutdown: &CancellationToken,
 ) -> impl Future<Output = Relayed> + '_ {
-    relay_with(client, upstream, shutdown, &pipe::take)
+    relay_with(client, upstream, deadlines, shutdown, &pipe::take)
 }
 
 /// [`relay`] with the pipe source as a parameter, so tests can make it fail.
 async fn relay_with(
     client: TcpStream,
     upstream: TcpStream,
+    deadlines: Deadlines,
     shutdown: &CancellationToken,
     pipes: &impl Fn() -> io::Result<Pipe>,
 ) -> Relayed {
-    let mut from_client = 0;
-    let mut from_upstream = 0;
-    let both = futures::future::try_join(
-        async {
-            forward(&client, &upstream, &mut from_client, pipes)
-                .await
-                .map_err(|failed| match failed {
-                    Failed::Read(e) => Outcome::ClientError(e),
-                    Failed::Write(e) => Outcome::UpstreamError(e),
-                })
-        },
-        async {
-            forward(&upstream, &client, &mut from_upstream, pipes)
-                .await
-                .map_err(|failed| match failed {
-                    Failed::Read(e) => Outcome::UpstreamError(e),
-                    Failed::Write(e) => Outcome::ClientError(e),
-                })
-        },
-    );
+    let from_client = Counter::default();
+    let from_upstream = Counter::default();
+    let to_upstream = std::pin::pin!(async {
+        forward(&client, &upstream, &from_client, pipes)
+            .await
+            .map_err(|failed| match failed {
+                Failed::Read(e) => Outcome::ClientError(e),
+                Failed::Write(e) => Outcome::UpstreamError(e),
+            })
+    });
+    let to_client = std::pin::pin!(async {
+        forward(&upstream, &client, &from_upstream, pipes)
+            .await
+            .map_err(|failed| match failed {
+                Failed::Read(e) => Outcome::UpstreamError(e),
+                Failed::Write(e) => Outcome::ClientError(e),
+            })
+    });
+    let both = both_directions(to_upstream, to_client, &client, &upstream);
     let outcome = tokio::select! {
-        result = both => result.err().unwrap_or(Outcome::Closed),
+        ended = both => ended.err().unwrap_or(Outcome::Closed),
         () = shutdown.cancelled() => Outcome::ShutDown,
+        expired = expiry(&deadlines, || from_client.get() + from_upstream.get()) => expired,
     };
+    // What a direct connection would have shown the other side.
+    let (reset_client, reset_upstream) = match outcome {
+        Outcome::Closed => (false, false),
+        Outcome::ClientError(_) => (false, true),
+        Outcome::UpstreamError(_) => (true, false),
+        Outcome::ShutDown | Outcome::IdleTimeout(_) | Outcome::LifetimeOver(_) => (true, true),
+    };
+    for (stream, reset) in [(&client, reset_client), (&upstream, reset_upstream)] {
+        if reset {
+            // Linger 0: the close as we drop it sends a reset, not a FIN.
+            let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+        }
+    }
     Relayed {
-        from_client,
-        from_upstream,
+        from_client: from_client.get(),
+        from_upstream: from_upstream.get(),
         outcome,
+    }
+}
+
+/// Runs both directions until both have ended or one failed. While one
+/// runs on alone, the finished one's source is watched for a reset: a peer
+/// that half-closed and then reset has its reset passed on now, not when
+/// the other side next writes. (The watch is boxed: only half-closed
+/// connections carry it.)
+async fn both_directions(
+    to_upstream: Pin<&mut impl Future<Output = Result<(), Outcome>>>,
+    to_client: Pin<&mut impl Future<Output = Result<(), Outcome>>>,
+    client: &TcpStream,
+    upstream: &TcpStream,
+) -> Result<(), Outcome> {
+    match futures::future::select(to_upstream, to_client).await {
+        Either::Left((ended, to_client)) => {
+            ended?;
+            tokio::select! {
+                ended = to_client => ended,
+                e = Box::pin(reset_of(client)) => Err(Outcome::ClientError(e)),
+            }
+        }
+        Either::Right((ended, to_upstream)) => {
+            ended?;
+            tokio::select! {
+                ended = to_upstream => ended,
+                e = Box::pin(reset_of(upstream)) => Err(Outcome::UpstreamError(e)),
+            }
+        }
+    }
+}
+
+/// The error (a reset) the socket gets, once it gets one.
+async fn reset_of(stream: &TcpStream) -> io::Error {
+    loop {
+        if let Err(e) = stream.ready(Interest::ERROR).await {
+            return e;
+        }
+        // Readiness without a pending error is cleared by the WouldBlock.
+        match stream.try_io(Interest::ERROR, || match stream.take_error() {
+            Ok(Some(e)) | Err(e) => Ok(e),
+            Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
+        }) {
+            Ok(e) => return e,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return e,
+        }
+    }
+}
+
+/// How many times per idle timeout the watch looks for moved bytes: a
+/// connection is closed between `idle` and `idle` + 1/8 of it after its
+/// last byte. (Bytes are counted, not timed: reading a clock on every
+/// burst would cost the busy connections what the idle ones need.)
+const IDLE_LOOKS: u32 = 8;
+
+/// Ends with the deadline that passed first; never, without deadlines.
+/// The timer is boxed: only a connection with deadlines carries it.
+async fn expiry(deadlines: &Deadlines, moved: impl Fn() -> u64) -> Outcome {
+    if deadlines.idle.is_none() && deadlines.end.is_none() {
+        return std::future::pending().await;
+    }
+    let mut watch = Watch {
+        seen: moved(),
+        last_move: Instant::now(),
+    };
+    let mut timer = Box::pin(tokio::time::sleep_until(watch.last_move));
+    loop {
+        match watch.look(deadlines, moved()) {
+            Ok(wake) => timer.as_mut().reset(wake),
+            Err(expired) => return expired,
+        }
+        timer.as_mut().await;
+    }
+}
+
+/// What the deadline watch knows between its looks.
+struct Watch {
+    /// Bytes moved, as of the last look.
+    seen: u64,
+    /// The look that first saw them.
+    last_move: Instant,
+}
+
+impl Watch {
+    /// Notes whether bytes moved (`moved`: the count now); returns when to
+    /// look next, or the deadline that passed.
+    fn look(&mut self, deadlines: &Deadlines, moved: u64) -> Result<Instant, Outcome> {
+        let now = Instant::now();
+        if let Some((end, lifetime)) = deadlines.end
+            && now >= end
+        {
+            return Err(Outcome::LifetimeOver(lifetime));
+        }
+        if moved != self.seen {
+            self.seen = moved;
+            self.last_move = now;
+        }
+        let next_look = match deadlines.idle {
+            Some(idle) if now >= self.last_move + idle => return Err(Outcome::IdleTimeout(idle)),
+            Some(idle) => Some((self.last_move + idle).min(now + idle / IDLE_LOOKS)),
+            None => None,
+        };
+        Ok(match (next_look, deadlines.end) {
+            (Some(look), Some((end, _))) => look.min(end),
+            (Some(look), None) => look,
+            (None, Some((end, _))) => end,
+            (None, None) => unreachable!("a watch runs only with deadlines"),
+        })
     }
 }
 
@@ -133,7 +300,7 @@ enum Failed {
 async fn forward(
     src: &TcpStream,
     dst: &TcpStream,
-    count: &mut u64,
+    count: &Counter,
     pipes: &impl Fn() -> io::Result<Pipe>,
 ) -> Result<(), Failed> {
     // Once a read fills the buffer the direction carries bulk data: from
@@ -149,9 +316,7 @@ async fn forward(
                 copy::First::Drained => continue,
                 copy::First::Read { read, rest } => {
                     if let Some(rest) = rest {
-                        Box::pin(copy::write_all(dst, &rest, count))
-                            .await
-                            .map_err(Failed::Write)?;
+                        Box::pin(copy::write_counted(dst, &rest, count)).await?;
                     }
                     bulk = read == copy::FIRST_READ;
                     continue;

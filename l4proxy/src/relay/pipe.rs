@@ -8,11 +8,19 @@
 //! empty as soon as its socket has nothing more to read, so an idle connection
 //! owns no pipe (as HAProxy does with its pipe pool). The pool turns the
 //! `pipe2` + `fcntl` + two `close` calls of a fresh pipe into a mutex push/pop.
+//!
+//! Pipes cost descriptors, which the connections need: at most [`MAX_PIPES`]
+//! exist at once (a burst that finds none copies through a buffer instead),
+//! and [`trim`] closes the pooled ones no burst needed since its last call,
+//! so a quiet daemon gives their descriptors back.
 
 use std::{
     io::{self, PipeReader, PipeWriter},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 /// Capacity asked for each pipe: one splice moves at most this much. In
@@ -23,11 +31,29 @@ use std::{
 /// pinned while data sits in the pipe.
 const PIPE_SIZE: usize = 256 * 1024;
 
-/// Empty pipes kept for reuse. Each costs two descriptors and about 10 KiB of
-/// kernel memory (the pipe-buffer ring), whether or not it holds data.
-const MAX_POOLED: usize = 256;
+/// The most pipes open at once, in use or pooled. Each costs two descriptors
+/// (counted in the daemon's descriptor budget) and about 10 KiB of kernel
+/// memory (the pipe-buffer ring), whether or not it holds data.
+pub const MAX_PIPES: usize = 256;
 
-static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+/// Pipes open now, in use or pooled.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Empty pipes kept for reuse, and the fewest the pool held since the last
+/// [`trim`]: that many were not needed.
+struct Pool {
+    pipes: Vec<Pipe>,
+    low: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    pipes: Vec::new(),
+    low: 0,
+});
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A pipe, known to be empty whenever it is outside a relay direction.
 #[derive(Debug)]
@@ -39,7 +65,13 @@ pub struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
-        let (reader, writer) = io::pipe()?;
+        if OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+            return Err(io::Error::other("all pipes in use"));
+        }
+        let (reader, writer) = io::pipe().inspect_err(|_| {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+        })?;
         // A pipe keeps its default size when the kernel refuses a larger one
         // (over fs.pipe-max-size or the user's pipe page budget).
         let capacity = set_pipe_size(writer.as_fd(), PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
@@ -62,24 +94,44 @@ impl Pipe {
     }
 }
 
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What Linux gives a pipe unless told otherwise (16 pages).
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
-/// An empty pipe from the pool, or a new one.
+/// An empty pipe from the pool, or a new one while fewer than
+/// [`MAX_PIPES`] are open.
 pub fn take() -> io::Result<Pipe> {
-    let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let pooled = {
+        let mut pool = pool();
+        let pipe = pool.pipes.pop();
+        pool.low = pool.low.min(pool.pipes.len());
+        pipe
+    };
     match pooled {
         Some(pipe) => Ok(pipe),
         None => Pipe::new(),
     }
 }
 
-/// Returns a pipe the caller has emptied; closes it if the pool is full.
+/// Returns a pipe the caller has emptied to the pool.
 pub fn give_back(pipe: Pipe) {
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if pool.len() < MAX_POOLED {
-        pool.push(pipe);
-    }
+    pool().pipes.push(pipe);
+}
+
+/// Closes the pooled pipes that no burst took since the last call; returns
+/// how many pipes stay open. The daemon calls it every few seconds.
+pub fn trim() -> usize {
+    let mut pool = pool();
+    let keep = pool.pipes.len() - pool.low;
+    pool.pipes.truncate(keep);
+    pool.low = keep;
+    drop(pool);
+    OPEN.load(Ordering::Relaxed)
 }
 
 /// `splice(from, to, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)`.

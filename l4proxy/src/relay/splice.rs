@@ -5,7 +5,7 @@ use std::{io, os::fd::AsFd};
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{Burst, Failed, pipe::Pipe};
+use super::{Burst, Counter, Failed, pipe::Pipe};
 
 /// Moves what `src` has queued to `dst` through `pipe`, until `src` has nothing
 /// more to read or ends. Each fill is drained completely before the next, so
@@ -15,7 +15,7 @@ pub(super) async fn burst(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &Pipe,
-    count: &mut u64,
+    count: &Counter,
 ) -> Result<Burst, Failed> {
     loop {
         // A sender that never pauses must not keep this worker to itself.
@@ -34,7 +34,7 @@ pub(super) async fn burst(
                 Ok(0) => return Err(Failed::Write(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     left -= n;
-                    *count += n as u64;
+                    count.add(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(Failed::Write(e)),

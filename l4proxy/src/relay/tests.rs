@@ -47,6 +47,10 @@ async fn pair() -> (TcpStream, TcpStream) {
 
 impl Lab {
     async fn start(path: Path) -> Lab {
+        Lab::with_deadlines(path, Deadlines::default()).await
+    }
+
+    async fn with_deadlines(path: Path, deadlines: Deadlines) -> Lab {
         if let Path::Splice = path {
             // Else every burst would quietly take the copy path.
             pipe::give_back(pipe::take().expect("a pipe for the splice path"));
@@ -57,8 +61,10 @@ impl Lab {
         let token = shutdown.clone();
         let relay = tokio::spawn(async move {
             match path {
-                Path::Splice => relay_with(accepted, upstream, &token, &pipe::take).await,
-                Path::Copy => relay_with(accepted, upstream, &token, &no_pipes).await,
+                Path::Splice => {
+                    relay_with(accepted, upstream, deadlines, &token, &pipe::take).await
+                }
+                Path::Copy => relay_with(accepted, upstream, deadlines, &token, &no_pipes).await,
             }
         });
         Lab {
@@ -203,6 +209,21 @@ async fn server_half_close_reaches_the_client_and_the_upload_still_flows() {
     }
 }
 
+/// Reads until the connection ends, which must be with a reset.
+async fn assert_reset(stream: &mut TcpStream, path: Path) {
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("{path:?}: connection left open"));
+    match ended {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "{path:?}: ended with {other:?} after {} bytes, not a reset",
+            rest.len()
+        ),
+    }
+}
+
 #[tokio::test]
 async fn upstream_reset_ends_both_sides_with_counts() {
     for path in PATHS {
@@ -216,11 +237,8 @@ async fn upstream_reset_ends_both_sides_with_counts() {
         let mut got = [0u8; 3];
         server.read_exact(&mut got).await.unwrap();
         reset(server);
-        // The client's connection ends too (its EOF, or a reset).
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut rest))
-            .await
-            .unwrap_or_else(|_| panic!("{path:?}: client connection left open"));
+        // The client sees what a direct connection would have shown it.
+        assert_reset(&mut client, path).await;
         let relayed = finish(relay, path).await;
         assert!(
             matches!(relayed.outcome, Outcome::UpstreamError(_)),
@@ -243,10 +261,7 @@ async fn client_reset_ends_both_sides_with_counts() {
         let mut got = [0u8; 5];
         client.read_exact(&mut got).await.unwrap();
         reset(client);
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(30), server.read_to_end(&mut rest))
-            .await
-            .unwrap_or_else(|_| panic!("{path:?}: upstream connection left open"));
+        assert_reset(&mut server, path).await;
         let relayed = finish(relay, path).await;
         assert!(
             matches!(relayed.outcome, Outcome::ClientError(_)),
@@ -270,5 +285,126 @@ async fn cancellation_ends_an_open_relay() {
             "{path:?}: {relayed:?}"
         );
         assert_eq!((relayed.from_client, relayed.from_upstream), (4, 0));
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_reset_on_both_sides_at_the_idle_timeout() {
+    const IDLE: Duration = Duration::from_millis(400);
+    for path in PATHS {
+        let mut lab = Lab::with_deadlines(
+            path,
+            Deadlines {
+                idle: Some(IDLE),
+                end: None,
+            },
+        )
+        .await;
+        lab.client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        lab.server.read_exact(&mut got).await.unwrap();
+        let quiet_since = tokio::time::Instant::now();
+        let relayed = finish(lab.relay, path).await;
+        let waited = quiet_since.elapsed();
+        assert!(
+            matches!(relayed.outcome, Outcome::IdleTimeout(IDLE)),
+            "{path:?}: {relayed:?}"
+        );
+        // Between the timeout and an eighth more (plus scheduling).
+        assert!(
+            waited >= IDLE - IDLE / super::IDLE_LOOKS,
+            "{path:?}: after {waited:?}"
+        );
+        assert_reset(&mut lab.client, path).await;
+        assert_reset(&mut lab.server, path).await;
+    }
+}
+
+#[tokio::test]
+async fn bytes_that_keep_moving_are_not_cut_by_the_idle_timeout_but_the_lifetime_ends_them() {
+    const IDLE: Duration = Duration::from_millis(300);
+    const LIFETIME: Duration = Duration::from_millis(1500);
+    for path in PATHS {
+        let started = tokio::time::Instant::now();
+        let Lab {
+            mut client,
+            mut server,
+            shutdown: _,
+            relay,
+        } = Lab::with_deadlines(
+            path,
+            Deadlines {
+                idle: Some(IDLE),
+                end: Some((started + LIFETIME, LIFETIME)),
+            },
+        )
+        .await;
+        // A byte every 100 ms, each way in turn: never idle for 300 ms.
+        let mut moved = 0;
+        let ended = loop {
+            let (from, to) = if moved % 2 == 0 {
+                (&mut client, &mut server)
+            } else {
+                (&mut server, &mut client)
+            };
+            if from.write_all(b"x").await.is_err() {
+                break None;
+            }
+            let mut byte = [0u8; 1];
+            match to.read(&mut byte).await {
+                Ok(1) => moved += 1,
+                other => break Some(other),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let relayed = finish(relay, path).await;
+        assert!(
+            matches!(relayed.outcome, Outcome::LifetimeOver(LIFETIME)),
+            "{path:?}: {relayed:?} ({ended:?})"
+        );
+        // It ran well past the idle timeout, to the lifetime.
+        assert!(moved >= 10, "{path:?}: only {moved} bytes moved");
+        assert!(started.elapsed() >= LIFETIME, "{path:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_fin_stays_a_fin_when_one_side_resets_the_other_way() {
+    // The server half-closes (a FIN reaches the client), then resets:
+    // the client sees the clean EOF first, then, writing, the reset.
+    for path in PATHS {
+        let Lab {
+            mut client,
+            mut server,
+            shutdown: _,
+            relay,
+        } = Lab::start(path).await;
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye", "{path:?}");
+        reset(server);
+        let relayed = finish(relay, path).await;
+        assert!(
+            matches!(relayed.outcome, Outcome::UpstreamError(_)),
+            "{path:?}: {relayed:?}"
+        );
+        // Reset: writes to the client's connection now fail.
+        let mut failed = None;
+        for _ in 0..50 {
+            if let Err(e) = client.write_all(b"more").await {
+                failed = Some(e.kind());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            matches!(
+                failed,
+                Some(io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+            ),
+            "{path:?}: {failed:?}"
+        );
     }
 }

@@ -64,6 +64,7 @@ fn example_is_valid() {
             },
             action: Action::Upstream(upstream("api-h2")),
             bind: None,
+            timeouts: Timeouts::default(),
         },
         Route {
             name: Some("api".to_owned()),
@@ -76,6 +77,7 @@ fn example_is_valid() {
             },
             action: Action::Upstream(upstream("api")),
             bind: None,
+            timeouts: Timeouts::default(),
         },
         Route {
             name: Some("no-sni".to_owned()),
@@ -89,6 +91,7 @@ fn example_is_valid() {
             },
             action: Action::Reject,
             bind: None,
+            timeouts: Timeouts::default(),
         },
         Route {
             name: Some("www".to_owned()),
@@ -100,6 +103,7 @@ fn example_is_valid() {
             },
             action: Action::Upstream(upstream("web")),
             bind: None,
+            timeouts: Timeouts::default(),
         },
         Route {
             name: None,
@@ -112,12 +116,14 @@ fn example_is_valid() {
             },
             action: Action::Upstream(upstream("raw")),
             bind: None,
+            timeouts: Timeouts::default(),
         },
         Route {
             name: None,
             conditions: Conditions::default(),
             action: Action::Upstream(upstream("fallback")),
             bind: None,
+            timeouts: Timeouts::default(),
         },
     ];
     assert_eq!(policy.routes, expected);
@@ -175,7 +181,7 @@ fn unknown_fields() {
     );
     assert_eq!(
         error_with(r#""name": "api","#, r#""name": "api", "backend": "api","#),
-        "8:30: routes[1].backend: unknown field `backend`, expected one of `name`, `match`, `upstream`, `reject`, `bind`"
+        "8:30: routes[1].backend: unknown field `backend`, expected one of `name`, `match`, `upstream`, `reject`, `bind`, `timeouts`"
     );
 }
 
