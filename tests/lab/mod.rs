@@ -97,17 +97,44 @@ pub fn run_cmd(prog: &str, args: &[&str]) -> Output {
 
 /// Runs a command and panics, with its output, if it fails.
 pub fn must(prog: &str, args: &[&str]) -> String {
+    succeed(prog, args).unwrap_or_else(|failure| panic!("{failure}"))
+}
+
+/// `must` for a command that lists kernel objects (`bpftool link show`, all
+/// of the machine's): tried again when it fails, see [`retry_listing`].
+pub fn must_list(prog: &str, args: &[&str]) -> String {
+    retry_listing(|| succeed(prog, args))
+}
+
+/// A command's stdout if it succeeded, else the command and its output.
+fn succeed(prog: &str, args: &[&str]) -> Result<String, String> {
     let out = run_cmd(prog, args);
     if !out.status.success() {
-        panic!(
+        return Err(format!(
             "`{prog} {}` failed ({}):\nstdout: {}\nstderr: {}",
             args.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stdout).trim_end(),
             String::from_utf8_lossy(&out.stderr).trim_end()
-        );
+        ));
     }
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `list`, a listing of kernel objects, until it succeeds, at most 5
+/// times, 100 ms apart; then panics with its last error. Such a listing
+/// takes ids first and looks each one up after: an object that goes away in
+/// between (another test's BPF link, a program being detached) fails it
+/// whole, with ENOENT or EAGAIN.
+fn retry_listing<T>(mut list: impl FnMut() -> Result<T, String>) -> T {
+    const TRIES: u32 = 5;
+    for _ in 1..TRIES {
+        if let Ok(found) = list() {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    list().unwrap_or_else(|failure| panic!("{failure} (tried {TRIES} times)"))
 }
 
 /// Deletes namespaces left by earlier test processes that died without
@@ -276,19 +303,17 @@ impl Netns {
         let mut found = Vec::new();
         for dev in devs {
             let dev = dev.to_string();
-            let tcx = self
-                .run({
-                    let dev = dev.clone();
-                    move || SchedClassifier::query_tcx(&dev, TcAttachType::Ingress)
-                })
-                .unwrap_or_else(|e| panic!("querying tcx programs on {dev} in {}: {e}", self.name));
+            let tcx = retry_listing(|| {
+                self.run(|| SchedClassifier::query_tcx(&dev, TcAttachType::Ingress))
+                    .map_err(|e| format!("querying tcx programs on {dev} in {}: {e}", self.name))
+            });
             found.extend(
                 tcx.1
                     .iter()
                     .map(|program| format!("{dev}: {}", program.name_as_str().unwrap_or("?"))),
             );
         }
-        let out = must(
+        let out = must_list(
             "ip",
             &["netns", "exec", &self.name, "bpftool", "-j", "net", "show"],
         );
@@ -338,10 +363,11 @@ impl Netns {
     }
 
     /// BPF links attached to this namespace (`bpftool -j link show`, entries of
-    /// type `netns` whose `netns_ino` is ours). Panics if bpftool is missing.
+    /// type `netns` whose `netns_ino` is ours; every link on the machine is
+    /// listed, see [`must_list`]). Panics if bpftool is missing.
     pub fn bpf_netns_links(&self) -> Vec<serde_json::Value> {
         let ino = self.inode();
-        let out = must("bpftool", &["-j", "link", "show"]);
+        let out = must_list("bpftool", &["-j", "link", "show"]);
         let all: serde_json::Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("bpftool -j link show: bad JSON ({e}): {out}"));
         let all = all
