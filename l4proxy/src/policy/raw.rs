@@ -181,6 +181,9 @@ impl TryFrom<RouteFields> for Route {
                     r#"a rejecting route makes no upstream connection: "bind" needs "upstream""#,
                 );
             }
+            (None, Some(True)) if fields.timeouts.is_some() => {
+                return Err(r#"a rejecting route relays nothing: "timeouts" needs "upstream""#);
+            }
             (None, Some(True)) => Action::Reject,
             (None, None) => {
                 return Err(r#"a route needs an action: "upstream": NAME or "reject": true"#);

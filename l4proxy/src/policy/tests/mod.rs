@@ -3,6 +3,7 @@
 
 mod examples;
 mod intercept;
+mod limits;
 mod proxy_protocol;
 mod routes;
 mod transparency;
