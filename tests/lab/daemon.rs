@@ -63,8 +63,31 @@ impl Daemon {
         (d, stderr)
     }
 
+    /// Like `start`, with the daemon's open-files limit (`RLIMIT_NOFILE`,
+    /// soft and hard) set to `limit` before it runs.
+    pub fn start_with_open_files_limit(
+        ns: &Netns,
+        policy: &Value,
+        extra: &[&str],
+        limit: u64,
+    ) -> Daemon {
+        let mut d = Daemon::spawn_with_limit(ns, policy, extra, Some(limit));
+        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d
+    }
+
     /// Starts the daemon with both pipes; collects stdout.
     fn spawn(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
+        Daemon::spawn_with_limit(ns, policy, extra, None)
+    }
+
+    /// `spawn`, with an open-files limit if given.
+    fn spawn_with_limit(
+        ns: &Netns,
+        policy: &Value,
+        extra: &[&str],
+        open_files: Option<u64>,
+    ) -> Daemon {
         let dir = TempDir::new(&format!("daemon-{}", ns.name()));
         let policy_path = dir.join("policy.json");
         std::fs::write(&policy_path, serde_json::to_vec_pretty(policy).unwrap())
@@ -90,11 +113,20 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe calls (setns) between fork and exec.
+        // SAFETY: only plain syscalls (setns, setrlimit) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(limit) = open_files {
+                    let both = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &both) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
