@@ -1,15 +1,24 @@
 //! `cargo xtask fuzz [--seconds N]`: runs every fuzz target in fuzz/ for a
-//! bounded time each, seeded from the parsers' fixtures. Needs the nightly
-//! toolchain (sanitizers) and cargo-fuzz, which it installs when missing.
+//! bounded time each, seeded from the parsers' fixtures and the example
+//! policies. Needs the nightly toolchain (sanitizers) and cargo-fuzz, which
+//! it installs when missing.
 
 use std::{fs, process::Command};
 
 use crate::{ebpf, run_command, workspace_root};
 
-const TARGETS: &[(&str, &[&str])] = &[
-    ("sniff_tls", &["bin"]),
-    ("sniff_http", &["http"]),
+const SNIFF_FIXTURES: &str = "l4proxy/src/sniff/fixtures";
+
+/// Each target and its seeds: the files of a folder (from the workspace
+/// root) with an extension.
+const TARGETS: &[(&str, &[(&str, &str)])] = &[
+    ("sniff_tls", &[(SNIFF_FIXTURES, "bin")]),
+    ("sniff_http", &[(SNIFF_FIXTURES, "http")]),
     ("proxy_protocol_decode", &[]),
+    (
+        "policy_from_json",
+        &[("examples", "json"), ("tests/policies", "json")],
+    ),
 ];
 
 pub fn run(seconds: u64) -> anyhow::Result<()> {
@@ -22,15 +31,15 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         run_command(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let root = workspace_root();
-    let fixtures = root.join("l4proxy/src/sniff/fixtures");
-    for (target, seed_extensions) in TARGETS {
+    for (target, seeds) in TARGETS {
         let corpus = root.join("fuzz/corpus").join(target);
         fs::create_dir_all(&corpus)?;
-        for entry in fs::read_dir(&fixtures)?.flatten() {
-            let path = entry.path();
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if seed_extensions.contains(&ext) {
-                fs::copy(&path, corpus.join(entry.file_name()))?;
+        for (folder, extension) in *seeds {
+            for entry in fs::read_dir(root.join(folder))?.flatten() {
+                let path = entry.path();
+                if path.extension().and_then(|e| e.to_str()) == Some(*extension) {
+                    fs::copy(&path, corpus.join(entry.file_name()))?;
+                }
             }
         }
         run_command(
