@@ -236,6 +236,7 @@ mod tests {
             timeouts: Timeouts::default(),
             keepalive: None,
             limits,
+            connect: None,
         }
     }
 

@@ -37,20 +37,30 @@ pub const QUEUE_LINES: usize = 4096;
 /// stopping daemon alive.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Logs to stderr at `info` unless `RUST_LOG` says otherwise. Keep the guard
-/// until exit: dropping it writes out what is still queued.
+/// Logs to stderr at `info` unless `RUST_LOG` says otherwise. Lines queue up
+/// until [`LogGuard::start_writer`] (the daemon forks its route guard first,
+/// while it has a single thread); keep the guard until exit: dropping it
+/// writes out what is still queued.
 pub fn init(format: LogFormat) -> LogGuard {
     let ansi = io::stderr().is_terminal();
-    // A descriptor of its own: the writer thread never holds std's stderr
-    // lock, which a forked child (the route guard) would inherit held.
+    // A descriptor of its own: the writer thread never holds std's stderr lock.
     let stderr = io::stderr()
         .as_fd()
         .try_clone_to_owned()
         .expect("duplicating stderr for the log writer");
-    let (queue, guard) = start(QUEUE_LINES, File::from(stderr), format, ansi);
+    let (queue, guard) = queue(QUEUE_LINES, File::from(stderr), format, ansi);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     subscriber(format, ansi, filter, queue).init();
     guard
+}
+
+/// Logs of a forked child (the route guard) straight to stderr: it has no
+/// writer thread, and nothing to stall. For the calling thread, while the
+/// returned guard lives.
+pub fn direct(format: LogFormat) -> tracing::dispatcher::DefaultGuard {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = io::stderr().is_terminal();
+    tracing::dispatcher::set_default(&Dispatch::new(subscriber(format, ansi, filter, io::stderr)))
 }
 
 /// Held until exit; dropping it waits, at most [`FLUSH_TIMEOUT`], until every
@@ -58,10 +68,25 @@ pub fn init(format: LogFormat) -> LogGuard {
 #[must_use = "dropping the guard flushes the log: keep it until exit"]
 pub struct LogGuard {
     messages: SyncSender<Message>,
+    /// The writer thread's work, until it is started.
+    writer: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl LogGuard {
+    /// Starts the thread that writes the queued lines (once).
+    pub fn start_writer(&mut self) {
+        if let Some(write) = self.writer.take() {
+            std::thread::Builder::new()
+                .name("log-writer".into())
+                .spawn(write)
+                .expect("starting the log writer thread");
+        }
+    }
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
+        self.start_writer();
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         let (done, written) = mpsc::channel();
         let mut message = Message::Flush(done);
@@ -92,9 +117,6 @@ enum Message {
 struct Queue {
     messages: SyncSender<Message>,
     dropped: Arc<AtomicU64>,
-    /// The process whose writer thread drains the queue. A forked child (the
-    /// route guard) has no writer thread and writes to stderr itself.
-    pid: u32,
 }
 
 impl Queue {
@@ -110,73 +132,67 @@ impl Queue {
 }
 
 impl<'a> MakeWriter<'a> for Queue {
-    type Writer = Output<'a>;
+    type Writer = Queued<'a>;
 
-    fn make_writer(&'a self) -> Output<'a> {
-        if std::process::id() == self.pid {
-            Output::Queued(self)
-        } else {
-            Output::Direct(io::stderr())
-        }
+    fn make_writer(&'a self) -> Queued<'a> {
+        Queued(self)
     }
 }
 
-/// Where one event's line goes.
-enum Output<'a> {
-    Queued(&'a Queue),
-    Direct(io::Stderr),
-}
+/// One event's line, on its way to the queue.
+struct Queued<'a>(&'a Queue);
 
-impl Write for Output<'_> {
+impl Write for Queued<'_> {
     /// The fmt layer writes each event as one `write_all` of one whole line:
     /// taking all of it at once keeps it one queued line.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Output::Queued(queue) => {
-                queue.push(buf);
-                Ok(buf.len())
-            }
-            Output::Direct(stderr) => stderr.write(buf),
-        }
+        self.0.push(buf);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Output::Queued(_) => Ok(()),
-            Output::Direct(stderr) => stderr.flush(),
-        }
+        Ok(())
     }
 }
 
-/// Starts the writer thread on `out` with a queue of `capacity` lines.
-fn start(capacity: usize, out: File, format: LogFormat, ansi: bool) -> (Queue, LogGuard) {
+/// A queue of `capacity` lines, and the guard holding the writer thread's
+/// work: writing them to `out` once started.
+fn queue(capacity: usize, out: File, format: LogFormat, ansi: bool) -> (Queue, LogGuard) {
     let (messages, queued) = mpsc::sync_channel(capacity);
     let dropped = Arc::new(AtomicU64::new(0));
     let queue = Queue {
         messages: messages.clone(),
         dropped: dropped.clone(),
-        pid: std::process::id(),
     };
     let out = Arc::new(out);
     // The writer thread's own line goes straight to `out`, formatted like the
     // rest (through the queue it would wait behind the lines it is about),
     // whatever RUST_LOG says (the lines it is about were not filtered out).
-    // Registering it takes a global lock: done here, not on that thread, so
-    // that the route guard, forked later, cannot inherit the lock held.
     let own = Dispatch::new(subscriber(
         format,
         ansi,
         EnvFilter::new("warn"),
         out.clone(),
     ));
-    std::thread::Builder::new()
-        .name("log-writer".into())
-        .spawn(move || {
-            let _own = tracing::dispatcher::set_default(&own);
-            write_lines(queued, &dropped, &out);
-        })
-        .expect("starting the log writer thread");
-    (queue, LogGuard { messages })
+    let write = move || {
+        let _own = tracing::dispatcher::set_default(&own);
+        write_lines(queued, &dropped, &out);
+    };
+    (
+        queue,
+        LogGuard {
+            messages,
+            writer: Some(Box::new(write)),
+        },
+    )
+}
+
+/// [`queue`] with its writer started.
+#[cfg(test)]
+fn start(capacity: usize, out: File, format: LogFormat, ansi: bool) -> (Queue, LogGuard) {
+    let (queue, mut guard) = queue(capacity, out, format, ansi);
+    guard.start_writer();
+    (queue, guard)
 }
 
 /// The writer thread: writes each queued line to `out`, preceded, when lines
@@ -265,7 +281,6 @@ mod tests {
         let queue = Queue {
             messages,
             dropped: Arc::new(AtomicU64::new(0)),
-            pid: std::process::id(),
         };
         for line in ["a\n", "b\n", "c\n", "d\n", "e\n"] {
             queue.make_writer().write_all(line.as_bytes()).unwrap();
@@ -280,7 +295,6 @@ mod tests {
             let queue = Queue {
                 messages,
                 dropped: Arc::new(AtomicU64::new(0)),
-                pid: std::process::id(),
             };
             let events = subscriber(format, false, EnvFilter::new("info"), queue);
             tracing::subscriber::with_default(events, || {

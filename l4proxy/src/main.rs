@@ -7,7 +7,7 @@ use l4proxy::{
     cli::{Cli, Command, ExplainArgs, RunArgs},
     descriptors,
     intercept::{guard, routes},
-    logging,
+    logging::{self, LogFormat, LogGuard},
     policy::{Policy, Target, Timeouts},
     route,
     server::{self, Settings},
@@ -17,13 +17,19 @@ use l4proxy::{
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Dropped last, after any error below is logged: flushes the log.
-    let _log = logging::init(cli.log_format);
+    let mut log = logging::init(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, cli.log_format, &mut log),
         // `check` speaks to a person or a CI job: one plain line, no log prefix.
         Command::Check { file } => return check(&file),
-        Command::Explain(args) => explain(&args),
-        Command::Cleanup => cleanup(),
+        Command::Explain(args) => {
+            log.start_writer();
+            explain(&args)
+        }
+        Command::Cleanup => {
+            log.start_writer();
+            cleanup()
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -34,14 +40,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<()> {
     let policy = server::load_policy(&args.policy)?;
     let asked = args
         .max_connections
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     let max_connections = descriptors::max_connections(asked)?;
-    // SAFETY: no thread has been started yet; the runtime is built below.
-    let _guard = unsafe { guard::spawn() }.context("starting the route guard")?;
+    // SAFETY: no thread has been started yet: the log writer and the runtime
+    // start below.
+    let _guard = unsafe { guard::spawn(format) }.context("starting the route guard")?;
+    log.start_writer();
     let settings = Settings {
         policy_path: args.policy.clone(),
         grace_period: args.grace_period,
@@ -98,6 +106,7 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         client: ClientAddr(args.src),
         orig_dst: OrigDstAddr(args.dst),
         rule,
+        target: None,
     };
     let alpn = &args.alpn;
     let hello = if args.sni.is_some() || !alpn.is_empty() || args.tls {

@@ -260,6 +260,7 @@ async fn open(
         client: record.client,
         orig_dst: record.orig_dst,
         rule: rule_id,
+        target: None,
     };
     let mut decision = route::decide(&active.policy, &conn, None);
     if matches!(decision, route::Decision::NeedHello) {
@@ -316,6 +317,7 @@ async fn open(
     let request = upstream::Request {
         client: record.client,
         orig_dst: record.orig_dst,
+        checked: Vec::new(),
         bind,
         keepalive,
     };

@@ -154,6 +154,10 @@ pub struct Connected {
 pub struct Request {
     pub client: ClientAddr,
     pub orig_dst: OrigDstAddr,
+    /// The destinations a CONNECT front end checked for the client, in the
+    /// order to try them (the original destination first); empty for
+    /// steered connections.
+    pub checked: Vec<SocketAddr>,
     pub bind: Bind,
     pub keepalive: Keepalive,
 }
@@ -183,6 +187,14 @@ impl Pool {
     ) -> Result<Connected, ConnectError> {
         let original_destination;
         let (servers, start) = match &self.target {
+            PoolTarget::OriginalDestination if !request.checked.is_empty() => {
+                let candidates: Vec<UpstreamAddr> = request
+                    .checked
+                    .iter()
+                    .map(|to| UpstreamAddr(SocketAddr::new(to.ip().to_canonical(), to.port())))
+                    .collect();
+                return race(&candidates, request, local, timeout).await;
+            }
             PoolTarget::OriginalDestination => {
                 let to = UpstreamAddr(SocketAddr::new(
                     request.orig_dst.0.ip().to_canonical(),
@@ -221,6 +233,69 @@ impl Pool {
             family: if client_v4 { "IPv4" } else { "IPv6" },
         }))
     }
+}
+
+/// RFC 8305's Connection Attempt Delay: how long an attempt has before the
+/// next address is tried beside it.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// Happy Eyeballs (RFC 8305 §5) over `candidates`, in their order: the
+/// first attempt starts at once, each next one when the previous failed or
+/// after [`ATTEMPT_DELAY`], and the first connection made wins; the others
+/// are dropped. All within `timeout`.
+async fn race(
+    candidates: &[UpstreamAddr],
+    request: &Request,
+    local: &LocalAddrs,
+    timeout: Duration,
+) -> Result<Connected, ConnectError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
+    let mut waiting = candidates.iter().copied().filter_map(|upstream| {
+        let (from, fallback) = source(request, upstream, local);
+        // As for pools: only a connection from the client's own address is
+        // held to its family.
+        (!matches!(from, Source::Client(_)) || upstream.0.is_ipv4() == client_v4)
+            .then_some((upstream, from, fallback))
+    });
+    let mut attempts = futures::stream::FuturesUnordered::new();
+    let mut last_error = None;
+    let start = |attempts: &mut futures::stream::FuturesUnordered<_>, next: Option<_>| {
+        let Some((upstream, from, fallback)) = next else {
+            return false;
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        attempts.push(async move {
+            (
+                upstream,
+                connect_from(upstream, from, fallback, request.keepalive, left).await,
+            )
+        });
+        true
+    };
+    let mut more = start(&mut attempts, waiting.next());
+    let delay = tokio::time::sleep(ATTEMPT_DELAY);
+    tokio::pin!(delay);
+    while !attempts.is_empty() {
+        tokio::select! {
+            Some((upstream, result)) = futures::StreamExt::next(&mut attempts) => match result {
+                Ok(connected) => return Ok(connected),
+                Err(error) => {
+                    tracing::debug!(%upstream, %error, "upstream connect failed");
+                    last_error = Some(ConnectError::Failed { upstream, error });
+                    more = more && start(&mut attempts, waiting.next());
+                    delay.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
+                }
+            },
+            () = &mut delay, if more => {
+                more = start(&mut attempts, waiting.next());
+                delay.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
+            }
+        }
+    }
+    Err(last_error.unwrap_or(ConnectError::NoServerOfFamily {
+        family: if client_v4 { "IPv4" } else { "IPv6" },
+    }))
 }
 
 /// Connects from `from` within `timeout`; a client port that is taken here
@@ -346,6 +421,7 @@ mod tests {
         Request {
             client: ClientAddr(client.parse().unwrap()),
             orig_dst: OrigDstAddr(orig_dst.parse().unwrap()),
+            checked: Vec::new(),
             bind,
             keepalive: Keepalive::Off,
         }

@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::routes;
+use crate::logging::{self, LogFormat};
 
 /// Held by the daemon for its whole life; dropping it (or dying) wakes the guard.
 pub struct Guard {
@@ -22,10 +23,11 @@ pub struct Guard {
 /// Forks the guard process.
 ///
 /// # Safety
-/// Must be called while the process has a single thread (before the tokio
-/// runtime starts): the child of a multi-threaded fork may only call
-/// async-signal-safe functions, and the guard builds a runtime of its own.
-pub unsafe fn spawn() -> io::Result<Guard> {
+/// Must be called while the process has a single thread (before the log
+/// writer and the tokio runtime start): the child of a multi-threaded fork
+/// may only call async-signal-safe functions, and the guard builds a runtime
+/// of its own. The guard logs in `format`, straight to stderr.
+pub unsafe fn spawn(format: LogFormat) -> io::Result<Guard> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two new descriptors into `fds`.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -39,6 +41,7 @@ pub unsafe fn spawn() -> io::Result<Guard> {
         -1 => Err(io::Error::last_os_error()),
         0 => {
             drop(write_end);
+            let _log = logging::direct(format);
             watch(read_end)
         }
         _ => Ok(Guard {

@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use l4proxy_common::MAX_RULE_ENTRIES;
 
 use super::{
-    Action, Bind, Conditions, InterceptRule, Policy, PolicyError, PortSpec, Route, RuleId, Target,
-    Upstream, UpstreamId, raw,
+    Action, Bind, Conditions, ConnectFront, InterceptRule, Policy, PolicyError, PortSpec, Route,
+    RuleId, Target, Upstream, UpstreamId, connect::RawConnectFront, raw,
 };
 use crate::{intercept::rules, proxy_protocol, route};
 
@@ -80,10 +80,13 @@ fn check_rules(
             .upstream
             .map(|name| find_upstream(upstreams, &name, || format!("intercept[{i}].upstream")))
             .transpose()?;
+        let gateway = rule.interfaces.is_some();
+        let (prefixes, ports, connect) =
+            front_of(rule.prefixes, rule.ports, rule.connect, gateway, i)?;
         rules.push(InterceptRule {
             name: rule.name.0,
-            prefixes: rule.prefixes.into_iter().map(|p| p.0).collect(),
-            ports: rule.ports.into_iter().map(|p| p.0).collect(),
+            prefixes,
+            ports,
             upstream,
             interfaces: rule
                 .interfaces
@@ -96,9 +99,62 @@ fn check_rules(
             timeouts: rule.timeouts.map(|t| t.0).unwrap_or_default(),
             keepalive: rule.keepalive,
             limits: rule.limits.map(|l| l.0).unwrap_or_default(),
+            connect,
         });
     }
     Ok(rules)
+}
+
+/// How a rule takes its connections: the prefixes and ports the kernel
+/// steers, or a CONNECT front end.
+type Front = (Vec<IpNet>, Vec<PortSpec>, Option<ConnectFront>);
+
+/// A rule takes connections one way: steered by destination (`prefixes`
+/// and `ports`, and `interfaces` on a gateway), or on its own listeners
+/// (`connect`).
+fn front_of(
+    prefixes: Option<Vec<raw::Prefix>>,
+    ports: Option<Vec<raw::Port>>,
+    connect: Option<raw::Object<RawConnectFront>>,
+    gateway: bool,
+    i: usize,
+) -> Result<Front, PolicyError> {
+    match (prefixes, ports, connect) {
+        (Some(prefixes), Some(ports), None) => Ok((
+            prefixes.into_iter().map(|p| p.0).collect(),
+            ports.into_iter().map(|p| p.0).collect(),
+            None,
+        )),
+        (None, None, Some(connect)) => {
+            if gateway {
+                return Err(PolicyError::at(
+                    format!("intercept[{i}].interfaces"),
+                    "a \"connect\" rule takes connections on its listeners, not on interfaces",
+                ));
+            }
+            let front = ConnectFront::from(connect);
+            if front.is_open_relay() {
+                return Err(PolicyError::at(
+                    format!("intercept[{i}].connect"),
+                    "would be an open relay: restrict \"clients\", or the destinations                      (\"names\" or \"destinations\")",
+                ));
+            }
+            Ok((Vec::new(), Vec::new(), Some(front)))
+        }
+        (_, _, Some(_)) => Err(PolicyError::at(
+            format!("intercept[{i}]"),
+            "a rule takes \"prefixes\" and \"ports\" (steered connections) or \"connect\" \
+             (a CONNECT listener), not both",
+        )),
+        (None, _, None) => Err(PolicyError::at(
+            format!("intercept[{i}]"),
+            "missing field `prefixes` (or `connect` for a CONNECT listener)",
+        )),
+        (Some(_), None, None) => Err(PolicyError::at(
+            format!("intercept[{i}]"),
+            "missing field `ports`",
+        )),
+    }
 }
 
 fn check_routes(
@@ -141,6 +197,7 @@ fn check_routes(
             destination,
             ports,
             source,
+            target,
             hello,
             ..
         } = route.conditions;
@@ -152,6 +209,7 @@ fn check_routes(
                     .map(|prefixes| prefixes.into_iter().map(|p| p.0).collect()),
                 ports: ports.map(|ports| ports.into_iter().map(|p| p.0).collect()),
                 source: source.map(|prefixes| prefixes.into_iter().map(|p| p.0).collect()),
+                target,
                 hello,
             },
             action,
@@ -280,11 +338,12 @@ fn check_original_destination(policy: &Policy, target: &BindTarget) -> Result<()
             ),
         ));
     }
-    if let Some(&RuleId(r)) = target
-        .rules
-        .iter()
-        .find(|&&r| !policy.rules[r.0].is_gateway())
-    {
+    if let Some(&RuleId(r)) = target.rules.iter().find(|&&r| {
+        // A CONNECT client names its destination: never this host's
+        // unless the front end allows it.
+        let rule = &policy.rules[r.0];
+        !rule.is_gateway() && rule.connect.is_none()
+    }) {
         return Err(PolicyError::at(
             target.path.clone(),
             format!(

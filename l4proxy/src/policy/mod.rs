@@ -64,6 +64,7 @@
 //! runs the checks across fields, whose errors carry the path only.
 
 mod check;
+mod connect;
 mod limits;
 mod name;
 mod raw;
@@ -79,6 +80,7 @@ use ipnet::{IpNet, Ipv6Net};
 use thiserror::Error;
 
 pub use check::BindTarget;
+pub use connect::ConnectFront;
 pub use limits::{ClientLimits, Keepalive, PrefixLimit, Timeouts};
 pub use name::NamePattern;
 
@@ -174,6 +176,10 @@ pub struct InterceptRule {
     /// `None`: the daemon's `--tcp-keepalive`.
     pub keepalive: Option<Keepalive>,
     pub limits: ClientLimits,
+    /// An explicit front end: clients connect to its listeners and name
+    /// their destination with CONNECT. Such a rule has no prefixes, ports
+    /// or interfaces: the kernel steers nothing to it.
+    pub connect: Option<ConnectFront>,
 }
 
 impl InterceptRule {
@@ -220,19 +226,24 @@ impl Route {
     /// destinations), so a `false` is certain.
     pub fn may_apply(&self, id: RuleId, rule: &InterceptRule) -> bool {
         let when = &self.conditions;
+        // A CONNECT client may ask for any destination.
+        let explicit = rule.connect.is_some();
         when.intercept
             .as_ref()
             .is_none_or(|rules| rules.contains(&id))
-            && when.destination.as_ref().is_none_or(|prefixes| {
-                prefixes
-                    .iter()
-                    .any(|p| rule.prefixes.iter().any(|q| overlap(p, q)))
-            })
-            && when.ports.as_ref().is_none_or(|ports| {
-                ports
-                    .iter()
-                    .any(|&p| rule.ports.iter().any(|&q| p.intersection(q).is_some()))
-            })
+            && (explicit || when.target.is_none())
+            && (explicit
+                || when.destination.as_ref().is_none_or(|prefixes| {
+                    prefixes
+                        .iter()
+                        .any(|p| rule.prefixes.iter().any(|q| overlap(p, q)))
+                }))
+            && (explicit
+                || when.ports.as_ref().is_none_or(|ports| {
+                    ports
+                        .iter()
+                        .any(|&p| rule.ports.iter().any(|&q| p.intersection(q).is_some()))
+                }))
     }
 }
 
@@ -262,6 +273,9 @@ pub struct Conditions {
     pub ports: Option<Vec<PortSpec>>,
     /// Prefixes containing the client's address.
     pub source: Option<Vec<IpNet>>,
+    /// Patterns for the name a CONNECT client asked for; a connection
+    /// without one (steered, or a CONNECT to an address) never matches.
+    pub target: Option<Vec<NamePattern>>,
     /// Conditions on the client's first bytes; the only ones that need them.
     pub hello: Option<HelloConditions>,
 }
@@ -530,6 +544,7 @@ impl Policy {
                     timeouts: Timeouts::default(),
                     keepalive: None,
                     limits: ClientLimits::default(),
+                    connect: None,
                 })
                 .collect(),
             routes: Vec::new(),

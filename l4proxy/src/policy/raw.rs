@@ -14,7 +14,7 @@ use serde::{
 
 use super::{
     Bind, ClientLimits, HelloConditions, IPV4_MAPPED, Keepalive, NamePattern, PortSpec,
-    SniCondition, Timeouts,
+    SniCondition, Timeouts, connect::RawConnectFront,
 };
 
 /// A struct read from a JSON object only: serde_json would also take an
@@ -108,10 +108,12 @@ pub(super) struct Policy {
 #[serde(deny_unknown_fields)]
 pub(super) struct Rule {
     pub name: Name,
-    #[serde(deserialize_with = "non_empty")]
-    pub prefixes: Vec<Prefix>,
-    #[serde(deserialize_with = "non_empty")]
-    pub ports: Vec<Port>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    pub prefixes: Option<Vec<Prefix>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    pub ports: Option<Vec<Port>>,
+    #[serde(default, deserialize_with = "some")]
+    pub connect: Option<Object<RawConnectFront>>,
     #[serde(default, deserialize_with = "some")]
     pub upstream: Option<String>,
     #[serde(default, deserialize_with = "some_non_empty")]
@@ -210,6 +212,7 @@ pub(super) struct Conditions {
     pub destination: Option<Vec<Prefix>>,
     pub ports: Option<Vec<Port>>,
     pub source: Option<Vec<Prefix>>,
+    pub target: Option<Vec<NamePattern>>,
     pub hello: Option<HelloConditions>,
 }
 
@@ -224,6 +227,8 @@ struct ConditionFields {
     ports: Option<Vec<Port>>,
     #[serde(default, deserialize_with = "some_non_empty")]
     source: Option<Vec<Prefix>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    target: Option<Vec<Pattern>>,
     #[serde(default, deserialize_with = "some")]
     protocol: Option<Protocol>,
     #[serde(default, deserialize_with = "some_non_empty")]
@@ -305,6 +310,7 @@ impl TryFrom<ConditionFields> for Conditions {
             destination: fields.destination,
             ports: fields.ports,
             source: fields.source,
+            target: fields.target.map(patterns),
             hello,
         })
     }
@@ -345,7 +351,7 @@ impl<'de> Deserialize<'de> for True {
 
 #[derive(Deserialize)]
 #[serde(try_from = "String")]
-struct Pattern(NamePattern);
+pub(super) struct Pattern(pub NamePattern);
 
 impl TryFrom<String> for Pattern {
     type Error = String;
@@ -637,7 +643,7 @@ where
 }
 
 /// For optional list conditions: an empty list could never hold.
-fn some_non_empty<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
+pub(super) fn some_non_empty<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
@@ -645,7 +651,7 @@ where
     non_empty(deserializer).map(Some)
 }
 
-fn non_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+pub(super) fn non_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,

@@ -19,11 +19,14 @@ use crate::{
 
 /// What is known of a connection at accept, before it has sent anything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Connection {
+pub struct Connection<'a> {
     pub client: ClientAddr,
     pub orig_dst: OrigDstAddr,
-    /// The rule that steered it ([`super::match_rule`]).
+    /// The rule that steered it ([`super::match_rule`]), or whose CONNECT
+    /// listener took it.
     pub rule: RuleId,
+    /// The name a CONNECT client asked for, if it asked for a name.
+    pub target: Option<&'a str>,
 }
 
 /// What the client sent first, as the sniffer read it.
@@ -178,6 +181,9 @@ fn addresses_hold(when: &Conditions, conn: &Connection) -> bool {
         && any(&when.destination, |prefix| prefix.contains(&dst))
         && any(&when.ports, |ports| ports.contains(port))
         && any(&when.source, |prefix| prefix.contains(&client))
+        && any(&when.target, |pattern| {
+            conn.target.is_some_and(|name| pattern.matches(name))
+        })
 }
 
 fn hello_holds(wanted: &HelloConditions, hello: &Hello) -> bool {
@@ -234,13 +240,14 @@ mod tests {
         Policy::from_json(&json).unwrap_or_else(|e| panic!("{e}\n{json}"))
     }
 
-    fn conn(policy: &Policy, client: &str, orig_dst: &str) -> Connection {
+    fn conn(policy: &Policy, client: &str, orig_dst: &str) -> Connection<'static> {
         let orig_dst = orig_dst.parse().unwrap();
         Connection {
             client: ClientAddr(client.parse().unwrap()),
             orig_dst: OrigDstAddr(orig_dst),
             rule: match_rule(policy, orig_dst)
                 .unwrap_or_else(|| panic!("no rule steers {orig_dst}")),
+            target: None,
         }
     }
 

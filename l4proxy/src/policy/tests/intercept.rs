@@ -43,6 +43,7 @@ fn example_is_valid() {
                     timeouts: Timeouts::default(),
                     keepalive: None,
                     limits: ClientLimits::default(),
+                    connect: None,
                 },
                 InterceptRule {
                     name: "all-ports".to_owned(),
@@ -54,6 +55,7 @@ fn example_is_valid() {
                     timeouts: Timeouts::default(),
                     keepalive: None,
                     limits: ClientLimits::default(),
+                    connect: None,
                 },
             ],
             routes: vec![],

@@ -177,7 +177,7 @@ fn unknown_fields() {
             r#""server_name": ["api.example.com"], "alpn""#
         ),
         "7:48: routes[0].match.server_name: unknown field `server_name`, expected one of \
-         `intercept`, `destination`, `ports`, `source`, `protocol`, `sni`, `no_sni`, `alpn`, `host`"
+         `intercept`, `destination`, `ports`, `source`, `target`, `protocol`, `sni`, `no_sni`, `alpn`, `host`"
     );
     assert_eq!(
         error_with(r#""name": "api","#, r#""name": "api", "backend": "api","#),

@@ -1,0 +1,116 @@
+//! A rule's `connect`: an explicit proxy front end. Clients connect to one of
+//! its `listen` addresses and ask for a destination with HTTP `CONNECT`
+//! (the seed notes' "remote explicit proxy"), instead of being steered by
+//! the kernel. Closed by default: destination ports default to 443 only,
+//! and this host, loopback and link-local addresses (where cloud metadata
+//! services live) are refused unless named in `allow_reserved`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, de::Error as _};
+
+use super::{
+    NamePattern, PortSpec,
+    raw::{Object, Pattern, Port, Prefix, Server, non_empty, some_non_empty},
+};
+
+/// How an explicit rule takes connections and which it lets through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectFront {
+    /// Where l4proxy listens for CONNECT clients.
+    pub listen: Vec<SocketAddr>,
+    /// Client prefixes allowed to use it; empty: any client.
+    pub clients: Vec<IpNet>,
+    /// Destination ports a tunnel may go to.
+    pub ports: Vec<PortSpec>,
+    /// Destination names a tunnel may ask for; `None`: any name (unless
+    /// `destinations` is given, when names must resolve into it).
+    pub names: Option<Vec<NamePattern>>,
+    /// Prefixes every destination address must be in (literal, or what a
+    /// name resolved to); `None`: any address that is not reserved.
+    pub destinations: Option<Vec<IpNet>>,
+    /// Reserved addresses (this host's, loopback, link-local, unspecified)
+    /// a tunnel may go to all the same.
+    pub allow_reserved: Vec<IpNet>,
+    /// Refuse a tunnel whose TLS server name differs from the name it
+    /// asked for (domain fronting).
+    pub refuse_fronting: bool,
+    /// How long a name may take to resolve.
+    pub resolve_timeout: Duration,
+}
+
+impl ConnectFront {
+    /// Whether a client may use this front end.
+    pub fn admits(&self, client: std::net::IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.clients.is_empty() || self.clients.iter().any(|p| p.contains(&client))
+    }
+
+    /// Whether any restriction limits who or where: a front end with none
+    /// would be an open relay.
+    pub fn is_open_relay(&self) -> bool {
+        self.clients.is_empty() && self.names.is_none() && self.destinations.is_none()
+    }
+}
+
+/// The JSON form; each value checked alone as it is read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnectFront {
+    #[serde(deserialize_with = "non_empty")]
+    listen: Vec<Server>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    clients: Option<Vec<Prefix>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    ports: Option<Vec<Port>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    names: Option<Vec<Pattern>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    destinations: Option<Vec<Prefix>>,
+    #[serde(default, deserialize_with = "some_non_empty")]
+    allow_reserved: Option<Vec<Prefix>>,
+    #[serde(default)]
+    refuse_fronting: bool,
+    #[serde(default, deserialize_with = "some_timeout")]
+    resolve_timeout: Option<Duration>,
+}
+
+/// Ports a tunnel may reach when the policy does not say: HTTPS only, as
+/// Squid's `SSL_ports` and Traffic Server's `connect_ports` do.
+const DEFAULT_PORTS: [PortSpec; 1] = [PortSpec::Single(443)];
+
+/// How long a name may take to resolve when the policy does not say.
+const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl From<Object<RawConnectFront>> for ConnectFront {
+    fn from(Object(raw): Object<RawConnectFront>) -> Self {
+        let prefixes = |list: Option<Vec<Prefix>>| {
+            list.map(|list| list.into_iter().map(|p| p.0).collect::<Vec<_>>())
+        };
+        ConnectFront {
+            listen: raw.listen.into_iter().map(|s| s.0).collect(),
+            clients: prefixes(raw.clients).unwrap_or_default(),
+            ports: raw.ports.map_or(DEFAULT_PORTS.to_vec(), |ports| {
+                ports.into_iter().map(|p| p.0).collect()
+            }),
+            names: raw
+                .names
+                .map(|names| names.into_iter().map(|n| n.0).collect()),
+            destinations: prefixes(raw.destinations),
+            allow_reserved: prefixes(raw.allow_reserved).unwrap_or_default(),
+            refuse_fronting: raw.refuse_fronting,
+            resolve_timeout: raw.resolve_timeout.unwrap_or(DEFAULT_RESOLVE_TIMEOUT),
+        }
+    }
+}
+
+fn some_timeout<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    let seconds = f64::deserialize(deserializer)?;
+    if !(seconds > 0.0 && seconds <= 300.0) {
+        return Err(D::Error::custom(format!(
+            "expected seconds above 0, at most 300, got {seconds}"
+        )));
+    }
+    Ok(Some(Duration::from_secs_f64(seconds)))
+}
