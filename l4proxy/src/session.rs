@@ -383,14 +383,20 @@ async fn open(
 }
 
 /// Why a destination a trusted front proxy announced may not be taken, if
-/// it may not: it must be one the rule intercepts, and never one the kernel
-/// programs would not have steered (loopback, unspecified, and, for a
-/// gateway rule, this host's own addresses, which include the listeners).
+/// it may not. On a gateway rule, whose upstream may be the original
+/// destination, it must be one the rule intercepts, and never one the kernel
+/// programs would not have steered (loopback, unspecified, this host's own
+/// addresses, which include the listeners). On any other rule it only
+/// routes and is logged: connections go to the servers the policy lists,
+/// and a front proxy announces its own address (often not the rule's).
 fn announced_destination(
     rule: &InterceptRule,
     dst: OrigDstAddr,
     local: &LocalAddrs,
 ) -> Result<(), &'static str> {
+    if !rule.is_gateway() {
+        return Ok(());
+    }
     let ip = dst.0.ip().to_canonical();
     if ip.is_loopback() || ip.is_unspecified() {
         return Err("is loopback or unspecified");
@@ -398,7 +404,7 @@ fn announced_destination(
     if !rule.intercepts(dst.0) {
         return Err("is outside the rule's prefixes and ports");
     }
-    if rule.is_gateway() && local.contains(ip) {
+    if local.contains(ip) {
         return Err("is this host's, which a gateway rule never takes");
     }
     Ok(())
