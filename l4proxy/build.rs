@@ -1,7 +1,7 @@
 //! Embeds the kernel programs built by `cargo xtask build-ebpf`.
 //!
 //! They are built with Debian's rustc and `-Z build-std` for bpfel-unknown-none
-//! (see ../shared/TOOLCHAIN.md), which this crate's toolchain cannot do, so the
+//! (docs/development.md, "Toolchain"), which this crate's toolchain cannot do, so the
 //! build is a separate step and this script only picks up its output.
 
 use std::{env, fs, path::PathBuf};

@@ -4,7 +4,7 @@
 //! when its `Netns` is dropped, also while a failing test unwinds. Nothing is
 //! ever configured in the root namespace: commands run as `ip -n NS ...`, and
 //! in-process code enters a namespace on a thread of its own (`Netns::run`).
-//! Only the documentation ranges of shared/LAB.md are used.
+//! Only the documentation ranges of docs/development.md are used.
 //!
 //! The daemon runs with `RUST_LOG=info` (override with `L4PROXY_TEST_LOG`); its
 //! log is printed when a test fails.

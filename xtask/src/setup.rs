@@ -1,5 +1,5 @@
 //! Installs what a fresh Debian 12 machine lacks, and nothing that is already there
-//! (see ../shared/TOOLCHAIN.md for why these exact pieces).
+//! (docs/development.md, "Toolchain", says why these exact pieces).
 
 use std::process::Command;
 
@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "iperf3",
     "iptables",
+    "dnsmasq-base",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -8,7 +8,7 @@
 //!
 //! `cl` routes the service prefix 192.0.2.0/24 and the server side via `px`;
 //! `sv`'s default route is `px`. Only the documentation ranges of
-//! shared/LAB.md are used, and nothing is configured in the root namespace.
+//! docs/development.md are used, and nothing is configured in the root namespace.
 
 use std::{
     fs::File,
