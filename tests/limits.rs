@@ -60,6 +60,21 @@ fn served(c: &mut TcpStream, what: &str) {
     lab::echo(c, "ping", what);
 }
 
+/// A connection that must be reset at once: the reset may come before
+/// connect() returns, or as the first read. Returns how long it took.
+fn reset_at_once(connected: io::Result<TcpStream>, what: &str) -> Duration {
+    let started = Instant::now();
+    match connected {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => started.elapsed(),
+        Err(e) => panic!("{what}: connect failed with {e}, not a reset"),
+        Ok(mut c) => {
+            let (got, after) = ends_with_reset(&mut c, Duration::from_secs(5), what);
+            assert_eq!(got, 0, "{what}: bytes before the reset");
+            after
+        }
+    }
+}
+
 /// Reads until the connection ends, which must be a reset within
 /// `within`; returns the bytes that came first and how long it took.
 fn ends_with_reset(c: &mut TcpStream, within: Duration, what: &str) -> (usize, Duration) {
@@ -260,9 +275,10 @@ fn a_client_over_its_limit_is_reset_at_once_while_another_is_served() {
                 c
             })
             .collect();
-        let mut over = connect_from(&t.cl, from(greedy), to);
-        let (got, after) = ends_with_reset(&mut over, Duration::from_secs(5), "over the limit");
-        assert_eq!(got, 0, "{greedy}: bytes before the reset");
+        let after = reset_at_once(
+            lab::try_connect_from(&t.cl, from(greedy), to),
+            "over the limit",
+        );
         assert!(
             after < Duration::from_secs(1),
             "{greedy}: reset after {after:?}"
@@ -273,23 +289,7 @@ fn a_client_over_its_limit_is_reset_at_once_while_another_is_served() {
         drop(c);
         // A slot given back is free again.
         drop(held.pop());
-        lab::poll_until(
-            Duration::from_secs(5),
-            || {
-                let mut c = connect_from(&t.cl, from(greedy), to);
-                let ok = lab::read_line(&mut c).is_ok();
-                if ok {
-                    held.push(c);
-                }
-                ok
-            },
-            |ok| *ok,
-        );
-        assert_eq!(
-            held.len(),
-            3,
-            "{greedy}: the freed slot was not taken again"
-        );
+        held.push(served_soon(&t, from(greedy), to, "in a freed slot"));
         drop(held);
     }
     let refused = d.wait_event("a refusal line", Duration::from_secs(5), |e| {
@@ -301,20 +301,34 @@ fn a_client_over_its_limit_is_reset_at_once_while_another_is_served() {
     // IPv6: 2001:db8:c::2 holds 3 (its own limit), ::3 may add one more
     // before the /64 is full.
     let to = service(SERVICES[1], 80);
+    // The connections of the loop above give their slots back as their
+    // closes reach the daemon.
     let _three: Vec<TcpStream> = (0..3)
-        .map(|_| connect_from(&t.cl, from(addr::CL6), to))
-        .map(|mut c| {
-            served(&mut c, "::2");
-            c
-        })
+        .map(|i| served_soon(&t, from(addr::CL6), to, &format!("::2 #{i}")))
         .collect();
-    let mut fourth = connect_from(&t.cl, from("2001:db8:c::3"), to);
-    served(&mut fourth, "::3 within the prefix");
-    let mut fifth = connect_from(&t.cl, from("2001:db8:c::3"), to);
-    ends_with_reset(&mut fifth, Duration::from_secs(5), "over the prefix limit");
+    let _fourth = served_soon(&t, from("2001:db8:c::3"), to, "::3 within the prefix");
+    reset_at_once(
+        lab::try_connect_from(&t.cl, from("2001:db8:c::3"), to),
+        "over the prefix limit",
+    );
     d.wait_event("a prefix refusal line", Duration::from_secs(5), |e| {
         field_str(e, "limit").as_deref() == Some("per-client-prefix connection limit")
     });
+}
+
+/// A connection from `local` that is served once a slot is free (5 s).
+fn served_soon(t: &Topo, local: SocketAddr, to: SocketAddr, what: &str) -> TcpStream {
+    let c = lab::poll_until(
+        Duration::from_secs(5),
+        || {
+            let mut c = lab::try_connect_from(&t.cl, local, to).ok()?;
+            (lab::read_line(&mut c).ok()? == "sv").then_some(c)
+        },
+        Option::is_some,
+    );
+    let mut c = c.unwrap_or_else(|| panic!("{what}: never served"));
+    lab::echo(&mut c, "ping", what);
+    c
 }
 
 /// Over `--max-connections`, a new connection is reset at once rather than
@@ -332,12 +346,11 @@ fn over_the_global_limit_a_connection_is_reset_at_once() {
             c
         })
         .collect();
-    let mut over = connect(&t.cl, to);
-    let (got, after) = ends_with_reset(&mut over, Duration::from_secs(5), "over the limit");
-    assert!(
-        got == 0 && after < Duration::from_secs(1),
-        "{got} bytes, {after:?}"
+    let after = reset_at_once(
+        lab::try_connect(&t.cl, to, Duration::from_secs(5)),
+        "over the limit",
     );
+    assert!(after < Duration::from_secs(1), "reset after {after:?}");
     for (i, c) in held.iter_mut().enumerate() {
         lab::echo(c, "still", &format!("held #{i}"));
     }
@@ -401,12 +414,19 @@ fn a_refused_or_silent_upstream_resets_the_client() {
     p["routes"] = json!([{ "match": { "ports": [81] }, "upstream": "silent" }]);
     let mut d = Daemon::start_ready(&t.px, &p, &["--connect-timeout", "1"]);
     for (port, expected) in [(80, "Connection refused"), (81, "timed out")] {
-        let mut c = connect(&t.cl, service(SERVICES[0], port));
-        // The reset may come before the bytes are sent.
-        let _ = c.write_all(b"hello");
-        ends_with_reset(&mut c, Duration::from_secs(10), expected);
-        let ev = d.closed_event(c.local_addr().unwrap());
-        assert!(outcome(&ev).contains(expected), "{port}: {ev}");
+        let to = service(SERVICES[0], port);
+        // The reset may come before connect() returns or the bytes are sent.
+        match lab::try_connect(&t.cl, to, Duration::from_secs(5)) {
+            Ok(mut c) => {
+                let _ = c.write_all(b"hello");
+                ends_with_reset(&mut c, Duration::from_secs(10), expected);
+            }
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{port}: {e}"),
+        }
+        let ev = d.wait_event("the connect failure", Duration::from_secs(10), |e| {
+            outcome(e).contains(expected)
+        });
+        assert_eq!(field_str(&ev, "orig_dst"), Some(to.to_string()), "{ev}");
     }
 }
 

@@ -170,20 +170,24 @@ pub fn try_connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Resul
 /// Connects from inside `ns` from the given local address (port 0: any),
 /// with timeouts set; panics saying what failed.
 pub fn connect_from(ns: &Netns, local: SocketAddr, addr: SocketAddr) -> TcpStream {
-    let s = ns
-        .run(move || -> io::Result<TcpStream> {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            socket.bind(&local.into())?;
-            socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
-            Ok(socket.into())
-        })
-        .unwrap_or_else(|e| panic!("connect from {local} in netns {} to {addr}: {e}", ns.name()));
+    try_connect_from(ns, local, addr)
+        .unwrap_or_else(|e| panic!("connect from {local} in netns {} to {addr}: {e}", ns.name()))
+}
+
+/// [`connect_from`], returning the error.
+pub fn try_connect_from(ns: &Netns, local: SocketAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = ns.run(move || -> io::Result<TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&local.into())?;
+        socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        Ok(socket.into())
+    })?;
     set_timeouts(&s);
-    s
+    Ok(s)
 }
 
 /// Connects from inside `ns`; panics saying where to if it fails.

@@ -322,8 +322,10 @@ async fn an_idle_connection_is_reset_on_both_sides_at_the_idle_timeout() {
 
 #[tokio::test]
 async fn bytes_that_keep_moving_are_not_cut_by_the_idle_timeout_but_the_lifetime_ends_them() {
-    const IDLE: Duration = Duration::from_millis(300);
-    const LIFETIME: Duration = Duration::from_millis(1500);
+    // A byte every 100 ms: ten times within the idle timeout, so a busy
+    // machine's scheduling delays do not look like silence.
+    const IDLE: Duration = Duration::from_millis(1000);
+    const LIFETIME: Duration = Duration::from_millis(2500);
     for path in PATHS {
         let started = tokio::time::Instant::now();
         let Lab {
@@ -339,7 +341,7 @@ async fn bytes_that_keep_moving_are_not_cut_by_the_idle_timeout_but_the_lifetime
             },
         )
         .await;
-        // A byte every 100 ms, each way in turn: never idle for 300 ms.
+        // A byte every 100 ms, each way in turn.
         let mut moved = 0;
         let ended = loop {
             let (from, to) = if moved % 2 == 0 {
@@ -363,7 +365,7 @@ async fn bytes_that_keep_moving_are_not_cut_by_the_idle_timeout_but_the_lifetime
             "{path:?}: {relayed:?} ({ended:?})"
         );
         // It ran well past the idle timeout, to the lifetime.
-        assert!(moved >= 10, "{path:?}: only {moved} bytes moved");
+        assert!(moved >= 15, "{path:?}: only {moved} bytes moved");
         assert!(started.elapsed() >= LIFETIME, "{path:?}");
     }
 }
