@@ -20,6 +20,7 @@ pub mod addrs;
 pub mod admission;
 pub mod cli;
 pub mod conn_id;
+pub mod connect_head;
 pub mod descriptors;
 pub mod hello;
 pub mod install;
