@@ -82,6 +82,24 @@ pub async fn peek_until<T>(
     }
 }
 
+/// Reads and drops `len` bytes that are already queued (they were peeked):
+/// a header the proxy takes off the stream, leaving what follows it queued.
+pub async fn consume(stream: &TcpStream, mut len: usize) -> io::Result<()> {
+    // On the heap: a buffer in this future would be in every connection's
+    // task, header or not, for the connection's whole life.
+    let mut buffer = vec![0u8; len];
+    while len > 0 {
+        stream.readable().await?;
+        match stream.try_read(&mut buffer[..len]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => len -= n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The state of one `peek_until`.
 struct Peeker {
     /// Most hellos fit in a few KiB: it starts there and grows towards

@@ -358,7 +358,7 @@ impl Installation {
             if !wanted || self.listening[slot] {
                 continue;
             }
-            let listener = listen(addr, self.keepalive)
+            let listener = listen(addr, self.keepalive, true)
                 .map_err(|source| InstallError::Listen { family, source })?;
             self.interceptor.set_listener(family, &listener)?;
             listeners.push(listener);
@@ -395,14 +395,22 @@ pub async fn remove_leftovers() -> Result<(), InstallError> {
     Ok(())
 }
 
-fn listen(addr: SocketAddr, keepalive: Keepalive) -> io::Result<TcpListener> {
+/// A listener on `addr`; `transparent`: it may accept connections to
+/// addresses that are not this host's (steered gateway connections).
+pub(crate) fn listen(
+    addr: SocketAddr,
+    keepalive: Keepalive,
+    transparent: bool,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         // Each family has its own listener; never see IPv4-mapped addresses.
         socket.set_only_v6(true)?;
-        socket.set_ip_transparent_v6(true)?;
-    } else {
-        socket.set_ip_transparent_v4(true)?;
+    }
+    match (transparent, addr.is_ipv6()) {
+        (true, true) => socket.set_ip_transparent_v6(true)?,
+        (true, false) => socket.set_ip_transparent_v4(true)?,
+        (false, _) => {}
     }
     socket.set_reuse_address(true)?;
     // Accepted sockets inherit these: setsockopts here instead of on every
@@ -569,7 +577,7 @@ mod tests {
             interval: 3,
             count: 4,
         };
-        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), keepalive).unwrap();
+        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), keepalive, true).unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();

@@ -4,11 +4,15 @@
 //! Module map, in the order of the data path: `policy` (raw JSON → checked
 //! `Policy`), `intercept` (BPF programs, maps, local routes and policy
 //! routing), `local_addrs` (this host's addresses), `server` (set-up,
-//! listen, accept, shutdown), `session` (one connection from accept to its
-//! log line), `proxy_header` (PROXY protocol headers in and out, over the
-//! `proxy_protocol` codec), `route` (which rule and upstream a connection
-//! takes), `upstream` (connect, from which source), `relay` (copy bytes both
-//! ways).
+//! listen, accept, shutdown) with `explicit` (the CONNECT rules' listeners),
+//! `descriptors` (the open-files budget) and `admission` (connection
+//! limits), `session` (one connection from accept to its log line: front →
+//! decide → back → relay), `proxy_header` (PROXY protocol headers in and
+//! out, over the `proxy_protocol` codec), `tunnel` (the CONNECT front end,
+//! over the `connect_head` parser), `hello` and `sniff` (the client's first
+//! bytes), `route` (which rule and upstream a connection takes), `upstream`
+//! (connect, from which source), `relay` (copy bytes both ways, with
+//! deadlines), `logging` (a log that never blocks the relay).
 //!
 //! `unsafe` is confined to four places, each saying why at the call:
 //! `intercept::guard` (fork before the runtime starts), `hello` (`MSG_PEEK`
@@ -22,6 +26,7 @@ pub mod cli;
 pub mod conn_id;
 pub mod connect_head;
 pub mod descriptors;
+pub mod explicit;
 pub mod hello;
 pub mod install;
 pub mod intercept;
@@ -36,4 +41,5 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod sniff;
+pub mod tunnel;
 pub mod upstream;

@@ -46,25 +46,8 @@ pub async fn read(stream: &TcpStream, deadline: Duration) -> Result<Decoded, Rea
             return Err(ReadError::Malformed(DecodeError::V2TooLong(MAX_HEADER_LEN)));
         }
     };
-    discard(stream, decoded.len).await?;
+    hello::consume(stream, decoded.len).await?;
     Ok(decoded)
-}
-
-/// Reads and drops `len` bytes that are already queued (they were peeked).
-async fn discard(stream: &TcpStream, mut len: usize) -> io::Result<()> {
-    // On the heap: a buffer in this future would be in every connection's
-    // task, header or not, for the connection's whole life.
-    let mut buffer = vec![0u8; len];
-    while len > 0 {
-        stream.readable().await?;
-        match stream.try_read(&mut buffer[..len]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => len -= n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Room for the client bytes sent along with the header (a read takes what

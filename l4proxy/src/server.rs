@@ -25,11 +25,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admission::{Admission, Refusal},
     conn_id::ConnectionIds,
+    explicit::{ExplicitListeners, ListenError, Opened},
     install::{self, Applied, InstallError, Installation},
     intercept::{delivery::Mark, interfaces, routes::RouteError},
-    policy::{Policy, PolicyError},
+    policy::{Keepalive, Policy, PolicyError},
     relay,
-    session::{self, Defaults, Shared},
+    session::{self, Defaults, Front, Shared},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("watching the interfaces: {0}")]
     Links(#[from] RouteError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
 }
 
 /// How often to look for replaced policies whose connections are all closed.
@@ -77,6 +80,8 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         settings.defaults.keepalive,
     )
     .await?;
+    let mut explicit = ExplicitListeners::default();
+    let opened = explicit.bind_new(&policy, settings.defaults.keepalive)?;
     let Applied {
         active,
         new_listeners,
@@ -113,6 +118,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         stop: CancellationToken::new(),
     };
     let listeners = accepting.start(new_listeners);
+    accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
     tracing::info!(
         listeners = ?listeners,
         max_connections = settings.max_connections,
@@ -126,7 +132,11 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
             signal = signals.recv() => match signal {
                 Signal::Stop => break,
                 Signal::Reload => {
-                    if let Some(applied) = reload(&settings.policy_path, &mut installation).await {
+                    let keepalive = settings.defaults.keepalive;
+                    if let Some((applied, opened)) =
+                        reload(&settings.policy_path, &mut installation, &explicit, keepalive).await
+                    {
+                        accepting.start_explicit(&mut explicit, &applied.active.policy, opened);
                         shared.set_active(applied.active);
                         accepting.start(applied.new_listeners);
                         tracing::info!("policy reloaded");
@@ -185,18 +195,34 @@ pub fn load_policy(path: &Path) -> Result<Policy, PolicyError> {
     Ok(policy)
 }
 
-/// Rereads the policy file and applies it. A policy that is refused, by the
-/// check or by the host, is logged with why, and the running one stays.
-async fn reload(path: &Path, installation: &mut Installation) -> Option<Applied> {
+/// Rereads the policy file and applies it, with the CONNECT listeners it
+/// adds. A policy that is refused, by the check or by the host, is logged
+/// with why, and the running one stays.
+async fn reload(
+    path: &Path,
+    installation: &mut Installation,
+    explicit: &ExplicitListeners,
+    keepalive: Keepalive,
+) -> Option<(Applied, Opened)> {
+    let refused = |e: &dyn std::fmt::Display| {
+        tracing::error!("policy not reloaded: {e}; the running policy stays in force");
+    };
     let policy = match load_policy(path) {
         Ok(policy) => policy,
         Err(e) => {
-            tracing::error!("policy not reloaded: {e}; the running policy stays in force");
+            refused(&e);
+            return None;
+        }
+    };
+    let opened = match explicit.bind_new(&policy, keepalive) {
+        Ok(opened) => opened,
+        Err(e) => {
+            refused(&e);
             return None;
         }
     };
     match installation.apply(policy).await {
-        Ok(applied) => Some(applied),
+        Ok(applied) => Some((applied, opened)),
         Err(e) => {
             tracing::error!(
                 "policy not reloaded: {e}; the running policy stays in force for new connections"
@@ -215,19 +241,33 @@ struct Accepting {
 }
 
 impl Accepting {
-    /// Accepts on `listeners` until stopped; returns their addresses.
+    /// Accepts on the steered `listeners` until stopped; returns their
+    /// addresses.
     fn start(&self, listeners: Vec<TcpListener>) -> Vec<Option<std::net::SocketAddr>> {
         let addresses = listeners.iter().map(|l| l.local_addr().ok()).collect();
         for listener in listeners {
-            self.tracker.spawn(accept_loop(
-                listener,
-                self.shared.clone(),
-                self.limit.clone(),
-                self.tracker.clone(),
-                self.stop.clone(),
-            ));
+            self.accept(listener, Front::Steered, self.stop.clone());
         }
         addresses
+    }
+
+    /// Accepts on the CONNECT listeners `policy` adds, and stops those it
+    /// drops.
+    fn start_explicit(&self, explicit: &mut ExplicitListeners, policy: &Policy, opened: Opened) {
+        explicit.commit(policy, opened, &self.stop, |listener, stop| {
+            self.accept(listener, Front::Connect, stop);
+        });
+    }
+
+    fn accept(&self, listener: TcpListener, front: Front, stop: CancellationToken) {
+        self.tracker.spawn(accept_loop(
+            listener,
+            front,
+            self.shared.clone(),
+            self.limit.clone(),
+            self.tracker.clone(),
+            stop,
+        ));
     }
 }
 
@@ -240,6 +280,7 @@ struct Limit {
 
 async fn accept_loop(
     listener: TcpListener,
+    front: Front,
     shared: Arc<Shared>,
     limit: Limit,
     tracker: TaskTracker,
@@ -264,7 +305,7 @@ async fn accept_loop(
         };
         let shared = shared.clone();
         tracker.spawn(async move {
-            session::serve(stream, peer, &shared).await;
+            session::serve(stream, peer, front, &shared).await;
             drop(permit);
         });
     }

@@ -17,6 +17,7 @@ use crate::{
     addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
     admission::{self, Admission, Slot},
     conn_id::{ConnectionId, ConnectionIds},
+    connect_head::Status,
     hello,
     intercept::rules::RuleIndex,
     local_addrs::LocalAddrs,
@@ -24,7 +25,7 @@ use crate::{
     proxy_header,
     proxy_protocol::{self, Addresses, Header, Tlvs, Version},
     relay::{self, Deadlines},
-    route, sniff,
+    route, sniff, tunnel,
     upstream::{self, Fallback, Pool},
 };
 
@@ -52,6 +53,15 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     /// What rules and routes leave out: the daemon's flags.
     pub defaults: Defaults,
+}
+
+/// How a connection reached the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Front {
+    /// Steered by the kernel: its local address is the original destination.
+    Steered,
+    /// On a CONNECT rule's listener: the client names its destination.
+    Connect,
 }
 
 /// The daemon's timeouts and keepalive, for connections of rules and routes
@@ -90,6 +100,8 @@ struct Record {
     peer: Option<SocketAddr>,
     proxy_header: Option<&'static str>,
     rule: Option<String>,
+    /// What a CONNECT client asked for, as it wrote it.
+    target: Option<String>,
     route: Option<String>,
     sniffed: Option<sniff::Sniffed>,
     sniff_gave_up: Option<&'static str>,
@@ -114,6 +126,7 @@ macro_rules! closed {
             peer = r.peer.map(display),
             proxy_header = r.proxy_header,
             rule = r.rule.as_deref(),
+            target = r.target.as_deref(),
             route = r.route.as_deref(),
             sni = r.sniffed.as_ref().and_then(sni_of),
             host = r.sniffed.as_ref().and_then(host_of),
@@ -144,7 +157,7 @@ impl Record {
 
 /// Relays one client connection (`peer`: its address, from accept) and logs
 /// one line when it ends. `TCP_NODELAY` comes from the listener.
-pub async fn serve(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
+pub async fn serve(mut client: TcpStream, peer: SocketAddr, front: Front, shared: &Shared) {
     let Ok(local) = client.local_addr() else {
         return; // The client is already gone.
     };
@@ -156,6 +169,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
         peer: None,
         proxy_header: None,
         rule: None,
+        target: None,
         route: None,
         sniffed: None,
         sniff_gave_up: None,
@@ -174,7 +188,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
         upstream,
         deadlines,
         slot,
-    }) = Box::pin(open(&mut client, peer, shared, &active, &mut record)).await
+    }) = Box::pin(open(&mut client, peer, front, shared, &active, &mut record)).await
     else {
         return; // `open` logged why.
     };
@@ -199,23 +213,53 @@ struct Opened {
 async fn open(
     client: &mut TcpStream,
     peer: SocketAddr,
+    front: Front,
     shared: &Shared,
     active: &Active,
     record: &mut Record,
 ) -> Option<Opened> {
     let local = record.orig_dst.0;
-    let Some(rule_id) = active.rules.lookup(local) else {
-        // The kernel steered it, so a rule matched there; userspace disagreeing
-        // would be a bug in one of the two matchers.
-        tracing::error!(client = %peer, orig_dst = %local, "steered connection matches no rule; closing");
+    let found = match front {
+        Front::Steered => active.rules.lookup(local),
+        Front::Connect => active.policy.connect_rule(local),
+    };
+    let Some(rule_id) = found else {
+        // The kernel steered it (or a listener took it), so a rule matched
+        // there; userspace disagreeing would be a bug.
+        tracing::error!(client = %peer, orig_dst = %local, ?front, "connection matches no rule; closing");
         return None;
     };
     let rule = &active.policy.rules[rule_id.0];
     record.rule = Some(rule.name.clone());
 
-    // A trusted front proxy names the client and its destination first.
+    // Where the client wants to go: what it asked with CONNECT, or, from a
+    // trusted front proxy, what its header says.
     let mut onward_local = false;
-    if rule.trusts(peer.ip()) {
+    let mut tunnel = None;
+    if let Some(connect) = &rule.connect {
+        match tunnel::open(
+            client,
+            peer.ip(),
+            connect,
+            &shared.local,
+            shared.sniff_timeout,
+        )
+        .await
+        {
+            Ok(opened) => {
+                record.orig_dst = OrigDstAddr(opened.addresses[0]);
+                record.target = Some(opened.target.clone());
+                tunnel = Some(opened);
+            }
+            Err(refused) => {
+                if let Some(status) = refused.status() {
+                    let _ = tunnel::answer(client, status).await;
+                }
+                record.failed(&refused);
+                return None;
+            }
+        }
+    } else if rule.trusts(peer.ip()) {
         record.peer = Some(peer);
         match proxy_header::read(client, shared.sniff_timeout).await {
             Ok(decoded) => {
@@ -239,6 +283,13 @@ async fn open(
             }
         }
     }
+    let (target_name, checked) = match tunnel {
+        Some(tunnel) => (tunnel.name, tunnel.addresses),
+        None => (None, Vec::new()),
+    };
+    // A steered client sends when it likes; a CONNECT client once told the
+    // tunnel is open.
+    let mut established = rule.connect.is_none();
 
     // The client is known now: the peer, or whom its front proxy named.
     let slot = match shared.admission.admit(rule, record.client.0.ip()) {
@@ -260,33 +311,37 @@ async fn open(
         client: record.client,
         orig_dst: record.orig_dst,
         rule: rule_id,
-        target: None,
+        target: target_name.as_deref(),
     };
     let mut decision = route::decide(&active.policy, &conn, None);
-    if matches!(decision, route::Decision::NeedHello) {
-        let said = match hello::peek_until(
-            client,
-            sniff::MAX_SNIFF_LEN,
-            shared.sniff_timeout,
-            |bytes| match sniff::sniff(bytes) {
-                sniff::SniffResult::Done(said) => Some(said),
-                sniff::SniffResult::NeedMore => None,
-            },
-        )
-        .await
-        {
-            Ok(Ok(said)) => said,
-            Ok(Err(gave_up)) => {
-                record.sniff_gave_up = Some(gave_up.as_str());
-                sniff::Sniffed::Other
-            }
-            Err(e) => {
-                record.failed(&format!("client failed while sniffing: {e}"));
+    let fronting = target_name
+        .as_deref()
+        .filter(|_| rule.connect.as_ref().is_some_and(|c| c.refuse_fronting));
+    if matches!(decision, route::Decision::NeedHello) || fronting.is_some() {
+        // A tunnel's first bytes come only once it is open.
+        if !established {
+            if let Err(e) = tunnel::answer(client, Status::Established).await {
+                record.failed(&format!("client error: answering CONNECT: {e}"));
                 return None;
             }
-        };
-        decision = route::decide(&active.policy, &conn, Some(&hello_of(&said)));
+            established = true;
+        }
+        let said = sniff_hello(client, shared, record).await?;
+        let fronted = fronting.and_then(|name| {
+            let sni = sni_of(&said).filter(|sni| !sni.eq_ignore_ascii_case(name))?;
+            Some(format!(
+                "refused: domain fronting: TLS server name {sni} differs from the CONNECT name {name}"
+            ))
+        });
+        if matches!(decision, route::Decision::NeedHello) {
+            decision = route::decide(&active.policy, &conn, Some(&hello_of(&said)));
+        }
         record.sniffed = Some(said);
+        if let Some(refused) = fronted {
+            admission::reset_on_close(client);
+            record.failed(&refused);
+            return None;
+        }
     }
     let (upstream_id, bind, route_timeouts) = match decision {
         route::Decision::Upstream {
@@ -307,7 +362,11 @@ async fn open(
                 route::Decision::Reject { why } => why.route_name(),
                 _ => "none".to_owned(),
             });
-            refuse(client, record.sniffed.as_ref()).await;
+            if established {
+                refuse(client, record.sniffed.as_ref()).await;
+            } else {
+                let _ = tunnel::answer(client, Status::Forbidden).await;
+            }
             record.closed(&format!("refused: {refused}"));
             return None;
         }
@@ -317,7 +376,7 @@ async fn open(
     let request = upstream::Request {
         client: record.client,
         orig_dst: record.orig_dst,
-        checked: Vec::new(),
+        checked,
         bind,
         keepalive,
     };
@@ -327,9 +386,19 @@ async fn open(
     {
         Ok(connected) => connected,
         Err(e) => {
-            // As a refused or unreachable server would have told the client
-            // directly: a reset, never an accepted connection closed clean.
-            admission::reset_on_close(client);
+            if established {
+                // As a refused or unreachable server would have told the
+                // client directly: a reset, never an accepted connection
+                // closed clean.
+                admission::reset_on_close(client);
+            } else {
+                let status = if e.timed_out() {
+                    Status::GatewayTimeout
+                } else {
+                    Status::BadGateway
+                };
+                let _ = tunnel::answer(client, status).await;
+            }
             record.upstream = e.upstream();
             record.failed(&format!("upstream connect failed: {e}"));
             return None;
@@ -341,6 +410,10 @@ async fn open(
         record.source = connected.stream.local_addr().ok();
     }
     record.bind_fallback = connected.fallback;
+    if !established && let Err(e) = tunnel::answer(client, Status::Established).await {
+        record.failed(&format!("client error: answering CONNECT: {e}"));
+        return None;
+    }
 
     if let Some(version) = active.policy.upstreams[upstream_id.0].proxy_protocol {
         let header = if onward_local {
@@ -408,6 +481,37 @@ fn announced_destination(
         return Err("is this host's, which a gateway rule never takes");
     }
     Ok(())
+}
+
+/// The client's first bytes, as the sniffer reads them within the sniff
+/// deadline (`Other` when it gave up); `None` once the client failed and
+/// it is logged.
+async fn sniff_hello(
+    client: &TcpStream,
+    shared: &Shared,
+    record: &mut Record,
+) -> Option<sniff::Sniffed> {
+    let peeked = hello::peek_until(
+        client,
+        sniff::MAX_SNIFF_LEN,
+        shared.sniff_timeout,
+        |bytes| match sniff::sniff(bytes) {
+            sniff::SniffResult::Done(said) => Some(said),
+            sniff::SniffResult::NeedMore => None,
+        },
+    )
+    .await;
+    match peeked {
+        Ok(Ok(said)) => Some(said),
+        Ok(Err(gave_up)) => {
+            record.sniff_gave_up = Some(gave_up.as_str());
+            Some(sniff::Sniffed::Other)
+        }
+        Err(e) => {
+            record.failed(&format!("client failed while sniffing: {e}"));
+            None
+        }
+    }
 }
 
 /// How the close log names the header a front proxy sent.
@@ -545,7 +649,7 @@ mod tests {
             .await
             .unwrap();
         let peer = stream.local_addr().unwrap();
-        let task = serve(stream, peer, &shared);
+        let task = serve(stream, peer, Front::Steered, &shared);
         let size = std::mem::size_of_val(&task);
         println!("serve future: {size} bytes");
         // 1368 bytes when written; 1712 with the idle and lifetime watch and

@@ -132,6 +132,11 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// Whether the last server tried did not answer in time.
+    pub fn timed_out(&self) -> bool {
+        matches!(self, ConnectError::Failed { error, .. } if error.kind() == io::ErrorKind::TimedOut)
+    }
+
     /// The server tried last, if any.
     pub fn upstream(&self) -> Option<UpstreamAddr> {
         match self {

@@ -41,6 +41,46 @@ fn collect<R: Read + Send + 'static>(pipe: R, tag: &'static str, log: Arc<Mutex<
     });
 }
 
+/// How the daemon's process is set up before it runs.
+#[derive(Default)]
+struct Setup {
+    /// `RLIMIT_NOFILE`, soft and hard.
+    open_files: Option<u64>,
+    /// A file bind-mounted over /etc/resolv.conf.
+    resolv_conf: Option<std::ffi::CString>,
+}
+
+/// In the child before exec: a private mount namespace in which
+/// `resolv_conf` is /etc/resolv.conf.
+fn bind_resolv_conf(resolv_conf: &std::ffi::CStr) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain syscalls on NUL-terminated strings that live across them.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        // Nothing mounted here propagates back to the machine's namespace.
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_SLAVE | libc::MS_REC,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            resolv_conf.as_ptr(),
+            c"/etc/resolv.conf".as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ))
+    }
+}
+
 impl Daemon {
     /// Writes `policy` to a temporary file and starts
     /// `l4proxy run --policy FILE --log-format json EXTRA...` inside `ns`.
@@ -71,23 +111,51 @@ impl Daemon {
         extra: &[&str],
         limit: u64,
     ) -> Daemon {
-        let mut d = Daemon::spawn_with_limit(ns, policy, extra, Some(limit));
+        let setup = Setup {
+            open_files: Some(limit),
+            resolv_conf: None,
+        };
+        let mut d = Daemon::spawn_with(ns, policy, extra, setup);
         collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d
+    }
+
+    /// Like `start_ready`, with `resolv_conf` as the daemon's
+    /// /etc/resolv.conf: bind-mounted in a mount namespace of its own, as
+    /// `ip netns exec` does with /etc/netns/NS/, without touching /etc.
+    pub fn start_with_resolver(
+        ns: &Netns,
+        policy: &Value,
+        extra: &[&str],
+        resolv_conf: &std::path::Path,
+    ) -> Daemon {
+        let resolv_conf = std::ffi::CString::new(resolv_conf.as_os_str().as_encoded_bytes())
+            .expect("a path without NUL");
+        let mut d = Daemon::spawn_with(
+            ns,
+            policy,
+            extra,
+            Setup {
+                open_files: None,
+                resolv_conf: Some(resolv_conf),
+            },
+        );
+        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d.wait_ready(Duration::from_secs(10));
         d
     }
 
     /// Starts the daemon with both pipes; collects stdout.
     fn spawn(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
-        Daemon::spawn_with_limit(ns, policy, extra, None)
+        Daemon::spawn_with(ns, policy, extra, Setup::default())
     }
 
-    /// `spawn`, with an open-files limit if given.
-    fn spawn_with_limit(
-        ns: &Netns,
-        policy: &Value,
-        extra: &[&str],
-        open_files: Option<u64>,
-    ) -> Daemon {
+    /// `spawn`, with the process set up as `setup` says.
+    fn spawn_with(ns: &Netns, policy: &Value, extra: &[&str], setup: Setup) -> Daemon {
+        let Setup {
+            open_files,
+            resolv_conf,
+        } = setup;
         let dir = TempDir::new(&format!("daemon-{}", ns.name()));
         let policy_path = dir.join("policy.json");
         std::fs::write(&policy_path, serde_json::to_vec_pretty(policy).unwrap())
@@ -113,11 +181,15 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: only plain syscalls (setns, setrlimit) between fork and exec.
+        // SAFETY: only plain syscalls (setns, unshare, mount, setrlimit)
+        // between fork and exec, on data prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(resolv_conf) = &resolv_conf {
+                    bind_resolv_conf(resolv_conf)?;
                 }
                 if let Some(limit) = open_files {
                     let both = libc::rlimit {

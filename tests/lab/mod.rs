@@ -14,6 +14,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod daemon;
+pub mod dns;
 pub mod haproxy;
 pub mod net;
 pub mod tls;

@@ -19,6 +19,10 @@ const TARGETS: &[(&str, &[(&str, &str)])] = &[
         "policy_from_json",
         &[("examples", "json"), ("tests/policies", "json")],
     ),
+    (
+        "connect_head",
+        &[("l4proxy/src/connect_head/fixtures", "bin")],
+    ),
 ];
 
 pub fn run(seconds: u64) -> anyhow::Result<()> {

@@ -517,6 +517,18 @@ impl Policy {
         Policy::from_json(&text).map_err(|err| err.in_file(file))
     }
 
+    /// The CONNECT rule listening on `addr`.
+    pub fn connect_rule(&self, addr: SocketAddr) -> Option<RuleId> {
+        self.rules
+            .iter()
+            .position(|rule| {
+                rule.connect
+                    .as_ref()
+                    .is_some_and(|c| c.listen.contains(&addr))
+            })
+            .map(RuleId)
+    }
+
     pub fn route_label(&self, id: RouteId) -> RouteLabel<'_> {
         RouteLabel {
             id,

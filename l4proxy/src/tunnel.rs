@@ -1,0 +1,329 @@
+//! The CONNECT front end: a client of an explicit proxy asks for its
+//! destination with an HTTP/1.1 `CONNECT host:port` head, which is read,
+//! checked against the rule's `connect` and taken off the stream; what the
+//! client sent after it (the tunnel's first bytes) stays queued, untouched,
+//! until the tunnel is open.
+//!
+//! A name is resolved once, here, within the rule's deadline, and every
+//! address it resolved to is checked: the addresses the upstream stage
+//! connects to are exactly the ones checked (no second resolution for a
+//! rebinding DNS server to answer differently). This host, loopback,
+//! link-local and unspecified addresses are refused unless the rule allows
+//! them by prefix (`allow_reserved`).
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use tokio::net::TcpStream;
+
+use crate::{
+    connect_head::{self, HeadError, Host, Method, Status},
+    hello::{self, GaveUp},
+    local_addrs::LocalAddrs,
+    policy::ConnectFront,
+    relay,
+};
+
+/// What a CONNECT client asked for, checked.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The name asked for, if it was a name (lower case, no trailing dot).
+    pub name: Option<String>,
+    /// What the head asked for, as written: `name:port` or the address.
+    pub target: String,
+    /// The addresses allowed for it, in the order to try them: the
+    /// client's family first, then alternating (RFC 8305 §4).
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// Why a CONNECT request was not taken. Each maps to the answer the client
+/// gets, if any.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("bad CONNECT request: {0}")]
+    BadRequest(HeadError),
+    #[error("method {0} is not CONNECT")]
+    Method(String),
+    #[error("client not allowed by the rule's clients")]
+    Client,
+    #[error("port {0} not allowed by the rule's ports")]
+    Port(u16),
+    #[error("name {0} not allowed by the rule's names")]
+    Name(String),
+    #[error("destination {0} refused: {1}")]
+    Destination(IpAddr, &'static str),
+    #[error("{name} resolves only to refused addresses ({first}: {why})")]
+    Resolved {
+        name: String,
+        first: IpAddr,
+        why: &'static str,
+    },
+    #[error("resolving {0}: {1}")]
+    Resolve(String, io::Error),
+    #[error("resolving {0}: no answer within {1:?}")]
+    ResolveTimeout(String, Duration),
+    #[error("no complete CONNECT request within {0:?}")]
+    HeadTimeout(Duration),
+    #[error("client closed before a complete CONNECT request")]
+    Closed,
+    #[error("client error while reading the CONNECT request: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl Refused {
+    /// The answer the client gets; `None`: it is closed without one (it
+    /// never finished asking, or is gone).
+    pub fn status(&self) -> Option<Status> {
+        Some(match self {
+            Refused::BadRequest(_) => Status::BadRequest,
+            Refused::Method(_) => Status::MethodNotAllowed,
+            Refused::Client
+            | Refused::Port(_)
+            | Refused::Name(_)
+            | Refused::Destination(..)
+            | Refused::Resolved { .. } => Status::Forbidden,
+            Refused::Resolve(..) => Status::BadGateway,
+            Refused::ResolveTimeout(..) => Status::GatewayTimeout,
+            Refused::HeadTimeout(_) | Refused::Closed | Refused::Io(_) => return None,
+        })
+    }
+}
+
+/// Reads the client's CONNECT head within `deadline`, takes it off the
+/// stream and checks what it asks for against `front`.
+pub async fn open(
+    client: &TcpStream,
+    peer: IpAddr,
+    front: &ConnectFront,
+    local: &LocalAddrs,
+    deadline: Duration,
+) -> Result<Tunnel, Refused> {
+    let verdict = hello::peek_until(client, connect_head::MAX_HEAD_LEN, deadline, |bytes| {
+        connect_head::parse(bytes).transpose()
+    })
+    .await?;
+    let request = match verdict {
+        Ok(Ok(request)) => request,
+        Ok(Err(e)) => return Err(Refused::BadRequest(e)),
+        Err(GaveUp::Timeout) => return Err(Refused::HeadTimeout(deadline)),
+        Err(GaveUp::Closed) => return Err(Refused::Closed),
+        Err(GaveUp::TooLarge) => return Err(Refused::BadRequest(HeadError::TooLarge)),
+    };
+    hello::consume(client, request.head_len).await?;
+    if !front.admits(peer) {
+        return Err(Refused::Client);
+    }
+    let target = match (request.method, request.target) {
+        (Method::Connect, Some(target)) => target,
+        (Method::Other(method), _) => return Err(Refused::Method(method)),
+        (Method::Connect, None) => unreachable!("the parser gives every CONNECT its target"),
+    };
+    let port = target.port;
+    if !front.ports.iter().any(|ports| ports.contains(port)) {
+        return Err(Refused::Port(port));
+    }
+    let prefer_v4 = peer.to_canonical().is_ipv4();
+    match target.host {
+        Host::Ip(ip) => {
+            let ip = ip.to_canonical();
+            // A rule that names the names it allows allows no bare address,
+            // unless it also names the prefixes.
+            if front.names.is_some() && front.destinations.is_none() {
+                return Err(Refused::Destination(ip, "only names are allowed"));
+            }
+            allowed(front, ip, local).map_err(|why| Refused::Destination(ip, why))?;
+            let addr = SocketAddr::new(ip, port);
+            Ok(Tunnel {
+                name: None,
+                target: addr.to_string(),
+                addresses: vec![addr],
+            })
+        }
+        Host::Name(name) => {
+            if let Some(names) = &front.names
+                && !names.iter().any(|pattern| pattern.matches(&name))
+            {
+                return Err(Refused::Name(name));
+            }
+            let resolved = resolve(&name, port, front.resolve_timeout).await?;
+            let mut refused = None;
+            let checked: Vec<SocketAddr> = resolved
+                .into_iter()
+                .filter(|addr| match allowed(front, addr.ip(), local) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refused.get_or_insert((addr.ip(), why));
+                        false
+                    }
+                })
+                .collect();
+            if checked.is_empty() {
+                let (first, why) =
+                    refused.unwrap_or((IpAddr::V4(Ipv4Addr::UNSPECIFIED), "no address"));
+                return Err(Refused::Resolved { name, first, why });
+            }
+            Ok(Tunnel {
+                target: format!("{name}:{port}"),
+                name: Some(name),
+                addresses: happy_eyeballs_order(checked, prefer_v4),
+            })
+        }
+    }
+}
+
+/// The name's addresses (both families), within `deadline`. The system's
+/// resolver (getaddrinfo: /etc/hosts, /etc/resolv.conf) answers.
+async fn resolve(name: &str, port: u16, deadline: Duration) -> Result<Vec<SocketAddr>, Refused> {
+    let lookup = tokio::net::lookup_host((name, port));
+    match tokio::time::timeout(deadline, lookup).await {
+        Err(_) => Err(Refused::ResolveTimeout(name.to_owned(), deadline)),
+        Ok(Err(e)) => Err(Refused::Resolve(name.to_owned(), e)),
+        Ok(Ok(addrs)) => {
+            let mut addrs: Vec<SocketAddr> = addrs
+                .map(|addr| SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+                .collect();
+            // getaddrinfo lists an address once per socket type unless told.
+            let mut seen = std::collections::HashSet::new();
+            addrs.retain(|addr| seen.insert(*addr));
+            Ok(addrs)
+        }
+    }
+}
+
+/// 169.254.0.0/16 and fe80::/10: link-local, where cloud metadata services
+/// answer (169.254.169.254).
+const LINK_LOCAL: [IpNet; 2] = [
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16)),
+    IpNet::V6(Ipv6Net::new_assert(
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        10,
+    )),
+];
+
+/// Whether a tunnel may go to `ip`, and why not.
+fn allowed(front: &ConnectFront, ip: IpAddr, local: &LocalAddrs) -> Result<(), &'static str> {
+    let allowed_reserved = front.allow_reserved.iter().any(|p| p.contains(&ip));
+    if !allowed_reserved {
+        if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+            return Err("not a unicast address");
+        }
+        if ip.is_loopback() {
+            return Err("loopback");
+        }
+        if LINK_LOCAL.iter().any(|p| p.contains(&ip)) {
+            return Err("link-local");
+        }
+        if local.contains(ip) {
+            return Err("this host's address");
+        }
+    }
+    if let Some(destinations) = &front.destinations
+        && !destinations.iter().any(|p| p.contains(&ip))
+    {
+        return Err("outside the rule's destinations");
+    }
+    Ok(())
+}
+
+/// RFC 8305 §4: the preferred family first, then the families alternate,
+/// each in the resolver's order.
+fn happy_eyeballs_order(addrs: Vec<SocketAddr>, prefer_v4: bool) -> Vec<SocketAddr> {
+    let (first, second): (Vec<_>, Vec<_>) =
+        addrs.into_iter().partition(|a| a.is_ipv4() == prefer_v4);
+    let mut ordered = Vec::with_capacity(first.len() + second.len());
+    let (mut first, mut second) = (first.into_iter(), second.into_iter());
+    loop {
+        match (first.next(), second.next()) {
+            (None, None) => return ordered,
+            (a, b) => ordered.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// Sends `status` to the client; an error answer also ends its sending side.
+pub async fn answer(client: &TcpStream, status: Status) -> io::Result<()> {
+    relay::write_all(client, connect_head::answer(status), &mut 0).await?;
+    if status != Status::Established {
+        socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_clients_family_goes_first_then_they_alternate() {
+        let resolved = vec![
+            sa("[2001:db8::1]:443"),
+            sa("[2001:db8::2]:443"),
+            sa("192.0.2.1:443"),
+            sa("[2001:db8::3]:443"),
+        ];
+        assert_eq!(
+            happy_eyeballs_order(resolved.clone(), true),
+            [
+                sa("192.0.2.1:443"),
+                sa("[2001:db8::1]:443"),
+                sa("[2001:db8::2]:443"),
+                sa("[2001:db8::3]:443"),
+            ]
+        );
+        assert_eq!(
+            happy_eyeballs_order(resolved, false),
+            [
+                sa("[2001:db8::1]:443"),
+                sa("192.0.2.1:443"),
+                sa("[2001:db8::2]:443"),
+                sa("[2001:db8::3]:443"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn reserved_addresses_are_refused_unless_allowed_and_destinations_hold() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let policy = crate::policy::Policy::from_json(
+            r#"{ "intercept": [ { "name": "c", "connect": { "listen": ["127.0.0.1:3128"],
+                   "clients": ["198.51.100.0/24"], "allow_reserved": ["127.0.0.2/32"] } } ],
+                 "upstreams": {} }"#,
+        )
+        .unwrap();
+        let front = policy.rules[0].connect.as_ref().unwrap();
+        for (ip, expected) in [
+            ("127.0.0.1", Err("loopback")),
+            ("::1", Err("loopback")),
+            ("127.0.0.2", Ok(())),
+            ("169.254.169.254", Err("link-local")),
+            ("fe80::1", Err("link-local")),
+            ("0.0.0.0", Err("not a unicast address")),
+            ("224.0.0.1", Err("not a unicast address")),
+            ("203.0.113.7", Ok(())),
+        ] {
+            assert_eq!(
+                allowed(front, ip.parse().unwrap(), &local),
+                expected,
+                "{ip}"
+            );
+        }
+        let mut limited = front.clone();
+        limited.destinations = Some(vec!["203.0.113.0/24".parse().unwrap()]);
+        assert_eq!(
+            allowed(&limited, "203.0.113.7".parse().unwrap(), &local),
+            Ok(())
+        );
+        assert_eq!(
+            allowed(&limited, "192.0.2.7".parse().unwrap(), &local),
+            Err("outside the rule's destinations")
+        );
+    }
+}

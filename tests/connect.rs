@@ -1,0 +1,462 @@
+//! The CONNECT front end: an explicit proxy on px's client-side addresses,
+//! names resolved by dnsmasq (a real resolver, in sv), TLS servers in nginx,
+//! curl and openssl as clients, and hand-written heads for what clients
+//! should not send. Each test builds the routed lab of tests/lab.
+
+mod lab;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lab::daemon::field_str;
+use lab::dns::Dnsmasq;
+use lab::tls::{Nginx, Site, curl, make_cert, require_tools, s_client};
+use lab::{Daemon, Server, TempDir, Topo, handlers, recv_report, reports, sa};
+use serde_json::{Value, json};
+
+const PROXY4: &str = "198.51.100.1:3128";
+const PROXY6: &str = "[2001:db8:c::1]:3128";
+/// The rule that refuses domain fronting.
+const STRICT4: &str = "198.51.100.1:3129";
+const RESOLVER: &str = "203.0.113.53";
+
+/// The lab with dnsmasq, nginx serving `app.example.test` on 443 in both
+/// families, and the daemon with two CONNECT rules.
+struct ConnectLab {
+    t: Topo,
+    _certs: TempDir,
+    cert: lab::tls::Cert,
+    _nginx: Nginx,
+    dns: Dnsmasq,
+    d: Daemon,
+}
+
+fn policy() -> Value {
+    let listen = json!([PROXY4, PROXY6]);
+    json!({
+        "intercept": [
+            { "name": "explicit", "upstream": "direct",
+              "connect": { "listen": listen, "clients": ["198.51.100.0/24", "2001:db8:c::/64"],
+                           "ports": [443, 444, 8443] } },
+            { "name": "strict", "upstream": "direct",
+              "connect": { "listen": [STRICT4], "clients": ["198.51.100.0/24"],
+                           "names": ["app.example.test"], "refuse_fronting": true } }
+        ],
+        "routes": [
+            { "name": "routed", "match": { "target": ["*.routed.example.test"] }, "upstream": "routed" }
+        ],
+        "upstreams": {
+            "direct": { "original_destination": true },
+            "routed": { "servers": ["203.0.113.3:8443"] }
+        }
+    })
+}
+
+impl ConnectLab {
+    fn start(test: &str) -> ConnectLab {
+        require_tools();
+        let t = Topo::new(test);
+        t.sv.addr("to-px", &format!("{RESOLVER}/24"));
+        let certs = TempDir::new("connect-certs");
+        let cert = make_cert(
+            &certs,
+            "app",
+            "app.example.test",
+            &["DNS:app.example.test", "IP:203.0.113.2", "IP:2001:db8:5::2"],
+        );
+        let nginx = Nginx::start(
+            &t.sv,
+            &[
+                Site::tls("203.0.113.2:443", &cert, "app-v4"),
+                Site::tls("[2001:db8:5::2]:443", &cert, "app-v6"),
+            ],
+        );
+        let dns = Dnsmasq::start(
+            &t.sv,
+            RESOLVER.parse().unwrap(),
+            &[
+                ("app.example.test", &["203.0.113.2", "2001:db8:5::2"]),
+                ("v6only.example.test", &["2001:db8:5::2"]),
+                ("x.routed.example.test", &["203.0.113.2"]),
+                ("rebind.example.test", &["127.0.0.1"]),
+                ("metadata.example.test", &["169.254.169.254"]),
+            ],
+        );
+        let resolv_conf = dns.resolv_conf(RESOLVER.parse().unwrap());
+        let d = Daemon::start_with_resolver(
+            &t.px,
+            &policy(),
+            &["--sniff-timeout", "1", "--connect-timeout", "1"],
+            &resolv_conf,
+        );
+        ConnectLab {
+            t,
+            _certs: certs,
+            cert,
+            _nginx: nginx,
+            dns,
+            d,
+        }
+    }
+
+    /// The `connection closed` event of the client at `local`.
+    fn closed(&mut self, local: SocketAddr) -> Value {
+        self.d.closed_event(local)
+    }
+}
+
+/// Sends `head` (and anything after it) to the proxy at `proxy`, and reads
+/// its answer head; returns the status line and the open connection.
+fn ask(t: &Topo, proxy: &str, head: &[u8]) -> (String, TcpStream) {
+    let mut c = lab::connect(&t.cl, sa(proxy));
+    c.write_all(head).unwrap();
+    let answer = answer_head(&mut c);
+    (answer.lines().next().unwrap_or_default().to_owned(), c)
+}
+
+/// Reads an answer head byte by byte (nothing of the tunnel after it).
+fn answer_head(c: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn connect_head(target: &str) -> Vec<u8> {
+    format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: lab\r\n\r\n").into_bytes()
+}
+
+/// curl through the proxy to nginx, by name and by literal address, from
+/// both families: the client's family picks the server's (Happy Eyeballs
+/// order), and the close log names the target and the address used.
+#[test]
+fn curl_reaches_tls_servers_by_name_and_by_address() {
+    let mut lab = ConnectLab::start("connect_curl");
+    let cacert = lab.cert.cert.to_str().unwrap().to_owned();
+    for (proxy, url, body, target, upstream) in [
+        (
+            PROXY4,
+            "https://app.example.test/",
+            "app-v4",
+            "app.example.test:443",
+            "203.0.113.2:443",
+        ),
+        (
+            PROXY6,
+            "https://app.example.test/",
+            "app-v6",
+            "app.example.test:443",
+            "[2001:db8:5::2]:443",
+        ),
+        (
+            PROXY4,
+            "https://v6only.example.test/",
+            "app-v6",
+            "v6only.example.test:443",
+            "[2001:db8:5::2]:443",
+        ),
+        (
+            PROXY4,
+            "https://203.0.113.2/",
+            "app-v4",
+            "203.0.113.2:443",
+            "203.0.113.2:443",
+        ),
+        (
+            PROXY6,
+            "https://[2001:db8:5::2]/",
+            "app-v6",
+            "[2001:db8:5::2]:443",
+            "[2001:db8:5::2]:443",
+        ),
+    ] {
+        let proxy_url = format!("http://{proxy}");
+        let mut args = vec!["-p", "-x", &proxy_url, "--cacert", &cacert];
+        // The certificate names app.example.test; v6only is the same server.
+        if url.contains("v6only") {
+            args.push("-k");
+        }
+        args.push(url);
+        let got = curl(&lab.t.cl, &args);
+        assert_eq!(
+            got.body.trim(),
+            body,
+            "{url} via {proxy}: {}",
+            got.describe()
+        );
+        let local = got.local.expect("curl's own address");
+        let ev = lab.closed(local);
+        assert_eq!(field_str(&ev, "target").as_deref(), Some(target), "{ev}");
+        assert_eq!(
+            field_str(&ev, "upstream").as_deref(),
+            Some(upstream),
+            "{ev}"
+        );
+        assert_eq!(field_str(&ev, "rule").as_deref(), Some("explicit"), "{ev}");
+        assert_eq!(field_str(&ev, "outcome").as_deref(), Some("closed"), "{ev}");
+    }
+    assert!(
+        lab.dns.log().contains("app.example.test"),
+        "{}",
+        lab.dns.log()
+    );
+}
+
+/// What the proxy refuses, by status, with the server never seeing a
+/// connection: reserved addresses (also behind a name), a port not
+/// allowed, another method, an oversized head; and what it cannot do:
+/// an unknown name, a refused port, a silent address.
+#[test]
+fn denials_and_failures_are_answered_by_status() {
+    let mut lab = ConnectLab::start("connect_deny");
+    // Listeners where a refused tunnel would have gone.
+    let loopback = Server::start(
+        &lab.t.px,
+        sa("127.0.0.1:443"),
+        handlers::hello_echo("px-lo"),
+    );
+    let own = Server::start(
+        &lab.t.px,
+        sa("198.51.100.1:443"),
+        handlers::hello_echo("px"),
+    );
+    let oversized = {
+        let mut head = b"CONNECT app.example.test:443 HTTP/1.1\r\n".to_vec();
+        while head.len() < 17 * 1024 {
+            head.extend_from_slice(b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    };
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (connect_head("127.0.0.1:443"), "403", "loopback"),
+        (connect_head("[::1]:443"), "403", "loopback"),
+        (
+            connect_head("198.51.100.1:443"),
+            "403",
+            "this host's address",
+        ),
+        (connect_head("169.254.169.254:443"), "403", "link-local"),
+        (
+            connect_head("rebind.example.test:443"),
+            "403",
+            "resolves only to refused addresses",
+        ),
+        (
+            connect_head("metadata.example.test:443"),
+            "403",
+            "link-local",
+        ),
+        (
+            connect_head("app.example.test:22"),
+            "403",
+            "port 22 not allowed",
+        ),
+        (
+            b"GET http://app.example.test/ HTTP/1.1\r\nHost: app.example.test\r\n\r\n".to_vec(),
+            "405",
+            "is not CONNECT",
+        ),
+        (oversized, "400", "bad CONNECT request"),
+        (
+            connect_head("missing.example.test:443"),
+            "502",
+            "resolving missing.example.test",
+        ),
+        (
+            connect_head("app.example.test:444"),
+            "502",
+            "upstream connect failed",
+        ),
+        (
+            connect_head("203.0.113.99:443"),
+            "504",
+            "upstream connect failed",
+        ),
+    ];
+    for (head, status, reason) in cases {
+        let what = String::from_utf8_lossy(&head[..head.len().min(48)]).into_owned();
+        let (answer, c) = ask(&lab.t, PROXY4, &head);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: answered {answer:?}, expected {status}"
+        );
+        if status == "405" {
+            // The listener says what it takes.
+            let (_, mut c) = ask(&lab.t, PROXY4, &head);
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = c.read(&mut [0u8; 1]);
+        }
+        let ev = lab.closed(c.local_addr().unwrap());
+        assert!(
+            field_str(&ev, "outcome")
+                .unwrap_or_default()
+                .contains(reason),
+            "{what}: {ev}"
+        );
+    }
+    assert!(
+        loopback.accepted().is_empty(),
+        "a tunnel reached px's loopback"
+    );
+    assert!(
+        own.accepted().is_empty(),
+        "a tunnel reached px's own address"
+    );
+}
+
+/// A client that never finishes its head is closed at the deadline
+/// (`--sniff-timeout 1`), without an answer.
+#[test]
+fn a_head_that_never_ends_is_closed_at_the_deadline() {
+    let mut lab = ConnectLab::start("connect_slow");
+    let mut c = lab::connect(&lab.t.cl, sa(PROXY4));
+    c.write_all(b"CONNECT app.example.test:443 HTTP/1.1\r\nHost: app")
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    let took = started.elapsed();
+    assert!(
+        got.is_empty(),
+        "answered {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    let ev = lab.closed(c.local_addr().unwrap());
+    assert!(
+        field_str(&ev, "outcome")
+            .unwrap()
+            .contains("no complete CONNECT request"),
+        "{ev}"
+    );
+}
+
+/// Bytes sent right behind the CONNECT head, before the 200, reach the
+/// server once, after the tunnel is open; then 8 MiB each way with
+/// half-close, byte-exact, in both families.
+#[test]
+fn early_data_arrives_once_after_the_answer_and_bulk_flows_both_ways() {
+    let lab = ConnectLab::start("connect_early");
+    const SIZE: usize = 8 << 20;
+    let down = Arc::new(lab::random_bytes(SIZE, lab::seed()));
+    let (tx, rx) = reports();
+    let _srv4 = Server::start(
+        &lab.t.sv,
+        sa("203.0.113.2:8443"),
+        handlers::bulk(down.clone(), tx.clone()),
+    );
+    let _srv6 = Server::start(
+        &lab.t.sv,
+        sa("[2001:db8:5::2]:8443"),
+        handlers::bulk(down.clone(), tx),
+    );
+    for proxy in [PROXY4, PROXY6] {
+        let up = lab::random_bytes(SIZE, lab::seed());
+        let mut c = lab::connect(&lab.t.cl, sa(proxy));
+        let mut first = connect_head("app.example.test:8443");
+        first.extend_from_slice(&up[..64 * 1024]);
+        c.write_all(&first).unwrap();
+        let answer = answer_head(&mut c);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{proxy}: {answer:?}");
+        let mut w = c.try_clone().unwrap();
+        let rest = up[64 * 1024..].to_vec();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&rest).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let got = lab::read_to_eof(&mut c).unwrap();
+        writer.join().unwrap();
+        assert_eq!(got, lab::Received::of(&down), "{proxy}: download");
+        let at_server = recv_report(&rx, proxy);
+        assert_eq!(
+            at_server,
+            lab::Received::of(&up),
+            "{proxy}: upload (early data once, in order)"
+        );
+    }
+}
+
+/// Routes match on the name a client asked for: `*.routed.example.test`
+/// goes to its own pool, not to the address the name resolves to.
+#[test]
+fn routes_match_the_connect_name() {
+    let mut lab = ConnectLab::start("connect_route");
+    let _direct = Server::start(
+        &lab.t.sv,
+        sa("203.0.113.2:8443"),
+        handlers::hello_echo("direct"),
+    );
+    let _routed = Server::start(
+        &lab.t.sv,
+        sa("203.0.113.3:8443"),
+        handlers::hello_echo("routed"),
+    );
+    let (answer, mut c) = ask(&lab.t, PROXY4, &connect_head("x.routed.example.test:8443"));
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert_eq!(lab::read_line(&mut c).unwrap(), "routed");
+    lab::finish(&mut c, "routed tunnel");
+    let ev = lab.closed(c.local_addr().unwrap());
+    assert_eq!(field_str(&ev, "route").as_deref(), Some("routed"), "{ev}");
+}
+
+/// With `refuse_fronting`, a TLS server name other than the CONNECT name
+/// is refused (after the 200, with a reset); the same name is served.
+#[test]
+fn domain_fronting_is_refused_when_the_rule_says_so() {
+    let mut lab = ConnectLab::start("connect_fronting");
+    let cafile = lab.cert.cert.to_str().unwrap().to_owned();
+    let fronted = s_client(
+        &lab.t.cl,
+        &[
+            "-proxy",
+            STRICT4,
+            "-connect",
+            "app.example.test:443",
+            "-servername",
+            "other.example.test",
+            "-CAfile",
+            &cafile,
+        ],
+        b"GET / HTTP/1.0\r\n\r\n",
+    );
+    assert!(!fronted.stdout.contains("app-v4"), "{}", fronted.describe());
+    let refused = lab
+        .d
+        .wait_event("the fronting refusal", Duration::from_secs(10), |e| {
+            field_str(e, "outcome").is_some_and(|o| o.contains("domain fronting"))
+        });
+    assert_eq!(
+        field_str(&refused, "sni").as_deref(),
+        Some("other.example.test"),
+        "{refused}"
+    );
+    let same = s_client(
+        &lab.t.cl,
+        &[
+            "-proxy",
+            STRICT4,
+            "-connect",
+            "app.example.test:443",
+            "-servername",
+            "app.example.test",
+            "-CAfile",
+            &cafile,
+        ],
+        b"GET / HTTP/1.0\r\nHost: app.example.test\r\n\r\n",
+    );
+    assert!(same.stdout.contains("app-v4"), "{}", same.describe());
+    // Names only: an address is refused.
+    let (answer, _) = ask(&lab.t, STRICT4, &connect_head("203.0.113.2:443"));
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer:?}");
+}
