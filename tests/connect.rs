@@ -460,3 +460,102 @@ fn domain_fronting_is_refused_when_the_rule_says_so() {
     let (answer, _) = ask(&lab.t, STRICT4, &connect_head("203.0.113.2:443"));
     assert!(answer.starts_with("HTTP/1.1 403 "), "{answer:?}");
 }
+
+/// A chain of proxies (the seed notes' local proxy → remote proxy): px
+/// takes TLS connections to a service address, reads their SNI and asks a
+/// parent l4proxy in sv, by CONNECT, for the name; the parent resolves it
+/// and connects. A name the parent refuses is a reset for the TLS client,
+/// and the log says what the parent answered.
+#[test]
+fn a_parent_proxy_is_asked_for_the_server_name() {
+    require_tools();
+    let t = Topo::new("connect_parent");
+    t.sv.addr("to-px", &format!("{RESOLVER}/24"));
+    t.sv.addr("to-px", "203.0.113.8/24");
+    let certs = TempDir::new("parent-certs");
+    let cert = make_cert(&certs, "app", "app.example.test", &["DNS:app.example.test"]);
+    let _nginx = Nginx::start(&t.sv, &[Site::tls("203.0.113.2:443", &cert, "app-v4")]);
+    let dns = Dnsmasq::start(
+        &t.sv,
+        RESOLVER.parse().unwrap(),
+        &[
+            ("app.example.test", &["203.0.113.2"]),
+            ("other.example.test", &["203.0.113.2"]),
+        ],
+    );
+    let parent_policy = json!({
+        "intercept": [
+            { "name": "remote", "upstream": "direct",
+              "connect": { "listen": ["203.0.113.8:3128"], "clients": ["203.0.113.1/32"],
+                           "names": ["app.example.test"], "allow_reserved": ["203.0.113.2/32"] } }
+        ],
+        "upstreams": { "direct": { "original_destination": true } }
+    });
+    let mut parent = Daemon::start_with_resolver(
+        &t.sv,
+        &parent_policy,
+        &[],
+        &dns.resolv_conf(RESOLVER.parse().unwrap()),
+    );
+    let child_policy = json!({
+        "intercept": [
+            { "name": "local", "prefixes": ["192.0.2.10/32"], "ports": [443] }
+        ],
+        "routes": [
+            { "name": "by-name", "match": { "sni": ["*.example.test"] }, "upstream": "remote" }
+        ],
+        "upstreams": { "remote": { "parent": { "servers": ["203.0.113.8:3128"] } } }
+    });
+    let mut child = Daemon::start_ready(&t.px, &child_policy, &[]);
+    let cacert = cert.cert.to_str().unwrap();
+    let got = curl(
+        &t.cl,
+        &[
+            "--resolve",
+            "app.example.test:443:192.0.2.10",
+            "--cacert",
+            cacert,
+            "https://app.example.test/",
+        ],
+    );
+    assert_eq!(got.body.trim(), "app-v4", "{}", got.describe());
+    let ev = child.closed_event(got.local.expect("curl's own address"));
+    assert_eq!(
+        field_str(&ev, "upstream").as_deref(),
+        Some("203.0.113.8:3128"),
+        "{ev}"
+    );
+    assert_eq!(field_str(&ev, "outcome").as_deref(), Some("closed"), "{ev}");
+    let asked = parent.wait_event("the parent's tunnel", Duration::from_secs(10), |e| {
+        field_str(e, "target").as_deref() == Some("app.example.test:443")
+    });
+    assert_eq!(
+        field_str(&asked, "upstream").as_deref(),
+        Some("203.0.113.2:443"),
+        "{asked}"
+    );
+    assert!(
+        field_str(&asked, "client")
+            .unwrap()
+            .starts_with("203.0.113.1:"),
+        "{asked}"
+    );
+
+    let refused = curl(
+        &t.cl,
+        &[
+            "--resolve",
+            "other.example.test:443:192.0.2.10",
+            "-k",
+            "https://other.example.test/",
+        ],
+    );
+    assert!(!refused.out.success(), "{}", refused.describe());
+    let ev = child.closed_event(refused.local.expect("curl's own address"));
+    assert!(
+        field_str(&ev, "outcome")
+            .unwrap()
+            .contains("parent proxy answered 403 to CONNECT other.example.test:443"),
+        "{ev}"
+    );
+}

@@ -33,6 +33,7 @@ pub mod intercept;
 pub mod local_addrs;
 pub mod logging;
 pub mod lpm;
+pub mod parent;
 pub mod policy;
 pub mod proxy_header;
 pub mod proxy_protocol;

@@ -130,6 +130,12 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             println!("route: {}", why.route_name());
             match &policy.upstreams[upstream.0].target {
                 Target::Servers(servers) => println!("upstream: {name} {servers:?}"),
+                Target::Parent(parent) => {
+                    println!(
+                        "upstream: {name} (through parent proxies {:?})",
+                        parent.servers
+                    )
+                }
                 Target::OriginalDestination => {
                     println!("upstream: {name} (original destination {})", args.dst)
                 }

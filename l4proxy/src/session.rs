@@ -21,7 +21,7 @@ use crate::{
     hello,
     intercept::rules::RuleIndex,
     local_addrs::LocalAddrs,
-    policy::{Bind, InterceptRule, Keepalive, Policy, Timeouts},
+    policy::{Bind, InterceptRule, Keepalive, Policy, Target, Timeouts},
     proxy_header,
     proxy_protocol::{self, Addresses, Header, Tlvs, Version},
     relay::{self, Deadlines},
@@ -377,6 +377,14 @@ async fn open(
         client: record.client,
         orig_dst: record.orig_dst,
         checked,
+        // What a parent proxy is asked for: a name, when the client gave one.
+        name: match active.policy.upstreams[upstream_id.0].target {
+            Target::Parent(_) => target_name.clone().or_else(|| {
+                let said = record.sniffed.as_ref()?;
+                sni_of(said).or_else(|| host_of(said)).map(str::to_owned)
+            }),
+            _ => None,
+        },
         bind,
         keepalive,
     };
@@ -386,7 +394,11 @@ async fn open(
     {
         Ok(connected) => connected,
         Err(e) => {
-            if established {
+            if let Some(sniff::Sniffed::Http(_)) = record.sniffed {
+                // An HTTP client reads why.
+                let _ = client.write_all(BAD_GATEWAY).await;
+                let _ = client.shutdown().await;
+            } else if established {
                 // As a refused or unreachable server would have told the
                 // client directly: a reset, never an accepted connection
                 // closed clean.
@@ -591,6 +603,10 @@ fn host_of(said: &sniff::Sniffed) -> Option<&str> {
 const SERVICE_UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 Content-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\n\
 no route to service\n";
+
+const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\n\
+Content-Type: text/plain\r\nContent-Length: 22\r\nConnection: close\r\n\r\n\
+upstream unreachable\r\n";
 
 /// No route, or a rejecting one: TLS gets a reset, HTTP/1.x a 503, the rest
 /// a close (when the caller drops `client`).

@@ -41,6 +41,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::{
     addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
     local_addrs::LocalAddrs,
+    parent,
     policy::{Bind, Keepalive, Target, Upstream},
 };
 
@@ -114,6 +115,11 @@ pub struct Pool {
 enum PoolTarget {
     Servers(Vec<UpstreamAddr>),
     OriginalDestination,
+    /// Parent proxies, and the `Proxy-Authorization` to give them.
+    Parent {
+        servers: Vec<UpstreamAddr>,
+        authorization: Option<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +169,9 @@ pub struct Request {
     /// order to try them (the original destination first); empty for
     /// steered connections.
     pub checked: Vec<SocketAddr>,
+    /// The name the client gave for its destination (CONNECT, SNI, Host):
+    /// what a parent proxy is asked for, so that it resolves it.
+    pub name: Option<String>,
     pub bind: Bind,
     pub keepalive: Keepalive,
 }
@@ -174,6 +183,13 @@ impl Pool {
                 PoolTarget::Servers(servers.iter().copied().map(UpstreamAddr).collect())
             }
             Target::OriginalDestination => PoolTarget::OriginalDestination,
+            Target::Parent(parent) => PoolTarget::Parent {
+                servers: parent.servers.iter().copied().map(UpstreamAddr).collect(),
+                authorization: parent
+                    .credentials
+                    .as_ref()
+                    .map(|(user, password)| parent::basic_authorization(user, password)),
+            },
         };
         Self {
             target,
@@ -191,6 +207,8 @@ impl Pool {
         timeout: Duration,
     ) -> Result<Connected, ConnectError> {
         let original_destination;
+        let target;
+        let mut via = None;
         let (servers, start) = match &self.target {
             PoolTarget::OriginalDestination if !request.checked.is_empty() => {
                 let candidates: Vec<UpstreamAddr> = request
@@ -214,6 +232,17 @@ impl Pool {
             PoolTarget::Servers(servers) => {
                 (&servers[..], self.next.fetch_add(1, Ordering::Relaxed))
             }
+            PoolTarget::Parent {
+                servers,
+                authorization,
+            } => {
+                target = parent_target(request);
+                via = Some(Via {
+                    target: &target,
+                    authorization: authorization.as_deref(),
+                });
+                (&servers[..], self.next.fetch_add(1, Ordering::Relaxed))
+            }
         };
         let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
         let mut last_error = None;
@@ -225,7 +254,7 @@ impl Pool {
             if matches!(from, Source::Client(_)) && upstream.0.is_ipv4() != client_v4 {
                 continue;
             }
-            match connect_from(upstream, from, fallback, request.keepalive, timeout).await {
+            match connect_from(upstream, from, fallback, request.keepalive, via, timeout).await {
                 Ok(connected) => return Ok(connected),
                 Err(error) => {
                     tracing::debug!(%upstream, %error, "upstream connect failed");
@@ -273,7 +302,7 @@ async fn race(
         attempts.push(async move {
             (
                 upstream,
-                connect_from(upstream, from, fallback, request.keepalive, left).await,
+                connect_from(upstream, from, fallback, request.keepalive, None, left).await,
             )
         });
         true
@@ -303,17 +332,35 @@ async fn race(
     }))
 }
 
-/// Connects from `from` within `timeout`; a client port that is taken here
+/// What a parent proxy is asked to connect to.
+#[derive(Clone, Copy)]
+struct Via<'a> {
+    target: &'a str,
+    authorization: Option<&'a str>,
+}
+
+/// `name:port` for a name the client gave, else the original destination.
+fn parent_target(request: &Request) -> String {
+    let port = request.orig_dst.0.port();
+    match &request.name {
+        Some(name) => format!("{name}:{port}"),
+        None => SocketAddr::new(request.orig_dst.0.ip().to_canonical(), port).to_string(),
+    }
+}
+
+/// Connects from `from` within `timeout`, and through a parent proxy if
+/// `via` says so; a client port that is taken here
 /// falls back to any port of the client's address, in what is left of it.
 async fn connect_from(
     upstream: UpstreamAddr,
     from: Source,
     fallback: Option<Fallback>,
     keepalive: Keepalive,
+    via: Option<Via<'_>>,
     timeout: Duration,
 ) -> io::Result<Connected> {
     let attempt = async {
-        match (connect_one(upstream, from, keepalive).await, from) {
+        let connected = match (connect_one(upstream, from, keepalive).await, from) {
             (Ok(stream), _) => Ok((stream, fallback)),
             (Err(e), Source::Client(client))
                 if client.port() != 0
@@ -327,7 +374,12 @@ async fn connect_from(
                 Ok((stream, Some(Fallback::PortInUse)))
             }
             (Err(e), _) => Err(e),
+        };
+        let (stream, fallback) = connected?;
+        if let Some(via) = via {
+            parent::open(&stream, via.target, via.authorization, timeout).await?;
         }
+        Ok::<_, io::Error>((stream, fallback))
     };
     let (stream, fallback) = tokio::time::timeout(timeout, attempt)
         .await
@@ -427,6 +479,7 @@ mod tests {
             client: ClientAddr(client.parse().unwrap()),
             orig_dst: OrigDstAddr(orig_dst.parse().unwrap()),
             checked: Vec::new(),
+            name: None,
             bind,
             keepalive: Keepalive::Off,
         }

@@ -38,6 +38,7 @@
 
 #![forbid(unsafe_code)]
 
+use base64::Engine as _;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -593,37 +594,9 @@ pub fn basic_credentials(header_value: &str) -> Option<(String, String)> {
 }
 
 /// Standard base64 (RFC 4648 §4), padded, canonical: the bits after the last
-/// byte must be zero, so each byte string has one encoding. The `base64`
-/// crate is not in Cargo.lock, and this is all Basic needs.
+/// byte must be zero, so each byte string has one encoding.
 fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    let text = text.as_bytes();
-    if !text.len().is_multiple_of(4) {
-        return None;
-    }
-    let data = text
-        .strip_suffix(b"==")
-        .or_else(|| text.strip_suffix(b"="))
-        .unwrap_or(text);
-    let mut out = Vec::with_capacity(data.len() / 4 * 3 + 2);
-    let (mut bits, mut held) = (0u32, 0u32);
-    for &c in data {
-        let sextet = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        bits = (bits << 6) | u32::from(sextet);
-        held += 6;
-        if held >= 8 {
-            held -= 8;
-            out.push((bits >> held) as u8);
-            bits &= (1 << held) - 1;
-        }
-    }
-    (bits == 0).then_some(out)
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
 #[cfg(test)]

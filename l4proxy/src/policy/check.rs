@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use l4proxy_common::MAX_RULE_ENTRIES;
 
 use super::{
-    Action, Bind, Conditions, ConnectFront, InterceptRule, Policy, PolicyError, PortSpec, Route,
-    RuleId, Target, Upstream, UpstreamId, connect::RawConnectFront, raw,
+    Action, Bind, Conditions, ConnectFront, InterceptRule, Parent, Policy, PolicyError, PortSpec,
+    Route, RuleId, Target, Upstream, UpstreamId, connect::RawConnectFront, raw,
 };
 use crate::{intercept::rules, proxy_protocol, route};
 
@@ -25,6 +25,7 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
                     Target::Servers(servers.into_iter().map(|s| s.0).collect())
                 }
                 raw::Target::OriginalDestination => Target::OriginalDestination,
+                raw::Target::Parent(parent) => Target::Parent(parent),
             },
             bind: upstream.bind,
             proxy_protocol: upstream.proxy_protocol.map(|version| match version {
@@ -371,7 +372,7 @@ fn check_bind_family(policy: &Policy, target: &BindTarget) -> Result<(), PolicyE
     };
     let upstream = &policy.upstreams[target.upstream.0];
     let mismatch = match &upstream.target {
-        Target::Servers(servers) => servers
+        Target::Servers(servers) | Target::Parent(Parent { servers, .. }) => servers
             .iter()
             .enumerate()
             .find(|(_, server)| server.is_ipv4() != addr.is_ipv4())

@@ -67,6 +67,7 @@ mod check;
 mod connect;
 mod limits;
 mod name;
+mod parent;
 mod raw;
 mod warnings;
 
@@ -83,6 +84,7 @@ pub use check::BindTarget;
 pub use connect::ConnectFront;
 pub use limits::{ClientLimits, Keepalive, PrefixLimit, Timeouts};
 pub use name::NamePattern;
+pub use parent::Parent;
 
 /// Index of an intercept rule in `Policy::rules`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -325,7 +327,7 @@ impl Upstream {
     /// The servers of a pool; none for the original destination.
     pub fn servers(&self) -> &[SocketAddr] {
         match &self.target {
-            Target::Servers(servers) => servers,
+            Target::Servers(servers) | Target::Parent(Parent { servers, .. }) => servers,
             Target::OriginalDestination => &[],
         }
     }
@@ -337,8 +339,12 @@ pub enum Target {
     /// A pool: at least one server, taken in turn.
     Servers(Vec<SocketAddr>),
     /// The address and port the client connected to (Traffic Server's
-    /// `tr-pass`), for gateway rules only.
+    /// `tr-pass`), for gateway and CONNECT rules only.
     OriginalDestination,
+    /// Parent CONNECT proxies, asked to connect to the connection's
+    /// destination: the name the client gave (CONNECT, SNI, Host), else
+    /// its original destination.
+    Parent(Parent),
 }
 
 /// The source address of the proxy's connection to an upstream.

@@ -14,7 +14,9 @@ use serde::{
 
 use super::{
     Bind, ClientLimits, HelloConditions, IPV4_MAPPED, Keepalive, NamePattern, PortSpec,
-    SniCondition, Timeouts, connect::RawConnectFront,
+    SniCondition, Timeouts,
+    connect::RawConnectFront,
+    parent::{Parent, RawParent},
 };
 
 /// A struct read from a JSON object only: serde_json would also take an
@@ -386,6 +388,7 @@ pub(super) struct Upstream {
 pub(super) enum Target {
     Servers(Vec<Server>),
     OriginalDestination,
+    Parent(Parent),
 }
 
 #[derive(Deserialize)]
@@ -395,6 +398,8 @@ struct UpstreamFields {
     servers: Option<Vec<Server>>,
     #[serde(default, deserialize_with = "some")]
     original_destination: Option<True>,
+    #[serde(default, deserialize_with = "some")]
+    parent: Option<Object<RawParent>>,
     #[serde(default, deserialize_with = "some")]
     bind: Option<BindSpec>,
     #[serde(default, deserialize_with = "some")]
@@ -418,16 +423,19 @@ impl<'de> Deserialize<'de> for Upstream {
 impl TryFrom<UpstreamFields> for Upstream {
     type Error = &'static str;
     fn try_from(fields: UpstreamFields) -> Result<Self, Self::Error> {
-        let target = match (fields.servers, fields.original_destination) {
-            (Some(servers), None) => Target::Servers(servers),
-            (None, Some(True)) => Target::OriginalDestination,
-            (None, None) => {
+        let target = match (fields.servers, fields.original_destination, fields.parent) {
+            (Some(servers), None, None) => Target::Servers(servers),
+            (None, Some(True), None) => Target::OriginalDestination,
+            (None, None, Some(parent)) => Target::Parent(Parent::try_from(parent)?),
+            (None, None, None) => {
                 return Err(
-                    r#"an upstream needs "servers": [...] or "original_destination": true"#,
+                    r#"an upstream needs "servers": [...], "original_destination": true or "parent": {...}"#,
                 );
             }
-            (Some(_), Some(True)) => {
-                return Err(r#"an upstream takes "servers" or "original_destination", not both"#);
+            _ => {
+                return Err(
+                    r#"an upstream takes one of "servers", "original_destination" and "parent""#,
+                );
             }
         };
         Ok(Upstream {

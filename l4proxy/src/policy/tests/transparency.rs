@@ -114,14 +114,14 @@ fn an_upstream_has_exactly_one_target() {
     );
     assert!(
         err.ends_with(
-            r#"upstreams.origin: an upstream takes "servers" or "original_destination", not both"#
+            r#"upstreams.origin: an upstream takes one of "servers", "original_destination" and "parent""#
         ),
         "{err}"
     );
     let err = error_with(r#""original_destination": true, "#, "");
     assert!(
         err.ends_with(
-            r#"upstreams.origin: an upstream needs "servers": [...] or "original_destination": true"#
+            r#"upstreams.origin: an upstream needs "servers": [...], "original_destination": true or "parent": {...}"#
         ),
         "{err}"
     );

@@ -1,0 +1,62 @@
+//! An upstream's `parent`: parent CONNECT proxies that l4proxy asks to
+//! connect on (a chain of proxies, the seed notes' client → local proxy →
+//! remote proxy → service). Like a pool, l4proxy connects to them in turn;
+//! through the one that answers it asks for the connection's destination.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use super::raw::{Object, Server, non_empty};
+
+/// Where connections to a parent upstream go, and how they introduce
+/// themselves.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Parent {
+    /// The parent proxies, taken in turn.
+    pub servers: Vec<SocketAddr>,
+    /// `Proxy-Authorization: Basic` user and password, if the parent asks.
+    pub credentials: Option<(String, String)>,
+}
+
+/// Credentials stay out of logs and error messages.
+impl std::fmt::Debug for Parent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parent")
+            .field("servers", &self.servers)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(user, _)| user),
+            )
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParent {
+    #[serde(deserialize_with = "non_empty")]
+    servers: Vec<Server>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+impl TryFrom<Object<RawParent>> for Parent {
+    type Error = &'static str;
+    fn try_from(Object(raw): Object<RawParent>) -> Result<Self, Self::Error> {
+        let credentials = match (raw.user, raw.password) {
+            (Some(user), Some(_)) if user.contains(':') => {
+                return Err(r#"a Basic "user" has no colon"#);
+            }
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            _ => return Err(r#"a parent's "user" and "password" go together"#),
+        };
+        Ok(Parent {
+            servers: raw.servers.into_iter().map(|s| s.0).collect(),
+            credentials,
+        })
+    }
+}
