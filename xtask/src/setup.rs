@@ -23,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "iptables",
     "dnsmasq-base",
+    "squid",
+    "chromium",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
