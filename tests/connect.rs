@@ -559,3 +559,94 @@ fn a_parent_proxy_is_asked_for_the_server_name() {
         "{ev}"
     );
 }
+
+/// With `htpasswd`, a client without credentials, or with a wrong
+/// password, gets 407 and a Basic challenge; the right ones open the
+/// tunnel, and the close log names the user. curl's --proxy-user works.
+#[test]
+fn proxy_authentication_with_bcrypt_htpasswd() {
+    require_tools();
+    let t = Topo::new("connect_auth");
+    t.sv.addr("to-px", &format!("{RESOLVER}/24"));
+    let certs = TempDir::new("auth-certs");
+    let cert = make_cert(&certs, "app", "app.example.test", &["DNS:app.example.test"]);
+    let _nginx = Nginx::start(&t.sv, &[Site::tls("203.0.113.2:443", &cert, "app-v4")]);
+    let dns = Dnsmasq::start(
+        &t.sv,
+        RESOLVER.parse().unwrap(),
+        &[("app.example.test", &["203.0.113.2"])],
+    );
+    let users = certs.join("users");
+    let hash = bcrypt::hash("open sesame", 4).unwrap();
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    let policy = json!({
+        "intercept": [
+            { "name": "explicit", "upstream": "direct",
+              "connect": { "listen": [PROXY4], "clients": ["198.51.100.0/24"],
+                           "htpasswd": users.to_str().unwrap() } }
+        ],
+        "upstreams": { "direct": { "original_destination": true } }
+    });
+    let mut d = Daemon::start_with_resolver(
+        &t.px,
+        &policy,
+        &[],
+        &dns.resolv_conf(RESOLVER.parse().unwrap()),
+    );
+    let head = |credentials: Option<&str>| {
+        let mut head =
+            b"CONNECT app.example.test:443 HTTP/1.1\r\nHost: app.example.test:443\r\n".to_vec();
+        if let Some(credentials) = credentials {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+            head.extend_from_slice(format!("Proxy-Authorization: Basic {encoded}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    };
+    use base64::Engine as _;
+    for (credentials, reason) in [
+        (None, "no credentials"),
+        (
+            Some("alice:open sesame!"),
+            "wrong credentials for user \"alice\"",
+        ),
+        (
+            Some("mallory:open sesame"),
+            "wrong credentials for user \"mallory\"",
+        ),
+    ] {
+        let mut c = lab::connect(&t.cl, sa(PROXY4));
+        c.write_all(&head(credentials)).unwrap();
+        let answer = answer_head(&mut c);
+        assert!(
+            answer.starts_with("HTTP/1.1 407 "),
+            "{credentials:?}: {answer:?}"
+        );
+        assert!(
+            answer.contains("Proxy-Authenticate: Basic realm="),
+            "{credentials:?}: {answer:?}"
+        );
+        let ev = d.closed_event(c.local_addr().unwrap());
+        assert!(field_str(&ev, "outcome").unwrap().contains(reason), "{ev}");
+    }
+    let (answer, c) = ask(&t, PROXY4, &head(Some("alice:open sesame")));
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    drop(c);
+    let cacert = cert.cert.to_str().unwrap();
+    let got = curl(
+        &t.cl,
+        &[
+            "-p",
+            "-x",
+            &format!("http://{PROXY4}"),
+            "--proxy-user",
+            "alice:open sesame",
+            "--cacert",
+            cacert,
+            "https://app.example.test/",
+        ],
+    );
+    assert_eq!(got.body.trim(), "app-v4", "{}", got.describe());
+    let ev = d.closed_event(got.local.expect("curl's own address"));
+    assert_eq!(field_str(&ev, "user").as_deref(), Some("alice"), "{ev}");
+}

@@ -100,8 +100,10 @@ struct Record {
     peer: Option<SocketAddr>,
     proxy_header: Option<&'static str>,
     rule: Option<String>,
-    /// What a CONNECT client asked for, as it wrote it.
+    /// What a CONNECT client asked for, as it wrote it, and who it said it
+    /// is, when its rule asks.
     target: Option<String>,
+    user: Option<String>,
     route: Option<String>,
     sniffed: Option<sniff::Sniffed>,
     sniff_gave_up: Option<&'static str>,
@@ -127,6 +129,7 @@ macro_rules! closed {
             proxy_header = r.proxy_header,
             rule = r.rule.as_deref(),
             target = r.target.as_deref(),
+            user = r.user.as_deref(),
             route = r.route.as_deref(),
             sni = r.sniffed.as_ref().and_then(sni_of),
             host = r.sniffed.as_ref().and_then(host_of),
@@ -170,6 +173,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, front: Front, shared
         proxy_header: None,
         rule: None,
         target: None,
+        user: None,
         route: None,
         sniffed: None,
         sniff_gave_up: None,
@@ -246,9 +250,10 @@ async fn open(
         )
         .await
         {
-            Ok(opened) => {
+            Ok(mut opened) => {
                 record.orig_dst = OrigDstAddr(opened.addresses[0]);
                 record.target = Some(opened.target.clone());
+                record.user = opened.user.take();
                 tunnel = Some(opened);
             }
             Err(refused) => {

@@ -24,7 +24,7 @@ use crate::{
     connect_head::{self, HeadError, Host, Method, Status},
     hello::{self, GaveUp},
     local_addrs::LocalAddrs,
-    policy::ConnectFront,
+    policy::{ConnectFront, Htpasswd},
     relay,
 };
 
@@ -38,6 +38,8 @@ pub struct Tunnel {
     /// The addresses allowed for it, in the order to try them: the
     /// client's family first, then alternating (RFC 8305 §4).
     pub addresses: Vec<SocketAddr>,
+    /// Who the client said it is, when the rule asks.
+    pub user: Option<String>,
 }
 
 /// Why a CONNECT request was not taken. Each maps to the answer the client
@@ -50,6 +52,10 @@ pub enum Refused {
     Method(String),
     #[error("client not allowed by the rule's clients")]
     Client,
+    #[error("no credentials")]
+    NoCredentials,
+    #[error("wrong credentials for user {0:?}")]
+    WrongCredentials(String),
     #[error("port {0} not allowed by the rule's ports")]
     Port(u16),
     #[error("name {0} not allowed by the rule's names")]
@@ -81,6 +87,9 @@ impl Refused {
         Some(match self {
             Refused::BadRequest(_) => Status::BadRequest,
             Refused::Method(_) => Status::MethodNotAllowed,
+            Refused::NoCredentials | Refused::WrongCredentials(_) => {
+                Status::ProxyAuthenticationRequired
+            }
             Refused::Client
             | Refused::Port(_)
             | Refused::Name(_)
@@ -122,6 +131,10 @@ pub async fn open(
         (Method::Other(method), _) => return Err(Refused::Method(method)),
         (Method::Connect, None) => unreachable!("the parser gives every CONNECT its target"),
     };
+    let user = match &front.users {
+        Some(users) => Some(authenticate(users, request.proxy_authorization.as_deref()).await?),
+        None => None,
+    };
     let port = target.port;
     if !front.ports.iter().any(|ports| ports.contains(port)) {
         return Err(Refused::Port(port));
@@ -141,6 +154,7 @@ pub async fn open(
                 name: None,
                 target: addr.to_string(),
                 addresses: vec![addr],
+                user,
             })
         }
         Host::Name(name) => {
@@ -170,8 +184,27 @@ pub async fn open(
                 target: format!("{name}:{port}"),
                 name: Some(name),
                 addresses: happy_eyeballs_order(checked, prefer_v4),
+                user,
             })
         }
+    }
+}
+
+/// The user a `Proxy-Authorization: Basic` value names, if its password is
+/// right. bcrypt is slow on purpose: it runs on a blocking thread.
+async fn authenticate(users: &Htpasswd, authorization: Option<&str>) -> Result<String, Refused> {
+    let (user, password) = authorization
+        .and_then(connect_head::basic_credentials)
+        .ok_or(Refused::NoCredentials)?;
+    let users = users.clone();
+    let checked = user.clone();
+    let right = tokio::task::spawn_blocking(move || users.verify(&checked, &password))
+        .await
+        .unwrap_or(false);
+    if right {
+        Ok(user)
+    } else {
+        Err(Refused::WrongCredentials(user))
     }
 }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, de::Error as _};
 
 use super::{
     NamePattern, PortSpec,
+    htpasswd::Htpasswd,
     raw::{Object, Pattern, Port, Prefix, Server, non_empty, some_non_empty},
 };
 
@@ -38,6 +39,9 @@ pub struct ConnectFront {
     pub refuse_fronting: bool,
     /// How long a name may take to resolve.
     pub resolve_timeout: Duration,
+    /// Users who must say who they are (`Proxy-Authorization: Basic`);
+    /// `None`: no authentication.
+    pub users: Option<Htpasswd>,
 }
 
 impl ConnectFront {
@@ -74,6 +78,8 @@ pub struct RawConnectFront {
     refuse_fronting: bool,
     #[serde(default, deserialize_with = "some_timeout")]
     resolve_timeout: Option<Duration>,
+    #[serde(default)]
+    htpasswd: Option<Htpasswd>,
 }
 
 /// Ports a tunnel may reach when the policy does not say: HTTPS only, as
@@ -101,6 +107,7 @@ impl From<Object<RawConnectFront>> for ConnectFront {
             allow_reserved: prefixes(raw.allow_reserved).unwrap_or_default(),
             refuse_fronting: raw.refuse_fronting,
             resolve_timeout: raw.resolve_timeout.unwrap_or(DEFAULT_RESOLVE_TIMEOUT),
+            users: raw.htpasswd,
         }
     }
 }

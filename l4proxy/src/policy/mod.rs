@@ -65,6 +65,7 @@
 
 mod check;
 mod connect;
+mod htpasswd;
 mod limits;
 mod name;
 mod parent;
@@ -82,6 +83,7 @@ use thiserror::Error;
 
 pub use check::BindTarget;
 pub use connect::ConnectFront;
+pub use htpasswd::Htpasswd;
 pub use limits::{ClientLimits, Keepalive, PrefixLimit, Timeouts};
 pub use name::NamePattern;
 pub use parent::Parent;
