@@ -236,58 +236,10 @@ async fn open(
     let rule = &active.policy.rules[rule_id.0];
     record.rule = Some(rule.name.clone());
 
-    // Where the client wants to go: what it asked with CONNECT, or, from a
-    // trusted front proxy, what its header says.
-    let mut onward_local = false;
-    let mut tunnel = None;
-    if let Some(connect) = &rule.connect {
-        match tunnel::open(
-            client,
-            peer.ip(),
-            connect,
-            &shared.local,
-            shared.sniff_timeout,
-        )
-        .await
-        {
-            Ok(mut opened) => {
-                record.orig_dst = OrigDstAddr(opened.addresses[0]);
-                record.target = Some(opened.target.clone());
-                record.user = opened.user.take();
-                tunnel = Some(opened);
-            }
-            Err(refused) => {
-                if let Some(status) = refused.status() {
-                    let _ = tunnel::answer(client, status).await;
-                }
-                record.failed(&refused);
-                return None;
-            }
-        }
-    } else if rule.trusts(peer.ip()) {
-        record.peer = Some(peer);
-        match proxy_header::read(client, shared.sniff_timeout).await {
-            Ok(decoded) => {
-                record.proxy_header = Some(header_kind(&decoded));
-                onward_local = decoded.header == Header::Local;
-                if let Some(addresses) = decoded.header.addresses() {
-                    record.client = addresses.client;
-                    record.orig_dst = addresses.orig_dst;
-                    if let Err(why) = announced_destination(rule, record.orig_dst, &shared.local) {
-                        record.failed(&format!(
-                            "PROXY header refused: destination {} {why}",
-                            record.orig_dst
-                        ));
-                        return None;
-                    }
-                }
-            }
-            Err(e) => {
-                record.failed(&e);
-                return None;
-            }
-        }
-    }
+    let Asked {
+        tunnel,
+        onward_local,
+    } = ask(client, peer, rule, shared, record).await?;
     let (target_name, checked) = match tunnel {
         Some(tunnel) => (tunnel.name, tunnel.addresses),
         None => (None, Vec::new()),
@@ -470,6 +422,77 @@ async fn open(
         },
         slot,
     })
+}
+
+/// What the front stage learnt beyond the accepted socket's addresses.
+#[derive(Default)]
+struct Asked {
+    /// What a CONNECT client asked for, checked.
+    tunnel: Option<tunnel::Tunnel>,
+    /// A front proxy's `LOCAL` header, passed on as `LOCAL`.
+    onward_local: bool,
+}
+
+/// The front stage: where the client wants to go, as it asked with CONNECT,
+/// or, from a trusted front proxy, as its header says. `None` once the
+/// connection is refused and logged.
+async fn ask(
+    client: &TcpStream,
+    peer: SocketAddr,
+    rule: &InterceptRule,
+    shared: &Shared,
+    record: &mut Record,
+) -> Option<Asked> {
+    let mut asked = Asked::default();
+    if let Some(connect) = &rule.connect {
+        match tunnel::open(
+            client,
+            peer.ip(),
+            connect,
+            &shared.local,
+            shared.sniff_timeout,
+        )
+        .await
+        {
+            Ok(mut opened) => {
+                record.orig_dst = OrigDstAddr(opened.addresses[0]);
+                record.target = Some(opened.target.clone());
+                record.user = opened.user.take();
+                asked.tunnel = Some(opened);
+            }
+            Err(refused) => {
+                if let Some(status) = refused.status() {
+                    let _ = tunnel::answer(client, status).await;
+                }
+                record.failed(&refused);
+                return None;
+            }
+        }
+    } else if rule.trusts(peer.ip()) {
+        record.peer = Some(peer);
+        match proxy_header::read(client, shared.sniff_timeout).await {
+            Ok(decoded) => {
+                record.proxy_header = Some(header_kind(&decoded));
+                asked.onward_local = decoded.header == Header::Local;
+                if let Some(addresses) = decoded.header.addresses() {
+                    record.client = addresses.client;
+                    record.orig_dst = addresses.orig_dst;
+                    if let Err(why) = announced_destination(rule, record.orig_dst, &shared.local) {
+                        record.failed(&format!(
+                            "PROXY header refused: destination {} {why}",
+                            record.orig_dst
+                        ));
+                        return None;
+                    }
+                }
+            }
+            Err(e) => {
+                record.failed(&e);
+                return None;
+            }
+        }
+    }
+    Some(asked)
 }
 
 /// Why a destination a trusted front proxy announced may not be taken, if
