@@ -302,6 +302,43 @@ pub fn curl(ns: &Netns, args: &[&str]) -> Curl {
     }
 }
 
+/// Runs Debian's headless Chromium (`chromium`, the launcher script) inside
+/// `ns` as root: no sandbox, no GPU, shared memory in `profile` rather than
+/// /dev/shm, and `profile` as its HOME and user data dir, so nothing of the
+/// machine's own profile is read or written. `args` go before the rest
+/// (`--dump-dom URL`, say); the whole process group is killed at 60 s.
+pub fn chromium(ns: &Netns, profile: &TempDir, args: &[&str]) -> Output {
+    require_tool("chromium", "chromium");
+    let dir = profile.path().display().to_string();
+    let home = format!("HOME={dir}");
+    let tmp = format!("TMPDIR={dir}");
+    let data = format!("--user-data-dir={dir}/data");
+    let mut full: Vec<&str> = vec![
+        "-u",
+        "DBUS_SESSION_BUS_ADDRESS",
+        "-u",
+        "DISPLAY",
+        "-u",
+        "WAYLAND_DISPLAY",
+        &home,
+        &tmp,
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--metrics-recording-only",
+        &data,
+    ];
+    full.extend_from_slice(args);
+    run_in(ns, "env", &full, b"", Duration::from_secs(60))
+}
+
 /// Runs `openssl s_client ARGS...` inside `ns` with `stdin` as what to send
 /// (`-ign_eof` keeps it reading until the server closes).
 pub fn s_client(ns: &Netns, args: &[&str], stdin: &[u8]) -> Output {
