@@ -233,7 +233,11 @@ fn check_tunnels(lab: &mut BrowserLab, run: &Run) -> Vec<Value> {
             assert!(same_pem(got, &pem), "not nginx's certificate: {tunnel:#?}");
         }
         let ev = lab.d.closed_event(tunnel.local.unwrap());
-        assert_eq!(field_str(&ev, "target").as_deref(), Some(TARGET), "{ev}");
+        assert_eq!(
+            field_str(&ev, "connect_target").as_deref(),
+            Some(TARGET),
+            "{ev}"
+        );
         assert_eq!(field_str(&ev, "rule").as_deref(), Some("explicit"), "{ev}");
         assert_eq!(
             field_str(&ev, "upstream").as_deref(),

@@ -193,7 +193,11 @@ fn curl_reaches_tls_servers_by_name_and_by_address() {
         );
         let local = got.local.expect("curl's own address");
         let ev = lab.closed(local);
-        assert_eq!(field_str(&ev, "target").as_deref(), Some(target), "{ev}");
+        assert_eq!(
+            field_str(&ev, "connect_target").as_deref(),
+            Some(target),
+            "{ev}"
+        );
         assert_eq!(
             field_str(&ev, "upstream").as_deref(),
             Some(upstream),
@@ -301,6 +305,15 @@ fn denials_and_failures_are_answered_by_status() {
                 .contains(reason),
             "{what}: {ev}"
         );
+        // What a CONNECT asked for is logged, refused or not.
+        if let Some(asked) = what.strip_prefix("CONNECT ").filter(|_| status != "400") {
+            let asked = asked.split(' ').next().unwrap();
+            assert_eq!(
+                field_str(&ev, "connect_target").as_deref(),
+                Some(asked),
+                "{ev}"
+            );
+        }
     }
     assert!(
         loopback.accepted().is_empty(),
@@ -527,7 +540,7 @@ fn a_parent_proxy_is_asked_for_the_server_name() {
     );
     assert_eq!(field_str(&ev, "outcome").as_deref(), Some("closed"), "{ev}");
     let asked = parent.wait_event("the parent's tunnel", Duration::from_secs(10), |e| {
-        field_str(e, "target").as_deref() == Some("app.example.test:443")
+        field_str(e, "connect_target").as_deref() == Some("app.example.test:443")
     });
     assert_eq!(
         field_str(&asked, "upstream").as_deref(),

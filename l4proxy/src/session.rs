@@ -128,7 +128,7 @@ macro_rules! closed {
             peer = r.peer.map(display),
             proxy_header = r.proxy_header,
             rule = r.rule.as_deref(),
-            target = r.target.as_deref(),
+            connect_target = r.target.as_deref(),
             user = r.user.as_deref(),
             route = r.route.as_deref(),
             sni = r.sniffed.as_ref().and_then(sni_of),
@@ -451,12 +451,12 @@ async fn ask(
             connect,
             &shared.local,
             shared.sniff_timeout,
+            &mut record.target,
         )
         .await
         {
             Ok(mut opened) => {
                 record.orig_dst = OrigDstAddr(opened.addresses[0]);
-                record.target = Some(opened.target.clone());
                 record.user = opened.user.take();
                 asked.tunnel = Some(opened);
             }

@@ -33,8 +33,6 @@ use crate::{
 pub struct Tunnel {
     /// The name asked for, if it was a name (lower case, no trailing dot).
     pub name: Option<String>,
-    /// What the head asked for, as written: `name:port` or the address.
-    pub target: String,
     /// The addresses allowed for it, in the order to try them: the
     /// client's family first, then alternating (RFC 8305 §4).
     pub addresses: Vec<SocketAddr>,
@@ -103,13 +101,16 @@ impl Refused {
 }
 
 /// Reads the client's CONNECT head within `deadline`, takes it off the
-/// stream and checks what it asks for against `front`.
+/// stream and checks what it asks for against `front`. `asked` gets what
+/// the head asks for (`host:port`) as soon as it is read, so that a
+/// refusal's log names it too.
 pub async fn open(
     client: &TcpStream,
     peer: IpAddr,
     front: &ConnectFront,
     local: &LocalAddrs,
     deadline: Duration,
+    asked: &mut Option<String>,
 ) -> Result<Tunnel, Refused> {
     let verdict = hello::peek_until(client, connect_head::MAX_HEAD_LEN, deadline, |bytes| {
         connect_head::parse(bytes).transpose()
@@ -127,7 +128,10 @@ pub async fn open(
         return Err(Refused::Client);
     }
     let target = match (request.method, request.target) {
-        (Method::Connect, Some(target)) => target,
+        (Method::Connect, Some(target)) => {
+            *asked = Some(target.to_string());
+            target
+        }
         (Method::Other(method), _) => return Err(Refused::Method(method)),
         (Method::Connect, None) => unreachable!("the parser gives every CONNECT its target"),
     };
@@ -152,7 +156,6 @@ pub async fn open(
             let addr = SocketAddr::new(ip, port);
             Ok(Tunnel {
                 name: None,
-                target: addr.to_string(),
                 addresses: vec![addr],
                 user,
             })
@@ -181,7 +184,6 @@ pub async fn open(
                 return Err(Refused::Resolved { name, first, why });
             }
             Ok(Tunnel {
-                target: format!("{name}:{port}"),
                 name: Some(name),
                 addresses: happy_eyeballs_order(checked, prefer_v4),
                 user,
