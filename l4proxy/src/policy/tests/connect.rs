@@ -1,0 +1,135 @@
+//! `connect` rules (explicit CONNECT listeners) and `parent` upstreams.
+
+use std::time::Duration;
+
+use crate::policy::*;
+
+const EXAMPLE: &str = r#"{
+  "intercept": [
+    { "name": "explicit", "upstream": "direct",
+      "connect": { "listen": ["198.51.100.1:3128", "[2001:db8:c::1]:3128"],
+                   "clients": ["198.51.100.0/24"], "names": ["*.example.com"],
+                   "resolve_timeout": 2 } }
+  ],
+  "routes": [
+    { "match": { "target": ["*.partner.example.com"] }, "upstream": "parent" }
+  ],
+  "upstreams": {
+    "direct": { "original_destination": true },
+    "parent": { "parent": { "servers": ["203.0.113.8:3128"], "user": "u", "password": "p" } }
+  }
+}"#;
+
+fn error_with(from: &str, to: &str) -> String {
+    super::error_in(EXAMPLE, from, to)
+}
+
+#[test]
+fn example_is_valid() {
+    let policy = Policy::from_json(EXAMPLE).unwrap();
+    let rule = &policy.rules[0];
+    assert!(rule.prefixes.is_empty() && rule.ports.is_empty());
+    let front = rule.connect.as_ref().unwrap();
+    assert_eq!(front.listen.len(), 2);
+    // Port 443 only unless the rule says otherwise.
+    assert_eq!(front.ports, [PortSpec::Single(443)]);
+    assert_eq!(front.resolve_timeout, Duration::from_secs(2));
+    assert!(front.admits("198.51.100.7".parse().unwrap()));
+    assert!(front.admits("::ffff:198.51.100.7".parse().unwrap()));
+    assert!(!front.admits("203.0.113.7".parse().unwrap()));
+    assert_eq!(
+        policy.connect_rule("[2001:db8:c::1]:3128".parse().unwrap()),
+        Some(RuleId(0))
+    );
+    assert_eq!(
+        policy.connect_rule("198.51.100.1:80".parse().unwrap()),
+        None
+    );
+    let parent = policy
+        .upstreams
+        .iter()
+        .find(|u| u.name == "parent")
+        .unwrap();
+    match &parent.target {
+        Target::Parent(p) => {
+            assert_eq!(p.credentials, Some(("u".to_owned(), "p".to_owned())));
+            // Credentials stay out of what is printed.
+            assert!(!format!("{p:?}").contains("\"p\""), "{p:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(parent.servers(), ["203.0.113.8:3128".parse().unwrap()]);
+}
+
+#[test]
+fn bad_connect_rules_name_their_place() {
+    for (from, to, expected) in [
+        (
+            r#""clients": ["198.51.100.0/24"], "names": ["*.example.com"],"#,
+            "",
+            "intercept[0].connect: would be an open relay",
+        ),
+        (
+            r#""upstream": "direct","#,
+            r#""upstream": "direct", "prefixes": ["192.0.2.0/24"], "ports": [80],"#,
+            "intercept[0]: a rule takes \"prefixes\" and \"ports\"",
+        ),
+        (
+            r#""upstream": "direct","#,
+            r#""upstream": "direct", "interfaces": ["eth0"],"#,
+            "intercept[0].interfaces: a \"connect\" rule takes connections on its listeners",
+        ),
+        (
+            r#""listen": ["198.51.100.1:3128", "[2001:db8:c::1]:3128"]"#,
+            r#""listen": []"#,
+            "intercept[0].connect.listen: must not be empty",
+        ),
+        (
+            r#""resolve_timeout": 2"#,
+            r#""resolve_timeout": 0"#,
+            "intercept[0].connect.resolve_timeout: expected seconds above 0",
+        ),
+        (
+            r#""resolve_timeout": 2"#,
+            r#""resolve_timeout": 2, "htpasswd": "/nonexistent/users""#,
+            "intercept[0].connect.htpasswd: reading /nonexistent/users",
+        ),
+        (
+            r#""user": "u", "password": "p""#,
+            r#""user": "u""#,
+            "upstreams.parent: a parent's \"user\" and \"password\" go together",
+        ),
+        (
+            r#""original_destination": true"#,
+            r#""original_destination": true, "parent": { "servers": ["203.0.113.8:3128"] }"#,
+            "upstreams.direct: an upstream takes one of",
+        ),
+    ] {
+        let err = error_with(from, to);
+        assert!(err.contains(expected), "{to}: {err}");
+    }
+}
+
+#[test]
+fn target_routes_apply_to_connect_rules_only() {
+    let policy = Policy::from_json(EXAMPLE).unwrap();
+    assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
+    // The same route on a steered rule can never match.
+    let steered = edited_steered();
+    assert!(
+        steered.warnings().iter().any(|w| w.contains("routes[0]")),
+        "{:?}",
+        steered.warnings()
+    );
+}
+
+fn edited_steered() -> Policy {
+    Policy::from_json(
+        r#"{
+  "intercept": [ { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [443], "upstream": "pool" } ],
+  "routes": [ { "match": { "target": ["*.example.com"] }, "upstream": "pool" } ],
+  "upstreams": { "pool": { "servers": ["203.0.113.2:443"] } }
+}"#,
+    )
+    .unwrap()
+}
