@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod dns;
 pub mod haproxy;
 pub mod net;
+pub mod squid;
 pub mod tls;
 
 use std::fs::File;
