@@ -359,8 +359,11 @@ async fn connect_from(
     via: Option<Via<'_>>,
     timeout: Duration,
 ) -> io::Result<Connected> {
+    // One deadline for the connection and a parent's answer: a parent
+    // that does not answer is told apart from one that cannot be reached.
+    let deadline = tokio::time::Instant::now() + timeout;
     let attempt = async {
-        let connected = match (connect_one(upstream, from, keepalive).await, from) {
+        match (connect_one(upstream, from, keepalive).await, from) {
             (Ok(stream), _) => Ok((stream, fallback)),
             (Err(e), Source::Client(client))
                 if client.port() != 0
@@ -374,16 +377,15 @@ async fn connect_from(
                 Ok((stream, Some(Fallback::PortInUse)))
             }
             (Err(e), _) => Err(e),
-        };
-        let (stream, fallback) = connected?;
-        if let Some(via) = via {
-            parent::open(&stream, via.target, via.authorization, timeout).await?;
         }
-        Ok::<_, io::Error>((stream, fallback))
     };
-    let (stream, fallback) = tokio::time::timeout(timeout, attempt)
+    let (stream, fallback) = tokio::time::timeout_at(deadline, attempt)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    if let Some(via) = via {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        parent::open(&stream, via.target, via.authorization, left).await?;
+    }
     Ok(Connected {
         stream,
         upstream,
