@@ -20,6 +20,8 @@ const PROXY4: &str = "198.51.100.1:3128";
 const PROXY6: &str = "[2001:db8:c::1]:3128";
 /// The rule that refuses domain fronting.
 const STRICT4: &str = "198.51.100.1:3129";
+/// The rule that lets a client hold one tunnel.
+const LIMITED4: &str = "198.51.100.1:3130";
 const RESOLVER: &str = "203.0.113.53";
 
 /// The lab with dnsmasq, nginx serving `app.example.test` on 443 in both
@@ -42,7 +44,9 @@ fn policy() -> Value {
                            "ports": [443, 444, 8443] } },
             { "name": "strict", "upstream": "direct",
               "connect": { "listen": [STRICT4], "clients": ["198.51.100.0/24"],
-                           "names": ["app.example.test"], "refuse_fronting": true } }
+                           "names": ["app.example.test"], "refuse_fronting": true } },
+            { "name": "limited", "upstream": "direct", "limits": { "per_client": 1 },
+              "connect": { "listen": [LIMITED4], "clients": ["198.51.100.0/24"] } }
         ],
         "routes": [
             { "name": "routed", "match": { "target": ["*.routed.example.test"] }, "upstream": "routed" }
@@ -662,4 +666,29 @@ fn proxy_authentication_with_bcrypt_htpasswd() {
     assert_eq!(got.body.trim(), "app-v4", "{}", got.describe());
     let ev = d.closed_event(got.local.expect("curl's own address"));
     assert_eq!(field_str(&ev, "user").as_deref(), Some("alice"), "{ev}");
+}
+
+/// A CONNECT client over its limit is reset at once, before its head is
+/// read: the limit needs no head, the client is the peer.
+#[test]
+fn a_connect_client_over_its_limit_is_reset_before_its_head_is_read() {
+    let mut lab = ConnectLab::start("connect_limit");
+    let mut held = lab::connect(&lab.t.cl, sa(LIMITED4));
+    let over =
+        lab::try_connect(&lab.t.cl, sa(LIMITED4), Duration::from_secs(5)).and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(3)))?;
+            c.read(&mut [0u8; 64])
+        });
+    assert!(
+        matches!(&over, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{over:?}"
+    );
+    lab.d
+        .wait_event("the refusal", Duration::from_secs(5), |e| {
+            field_str(e, "limit").as_deref() == Some("per-client connection limit")
+        });
+    // The held one is still served.
+    held.write_all(&connect_head("app.example.test:443"))
+        .unwrap();
+    assert!(answer_head(&mut held).starts_with("HTTP/1.1 200 "));
 }

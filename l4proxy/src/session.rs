@@ -236,6 +236,13 @@ async fn open(
     let rule = &active.policy.rules[rule_id.0];
     record.rule = Some(rule.name.clone());
 
+    // The client's limits: before a byte is read, unless a trusted front
+    // proxy is still to name the client.
+    let slot = if rule.trusts(peer.ip()) {
+        None
+    } else {
+        Some(admit(client, shared, rule, record)?)
+    };
     let Asked {
         tunnel,
         onward_local,
@@ -248,13 +255,10 @@ async fn open(
     // tunnel is open.
     let mut established = rule.connect.is_none();
 
-    // The client is known now: the peer, or whom its front proxy named.
-    let slot = match shared.admission.admit(rule, record.client.0.ip()) {
-        Ok(slot) => slot,
-        Err(refusal) => {
-            shared.admission.refuse(client, record.client.0, refusal);
-            return None;
-        }
+    // Whom a trusted front proxy named is known now.
+    let slot = match slot {
+        Some(slot) => slot,
+        None => admit(client, shared, rule, record)?,
     };
     let keepalive = rule.keepalive.unwrap_or(shared.defaults.keepalive);
     // The listener gave the client socket the daemon's keepalive.
@@ -422,6 +426,23 @@ async fn open(
         },
         slot,
     })
+}
+
+/// A slot under the client's limits (`None` inside: none apply), or `None`
+/// once the connection is reset and counted.
+fn admit(
+    client: &TcpStream,
+    shared: &Shared,
+    rule: &InterceptRule,
+    record: &Record,
+) -> Option<Option<Slot>> {
+    match shared.admission.admit(rule, record.client.0.ip()) {
+        Ok(slot) => Some(slot),
+        Err(refusal) => {
+            shared.admission.refuse(client, record.client.0, refusal);
+            None
+        }
+    }
 }
 
 /// What the front stage learnt beyond the accepted socket's addresses.
