@@ -266,9 +266,9 @@ fn trusted_proxy_headers_cannot_name_this_host_or_leave_the_rule() {
 // Descriptor budget
 
 /// The open-files limit the budget tests give the daemon: room for
-/// (1024 - 768) / 2 = 128 connections.
+/// (1024 - 896) / 2 = 64 connections.
 const LOW_LIMIT: u64 = 1024;
-const FITS_LOW_LIMIT: usize = 128;
+const FITS_LOW_LIMIT: usize = 64;
 
 /// A rule on px's service prefix, and a gateway rule relaying from the
 /// client's address: together they need local routes, routing rules and tc
@@ -352,8 +352,8 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
 }
 
 /// Without `--max-connections`, the default is lowered to what the
-/// open-files limit covers (128), with a WARN, and `ready` says so; past
-/// 128 open connections, new ones are reset at once while the 128 are
+/// open-files limit covers (64), with a WARN, and `ready` says so; past
+/// 64 open connections, new ones are reset at once while the 64 are
 /// still relayed, and a freed slot is taken again.
 #[test]
 fn the_default_max_connections_is_lowered_to_the_open_files_limit() {
@@ -601,10 +601,10 @@ fn hold_open_echo(
 fn nine_thousand_connections_at_once() {
     const CONNECTIONS: usize = 9_000;
     // The daemon (which inherits this process's limit) needs 2 descriptors
-    // per connection of --max-connections and 768 more; this process holds
+    // per connection of --max-connections and 896 more; this process holds
     // both ends' sockets, 2 per connection too.
     const MAX_CONNECTIONS: u64 = 9_500;
-    const NEEDED: u64 = 2 * MAX_CONNECTIONS + 768;
+    const NEEDED: u64 = 2 * MAX_CONNECTIONS + 896;
     let limit = raise_own_open_files_limit();
     assert!(
         limit >= NEEDED,

@@ -112,9 +112,14 @@ pub struct RunArgs {
     pub routing_table: u32,
 }
 
+/// Seconds from 0 to about 30 years: deadlines are added to the clock, and
+/// anything longer would overflow it.
 fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text
         .parse()
         .map_err(|_| format!("not a number of seconds: {text}"))?;
+    if !(0.0..=1e9).contains(&seconds) {
+        return Err(format!("expected 0 to 1e9 seconds, got {text}"));
+    }
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("not a valid duration: {text}"))
 }

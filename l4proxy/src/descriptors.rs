@@ -5,16 +5,20 @@
 //! leave those clients waiting in the backlog until they give up; so the
 //! limit is raised as far as it goes, and checked at start-up.
 
-use crate::relay;
+use crate::{relay, tunnel, upstream};
 
 /// Descriptors one relayed connection holds: the client's socket and the
 /// upstream's.
 const PER_CONNECTION: u64 = 2;
 
-/// Descriptors kept for everything else: the splice pipes (two each), and
-/// spare for listeners, netlink sockets, BPF maps, programs and links, the
+/// Descriptors kept for everything else: the splice pipes (two each), the
+/// name look-ups' sockets and Happy Eyeballs' second attempts, and spare
+/// for listeners, netlink sockets, BPF maps, programs and links, the
 /// guard's pipe, standard streams.
-const RESERVE: u64 = 2 * relay::MAX_PIPES as u64 + 256;
+const RESERVE: u64 = 2 * relay::MAX_PIPES as u64
+    + tunnel::MAX_RESOLVING as u64
+    + upstream::MAX_SECOND_ATTEMPTS as u64
+    + 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DescriptorError {
@@ -80,7 +84,9 @@ fn fit(limit: u64, asked: Option<usize>) -> Result<usize, DescriptorError> {
             limit,
             fits,
             asked,
-            needs: asked as u64 * PER_CONNECTION + RESERVE,
+            needs: (asked as u64)
+                .saturating_mul(PER_CONNECTION)
+                .saturating_add(RESERVE),
         }),
         // A default lowered to nothing is no default.
         None if fits == 0 => Err(DescriptorError::TooLow {
@@ -107,10 +113,7 @@ mod tests {
     #[test]
     fn a_default_that_does_not_fit_is_lowered() {
         // This machine's limit: 20 000 descriptors.
-        assert_eq!(
-            fit(20_000, None).unwrap(),
-            ((20_000 - RESERVE) / 2) as usize
-        );
+        assert_eq!(fit(20_000, None).unwrap(), 9_552);
     }
 
     #[test]

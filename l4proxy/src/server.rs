@@ -136,8 +136,9 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
                     if let Some((applied, opened)) =
                         reload(&settings.policy_path, &mut installation, &explicit, keepalive).await
                     {
+                        // The new listeners' queued clients find their rules.
+                        shared.set_active(applied.active.clone());
                         accepting.start_explicit(&mut explicit, &applied.active.policy, opened);
-                        shared.set_active(applied.active);
                         accepting.start(applied.new_listeners);
                         tracing::info!("policy reloaded");
                     }

@@ -21,7 +21,7 @@ use crate::{
     hello,
     intercept::rules::RuleIndex,
     local_addrs::LocalAddrs,
-    policy::{Bind, InterceptRule, Keepalive, Policy, Target, Timeouts},
+    policy::{Bind, InterceptRule, Keepalive, Policy, RuleId, Target, Timeouts},
     proxy_header,
     proxy_protocol::{self, Addresses, Header, Tlvs, Version},
     relay::{self, Deadlines},
@@ -246,7 +246,7 @@ async fn open(
     let Asked {
         tunnel,
         onward_local,
-    } = ask(client, peer, rule, shared, record).await?;
+    } = ask(client, peer, (rule_id, rule), active, shared, record).await?;
     let (target_name, checked) = match tunnel {
         Some(tunnel) => (tunnel.name, tunnel.addresses),
         None => (None, Vec::new()),
@@ -258,6 +258,9 @@ async fn open(
     // Whom a trusted front proxy named is known now.
     let slot = match slot {
         Some(slot) => slot,
+        // A header without addresses (LOCAL, UNKNOWN) names no client: the
+        // front proxy itself is not limited.
+        None if record.client.0 == peer => None,
         None => admit(client, shared, rule, record)?,
     };
     let keepalive = rule.keepalive.unwrap_or(shared.defaults.keepalive);
@@ -333,17 +336,34 @@ async fn open(
         }
     };
     record.bind = Some(bind);
+    // Happy Eyeballs may connect to any checked address: only those the
+    // routes decide alike for (a route on `destination` saw the first).
+    let checked: Vec<SocketAddr> = checked
+        .into_iter()
+        .filter(|&addr| {
+            let conn = route::Connection {
+                orig_dst: OrigDstAddr(addr),
+                ..conn
+            };
+            let hello = record.sniffed.as_ref().map(hello_of);
+            route::decide(&active.policy, &conn, hello.as_ref()) == decision
+        })
+        .collect();
 
     let request = upstream::Request {
         client: record.client,
         orig_dst: record.orig_dst,
         checked,
-        // What a parent proxy is asked for: a name, when the client gave one.
+        // What a parent proxy is asked for: the name a CONNECT client gave
+        // (checked by its rule; never one named inside the tunnel), or on a
+        // steered connection the SNI or Host, when read.
         name: match active.policy.upstreams[upstream_id.0].target {
-            Target::Parent(_) => target_name.clone().or_else(|| {
-                let said = record.sniffed.as_ref()?;
-                sni_of(said).or_else(|| host_of(said)).map(str::to_owned)
-            }),
+            Target::Parent(_) if rule.connect.is_some() => target_name.clone(),
+            Target::Parent(_) => record
+                .sniffed
+                .as_ref()
+                .and_then(|said| sni_of(said).or_else(|| host_of(said)))
+                .map(str::to_owned),
             _ => None,
         },
         bind,
@@ -460,7 +480,8 @@ struct Asked {
 async fn ask(
     client: &TcpStream,
     peer: SocketAddr,
-    rule: &InterceptRule,
+    (rule_id, rule): (RuleId, &InterceptRule),
+    active: &Active,
     shared: &Shared,
     record: &mut Record,
 ) -> Option<Asked> {
@@ -498,7 +519,8 @@ async fn ask(
                 if let Some(addresses) = decoded.header.addresses() {
                     record.client = addresses.client;
                     record.orig_dst = addresses.orig_dst;
-                    if let Err(why) = announced_destination(rule, record.orig_dst, &shared.local) {
+                    let dst = record.orig_dst;
+                    if let Err(why) = announced_destination(active, rule_id, dst, &shared.local) {
                         record.failed(&format!(
                             "PROXY header refused: destination {} {why}",
                             record.orig_dst
@@ -524,18 +546,20 @@ async fn ask(
 /// routes and is logged: connections go to the servers the policy lists,
 /// and a front proxy announces its own address (often not the rule's).
 fn announced_destination(
-    rule: &InterceptRule,
+    active: &Active,
+    rule_id: RuleId,
     dst: OrigDstAddr,
     local: &LocalAddrs,
 ) -> Result<(), &'static str> {
-    if !rule.is_gateway() {
+    if !active.policy.rules[rule_id.0].is_gateway() {
         return Ok(());
     }
     let ip = dst.0.ip().to_canonical();
     if ip.is_loopback() || ip.is_unspecified() {
         return Err("is loopback or unspecified");
     }
-    if !rule.intercepts(dst.0) {
+    // The rule that would have taken it, by the kernel's precedence.
+    if active.rules.lookup(dst.0) != Some(rule_id) {
         return Err("is outside the rule's prefixes and ports");
     }
     if local.contains(ip) {

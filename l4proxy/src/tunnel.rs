@@ -124,14 +124,14 @@ pub async fn open(
         Err(GaveUp::TooLarge) => return Err(Refused::BadRequest(HeadError::TooLarge)),
     };
     hello::consume(client, request.head_len).await?;
+    if let (Method::Connect, Some(target)) = (&request.method, &request.target) {
+        *asked = Some(target.to_string());
+    }
     if !front.admits(peer) {
         return Err(Refused::Client);
     }
     let target = match (request.method, request.target) {
-        (Method::Connect, Some(target)) => {
-            *asked = Some(target.to_string());
-            target
-        }
+        (Method::Connect, Some(target)) => target,
         (Method::Other(method), _) => return Err(Refused::Method(method)),
         (Method::Connect, None) => unreachable!("the parser gives every CONNECT its target"),
     };
@@ -195,9 +195,13 @@ pub async fn open(
 /// The user a `Proxy-Authorization: Basic` value names, if its password is
 /// right. bcrypt is slow on purpose: it runs on a blocking thread.
 async fn authenticate(users: &Htpasswd, authorization: Option<&str>) -> Result<String, Refused> {
+    /// bcrypt checks at a time: each takes a core for tens of milliseconds,
+    /// and a flood of them must not take the relay's cores too.
+    static CHECKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
     let (user, password) = authorization
         .and_then(connect_head::basic_credentials)
         .ok_or(Refused::NoCredentials)?;
+    let _turn = CHECKING.acquire().await;
     let users = users.clone();
     let checked = user.clone();
     let right = tokio::task::spawn_blocking(move || users.verify(&checked, &password))
@@ -213,7 +217,13 @@ async fn authenticate(users: &Htpasswd, authorization: Option<&str>) -> Result<S
 /// The name's addresses (both families), within `deadline`. The system's
 /// resolver (getaddrinfo: /etc/hosts, /etc/resolv.conf) answers.
 async fn resolve(name: &str, port: u16, deadline: Duration) -> Result<Vec<SocketAddr>, Refused> {
-    let lookup = tokio::net::lookup_host((name, port));
+    // Each look-up is a thread with its own resolver socket: they are
+    // counted in the daemon's descriptor budget, so bounded.
+    static RESOLVING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_RESOLVING);
+    let lookup = async {
+        let _turn = RESOLVING.acquire().await;
+        tokio::net::lookup_host((name, port)).await
+    };
     match tokio::time::timeout(deadline, lookup).await {
         Err(_) => Err(Refused::ResolveTimeout(name.to_owned(), deadline)),
         Ok(Err(e)) => Err(Refused::Resolve(name.to_owned(), e)),
@@ -228,6 +238,9 @@ async fn resolve(name: &str, port: u16, deadline: Duration) -> Result<Vec<Socket
         }
     }
 }
+
+/// Names resolved at a time.
+pub const MAX_RESOLVING: usize = 64;
 
 /// 169.254.0.0/16 and fe80::/10: link-local, where cloud metadata services
 /// answer (169.254.169.254).

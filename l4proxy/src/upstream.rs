@@ -273,10 +273,23 @@ impl Pool {
 /// next address is tried beside it.
 const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
+/// Attempts of one connection at a time.
+const MAX_ATTEMPTS: usize = 2;
+
+/// Attempts made beside another of the same connection, over all
+/// connections: each holds a descriptor beyond the two of its connection,
+/// which the daemon's budget counts (`descriptors`). Past it, the next
+/// address waits for the attempt in flight to fail.
+pub const MAX_SECOND_ATTEMPTS: usize = 64;
+
+static SECOND_ATTEMPTS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_SECOND_ATTEMPTS);
+
 /// Happy Eyeballs (RFC 8305 §5) over `candidates`, in their order: the
 /// first attempt starts at once, each next one when the previous failed or
-/// after [`ATTEMPT_DELAY`], and the first connection made wins; the others
-/// are dropped. All within `timeout`.
+/// after [`ATTEMPT_DELAY`] (at most [`MAX_ATTEMPTS`] at a time), and the
+/// first connection made wins; the others are dropped. All within
+/// `timeout`.
 async fn race(
     candidates: &[UpstreamAddr],
     request: &Request,
@@ -294,20 +307,34 @@ async fn race(
     });
     let mut attempts = futures::stream::FuturesUnordered::new();
     let mut last_error = None;
-    let start = |attempts: &mut futures::stream::FuturesUnordered<_>, next: Option<_>| {
-        let Some((upstream, from, fallback)) = next else {
-            return false;
+    let mut next = waiting.next();
+    // Starts the next address, if any: alone, or beside the one in flight
+    // when a second-attempt descriptor can be had. Says whether more wait.
+    let mut start =
+        |attempts: &mut futures::stream::FuturesUnordered<_>,
+         next: &mut Option<(UpstreamAddr, Source, Option<Fallback>)>| {
+            let beside = if attempts.is_empty() {
+                None
+            } else {
+                match SECOND_ATTEMPTS.try_acquire() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return next.is_some(),
+                }
+            };
+            let Some((upstream, from, fallback)) = next.take() else {
+                return false;
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            attempts.push(async move {
+                let connected =
+                    connect_from(upstream, from, fallback, request.keepalive, None, left).await;
+                drop(beside);
+                (upstream, connected)
+            });
+            *next = waiting.next();
+            next.is_some()
         };
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        attempts.push(async move {
-            (
-                upstream,
-                connect_from(upstream, from, fallback, request.keepalive, None, left).await,
-            )
-        });
-        true
-    };
-    let mut more = start(&mut attempts, waiting.next());
+    let mut more = start(&mut attempts, &mut next);
     let delay = tokio::time::sleep(ATTEMPT_DELAY);
     tokio::pin!(delay);
     while !attempts.is_empty() {
@@ -317,12 +344,14 @@ async fn race(
                 Err(error) => {
                     tracing::debug!(%upstream, %error, "upstream connect failed");
                     last_error = Some(ConnectError::Failed { upstream, error });
-                    more = more && start(&mut attempts, waiting.next());
+                    if more {
+                        more = start(&mut attempts, &mut next);
+                    }
                     delay.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
                 }
             },
-            () = &mut delay, if more => {
-                more = start(&mut attempts, waiting.next());
+            () = &mut delay, if more && attempts.len() < MAX_ATTEMPTS => {
+                more = start(&mut attempts, &mut next);
                 delay.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
             }
         }
@@ -343,7 +372,11 @@ struct Via<'a> {
 fn parent_target(request: &Request) -> String {
     let port = request.orig_dst.0.port();
     match &request.name {
-        Some(name) => format!("{name}:{port}"),
+        // A Host may be an address: an IPv6 one goes in brackets.
+        Some(name) => match name.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port).to_string(),
+            Err(_) => format!("{name}:{port}"),
+        },
         None => SocketAddr::new(request.orig_dst.0.ip().to_canonical(), port).to_string(),
     }
 }

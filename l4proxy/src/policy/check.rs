@@ -2,7 +2,7 @@
 //! span several fields. These errors carry the JSON path only: serde is done
 //! with the text by then.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::SocketAddr};
 
 use ipnet::IpNet;
 use l4proxy_common::MAX_RULE_ENTRIES;
@@ -43,6 +43,7 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
         upstreams,
     };
     check_overlaps(&policy)?;
+    check_connect_listeners(&policy)?;
     check_size(&policy)?;
     check_loops(&policy)?;
     // Each upstream's own `bind`, whether or not a route overrides it, then
@@ -137,7 +138,15 @@ fn front_of(
             if front.is_open_relay() {
                 return Err(PolicyError::at(
                     format!("intercept[{i}].connect"),
-                    "would be an open relay: restrict \"clients\", or the destinations                      (\"names\" or \"destinations\")",
+                    "would be an open relay: restrict \"clients\", or the destinations \
+                     (\"names\" or \"destinations\")",
+                ));
+            }
+            if let Some(k) = front.listen.iter().position(|a| a.ip().is_unspecified()) {
+                return Err(PolicyError::at(
+                    format!("intercept[{i}].connect.listen[{k}]"),
+                    "an unspecified address listens on all of them: name the address \
+                     clients connect to",
                 ));
             }
             Ok((Vec::new(), Vec::new(), Some(front)))
@@ -290,6 +299,54 @@ fn check_overlaps(policy: &Policy) -> Result<(), PolicyError> {
                 }
                 earlier.push((i, ports));
             }
+        }
+    }
+    Ok(())
+}
+
+/// A CONNECT listener must be one rule's, reachable (not an address and
+/// port the kernel steers to another rule), not a parent of l4proxy's own
+/// (an endless chain), and it reads CONNECT heads, not PROXY headers.
+fn check_connect_listeners(policy: &Policy) -> Result<(), PolicyError> {
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let Some(front) = &rule.connect else { continue };
+        if !rule.accept_proxy_from.is_empty() {
+            return Err(PolicyError::at(
+                format!("intercept[{i}].accept_proxy_protocol"),
+                "a \"connect\" rule reads CONNECT requests, not PROXY protocol headers",
+            ));
+        }
+        for (k, &addr) in front.listen.iter().enumerate() {
+            let at = format!("intercept[{i}].connect.listen[{k}]");
+            if let Some(first) = seen.insert(addr, i) {
+                return Err(PolicyError::at(
+                    at,
+                    format!("{addr} is also a listener of intercept[{first}]"),
+                ));
+            }
+            if let Some(RuleId(r)) = route::match_rule(policy, addr)
+                && !policy.rules[r].is_gateway()
+            {
+                return Err(PolicyError::at(
+                    at,
+                    format!(
+                        "{addr} is intercepted by rule {:?} (intercept[{r}]): its connections \
+                         would be steered there, never to this listener",
+                        policy.rules[r].name
+                    ),
+                ));
+            }
+        }
+    }
+    for upstream in &policy.upstreams {
+        if let Target::Parent(parent) = &upstream.target
+            && let Some(k) = parent.servers.iter().position(|s| seen.contains_key(s))
+        {
+            return Err(PolicyError::at(
+                format!("upstreams.{}.parent.servers[{k}]", upstream.name),
+                "is one of this policy's CONNECT listeners: the chain would never end",
+            ));
         }
     }
     Ok(())

@@ -51,10 +51,13 @@ impl ConnectFront {
         self.clients.is_empty() || self.clients.iter().any(|p| p.contains(&client))
     }
 
-    /// Whether any restriction limits who or where: a front end with none
-    /// would be an open relay.
+    /// Whether nothing limits who may use it or where to: an open relay. A
+    /// prefix of length 0 limits nothing.
     pub fn is_open_relay(&self) -> bool {
-        self.clients.is_empty() && self.names.is_none() && self.destinations.is_none()
+        let limits = |prefixes: &[IpNet]| prefixes.iter().any(|p| p.prefix_len() > 0);
+        !limits(&self.clients)
+            && self.names.is_none()
+            && !self.destinations.as_deref().is_some_and(limits)
     }
 }
 

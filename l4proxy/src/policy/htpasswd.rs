@@ -26,9 +26,16 @@ impl Htpasswd {
     /// Whether `password` is `user`'s. Slow on purpose (bcrypt): call it
     /// off the runtime's worker threads.
     pub fn verify(&self, user: &str, password: &str) -> bool {
-        self.users
-            .get(user)
-            .is_some_and(|hash| bcrypt::verify(password, hash).unwrap_or(false))
+        match self.users.get(user) {
+            Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
+            None => {
+                // As long as for a user who exists: the time taken must not
+                // tell which names do.
+                let any = self.users.values().next();
+                let _ = any.map(|hash| bcrypt::verify(password, hash));
+                false
+            }
+        }
     }
 
     /// Reads `text`, an htpasswd file's lines: `user:hash`, blank lines and
@@ -43,7 +50,9 @@ impl Htpasswd {
             let Some((user, hash)) = line.split_once(':') else {
                 return Err(format!("{path}:{}: expected user:hash", n + 1));
             };
-            if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+            if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
+                || hash.parse::<bcrypt::HashParts>().is_err()
+            {
                 return Err(format!(
                     "{path}:{}: user {user:?}: only bcrypt hashes are taken (make them with htpasswd -B)",
                     n + 1
@@ -67,10 +76,25 @@ impl Htpasswd {
 impl<'de> Deserialize<'de> for Htpasswd {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let path = String::deserialize(deserializer)?;
-        let text = fs::read_to_string(&path)
-            .map_err(|e| serde::de::Error::custom(format!("reading {path}: {e}")))?;
+        let text = read_small_file(&path).map_err(serde::de::Error::custom)?;
         Htpasswd::parse(&path, &text).map_err(serde::de::Error::custom)
     }
+}
+
+/// The most an htpasswd file may hold: a few thousand users.
+const MAX_FILE_LEN: u64 = 1 << 20;
+
+/// A regular file's text, if it is at most [`MAX_FILE_LEN`] bytes: a FIFO
+/// or a device must not stall or fill the daemon.
+fn read_small_file(path: &str) -> Result<String, String> {
+    let meta = fs::metadata(path).map_err(|e| format!("reading {path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{path}: not a regular file"));
+    }
+    if meta.len() > MAX_FILE_LEN {
+        return Err(format!("{path}: over {MAX_FILE_LEN} bytes"));
+    }
+    fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))
 }
 
 #[cfg(test)]
@@ -87,6 +111,13 @@ mod tests {
     }
 
     #[test]
+    fn a_user_listed_twice_is_refused() {
+        let hash = bcrypt::hash("x", 4).unwrap();
+        let err = Htpasswd::parse("users", &format!("a:{hash}\na:{hash}\n")).unwrap_err();
+        assert!(err.starts_with("users:2: user \"a\" listed twice"), "{err}");
+    }
+
+    #[test]
     fn what_is_not_bcrypt_is_refused_with_its_line() {
         for (text, reason) in [
             (
@@ -94,7 +125,10 @@ mod tests {
                 "users:1: user \"alice\": only bcrypt hashes",
             ),
             ("\nalice\n", "users:2: expected user:hash"),
-            ("a:$2y$x\na:$2y$y\n", "users:2: user \"a\" listed twice"),
+            (
+                "alice:$2y$x\n",
+                "users:1: user \"alice\": only bcrypt hashes",
+            ),
             ("# nobody\n", "users: no users"),
         ] {
             let err = Htpasswd::parse("users", text).unwrap_err();

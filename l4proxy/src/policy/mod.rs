@@ -193,13 +193,6 @@ impl InterceptRule {
         !self.interfaces.is_empty()
     }
 
-    /// Whether the rule's prefixes and ports hold `dst`.
-    pub fn intercepts(&self, dst: SocketAddr) -> bool {
-        let ip = dst.ip().to_canonical();
-        self.prefixes.iter().any(|prefix| prefix.contains(&ip))
-            && self.ports.iter().any(|ports| ports.contains(dst.port()))
-    }
-
     /// Whether a connection from `peer` must start with a PROXY header.
     pub fn trusts(&self, peer: IpAddr) -> bool {
         let peer = peer.to_canonical();

@@ -95,6 +95,26 @@ fn bad_connect_rules_name_their_place() {
             "intercept[0].connect.htpasswd: reading /nonexistent/users",
         ),
         (
+            r#""clients": ["198.51.100.0/24"], "names": ["*.example.com"],"#,
+            r#""clients": ["0.0.0.0/0", "::/0"],"#,
+            "intercept[0].connect: would be an open relay",
+        ),
+        (
+            r#""listen": ["198.51.100.1:3128", "#,
+            r#""listen": ["0.0.0.0:3128", "#,
+            "intercept[0].connect.listen[0]: an unspecified address listens on all of them",
+        ),
+        (
+            r#""upstream": "direct","#,
+            r#""upstream": "direct", "accept_proxy_protocol": { "from": ["198.51.100.0/24"] },"#,
+            "intercept[0].accept_proxy_protocol: a \"connect\" rule reads CONNECT requests",
+        ),
+        (
+            r#""servers": ["203.0.113.8:3128"], "user""#,
+            r#""servers": ["198.51.100.1:3128"], "user""#,
+            "upstreams.parent.parent.servers[0]: is one of this policy's CONNECT listeners",
+        ),
+        (
             r#""user": "u", "password": "p""#,
             r#""user": "u""#,
             "upstreams.parent: a parent's \"user\" and \"password\" go together",
@@ -132,4 +152,44 @@ fn edited_steered() -> Policy {
 }"#,
     )
     .unwrap()
+}
+
+#[test]
+fn a_listener_is_one_rules_and_not_steered_elsewhere() {
+    let two = EXAMPLE.replacen(
+        r#"  ],
+  "routes""#,
+        r#"    , { "name": "again", "upstream": "direct",
+        "connect": { "listen": ["198.51.100.1:3128"], "clients": ["198.51.100.0/24"] } }
+  ],
+  "routes""#,
+        1,
+    );
+    let err = super::error_of(&two);
+    assert!(
+        err.contains(
+            "intercept[1].connect.listen[0]: 198.51.100.1:3128 is also a listener of intercept[0]"
+        ),
+        "{err}"
+    );
+    let steered = EXAMPLE.replacen(
+        r#"  ],
+  "routes""#,
+        r#"    , { "name": "web", "prefixes": ["198.51.100.1/32"], "ports": [3128], "upstream": "pool" }
+  ],
+  "routes""#,
+        1,
+    )
+    .replacen(
+        r#""direct": { "original_destination": true },"#,
+        r#""direct": { "original_destination": true }, "pool": { "servers": ["203.0.113.2:80"] },"#,
+        1,
+    );
+    let err = super::error_of(&steered);
+    assert!(
+        err.contains(
+            "intercept[0].connect.listen[0]: 198.51.100.1:3128 is intercepted by rule \"web\""
+        ),
+        "{err}"
+    );
 }
