@@ -483,6 +483,9 @@ fn a_silent_parent_fails_the_client_at_the_connect_timeout() {
         .collect();
     assert_eq!(closed.len(), 2, "{closed:?}");
     for ev in closed {
-        assert!(outcome(&ev).ends_with(" within the connect timeout"), "{ev}");
+        assert!(
+            outcome(&ev).ends_with(" within the connect timeout"),
+            "{ev}"
+        );
     }
 }
