@@ -3,13 +3,16 @@
 //! classic iptables TPROXY recipe as rules grow.
 //!
 //! Cases: bulk throughput (iperf3), connection rate of short TLS connections
-//! routed by SNI, added time to first byte, memory per idle connection, and
-//! connection rate against the number of rules. The report goes to
+//! routed by SNI, added time to first byte, memory per idle connection,
+//! connection rate against the number of rules, and l4proxy as an explicit
+//! CONNECT proxy beside Squid (tunnel set-up rate, one stream through a
+//! tunnel). The report goes to
 //! `bench/results/<date>.md` and `bench/results/latest.md`, with SVG charts.
 //!
 //! On this 2-core machine the client, the proxy and the server share the
 //! cores, so the figures are for comparing paths with each other, as ratios.
 
+mod dial;
 mod hello;
 mod iperf;
 mod lab;
@@ -28,9 +31,10 @@ use std::{
 use anyhow::{Context, bail};
 
 use self::{
+    dial::Dial,
     lab::{Lab, Proc},
     load::{Mode, Responder},
-    report::{Flow, LatencyRow, MemoryRow, Report, Row, RulesRow},
+    report::{Condition, Flow, LatencyRow, MemoryRow, Report, Row, RulesRow},
     stats::{Spread, quantile},
     targets::{Service, Target},
 };
@@ -57,6 +61,7 @@ enum Case {
     Rate,
     Latency,
     Rules,
+    Connect,
 }
 
 /// How much of each case to run.
@@ -125,7 +130,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         rules_concurrency: plan.rules_concurrency,
         ..Report::default()
     };
-    if plan.idle_connections < wanted_idle {
+    let wanted = |case| args.only.is_empty() || args.only.contains(&case);
+    if plan.idle_connections < wanted_idle && wanted(Case::Memory) {
         report.notes.push(format!(
             "Memory: {} idle connections instead of {wanted_idle}: the descriptor limit here is \
              {fd_limit} (no CAP_SYS_RESOURCE to raise the hard limit), and a proxy needs two \
@@ -136,10 +142,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     report.setup.push(format!(
         "descriptor limit (RLIMIT_NOFILE) for every process: {fd_limit}"
     ));
-    let wanted = |case| args.only.is_empty() || args.only.contains(&case);
     {
         let lab = Lab::new()?;
-        let mut bench = Bench::start(&lab, &binary, &work.0, &plan, fd_limit, &mut report)?;
+        let mut bench = Bench::start(
+            &lab,
+            &binary,
+            &work.0,
+            &plan,
+            fd_limit,
+            wanted(Case::Connect),
+            &mut report,
+        )?;
         // Memory first: on freshly started proxies, before other cases have
         // grown their allocators' free lists.
         if wanted(Case::Memory) {
@@ -153,6 +166,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
         if wanted(Case::Latency) {
             bench.latency(&mut report)?;
+        }
+        // Before the rules case, which replaces the l4proxy that has the
+        // CONNECT rule.
+        if wanted(Case::Connect) {
+            bench.connect(&mut report)?;
         }
         if wanted(Case::Rules) {
             bench.rules(&mut report)?;
@@ -185,6 +203,8 @@ struct Bench<'a> {
     l4proxy: Option<Proc>,
     haproxy: Proc,
     haproxy_splice: Proc,
+    /// Only during the CONNECT case.
+    squid: Option<Proc>,
     _iperf: Proc,
     _responder: Responder,
 }
@@ -196,6 +216,7 @@ impl<'a> Bench<'a> {
         work: &'a Path,
         plan: &'a Plan,
         fd_limit: u64,
+        connect: bool,
         report: &mut Report,
     ) -> anyhow::Result<Bench<'a>> {
         eprintln!("bench: starting the server side, l4proxy and HAProxy");
@@ -220,11 +241,11 @@ impl<'a> Bench<'a> {
         )?;
 
         let policy = work.join("l4proxy.json");
-        let sni = targets::check_policy(binary, &policy, &targets::l4proxy_policy(true));
+        let sni = targets::check_policy(binary, &policy, &targets::l4proxy_policy(true, connect));
         report.rate_title =
             "short connections: TLS ClientHello routed by SNI, small reply, close".to_owned();
         if let Err(e) = &sni {
-            targets::check_policy(binary, &policy, &targets::l4proxy_policy(false))?;
+            targets::check_policy(binary, &policy, &targets::l4proxy_policy(false, connect))?;
             report.rate_title +=
                 "; l4proxy: SNI routing PENDING, plain forwarding of the same connections";
             report.notes.push(format!(
@@ -234,7 +255,13 @@ impl<'a> Bench<'a> {
                 e.to_string().lines().next().unwrap_or_default()
             ));
         }
-        let l4proxy = targets::start_l4proxy(&lab.px, binary, &policy, &work.join("l4proxy.log"))?;
+        let l4proxy = targets::start_l4proxy(
+            &lab.px,
+            binary,
+            &policy,
+            maxconn(fd_limit),
+            &work.join("l4proxy.log"),
+        )?;
 
         let mut haproxies = Vec::new();
         for (target, name) in [
@@ -265,11 +292,12 @@ impl<'a> Bench<'a> {
             l4proxy: Some(l4proxy),
             haproxy,
             haproxy_splice,
+            squid: None,
             _iperf: iperf,
             _responder: responder,
         };
         for target in Target::ALL {
-            bench.probe(target.addr(Service::Tls), target)?;
+            bench.probe(target.addr(Service::Tls).into(), target)?;
         }
         Ok(bench)
     }
@@ -280,12 +308,13 @@ impl<'a> Bench<'a> {
             Target::L4proxy => self.l4proxy.as_mut(),
             Target::Haproxy => Some(&mut self.haproxy),
             Target::HaproxySplice => Some(&mut self.haproxy_splice),
+            Target::Squid => self.squid.as_mut(),
         }
     }
 
     /// Waits (up to a minute) until one exchange through `target` works;
     /// fails with the proxy's log if it dies meanwhile.
-    fn probe(&mut self, addr: std::net::SocketAddr, target: Target) -> anyhow::Result<()> {
+    fn probe(&mut self, addr: Dial, target: Target) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let hello = self.hello.clone();
@@ -385,70 +414,51 @@ impl<'a> Bench<'a> {
                 }
             }
         }
-        for flow in flows {
-            for target in Target::ALL {
-                let values: Vec<f64> = samples
-                    .iter()
-                    .filter(|s| s.0 == flow && s.1 == target)
-                    .map(|s| s.2)
-                    .collect();
-                if let Some(value) = Spread::of(&values) {
-                    report.throughput.push(Row {
-                        case: flow,
-                        target,
-                        value,
-                    });
-                }
-            }
-        }
+        report.throughput = spread_rows(&samples);
         Ok(())
     }
 
     fn rate(&mut self, report: &mut Report) -> anyhow::Result<()> {
-        let paths = [Target::Direct, Target::L4proxy, Target::Haproxy];
+        let paths = [Target::Direct, Target::L4proxy, Target::Haproxy]
+            .map(|target| (target, target.addr(Service::Tls).into()));
+        report.rate = self.rates(&paths, "connection rate", report)?;
+        Ok(())
+    }
+
+    /// Short connections through each of `paths` at each concurrency, every
+    /// repetition; failures go to the notes.
+    fn rates(
+        &mut self,
+        paths: &[(Target, Dial)],
+        what: &str,
+        report: &mut Report,
+    ) -> anyhow::Result<Vec<Row<usize>>> {
         let mut samples: Vec<(usize, Target, f64)> = Vec::new();
         for rep in 1..=self.plan.repetitions {
             for concurrency in self.plan.concurrencies {
-                for target in paths {
+                for &(target, dial) in paths {
                     eprintln!(
-                        "bench: connection rate {rep}/{}, concurrency {concurrency}, {}",
+                        "bench: {what} {rep}/{}, concurrency {concurrency}, {}",
                         self.plan.repetitions,
                         target.label()
                     );
-                    let rate = self.connection_rate(target.addr(Service::Tls), concurrency)?;
+                    let rate = self.connection_rate(dial, concurrency)?;
                     self.note_failures(
                         &rate,
-                        &format!("{} at concurrency {concurrency}", target.label()),
+                        &format!("{what}, {} at concurrency {concurrency}", target.label()),
                         report,
                     );
+                    if let Some(proc) = self.proc(target) {
+                        proc.check_running()?;
+                    }
                     samples.push((concurrency, target, rate.per_second));
                 }
             }
         }
-        for concurrency in self.plan.concurrencies {
-            for target in paths {
-                let values: Vec<f64> = samples
-                    .iter()
-                    .filter(|s| s.0 == concurrency && s.1 == target)
-                    .map(|s| s.2)
-                    .collect();
-                if let Some(value) = Spread::of(&values) {
-                    report.rate.push(Row {
-                        case: concurrency,
-                        target,
-                        value,
-                    });
-                }
-            }
-        }
-        Ok(())
+        Ok(spread_rows(&samples))
     }
 
-    fn connection_rate(
-        &self,
-        addr: std::net::SocketAddr,
-        concurrency: usize,
-    ) -> anyhow::Result<load::Rate> {
+    fn connection_rate(&self, addr: Dial, concurrency: usize) -> anyhow::Result<load::Rate> {
         let (hello, duration, max) = (
             self.hello.clone(),
             self.plan.rate_duration,
@@ -514,6 +524,98 @@ impl<'a> Bench<'a> {
         Ok(())
     }
 
+    /// l4proxy's CONNECT front end beside Squid and the direct path: the
+    /// set-up rate of short tunnels, then one stream through a tunnel each
+    /// way (sent and counted by the bench: iperf3 cannot speak CONNECT).
+    fn connect(&mut self, report: &mut Report) -> anyhow::Result<()> {
+        eprintln!("bench: CONNECT, starting Squid and the bulk sink and source");
+        let seconds = Duration::from_secs(self.plan.iperf_seconds);
+        let _bulk = Responder::start(
+            &self.lab.sv,
+            &[
+                (targets::SINK_PORT, Mode::Sink(seconds)),
+                (targets::SOURCE_PORT, Mode::Source),
+            ],
+        )?;
+        self.squid = Some(targets::start_squid(
+            &self.lab.px,
+            &self.work.join("squid"),
+            &self.work.join("squid.log"),
+        )?);
+        report.setup.push(
+            output_of("/usr/sbin/squid", &["-v"])?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        // The direct path's address is the server's own.
+        let tls = Target::Direct.addr(Service::Tls);
+        let server = |port| std::net::SocketAddr::new(tls.ip(), port);
+        for target in targets::CONNECT_PATHS {
+            self.probe(target.tunnel_to(tls), target)?;
+        }
+        report.connect_how = format!(
+            "Short tunnels: each connection sends `CONNECT {tls} HTTP/1.1` (the server's IP \
+             literal, so that neither proxy resolves a name) to the proxy, reads its `200`, sends \
+             the connection-rate case's TLS ClientHello through the tunnel, reads the small reply \
+             and closes; the direct path does the same without the CONNECT step. Throughput: one \
+             stream through a tunnel each way, sent and counted by the bench in 128 KiB writes \
+             (iperf3 cannot speak CONNECT); the receiving end counts for {seconds} s from its \
+             first bytes on (client→server: a sink on the server, which then answers its count). \
+             l4proxy: a `connect` rule on {l4proxy} for the client subnet and the server ports, \
+             upstream `original_destination`. {squid} CPU time is not recorded by this bench.",
+            seconds = self.plan.iperf_seconds,
+            l4proxy = Target::L4proxy.connect_listener().expect("l4proxy has one"),
+            squid = targets::squid_choice(),
+        );
+        let paths = targets::CONNECT_PATHS.map(|target| (target, target.tunnel_to(tls)));
+        let rates = self.rates(&paths, "tunnel set-up", report)?;
+        report.connect_rate = rates;
+
+        let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
+        for rep in 1..=self.plan.repetitions {
+            for reverse in [false, true] {
+                let flow = Flow {
+                    streams: 1,
+                    reverse,
+                };
+                let port = if reverse {
+                    targets::SOURCE_PORT
+                } else {
+                    targets::SINK_PORT
+                };
+                for target in targets::CONNECT_PATHS {
+                    eprintln!(
+                        "bench: CONNECT throughput {rep}/{}, 1 stream{}, {}",
+                        self.plan.repetitions,
+                        if reverse { " reverse" } else { "" },
+                        target.label()
+                    );
+                    let dial = target.tunnel_to(server(port));
+                    match self
+                        .lab
+                        .cl
+                        .block_on(move || load::bulk(dial, reverse, seconds))?
+                    {
+                        Ok(bits) => samples.push((flow, target, bits)),
+                        Err(e) => report.notes.push(format!(
+                            "CONNECT throughput, {}, {}: {e:#}; this run is left out.",
+                            flow.label(),
+                            target.label()
+                        )),
+                    }
+                    if let Some(proc) = self.proc(target) {
+                        proc.check_running()?;
+                    }
+                }
+            }
+        }
+        report.connect_throughput = spread_rows(&samples);
+        self.squid = None;
+        Ok(())
+    }
+
     /// Connection rate to the last of N rules: l4proxy (sk_lookup) restarted
     /// with each policy, then iptables TPROXY rules in front of HAProxy.
     fn rules(&mut self, report: &mut Report) -> anyhow::Result<()> {
@@ -528,6 +630,7 @@ impl<'a> Bench<'a> {
                 &self.lab.px,
                 self.binary,
                 &policy,
+                self.maxconn,
                 &self.work.join(format!("l4proxy-rules-{rules}.log")),
             )?);
             let rate = self.rules_rate(rules, Target::L4proxy, L4PROXY, report)?;
@@ -573,7 +676,7 @@ impl<'a> Bench<'a> {
         steering: &str,
         report: &mut Report,
     ) -> anyhow::Result<Spread> {
-        let addr = targets::rule_dst(rules - 1);
+        let addr = targets::rule_dst(rules - 1).into();
         self.probe(addr, target)?;
         let mut values = Vec::new();
         for _ in 0..self.plan.repetitions {
@@ -583,6 +686,30 @@ impl<'a> Bench<'a> {
         }
         Spread::of(&values).context("at least one repetition")
     }
+}
+
+/// One row per (case, path) of `samples`: the spread of its values, in the
+/// order the pairs first appear.
+fn spread_rows<K: PartialEq + Copy>(samples: &[(K, Target, f64)]) -> Vec<Row<K>> {
+    let mut rows: Vec<Row<K>> = Vec::new();
+    for &(case, target, _) in samples {
+        if rows.iter().any(|r| r.case == case && r.target == target) {
+            continue;
+        }
+        let values: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.0 == case && s.1 == target)
+            .map(|s| s.2)
+            .collect();
+        if let Some(value) = Spread::of(&values) {
+            rows.push(Row {
+                case,
+                target,
+                value,
+            });
+        }
+    }
+    rows
 }
 
 /// Idle connections that fit a descriptor limit: two descriptors each, after

@@ -14,7 +14,7 @@ use std::{
     fs::File,
     future::Future,
     io::Read,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Mutex,
@@ -27,6 +27,8 @@ use anyhow::{Context, bail};
 const PREFIX: &str = "l4bench-";
 
 pub const CL: &str = "198.51.100.2";
+/// The client's subnet (the link between `cl` and `px`).
+pub const CL_NET: &str = "198.51.100.0/24";
 pub const PX_CL: &str = "198.51.100.1";
 pub const PX_SV: &str = "203.0.113.1";
 pub const SV: &str = "203.0.113.2";
@@ -109,9 +111,11 @@ pub fn sweep_stale() {
     }
 }
 
+/// Signals the process group a child of ours leads (see [`Proc`]).
 fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall; `pid` is a child we started and have not reaped.
-    unsafe { libc::kill(pid as i32, sig) };
+    // SAFETY: plain syscall; `pid` is a child we started and have not reaped,
+    // so its group is still ours.
+    unsafe { libc::kill(-(pid as i32), sig) };
 }
 
 /// A network namespace, deleted on drop.
@@ -300,7 +304,9 @@ impl Lab {
 }
 
 /// A process started inside a namespace, its output in a log file; stopped
-/// (SIGTERM, then SIGKILL) on drop.
+/// (SIGTERM, then SIGKILL) on drop. It leads a process group of its own, and
+/// the signals go to the group, so that what it forks (Squid's workers) goes
+/// with it.
 pub struct Proc {
     name: String,
     child: Child,
@@ -322,6 +328,7 @@ impl Proc {
             .args(["netns", "exec", &ns.name])
             .args(command)
             .envs(env.iter().copied())
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -371,7 +378,7 @@ impl Drop for Proc {
             while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = self.child.kill();
+            signal(pid, libc::SIGKILL);
             let _ = self.child.wait();
         }
         live().children.retain(|&p| p != pid);

@@ -1,6 +1,6 @@
 //! In-process traffic: the responder on the server host, and the client-side
-//! load generators (connection rate, time to first byte, idle connections).
-//! Every loop is bounded in time and in count.
+//! load generators (connection rate, time to first byte, idle connections,
+//! one bulk stream). Every loop is bounded in time and in count.
 
 use std::{
     io,
@@ -17,7 +17,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::{hello, lab::Netns};
+use super::{dial::Dial, hello, lab::Netns};
 
 /// What the responder answers to a ClientHello.
 pub const REPLY: &[u8] = b"hello from the bench responder\n";
@@ -32,10 +32,23 @@ pub enum Mode {
     Close,
     /// Keeps the connection until the client closes it: an idle connection.
     Hold,
+    /// No ClientHello: counts what the client sends for this long from its
+    /// first bytes on, then answers the count and the time it took (bytes
+    /// and microseconds, 8 bytes each, big-endian) and reads on until the
+    /// client goes. (Squid ends a tunnel on a half-close, so the end cannot
+    /// be the client's FIN.)
+    Sink(Duration),
+    /// No ClientHello: once the client has sent a byte, sends until the
+    /// client goes.
+    Source,
 }
 
+/// Bytes a bulk sender hands the socket per write (iperf3's default).
+const BULK_CHUNK: usize = 128 * 1024;
+
 /// The server side of the connection-rate, latency and memory cases: reads one
-/// TLS record (the ClientHello), answers [`REPLY`], then acts per [`Mode`].
+/// TLS record (the ClientHello), answers [`REPLY`], then acts per [`Mode`];
+/// and of the bulk streams ([`Mode::Sink`], [`Mode::Source`]).
 /// Runs on a thread inside the server namespace until dropped.
 pub struct Responder {
     stop: Option<oneshot::Sender<()>>,
@@ -97,7 +110,11 @@ async fn accept_loop(listener: TcpListener, mode: Mode) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(answer(stream, mode));
+                match mode {
+                    Mode::Close | Mode::Hold => tokio::spawn(answer(stream, mode)),
+                    Mode::Sink(duration) => tokio::spawn(sink(stream, duration)),
+                    Mode::Source => tokio::spawn(source(stream)),
+                };
             }
             // Out of descriptors and the like: back off instead of spinning.
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -130,10 +147,56 @@ async fn answer(mut stream: TcpStream, mode: Mode) {
     }
 }
 
-/// One short connection: connect, send `hello`, read the whole reply until the
-/// server closes. Returns the time to the reply's first byte, from before the
-/// connect.
-async fn exchange(target: SocketAddr, hello: &[u8]) -> io::Result<Duration> {
+async fn sink(mut stream: TcpStream, duration: Duration) {
+    let mut buffer = vec![0u8; BULK_CHUNK];
+    let Ok((received, elapsed)) = count_for(&mut stream, &mut buffer, duration).await else {
+        return;
+    };
+    let mut answer = [0u8; 16];
+    answer[..8].copy_from_slice(&received.to_be_bytes());
+    answer[8..].copy_from_slice(&(elapsed.as_micros() as u64).to_be_bytes());
+    if stream.write_all(&answer).await.is_err() {
+        return;
+    }
+    // Closing with unread bytes would reset the connection, and the reset
+    // could overtake the answer.
+    while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+}
+
+/// Bytes read for `duration` after the first read (the clock starts once
+/// data flows), and the time that took.
+async fn count_for(
+    stream: &mut TcpStream,
+    buffer: &mut [u8],
+    duration: Duration,
+) -> io::Result<(u64, Duration)> {
+    if stream.read(buffer).await? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let started = Instant::now();
+    let mut received = 0u64;
+    while started.elapsed() < duration {
+        match stream.read(buffer).await? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => received += n as u64,
+        }
+    }
+    Ok((received, started.elapsed()))
+}
+
+async fn source(mut stream: TcpStream) {
+    let mut go = [0u8; 1];
+    if !matches!(stream.read(&mut go).await, Ok(1)) {
+        return;
+    }
+    let chunk = vec![0x5a; BULK_CHUNK];
+    while stream.write_all(&chunk).await.is_ok() {}
+}
+
+/// One short connection: connect (through a tunnel: open it), send `hello`,
+/// read the whole reply until the server closes. Returns the time to the
+/// reply's first byte, from before the connect.
+async fn exchange(target: Dial, hello: &[u8]) -> io::Result<Duration> {
     let started = Instant::now();
     let mut stream = open(target, hello).await?;
     let mut reply = [0u8; 64];
@@ -157,21 +220,20 @@ async fn exchange(target: SocketAddr, hello: &[u8]) -> io::Result<Duration> {
     Ok(first_byte)
 }
 
-async fn open(target: SocketAddr, hello: &[u8]) -> io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(target).await?;
-    stream.set_nodelay(true)?;
+async fn open(target: Dial, hello: &[u8]) -> io::Result<TcpStream> {
+    let mut stream = target.connect().await?;
     stream.write_all(hello).await?;
     Ok(stream)
 }
 
-async fn exchange_in_time(target: SocketAddr, hello: &[u8]) -> io::Result<Duration> {
+async fn exchange_in_time(target: Dial, hello: &[u8]) -> io::Result<Duration> {
     tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(target, hello))
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 /// One exchange succeeded: the target answers end to end. Tries for `wait`.
-pub async fn probe(target: SocketAddr, hello: &[u8], wait: Duration) -> anyhow::Result<()> {
+pub async fn probe(target: Dial, hello: &[u8], wait: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + wait;
     loop {
         let tried = tokio::time::timeout(Duration::from_secs(1), exchange(target, hello)).await;
@@ -196,7 +258,7 @@ pub struct Rate {
 /// Short connections from `concurrency` workers until `duration` has passed or
 /// `max` connections were started.
 pub async fn connection_rate(
-    target: SocketAddr,
+    target: Dial,
     hello: Arc<[u8]>,
     concurrency: usize,
     duration: Duration,
@@ -252,7 +314,7 @@ pub async fn first_byte_times(
         if Instant::now() >= deadline {
             break;
         }
-        let time = exchange_in_time(target, hello)
+        let time = exchange_in_time(target.into(), hello)
             .await
             .with_context(|| format!("exchange with {target}"))?;
         times.push(time);
@@ -277,7 +339,7 @@ pub async fn while_idle<T>(
             let mut held = Vec::with_capacity(share);
             for _ in 0..share {
                 let opened = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
-                    let mut stream = open(target, &hello).await?;
+                    let mut stream = open(target.into(), &hello).await?;
                     let mut reply = [0u8; REPLY.len()];
                     stream.read_exact(&mut reply).await?;
                     io::Result::Ok(stream)
@@ -301,4 +363,43 @@ pub async fn while_idle<T>(
     let measured = measure();
     drop(held);
     Ok(measured)
+}
+
+/// Received bits per second of one stream through `target`, counted by the
+/// receiver for `duration`: the client sends to a [`Mode::Sink`] (started
+/// with the same duration), or with `reverse` receives from a
+/// [`Mode::Source`]. Bounded by `duration` and a margin.
+pub async fn bulk(target: Dial, reverse: bool, duration: Duration) -> anyhow::Result<f64> {
+    let run = async {
+        let mut stream = target.connect().await?;
+        if reverse {
+            stream.write_all(b"g").await?;
+            count_for(&mut stream, &mut vec![0u8; BULK_CHUNK], duration).await
+        } else {
+            send(stream).await
+        }
+    };
+    let (bytes, elapsed) = tokio::time::timeout(duration + Duration::from_secs(10), run)
+        .await
+        .with_context(|| format!("bulk stream through {target}: timed out"))?
+        .with_context(|| format!("bulk stream through {target}"))?;
+    Ok(bytes as f64 * 8.0 / elapsed.as_secs_f64())
+}
+
+/// Sends until the sink answers its count.
+async fn send(mut stream: TcpStream) -> io::Result<(u64, Duration)> {
+    let chunk = vec![0x5a; BULK_CHUNK];
+    let (mut from, mut to) = stream.split();
+    let mut answer = [0u8; 16];
+    let sending = async {
+        loop {
+            to.write_all(&chunk).await?;
+        }
+    };
+    tokio::select! {
+        sent = sending => sent,
+        read = from.read_exact(&mut answer) => read.map(drop),
+    }?;
+    let field = |i: usize| u64::from_be_bytes(answer[i..i + 8].try_into().expect("8 bytes"));
+    Ok((field(0), Duration::from_micros(field(8))))
 }

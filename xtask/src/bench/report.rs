@@ -14,7 +14,16 @@ pub struct Flow {
     pub reverse: bool,
 }
 
-impl Flow {
+/// The condition a figure was measured under: the first column of its table.
+pub trait Condition: Copy + PartialEq {
+    /// The column's header and Markdown alignment.
+    const COLUMN: (&'static str, &'static str);
+    fn label(self) -> String;
+}
+
+impl Condition for Flow {
+    const COLUMN: (&'static str, &'static str) = ("case", "---");
+
     fn label(self) -> String {
         let streams = match self.streams {
             1 => "1 stream".to_owned(),
@@ -28,6 +37,35 @@ impl Flow {
         format!("{streams}, {way}")
     }
 }
+
+/// Concurrency: connections in flight at once.
+impl Condition for usize {
+    const COLUMN: (&'static str, &'static str) = ("concurrency", "---:");
+
+    fn label(self) -> String {
+        self.to_string()
+    }
+}
+
+/// How a table shows a figure: the unit, its factor from the measured one
+/// (per second), and the decimals.
+struct Unit {
+    name: &'static str,
+    scale: f64,
+    decimals: usize,
+}
+
+const GBIT: Unit = Unit {
+    name: "Gbit/s",
+    scale: 1e-9,
+    decimals: 2,
+};
+
+const CONN: Unit = Unit {
+    name: "conn/s",
+    scale: 1.0,
+    decimals: 0,
+};
 
 /// A measured figure of one path in one case.
 pub struct Row<K> {
@@ -74,6 +112,11 @@ pub struct Report {
     pub memory: Vec<MemoryRow>,
     pub rules: Vec<RulesRow>,
     pub rules_concurrency: usize,
+    /// CONNECT case: tunnel set-up rate by concurrency, one stream's throughput.
+    pub connect_rate: Vec<Row<usize>>,
+    pub connect_throughput: Vec<Row<Flow>>,
+    /// How the CONNECT case measures, as a paragraph.
+    pub connect_how: String,
     pub notes: Vec<String>,
 }
 
@@ -108,50 +151,22 @@ impl Report {
                Ratios divide the median by the same case's median on another path.\n";
 
         if !self.throughput.is_empty() {
-            md += "\n## Bulk throughput (iperf3, Gbit/s, higher is better)\n\n\
-                   | case | path | Gbit/s | min–max | ÷ direct | ÷ HAProxy | ÷ HAProxy+splice |\n\
-                   |---|---|---:|---:|---:|---:|---:|\n";
-            for row in &self.throughput {
-                let of = |t| ratio(row.value.median, find(&self.throughput, row.case, t));
-                let v = row.value.scaled(1e-9);
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {:.2} | {:.2}–{:.2} | {} | {} | {} |",
-                    row.case.label(),
-                    row.target.label(),
-                    v.median,
-                    v.min,
-                    v.max,
-                    of(Target::Direct),
-                    of(Target::Haproxy),
-                    of(Target::HaproxySplice),
-                );
-            }
+            md += "\n## Bulk throughput (iperf3, Gbit/s, higher is better)\n\n";
+            md += &figure_table(
+                &self.throughput,
+                &GBIT,
+                &[Target::Direct, Target::Haproxy, Target::HaproxySplice],
+            );
             let _ = writeln!(md, "\n![throughput]({name}-throughput.svg)");
         }
 
         if !self.rate.is_empty() {
             let _ = write!(
                 md,
-                "\n## Connection rate ({}; conn/s, higher is better)\n\n\
-                 | concurrency | path | conn/s | min–max | ÷ direct | ÷ HAProxy |\n\
-                 |---:|---|---:|---:|---:|---:|\n",
+                "\n## Connection rate ({}; conn/s, higher is better)\n\n",
                 self.rate_title
             );
-            for row in &self.rate {
-                let of = |t| ratio(row.value.median, find(&self.rate, row.case, t));
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} |",
-                    row.case,
-                    row.target.label(),
-                    row.value.median,
-                    row.value.min,
-                    row.value.max,
-                    of(Target::Direct),
-                    of(Target::Haproxy),
-                );
-            }
+            md += &figure_table(&self.rate, &CONN, &[Target::Direct, Target::Haproxy]);
         }
 
         if !self.latency.is_empty() {
@@ -251,11 +266,79 @@ impl Report {
             let _ = writeln!(md, "\n![rules]({name}-rules.svg)");
         }
 
+        if !self.connect_rate.is_empty() || !self.connect_throughput.is_empty() {
+            let _ = write!(
+                md,
+                "\n## CONNECT tunnels: l4proxy and Squid as explicit proxies\n\n{}\n\n",
+                self.connect_how
+            );
+            md += &self.connect_summary();
+            let versus = [Target::Direct, Target::Squid];
+            if !self.connect_rate.is_empty() {
+                md += "\n### Tunnel set-up rate (conn/s, higher is better)\n\n";
+                md += &figure_table(&self.connect_rate, &CONN, &versus);
+            }
+            if !self.connect_throughput.is_empty() {
+                md += "\n### One stream through the tunnel (Gbit/s, higher is better)\n\n";
+                md += &figure_table(&self.connect_throughput, &GBIT, &versus);
+            }
+        }
+
         if !self.notes.is_empty() {
             md += "\n## Notes\n\n";
             for note in &self.notes {
                 let _ = writeln!(md, "- {note}");
             }
+        }
+        md
+    }
+
+    /// l4proxy's CONNECT figures against the issue's targets, in the
+    /// README's table shape.
+    fn connect_summary(&self) -> String {
+        /// Tunnel set-up rate wanted, as a multiple of Squid's.
+        const RATE_TARGET: f64 = 1.5;
+        let mut md =
+            "| | l4proxy | ÷ direct | ÷ Squid | target |\n|---|---:|---:|---:|---|\n".to_owned();
+        let rates: Vec<(usize, f64)> = self
+            .connect_rate
+            .iter()
+            .filter(|r| r.target == Target::L4proxy)
+            .map(|r| (r.case, r.value.median))
+            .collect();
+        if !rates.is_empty() {
+            let other = |c, t| find(&self.connect_rate, c, t);
+            let cells = |cell: &dyn Fn(usize, f64) -> String| {
+                let all: Vec<String> = rates.iter().map(|&(c, v)| cell(c, v)).collect();
+                all.join(" / ")
+            };
+            let _ = writeln!(
+                md,
+                "| tunnel set-up, conn/s at concurrency {} | {} | {} | {} | ≥ {RATE_TARGET}× Squid: {} |",
+                cells(&|c, _| c.to_string()),
+                cells(&|_, v| format!("{v:.0}")),
+                cells(&|c, v| ratio(v, other(c, Target::Direct))),
+                cells(&|c, v| ratio(v, other(c, Target::Squid))),
+                met(rates
+                    .iter()
+                    .map(|&(c, v)| other(c, Target::Squid).map(|s| v >= RATE_TARGET * s))),
+            );
+        }
+        for row in &self.connect_throughput {
+            if row.target != Target::L4proxy {
+                continue;
+            }
+            let v = row.value.median;
+            let other = |t| find(&self.connect_throughput, row.case, t);
+            let _ = writeln!(
+                md,
+                "| throughput, {} | {:.2} Gbit/s | {} | {} | ≥ Squid: {} |",
+                row.case.label(),
+                v * GBIT.scale,
+                ratio(v, other(Target::Direct)),
+                ratio(v, other(Target::Squid)),
+                met([other(Target::Squid).map(|s| v >= s)]),
+            );
         }
         md
     }
@@ -422,6 +505,54 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// One color per path (in `Target::ALL` order), reused for the rule chart.
 const COLORS: [&str; 4] = ["#7f7f7f", "#1f77b4", "#d62728", "#ff7f0e"];
 
+/// A table of one figure per (condition, path): the median, the range, and
+/// the median divided by the same condition's median on each of `versus`.
+fn figure_table<K: Condition>(rows: &[Row<K>], unit: &Unit, versus: &[Target]) -> String {
+    let (column, align) = K::COLUMN;
+    let mut md = format!("| {column} | path | {} | min–max |", unit.name);
+    for target in versus {
+        let _ = write!(md, " ÷ {} |", target.label());
+    }
+    let _ = writeln!(
+        md,
+        "\n|{align}|---|---:|---:|{}",
+        "---:|".repeat(versus.len())
+    );
+    let p = unit.decimals;
+    for row in rows {
+        let v = row.value.scaled(unit.scale);
+        let _ = write!(
+            md,
+            "| {} | {} | {:.p$} | {:.p$}–{:.p$} |",
+            row.case.label(),
+            row.target.label(),
+            v.median,
+            v.min,
+            v.max,
+        );
+        for &target in versus {
+            let _ = write!(
+                md,
+                " {} |",
+                ratio(row.value.median, find(rows, row.case, target))
+            );
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// "met" when every check holds, "**not met**" when one fails, "–" without
+/// anything to compare with.
+fn met(checks: impl IntoIterator<Item = Option<bool>>) -> &'static str {
+    match checks.into_iter().collect::<Option<Vec<bool>>>() {
+        Some(all) if all.is_empty() => "–",
+        Some(all) if all.iter().all(|&ok| ok) => "met",
+        Some(_) => "**not met**",
+        None => "–",
+    }
+}
+
 fn find<K: PartialEq + Copy>(rows: &[Row<K>], case: K, target: Target) -> Option<f64> {
     rows.iter()
         .find(|r| r.case == case && r.target == target)
@@ -462,4 +593,47 @@ fn axis(svg: &mut String, left: f64, bottom: f64, width: f64, top: f64, plot_h: 
         bottom - plot_h / 2.0,
         bottom - plot_h / 2.0
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row<K>(case: K, target: Target, median: f64) -> Row<K> {
+        Row {
+            case,
+            target,
+            value: Spread {
+                median,
+                min: median - 1.0,
+                max: median + 1.0,
+            },
+        }
+    }
+
+    #[test]
+    fn a_figure_table_has_a_ratio_column_per_path_compared_with() {
+        let rows = [
+            row(64, Target::Direct, 4000.0),
+            row(64, Target::L4proxy, 3000.0),
+            row(64, Target::Squid, 2000.0),
+        ];
+        let table = figure_table(&rows, &CONN, &[Target::Direct, Target::Squid]);
+        assert_eq!(
+            table,
+            "| concurrency | path | conn/s | min–max | ÷ direct | ÷ Squid |\n\
+             |---:|---|---:|---:|---:|---:|\n\
+             | 64 | direct | 4000 | 3999–4001 | 1.00× | 2.00× |\n\
+             | 64 | l4proxy | 3000 | 2999–3001 | 0.75× | 1.50× |\n\
+             | 64 | Squid | 2000 | 1999–2001 | 0.50× | 1.00× |\n"
+        );
+    }
+
+    #[test]
+    fn a_target_is_met_when_every_check_holds() {
+        assert_eq!(met([Some(true), Some(true)]), "met");
+        assert_eq!(met([Some(true), Some(false)]), "**not met**");
+        assert_eq!(met([Some(true), None]), "–");
+        assert_eq!(met([]), "–");
+    }
 }

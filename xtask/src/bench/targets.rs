@@ -1,7 +1,8 @@
 //! The paths under test and how to start them: the direct path, l4proxy
 //! (steered by sk_lookup), HAProxy without and with `option splice-auto`
-//! (listening on service addresses of the proxy host), and for the rule-count
-//! case the classic iptables TPROXY recipe in front of a transparent HAProxy.
+//! (listening on service addresses of the proxy host), for the rule-count
+//! case the classic iptables TPROXY recipe in front of a transparent HAProxy,
+//! and for the CONNECT case l4proxy's and Squid's explicit-proxy listeners.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -11,7 +12,10 @@ use std::{
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use super::lab::{self, Netns, Proc};
+use super::{
+    dial::Dial,
+    lab::{self, Netns, Proc},
+};
 
 /// A way from the client to the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,9 +24,12 @@ pub enum Target {
     L4proxy,
     Haproxy,
     HaproxySplice,
+    /// Squid as an explicit proxy (CONNECT case only).
+    Squid,
 }
 
 impl Target {
+    /// The transparent paths.
     pub const ALL: [Target; 4] = [
         Target::Direct,
         Target::L4proxy,
@@ -36,6 +43,7 @@ impl Target {
             Target::L4proxy => "l4proxy",
             Target::Haproxy => "HAProxy",
             Target::HaproxySplice => "HAProxy+splice",
+            Target::Squid => "Squid",
         }
     }
 
@@ -47,6 +55,7 @@ impl Target {
             Target::L4proxy => Ipv4Addr::new(192, 0, 2, 10),
             Target::Haproxy => Ipv4Addr::new(192, 0, 2, 20),
             Target::HaproxySplice => Ipv4Addr::new(192, 0, 2, 21),
+            Target::Squid => unreachable!("Squid is reached by CONNECT only"),
         }
     }
 
@@ -57,6 +66,44 @@ impl Target {
         };
         SocketAddr::from((self.ip(), port))
     }
+
+    /// The CONNECT listener of a path that has one, on the proxy host's
+    /// client-side address.
+    pub fn connect_listener(self) -> Option<SocketAddr> {
+        let port = match self {
+            Target::L4proxy => 3128,
+            Target::Squid => 3129,
+            Target::Direct | Target::Haproxy | Target::HaproxySplice => return None,
+        };
+        let ip: Ipv4Addr = lab::PX_CL.parse().expect("a literal address");
+        Some(SocketAddr::from((ip, port)))
+    }
+
+    /// How the CONNECT case reaches `server` on this path: through its
+    /// CONNECT listener, or straight on the direct path.
+    pub fn tunnel_to(self, server: SocketAddr) -> Dial {
+        match self.connect_listener() {
+            Some(proxy) => Dial::Tunnel { proxy, server },
+            None => {
+                assert_eq!(self, Target::Direct, "no CONNECT front end here");
+                Dial::Straight(server)
+            }
+        }
+    }
+}
+
+/// The paths of the CONNECT case.
+pub const CONNECT_PATHS: [Target; 3] = [Target::Direct, Target::L4proxy, Target::Squid];
+
+/// Server ports of the bulk streams through CONNECT tunnels (the responder's
+/// sink and source).
+pub const SINK_PORT: u16 = 8082;
+pub const SOURCE_PORT: u16 = 8083;
+
+/// The server ports a CONNECT tunnel may reach: the short-connection
+/// responder's, the sink's and the source's.
+fn tunnel_ports() -> [u16; 3] {
+    [Service::Tls.server_port(), SINK_PORT, SOURCE_PORT]
 }
 
 /// What the client asks for.
@@ -103,10 +150,12 @@ pub const SNI: &str = "a.example.com";
 
 /// l4proxy's policy: one rule per service; the TLS one sends `SNI` to the
 /// responder by a route (`sni_routes`), or straight on if the daemon has no
-/// SNI routing yet.
-pub fn l4proxy_policy(sni_routes: bool) -> Value {
+/// SNI routing yet. With `connect`, also a CONNECT rule for the lab's
+/// clients to the server ports of the CONNECT case, each tunnel to the
+/// address asked for (the server's own, so no `allow_reserved`).
+pub fn l4proxy_policy(sni_routes: bool, connect: bool) -> Value {
     let ip = Target::L4proxy.ip();
-    let intercept: Vec<Value> = Service::ALL
+    let mut intercept: Vec<Value> = Service::ALL
         .iter()
         .map(|&s| {
             let mut rule = json!({
@@ -121,13 +170,26 @@ pub fn l4proxy_policy(sni_routes: bool) -> Value {
             rule
         })
         .collect();
-    let upstreams: serde_json::Map<String, Value> = Service::ALL
+    let mut upstreams: serde_json::Map<String, Value> = Service::ALL
         .iter()
         .map(|&s| {
             let server = format!("{}:{}", lab::SV, s.server_port());
             (s.name().to_owned(), json!({ "servers": [server] }))
         })
         .collect();
+    if connect {
+        let listener = Target::L4proxy.connect_listener().expect("l4proxy has one");
+        intercept.push(json!({
+            "name": "connect",
+            "upstream": "asked",
+            "connect": {
+                "listen": [listener.to_string()],
+                "clients": [lab::CL_NET],
+                "ports": tunnel_ports(),
+            },
+        }));
+        upstreams.insert("asked".to_owned(), json!({ "original_destination": true }));
+    }
     let mut policy = json!({ "intercept": intercept, "upstreams": upstreams });
     if sni_routes {
         policy["routes"] = json!([{
@@ -158,9 +220,17 @@ pub fn check_policy(binary: &Path, file: &Path, policy: &Value) -> anyhow::Resul
     Ok(())
 }
 
-/// Starts `l4proxy run` in the proxy namespace. Per-connection log lines are
-/// off (`RUST_LOG=warn`), as HAProxy here has no `log` line either.
-pub fn start_l4proxy(px: &Netns, binary: &Path, policy: &Path, log: &Path) -> anyhow::Result<Proc> {
+/// Starts `l4proxy run` in the proxy namespace with HAProxy's `maxconn` (the
+/// daemon refuses a `--max-connections` its descriptor limit cannot cover).
+/// Per-connection log lines are off (`RUST_LOG=warn`), as HAProxy here has no
+/// `log` line either.
+pub fn start_l4proxy(
+    px: &Netns,
+    binary: &Path,
+    policy: &Path,
+    maxconn: u64,
+    log: &Path,
+) -> anyhow::Result<Proc> {
     let binary = binary.to_str().context("binary path is not UTF-8")?;
     let policy = policy.to_str().context("policy path is not UTF-8")?;
     Proc::start(
@@ -174,7 +244,7 @@ pub fn start_l4proxy(px: &Netns, binary: &Path, policy: &Path, log: &Path) -> an
             "--grace-period",
             "1",
             "--max-connections",
-            "30000",
+            &maxconn.to_string(),
         ],
         &[("RUST_LOG", "warn")],
         log.to_owned(),
@@ -243,6 +313,84 @@ pub fn start_haproxy(px: &Netns, name: &str, config: &Path, log: &Path) -> anyho
         &[],
         log.to_owned(),
     )
+}
+
+const SQUID: &str = "/usr/sbin/squid";
+
+/// Squid's `workers` (see `squid_choice` for why).
+const SQUID_WORKERS: usize = 2;
+
+/// How Squid runs and why, for the report.
+pub fn squid_choice() -> String {
+    format!(
+        "Squid: on {}, {SQUID_WORKERS} workers (SMP, `squid --foreground`), as many as the \
+         cores and as l4proxy's runtime threads: in alternating trial runs on this machine the \
+         second worker raised Squid's set-up rate at concurrency 64 and 512 by about a third \
+         and changed nothing at concurrency 1 (one tunnel stays on one worker). No cache, no \
+         access log (l4proxy and HAProxy log no connections here either), CONNECT only, to the \
+         case's server ports, from the client subnet.",
+        Target::Squid.connect_listener().expect("Squid has one")
+    )
+}
+
+/// Squid as a CONNECT-only explicit proxy on its listener: no cache, tunnels
+/// for the lab's clients to the CONNECT case's server ports, no access log,
+/// its files in `dir`.
+fn squid_config(dir: &Path) -> String {
+    let d = dir.display();
+    let listener = Target::Squid.connect_listener().expect("Squid has one");
+    let ports: Vec<String> = tunnel_ports().iter().map(u16::to_string).collect();
+    // The clients ask for IP literals: Squid resolves nothing, and its
+    // resolver (loopback, nothing there) never leaves the namespace.
+    format!(
+        "http_port {listener}\n\
+         workers {SQUID_WORKERS}\n\
+         pid_filename {d}/squid.pid\n\
+         cache_log {d}/cache.log\n\
+         access_log none\n\
+         cache_store_log none\n\
+         coredump_dir {d}\n\
+         netdb_filename none\n\
+         pinger_enable off\n\
+         logfile_rotate 0\n\
+         cache deny all\n\
+         visible_hostname l4bench-squid\n\
+         hosts_file none\n\
+         dns_nameservers 127.0.0.1\n\
+         shutdown_lifetime 0 seconds\n\
+         acl clients src {}\n\
+         acl tunnel method CONNECT\n\
+         acl server_ports port {}\n\
+         http_access allow tunnel clients server_ports\n\
+         http_access deny all\n",
+        lab::CL_NET,
+        ports.join(" ")
+    )
+}
+
+/// Writes Squid's config into `dir`, has `squid -k parse` check it and
+/// starts Squid in the foreground in the proxy namespace. Squid drops root
+/// for the user `proxy`, so `dir` becomes that user's. Its workers share
+/// memory segments in /dev/shm and talk over sockets in /run/squid, which
+/// stay behind when it is killed: it gets a tmpfs of its own on each, in
+/// the mount namespace `ip netns exec` makes for it, gone with it.
+pub fn start_squid(px: &Netns, dir: &Path, log: &Path) -> anyhow::Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let config = dir.join("squid.conf");
+    std::fs::write(&config, squid_config(dir))?;
+    let (dir, config) = (
+        dir.to_str().context("work path is not UTF-8")?,
+        config.to_str().context("work path is not UTF-8")?,
+    );
+    lab::run("chown", &["-R", "proxy:proxy", dir])?;
+    px.exec(SQUID, &["-k", "parse", "-f", config])?;
+    let script = format!(
+        "mount -t tmpfs -o size=16m,mode=1777 l4bench-squid-shm /dev/shm \
+         && mount -t tmpfs -o size=1m,mode=0755 l4bench-squid-run /run/squid \
+         && chown proxy:proxy /run/squid \
+         && exec {SQUID} --foreground -f {config}"
+    );
+    Proc::start(px, "squid", &["sh", "-c", &script], &[], log.to_owned())
 }
 
 /// Port of the transparent listener the TPROXY rules point at.
