@@ -22,9 +22,11 @@ use std::{
 };
 
 use ipnet::IpNet;
-use socket2::SockRef;
 
-use crate::policy::{ClientLimits, InterceptRule};
+use crate::{
+    policy::{ClientLimits, InterceptRule},
+    relay,
+};
 
 /// Which limit refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,7 +182,7 @@ impl Admission {
     /// Resets a connection over a limit, counts it, and logs it unless a
     /// line for this kind went out less than a second ago.
     pub fn refuse(&self, stream: &tokio::net::TcpStream, client: SocketAddr, refusal: Refusal) {
-        reset_on_close(stream);
+        relay::reset_on_close(stream);
         let tally = &self.tallies[refusal as usize];
         tally.total.fetch_add(1, Ordering::Relaxed);
         tally.unlogged.fetch_add(1, Ordering::Relaxed);
@@ -213,11 +215,6 @@ impl Admission {
             .collect::<Vec<_>>()
             .join(" ")
     }
-}
-
-/// Linger 0: the close that follows sends a reset instead of a FIN.
-pub fn reset_on_close(stream: &tokio::net::TcpStream) {
-    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 #[cfg(test)]

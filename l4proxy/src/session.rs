@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
-    admission::{self, Admission, Slot},
+    admission::{Admission, Slot},
     conn_id::{ConnectionId, ConnectionIds},
     connect_head::Status,
     hello,
@@ -302,7 +302,7 @@ async fn open(
         }
         record.sniffed = Some(said);
         if let Some(refused) = fronted {
-            admission::reset_on_close(client);
+            relay::reset_on_close(client);
             record.failed(&refused);
             return None;
         }
@@ -383,7 +383,7 @@ async fn open(
                 // As a refused or unreachable server would have told the
                 // client directly: a reset, never an accepted connection
                 // closed clean.
-                admission::reset_on_close(client);
+                relay::reset_on_close(client);
             } else {
                 let status = if e.timed_out() {
                     Status::GatewayTimeout
@@ -687,7 +687,7 @@ async fn refuse(client: &mut TcpStream, sniffed: Option<&sniff::Sniffed>) {
     match sniffed {
         Some(sniff::Sniffed::Tls(_)) => {
             // Linger 0: close() sends a reset instead of a FIN.
-            let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
+            relay::reset_on_close(client);
         }
         Some(sniff::Sniffed::Http(_)) => {
             let _ = client.write_all(SERVICE_UNAVAILABLE).await;

@@ -161,8 +161,7 @@ async fn relay_with(
     };
     for (stream, reset) in [(&client, reset_client), (&upstream, reset_upstream)] {
         if reset {
-            // Linger 0: the close as we drop it sends a reset, not a FIN.
-            let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+            reset_on_close(stream);
         }
     }
     Relayed {
@@ -170,6 +169,12 @@ async fn relay_with(
         from_upstream: from_upstream.get(),
         outcome,
     }
+}
+
+/// Linger 0: the close that follows (when the stream is dropped) sends a
+/// reset instead of a FIN.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Runs both directions until both have ended or one failed. While one
