@@ -67,7 +67,12 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
         mark: args.fwmark,
         routing_table: args.routing_table,
     };
-    runtime()?.block_on(server::run(policy, settings))?;
+    let runtime = runtime()?;
+    let ran = runtime.block_on(server::run(policy, settings));
+    // Name look-ups and password checks still running on blocking threads
+    // must not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ran?;
     Ok(())
 }
 
