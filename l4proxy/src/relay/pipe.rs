@@ -128,9 +128,11 @@ pub fn give_back(pipe: Pipe) {
 pub fn trim() -> usize {
     let mut pool = pool();
     let keep = pool.pipes.len() - pool.low;
-    pool.pipes.truncate(keep);
+    let idle: Vec<Pipe> = pool.pipes.drain(keep..).collect();
     pool.low = keep;
     drop(pool);
+    // Closed outside the lock: bursts need not wait for the close calls.
+    drop(idle);
     OPEN.load(Ordering::Relaxed)
 }
 
