@@ -417,10 +417,14 @@ fn a_refused_or_silent_upstream_resets_the_client() {
         let to = service(SERVICES[0], port);
         // The reset may come before connect() returns or the bytes are sent.
         match lab::try_connect(&t.cl, to, Duration::from_secs(5)) {
-            Ok(mut c) => {
-                let _ = c.write_all(b"hello");
-                ends_with_reset(&mut c, Duration::from_secs(10), expected);
-            }
+            // A reset that comes before the write is reported by it (and
+            // a read after that sees only the end).
+            Ok(mut c) => match c.write_all(b"hello") {
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{port}: {e}"),
+                Ok(()) => {
+                    ends_with_reset(&mut c, Duration::from_secs(10), expected);
+                }
+            },
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{port}: {e}"),
         }
         let ev = d.wait_event("the connect failure", Duration::from_secs(10), |e| {
