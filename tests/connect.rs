@@ -673,7 +673,10 @@ fn proxy_authentication_with_bcrypt_htpasswd() {
 #[test]
 fn a_connect_client_over_its_limit_is_reset_before_its_head_is_read() {
     let mut lab = ConnectLab::start("connect_limit");
-    let mut held = lab::connect(&lab.t.cl, sa(LIMITED4));
+    // Its tunnel open, the client holds its one slot (sessions take slots
+    // in the order their tasks run, not the order of accept).
+    let (answer, held) = ask(&lab.t, LIMITED4, &connect_head("app.example.test:443"));
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
     let over =
         lab::try_connect(&lab.t.cl, sa(LIMITED4), Duration::from_secs(5)).and_then(|mut c| {
             c.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -687,8 +690,11 @@ fn a_connect_client_over_its_limit_is_reset_before_its_head_is_read() {
         .wait_event("the refusal", Duration::from_secs(5), |e| {
             field_str(e, "limit").as_deref() == Some("per-client connection limit")
         });
-    // The held one is still served.
-    held.write_all(&connect_head("app.example.test:443"))
-        .unwrap();
-    assert!(answer_head(&mut held).starts_with("HTTP/1.1 200 "));
+    // The held tunnel is untouched: still open, nothing to read yet.
+    held.set_nonblocking(true).unwrap();
+    let still = (&held).read(&mut [0u8; 1]);
+    assert!(
+        matches!(&still, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{still:?}"
+    );
 }
