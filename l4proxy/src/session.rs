@@ -340,7 +340,12 @@ async fn open(
     // routes decide alike for (a route on `destination` saw the first).
     let checked: Vec<SocketAddr> = checked
         .into_iter()
-        .filter(|&addr| {
+        .enumerate()
+        // The first is the one decided on.
+        .filter(|&(k, addr)| {
+            if k == 0 {
+                return true;
+            }
             let conn = route::Connection {
                 orig_dst: OrigDstAddr(addr),
                 ..conn
@@ -348,6 +353,7 @@ async fn open(
             let hello = record.sniffed.as_ref().map(hello_of);
             route::decide(&active.policy, &conn, hello.as_ref()) == decision
         })
+        .map(|(_, addr)| addr)
         .collect();
 
     let request = upstream::Request {

@@ -210,7 +210,7 @@ impl Pool {
         let target;
         let mut via = None;
         let (servers, start) = match &self.target {
-            PoolTarget::OriginalDestination if !request.checked.is_empty() => {
+            PoolTarget::OriginalDestination if request.checked.len() > 1 => {
                 let candidates: Vec<UpstreamAddr> = request
                     .checked
                     .iter()
@@ -223,7 +223,11 @@ impl Pool {
                     request.orig_dst.0.ip().to_canonical(),
                     request.orig_dst.0.port(),
                 ));
-                if to.0.ip().is_unspecified() || local.contains(to.0.ip()) {
+                // A CONNECT front end checked its one address itself
+                // (reserved ones only where its rule allows them).
+                if request.checked.is_empty()
+                    && (to.0.ip().is_unspecified() || local.contains(to.0.ip()))
+                {
                     return Err(ConnectError::LocalDestination(to));
                 }
                 original_destination = [to];
