@@ -1,8 +1,10 @@
-//! One client connection, from accept to close: the PROXY header of a
-//! trusted front proxy, the client's limits, the route (sniffing the
-//! client's first bytes when a route needs them), the upstream connection
-//! and its PROXY header, the relay with its deadlines, and one log line when
-//! it ends.
+//! One client connection, from accept to close, front → decide → back →
+//! relay: the client's limits; where it wants to go (its CONNECT request,
+//! or a trusted front proxy's PROXY header, or the steered destination);
+//! the route (sniffing the client's first bytes when a route needs them);
+//! the upstream connection (direct, Happy Eyeballs, through a parent) and
+//! its PROXY header; the relay with its deadlines; one log line when it
+//! ends.
 
 use std::{
     net::SocketAddr,
@@ -211,8 +213,8 @@ struct Opened {
     slot: Option<Slot>,
 }
 
-/// Everything before the relay: the front proxy's header, the client's
-/// limits, the route, the upstream connection and its header. Returns the
+/// Everything before the relay: the client's limits, the front stage
+/// ([`ask`]), the route, the upstream connection and its header. Returns the
 /// upstream, or `None` once the connection is refused or failed and logged.
 async fn open(
     client: &mut TcpStream,
