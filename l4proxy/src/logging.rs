@@ -63,7 +63,7 @@ pub fn direct(format: LogFormat) -> tracing::dispatcher::DefaultGuard {
     tracing::dispatcher::set_default(&Dispatch::new(subscriber(format, ansi, filter, io::stderr)))
 }
 
-/// Held until exit; dropping it waits, at most [`FLUSH_TIMEOUT`], until every
+/// Held until exit; dropping it waits, at most `FLUSH_TIMEOUT` (2 s), until every
 /// line queued before has been written.
 #[must_use = "dropping the guard flushes the log: keep it until exit"]
 pub struct LogGuard {
