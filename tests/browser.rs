@@ -11,13 +11,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use lab::daemon::field_str;
-use lab::dns::Dnsmasq;
-use lab::tls::{Cert, Nginx, Output, Site, chromium, make_cert, require_tools};
+use lab::origin::Origin;
+use lab::tls::{Cert, Output, chromium};
 use lab::{Daemon, TempDir, Topo};
 use serde_json::{Value, json};
 
 const PROXY: &str = "198.51.100.1:3128";
-const RESOLVER: &str = "203.0.113.53";
 const URL: &str = "https://app.example.test/";
 const TARGET: &str = "app.example.test:443";
 /// What nginx serves for app.example.test, as the page's text.
@@ -28,25 +27,18 @@ const MARKER: &str = "l4proxy-browser-marker-5b1e";
 /// tunnels go where the client asked.
 struct BrowserLab {
     t: Topo,
-    _certs: TempDir,
-    cert: Cert,
-    nginx: Nginx,
-    dns: Dnsmasq,
+    origin: Origin,
     d: Daemon,
 }
 
 impl BrowserLab {
     fn start(test: &str) -> BrowserLab {
-        require_tools();
         let t = Topo::new(test);
-        t.sv.addr("to-px", &format!("{RESOLVER}/24"));
-        let certs = TempDir::new("browser-certs");
-        let cert = make_cert(&certs, "app", "app.example.test", &["DNS:app.example.test"]);
         // The lab's nginx answers text/plain: Chromium shows it in a <pre>.
-        let nginx = Nginx::start(&t.sv, &[Site::tls("203.0.113.2:443", &cert, MARKER)]);
-        let dns = Dnsmasq::start(
-            &t.sv,
-            RESOLVER.parse().unwrap(),
+        let origin = Origin::start(
+            &t,
+            &[("203.0.113.2:443", MARKER)],
+            &[],
             &[("app.example.test", &["203.0.113.2"])],
         );
         let policy = json!({
@@ -56,25 +48,14 @@ impl BrowserLab {
             ],
             "upstreams": { "direct": { "original_destination": true } }
         });
-        let d = Daemon::start_with_resolver(
-            &t.px,
-            &policy,
-            &[],
-            &dns.resolv_conf(RESOLVER.parse().unwrap()),
-        );
-        BrowserLab {
-            t,
-            _certs: certs,
-            cert,
-            nginx,
-            dns,
-            d,
-        }
+        let d = Daemon::start_with_resolver(&t.px, &policy, &[], &origin.resolv_conf());
+        BrowserLab { t, origin, d }
     }
 
     /// Requests nginx answered for app.example.test so far.
     fn served(&self) -> Vec<String> {
-        self.nginx
+        self.origin
+            .nginx
             .requests_on("203.0.113.2:443")
             .into_iter()
             .filter(|l| l.contains("\"GET / HTTP/"))
@@ -215,7 +196,7 @@ fn same_pem(a: &str, b: &str) -> bool {
 /// Chromium's address has the name as its target and nginx as upstream.
 /// Returns those close events.
 fn check_tunnels(lab: &mut BrowserLab, run: &Run) -> Vec<Value> {
-    let pem = std::fs::read_to_string(&lab.cert.cert).unwrap();
+    let pem = std::fs::read_to_string(&lab.origin.cert.cert).unwrap();
     let tunnels = run.tunnels_to(TARGET);
     assert!(
         !tunnels.is_empty(),
@@ -268,7 +249,7 @@ fn chromium_loads_a_page_through_the_connect_listener() {
     let mut lab = BrowserLab::start("browser_page");
     let spki = format!(
         "--ignore-certificate-errors-spki-list={}",
-        spki_hash(&lab.cert)
+        spki_hash(&lab.origin.cert)
     );
 
     let trusted = browse(&lab, &[&spki]);
@@ -283,14 +264,15 @@ fn chromium_loads_a_page_through_the_connect_listener() {
     }
     // The name went to the proxy as it was: l4proxy (203.0.113.1) asked.
     assert!(
-        lab.dns
+        lab.origin
+            .dns
             .log()
             .contains("query[A] app.example.test from 203.0.113.1"),
         "{}",
-        lab.dns.log()
+        lab.origin.dns.log()
     );
     let served = lab.served();
-    assert_eq!(served.len(), 1, "{served:?}\n{}", lab.nginx.logs());
+    assert_eq!(served.len(), 1, "{served:?}\n{}", lab.origin.nginx.logs());
     assert!(
         served[0].contains("sni=app.example.test") && served[0].contains("host=app.example.test"),
         "{served:?}"
@@ -312,6 +294,6 @@ fn chromium_loads_a_page_through_the_connect_listener() {
         lab.served().len(),
         1,
         "nginx served the untrusting browser: {}",
-        lab.nginx.logs()
+        lab.origin.nginx.logs()
     );
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lab::daemon::field_str;
-use lab::dns::Dnsmasq;
-use lab::tls::{Nginx, Site, curl, make_cert, require_tools, s_client};
+use lab::origin::Origin;
+use lab::tls::{curl, s_client};
 use lab::{Daemon, Server, TempDir, Topo, handlers, recv_report, reports, sa};
 use serde_json::{Value, json};
 
@@ -22,16 +22,12 @@ const PROXY6: &str = "[2001:db8:c::1]:3128";
 const STRICT4: &str = "198.51.100.1:3129";
 /// The rule that lets a client hold one tunnel.
 const LIMITED4: &str = "198.51.100.1:3130";
-const RESOLVER: &str = "203.0.113.53";
 
 /// The lab with dnsmasq, nginx serving `app.example.test` on 443 in both
 /// families, and the daemon with two CONNECT rules.
 struct ConnectLab {
     t: Topo,
-    _certs: TempDir,
-    cert: lab::tls::Cert,
-    _nginx: Nginx,
-    dns: Dnsmasq,
+    origin: Origin,
     d: Daemon,
 }
 
@@ -60,26 +56,14 @@ fn policy() -> Value {
 
 impl ConnectLab {
     fn start(test: &str) -> ConnectLab {
-        require_tools();
         let t = Topo::new(test);
-        t.sv.addr("to-px", &format!("{RESOLVER}/24"));
-        let certs = TempDir::new("connect-certs");
-        let cert = make_cert(
-            &certs,
-            "app",
-            "app.example.test",
-            &["DNS:app.example.test", "IP:203.0.113.2", "IP:2001:db8:5::2"],
-        );
-        let nginx = Nginx::start(
-            &t.sv,
+        let origin = Origin::start(
+            &t,
             &[
-                Site::tls("203.0.113.2:443", &cert, "app-v4"),
-                Site::tls("[2001:db8:5::2]:443", &cert, "app-v6"),
+                ("203.0.113.2:443", "app-v4"),
+                ("[2001:db8:5::2]:443", "app-v6"),
             ],
-        );
-        let dns = Dnsmasq::start(
-            &t.sv,
-            RESOLVER.parse().unwrap(),
+            &["IP:203.0.113.2", "IP:2001:db8:5::2"],
             &[
                 ("app.example.test", &["203.0.113.2", "2001:db8:5::2"]),
                 ("v6only.example.test", &["2001:db8:5::2"]),
@@ -88,21 +72,13 @@ impl ConnectLab {
                 ("metadata.example.test", &["169.254.169.254"]),
             ],
         );
-        let resolv_conf = dns.resolv_conf(RESOLVER.parse().unwrap());
         let d = Daemon::start_with_resolver(
             &t.px,
             &policy(),
             &["--sniff-timeout", "1", "--connect-timeout", "1"],
-            &resolv_conf,
+            &origin.resolv_conf(),
         );
-        ConnectLab {
-            t,
-            _certs: certs,
-            cert,
-            _nginx: nginx,
-            dns,
-            d,
-        }
+        ConnectLab { t, origin, d }
     }
 
     /// The `connection closed` event of the client at `local`.
@@ -143,7 +119,7 @@ fn connect_head(target: &str) -> Vec<u8> {
 #[test]
 fn curl_reaches_tls_servers_by_name_and_by_address() {
     let mut lab = ConnectLab::start("connect_curl");
-    let cacert = lab.cert.cert.to_str().unwrap().to_owned();
+    let cacert = lab.origin.cacert().to_owned();
     for (proxy, url, body, target, upstream) in [
         (
             PROXY4,
@@ -211,9 +187,9 @@ fn curl_reaches_tls_servers_by_name_and_by_address() {
         assert_eq!(field_str(&ev, "outcome").as_deref(), Some("closed"), "{ev}");
     }
     assert!(
-        lab.dns.log().contains("app.example.test"),
+        lab.origin.dns.log().contains("app.example.test"),
         "{}",
-        lab.dns.log()
+        lab.origin.dns.log()
     );
 }
 
@@ -432,7 +408,7 @@ fn routes_match_the_connect_name() {
 #[test]
 fn domain_fronting_is_refused_when_the_rule_says_so() {
     let mut lab = ConnectLab::start("connect_fronting");
-    let cafile = lab.cert.cert.to_str().unwrap().to_owned();
+    let cafile = lab.origin.cacert().to_owned();
     let fronted = s_client(
         &lab.t.cl,
         &[
@@ -485,16 +461,12 @@ fn domain_fronting_is_refused_when_the_rule_says_so() {
 /// and the log says what the parent answered.
 #[test]
 fn a_parent_proxy_is_asked_for_the_server_name() {
-    require_tools();
     let t = Topo::new("connect_parent");
-    t.sv.addr("to-px", &format!("{RESOLVER}/24"));
     t.sv.addr("to-px", "203.0.113.8/24");
-    let certs = TempDir::new("parent-certs");
-    let cert = make_cert(&certs, "app", "app.example.test", &["DNS:app.example.test"]);
-    let _nginx = Nginx::start(&t.sv, &[Site::tls("203.0.113.2:443", &cert, "app-v4")]);
-    let dns = Dnsmasq::start(
-        &t.sv,
-        RESOLVER.parse().unwrap(),
+    let origin = Origin::start(
+        &t,
+        &[("203.0.113.2:443", "app-v4")],
+        &[],
         &[
             ("app.example.test", &["203.0.113.2"]),
             ("other.example.test", &["203.0.113.2"]),
@@ -508,12 +480,7 @@ fn a_parent_proxy_is_asked_for_the_server_name() {
         ],
         "upstreams": { "direct": { "original_destination": true } }
     });
-    let mut parent = Daemon::start_with_resolver(
-        &t.sv,
-        &parent_policy,
-        &[],
-        &dns.resolv_conf(RESOLVER.parse().unwrap()),
-    );
+    let mut parent = Daemon::start_with_resolver(&t.sv, &parent_policy, &[], &origin.resolv_conf());
     let child_policy = json!({
         "intercept": [
             { "name": "local", "prefixes": ["192.0.2.10/32"], "ports": [443] }
@@ -524,7 +491,7 @@ fn a_parent_proxy_is_asked_for_the_server_name() {
         "upstreams": { "remote": { "parent": { "servers": ["203.0.113.8:3128"] } } }
     });
     let mut child = Daemon::start_ready(&t.px, &child_policy, &[]);
-    let cacert = cert.cert.to_str().unwrap();
+    let cacert = origin.cacert();
     let got = curl(
         &t.cl,
         &[
@@ -582,18 +549,15 @@ fn a_parent_proxy_is_asked_for_the_server_name() {
 /// tunnel, and the close log names the user. curl's --proxy-user works.
 #[test]
 fn proxy_authentication_with_bcrypt_htpasswd() {
-    require_tools();
     let t = Topo::new("connect_auth");
-    t.sv.addr("to-px", &format!("{RESOLVER}/24"));
-    let certs = TempDir::new("auth-certs");
-    let cert = make_cert(&certs, "app", "app.example.test", &["DNS:app.example.test"]);
-    let _nginx = Nginx::start(&t.sv, &[Site::tls("203.0.113.2:443", &cert, "app-v4")]);
-    let dns = Dnsmasq::start(
-        &t.sv,
-        RESOLVER.parse().unwrap(),
+    let origin = Origin::start(
+        &t,
+        &[("203.0.113.2:443", "app-v4")],
+        &[],
         &[("app.example.test", &["203.0.113.2"])],
     );
-    let users = certs.join("users");
+    let users_dir = TempDir::new("connect-users");
+    let users = users_dir.join("users");
     let hash = bcrypt::hash("open sesame", 4).unwrap();
     std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
     let policy = json!({
@@ -604,12 +568,7 @@ fn proxy_authentication_with_bcrypt_htpasswd() {
         ],
         "upstreams": { "direct": { "original_destination": true } }
     });
-    let mut d = Daemon::start_with_resolver(
-        &t.px,
-        &policy,
-        &[],
-        &dns.resolv_conf(RESOLVER.parse().unwrap()),
-    );
+    let mut d = Daemon::start_with_resolver(&t.px, &policy, &[], &origin.resolv_conf());
     let head = |credentials: Option<&str>| {
         let mut head =
             b"CONNECT app.example.test:443 HTTP/1.1\r\nHost: app.example.test:443\r\n".to_vec();
@@ -649,7 +608,7 @@ fn proxy_authentication_with_bcrypt_htpasswd() {
     let (answer, c) = ask(&t, PROXY4, &head(Some("alice:open sesame")));
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
     drop(c);
-    let cacert = cert.cert.to_str().unwrap();
+    let cacert = origin.cacert();
     let got = curl(
         &t.cl,
         &[

@@ -12,44 +12,29 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lab::daemon::field_str;
-use lab::dns::Dnsmasq;
+use lab::origin::{APP, Origin};
 use lab::squid::{Config, Squid};
-use lab::tls::{Cert, Nginx, Site, curl, make_cert, require_tools};
-use lab::{Daemon, Server, TempDir, Topo, poll_until, sa};
+use lab::tls::{curl, require_tools};
+use lab::{Daemon, Server, Topo, poll_until, sa};
 use serde_json::{Value, json};
 
 /// The parent's address in sv.
 const PARENT: &str = "203.0.113.8";
 /// The service address px takes, and the name curl asks for there.
 const SERVICE: &str = "192.0.2.10";
-const APP: &str = "app.example.test";
 
 /// sv's side of every test: the parent's address, and nginx serving
-/// `app.example.test` (body `app-v4`) on 203.0.113.2:443 with a
-/// certificate of its own.
-struct AppServer {
-    _certs: TempDir,
-    cert: Cert,
-    _nginx: Nginx,
-}
-
-impl AppServer {
-    fn start(t: &Topo) -> AppServer {
-        require_tools();
-        t.sv.addr("to-px", &format!("{PARENT}/24"));
-        let certs = TempDir::new("peers-certs");
-        let cert = make_cert(&certs, "app", APP, &[&format!("DNS:{APP}")]);
-        let nginx = Nginx::start(&t.sv, &[Site::tls("203.0.113.2:443", &cert, "app-v4")]);
-        AppServer {
-            _certs: certs,
-            cert,
-            _nginx: nginx,
-        }
-    }
-
-    fn cacert(&self) -> &str {
-        self.cert.cert.to_str().unwrap()
-    }
+/// `app.example.test` (body `app-v4`) on 203.0.113.2:443, and the lab's
+/// resolver answering for it (used where l4proxy resolves it), with the
+/// parent proxies' address on sv.
+fn app_server(t: &Topo) -> Origin {
+    t.sv.addr("to-px", &format!("{PARENT}/24"));
+    Origin::start(
+        t,
+        &[("203.0.113.2:443", "app-v4")],
+        &[],
+        &[(APP, &["203.0.113.2"])],
+    )
 }
 
 /// curl in cl asking for `SCHEME://NAME/` at the service address `at`
@@ -136,7 +121,7 @@ fn child_policy() -> Value {
 #[test]
 fn squid_parent_is_asked_for_the_server_name() {
     let t = Topo::new("peers_sqparent");
-    let app = AppServer::start(&t);
+    let app = app_server(&t);
     let squid = squid_parent(&t);
     let mut d = Daemon::start_ready(&t.px, &child_policy(), &[]);
 
@@ -166,7 +151,7 @@ fn squid_parent_is_asked_for_the_server_name() {
 #[test]
 fn squid_parent_checks_basic_credentials() {
     let t = Topo::new("peers_sqauth");
-    let app = AppServer::start(&t);
+    let app = app_server(&t);
     let squid = squid_parent(&t);
     let mut d = Daemon::start_ready(&t.px, &child_policy(), &[]);
 
@@ -222,10 +207,7 @@ fn assert_tls_reset(got: &lab::tls::Curl) {
 #[test]
 fn squid_child_asks_l4proxy() {
     let t = Topo::new("peers_sqchild");
-    let app = AppServer::start(&t);
-    let resolver = "203.0.113.53".parse().unwrap();
-    t.sv.addr("to-px", "203.0.113.53/24");
-    let dns = Dnsmasq::start(&t.sv, resolver, &[(APP, &["203.0.113.2"])]);
+    let app = app_server(&t);
     let policy = json!({
         "intercept": [
             { "name": "explicit", "upstream": "direct",
@@ -233,7 +215,7 @@ fn squid_child_asks_l4proxy() {
         ],
         "upstreams": { "direct": { "original_destination": true } }
     });
-    let mut d = Daemon::start_with_resolver(&t.px, &policy, &[], &dns.resolv_conf(resolver));
+    let mut d = Daemon::start_with_resolver(&t.px, &policy, &[], &app.resolv_conf());
     t.cl.addr("to-px", "198.51.100.3/24");
     let squid = Squid::start(
         &t.cl,
@@ -283,7 +265,7 @@ fn squid_child_asks_l4proxy() {
     assert_eq!(outcome(&ev), "closed", "{ev}");
     let line = squid.wait_access(&["TCP_TUNNEL/200", "CONNECT app.example.test:443"]);
     assert!(line.contains("_PARENT/198.51.100.1"), "{line}");
-    assert!(dns.log().contains(APP), "{}", dns.log());
+    assert!(app.dns.log().contains(APP), "{}", app.dns.log());
 }
 
 // ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod dns;
 pub mod haproxy;
 pub mod net;
+pub mod origin;
 pub mod squid;
 pub mod tls;
 
