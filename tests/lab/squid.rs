@@ -213,13 +213,7 @@ fn give_to_proxy_user(dir: &Path) {
 }
 
 fn squid_logs(dir: &Path) -> String {
-    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
-    format!(
-        "--- squid stderr ---\n{}\n--- squid cache.log ---\n{}\n--- squid access.log ---\n{}\n--------------------",
-        read("stderr.log").trim_end(),
-        read("cache.log").trim_end(),
-        read("access.log").trim_end()
-    )
+    super::tls::server_logs(dir, "squid", &["stderr.log", "cache.log", "access.log"])
 }
 
 impl Drop for Squid {

@@ -596,13 +596,17 @@ impl Nginx {
 }
 
 fn nginx_logs(dir: &Path) -> String {
-    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
-    format!(
-        "--- nginx stderr ---\n{}\n--- nginx error.log ---\n{}\n--- nginx access.log ---\n{}\n--------------------",
-        read("stderr.log").trim_end(),
-        read("error.log").trim_end(),
-        read("access.log").trim_end()
-    )
+    server_logs(dir, "nginx", &["stderr.log", "error.log", "access.log"])
+}
+
+/// A server's log files in `dir`, each under a heading, for panic messages.
+pub fn server_logs(dir: &Path, server: &str, files: &[&str]) -> String {
+    let mut out = String::new();
+    for name in files {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        out += &format!("--- {server} {name} ---\n{}\n", text.trim_end());
+    }
+    out + "--------------------"
 }
 
 impl Drop for Nginx {
