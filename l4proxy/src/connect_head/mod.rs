@@ -44,6 +44,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
 
+use crate::sniff::normalize_host_name;
+
 /// The longest head accepted, request line and final empty line included:
 /// the same bound as `sniff::http`. Real CONNECT heads are a few hundred
 /// bytes.
@@ -473,18 +475,10 @@ fn host(raw: &[u8]) -> Result<Host, AuthorityError> {
             .map(|addr| Host::Ip(addr.into()))
             .ok_or(AuthorityError::NumericName);
     }
-    let label_ok = |label: &[u8]| {
-        (1..=63).contains(&label.len())
-            && label.first() != Some(&b'-')
-            && label.last() != Some(&b'-')
-            && label
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if name.is_empty() || name.len() > 253 || !name.split(|&b| b == b'.').all(label_ok) {
-        return Err(AuthorityError::BadHost);
-    }
-    Ok(Host::Name(ascii_string(&name.to_ascii_lowercase())))
+    // The same names SNI and Host may carry.
+    normalize_host_name(raw)
+        .map(Host::Name)
+        .ok_or(AuthorityError::BadHost)
 }
 
 /// The WHATWG URL standard's test for a host that resolvers read as IPv4:

@@ -67,7 +67,7 @@ pub fn sniff(buf: &[u8]) -> SniffResult {
 /// 1 to 63 letters, digits, `-` or `_` (underscores occur in real internal
 /// names), no label starting or ending with `-`, 253 bytes at most. An IPv4
 /// literal passes as a name; nothing else (IDNs must arrive as A-labels).
-fn normalize_host_name(raw: &[u8]) -> Option<String> {
+pub(crate) fn normalize_host_name(raw: &[u8]) -> Option<String> {
     let name = raw.strip_suffix(b".").unwrap_or(raw);
     if name.is_empty() || name.len() > 253 {
         return None;
