@@ -234,6 +234,7 @@ mod tests {
             keepalive: None,
             limits,
             connect: None,
+            terminate: None,
         }
     }
 

@@ -39,7 +39,7 @@ use crate::{
     local_addrs::{self, LocalAddrs, LocalAddrsError},
     policy::{Bind, Keepalive, Policy},
     session::Active,
-    upstream::{self, Pool},
+    upstream,
 };
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -68,6 +68,8 @@ pub enum InstallError {
     },
     #[error("this host is not set up for the policy:\n  {}", .0.join("\n  "))]
     Sysctl(Vec<String>),
+    #[error("{0}")]
+    Tls(String),
     #[error(
         "the rule map would hold {peak} entries while the new policy replaces the running one, more than its {MAX_RULE_ENTRIES}; restart l4proxy with the new policy instead"
     )]
@@ -190,12 +192,9 @@ impl Installation {
             return Err(InstallError::TooManyEntries { peak });
         }
 
-        let (new_listeners, families) = self.listen(&policy)?;
-        let active = Arc::new(Active {
-            rules: RuleIndex::new(&entries),
-            pools: policy.upstreams.iter().map(Pool::new).collect(),
-            policy,
-        });
+        let active =
+            Arc::new(Active::new(policy, RuleIndex::new(&entries)).map_err(InstallError::Tls)?);
+        let (new_listeners, families) = self.listen(&active.policy)?;
         let generation = Generation {
             active: active.clone(),
             entries,

@@ -42,5 +42,7 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod sniff;
+pub mod stream;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;

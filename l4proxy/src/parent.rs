@@ -1,17 +1,13 @@
 //! Asking a parent proxy to connect on: `CONNECT target HTTP/1.1` on a
-//! connection to it, then its answer, which must be 2xx before a byte of
-//! the client's goes out. The answer head is taken off the stream exactly:
-//! whatever follows it is the server's, and stays queued for the relay.
+//! connection to it (plain, or TLS), then its answer, which must be 2xx
+//! before a byte of the client's goes out. The answer head is taken off the
+//! stream exactly: whatever follows it is the server's, and stays for the
+//! relay.
 
 use std::{fmt, io, time::Duration};
 
+use crate::{hello::GaveUp, stream::Stream};
 use base64::Engine as _;
-use tokio::net::TcpStream;
-
-use crate::{
-    hello::{self, GaveUp},
-    relay,
-};
 
 /// The longest answer head taken from a parent.
 const MAX_ANSWER_LEN: usize = 16 * 1024;
@@ -53,16 +49,19 @@ impl From<ParentError> for io::Error {
 /// (`host:port`, a literal IPv6 host in brackets), and waits `deadline` for
 /// its answer.
 pub async fn open(
-    stream: &TcpStream,
+    stream: &mut Stream,
     target: &str,
     authorization: Option<&str>,
     deadline: Duration,
 ) -> Result<(), ParentError> {
-    relay::write_all(stream, request(target, authorization).as_bytes(), &mut 0).await?;
-    let verdict = hello::peek_until(stream, MAX_ANSWER_LEN, deadline, |bytes| {
-        parse_answer(bytes).transpose()
-    })
-    .await?;
+    stream
+        .send(request(target, authorization).as_bytes())
+        .await?;
+    let verdict = stream
+        .peek_until(MAX_ANSWER_LEN, deadline, |bytes| {
+            parse_answer(bytes).transpose()
+        })
+        .await?;
     let target = target.to_owned();
     let answer = match verdict {
         Ok(Ok(answer)) => answer,
@@ -78,7 +77,7 @@ pub async fn open(
             target,
         });
     }
-    hello::consume(stream, answer.head_len).await?;
+    stream.consume(answer.head_len).await?;
     Ok(())
 }
 

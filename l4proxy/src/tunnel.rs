@@ -18,14 +18,14 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use crate::{
     connect_head::{self, HeadError, Host, Method, Status},
-    hello::{self, GaveUp},
+    hello::GaveUp,
     local_addrs::LocalAddrs,
     policy::{ConnectFront, Htpasswd},
-    relay,
+    stream::Stream,
 };
 
 /// What a CONNECT client asked for, checked.
@@ -105,17 +105,18 @@ impl Refused {
 /// the head asks for (`host:port`) as soon as it is read, so that a
 /// refusal's log names it too.
 pub async fn open(
-    client: &TcpStream,
+    client: &mut Stream,
     peer: IpAddr,
     front: &ConnectFront,
     local: &LocalAddrs,
     deadline: Duration,
     asked: &mut Option<String>,
 ) -> Result<Tunnel, Refused> {
-    let verdict = hello::peek_until(client, connect_head::MAX_HEAD_LEN, deadline, |bytes| {
-        connect_head::parse(bytes).transpose()
-    })
-    .await?;
+    let verdict = client
+        .peek_until(connect_head::MAX_HEAD_LEN, deadline, |bytes| {
+            connect_head::parse(bytes).transpose()
+        })
+        .await?;
     let request = match verdict {
         Ok(Ok(request)) => request,
         Ok(Err(e)) => return Err(Refused::BadRequest(e)),
@@ -123,7 +124,7 @@ pub async fn open(
         Err(GaveUp::Closed) => return Err(Refused::Closed),
         Err(GaveUp::TooLarge) => return Err(Refused::BadRequest(HeadError::TooLarge)),
     };
-    hello::consume(client, request.head_len).await?;
+    client.consume(request.head_len).await?;
     if let (Method::Connect, Some(target)) = (&request.method, &request.target) {
         *asked = Some(target.to_string());
     }
@@ -293,10 +294,10 @@ fn happy_eyeballs_order(addrs: Vec<SocketAddr>, prefer_v4: bool) -> Vec<SocketAd
 }
 
 /// Sends `status` to the client; an error answer also ends its sending side.
-pub async fn answer(client: &TcpStream, status: Status) -> io::Result<()> {
-    relay::write_all(client, connect_head::answer(status), &mut 0).await?;
+pub async fn answer(client: &mut Stream, status: Status) -> io::Result<()> {
+    client.send(connect_head::answer(status)).await?;
     if status != Status::Established {
-        socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write)?;
+        client.shutdown().await?;
     }
     Ok(())
 }

@@ -38,11 +38,16 @@ use std::{
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
 
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
 use crate::{
     addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
     local_addrs::LocalAddrs,
     parent,
-    policy::{Bind, Keepalive, Target, Upstream},
+    policy::{Bind, Keepalive, Originate, Target, Upstream},
+    stream::Stream,
+    tls,
 };
 
 /// What the proxy connects from: the address to bind, if any, and whether it
@@ -110,6 +115,24 @@ pub fn source(
 pub struct Pool {
     target: PoolTarget,
     next: AtomicUsize,
+    /// TLS to the server, begun once connected (after the PROXY header).
+    pub origination: Option<Origination>,
+}
+
+/// How an upstream is reached over TLS.
+pub struct Origination {
+    pub connector: TlsConnector,
+    /// The name its certificate must have; `None`: the client's.
+    pub server_name: Option<ServerName<'static>>,
+    /// Whether ALPN is the policy's (else the client's negotiated one).
+    pub fixed_alpn: bool,
+}
+
+/// TLS to a parent proxy: its connector, and the name its certificate must
+/// have (`None`: the parent's address).
+struct ParentTls {
+    connector: TlsConnector,
+    server_name: Option<ServerName<'static>>,
 }
 
 enum PoolTarget {
@@ -119,6 +142,7 @@ enum PoolTarget {
     Parent {
         servers: Vec<UpstreamAddr>,
         authorization: Option<String>,
+        tls: Option<ParentTls>,
     },
 }
 
@@ -155,7 +179,7 @@ impl ConnectError {
 
 /// An open upstream connection.
 pub struct Connected {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub upstream: UpstreamAddr,
     /// Why the source is not what `bind` asked for, if it is not.
     pub fallback: Option<Fallback>,
@@ -177,7 +201,20 @@ pub struct Request {
 }
 
 impl Pool {
-    pub fn new(upstream: &Upstream) -> Self {
+    /// The pool of `upstream`, with its TLS configurations built; an error
+    /// says which could not be.
+    pub fn new(upstream: &Upstream) -> Result<Self, String> {
+        let tls = |originate: &Originate, at: &str| {
+            let config = tls::client::config(originate)
+                .map_err(|e| format!("upstreams.{}.{at}: {e}", upstream.name))?;
+            let server_name = originate
+                .server_name
+                .as_deref()
+                .map(|name| ServerName::try_from(name.to_owned()))
+                .transpose()
+                .map_err(|e| format!("upstreams.{}.{at}.server_name: {e}", upstream.name))?;
+            Ok::<_, String>((TlsConnector::from(config), server_name))
+        };
         let target = match &upstream.target {
             Target::Servers(servers) => {
                 PoolTarget::Servers(servers.iter().copied().map(UpstreamAddr).collect())
@@ -189,12 +226,33 @@ impl Pool {
                     .credentials
                     .as_ref()
                     .map(|(user, password)| parent::basic_authorization(user, password)),
+                tls: parent
+                    .tls
+                    .as_ref()
+                    .map(|originate| tls(originate, "parent.tls"))
+                    .transpose()?
+                    .map(|(connector, server_name)| ParentTls {
+                        connector,
+                        server_name,
+                    }),
             },
         };
-        Self {
+        let origination = upstream
+            .tls
+            .as_ref()
+            .map(|originate| {
+                tls(originate, "tls").map(|(connector, server_name)| Origination {
+                    connector,
+                    server_name,
+                    fixed_alpn: originate.alpn.is_some(),
+                })
+            })
+            .transpose()?;
+        Ok(Self {
             target,
             next: AtomicUsize::new(0),
-        }
+            origination,
+        })
     }
 
     /// Connects to the next server in turn (of the client's family when the
@@ -239,11 +297,13 @@ impl Pool {
             PoolTarget::Parent {
                 servers,
                 authorization,
+                tls,
             } => {
                 target = parent_target(request);
                 via = Some(Via {
                     target: &target,
                     authorization: authorization.as_deref(),
+                    tls: tls.as_ref(),
                 });
                 (&servers[..], self.next.fetch_add(1, Ordering::Relaxed))
             }
@@ -370,6 +430,7 @@ async fn race(
 struct Via<'a> {
     target: &'a str,
     authorization: Option<&'a str>,
+    tls: Option<&'a ParentTls>,
 }
 
 /// `name:port` for a name the client gave, else the original destination.
@@ -416,12 +477,28 @@ async fn connect_from(
             (Err(e), _) => Err(e),
         }
     };
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
     let (stream, fallback) = tokio::time::timeout_at(deadline, attempt)
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        .map_err(|_| timed_out())??;
+    let mut stream = Stream::Tcp(stream);
     if let Some(via) = via {
+        if let Some(tls) = via.tls {
+            let name = tls
+                .server_name
+                .clone()
+                .unwrap_or_else(|| ServerName::IpAddress(upstream.0.ip().into()));
+            let Stream::Tcp(tcp) = stream else {
+                unreachable!("made plain just above")
+            };
+            let secured = tokio::time::timeout_at(deadline, tls.connector.connect(name, tcp))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS to the parent proxy: {e}")))?;
+            stream = Stream::from(tokio_rustls::TlsStream::Client(secured));
+        }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        parent::open(&stream, via.target, via.authorization, left).await?;
+        parent::open(&mut stream, via.target, via.authorization, left).await?;
     }
     Ok(Connected {
         stream,
@@ -595,7 +672,9 @@ mod tests {
             target: Target::OriginalDestination,
             bind: Bind::Proxy,
             proxy_protocol: None,
-        });
+            tls: None,
+        })
+        .unwrap();
         for to in [
             "127.0.0.1:9999",
             "[::1]:9999",
@@ -627,7 +706,9 @@ mod tests {
             target: Target::Servers(vec!["[2001:db8:5::2]:80".parse().unwrap()]),
             bind: Bind::ClientIp,
             proxy_protocol: None,
-        });
+            tls: None,
+        })
+        .unwrap();
         let refused = pool
             .connect(
                 &request("192.0.2.7:40000", "192.0.2.10:80", Bind::ClientIp),

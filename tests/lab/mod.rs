@@ -18,6 +18,7 @@ pub mod dns;
 pub mod haproxy;
 pub mod net;
 pub mod origin;
+pub mod pki;
 pub mod squid;
 pub mod tls;
 

@@ -9,7 +9,7 @@ use l4proxy_common::MAX_RULE_ENTRIES;
 
 use super::{
     Action, Bind, Conditions, ConnectFront, InterceptRule, Parent, Policy, PolicyError, PortSpec,
-    Route, RuleId, Target, Upstream, UpstreamId, connect::RawConnectFront, raw,
+    Route, RuleId, Target, Terminate, Upstream, UpstreamId, connect::RawConnectFront, raw,
 };
 use crate::{intercept::rules, proxy_protocol, route};
 
@@ -32,6 +32,7 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
                 raw::ProxyVersion::V1 => proxy_protocol::Version::V1,
                 raw::ProxyVersion::V2 => proxy_protocol::Version::V2,
             }),
+            tls: upstream.tls,
         })
         .collect();
     let rules = check_rules(raw.intercept, &upstreams)?;
@@ -44,6 +45,7 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
     };
     check_overlaps(&policy)?;
     check_connect_listeners(&policy)?;
+    super::tls_checks::check(&policy)?;
     check_size(&policy)?;
     check_loops(&policy)?;
     // Each upstream's own `bind`, whether or not a route overrides it, then
@@ -102,6 +104,7 @@ fn check_rules(
             keepalive: rule.keepalive,
             limits: rule.limits.map(|l| l.0).unwrap_or_default(),
             connect,
+            terminate: rule.terminate.map(Terminate::from),
         });
     }
     Ok(rules)
@@ -225,6 +228,7 @@ fn check_routes(
             action,
             bind: route.bind,
             timeouts: route.timeouts,
+            terminate: route.terminate,
         });
     }
     Ok(routes)

@@ -2,7 +2,7 @@
 //! read when the policy is, so a file that cannot be read or holds another
 //! kind of hash refuses the policy (and a reload keeps the old one).
 
-use std::{collections::HashMap, fmt, fs, sync::Arc};
+use std::{collections::HashMap, fmt, sync::Arc};
 
 use serde::Deserialize;
 
@@ -76,25 +76,9 @@ impl Htpasswd {
 impl<'de> Deserialize<'de> for Htpasswd {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let path = String::deserialize(deserializer)?;
-        let text = read_small_file(&path).map_err(serde::de::Error::custom)?;
+        let text = super::file::read_small_file(&path).map_err(serde::de::Error::custom)?;
         Htpasswd::parse(&path, &text).map_err(serde::de::Error::custom)
     }
-}
-
-/// The most an htpasswd file may hold: a few thousand users.
-const MAX_FILE_LEN: u64 = 1 << 20;
-
-/// A regular file's text, if it is at most [`MAX_FILE_LEN`] bytes: a FIFO
-/// or a device must not stall or fill the daemon.
-fn read_small_file(path: &str) -> Result<String, String> {
-    let meta = fs::metadata(path).map_err(|e| format!("reading {path}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{path}: not a regular file"));
-    }
-    if meta.len() > MAX_FILE_LEN {
-        return Err(format!("{path}: over {MAX_FILE_LEN} bytes"));
-    }
-    fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))
 }
 
 #[cfg(test)]

@@ -65,11 +65,14 @@
 
 mod check;
 mod connect;
+pub(crate) mod file;
 mod htpasswd;
 mod limits;
 mod name;
 mod parent;
 mod raw;
+mod tls;
+mod tls_checks;
 mod warnings;
 
 use std::{
@@ -87,6 +90,7 @@ pub use htpasswd::Htpasswd;
 pub use limits::{ClientLimits, Keepalive, PrefixLimit, Timeouts};
 pub use name::NamePattern;
 pub use parent::Parent;
+pub use tls::{ClientCertificates, Originate, Terminate, TlsVersion};
 
 /// Index of an intercept rule in `Policy::rules`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -184,6 +188,10 @@ pub struct InterceptRule {
     /// their destination with CONNECT. Such a rule has no prefixes, ports
     /// or interfaces: the kernel steers nothing to it.
     pub connect: Option<ConnectFront>,
+    /// Terminate the client's TLS before anything else is read: a CONNECT
+    /// client's head comes over it, and routes match on its server name,
+    /// negotiated ALPN and the decrypted stream.
+    pub terminate: Option<Terminate>,
 }
 
 impl InterceptRule {
@@ -214,6 +222,9 @@ pub struct Route {
     pub bind: Option<Bind>,
     /// Override the rule's, field by field.
     pub timeouts: Timeouts,
+    /// Terminate the client's TLS once this route is chosen by its
+    /// ClientHello.
+    pub terminate: Option<Terminate>,
 }
 
 impl Route {
@@ -316,6 +327,8 @@ pub struct Upstream {
     pub bind: Bind,
     /// The PROXY protocol header sent before the client's bytes, if any.
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Reach it over TLS (after the PROXY header, if any).
+    pub tls: Option<Originate>,
 }
 
 impl Upstream {
@@ -558,6 +571,7 @@ impl Policy {
                     keepalive: None,
                     limits: ClientLimits::default(),
                     connect: None,
+                    terminate: None,
                 })
                 .collect(),
             routes: Vec::new(),
@@ -566,6 +580,7 @@ impl Policy {
                 target: Target::Servers(vec!["198.51.100.1:80".parse().unwrap()]),
                 bind: Bind::Proxy,
                 proxy_protocol: None,
+                tls: None,
             }],
         }
     }

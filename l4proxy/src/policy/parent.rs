@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::raw::{Object, Server, non_empty};
+use super::{
+    raw::{Object, Server, non_empty, some},
+    tls::{Originate, RawOriginate},
+};
 
 /// Where connections to a parent upstream go, and how they introduce
 /// themselves.
@@ -17,6 +20,9 @@ pub struct Parent {
     pub servers: Vec<SocketAddr>,
     /// `Proxy-Authorization: Basic` user and password, if the parent asks.
     pub credentials: Option<(String, String)>,
+    /// Reach the parents over TLS (the seed notes' secured hop between a
+    /// local and a remote proxy). Boxed: most parents are plain.
+    pub tls: Option<Box<Originate>>,
 }
 
 /// Credentials stay out of logs and error messages.
@@ -28,6 +34,7 @@ impl std::fmt::Debug for Parent {
                 "credentials",
                 &self.credentials.as_ref().map(|(user, _)| user),
             )
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -41,6 +48,8 @@ pub struct RawParent {
     user: Option<String>,
     #[serde(default)]
     password: Option<String>,
+    #[serde(default, deserialize_with = "some")]
+    tls: Option<Object<RawOriginate>>,
 }
 
 impl TryFrom<Object<RawParent>> for Parent {
@@ -57,6 +66,7 @@ impl TryFrom<Object<RawParent>> for Parent {
         Ok(Parent {
             servers: raw.servers.into_iter().map(|s| s.0).collect(),
             credentials,
+            tls: raw.tls.map(|tls| Box::new(Originate::from(tls))),
         })
     }
 }

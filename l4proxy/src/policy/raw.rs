@@ -17,6 +17,7 @@ use super::{
     SniCondition, Timeouts,
     connect::RawConnectFront,
     parent::{Parent, RawParent},
+    tls::{Originate, RawOriginate, RawTerminate, Terminate},
 };
 
 /// A struct read from a JSON object only: serde_json would also take an
@@ -128,6 +129,8 @@ pub(super) struct Rule {
     pub keepalive: Option<Keepalive>,
     #[serde(default, deserialize_with = "some")]
     pub limits: Option<Object<ClientLimits>>,
+    #[serde(default, deserialize_with = "some")]
+    pub terminate: Option<Object<RawTerminate>>,
 }
 
 /// Where a rule takes PROXY protocol headers from.
@@ -145,6 +148,7 @@ pub(super) struct Route {
     pub action: Action,
     pub bind: Option<Bind>,
     pub timeouts: Timeouts,
+    pub terminate: Option<Terminate>,
 }
 
 pub(super) enum Action {
@@ -167,6 +171,8 @@ struct RouteFields {
     bind: Option<BindSpec>,
     #[serde(default, deserialize_with = "some")]
     timeouts: Option<Object<Timeouts>>,
+    #[serde(default, deserialize_with = "some")]
+    terminate: Option<Object<RawTerminate>>,
 }
 
 impl<'de> Deserialize<'de> for Route {
@@ -188,6 +194,11 @@ impl TryFrom<RouteFields> for Route {
             (None, Some(True)) if fields.timeouts.is_some() => {
                 return Err(r#"a rejecting route relays nothing: "timeouts" needs "upstream""#);
             }
+            (None, Some(True)) if fields.terminate.is_some() => {
+                return Err(
+                    r#"a rejecting route relays nothing: "terminate" needs "upstream" (a refused TLS client gets a reset)"#,
+                );
+            }
             (None, Some(True)) => Action::Reject,
             (None, None) => {
                 return Err(r#"a route needs an action: "upstream": NAME or "reject": true"#);
@@ -202,6 +213,7 @@ impl TryFrom<RouteFields> for Route {
             action,
             bind: fields.bind.map(|b| b.0),
             timeouts: fields.timeouts.map(|t| t.0).unwrap_or_default(),
+            terminate: fields.terminate.map(Terminate::from),
         })
     }
 }
@@ -365,7 +377,7 @@ impl TryFrom<String> for Pattern {
 /// An ALPN protocol ID: 1-255 bytes on the wire, compared exactly.
 #[derive(Deserialize)]
 #[serde(try_from = "String")]
-struct Alpn(String);
+pub(super) struct Alpn(pub String);
 
 impl TryFrom<String> for Alpn {
     type Error = String;
@@ -383,6 +395,7 @@ pub(super) struct Upstream {
     pub target: Target,
     pub bind: Bind,
     pub proxy_protocol: Option<ProxyVersion>,
+    pub tls: Option<Originate>,
 }
 
 pub(super) enum Target {
@@ -404,6 +417,8 @@ struct UpstreamFields {
     bind: Option<BindSpec>,
     #[serde(default, deserialize_with = "some")]
     proxy_protocol: Option<ProxyVersion>,
+    #[serde(default, deserialize_with = "some")]
+    tls: Option<Object<RawOriginate>>,
 }
 
 /// `"v1"` or `"v2"`.
@@ -442,6 +457,7 @@ impl TryFrom<UpstreamFields> for Upstream {
             target,
             bind: fields.bind.map_or(Bind::Proxy, |b| b.0),
             proxy_protocol: fields.proxy_protocol,
+            tls: fields.tls.map(Originate::from),
         })
     }
 }
@@ -642,7 +658,7 @@ fn port_number(port: u64) -> Result<u16, String> {
 }
 
 /// For optional fields: present means a value, never `null`.
-fn some<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+pub(super) fn some<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,

@@ -1,5 +1,6 @@
 //! What a policy may say but almost certainly does not mean: routes no
-//! connection can reach, and rules whose every connection is refused. Each
+//! connection can reach, rules whose every connection is refused, and
+//! certificates that expire soon or are for none of their routes' names. Each
 //! check is conservative: it warns only when it is sure.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -61,6 +62,7 @@ impl Policy {
                 .iter()
                 .filter_map(|t| self.missing_family(t)),
         );
+        warnings.extend(super::tls_checks::warnings(self));
         warnings
     }
 }

@@ -17,6 +17,7 @@
 //! `unsafe` is confined to `pipe`, which calls splice(2) and `F_SETPIPE_SZ`
 //! through libc (neither std, tokio nor socket2 wraps them).
 
+pub mod buffered;
 mod copy;
 mod pipe;
 mod splice;
@@ -39,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::copy::write_all;
 use self::pipe::Pipe;
 pub use self::pipe::{MAX_PIPES, trim as trim_pipes};
+use crate::stream::Stream;
 
 /// How a relayed connection ended, and what the other side was told: a
 /// FIN for a FIN (half-close), a reset for a reset or any other failure
@@ -120,6 +122,24 @@ pub fn relay(
     relay_with(client, upstream, deadlines, shutdown, &pipe::take)
 }
 
+/// [`relay`] for plain sides; a connection with a TLS side goes through
+/// buffers ([`buffered`], boxed: only such connections carry them).
+pub fn relay_streams(
+    client: Stream,
+    upstream: Stream,
+    deadlines: Deadlines,
+    shutdown: &CancellationToken,
+) -> impl Future<Output = Relayed> + '_ {
+    match (client, upstream) {
+        (Stream::Tcp(client), Stream::Tcp(upstream)) => {
+            Either::Left(relay(client, upstream, deadlines, shutdown))
+        }
+        (client, upstream) => Either::Right(Box::pin(buffered::relay(
+            client, upstream, deadlines, shutdown,
+        ))),
+    }
+}
+
 /// [`relay`] with the pipe source as a parameter, so tests can make it fail.
 async fn relay_with(
     client: TcpStream,
@@ -152,22 +172,27 @@ async fn relay_with(
         () = shutdown.cancelled() => Outcome::ShutDown,
         expired = expiry(&deadlines, || from_client.get() + from_upstream.get()) => expired,
     };
-    // What a direct connection would have shown the other side.
+    tell(&outcome, &client, &upstream);
+    Relayed {
+        from_client: from_client.get(),
+        from_upstream: from_upstream.get(),
+        outcome,
+    }
+}
+
+/// Shows each side what a direct connection would have: a reset where the
+/// other side failed or the proxy ended it (once the streams are dropped).
+fn tell(outcome: &Outcome, client: &TcpStream, upstream: &TcpStream) {
     let (reset_client, reset_upstream) = match outcome {
         Outcome::Closed => (false, false),
         Outcome::ClientError(_) => (false, true),
         Outcome::UpstreamError(_) => (true, false),
         Outcome::ShutDown | Outcome::IdleTimeout(_) | Outcome::LifetimeOver(_) => (true, true),
     };
-    for (stream, reset) in [(&client, reset_client), (&upstream, reset_upstream)] {
+    for (stream, reset) in [(client, reset_client), (upstream, reset_upstream)] {
         if reset {
             reset_on_close(stream);
         }
-    }
-    Relayed {
-        from_client: from_client.get(),
-        from_upstream: from_upstream.get(),
-        outcome,
     }
 }
 

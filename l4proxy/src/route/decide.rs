@@ -44,6 +44,15 @@ pub enum Hello<'a> {
     /// Anything else, including nothing conclusive before the sniffer gave up
     /// (deadline, size bound, client closed).
     Other,
+    /// TLS that the connection's rule terminated: the server name and the
+    /// ALPN protocol its handshake agreed on, and what the decrypted stream
+    /// starts with (`Http` or `Other`), once read. TLS conditions hold
+    /// against the handshake, HTTP and other ones against the stream.
+    Terminated {
+        sni: Option<&'a str>,
+        alpn: &'a [String],
+        inner: Option<&'a Hello<'a>>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +132,11 @@ pub fn decide<'p>(policy: &'p Policy, conn: &Connection, hello: Option<&Hello>) 
         match (&route.conditions.hello, hello) {
             (None, _) => {}
             (Some(_), None) => return Decision::NeedHello,
+            // The decrypted stream is read only for a route that needs it.
+            (
+                Some(HelloConditions::Http { .. } | HelloConditions::Other),
+                Some(Hello::Terminated { inner: None, .. }),
+            ) => return Decision::NeedHello,
             (Some(wanted), Some(hello)) => {
                 if !hello_holds(wanted, hello) {
                     continue;
@@ -193,6 +207,11 @@ fn hello_holds(wanted: &HelloConditions, hello: &Hello) -> bool {
             Hello::Tls {
                 sni: name,
                 alpn: offered,
+            }
+            | Hello::Terminated {
+                sni: name,
+                alpn: offered,
+                ..
             },
         ) => {
             let sni = match (sni, name) {
@@ -209,6 +228,12 @@ fn hello_holds(wanted: &HelloConditions, hello: &Hello) -> bool {
             Some(patterns) => name.is_some_and(|name| patterns.iter().any(|p| p.matches(name))),
         },
         (HelloConditions::Other, Hello::Other) => true,
+        (
+            _,
+            Hello::Terminated {
+                inner: Some(inner), ..
+            },
+        ) => hello_holds(wanted, inner),
         _ => false,
     }
 }

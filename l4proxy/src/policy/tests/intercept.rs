@@ -44,6 +44,7 @@ fn example_is_valid() {
                     keepalive: None,
                     limits: ClientLimits::default(),
                     connect: None,
+                    terminate: None,
                 },
                 InterceptRule {
                     name: "all-ports".to_owned(),
@@ -56,6 +57,7 @@ fn example_is_valid() {
                     keepalive: None,
                     limits: ClientLimits::default(),
                     connect: None,
+                    terminate: None,
                 },
             ],
             routes: vec![],
@@ -67,6 +69,7 @@ fn example_is_valid() {
                 ]),
                 bind: Bind::Proxy,
                 proxy_protocol: None,
+                tls: None,
             }],
         }
     );

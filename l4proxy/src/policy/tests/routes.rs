@@ -65,6 +65,7 @@ fn example_is_valid() {
             action: Action::Upstream(upstream("api-h2")),
             bind: None,
             timeouts: Timeouts::default(),
+            terminate: None,
         },
         Route {
             name: Some("api".to_owned()),
@@ -78,6 +79,7 @@ fn example_is_valid() {
             action: Action::Upstream(upstream("api")),
             bind: None,
             timeouts: Timeouts::default(),
+            terminate: None,
         },
         Route {
             name: Some("no-sni".to_owned()),
@@ -92,6 +94,7 @@ fn example_is_valid() {
             action: Action::Reject,
             bind: None,
             timeouts: Timeouts::default(),
+            terminate: None,
         },
         Route {
             name: Some("www".to_owned()),
@@ -104,6 +107,7 @@ fn example_is_valid() {
             action: Action::Upstream(upstream("web")),
             bind: None,
             timeouts: Timeouts::default(),
+            terminate: None,
         },
         Route {
             name: None,
@@ -117,6 +121,7 @@ fn example_is_valid() {
             action: Action::Upstream(upstream("raw")),
             bind: None,
             timeouts: Timeouts::default(),
+            terminate: None,
         },
         Route {
             name: None,
@@ -124,6 +129,7 @@ fn example_is_valid() {
             action: Action::Upstream(upstream("fallback")),
             bind: None,
             timeouts: Timeouts::default(),
+            terminate: None,
         },
     ];
     assert_eq!(policy.routes, expected);
@@ -181,7 +187,7 @@ fn unknown_fields() {
     );
     assert_eq!(
         error_with(r#""name": "api","#, r#""name": "api", "backend": "api","#),
-        "8:30: routes[1].backend: unknown field `backend`, expected one of `name`, `match`, `upstream`, `reject`, `bind`, `timeouts`"
+        "8:30: routes[1].backend: unknown field `backend`, expected one of `name`, `match`, `upstream`, `reject`, `bind`, `timeouts`, `terminate`"
     );
 }
 

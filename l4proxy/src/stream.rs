@@ -1,0 +1,221 @@
+//! One side of a connection: plain TCP, or TLS over it (terminated from a
+//! client, or originated towards an upstream or a parent proxy).
+//!
+//! The stages before the relay look at what a peer sent without taking it
+//! (a CONNECT head, a parent's answer, a hello): on TCP with `MSG_PEEK`
+//! (`hello`), so the relay can still splice it; on TLS by reading the
+//! decrypted bytes ahead into a buffer that later reads drain first.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::pki_types::CertificateDer;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::TlsStream;
+
+use crate::hello::{self, GaveUp};
+
+pub enum Stream {
+    Tcp(TcpStream),
+    /// Boxed: rustls' state is kilobytes, and most connections are plain.
+    Tls(Box<Tls>),
+}
+
+pub struct Tls {
+    stream: TlsStream<TcpStream>,
+    /// Decrypted bytes looked at but not taken: reads get them first.
+    ahead: Vec<u8>,
+}
+
+impl From<TlsStream<TcpStream>> for Stream {
+    fn from(stream: TlsStream<TcpStream>) -> Self {
+        Stream::Tls(Box::new(Tls {
+            stream,
+            ahead: Vec::new(),
+        }))
+    }
+}
+
+/// What a TLS session agreed on, for the close log.
+#[derive(Clone, Debug, Default)]
+pub struct TlsInfo {
+    pub version: Option<&'static str>,
+    pub cipher: Option<&'static str>,
+    pub alpn: Option<String>,
+    /// The server name the client asked for (on a terminated side).
+    pub sni: Option<String>,
+    /// The subject of the peer's certificate, when it sent one (a client's,
+    /// on a terminated side).
+    pub peer_subject: Option<String>,
+}
+
+impl Stream {
+    /// The TCP connection beneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(tcp) => tcp,
+            Stream::Tls(tls) => tls.stream.get_ref().0,
+        }
+    }
+
+    /// What the TLS session agreed on; `None` for plain TCP.
+    pub fn tls_info(&self) -> Option<TlsInfo> {
+        let Stream::Tls(tls) = self else {
+            return None;
+        };
+        let (_, state) = tls.stream.get_ref();
+        let sni = match &tls.stream {
+            TlsStream::Server(server) => server.get_ref().1.server_name().map(str::to_owned),
+            TlsStream::Client(_) => None,
+        };
+        Some(TlsInfo {
+            version: state.protocol_version().and_then(|v| v.as_str()),
+            cipher: state
+                .negotiated_cipher_suite()
+                .and_then(|s| s.suite().as_str()),
+            alpn: state
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            sni,
+            peer_subject: state
+                .peer_certificates()
+                .and_then(<[CertificateDer]>::first)
+                .and_then(subject_of),
+        })
+    }
+
+    /// Looks at the peer's bytes until `classify` returns `Some`, the
+    /// deadline passes, `limit` bytes gave no verdict, or the peer stops
+    /// sending; takes none of them (see [`hello::peek_until`]).
+    pub async fn peek_until<T>(
+        &mut self,
+        limit: usize,
+        deadline: Duration,
+        classify: impl FnMut(&[u8]) -> Option<T>,
+    ) -> io::Result<Result<T, GaveUp>> {
+        match self {
+            Stream::Tcp(tcp) => hello::peek_until(tcp, limit, deadline, classify).await,
+            Stream::Tls(tls) => tokio::time::timeout(deadline, tls.read_ahead(limit, classify))
+                .await
+                .unwrap_or(Ok(Err(GaveUp::Timeout))),
+        }
+    }
+
+    /// Takes `len` bytes that were looked at off the stream.
+    pub async fn consume(&mut self, len: usize) -> io::Result<()> {
+        match self {
+            Stream::Tcp(tcp) => hello::consume(tcp, len).await,
+            Stream::Tls(tls) => {
+                tls.ahead.drain(..len.min(tls.ahead.len()));
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes all of `bytes` and pushes them out (a TLS record is sent, not
+    /// kept for more).
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write_all(bytes).await?;
+        self.flush().await
+    }
+}
+
+impl Tls {
+    /// Reads decrypted bytes into `ahead` until `classify` has a verdict on
+    /// them.
+    async fn read_ahead<T>(
+        &mut self,
+        limit: usize,
+        mut classify: impl FnMut(&[u8]) -> Option<T>,
+    ) -> io::Result<Result<T, GaveUp>> {
+        if !self.ahead.is_empty()
+            && let Some(verdict) = classify(&self.ahead)
+        {
+            return Ok(Ok(verdict));
+        }
+        loop {
+            if self.ahead.len() >= limit {
+                return Ok(Err(GaveUp::TooLarge));
+            }
+            let room = limit - self.ahead.len();
+            let read = (&mut self.stream)
+                .take(room as u64)
+                .read_buf(&mut self.ahead)
+                .await;
+            match read {
+                Ok(0) => return Ok(Err(GaveUp::Closed)),
+                Ok(_) => {}
+                // Closed without close_notify: as closed, for the verdict.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Ok(Err(GaveUp::Closed));
+                }
+                Err(e) => return Err(e),
+            }
+            if let Some(verdict) = classify(&self.ahead) {
+                return Ok(Ok(verdict));
+            }
+        }
+    }
+}
+
+/// A certificate's subject, as the log shows it.
+fn subject_of(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(cert)
+        .ok()
+        .map(|(_, cert)| cert.subject().to_string())
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tls(tls) if !tls.ahead.is_empty() => {
+                let n = tls.ahead.len().min(buf.remaining());
+                buf.put_slice(&tls.ahead[..n]);
+                tls.ahead.drain(..n);
+                Poll::Ready(Ok(()))
+            }
+            Stream::Tls(tls) => Pin::new(&mut tls.stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Stream::Tls(tls) => Pin::new(&mut tls.stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(&mut tls.stream).poll_flush(cx),
+        }
+    }
+
+    /// TLS: close_notify, then the TCP write side.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(&mut tls.stream).poll_shutdown(cx),
+        }
+    }
+}

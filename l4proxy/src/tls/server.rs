@@ -1,0 +1,130 @@
+//! Terminating a client's TLS: the certificate chosen by the client's
+//! server name (exact, then a wildcard one label up), the first one for no
+//! name or an unknown one (or a refusal, as the policy says); the ALPN
+//! protocols and versions the policy offers; client certificates checked
+//! against its CA file. Sessions resume with tickets (keys rotated by
+//! rustls, shared by every policy the daemon puts in force, so a reload
+//! does not end them) and, for TLS 1.2 clients without tickets, a session
+//! cache.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock},
+};
+
+use rustls::{
+    ServerConfig,
+    server::{
+        ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache,
+        WebPkiClientVerifier,
+    },
+    sign::CertifiedKey,
+    version::{TLS12, TLS13},
+};
+
+use super::provider;
+use crate::policy::{Terminate, TlsVersion};
+
+/// Sessions a terminating configuration remembers for TLS 1.2 resumption
+/// by ID (about 100 bytes each).
+const SESSION_CACHE: usize = 4096;
+
+/// The daemon's ticket keys: one rotating ticketer for every policy it puts
+/// in force, so tickets outlive reloads. `None` if it could not be made
+/// (then sessions resume from the cache only).
+static TICKETS: LazyLock<Option<Arc<dyn ProducesTickets>>> = LazyLock::new(|| {
+    rustls::crypto::aws_lc_rs::Ticketer::new()
+        .inspect_err(|e| tracing::warn!(error = %e, "no TLS session tickets"))
+        .ok()
+});
+
+/// The rustls configuration for a `terminate`.
+pub fn config(terminate: &Terminate) -> Result<Arc<ServerConfig>, String> {
+    let versions: &[_] = match terminate.min_version {
+        TlsVersion::V1_2 => &[&TLS13, &TLS12],
+        TlsVersion::V1_3 => &[&TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| e.to_string())?;
+    let builder = match &terminate.client_certificates {
+        None => builder.with_no_client_auth(),
+        Some(clients) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(clients.ca.store()?),
+                provider(),
+            );
+            let verifier = if clients.required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(BySni::new(terminate)));
+    config.alpn_protocols = terminate
+        .alpn
+        .iter()
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+    if let Some(tickets) = &*TICKETS {
+        config.ticketer = tickets.clone();
+    }
+    Ok(Arc::new(config))
+}
+
+/// Certificates by the names they are for.
+#[derive(Debug)]
+struct BySni {
+    certificates: Vec<Arc<CertifiedKey>>,
+    /// Lower-case name → certificate; the first listed wins.
+    exact: HashMap<String, usize>,
+    /// `*.example.com` as `example.com` → certificate.
+    wildcard: HashMap<String, usize>,
+    /// For a client without a known name; `None`: refused.
+    default: Option<usize>,
+}
+
+impl BySni {
+    fn new(terminate: &Terminate) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for (i, certificate) in terminate.certificates.iter().enumerate() {
+            for name in &certificate.names {
+                match name.strip_prefix("*.") {
+                    Some(parent) => wildcard.entry(parent.to_owned()).or_insert(i),
+                    None => exact.entry(name.clone()).or_insert(i),
+                };
+            }
+        }
+        BySni {
+            certificates: terminate
+                .certificates
+                .iter()
+                .map(|c| c.key.clone())
+                .collect(),
+            exact,
+            wildcard,
+            default: (!terminate.refuse_unknown_names).then_some(0),
+        }
+    }
+
+    /// The certificate for `name`: one made for it, else a wildcard one
+    /// for its parent (a wildcard covers one label).
+    fn find(&self, name: &str) -> Option<usize> {
+        let name = name.to_ascii_lowercase();
+        self.exact.get(&name).copied().or_else(|| {
+            let (_, parent) = name.split_once('.')?;
+            self.wildcard.get(parent).copied()
+        })
+    }
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let found = hello.server_name().and_then(|name| self.find(name));
+        found.or(self.default).map(|i| self.certificates[i].clone())
+    }
+}
