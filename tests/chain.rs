@@ -1,0 +1,269 @@
+//! Proxies in a chain over TLS, the seed notes' "local ingress proxy"
+//! forwarding to a "remote proxy": l4proxy on the client's host (cl) takes
+//! the client's TLS connections to a service address and asks a remote
+//! l4proxy (px), over TLS verified against a CA, to CONNECT on by the SNI
+//! name; the remote one terminates that TLS on its CONNECT listener,
+//! resolves the name with the lab's dnsmasq and reaches nginx in sv. And
+//! curl itself through the remote's TLS listener (`--proxy https://`).
+
+mod lab;
+
+use lab::daemon::field_str;
+use lab::origin::{APP, Origin};
+use lab::pki::{Ca, Cert};
+use lab::tls::{Nginx, Site, curl};
+use lab::{Daemon, TempDir, Topo};
+use serde_json::{Value, json};
+
+/// The remote proxy's TLS CONNECT listeners on px, plain onward (3128) and
+/// with a PROXY header to the server (3129).
+const REMOTE4: &str = "198.51.100.1:3128";
+const REMOTE6: &str = "[2001:db8:c::1]:3128";
+const REMOTE_PP: &str = "198.51.100.1:3129";
+/// The name the remote proxy's certificate is for.
+const REMOTE_NAME: &str = "proxy.example.test";
+/// The service address cl's l4proxy takes (cl routes it via px; the local
+/// rule makes it this host's own).
+const SERVICE: &str = "192.0.2.10";
+
+/// Both proxies, the origin, and the CA the remote proxy's certificate
+/// chains to; all removed on drop.
+struct Chain {
+    t: Topo,
+    origin: Origin,
+    /// nginx on 203.0.113.2:8443: TLS behind a PROXY header.
+    pp_site: Nginx,
+    ca: Ca,
+    remote: Daemon,
+    local: Daemon,
+    _dir: TempDir,
+}
+
+fn remote_policy(cert: &Cert) -> Value {
+    let terminate = json!({ "certificates": [ { "chain": cert.chain, "key": cert.key } ] });
+    let connect = |listen: Value| {
+        json!({ "listen": listen, "clients": ["198.51.100.0/24", "2001:db8:c::/64"],
+                "ports": [443, 8443] })
+    };
+    json!({
+        "intercept": [
+            { "name": "remote", "upstream": "direct", "terminate": terminate,
+              "connect": connect(json!([REMOTE4, REMOTE6])) },
+            { "name": "remote-pp", "upstream": "direct-pp", "terminate": terminate,
+              "connect": connect(json!([REMOTE_PP])) }
+        ],
+        "upstreams": {
+            "direct": { "original_destination": true },
+            "direct-pp": { "original_destination": true, "proxy_protocol": "v2" }
+        }
+    })
+}
+
+/// cl's ingress: TLS to the service on 443 goes to the remote's plain
+/// listener, on 8443 to the one that sends a PROXY header; a route on the
+/// SNI makes the local proxy read it, so the remote is asked for the name.
+fn local_policy(ca: &Ca) -> Value {
+    let parent = |server: &str| {
+        json!({ "parent": { "servers": [server],
+                            "tls": { "ca": ca.cert, "server_name": REMOTE_NAME } } })
+    };
+    json!({
+        "intercept": [
+            { "name": "ingress", "prefixes": [format!("{SERVICE}/32")], "ports": [443, 8443] }
+        ],
+        "routes": [
+            { "name": "app", "match": { "sni": [APP], "ports": [443] }, "upstream": "remote" },
+            { "name": "app-pp", "match": { "sni": [APP], "ports": [8443] }, "upstream": "remote-pp" }
+        ],
+        "upstreams": { "remote": parent(REMOTE4), "remote-pp": parent(REMOTE_PP) }
+    })
+}
+
+impl Chain {
+    fn start(test: &str) -> Chain {
+        let t = Topo::new(test);
+        let origin = Origin::start(
+            &t,
+            &[("203.0.113.2:443", "app-v4")],
+            &[],
+            &[(APP, &["203.0.113.2"])],
+        );
+        let pp_site = Nginx::start(
+            &t.sv,
+            &[Site {
+                proxy_protocol: true,
+                ..Site::tls("203.0.113.2:8443", &origin.cert, "app-pp")
+            }],
+        );
+        let dir = TempDir::new("chain-pki");
+        let ca = Ca::new(&dir, "proxies");
+        let cert = ca.issue_server(
+            "remote",
+            &[
+                &format!("DNS:{REMOTE_NAME}"),
+                "IP:198.51.100.1",
+                "IP:2001:db8:c::1",
+            ],
+        );
+        let remote =
+            Daemon::start_with_resolver(&t.px, &remote_policy(&cert), &[], &origin.resolv_conf());
+        let local = Daemon::start_ready(&t.cl, &local_policy(&ca), &[]);
+        Chain {
+            t,
+            origin,
+            pp_site: pp_site,
+            ca,
+            remote,
+            local,
+            _dir: dir,
+        }
+    }
+}
+
+fn outcome(ev: &Value) -> String {
+    field_str(ev, "outcome").unwrap_or_default()
+}
+
+/// curl in cl to the service by name: the local proxy asks the remote one
+/// over verified TLS for `app.example.test:443`, the remote resolves it and
+/// nginx serves the page to the remote proxy's address; both close logs
+/// say so, and the remote's names the TLS the local one spoke.
+#[test]
+fn local_proxy_reaches_the_server_through_the_remote_over_tls() {
+    let mut c = Chain::start("chain_tls");
+    let resolve = format!("{APP}:443:{SERVICE}");
+    let url = format!("https://{APP}/");
+    let got = curl(
+        &c.t.cl,
+        &["--resolve", &resolve, "--cacert", c.origin.cacert(), &url],
+    );
+    assert_eq!(got.body.trim(), "app-v4", "{}", got.describe());
+
+    let local = c.local.closed_event(got.local.expect("curl's own address"));
+    assert_eq!(outcome(&local), "closed", "{local}");
+    assert_eq!(
+        field_str(&local, "upstream").as_deref(),
+        Some(REMOTE4),
+        "{local}"
+    );
+    let remote = c.remote.wait_event(
+        "the remote's close event",
+        std::time::Duration::from_secs(10),
+        |ev| lab::daemon::message(ev) == Some("connection closed"),
+    );
+    assert_eq!(
+        field_str(&remote, "connect_target").as_deref(),
+        Some("app.example.test:443"),
+        "{remote}"
+    );
+    assert_eq!(
+        field_str(&remote, "upstream").as_deref(),
+        Some("203.0.113.2:443"),
+        "{remote}"
+    );
+    assert_eq!(
+        field_str(&remote, "tls_version").as_deref(),
+        Some("TLSv1_3"),
+        "{remote}"
+    );
+    assert_eq!(
+        field_str(&remote, "tls_sni").as_deref(),
+        Some(REMOTE_NAME),
+        "{remote}"
+    );
+    // nginx saw the remote proxy, not the client.
+    let requests = c.origin.nginx.requests_on("203.0.113.2:443");
+    assert_eq!(requests.len(), 1, "{}", c.origin.nginx.logs());
+    assert!(requests[0].ends_with("from=203.0.113.1"), "{}", requests[0]);
+}
+
+/// With a PROXY header on the last hop the server learns the client (the
+/// remote proxy's client: cl, where the local proxy runs) through both
+/// proxies.
+#[test]
+fn a_proxy_header_on_the_last_hop_names_the_client() {
+    let c = Chain::start("chain_pp");
+    let resolve = format!("{APP}:8443:{SERVICE}");
+    let url = format!("https://{APP}:8443/");
+    let got = curl(
+        &c.t.cl,
+        &["--resolve", &resolve, "--cacert", c.origin.cacert(), &url],
+    );
+    assert_eq!(got.body.trim(), "app-pp", "{}", got.describe());
+    let requests = c.pp_site.requests_on("203.0.113.2:8443");
+    assert_eq!(requests.len(), 1, "{}", c.pp_site.logs());
+    assert!(
+        requests[0].contains("pp=198.51.100.2:"),
+        "the header names cl: {}",
+        requests[0]
+    );
+}
+
+/// A remote proxy whose certificate does not chain to the local one's CA
+/// is never asked: the local proxy resets the client, logs why, and the
+/// remote sees only a failed handshake.
+#[test]
+fn a_remote_with_an_untrusted_certificate_is_refused() {
+    let mut c = Chain::start("chain_untrusted");
+    let dir = TempDir::new("chain-other-ca");
+    let other = Ca::new(&dir, "other");
+    c.local.reload(&local_policy(&other));
+    let resolve = format!("{APP}:443:{SERVICE}");
+    let url = format!("https://{APP}/");
+    let got = curl(
+        &c.t.cl,
+        &["--resolve", &resolve, "--cacert", c.origin.cacert(), &url],
+    );
+    assert!(!got.out.success(), "{}", got.describe());
+    let local = c.local.closed_event(got.local.expect("curl's own address"));
+    let why = outcome(&local);
+    assert!(
+        why.contains("TLS to the parent proxy") && why.contains("certificate"),
+        "{local}"
+    );
+    assert!(
+        c.origin.nginx.access_log().is_empty(),
+        "{}",
+        c.origin.nginx.logs()
+    );
+}
+
+/// curl through the remote's TLS listener itself (`--proxy https://`), from
+/// both families: the hop to the proxy is TLS, the tunnel inside it curl's
+/// own TLS to nginx.
+#[test]
+fn curl_speaks_tls_to_the_connect_listener() {
+    let mut c = Chain::start("chain_https_proxy");
+    for proxy in [REMOTE4, REMOTE6] {
+        let proxy_url = format!("https://{REMOTE_NAME}:3128");
+        let proxy_addr = proxy.rsplit_once(':').unwrap().0.trim_matches(['[', ']']);
+        let resolve_proxy = format!("{REMOTE_NAME}:3128:{proxy_addr}");
+        let url = format!("https://{APP}/");
+        let ca = c.ca.cert.display().to_string();
+        let got = curl(
+            &c.t.cl,
+            &[
+                "--proxy",
+                &proxy_url,
+                "--proxy-cacert",
+                &ca,
+                "--resolve",
+                &resolve_proxy,
+                "--cacert",
+                c.origin.cacert(),
+                &url,
+            ],
+        );
+        assert_eq!(got.body.trim(), "app-v4", "{proxy}: {}", got.describe());
+        let ev = c
+            .remote
+            .closed_event(got.local.expect("curl's own address"));
+        assert_eq!(outcome(&ev), "closed", "{ev}");
+        assert_eq!(
+            field_str(&ev, "connect_target").as_deref(),
+            Some("app.example.test:443"),
+            "{ev}"
+        );
+        assert!(field_str(&ev, "tls_cipher").is_some(), "{ev}");
+    }
+}
