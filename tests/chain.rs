@@ -111,7 +111,7 @@ impl Chain {
         Chain {
             t,
             origin,
-            pp_site: pp_site,
+            pp_site,
             ca,
             remote,
             local,
