@@ -297,3 +297,95 @@ fn chromium_loads_a_page_through_the_connect_listener() {
         lab.origin.nginx.logs()
     );
 }
+
+/// Chromium loads a page through a route that terminates TLS: it connects
+/// to the service address (its resolver mapped there), l4proxy presents a
+/// test CA's certificate for app.example.test (trusted by its SPKI hash)
+/// and relays the decrypted HTTP/1.1 to plain nginx. The certificate that
+/// reached Chromium is l4proxy's, and the close event has the TLS agreed.
+#[test]
+fn chromium_loads_a_page_through_a_terminating_route() {
+    let t = Topo::new("browser_terminate");
+    let nginx = lab::tls::Nginx::start(&t.sv, &[lab::tls::Site::plain("203.0.113.2:80", MARKER)]);
+    let dir = TempDir::new("browser-pki");
+    let ca = lab::pki::Ca::new(&dir, "browser");
+    let cert = ca.issue_server("app", &["DNS:app.example.test"]);
+    let policy = json!({
+        "intercept": [
+            { "name": "service", "prefixes": ["192.0.2.10/32"], "ports": [443] }
+        ],
+        "routes": [
+            { "name": "app", "match": { "sni": ["app.example.test"] }, "upstream": "web",
+              "terminate": { "certificates": [ { "chain": cert.chain, "key": cert.key } ],
+                             "alpn": ["http/1.1"] } }
+        ],
+        "upstreams": { "web": { "servers": ["203.0.113.2:80"] } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+
+    let profile = TempDir::new("browser-profile");
+    let spki = format!(
+        "--ignore-certificate-errors-spki-list={}",
+        lab::pki::spki_sha256_base64(&cert.cert)
+    );
+    let out = chromium(
+        &t.cl,
+        &profile,
+        &[
+            "--host-resolver-rules=MAP app.example.test 192.0.2.10",
+            &spki,
+            "--dump-dom",
+            URL,
+        ],
+    );
+    assert!(
+        out.success() && out.stdout.contains(MARKER),
+        "the page is not in the DOM: {}\n{}",
+        out.describe(),
+        nginx.logs()
+    );
+    let served: Vec<String> = nginx
+        .requests_on("203.0.113.2:80")
+        .into_iter()
+        .filter(|l| l.contains("\"GET / HTTP/1.1\"") && l.contains("host=app.example.test"))
+        .collect();
+    assert_eq!(served.len(), 1, "{}", nginx.logs());
+    // Chromium's page connection, as l4proxy logged it.
+    let ev = d.wait_event(
+        "the page's close event",
+        std::time::Duration::from_secs(10),
+        |ev| {
+            lab::daemon::message(ev) == Some("connection closed")
+                && field_str(ev, "bytes_from_upstream").is_some_and(|n| n != "0")
+        },
+    );
+    assert_eq!(field_str(&ev, "route").as_deref(), Some("app"), "{ev}");
+    assert_eq!(
+        field_str(&ev, "tls_sni").as_deref(),
+        Some("app.example.test"),
+        "{ev}"
+    );
+    assert_eq!(
+        field_str(&ev, "tls_alpn").as_deref(),
+        Some("http/1.1"),
+        "{ev}"
+    );
+    assert!(field_str(&ev, "tls_version").is_some(), "{ev}");
+
+    // Without trusting the test CA, Chromium refuses l4proxy's certificate.
+    let untrusting = TempDir::new("browser-profile");
+    let out = chromium(
+        &t.cl,
+        &untrusting,
+        &[
+            "--host-resolver-rules=MAP app.example.test 192.0.2.10",
+            "--dump-dom",
+            URL,
+        ],
+    );
+    assert!(
+        !out.stdout.contains(MARKER) && out.stderr.contains("ERR_CERT_AUTHORITY_INVALID"),
+        "{}",
+        out.describe()
+    );
+}
