@@ -80,25 +80,16 @@ pub fn config(terminate: &Terminate) -> Result<Arc<ServerConfig>, String> {
 struct BySni {
     certificates: Vec<Arc<CertifiedKey>>,
     /// Lower-case name → certificate; the first listed wins.
-    exact: HashMap<String, usize>,
+    exact: Names,
     /// `*.example.com` as `example.com` → certificate.
-    wildcard: HashMap<String, usize>,
+    wildcard: Names,
     /// For a client without a known name; `None`: refused.
     default: Option<usize>,
 }
 
 impl BySni {
     fn new(terminate: &Terminate) -> Self {
-        let mut exact = HashMap::new();
-        let mut wildcard = HashMap::new();
-        for (i, certificate) in terminate.certificates.iter().enumerate() {
-            for name in &certificate.names {
-                match name.strip_prefix("*.") {
-                    Some(parent) => wildcard.entry(parent.to_owned()).or_insert(i),
-                    None => exact.entry(name.clone()).or_insert(i),
-                };
-            }
-        }
+        let (exact, wildcard) = index(terminate.certificates.iter().map(|c| &c.names[..]));
         BySni {
             certificates: terminate
                 .certificates
@@ -122,9 +113,65 @@ impl BySni {
     }
 }
 
+type Names = HashMap<String, usize>;
+
+/// Each certificate's names (by position): exact ones, and wildcards by
+/// the parent they cover; the first listed wins.
+fn index<'a>(certificates: impl Iterator<Item = &'a [String]>) -> (Names, Names) {
+    let mut exact = HashMap::new();
+    let mut wildcard = HashMap::new();
+    for (i, names) in certificates.enumerate() {
+        for name in names {
+            match name.strip_prefix("*.") {
+                Some(parent) => wildcard.entry(parent.to_owned()).or_insert(i),
+                None => exact.entry(name.clone()).or_insert(i),
+            };
+        }
+    }
+    (exact, wildcard)
+}
+
 impl ResolvesServerCert for BySni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let found = hello.server_name().and_then(|name| self.find(name));
         found.or(self.default).map(|i| self.certificates[i].clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn by_sni(names: &[&[&str]]) -> BySni {
+        let names: Vec<Vec<String>> = names
+            .iter()
+            .map(|list| list.iter().map(|n| n.to_string()).collect())
+            .collect();
+        let (exact, wildcard) = index(names.iter().map(|n| &n[..]));
+        BySni {
+            certificates: Vec::new(),
+            exact,
+            wildcard,
+            default: Some(0),
+        }
+    }
+
+    #[test]
+    fn a_name_finds_its_certificate_exact_first_then_one_label_of_wildcard() {
+        let certs = by_sni(&[
+            &["app.example.test"],
+            &["*.example.test", "api.example.test"],
+            &["app.example.test"],
+        ]);
+        for (name, want) in [
+            ("app.example.test", Some(0)),
+            ("APP.Example.Test", Some(0)),
+            ("api.example.test", Some(1)),
+            ("other.example.test", Some(1)),
+            ("a.b.example.test", None),
+            ("example.test", None),
+        ] {
+            assert_eq!(certs.find(name), want, "{name}");
+        }
     }
 }

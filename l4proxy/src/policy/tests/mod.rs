@@ -7,6 +7,7 @@ mod intercept;
 mod limits;
 mod proxy_protocol;
 mod routes;
+mod tls;
 mod transparency;
 
 use super::Policy;
