@@ -821,19 +821,26 @@ fn header_kind(decoded: &proxy_protocol::Decoded) -> &'static str {
 }
 
 /// The header sent upstream: the client and where it meant to go, and (v2
-/// only) the ALPN protocol the client wants most and the name it asked for,
-/// when its first bytes were read, and the connection's ID.
+/// only) the ALPN protocol (negotiated with l4proxy, or the one the client
+/// wants most) and the name it asked for, when known, and the connection's
+/// ID.
 fn announce(record: &Record) -> Header {
     let said = record.sniffed.as_ref();
+    // Where l4proxy terminated the client's TLS: what its handshake agreed.
+    let tls = record.tls.as_deref();
     Header::Proxy {
         addresses: Addresses {
             client: record.client,
             orig_dst: record.orig_dst,
         },
         tlvs: Tlvs {
-            alpn: said.and_then(first_alpn).map(|p| p.as_bytes().to_vec()),
-            authority: said
-                .and_then(|said| sni_of(said).or_else(|| host_of(said)))
+            alpn: tls
+                .and_then(|tls| tls.alpn.as_deref())
+                .or_else(|| said.and_then(first_alpn))
+                .map(|p| p.as_bytes().to_vec()),
+            authority: tls
+                .and_then(|tls| tls.sni.as_deref())
+                .or_else(|| said.and_then(|said| sni_of(said).or_else(|| host_of(said))))
                 .map(str::to_owned),
             unique_id: Some(record.conn_id.to_ascii()),
         },
