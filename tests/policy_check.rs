@@ -1,7 +1,8 @@
 //! `l4proxy check FILE` on the fixtures in tests/policies/: a valid policy
-//! passes; each broken one fails with one line naming the file, the JSON path
-//! (and line:column where the parser knows it) and a reason. Reasons are
-//! matched on a key word only, so their wording may change.
+//! passes; each broken one fails with one line per error naming the file,
+//! the JSON path (and line:column where the parser knows it) and a reason;
+//! `--strict` also fails on warnings. Reasons are matched on a key word
+//! only, so their wording may change.
 
 mod lab;
 
@@ -23,10 +24,15 @@ struct Checked {
 }
 
 fn check(name: &str) -> Checked {
+    check_with(name, &[])
+}
+
+fn check_with(name: &str, flags: &[&str]) -> Checked {
     let path = fixture(name);
     assert!(path.exists(), "fixture {} missing", path.display());
     let out = Command::new(lab::daemon::binary())
         .arg("check")
+        .args(flags)
         .arg(&path)
         .output()
         .unwrap_or_else(|e| panic!("run {} check: {e}", lab::daemon::binary()));
@@ -182,4 +188,78 @@ fn upstream_loop_refused() {
         "upstreams.pool-a.servers[0]",
         &["loop", "192.0.2.5:80"],
     );
+}
+
+#[test]
+fn every_broken_element_is_reported() {
+    let name = "several_errors.json";
+    let c = check(name);
+    let ctx = format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        c.code, c.stdout, c.stderr
+    );
+    assert_eq!(c.code, Some(1), "{ctx}");
+    let lines: Vec<&str> = c.stderr.lines().collect();
+    // Each element's first error, in the order of the file; the second
+    // rule's name is fine, its port is not.
+    let expected = [
+        ("192.0.2.1/24", "intercept[0].prefixes[0]", "host bits"),
+        ("70000", "intercept[1].ports[0]", "65535"),
+        ("5 minutes", "intercept[2].timeouts.idle", "duration"),
+        ("api.*.example.com", "routes[0].match.sni[0]", "wildcard"),
+        ("colour", "upstreams.pool.colour", "unknown field"),
+    ];
+    assert_eq!(lines.len(), expected.len(), "one line per error; {ctx}");
+    for (line, (needle, path, reason)) in lines.iter().zip(expected) {
+        let want = format!("{}:{}:", c.file, line_of(name, needle));
+        let rest = line
+            .strip_prefix(&want)
+            .unwrap_or_else(|| panic!("expected {want}COL: for {path}; {ctx}"));
+        let (col, rest) = rest.split_once(':').unwrap();
+        assert!(col.parse::<usize>().is_ok_and(|c| c > 0), "{ctx}");
+        assert!(rest.trim_start().starts_with(path), "{path}; {ctx}");
+        assert!(rest.contains(reason), "{reason}; {ctx}");
+    }
+}
+
+#[test]
+fn comments_and_durations_with_units_pass() {
+    let c = check("commented.json");
+    assert!(c.ok, "exit {:?}: {}{}", c.code, c.stdout, c.stderr);
+    assert!(c.stderr.trim().is_empty(), "{}", c.stderr);
+    assert!(
+        c.stdout.contains(": ok (1 intercept rules, 1 upstreams)"),
+        "{}",
+        c.stdout
+    );
+}
+
+#[test]
+fn warnings_fail_only_with_strict() {
+    let lenient = check("shadowed_route.json");
+    let ctx = format!("stdout: {}\nstderr: {}", lenient.stdout, lenient.stderr);
+    assert!(lenient.ok, "{ctx}");
+    assert!(
+        lenient
+            .stderr
+            .starts_with(&format!("{}: warning: routes[1]", lenient.file)),
+        "{ctx}"
+    );
+    assert!(lenient.stdout.contains(": ok"), "{ctx}");
+
+    let strict = check_with("shadowed_route.json", &["--strict"]);
+    let ctx = format!("stdout: {}\nstderr: {}", strict.stdout, strict.stderr);
+    assert_eq!(strict.code, Some(1), "{ctx}");
+    assert!(strict.stdout.is_empty(), "no ok line; {ctx}");
+    let lines: Vec<&str> = strict.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{ctx}");
+    assert!(lines[0].contains("warning: routes[1]"), "{ctx}");
+    assert_eq!(
+        lines[1],
+        format!("{}: refused: 1 warning and --strict", strict.file),
+        "{ctx}"
+    );
+
+    let clean = check_with("valid.json", &["--strict"]);
+    assert!(clean.ok, "{}{}", clean.stdout, clean.stderr);
 }

@@ -24,10 +24,14 @@ pub struct Cli {
 pub enum Command {
     /// Intercept the flows named in a policy and relay them to their upstreams.
     Run(RunArgs),
-    /// Validate a policy file: exit 0, or print where and why it is wrong.
+    /// Validate a policy file: exit 0, or print each error's place and
+    /// reason and exit 1.
     Check {
         /// Policy file (JSON).
         file: PathBuf,
+        /// Refuse the policy (exit 1) when it has warnings too.
+        #[arg(long)]
+        strict: bool,
     },
     /// Print which rule, route and upstream a connection would take, and why.
     Explain(ExplainArgs),
@@ -66,10 +70,11 @@ pub struct RunArgs {
     /// Policy file (JSON).
     #[arg(long)]
     pub policy: PathBuf,
-    /// After SIGTERM/SIGINT, how long open connections may finish (seconds).
+    /// After SIGTERM/SIGINT, how long open connections may finish (seconds,
+    /// or with a unit: 250ms, 30s, 5m, 1h).
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub grace_period: Duration,
-    /// How long to wait for an upstream to accept a connection (seconds).
+    /// How long to wait for an upstream to accept a connection (a duration).
     #[arg(long, default_value = "5", value_parser = parse_seconds)]
     pub connect_timeout: Duration,
     /// Most client connections relayed at once; further ones are reset at
@@ -84,21 +89,23 @@ pub struct RunArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_client: Option<u32>,
     /// Close a connection when no byte has moved either way for this long
-    /// (seconds; 0: never). A rule or route's `timeouts.idle` overrides it.
+    /// (a duration; 0: never). A rule or route's `timeouts.idle` overrides it.
     #[arg(long, default_value = "3600", value_parser = parse_seconds)]
     pub idle_timeout: Duration,
     /// Close a connection this long after it was accepted, busy or not
-    /// (seconds; 0: never). A rule or route's `timeouts.lifetime` overrides it.
+    /// (a duration; 0: never). A rule or route's `timeouts.lifetime` overrides it.
     #[arg(long, default_value = "0", value_parser = parse_seconds)]
     pub max_lifetime: Duration,
     /// TCP keepalive on both sides of every connection, IDLE,INTERVAL,COUNT
-    /// (seconds of silence before the first probe, seconds between probes,
-    /// unanswered probes before the peer is given up), or `off`. A rule's
+    /// (silence before the first probe and time between probes, in whole
+    /// seconds or with a unit, unanswered probes before the peer is given
+    /// up), or `off`. A rule's
     /// `keepalive` overrides it.
     #[arg(long, default_value = "60,10,6", value_parser = Keepalive::parse)]
     pub tcp_keepalive: Keepalive,
     /// How long to wait for a client's first bytes (TLS ClientHello, HTTP
-    /// request head) when a route needs them; then it is routed as "other".
+    /// request head) when a route needs them; then it is routed as "other"
+    /// (a duration).
     #[arg(long, default_value = "10", value_parser = parse_seconds)]
     pub sniff_timeout: Duration,
     /// Packet mark (VALUE/MASK) that routes intercepted forwarded packets and
@@ -112,14 +119,9 @@ pub struct RunArgs {
     pub routing_table: u32,
 }
 
-/// Seconds from 0 to about 30 years: deadlines are added to the clock, and
+/// Seconds or a number with a unit (`250ms`, `30s`, `5m`, `1h`), as in a
+/// policy, from 0 to about 30 years: deadlines are added to the clock, and
 /// anything longer would overflow it.
 fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let seconds: f64 = text
-        .parse()
-        .map_err(|_| format!("not a number of seconds: {text}"))?;
-    if !(0.0..=1e9).contains(&seconds) {
-        return Err(format!("expected 0 to 1e9 seconds, got {text}"));
-    }
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("not a valid duration: {text}"))
+    crate::policy::duration::Bounds::FLAG.parse(text)
 }

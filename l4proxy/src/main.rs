@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args, cli.log_format, &mut log),
         // `check` speaks to a person or a CI job: one plain line, no log prefix.
-        Command::Check { file } => return check(&file),
+        Command::Check { file, strict } => return check(&file, strict),
         Command::Explain(args) => {
             log.start_writer();
             explain(&args)
@@ -76,11 +76,24 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
     Ok(())
 }
 
-fn check(file: &std::path::Path) -> ExitCode {
-    match Policy::load(file) {
+/// Every error found, one per line (`FILE:LINE:COL: PATH: reason`), or
+/// the warnings and a summary; `strict` refuses a policy with warnings, for
+/// CI jobs that keep policies free of them.
+fn check(file: &std::path::Path, strict: bool) -> ExitCode {
+    match Policy::load_all(file) {
         Ok(policy) => {
-            for warning in policy.warnings() {
+            let warnings = policy.warnings();
+            for warning in &warnings {
                 eprintln!("{}: warning: {warning}", file.display());
+            }
+            if strict && !warnings.is_empty() {
+                eprintln!(
+                    "{}: refused: {} warning{} and --strict",
+                    file.display(),
+                    warnings.len(),
+                    if warnings.len() == 1 { "" } else { "s" }
+                );
+                return ExitCode::FAILURE;
             }
             println!(
                 "{}: ok ({} intercept rules, {} upstreams)",
@@ -90,8 +103,10 @@ fn check(file: &std::path::Path) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("{e}");
+        Err(errors) => {
+            for error in errors.iter() {
+                eprintln!("{error}");
+            }
             ExitCode::FAILURE
         }
     }

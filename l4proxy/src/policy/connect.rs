@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, de::Error as _};
 
 use super::{
     NamePattern, PortSpec,
+    duration::{Bounds, Written},
     htpasswd::Htpasswd,
     raw::{Object, Pattern, Port, Prefix, Server, non_empty, some_non_empty},
 };
@@ -115,12 +116,18 @@ impl From<Object<RawConnectFront>> for ConnectFront {
     }
 }
 
+/// 0 would fail every look-up; one that takes minutes holds its client
+/// (and one of the 64 look-ups at once) for nothing.
+const RESOLVE_TIMEOUT: Bounds = Bounds {
+    min: Duration::from_nanos(1),
+    max: Duration::from_secs(300),
+    says: "above 0, at most 300 seconds",
+};
+
 fn some_timeout<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
-    let seconds = f64::deserialize(deserializer)?;
-    if !(seconds > 0.0 && seconds <= 300.0) {
-        return Err(D::Error::custom(format!(
-            "expected seconds above 0, at most 300, got {seconds}"
-        )));
-    }
-    Ok(Some(Duration::from_secs_f64(seconds)))
+    let written = Written::deserialize(deserializer)?;
+    RESOLVE_TIMEOUT
+        .check(&written)
+        .map(Some)
+        .map_err(D::Error::custom)
 }

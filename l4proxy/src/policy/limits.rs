@@ -9,7 +9,12 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, de::Error as _};
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, Error as _, MapAccess, Visitor},
+};
+
+use super::duration::{self, Bounds, Written};
 
 /// Timeouts as a rule or route writes them; `None` inherits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -17,10 +22,10 @@ use serde::{Deserialize, Deserializer, de::Error as _};
 pub struct Timeouts {
     /// Closed once no byte has moved either way for this long
     /// (HAProxy's `timeout client`/`server`/`tunnel`).
-    #[serde(default, deserialize_with = "some_seconds")]
+    #[serde(default, deserialize_with = "some_timeout")]
     pub idle: Option<Duration>,
     /// Closed this long after it was accepted, busy or not.
-    #[serde(default, deserialize_with = "some_seconds")]
+    #[serde(default, deserialize_with = "some_timeout")]
     pub lifetime: Option<Duration>,
 }
 
@@ -34,18 +39,14 @@ impl Timeouts {
     }
 }
 
-/// The longest timeout a policy may give: about 30 years, far below what
-/// `Instant` arithmetic can overflow.
-const MAX_SECONDS: f64 = 1e9;
-
-fn some_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
-    let seconds = f64::deserialize(deserializer)?;
-    if !(0.0..=MAX_SECONDS).contains(&seconds) {
-        return Err(D::Error::custom(format!(
-            "expected seconds from 0 (none) to {MAX_SECONDS}, got {seconds}"
-        )));
-    }
-    Ok(Some(Duration::from_secs_f64(seconds)))
+/// Seconds or a duration with a unit, 0 (none) to about 30 years: the
+/// bounds of the flags these override.
+fn some_timeout<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    let written = Written::deserialize(deserializer)?;
+    Bounds::TIMEOUT
+        .check(&written)
+        .map(Some)
+        .map_err(D::Error::custom)
 }
 
 /// TCP keepalive on both sides of a connection: a peer that vanished (its
@@ -65,48 +66,59 @@ pub enum Keepalive {
     },
 }
 
-/// Linux's bounds: `TCP_KEEPIDLE` and `TCP_KEEPINTVL` take 1-32767 seconds,
-/// `TCP_KEEPCNT` 1-127.
-const MAX_KEEPALIVE_SECONDS: u32 = 32767;
+/// Linux's bounds: `TCP_KEEPIDLE` and `TCP_KEEPINTVL` take 1-32767 whole
+/// seconds, `TCP_KEEPCNT` 1-127.
+const KEEPALIVE_SECONDS: Bounds = Bounds {
+    min: Duration::from_secs(1),
+    max: Duration::from_secs(32767),
+    says: "of 1-32767 whole seconds",
+};
 const MAX_KEEPALIVE_COUNT: u32 = 127;
 
+/// `TCP_KEEPIDLE` or `TCP_KEEPINTVL`: the kernel counts whole seconds, and
+/// rounding `1.5s` either way would not be what was written.
+fn keepalive_seconds(written: &Written) -> Result<u32, String> {
+    let duration = KEEPALIVE_SECONDS.check(written)?;
+    match u32::try_from(duration.as_secs()) {
+        Ok(seconds) if duration.subsec_nanos() == 0 => Ok(seconds),
+        _ => Err(KEEPALIVE_SECONDS.refusal(written)),
+    }
+}
+
+fn keepalive_count(count: u32) -> Result<u32, String> {
+    if !(1..=MAX_KEEPALIVE_COUNT).contains(&count) {
+        return Err(format!(
+            "expected 1-{MAX_KEEPALIVE_COUNT} probes, got {count}"
+        ));
+    }
+    Ok(count)
+}
+
 impl Keepalive {
-    /// `IDLE,INTERVAL,COUNT` or `off`, as `--tcp-keepalive` takes it.
+    /// `IDLE,INTERVAL,COUNT` or `off`, as `--tcp-keepalive` takes it; IDLE
+    /// and INTERVAL are durations, as in a policy (`60`, `1m`).
     pub fn parse(text: &str) -> Result<Keepalive, String> {
         if text == "off" {
             return Ok(Keepalive::Off);
         }
-        let numbers: Vec<u32> = text
-            .split(',')
-            .map(|n| n.trim().parse())
-            .collect::<Result<_, _>>()
-            .map_err(|_| {
-                format!(
-                    "expected IDLE,INTERVAL,COUNT (seconds, seconds, probes) or off, got {text:?}"
-                )
-            })?;
-        let [idle, interval, count] = numbers[..] else {
+        let [idle, interval, count] = text.split(',').map(str::trim).collect::<Vec<_>>()[..] else {
             return Err(format!(
-                "expected IDLE,INTERVAL,COUNT (seconds, seconds, probes) or off, got {text:?}"
+                "expected IDLE,INTERVAL,COUNT (durations, durations, probes) or off, got {text:?}"
             ));
         };
-        Keepalive::probe(idle, interval, count)
-    }
-
-    fn probe(idle: u32, interval: u32, count: u32) -> Result<Keepalive, String> {
-        for (name, value, max) in [
-            ("idle", idle, MAX_KEEPALIVE_SECONDS),
-            ("interval", interval, MAX_KEEPALIVE_SECONDS),
-            ("count", count, MAX_KEEPALIVE_COUNT),
-        ] {
-            if !(1..=max).contains(&value) {
-                return Err(format!("keepalive {name} must be 1-{max}, got {value}"));
-            }
-        }
+        let seconds = |name: &str, text: &str| {
+            duration::parse(text)
+                .and_then(|written| keepalive_seconds(&written))
+                .map_err(|reason| format!("keepalive {name}: {reason}"))
+        };
         Ok(Keepalive::Probe {
-            idle,
-            interval,
-            count,
+            idle: seconds("idle", idle)?,
+            interval: seconds("interval", interval)?,
+            count: count
+                .parse()
+                .map_err(|_| format!("not a number of probes: {count:?}"))
+                .and_then(keepalive_count)
+                .map_err(|reason| format!("keepalive count: {reason}"))?,
         })
     }
 }
@@ -124,36 +136,66 @@ impl std::fmt::Display for Keepalive {
     }
 }
 
-/// `false`, or `{ "idle": S, "interval": S, "count": N }`.
+/// `false`, or `{ "idle": D, "interval": D, "count": N }`. Read by a
+/// visitor rather than an untagged enum: the object's fields are then read
+/// in place, so that an error names the field and its line, and a
+/// `comment` is skipped as in any other object.
 impl<'de> Deserialize<'de> for Keepalive {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(KeepaliveVisitor)
+    }
+}
+
+struct KeepaliveVisitor;
+
+impl<'de> Visitor<'de> for KeepaliveVisitor {
+    type Value = Keepalive;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(
+            "false, or an object with \"idle\" and \"interval\" (durations) and \"count\" (probes)",
+        )
+    }
+
+    fn visit_bool<E: de::Error>(self, on: bool) -> Result<Keepalive, E> {
+        match on {
+            false => Ok(Keepalive::Off),
+            true => Err(E::custom(
+                "write the probe timing, { \"idle\": S, \"interval\": S, \"count\": N }, or false",
+            )),
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Keepalive, A::Error> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Probe {
+            #[serde(deserialize_with = "probe_seconds")]
             idle: u32,
+            #[serde(deserialize_with = "probe_seconds")]
             interval: u32,
+            #[serde(deserialize_with = "probe_count")]
             count: u32,
         }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Written {
-            Flag(bool),
-            Probe(Probe),
-        }
-        match Written::deserialize(deserializer).map_err(|_| {
-            D::Error::custom(
-                "expected false, or an object with \"idle\" and \"interval\" (seconds) and \"count\" (probes)",
-            )
-        })? {
-            Written::Flag(false) => Ok(Keepalive::Off),
-            Written::Flag(true) => Err(D::Error::custom(
-                "write the probe timing, { \"idle\": S, \"interval\": S, \"count\": N }, or false",
-            )),
-            Written::Probe(p) => {
-                Keepalive::probe(p.idle, p.interval, p.count).map_err(D::Error::custom)
-            }
-        }
+        let Probe {
+            idle,
+            interval,
+            count,
+        } = super::raw::fields_of(map)?;
+        Ok(Keepalive::Probe {
+            idle,
+            interval,
+            count,
+        })
     }
+}
+
+fn probe_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    keepalive_seconds(&Written::deserialize(deserializer)?).map_err(D::Error::custom)
+}
+
+fn probe_count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    keepalive_count(u32::deserialize(deserializer)?).map_err(D::Error::custom)
 }
 
 /// How many connections of one rule a client may hold at once. Over a
@@ -245,6 +287,7 @@ mod tests {
                 count: 6
             })
         );
+        assert_eq!(Keepalive::parse("1m, 10s,6"), Keepalive::parse("60,10,6"));
         for bad in [
             "",
             "60",
@@ -253,9 +296,17 @@ mod tests {
             "0,10,6",
             "60,10,128",
             "a,b,c",
+            "1.5,10,6",
+            "60,1500ms,6",
+            "10h,10,6",
+            "60,10,6s",
         ] {
             assert!(Keepalive::parse(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            Keepalive::parse("60,1500ms,6").unwrap_err(),
+            r#"keepalive interval: expected a duration of 1-32767 whole seconds, got "1500ms""#
+        );
         let probe = Keepalive::parse("1,2,3").unwrap();
         assert_eq!(Keepalive::parse(&probe.to_string()), Ok(probe));
     }

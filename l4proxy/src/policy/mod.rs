@@ -57,19 +57,26 @@
 //! legal but almost certainly a mistake, such as a route no connection can
 //! reach, is reported by [`Policy::warnings`].
 //!
+//! Every object may carry a `"comment"` string, which is skipped; durations
+//! are seconds or strings with a unit (`"30s"`, see [`duration`]).
+//!
 //! Checking has two passes: serde reads the text into the `raw` types, checking
 //! each value that stands alone (names, prefixes, ports, servers, name
 //! patterns, a route's conditions among themselves) as it goes, so those
 //! errors carry the JSON path and line:column; then `check` resolves names and
-//! runs the checks across fields, whose errors carry the path only.
+//! runs the checks across fields, whose errors carry the path only. The
+//! first pass reads each rule, route and upstream on its own (see `parse`),
+//! so that [`Policy::from_json_all`] can report the errors of all of them.
 
 mod check;
 mod connect;
+pub mod duration;
 pub(crate) mod file;
 mod htpasswd;
 mod limits;
 mod name;
 mod parent;
+mod parse;
 mod raw;
 mod tls;
 mod tls_checks;
@@ -431,6 +438,52 @@ pub enum PolicyError {
     Invalid { at: Location, reason: String },
 }
 
+/// Every error a policy was refused for, in the order of the text; never
+/// none. One per line, each as [`PolicyError`] shows it.
+#[derive(Debug)]
+pub struct PolicyErrors(Vec<PolicyError>);
+
+impl PolicyErrors {
+    pub fn iter(&self) -> std::slice::Iter<'_, PolicyError> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false (a refusal has a reason); beside `len`, as clippy asks.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first, for callers that show one (the daemon's start and reload).
+    pub fn into_first(self) -> PolicyError {
+        self.0
+            .into_iter()
+            .next()
+            .expect("a refused policy has at least one error")
+    }
+
+    fn in_file(self, file: &Path) -> Self {
+        PolicyErrors(self.0.into_iter().map(|e| e.in_file(file)).collect())
+    }
+}
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
 /// Where in a policy an error is; each part is shown when known.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Location {
@@ -469,22 +522,40 @@ impl PolicyError {
         }
     }
 
-    fn json(error: serde_json::Error, path: Option<String>) -> Self {
+    /// serde_json's `error` in reading a part of the text whose first byte
+    /// is at `origin` (line, and bytes before it on its line; `(1, 0)` for
+    /// the whole text), placed in the whole text.
+    fn json(error: serde_json::Error, path: Option<String>, origin: (usize, usize)) -> Self {
         let (line, col) = (error.line(), error.column());
         let message = error.to_string();
-        // serde_json appends the position; it goes in front instead. Column 0
-        // means "before the first character" there.
+        // serde_json appends the position; it goes in front instead.
         let reason = message
             .strip_suffix(&format!(" at line {line} column {col}"))
             .unwrap_or(&message)
             .to_owned();
+        // Line 0: serde_json knows no place. Columns count bytes, from the
+        // part's first byte on its first line; column 0 means "before the
+        // first character".
+        let line_column = (line != 0).then(|| {
+            let (first_line, first_col) = origin;
+            let col = if line == 1 { first_col + col } else { col };
+            (first_line + line - 1, col.max(1))
+        });
         PolicyError::Invalid {
             at: Location {
                 file: None,
-                line_column: (line != 0).then_some((line, col.max(1))),
+                line_column,
                 path,
             },
             reason,
+        }
+    }
+
+    /// Where in the text, if known: what errors are sorted by.
+    fn line_column(&self) -> Option<(usize, usize)> {
+        match self {
+            PolicyError::Invalid { at, .. } => at.line_column,
+            PolicyError::Read { .. } => None,
         }
     }
 
@@ -500,35 +571,35 @@ impl PolicyError {
 }
 
 impl Policy {
+    /// The policy in `text`, or the first error [`Policy::from_json_all`]
+    /// finds.
     pub fn from_json(text: &str) -> Result<Policy, PolicyError> {
-        if text.trim().is_empty() {
-            return Err(PolicyError::Invalid {
-                at: Location::default(),
-                reason:
-                    "policy is empty; expected a JSON object with \"intercept\" and \"upstreams\""
-                        .to_owned(),
-            });
-        }
-        let mut de = serde_json::Deserializer::from_str(text);
-        let raw::Object(raw) = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-            let path = err
-                .path()
-                .iter()
-                .next()
-                .is_some()
-                .then(|| err.path().to_string());
-            PolicyError::json(err.into_inner(), path)
-        })?;
-        de.end().map_err(|err| PolicyError::json(err, None))?;
-        check::check(raw)
+        Policy::from_json_all(text).map_err(PolicyErrors::into_first)
+    }
+
+    /// The policy in `text`, or the errors found: a syntax error or an
+    /// error in the top level alone; else the first error of each rule,
+    /// route and upstream; else, once those all read, the first error of
+    /// the checks across them.
+    pub fn from_json_all(text: &str) -> Result<Policy, PolicyErrors> {
+        let raw = parse::read(text).map_err(PolicyErrors)?;
+        check::check(raw).map_err(|err| PolicyErrors(vec![err]))
     }
 
     pub fn load(file: &Path) -> Result<Policy, PolicyError> {
-        let text = fs::read_to_string(file).map_err(|error| PolicyError::Read {
-            file: file.to_owned(),
-            error,
+        Policy::load_all(file).map_err(PolicyErrors::into_first)
+    }
+
+    /// [`Policy::from_json_all`] on a file's text, the errors naming the
+    /// file.
+    pub fn load_all(file: &Path) -> Result<Policy, PolicyErrors> {
+        let text = fs::read_to_string(file).map_err(|error| {
+            PolicyErrors(vec![PolicyError::Read {
+                file: file.to_owned(),
+                error,
+            }])
         })?;
-        Policy::from_json(&text).map_err(|err| err.in_file(file))
+        Policy::from_json_all(&text).map_err(|errors| errors.in_file(file))
     }
 
     /// The CONNECT rule listening on `addr`.

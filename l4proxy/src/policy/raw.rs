@@ -1,5 +1,5 @@
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fmt,
     marker::PhantomData,
     net::{IpAddr, SocketAddr},
@@ -8,9 +8,13 @@ use std::{
 use ipnet::IpNet;
 use serde::{
     Deserialize, Deserializer,
-    de::{self, Error as _, MapAccess, Visitor, value::MapAccessDeserializer},
+    de::{
+        self, DeserializeSeed, Error as _, IntoDeserializer, MapAccess, Visitor,
+        value::MapAccessDeserializer,
+    },
     forward_to_deserialize_any,
 };
+use serde_json::value::RawValue;
 
 use super::{
     Bind, ClientLimits, HelloConditions, IPV4_MAPPED, Keepalive, NamePattern, PortSpec,
@@ -21,7 +25,8 @@ use super::{
 };
 
 /// A struct read from a JSON object only: serde_json would also take an
-/// array of the field values, which no one means to write in a policy.
+/// array of the field values, which no one means to write in a policy. Its
+/// `comment` is skipped (see [`SkipComment`]).
 pub(super) struct Object<T>(pub T);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
@@ -45,13 +50,141 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, D::Error> {
-        self.0.deserialize_map(visitor)
+        self.0.deserialize_map(Commented(visitor))
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(Commented(visitor))
     }
 
     forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
-        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct
         enum identifier ignored_any
+    }
+}
+
+/// The key of a note for people, allowed in every object of a policy.
+const COMMENT: &str = "comment";
+
+/// Hands a visitor an object's entries with its `comment` left out.
+struct Commented<V>(V);
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for Commented<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        self.0.expecting(f)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.0.visit_map(SkipComment::new(map))
+    }
+}
+
+/// `T`'s fields from an object's entries, its `comment` left out: for
+/// visitors that take an object among other kinds of value.
+pub(super) fn fields_of<'de, T, A>(map: A) -> Result<T, A::Error>
+where
+    T: Deserialize<'de>,
+    A: MapAccess<'de>,
+{
+    T::deserialize(MapAccessDeserializer::new(SkipComment::new(map)))
+}
+
+/// A JSON object's entries without its `comment`: one place for every
+/// object, rather than a field in each struct. The comment must be a string
+/// (anything else is more likely a field gone astray) and is checked with
+/// its path and position like any value; like any field, it comes once.
+struct SkipComment<A> {
+    map: A,
+    seen: bool,
+}
+
+impl<A> SkipComment<A> {
+    fn new(map: A) -> Self {
+        SkipComment { map, seen: false }
+    }
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipComment<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = Some(seed);
+        loop {
+            let key = KeyUnlessComment {
+                seed: &mut seed,
+                seen: &mut self.seen,
+            };
+            match self.map.next_key_seed(key)? {
+                None => return Ok(None),
+                Some(Some(key)) => return Ok(Some(key)),
+                Some(None) => self.map.next_value::<Comment>()?,
+            };
+        }
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.map.size_hint()
+    }
+}
+
+/// Reads a key, and unless it is the comment, hands it to `seed`: `None`
+/// for the comment. Done inside the map's own key reading, so that errors
+/// about the key (unknown field, ...) carry the key in their path, as
+/// they would without the comment skipped.
+struct KeyUnlessComment<'s, K> {
+    /// Taken by the first key that is not the comment.
+    seed: &'s mut Option<K>,
+    seen: &'s mut bool,
+}
+
+impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for KeyUnlessComment<'_, K> {
+    type Value = Option<K::Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        // Read as a string to be looked at, then handed on: serde's field
+        // identifiers take a string as well as the key itself, with the
+        // same messages.
+        let key = String::deserialize(deserializer)?;
+        if key == COMMENT {
+            if std::mem::replace(self.seen, true) {
+                return Err(D::Error::custom(format!("duplicate field `{COMMENT}`")));
+            }
+            return Ok(None);
+        }
+        let seed = (self.seed.take()).expect("SkipComment stops at the first other key");
+        seed.deserialize(IntoDeserializer::<D::Error>::into_deserializer(key))
+            .map(Some)
+    }
+}
+
+/// A comment's text, checked to be a string and dropped.
+struct Comment;
+
+impl<'de> Deserialize<'de> for Comment {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(Comment)
+    }
+}
+
+impl Visitor<'_> for Comment {
+    type Value = Comment;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string (\"comment\" is a note for people, allowed on any object)")
+    }
+
+    fn visit_str<E: de::Error>(self, _text: &str) -> Result<Comment, E> {
+        Ok(Comment)
     }
 }
 
@@ -82,7 +215,7 @@ where
         }
 
         fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-            let fields = F::deserialize(MapAccessDeserializer::new(map))?;
+            let fields = fields_of::<F, A>(map)?;
             T::try_from(fields).map_err(A::Error::custom)
         }
     }
@@ -93,17 +226,28 @@ where
     })
 }
 
+/// A policy's top level, each rule, route and upstream left as the text it
+/// is written as: they are read one by one afterwards (`super::parse`), so
+/// that an error in one does not hide the errors in the others.
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
     expecting = "a policy object with \"intercept\" and \"upstreams\""
 )]
+pub(super) struct Outline<'a> {
+    #[serde(borrow, deserialize_with = "non_empty")]
+    pub intercept: Vec<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub routes: Vec<&'a RawValue>,
+    #[serde(borrow, deserialize_with = "unique_upstreams")]
+    pub upstreams: Vec<(String, &'a RawValue)>,
+}
+
+/// A policy whose rules, routes and upstreams each read cleanly; the checks
+/// across them are `super::check`'s.
 pub(super) struct Policy {
-    #[serde(deserialize_with = "non_empty")]
     pub intercept: Vec<Object<Rule>>,
-    #[serde(default)]
     pub routes: Vec<Route>,
-    #[serde(deserialize_with = "unique_upstreams")]
     pub upstreams: BTreeMap<String, Upstream>,
 }
 
@@ -687,29 +831,32 @@ where
     Ok(items)
 }
 
-/// Like a map, but a repeated name is an error rather than the last one winning.
+/// Like a map, but a repeated name is an error rather than the last one
+/// winning; in the order written, each upstream's text to be read later.
 fn unique_upstreams<'de, D: Deserializer<'de>>(
     deserializer: D,
-) -> Result<BTreeMap<String, Upstream>, D::Error> {
+) -> Result<Vec<(String, &'de RawValue)>, D::Error> {
     struct Upstreams;
 
     impl<'de> Visitor<'de> for Upstreams {
-        type Value = BTreeMap<String, Upstream>;
+        type Value = Vec<(String, &'de RawValue)>;
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an object mapping upstream names to upstreams")
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut upstreams = BTreeMap::new();
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            let mut map = SkipComment::new(map);
+            let mut upstreams = Vec::new();
+            let mut names = HashSet::new();
             while let Some(Name(name)) = map.next_key()? {
-                if upstreams.contains_key(&name) {
+                if !names.insert(name.clone()) {
                     return Err(A::Error::custom(format!(
                         "duplicate upstream name {name:?}"
                     )));
                 }
                 let upstream = map.next_value()?;
-                upstreams.insert(name, upstream);
+                upstreams.push((name, upstream));
             }
             Ok(upstreams)
         }

@@ -87,7 +87,7 @@ fn bad_connect_rules_name_their_place() {
         (
             r#""resolve_timeout": 2"#,
             r#""resolve_timeout": 0"#,
-            "intercept[0].connect.resolve_timeout: expected seconds above 0",
+            "intercept[0].connect.resolve_timeout: expected a duration above 0, at most 300 seconds, got 0",
         ),
         (
             r#""resolve_timeout": 2"#,

@@ -83,12 +83,12 @@ fn bad_values_name_their_place() {
         (
             r#""idle": 300"#,
             r#""idle": -1"#,
-            "intercept[0].timeouts.idle: expected seconds from 0 (none) to 1000000000, got -1",
+            "intercept[0].timeouts.idle: expected a duration from 0 (none) to 1000000000 seconds, got -1",
         ),
         (
             r#""lifetime": 86400"#,
-            r#""lifetime": "1d""#,
-            "intercept[0].timeouts.lifetime: invalid type: string \"1d\", expected f64",
+            r#""lifetime": "1 day""#,
+            r#"intercept[0].timeouts.lifetime: expected a duration (seconds, or a number with a unit: "250ms", "30s", "5m", "1h", "1d"), got "1 day""#,
         ),
         (
             r#""lifetime": 86400"#,
@@ -103,12 +103,12 @@ fn bad_values_name_their_place() {
         (
             r#""count": 3"#,
             r#""count": 0"#,
-            "intercept[0].keepalive: keepalive count must be 1-127, got 0",
+            "intercept[0].keepalive.count: expected 1-127 probes, got 0",
         ),
         (
             r#""interval": 10"#,
             r#""interval": 40000"#,
-            "intercept[0].keepalive: keepalive interval must be 1-32767, got 40000",
+            "intercept[0].keepalive.interval: expected a duration of 1-32767 whole seconds, got 40000",
         ),
         (
             r#""per_client": 100"#,
@@ -128,7 +128,7 @@ fn bad_values_name_their_place() {
         (
             r#""timeouts": { "idle": 2.5 }"#,
             r#""timeouts": { "idle": 2.5, "lifetime": -2 }"#,
-            "routes[0].timeouts.lifetime: expected seconds from 0 (none) to 1000000000, got -2",
+            "routes[0].timeouts.lifetime: expected a duration from 0 (none) to 1000000000 seconds, got -2",
         ),
         (
             r#""upstream": "web",

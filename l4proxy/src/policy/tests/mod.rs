@@ -3,6 +3,7 @@
 
 mod connect;
 mod examples;
+mod friendly;
 mod intercept;
 mod limits;
 mod proxy_protocol;

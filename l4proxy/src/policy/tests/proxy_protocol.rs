@@ -84,8 +84,11 @@ fn bad_values_name_their_place() {
         "{err}"
     );
     let err = error_with(
-        r#""accept_proxy_protocol": {"#,
-        r#""accept_proxy_protocol": ["#,
+        r#"{ "from": ["198.51.100.0/24", "2001:db8:c::/64"] }"#,
+        r#"["198.51.100.0/24", "2001:db8:c::/64"]"#,
     );
-    assert!(err.contains("intercept[0].accept_proxy_protocol"), "{err}");
+    assert!(
+        err.contains("intercept[0].accept_proxy_protocol: invalid type: sequence"),
+        "{err}"
+    );
 }

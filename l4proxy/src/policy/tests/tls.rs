@@ -8,10 +8,10 @@ use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair, date_time_ymd};
 use super::{super::Policy, error_of};
 
 /// A directory of PEM files made for one test, removed on drop.
-struct Files(PathBuf);
+pub(super) struct Files(PathBuf);
 
 impl Files {
-    fn new(test: &str) -> Files {
+    pub(super) fn new(test: &str) -> Files {
         let dir = std::env::temp_dir().join(format!("l4proxy-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Files(dir)
@@ -25,7 +25,12 @@ impl Files {
 
     /// A CA, and a leaf it issues for `names` valid until `until` (y, m, d):
     /// the paths of (chain, key, CA).
-    fn leaf(&self, prefix: &str, names: &[&str], until: (i32, u8, u8)) -> (String, String, String) {
+    pub(super) fn leaf(
+        &self,
+        prefix: &str,
+        names: &[&str],
+        until: (i32, u8, u8),
+    ) -> (String, String, String) {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -56,7 +61,7 @@ impl Drop for Files {
     }
 }
 
-const FAR: (i32, u8, u8) = (2099, 1, 1);
+pub(super) const FAR: (i32, u8, u8) = (2099, 1, 1);
 
 fn policy(rule_extra: &str, routes: &str, upstream_extra: &str) -> String {
     format!(
