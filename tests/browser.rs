@@ -260,7 +260,11 @@ fn chromium_loads_a_page_through_the_connect_listener() {
         trusted.describe()
     );
     for ev in check_tunnels(&mut lab, &trusted) {
-        assert_eq!(field_str(&ev, "outcome").as_deref(), Some("closed"), "{ev}");
+        assert_eq!(
+            Some(lab::daemon::outcome(&ev)).as_deref(),
+            Some("closed"),
+            "{ev}"
+        );
     }
     // The name went to the proxy as it was: l4proxy (203.0.113.1) asked.
     assert!(

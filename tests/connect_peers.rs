@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lab::daemon::field_str;
+use lab::daemon::outcome;
 use lab::origin::{APP, Origin};
 use lab::squid::{Config, Squid};
 use lab::tls::{curl, require_tools};
@@ -55,10 +56,6 @@ fn curl_at(
     let started = Instant::now();
     let got = curl(&t.cl, &args);
     (got, started.elapsed())
-}
-
-fn outcome(ev: &Value) -> String {
-    field_str(ev, "outcome").unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------

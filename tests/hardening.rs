@@ -208,9 +208,9 @@ fn trusted_proxy_headers_cannot_name_this_host_or_leave_the_rule() {
         closed_by_peer(&mut c, &what);
         let closed = d.closed_event(announced.client);
         assert_eq!(
-            field_string(&closed, "outcome"),
+            lab::daemon::outcome(&closed),
             format!(
-                "PROXY header refused: destination {} {why}",
+                "refused: PROXY header refused: destination {} {why}",
                 unmapped(announced.dst)
             ),
             "{what}: {closed}"
@@ -243,7 +243,7 @@ fn trusted_proxy_headers_cannot_name_this_host_or_leave_the_rule() {
         lab::talk(&mut c, id, &what);
         origin.wait_accepted(1, Duration::from_secs(5));
         let closed = d.closed_event(announced.client);
-        assert_eq!(field_string(&closed, "outcome"), "closed", "{closed}");
+        assert_eq!(lab::daemon::outcome(&closed), "closed", "{closed}");
         assert_eq!(field_string(&closed, "orig_dst"), announced.dst.to_string());
         assert_eq!(field_string(&closed, "upstream"), announced.dst.to_string());
     }
@@ -691,7 +691,7 @@ fn nine_thousand_connections_at_once() {
     );
     let unclean: Vec<&&Value> = closed
         .iter()
-        .filter(|e| field_str(e, "outcome").as_deref() != Some("closed"))
+        .filter(|e| Some(lab::daemon::outcome(e)).as_deref() != Some("closed"))
         .collect();
     assert!(
         unclean.is_empty(),

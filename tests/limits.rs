@@ -10,6 +10,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
+use lab::daemon::outcome;
 use lab::daemon::{field_str, field_u64, message};
 use lab::{Daemon, Server, Topo, addr, connect, connect_from, handlers, sa};
 use serde_json::{Value, json};
@@ -122,10 +123,6 @@ fn expect_reset(rx: &Receiver<io::Result<usize>>, what: &str) {
     }
 }
 
-fn outcome(event: &Value) -> String {
-    field_str(event, "outcome").unwrap_or_default()
-}
-
 /// A route's idle timeout overrides its rule's, which overrides the flag:
 /// after 1 s of silence both sides get a reset, and the close is logged as
 /// an idle timeout. A connection of the rule alone keeps its 30 s.
@@ -151,7 +148,11 @@ fn an_idle_connection_is_reset_on_both_sides_at_the_idle_timeout() {
         );
         expect_reset(&rx, host);
         let ev = d.closed_event(c.local_addr().unwrap());
-        assert_eq!(outcome(&ev), "idle timeout (1s)", "{host}: {ev}");
+        assert_eq!(
+            outcome(&ev),
+            "idle_timeout: no byte moved for 1s",
+            "{host}: {ev}"
+        );
         assert_eq!(field_u64(&ev, "bytes_from_client"), Some(5), "{ev}");
         // The rule's own 30 s: still open, and still relaying.
         slow.write_all(b"still here").unwrap();
@@ -203,7 +204,7 @@ fn a_busy_connection_outlives_the_idle_timeout_and_the_lifetime_ends_it() {
             "{host}: ended after {lived:?} and {lines} lines"
         );
         let ev = d.closed_event(c.local_addr().unwrap());
-        assert_eq!(outcome(&ev), "lifetime over (3s)", "{host}: {ev}");
+        assert_eq!(outcome(&ev), "lifetime_over: open for 3s", "{host}: {ev}");
     }
 }
 
@@ -236,7 +237,7 @@ fn keepalive_finds_a_vanished_client() {
     // flight; far below the 600 s idle timeout.
     assert!(found < Duration::from_secs(20), "found after {found:?}");
     let ev = d.closed_event(c.local_addr().unwrap());
-    assert!(outcome(&ev).starts_with("client error"), "{ev}");
+    assert!(outcome(&ev).starts_with("client_error"), "{ev}");
 }
 
 /// The proxy namespace's established TCP sockets with their timers.
@@ -386,7 +387,7 @@ fn resets_are_passed_on_as_resets() {
         let (got, _) = ends_with_reset(&mut c, Duration::from_secs(10), "server reset");
         assert!(got <= 1000, "{host}: {got} bytes");
         let ev = d.closed_event(c.local_addr().unwrap());
-        assert!(outcome(&ev).starts_with("upstream error"), "{host}: {ev}");
+        assert!(outcome(&ev).starts_with("upstream_error"), "{host}: {ev}");
 
         let mut c = connect(&t.cl, service(host, 81));
         c.write_all(&[1u8; 1000]).unwrap();
@@ -398,7 +399,7 @@ fn resets_are_passed_on_as_resets() {
         drop(c);
         expect_reset(&rx, &format!("{host}: client reset"));
         let ev = d.closed_event(client);
-        assert!(outcome(&ev).starts_with("client error"), "{host}: {ev}");
+        assert!(outcome(&ev).starts_with("client_error"), "{host}: {ev}");
     }
 }
 

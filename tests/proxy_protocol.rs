@@ -296,7 +296,7 @@ fn a_trusted_peer_without_a_good_header_is_closed() {
         }
         // The front proxy is both client and peer: no header named another.
         let closed = d.closed_event(client);
-        assert!(field(&closed, "outcome").contains(why), "{closed}");
+        assert!(lab::daemon::outcome(&closed).contains(why), "{closed}");
         assert_eq!(field(&closed, "peer"), client.to_string(), "{closed}");
     }
     assert!(srv.accepted().is_empty(), "nothing may go upstream");

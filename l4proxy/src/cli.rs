@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     intercept::delivery::{self, Mark},
-    logging::LogFormat,
+    logging::{LogFormat, LogLevel},
     policy::Keepalive,
 };
 
@@ -16,6 +16,10 @@ pub struct Cli {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// How much to log; `RUST_LOG`, when set, decides instead (and can name
+    /// modules: `RUST_LOG=l4proxy::session=debug`).
+    #[arg(long, value_enum, default_value_t = LogLevel::Info, global = true)]
+    pub log_level: LogLevel,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -35,6 +39,16 @@ pub enum Command {
     },
     /// Print which rule, route and upstream a connection would take, and why.
     Explain(ExplainArgs),
+    /// Show the running daemon of this network namespace: its policy,
+    /// listeners, connections per rule, route and upstream, kernel counters.
+    Status {
+        /// Print the daemon's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running daemon of this network namespace to reread its
+    /// policy; exit non-zero with the reason if it is refused.
+    Reload,
     /// Remove routes and routing rules left in this network namespace by a
     /// daemon that was killed before it could clean up (they carry protocol
     /// 244).
@@ -117,6 +131,11 @@ pub struct RunArgs {
     /// packets; it must not be used by anything else.
     #[arg(long, default_value_t = delivery::DEFAULT_TABLE, value_parser = clap::value_parser!(u32).range(1..=0xfffffffe))]
     pub routing_table: u32,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address and port;
+    /// off unless given. It answers anyone who reaches it: give an address
+    /// only your scraper can.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
 }
 
 /// Seconds or a number with a unit (`250ms`, `30s`, `5m`, `1h`), as in a

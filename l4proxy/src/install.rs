@@ -28,6 +28,7 @@ use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::{
+    health,
     intercept::{
         ClassifyPlan, ClassifyRole, Family, InterceptError, Interceptor,
         delivery::{Delivery, DeliveryError, Mark},
@@ -37,6 +38,7 @@ use crate::{
         sysctl,
     },
     local_addrs::{self, LocalAddrs, LocalAddrsError},
+    metrics::Metrics,
     policy::{Bind, Keepalive, Policy},
     session::Active,
     upstream,
@@ -93,6 +95,10 @@ pub struct Installation {
     /// Policies a reload replaced whose connections may still be open: what
     /// they need from the kernel is kept until they are gone.
     older: Vec<Generation>,
+    /// Where each policy's connections are counted.
+    metrics: Arc<Metrics>,
+    /// The upstream servers' health and load, kept across policies.
+    health: health::Registry,
 }
 
 /// A policy and what it needs from this host.
@@ -136,6 +142,7 @@ impl Installation {
         mark: Mark,
         routing_table: u32,
         keepalive: Keepalive,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, InstallError> {
         let (interceptor, mut local_map) = Interceptor::load(mark)?;
         let sink: local_addrs::Sink = Box::new(move |prefixes| {
@@ -154,7 +161,26 @@ impl Installation {
             attached: false,
             current: None,
             older: Vec::new(),
+            metrics,
+            health: health::Registry::default(),
         })
+    }
+
+    /// Where each policy's connections are counted.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The kernel programs' counters now, by name (empty if they cannot be
+    /// read: the error is logged).
+    pub fn kernel_counters(&self) -> Vec<(&'static str, u64)> {
+        match self.interceptor.counters() {
+            Ok(counters) => counters.iter().map(|(c, n)| (c.name(), *n)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading kernel counters");
+                Vec::new()
+            }
+        }
     }
 
     /// This host's addresses, kept current.
@@ -192,8 +218,15 @@ impl Installation {
             return Err(InstallError::TooManyEntries { peak });
         }
 
-        let active =
-            Arc::new(Active::new(policy, RuleIndex::new(&entries)).map_err(InstallError::Tls)?);
+        let active = Arc::new(
+            Active::new(
+                policy,
+                RuleIndex::new(&entries),
+                &self.metrics,
+                &self.health,
+            )
+            .map_err(InstallError::Tls)?,
+        );
         let (new_listeners, families) = self.listen(&active.policy)?;
         let generation = Generation {
             active: active.clone(),
@@ -215,6 +248,9 @@ impl Installation {
         for slot in families {
             self.listening[slot] = true;
         }
+        // Only once it is in force: a refused policy leaves the checks as
+        // they were.
+        self.health.update(&active.policy);
         Ok(Applied {
             active,
             new_listeners,
@@ -375,7 +411,7 @@ impl Installation {
     /// rules: every step is tried, the first error returned.
     pub async fn remove(&mut self) -> Result<(), InstallError> {
         let detached = self.interceptor.detach().map_err(InstallError::from);
-        log_counters(&self.interceptor);
+        log_counters(self);
         let delivery = self.delivery.remove().await.map_err(InstallError::from);
         let routes = self.local_routes.remove().await.map_err(InstallError::from);
         detached.and(delivery).and(routes)
@@ -547,17 +583,13 @@ fn owned_prefixes(policy: &Policy) -> Vec<IpNet> {
     prefixes
 }
 
-fn log_counters(interceptor: &Interceptor) {
-    match interceptor.counters() {
-        Ok(counters) => {
-            let summary: Vec<String> = counters
-                .iter()
-                .map(|(c, n)| format!("{}={n}", c.name()))
-                .collect();
-            tracing::info!(counters = %summary.join(" "), "kernel counters");
-        }
-        Err(e) => tracing::warn!(error = %e, "reading kernel counters"),
-    }
+fn log_counters(installation: &Installation) {
+    let summary: Vec<String> = installation
+        .kernel_counters()
+        .iter()
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect();
+    tracing::info!(counters = %summary.join(" "), "kernel counters");
 }
 
 #[cfg(test)]

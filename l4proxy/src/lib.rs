@@ -11,8 +11,10 @@
 //! out, over the `proxy_protocol` codec), `tunnel` (the CONNECT front end,
 //! over the `connect_head` parser), `hello` and `sniff` (the client's first
 //! bytes), `route` (which rule and upstream a connection takes), `upstream`
-//! (connect, from which source), `relay` (copy bytes both ways, with
-//! deadlines), `logging` (a log that never blocks the relay).
+//! (connect, from which source) with `balance` (which server of a pool)
+//! and `health` (which servers are up: checks and observation, kept across
+//! reloads), `relay` (copy bytes both ways, with deadlines), `logging` (a
+//! log that never blocks the relay).
 //!
 //! `unsafe` is confined to four places, each saying why at the call:
 //! `intercept::guard` (fork before the runtime starts), `hello` (`MSG_PEEK`
@@ -21,18 +23,23 @@
 //! socket2 offer safely.
 
 pub mod addrs;
+pub mod admin;
 pub mod admission;
+pub mod balance;
 pub mod cli;
 pub mod conn_id;
 pub mod connect_head;
+pub mod control;
 pub mod descriptors;
 pub mod explicit;
+pub mod health;
 pub mod hello;
 pub mod install;
 pub mod intercept;
 pub mod local_addrs;
 pub mod logging;
 pub mod lpm;
+pub mod metrics;
 pub mod parent;
 pub mod policy;
 pub mod proxy_header;
@@ -42,6 +49,7 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod sniff;
+pub mod status;
 pub mod stream;
 pub mod tls;
 pub mod tunnel;

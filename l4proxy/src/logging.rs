@@ -37,11 +37,42 @@ pub const QUEUE_LINES: usize = 4096;
 /// stopping daemon alive.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Logs to stderr at `info` unless `RUST_LOG` says otherwise. Lines queue up
-/// until [`LogGuard::start_writer`] (the daemon forks its route guard first,
-/// while it has a single thread); keep the guard until exit: dropping it
-/// writes out what is still queued.
-pub fn init(format: LogFormat) -> LogGuard {
+/// How much to log (`--log-level`), when `RUST_LOG` does not say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// The level `init` was given, for [`direct`]'s child.
+static LEVEL: std::sync::OnceLock<LogLevel> = std::sync::OnceLock::new();
+
+/// `RUST_LOG`'s filter if it is set (it can name modules), else `level`.
+fn filter(level: LogLevel) -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.directive()))
+}
+
+/// Logs to stderr at `level` unless `RUST_LOG` says otherwise. Lines queue
+/// up until [`LogGuard::start_writer`] (the daemon forks its route guard
+/// first, while it has a single thread); keep the guard until exit:
+/// dropping it writes out what is still queued.
+pub fn init(format: LogFormat, level: LogLevel) -> LogGuard {
+    let _ = LEVEL.set(level);
     let ansi = io::stderr().is_terminal();
     // A descriptor of its own: the writer thread never holds std's stderr lock.
     let stderr = io::stderr()
@@ -49,8 +80,7 @@ pub fn init(format: LogFormat) -> LogGuard {
         .try_clone_to_owned()
         .expect("duplicating stderr for the log writer");
     let (queue, guard) = queue(QUEUE_LINES, File::from(stderr), format, ansi);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    subscriber(format, ansi, filter, queue).init();
+    subscriber(format, ansi, filter(level), queue).init();
     guard
 }
 
@@ -58,7 +88,7 @@ pub fn init(format: LogFormat) -> LogGuard {
 /// writer thread, and nothing to stall. For the calling thread, while the
 /// returned guard lives.
 pub fn direct(format: LogFormat) -> tracing::dispatcher::DefaultGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter(LEVEL.get().copied().unwrap_or(LogLevel::Info));
     let ansi = io::stderr().is_terminal();
     tracing::dispatcher::set_default(&Dispatch::new(subscriber(format, ansi, filter, io::stderr)))
 }
@@ -232,7 +262,9 @@ where
         .with_ansi(ansi);
     match format {
         LogFormat::Text => Box::new(builder.finish()),
-        LogFormat::Json => Box::new(builder.json().finish()),
+        // Fields at the top level, beside `timestamp`, `level` and
+        // `message`: what log shippers index without a mapping.
+        LogFormat::Json => Box::new(builder.json().flatten_event(true).finish()),
     }
 }
 
@@ -356,9 +388,9 @@ mod tests {
         let event: serde_json::Value = serde_json::from_str(&notice)
             .unwrap_or_else(|e| panic!("not a JSON line ({e}): {notice}"));
         assert_eq!(event["level"], "WARN", "{notice}");
-        assert_eq!(event["fields"]["dropped"], 3, "{notice}");
+        assert_eq!(event["dropped"], 3, "{notice}");
         assert_eq!(
-            event["fields"]["message"],
+            event["message"],
             "log lines dropped: the log output was not keeping up"
         );
         assert!(event["timestamp"].is_string(), "{notice}");

@@ -1,11 +1,11 @@
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use l4proxy::{
     addrs::{ClientAddr, OrigDstAddr},
     cli::{Cli, Command, ExplainArgs, RunArgs},
-    descriptors,
+    control, descriptors,
     intercept::{guard, routes},
     logging::{self, LogFormat, LogGuard},
     policy::{Policy, Target, Timeouts},
@@ -17,7 +17,7 @@ use l4proxy::{
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Dropped last, after any error below is logged: flushes the log.
-    let mut log = logging::init(cli.log_format);
+    let mut log = logging::init(cli.log_format, cli.log_level);
     let result = match cli.command {
         Command::Run(args) => run(args, cli.log_format, &mut log),
         // `check` speaks to a person or a CI job: one plain line, no log prefix.
@@ -26,6 +26,8 @@ fn main() -> ExitCode {
             log.start_writer();
             explain(&args)
         }
+        Command::Status { json } => return status(json),
+        Command::Reload => return reload(),
         Command::Cleanup => {
             log.start_writer();
             cleanup()
@@ -66,6 +68,7 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
         },
         mark: args.fwmark,
         routing_table: args.routing_table,
+        admin: args.admin,
     };
     let runtime = runtime()?;
     let ran = runtime.block_on(server::run(policy, settings));
@@ -183,4 +186,52 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// How long `status` and `reload` wait for the daemon (a reload reads files
+/// and changes the kernel's state).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn status(json: bool) -> ExitCode {
+    match control::ask(control::Request::Status, CONTROL_TIMEOUT) {
+        Ok(answer) if answer["ok"] == true => {
+            if json {
+                println!("{answer:#}");
+            } else {
+                print!("{}", l4proxy::status::render(&answer));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!(
+                "l4proxy status: {}",
+                answer["error"].as_str().unwrap_or("refused")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("l4proxy status: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn reload() -> ExitCode {
+    match control::ask(control::Request::Reload, CONTROL_TIMEOUT) {
+        Ok(answer) if answer["ok"] == true => {
+            println!("policy reloaded");
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!(
+                "l4proxy reload: refused: {}",
+                answer["error"].as_str().unwrap_or("no reason given")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("l4proxy reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -23,14 +23,18 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admin,
     admission::{Admission, Refusal},
     conn_id::ConnectionIds,
+    control,
     explicit::{ExplicitListeners, ListenError, Opened},
     install::{self, Applied, InstallError, Installation},
     intercept::{delivery::Mark, interfaces, routes::RouteError},
+    metrics::Metrics,
     policy::{Keepalive, Policy, PolicyError},
     relay,
     session::{self, Defaults, Front, Shared},
+    status,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,11 @@ pub enum ServerError {
     Links(#[from] RouteError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error("admin listener on {addr}: {error}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        error: io::Error,
+    },
 }
 
 /// How often to look for replaced policies whose connections are all closed.
@@ -66,6 +75,8 @@ pub struct Settings {
     /// The packet mark of local delivery, and its routing table.
     pub mark: Mark,
     pub routing_table: u32,
+    /// Where Prometheus scrapes `/metrics`, if anywhere.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// Runs until SIGTERM or SIGINT, then drains and cleans up; rereads the
@@ -74,10 +85,21 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     install::remove_leftovers().await?;
     let mut signals = Signals::new()?;
     let mut host_changes = interfaces::watch()?;
+    let started = std::time::Instant::now();
+    let metrics = Metrics::new();
+    let admin = match settings.admin {
+        Some(addr) => Some(
+            admin::bind(addr)
+                .await
+                .map_err(|error| ServerError::Admin { addr, error })?,
+        ),
+        None => None,
+    };
     let mut installation = Installation::new(
         settings.mark,
         settings.routing_table,
         settings.defaults.keepalive,
+        metrics.clone(),
     )
     .await?;
     let mut explicit = ExplicitListeners::default();
@@ -117,13 +139,35 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         tracker: TaskTracker::new(),
         stop: CancellationToken::new(),
     };
+    metrics.in_force();
     let listeners = accepting.start(new_listeners);
     accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
+    let (scrape, mut scrapes) = tokio::sync::mpsc::channel(4);
+    if let Some(listener) = admin {
+        tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone()));
+    }
+    let (ask, mut requests) = tokio::sync::mpsc::channel(4);
+    match control::bind() {
+        Ok(listener) => {
+            tokio::spawn(control::serve(listener, ask, accepting.stop.clone()));
+        }
+        // The daemon works without it; `status` and `reload` do not.
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket: l4proxy status and reload will not reach this daemon")
+        }
+    }
     tracing::info!(
         listeners = ?listeners,
         max_connections = settings.max_connections,
+        admin = settings.admin.map(tracing::field::display),
         "ready"
     );
+    let mut listening: Vec<String> = listeners
+        .iter()
+        .flatten()
+        .map(|addr| format!("steered {addr}"))
+        .collect();
+    listening.extend(connect_listeners(&shared.active().policy));
 
     let mut settle = tokio::time::interval(SETTLE_EVERY);
     let mut trim_pipes = tokio::time::interval(TRIM_PIPES_EVERY);
@@ -132,18 +176,33 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
             signal = signals.recv() => match signal {
                 Signal::Stop => break,
                 Signal::Reload => {
-                    let keepalive = settings.defaults.keepalive;
-                    if let Some((applied, opened)) =
-                        reload(&settings.policy_path, &mut installation, &explicit, keepalive).await
-                    {
-                        // The new listeners' queued clients find their rules.
-                        shared.set_active(applied.active.clone());
-                        accepting.start_explicit(&mut explicit, &applied.active.policy, opened);
-                        accepting.start(applied.new_listeners);
-                        tracing::info!("policy reloaded");
-                    }
+                    let _ = reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await;
                 }
             },
+            Some((request, reply)) = requests.recv() => {
+                let answer = match request {
+                    control::Request::Reload => match reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await {
+                        Ok(()) => serde_json::json!({ "ok": true }),
+                        Err(error) => serde_json::json!({ "ok": false, "error": error }),
+                    },
+                    control::Request::Status => {
+                        let daemon = status::Daemon {
+                            policy_file: &settings.policy_path,
+                            generation: metrics.generation(),
+                            started,
+                            listeners: listening.clone(),
+                            kernel: installation.kernel_counters(),
+                        };
+                        status::snapshot(&daemon, &shared.active())
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Some(reply) = scrapes.recv() => {
+                let active = shared.active();
+                let servers = server_readings(&active);
+                let _ = reply.send(metrics.encode(&installation.kernel_counters(), &servers));
+            }
             // An interface or an address came or went: where `classify` must
             // run, and what is this host's, may have changed (a new VPN
             // interface, a VIP).
@@ -196,41 +255,96 @@ pub fn load_policy(path: &Path) -> Result<Policy, PolicyError> {
     Ok(policy)
 }
 
+/// Reloads the policy (on SIGHUP, or asked on the control socket) and
+/// puts it in force for new connections; counted, and logged either way.
+/// The error says why the running policy stays.
+async fn reload_now(
+    settings: &Settings,
+    installation: &mut Installation,
+    explicit: &mut ExplicitListeners,
+    accepting: &Accepting,
+    shared: &Shared,
+    listening: &mut Vec<String>,
+) -> Result<(), String> {
+    let keepalive = settings.defaults.keepalive;
+    let reloaded = reload(&settings.policy_path, installation, explicit, keepalive).await;
+    let metrics = installation.metrics();
+    metrics.reloaded(reloaded.is_ok());
+    let (applied, opened) = reloaded?;
+    metrics.in_force();
+    // The new listeners' queued clients find their rules.
+    shared.set_active(applied.active.clone());
+    accepting.start_explicit(explicit, &applied.active.policy, opened);
+    let steered = accepting.start(applied.new_listeners);
+    listening.extend(
+        steered
+            .iter()
+            .flatten()
+            .map(|addr| format!("steered {addr}")),
+    );
+    listening.retain(|l| l.starts_with("steered "));
+    listening.extend(connect_listeners(&applied.active.policy));
+    tracing::info!("policy reloaded");
+    Ok(())
+}
+
+/// Every server of the policy in force, with its health and load.
+fn server_readings(active: &session::Active) -> Vec<crate::metrics::ServerReading<'_>> {
+    active
+        .policy
+        .upstreams
+        .iter()
+        .zip(&active.pools)
+        .flat_map(|(upstream, pool)| {
+            pool.servers_state()
+                .into_iter()
+                .map(|status| crate::metrics::ServerReading {
+                    upstream: &upstream.name,
+                    status,
+                })
+        })
+        .collect()
+}
+
+/// How `status` names a policy's CONNECT listeners.
+fn connect_listeners(policy: &Policy) -> Vec<String> {
+    policy
+        .rules
+        .iter()
+        .filter_map(|rule| Some((rule, rule.connect.as_ref()?)))
+        .flat_map(|(rule, connect)| {
+            connect
+                .listen
+                .iter()
+                .map(move |addr| format!("CONNECT {addr} ({})", rule.name))
+        })
+        .collect()
+}
+
 /// Rereads the policy file and applies it, with the CONNECT listeners it
 /// adds. A policy that is refused, by the check or by the host, is logged
-/// with why, and the running one stays.
+/// with why, and the running one stays; the error says why.
 async fn reload(
     path: &Path,
     installation: &mut Installation,
     explicit: &ExplicitListeners,
     keepalive: Keepalive,
-) -> Option<(Applied, Opened)> {
+) -> Result<(Applied, Opened), String> {
     let refused = |e: &dyn std::fmt::Display| {
         tracing::error!("policy not reloaded: {e}; the running policy stays in force");
+        e.to_string()
     };
-    let policy = match load_policy(path) {
-        Ok(policy) => policy,
-        Err(e) => {
-            refused(&e);
-            return None;
-        }
-    };
-    let opened = match explicit.bind_new(&policy, keepalive) {
-        Ok(opened) => opened,
-        Err(e) => {
-            refused(&e);
-            return None;
-        }
-    };
-    match installation.apply(policy).await {
-        Ok(applied) => Some((applied, opened)),
-        Err(e) => {
-            tracing::error!(
-                "policy not reloaded: {e}; the running policy stays in force for new connections"
-            );
-            None
-        }
-    }
+    let policy = load_policy(path).map_err(|e| refused(&e))?;
+    let opened = explicit
+        .bind_new(&policy, keepalive)
+        .map_err(|e| refused(&e))?;
+    let applied = installation.apply(policy).await.map_err(|e| {
+        tracing::error!(
+            "policy not reloaded: {e}; the running policy stays in force for new connections"
+        );
+        e.to_string()
+    })?;
+    Ok((applied, opened))
 }
 
 /// What the accept loops share.

@@ -22,9 +22,11 @@ use crate::{
     admission::{Admission, Slot},
     conn_id::{ConnectionId, ConnectionIds},
     connect_head::Status,
+    hello,
     intercept::rules::RuleIndex,
     local_addrs::LocalAddrs,
-    policy::{Bind, InterceptRule, Keepalive, Policy, RuleId, Target, Timeouts},
+    metrics::{self, Metrics, PolicyMetrics},
+    policy::{Bind, InterceptRule, Keepalive, Policy, RuleId, Target, Timeouts, UpstreamId},
     proxy_header,
     proxy_protocol::{self, Addresses, Header, Tlvs, Version},
     relay::{self, Deadlines},
@@ -40,6 +42,8 @@ use crate::{
 /// new connections get.
 pub struct Active {
     pub policy: Policy,
+    /// Its rules', routes' and upstreams' metrics.
+    pub metrics: PolicyMetrics,
     /// The policy's rules, indexed as the kernel looks them up.
     pub rules: RuleIndex,
     pub pools: Vec<Pool>,
@@ -50,15 +54,23 @@ impl Active {
     /// Builds what `policy` needs beyond its rule index: the upstreams'
     /// pools and every TLS configuration. An error names what could not be
     /// built (the policy is then refused).
-    pub fn new(policy: Policy, rules: RuleIndex) -> Result<Active, String> {
+    pub fn new(
+        policy: Policy,
+        rules: RuleIndex,
+        metrics: &Metrics,
+        health: &crate::health::Registry,
+    ) -> Result<Active, String> {
+        let pools = policy
+            .upstreams
+            .iter()
+            .map(|upstream| Pool::new(upstream, health))
+            .collect::<Result<_, _>>()?;
+        let terminators = Terminators::new(&policy)?;
         Ok(Active {
+            metrics: metrics.for_policy(&policy),
             rules,
-            pools: policy
-                .upstreams
-                .iter()
-                .map(Pool::new)
-                .collect::<Result<_, _>>()?,
-            terminators: Terminators::new(&policy)?,
+            pools,
+            terminators,
             policy,
         })
     }
@@ -124,7 +136,8 @@ struct Record {
     /// The front proxy, when its PROXY header named the client.
     peer: Option<SocketAddr>,
     proxy_header: Option<&'static str>,
-    rule: Option<String>,
+    rule_id: Option<RuleId>,
+    upstream_id: Option<UpstreamId>,
     /// What a CONNECT client asked for, as it wrote it, and who it said it
     /// is, when its rule asks.
     target: Option<String>,
@@ -135,7 +148,7 @@ struct Record {
     /// The upstream's TLS, when l4proxy originated it.
     upstream_tls: Option<Box<TlsInfo>>,
     sniffed: Option<sniff::Sniffed>,
-    sniff_gave_up: Option<&'static str>,
+    sniff_gave_up: Option<hello::GaveUp>,
     upstream: Option<UpstreamAddr>,
     bind: Option<Bind>,
     source: Option<SocketAddr>,
@@ -146,7 +159,7 @@ struct Record {
 
 /// `connection closed` at a level, with every field of a [`Record`].
 macro_rules! closed {
-    ($level:expr, $record:expr, $outcome:expr) => {{
+    ($level:expr, $record:expr, $rule:expr, $outcome:expr, $error:expr) => {{
         // `display` is in scope inside tracing's macros.
         let r = $record;
         tracing::event!(
@@ -156,7 +169,7 @@ macro_rules! closed {
             orig_dst = %r.orig_dst,
             peer = r.peer.map(display),
             proxy_header = r.proxy_header,
-            rule = r.rule.as_deref(),
+            rule = $rule,
             connect_target = r.target.as_deref(),
             user = r.user.as_deref(),
             route = r.route.as_deref(),
@@ -170,7 +183,7 @@ macro_rules! closed {
             sni = r.sniffed.as_ref().and_then(sni_of),
             host = r.sniffed.as_ref().and_then(host_of),
             alpn = r.sniffed.as_ref().and_then(alpn_of),
-            sniff_gave_up = r.sniff_gave_up,
+            sniff_gave_up = r.sniff_gave_up.map(hello::GaveUp::as_str),
             upstream = r.upstream.map(display),
             bind = r.bind.map(display),
             source = r.source.map(display),
@@ -178,19 +191,45 @@ macro_rules! closed {
             bytes_from_client = r.from_client,
             bytes_from_upstream = r.from_upstream,
             duration_ms = r.started.elapsed().as_millis() as u64,
-            outcome = %$outcome,
+            outcome = $outcome,
+            error = $error.map(display),
             "connection closed"
         )
     }};
 }
 
 impl Record {
-    fn closed(&self, outcome: &dyn std::fmt::Display) {
-        closed!(tracing::Level::INFO, self, outcome);
-    }
-
-    fn failed(&self, outcome: &dyn std::fmt::Display) {
-        closed!(tracing::Level::WARN, self, outcome);
+    /// Logs the close line with `outcome` (one of `metrics::OUTCOMES`) and
+    /// what went wrong, if anything, and counts the connection's end and
+    /// bytes under its rule and upstream. A connection refused or failed
+    /// before its relay is a warning; how a relayed one ended, or that no
+    /// route wanted it, is not.
+    fn end(&self, active: &Active, outcome: &'static str, error: Option<&dyn std::fmt::Display>) {
+        let failed = matches!(
+            outcome,
+            "refused"
+                | "client_failed"
+                | "connect_failed"
+                | "connect_timeout"
+                | "upstream_tls_failed"
+        );
+        let rule = self.rule_id.map(|r| active.policy.rules[r.0].name.as_str());
+        if failed {
+            closed!(tracing::Level::WARN, self, rule, outcome, error);
+        } else {
+            closed!(tracing::Level::INFO, self, rule, outcome, error);
+        }
+        if let Some(rule) = self.rule_id {
+            let rule = &active.metrics.rules[rule.0];
+            rule.ended(outcome);
+            rule.from_client.inc_by(self.from_client);
+            rule.from_upstream.inc_by(self.from_upstream);
+        }
+        if let Some(upstream) = self.upstream_id {
+            let upstream = &active.metrics.upstreams[upstream.0];
+            upstream.from_client.inc_by(self.from_client);
+            upstream.from_upstream.inc_by(self.from_upstream);
+        }
     }
 }
 
@@ -207,7 +246,8 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, front: Front, shared: &S
         orig_dst: OrigDstAddr(local),
         peer: None,
         proxy_header: None,
-        rule: None,
+        rule_id: None,
+        upstream_id: None,
         target: None,
         user: None,
         route: None,
@@ -229,26 +269,40 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, front: Front, shared: &S
     let Some(Opened {
         client,
         upstream,
+        open,
         deadlines,
         slot,
+        lease,
     }) = Box::pin(open(client, peer, front, shared, &active, &mut record)).await
     else {
         return; // `open` logged why.
     };
     let relayed = relay::relay_streams(client, upstream, deadlines, &shared.shutdown).await;
     drop(slot);
+    drop(open);
+    drop(lease);
     record.from_client += relayed.from_client;
     record.from_upstream = relayed.from_upstream;
-    record.closed(&relayed.outcome);
+    let error = relayed.outcome.error();
+    record.end(
+        &active,
+        relayed.outcome.kind(),
+        error.as_ref().map(|e| e as &dyn std::fmt::Display),
+    );
 }
 
 /// A connection ready to relay.
 struct Opened {
     client: Stream,
     upstream: Stream,
+    /// Counts it as open under its rule and upstream until it ends (boxed:
+    /// one pointer in every connection's task).
+    open: Box<(metrics::Open, metrics::Open)>,
     deadlines: Deadlines,
     /// Held until the connection ends, when the client has limits.
     slot: Option<Slot>,
+    /// Counts the connection on its server until it ends.
+    lease: Option<upstream::Lease>,
 }
 
 /// Everything before the relay: the client's limits, the front stage
@@ -275,14 +329,17 @@ async fn open(
         return None;
     };
     let rule = &active.policy.rules[rule_id.0];
-    record.rule = Some(rule.name.clone());
+    record.rule_id = Some(rule_id);
+    let rule_metrics = &active.metrics.rules[rule_id.0];
+    rule_metrics.connections.inc();
+    let rule_open = metrics::Open::new(&rule_metrics.active);
 
     // The client's limits: before a byte is read, unless a trusted front
     // proxy is still to name the client.
     let slot = if rule.trusts(peer.ip()) {
         None
     } else {
-        Some(admit(&client, shared, rule, record)?)
+        Some(admit(&client, shared, active, rule, record)?)
     };
     let Fronted {
         mut client,
@@ -311,7 +368,7 @@ async fn open(
         // A header without addresses (LOCAL, UNKNOWN) names no client: the
         // front proxy itself is not limited.
         None if record.client.0 == peer => None,
-        None => admit(client.tcp(), shared, rule, record)?,
+        None => admit(client.tcp(), shared, active, rule, record)?,
     };
     let keepalive = rule.keepalive.unwrap_or(shared.defaults.keepalive);
     // The listener gave the client socket the daemon's keepalive.
@@ -350,16 +407,20 @@ async fn open(
         // A tunnel's first bytes come only once it is open.
         if !established {
             if let Err(e) = tunnel::answer(&mut client, Status::Established).await {
-                record.failed(&format!("client error: answering CONNECT: {e}"));
+                record.end(
+                    active,
+                    "client_failed",
+                    Some(&format!("answering CONNECT: {e}")),
+                );
                 return None;
             }
             established = true;
         }
-        let said = sniff_hello(&mut client, shared, record).await?;
+        let said = sniff_hello(&mut client, shared, active, record).await?;
         let fronted = fronting.and_then(|name| {
             let sni = sni_of(&said).filter(|sni| !sni.eq_ignore_ascii_case(name))?;
             Some(format!(
-                "refused: domain fronting: TLS server name {sni} differs from the CONNECT name {name}"
+                "domain fronting: TLS server name {sni} differs from the CONNECT name {name}"
             ))
         });
         if matches!(decision, route::Decision::NeedHello) {
@@ -377,7 +438,7 @@ async fn open(
         record.sniffed = Some(said);
         if let Some(refused) = fronted {
             relay::reset_on_close(client.tcp());
-            record.failed(&refused);
+            record.end(active, "refused", Some(&refused));
             return None;
         }
     }
@@ -389,6 +450,10 @@ async fn open(
             ..
         } => {
             record.route = Some(why.route_name());
+            match why {
+                route::Why::Route(label) => active.metrics.routes[label.id.0].inc(),
+                route::Why::Default { .. } => rule_metrics.default.inc(),
+            };
             let timeouts = match why {
                 route::Why::Route(label) => active.policy.routes[label.id.0].timeouts,
                 route::Why::Default { .. } => Timeouts::default(),
@@ -396,7 +461,7 @@ async fn open(
             if let route::Why::Route(label) = why
                 && let Some(acceptor) = &active.terminators.routes[label.id.0]
             {
-                client = terminate(client, acceptor, shared, record).await?;
+                client = terminate(client, acceptor, shared, active, record).await?;
             }
             (upstream, bind, timeouts)
         }
@@ -410,7 +475,11 @@ async fn open(
             } else {
                 let _ = tunnel::answer(&mut client, Status::Forbidden).await;
             }
-            record.closed(&format!("refused: {refused}"));
+            let outcome = match refused {
+                route::Decision::Reject { .. } => "refused",
+                _ => "no_route",
+            };
+            record.end(active, outcome, Some(&refused));
             return None;
         }
     };
@@ -461,28 +530,59 @@ async fn open(
         keepalive,
     };
     let pool = &active.pools[upstream_id.0];
+    record.upstream_id = Some(upstream_id);
+    let upstream_metrics = &active.metrics.upstreams[upstream_id.0];
+    let connecting = Instant::now();
     let connected = match pool
         .connect(&request, &shared.local, shared.connect_timeout)
         .await
     {
         Ok(connected) => connected,
+        // Every server down: refused as when no route matches.
+        Err(e) if e.all_down() => {
+            if established {
+                refuse(&mut client, record.sniffed.as_ref()).await;
+            } else {
+                let _ = tunnel::answer(&mut client, Status::BadGateway).await;
+            }
+            record.end(active, "refused", Some(&e));
+            return None;
+        }
         Err(e) => {
             let timed_out = e.timed_out();
             record.upstream = e.upstream();
+            let metrics = &active.metrics.upstreams[upstream_id.0];
+            metrics.failed(match &active.policy.upstreams[upstream_id.0].target {
+                _ if timed_out => "timeout",
+                Target::Parent(_) => "parent",
+                _ => "refused",
+            });
             upstream_failed(&mut client, established, timed_out, record).await;
-            record.failed(&format!("upstream connect failed: {e}"));
+            let outcome = if timed_out {
+                "connect_timeout"
+            } else {
+                "connect_failed"
+            };
+            record.end(active, outcome, Some(&e));
             return None;
         }
     };
+    upstream_metrics.connections.inc();
+    let upstream_open = metrics::Open::new(&upstream_metrics.active);
     record.upstream = Some(connected.upstream);
     // Only the close log needs it: no getsockname per connection without it.
     if tracing::enabled!(tracing::Level::INFO) {
         record.source = connected.stream.tcp().local_addr().ok();
     }
     record.bind_fallback = connected.fallback;
+    let lease = connected.lease;
     let mut upstream = connected.stream;
     if !established && let Err(e) = tunnel::answer(&mut client, Status::Established).await {
-        record.failed(&format!("client error: answering CONNECT: {e}"));
+        record.end(
+            active,
+            "client_failed",
+            Some(&format!("answering CONNECT: {e}")),
+        );
         return None;
     }
 
@@ -495,7 +595,11 @@ async fn open(
         let bytes = match proxy_protocol::encode(version, &header) {
             Ok(bytes) => bytes,
             Err(e) => {
-                record.failed(&format!("encoding the PROXY header: {e}"));
+                record.end(
+                    active,
+                    "refused",
+                    Some(&format!("encoding the PROXY header: {e}")),
+                );
                 return None;
             }
         };
@@ -506,7 +610,11 @@ async fn open(
                 match proxy_header::write(from, to, bytes).await {
                     Ok(taken) => record.from_client = taken,
                     Err(e) => {
-                        record.failed(&e);
+                        let outcome = match e {
+                            proxy_header::WriteError::Client(_) => "client_error",
+                            proxy_header::WriteError::Upstream(_) => "upstream_error",
+                        };
+                        record.end(active, outcome, Some(&e));
                         return None;
                     }
                 }
@@ -514,7 +622,8 @@ async fn open(
             _ => {
                 if let Err(e) = upstream.send(&bytes).await {
                     relay::reset_on_close(client.tcp());
-                    record.failed(&format!("upstream error: sending the PROXY header: {e}"));
+                    let error = format!("sending the PROXY header: {e}");
+                    record.end(active, "upstream_error", Some(&error));
                     return None;
                 }
             }
@@ -530,11 +639,15 @@ async fn open(
             }
             Err(e) => {
                 relay::reset_on_close(client.tcp());
-                record.failed(&format!("upstream TLS failed: {e}"));
+                active.metrics.upstreams[upstream_id.0].failed("tls");
+                record.end(active, "upstream_tls_failed", Some(&e));
                 return None;
             }
         }
     }
+    upstream_metrics
+        .connect
+        .observe(connecting.elapsed().as_secs_f64());
     let timeouts = route_timeouts
         .or(rule.timeouts)
         .or(shared.defaults.timeouts);
@@ -542,6 +655,7 @@ async fn open(
     Some(Opened {
         client,
         upstream,
+        open: Box::new((rule_open, upstream_open)),
         deadlines: Deadlines {
             idle: set(timeouts.idle),
             end: set(timeouts.lifetime).map(|lifetime| {
@@ -552,6 +666,7 @@ async fn open(
             }),
         },
         slot,
+        lease,
     })
 }
 
@@ -620,10 +735,12 @@ async fn terminate(
     client: Stream,
     acceptor: &TlsAcceptor,
     shared: &Shared,
+    active: &Active,
     record: &mut Record,
 ) -> Option<Stream> {
     let Stream::Tcp(tcp) = client else {
-        record.failed(&"TLS inside TLS from a client is not supported");
+        let error = "TLS inside TLS from a client is not supported";
+        record.end(active, "client_failed", Some(&error));
         return None;
     };
     match tokio::time::timeout(shared.sniff_timeout, acceptor.accept(tcp)).await {
@@ -633,14 +750,16 @@ async fn terminate(
             Some(client)
         }
         Ok(Err(e)) => {
-            record.failed(&format!("client error: TLS handshake: {e}"));
+            record.end(
+                active,
+                "client_failed",
+                Some(&format!("TLS handshake: {e}")),
+            );
             None
         }
         Err(_) => {
-            record.failed(&format!(
-                "client error: no TLS handshake within {:?}",
-                shared.sniff_timeout
-            ));
+            let error = format!("no TLS handshake within {:?}", shared.sniff_timeout);
+            record.end(active, "client_failed", Some(&error));
             None
         }
     }
@@ -651,6 +770,7 @@ async fn terminate(
 fn admit(
     client: &TcpStream,
     shared: &Shared,
+    active: &Active,
     rule: &InterceptRule,
     record: &Record,
 ) -> Option<Option<Slot>> {
@@ -658,6 +778,9 @@ fn admit(
         Ok(slot) => Some(slot),
         Err(refusal) => {
             shared.admission.refuse(client, record.client.0, refusal);
+            if let Some(rule) = record.rule_id {
+                active.metrics.rules[rule.0].ended("limited");
+            }
             None
         }
     }
@@ -697,23 +820,24 @@ async fn front(
                     record.orig_dst = addresses.orig_dst;
                     let dst = record.orig_dst;
                     if let Err(why) = announced_destination(active, rule_id, dst, &shared.local) {
-                        record.failed(&format!(
+                        let error = format!(
                             "PROXY header refused: destination {} {why}",
                             record.orig_dst
-                        ));
+                        );
+                        record.end(active, "refused", Some(&error));
                         return None;
                     }
                 }
             }
             Err(e) => {
-                record.failed(&e);
+                record.end(active, "client_failed", Some(&e));
                 return None;
             }
         }
     }
     let mut client = Stream::Tcp(client);
     if let Some(acceptor) = &active.terminators.rules[rule_id.0] {
-        client = terminate(client, acceptor, shared, record).await?;
+        client = terminate(client, acceptor, shared, active, record).await?;
     }
     let mut tunnel = None;
     if let Some(connect) = &rule.connect {
@@ -736,7 +860,7 @@ async fn front(
                 if let Some(status) = refused.status() {
                     let _ = tunnel::answer(&mut client, status).await;
                 }
-                record.failed(&refused);
+                record.end(active, refused.outcome(), Some(&refused));
                 return None;
             }
         }
@@ -784,6 +908,7 @@ fn announced_destination(
 async fn sniff_hello(
     client: &mut Stream,
     shared: &Shared,
+    active: &Active,
     record: &mut Record,
 ) -> Option<sniff::Sniffed> {
     let peeked = client
@@ -796,14 +921,21 @@ async fn sniff_hello(
             },
         )
         .await;
+    let rule = record.rule_id.map(|rule| &active.metrics.rules[rule.0]);
     match peeked {
-        Ok(Ok(said)) => Some(said),
+        Ok(Ok(said)) => {
+            rule.inspect(|rule| rule.sniffed(&said, false));
+            Some(said)
+        }
         Ok(Err(gave_up)) => {
-            record.sniff_gave_up = Some(gave_up.as_str());
-            Some(sniff::Sniffed::Other)
+            record.sniff_gave_up = Some(gave_up);
+            let said = sniff::Sniffed::Other;
+            rule.inspect(|rule| rule.sniffed(&said, true));
+            Some(said)
         }
         Err(e) => {
-            record.failed(&format!("client failed while sniffing: {e}"));
+            let error = format!("reading its first bytes: {e}");
+            record.end(active, "client_failed", Some(&error));
             None
         }
     }
@@ -932,7 +1064,13 @@ mod tests {
         .unwrap();
         let shared = Shared {
             active: RwLock::new(Arc::new(
-                Active::new(policy.clone(), RuleIndex::new(&rules::compile(&policy))).unwrap(),
+                Active::new(
+                    policy.clone(),
+                    RuleIndex::new(&rules::compile(&policy)),
+                    &Metrics::new(),
+                    &crate::health::Registry::default(),
+                )
+                .unwrap(),
             )),
             local: LocalAddrs::load(None).await.unwrap(),
             ids: ConnectionIds::new(),
@@ -959,7 +1097,8 @@ mod tests {
         // 1368 bytes when written; 1712 with the idle and lifetime watch and
         // the reset watch of half-closed connections; 1760 with the CONNECT
         // target and user in the log record; 1784 with a TLS side possible
-        // (the relay boxed for it). HAProxy takes about 3.3 KiB a
+        // (the relay boxed for it); 1792 with the per-connection metrics.
+        // HAProxy takes about 3.3 KiB a
         // connection.
         assert!(size <= 1792, "serve's future is {size} bytes");
     }

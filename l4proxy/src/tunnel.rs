@@ -98,6 +98,26 @@ impl Refused {
             Refused::HeadTimeout(_) | Refused::Closed | Refused::Io(_) => return None,
         })
     }
+
+    /// The connection's outcome in logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Refused::BadRequest(_)
+            | Refused::Method(_)
+            | Refused::HeadTimeout(_)
+            | Refused::Closed
+            | Refused::Io(_) => "client_failed",
+            Refused::Client
+            | Refused::NoCredentials
+            | Refused::WrongCredentials(_)
+            | Refused::Port(_)
+            | Refused::Name(_)
+            | Refused::Destination(..)
+            | Refused::Resolved { .. } => "refused",
+            Refused::Resolve(..) => "connect_failed",
+            Refused::ResolveTimeout(..) => "connect_timeout",
+        }
+    }
 }
 
 /// Reads the client's CONNECT head within `deadline`, takes it off the

@@ -23,15 +23,17 @@
 //! used: towards the client's original destination (the connection would
 //! have the client connection's four addresses and ports, HAProxy gist
 //! footnote 6), or when the port is taken.
+//!
+//! Which server of a pool (or which parent) is the upstream's `balance`
+//! ([`crate::balance`]), among those [`crate::health`] has not marked down;
+//! a failed connect is tried again on the next one the balance gives, at
+//! most `retries` times.
 
 use std::{
     fmt, io,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -41,11 +43,15 @@ use tokio::net::{TcpSocket, TcpStream};
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
+pub use crate::health::Lease;
+
 use crate::{
     addrs::{ClientAddr, OrigDstAddr, UpstreamAddr},
+    balance::{Picker, Slot},
+    health::{self, ServerState},
     local_addrs::LocalAddrs,
     parent,
-    policy::{Bind, Keepalive, Originate, Target, Upstream},
+    policy::{Bind, Keepalive, Observe, Originate, ServerOptions, Target, Upstream},
     stream::Stream,
     tls,
 };
@@ -110,13 +116,39 @@ pub fn source(
     }
 }
 
-/// An upstream's servers with a round-robin cursor; none for the original
-/// destination.
+/// An upstream's servers (or parents), with their health and load and the
+/// state of its balance; none for the original destination.
 pub struct Pool {
+    /// The upstream's name, for messages.
+    name: String,
     target: PoolTarget,
-    next: AtomicUsize,
+    /// In the policy's order.
+    servers: Vec<PoolServer>,
+    picker: Picker,
+    /// Further servers a connection tries when one fails to connect.
+    retries: usize,
+    observe: Option<Observe>,
     /// TLS to the server, begun once connected (after the PROXY header).
     pub origination: Option<Origination>,
+}
+
+/// A server of a pool, or a parent proxy.
+struct PoolServer {
+    address: UpstreamAddr,
+    options: ServerOptions,
+    /// Its rendezvous key (see [`crate::balance`]).
+    key: u64,
+    /// Shared with the policies before and after this one that keep it.
+    state: Arc<ServerState>,
+}
+
+/// A pool's server as [`Pool::servers_state`] shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerStatus {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub backup: bool,
+    pub health: health::Health,
 }
 
 /// How an upstream is reached over TLS.
@@ -136,11 +168,11 @@ struct ParentTls {
 }
 
 enum PoolTarget {
-    Servers(Vec<UpstreamAddr>),
+    Servers,
     OriginalDestination,
-    /// Parent proxies, and the `Proxy-Authorization` to give them.
+    /// The servers are parent proxies: the `Proxy-Authorization` to give
+    /// them, and TLS to them.
     Parent {
-        servers: Vec<UpstreamAddr>,
         authorization: Option<String>,
         tls: Option<ParentTls>,
     },
@@ -159,9 +191,17 @@ pub enum ConnectError {
     NoServerOfFamily { family: &'static str },
     #[error("original destination {0} is this host or unspecified: not connected to")]
     LocalDestination(UpstreamAddr),
+    #[error("no server of upstream {upstream:?} is up")]
+    NoServerUp { upstream: String },
 }
 
 impl ConnectError {
+    /// Whether no server was tried because every one is down: the
+    /// connection is refused as when no route matches.
+    pub fn all_down(&self) -> bool {
+        matches!(self, ConnectError::NoServerUp { .. })
+    }
+
     /// Whether the last server tried did not answer in time.
     pub fn timed_out(&self) -> bool {
         matches!(self, ConnectError::Failed { error, .. } if error.kind() == io::ErrorKind::TimedOut)
@@ -172,7 +212,7 @@ impl ConnectError {
         match self {
             ConnectError::Failed { upstream, .. } => Some(*upstream),
             ConnectError::LocalDestination(upstream) => Some(*upstream),
-            ConnectError::NoServerOfFamily { .. } => None,
+            ConnectError::NoServerOfFamily { .. } | ConnectError::NoServerUp { .. } => None,
         }
     }
 }
@@ -183,6 +223,9 @@ pub struct Connected {
     pub upstream: UpstreamAddr,
     /// Why the source is not what `bind` asked for, if it is not.
     pub fallback: Option<Fallback>,
+    /// Counts the connection as active on its server (a pool's) while it
+    /// is held: to be kept as long as the connection is relayed.
+    pub lease: Option<Lease>,
 }
 
 /// What a connection needs to know to pick its server and source.
@@ -201,9 +244,9 @@ pub struct Request {
 }
 
 impl Pool {
-    /// The pool of `upstream`, with its TLS configurations built; an error
-    /// says which could not be.
-    pub fn new(upstream: &Upstream) -> Result<Self, String> {
+    /// The pool of `upstream`, with its TLS configurations built (an error
+    /// says which could not be), and its servers' states from `health`.
+    pub fn new(upstream: &Upstream, health: &health::Registry) -> Result<Self, String> {
         let tls = |originate: &Originate, at: &str| {
             let config = tls::client::config(originate)
                 .map_err(|e| format!("upstreams.{}.{at}: {e}", upstream.name))?;
@@ -216,12 +259,9 @@ impl Pool {
             Ok::<_, String>((TlsConnector::from(config), server_name))
         };
         let target = match &upstream.target {
-            Target::Servers(servers) => {
-                PoolTarget::Servers(servers.iter().copied().map(UpstreamAddr).collect())
-            }
+            Target::Servers(_) => PoolTarget::Servers,
             Target::OriginalDestination => PoolTarget::OriginalDestination,
             Target::Parent(parent) => PoolTarget::Parent {
-                servers: parent.servers.iter().copied().map(UpstreamAddr).collect(),
                 authorization: parent
                     .credentials
                     .as_ref()
@@ -248,88 +288,211 @@ impl Pool {
                 })
             })
             .transpose()?;
+        let servers: Vec<PoolServer> = upstream
+            .servers()
+            .iter()
+            .enumerate()
+            .map(|(k, &address)| PoolServer {
+                address: UpstreamAddr(address),
+                options: upstream.balancing.options(k),
+                key: crate::balance::server_key(address),
+                state: health.server(&upstream.name, address),
+            })
+            .collect();
+        // For random-two's draws: any seed, not the same at each start.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_nanos() as u64);
         Ok(Self {
+            name: upstream.name.clone(),
             target,
-            next: AtomicUsize::new(0),
+            picker: Picker::new(upstream.balancing.balance, servers.len(), seed),
+            retries: upstream
+                .balancing
+                .retries
+                .unwrap_or(servers.len().saturating_sub(1)),
+            observe: upstream.balancing.observe,
+            servers,
             origination,
         })
     }
 
-    /// Connects to the next server in turn (of the client's family when the
-    /// source is the client's address); if it fails, tries each other such
-    /// server once before giving up with the last error.
+    /// Each server's weight, role, health and load now, in the policy's
+    /// order (the parents for a parent upstream; none for the original
+    /// destination): what metrics and status show. Reading changes nothing.
+    pub fn servers_state(&self) -> Vec<ServerStatus> {
+        self.servers
+            .iter()
+            .map(|server| ServerStatus {
+                address: server.address.0,
+                weight: server.options.weight,
+                backup: server.options.backup,
+                health: server.state.health(),
+            })
+            .collect()
+    }
+
+    /// Connects to the server the balance picks among those up (of the
+    /// client's family when the source is the client's address); if that
+    /// fails, to the next it picks among the rest, `retries` times at most,
+    /// before giving up with the last error. With every server down, none
+    /// is tried ([`ConnectError::NoServerUp`]).
     pub async fn connect(
         &self,
         request: &Request,
         local: &Arc<LocalAddrs>,
         timeout: Duration,
     ) -> Result<Connected, ConnectError> {
-        let original_destination;
         let target;
-        let mut via = None;
-        let (servers, start) = match &self.target {
-            PoolTarget::OriginalDestination if request.checked.len() > 1 => {
-                let candidates: Vec<UpstreamAddr> = request
-                    .checked
-                    .iter()
-                    .map(|to| UpstreamAddr(SocketAddr::new(to.ip().to_canonical(), to.port())))
-                    .collect();
-                return race(&candidates, request, local, timeout).await;
-            }
+        let via = match &self.target {
             PoolTarget::OriginalDestination => {
-                let to = UpstreamAddr(SocketAddr::new(
-                    request.orig_dst.0.ip().to_canonical(),
-                    request.orig_dst.0.port(),
-                ));
-                // A CONNECT front end checked its one address itself
-                // (reserved ones only where its rule allows them).
-                if request.checked.is_empty()
-                    && (to.0.ip().is_unspecified() || local.contains(to.0.ip()))
-                {
-                    return Err(ConnectError::LocalDestination(to));
-                }
-                original_destination = [to];
-                (&original_destination[..], 0)
+                return original_destination(request, local, timeout).await;
             }
-            PoolTarget::Servers(servers) => {
-                (&servers[..], self.next.fetch_add(1, Ordering::Relaxed))
-            }
-            PoolTarget::Parent {
-                servers,
-                authorization,
-                tls,
-            } => {
+            PoolTarget::Servers => None,
+            PoolTarget::Parent { authorization, tls } => {
                 target = parent_target(request);
-                via = Some(Via {
+                Some(Via {
                     target: &target,
                     authorization: authorization.as_deref(),
                     tls: tls.as_ref(),
-                });
-                (&servers[..], self.next.fetch_add(1, Ordering::Relaxed))
+                })
             }
         };
-        let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
+        let client = request.client.0.ip();
+        let client_v4 = client.to_canonical().is_ipv4();
+        // Whether the source is the client's address does not depend on
+        // the server: one look at this host's addresses, not one a server.
+        let spoofed = self.servers.first().is_some_and(|server| {
+            matches!(source(request, server.address, local).0, Source::Client(_))
+        });
+        let mut slots: Vec<Slot> = self
+            .servers
+            .iter()
+            .map(|server| Slot {
+                weight: server.options.weight,
+                active: 0,
+                backup: server.options.backup,
+                up: true,
+                usable: family_fits(spoofed, server.address, client_v4),
+                tried: false,
+                key: server.key,
+            })
+            .collect();
         let mut last_error = None;
-        for i in 0..servers.len() {
-            let upstream = servers[(start + i) % servers.len()];
-            let (from, fallback) = source(request, upstream, local);
-            // Only a connection from the client's own address is held to
-            // its family.
-            if matches!(from, Source::Client(_)) && upstream.0.is_ipv4() != client_v4 {
-                continue;
+        for _ in 0..=self.retries {
+            // Health and load as they are now: a retry may come a connect
+            // timeout after the first choice.
+            for (slot, server) in slots.iter_mut().zip(&self.servers) {
+                slot.up = server.state.is_up();
+                slot.active = server.state.active();
             }
-            match connect_from(upstream, from, fallback, request.keepalive, via, timeout).await {
-                Ok(connected) => return Ok(connected),
-                Err(error) => {
-                    tracing::debug!(%upstream, %error, "upstream connect failed");
-                    last_error = Some(ConnectError::Failed { upstream, error });
+            let Some(k) = self.picker.pick(&slots, client) else {
+                break;
+            };
+            slots[k].tried = true;
+            let server = &self.servers[k];
+            // Counted from the choice on, so that connections chosen at the
+            // same moment see each other.
+            let lease = server.state.lease();
+            let (from, fallback) = source(request, server.address, local);
+            match connect_from(
+                server.address,
+                from,
+                fallback,
+                request.keepalive,
+                via,
+                timeout,
+            )
+            .await
+            {
+                Ok(connected) => {
+                    if self.observe.is_some() {
+                        server.state.connect_succeeded();
+                    }
+                    return Ok(Connected {
+                        lease: Some(lease),
+                        ..connected
+                    });
+                }
+                Err(AttemptFailed { error, reached }) => {
+                    tracing::debug!(upstream = %server.address, %error, "upstream connect failed");
+                    // A server that took the connection is alive, whatever
+                    // a parent then answered.
+                    match &self.observe {
+                        Some(_) if reached => server.state.connect_succeeded(),
+                        Some(observe) => server.state.connect_failed(observe, &error),
+                        None => {}
+                    }
+                    last_error = Some(ConnectError::Failed {
+                        upstream: server.address,
+                        error,
+                    });
                 }
             }
         }
-        // None tried: every server is of the other family.
-        Err(last_error.unwrap_or(ConnectError::NoServerOfFamily {
-            family: if client_v4 { "IPv4" } else { "IPv6" },
+        Err(last_error.unwrap_or_else(|| {
+            if slots.iter().any(|slot| slot.usable) {
+                ConnectError::NoServerUp {
+                    upstream: self.name.clone(),
+                }
+            } else {
+                no_server_of_family(client_v4)
+            }
         }))
+    }
+}
+
+/// Connects to the connection's original destination: the addresses a
+/// CONNECT front end checked, by Happy Eyeballs, or the one it was steered
+/// to, never this host.
+async fn original_destination(
+    request: &Request,
+    local: &Arc<LocalAddrs>,
+    timeout: Duration,
+) -> Result<Connected, ConnectError> {
+    if request.checked.len() > 1 {
+        let candidates: Vec<UpstreamAddr> = request
+            .checked
+            .iter()
+            .map(|to| UpstreamAddr(SocketAddr::new(to.ip().to_canonical(), to.port())))
+            .collect();
+        return race(&candidates, request, local, timeout).await;
+    }
+    let to = UpstreamAddr(SocketAddr::new(
+        request.orig_dst.0.ip().to_canonical(),
+        request.orig_dst.0.port(),
+    ));
+    // A CONNECT front end checked its one address itself (reserved ones
+    // only where its rule allows them).
+    if request.checked.is_empty() && (to.0.ip().is_unspecified() || local.contains(to.0.ip())) {
+        return Err(ConnectError::LocalDestination(to));
+    }
+    let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
+    let (from, fallback) = source(request, to, local);
+    if !family_fits(matches!(from, Source::Client(_)), to, client_v4) {
+        return Err(no_server_of_family(client_v4));
+    }
+    connect_from(to, from, fallback, request.keepalive, None, timeout)
+        .await
+        .map_err(|failed| {
+            tracing::debug!(upstream = %to, error = %failed.error, "upstream connect failed");
+            ConnectError::Failed {
+                upstream: to,
+                error: failed.error,
+            }
+        })
+}
+
+/// Whether a connection may go to `server`: only one from the client's own
+/// address (`spoofed`) is held to the client's family.
+fn family_fits(spoofed: bool, server: UpstreamAddr, client_v4: bool) -> bool {
+    !spoofed || server.0.is_ipv4() == client_v4
+}
+
+/// No server could be tried: every one is of the other family.
+fn no_server_of_family(client_v4: bool) -> ConnectError {
+    ConnectError::NoServerOfFamily {
+        family: if client_v4 { "IPv4" } else { "IPv6" },
     }
 }
 
@@ -364,9 +527,7 @@ async fn race(
     let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
     let mut waiting = candidates.iter().copied().filter_map(|upstream| {
         let (from, fallback) = source(request, upstream, local);
-        // As for pools: only a connection from the client's own address is
-        // held to its family.
-        (!matches!(from, Source::Client(_)) || upstream.0.is_ipv4() == client_v4)
+        family_fits(matches!(from, Source::Client(_)), upstream, client_v4)
             .then_some((upstream, from, fallback))
     });
     let mut attempts = futures::stream::FuturesUnordered::new();
@@ -405,7 +566,7 @@ async fn race(
         tokio::select! {
             Some((upstream, result)) = futures::StreamExt::next(&mut attempts) => match result {
                 Ok(connected) => return Ok(connected),
-                Err(error) => {
+                Err(AttemptFailed { error, .. }) => {
                     tracing::debug!(%upstream, %error, "upstream connect failed");
                     last_error = Some(ConnectError::Failed { upstream, error });
                     if more {
@@ -420,9 +581,7 @@ async fn race(
             }
         }
     }
-    Err(last_error.unwrap_or(ConnectError::NoServerOfFamily {
-        family: if client_v4 { "IPv4" } else { "IPv6" },
-    }))
+    Err(last_error.unwrap_or_else(|| no_server_of_family(client_v4)))
 }
 
 /// What a parent proxy is asked to connect to.
@@ -446,6 +605,13 @@ fn parent_target(request: &Request) -> String {
     }
 }
 
+/// Why an attempt failed, and whether the server had taken the TCP
+/// connection first (a parent's TLS or answer failed after it).
+struct AttemptFailed {
+    error: io::Error,
+    reached: bool,
+}
+
 /// Connects from `from` within `timeout`, and through a parent proxy if
 /// `via` says so; a client port that is taken here
 /// falls back to any port of the client's address, in what is left of it.
@@ -456,7 +622,7 @@ async fn connect_from(
     keepalive: Keepalive,
     via: Option<Via<'_>>,
     timeout: Duration,
-) -> io::Result<Connected> {
+) -> Result<Connected, AttemptFailed> {
     // One deadline for the connection and a parent's answer: a parent
     // that does not answer is told apart from one that cannot be reached.
     let deadline = tokio::time::Instant::now() + timeout;
@@ -477,37 +643,64 @@ async fn connect_from(
             (Err(e), _) => Err(e),
         }
     };
-    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
     let (stream, fallback) = tokio::time::timeout_at(deadline, attempt)
         .await
-        .map_err(|_| timed_out())??;
-    let mut stream = Stream::Tcp(stream);
-    if let Some(via) = via {
-        if let Some(tls) = via.tls {
-            let name = tls
-                .server_name
-                .clone()
-                .unwrap_or_else(|| ServerName::IpAddress(upstream.0.ip().into()));
-            let Stream::Tcp(tcp) = stream else {
-                unreachable!("made plain just above")
-            };
-            let secured = tokio::time::timeout_at(deadline, tls.connector.connect(name, tcp))
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(|e| io::Error::new(e.kind(), format!("TLS to the parent proxy: {e}")))?;
-            stream = Stream::from(tokio_rustls::TlsStream::Client(secured));
-        }
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        parent::open(&mut stream, via.target, via.authorization, left).await?;
-    }
+        .unwrap_or_else(|_| Err(timed_out()))
+        .map_err(|error| AttemptFailed {
+            error,
+            reached: false,
+        })?;
+    let stream = match via {
+        Some(via) => through_parent(stream, upstream, via, deadline)
+            .await
+            .map_err(|error| AttemptFailed {
+                error,
+                reached: true,
+            })?,
+        None => Stream::Tcp(stream),
+    };
     Ok(Connected {
         stream,
         upstream,
         fallback,
+        lease: None,
     })
 }
 
-async fn connect_one(
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "connect timed out")
+}
+
+/// Over TCP to the parent proxy `upstream`: TLS if `via` says so, then
+/// its answer to the CONNECT for `via.target`, all by `deadline`.
+async fn through_parent(
+    tcp: TcpStream,
+    upstream: UpstreamAddr,
+    via: Via<'_>,
+    deadline: tokio::time::Instant,
+) -> io::Result<Stream> {
+    let mut stream = match via.tls {
+        Some(tls) => {
+            let name = tls
+                .server_name
+                .clone()
+                .unwrap_or_else(|| ServerName::IpAddress(upstream.0.ip().into()));
+            let secured = tokio::time::timeout_at(deadline, tls.connector.connect(name, tcp))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS to the parent proxy: {e}")))?;
+            Stream::from(tokio_rustls::TlsStream::Client(secured))
+        }
+        None => Stream::Tcp(tcp),
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    parent::open(&mut stream, via.target, via.authorization, left).await?;
+    Ok(stream)
+}
+
+/// A TCP connection to `upstream` from `from`, with `keepalive`: what
+/// relayed connections and health checks make.
+pub(crate) async fn connect_one(
     upstream: UpstreamAddr,
     from: Source,
     keepalive: Keepalive,
@@ -667,13 +860,17 @@ mod tests {
     #[tokio::test]
     async fn an_original_destination_on_this_host_is_never_connected_to() {
         let local = LocalAddrs::load(None).await.unwrap();
-        let pool = Pool::new(&Upstream {
-            name: "pass".to_owned(),
-            target: Target::OriginalDestination,
-            bind: Bind::Proxy,
-            proxy_protocol: None,
-            tls: None,
-        })
+        let pool = Pool::new(
+            &Upstream {
+                name: "pass".to_owned(),
+                target: Target::OriginalDestination,
+                bind: Bind::Proxy,
+                proxy_protocol: None,
+                tls: None,
+                balancing: Default::default(),
+            },
+            &health::Registry::default(),
+        )
         .unwrap();
         for to in [
             "127.0.0.1:9999",
@@ -701,13 +898,17 @@ mod tests {
     #[tokio::test]
     async fn a_connection_from_the_clients_address_needs_a_server_of_its_family() {
         let local = LocalAddrs::load(None).await.unwrap();
-        let pool = Pool::new(&Upstream {
-            name: "v6".to_owned(),
-            target: Target::Servers(vec!["[2001:db8:5::2]:80".parse().unwrap()]),
-            bind: Bind::ClientIp,
-            proxy_protocol: None,
-            tls: None,
-        })
+        let pool = Pool::new(
+            &Upstream {
+                name: "v6".to_owned(),
+                target: Target::Servers(vec!["[2001:db8:5::2]:80".parse().unwrap()]),
+                bind: Bind::ClientIp,
+                proxy_protocol: None,
+                tls: None,
+                balancing: Default::default(),
+            },
+            &health::Registry::default(),
+        )
         .unwrap();
         let refused = pool
             .connect(
@@ -722,5 +923,97 @@ mod tests {
             matches!(refused, ConnectError::NoServerOfFamily { family: "IPv4" }),
             "{refused}"
         );
+    }
+
+    /// A pool of `servers` on loopback, its upstream written as in a
+    /// policy (`fields` after `servers`).
+    fn pool_of(servers: &[SocketAddr], fields: &str, health: &health::Registry) -> Pool {
+        let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+        let policy = crate::policy::Policy::from_json(&format!(
+            r#"{{ "intercept": [ {{ "name": "r", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "u" }} ],
+                 "upstreams": {{ "u": {{ "servers": [{}] {fields} }} }} }}"#,
+            servers.join(", ")
+        ))
+        .unwrap();
+        Pool::new(&policy.upstreams[0], health).unwrap()
+    }
+
+    /// Addresses on loopback that refuse connections: listeners bound and
+    /// closed again.
+    async fn refusing(count: usize) -> Vec<SocketAddr> {
+        let mut addresses = Vec::new();
+        for _ in 0..count {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addresses.push(listener.local_addr().unwrap());
+        }
+        addresses
+    }
+
+    #[tokio::test]
+    async fn failed_connects_are_retried_retries_times_and_observed() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let registry = health::Registry::default();
+        let servers = refusing(4).await;
+        let pool = pool_of(
+            &servers,
+            r#", "retries": 1, "observe": { "errors": 1 }"#,
+            &registry,
+        );
+        let request = request("192.0.2.7:40000", "192.0.2.10:80", Bind::Proxy);
+        let failed = pool
+            .connect(&request, &local, Duration::from_secs(1))
+            .await
+            .err()
+            .expect("every server refuses");
+        assert!(matches!(failed, ConnectError::Failed { .. }), "{failed}");
+        // Two tried (the first and one retry), each marked down at its
+        // first error.
+        let down = |pool: &Pool| pool.servers_state().iter().filter(|s| !s.health.up).count();
+        assert_eq!(down(&pool), 2);
+        // No lease outlives its failed attempt.
+        assert!(pool.servers_state().iter().all(|s| s.health.active == 0));
+        pool.connect(&request, &local, Duration::from_secs(1))
+            .await
+            .err()
+            .expect("every server refuses");
+        assert_eq!(down(&pool), 4);
+        let refused = pool
+            .connect(&request, &local, Duration::from_secs(1))
+            .await
+            .err()
+            .expect("every server is down");
+        assert!(refused.all_down(), "{refused}");
+        assert_eq!(refused.to_string(), r#"no server of upstream "u" is up"#);
+    }
+
+    #[tokio::test]
+    async fn a_connection_counts_on_its_server_while_its_lease_is_held() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let registry = health::Registry::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut servers = refusing(1).await;
+        servers.push(listener.local_addr().unwrap());
+        let pool = pool_of(
+            &servers,
+            r#", "balance": "least-connections", "observe": { "errors": 2 }"#,
+            &registry,
+        );
+        let request = request("192.0.2.7:40000", "192.0.2.10:80", Bind::Proxy);
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let connected = pool
+                .connect(&request, &local, Duration::from_secs(1))
+                .await
+                .expect("the listening server");
+            assert_eq!(connected.upstream.0, servers[1]);
+            held.push(connected);
+        }
+        let state = pool.servers_state();
+        assert_eq!(state[1].health.active, 3);
+        // The refusing one was tried first (idle, least loaded) until
+        // observation took it down.
+        assert!(!state[0].health.up, "{state:?}");
+        held.truncate(1);
+        assert_eq!(pool.servers_state()[1].health.active, 1);
     }
 }

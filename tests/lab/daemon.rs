@@ -447,13 +447,21 @@ pub fn message(ev: &Value) -> Option<&str> {
     field(ev, "message").and_then(|m| m.as_str())
 }
 
-/// A field of a JSON event: under `fields`, else at the top level, else in
-/// `span`.
+/// A field of a JSON event: at the top level (the daemon's JSON lines are
+/// flat), else in `span`.
 pub fn field<'a>(ev: &'a Value, name: &str) -> Option<&'a Value> {
-    ev.get("fields")
-        .and_then(|f| f.get(name))
-        .or_else(|| ev.get(name))
+    ev.get(name)
         .or_else(|| ev.get("span").and_then(|s| s.get(name)))
+}
+
+/// How a connection ended, with what went wrong: `outcome` and, when there
+/// is one, `: error` (the close line's two fields).
+pub fn outcome(ev: &Value) -> String {
+    let outcome = field_str(ev, "outcome").unwrap_or_default();
+    match field_str(ev, "error") {
+        Some(error) => format!("{outcome}: {error}"),
+        None => outcome,
+    }
 }
 
 /// A field as a string (JSON strings as they are, other values rendered).

@@ -19,8 +19,10 @@ pub mod haproxy;
 pub mod net;
 pub mod origin;
 pub mod pki;
+pub mod prometheus;
 pub mod squid;
 pub mod tls;
+pub mod tls_peer;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -504,7 +504,7 @@ impl Nginx {
              http {{\n\
              \x20 default_type text/plain;\n\
              \x20 ssl_protocols TLSv1.2 TLSv1.3;\n\
-             \x20 log_format routing '$server_addr:$server_port sni=$ssl_server_name tls=$ssl_protocol alpn=$ssl_alpn_protocol host=$host \"$request\" $status pp=$proxy_protocol_addr:$proxy_protocol_port from=$remote_addr';\n\
+             \x20 log_format routing '$server_addr:$server_port sni=$ssl_server_name tls=$ssl_protocol alpn=$ssl_alpn_protocol host=$host \"$request\" $status from=$remote_addr pp=$proxy_protocol_addr:$proxy_protocol_port';\n\
              \x20 access_log {d}/access.log routing;\n\
              \x20 client_body_temp_path {d}/body;\n\
              \x20 proxy_temp_path {d}/proxy;\n\
@@ -571,7 +571,7 @@ impl Nginx {
     }
 
     /// Lines of the access log:
-    /// `ADDR:PORT sni=... tls=... alpn=... host=... "REQUEST" STATUS pp=ADDR:PORT from=PEER`.
+    /// `ADDR:PORT sni=... tls=... alpn=... host=... "REQUEST" STATUS from=PEER pp=ADDR:PORT`.
     pub fn access_log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.join("access.log"))
             .unwrap_or_default()

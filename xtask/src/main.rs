@@ -51,7 +51,15 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::Demo => demo::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
-        Task::Bench(args) => bench::run(&args),
+        Task::Bench(args) => {
+            // The load generators share the machine with what they measure:
+            // a debug build of them would take CPU from the proxies and
+            // squeeze every ratio towards 1. Benches run optimised.
+            if cfg!(debug_assertions) {
+                return rerun_optimised();
+            }
+            bench::run(&args)
+        }
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
     }
 }
@@ -62,6 +70,25 @@ fn workspace_root() -> PathBuf {
         .parent()
         .expect("xtask is inside the workspace")
         .to_path_buf()
+}
+
+/// Runs this same command line again from an optimised build of xtask.
+fn rerun_optimised() -> anyhow::Result<()> {
+    eprintln!("xtask: the bench runs from an optimised build of xtask");
+    run_command(
+        Command::new("cargo")
+            .current_dir(workspace_root())
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "--locked",
+                "--package",
+                "xtask",
+                "--",
+            ])
+            .args(std::env::args_os().skip(1)),
+    )
 }
 
 /// Builds the release daemon (and the kernel programs it embeds); returns its path.

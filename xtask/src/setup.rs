@@ -19,12 +19,16 @@ const PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "nginx-light",
+    // nginx's stream module (a dynamic module in Debian), for the TLS bench.
+    "libnginx-mod-stream",
     "haproxy",
     "iperf3",
     "iptables",
     "dnsmasq-base",
     "squid",
     "chromium",
+    // Prometheus and promtool: the metrics tests scrape l4proxy with them.
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -33,6 +33,7 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
                 raw::ProxyVersion::V2 => proxy_protocol::Version::V2,
             }),
             tls: upstream.tls,
+            balancing: upstream.balancing,
         })
         .collect();
     let rules = check_rules(raw.intercept, &upstreams)?;

@@ -46,7 +46,10 @@
 //!   (at least one `ip:port` or `[ipv6]:port`) or
 //!   `{ "original_destination": true }`, an optional `bind`: `"proxy"`
 //!   (default), `"client-ip"`, `"client"` or an IP address, and an optional
-//!   `proxy_protocol`: `"v1"` or `"v2"`.
+//!   `proxy_protocol`: `"v1"` or `"v2"`. A pool's server may be an object,
+//!   `{ "address": ..., "weight": 1-256, "backup": true }`; `balance`,
+//!   `retries`, `health` and `observe` say how connections are spread over
+//!   the servers and how a server that is down is found (see [`Balancing`]).
 //!
 //! Unknown fields are refused everywhere. A destination that several rules
 //! match goes to the most specific one (see [`crate::route`]); two rules that
@@ -68,6 +71,7 @@
 //! first pass reads each rule, route and upstream on its own (see `parse`),
 //! so that [`Policy::from_json_all`] can report the errors of all of them.
 
+mod balance;
 mod check;
 mod connect;
 pub mod duration;
@@ -91,6 +95,7 @@ use std::{
 use ipnet::{IpNet, Ipv6Net};
 use thiserror::Error;
 
+pub use balance::{Balance, Balancing, HealthCheck, Observe, ServerOptions};
 pub use check::BindTarget;
 pub use connect::ConnectFront;
 pub use htpasswd::Htpasswd;
@@ -336,6 +341,8 @@ pub struct Upstream {
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
     /// Reach it over TLS (after the PROXY header, if any).
     pub tls: Option<Originate>,
+    /// How its servers share connections and how their health is known.
+    pub balancing: Balancing,
 }
 
 impl Upstream {
@@ -351,7 +358,7 @@ impl Upstream {
 /// Where an upstream's connections go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// A pool: at least one server, taken in turn.
+    /// A pool: at least one server, shared as its `balancing` says.
     Servers(Vec<SocketAddr>),
     /// The address and port the client connected to (Traffic Server's
     /// `tr-pass`), for gateway and CONNECT rules only.
@@ -652,6 +659,7 @@ impl Policy {
                 bind: Bind::Proxy,
                 proxy_protocol: None,
                 tls: None,
+                balancing: Balancing::default(),
             }],
         }
     }

@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use super::{
     Bind, ClientLimits, HelloConditions, IPV4_MAPPED, Keepalive, NamePattern, PortSpec,
     SniCondition, Timeouts,
+    balance::{Balance, Balancing, PoolServer, RawBalancing, RawHealth, RawObserve},
     connect::RawConnectFront,
     parent::{Parent, RawParent},
     tls::{Originate, RawOriginate, RawTerminate, Terminate},
@@ -540,6 +541,7 @@ pub(super) struct Upstream {
     pub bind: Bind,
     pub proxy_protocol: Option<ProxyVersion>,
     pub tls: Option<Originate>,
+    pub balancing: Balancing,
 }
 
 pub(super) enum Target {
@@ -552,7 +554,7 @@ pub(super) enum Target {
 #[serde(deny_unknown_fields)]
 struct UpstreamFields {
     #[serde(default, deserialize_with = "some_non_empty")]
-    servers: Option<Vec<Server>>,
+    servers: Option<Vec<PoolServer>>,
     #[serde(default, deserialize_with = "some")]
     original_destination: Option<True>,
     #[serde(default, deserialize_with = "some")]
@@ -563,6 +565,14 @@ struct UpstreamFields {
     proxy_protocol: Option<ProxyVersion>,
     #[serde(default, deserialize_with = "some")]
     tls: Option<Object<RawOriginate>>,
+    #[serde(default, deserialize_with = "some")]
+    balance: Option<Balance>,
+    #[serde(default, deserialize_with = "some")]
+    retries: Option<u32>,
+    #[serde(default, deserialize_with = "some")]
+    health: Option<Object<RawHealth>>,
+    #[serde(default, deserialize_with = "some")]
+    observe: Option<Object<RawObserve>>,
 }
 
 /// `"v1"` or `"v2"`.
@@ -582,7 +592,17 @@ impl<'de> Deserialize<'de> for Upstream {
 impl TryFrom<UpstreamFields> for Upstream {
     type Error = &'static str;
     fn try_from(fields: UpstreamFields) -> Result<Self, Self::Error> {
-        let target = match (fields.servers, fields.original_destination, fields.parent) {
+        let (servers, options) = match fields.servers {
+            Some(servers) => {
+                let (addresses, options) = servers
+                    .into_iter()
+                    .map(|server| (server.address, server.options))
+                    .unzip();
+                (Some(addresses), options)
+            }
+            None => (None, Vec::new()),
+        };
+        let target = match (servers, fields.original_destination, fields.parent) {
             (Some(servers), None, None) => Target::Servers(servers),
             (None, Some(True), None) => Target::OriginalDestination,
             (None, None, Some(parent)) => Target::Parent(Parent::try_from(parent)?),
@@ -597,11 +617,23 @@ impl TryFrom<UpstreamFields> for Upstream {
                 );
             }
         };
+        let count = match &target {
+            Target::Servers(servers) => servers.len(),
+            Target::Parent(parent) => parent.servers.len(),
+            Target::OriginalDestination => 0,
+        };
+        let balancing = RawBalancing {
+            balance: fields.balance,
+            retries: fields.retries,
+            health: fields.health,
+            observe: fields.observe,
+        };
         Ok(Upstream {
             target,
             bind: fields.bind.map_or(Bind::Proxy, |b| b.0),
             proxy_protocol: fields.proxy_protocol,
             tls: fields.tls.map(Originate::from),
+            balancing: Balancing::of(balancing, options, count, fields.proxy_protocol.is_some())?,
         })
     }
 }

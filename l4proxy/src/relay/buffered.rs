@@ -4,7 +4,10 @@
 //! The rest is as on the splice path: half-close passed on (close_notify
 //! then FIN on a TLS side), the same deadlines, and a reset for a failure.
 //! A TLS peer that closes without close_notify has failed: a truncated
-//! transfer must not look complete to the other side.
+//! transfer must not look complete to the other side. Once l4proxy has
+//! sent a peer its own close_notify, though, that peer's bare FIN is an
+//! end like any other: it has nothing left to say, and many servers
+//! (nginx among them) close so.
 
 use std::{
     io,
@@ -39,11 +42,13 @@ pub async fn relay(
             stream: &mut client,
             written: &from_upstream,
             failed: &client_failed,
+            shut: false,
         };
         let mut upstream_side = Side {
             stream: &mut upstream,
             written: &from_client,
             failed: &upstream_failed,
+            shut: false,
         };
         let both = tokio::io::copy_bidirectional_with_sizes(
             &mut client_side,
@@ -76,6 +81,8 @@ struct Side<'a> {
     stream: &'a mut Stream,
     written: &'a Counter,
     failed: &'a AtomicBool,
+    /// l4proxy has finished sending to it (close_notify and FIN).
+    shut: bool,
 }
 
 impl Side<'_> {
@@ -94,7 +101,13 @@ impl AsyncRead for Side<'_> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut *this.stream).poll_read(cx, buf);
+        let polled = match Pin::new(&mut *this.stream).poll_read(cx, buf) {
+            // Told we are done, it closed without a word: the end.
+            Poll::Ready(Err(e)) if this.shut && e.kind() == io::ErrorKind::UnexpectedEof => {
+                Poll::Ready(Ok(()))
+            }
+            polled => polled,
+        };
         this.note(polled)
     }
 }
@@ -122,6 +135,9 @@ impl AsyncWrite for Side<'_> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut *this.stream).poll_shutdown(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            this.shut = true;
+        }
         this.note(polled)
     }
 }

@@ -25,7 +25,7 @@ mod splice;
 mod tests;
 
 use std::{
-    fmt, io,
+    io,
     net::Shutdown,
     pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
@@ -62,15 +62,29 @@ pub enum Outcome {
     LifetimeOver(Duration),
 }
 
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Outcome {
+    /// The outcome's name in logs and metrics (see `metrics::OUTCOMES`).
+    pub fn kind(&self) -> &'static str {
         match self {
-            Outcome::Closed => f.write_str("closed"),
-            Outcome::ClientError(e) => write!(f, "client error: {e}"),
-            Outcome::UpstreamError(e) => write!(f, "upstream error: {e}"),
-            Outcome::ShutDown => f.write_str("shut down after grace period"),
-            Outcome::IdleTimeout(after) => write!(f, "idle timeout ({after:?})"),
-            Outcome::LifetimeOver(after) => write!(f, "lifetime over ({after:?})"),
+            Outcome::Closed => "closed",
+            Outcome::ClientError(_) => "client_error",
+            Outcome::UpstreamError(_) => "upstream_error",
+            Outcome::ShutDown => "shut_down",
+            Outcome::IdleTimeout(_) => "idle_timeout",
+            Outcome::LifetimeOver(_) => "lifetime_over",
+        }
+    }
+}
+
+impl Outcome {
+    /// What went wrong, beyond [`Outcome::kind`]; `None` for a clean close.
+    pub fn error(&self) -> Option<String> {
+        match self {
+            Outcome::Closed => None,
+            Outcome::ClientError(e) | Outcome::UpstreamError(e) => Some(e.to_string()),
+            Outcome::ShutDown => Some("the grace period ran out".to_owned()),
+            Outcome::IdleTimeout(after) => Some(format!("no byte moved for {after:?}")),
+            Outcome::LifetimeOver(after) => Some(format!("open for {after:?}")),
         }
     }
 }

@@ -33,7 +33,7 @@ const SESSION_CACHE: usize = 4096;
 /// in force, so tickets outlive reloads. `None` if it could not be made
 /// (then sessions resume from the cache only).
 static TICKETS: LazyLock<Option<Arc<dyn ProducesTickets>>> = LazyLock::new(|| {
-    rustls::crypto::aws_lc_rs::Ticketer::new()
+    rustls::crypto::ring::Ticketer::new()
         .inspect_err(|e| tracing::warn!(error = %e, "no TLS session tickets"))
         .ok()
 });
@@ -68,6 +68,8 @@ pub fn config(terminate: &Terminate) -> Result<Arc<ServerConfig>, String> {
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
+    // The provider's suite order (see `provider`), not the client's.
+    config.ignore_client_order = true;
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
     if let Some(tickets) = &*TICKETS {
         config.ticketer = tickets.clone();

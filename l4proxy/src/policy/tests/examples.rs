@@ -36,6 +36,7 @@ fn every_example_loads_without_warnings() {
         "outbound-transparent.json",
         "fully-transparent.json",
         "proxy-protocol.json",
+        "balanced.json",
     ] {
         assert!(
             checked.iter().any(|c| c == name),

@@ -70,6 +70,7 @@ fn example_is_valid() {
                 bind: Bind::Proxy,
                 proxy_protocol: None,
                 tls: None,
+                balancing: Balancing::default(),
             }],
         }
     );

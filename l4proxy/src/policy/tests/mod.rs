@@ -1,6 +1,7 @@
 //! Reading policies: what is accepted, and what is refused with which path,
 //! position and reason.
 
+mod balance;
 mod connect;
 mod examples;
 mod friendly;

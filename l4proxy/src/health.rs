@@ -1,0 +1,514 @@
+//! Whether each upstream server is up, and how many connections it has:
+//! active checks (a TCP connection every `interval`, HAProxy's `inter`,
+//! `fastinter`, `downinter`, `rise` and `fall`) and passive observation
+//! (failed connects of relayed connections, HAProxy's `observe layer4`).
+//!
+//! A server's state is kept in a [`Registry`] that the daemon holds across
+//! policies, by upstream name and address: a reload that keeps a server
+//! keeps whether it is up, its open connections and its checks; a reload
+//! that drops it stops its checks. Servers start up, as in HAProxy: a new
+//! server is given connections until its checks say otherwise.
+//!
+//! Checks run as tasks on the daemon's runtime, from the upstream's fixed
+//! `bind` address if it has one, else from the kernel's choice: never from a
+//! client's address, as there is no client. Transitions are logged at INFO
+//! (`server up`, `server down`, with the upstream, the server and why).
+
+use std::{
+    collections::HashMap,
+    fmt, io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use tokio::{io::AsyncWriteExt, task::AbortHandle};
+
+use crate::{
+    addrs::UpstreamAddr,
+    policy::{Bind, HealthCheck, Keepalive, Observe, Policy, Upstream},
+    proxy_protocol::{self, Header},
+    upstream::{self, Source},
+};
+
+/// A server of an upstream, as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ServerKey {
+    upstream: String,
+    address: SocketAddr,
+}
+
+/// The health and load of one server of one upstream, shared by every
+/// policy that has it and by its checks.
+pub struct ServerState {
+    key: ServerKey,
+    up: AtomicBool,
+    /// Connections to it open now or being opened, over all policies.
+    active: AtomicUsize,
+    /// Failed connects of relayed connections since the last one that
+    /// worked.
+    errors: AtomicU32,
+    /// Whether checks run for it: then they, not observation's `down_for`,
+    /// bring it back up.
+    checked: AtomicBool,
+    failed_checks: AtomicU64,
+    went_down: AtomicU64,
+}
+
+/// What a server's state is now, for metrics and status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub up: bool,
+    /// Whether active checks run for it.
+    pub checked: bool,
+    /// Connections to it open now (or being opened), over all policies.
+    pub active: usize,
+    /// Checks that failed, since the daemon started.
+    pub failed_checks: u64,
+    /// Times it was marked down, since the daemon started.
+    pub went_down: u64,
+}
+
+impl ServerState {
+    fn new(key: ServerKey) -> ServerState {
+        ServerState {
+            key,
+            up: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+            errors: AtomicU32::new(0),
+            checked: AtomicBool::new(false),
+            failed_checks: AtomicU64::new(0),
+            went_down: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn health(&self) -> Health {
+        Health {
+            up: self.is_up(),
+            checked: self.checked.load(Ordering::Relaxed),
+            active: self.active(),
+            failed_checks: self.failed_checks.load(Ordering::Relaxed),
+            went_down: self.went_down.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a connection to it as active until the lease is dropped.
+    pub fn lease(self: &Arc<Self>) -> Lease {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Lease(self.clone())
+    }
+
+    /// Marks it up or down, logging why, unless it already is; says
+    /// whether it changed.
+    fn mark(&self, up: bool, why: &dyn fmt::Display) -> bool {
+        if self
+            .up
+            .compare_exchange(!up, up, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // A fresh count for observation either way.
+        self.errors.store(0, Ordering::Relaxed);
+        let (upstream, server) = (&self.key.upstream, self.key.address);
+        if up {
+            tracing::info!(upstream, %server, reason = %why, "server up");
+        } else {
+            self.went_down.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(upstream, %server, reason = %why, "server down");
+        }
+        true
+    }
+
+    /// A relayed connection reached it: the failed connects in a row
+    /// start again from none.
+    pub fn connect_succeeded(&self) {
+        self.errors.store(0, Ordering::Relaxed);
+    }
+
+    /// A relayed connection could not connect to it: `observe.errors` in
+    /// a row mark it down. Without checks to bring it back, it is up again
+    /// after `observe.down_for`, for connections to try it.
+    pub fn connect_failed(self: &Arc<Self>, observe: &Observe, error: &io::Error) {
+        let errors = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if errors < observe.errors {
+            return;
+        }
+        let why = format!("{errors} connects failed in a row, the last: {error}");
+        if !self.mark(false, &why) || self.checked.load(Ordering::Relaxed) {
+            return;
+        }
+        let down_for = observe.down_for;
+        let state = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(down_for).await;
+            // Checks started meanwhile (a reload) bring it back themselves.
+            if let Some(state) = state.upgrade()
+                && !state.checked.load(Ordering::Relaxed)
+            {
+                state.mark(
+                    true,
+                    &format!("down for {down_for:?} after failed connects: tried again"),
+                );
+            }
+        });
+    }
+}
+
+/// A connection to a server, counted as active while this is held.
+pub struct Lease(Arc<ServerState>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Every server's state, kept across policies, and the checks that run.
+#[derive(Default)]
+pub struct Registry {
+    servers: Mutex<HashMap<ServerKey, Entry>>,
+}
+
+struct Entry {
+    state: Arc<ServerState>,
+    checks: Option<Checks>,
+}
+
+/// A server's running checks, and what they were started with.
+struct Checks {
+    plan: Plan,
+    task: AbortHandle,
+}
+
+/// How a server is checked: the policy's settings, the source and the
+/// PROXY header, if any. A reload that changes any restarts its checks
+/// (its state stays).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Plan {
+    settings: HealthCheck,
+    source: Source,
+    header: Option<Vec<u8>>,
+}
+
+impl Registry {
+    /// The state of `upstream`'s server at `address`: the one a policy
+    /// before had, if any, else a new one (up, idle, unchecked).
+    pub fn server(&self, upstream: &str, address: SocketAddr) -> Arc<ServerState> {
+        let key = ServerKey {
+            upstream: upstream.to_owned(),
+            address,
+        };
+        self.lock()
+            .entry(key.clone())
+            .or_insert_with(|| Entry {
+                state: Arc::new(ServerState::new(key)),
+                checks: None,
+            })
+            .state
+            .clone()
+    }
+
+    /// Makes the registry that of `policy`, now in force: forgets the
+    /// servers it does not have (their checks stop; connections open to
+    /// them keep their own state), starts the checks of servers that are
+    /// to have them, and restarts those whose settings changed. A server
+    /// whose checks are gone is up again, since nothing would bring it
+    /// back. On the daemon's runtime, which the checks run on.
+    pub fn update(&self, policy: &Policy) {
+        let mut wanted: HashMap<ServerKey, Option<Plan>> = HashMap::new();
+        for upstream in &policy.upstreams {
+            let plan = plan(upstream);
+            for &address in upstream.servers() {
+                let key = ServerKey {
+                    upstream: upstream.name.clone(),
+                    address,
+                };
+                wanted.insert(key, plan.clone());
+            }
+        }
+        let mut servers = self.lock();
+        servers.retain(|key, entry| {
+            let keep = wanted.contains_key(key);
+            if !keep && let Some(checks) = entry.checks.take() {
+                checks.task.abort();
+            }
+            keep
+        });
+        for (key, plan) in wanted {
+            let entry = servers.entry(key.clone()).or_insert_with(|| Entry {
+                state: Arc::new(ServerState::new(key)),
+                checks: None,
+            });
+            if entry.checks.as_ref().map(|c| &c.plan) == plan.as_ref() {
+                continue;
+            }
+            if let Some(checks) = entry.checks.take() {
+                checks.task.abort();
+            }
+            match plan {
+                Some(plan) => {
+                    entry.state.checked.store(true, Ordering::Relaxed);
+                    let task = tokio::spawn(run(entry.state.clone(), plan.clone()));
+                    entry.checks = Some(Checks {
+                        plan,
+                        task: task.abort_handle(),
+                    });
+                }
+                None => {
+                    entry.state.checked.store(false, Ordering::Relaxed);
+                    entry.state.mark(true, &"its health checks were removed");
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ServerKey, Entry>> {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Checks end with the registry (at exit), not with the runtime only.
+impl Drop for Registry {
+    fn drop(&mut self) {
+        for entry in self.lock().values_mut() {
+            if let Some(checks) = entry.checks.take() {
+                checks.task.abort();
+            }
+        }
+    }
+}
+
+/// How `upstream`'s servers are checked, if they are.
+fn plan(upstream: &Upstream) -> Option<Plan> {
+    let settings = upstream.balancing.health?;
+    // The upstream's own source when it is a fixed address (a server may
+    // accept only that one); a client's address has no client here.
+    let source = match upstream.bind {
+        Bind::Address(ip) => Source::Fixed(ip),
+        Bind::Proxy | Bind::ClientIp | Bind::Client => Source::Kernel,
+    };
+    let header = upstream
+        .proxy_protocol
+        .filter(|_| settings.send_proxy)
+        // LOCAL has no addresses to encode: it always fits.
+        .and_then(|version| proxy_protocol::encode(version, &Header::Local).ok());
+    Some(Plan {
+        settings,
+        source,
+        header,
+    })
+}
+
+/// Checks one server until aborted: after `fall` failed checks in a row
+/// it is marked down, after `rise` good ones up; `fast_interval` between
+/// checks while a change is under way, `down_interval` while it is down.
+async fn run(state: Arc<ServerState>, plan: Plan) {
+    let settings = plan.settings;
+    // Checks in a row that disagree with the state; from none again when
+    // observation changed the state meanwhile.
+    let mut streak = 0;
+    let mut was_up = state.is_up();
+    loop {
+        let up = state.is_up();
+        if up != was_up {
+            streak = 0;
+            was_up = up;
+        }
+        let result = check(state.key.address, &plan).await;
+        if result.is_err() {
+            state.failed_checks.fetch_add(1, Ordering::Relaxed);
+        }
+        match (up, result) {
+            (true, Ok(())) | (false, Err(_)) => streak = 0,
+            (true, Err(error)) => {
+                streak += 1;
+                if streak >= settings.fall {
+                    state.mark(
+                        false,
+                        &format!("{streak} checks failed in a row, the last: {error}"),
+                    );
+                    (streak, was_up) = (0, false);
+                }
+            }
+            (false, Ok(())) => {
+                streak += 1;
+                if streak >= settings.rise {
+                    state.mark(true, &format!("{streak} checks passed in a row"));
+                    (streak, was_up) = (0, true);
+                }
+            }
+        }
+        let wait = match (streak, state.is_up()) {
+            (1.., _) => settings.fast_interval,
+            (0, true) => settings.interval,
+            (0, false) => settings.down_interval,
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One check: a TCP connection within the timeout, and the PROXY header
+/// sent on it if the plan has one; then closed.
+async fn check(address: SocketAddr, plan: &Plan) -> io::Result<()> {
+    let attempt = async {
+        let mut stream =
+            upstream::connect_one(UpstreamAddr(address), plan.source, Keepalive::Off).await?;
+        if let Some(header) = &plan.header {
+            stream.write_all(header).await?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(plan.settings.timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {:?}", plan.settings.timeout),
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn policy(upstream: &str, servers: &[SocketAddr], fields: &str) -> Policy {
+        let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+        Policy::from_json(&format!(
+            r#"{{ "intercept": [ {{ "name": "r", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "{upstream}" }} ],
+                 "upstreams": {{ "{upstream}": {{ "servers": [{}] {fields} }} }} }}"#,
+            servers.join(", ")
+        ))
+        .unwrap()
+    }
+
+    /// Polls until `state` is up (or down), at most `within`.
+    async fn until_up(state: &ServerState, up: bool, within: Duration) {
+        let deadline = Instant::now() + within;
+        while state.is_up() != up {
+            assert!(
+                Instant::now() < deadline,
+                "still {} after {within:?}",
+                if up { "down" } else { "up" }
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn checks_take_a_server_down_after_fall_and_up_after_rise() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let registry = Registry::default();
+        let state = registry.server("web", address);
+        registry.update(&policy(
+            "web",
+            &[address],
+            r#", "health": { "interval": "50ms", "down_interval": "2s", "rise": 2, "fall": 3 }"#,
+        ));
+        assert!(state.health().checked);
+        // A check that passes.
+        tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("a check's connection")
+            .unwrap();
+        assert!(state.is_up());
+        assert_eq!(state.health().failed_checks, 0);
+
+        drop(listener);
+        until_up(&state, false, Duration::from_secs(5)).await;
+        // Down at the third failed check, and not checked again for the
+        // down interval.
+        assert_eq!(state.health().failed_checks, 3);
+        assert_eq!(state.health().went_down, 1);
+
+        let listener = TcpListener::bind(address).await.unwrap();
+        until_up(&state, true, Duration::from_secs(5)).await;
+        // Two checks reached it: one a down interval after the last
+        // failure, the second a fast interval (the interval) later.
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(1), listener.accept())
+                .await
+                .expect("a check's connection")
+                .unwrap();
+        }
+        assert_eq!(state.health().failed_checks, 3);
+    }
+
+    #[tokio::test]
+    async fn observation_takes_a_server_down_and_without_checks_tries_it_again() {
+        let registry = Registry::default();
+        let state = registry.server("web", "192.0.2.1:80".parse().unwrap());
+        let observe = Observe {
+            errors: 3,
+            down_for: Duration::from_millis(200),
+        };
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        state.connect_failed(&observe, &refused);
+        state.connect_failed(&observe, &refused);
+        // A connect that works starts the count again.
+        state.connect_succeeded();
+        state.connect_failed(&observe, &refused);
+        state.connect_failed(&observe, &refused);
+        assert!(state.is_up());
+        state.connect_failed(&observe, &refused);
+        assert!(!state.is_up());
+        until_up(&state, true, Duration::from_secs(5)).await;
+        assert_eq!(state.health().went_down, 1);
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_a_kept_servers_state_and_forgets_the_others() {
+        let listeners = [
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        ];
+        let [a, b] = listeners.each_ref().map(|l| l.local_addr().unwrap());
+        let registry = Registry::default();
+        let observe = Observe {
+            errors: 1,
+            down_for: Duration::from_secs(3600),
+        };
+        let state_a = registry.server("web", a);
+        let state_b = registry.server("web", b);
+        registry.update(&policy("web", &[a, b], ""));
+        state_a.connect_failed(&observe, &io::Error::from(io::ErrorKind::TimedOut));
+        let lease = state_a.lease();
+        assert!(!state_a.is_up());
+
+        // b goes; a stays, down, with its connection.
+        registry.update(&policy("web", &[a], r#", "observe": { "errors": 1 }"#));
+        let again = registry.server("web", a);
+        assert!(Arc::ptr_eq(&again, &state_a));
+        assert!(!again.is_up());
+        assert_eq!(again.active(), 1);
+        drop(lease);
+        assert_eq!(again.active(), 0);
+        assert!(!Arc::ptr_eq(&registry.server("web", b), &state_b));
+        // The same address in another upstream is another server.
+        assert!(!Arc::ptr_eq(&registry.server("api", a), &state_a));
+
+        // Checks added, then removed again: nothing would bring it back,
+        // so it is up.
+        registry.update(&policy("web", &[a], r#", "health": {}"#));
+        assert!(again.health().checked);
+        registry.update(&policy("web", &[a], ""));
+        assert!(!again.health().checked);
+        assert!(again.is_up());
+    }
+}

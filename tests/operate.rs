@@ -1,0 +1,240 @@
+//! Operating the daemon: its Prometheus metrics, checked by Debian's
+//! promtool and scraped by a real Prometheus server while the test sends
+//! known traffic; `l4proxy status` against the connections the test holds;
+//! `l4proxy reload` refusing a bad policy and taking a good one.
+
+mod lab;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+use lab::prometheus::{Prometheus, promtool_check};
+use lab::tls::run_in;
+use lab::{Daemon, Server, Topo, handlers, sa};
+use serde_json::{Value, json};
+
+/// Where l4proxy serves metrics and Prometheus listens, inside px.
+const ADMIN: &str = "127.0.0.1:9901";
+const PROMETHEUS: &str = "127.0.0.1:9090";
+
+/// Port 80 of the service goes to the echo server by the route `api`; port
+/// 81 has no route and no default: refused.
+fn policy(api: &str) -> Value {
+    json!({
+        "intercept": [ { "name": "svc", "prefixes": ["192.0.2.10/32"], "ports": [80, 81] } ],
+        "routes": [ { "name": "api", "match": { "ports": [80] }, "upstream": "api" } ],
+        "upstreams": { "api": { "servers": [api] } }
+    })
+}
+
+/// Runs the daemon's own binary in `ns` (a control-socket client).
+fn l4proxy(t: &Topo, args: &[&str]) -> lab::tls::Output {
+    run_in(
+        &t.px,
+        lab::daemon::binary(),
+        args,
+        b"",
+        Duration::from_secs(30),
+    )
+}
+
+/// One echoed exchange: connects, sends `line`, reads the server's hello
+/// and the echo, closes. Returns the bytes sent.
+fn exchange(t: &Topo, line: &str) -> usize {
+    let mut c = lab::connect(&t.cl, sa("192.0.2.10:80"));
+    c.write_all(line.as_bytes()).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = String::new();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.read_to_string(&mut got).unwrap();
+    assert_eq!(got, format!("api\n{line}"));
+    line.len()
+}
+
+/// A connection no route takes: the daemon closes it.
+fn refused(t: &Topo) {
+    let mut c = lab::connect(&t.cl, sa("192.0.2.10:81"));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = c.read(&mut [0u8; 16]);
+}
+
+/// The metrics pass promtool, and Prometheus, scraping them, counts what
+/// the test sent: connections per route, bytes, refusals by outcome, and
+/// the kernel's steering.
+#[test]
+fn prometheus_scrapes_what_the_test_sent() {
+    let t = Topo::new("operate_metrics");
+    let _api = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("api"));
+    let _d = Daemon::start_ready(&t.px, &policy("203.0.113.2:8080"), &["--admin", ADMIN]);
+    let prometheus = Prometheus::start(&t.px, sa(PROMETHEUS), sa(ADMIN));
+
+    let sent: usize = (0..3).map(|i| exchange(&t, &format!("hello {i}\n"))).sum();
+    refused(&t);
+    refused(&t);
+
+    let scraped = run_in(
+        &t.px,
+        "curl",
+        &["-sS", "--max-time", "5", &format!("http://{ADMIN}/metrics")],
+        b"",
+        Duration::from_secs(10),
+    );
+    assert!(scraped.success(), "{}", scraped.describe());
+    let (valid, report) = promtool_check(&t.px, &scraped.stdout);
+    assert!(
+        valid,
+        "promtool refuses the exposition:\n{report}\n{}",
+        scraped.stdout
+    );
+    let other = run_in(
+        &t.px,
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{ADMIN}/"),
+        ],
+        b"",
+        Duration::from_secs(10),
+    );
+    assert_eq!(other.stdout, "404", "{}", other.describe());
+
+    let exactly = |n: f64| move |v: f64| v == n;
+    let queries = [
+        (r#"l4proxy_route_connections_total{route="api"}"#, 3.0),
+        (r#"l4proxy_rule_connections_total{rule="svc"}"#, 5.0),
+        (
+            r#"l4proxy_rule_closed_connections_total{rule="svc",outcome="closed"}"#,
+            3.0,
+        ),
+        (
+            r#"l4proxy_rule_closed_connections_total{rule="svc",outcome="no_route"}"#,
+            2.0,
+        ),
+        (r#"l4proxy_upstream_connections_total{upstream="api"}"#, 3.0),
+        (
+            r#"l4proxy_rule_bytes_total{rule="svc",direction="from_client"}"#,
+            sent as f64,
+        ),
+        (
+            // The server's hello and the echo.
+            r#"l4proxy_upstream_bytes_total{upstream="api",direction="from_upstream"}"#,
+            (sent + 3 * "api\n".len()) as f64,
+        ),
+        (
+            r#"l4proxy_upstream_connect_seconds_count{upstream="api"}"#,
+            3.0,
+        ),
+        (r#"l4proxy_rule_active_connections{rule="svc"}"#, 0.0),
+        (r#"l4proxy_policy_generation"#, 1.0),
+        (
+            r#"l4proxy_server_up{upstream="api",server="203.0.113.2:8080"}"#,
+            1.0,
+        ),
+        (
+            r#"l4proxy_server_active_connections{upstream="api",server="203.0.113.2:8080"}"#,
+            0.0,
+        ),
+    ];
+    for (query, want) in queries {
+        prometheus.wait_value(&t.px, query, exactly(want));
+    }
+    prometheus.wait_value(&t.px, r#"l4proxy_kernel_total{counter="steered"}"#, |v| {
+        v >= 5.0
+    });
+}
+
+/// `status` shows the connections the test holds open, and the totals;
+/// `reload` says why a bad policy is refused (exit 1) and takes a good one
+/// (exit 0), which `status` then shows.
+#[test]
+fn status_and_reload_answer_from_the_running_daemon() {
+    let t = Topo::new("operate_status");
+    let _api = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("api"));
+    let _other = Server::start(&t.sv, sa("203.0.113.3:8080"), handlers::hello_echo("other"));
+    let mut d = Daemon::start_ready(&t.px, &policy("203.0.113.2:8080"), &[]);
+
+    // Two held open (the server's hello read: they are relaying), one done.
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = lab::connect(&t.cl, sa("192.0.2.10:80"));
+            let mut hello = [0u8; 4];
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.read_exact(&mut hello).unwrap();
+            c
+        })
+        .collect();
+    exchange(&t, "done\n");
+
+    let out = l4proxy(&t, &["status", "--json"]);
+    assert!(out.success(), "{}", out.describe());
+    let status: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(status["rules"][0]["name"], "svc", "{status}");
+    assert_eq!(status["rules"][0]["active"], 2, "{status}");
+    assert_eq!(status["rules"][0]["total"], 3, "{status}");
+    assert_eq!(status["upstreams"][0]["active"], 2, "{status}");
+    let server = &status["upstreams"][0]["servers"][0];
+    assert_eq!(server["address"], "203.0.113.2:8080", "{status}");
+    assert_eq!(server["up"], true, "{status}");
+    assert_eq!(server["active"], 2, "{status}");
+    assert_eq!(status["routes"][0]["total"], 3, "{status}");
+    assert_eq!(status["generation"], 1, "{status}");
+    assert!(
+        status["kernel"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["counter"] == "steered" && k["value"].as_u64() >= Some(3)),
+        "{status}"
+    );
+    let table = l4proxy(&t, &["status"]);
+    assert!(table.success(), "{}", table.describe());
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["svc", "2", "3"]),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["203.0.113.2:8080", "2", "up"]),
+        "{}",
+        table.stdout
+    );
+    drop(held);
+
+    // A bad policy: refused with the reason, the old one stays.
+    std::fs::write(d.policy_path(), "{ \"intercept\": [ ").unwrap();
+    let refused = l4proxy(&t, &["reload"]);
+    assert!(!refused.success(), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("refused") && refused.stderr.contains("EOF"),
+        "{}",
+        refused.describe()
+    );
+    assert_eq!(exchange(&t, "still\n"), "still\n".len());
+
+    // A good one: the route now goes to the other server.
+    let good = serde_json::to_string_pretty(&policy("203.0.113.3:8080")).unwrap();
+    std::fs::write(d.policy_path(), good).unwrap();
+    let reloaded = l4proxy(&t, &["reload"]);
+    assert!(reloaded.success(), "{}", reloaded.describe());
+    let mut c = lab::connect(&t.cl, sa("192.0.2.10:80"));
+    let mut hello = [0u8; 6];
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"other\n");
+    let status: Value = serde_json::from_str(&l4proxy(&t, &["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["generation"], 2, "{status}");
+    d.wait_event("the reload", Duration::from_secs(5), |ev| {
+        lab::daemon::message(ev) == Some("policy reloaded")
+    });
+}
