@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use lab::daemon::{field_str, field_string, message};
+use lab::daemon::{field_str, field_string, message, outcome};
 use lab::{Daemon, Server, Topo, addr, connect, connect_from, handlers, sa};
 use serde_json::{Value, json};
 
@@ -291,13 +291,9 @@ fn with_every_server_down_connections_are_refused_as_without_a_route() {
 
     let refused = |d: &mut Daemon, c: &TcpStream| {
         let closed = d.closed_event(c.local_addr().unwrap());
-        // The outcome, and the error beside it where the log has one.
-        let outcome = match field_str(&closed, "error") {
-            Some(error) => format!("{}: {error}", field_string(&closed, "outcome")),
-            None => field_string(&closed, "outcome"),
-        };
         assert_eq!(
-            outcome, r#"refused: no server of upstream "web" is up"#,
+            outcome(&closed),
+            r#"refused: no server of upstream "web" is up"#,
             "{closed}"
         );
     };
