@@ -432,6 +432,35 @@ impl Drop for Daemon {
                 self.ns,
                 self.log_text()
             );
+        } else {
+            self.assert_close_lines_follow_the_schema();
+        }
+    }
+}
+
+impl Daemon {
+    /// Every `connection closed` line of every test: a JSON object with the
+    /// connection's ID and an `outcome` of the documented set, with an
+    /// `error` exactly when it is not `closed` (README, "Logging").
+    fn assert_close_lines_follow_the_schema(&self) {
+        for line in self.log_lines() {
+            let Ok(ev) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if message(&ev) != Some("connection closed") {
+                continue;
+            }
+            let outcome = field_str(&ev, "outcome").unwrap_or_default();
+            assert!(
+                l4proxy::metrics::OUTCOMES.contains(&outcome.as_str()),
+                "undocumented outcome in {line}"
+            );
+            assert!(field_str(&ev, "conn_id").is_some(), "no conn_id in {line}");
+            assert_eq!(
+                field(&ev, "error").is_some(),
+                outcome != "closed",
+                "`error` goes with every outcome but `closed`: {line}"
+            );
         }
     }
 }
