@@ -351,8 +351,7 @@ impl Metrics {
             .collect();
         let routes = (0..policy.routes.len())
             .map(|i| {
-                let route = policy.route_label(crate::policy::RouteId(i)).to_string();
-                let route = policy.routes[i].name.clone().unwrap_or(route);
+                let route = policy.route_label(crate::policy::RouteId(i)).short();
                 self.route_connections
                     .get_or_create(&RouteLabel { route })
                     .clone()

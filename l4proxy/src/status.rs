@@ -37,8 +37,8 @@ pub fn snapshot(daemon: &Daemon, active: &Active) -> Value {
             "active": open(&m.active),
             "total": total(&m.connections),
         })).collect::<Vec<_>>(),
-        "routes": policy.routes.iter().enumerate().zip(&m.routes).map(|((i, route), m)| json!({
-            "name": route.name.clone().unwrap_or_else(|| format!("routes[{i}]")),
+        "routes": m.routes.iter().enumerate().map(|(i, m)| json!({
+            "name": policy.route_label(crate::policy::RouteId(i)).short(),
             "total": total(m),
         })).collect::<Vec<_>>(),
         "upstreams": policy.upstreams.iter().zip(&m.upstreams).zip(&active.pools).map(|((upstream, m), pool)| json!({

@@ -419,6 +419,17 @@ pub struct RouteLabel<'p> {
     pub name: Option<&'p str>,
 }
 
+impl RouteLabel<'_> {
+    /// The route's name, or `routes[i]` when it has none: how logs,
+    /// metrics and `status` name it.
+    pub fn short(&self) -> String {
+        match self.name {
+            Some(name) => name.to_owned(),
+            None => format!("routes[{}]", self.id.0),
+        }
+    }
+}
+
 impl fmt::Display for RouteLabel<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "routes[{}]", self.id.0)?;

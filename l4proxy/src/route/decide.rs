@@ -100,10 +100,7 @@ impl Why<'_> {
     /// for the intercept rule's default upstream.
     pub fn route_name(&self) -> String {
         match self {
-            Why::Route(label) => match label.name {
-                Some(name) => name.to_owned(),
-                None => format!("routes[{}]", label.id.0),
-            },
+            Why::Route(label) => label.short(),
             Why::Default { .. } => "default".to_owned(),
         }
     }
