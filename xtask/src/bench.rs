@@ -6,7 +6,8 @@
 //! routed by SNI, added time to first byte, memory per idle connection,
 //! connection rate against the number of rules, and l4proxy as an explicit
 //! CONNECT proxy beside Squid (tunnel set-up rate, one stream through a
-//! tunnel). The report goes to
+//! tunnel), and TLS termination beside HAProxy and nginx (handshakes,
+//! resumptions, one stream; see `tls`). The report goes to
 //! `bench/results/<date>.md` and `bench/results/latest.md`, with SVG charts.
 //!
 //! On this 2-core machine the client, the proxy and the server share the
@@ -20,6 +21,7 @@ mod load;
 mod report;
 mod stats;
 mod targets;
+mod tls;
 
 use std::{
     path::{Path, PathBuf},
@@ -62,6 +64,7 @@ enum Case {
     Latency,
     Rules,
     Connect,
+    Tls,
 }
 
 /// How much of each case to run.
@@ -171,6 +174,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         // CONNECT rule.
         if wanted(Case::Connect) {
             bench.connect(&mut report)?;
+        }
+        // After every case that uses the first l4proxy: it starts its own.
+        if wanted(Case::Tls) {
+            bench.tls(&mut report)?;
         }
         if wanted(Case::Rules) {
             bench.rules(&mut report)?;

@@ -117,6 +117,9 @@ pub struct Report {
     pub connect_throughput: Vec<Row<Flow>>,
     /// How the CONNECT case measures, as a paragraph.
     pub connect_how: String,
+    /// Sections written by their cases as Markdown (the TLS case's), put
+    /// before the notes.
+    pub sections: Vec<String>,
     pub notes: Vec<String>,
 }
 
@@ -282,6 +285,10 @@ impl Report {
                 md += "\n### One stream through the tunnel (Gbit/s, higher is better)\n\n";
                 md += &figure_table(&self.connect_throughput, &GBIT, &versus);
             }
+        }
+
+        for section in &self.sections {
+            md += section;
         }
 
         if !self.notes.is_empty() {
