@@ -278,6 +278,34 @@ fn rule(name: &str, port: u16, upstream: &str) -> Value {
 }
 
 /// `rule` with a `terminate`.
+/// Two terminating rules for app.example.test (a certificate `issuer`
+/// makes): port 443 to the plain server `plain`, port 444 re-encrypted to
+/// `tls`, verified as inner.example.test. The policy, and the inner
+/// server's certificate.
+fn plain_and_reencrypting(
+    pki: &Pki,
+    issuer: &pki::Ca,
+    plain: &str,
+    tls: &str,
+) -> (Value, pki::Cert) {
+    let app = issuer.issue_server("app.example.test", &["DNS:app.example.test"]);
+    let inner = pki
+        .back
+        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
+    let policy = json!({
+        "intercept": [
+            terminating("to-plain", 443, "plain", json!({ "certificates": [files(&app)] })),
+            terminating("to-tls", 444, "tls", json!({ "certificates": [files(&app)] })),
+        ],
+        "upstreams": {
+            "plain": { "servers": [plain] },
+            "tls": { "servers": [tls], "tls": {
+                "ca": p(&pki.back.cert), "server_name": "inner.example.test" } }
+        }
+    });
+    (policy, inner)
+}
+
 fn terminating(name: &str, port: u16, upstream: &str, terminate: Value) -> Value {
     let mut r = rule(name, port, upstream);
     r["terminate"] = terminate;
@@ -797,23 +825,7 @@ impl Upstream<'_> {
 fn bulk_through_termination_both_half_closes() {
     let t = Topo::new("tls_bulk");
     let pki = Pki::new();
-    let app = pki
-        .front_int
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
-    let inner = pki
-        .back
-        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
-    let policy = json!({
-        "intercept": [
-            terminating("to-plain", 443, "plain", json!({ "certificates": [files(&app)] })),
-            terminating("to-tls", 444, "tls", json!({ "certificates": [files(&app)] })),
-        ],
-        "upstreams": {
-            "plain": { "servers": [PLAIN] },
-            "tls": { "servers": [TLS_UP], "tls": {
-                "ca": p(&pki.back.cert), "server_name": "inner.example.test" } }
-        }
-    });
+    let (policy, inner) = plain_and_reencrypting(&pki, &pki.front_int, PLAIN, TLS_UP);
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let ca = &pki.front.cert;
     bulk_both_orders(
@@ -843,25 +855,9 @@ fn bulk_through_termination_both_half_closes() {
 fn bulk_through_termination_ipv6() {
     let t = Topo::new("tls_bulk6");
     let pki = Pki::new();
-    let app = pki
-        .front_int
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
-    let inner = pki
-        .back
-        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
     const PLAIN6: &str = "[2001:db8:5::2]:8000";
     const TLS6: &str = "[2001:db8:5::2]:9443";
-    let policy = json!({
-        "intercept": [
-            terminating("to-plain", 443, "plain", json!({ "certificates": [files(&app)] })),
-            terminating("to-tls", 444, "tls", json!({ "certificates": [files(&app)] })),
-        ],
-        "upstreams": {
-            "plain": { "servers": [PLAIN6] },
-            "tls": { "servers": [TLS6], "tls": {
-                "ca": p(&pki.back.cert), "server_name": "inner.example.test" } }
-        }
-    });
+    let (policy, inner) = plain_and_reencrypting(&pki, &pki.front_int, PLAIN6, TLS6);
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let ca = &pki.front.cert;
     bulk_both_orders(
@@ -894,23 +890,7 @@ fn bulk_through_termination_ipv6() {
 fn a_close_without_close_notify_is_a_failure() {
     let t = Topo::new("tls_trunc");
     let pki = Pki::new();
-    let app = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
-    let inner = pki
-        .back
-        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
-    let policy = json!({
-        "intercept": [
-            terminating("to-plain", 443, "plain", json!({ "certificates": [files(&app)] })),
-            terminating("to-tls", 444, "tls", json!({ "certificates": [files(&app)] })),
-        ],
-        "upstreams": {
-            "plain": { "servers": [PLAIN] },
-            "tls": { "servers": [TLS_UP], "tls": {
-                "ca": p(&pki.back.cert), "server_name": "inner.example.test" } }
-        }
-    });
+    let (policy, inner) = plain_and_reencrypting(&pki, &pki.front, PLAIN, TLS_UP);
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let config = tls_peer::client_config(&pki.front.cert, &[]);
 
