@@ -99,7 +99,8 @@ impl Drop for Responder {
     }
 }
 
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A listener for the bench's own servers: a deep backlog, reusable.
+pub(super) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;

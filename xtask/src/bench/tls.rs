@@ -41,7 +41,7 @@ use rustls::{
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::{Barrier, oneshot},
     task::JoinSet,
 };
@@ -602,7 +602,7 @@ impl ServerSide {
             runtime.block_on(async move {
                 let mut listeners = Vec::new();
                 for (port, tls, serve) in ports {
-                    match listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))) {
+                    match super::load::listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))) {
                         Ok(listener) => listeners.push((listener, tls, serve)),
                         Err(e) => {
                             let _ = ready_tx.send(Err(anyhow::Error::from(e)
@@ -638,13 +638,6 @@ impl Drop for ServerSide {
             let _ = thread.join();
         }
     }
-}
-
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(8192)
 }
 
 async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, serve: Serve) {
