@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use lab::daemon::field_str;
 use lab::origin::Origin;
-use lab::tls::{Cert, Output, chromium};
+use lab::tls::{Output, chromium};
 use lab::{Daemon, TempDir, Topo};
 use serde_json::{Value, json};
 
@@ -61,23 +61,6 @@ impl BrowserLab {
             .filter(|l| l.contains("\"GET / HTTP/"))
             .collect()
     }
-}
-
-/// base64 of the SHA-256 of the certificate's SubjectPublicKeyInfo, as
-/// `--ignore-certificate-errors-spki-list` takes it.
-fn spki_hash(cert: &Cert) -> String {
-    let script = "openssl x509 -pubkey -noout -in \"$1\" \
-                  | openssl pkey -pubin -outform der \
-                  | openssl dgst -sha256 -binary | base64";
-    let hash = lab::must("sh", &["-c", script, "sh", cert.cert.to_str().unwrap()]);
-    let hash = hash.trim().to_owned();
-    // 32 bytes: 44 characters with one `=` (a broken pipe gives less).
-    assert!(
-        hash.len() == 44 && hash.ends_with('=') && !hash.ends_with("=="),
-        "SPKI hash of {}: {hash:?}",
-        cert.cert.display()
-    );
-    hash
 }
 
 /// One connection of Chromium to the proxy, from its NetLog.
@@ -249,7 +232,7 @@ fn chromium_loads_a_page_through_the_connect_listener() {
     let mut lab = BrowserLab::start("browser_page");
     let spki = format!(
         "--ignore-certificate-errors-spki-list={}",
-        spki_hash(&lab.origin.cert)
+        lab::pki::spki_sha256_base64(&lab.origin.cert.cert)
     );
 
     let trusted = browse(&lab, &[&spki]);
