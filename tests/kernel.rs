@@ -115,3 +115,115 @@ fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
         .expect("accept on the bystander after detach");
     assert_eq!(accepted.local_addr().unwrap(), steered);
 }
+
+/// The log lines a `tracing` subscriber wrote, for the test to read.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// A subscriber that logs `level` and below into this buffer.
+    fn subscriber(&self, level: tracing::Level) -> impl tracing::Subscriber + Send + Sync {
+        let buffer = self.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || buffer.clone())
+            .finish()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[test]
+fn a_missing_listener_is_a_debug_line_of_the_kernel_log() {
+    let topo = lab::Topo::new("klog");
+    topo.px
+        .ip(&["route", "add", "local", "192.0.2.0/24", "dev", "lo"]);
+    let policy = Policy::from_json(POLICY).expect("test policy is valid");
+    let captured = Captured::default();
+
+    // Loaded while the (test's) daemon logs debug lines: the programs log too.
+    let (interceptor, mut log) = topo.px.run(|| {
+        tracing::subscriber::with_default(captured.subscriber(tracing::Level::DEBUG), || {
+            let (mut interceptor, _local_addrs) =
+                Interceptor::load(DEFAULT_MARK).expect("loading the BPF programs");
+            interceptor
+                .set_rules(&rules::compile(&policy))
+                .expect("filling the rule map");
+            interceptor.attach().expect("attaching sk_lookup");
+            let log = interceptor
+                .take_kernel_log()
+                .expect("at debug level the programs' log is read");
+            (interceptor, log)
+        })
+    });
+
+    match lab::try_connect(
+        &topo.cl,
+        "192.0.2.10:80".parse().unwrap(),
+        Duration::from_secs(5),
+    ) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => panic!("connect with no listener in the map should be refused, got {other:?}"),
+    }
+    assert_eq!(counter(&interceptor, Counter::NoSocket), 1);
+    tracing::subscriber::with_default(captured.subscriber(tracing::Level::DEBUG), || log.flush());
+    let text = captured.text();
+    assert!(
+        text.contains("DEBUG l4proxy::kernel")
+            && text.contains("refused 192.0.2.10:80 (rule 0): no listener in the socket map"),
+        "the kernel's line is missing from the log:\n{text}"
+    );
+}
+
+/// The translated size of the `steer` program daemon `pid` holds.
+fn steer_size(pid: i32) -> u32 {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("the daemon's fdinfo") {
+        let Ok(info) = std::fs::read_to_string(entry.unwrap().path()) else {
+            continue;
+        };
+        ids.extend(info.lines().filter_map(|line| {
+            line.strip_prefix("prog_id:")
+                .and_then(|id| id.trim().parse::<u32>().ok())
+        }));
+    }
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|program| ids.contains(&program.id()))
+        .find(|program| program.name_as_str() == Some("steer"))
+        .expect("the daemon holds its steer program")
+        .size_translated()
+        .expect("the kernel reports the program's size")
+}
+
+#[test]
+fn the_kernel_log_costs_nothing_when_debug_is_off() {
+    let policy = serde_json::from_str(POLICY).unwrap();
+    let quiet_lab = lab::Topo::new("klog_info");
+    let quiet = lab::Daemon::start_ready(&quiet_lab.px, &policy, &[]);
+    let verbose_lab = lab::Topo::new("klog_debug");
+    let verbose = lab::Daemon::start_ready(&verbose_lab.px, &policy, &["--log-level", "debug"]);
+    let (off, on) = (steer_size(quiet.pid()), steer_size(verbose.pid()));
+    // The verifier drops the logging code when the level is a constant that
+    // turns it off: the program at info level is smaller by all of it.
+    assert!(
+        off < on,
+        "steer at info level has {off} bytes, at debug {on}: the logging code was not removed"
+    );
+    // What is left at info level is the counters' path alone; the README
+    // quotes these sizes.
+    eprintln!("steer: {off} bytes translated at info level, {on} at debug");
+}

@@ -12,12 +12,18 @@
 //! that reason, and the same destination reached any other way (from this
 //! host, from the server side) is not the rule's. Nor is a connection to one
 //! of this host's own addresses: it is not forwarded traffic.
+//!
+//! The two failures are rare and worth a line in the daemon's debug log
+//! (aya-log). The daemon sets the programs' log level when it loads them; with
+//! debug off the level is a constant of a frozen map, so the verifier removes
+//! the logging code from the loaded program.
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     macros::sk_lookup,
     programs::SkLookupContext,
 };
+use aya_log_ebpf::debug;
 use l4proxy_common::{Counter, RULE_ON_INTERFACES, RuleKey, SOCKET_V4, SOCKET_V6};
 
 use crate::{SOCKETS, count, is_local, on_interface, rule_for};
@@ -85,14 +91,52 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
             count(Counter::Steered);
             SK_PASS
         }
-        Err(err) if err == -ENOENT => {
-            count(Counter::NoSocket);
+        Err(err) => {
+            let counter = if err == -ENOENT {
+                Counter::NoSocket
+            } else {
+                Counter::AssignFailed
+            };
+            count(counter);
+            log_refused(&ctx, counter, rule.rule_id, family, ip4, addr, port, err);
             SK_DROP
         }
-        Err(_) => {
-            count(Counter::AssignFailed);
-            SK_DROP
-        }
+    }
+}
+
+/// One debug line for a connection a rule took but no listener could: the
+/// counter says how often, this says which.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn log_refused(
+    ctx: &SkLookupContext,
+    counter: Counter,
+    rule_id: u32,
+    family: u32,
+    ip4: u32,
+    addr: [u8; 16],
+    port: u16,
+    err: i32,
+) {
+    let why = match counter {
+        Counter::NoSocket => "no listener in the socket map",
+        _ => "socket assignment failed",
+    };
+    if family == AF_INET {
+        debug!(
+            ctx,
+            "refused {:i}:{} (rule {}): {}, error {}",
+            u32::from_be(ip4),
+            port,
+            rule_id,
+            why,
+            err
+        );
+    } else {
+        debug!(
+            ctx,
+            "refused [{:i}]:{} (rule {}): {}, error {}", addr, port, rule_id, why, err
+        );
     }
 }
 

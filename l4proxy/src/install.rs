@@ -144,7 +144,10 @@ impl Installation {
         keepalive: Keepalive,
         metrics: Arc<Metrics>,
     ) -> Result<Self, InstallError> {
-        let (interceptor, mut local_map) = Interceptor::load(mark)?;
+        let (mut interceptor, mut local_map) = Interceptor::load(mark)?;
+        if let Some(log) = interceptor.take_kernel_log() {
+            tokio::spawn(log.forward());
+        }
         let sink: local_addrs::Sink = Box::new(move |prefixes| {
             if let Err(e) = local_map.set(prefixes) {
                 tracing::warn!(error = %e, "updating this host's addresses in the kernel");

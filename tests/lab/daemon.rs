@@ -172,15 +172,20 @@ impl Daemon {
             .arg(&policy_path)
             .args(["--log-format", "json"])
             .args(extra)
-            // `ready` and `connection closed` are info events: make sure a
-            // RUST_LOG of the caller does not hide them.
-            .env(
-                "RUST_LOG",
-                std::env::var("L4PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // `ready` and `connection closed` are info events: make sure a
+        // RUST_LOG of the caller does not hide them. A test that passes
+        // `--log-level` chooses the level itself (RUST_LOG would override it).
+        if extra.contains(&"--log-level") {
+            cmd.env_remove("RUST_LOG");
+        } else {
+            cmd.env(
+                "RUST_LOG",
+                std::env::var("L4PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            );
+        }
         // SAFETY: only plain syscalls (setns, unshare, mount, setrlimit)
         // between fork and exec, on data prepared before the fork.
         unsafe {

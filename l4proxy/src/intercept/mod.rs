@@ -15,6 +15,7 @@
 pub mod delivery;
 pub mod guard;
 pub mod interfaces;
+pub mod kernel_log;
 mod mirror;
 pub mod routes;
 pub mod rules;
@@ -23,7 +24,7 @@ pub mod sysctl;
 use std::{fs::File, os::fd::AsRawFd};
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockMap},
     programs::{
         LinkOrder, SchedClassifier, SkLookup, TcAttachType,
@@ -41,6 +42,7 @@ use ipnet::IpNet;
 use self::{
     delivery::Mark,
     interfaces::Interface,
+    kernel_log::KernelLog,
     mirror::{Contents, Mirrored, MirroredHash, MirroredTrie},
 };
 use crate::lpm;
@@ -55,6 +57,8 @@ const CLASSIFY_PROGRAM: &str = "classify";
 pub enum InterceptError {
     #[error("loading the BPF object: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error("the kernel programs' log: {0}")]
+    KernelLog(#[from] aya_log::Error),
     #[error("BPF program: {0}")]
     Program(#[from] aya::programs::ProgramError),
     #[error("attaching the tc program to {interface} (tcx needs Linux 6.6 or later): {source}")]
@@ -135,6 +139,8 @@ pub struct Interceptor {
     counters: PerCpuArray<MapData, u64>,
     /// Where `classify` is attached.
     classify: Vec<Attached>,
+    /// The programs' log lines, until someone reads them.
+    kernel_log: Option<KernelLog>,
 }
 
 /// `classify` on one interface.
@@ -158,7 +164,10 @@ impl Interceptor {
     /// empty and nothing is attached yet. Returns, apart, the map of this
     /// host's addresses, for whoever keeps it current.
     pub fn load(mark: Mark) -> Result<(Self, LocalMap), InterceptError> {
-        let mut ebpf = Ebpf::load(BPF_OBJECT)?;
+        let log_level = kernel_log::level();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(kernel_log::LEVEL_GLOBAL, &log_level, true)
+            .load(BPF_OBJECT)?;
         let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
         settings
             .set(MARK_VALUE, mark.value, 0)
@@ -172,6 +181,7 @@ impl Interceptor {
         steer.load()?;
         let classify: &mut SchedClassifier = program(&mut ebpf, CLASSIFY_PROGRAM)?.try_into()?;
         classify.load()?;
+        let kernel_log = KernelLog::open(&mut ebpf, log_level)?;
         let interceptor = Self {
             rules: Mirrored::new(take_map(&mut ebpf, "RULES")?, "RULES"),
             sockets: take_map(&mut ebpf, "SOCKETS")?,
@@ -188,9 +198,16 @@ impl Interceptor {
             settings,
             link: None,
             classify: Vec::new(),
+            kernel_log,
             ebpf,
         };
         Ok((interceptor, local))
+    }
+
+    /// The programs' log, for whoever forwards it (once); none when the
+    /// daemon's level logs nothing of theirs.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
     }
 
     /// Makes `RULES` hold exactly `entries` (`rules::compile` of a policy):
