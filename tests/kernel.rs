@@ -227,3 +227,88 @@ fn the_kernel_log_costs_nothing_when_debug_is_off() {
     // quotes these sizes.
     eprintln!("steer: {off} bytes translated at info level, {on} at debug");
 }
+
+/// A policy of one rule on 192.0.2.0/24 with these ports.
+fn ports_policy(ports: &str) -> Policy {
+    Policy::from_json(&format!(
+        r#"{{
+  "intercept": [ {{ "name": "web", "prefixes": ["192.0.2.0/24"], "ports": {ports}, "upstream": "a" }} ],
+  "upstreams": {{ "a": {{ "servers": ["203.0.113.2:8080"] }} }}
+}}"#
+    ))
+    .expect("test policy is valid")
+}
+
+#[test]
+fn port_ranges_are_classes_and_a_reload_moves_ports_between_them() {
+    let topo = lab::Topo::new("kclass");
+    topo.px
+        .ip(&["route", "add", "local", "192.0.2.0/24", "dev", "lo"]);
+    let listener = topo
+        .px
+        .run(|| TcpListener::bind("127.0.0.1:0").expect("binding the proxy listener"));
+    // A whole range is one entry for the prefix.
+    let wide = rules::compile(&ports_policy(r#"["1024-65535"]"#));
+    assert_eq!(wide.entries.len(), 1);
+    let mut interceptor = topo.px.run(|| {
+        let (mut interceptor, _local_addrs) =
+            Interceptor::load(DEFAULT_MARK).expect("loading the BPF programs");
+        interceptor
+            .set_listener(Family::V4, &listener)
+            .expect("putting the listener in the socket map");
+        interceptor.set_rules(&wide).expect("setting the rules");
+        // In px's namespace: the thread's namespace is the one attached to.
+        interceptor.attach().expect("attaching sk_lookup");
+        interceptor
+    });
+    // A bystander on every port the policies below leave alone at some point.
+    let bystander = topo
+        .px
+        .run(|| TcpListener::bind("0.0.0.0:0").expect("binding the bystander"));
+    let free_port = bystander.local_addr().unwrap().port();
+    let steered = |interceptor: &Interceptor, port: u16| {
+        lab::try_connect(
+            &topo.cl,
+            SocketAddr::from(([192, 0, 2, 10], port)),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("connect to port {port}: {e}; {:?}", interceptor.counters()));
+        let (accepted, _) = listener.accept().expect("accept on the proxy listener");
+        assert_eq!(accepted.local_addr().unwrap().port(), port);
+    };
+
+    assert_eq!(interceptor.rule_entries(), 1);
+    for port in [1024, 8080, 40000, 65535] {
+        steered(&interceptor, port);
+    }
+
+    // Other classes ({80}, the range, and 8080 in the range: three): the new
+    // entries go in beside the old, the ports move, the old go out.
+    let split = rules::compile(&ports_policy(r#"[80, "1024-65535", 8080]"#));
+    assert_eq!(split.entries.len(), 3);
+    interceptor
+        .set_rules(&split)
+        .expect("moving to other classes");
+    assert_eq!(interceptor.rule_entries(), 3);
+    for port in [80, 1024, 8080, 8081, 65535] {
+        steered(&interceptor, port);
+    }
+
+    // Back to fewer classes, and the same classes again (no change at all).
+    let narrow = rules::compile(&ports_policy(&format!("[{}]", free_port.wrapping_add(1))));
+    interceptor.set_rules(&narrow).expect("moving back");
+    interceptor
+        .set_rules(&narrow)
+        .expect("the same rules again");
+    assert_eq!(interceptor.rule_entries(), 1);
+    steered(&interceptor, free_port.wrapping_add(1));
+    // Ports the policy no longer names reach their own listeners.
+    lab::try_connect(
+        &topo.cl,
+        SocketAddr::from(([192, 0, 2, 10], free_port)),
+        Duration::from_secs(5),
+    )
+    .expect("a port outside the policy reaches its own listener");
+    bystander.accept().expect("accept on the bystander");
+    assert_eq!(counter(&interceptor, Counter::NoSocket), 0);
+}

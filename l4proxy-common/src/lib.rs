@@ -9,15 +9,22 @@ pub const SOCKET_V4: u32 = 0;
 /// Index of the IPv6 listener in the `SOCKETS` sockmap.
 pub const SOCKET_V6: u32 = 1;
 
-/// Port value that stands for "every port" in a [`RuleKey`].
-pub const ANY_PORT: u16 = 0;
+/// The port class of `*` port specs in a [`ClassKey`]; also the class
+/// `PORT_CLASSES` gives a port no spec names, whose only look-up is then the
+/// wildcard one.
+pub const ANY_PORT_CLASS: u32 = 0;
 
-/// Bits of a [`RuleKey`] before the address: the port and the padding are always
+/// Entries of `PORT_CLASSES`: one per port.
+pub const PORT_COUNT: u32 = 65_536;
+
+/// Bits of a [`ClassKey`] before the address: the port class is always
 /// matched in full, so an LPM look-up only ever varies the address prefix.
 pub const RULE_KEY_FIXED_BITS: u32 = 32;
 
-/// Most entries the `RULES` trie holds (port ranges are expanded into it).
-pub const MAX_RULE_ENTRIES: u32 = 262_144;
+/// Most entries the `RULES` trie holds: one per (port class, prefix), and a
+/// reload holds the old and the new policy's for a moment. An LPM trie is
+/// not preallocated: entries not used cost nothing.
+pub const MAX_RULE_ENTRIES: u32 = 1_048_576;
 
 /// Most (interface, rule) pairs in `INTERFACE_RULES`.
 pub const MAX_INTERFACE_RULES: u32 = 65_536;
@@ -31,14 +38,31 @@ pub const MAX_UPSTREAM_SERVERS: u32 = 65_536;
 /// Most prefixes in `LOCAL_ADDRS`.
 pub const MAX_LOCAL_ADDRS: u32 = 16_384;
 
-/// Data part of the `RULES` LPM-trie key: destination port, then the destination
-/// address as 16 bytes (IPv4 as an IPv4-mapped IPv6 address, so one trie serves
-/// both families). `UPSTREAM_SERVERS` uses the same layout for a server's
-/// address and port.
+/// Data part of the `RULES` LPM-trie key: a port class (big-endian; see
+/// `PORT_CLASSES`), then the destination address as 16 bytes (IPv4 as an
+/// IPv4-mapped IPv6 address, so one trie serves both families). Keyed by
+/// class, not port, a port range is one entry per prefix however wide it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClassKey {
+    pub class: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+impl ClassKey {
+    pub const fn new(class: u32, addr: [u8; 16]) -> Self {
+        Self {
+            class: class.to_be_bytes(),
+            addr,
+        }
+    }
+}
+
+/// Key of `UPSTREAM_SERVERS`: a server's port (big-endian), then its address
+/// as in a [`ClassKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleKey {
-    /// Destination port in network byte order; [`ANY_PORT`] for a wildcard.
     pub port: [u8; 2],
     pub _pad: [u8; 2],
     pub addr: [u8; 16],
@@ -73,7 +97,7 @@ pub struct RuleValue {
     /// [`RULE_ON_INTERFACES`] or 0.
     pub flags: u32,
     /// The rule's precedence for this entry, greater wins: the kernel looks up
-    /// the exact port and the wildcard port separately and keeps the higher.
+    /// the port's class and the wildcard class separately and keeps the higher.
     pub rank: u64,
 }
 
@@ -179,6 +203,8 @@ impl Counter {
 mod pod {
     // SAFETY: plain #[repr(C)] data without padding holes or pointers.
     unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClassKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleValue {}
     // SAFETY: as above.

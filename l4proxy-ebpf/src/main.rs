@@ -10,15 +10,21 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
 };
 use l4proxy_common::{
-    ANY_PORT, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES, MAX_INTERFACES,
-    MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, RULE_KEY_FIXED_BITS, RuleKey,
-    RuleValue, SETTINGS_COUNT,
+    ANY_PORT_CLASS, ClassKey, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES,
+    MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, PORT_COUNT,
+    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SETTINGS_COUNT,
 };
 
-/// Intercept rules, filled by the daemon from the policy: (port, address prefix)
-/// to rule. Port ranges arrive expanded; `ANY_PORT` entries are the wildcards.
+/// Intercept rules, filled by the daemon from the policy: (port class,
+/// address prefix) to rule. `ANY_PORT_CLASS` entries are the wildcards.
 #[map]
-static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+static RULES: LpmTrie<ClassKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+
+/// Each destination port's class (indexed by port), filled by the daemon:
+/// ports the policy's port specs cover alike share a class, so `RULES` holds
+/// one entry per prefix for a whole port range.
+#[map]
+static PORT_CLASSES: Array<u32> = Array::with_max_entries(PORT_COUNT, 0);
 
 /// The daemon's listening sockets, one per family (`SOCKET_V4`, `SOCKET_V6`).
 #[map]
@@ -57,14 +63,18 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 const FULL_PREFIX: u32 = RULE_KEY_FIXED_BITS + 128;
 
 /// The rule a connection to (`port`, `addr`) belongs to: the better of the
-/// longest-prefix matches for the exact port and for the wildcard port (the
-/// daemon ranks each entry, so this is the same rule it picks itself).
+/// longest-prefix matches for the port's class and for the wildcard class
+/// (the daemon ranks each entry, so this is the same rule it picks itself).
 fn rule_for(port: u16, addr: [u8; 16]) -> Option<RuleValue> {
+    let class = PORT_CLASSES
+        .get(u32::from(port))
+        .copied()
+        .unwrap_or(ANY_PORT_CLASS);
     let exact = RULES
-        .get(&Key::new(FULL_PREFIX, RuleKey::new(port, addr)))
+        .get(&Key::new(FULL_PREFIX, ClassKey::new(class, addr)))
         .copied();
     let wildcard = RULES
-        .get(&Key::new(FULL_PREFIX, RuleKey::new(ANY_PORT, addr)))
+        .get(&Key::new(FULL_PREFIX, ClassKey::new(ANY_PORT_CLASS, addr)))
         .copied();
     match (exact, wildcard) {
         (Some(exact), Some(wildcard)) if wildcard.rank > exact.rank => Some(wildcard),

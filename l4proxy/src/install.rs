@@ -34,7 +34,7 @@ use crate::{
         delivery::{Delivery, DeliveryError, Mark},
         interfaces::{self, Interface},
         routes::{self, LocalRoutes, RouteError},
-        rules::{self, KernelEntry, RuleIndex},
+        rules::{self, Compiled, RuleIndex},
         sysctl,
     },
     local_addrs::{self, LocalAddrs, LocalAddrsError},
@@ -104,7 +104,7 @@ pub struct Installation {
 /// A policy and what it needs from this host.
 struct Generation {
     active: Arc<Active>,
-    entries: Vec<KernelEntry>,
+    rules: Compiled,
     needs: Needs,
 }
 
@@ -215,8 +215,8 @@ impl Installation {
         if !findings.errors.is_empty() {
             return Err(InstallError::Sysctl(findings.errors));
         }
-        let entries = rules::compile(&policy);
-        let peak = self.interceptor.peak_rule_entries(&entries);
+        let compiled = rules::compile(&policy);
+        let peak = self.interceptor.peak_rule_entries(&compiled);
         if peak > MAX_RULE_ENTRIES as usize {
             return Err(InstallError::TooManyEntries { peak });
         }
@@ -224,7 +224,7 @@ impl Installation {
         let active = Arc::new(
             Active::new(
                 policy,
-                RuleIndex::new(&entries),
+                RuleIndex::new(&compiled),
                 &self.metrics,
                 &self.health,
             )
@@ -233,7 +233,7 @@ impl Installation {
         let (new_listeners, families) = self.listen(&active.policy)?;
         let generation = Generation {
             active: active.clone(),
-            entries,
+            rules: compiled,
             needs,
         };
         let replaced = self.current.replace(generation);
@@ -330,7 +330,7 @@ impl Installation {
                 }
             }
         }
-        let entries = current.entries.clone();
+        let compiled = current.rules.clone();
         let upstream_servers: Vec<SocketAddr> = current
             .active
             .policy
@@ -346,7 +346,7 @@ impl Installation {
         self.interceptor.set_retaining(retaining)?;
         self.interceptor.set_upstream_servers(upstream_servers)?;
         self.interceptor.prepare_classify(&classify)?;
-        self.interceptor.set_rules(&entries)?;
+        self.interceptor.set_rules(&compiled)?;
         if !self.attached {
             self.interceptor.attach()?;
             self.attached = true;

@@ -6,7 +6,7 @@ use std::{collections::HashMap, hash::Hash};
 
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 
 use super::{InterceptError, map_error};
@@ -120,6 +120,39 @@ where
                 }
             }
             self.held.remove(&key);
+        }
+        Ok(())
+    }
+}
+
+/// A BPF array of `u32`, all of it written by the daemon (it starts zeroed).
+pub(super) struct MirroredArray {
+    map: Array<MapData, u32>,
+    name: &'static str,
+    held: Vec<u32>,
+}
+
+impl MirroredArray {
+    pub fn new(map: Array<MapData, u32>, name: &'static str) -> Self {
+        let held = vec![0; map.len() as usize];
+        Self { map, name, held }
+    }
+
+    pub fn held(&self) -> &[u32] {
+        &self.held
+    }
+
+    /// Makes the array hold `wanted` (one value per index), writing only the
+    /// indices whose value changes.
+    pub fn set(&mut self, wanted: &[u32]) -> Result<(), InterceptError> {
+        for (index, (&value, held)) in wanted.iter().zip(self.held.iter_mut()).enumerate() {
+            if value != *held {
+                // Fits: an array's indices are u32.
+                self.map
+                    .set(index as u32, value, 0)
+                    .map_err(map_error(self.name))?;
+                *held = value;
+            }
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ pub mod guard;
 pub mod interfaces;
 pub mod kernel_log;
 mod mirror;
+pub mod port_classes;
 pub mod routes;
 pub mod rules;
 pub mod sysctl;
@@ -33,8 +34,8 @@ use aya::{
     },
 };
 use l4proxy_common::{
-    Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE,
-    RETAINING, RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
+    ANY_PORT_CLASS, ClassKey, Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig,
+    InterfaceRuleKey, MARK_MASK, MARK_VALUE, RETAINING, RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
 };
 
 use ipnet::IpNet;
@@ -43,7 +44,7 @@ use self::{
     delivery::Mark,
     interfaces::Interface,
     kernel_log::KernelLog,
-    mirror::{Contents, Mirrored, MirroredHash, MirroredTrie},
+    mirror::{Contents, Mirrored, MirroredArray, MirroredHash, MirroredTrie},
 };
 use crate::lpm;
 
@@ -130,7 +131,11 @@ impl LocalMap {
 pub struct Interceptor {
     ebpf: Ebpf,
     link: Option<SkLookupLinkId>,
-    rules: MirroredTrie<RuleKey, RuleValue>,
+    rules: MirroredTrie<ClassKey, RuleValue>,
+    port_classes: MirroredArray,
+    /// Added to every class in the kernel's keys: [`CLASS_HALF`] or 0 (see
+    /// `set_rules`).
+    class_offset: u32,
     sockets: SockMap<MapData>,
     interface_rules: MirroredHash<InterfaceRuleKey, u8>,
     interfaces: HashMap<MapData, u32, InterfaceConfig>,
@@ -184,6 +189,8 @@ impl Interceptor {
         let kernel_log = KernelLog::open(&mut ebpf, log_level)?;
         let interceptor = Self {
             rules: Mirrored::new(take_map(&mut ebpf, "RULES")?, "RULES"),
+            port_classes: MirroredArray::new(take_map(&mut ebpf, "PORT_CLASSES")?, "PORT_CLASSES"),
+            class_offset: 0,
             sockets: take_map(&mut ebpf, "SOCKETS")?,
             interface_rules: Mirrored::new(
                 take_map(&mut ebpf, "INTERFACE_RULES")?,
@@ -210,21 +217,51 @@ impl Interceptor {
         self.kernel_log.take()
     }
 
-    /// Makes `RULES` hold exactly `entries` (`rules::compile` of a policy):
-    /// new and changed entries first, then stale ones removed, so that no
-    /// destination both policies take goes unsteered in between.
-    pub fn set_rules(&mut self, entries: &[rules::KernelEntry]) -> Result<(), InterceptError> {
-        self.rules.set(&rule_entries(entries))
+    /// Makes `RULES` and `PORT_CLASSES` hold `compiled` (`rules::compile` of
+    /// a policy), so that no destination both policies take goes unsteered
+    /// in between: new and changed entries first, then the ports' classes,
+    /// then stale entries out. A policy whose port classes differ from the
+    /// running one's is keyed in the other half of the class numbers, so
+    /// each port moves from complete old entries to complete new ones.
+    pub fn set_rules(&mut self, compiled: &rules::Compiled) -> Result<(), InterceptError> {
+        let offset = self.class_offset_for(compiled);
+        let wanted = rule_entries(&compiled.entries, offset);
+        self.rules.add(&wanted)?;
+        let table: Vec<u32> = compiled
+            .classes
+            .table()
+            .iter()
+            .map(|&class| kernel_class(class, offset))
+            .collect();
+        self.port_classes.set(&table)?;
+        self.class_offset = offset;
+        self.rules.remove_stale(&wanted)
     }
 
-    /// How many `RULES` entries the map holds while it changes to `entries`:
-    /// the new ones go in before the stale ones go out.
-    pub fn peak_rule_entries(&self, entries: &[rules::KernelEntry]) -> usize {
-        let new = rule_entries(entries)
+    /// How many `RULES` entries the map holds while it changes to
+    /// `compiled`: the new ones go in before the stale ones go out.
+    pub fn peak_rule_entries(&self, compiled: &rules::Compiled) -> usize {
+        let new = rule_entries(&compiled.entries, self.class_offset_for(compiled))
             .keys()
             .filter(|key| !self.rules.holds(key))
             .count();
         self.rules.len() + new
+    }
+
+    /// The class offset `compiled` is keyed with: the running one's if its
+    /// port classes are the same, else the other half.
+    fn class_offset_for(&self, compiled: &rules::Compiled) -> u32 {
+        let same = compiled
+            .classes
+            .table()
+            .iter()
+            .zip(self.port_classes.held())
+            .all(|(&class, &held)| kernel_class(class, self.class_offset) == held);
+        if same {
+            self.class_offset
+        } else {
+            self.class_offset ^ CLASS_HALF
+        }
     }
 
     /// Makes `UPSTREAM_SERVERS` hold exactly `servers`.
@@ -397,11 +434,34 @@ impl Interceptor {
     }
 }
 
-/// `RULES` entries keyed as the trie keys them.
-fn rule_entries(entries: &[rules::KernelEntry]) -> Contents<(u32, RuleKey), RuleValue> {
+/// The high bit of a port class in the kernel: the running policy's classes
+/// and those of a policy replacing them with other classes live in different
+/// halves while a reload moves the ports over.
+const CLASS_HALF: u32 = 1 << 31;
+
+/// `class` as the kernel keys it, in the half `offset` names; the wildcard
+/// class is the same in both.
+fn kernel_class(class: u32, offset: u32) -> u32 {
+    if class == ANY_PORT_CLASS {
+        ANY_PORT_CLASS
+    } else {
+        class | offset
+    }
+}
+
+/// `RULES` entries keyed as the trie keys them, classes in the half `offset`
+/// names.
+fn rule_entries(
+    entries: &[rules::KernelEntry],
+    offset: u32,
+) -> Contents<(u32, ClassKey), RuleValue> {
     entries
         .iter()
-        .map(|entry| ((entry.prefix_len, entry.key), entry.value))
+        .map(|entry| {
+            let class = kernel_class(u32::from_be_bytes(entry.key.class), offset);
+            let key = ClassKey::new(class, entry.key.addr);
+            ((entry.prefix_len, key), entry.value)
+        })
         .collect()
 }
 

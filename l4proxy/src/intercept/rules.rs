@@ -1,22 +1,22 @@
 //! Compiles a [`Policy`] into the entries of the kernel's `RULES` LPM trie.
 //!
-//! The kernel (`l4proxy-ebpf`) looks up (exact port, address) and
-//! ([`ANY_PORT`], address) and keeps the entry of higher rank; it must find
-//! the rule [`route::match_rule`] picks, because whether a gateway rule takes
-//! a packet depends on which rule it is. So:
-//! - the trie matches the port in full, so a port range becomes one entry per
-//!   port;
+//! The kernel (`l4proxy-ebpf`) looks up (the port's class, address) and
+//! ([`ANY_PORT_CLASS`], address) and keeps the entry of higher rank; it must
+//! find the rule [`route::match_rule`] picks, because whether a gateway rule
+//! takes a packet depends on which rule it is. So:
+//! - the trie is keyed by port class ([`PortClasses`]): ports the same specs
+//!   cover share an entry, so a port range is one entry per prefix;
 //! - IPv4 is keyed IPv4-mapped (one trie serves both families), so an IPv6
 //!   prefix that covers `::ffff:0:0/96`, such as `::/0`, is entered as the
 //!   prefixes around that range, or it would steer IPv4 connections too;
-//! - the entry for (port, trie prefix P) holds the best rule among all those
+//! - the entry for (class, trie prefix P) holds the best rule among all those
 //!   whose own prefix contains P, not only those entered at P: a piece of a
 //!   split `::/0` is longer than a `::/80` rule that contains it, yet the
 //!   `::/80` rule is the more specific one.
 //!
 //! Ranks order as route precedence does: longer prefix, then narrower port
-//! spec, then lower rule index. The exact-port entries never hold a `*`
-//! claim: the wildcard look-up finds the best of those itself.
+//! spec, then lower rule index. The class entries never hold a `*` claim: the
+//! wildcard look-up finds the best of those itself.
 //!
 //! [`RuleIndex`] is the same look-up in userspace, over the same entries: the
 //! daemon finds each connection's rule in a few hash probes, however many
@@ -27,12 +27,14 @@ use std::{
     cmp::Reverse,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv6Addr, SocketAddr},
-    ops::RangeInclusive,
 };
 
 use ipnet::{IpNet, Ipv6Net};
-use l4proxy_common::{ANY_PORT, RULE_KEY_FIXED_BITS, RULE_ON_INTERFACES, RuleKey, RuleValue};
+use l4proxy_common::{
+    ANY_PORT_CLASS, ClassKey, RULE_KEY_FIXED_BITS, RULE_ON_INTERFACES, RuleKey, RuleValue,
+};
 
+use super::port_classes::PortClasses;
 use crate::{
     lpm::{self, Lpm},
     policy::{IPV4_MAPPED, Policy, PortSpec, RuleId},
@@ -44,15 +46,26 @@ use crate::{
 pub struct KernelEntry {
     /// Key bits matched: [`RULE_KEY_FIXED_BITS`] plus the address prefix.
     pub prefix_len: u32,
-    pub key: RuleKey,
+    pub key: ClassKey,
     /// The rule route precedence prefers for this key.
     pub value: RuleValue,
 }
 
-/// The trie entries for `policy`, ordered by prefix length, address, port.
-pub fn compile(policy: &Policy) -> Vec<KernelEntry> {
+/// What the kernel needs of a policy's rules: the port classes and the
+/// trie entries keyed by them.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub classes: PortClasses,
+    /// Ordered by prefix length, address, class.
+    pub entries: Vec<KernelEntry>,
+}
+
+/// The kernel's rules for `policy`.
+pub fn compile(policy: &Policy) -> Compiled {
+    let classes = PortClasses::of(policy);
     let claims = claims(policy);
     let by_prefix = by_original_prefix(&claims);
+    let mut keys = KeyClasses::new(&classes);
     let mut entries = Vec::new();
     for (trie_prefix, at) in by_trie_prefix(&claims) {
         // Best first: every claim whose own prefix contains this piece.
@@ -62,18 +75,14 @@ pub fn compile(policy: &Policy) -> Vec<KernelEntry> {
             .map(|&i| &claims[i])
             .collect();
         containing.sort_by_key(|claim| Reverse(claim.rank));
-        let ports: BTreeSet<u16> = at
-            .iter()
-            .flat_map(|&i| key_ports(claims[i].ports))
-            .collect();
-        for port in ports {
+        for class in keys.union(at.iter().map(|&i| claims[i].ports)) {
             let best = containing
                 .iter()
-                .find(|claim| covers_key(claim.ports, port))
-                .expect("a claim at this prefix covers each of its key ports");
+                .find(|claim| covers_key(&classes, claim.ports, class))
+                .expect("a claim at this prefix covers each of its key classes");
             entries.push(KernelEntry {
                 prefix_len: trie_prefix.len,
-                key: RuleKey::new(port, trie_prefix.addr),
+                key: ClassKey::new(class, trie_prefix.addr),
                 value: RuleValue {
                     // Fits: a checked policy compiles to at most
                     // MAX_RULE_ENTRIES (a u32) entries, and a rule owning one
@@ -89,21 +98,22 @@ pub fn compile(policy: &Policy) -> Vec<KernelEntry> {
             });
         }
     }
-    entries
+    Compiled { classes, entries }
 }
 
 /// The rule of a destination, found as the kernel finds it.
 pub struct RuleIndex {
-    by_port: HashMap<u16, Lpm<RuleValue>>,
+    classes: PortClasses,
+    by_class: HashMap<u32, Lpm<RuleValue>>,
 }
 
 impl RuleIndex {
-    pub fn new(entries: &[KernelEntry]) -> Self {
-        let mut by_port: HashMap<u16, Lpm<RuleValue>> = HashMap::new();
-        for entry in entries {
+    pub fn new(compiled: &Compiled) -> Self {
+        let mut by_class: HashMap<u32, Lpm<RuleValue>> = HashMap::new();
+        for entry in &compiled.entries {
             let len = entry.prefix_len - RULE_KEY_FIXED_BITS;
-            by_port
-                .entry(u16::from_be_bytes(entry.key.port))
+            by_class
+                .entry(u32::from_be_bytes(entry.key.class))
                 .or_default()
                 .insert(
                     u128::from_be_bytes(entry.key.addr),
@@ -111,29 +121,65 @@ impl RuleIndex {
                     entry.value,
                 );
         }
-        Self { by_port }
+        Self {
+            classes: compiled.classes.clone(),
+            by_class,
+        }
     }
 
     /// The rule a connection to `dst` belongs to: the better-ranked of the
-    /// longest matches for its port and for any port.
+    /// longest matches for its port's class and for any port.
     pub fn lookup(&self, dst: SocketAddr) -> Option<RuleId> {
         let addr = lpm::key(dst.ip());
-        [dst.port(), ANY_PORT]
+        [self.classes.of_port(dst.port()), ANY_PORT_CLASS]
             .iter()
-            .filter_map(|port| self.by_port.get(port)?.longest(addr))
+            .filter_map(|class| self.by_class.get(class)?.longest(addr))
             .max_by_key(|value| value.rank)
             .map(|value| RuleId(value.rule_id as usize))
     }
 }
 
-/// `compile(policy).len()`, without expanding port ranges: the policy check
-/// uses it to refuse a policy before it is expanded.
+/// `compile(policy).entries.len()`, without ranking the claims: the policy
+/// check refuses a policy the map cannot hold before it is compiled.
 pub fn entry_count(policy: &Policy) -> usize {
+    let classes = PortClasses::of(policy);
     let claims = claims(policy);
+    let mut keys = KeyClasses::new(&classes);
     by_trie_prefix(&claims)
         .values()
-        .map(|at| distinct_ports(at.iter().map(|&i| &claims[i])))
+        .map(|at| keys.union(at.iter().map(|&i| claims[i].ports)).len())
         .sum()
+}
+
+/// The key classes of port specs, each spec's worked out once (a policy
+/// repeats a few specs over many prefixes).
+struct KeyClasses<'c> {
+    classes: &'c PortClasses,
+    of_spec: HashMap<PortSpec, Vec<u32>>,
+}
+
+impl<'c> KeyClasses<'c> {
+    fn new(classes: &'c PortClasses) -> Self {
+        Self {
+            classes,
+            of_spec: HashMap::new(),
+        }
+    }
+
+    /// The key classes some claims at one trie piece take: the classes
+    /// their ports cover, and [`ANY_PORT_CLASS`] for a `*`.
+    fn union(&mut self, specs: impl Iterator<Item = PortSpec>) -> BTreeSet<u32> {
+        let mut union = BTreeSet::new();
+        for spec in specs {
+            let classes = self.classes;
+            let of = self.of_spec.entry(spec).or_insert_with(|| match spec {
+                PortSpec::Any => vec![ANY_PORT_CLASS],
+                _ => classes.covered_by(spec),
+            });
+            union.extend(of.iter().copied());
+        }
+        union
+    }
 }
 
 /// An address prefix as the trie keys it, and as written in its own family.
@@ -210,39 +256,14 @@ fn ancestors(net: IpNet) -> impl Iterator<Item = IpNet> {
         .map(move |len| IpNet::new_assert(net.addr(), len).trunc())
 }
 
-/// The key ports a port spec takes: each port of it, or just [`ANY_PORT`].
-fn key_ports(ports: PortSpec) -> RangeInclusive<u16> {
+/// Whether a claim's ports belong in the entry for key class `class`: `*`
+/// claims only in the wildcard entries, the others in those of the classes
+/// their ports cover (a class's ports are all covered by a spec, or none).
+fn covers_key(classes: &PortClasses, ports: PortSpec, class: u32) -> bool {
     match ports {
-        PortSpec::Any => ANY_PORT..=ANY_PORT,
-        PortSpec::Single(port) => port..=port,
-        PortSpec::Range(first, last) => first..=last,
+        PortSpec::Any => class == ANY_PORT_CLASS,
+        _ => class != ANY_PORT_CLASS && ports.contains(classes.first_port(class)),
     }
-}
-
-/// Whether a claim's ports belong in the entry for key port `port`: `*`
-/// claims only in the wildcard entries, the others only in exact ones.
-fn covers_key(ports: PortSpec, port: u16) -> bool {
-    match ports {
-        PortSpec::Any => port == ANY_PORT,
-        _ => port != ANY_PORT && ports.contains(port),
-    }
-}
-
-/// How many distinct key ports some claims take.
-fn distinct_ports<'c>(claims: impl Iterator<Item = &'c Claim>) -> usize {
-    let mut spans: Vec<RangeInclusive<u16>> = claims.map(|claim| key_ports(claim.ports)).collect();
-    spans.sort_by_key(|span| *span.start());
-    let mut count = 0;
-    // First port not counted yet; spans are sorted by start, so all below it are.
-    let mut next = 0u32;
-    for span in spans {
-        let (start, end) = (u32::from(*span.start()).max(next), u32::from(*span.end()));
-        if start <= end {
-            count += (end - start + 1) as usize;
-            next = end + 1;
-        }
-    }
-    count
 }
 
 fn trie_prefixes(prefix: &IpNet) -> Vec<TriePrefix> {
@@ -297,16 +318,17 @@ mod tests {
     }
 
     /// An entry as (key prefix length, key, rule).
-    fn entry(prefix_len: u32, port: u16, addr: &str, rule: u32) -> (u32, RuleKey, u32) {
+    fn entry(prefix_len: u32, class: u32, addr: &str, rule: u32) -> (u32, ClassKey, u32) {
         let addr = match addr.parse().unwrap() {
             IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
             IpAddr::V6(v6) => v6.octets(),
         };
-        (prefix_len, RuleKey::new(port, addr), rule)
+        (prefix_len, ClassKey::new(class, addr), rule)
     }
 
-    fn entries(policy: &Policy) -> Vec<(u32, RuleKey, u32)> {
+    fn entries(policy: &Policy) -> Vec<(u32, ClassKey, u32)> {
         compile(policy)
+            .entries
             .iter()
             .map(|e| (e.prefix_len, e.key, e.value.rule_id))
             .collect()
@@ -318,12 +340,12 @@ mod tests {
         assert_eq!(
             entries(&p),
             [
-                entry(32 + 32, 80, "2001:db8::", 0),
-                entry(32 + 96 + 24, 80, "192.0.2.0", 0)
+                entry(32 + 32, 1, "2001:db8::", 0),
+                entry(32 + 96 + 24, 1, "192.0.2.0", 0)
             ]
         );
-        let key = compile(&p)[1].key;
-        assert_eq!(key.port, [0, 80]);
+        let key = compile(&p).entries[1].key;
+        assert_eq!(key.class, [0, 0, 0, 1]);
         assert_eq!(
             key.addr,
             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 0]
@@ -331,14 +353,30 @@ mod tests {
     }
 
     #[test]
-    fn ranges_expand_and_any_is_the_wildcard_port() {
-        let p = policy(&[(&["10.0.0.0/8"], &[Range(8000, 8002), Any])]);
-        let ports: Vec<u16> = compile(&p)
+    fn a_range_is_one_entry_and_any_is_the_wildcard_class() {
+        let p = policy(&[(&["10.0.0.0/8"], &[Range(1024, 65535), Any])]);
+        let compiled = compile(&p);
+        let classes: Vec<u32> = compiled
+            .entries
             .iter()
-            .map(|e| u16::from_be_bytes(e.key.port))
+            .map(|e| u32::from_be_bytes(e.key.class))
             .collect();
-        assert_eq!(ports, [ANY_PORT, 8000, 8001, 8002]);
-        assert_eq!(entry_count(&p), 4);
+        assert_eq!(classes, [ANY_PORT_CLASS, 1]);
+        assert_eq!(entry_count(&p), 2);
+        assert_eq!(compiled.classes.of_port(1024), 1);
+        assert_eq!(compiled.classes.of_port(65535), 1);
+        assert_eq!(compiled.classes.of_port(1023), ANY_PORT_CLASS);
+    }
+
+    #[test]
+    fn a_wide_range_on_many_prefixes_stays_one_entry_each() {
+        let prefixes: Vec<String> = (0..1000)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+        let p = policy(&[(&prefixes, &[Range(1024, 65535)])]);
+        assert_eq!(entry_count(&p), 1000);
+        assert_eq!(compile(&p).entries.len(), 1000);
     }
 
     #[test]
@@ -348,20 +386,22 @@ mod tests {
             (&["192.0.2.0/24"], &[Single(80)]),
             (&["192.0.2.0/24"], &[Range(82, 84)]),
         ]);
-        let owners: Vec<(u16, u32)> = compile(&p)
-            .iter()
-            .map(|e| (u16::from_be_bytes(e.key.port), e.value.rule_id))
+        let compiled = compile(&p);
+        let owners: Vec<Option<u32>> = (80..=84)
+            .map(|port| kernel_rule(&compiled, SocketAddr::from(([192, 0, 2, 1], port))))
             .collect();
         // 80: a single port beats a range; 82: equal widths, the lowest index.
-        assert_eq!(owners, [(80, 1), (81, 0), (82, 0), (83, 2), (84, 2)]);
-        assert_eq!(entry_count(&p), 5);
+        assert_eq!(owners, [Some(1), Some(0), Some(0), Some(2), Some(2)]);
+        // One entry per class: {80}, {81}, {82}, {83, 84}.
+        assert_eq!(entry_count(&p), 4);
+        assert_eq!(compiled.entries.len(), 4);
     }
 
     #[test]
     fn v6_default_leaves_out_the_ipv4_mapped_range() {
         let p = policy(&[(&["::/0"], &[Single(80)])]);
         let entries = compile(&p);
-        assert_eq!(entries.len(), 96);
+        assert_eq!(entries.entries.len(), 96);
         assert_eq!(entry_count(&p), 96);
         assert_eq!(
             kernel_rule(&entries, "[2001:db8::1]:80".parse().unwrap()),
@@ -392,6 +432,7 @@ mod tests {
         ]);
         p.rules[1].interfaces = vec!["eth0".to_owned()];
         let flags: Vec<(u32, u32)> = compile(&p)
+            .entries
             .iter()
             .map(|e| (e.value.rule_id, e.value.flags))
             .collect();
@@ -399,18 +440,19 @@ mod tests {
     }
 
     /// The kernel's look-up (`rule_for` in l4proxy-ebpf): longest-prefix match
-    /// over the whole key for the exact port and for the wildcard port; the
-    /// higher rank wins.
-    fn kernel_rule(entries: &[KernelEntry], dst: SocketAddr) -> Option<u32> {
+    /// over the whole key for the port's class and for the wildcard class;
+    /// the higher rank wins.
+    fn kernel_rule(compiled: &Compiled, dst: SocketAddr) -> Option<u32> {
         let addr = match dst.ip().to_canonical() {
             IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
             IpAddr::V6(v6) => v6.octets(),
         };
-        [dst.port(), ANY_PORT]
+        [compiled.classes.of_port(dst.port()), ANY_PORT_CLASS]
             .into_iter()
-            .filter_map(|port| {
-                let key = key_bytes(&RuleKey::new(port, addr));
-                entries
+            .filter_map(|class| {
+                let key = key_bytes(&ClassKey::new(class, addr));
+                compiled
+                    .entries
                     .iter()
                     .filter(|e| same_prefix(&key_bytes(&e.key), &key, e.prefix_len))
                     .max_by_key(|e| e.prefix_len)
@@ -419,8 +461,8 @@ mod tests {
             .map(|e| e.value.rule_id)
     }
 
-    fn key_bytes(key: &RuleKey) -> Vec<u8> {
-        [&key.port[..], &key._pad[..], &key.addr[..]].concat()
+    fn key_bytes(key: &ClassKey) -> Vec<u8> {
+        [&key.class[..], &key.addr[..]].concat()
     }
 
     fn same_prefix(a: &[u8], b: &[u8], bits: u32) -> bool {
@@ -516,7 +558,7 @@ mod tests {
         for policy in checked.iter().chain([&unchecked]) {
             let entries = compile(policy);
             let index = RuleIndex::new(&entries);
-            assert_eq!(entry_count(policy), entries.len());
+            assert_eq!(entry_count(policy), entries.entries.len());
             for ip in probe_addrs(policy) {
                 for port in probe_ports(policy) {
                     let dst = SocketAddr::new(ip, port);

@@ -542,7 +542,8 @@ impl Policy {
     }
 }
 
-/// The kernel's rule map has a fixed size; port ranges take one entry per port.
+/// The kernel's rule map has a fixed size: one entry per prefix and port
+/// class.
 fn check_size(policy: &Policy) -> Result<(), PolicyError> {
     let count = rules::entry_count(policy);
     if count > MAX_RULE_ENTRIES as usize {
@@ -550,7 +551,7 @@ fn check_size(policy: &Policy) -> Result<(), PolicyError> {
             "intercept",
             format!(
                 "compiles to {count} kernel entries, more than the limit of {MAX_RULE_ENTRIES} \
-                 (each port of a range takes one entry per prefix)"
+                 (one entry per prefix and port class: ports named by the same specs share a class)"
             ),
         ));
     }

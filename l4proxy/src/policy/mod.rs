@@ -117,7 +117,7 @@ pub struct RouteId(pub usize);
 pub struct UpstreamId(pub usize);
 
 /// Which destination ports a rule intercepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PortSpec {
     Any,
     /// A port 1-65535.

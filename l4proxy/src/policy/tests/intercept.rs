@@ -355,17 +355,25 @@ fn overlap_with_equal_precedence() {
 
 #[test]
 fn too_many_kernel_entries() {
-    let prefixes = r#"["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16", "10.3.0.0/16", "10.4.0.0/16"]"#;
+    // Each distinct port is a class of its own: 96 000 prefixes × 11 ports.
+    let prefixes: Vec<String> = (0..96_000)
+        .map(|i: u32| format!(r#""10.{}.{}.{}/32""#, i >> 16, (i >> 8) & 255, i & 255))
+        .collect();
+    let ports: Vec<String> = (1..=11).map(|port: u32| port.to_string()).collect();
     let err = error_with(
         r#"["192.0.2.10/32"], "ports": ["*"]"#,
-        &format!(r#"{prefixes}, "ports": ["1-65535"]"#),
+        &format!(
+            r#"[{}], "ports": [{}]"#,
+            prefixes.join(", "),
+            ports.join(", ")
+        ),
     );
     assert_eq!(
         err,
         format!(
             "intercept: compiles to {} kernel entries, more than the limit of {MAX_RULE_ENTRIES} \
-             (each port of a range takes one entry per prefix)",
-            5 * 65535 + 2 * 101
+             (one entry per prefix and port class: ports named by the same specs share a class)",
+            2 * 2 + 96_000 * 11
         )
     );
 }
