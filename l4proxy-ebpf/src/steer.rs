@@ -12,6 +12,9 @@
 //! that reason, and the same destination reached any other way (from this
 //! host, from the server side) is not the rule's. Nor is a connection to one
 //! of this host's own addresses: it is not forwarded traffic.
+//!
+//! A connection `classify` took on a bridge port arrives on the bridge: the
+//! rule's `VIA_BRIDGE_PORT` pair for that bridge says it is the rule's.
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
@@ -20,7 +23,7 @@ use aya_ebpf::{
 };
 use l4proxy_common::{Counter, RULE_ON_INTERFACES, RuleKey, SOCKET_V4, SOCKET_V6};
 
-use crate::{SOCKETS, count, is_local, on_interface, rule_for};
+use crate::{SOCKETS, count, is_local, on_bridge_port, on_interface, rule_for};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -70,7 +73,7 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     };
     if rule.flags & RULE_ON_INTERFACES != 0 {
-        if !on_interface(ifindex, rule.rule_id) {
+        if !on_interface(ifindex, rule.rule_id) && !on_bridge_port(ifindex, rule.rule_id) {
             count(Counter::OtherInterface);
             return SK_PASS;
         }
