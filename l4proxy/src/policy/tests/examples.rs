@@ -37,6 +37,7 @@ fn every_example_loads_without_warnings() {
         "fully-transparent.json",
         "proxy-protocol.json",
         "balanced.json",
+        "bridged.json",
     ] {
         assert!(
             checked.iter().any(|c| c == name),
