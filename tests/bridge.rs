@@ -261,6 +261,71 @@ fn other_ports_icmp_and_neighbour_discovery_are_bridged_untouched() {
     }
 }
 
+/// A connection open before l4proxy starts is bridged on untouched: it
+/// keeps working, and the daemon never sees it; a new one is taken.
+#[test]
+fn a_start_leaves_open_connections_alone() {
+    let t = Bridged::new("br_before");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 80), handlers::hello_echo("server")))
+        .collect();
+    let mut before = Vec::new();
+    for f in FAMILIES {
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        assert_eq!(lab::read_line(&mut c).unwrap(), "server", "{}", f.name);
+        before.push(c);
+    }
+    let mut d = Daemon::start_ready(&t.br, &bridged_policy(&["to-cl"], json!([80])), &[]);
+    for ((f, c), server) in FAMILIES.iter().zip(&mut before).zip(&servers) {
+        let what = format!("{}: opened before the start", f.name);
+        lab::echo(c, "still bridged", &what);
+        lab::finish(c, &what);
+        let client = c.local_addr().unwrap();
+        assert_eq!(server.accepted()[0].peer, client, "{what}");
+        assert!(!relayed(&d, client), "{what}: the daemon relayed it");
+
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        let client = c.local_addr().unwrap();
+        talk(
+            &mut c,
+            "server",
+            &format!("{}: opened after the start", f.name),
+        );
+        d.closed_event(client);
+    }
+}
+
+/// Inbound transparent on a bridge (`bind: proxy`): the server sees the
+/// bridge's own address, and its replies to it come back to this host.
+#[test]
+fn inbound_transparent_server_sees_the_bridge_address() {
+    let t = Bridged::new("br_inbound");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 80), handlers::hello_echo("server")))
+        .collect();
+    let policy = json!({
+        "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
+                         "ports": [80], "interfaces": ["to-cl"], "upstream": "origin" } ],
+        "upstreams": { "origin": { "original_destination": true, "bind": "proxy" } }
+    });
+    let mut d = Daemon::start_ready(&t.br, &policy, &[]);
+    for ((f, server), bridge) in FAMILIES.iter().zip(&servers).zip([BR4, BR6]) {
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        let client = c.local_addr().unwrap();
+        talk(&mut c, "server", &format!("{} inbound transparent", f.name));
+        d.closed_event(client);
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer.ip(),
+            ip(bridge),
+            "{}: the server sees the bridge",
+            f.name
+        );
+    }
+}
+
 /// The MAC address of `dev` in `ns`.
 fn mac_of(ns: &Netns, dev: &str) -> String {
     let out = ns.ip(&["-j", "link", "show", dev]);
