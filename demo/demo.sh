@@ -4,6 +4,9 @@
 # Act 2: the middle host is a router; l4proxy intercepts the client's
 # connections to the server's own addresses on port 80 and passes them on
 # from the client's address (fully transparent).
+# Act 3: a Linux bridge host is put into the client's cable (the client and
+# the proxy host, now just its router, keep their addresses and routes);
+# l4proxy on the bridge intercepts port 80 the same way.
 #
 #   client (198.51.100.2, 2001:db8:c::2)
 #     |
@@ -12,17 +15,19 @@
 #   server (203.0.113.2, 2001:db8:5::2): nginx on :8080 (site A), :8081 (site B)
 #                                        and :80 (site C)
 #
-# Usage: demo.sh L4PROXY_BINARY POLICY GATEWAY_POLICY   (run by `cargo xtask demo`)
+# Usage: demo.sh L4PROXY_BINARY POLICY GATEWAY_POLICY BRIDGED_POLICY
+#        (run by `cargo xtask demo`)
 # Everything it creates lives in namespaces named l4demo-<pid>-*, removed on exit.
 set -euo pipefail
 
 l4proxy=$(realpath "$1")
 policy=$(realpath "$2")
 gateway_policy=$(realpath "$3")
+bridged_policy=$(realpath "$4")
 tag="l4demo-$$"
 work=$(mktemp -d)
 chmod 755 "$work" # nginx workers (www-data) read the sites from here
-cl="$tag-client" px="$tag-proxy" sv="$tag-server"
+cl="$tag-client" px="$tag-proxy" sv="$tag-server" br="$tag-bridge"
 daemon_pid=""
 
 cleanup() {
@@ -31,7 +36,7 @@ cleanup() {
         wait "$daemon_pid" || true
     fi
     [[ -f $work/nginx.pid ]] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-    for ns in "$cl" "$px" "$sv"; do ip netns del "$ns" 2>/dev/null || true; done
+    for ns in "$cl" "$px" "$sv" "$br"; do ip netns del "$ns" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -85,14 +90,16 @@ http {
 CONF
 ip netns exec "$sv" nginx -c "$work/nginx.conf"
 
-# Starts l4proxy in the proxy namespace with policy $1 and waits for `ready`.
+# Starts l4proxy in namespace $2 (default: the proxy's) with policy $1 and
+# waits for `ready`.
 start_l4proxy() {
+    local ns=${2:-$px}
     say "the policy ($1)"
     cat "$1"
     show "$l4proxy" check "$1"
-    say "starting l4proxy in the proxy namespace"
+    say "starting l4proxy in $ns"
     : >"$work/l4proxy.log"
-    ip netns exec "$px" "$l4proxy" run --policy "$1" --grace-period 2 2>"$work/l4proxy.log" &
+    ip netns exec "$ns" "$l4proxy" run --policy "$1" --grace-period 2 2>"$work/l4proxy.log" &
     daemon_pid=$!
     for _ in $(seq 50); do
         grep -q ready "$work/l4proxy.log" && break
@@ -158,5 +165,50 @@ cat "$work/nginx-access.log"
 stop_l4proxy
 show ip -n "$px" rule show
 echo "(no rules, routes or tc programs of ours left)"
+
+say "ACT 3: a bridge is put into the client's cable; l4proxy on it intercepts port 80"
+# Deleting the client's link removes its routes too: they are added back as
+# they were. Neither the client nor the router gets a route to the bridge.
+ip netns add "$br"
+ip -n "$br" link set lo up
+ip netns exec "$br" sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
+# Bridged frames need no firewall here (l4proxy warns otherwise); the keys
+# exist only while br_netfilter is loaded.
+ip netns exec "$br" sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0 2>/dev/null || true
+ip -n "$cl" link del to-px
+ip -n "$cl" link add to-px type veth peer name to-cl netns "$br"
+ip -n "$br" link add to-px type veth peer name to-cl netns "$px"
+ip -n "$cl" addr add 198.51.100.2/24 dev to-px
+ip -n "$cl" addr add 2001:db8:c::2/64 dev to-px nodad
+ip -n "$px" addr add 198.51.100.1/24 dev to-cl
+ip -n "$px" addr add 2001:db8:c::1/64 dev to-cl nodad
+for link in "$cl to-px" "$px to-cl" "$br to-cl" "$br to-px"; do
+    set -- $link
+    ip -n "$1" link set "$2" up
+done
+ip -n "$cl" route add 203.0.113.0/24 via 198.51.100.1
+ip -n "$cl" route add 2001:db8:5::/64 via 2001:db8:c::1
+show ip -n "$br" link add br0 type bridge
+show ip -n "$br" link set to-cl master br0
+show ip -n "$br" link set to-px master br0
+show ip -n "$br" link set br0 up
+show ip -n "$br" addr add 198.51.100.3/24 dev br0
+show ip -n "$br" addr add 2001:db8:c::3/64 dev br0 nodad
+show ip -n "$br" route add default via 198.51.100.1
+show ip -n "$br" route add default via 2001:db8:c::1
+start_l4proxy "$bridged_policy" "$br"
+
+say "the client connects to the server's addresses, across the bridge"
+: >"$work/nginx-access.log"
+show ip netns exec "$cl" curl -sS --max-time 5 http://203.0.113.2/
+show ip netns exec "$cl" curl -sS --max-time 5 "http://[2001:db8:5::2]/"
+say "port 8080 is not in the policy: bridged untouched"
+show ip netns exec "$cl" curl -sS --max-time 5 http://203.0.113.2:8080/
+
+say "what the server saw: the client's own address every time"
+cat "$work/nginx-access.log"
+stop_l4proxy
+say "the bridge forwards as before"
+show ip netns exec "$cl" curl -sS --max-time 5 http://203.0.113.2:8080/
 
 say "done: removing the lab"

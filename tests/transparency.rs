@@ -875,15 +875,6 @@ fn start_up_refuses_a_host_not_set_up_for_the_policy() {
         r#"intercept[0].interfaces[1]: no interface \"nope0\""#,
     );
 
-    t.px.ip(&["link", "add", "br0", "type", "bridge"]);
-    t.px.ip(&["link", "set", "to-cl", "master", "br0"]);
-    refuses_to_start(
-        &t,
-        &full_policy_on(80, 8080),
-        r#"interface \"to-cl\" is a port of \"br0\""#,
-    );
-    t.px.ip(&["link", "set", "to-cl", "nomaster"]);
-
     t.px.sysctl("net.ipv4.conf.to-cl.src_valid_mark", "1");
     refuses_to_start(
         &t,

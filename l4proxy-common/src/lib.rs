@@ -101,6 +101,13 @@ pub struct RuleValue {
     pub rank: u64,
 }
 
+/// Set in [`InterfaceRuleKey::rule_id`]: the pair names a bridge one of whose
+/// ports the rule intercepts on. `classify` runs on the port; `steer` sees
+/// the connection arrive on the bridge, and takes it only with this pair (a
+/// plain pair for the bridge would also take connections routed through it).
+/// Rule ids stay far below this bit (`MAX_RULE_ENTRIES`).
+pub const VIA_BRIDGE_PORT: u32 = 1 << 31;
+
 /// Key of `INTERFACE_RULES`: a gateway rule intercepts on this interface.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -113,6 +120,12 @@ pub struct InterfaceRuleKey {
 /// (replies to l4proxy's upstream connections made from a client's address).
 pub const INTERFACE_REPLIES: u32 = 1;
 
+/// [`InterfaceConfig::flags`]: the interface is a port of a bridge. A packet
+/// `classify` marks there gets the bridge's MAC address as its destination,
+/// so that the bridge passes it up to this host's stack instead of
+/// forwarding it to the client's or the router's MAC.
+pub const INTERFACE_BRIDGE_PORT: u32 = 2;
+
 /// Value of `INTERFACES`, keyed by ifindex: how `classify` reads packets there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,8 +133,11 @@ pub struct InterfaceConfig {
     /// Bytes before the IP header at tc ingress: 14 on Ethernet, 0 on layer-3
     /// devices (tun, WireGuard).
     pub l2_len: u32,
-    /// [`INTERFACE_REPLIES`] or 0.
+    /// [`INTERFACE_REPLIES`], [`INTERFACE_BRIDGE_PORT`], or 0.
     pub flags: u32,
+    /// With [`INTERFACE_BRIDGE_PORT`]: the bridge's MAC address.
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Index into the `SETTINGS` array: the value `classify` sets in `skb->mark`.
@@ -166,10 +182,13 @@ pub enum Counter {
     /// `classify` marked a packet of a connection opened under a policy a
     /// reload replaced.
     MarkedRetained = 9,
+    /// `classify` marked a packet on a bridge port but could not address it
+    /// to the bridge: the bridge forwards it as if l4proxy were not there.
+    BridgeRewriteFailed = 10,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Steered,
         Counter::Passed,
         Counter::NoSocket,
@@ -180,6 +199,7 @@ impl Counter {
         Counter::MarkedIcmp,
         Counter::PassedLocal,
         Counter::MarkedRetained,
+        Counter::BridgeRewriteFailed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -195,6 +215,7 @@ impl Counter {
             Counter::MarkedIcmp => "marked_icmp",
             Counter::PassedLocal => "passed_local",
             Counter::MarkedRetained => "marked_retained",
+            Counter::BridgeRewriteFailed => "bridge_rewrite_failed",
         }
     }
 }

@@ -26,6 +26,14 @@
 //! connection owns is marked (`-m socket` for all), so that they keep working
 //! whatever the new rules say; the daemon turns this off once they are gone.
 //!
+//! On a port of a bridge (bridged interception) a packet is marked the same
+//! way, and its destination MAC becomes the bridge's: the bridge, which runs
+//! after tc ingress, then passes it up to this host's stack on the bridge
+//! device (as for a frame addressed to the host itself) instead of
+//! forwarding it to the router's or the client's MAC. The stack routes it
+//! by the mark as above. What is not marked is bridged untouched, and a
+//! packet already marked on a port is not looked at again on the bridge.
+//!
 //! Everything else is left alone. The program never drops: it returns
 //! `TC_ACT_UNSPEC` (tcx's "next"), so programs after it and the stack decide.
 //!
@@ -43,8 +51,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use l4proxy_common::{
-    Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig, MARK_MASK, MARK_VALUE, RETAINING,
-    RULE_ON_INTERFACES, RuleKey,
+    Counter, DRAINING, INTERFACE_BRIDGE_PORT, INTERFACE_REPLIES, InterfaceConfig, MARK_MASK,
+    MARK_VALUE, RETAINING, RULE_ON_INTERFACES, RuleKey,
 };
 
 use crate::{INTERFACES, SETTINGS, UPSTREAM_SERVERS, count, is_local, on_interface, rule_for};
@@ -120,7 +128,7 @@ pub fn classify(ctx: TcContext) -> i32 {
     };
     // A tagged frame belongs to the VLAN device above this one, whose own
     // ingress (and `steer`'s interface check) sees it next.
-    if vlan != 0 {
+    if vlan != 0 || classified_on_port(mark) {
         return TC_ACT_UNSPEC;
     }
     // A constant per branch: the verifier must bound packet offsets.
@@ -134,6 +142,9 @@ pub fn classify(ctx: TcContext) -> i32 {
     if let Some(counter) = marked {
         set_mark(&ctx, mark);
         count(counter);
+        if config.flags & INTERFACE_BRIDGE_PORT != 0 {
+            to_bridge(&ctx, &config);
+        }
     }
     TC_ACT_UNSPEC
 }
@@ -416,4 +427,24 @@ fn draining() -> bool {
 #[inline(always)]
 fn retaining() -> bool {
     SETTINGS.get(RETAINING).is_some_and(|&flag| flag != 0)
+}
+
+/// Whether the packet carries our mark already: `classify` took it on a port
+/// of the bridge it now arrives on (no one else sets our bits on ingress).
+#[inline(always)]
+fn classified_on_port(mark: u32) -> bool {
+    let (Some(&value), Some(&mask)) = (SETTINGS.get(MARK_VALUE), SETTINGS.get(MARK_MASK)) else {
+        return false;
+    };
+    mark & mask == value
+}
+
+/// Addresses the frame to the bridge `config` names: the bridge then hands
+/// it to this host's stack (and sets it `PACKET_HOST`) instead of forwarding
+/// it. Bridge ports are Ethernet: the destination MAC is the first 6 bytes.
+#[inline(always)]
+fn to_bridge(ctx: &TcContext, config: &InterfaceConfig) {
+    if ctx.store(0, &config.bridge_mac, 0).is_err() {
+        count(Counter::BridgeRewriteFailed);
+    }
 }

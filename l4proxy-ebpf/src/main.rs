@@ -12,7 +12,7 @@ use aya_ebpf::{
 use l4proxy_common::{
     ANY_PORT_CLASS, ClassKey, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES,
     MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, PORT_COUNT,
-    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SETTINGS_COUNT,
+    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SETTINGS_COUNT, VIA_BRIDGE_PORT,
 };
 
 /// Intercept rules, filled by the daemon from the policy: (port class,
@@ -92,6 +92,17 @@ fn is_local(addr: [u8; 16]) -> bool {
 fn on_interface(ifindex: u32, rule_id: u32) -> bool {
     INTERFACE_RULES
         .get_ptr(InterfaceRuleKey { ifindex, rule_id })
+        .is_some()
+}
+
+/// Whether gateway rule `rule_id` intercepts on a port of bridge `ifindex`
+/// (see `VIA_BRIDGE_PORT`).
+fn on_bridge_port(ifindex: u32, rule_id: u32) -> bool {
+    INTERFACE_RULES
+        .get_ptr(InterfaceRuleKey {
+            ifindex,
+            rule_id: rule_id | VIA_BRIDGE_PORT,
+        })
         .is_some()
 }
 

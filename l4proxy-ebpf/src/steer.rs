@@ -13,6 +13,9 @@
 //! host, from the server side) is not the rule's. Nor is a connection to one
 //! of this host's own addresses: it is not forwarded traffic.
 //!
+//! A connection `classify` took on a bridge port arrives on the bridge: the
+//! rule's `VIA_BRIDGE_PORT` pair for that bridge says it is the rule's.
+//!
 //! The two failures are rare and worth a line in the daemon's debug log
 //! (aya-log). The daemon sets the programs' log level when it loads them; with
 //! debug off the level is a constant of a frozen map, so the verifier removes
@@ -26,7 +29,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use l4proxy_common::{Counter, RULE_ON_INTERFACES, RuleKey, SOCKET_V4, SOCKET_V6};
 
-use crate::{SOCKETS, count, is_local, on_interface, rule_for};
+use crate::{SOCKETS, count, is_local, on_bridge_port, on_interface, rule_for};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -76,7 +79,7 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     };
     if rule.flags & RULE_ON_INTERFACES != 0 {
-        if !on_interface(ifindex, rule.rule_id) {
+        if !on_interface(ifindex, rule.rule_id) && !on_bridge_port(ifindex, rule.rule_id) {
             count(Counter::OtherInterface);
             return SK_PASS;
         }

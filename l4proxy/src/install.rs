@@ -31,6 +31,7 @@ use crate::{
     health,
     intercept::{
         ClassifyPlan, ClassifyRole, Family, InterceptError, Interceptor,
+        bridge::{self, BridgeUse},
         delivery::{Delivery, DeliveryError, Mark},
         interfaces::{self, Interface},
         routes::{self, LocalRoutes, RouteError},
@@ -61,7 +62,7 @@ pub enum InstallError {
     #[error("{path}: no interface {name:?} in this network namespace")]
     NoInterface { path: String, name: String },
     #[error(
-        "{path}: interface {name:?} is a port of {master:?} (a bridge, bond or VRF): its IP traffic arrives on {master:?}; list that instead"
+        "{path}: interface {name:?} is a port of {master:?} (a bond or VRF): its IP traffic arrives on {master:?}; list that instead"
     )]
     Enslaved {
         path: String,
@@ -116,6 +117,11 @@ struct Needs {
     /// Upstream servers on this host connected to from other addresses.
     local_servers: Vec<SocketAddr>,
     classify: Vec<ClassifyPlan>,
+    /// Bridges gateway rules intercept on (for the start-up checks).
+    bridges: Vec<BridgeUse>,
+    /// Gateway rules route IPv4 / IPv6 (for the start-up checks).
+    routed_v4: bool,
+    routed_v6: bool,
 }
 
 impl Needs {
@@ -199,16 +205,27 @@ impl Installation {
     /// as it goes) and the error returned.
     pub async fn apply(&mut self, policy: Policy) -> Result<Applied, InstallError> {
         let needs = self.needs(&policy).await?;
+        // The bridges too: what `classify` takes on a port goes up the
+        // stack (and through its reverse-path check) on the bridge.
         let marking: Vec<String> = needs
             .classify
             .iter()
             .map(|p| p.interface.name.clone())
+            .chain(needs.bridges.iter().map(|b| b.name.clone()))
             .collect();
-        let findings = sysctl::check(&sysctl::Plan {
-            gateway_v4: gateway_family(&policy, true),
-            gateway_v6: gateway_family(&policy, false),
+        let mut findings = sysctl::check(&sysctl::Plan {
+            gateway_v4: needs.routed_v4,
+            gateway_v6: needs.routed_v6,
             marking: &marking,
+            bridged_v4: needs.bridges.iter().any(|b| b.v4),
+            bridged_v6: needs.bridges.iter().any(|b| b.v6),
         });
+        for bridge in &needs.bridges {
+            let addresses = interfaces::addresses(bridge.index).await?;
+            findings
+                .errors
+                .extend(bridge::missing_addresses(bridge, &addresses));
+        }
         for warning in &findings.warnings {
             tracing::warn!("{warning}");
         }
@@ -326,6 +343,7 @@ impl Installation {
                             replies: planned.role.replies,
                         },
                         rules: Vec::new(),
+                        bridge: planned.bridge,
                     });
                 }
             }
@@ -368,8 +386,12 @@ impl Installation {
         let owned = owned_prefixes(policy);
         let is_local =
             |ip: IpAddr| self.local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
+        let all = interfaces::list().await?;
         Ok(Needs {
-            classify: classify_plan(policy, &interfaces::list().await?, &is_local)?,
+            classify: classify_plan(policy, &all, &is_local)?,
+            bridges: bridge_uses(policy, &all),
+            routed_v4: routed_family(policy, &all, true),
+            routed_v6: routed_family(policy, &all, false),
             local_servers: local_transparent_servers(policy, &is_local),
             owned,
         })
@@ -462,7 +484,8 @@ pub(crate) fn listen(
 }
 
 /// Where `classify` goes, and what it does there: every interface a gateway
-/// rule lists (with those rules), and, when some upstream connection is made
+/// rule lists (with those rules; for a bridge, also each of its ports, where
+/// bridged traffic is seen), and, when some upstream connection is made
 /// from an address that is not this host's own (a client's, or a fixed one),
 /// every interface but loopback whose packets it can read, since a server's
 /// replies may come in on any.
@@ -472,38 +495,38 @@ fn classify_plan(
     is_local: &impl Fn(IpAddr) -> bool,
 ) -> Result<Vec<ClassifyPlan>, InstallError> {
     let mut plan: Vec<ClassifyPlan> = Vec::new();
-    for (r, rule) in policy.rules.iter().enumerate() {
-        for (k, name) in rule.interfaces.iter().enumerate() {
-            let path = || format!("intercept[{r}].interfaces[{k}]");
-            let interface =
-                all.iter()
-                    .find(|i| &i.name == name)
-                    .ok_or_else(|| InstallError::NoInterface {
-                        path: path(),
-                        name: name.clone(),
-                    })?;
-            // `steer` checks the interface a connection arrived on, which
-            // for a port is its master, not the port `classify` ran on.
-            if let Some(master) = interface.master {
-                return Err(InstallError::Enslaved {
-                    path: path(),
-                    name: name.clone(),
-                    master: all
-                        .iter()
-                        .find(|i| i.index == master)
-                        .map_or_else(|| format!("ifindex {master}"), |i| i.name.clone()),
-                });
-            }
-            match plan.iter_mut().find(|p| &p.interface == interface) {
-                Some(planned) => planned.rules.push(r),
-                None => plan.push(ClassifyPlan {
+    let mut plan_on = |interface: &Interface, rule: Option<usize>| {
+        let planned = match plan.iter_mut().position(|p| &p.interface == interface) {
+            Some(at) => &mut plan[at],
+            None => {
+                plan.push(ClassifyPlan {
                     interface: interface.clone(),
                     role: ClassifyRole {
-                        intercept: true,
+                        intercept: false,
                         replies: false,
                     },
-                    rules: vec![r],
-                }),
+                    rules: Vec::new(),
+                    bridge: bridge::bridge_of(interface, all),
+                });
+                plan.last_mut().expect("just pushed")
+            }
+        };
+        match rule {
+            Some(r) => {
+                planned.role.intercept = true;
+                planned.rules.push(r);
+            }
+            None => planned.role.replies = true,
+        }
+    };
+    for (r, rule) in policy.rules.iter().enumerate() {
+        for (k, name) in rule.interfaces.iter().enumerate() {
+            let interface = listed(all, name, r, k)?;
+            plan_on(interface, Some(r));
+            if interface.is_bridge {
+                for port in bridge::ports(interface, all) {
+                    plan_on(port, Some(r));
+                }
             }
         }
     }
@@ -516,20 +539,93 @@ fn classify_plan(
             .iter()
             .filter(|i| !i.is_loopback() && i.l2_len.is_some());
         for interface in readable {
-            match plan.iter_mut().find(|p| &p.interface == interface) {
-                Some(planned) => planned.role.replies = true,
-                None => plan.push(ClassifyPlan {
-                    interface: interface.clone(),
-                    role: ClassifyRole {
-                        intercept: false,
-                        replies: true,
-                    },
-                    rules: Vec::new(),
+            plan_on(interface, None);
+        }
+    }
+    Ok(plan)
+}
+
+/// The interface `intercept[r].interfaces[k]` names. A port of a bond or a
+/// VRF is refused: `steer` checks the interface a connection arrived on,
+/// which for such a port is its master. (A bridge's port is fine:
+/// `classify` runs there and `steer` knows the bridge.)
+fn listed<'a>(
+    all: &'a [Interface],
+    name: &str,
+    r: usize,
+    k: usize,
+) -> Result<&'a Interface, InstallError> {
+    let path = || format!("intercept[{r}].interfaces[{k}]");
+    let interface =
+        all.iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| InstallError::NoInterface {
+                path: path(),
+                name: name.to_owned(),
+            })?;
+    match interface.master {
+        Some(master) if bridge::bridge_of(interface, all).is_none() => {
+            Err(InstallError::Enslaved {
+                path: path(),
+                name: name.to_owned(),
+                master: all
+                    .iter()
+                    .find(|i| i.index == master)
+                    .map_or_else(|| format!("ifindex {master}"), |i| i.name.clone()),
+            })
+        }
+        _ => Ok(interface),
+    }
+}
+
+/// The bridges gateway rules intercept on (named, or through a port), with
+/// the families of those rules.
+fn bridge_uses(policy: &Policy, all: &[Interface]) -> Vec<BridgeUse> {
+    let mut uses: Vec<BridgeUse> = Vec::new();
+    for rule in &policy.rules {
+        let v4 = rule.prefixes.iter().any(|p| p.addr().is_ipv4());
+        let v6 = rule.prefixes.iter().any(|p| p.addr().is_ipv6());
+        for name in &rule.interfaces {
+            let Some(interface) = all.iter().find(|i| &i.name == name) else {
+                continue;
+            };
+            let bridge = match bridge::bridge_of(interface, all) {
+                Some(of_port) => all.iter().find(|i| i.index == of_port.index),
+                None => interface.is_bridge.then_some(interface),
+            };
+            let Some(bridge) = bridge else { continue };
+            match uses.iter_mut().find(|u| u.index == bridge.index) {
+                Some(found) => {
+                    found.v4 |= v4;
+                    found.v6 |= v6;
+                }
+                None => uses.push(BridgeUse {
+                    name: bridge.name.clone(),
+                    index: bridge.index,
+                    v4,
+                    v6,
                 }),
             }
         }
     }
-    Ok(plan)
+    uses
+}
+
+/// Whether a gateway rule that routes (lists an interface that is neither a
+/// bridge nor a bridge's port) intercepts prefixes of one family: such a
+/// host forwards.
+fn routed_family(policy: &Policy, all: &[Interface], v4: bool) -> bool {
+    let routed = |name: &String| {
+        all.iter()
+            .find(|i| &i.name == name)
+            .is_none_or(|i| !i.is_bridge && bridge::bridge_of(i, all).is_none())
+    };
+    policy
+        .rules
+        .iter()
+        .filter(|rule| rule.interfaces.iter().any(routed))
+        .flat_map(|rule| &rule.prefixes)
+        .any(|prefix| prefix.addr().is_ipv4() == v4)
 }
 
 /// Whether connections under `bind` come from an address that is not this
@@ -540,16 +636,6 @@ fn spoofs(bind: Bind, is_local: &impl Fn(IpAddr) -> bool) -> bool {
         Bind::ClientIp | Bind::Client => true,
         Bind::Address(ip) => !is_local(ip),
     }
-}
-
-/// Whether gateway rules intercept prefixes of one family.
-fn gateway_family(policy: &Policy, v4: bool) -> bool {
-    policy
-        .rules
-        .iter()
-        .filter(|rule| rule.is_gateway())
-        .flat_map(|rule| &rule.prefixes)
-        .any(|prefix| prefix.addr().is_ipv4() == v4)
 }
 
 /// Servers on this host that connections are made to from addresses that
@@ -600,6 +686,40 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    fn link(name: &str, index: u32, master: Option<u32>, is_bridge: bool) -> Interface {
+        Interface {
+            name: name.to_owned(),
+            index,
+            l2_len: Some(14),
+            master,
+            is_bridge,
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
+        }
+    }
+
+    /// A bridge's port may be listed (bridged interception); a bond's may
+    /// not: its traffic arrives on the bond, where `classify` is not.
+    #[test]
+    fn a_bridge_port_is_listed_and_a_bond_port_refused() {
+        let all = [
+            link("br0", 2, None, true),
+            link("eth0", 3, Some(2), false),
+            link("bond0", 4, None, false),
+            link("eth1", 5, Some(4), false),
+        ];
+        assert_eq!(listed(&all, "eth0", 0, 0).unwrap().index, 3);
+        assert_eq!(listed(&all, "br0", 0, 1).unwrap().index, 2);
+        let refused = listed(&all, "eth1", 1, 0).unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            r#"intercept[1].interfaces[0]: interface "eth1" is a port of "bond0" (a bond or VRF): its IP traffic arrives on "bond0"; list that instead"#
+        );
+        assert!(matches!(
+            listed(&all, "nope0", 0, 0),
+            Err(InstallError::NoInterface { .. })
+        ));
+    }
 
     /// Sessions rely on it: sockets accepted from our listeners have
     /// `TCP_NODELAY` and the daemon's keepalive without setsockopts of

@@ -116,7 +116,7 @@ impl LocalAddrs {
 
 /// The host's own address of an `ip addr` entry: IFA_LOCAL where given (on a
 /// point-to-point link IFA_ADDRESS is the peer), else IFA_ADDRESS.
-fn address_of(message: &AddressMessage) -> Option<IpAddr> {
+pub(crate) fn address_of(message: &AddressMessage) -> Option<IpAddr> {
     let mut address = None;
     for attribute in &message.attributes {
         match attribute {

@@ -492,3 +492,96 @@ impl Topo {
         Topo { cl, px, sv }
     }
 }
+
+/// Addresses of the bridged topology ([`Bridged`]).
+pub mod bridged_addr {
+    pub const CL4: &str = "198.51.100.2";
+    pub const BR4: &str = "198.51.100.3";
+    pub const RT4_CL: &str = "198.51.100.1";
+    pub const RT4_SV: &str = "203.0.113.1";
+    pub const SV4: &str = "203.0.113.2";
+    pub const CL6: &str = "2001:db8:c::2";
+    pub const BR6: &str = "2001:db8:c::3";
+    pub const RT6_CL: &str = "2001:db8:c::1";
+    pub const RT6_SV: &str = "2001:db8:5::1";
+    pub const SV6: &str = "2001:db8:5::2";
+}
+
+/// The bridged topology: the proxy host is a Linux bridge between the
+/// client and its router, in one subnet; the router routes to the server.
+///
+/// ```text
+/// cl (198.51.100.2, 2001:db8:c::2), default routes via rt
+///  | to-br / to-cl
+/// br: bridge br0 (198.51.100.3, 2001:db8:c::3) with ports to-cl and to-rt,
+///  |  default routes via rt; no forwarding sysctl
+///  | to-rt / to-br
+/// rt (198.51.100.1, 2001:db8:c::1 | 203.0.113.1, 2001:db8:5::1), forwarding on
+///  | to-sv / to-rt
+/// sv (203.0.113.2, 2001:db8:5::2), default routes via rt
+/// ```
+///
+/// Neither cl nor rt knows of br: their routes are those they would have
+/// without it. Fields drop (namespaces are deleted) in order.
+pub struct Bridged {
+    pub cl: Netns,
+    pub br: Netns,
+    pub rt: Netns,
+    pub sv: Netns,
+}
+
+impl Bridged {
+    /// The topology, with br's address on the bridge (see [`Bridged::bare`]).
+    pub fn new(test: &str) -> Bridged {
+        use bridged_addr::*;
+        let t = Bridged::bare(test);
+        t.br.addr("br0", &format!("{BR4}/24"));
+        t.br.addr("br0", &format!("{BR6}/64"));
+        t.br.route("default", RT4_CL);
+        t.br.route("default", RT6_CL);
+        t
+    }
+
+    /// The topology without an address or route on br: a plain bridge.
+    pub fn bare(test: &str) -> Bridged {
+        use bridged_addr::*;
+        let cl = Netns::new(test, "cl");
+        let br = Netns::new(test, "br");
+        let rt = Netns::new(test, "rt");
+        let sv = Netns::new(test, "sv");
+        veth(&cl, "to-br", &br, "to-cl");
+        veth(&br, "to-rt", &rt, "to-br");
+        veth(&rt, "to-sv", &sv, "to-rt");
+        // A fixed MAC: the bridge's would otherwise follow its ports'.
+        br.ip(&[
+            "link",
+            "add",
+            "br0",
+            "address",
+            "02:00:5e:10:00:01",
+            "type",
+            "bridge",
+        ]);
+        for port in ["to-cl", "to-rt"] {
+            br.ip(&["link", "set", port, "master", "br0"]);
+        }
+        br.ip(&["link", "set", "br0", "up"]);
+        br.sysctl("net.ipv6.conf.br0.accept_dad", "0");
+
+        cl.addr("to-br", &format!("{CL4}/24"));
+        cl.addr("to-br", &format!("{CL6}/64"));
+        rt.addr("to-br", &format!("{RT4_CL}/24"));
+        rt.addr("to-br", &format!("{RT6_CL}/64"));
+        rt.addr("to-sv", &format!("{RT4_SV}/24"));
+        rt.addr("to-sv", &format!("{RT6_SV}/64"));
+        sv.addr("to-rt", &format!("{SV4}/24"));
+        sv.addr("to-rt", &format!("{SV6}/64"));
+        rt.sysctl("net.ipv4.ip_forward", "1");
+        rt.sysctl("net.ipv6.conf.all.forwarding", "1");
+        cl.route("default", RT4_CL);
+        cl.route("default", RT6_CL);
+        sv.route("default", RT4_SV);
+        sv.route("default", RT6_SV);
+        Bridged { cl, br, rt, sv }
+    }
+}

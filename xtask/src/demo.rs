@@ -15,6 +15,7 @@ pub fn run() -> anyhow::Result<()> {
             .arg("demo/demo.sh")
             .arg(daemon)
             .arg("examples/demo.json")
-            .arg("examples/demo-gateway.json"),
+            .arg("examples/demo-gateway.json")
+            .arg("examples/demo-bridged.json"),
     )
 }

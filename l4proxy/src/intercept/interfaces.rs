@@ -1,11 +1,17 @@
 //! The network interfaces of this namespace, as the kernel programs need
-//! them: index, and how many bytes of link-layer header precede the IP header
-//! at tc ingress.
+//! them: index, how many bytes of link-layer header precede the IP header
+//! at tc ingress, and for bridged interception which are bridges (with their
+//! MAC address and IP addresses) and which are their ports.
+
+use std::net::IpAddr;
 
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::{
     MulticastGroup,
-    packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage},
+    packet_route::{
+        address::AddressMessage,
+        link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
+    },
 };
 use tokio::sync::mpsc;
 
@@ -24,6 +30,10 @@ pub struct Interface {
     /// The bridge, bond or VRF it is enslaved to: its IP traffic arrives on
     /// that device instead.
     pub master: Option<u32>,
+    /// It is a Linux bridge.
+    pub is_bridge: bool,
+    /// Its Ethernet address, if it has one.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Interface {
@@ -43,6 +53,24 @@ pub async fn list() -> Result<Vec<Interface>, RouteError> {
         .await
         .map_err(RouteError::List)?;
     Ok(links.iter().filter_map(interface_of).collect())
+}
+
+/// The IP addresses of interface `index`.
+pub async fn addresses(index: u32) -> Result<Vec<IpAddr>, RouteError> {
+    let handle = connect()?;
+    let messages: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(RouteError::List)?;
+    Ok(messages
+        .iter()
+        .filter(|message| message.header.index == index)
+        .filter_map(crate::local_addrs::address_of)
+        .collect())
 }
 
 /// Tells the receiver whenever an interface comes, goes or changes (the
@@ -78,6 +106,17 @@ fn interface_of(link: &LinkMessage) -> Option<Interface> {
             LinkAttribute::Controller(index) => Some(*index),
             _ => None,
         });
+    let is_bridge = link.attributes.iter().any(|attribute| {
+        matches!(attribute, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|info| matches!(info, LinkInfo::Kind(InfoKind::Bridge))))
+    });
+    let mac = link
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+            _ => None,
+        });
     let l2_len = match link.header.link_layer_type {
         LinkLayerType::Ether | LinkLayerType::Loopback => Some(ETHERNET_HEADER),
         LinkLayerType::None
@@ -95,5 +134,7 @@ fn interface_of(link: &LinkMessage) -> Option<Interface> {
         index: link.header.index,
         l2_len,
         master,
+        is_bridge,
+        mac,
     })
 }

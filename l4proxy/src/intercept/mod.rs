@@ -12,6 +12,7 @@
 //! `delivery` mark them with our own protocol number and `guard` removes them
 //! if the daemon dies without doing so itself.
 
+pub mod bridge;
 pub mod delivery;
 pub mod guard;
 pub mod interfaces;
@@ -34,13 +35,15 @@ use aya::{
     },
 };
 use l4proxy_common::{
-    ANY_PORT_CLASS, ClassKey, Counter, DRAINING, INTERFACE_REPLIES, InterfaceConfig,
-    InterfaceRuleKey, MARK_MASK, MARK_VALUE, RETAINING, RuleKey, RuleValue, SOCKET_V4, SOCKET_V6,
+    ANY_PORT_CLASS, ClassKey, Counter, DRAINING, INTERFACE_BRIDGE_PORT, INTERFACE_REPLIES,
+    InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE, RETAINING, RuleKey, RuleValue,
+    SOCKET_V4, SOCKET_V6, VIA_BRIDGE_PORT,
 };
 
 use ipnet::IpNet;
 
 use self::{
+    bridge::BridgeOfPort,
     delivery::Mark,
     interfaces::Interface,
     kernel_log::KernelLog,
@@ -162,6 +165,9 @@ pub struct ClassifyPlan {
     pub role: ClassifyRole,
     /// Gateway rules that list the interface (indices into the policy).
     pub rules: Vec<usize>,
+    /// The bridge the interface is a port of: what `classify` takes there
+    /// is addressed to the bridge, and `steer` takes it on the bridge.
+    pub bridge: Option<BridgeOfPort>,
 }
 
 impl Interceptor {
@@ -316,12 +322,23 @@ impl Interceptor {
             let l2_len = interface.l2_len.ok_or_else(|| InterceptError::LinkType {
                 name: interface.name.clone(),
             })?;
-            let config = InterfaceConfig {
-                l2_len,
-                flags: if planned.role.replies {
-                    INTERFACE_REPLIES
-                } else {
-                    0
+            let replies = if planned.role.replies {
+                INTERFACE_REPLIES
+            } else {
+                0
+            };
+            let config = match planned.bridge {
+                Some(bridge) => InterfaceConfig {
+                    l2_len,
+                    flags: replies | INTERFACE_BRIDGE_PORT,
+                    bridge_mac: bridge.mac,
+                    _pad: [0; 2],
+                },
+                None => InterfaceConfig {
+                    l2_len,
+                    flags: replies,
+                    bridge_mac: [0; 6],
+                    _pad: [0; 2],
                 },
             };
             self.interfaces
@@ -465,19 +482,28 @@ fn rule_entries(
         .collect()
 }
 
-/// The `INTERFACE_RULES` entries of gateway rules in `plan`.
+/// The `INTERFACE_RULES` entries of gateway rules in `plan`: one per
+/// (interface, rule), and on a bridge port one more for its bridge, where
+/// `steer` sees the connection arrive.
 fn wanted_pairs(plan: &[ClassifyPlan]) -> Contents<InterfaceRuleKey, u8> {
     plan.iter()
         .filter(|planned| planned.role.intercept)
         .flat_map(|planned| {
-            planned.rules.iter().map(|&r| {
-                let key = InterfaceRuleKey {
+            planned.rules.iter().flat_map(|&r| {
+                // Fits: rule indices are below MAX_RULE_ENTRIES (see
+                // rules::compile).
+                let rule_id = r as u32;
+                let on_port = InterfaceRuleKey {
                     ifindex: planned.interface.index,
-                    // Fits: rule indices are below MAX_RULE_ENTRIES (see
-                    // rules::compile).
-                    rule_id: r as u32,
+                    rule_id,
                 };
-                (key, 1)
+                let on_bridge = planned.bridge.map(|bridge| InterfaceRuleKey {
+                    ifindex: bridge.index,
+                    rule_id: rule_id | VIA_BRIDGE_PORT,
+                });
+                std::iter::once(on_port)
+                    .chain(on_bridge)
+                    .map(|key| (key, 1))
             })
         })
         .collect()

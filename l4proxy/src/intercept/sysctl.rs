@@ -11,6 +11,11 @@
 //!   martian source (unless `accept_local` is on). An error. Strict
 //!   `rp_filter` without it is fine: the check then uses the main table, and
 //!   a client's route points back out of the interface it came in on.
+//! - Bridged interception with `br_netfilter` loaded and
+//!   `net.bridge.bridge-nf-call-iptables` (or `-ip6tables`) on: every frame
+//!   crossing the bridge also goes through iptables/ip6tables (and conntrack),
+//!   whose FORWARD and INPUT rules may drop what l4proxy takes or passes. A
+//!   warning: it works unless a firewall there says otherwise.
 
 use std::{fs, io, path::PathBuf};
 
@@ -30,6 +35,9 @@ pub struct Plan<'a> {
     pub gateway_v6: bool,
     /// Interfaces where `classify` marks packets.
     pub marking: &'a [String],
+    /// Gateway rules intercept IPv4 / IPv6 prefixes on a bridge.
+    pub bridged_v4: bool,
+    pub bridged_v6: bool,
 }
 
 pub fn check(plan: &Plan) -> Findings {
@@ -49,6 +57,20 @@ fn check_with(plan: &Plan, sysctl: &dyn Fn(&str) -> io::Result<u32>) -> Findings
             findings.warnings.push(format!(
                 "{key} is 0: connections the gateway rules intercept work, but nothing else \
                  the clients send through this host is forwarded; set {key}=1 on a gateway"
+            ));
+        }
+    }
+    for (wanted, key) in [
+        (plan.bridged_v4, "net.bridge.bridge-nf-call-iptables"),
+        (plan.bridged_v6, "net.bridge.bridge-nf-call-ip6tables"),
+    ] {
+        // The key exists only while br_netfilter is loaded.
+        if wanted && sysctl(&key.replace('.', "/")).is_ok_and(|value| value != 0) {
+            findings.warnings.push(format!(
+                "{key} is 1 (br_netfilter): every frame crossing the bridge also passes the \
+                 firewall (iptables/ip6tables FORWARD, and INPUT for what l4proxy takes); rules \
+                 there that drop it stop interception or bridging; set {key}=0 unless a firewall \
+                 on the bridge is meant"
             ));
         }
     }
@@ -100,6 +122,8 @@ mod tests {
             gateway_v4: true,
             gateway_v6: true,
             marking,
+            bridged_v4: false,
+            bridged_v6: false,
         }
     }
 
@@ -124,9 +148,38 @@ mod tests {
             gateway_v4: false,
             gateway_v6: false,
             marking: &[],
+            bridged_v4: false,
+            bridged_v6: false,
         };
         assert_eq!(
             findings(&plan, &[("net/ipv4/ip_forward", 0)]),
+            Findings::default()
+        );
+    }
+
+    #[test]
+    fn br_netfilter_is_a_warning_per_bridged_family() {
+        let plan = Plan {
+            gateway_v4: false,
+            gateway_v6: false,
+            marking: &[],
+            bridged_v4: true,
+            bridged_v6: false,
+        };
+        let found = findings(
+            &plan,
+            &[
+                ("net/bridge/bridge-nf-call-iptables", 1),
+                ("net/bridge/bridge-nf-call-ip6tables", 1),
+            ],
+        );
+        assert!(found.errors.is_empty());
+        assert_eq!(found.warnings.len(), 1, "{found:?}");
+        assert!(found.warnings[0].starts_with("net.bridge.bridge-nf-call-iptables is 1"));
+        // Not loaded (no key), or off: nothing to say.
+        assert_eq!(findings(&plan, &[]), Findings::default());
+        assert_eq!(
+            findings(&plan, &[("net/bridge/bridge-nf-call-iptables", 0)]),
             Findings::default()
         );
     }

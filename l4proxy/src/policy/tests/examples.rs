@@ -27,6 +27,7 @@ fn every_example_loads_without_warnings() {
     for name in [
         "demo.json",
         "demo-gateway.json",
+        "demo-bridged.json",
         "dual-stack.json",
         "http-host.json",
         "tls-sni.json",
@@ -37,6 +38,7 @@ fn every_example_loads_without_warnings() {
         "fully-transparent.json",
         "proxy-protocol.json",
         "balanced.json",
+        "bridged.json",
     ] {
         assert!(
             checked.iter().any(|c| c == name),

@@ -1,0 +1,611 @@
+//! Bridged interception: the proxy host is a Linux bridge between the
+//! client and its router (the lab's `Bridged` topology: cl — br — rt — sv).
+//! Neither the client nor the router changes a route; a gateway rule names
+//! a bridge port (or the bridge) and l4proxy takes the connections crossing
+//! it, everything else is bridged untouched. Every case runs in IPv4 and
+//! IPv6.
+
+mod lab;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lab::bridged_addr::*;
+use lab::daemon::{field_str, field_string as field, message};
+use lab::tls::{Nginx, Site, curl, make_cert, s_client};
+use lab::{Bridged, Daemon, Netns, Server, connect, handlers, talk, try_connect};
+use serde_json::{Value, json};
+
+/// The lab's addresses of one family.
+#[derive(Clone, Copy, Debug)]
+struct Family {
+    name: &'static str,
+    client: &'static str,
+    server: &'static str,
+    router: &'static str,
+}
+
+const V4: Family = Family {
+    name: "IPv4",
+    client: CL4,
+    server: SV4,
+    router: RT4_CL,
+};
+
+const V6: Family = Family {
+    name: "IPv6",
+    client: CL6,
+    server: SV6,
+    router: RT6_CL,
+};
+
+const FAMILIES: [Family; 2] = [V4, V6];
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn sock(ip_text: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(ip_text), port)
+}
+
+/// A gateway rule for the server side's prefixes on `ports`, on the
+/// interfaces `on` (bridge ports or the bridge), relaying to the original
+/// destination from the client's address (fully transparent).
+fn bridged_policy(on: &[&str], ports: Value) -> Value {
+    json!({
+        "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
+                         "ports": ports, "interfaces": on, "upstream": "origin" } ],
+        "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
+    })
+}
+
+/// Whether the daemon logged a connection from `client`.
+fn relayed(d: &Daemon, client: SocketAddr) -> bool {
+    d.events().into_iter().any(|e| {
+        message(&e) == Some("connection closed")
+            && field_str(&e, "client").as_deref() == Some(client.to_string().as_str())
+    })
+}
+
+/// curl (HTTP) and openssl s_client (TLS) in cl to nginx on sv, through
+/// the bridge: l4proxy relays both, and nginx sees the client's address.
+#[test]
+fn curl_and_openssl_reach_the_server_from_the_clients_address() {
+    lab::tls::require_tools();
+    let t = Bridged::new("br_peers");
+    let certs = lab::TempDir::new("br_peers");
+    let cert = make_cert(
+        &certs,
+        "sv",
+        "sv.example.test",
+        &[
+            "DNS:sv.example.test",
+            &format!("IP:{SV4}"),
+            &format!("IP:{SV6}"),
+        ],
+    );
+    let sites: Vec<Site> = FAMILIES
+        .iter()
+        .flat_map(|f| {
+            [
+                Site::plain(&sock(f.server, 80).to_string(), "plain"),
+                Site::tls(&sock(f.server, 443).to_string(), &cert, "tls"),
+            ]
+        })
+        .collect();
+    let nginx = Nginx::start(&t.sv, &sites);
+    let mut d = Daemon::start_ready(&t.br, &bridged_policy(&["to-cl"], json!([80, 443])), &[]);
+
+    for f in FAMILIES {
+        let plain = sock(f.server, 80);
+        let got = curl(&t.cl, &[&format!("http://{}/", plain)]);
+        assert_eq!(got.body, "plain\n", "{}: curl: {}", f.name, got.describe());
+        let local = got.local.expect("curl's own address");
+        let closed = d.closed_event(local);
+        assert_eq!(field(&closed, "orig_dst"), plain.to_string(), "{closed}");
+        assert_eq!(
+            field(&closed, "source").parse::<SocketAddr>().unwrap().ip(),
+            ip(f.client),
+            "{closed}"
+        );
+        let lines = nginx.requests_on(&plain.to_string());
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!(" from={} ", f.client))),
+            "{}: nginx should see the client's address: {lines:#?}\n{}",
+            f.name,
+            nginx.logs()
+        );
+
+        let tls = sock(f.server, 443);
+        let out = s_client(
+            &t.cl,
+            &[
+                "-connect",
+                &tls.to_string(),
+                "-servername",
+                "sv.example.test",
+                "-quiet",
+            ],
+            b"GET / HTTP/1.0\r\nHost: sv.example.test\r\n\r\n",
+        );
+        assert!(
+            out.stdout.ends_with("\r\n\r\ntls\n"),
+            "{}: {}",
+            f.name,
+            out.describe()
+        );
+        d.wait_event("the TLS connection's close", Duration::from_secs(10), |e| {
+            message(e) == Some("connection closed")
+                && field_str(e, "orig_dst").as_deref() == Some(tls.to_string().as_str())
+        });
+        let lines = nginx.requests_on(&tls.to_string());
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!(" from={} ", f.client))),
+            "{}: nginx should see the client's address over TLS: {lines:#?}",
+            f.name
+        );
+    }
+}
+
+/// 8 MiB each way at once, each side half-closing when done, byte-exact,
+/// through l4proxy on the bridge; the server sees the client's address.
+#[test]
+fn eight_mib_each_way_with_half_close() {
+    const SIZE: usize = 8 << 20;
+    let t = Bridged::new("br_bulk");
+    let down = Arc::new(lab::random_bytes(SIZE, lab::seed()));
+    let (tx, rx) = lab::reports();
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| {
+            Server::start(
+                &t.sv,
+                sock(f.server, 9000),
+                handlers::bulk(down.clone(), tx.clone()),
+            )
+        })
+        .collect();
+    let mut d = Daemon::start_ready(&t.br, &bridged_policy(&["to-cl"], json!([9000])), &[]);
+    for (f, server) in FAMILIES.iter().zip(&servers) {
+        let up = Arc::new(lab::random_bytes(SIZE, lab::seed() + 1));
+        let mut c = connect(&t.cl, sock(f.server, 9000));
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let client = c.local_addr().unwrap();
+        let got = lab::exchange(&mut c, up.clone())
+            .unwrap_or_else(|e| panic!("{}: exchange: {e}", f.name));
+        assert_eq!(got, lab::Received::of(&down), "{}: download", f.name);
+        let at_server = lab::recv_report(&rx, f.name);
+        assert_eq!(at_server, lab::Received::of(&up), "{}: upload", f.name);
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer.ip(),
+            ip(f.client),
+            "{}: the server sees the client",
+            f.name
+        );
+        let closed = d.closed_event(client);
+        assert_eq!(
+            field(&closed, "orig_dst"),
+            sock(f.server, 9000).to_string(),
+            "{closed}"
+        );
+    }
+}
+
+/// A port the policy does not take, ICMP echo, and ARP/ND cross the bridge
+/// untouched while l4proxy runs: the server sees the client's own
+/// connection, the daemon logs none, pings are answered, and the client
+/// resolves the router's MAC (not the bridge's) after its neighbour table
+/// was flushed.
+#[test]
+fn other_ports_icmp_and_neighbour_discovery_are_bridged_untouched() {
+    let t = Bridged::new("br_untouched");
+    let direct: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 7000), handlers::hello_echo("direct")))
+        .collect();
+    let _proxied: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 80), handlers::hello_echo("proxied")))
+        .collect();
+    let mut d = Daemon::start_ready(
+        &t.br,
+        &bridged_policy(&["to-cl", "to-rt"], json!([80])),
+        &[],
+    );
+    for ns in [&t.cl, &t.rt] {
+        ns.ip(&["neigh", "flush", "all"]);
+    }
+    let router_mac = mac_of(&t.rt, "to-br");
+    for (f, server) in FAMILIES.iter().zip(&direct) {
+        // Control: port 80 is taken.
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        let proxied = c.local_addr().unwrap();
+        talk(&mut c, "proxied", &format!("{} port 80", f.name));
+        d.closed_event(proxied);
+
+        let mut c = connect(&t.cl, sock(f.server, 7000));
+        let client = c.local_addr().unwrap();
+        talk(&mut c, "direct", &format!("{} port 7000", f.name));
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer, client,
+            "{}: the server sees the client's own connection",
+            f.name
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !relayed(&d, client),
+            "{}: the daemon relayed port 7000",
+            f.name
+        );
+
+        assert!(
+            ping(&t.cl, ip(f.server)),
+            "{}: no echo reply from the server",
+            f.name
+        );
+
+        let neighbours = t.cl.ip(&["neigh", "show", f.router]);
+        assert!(
+            neighbours.contains(&router_mac),
+            "{}: the client should know the router's MAC {router_mac}: {neighbours:?}",
+            f.name
+        );
+    }
+}
+
+/// A connection open before l4proxy starts is bridged on untouched: it
+/// keeps working, and the daemon never sees it; a new one is taken.
+#[test]
+fn a_start_leaves_open_connections_alone() {
+    let t = Bridged::new("br_before");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 80), handlers::hello_echo("server")))
+        .collect();
+    let mut before = Vec::new();
+    for f in FAMILIES {
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        assert_eq!(lab::read_line(&mut c).unwrap(), "server", "{}", f.name);
+        before.push(c);
+    }
+    let mut d = Daemon::start_ready(&t.br, &bridged_policy(&["to-cl"], json!([80])), &[]);
+    for ((f, c), server) in FAMILIES.iter().zip(&mut before).zip(&servers) {
+        let what = format!("{}: opened before the start", f.name);
+        lab::echo(c, "still bridged", &what);
+        lab::finish(c, &what);
+        let client = c.local_addr().unwrap();
+        assert_eq!(server.accepted()[0].peer, client, "{what}");
+        assert!(!relayed(&d, client), "{what}: the daemon relayed it");
+
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        let client = c.local_addr().unwrap();
+        talk(
+            &mut c,
+            "server",
+            &format!("{}: opened after the start", f.name),
+        );
+        d.closed_event(client);
+    }
+}
+
+/// Inbound transparent on a bridge (`bind: proxy`): the server sees the
+/// bridge's own address, and its replies to it come back to this host.
+#[test]
+fn inbound_transparent_server_sees_the_bridge_address() {
+    let t = Bridged::new("br_inbound");
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 80), handlers::hello_echo("server")))
+        .collect();
+    let policy = json!({
+        "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
+                         "ports": [80], "interfaces": ["to-cl"], "upstream": "origin" } ],
+        "upstreams": { "origin": { "original_destination": true, "bind": "proxy" } }
+    });
+    let mut d = Daemon::start_ready(&t.br, &policy, &[]);
+    for ((f, server), bridge) in FAMILIES.iter().zip(&servers).zip([BR4, BR6]) {
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        let client = c.local_addr().unwrap();
+        talk(&mut c, "server", &format!("{} inbound transparent", f.name));
+        d.closed_event(client);
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer.ip(),
+            ip(bridge),
+            "{}: the server sees the bridge",
+            f.name
+        );
+    }
+}
+
+/// The MAC address of `dev` in `ns`.
+fn mac_of(ns: &Netns, dev: &str) -> String {
+    let out = ns.ip(&["-j", "link", "show", dev]);
+    let links: Value = serde_json::from_str(&out).unwrap();
+    links[0]["address"].as_str().unwrap().to_owned()
+}
+
+/// Sends one ICMP echo request from `ns` to `to` (a raw socket: the lab
+/// has no `ping`) and waits 3 s for the matching reply.
+fn ping(ns: &Netns, to: IpAddr) -> bool {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    ns.run(move || {
+        let (domain, protocol, request, reply) = match to {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
+        };
+        let socket = Socket::new(domain, Type::RAW, Some(protocol)).expect("raw ICMP socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let id = (std::process::id() & 0xffff) as u16;
+        let mut packet = vec![request, 0, 0, 0];
+        packet.extend_from_slice(&id.to_be_bytes());
+        packet.extend_from_slice(&1u16.to_be_bytes());
+        packet.extend_from_slice(b"l4proxy bridge test");
+        if to.is_ipv4() {
+            // The kernel fills in ICMPv6 checksums, not ICMPv4 ones.
+            let sum = internet_checksum(&packet);
+            packet[2..4].copy_from_slice(&sum.to_be_bytes());
+        }
+        socket
+            .send_to(&packet, &SockAddr::from(SocketAddr::new(to, 0)))
+            .expect("sending the echo request");
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+        while std::time::Instant::now() < deadline {
+            let Ok((n, _)) = socket.recv_from(&mut buf) else {
+                return false;
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let got: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            // An IPv4 raw socket receives the IP header too.
+            let icmp = if to.is_ipv4() {
+                &got[usize::from(got[0] & 0x0f) * 4..]
+            } else {
+                &got[..]
+            };
+            if icmp.len() >= 6 && icmp[0] == reply && icmp[4..6] == id.to_be_bytes() {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Path MTU on the server side: the router's link to the server has 1280
+/// bytes, the server says 1460 in its MSS. l4proxy's upstream connection,
+/// from the client's address, sends full-size segments; the router's
+/// "fragmentation needed" / "packet too big" goes to the client's address
+/// and MAC, and must reach l4proxy's socket across the bridge.
+#[test]
+fn path_mtu_discovery_works_with_a_smaller_mtu_on_the_server_side() {
+    const SIZE: usize = 2 << 20;
+    let t = Bridged::new("br_pmtu");
+    t.rt.ip(&["link", "set", "to-sv", "mtu", "1280"]);
+    let (tx, rx) = lab::reports();
+    let reply = Arc::new(b"done".to_vec());
+    let _sinks: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| {
+            Server::start(
+                &t.sv,
+                sock(f.server, 8080),
+                handlers::sink_then_send(reply.clone(), tx.clone()),
+            )
+        })
+        .collect();
+    let mut d = Daemon::start_ready(&t.br, &bridged_policy(&["to-cl"], json!([8080])), &[]);
+    let data = lab::random_bytes(SIZE, lab::seed());
+    for f in FAMILIES {
+        let to = sock(f.server, 8080);
+        let mut c = connect(&t.cl, to);
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let client = c.local_addr().unwrap();
+        lab::send_and_shutdown(&mut c, &data)
+            .unwrap_or_else(|e| panic!("{to}: sending {SIZE} bytes: {e}"));
+        let got = lab::recv_report(&rx, f.name);
+        assert_eq!(got, lab::Received::of(&data), "{to}: the server's copy");
+        assert_eq!(lab::read_to_eof(&mut c).unwrap().len, 4, "{to}: the reply");
+        d.closed_event(client);
+    }
+    // The router's errors did reach l4proxy's sockets across the bridge.
+    let status = d.terminate(Duration::from_secs(10));
+    d.assert_exit_ok(status);
+    let counters = d
+        .events()
+        .into_iter()
+        .find(|e| message(e) == Some("kernel counters"))
+        .map(|e| field(&e, "counters"))
+        .expect("the kernel counters at exit");
+    assert!(
+        !counters.contains("marked_icmp=0 "),
+        "no ICMP error was delivered to l4proxy: {counters}"
+    );
+}
+
+/// The bridge's interfaces, where `classify` may be attached.
+const BRIDGE_DEVS: [&str; 3] = ["to-cl", "to-rt", "br0"];
+
+/// Starts the daemon on the bridge, checks that its kernel state is there
+/// and works, ends it with `signal`, and checks that nothing is left and the
+/// bridge forwards as before: port 80 (no server there) is refused again,
+/// another port reaches the server from the client itself.
+fn nothing_left_after(test: &str, signal: i32) {
+    let t = Bridged::new(test);
+    let servers: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
+        .collect();
+    let policy = json!({
+        "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
+                         "ports": [80], "interfaces": ["to-cl"], "upstream": "web" } ],
+        "upstreams": { "web": { "servers": [sock(SV4, 8080).to_string(), sock(SV6, 8080).to_string()],
+                                "bind": "client-ip" } }
+    });
+    let rules_before = t.br.all_rules();
+    let mut d = Daemon::start_ready(&t.br, &policy, &[]);
+    let tc = t.br.tc_programs(&BRIDGE_DEVS);
+    assert_eq!(
+        tc,
+        ["to-cl: classify", "to-rt: classify", "br0: classify"],
+        "while running, classify should be on the ports (and the bridge, for replies)"
+    );
+    assert!(
+        t.br.proxy_rules().iter().any(|r| r.contains("fwmark")),
+        "fwmark rule"
+    );
+    for f in FAMILIES {
+        let mut c = connect(&t.cl, sock(f.server, 80));
+        talk(&mut c, "server", &format!("{} while running", f.name));
+    }
+
+    d.signal(signal);
+    let status = d.wait_exit(Duration::from_secs(10));
+    if signal == libc::SIGTERM {
+        d.assert_exit_ok(status);
+    } else {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(signal), "{status}");
+    }
+    let (rules, routes) = lab::poll_until(
+        Duration::from_secs(5),
+        || (t.br.proxy_rules(), t.br.proxy_routes()),
+        |(rules, routes)| rules.is_empty() && routes.is_empty(),
+    );
+    assert_eq!(rules, Vec::<String>::new(), "proto 244 rules left");
+    assert_eq!(routes, Vec::<String>::new(), "proto 244 routes left");
+    assert_eq!(
+        t.br.wait_no_tc_programs(&BRIDGE_DEVS, Duration::from_secs(2)),
+        Vec::<String>::new(),
+        "tc programs left"
+    );
+    assert_eq!(
+        t.br.all_rules(),
+        rules_before,
+        "routing rules differ from before the start"
+    );
+    assert_eq!(
+        t.br.wait_no_bpf_links(Duration::from_secs(2)),
+        Vec::<Value>::new()
+    );
+    for (f, server) in FAMILIES.iter().zip(&servers) {
+        assert!(
+            try_connect(&t.cl, sock(f.server, 80), Duration::from_secs(2)).is_err(),
+            "{}: port 80 still answered after the daemon ended",
+            f.name
+        );
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        let client = c.local_addr().unwrap();
+        talk(
+            &mut c,
+            "server",
+            &format!("{} bridged after the end", f.name),
+        );
+        assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
+    }
+}
+
+#[test]
+fn nothing_left_after_sigterm() {
+    nothing_left_after("br_left_term", libc::SIGTERM);
+}
+
+#[test]
+fn nothing_left_after_sigkill() {
+    nothing_left_after("br_left_kill", libc::SIGKILL);
+}
+
+/// SIGTERM with the bridge itself named in the rule: an open intercepted
+/// connection keeps working through the grace period; one opened during
+/// the drain is bridged past the proxy to its destination.
+#[test]
+fn draining_keeps_open_connections_and_bridges_new_ones_past() {
+    let t = Bridged::new("br_drain");
+    let direct: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("direct")))
+        .collect();
+    let _proxied: Vec<Server> = FAMILIES
+        .iter()
+        .map(|f| Server::start(&t.sv, sock(f.server, 9090), handlers::hello_echo("proxied")))
+        .collect();
+    let policy = json!({
+        "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
+                         "ports": [8080], "interfaces": ["br0"], "upstream": "web" } ],
+        "upstreams": { "web": { "servers": [sock(SV4, 9090).to_string(), sock(SV6, 9090).to_string()],
+                                "bind": "client-ip" } }
+    });
+    let mut d = Daemon::start_ready(&t.br, &policy, &["--grace-period", "30"]);
+    let mut open = Vec::new();
+    for f in FAMILIES {
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        assert_eq!(lab::read_line(&mut c).unwrap(), "proxied", "{}", f.name);
+        open.push(c);
+    }
+
+    d.signal(libc::SIGTERM);
+    d.wait_event("draining", Duration::from_secs(5), |e| {
+        message(e) == Some("draining: no new connections are taken")
+    });
+    for (f, server) in FAMILIES.iter().zip(&direct) {
+        let mut c = connect(&t.cl, sock(f.server, 8080));
+        let client = c.local_addr().unwrap();
+        assert_eq!(
+            lab::read_line(&mut c).unwrap(),
+            "direct",
+            "{}: opened during the drain",
+            f.name
+        );
+        assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
+    }
+    for (f, c) in FAMILIES.iter().zip(&mut open) {
+        let what = format!("{}: open through the drain", f.name);
+        lab::echo(c, "still here", &what);
+        lab::finish(c, &what);
+    }
+    let status = d.wait_exit(Duration::from_secs(15));
+    d.assert_exit_ok(status);
+}
+
+/// A bridge without an address of an intercepted family: the start-up
+/// check says so and nothing is left behind.
+#[test]
+fn start_up_refuses_a_bridge_without_an_address() {
+    let t = Bridged::bare("br_noaddr");
+    let mut d = Daemon::start(&t.br, &bridged_policy(&["to-cl"], json!([80])), &[]);
+    assert!(
+        !d.wait_exit(Duration::from_secs(10)).success(),
+        "started without an address on br0"
+    );
+    for reason in [
+        "bridge br0 has no IPv4 address",
+        "bridge br0 has no IPv6 address",
+    ] {
+        assert!(d.log_text().contains(reason), "{reason}: {}", d.log_text());
+    }
+    assert_eq!(t.br.proxy_rules(), Vec::<String>::new());
+    assert_eq!(t.br.tc_programs(&BRIDGE_DEVS), Vec::<String>::new());
+}
