@@ -195,17 +195,7 @@ impl Installation {
     /// If a change fails part way, the replaced policy is put back (as far
     /// as it goes) and the error returned.
     pub async fn apply(&mut self, policy: Policy) -> Result<Applied, InstallError> {
-        let needs = self.needs(&policy).await?;
-        let marking: Vec<String> = needs
-            .classify
-            .iter()
-            .map(|p| p.interface.name.clone())
-            .collect();
-        let findings = sysctl::check(&sysctl::Plan {
-            gateway_v4: gateway_family(&policy, true),
-            gateway_v6: gateway_family(&policy, false),
-            marking: &marking,
-        });
+        let HostCheck { needs, findings } = check_host(&policy, &self.local).await?;
         for warning in &findings.warnings {
             tracing::warn!("{warning}");
         }
@@ -263,7 +253,7 @@ impl Installation {
         self.local.reload().await?;
         if let Some(current) = &self.current {
             let policy = current.active.policy.clone();
-            let needs = self.needs(&policy).await?;
+            let needs = needs(&policy, &self.local).await?;
             if let Some(current) = &mut self.current {
                 current.needs = needs;
             }
@@ -360,18 +350,6 @@ impl Installation {
         Ok(())
     }
 
-    /// What `policy` needs of this host now.
-    async fn needs(&self, policy: &Policy) -> Result<Needs, InstallError> {
-        let owned = owned_prefixes(policy);
-        let is_local =
-            |ip: IpAddr| self.local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
-        Ok(Needs {
-            classify: classify_plan(policy, &interfaces::list().await?, &is_local)?,
-            local_servers: local_transparent_servers(policy, &is_local),
-            owned,
-        })
-    }
-
     /// A listener per family the policy's rules take and that has none yet,
     /// bound to loopback on a free port (`sk_lookup` assigns it whatever the
     /// connection's destination). Transparent: a gateway connection's local
@@ -416,6 +394,50 @@ impl Installation {
         let routes = self.local_routes.remove().await.map_err(InstallError::from);
         detached.and(delivery).and(routes)
     }
+}
+
+/// What `policy` needs of this host now, `local` being its addresses.
+async fn needs(policy: &Policy, local: &LocalAddrs) -> Result<Needs, InstallError> {
+    let owned = owned_prefixes(policy);
+    let is_local =
+        |ip: IpAddr| local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
+    Ok(Needs {
+        classify: classify_plan(policy, &interfaces::list().await?, &is_local)?,
+        local_servers: local_transparent_servers(policy, &is_local),
+        owned,
+    })
+}
+
+/// What a policy needs of this host, and what the kernel settings say of it.
+pub struct HostCheck {
+    needs: Needs,
+    pub findings: sysctl::Findings,
+}
+
+impl HostCheck {
+    /// Whether `classify` (tc) runs anywhere for the policy.
+    pub fn uses_tc(&self) -> bool {
+        !self.needs.classify.is_empty()
+    }
+}
+
+/// The checks [`Installation::apply`] makes of this host before it changes
+/// anything for `policy` (`local` being the host's addresses), also run by
+/// `l4proxy doctor`: the interfaces it names (an error), then the kernel
+/// settings (in the findings).
+pub async fn check_host(policy: &Policy, local: &LocalAddrs) -> Result<HostCheck, InstallError> {
+    let needs = needs(policy, local).await?;
+    let marking: Vec<String> = needs
+        .classify
+        .iter()
+        .map(|p| p.interface.name.clone())
+        .collect();
+    let findings = sysctl::check(&sysctl::Plan {
+        gateway_v4: gateway_family(policy, true),
+        gateway_v6: gateway_family(policy, false),
+        marking: &marking,
+    });
+    Ok(HostCheck { needs, findings })
 }
 
 /// Routes and rules a crashed daemon left in this namespace, removed.
