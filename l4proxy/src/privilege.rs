@@ -220,11 +220,15 @@ pub fn covers(held: CapSet, cap: Capability) -> bool {
 
 /// What a running daemon needs to put `policy` in force, each with why.
 pub fn needed(policy: &Policy) -> Vec<(Capability, String)> {
+    needed_below(policy, unprivileged_port_start())
+}
+
+/// [`needed`], with ports from `first_unprivileged` up open to anyone.
+fn needed_below(policy: &Policy, first_unprivileged: u16) -> Vec<(Capability, String)> {
     let mut needed = vec![(
         CAP_NET_ADMIN,
         "routes, routing rules, transparent sockets and tc attachments".to_owned(),
     )];
-    let first_unprivileged = unprivileged_port_start();
     let privileged: Vec<String> = policy
         .rules
         .iter()
@@ -596,4 +600,46 @@ struct CapData {
     effective: u32,
     permitted: u32,
     inheritable: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_policy(port: u16) -> Policy {
+        Policy::from_json(&format!(
+            r#"{{"intercept": [{{"name": "explicit", "upstream": "direct",
+                "connect": {{"listen": ["198.51.100.1:{port}"], "clients": ["198.51.100.0/24"],
+                             "destinations": ["203.0.113.0/24"]}}}}],
+               "upstreams": {{"direct": {{"original_destination": true}}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn caps(needed: &[(Capability, String)]) -> Vec<Capability> {
+        needed.iter().map(|(cap, _)| *cap).collect()
+    }
+
+    #[test]
+    fn a_connect_listener_below_the_unprivileged_ports_needs_net_bind_service() {
+        let low = needed_below(&connect_policy(80), 1024);
+        assert_eq!(caps(&low), [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE]);
+        assert!(low[1].1.contains("198.51.100.1:80"), "{low:?}");
+        assert_eq!(
+            caps(&needed_below(&connect_policy(3128), 1024)),
+            [CAP_NET_ADMIN]
+        );
+        assert_eq!(
+            caps(&needed_below(&connect_policy(80), 80)),
+            [CAP_NET_ADMIN]
+        );
+    }
+
+    #[test]
+    fn sys_admin_covers_what_bpf_and_perfmon_were_split_from() {
+        let admin = CapSet::of(&[CAP_SYS_ADMIN]);
+        assert!(covers(admin, CAP_BPF) && covers(admin, CAP_PERFMON));
+        assert!(!covers(admin, CAP_NET_ADMIN));
+        assert_eq!(names(KEPT), "cap_net_bind_service,cap_net_admin");
+    }
 }
