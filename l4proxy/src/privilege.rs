@@ -28,6 +28,13 @@
 //! daemon's user: `CAP_DAC_READ_SEARCH` is dropped too. The uid change
 //! makes the process non-dumpable: its /proc files stay root's.
 //!
+//! One cost: without `CAP_SYS_RESOURCE`, the splice pipes count against
+//! the user's `fs.pipe-user-pages-soft` (16384 pages by default, what
+//! `relay`'s 256 pipes of 256 KiB take), shared with that user's other
+//! processes; past it the kernel refuses larger pipes and new ones get two
+//! pages: bulk transfers splice in smaller steps, nothing fails. A user of
+//! its own for the daemon keeps the budget its own.
+//!
 //! The kept capabilities are the permitted and effective sets, and the
 //! bounding set (nothing the daemon could exec would regain more);
 //! inheritable and ambient sets are emptied. Capabilities are per thread,
@@ -42,6 +49,7 @@
 //! routes and routing rules is all it does.
 
 use std::{
+    cell::Cell,
     ffi::CString,
     fmt, fs, io,
     sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering},
@@ -320,7 +328,7 @@ pub fn keep_only(keep: CapSet) -> Result<(), PrivilegeError> {
 ///
 /// Each thread has its own credentials, so each thread must make the change
 /// itself: the calling thread does it after every other thread did, in a
-/// handler of [`SIGNAL`] (raw system calls only: async-signal-safe). A
+/// handler of [`change_signal`] (raw system calls only: async-signal-safe). A
 /// thread is done when /proc/self/task/TID/status shows the new state;
 /// threads started meanwhile by one not yet done are found in the next
 /// round.
@@ -346,7 +354,7 @@ pub fn drop_to(user: Option<&User>) -> Result<CapSet, PrivilegeError> {
     BROADCAST_USER.store(change.user.is_some(), Ordering::SeqCst);
     BROADCAST_BOUNDING.store(change.bounding, Ordering::SeqCst);
     BROADCAST_ERROR.store(0, Ordering::SeqCst);
-    let signal = SIGNAL();
+    let signal = change_signal();
     set_handler(
         signal,
         on_signal as *const () as libc::sighandler_t,
@@ -362,8 +370,7 @@ pub fn drop_to(user: Option<&User>) -> Result<CapSet, PrivilegeError> {
 
 /// The signal that asks a thread to make the change (glibc keeps the first
 /// two real-time signals for itself, `SIGRTMIN()` is above them).
-#[allow(non_snake_case)]
-fn SIGNAL() -> libc::c_int {
+fn change_signal() -> libc::c_int {
     libc::SIGRTMIN() + 2
 }
 
@@ -452,7 +459,18 @@ static BROADCAST_GID: AtomicU32 = AtomicU32::new(0);
 static BROADCAST_DONE: AtomicUsize = AtomicUsize::new(0);
 static BROADCAST_ERROR: AtomicI32 = AtomicI32::new(0);
 
+thread_local! {
+    /// This thread made the change: a signal of a later round, queued
+    /// while it was busy, must not make it again (the ids could not be
+    /// set twice).
+    static CHANGED: Cell<bool> = const { Cell::new(false) };
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
+    if CHANGED.get() {
+        BROADCAST_DONE.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
     // SAFETY: errno is thread-local; restored before returning.
     let saved = unsafe { *libc::__errno_location() };
     let change = Change {
@@ -465,8 +483,11 @@ extern "C" fn on_signal(_: libc::c_int) {
             )
         }),
     };
-    if let Err(errno) = change.apply_raw() {
-        let _ = BROADCAST_ERROR.compare_exchange(0, errno, Ordering::SeqCst, Ordering::SeqCst);
+    match change.apply_raw() {
+        Ok(()) => CHANGED.set(true),
+        Err(errno) => {
+            let _ = BROADCAST_ERROR.compare_exchange(0, errno, Ordering::SeqCst, Ordering::SeqCst);
+        }
     }
     BROADCAST_DONE.fetch_add(1, Ordering::SeqCst);
     // SAFETY: as above.
