@@ -385,7 +385,10 @@ fn broadcast(signal: libc::c_int, change: &Change) -> Result<(), PrivilegeError>
     let mut pending = Vec::new();
     for _ in 0..ROUNDS {
         pending = threads()
-            .map_err(PrivilegeError::Read)?
+            .map_err(|error| PrivilegeError::Drop {
+                step: "listing this process's threads in /proc/self/task",
+                error,
+            })?
             .into_iter()
             .filter(|&tid| tid != me && !change.done(tid))
             .collect();
