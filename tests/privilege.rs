@@ -174,6 +174,18 @@ fn as_user_nobody_only_the_documented_capabilities_remain() {
     assert_eq!(message(&verdict), Some("policy reloaded"), "{verdict}");
     transparent_connection(&t, &mut d, &server, 8081);
     assert_credentials(&d, nobody, KEPT);
+    // The control socket still answers root.
+    let asked = lab::run_cmd(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            t.px.name(),
+            lab::daemon::binary(),
+            "status",
+        ],
+    );
+    assert!(asked.status.success(), "{asked:?}");
     assert_clean_shutdown(&t, &mut d);
 }
 
@@ -232,6 +244,23 @@ fn a_reload_needing_a_capability_not_held_is_refused() {
             && said.contains("cap_net_bind_service")
             && said.contains(&format!("{}:80", addr::PX4_CL)),
         "{verdict}"
+    );
+    // `l4proxy reload` (a unit's ExecReload) fails with the same reason.
+    let asked = lab::run_cmd(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            t.px.name(),
+            lab::daemon::binary(),
+            "reload",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&asked.stderr);
+    assert_eq!(asked.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refused") && stderr.contains("cap_net_bind_service"),
+        "{stderr}"
     );
     // Nothing of the new policy: no listener on port 80; the old one works.
     let listening = lab::must(
