@@ -49,6 +49,17 @@ pub enum Command {
     /// Ask the running daemon of this network namespace to reread its
     /// policy; exit non-zero with the reason if it is refused.
     Reload,
+    /// Check this host for what `run` needs (kernel, BPF programs,
+    /// capabilities, and a policy's interfaces and kernel settings) without
+    /// changing anything: one line per check, exit 1 if something is missing.
+    Doctor {
+        /// Also check what this policy needs of the host.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Also check that the daemon could switch to this user (`run --user`).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
     /// Remove routes and routing rules left in this network namespace by a
     /// daemon that was killed before it could clean up (they carry protocol
     /// 244).
@@ -136,6 +147,12 @@ pub struct RunArgs {
     /// only your scraper can.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    /// Once started, run as this user (and its primary group), with only
+    /// the capabilities a running daemon needs (README, "Least
+    /// privilege"). Without it the daemon stays root, with the same
+    /// capabilities.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 /// Seconds or a number with a unit (`250ms`, `30s`, `5m`, `1h`), as in a

@@ -204,28 +204,7 @@ impl Installation {
     /// If a change fails part way, the replaced policy is put back (as far
     /// as it goes) and the error returned.
     pub async fn apply(&mut self, policy: Policy) -> Result<Applied, InstallError> {
-        let needs = self.needs(&policy).await?;
-        // The bridges too: what `classify` takes on a port goes up the
-        // stack (and through its reverse-path check) on the bridge.
-        let marking: Vec<String> = needs
-            .classify
-            .iter()
-            .map(|p| p.interface.name.clone())
-            .chain(needs.bridges.iter().map(|b| b.name.clone()))
-            .collect();
-        let mut findings = sysctl::check(&sysctl::Plan {
-            gateway_v4: needs.routed_v4,
-            gateway_v6: needs.routed_v6,
-            marking: &marking,
-            bridged_v4: needs.bridges.iter().any(|b| b.v4),
-            bridged_v6: needs.bridges.iter().any(|b| b.v6),
-        });
-        for bridge in &needs.bridges {
-            let addresses = interfaces::addresses(bridge.index).await?;
-            findings
-                .errors
-                .extend(bridge::missing_addresses(bridge, &addresses));
-        }
+        let HostCheck { needs, findings } = check_host(&policy, &self.local).await?;
         for warning in &findings.warnings {
             tracing::warn!("{warning}");
         }
@@ -283,7 +262,7 @@ impl Installation {
         self.local.reload().await?;
         if let Some(current) = &self.current {
             let policy = current.active.policy.clone();
-            let needs = self.needs(&policy).await?;
+            let needs = needs(&policy, &self.local).await?;
             if let Some(current) = &mut self.current {
                 current.needs = needs;
             }
@@ -381,22 +360,6 @@ impl Installation {
         Ok(())
     }
 
-    /// What `policy` needs of this host now.
-    async fn needs(&self, policy: &Policy) -> Result<Needs, InstallError> {
-        let owned = owned_prefixes(policy);
-        let is_local =
-            |ip: IpAddr| self.local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
-        let all = interfaces::list().await?;
-        Ok(Needs {
-            classify: classify_plan(policy, &all, &is_local)?,
-            bridges: bridge_uses(policy, &all),
-            routed_v4: routed_family(policy, &all, true),
-            routed_v6: routed_family(policy, &all, false),
-            local_servers: local_transparent_servers(policy, &is_local),
-            owned,
-        })
-    }
-
     /// A listener per family the policy's rules take and that has none yet,
     /// bound to loopback on a free port (`sk_lookup` assigns it whatever the
     /// connection's destination). Transparent: a gateway connection's local
@@ -441,6 +404,65 @@ impl Installation {
         let routes = self.local_routes.remove().await.map_err(InstallError::from);
         detached.and(delivery).and(routes)
     }
+}
+
+/// What `policy` needs of this host now, `local` being its addresses.
+async fn needs(policy: &Policy, local: &LocalAddrs) -> Result<Needs, InstallError> {
+    let owned = owned_prefixes(policy);
+    let is_local =
+        |ip: IpAddr| local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
+    let all = interfaces::list().await?;
+    Ok(Needs {
+        classify: classify_plan(policy, &all, &is_local)?,
+        bridges: bridge_uses(policy, &all),
+        routed_v4: routed_family(policy, &all, true),
+        routed_v6: routed_family(policy, &all, false),
+        local_servers: local_transparent_servers(policy, &is_local),
+        owned,
+    })
+}
+
+/// What a policy needs of this host, and what the kernel settings say of it.
+pub struct HostCheck {
+    needs: Needs,
+    pub findings: sysctl::Findings,
+}
+
+impl HostCheck {
+    /// Whether `classify` (tc) runs anywhere for the policy.
+    pub fn uses_tc(&self) -> bool {
+        !self.needs.classify.is_empty()
+    }
+}
+
+/// The checks [`Installation::apply`] makes of this host before it changes
+/// anything for `policy` (`local` being the host's addresses), also run by
+/// `l4proxy doctor`: the interfaces it names (an error), then the kernel
+/// settings (in the findings).
+pub async fn check_host(policy: &Policy, local: &LocalAddrs) -> Result<HostCheck, InstallError> {
+    let needs = needs(policy, local).await?;
+    // The bridges too: what `classify` takes on a port goes up the stack
+    // (and through its reverse-path check) on the bridge.
+    let marking: Vec<String> = needs
+        .classify
+        .iter()
+        .map(|p| p.interface.name.clone())
+        .chain(needs.bridges.iter().map(|b| b.name.clone()))
+        .collect();
+    let mut findings = sysctl::check(&sysctl::Plan {
+        gateway_v4: needs.routed_v4,
+        gateway_v6: needs.routed_v6,
+        marking: &marking,
+        bridged_v4: needs.bridges.iter().any(|b| b.v4),
+        bridged_v6: needs.bridges.iter().any(|b| b.v6),
+    });
+    for bridge in &needs.bridges {
+        let addresses = interfaces::addresses(bridge.index).await?;
+        findings
+            .errors
+            .extend(bridge::missing_addresses(bridge, &addresses));
+    }
+    Ok(HostCheck { needs, findings })
 }
 
 /// Routes and rules a crashed daemon left in this namespace, removed.

@@ -9,6 +9,7 @@ use l4proxy::{
     intercept::{guard, routes},
     logging::{self, LogFormat, LogGuard},
     policy::{Policy, Target, Timeouts},
+    privilege::User,
     route,
     server::{self, Settings},
     session::Defaults,
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         }
         Command::Status { json } => return status(json),
         Command::Reload => return reload(),
+        Command::Doctor { policy, user } => return doctor(policy.as_deref(), user.as_deref()),
         Command::Cleanup => {
             log.start_writer();
             cleanup()
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<()> {
     let policy = server::load_policy(&args.policy)?;
+    let user = args.user.as_deref().map(User::lookup).transpose()?;
     let asked = args
         .max_connections
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
@@ -69,6 +72,7 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
         mark: args.fwmark,
         routing_table: args.routing_table,
         admin: args.admin,
+        user,
     };
     let runtime = runtime()?;
     let ran = runtime.block_on(server::run(policy, settings));
@@ -170,6 +174,31 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     }
     println!("why: {decision}");
     Ok(())
+}
+
+/// One line per check on stdout; exit 1 if `run` would miss something.
+fn doctor(policy: Option<&std::path::Path>, user: Option<&str>) -> ExitCode {
+    let findings = match runtime() {
+        Ok(runtime) => runtime.block_on(l4proxy::doctor::examine(policy, user)),
+        Err(e) => {
+            eprintln!("l4proxy doctor: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let missing = findings
+        .iter()
+        .filter(|f| f.status == l4proxy::doctor::Status::Missing)
+        .count();
+    if missing == 0 {
+        println!("this host has what l4proxy run needs");
+        ExitCode::SUCCESS
+    } else {
+        println!("{missing} thing(s) missing: see above");
+        ExitCode::FAILURE
+    }
 }
 
 fn cleanup() -> anyhow::Result<()> {

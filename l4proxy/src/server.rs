@@ -32,6 +32,7 @@ use crate::{
     intercept::{delivery::Mark, interfaces, routes::RouteError},
     metrics::Metrics,
     policy::{Keepalive, Policy, PolicyError},
+    privilege::{self, PrivilegeError},
     relay,
     session::{self, Defaults, Front, Shared},
     status,
@@ -47,6 +48,8 @@ pub enum ServerError {
     Links(#[from] RouteError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
     #[error("admin listener on {addr}: {error}")]
     Admin {
         addr: std::net::SocketAddr,
@@ -77,6 +80,8 @@ pub struct Settings {
     pub routing_table: u32,
     /// Where Prometheus scrapes `/metrics`, if anywhere.
     pub admin: Option<std::net::SocketAddr>,
+    /// Who to run as once started (`--user`); root if none.
+    pub user: Option<privilege::User>,
 }
 
 /// Runs until SIGTERM or SIGINT, then drains and cleans up; rereads the
@@ -156,8 +161,10 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
             tracing::warn!(error = %e, "no control socket: l4proxy status and reload will not reach this daemon")
         }
     }
+    let capabilities = privilege::drop_to(settings.user.as_ref())?;
     tracing::info!(
         listeners = ?listeners,
+        capabilities = %privilege::names(capabilities),
         max_connections = settings.max_connections,
         admin = settings.admin.map(tracing::field::display),
         "ready"
@@ -335,6 +342,7 @@ async fn reload(
         e.to_string()
     };
     let policy = load_policy(path).map_err(|e| refused(&e))?;
+    privilege::check_policy(&policy).map_err(|e| refused(&e))?;
     let opened = explicit
         .bind_new(&policy, keepalive)
         .map_err(|e| refused(&e))?;

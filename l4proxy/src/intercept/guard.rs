@@ -42,6 +42,10 @@ pub unsafe fn spawn(format: LogFormat) -> io::Result<Guard> {
         0 => {
             drop(write_end);
             let _log = logging::direct(format);
+            // Removing routes and rules is all it does (see `privilege`).
+            if let Err(e) = crate::privilege::keep_only(crate::privilege::GUARD) {
+                tracing::warn!(error = %e, "the guard keeps its capabilities");
+            }
             watch(read_end)
         }
         _ => Ok(Guard {

@@ -1,0 +1,358 @@
+//! Least privilege and `l4proxy doctor`: after start-up the daemon keeps
+//! only cap_net_admin and cap_net_bind_service, as `--user nobody` (an
+//! existing unprivileged user: the test adds none to the machine) or as
+//! root, and still relays transparently, reloads and cleans up; a reload
+//! that needs a capability it does not hold is refused; `doctor` reports
+//! what a host lacks without changing it. In the routed lab of tests/lab
+//! (cl — px — sv), IPv4.
+
+mod lab;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use lab::daemon::{field_string as field, message};
+use lab::{Daemon, Netns, Server, TempDir, Topo, addr, connect, handlers, sa, talk};
+use serde_json::{Value, json};
+
+const CAP_NET_BIND_SERVICE: u32 = 10;
+const CAP_NET_ADMIN: u32 = 12;
+/// What the daemon keeps (README, "Least privilege").
+const KEPT: u64 = 1 << CAP_NET_ADMIN | 1 << CAP_NET_BIND_SERVICE;
+
+/// A gateway rule on px's client side for sv's port(s), relayed to sv's
+/// other address from the client's own address and port: every upstream
+/// connect is a transparent bind.
+fn policy(ports: &[u16]) -> Value {
+    json!({
+        "intercept": [{ "name": "gateway", "prefixes": ["203.0.113.0/24"], "ports": ports,
+                        "interfaces": ["to-cl"], "upstream": "web" }],
+        "upstreams": { "web": { "servers": [format!("{}:8080", addr::SV4_B)], "bind": "client" } }
+    })
+}
+
+/// The credentials in /proc/PID/task/TID/status of one thread.
+#[derive(Debug, PartialEq, Eq)]
+struct Credentials {
+    uid: String,
+    gid: String,
+    inheritable: u64,
+    permitted: u64,
+    effective: u64,
+    bounding: u64,
+    ambient: u64,
+}
+
+fn credentials(status: &str) -> Credentials {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+            .to_owned()
+    };
+    let mask = |name| u64::from_str_radix(&field(name), 16).unwrap();
+    Credentials {
+        uid: field("Uid:"),
+        gid: field("Gid:"),
+        inheritable: mask("CapInh:"),
+        permitted: mask("CapPrm:"),
+        effective: mask("CapEff:"),
+        bounding: mask("CapBnd:"),
+        ambient: mask("CapAmb:"),
+    }
+}
+
+/// Every thread of `pid`: capabilities are per thread.
+fn threads_credentials(pid: i32) -> Vec<(String, Credentials)> {
+    let dir = format!("/proc/{pid}/task");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|entry| {
+            let path = entry.unwrap().path().join("status");
+            let status = std::fs::read_to_string(&path).unwrap();
+            (path.display().to_string(), credentials(&status))
+        })
+        .collect()
+}
+
+/// Every thread runs as uid and gid (all four of each) with exactly
+/// `caps` permitted, effective and bounding, nothing inheritable or ambient.
+fn assert_credentials(d: &Daemon, (uid, gid): (u32, u32), caps: u64) {
+    let four = |id: u32| [id; 4].map(|n| n.to_string()).join("\t");
+    let wanted = Credentials {
+        uid: four(uid),
+        gid: four(gid),
+        inheritable: 0,
+        permitted: caps,
+        effective: caps,
+        bounding: caps,
+        ambient: 0,
+    };
+    let threads = threads_credentials(d.pid());
+    assert!(threads.len() > 1, "the runtime's threads: {threads:?}");
+    for (path, creds) in threads {
+        assert_eq!(creds, wanted, "{path} (the l4proxy log is printed below)");
+    }
+}
+
+/// The crash guard (the daemon's only child) stays uid 0 with cap_net_admin.
+fn assert_guard(d: &Daemon) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", d.pid())).unwrap();
+    let guard: i32 = children
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("children: {children:?}"));
+    let status = std::fs::read_to_string(format!("/proc/{guard}/status")).unwrap();
+    let creds = credentials(&status);
+    assert_eq!(creds.uid, "0\t0\t0\t0", "{status}");
+    assert_eq!(
+        (creds.permitted, creds.effective),
+        (1 << CAP_NET_ADMIN, 1 << CAP_NET_ADMIN),
+        "{status}"
+    );
+}
+
+/// `nobody`'s uid and primary gid.
+fn nobody() -> (u32, u32) {
+    let id = |flag| lab::must("id", &[flag, "nobody"]).trim().parse().unwrap();
+    (id("-u"), id("-g"))
+}
+
+/// A connection from cl to sv:`port` through the daemon: the server sees
+/// the client's own address and port (a transparent bind by the daemon).
+fn transparent_connection(t: &Topo, d: &mut Daemon, server: &Server, port: u16) {
+    let seen_before = server.accepted().len();
+    let to = sa(&format!("{}:{port}", addr::SV4));
+    let mut c = connect(&t.cl, to);
+    let client = c.local_addr().unwrap();
+    talk(&mut c, "server", &format!("to {to}"));
+    drop(c);
+    let accepted = server.wait_accepted(seen_before + 1, Duration::from_secs(5));
+    assert_eq!(
+        accepted[seen_before].peer, client,
+        "the server sees the client"
+    );
+    let closed = d.closed_event(client);
+    assert_eq!(field(&closed, "source"), client.to_string(), "{closed}");
+}
+
+/// SIGTERM: exit 0, and nothing of the daemon's left in px.
+fn assert_clean_shutdown(t: &Topo, d: &mut Daemon) {
+    let st = d.terminate(Duration::from_secs(10));
+    d.assert_exit_ok(st);
+    let routes = t.px.wait_no_proxy_routes(Duration::from_secs(3));
+    assert!(routes.is_empty(), "{routes:?}");
+    assert!(t.px.proxy_rules().is_empty(), "{:?}", t.px.proxy_rules());
+    let tc =
+        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(3));
+    assert!(tc.is_empty(), "{tc:?}");
+    let links = t.px.wait_no_bpf_links(Duration::from_secs(3));
+    assert!(links.is_empty(), "{links:?}");
+}
+
+#[test]
+fn as_user_nobody_only_the_documented_capabilities_remain() {
+    let t = Topo::new("privuser");
+    let server = Server::start(
+        &t.sv,
+        sa("203.0.113.3:8080"),
+        handlers::hello_echo("server"),
+    );
+    let mut d = Daemon::start_ready(&t.px, &policy(&[8080]), &["--user", "nobody"]);
+    let nobody = nobody();
+    assert_credentials(&d, nobody, KEPT);
+    assert_guard(&d);
+    transparent_connection(&t, &mut d, &server, 8080);
+
+    // A new port: the policy file is read again as nobody (the lab's temp
+    // dir is world-readable), a new rule goes into the kernel's map.
+    let verdict = d.reload(&policy(&[8080, 8081]));
+    assert_eq!(message(&verdict), Some("policy reloaded"), "{verdict}");
+    transparent_connection(&t, &mut d, &server, 8081);
+    assert_credentials(&d, nobody, KEPT);
+    // The control socket still answers root.
+    let asked = lab::run_cmd(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            t.px.name(),
+            lab::daemon::binary(),
+            "status",
+        ],
+    );
+    assert!(asked.status.success(), "{asked:?}");
+    assert_clean_shutdown(&t, &mut d);
+}
+
+#[test]
+fn as_root_the_same_capabilities_remain() {
+    let t = Topo::new("privroot");
+    let server = Server::start(
+        &t.sv,
+        sa("203.0.113.3:8080"),
+        handlers::hello_echo("server"),
+    );
+    let mut d = Daemon::start_ready(&t.px, &policy(&[8080]), &[]);
+    assert_credentials(&d, (0, 0), KEPT);
+    transparent_connection(&t, &mut d, &server, 8080);
+    assert_clean_shutdown(&t, &mut d);
+}
+
+/// Started without cap_net_bind_service (as a unit's bounding set would
+/// do), the daemon refuses a reload that adds a CONNECT listener on port 80
+/// before it changes anything: the old policy stays in force.
+#[test]
+fn a_reload_needing_a_capability_not_held_is_refused() {
+    let t = Topo::new("privrefuse");
+    let server = Server::start(
+        &t.sv,
+        sa("203.0.113.3:8080"),
+        handlers::hello_echo("server"),
+    );
+    // The bounding set is per thread and inherited: a thread of its own
+    // starts the daemon without the capability.
+    let mut d = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscall; only this thread's bounding set changes.
+            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            Daemon::start_ready(&t.px, &policy(&[8080]), &[])
+        })
+        .join()
+        .unwrap()
+    });
+    assert_credentials(&d, (0, 0), 1 << CAP_NET_ADMIN);
+
+    let mut with_connect = policy(&[8080]);
+    with_connect["intercept"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+            "name": "explicit", "upstream": "web",
+            "connect": { "listen": [format!("{}:80", addr::PX4_CL)], "clients": ["198.51.100.0/24"],
+                         "ports": [8080], "destinations": ["203.0.113.0/24"] }
+        }));
+    let verdict = d.reload(&with_connect);
+    let said = message(&verdict).unwrap_or_default();
+    assert!(
+        said.starts_with("policy not reloaded")
+            && said.contains("cap_net_bind_service")
+            && said.contains(&format!("{}:80", addr::PX4_CL)),
+        "{verdict}"
+    );
+    // `l4proxy reload` (a unit's ExecReload) fails with the same reason.
+    let asked = lab::run_cmd(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            t.px.name(),
+            lab::daemon::binary(),
+            "reload",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&asked.stderr);
+    assert_eq!(asked.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refused") && stderr.contains("cap_net_bind_service"),
+        "{stderr}"
+    );
+    // Nothing of the new policy: no listener on port 80; the old one works.
+    let listening = lab::must(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            t.px.name(),
+            "ss",
+            "-Htln",
+            "sport",
+            "= :80",
+        ],
+    );
+    assert!(listening.trim().is_empty(), "{listening}");
+    transparent_connection(&t, &mut d, &server, 8080);
+    assert_clean_shutdown(&t, &mut d);
+}
+
+/// `l4proxy doctor --policy FILE` in `ns`.
+fn doctor(ns: &Netns, policy: &Value, dir: &TempDir) -> Output {
+    let path = dir.join("policy.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(policy).unwrap()).unwrap();
+    doctor_file(ns, &path)
+}
+
+fn doctor_file(ns: &Netns, path: &Path) -> Output {
+    let binary = lab::daemon::binary();
+    let path = path.to_str().unwrap();
+    lab::run_cmd(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns.name(),
+            binary,
+            "doctor",
+            "--policy",
+            path,
+        ],
+    )
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn doctor_reports_what_a_host_lacks() {
+    let t = Topo::new("doctor");
+    let dir = TempDir::new("doctor");
+    let rules_before = t.px.all_rules();
+
+    let ready = doctor(&t.px, &policy(&[8080]), &dir);
+    let text = stdout(&ready);
+    assert_eq!(ready.status.code(), Some(0), "{text}");
+    for line in [
+        "ok      kernel:",
+        "ok      BPF programs:",
+        "ok      capability cap_bpf:",
+        "ok      interfaces:",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+
+    let mut elsewhere = policy(&[8080]);
+    elsewhere["intercept"][0]["interfaces"] = json!(["eth9"]);
+    let missing = doctor(&t.px, &elsewhere, &dir);
+    let text = stdout(&missing);
+    assert_eq!(missing.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("missing")
+            && l.contains("intercept[0].interfaces[0]: no interface \"eth9\"")),
+        "{text}"
+    );
+
+    // src_valid_mark on the interface the tc program marks on: its marked
+    // packets would be dropped as martians.
+    t.px.sysctl("net.ipv4.conf.to-cl.src_valid_mark", "1");
+    let marked = doctor(&t.px, &policy(&[8080]), &dir);
+    let text = stdout(&marked);
+    assert_eq!(marked.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines().any(|l| l
+            .starts_with("missing kernel setting: net.ipv4.conf.to-cl.src_valid_mark")
+            && l.contains("set net.ipv4.conf.all.src_valid_mark=0")),
+        "{text}"
+    );
+
+    // Nothing was changed: no route, rule, tc program or link of ours.
+    assert!(t.px.proxy_routes().is_empty(), "{:?}", t.px.proxy_routes());
+    assert_eq!(t.px.all_rules(), rules_before);
+    assert!(t.px.tc_programs(&["to-cl", "to-sv"]).is_empty());
+    assert!(t.px.bpf_netns_links().is_empty());
+}
