@@ -16,11 +16,12 @@
 //! reloads), `relay` (copy bytes both ways, with deadlines), `logging` (a
 //! log that never blocks the relay).
 //!
-//! `unsafe` is confined to four places, each saying why at the call:
+//! `unsafe` is confined to five places, each saying why at the call:
 //! `intercept::guard` (fork before the runtime starts), `hello` (`MSG_PEEK`
-//! and `SO_RCVLOWAT`), `relay::pipe` (splice(2) and `F_SETPIPE_SZ`) and
-//! `upstream` (`IP_BIND_ADDRESS_NO_PORT`), which neither std, tokio nor
-//! socket2 offer safely.
+//! and `SO_RCVLOWAT`), `relay::pipe` (splice(2) and `F_SETPIPE_SZ`),
+//! `upstream` (`IP_BIND_ADDRESS_NO_PORT`) and `takeover` (descriptors
+//! passed with SCM_RIGHTS), which neither std, tokio nor socket2 offer
+//! safely.
 
 pub mod addrs;
 pub mod admin;
@@ -51,6 +52,7 @@ pub mod session;
 pub mod sniff;
 pub mod status;
 pub mod stream;
+pub mod takeover;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

@@ -10,8 +10,9 @@ use l4proxy::{
     logging::{self, LogFormat, LogGuard},
     policy::{Policy, Target, Timeouts},
     route,
-    server::{self, Settings},
+    server::{self, Ended, Settings},
     session::Defaults,
+    takeover::Restart,
 };
 
 fn main() -> ExitCode {
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         }
         Command::Status { json } => return status(json),
         Command::Reload => return reload(),
+        Command::Upgrade => return upgrade(),
         Command::Cleanup => {
             log.start_writer();
             cleanup()
@@ -43,6 +45,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<()> {
+    // Before anything can change the working directory or the file.
+    let restart = Restart::from_start_up().context("finding this binary's path")?;
     let policy = server::load_policy(&args.policy)?;
     let asked = args
         .max_connections
@@ -50,7 +54,7 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
     let max_connections = descriptors::max_connections(asked)?;
     // SAFETY: no thread has been started yet: the log writer and the runtime
     // start below.
-    let _guard = unsafe { guard::spawn(format) }.context("starting the route guard")?;
+    let guard = unsafe { guard::spawn(format) }.context("starting the route guard")?;
     log.start_writer();
     let settings = Settings {
         policy_path: args.policy.clone(),
@@ -69,13 +73,20 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
         mark: args.fwmark,
         routing_table: args.routing_table,
         admin: args.admin,
+        takeover: args.takeover,
+        restart,
     };
     let runtime = runtime()?;
-    let ran = runtime.block_on(server::run(policy, settings));
+    let ran = runtime.block_on(server::run(policy, settings, &guard));
     // Name look-ups and password checks still running on blocking threads
     // must not hold up the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    ran?;
+    match ran? {
+        Ended::Stopped => {}
+        Ended::HandedOver { successor } => {
+            tracing::info!(successor, "exiting after a takeover");
+        }
+    }
     Ok(())
 }
 
@@ -173,6 +184,12 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
 }
 
 fn cleanup() -> anyhow::Result<()> {
+    // Its routes are in use, not left over.
+    if let Some(daemon) = control::running() {
+        anyhow::bail!(
+            "{daemon} runs in this network namespace: its routes are in use; stop it first (it removes them itself)"
+        );
+    }
     let removed = runtime()?.block_on(routes::remove_leftovers())?;
     println!(
         "removed {removed} route(s) and routing rule(s) with protocol {}",
@@ -193,7 +210,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn status(json: bool) -> ExitCode {
-    match control::ask(control::Request::Status, CONTROL_TIMEOUT) {
+    match control::ask(control::Query::Status, CONTROL_TIMEOUT) {
         Ok(answer) if answer["ok"] == true => {
             if json {
                 println!("{answer:#}");
@@ -217,7 +234,7 @@ fn status(json: bool) -> ExitCode {
 }
 
 fn reload() -> ExitCode {
-    match control::ask(control::Request::Reload, CONTROL_TIMEOUT) {
+    match control::ask(control::Query::Reload, CONTROL_TIMEOUT) {
         Ok(answer) if answer["ok"] == true => {
             println!("policy reloaded");
             ExitCode::SUCCESS
@@ -231,6 +248,33 @@ fn reload() -> ExitCode {
         }
         Err(e) => {
             eprintln!("l4proxy reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long `upgrade` waits: the successor loads its programs and applies
+/// its policy, and the daemon gives it a minute to say it is ready.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn upgrade() -> ExitCode {
+    match control::ask(control::Query::Upgrade, UPGRADE_TIMEOUT) {
+        Ok(answer) if answer["ok"] == true => {
+            println!(
+                "upgraded: pid {} serves, pid {} drains",
+                answer["pid"], answer["predecessor"]
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!(
+                "l4proxy upgrade: failed, the running daemon goes on: {}",
+                answer["error"].as_str().unwrap_or("no reason given")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("l4proxy upgrade: {e}");
             ExitCode::FAILURE
         }
     }
