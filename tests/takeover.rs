@@ -241,67 +241,41 @@ fn second_build(dir: &lab::TempDir) -> std::path::PathBuf {
     path
 }
 
-/// Three successive takeovers (same binary, changed policy, a second
-/// build) under a steady load: no connection fails, and each stream opened
-/// before a takeover finishes byte-exact on the old daemon.
-#[test]
-fn takeovers_under_load_lose_no_connection() {
-    let t = Topo::new("takeover-load");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
-    let dst = sa("192.0.2.10:80");
+/// One takeover: the successor's policy, binary (None: the one under
+/// test), and a destination its policy adds, checked once it serves.
+struct Step {
+    policy: Value,
+    binary: Option<std::path::PathBuf>,
+    adds: Option<SocketAddr>,
+}
+
+/// Starts a daemon with `first`, then takes over with each step while
+/// clients connect to `dst` at a steady rate: no connection fails, each
+/// stream opened before a takeover finishes byte-exact on the old daemon,
+/// and the last daemon serves alone with its routes. Returns it.
+fn takeovers_under_load(t: &Topo, first: &Value, dst: SocketAddr, steps: Vec<Step>) -> Daemon {
     let grace = ["--grace-period", "30"];
-    let mut first = Daemon::start_ready(&t.px, &policy(), &grace);
+    let mut old = Daemon::start_ready(&t.px, first, &grace);
     let load = Load::start(&t.cl, dst);
     std::thread::sleep(Duration::from_secs(1));
-
-    // 1: the same binary and policy.
-    let long = LongStream::open(&t.cl, dst);
-    let mut second = take_over(
-        &mut first,
-        Daemon::start(&t.px, &policy(), &["--takeover", "--grace-period", "30"]),
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    long.finish(1, &mut first);
-    assert_handed_over_and_gone(&mut first, &mut second);
-    std::thread::sleep(Duration::from_secs(1));
-
-    // 2: a changed policy (IPv6 and port 81 added).
-    let long = LongStream::open(&t.cl, dst);
-    let mut third = take_over(
-        &mut second,
-        Daemon::start(
-            &t.px,
-            &changed_policy(),
-            &["--takeover", "--grace-period", "30"],
-        ),
-    );
-    exchange(&t.cl, sa("[2001:db8:a::10]:81"), "changed policy\n")
-        .unwrap_or_else(|e| panic!("the changed policy's new listener and port: {e}"));
-    long.finish(2, &mut second);
-    assert_handed_over_and_gone(&mut second, &mut third);
-    std::thread::sleep(Duration::from_secs(1));
-
-    // 3: a second build.
-    let dir = lab::TempDir::new("takeover-build");
-    let long = LongStream::open(&t.cl, dst);
-    let mut fourth = take_over(
-        &mut third,
-        Daemon::start_binary(
-            &t.px,
-            &changed_policy(),
-            &["--takeover", "--grace-period", "30"],
-            second_build(&dir),
-        ),
-    );
-    long.finish(3, &mut third);
-    assert_handed_over_and_gone(&mut third, &mut fourth);
-
-    // The last one alone: still steering, with its routes.
-    std::thread::sleep(Duration::from_secs(1));
+    for (n, step) in steps.into_iter().enumerate() {
+        let long = LongStream::open(&t.cl, dst);
+        let args = ["--takeover", "--grace-period", "30"];
+        let new = match step.binary {
+            Some(binary) => Daemon::start_binary(&t.px, &step.policy, &args, binary),
+            None => Daemon::start(&t.px, &step.policy, &args),
+        };
+        let mut new = take_over(&mut old, new);
+        if let Some(added) = step.adds {
+            exchange(&t.cl, added, &format!("added by takeover {n}\n"))
+                .unwrap_or_else(|e| panic!("takeover {n}: what its policy adds: {e}"));
+        }
+        long.finish(n as u64, &mut old);
+        assert_handed_over_and_gone(&mut old, &mut new);
+        // The successor alone, before the next one.
+        std::thread::sleep(Duration::from_secs(1));
+        old = new;
+    }
     let tally = load.finish();
     assert!(
         tally.failures.is_empty(),
@@ -321,17 +295,109 @@ fn takeovers_under_load_lose_no_connection() {
         "load: {} connections in {:?} ({rate:.0}/s), none failed",
         tally.ok, tally.ran
     );
+    exchange(&t.cl, dst, "after\n").expect("steered after every takeover");
+    old
+}
+
+/// Three successive takeovers (same binary, changed policy, a second
+/// build) of a daemon that owns a service prefix (sk_lookup steering).
+#[test]
+fn steered_takeovers_under_load_lose_no_connection() {
+    let t = Topo::new("takeover-load");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let dir = lab::TempDir::new("takeover-build");
+    let steps = vec![
+        Step {
+            policy: policy(),
+            binary: None,
+            adds: None,
+        },
+        Step {
+            policy: changed_policy(),
+            binary: None,
+            adds: Some(sa("[2001:db8:a::10]:81")),
+        },
+        Step {
+            policy: changed_policy(),
+            binary: Some(second_build(&dir)),
+            adds: None,
+        },
+    ];
+    let mut last = takeovers_under_load(&t, &policy(), sa("192.0.2.10:80"), steps);
     let routes = t.px.proxy_routes();
     assert!(
         routes.iter().any(|r| r.contains("192.0.2.0/24")),
         "the successor's routes after its predecessors left: {routes:?}"
     );
-    exchange(&t.cl, dst, "after\n").expect("steered after every takeover");
     exchange(&t.cl, sa("[2001:db8:a::10]:80"), "after v6\n").expect("IPv6 after the takeovers");
 
-    let status = fourth.terminate(Duration::from_secs(30));
-    fourth.assert_exit_ok(status);
+    let status = last.terminate(Duration::from_secs(30));
+    last.assert_exit_ok(status);
     assert_nothing_left(&t.px);
+}
+
+/// A fully transparent gateway (`interfaces`, `bind: client`): the tc
+/// programs of both daemons and the fwmark routing they share keep every
+/// connection's packets flowing through three takeovers.
+#[test]
+fn gateway_takeovers_under_load_lose_no_connection() {
+    let t = Topo::new("takeover-gw");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let gateway = |ports: Value| {
+        json!({
+            "intercept": [
+                { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": ports, "interfaces": ["to-cl"], "upstream": "pool" }
+            ],
+            "upstreams": { "pool": { "servers": ["203.0.113.2:8080"], "bind": "client" } }
+        })
+    };
+    let dir = lab::TempDir::new("takeover-gw-build");
+    let steps = vec![
+        Step {
+            policy: gateway(json!([80])),
+            binary: None,
+            adds: None,
+        },
+        Step {
+            policy: gateway(json!([80, 81])),
+            binary: None,
+            adds: Some(sa("203.0.113.3:81")),
+        },
+        Step {
+            policy: gateway(json!([80, 81])),
+            binary: Some(second_build(&dir)),
+            adds: None,
+        },
+    ];
+    let mut last = takeovers_under_load(&t, &gateway(json!([80])), sa("203.0.113.3:80"), steps);
+    let rules = t.px.proxy_rules();
+    assert!(
+        rules.iter().any(|r| r.contains("fwmark")),
+        "the successor's fwmark rule after its predecessors left: {rules:?}"
+    );
+    let tc = t.px.tc_programs(&["to-cl", "to-sv"]);
+    assert_eq!(
+        tc,
+        ["to-cl: classify", "to-sv: classify"],
+        "only the last daemon's classify is left"
+    );
+
+    let status = last.terminate(Duration::from_secs(30));
+    last.assert_exit_ok(status);
+    assert_nothing_left(&t.px);
+    assert_eq!(
+        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(5)),
+        Vec::<String>::new(),
+        "tc programs left"
+    );
 }
 
 /// Takeovers that fail (a policy the check refuses, one this host cannot
@@ -542,5 +608,45 @@ fn upgrade_starts_the_successor() {
     );
 
     successor.terminate(Duration::from_secs(30));
+    assert_nothing_left(&t.px);
+}
+
+/// A daemon that hands over while its own predecessor still drains: the
+/// first daemon's stream still works after two takeovers, the middle one
+/// waits for it before it exits, and the last one serves alone.
+#[test]
+fn a_chain_of_takeovers_keeps_the_first_daemons_connections() {
+    let t = Topo::new("takeover-chain");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let dst = sa("192.0.2.10:80");
+    let args = ["--takeover", "--grace-period", "30"];
+    let mut first = Daemon::start_ready(&t.px, &policy(), &["--grace-period", "30"]);
+    let long = LongStream::open(&t.cl, dst);
+    let mut second = take_over(&mut first, Daemon::start(&t.px, &policy(), &args));
+    let mut third = take_over(&mut second, Daemon::start(&t.px, &changed_policy(), &args));
+    second.wait_event(
+        "waiting for its predecessor",
+        Duration::from_secs(10),
+        |e| message(e) == Some("waiting for the predecessor to finish draining"),
+    );
+    assert!(first.try_exit().is_none() && second.try_exit().is_none());
+    exchange(&t.cl, dst, "while two drain\n").expect("the last daemon serves");
+
+    long.finish(11, &mut first);
+    let status = first.wait_exit(Duration::from_secs(30));
+    first.assert_exit_ok(status);
+    assert_handed_over_and_gone(&mut second, &mut third);
+    let routes = t.px.proxy_routes();
+    assert!(
+        routes.iter().any(|r| r.contains("192.0.2.0/24")),
+        "the last daemon's routes: {routes:?}"
+    );
+    exchange(&t.cl, dst, "alone\n").expect("the last daemon serves alone");
+    let status = third.terminate(Duration::from_secs(30));
+    third.assert_exit_ok(status);
     assert_nothing_left(&t.px);
 }

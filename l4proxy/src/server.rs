@@ -341,7 +341,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
                 takeover::Event::Ready(successor) => break Some(successor),
                 takeover::Event::Failed(_) => {}
             },
-            () = takeover::gone(&mut predecessor) => {
+            () = takeover::gone(&mut predecessor), if !handover.busy() => {
                 tracing::info!(predecessor = predecessor.as_ref().map(|p| p.pid), "takeover: the predecessor has exited");
                 predecessor = None;
                 if let Err(e) = installation.predecessor_gone().await {
@@ -395,15 +395,16 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
         shared.shutdown.cancel();
         accepting.tracker.wait().await;
     }
-    installation.remove().await?;
     if let Some(predecessor) = &mut predecessor {
-        // It took our routes for its connections, and we handed them on.
+        // Its connections use the routes we took over (and may have handed
+        // on): they stay until it is gone.
         tracing::info!(
             predecessor = predecessor.pid,
             "waiting for the predecessor to finish draining"
         );
         predecessor.gone().await;
     }
+    installation.remove().await?;
     tracing::info!(refused = %shared.admission.summary(), "connections refused over limits");
     tracing::info!(handed_over = ended != Ended::Stopped, "stopped");
     Ok(ended)
