@@ -4,7 +4,8 @@
 //! Module map, in the order of the data path: `policy` (raw JSON → checked
 //! `Policy`), `intercept` (BPF programs, maps, local routes and policy
 //! routing), `local_addrs` (this host's addresses), `server` (set-up,
-//! listen, accept, shutdown) with `explicit` (the CONNECT rules' listeners),
+//! listen, accept, shutdown) with `explicit` (the CONNECT rules' listeners)
+//! and `takeover` (handing the listeners and routing state to a successor),
 //! `descriptors` (the open-files budget) and `admission` (connection
 //! limits), `session` (one connection from accept to its log line: front →
 //! decide → back → relay), `proxy_header` (PROXY protocol headers in and
