@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use lab::daemon::{field, message};
 use lab::tls::run_in;
-use lab::{Daemon, Netns, Server, Topo, connect, handlers, sa};
+use lab::{Daemon, Netns, Server, Topo, handlers, sa};
 use serde_json::{Value, json};
 
 /// The service 192.0.2.0/24 port 80, relayed to the server's echo.
@@ -39,20 +39,77 @@ fn changed_policy() -> Value {
     })
 }
 
-/// A short exchange through the proxy: the server's hello, an echoed line.
-fn exchange(cl: &Netns, dst: SocketAddr, line: &str) -> Result<(), String> {
-    let mut c =
-        lab::try_connect(cl, dst, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-    c.write_all(line.as_bytes())
-        .and_then(|()| c.shutdown(Shutdown::Write))
-        .map_err(|e| format!("send: {e}"))?;
-    let mut got = String::new();
-    c.read_to_string(&mut got)
-        .map_err(|e| format!("receive: {e}"))?;
-    if got != format!("upstream\n{line}") {
-        return Err(format!("received {got:?}"));
+/// How a client reaches the server through the proxy.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    /// Connecting to an address the proxy intercepts.
+    Steered(SocketAddr),
+    /// Asking the proxy's CONNECT listener for `target`.
+    Connect {
+        proxy: SocketAddr,
+        target: SocketAddr,
+    },
+}
+
+impl Via {
+    /// A stream to the server, from a thread in the client's namespace:
+    /// the next thing to read is the server's hello.
+    fn open_here(self) -> Result<TcpStream, String> {
+        let to = match self {
+            Via::Steered(dst) => dst,
+            Via::Connect { proxy, .. } => proxy,
+        };
+        let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if let Via::Connect { target, .. } = self {
+            let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+            c.write_all(head.as_bytes())
+                .map_err(|e| format!("send CONNECT: {e}"))?;
+            let mut answer = Vec::new();
+            let mut byte = [0u8; 1];
+            while !answer.ends_with(b"\r\n\r\n") && answer.len() < 4096 {
+                c.read_exact(&mut byte)
+                    .map_err(|e| format!("CONNECT answer: {e}"))?;
+                answer.push(byte[0]);
+            }
+            if !answer.starts_with(b"HTTP/1.1 200") {
+                return Err(format!(
+                    "CONNECT answered {:?}",
+                    String::from_utf8_lossy(&answer)
+                ));
+            }
+        }
+        Ok(c)
     }
-    Ok(())
+
+    /// A short exchange, from a thread in the client's namespace: the
+    /// server's hello, an echoed line.
+    fn exchange_here(self, line: &str) -> Result<(), String> {
+        let mut c = self.open_here()?;
+        c.write_all(line.as_bytes())
+            .and_then(|()| c.shutdown(Shutdown::Write))
+            .map_err(|e| format!("send: {e}"))?;
+        let mut got = String::new();
+        c.read_to_string(&mut got)
+            .map_err(|e| format!("receive: {e}"))?;
+        if got != format!("upstream\n{line}") {
+            return Err(format!("received {got:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// [`Via::exchange_here`] from `cl`.
+fn exchange(cl: &Netns, via: impl Into<Via>, line: &str) -> Result<(), String> {
+    let via = via.into();
+    cl.run(|| via.exchange_here(line))
+}
+
+impl From<SocketAddr> for Via {
+    fn from(dst: SocketAddr) -> Via {
+        Via::Steered(dst)
+    }
 }
 
 /// Clients opening connections at a steady rate from `cl` until stopped
@@ -76,7 +133,7 @@ const LOAD_THREADS: usize = 4;
 const LOAD_LIMIT: Duration = Duration::from_secs(90);
 
 impl Load {
-    fn start(cl: &Netns, dst: SocketAddr) -> Load {
+    fn start(cl: &Netns, via: Via) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..LOAD_THREADS)
             .map(|n| {
@@ -96,7 +153,7 @@ impl Load {
                     let mut i: u64 = 0;
                     while !stop.load(Ordering::Relaxed) && started.elapsed() < LOAD_LIMIT {
                         let line = format!("load {n} {i}\n");
-                        match exchange_here(dst, &line) {
+                        match via.exchange_here(&line) {
                             Ok(()) => tally.ok += 1,
                             Err(e) => tally.failures.push(format!("connection {n}/{i}: {e}")),
                         }
@@ -133,23 +190,6 @@ impl Drop for Load {
     }
 }
 
-/// `exchange` on a thread already in the client's namespace.
-fn exchange_here(dst: SocketAddr, line: &str) -> Result<(), String> {
-    let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
-        .map_err(|e| format!("connect: {e}"))?;
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(line.as_bytes())
-        .and_then(|()| c.shutdown(Shutdown::Write))
-        .map_err(|e| format!("send: {e}"))?;
-    let mut got = String::new();
-    c.read_to_string(&mut got)
-        .map_err(|e| format!("receive: {e}"))?;
-    if got != format!("upstream\n{line}") {
-        return Err(format!("received {got:?}"));
-    }
-    Ok(())
-}
-
 /// A connection opened before a takeover, finished after it.
 struct LongStream {
     stream: TcpStream,
@@ -157,8 +197,11 @@ struct LongStream {
 }
 
 impl LongStream {
-    fn open(cl: &Netns, dst: SocketAddr) -> LongStream {
-        let mut stream = connect(cl, dst);
+    fn open(cl: &Netns, via: impl Into<Via>) -> LongStream {
+        let via = via.into();
+        let mut stream = cl
+            .run(|| via.open_here())
+            .unwrap_or_else(|e| panic!("a long stream via {via:?}: {e}"));
         assert_eq!(
             lab::read_line(&mut stream).expect("the server's hello"),
             "upstream"
@@ -242,24 +285,24 @@ fn second_build(dir: &lab::TempDir) -> std::path::PathBuf {
 }
 
 /// One takeover: the successor's policy, binary (None: the one under
-/// test), and a destination its policy adds, checked once it serves.
+/// test), and a way in its policy adds, checked once it serves.
 struct Step {
     policy: Value,
     binary: Option<std::path::PathBuf>,
-    adds: Option<SocketAddr>,
+    adds: Option<Via>,
 }
 
 /// Starts a daemon with `first`, then takes over with each step while
 /// clients connect to `dst` at a steady rate: no connection fails, each
 /// stream opened before a takeover finishes byte-exact on the old daemon,
 /// and the last daemon serves alone with its routes. Returns it.
-fn takeovers_under_load(t: &Topo, first: &Value, dst: SocketAddr, steps: Vec<Step>) -> Daemon {
+fn takeovers_under_load(t: &Topo, first: &Value, via: Via, steps: Vec<Step>) -> Daemon {
     let grace = ["--grace-period", "30"];
     let mut old = Daemon::start_ready(&t.px, first, &grace);
-    let load = Load::start(&t.cl, dst);
+    let load = Load::start(&t.cl, via);
     std::thread::sleep(Duration::from_secs(1));
     for (n, step) in steps.into_iter().enumerate() {
-        let long = LongStream::open(&t.cl, dst);
+        let long = LongStream::open(&t.cl, via);
         let args = ["--takeover", "--grace-period", "30"];
         let new = match step.binary {
             Some(binary) => Daemon::start_binary(&t.px, &step.policy, &args, binary),
@@ -295,7 +338,7 @@ fn takeovers_under_load(t: &Topo, first: &Value, dst: SocketAddr, steps: Vec<Ste
         "load: {} connections in {:?} ({rate:.0}/s), none failed",
         tally.ok, tally.ran
     );
-    exchange(&t.cl, dst, "after\n").expect("steered after every takeover");
+    exchange(&t.cl, via, "after\n").expect("served after every takeover");
     old
 }
 
@@ -319,7 +362,7 @@ fn steered_takeovers_under_load_lose_no_connection() {
         Step {
             policy: changed_policy(),
             binary: None,
-            adds: Some(sa("[2001:db8:a::10]:81")),
+            adds: Some(Via::Steered(sa("[2001:db8:a::10]:81"))),
         },
         Step {
             policy: changed_policy(),
@@ -327,7 +370,8 @@ fn steered_takeovers_under_load_lose_no_connection() {
             adds: None,
         },
     ];
-    let mut last = takeovers_under_load(&t, &policy(), sa("192.0.2.10:80"), steps);
+    let via = Via::Steered(sa("192.0.2.10:80"));
+    let mut last = takeovers_under_load(&t, &policy(), via, steps);
     let routes = t.px.proxy_routes();
     assert!(
         routes.iter().any(|r| r.contains("192.0.2.0/24")),
@@ -369,7 +413,7 @@ fn gateway_takeovers_under_load_lose_no_connection() {
         Step {
             policy: gateway(json!([80, 81])),
             binary: None,
-            adds: Some(sa("203.0.113.3:81")),
+            adds: Some(Via::Steered(sa("203.0.113.3:81"))),
         },
         Step {
             policy: gateway(json!([80, 81])),
@@ -377,7 +421,8 @@ fn gateway_takeovers_under_load_lose_no_connection() {
             adds: None,
         },
     ];
-    let mut last = takeovers_under_load(&t, &gateway(json!([80])), sa("203.0.113.3:80"), steps);
+    let via = Via::Steered(sa("203.0.113.3:80"));
+    let mut last = takeovers_under_load(&t, &gateway(json!([80])), via, steps);
     let rules = t.px.proxy_rules();
     assert!(
         rules.iter().any(|r| r.contains("fwmark")),
@@ -579,6 +624,26 @@ fn upgrade_starts_the_successor() {
     let mut old = Daemon::start_ready(&t.px, &policy(), &["--grace-period", "30"]);
     let long = LongStream::open(&t.cl, dst);
 
+    // A successor that cannot start (its policy file is broken now): the
+    // upgrade fails saying so, and the old daemon goes on.
+    let good = std::fs::read(old.policy_path()).unwrap();
+    std::fs::write(old.policy_path(), "{ broken").unwrap();
+    let failed = run_in(
+        &t.px,
+        lab::daemon::binary(),
+        &["upgrade"],
+        b"",
+        Duration::from_secs(120),
+    );
+    assert!(!failed.success(), "the upgrade should fail: {failed:?}");
+    assert!(
+        failed.stderr.contains("the successor exited")
+            && failed.stderr.contains("the running daemon goes on"),
+        "the failed upgrade should say why: {failed:?}"
+    );
+    exchange(&t.cl, dst, "after a failed upgrade\n").expect("the old daemon still serves");
+    std::fs::write(old.policy_path(), good).unwrap();
+
     let upgrade = run_in(
         &t.px,
         lab::daemon::binary(),
@@ -648,5 +713,58 @@ fn a_chain_of_takeovers_keeps_the_first_daemons_connections() {
     exchange(&t.cl, dst, "alone\n").expect("the last daemon serves alone");
     let status = third.terminate(Duration::from_secs(30));
     third.assert_exit_ok(status);
+    assert_nothing_left(&t.px);
+}
+
+/// CONNECT listeners are handed over too: three takeovers (the second adds
+/// a listener) under a steady load of CONNECT tunnels.
+#[test]
+fn connect_takeovers_under_load_lose_no_connection() {
+    let t = Topo::new("takeover-connect");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:443"),
+        handlers::hello_echo("upstream"),
+    );
+    let explicit = |listen: Value| {
+        json!({
+            "intercept": [
+                { "name": "explicit", "upstream": "direct",
+                  "connect": { "listen": listen, "clients": ["198.51.100.0/24"] } }
+            ],
+            "upstreams": { "direct": { "original_destination": true } }
+        })
+    };
+    let target = sa("203.0.113.2:443");
+    let first = explicit(json!(["198.51.100.1:3128"]));
+    let changed = explicit(json!(["198.51.100.1:3128", "198.51.100.1:3129"]));
+    let dir = lab::TempDir::new("takeover-connect-build");
+    let steps = vec![
+        Step {
+            policy: first.clone(),
+            binary: None,
+            adds: None,
+        },
+        Step {
+            policy: changed.clone(),
+            binary: None,
+            adds: Some(Via::Connect {
+                proxy: sa("198.51.100.1:3129"),
+                target,
+            }),
+        },
+        Step {
+            policy: changed,
+            binary: Some(second_build(&dir)),
+            adds: None,
+        },
+    ];
+    let via = Via::Connect {
+        proxy: sa("198.51.100.1:3128"),
+        target,
+    };
+    let mut last = takeovers_under_load(&t, &first, via, steps);
+    let status = last.terminate(Duration::from_secs(30));
+    last.assert_exit_ok(status);
     assert_nothing_left(&t.px);
 }
