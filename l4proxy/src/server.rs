@@ -296,12 +296,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
                         continue;
                     }
                     control::Request::Takeover(stream) => {
-                        let listeners = Listeners {
-                            control: control_fd.as_fd(),
-                            steered: installation.listeners().into_iter().map(|(family, fd)| (family, fd.as_fd())).collect(),
-                            connect: explicit.listeners(),
-                            admin: admin_fd.as_ref().map(|(addr, fd)| (*addr, fd.as_fd())),
-                        };
+                        let listeners = offered(&control_fd, &installation, &explicit, admin_fd.as_ref());
                         let kernel = (settings.mark, settings.routing_table);
                         handover.offer(stream, installation.routing(), kernel, listeners).await;
                         continue;
@@ -339,7 +334,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
             }
             event = handover.next() => match event {
                 takeover::Event::Ready(successor) => break Some(successor),
-                takeover::Event::Failed(_) => {}
+                takeover::Event::Failed => {}
             },
             () = takeover::gone(&mut predecessor), if !handover.busy() => {
                 tracing::info!(predecessor = predecessor.as_ref().map(|p| p.pid), "takeover: the predecessor has exited");
@@ -360,6 +355,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
     installation.drain()?;
     accepting.stop.cancel();
     accepting.tracker.close();
+    // Held until we exit: the successor watches for our end of it.
     let (ended, _handed_over) = match successor {
         Some(successor) => {
             // Routes and rules are the successor's now: neither our exit
@@ -408,6 +404,25 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
     tracing::info!(refused = %shared.admission.summary(), "connections refused over limits");
     tracing::info!(handed_over = ended != Ended::Stopped, "stopped");
     Ok(ended)
+}
+
+/// Every listening socket of this daemon, for a successor.
+fn offered<'a>(
+    control: &'a OwnedFd,
+    installation: &'a Installation,
+    explicit: &'a ExplicitListeners,
+    admin: Option<&'a (std::net::SocketAddr, OwnedFd)>,
+) -> Listeners<'a> {
+    Listeners {
+        control: control.as_fd(),
+        steered: installation
+            .listeners()
+            .into_iter()
+            .map(|(family, fd)| (family, fd.as_fd()))
+            .collect(),
+        connect: explicit.listeners(),
+        admin: admin.map(|(addr, fd)| (*addr, fd.as_fd())),
+    }
 }
 
 /// From now on the crash guard removes the routes if this daemon dies.

@@ -94,10 +94,35 @@ struct Offer {
     mark: (u32, u32),
     table: u32,
     routing: Routing,
-    /// The steered listeners' families, `4` or `6`.
-    steered: Vec<u8>,
+    /// The steered listeners' families.
+    steered: Vec<Slot>,
     connect: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
+}
+
+/// A steered listener's family, as the offer names it.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+enum Slot {
+    V4,
+    V6,
+}
+
+impl From<Family> for Slot {
+    fn from(family: Family) -> Slot {
+        match family {
+            Family::V4 => Slot::V4,
+            Family::V6 => Slot::V6,
+        }
+    }
+}
+
+impl From<Slot> for Family {
+    fn from(slot: Slot) -> Family {
+        match slot {
+            Slot::V4 => Family::V4,
+            Slot::V6 => Family::V6,
+        }
+    }
 }
 
 /// The predecessor's listening sockets, lent for an offer.
@@ -222,13 +247,7 @@ fn handed(offer: Offer, fds: Vec<OwnedFd>) -> Result<Handed, TakeoverError> {
     let steered = offer
         .steered
         .iter()
-        .map(|family| {
-            let family = match family {
-                4 => Family::V4,
-                _ => Family::V6,
-            };
-            Ok((family, next_tcp()?))
-        })
+        .map(|&slot| Ok((Family::from(slot), next_tcp()?)))
         .collect::<Result<_, TakeoverError>>()?;
     let connect = offer
         .connect
@@ -318,8 +337,8 @@ pub enum Event {
     /// The successor (this pid) steers and accepts: stop accepting, confirm
     /// with [`Successor::confirm`], drain.
     Ready(Box<Successor>),
-    /// It failed; this daemon keeps serving.
-    Failed(String),
+    /// It failed (logged); this daemon keeps serving.
+    Failed,
 }
 
 /// A successor that is ready; this daemon's connection to it stays open
@@ -360,7 +379,7 @@ impl Handover {
             steered: listeners
                 .steered
                 .iter()
-                .map(|(family, _)| if *family == Family::V4 { 4 } else { 6 })
+                .map(|(family, _)| Slot::from(*family))
                 .collect(),
             connect: listeners.connect.iter().map(|(addr, _)| *addr).collect(),
             admin: listeners.admin.map(|(addr, _)| addr),
@@ -430,32 +449,37 @@ impl Handover {
     /// The next thing that happens to the takeover under way; never
     /// returns while none is.
     pub async fn next(&mut self) -> Event {
-        let event = tokio::select! {
-            Some(ready) = wait_ready(&mut self.successor) => ready,
-            Some(status) = wait_exit(&mut self.upgrade) => Err(format!(
+        tokio::select! {
+            Some(ready) = wait_ready(&mut self.successor) => match ready {
+                Ok(pid) => {
+                    let stream = self.successor.take().expect("ready came from it").stream;
+                    tracing::info!(successor = pid, "takeover: the successor is ready");
+                    Event::Ready(Box::new(Successor {
+                        stream,
+                        pid,
+                        upgrade: self.upgrade.take(),
+                    }))
+                }
+                Err(reason) => {
+                    self.successor = None;
+                    self.fail(reason)
+                }
+            },
+            // Its connection, if it made one, ends too: `wait_ready` sees it.
+            Some(status) = wait_exit(&mut self.upgrade) => self.fail(format!(
                 "the successor exited ({status}) before it took over; its log says why"
             )),
             else => std::future::pending().await,
-        };
-        match event {
-            Ok(pid) => {
-                let stream = self.successor.take().expect("ready came from it").stream;
-                tracing::info!(successor = pid, "takeover: the successor is ready");
-                Event::Ready(Box::new(Successor {
-                    stream,
-                    pid,
-                    upgrade: self.upgrade.take(),
-                }))
-            }
-            Err(reason) => {
-                tracing::error!("takeover failed: {reason}; still serving");
-                self.successor = None;
-                if let Some(upgrade) = self.upgrade.take() {
-                    let _ = upgrade.reply.send(failure(&reason));
-                }
-                Event::Failed(reason)
-            }
         }
+    }
+
+    /// Logs why a takeover failed, and answers the `upgrade` that asked.
+    fn fail(&mut self, reason: String) -> Event {
+        tracing::error!("takeover failed: {reason}; still serving");
+        if let Some(upgrade) = self.upgrade.take() {
+            let _ = upgrade.reply.send(failure(&reason));
+        }
+        Event::Failed
     }
 }
 
