@@ -233,16 +233,27 @@ fn take_over(old: &mut Daemon, new: Daemon) -> Daemon {
     old.wait_event("`handed over`", Duration::from_secs(10), |e| {
         message(e).is_some_and(|m| m.starts_with("handed over"))
     });
-    let ready = new
-        .events()
-        .into_iter()
-        .find(|e| message(e) == Some("ready"))
-        .unwrap();
+    let ready = |d: &Daemon| {
+        d.events()
+            .into_iter()
+            .find(|e| message(e) == Some("ready"))
+            .unwrap()
+    };
+    let (old_ready, new_ready) = (ready(old), ready(&new));
     assert_eq!(
-        field(&ready, "predecessor").and_then(Value::as_i64),
+        field(&new_ready, "predecessor").and_then(Value::as_i64),
         Some(i64::from(old.pid())),
-        "the successor names its predecessor: {ready}"
+        "the successor names its predecessor: {new_ready}"
     );
+    // The same sockets (and so their queues), not new ones on new ports.
+    let listeners = |ev: &Value| lab::daemon::field_string(ev, "listeners");
+    let old_listeners = listeners(&old_ready);
+    for listener in old_listeners.trim_matches(['[', ']']).split(", ") {
+        assert!(
+            listeners(&new_ready).contains(listener),
+            "the successor steers into the old listener {listener}: {new_ready}"
+        );
+    }
     new
 }
 

@@ -118,8 +118,8 @@ pub fn bind() -> Result<UnixListener, BindError> {
 
 /// The daemon of this network namespace, if one answers.
 pub fn running() -> Option<Running> {
-    connect().ok()?;
-    let answer = ask(Query::Pid, REQUEST_TIMEOUT).ok();
+    let stream = connect().ok()?;
+    let answer = ask_on(stream, Query::Pid, REQUEST_TIMEOUT).ok();
     let pid = answer
         .and_then(|answer| answer["pid"].as_u64())
         .and_then(|pid| u32::try_from(pid).ok());
@@ -216,7 +216,14 @@ async fn reply(stream: &mut UnixStream, answer: &serde_json::Value) -> io::Resul
 /// `l4proxy reload`, `l4proxy upgrade`) and waits up to `timeout` for its
 /// answer.
 pub fn ask(query: Query, timeout: Duration) -> Result<serde_json::Value, String> {
-    let mut stream = connect()?;
+    ask_on(connect()?, query, timeout)
+}
+
+fn ask_on(
+    mut stream: std::os::unix::net::UnixStream,
+    query: Query,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
