@@ -661,3 +661,41 @@ fn receive_with_fds(socket: RawFd) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     data.truncate(read as usize);
     Ok((data, fds))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// What goes in one message comes out of it: the bytes, and the same
+    /// sockets (same local addresses), in order.
+    #[test]
+    fn descriptors_pass_with_their_message() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let listeners: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+        let sent = send_with_fds(a.as_raw_fd(), b"offer\n", &fds).unwrap();
+        assert_eq!(sent, 6);
+        let (data, received) = receive_with_fds(b.as_raw_fd()).unwrap();
+        assert_eq!(data, b"offer\n");
+        assert_eq!(received.len(), 3);
+        for (listener, fd) in listeners.iter().zip(received) {
+            let handed = std::net::TcpListener::from(fd);
+            assert_eq!(handed.local_addr().unwrap(), listener.local_addr().unwrap());
+            assert_ne!(handed.as_fd().as_raw_fd(), listener.as_raw_fd());
+        }
+    }
+
+    /// A message without descriptors (a refusal) reads as such.
+    #[test]
+    fn a_message_without_descriptors() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_with_fds(a.as_raw_fd(), b"{\"ok\":false}\n", &[]).unwrap();
+        let (data, received) = receive_with_fds(b.as_raw_fd()).unwrap();
+        assert_eq!(data, b"{\"ok\":false}\n");
+        assert!(received.is_empty());
+    }
+}
