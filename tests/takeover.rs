@@ -632,7 +632,11 @@ fn upgrade_starts_the_successor() {
         handlers::hello_echo("upstream"),
     );
     let dst = sa("192.0.2.10:80");
-    let mut old = Daemon::start_ready(&t.px, &policy(), &["--grace-period", "30"]);
+    // The successor gets the same `--admin`: it must be handed the
+    // listener, the old daemon still has the address.
+    let admin = sa("127.0.0.1:9100");
+    let args = ["--grace-period", "30", "--admin", "127.0.0.1:9100"];
+    let mut old = Daemon::start_ready(&t.px, &policy(), &args);
     let long = LongStream::open(&t.cl, dst);
 
     // A successor that cannot start (its policy file is broken now): the
@@ -677,6 +681,18 @@ fn upgrade_starts_the_successor() {
     let status = old.wait_exit(Duration::from_secs(30));
     old.assert_exit_ok(status);
     exchange(&t.cl, dst, "after the upgrade\n").expect("the successor steers");
+    let scraped = t.px.run(|| -> std::io::Result<String> {
+        let mut c = TcpStream::connect(admin)?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: px\r\n\r\n")?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        Ok(text)
+    });
+    let scraped = scraped.expect("scraping the successor's admin listener");
+    assert!(
+        scraped.starts_with("HTTP/1.1 200") && scraped.contains("l4proxy_"),
+        "the successor serves metrics on the handed admin listener: {scraped:.200}"
+    );
     let routes = t.px.proxy_routes();
     assert!(
         routes.iter().any(|r| r.contains("192.0.2.0/24")),
