@@ -20,6 +20,8 @@ const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;
 /// What the daemon keeps (README, "Least privilege").
 const KEPT: u64 = 1 << CAP_NET_ADMIN | 1 << CAP_NET_BIND_SERVICE;
+/// What starting a daemon takes: cap_bpf, cap_perfmon, cap_net_admin.
+const START: u64 = 1 << 39 | 1 << 38 | 1 << CAP_NET_ADMIN;
 
 /// A gateway rule on px's client side for sv's port(s), relayed to sv's
 /// other address from the client's own address and port: every upstream
@@ -79,8 +81,9 @@ fn threads_credentials(pid: i32) -> Vec<(String, Credentials)> {
 }
 
 /// Every thread runs as uid and gid (all four of each) with exactly
-/// `caps` permitted, effective and bounding, nothing inheritable or ambient.
-fn assert_credentials(d: &Daemon, (uid, gid): (u32, u32), caps: u64) {
+/// `caps` permitted and effective, `bounding` in its bounding set, nothing
+/// inheritable or ambient.
+fn assert_credentials(d: &Daemon, (uid, gid): (u32, u32), caps: u64, bounding: u64) {
     let four = |id: u32| [id; 4].map(|n| n.to_string()).join("\t");
     let wanted = Credentials {
         uid: four(uid),
@@ -88,7 +91,7 @@ fn assert_credentials(d: &Daemon, (uid, gid): (u32, u32), caps: u64) {
         inheritable: 0,
         permitted: caps,
         effective: caps,
-        bounding: caps,
+        bounding,
         ambient: 0,
     };
     let threads = threads_credentials(d.pid());
@@ -164,7 +167,7 @@ fn as_user_nobody_only_the_documented_capabilities_remain() {
     );
     let mut d = Daemon::start_ready(&t.px, &policy(&[8080]), &["--user", "nobody"]);
     let nobody = nobody();
-    assert_credentials(&d, nobody, KEPT);
+    assert_credentials(&d, nobody, KEPT, KEPT);
     assert_guard(&d);
     transparent_connection(&t, &mut d, &server, 8080);
 
@@ -173,7 +176,7 @@ fn as_user_nobody_only_the_documented_capabilities_remain() {
     let verdict = d.reload(&policy(&[8080, 8081]));
     assert_eq!(message(&verdict), Some("policy reloaded"), "{verdict}");
     transparent_connection(&t, &mut d, &server, 8081);
-    assert_credentials(&d, nobody, KEPT);
+    assert_credentials(&d, nobody, KEPT, KEPT);
     // The control socket still answers root.
     let asked = lab::run_cmd(
         "ip",
@@ -186,11 +189,29 @@ fn as_user_nobody_only_the_documented_capabilities_remain() {
         ],
     );
     assert!(asked.status.success(), "{asked:?}");
+    // A successor it started could not load its programs: `upgrade` is
+    // refused, saying what to do instead.
+    let upgrade = lab::run_cmd(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            t.px.name(),
+            lab::daemon::binary(),
+            "upgrade",
+        ],
+    );
+    assert!(
+        !upgrade.status.success()
+            && String::from_utf8_lossy(&upgrade.stderr).contains("l4proxy run --takeover"),
+        "{upgrade:?}"
+    );
+    transparent_connection(&t, &mut d, &server, 8081);
     assert_clean_shutdown(&t, &mut d);
 }
 
 #[test]
-fn as_root_the_same_capabilities_remain() {
+fn as_root_the_same_capabilities_remain_and_what_a_successor_needs_is_bounded() {
     let t = Topo::new("privroot");
     let server = Server::start(
         &t.sv,
@@ -198,7 +219,9 @@ fn as_root_the_same_capabilities_remain() {
         handlers::hello_echo("server"),
     );
     let mut d = Daemon::start_ready(&t.px, &policy(&[8080]), &[]);
-    assert_credentials(&d, (0, 0), KEPT);
+    // The bounding set keeps what a start takes: `l4proxy upgrade` has the
+    // daemon start its successor.
+    assert_credentials(&d, (0, 0), KEPT, KEPT | START);
     transparent_connection(&t, &mut d, &server, 8080);
     assert_clean_shutdown(&t, &mut d);
 }

@@ -60,9 +60,14 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
     },
+    /// Ask the running daemon of this network namespace to start its
+    /// successor (the binary at the path it was started from, with its
+    /// arguments and `--takeover`); exit 0 once the successor serves and
+    /// the old daemon drains, non-zero with the reason otherwise.
+    Upgrade,
     /// Remove routes and routing rules left in this network namespace by a
     /// daemon that was killed before it could clean up (they carry protocol
-    /// 244).
+    /// 244); refused while a daemon runs.
     Cleanup,
 }
 
@@ -153,6 +158,12 @@ pub struct RunArgs {
     /// capabilities.
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+    /// Take over from the daemon running in this network namespace: its
+    /// listening sockets (with their queued connections) and routing state
+    /// are handed over, it drains its own connections and exits. Without a
+    /// running daemon, or if this one cannot start, nothing changes.
+    #[arg(long)]
+    pub takeover: bool,
 }
 
 /// Seconds or a number with a unit (`250ms`, `30s`, `5m`, `1h`), as in a

@@ -1,8 +1,14 @@
-//! The control socket: `l4proxy status` and `l4proxy reload` talk to the
+//! The control socket: `l4proxy status`, `reload` and `upgrade` talk to the
 //! daemon of their network namespace over an abstract Unix socket (scoped
 //! to the namespace, as the daemon's kernel programs are; nothing on the
 //! file system to clean up), answered only for root. One request line per
-//! connection, one JSON answer.
+//! connection, one JSON answer; a `takeover` request's connection is handed
+//! to the daemon whole (`takeover`).
+//!
+//! Holding the socket's name is also the one-daemon-per-namespace rule: a
+//! second daemon cannot bind it, and is told which process has it. A
+//! takeover hands the listening socket itself on, so the name is never free
+//! in between.
 
 use std::{
     io::{self, BufRead, BufReader, Write},
@@ -23,26 +29,109 @@ const NAME: &[u8] = b"l4proxy-control";
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What a client asks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a client asks of the daemon's main loop.
+#[derive(Debug)]
 pub enum Request {
     /// The daemon's state, as JSON.
     Status,
     /// Reread the policy, as on SIGHUP; the answer says whether it is in
     /// force.
     Reload,
+    /// Start the successor (`l4proxy upgrade`); the answer comes once it has
+    /// taken over, or failed to.
+    Upgrade,
+    /// A successor (`run --takeover`) asks for the listeners; it is
+    /// answered on this connection, not with a JSON value.
+    Takeover(UnixStream),
+}
+
+/// What a client (`l4proxy status`, ...) sends with [`ask`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Query {
+    Status,
+    Reload,
+    Upgrade,
+    /// The daemon's process ID (answered without its main loop).
+    Pid,
+}
+
+impl Query {
+    fn line(self) -> &'static str {
+        match self {
+            Query::Status => "status\n",
+            Query::Reload => "reload\n",
+            Query::Upgrade => "upgrade\n",
+            Query::Pid => "pid\n",
+        }
+    }
+}
+
+/// The request line of a takeover.
+pub const TAKEOVER: &str = "takeover\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "{0} already runs in this network namespace; one daemon per namespace: stop it, or replace it with `l4proxy run --takeover ...` or `l4proxy upgrade`"
+    )]
+    Running(Running),
+    #[error("binding the control socket @l4proxy-control: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A daemon that holds the control socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Running {
+    /// Its process ID, if it said.
+    pub pid: Option<u32>,
+}
+
+impl std::fmt::Display for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "an l4proxy daemon (pid {pid})"),
+            None => write!(f, "an l4proxy daemon (which did not give its pid)"),
+        }
+    }
 }
 
 /// Requests for the daemon's main loop, each with where its JSON answer
 /// goes.
 pub type Requests = mpsc::Sender<(Request, oneshot::Sender<serde_json::Value>)>;
 
-/// Binds the socket; fails if another daemon in this namespace has it.
-pub fn bind() -> io::Result<UnixListener> {
+/// Binds the socket; refused, naming it, if another daemon in this
+/// namespace has it.
+pub fn bind() -> Result<UnixListener, BindError> {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(NAME)?;
-    let listener = std::os::unix::net::UnixListener::bind_addr(&addr)?;
+    let listener = match std::os::unix::net::UnixListener::bind_addr(&addr) {
+        Ok(listener) => listener,
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            return Err(BindError::Running(
+                running().unwrap_or(Running { pid: None }),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     listener.set_nonblocking(true)?;
-    UnixListener::from_std(listener)
+    Ok(UnixListener::from_std(listener)?)
+}
+
+/// The daemon of this network namespace, if one answers.
+pub fn running() -> Option<Running> {
+    let stream = connect().ok()?;
+    let answer = ask_on(stream, Query::Pid, REQUEST_TIMEOUT).ok();
+    let pid = answer
+        .and_then(|answer| answer["pid"].as_u64())
+        .and_then(|pid| u32::try_from(pid).ok());
+    Some(Running { pid })
+}
+
+/// Connects to the daemon of this network namespace.
+pub fn connect() -> Result<std::os::unix::net::UnixStream, String> {
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(NAME).map_err(|e| e.to_string())?;
+    std::os::unix::net::UnixStream::connect_addr(&addr)
+        .map_err(|e| format!("no l4proxy daemon answers in this network namespace ({e})"))
 }
 
 /// Answers clients on `listener` until `stop`.
@@ -86,8 +175,19 @@ async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
     let request = match line.trim() {
         "status" => Request::Status,
         "reload" => Request::Reload,
+        "upgrade" => Request::Upgrade,
+        "pid" => {
+            let answer = serde_json::json!({ "ok": true, "pid": std::process::id() });
+            return reply(&mut stream, &answer).await;
+        }
+        "takeover" => {
+            // Answered by the main loop, on this connection.
+            let (tx, _) = oneshot::channel();
+            let _ = requests.send((Request::Takeover(stream), tx)).await;
+            return Ok(());
+        }
         other => {
-            let error = format!("unknown request {other:?}: status or reload");
+            let error = format!("unknown request {other:?}: status, reload, upgrade or pid");
             return reply(
                 &mut stream,
                 &serde_json::json!({ "ok": false, "error": error }),
@@ -113,21 +213,22 @@ async fn reply(stream: &mut UnixStream, answer: &serde_json::Value) -> io::Resul
 }
 
 /// Asks the daemon of this network namespace (a client: `l4proxy status`,
-/// `l4proxy reload`) and waits up to `timeout` for its answer.
-pub fn ask(request: Request, timeout: Duration) -> Result<serde_json::Value, String> {
-    let addr =
-        std::os::unix::net::SocketAddr::from_abstract_name(NAME).map_err(|e| e.to_string())?;
-    let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr)
-        .map_err(|e| format!("no l4proxy daemon answers in this network namespace ({e})"))?;
+/// `l4proxy reload`, `l4proxy upgrade`) and waits up to `timeout` for its
+/// answer.
+pub fn ask(query: Query, timeout: Duration) -> Result<serde_json::Value, String> {
+    ask_on(connect()?, query, timeout)
+}
+
+fn ask_on(
+    mut stream: std::os::unix::net::UnixStream,
+    query: Query,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    let line = match request {
-        Request::Status => "status\n",
-        Request::Reload => "reload\n",
-    };
     stream
-        .write_all(line.as_bytes())
+        .write_all(query.line().as_bytes())
         .map_err(|e| format!("asking the daemon: {e}"))?;
     let mut answer = String::new();
     BufReader::new(stream)

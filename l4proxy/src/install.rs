@@ -11,6 +11,13 @@
 //! which marks their packets by socket while `RETAINING` is on) stays until
 //! [`Installation::settle`] finds them all closed.
 //!
+//! A takeover (docs/takeover.md) hands the listeners and the routing state
+//! from one daemon to the next: the successor adopts them
+//! ([`Installation::adopt_listeners`], [`Installation::adopt_routing`]) and
+//! keeps what its predecessor's connections need until the predecessor has
+//! exited; the predecessor disowns them ([`Installation::disown`]), so that
+//! its exit removes nothing the successor uses.
+//!
 //! Order matters: listeners go into the socket map, and routes and routing
 //! rules go in, before `steer` is attached, so the first steered SYN already
 //! finds a socket; `steer` before `classify` marks anything; new rule
@@ -19,6 +26,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
     sync::Arc,
 };
 
@@ -84,8 +92,9 @@ pub struct Installation {
     interceptor: Interceptor,
     /// Given to the listeners, so accepted connections have it.
     keepalive: Keepalive,
-    /// The listeners in the socket map, by family (IPv4, IPv6).
-    listening: [bool; 2],
+    /// The listeners in the socket map, by family (IPv4, IPv6): copies of
+    /// their descriptors, to hand over in a takeover.
+    listening: [Option<OwnedFd>; 2],
     local_routes: LocalRoutes,
     delivery: Delivery,
     local: Arc<LocalAddrs>,
@@ -100,6 +109,21 @@ pub struct Installation {
     metrics: Arc<Metrics>,
     /// The upstream servers' health and load, kept across policies.
     health: health::Registry,
+    /// What a predecessor (a takeover) installed for its connections, kept
+    /// until it has exited.
+    inherited: Option<Routing>,
+}
+
+/// The routes and routing rules a daemon added (not fd-owned: they outlive
+/// it), as handed over in a takeover.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Routing {
+    /// `local` routes of owned prefixes.
+    pub prefixes: Vec<IpNet>,
+    /// The fwmark rules and the delivery table's routes.
+    pub delivery: bool,
+    /// Rules for the replies of servers on this host.
+    pub local_servers: Vec<SocketAddr>,
 }
 
 /// A policy and what it needs from this host.
@@ -163,7 +187,7 @@ impl Installation {
         Ok(Self {
             interceptor,
             keepalive,
-            listening: [false; 2],
+            listening: [None, None],
             local_routes: LocalRoutes::new()?,
             delivery: Delivery::new(mark, routing_table)?,
             local,
@@ -172,6 +196,7 @@ impl Installation {
             older: Vec::new(),
             metrics,
             health: health::Registry::default(),
+            inherited: None,
         })
     }
 
@@ -244,8 +269,8 @@ impl Installation {
             }
             return Err(e);
         }
-        for slot in families {
-            self.listening[slot] = true;
+        for (slot, fd) in families {
+            self.listening[slot] = Some(fd);
         }
         // Only once it is in force: a refused policy leaves the checks as
         // they were.
@@ -295,19 +320,22 @@ impl Installation {
             return Ok(());
         };
         let generations: Vec<&Generation> = std::iter::once(current).chain(&self.older).collect();
+        let inherited = self.inherited.clone().unwrap_or_default();
         let mut owned: Vec<IpNet> = generations
             .iter()
             .flat_map(|g| g.needs.owned.iter().copied())
+            .chain(inherited.prefixes)
             .collect();
         owned.sort();
         owned.dedup();
         let mut local_servers: Vec<SocketAddr> = generations
             .iter()
             .flat_map(|g| g.needs.local_servers.iter().copied())
+            .chain(inherited.local_servers)
             .collect();
         local_servers.sort();
         local_servers.dedup();
-        let delivery = generations.iter().any(|g| g.needs.delivery());
+        let delivery = inherited.delivery || generations.iter().any(|g| g.needs.delivery());
         // The current policy's plan, and the interfaces of older plans with
         // no rule of their own: `classify` keeps their connections' packets
         // (`RETAINING`).
@@ -364,9 +392,17 @@ impl Installation {
     /// bound to loopback on a free port (`sk_lookup` assigns it whatever the
     /// connection's destination). Transparent: a gateway connection's local
     /// address is not this host's, and the kernel sends the SYN-ACK from it
-    /// only for a transparent socket. Returns them with their family slots,
-    /// to be marked as listening once the policy is in.
-    fn listen(&mut self, policy: &Policy) -> Result<(Vec<TcpListener>, Vec<usize>), InstallError> {
+    /// only for a transparent socket. Returns them with their family slots
+    /// (and copies of their descriptors), to be marked as listening once the
+    /// policy is in.
+    #[expect(
+        clippy::type_complexity,
+        reason = "one private caller, which splits the pair at once"
+    )]
+    fn listen(
+        &mut self,
+        policy: &Policy,
+    ) -> Result<(Vec<TcpListener>, Vec<(usize, OwnedFd)>), InstallError> {
         let mut listeners = Vec::new();
         let mut slots = Vec::new();
         for (slot, family, addr) in [
@@ -378,16 +414,100 @@ impl Installation {
                 .iter()
                 .flat_map(|rule| &rule.prefixes)
                 .any(|prefix| prefix.addr().is_ipv4() == addr.is_ipv4());
-            if !wanted || self.listening[slot] {
+            if !wanted || self.listening[slot].is_some() {
                 continue;
             }
-            let listener = listen(addr, self.keepalive, true)
-                .map_err(|source| InstallError::Listen { family, source })?;
+            let listen_error = |source| InstallError::Listen { family, source };
+            let listener = listen(addr, self.keepalive, true).map_err(listen_error)?;
+            let fd = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(listen_error)?;
             self.interceptor.set_listener(family, &listener)?;
             listeners.push(listener);
-            slots.push(slot);
+            slots.push((slot, fd));
         }
         Ok((listeners, slots))
+    }
+
+    /// The steered listeners, by family, for a successor (a takeover).
+    pub fn listeners(&self) -> Vec<(Family, &OwnedFd)> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .zip(&self.listening)
+            .filter_map(|(family, fd)| Some((family, fd.as_ref()?)))
+            .collect()
+    }
+
+    /// Puts a predecessor's steered listeners (a takeover) in the socket
+    /// map, with this daemon's keepalive for the connections they accept;
+    /// returns them for the caller to accept on.
+    pub fn adopt_listeners(
+        &mut self,
+        handed: Vec<(Family, TcpListener)>,
+    ) -> Result<Vec<TcpListener>, InstallError> {
+        let mut listeners = Vec::new();
+        for (family, listener) in handed {
+            let listen_error = |source| InstallError::Listen { family, source };
+            upstream::set_keepalive(&SockRef::from(&listener), self.keepalive)
+                .map_err(listen_error)?;
+            let fd = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(listen_error)?;
+            self.interceptor.set_listener(family, &listener)?;
+            let slot = match family {
+                Family::V4 => 0,
+                Family::V6 => 1,
+            };
+            self.listening[slot] = Some(fd);
+            listeners.push(listener);
+        }
+        Ok(listeners)
+    }
+
+    /// The routes and routing rules this daemon owns now.
+    pub fn routing(&self) -> Routing {
+        Routing {
+            prefixes: self.local_routes.added().to_vec(),
+            delivery: self.delivery.installed(),
+            local_servers: self.delivery.servers(),
+        }
+    }
+
+    /// Takes a predecessor's routes and rules (a takeover) as this daemon's,
+    /// and keeps them at least until [`Installation::predecessor_gone`]:
+    /// the predecessor's connections need them while it drains.
+    pub fn adopt_routing(&mut self, routing: Routing) {
+        self.local_routes.adopt(&routing.prefixes);
+        self.delivery
+            .adopt(routing.delivery, &routing.local_servers);
+        self.inherited = Some(routing);
+    }
+
+    /// Forgets `routing`: its routes and rules stay in place for whoever
+    /// owns them now (the successor after a takeover; the predecessor when
+    /// a takeover failed), and [`Installation::remove`] leaves them.
+    pub fn disown(&mut self, routing: &Routing) {
+        self.local_routes.disown(&routing.prefixes);
+        self.delivery
+            .disown(routing.delivery, &routing.local_servers);
+        self.inherited = None;
+    }
+
+    /// A takeover failed: what the predecessor handed over is its own again.
+    pub fn release_inherited(&mut self) {
+        if let Some(routing) = self.inherited.take() {
+            self.disown(&routing);
+        }
+    }
+
+    /// The predecessor has exited: what only its connections needed goes.
+    pub async fn predecessor_gone(&mut self) -> Result<(), InstallError> {
+        if self.inherited.take().is_some() {
+            self.enforce().await?;
+        }
+        Ok(())
     }
 
     /// Takes no new connection, keeps delivering the open ones' packets.

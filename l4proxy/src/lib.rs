@@ -4,7 +4,8 @@
 //! Module map, in the order of the data path: `policy` (raw JSON → checked
 //! `Policy`), `intercept` (BPF programs, maps, local routes and policy
 //! routing), `local_addrs` (this host's addresses), `server` (set-up,
-//! listen, accept, shutdown) with `explicit` (the CONNECT rules' listeners),
+//! listen, accept, shutdown) with `explicit` (the CONNECT rules' listeners)
+//! and `takeover` (handing the listeners and routing state to a successor),
 //! `descriptors` (the open-files budget) and `admission` (connection
 //! limits), `session` (one connection from accept to its log line: front →
 //! decide → back → relay), `proxy_header` (PROXY protocol headers in and
@@ -16,11 +17,12 @@
 //! reloads), `relay` (copy bytes both ways, with deadlines), `logging` (a
 //! log that never blocks the relay).
 //!
-//! `unsafe` is confined to four places, each saying why at the call:
+//! `unsafe` is confined to five places, each saying why at the call:
 //! `intercept::guard` (fork before the runtime starts), `hello` (`MSG_PEEK`
-//! and `SO_RCVLOWAT`), `relay::pipe` (splice(2) and `F_SETPIPE_SZ`) and
-//! `upstream` (`IP_BIND_ADDRESS_NO_PORT`), which neither std, tokio nor
-//! socket2 offer safely.
+//! and `SO_RCVLOWAT`), `relay::pipe` (splice(2) and `F_SETPIPE_SZ`),
+//! `upstream` (`IP_BIND_ADDRESS_NO_PORT`) and `takeover` (descriptors
+//! passed with SCM_RIGHTS), which neither std, tokio nor socket2 offer
+//! safely.
 
 pub mod addrs;
 pub mod admin;
@@ -53,6 +55,7 @@ pub mod session;
 pub mod sniff;
 pub mod status;
 pub mod stream;
+pub mod takeover;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

@@ -11,8 +11,9 @@ use l4proxy::{
     policy::{Policy, Target, Timeouts},
     privilege::User,
     route,
-    server::{self, Settings},
+    server::{self, Ended, Settings},
     session::Defaults,
+    takeover::Restart,
 };
 
 fn main() -> ExitCode {
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         Command::Status { json } => return status(json),
         Command::Reload => return reload(),
         Command::Doctor { policy, user } => return doctor(policy.as_deref(), user.as_deref()),
+        Command::Upgrade => return upgrade(),
         Command::Cleanup => {
             log.start_writer();
             cleanup()
@@ -45,6 +47,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<()> {
+    // Before anything can change the working directory or the file.
+    let restart = Restart::from_start_up().context("finding this binary's path")?;
     let policy = server::load_policy(&args.policy)?;
     let user = args.user.as_deref().map(User::lookup).transpose()?;
     let asked = args
@@ -53,7 +57,7 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
     let max_connections = descriptors::max_connections(asked)?;
     // SAFETY: no thread has been started yet: the log writer and the runtime
     // start below.
-    let _guard = unsafe { guard::spawn(format) }.context("starting the route guard")?;
+    let guard = unsafe { guard::spawn(format) }.context("starting the route guard")?;
     log.start_writer();
     let settings = Settings {
         policy_path: args.policy.clone(),
@@ -73,13 +77,20 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
         routing_table: args.routing_table,
         admin: args.admin,
         user,
+        takeover: args.takeover,
+        restart,
     };
     let runtime = runtime()?;
-    let ran = runtime.block_on(server::run(policy, settings));
+    let ran = runtime.block_on(server::run(policy, settings, &guard));
     // Name look-ups and password checks still running on blocking threads
     // must not hold up the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    ran?;
+    match ran? {
+        Ended::Stopped => {}
+        Ended::HandedOver { successor } => {
+            tracing::info!(successor, "exiting after a takeover");
+        }
+    }
     Ok(())
 }
 
@@ -202,6 +213,12 @@ fn doctor(policy: Option<&std::path::Path>, user: Option<&str>) -> ExitCode {
 }
 
 fn cleanup() -> anyhow::Result<()> {
+    // Its routes are in use, not left over.
+    if let Some(daemon) = control::running() {
+        anyhow::bail!(
+            "{daemon} runs in this network namespace: its routes are in use; stop it first (it removes them itself)"
+        );
+    }
     let removed = runtime()?.block_on(routes::remove_leftovers())?;
     println!(
         "removed {removed} route(s) and routing rule(s) with protocol {}",
@@ -222,7 +239,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn status(json: bool) -> ExitCode {
-    match control::ask(control::Request::Status, CONTROL_TIMEOUT) {
+    match control::ask(control::Query::Status, CONTROL_TIMEOUT) {
         Ok(answer) if answer["ok"] == true => {
             if json {
                 println!("{answer:#}");
@@ -246,7 +263,7 @@ fn status(json: bool) -> ExitCode {
 }
 
 fn reload() -> ExitCode {
-    match control::ask(control::Request::Reload, CONTROL_TIMEOUT) {
+    match control::ask(control::Query::Reload, CONTROL_TIMEOUT) {
         Ok(answer) if answer["ok"] == true => {
             println!("policy reloaded");
             ExitCode::SUCCESS
@@ -260,6 +277,33 @@ fn reload() -> ExitCode {
         }
         Err(e) => {
             eprintln!("l4proxy reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long `upgrade` waits: the successor loads its programs and applies
+/// its policy, and the daemon gives it a minute to say it is ready.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn upgrade() -> ExitCode {
+    match control::ask(control::Query::Upgrade, UPGRADE_TIMEOUT) {
+        Ok(answer) if answer["ok"] == true => {
+            println!(
+                "upgraded: pid {} serves, pid {} drains",
+                answer["pid"], answer["predecessor"]
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!(
+                "l4proxy upgrade: failed, the running daemon goes on: {}",
+                answer["error"].as_str().unwrap_or("no reason given")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("l4proxy upgrade: {e}");
             ExitCode::FAILURE
         }
     }

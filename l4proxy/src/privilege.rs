@@ -35,9 +35,13 @@
 //! pages: bulk transfers splice in smaller steps, nothing fails. A user of
 //! its own for the daemon keeps the budget its own.
 //!
-//! The kept capabilities are the permitted and effective sets, and the
-//! bounding set (nothing the daemon could exec would regain more);
-//! inheritable and ambient sets are emptied. Capabilities are per thread,
+//! The kept capabilities are the permitted and effective sets; inheritable
+//! and ambient sets are emptied. The bounding set keeps them too, and, for a
+//! daemon that stays root, what a start takes ([`START`]): `l4proxy
+//! upgrade` has the daemon start its successor, which must load and attach
+//! its programs (as root, exec regains the bounding set). With `--user`
+//! nothing the daemon could exec would regain more than it keeps, and a
+//! successor is started by root instead (`run --takeover`). Capabilities are per thread,
 //! and the runtime's threads exist by then: every thread makes the change
 //! itself, on a signal, as glibc does for `setuid` (see [`drop_to`]). A
 //! daemon started without one of [`KEPT`] (say, a service manager's
@@ -318,6 +322,7 @@ pub fn keep_only(keep: CapSet) -> Result<(), PrivilegeError> {
     let change = Change {
         keep: keep.intersect(held.permitted),
         bounding: held.effective.contains(CAP_SETPCAP),
+        bounding_keep: keep,
         user: None,
     };
     change.apply()
@@ -344,9 +349,14 @@ pub fn drop_to(user: Option<&User>) -> Result<CapSet, PrivilegeError> {
     let change = Change {
         keep: KEPT.intersect(held.permitted),
         bounding: held.effective.contains(CAP_SETPCAP),
+        bounding_keep: match user {
+            Some(_) => KEPT,
+            None => CapSet(KEPT.0 | CapSet::of(START).0),
+        },
         user: user.map(|u| (u.uid, u.gid)),
     };
     BROADCAST_KEEP.store(change.keep.0, Ordering::SeqCst);
+    BROADCAST_BOUNDING_KEEP.store(change.bounding_keep.0, Ordering::SeqCst);
     if let Some((uid, gid)) = change.user {
         BROADCAST_UID.store(uid, Ordering::SeqCst);
         BROADCAST_GID.store(gid, Ordering::SeqCst);
@@ -456,6 +466,7 @@ fn set_handler(
 static BROADCAST_KEEP: AtomicU64 = AtomicU64::new(0);
 static BROADCAST_USER: AtomicBool = AtomicBool::new(false);
 static BROADCAST_BOUNDING: AtomicBool = AtomicBool::new(false);
+static BROADCAST_BOUNDING_KEEP: AtomicU64 = AtomicU64::new(0);
 static BROADCAST_UID: AtomicU32 = AtomicU32::new(0);
 static BROADCAST_GID: AtomicU32 = AtomicU32::new(0);
 /// Threads that made it, and the first error one of them met.
@@ -479,6 +490,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     let change = Change {
         keep: CapSet(BROADCAST_KEEP.load(Ordering::SeqCst)),
         bounding: BROADCAST_BOUNDING.load(Ordering::SeqCst),
+        bounding_keep: CapSet(BROADCAST_BOUNDING_KEEP.load(Ordering::SeqCst)),
         user: BROADCAST_USER.load(Ordering::SeqCst).then(|| {
             (
                 BROADCAST_UID.load(Ordering::SeqCst),
@@ -504,6 +516,8 @@ struct Change {
     /// `CAP_SETPCAP` (a process started without it has a bounding set
     /// someone chose already).
     bounding: bool,
+    /// What the bounding set keeps (at least `keep`).
+    bounding_keep: CapSet,
     /// uid and gid.
     user: Option<(u32, u32)>,
 }
@@ -534,7 +548,7 @@ impl Change {
         unsafe {
             for number in 0..64u32 {
                 if self.bounding
-                    && self.keep.0 & (1 << number) == 0
+                    && self.bounding_keep.0 & (1 << number) == 0
                     && libc::prctl(libc::PR_CAPBSET_READ, number) == 1
                 {
                     check(libc::prctl(libc::PR_CAPBSET_DROP, number).into())?;
@@ -605,7 +619,7 @@ impl Change {
         ids_done
             && mask("CapPrm:") == Some(self.keep.0)
             && (!self.bounding
-                || mask("CapBnd:").is_some_and(|bounding| bounding & !self.keep.0 == 0))
+                || mask("CapBnd:").is_some_and(|bounding| bounding & !self.bounding_keep.0 == 0))
     }
 }
 

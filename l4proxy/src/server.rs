@@ -7,9 +7,17 @@
 //! stop taking new connections first (they are refused, or forwarded past us
 //! on a gateway) instead of dropping them while we drain, and keep delivering
 //! the open ones' packets until they are done.
+//!
+//! A takeover (`takeover`, docs/takeover.md) replaces the first and last
+//! steps: a successor starts from its predecessor's listeners and routing
+//! state instead of a clean namespace, and a predecessor that handed over
+//! drains without removing what its successor uses. The points a service
+//! manager is told about are marked `NOTIFY:` (ready, reloading, stopping,
+//! handed over).
 
 use std::{
     io,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -29,13 +37,14 @@ use crate::{
     control,
     explicit::{ExplicitListeners, ListenError, Opened},
     install::{self, Applied, InstallError, Installation},
-    intercept::{delivery::Mark, interfaces, routes::RouteError},
+    intercept::{delivery::Mark, guard::Guard, interfaces, routes::RouteError},
     metrics::Metrics,
     policy::{Keepalive, Policy, PolicyError},
     privilege::{self, PrivilegeError},
     relay,
     session::{self, Defaults, Front, Shared},
     status,
+    takeover::{self, Handover, Listeners, Restart, TakeoverError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +64,26 @@ pub enum ServerError {
         addr: std::net::SocketAddr,
         error: io::Error,
     },
+    #[error(transparent)]
+    Control(#[from] control::BindError),
+    #[error(transparent)]
+    Takeover(#[from] TakeoverError),
+    #[error("keeping a copy of the {what} descriptor for a takeover: {error}")]
+    Descriptor {
+        what: &'static str,
+        error: io::Error,
+    },
+}
+
+/// How the daemon ended. Only `Stopped` is a stop: after `HandedOver` the
+/// service goes on in the successor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// SIGTERM or SIGINT: drained, everything removed.
+    Stopped,
+    /// A successor took over (this pid); this daemon drained its own
+    /// connections and removed only its programs.
+    HandedOver { successor: u32 },
 }
 
 /// How often to look for replaced policies whose connections are all closed.
@@ -82,22 +111,52 @@ pub struct Settings {
     pub admin: Option<std::net::SocketAddr>,
     /// Who to run as once started (`--user`); root if none.
     pub user: Option<privilege::User>,
+    /// Take over from the daemon running in this network namespace.
+    pub takeover: bool,
+    /// How `l4proxy upgrade` starts this daemon's successor.
+    pub restart: Restart,
 }
 
-/// Runs until SIGTERM or SIGINT, then drains and cleans up; rereads the
-/// policy on SIGHUP.
-pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> {
-    install::remove_leftovers().await?;
+/// Runs until SIGTERM or SIGINT, then drains and cleans up, or until a
+/// successor has taken over, then drains; rereads the policy on SIGHUP.
+/// `guard` is told when the routes become this daemon's, and when they are
+/// handed on.
+pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<Ended, ServerError> {
+    // The namespace's kernel state is nobody's (a clean start: what a
+    // crashed daemon left goes), or the running daemon's, which hands it on.
+    let (mut predecessor, handed) = if settings.takeover {
+        let (predecessor, handed) =
+            takeover::request(settings.mark, settings.routing_table).await?;
+        tracing::info!(
+            predecessor = predecessor.pid,
+            "takeover: the running daemon handed over its listeners"
+        );
+        (Some(predecessor), handed)
+    } else {
+        let control = control::bind()?;
+        // This namespace's routes are ours from here on.
+        arm(guard);
+        install::remove_leftovers().await?;
+        (None, takeover::Handed::fresh(control))
+    };
+    let takeover::Handed {
+        control: control_listener,
+        steered: handed_steered,
+        connect: handed_connect,
+        admin: handed_admin,
+        routing: handed_routing,
+    } = handed;
     let mut signals = Signals::new()?;
     let mut host_changes = interfaces::watch()?;
     let started = std::time::Instant::now();
     let metrics = Metrics::new();
     let admin = match settings.admin {
-        Some(addr) => Some(
-            admin::bind(addr)
+        Some(addr) => Some(match handed_admin {
+            Some((handed, listener)) if handed == addr => listener,
+            _ => admin::bind(addr)
                 .await
                 .map_err(|error| ServerError::Admin { addr, error })?,
-        ),
+        }),
         None => None,
     };
     let mut installation = Installation::new(
@@ -107,7 +166,13 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         metrics.clone(),
     )
     .await?;
+    let mut steered = Vec::new();
+    if predecessor.is_some() {
+        installation.adopt_routing(handed_routing);
+        steered = installation.adopt_listeners(handed_steered)?;
+    }
     let mut explicit = ExplicitListeners::default();
+    explicit.adopt(handed_connect);
     let opened = explicit.bind_new(&policy, settings.defaults.keepalive)?;
     let Applied {
         active,
@@ -115,7 +180,9 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     } = match installation.apply(policy).await {
         Ok(applied) => applied,
         Err(e) => {
-            // Undo what can be undone, and report the error that stopped us.
+            // Undo what can be undone (what a predecessor handed over stays
+            // its own), and report the error that stopped us.
+            installation.release_inherited();
             if let Err(undo) = installation.remove().await {
                 tracing::warn!(error = %undo, "removing what a failed start set up");
             }
@@ -145,28 +212,57 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         stop: CancellationToken::new(),
     };
     metrics.in_force();
-    let listeners = accepting.start(new_listeners);
+    steered.extend(new_listeners);
+    let listeners = accepting.start(steered);
     accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
+    if let Some(predecessor) = &mut predecessor
+        && let Err(e) = predecessor.ready().await
+    {
+        // It may still be serving: leave it what is its.
+        accepting.stop.cancel();
+        installation.release_inherited();
+        if let Err(undo) = installation.remove().await {
+            tracing::warn!(error = %undo, "removing what a failed takeover set up");
+        }
+        return Err(e.into());
+    }
+    if predecessor.is_some() {
+        arm(guard);
+    }
+    // Copies kept for a successor: the accept loops own the listeners.
+    let descriptor = |what| move |error| ServerError::Descriptor { what, error };
+    let control_fd = control_listener
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(descriptor("control socket"))?;
+    let admin_fd: Option<(std::net::SocketAddr, OwnedFd)> = match (&admin, settings.admin) {
+        (Some(listener), Some(addr)) => Some((
+            addr,
+            listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(descriptor("admin listener"))?,
+        )),
+        _ => None,
+    };
     let (scrape, mut scrapes) = tokio::sync::mpsc::channel(4);
     if let Some(listener) = admin {
         tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone()));
     }
     let (ask, mut requests) = tokio::sync::mpsc::channel(4);
-    match control::bind() {
-        Ok(listener) => {
-            tokio::spawn(control::serve(listener, ask, accepting.stop.clone()));
-        }
-        // The daemon works without it; `status` and `reload` do not.
-        Err(e) => {
-            tracing::warn!(error = %e, "no control socket: l4proxy status and reload will not reach this daemon")
-        }
-    }
+    tokio::spawn(control::serve(
+        control_listener,
+        ask,
+        accepting.stop.clone(),
+    ));
     let capabilities = privilege::drop_to(settings.user.as_ref())?;
+    // NOTIFY: ready (with this pid as the service's main process).
     tracing::info!(
         listeners = ?listeners,
         capabilities = %privilege::names(capabilities),
         max_connections = settings.max_connections,
         admin = settings.admin.map(tracing::field::display),
+        predecessor = predecessor.as_ref().map(|p| p.pid),
         "ready"
     );
     let mut listening: Vec<String> = listeners
@@ -178,20 +274,45 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
 
     let mut settle = tokio::time::interval(SETTLE_EVERY);
     let mut trim_pipes = tokio::time::interval(TRIM_PIPES_EVERY);
-    loop {
+    // While a successor is taking over, the kernel state stays as offered.
+    let mut handover = Handover::default();
+    let successor = loop {
         tokio::select! {
             signal = signals.recv() => match signal {
-                Signal::Stop => break,
+                Signal::Stop => break None,
+                Signal::Reload if handover.busy() => {
+                    tracing::error!("policy not reloaded: a takeover is under way");
+                }
                 Signal::Reload => {
+                    // NOTIFY: reloading (and done, either way, below).
                     let _ = reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await;
                 }
             },
             Some((request, reply)) = requests.recv() => {
                 let answer = match request {
+                    control::Request::Reload if handover.busy() => {
+                        serde_json::json!({ "ok": false, "error": "a takeover is under way" })
+                    }
+                    // NOTIFY: reloading (and done, either way, below).
                     control::Request::Reload => match reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await {
                         Ok(()) => serde_json::json!({ "ok": true }),
                         Err(error) => serde_json::json!({ "ok": false, "error": error }),
                     },
+                    // Its successor would start with this daemon's user
+                    // and none of the capabilities a start takes.
+                    control::Request::Upgrade if settings.user.is_some() => {
+                        serde_json::json!({ "ok": false, "error": "this daemon runs with --user: it cannot start a successor that loads programs; start one as root with `l4proxy run --takeover` and the same arguments" })
+                    }
+                    control::Request::Upgrade => {
+                        handover.upgrade(&settings.restart, reply);
+                        continue;
+                    }
+                    control::Request::Takeover(stream) => {
+                        let listeners = offered(&control_fd, &installation, &explicit, admin_fd.as_ref());
+                        let kernel = (settings.mark, settings.routing_table);
+                        handover.offer(stream, installation.routing(), kernel, listeners).await;
+                        continue;
+                    }
                     control::Request::Status => {
                         let daemon = status::Daemon {
                             policy_file: &settings.policy_path,
@@ -213,14 +334,25 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
             // An interface or an address came or went: where `classify` must
             // run, and what is this host's, may have changed (a new VPN
             // interface, a VIP).
-            Some(()) = host_changes.recv() => {
+            Some(()) = host_changes.recv(), if !handover.busy() => {
                 if let Err(e) = installation.refresh().await {
                     tracing::error!(error = %e, "following a change of interfaces or addresses");
                 }
             }
-            _ = settle.tick() => {
+            _ = settle.tick(), if !handover.busy() => {
                 if let Err(e) = installation.settle().await {
                     tracing::error!(error = %e, "removing what a replaced policy needed");
+                }
+            }
+            event = handover.next() => match event {
+                takeover::Event::Ready(successor) => break Some(successor),
+                takeover::Event::Failed => {}
+            },
+            () = takeover::gone(&mut predecessor), if !handover.busy() => {
+                tracing::info!(predecessor = predecessor.as_ref().map(|p| p.pid), "takeover: the predecessor has exited");
+                predecessor = None;
+                if let Err(e) = installation.predecessor_gone().await {
+                    tracing::error!(error = %e, "removing what the predecessor's connections needed");
                 }
             }
             _ = trim_pipes.tick() => {
@@ -228,11 +360,35 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
                 tracing::debug!(open, "splice pipes");
             }
         }
-    }
+    };
 
+    // NOTIFY: stopping (only when `successor` is None: after a handover the
+    // service goes on in the successor).
     installation.drain()?;
     accepting.stop.cancel();
     accepting.tracker.close();
+    // Held until we exit: the successor watches for our end of it.
+    let (ended, _handed_over) = match successor {
+        Some(successor) => {
+            // Routes and rules are the successor's now: neither our exit
+            // nor our guard may remove them.
+            installation.disown(&installation.routing());
+            if let Err(e) = guard.disarm() {
+                tracing::error!(error = %e, "the crash guard may remove the successor's routes when we exit");
+            }
+            let pid = successor.pid;
+            // NOTIFY: handed over (the service's main process is `pid`).
+            tracing::info!(
+                successor = pid,
+                "handed over: the successor takes new connections"
+            );
+            (
+                Ended::HandedOver { successor: pid },
+                Some(successor.confirm().await),
+            )
+        }
+        None => (Ended::Stopped, None),
+    };
     let limit = &accepting.limit;
     tracing::info!(
         open_connections = limit.max - limit.permits.available_permits(),
@@ -247,10 +403,45 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         shared.shutdown.cancel();
         accepting.tracker.wait().await;
     }
+    if let Some(predecessor) = &mut predecessor {
+        // Its connections use the routes we took over (and may have handed
+        // on): they stay until it is gone.
+        tracing::info!(
+            predecessor = predecessor.pid,
+            "waiting for the predecessor to finish draining"
+        );
+        predecessor.gone().await;
+    }
     installation.remove().await?;
     tracing::info!(refused = %shared.admission.summary(), "connections refused over limits");
-    tracing::info!("stopped");
-    Ok(())
+    tracing::info!(handed_over = ended != Ended::Stopped, "stopped");
+    Ok(ended)
+}
+
+/// Every listening socket of this daemon, for a successor.
+fn offered<'a>(
+    control: &'a OwnedFd,
+    installation: &'a Installation,
+    explicit: &'a ExplicitListeners,
+    admin: Option<&'a (std::net::SocketAddr, OwnedFd)>,
+) -> Listeners<'a> {
+    Listeners {
+        control: control.as_fd(),
+        steered: installation
+            .listeners()
+            .into_iter()
+            .map(|(family, fd)| (family, fd.as_fd()))
+            .collect(),
+        connect: explicit.listeners(),
+        admin: admin.map(|(addr, fd)| (*addr, fd.as_fd())),
+    }
+}
+
+/// From now on the crash guard removes the routes if this daemon dies.
+fn arm(guard: &Guard) {
+    if let Err(e) = guard.arm() {
+        tracing::warn!(error = %e, "the crash guard did not take the routes on; after a crash, run `l4proxy cleanup`");
+    }
 }
 
 /// Reads and checks a policy file, and logs its warnings.
@@ -334,7 +525,7 @@ fn connect_listeners(policy: &Policy) -> Vec<String> {
 async fn reload(
     path: &Path,
     installation: &mut Installation,
-    explicit: &ExplicitListeners,
+    explicit: &mut ExplicitListeners,
     keepalive: Keepalive,
 ) -> Result<(Applied, Opened), String> {
     let refused = |e: &dyn std::fmt::Display| {

@@ -48,6 +48,8 @@ struct Setup {
     open_files: Option<u64>,
     /// A file bind-mounted over /etc/resolv.conf.
     resolv_conf: Option<std::ffi::CString>,
+    /// Another l4proxy binary than the one under test (a second build).
+    binary: Option<PathBuf>,
 }
 
 /// In the child before exec: a private mount namespace in which
@@ -113,7 +115,19 @@ impl Daemon {
     ) -> Daemon {
         let setup = Setup {
             open_files: Some(limit),
-            resolv_conf: None,
+            ..Setup::default()
+        };
+        let mut d = Daemon::spawn_with(ns, policy, extra, setup);
+        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d
+    }
+
+    /// Like `start`, with another binary than the one under test (an
+    /// upgrade's second build).
+    pub fn start_binary(ns: &Netns, policy: &Value, extra: &[&str], binary: PathBuf) -> Daemon {
+        let setup = Setup {
+            binary: Some(binary),
+            ..Setup::default()
         };
         let mut d = Daemon::spawn_with(ns, policy, extra, setup);
         collect(d.child.stderr.take().unwrap(), "", d.log.clone());
@@ -136,8 +150,8 @@ impl Daemon {
             policy,
             extra,
             Setup {
-                open_files: None,
                 resolv_conf: Some(resolv_conf),
+                ..Setup::default()
             },
         );
         collect(d.child.stderr.take().unwrap(), "", d.log.clone());
@@ -155,6 +169,7 @@ impl Daemon {
         let Setup {
             open_files,
             resolv_conf,
+            binary: other_binary,
         } = setup;
         let dir = TempDir::new(&format!("daemon-{}", ns.name()));
         let policy_path = dir.join("policy.json");
@@ -166,7 +181,7 @@ impl Daemon {
             File::open(&ns_path).unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
         let ns_fd = ns_file.as_raw_fd();
 
-        let mut cmd = Command::new(binary());
+        let mut cmd = Command::new(other_binary.unwrap_or_else(|| binary().into()));
         cmd.arg("run")
             .arg("--policy")
             .arg(&policy_path)

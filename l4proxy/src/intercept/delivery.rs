@@ -19,7 +19,6 @@
 
 use std::{fmt, net::SocketAddr, str::FromStr};
 
-use ipnet::IpNet;
 use rtnetlink::{
     Handle, IpVersion,
     packet_route::{
@@ -173,26 +172,25 @@ impl Delivery {
     /// The table's routes and the fwmark rules; on an error, what was added
     /// is removed again.
     async fn add_base(&self) -> Result<Base, RouteError> {
+        let wanted = self.base_messages();
         let mut base = Base {
             rules: Vec::new(),
             routes: Vec::new(),
         };
         let added = async {
-            for default in ["0.0.0.0/0", "::/0"] {
-                let prefix: IpNet = default.parse().expect("a valid prefix");
-                let route = local_route(prefix, self.table);
+            for (prefix, route) in ["0.0.0.0/0", "::/0"].into_iter().zip(wanted.routes) {
                 self.handle
                     .route()
                     .add(route.clone())
                     .execute()
                     .await
-                    .map_err(|source| RouteError::Add { prefix, source })?;
+                    .map_err(|source| RouteError::Add {
+                        prefix: prefix.parse().expect("a valid prefix"),
+                        source,
+                    })?;
                 base.routes.push(route);
             }
-            for version in [IpVersion::V4, IpVersion::V6] {
-                let mut rule = rule(version, self.table);
-                rule.attributes.push(RuleAttribute::FwMark(self.mark.value));
-                rule.attributes.push(RuleAttribute::FwMask(self.mark.mask));
+            for rule in wanted.rules {
                 let description = format!("fwmark {} lookup {}", self.mark, self.table);
                 self.add_rule(rule.clone(), description).await?;
                 base.rules.push(rule);
@@ -207,6 +205,58 @@ impl Delivery {
             return Err(e);
         }
         Ok(base)
+    }
+
+    /// `local default dev lo table TABLE` and `fwmark MARK lookup TABLE`,
+    /// both families.
+    fn base_messages(&self) -> Base {
+        let routes = ["0.0.0.0/0", "::/0"]
+            .into_iter()
+            .map(|default| local_route(default.parse().expect("a valid prefix"), self.table))
+            .collect();
+        let rules = [IpVersion::V4, IpVersion::V6]
+            .into_iter()
+            .map(|version| {
+                let mut rule = rule(version, self.table);
+                rule.attributes.push(RuleAttribute::FwMark(self.mark.value));
+                rule.attributes.push(RuleAttribute::FwMask(self.mark.mask));
+                rule
+            })
+            .collect();
+        Base { rules, routes }
+    }
+
+    /// Whether the fwmark rules and the table's routes are installed.
+    pub fn installed(&self) -> bool {
+        self.base.is_some()
+    }
+
+    /// The servers on this host that have a rule.
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(|(server, _)| *server).collect()
+    }
+
+    /// Takes as its own what a predecessor installed (a takeover): the
+    /// fwmark rules and the table's routes if `base`, and the rules of
+    /// `servers`; this daemon removes them from now on when unwanted.
+    pub fn adopt(&mut self, base: bool, servers: &[SocketAddr]) {
+        if base && self.base.is_none() {
+            self.base = Some(self.base_messages());
+        }
+        for &server in servers {
+            if !self.servers.iter().any(|(known, _)| *known == server) {
+                self.servers.push((server, server_rule(server, self.table)));
+            }
+        }
+    }
+
+    /// Forgets what [`Delivery::adopt`] would take: it stays, for whoever
+    /// owns it now (a successor, or a predecessor whose takeover failed).
+    pub fn disown(&mut self, base: bool, servers: &[SocketAddr]) {
+        if base {
+            self.base = None;
+        }
+        self.servers.retain(|(server, _)| !servers.contains(server));
     }
 
     /// Deletes the fwmark rules and the table's routes, trying all; returns
@@ -225,22 +275,7 @@ impl Delivery {
 
     /// `ip rule add iif lo from SERVER ipproto tcp sport PORT lookup TABLE`.
     async fn add_server_rule(&self, server: SocketAddr) -> Result<RuleMessage, RouteError> {
-        let version = if server.is_ipv4() {
-            IpVersion::V4
-        } else {
-            IpVersion::V6
-        };
-        let mut rule = rule(version, self.table);
-        rule.header.src_len = if server.is_ipv4() { 32 } else { 128 };
-        rule.attributes.extend([
-            RuleAttribute::Source(server.ip()),
-            RuleAttribute::Iifname("lo".to_owned()),
-            RuleAttribute::IpProtocol(IpProtocol::Tcp),
-            RuleAttribute::SourcePortRange(RulePortRange {
-                start: server.port(),
-                end: server.port(),
-            }),
-        ]);
+        let rule = server_rule(server, self.table);
         let description = format!(
             "iif lo from {} ipproto tcp sport {} lookup {}",
             server.ip(),
@@ -267,6 +302,27 @@ impl Delivery {
     pub async fn remove(&mut self) -> Result<(), DeliveryError> {
         self.set(false, &[]).await
     }
+}
+
+/// The routing rule of a server on this host (see the module's header).
+fn server_rule(server: SocketAddr, table: u32) -> RuleMessage {
+    let version = if server.is_ipv4() {
+        IpVersion::V4
+    } else {
+        IpVersion::V6
+    };
+    let mut rule = rule(version, table);
+    rule.header.src_len = if server.is_ipv4() { 32 } else { 128 };
+    rule.attributes.extend([
+        RuleAttribute::Source(server.ip()),
+        RuleAttribute::Iifname("lo".to_owned()),
+        RuleAttribute::IpProtocol(IpProtocol::Tcp),
+        RuleAttribute::SourcePortRange(RulePortRange {
+            start: server.port(),
+            end: server.port(),
+        }),
+    ]);
+    rule
 }
 
 /// `ip rule add lookup TABLE pref 244 proto 244` (matching on nothing yet).

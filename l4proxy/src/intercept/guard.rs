@@ -5,22 +5,46 @@
 //! are not, so without this a killed daemon would leave its prefixes local and
 //! black-holed. The child waits for end-of-file on a pipe whose only write end
 //! the daemon holds: the kernel closes it however the daemon ends.
+//!
+//! The guard cleans up only while its daemon owns the namespace's routes:
+//! the daemon writes [`ARM`] once it does (it holds the control socket, the
+//! one-daemon lock, or a predecessor handed them over in a takeover,
+//! docs/takeover.md) and [`DISARM`] once it has handed them on. A daemon
+//! refused because another runs, or a successor that dies before the
+//! handover, leaves the routes to their owner.
 
 use std::{
     fs::File,
-    io::{self, Read},
+    io::{self, Read, Write},
     os::fd::{FromRawFd, OwnedFd},
 };
 
 use super::routes;
 use crate::logging::{self, LogFormat};
 
+/// Written on the pipe: the routes are the daemon's now.
+const ARM: u8 = b'A';
+/// Written on the pipe: the routes belong to a successor; leave them.
+const DISARM: u8 = b'D';
+
 /// Held by the daemon for its whole life; dropping it (or dying) wakes the guard.
 pub struct Guard {
-    _write_end: OwnedFd,
+    write_end: File,
 }
 
-/// Forks the guard process.
+impl Guard {
+    /// From now on, the guard removes the routes if the daemon dies.
+    pub fn arm(&self) -> io::Result<()> {
+        (&self.write_end).write_all(&[ARM])
+    }
+
+    /// From now on, the guard leaves the routes alone: a successor owns them.
+    pub fn disarm(&self) -> io::Result<()> {
+        (&self.write_end).write_all(&[DISARM])
+    }
+}
+
+/// Forks the guard process, disarmed.
 ///
 /// # Safety
 /// Must be called while the process has a single thread (before the log
@@ -49,7 +73,7 @@ pub unsafe fn spawn(format: LogFormat) -> io::Result<Guard> {
             watch(read_end)
         }
         _ => Ok(Guard {
-            _write_end: write_end,
+            write_end: File::from(write_end),
         }),
     }
 }
@@ -63,12 +87,18 @@ fn watch(read_end: OwnedFd) -> ! {
     }
     let mut pipe = File::from(read_end);
     let mut byte = [0u8; 1];
+    let mut armed = false;
     loop {
         match pipe.read(&mut byte) {
             Ok(0) => break,
+            Ok(_) if byte[0] == ARM => armed = true,
+            Ok(_) if byte[0] == DISARM => armed = false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Ok(_) | Err(_) => break,
         }
+    }
+    if !armed {
+        std::process::exit(0)
     }
     let removed = tokio::runtime::Builder::new_current_thread()
         .enable_all()

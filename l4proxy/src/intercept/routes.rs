@@ -134,6 +134,22 @@ impl LocalRoutes {
         &self.added
     }
 
+    /// Takes `prefixes` as its own: the routes a predecessor added (a
+    /// takeover), which this daemon removes from now on when unwanted.
+    pub fn adopt(&mut self, prefixes: &[IpNet]) {
+        for &prefix in prefixes {
+            if !self.added.contains(&prefix) {
+                self.added.push(prefix);
+            }
+        }
+    }
+
+    /// Forgets `prefixes`: their routes stay, for whoever owns them now
+    /// (a successor, or a predecessor whose takeover failed).
+    pub fn disown(&mut self, prefixes: &[IpNet]) {
+        self.added.retain(|prefix| !prefixes.contains(prefix));
+    }
+
     /// Removes exactly the routes it added.
     pub async fn remove(&mut self) -> Result<(), RouteError> {
         self.set(&[]).await

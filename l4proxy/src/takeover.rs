@@ -1,0 +1,701 @@
+//! Takeover: a new daemon (`run --takeover`) takes over from the one running
+//! in its network namespace without a connection lost (docs/takeover.md).
+//!
+//! The successor asks on the control socket (`takeover`); the predecessor
+//! answers on that connection with an [`Offer`] and, in the same message
+//! (SCM_RIGHTS), its listening sockets: the control socket itself, the
+//! steered listeners, the CONNECT listeners and the admin listener. They
+//! are the *same* sockets, accept queues and all. The successor loads its
+//! own programs, puts the sockets in its own maps, adopts the routes and
+//! rules, attaches, accepts, and says `ready`; the predecessor then stops
+//! accepting, detaches its `steer`, disowns the routes, says `draining`,
+//! and drains its own connections for its grace period. It keeps the
+//! connection open until it exits: the successor keeps what the
+//! predecessor's connections need until it reads end-of-file.
+//!
+//! A successor that fails before `ready` (its policy refused by this host,
+//! a different `--fwmark`, a crash) leaves the predecessor serving: it only
+//! ever added to what was there, and removes only what it added.
+//!
+//! `l4proxy upgrade` asks the daemon to start its successor itself: the
+//! binary at the path it was started from (a newer one installed over it is
+//! the one started), with its own arguments and `--takeover`.
+
+use std::{
+    ffi::OsString,
+    io,
+    mem::size_of,
+    net::SocketAddr,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    path::PathBuf,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest},
+    net::{TcpListener, UnixStream},
+    sync::oneshot,
+};
+
+use crate::{
+    control,
+    install::Routing,
+    intercept::{Family, delivery::Mark},
+};
+
+/// How long the predecessor waits for its successor's `ready` (it loads
+/// its programs and applies its policy meanwhile), and the successor for
+/// the predecessor's `draining`.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const DRAINING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The kernel passes at most this many descriptors in one message
+/// (`SCM_MAX_FD`).
+const MAX_FDS: usize = 253;
+
+/// The longest offer read (JSON; a few hundred bytes in practice).
+const MAX_OFFER: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("no daemon to take over from: {0}")]
+    NoDaemon(String),
+    #[error("the running daemon refused the takeover: {0}")]
+    Refused(String),
+    #[error(
+        "the running daemon marks packets with {theirs} in routing table {their_table}, this one would use {ours} in table {our_table}: a takeover keeps both (give the same --fwmark and --routing-table, or stop the daemon first)"
+    )]
+    Incompatible {
+        theirs: Mark,
+        their_table: u32,
+        ours: Mark,
+        our_table: u32,
+    },
+    #[error("takeover: {what}: {error}")]
+    Io {
+        what: &'static str,
+        error: io::Error,
+    },
+    #[error("takeover: the running daemon's offer is not understood: {0}")]
+    Offer(String),
+    #[error("takeover: the running daemon did not confirm that it drains: {0}")]
+    NotDraining(String),
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> TakeoverError {
+    move |error| TakeoverError::Io { what, error }
+}
+
+/// What the predecessor hands over, besides the descriptors (which follow
+/// in this order: control, steered, CONNECT, admin).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Offer {
+    pid: u32,
+    mark: (u32, u32),
+    table: u32,
+    routing: Routing,
+    /// The steered listeners' families.
+    steered: Vec<Slot>,
+    connect: Vec<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+/// A steered listener's family, as the offer names it.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+enum Slot {
+    V4,
+    V6,
+}
+
+impl From<Family> for Slot {
+    fn from(family: Family) -> Slot {
+        match family {
+            Family::V4 => Slot::V4,
+            Family::V6 => Slot::V6,
+        }
+    }
+}
+
+impl From<Slot> for Family {
+    fn from(slot: Slot) -> Family {
+        match slot {
+            Slot::V4 => Family::V4,
+            Slot::V6 => Family::V6,
+        }
+    }
+}
+
+/// The predecessor's listening sockets, lent for an offer.
+pub struct Listeners<'a> {
+    pub control: BorrowedFd<'a>,
+    pub steered: Vec<(Family, BorrowedFd<'a>)>,
+    pub connect: Vec<(SocketAddr, BorrowedFd<'a>)>,
+    pub admin: Option<(SocketAddr, BorrowedFd<'a>)>,
+}
+
+/// What the successor received: the same sockets, now its own too.
+pub struct Handed {
+    pub control: tokio::net::UnixListener,
+    pub steered: Vec<(Family, TcpListener)>,
+    pub connect: Vec<(SocketAddr, TcpListener)>,
+    pub admin: Option<(SocketAddr, TcpListener)>,
+    pub routing: Routing,
+}
+
+impl Handed {
+    /// Nothing handed over: a clean start, with the control socket just
+    /// bound.
+    pub fn fresh(control: tokio::net::UnixListener) -> Handed {
+        Handed {
+            control,
+            steered: Vec::new(),
+            connect: Vec::new(),
+            admin: None,
+            routing: Routing::default(),
+        }
+    }
+}
+
+// ---- the successor's side ----
+
+/// The running daemon, seen from its successor.
+pub struct Predecessor {
+    stream: BufReader<UnixStream>,
+    pub pid: u32,
+}
+
+/// Asks the daemon of this network namespace for its sockets and routing
+/// state; refuses a daemon whose packet mark or table differ from ours.
+pub async fn request(mark: Mark, table: u32) -> Result<(Predecessor, Handed), TakeoverError> {
+    let stream = control::connect().map_err(TakeoverError::NoDaemon)?;
+    stream
+        .set_nonblocking(true)
+        .map_err(io_error("the control socket"))?;
+    let mut stream = UnixStream::from_std(stream).map_err(io_error("the control socket"))?;
+    stream
+        .write_all(control::TAKEOVER.as_bytes())
+        .await
+        .map_err(io_error("asking the running daemon"))?;
+    let (mut text, fds) = stream
+        .async_io(Interest::READABLE, || receive_with_fds(stream.as_raw_fd()))
+        .await
+        .map_err(io_error("receiving the sockets"))?;
+    let mut stream = BufReader::new(stream);
+    while !text.ends_with(b"\n") {
+        let mut more = Vec::new();
+        let read = (&mut stream)
+            .take(MAX_OFFER as u64)
+            .read_until(b'\n', &mut more)
+            .await
+            .map_err(io_error("receiving the offer"))?;
+        if read == 0 || text.len() > MAX_OFFER {
+            return Err(TakeoverError::Offer("it ended early".to_owned()));
+        }
+        text.extend(more);
+    }
+    let message: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| TakeoverError::Offer(e.to_string()))?;
+    if message["ok"] != true {
+        let reason = message["error"].as_str().unwrap_or("no reason given");
+        return Err(TakeoverError::Refused(reason.to_owned()));
+    }
+    let offer: Offer = serde_json::from_value(message["offer"].clone())
+        .map_err(|e| TakeoverError::Offer(e.to_string()))?;
+    let theirs = Mark {
+        value: offer.mark.0,
+        mask: offer.mark.1,
+    };
+    if theirs != mark || offer.table != table {
+        return Err(TakeoverError::Incompatible {
+            theirs,
+            their_table: offer.table,
+            ours: mark,
+            our_table: table,
+        });
+    }
+    let predecessor = Predecessor {
+        stream,
+        pid: offer.pid,
+    };
+    Ok((predecessor, handed(offer, fds)?))
+}
+
+/// The descriptors, as the offer names them.
+fn handed(offer: Offer, fds: Vec<OwnedFd>) -> Result<Handed, TakeoverError> {
+    let wanted = 1 + offer.steered.len() + offer.connect.len() + usize::from(offer.admin.is_some());
+    if fds.len() != wanted {
+        return Err(TakeoverError::Offer(format!(
+            "{} sockets came with an offer that names {wanted}",
+            fds.len()
+        )));
+    }
+    let mut fds = fds.into_iter();
+    let control = {
+        let listener = std::os::unix::net::UnixListener::from(fds.next().expect("counted above"));
+        listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(listener))
+            .map_err(io_error("the handed control socket"))?
+    };
+    let mut next_tcp = || -> Result<TcpListener, TakeoverError> {
+        let listener = std::net::TcpListener::from(fds.next().expect("counted above"));
+        listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(listener))
+            .map_err(io_error("a handed listener"))
+    };
+    let steered = offer
+        .steered
+        .iter()
+        .map(|&slot| Ok((Family::from(slot), next_tcp()?)))
+        .collect::<Result<_, TakeoverError>>()?;
+    let connect = offer
+        .connect
+        .iter()
+        .map(|addr| Ok((*addr, next_tcp()?)))
+        .collect::<Result<_, TakeoverError>>()?;
+    let admin = match offer.admin {
+        Some(addr) => Some((addr, next_tcp()?)),
+        None => None,
+    };
+    Ok(Handed {
+        control,
+        steered,
+        connect,
+        admin,
+        routing: offer.routing,
+    })
+}
+
+impl Predecessor {
+    /// Tells the predecessor that this daemon is ready (steering, accepting)
+    /// and waits until it says it has stopped accepting and drains.
+    pub async fn ready(&mut self) -> Result<(), TakeoverError> {
+        let line = format!("ready {}\n", std::process::id());
+        self.stream
+            .get_mut()
+            .write_all(line.as_bytes())
+            .await
+            .map_err(io_error("telling the running daemon we are ready"))?;
+        let mut answer = String::new();
+        match tokio::time::timeout(DRAINING_TIMEOUT, self.stream.read_line(&mut answer)).await {
+            Ok(Ok(_)) if answer.trim() == "draining" => Ok(()),
+            Ok(Ok(_)) => Err(TakeoverError::NotDraining(format!(
+                "it answered {:?}",
+                answer.trim()
+            ))),
+            Ok(Err(e)) => Err(TakeoverError::NotDraining(e.to_string())),
+            Err(_) => Err(TakeoverError::NotDraining(format!(
+                "no answer within {DRAINING_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Returns once the predecessor has exited (its end of the connection
+    /// closes with the process).
+    pub async fn gone(&mut self) {
+        let mut rest = Vec::new();
+        let _ = self.stream.read_to_end(&mut rest).await;
+    }
+}
+
+/// Waits for `predecessor` to exit; never returns without one.
+pub async fn gone(predecessor: &mut Option<Predecessor>) {
+    match predecessor {
+        Some(predecessor) => predecessor.gone().await,
+        None => std::future::pending().await,
+    }
+}
+
+// ---- the predecessor's side ----
+
+/// A takeover under way, and the `l4proxy upgrade` that may have asked
+/// for it, seen from the running daemon.
+#[derive(Default)]
+pub struct Handover {
+    /// Offered the sockets; waiting for its `ready`.
+    successor: Option<Offered>,
+    /// The successor `upgrade` started, and where its answer goes.
+    upgrade: Option<Upgrade>,
+}
+
+/// A successor that has the sockets, and what it said so far (kept across
+/// the main loop's turns, which may interrupt a read).
+struct Offered {
+    stream: BufReader<UnixStream>,
+    line: Vec<u8>,
+    deadline: tokio::time::Instant,
+}
+
+struct Upgrade {
+    child: tokio::process::Child,
+    reply: oneshot::Sender<serde_json::Value>,
+}
+
+/// What happened to a takeover under way.
+pub enum Event {
+    /// The successor (this pid) steers and accepts: stop accepting, confirm
+    /// with [`Successor::confirm`], drain.
+    Ready(Box<Successor>),
+    /// It failed (logged); this daemon keeps serving.
+    Failed,
+}
+
+/// A successor that is ready; this daemon's connection to it stays open
+/// until the process exits.
+pub struct Successor {
+    stream: BufReader<UnixStream>,
+    pub pid: u32,
+    upgrade: Option<Upgrade>,
+}
+
+impl Handover {
+    /// Whether a takeover is under way (the daemon keeps its kernel state as
+    /// it is meanwhile: the offer described it).
+    pub fn busy(&self) -> bool {
+        self.successor.is_some() || self.upgrade.is_some()
+    }
+
+    /// Answers a successor's request: the offer and the sockets, or a
+    /// refusal while another takeover is under way.
+    pub async fn offer(
+        &mut self,
+        mut stream: UnixStream,
+        routing: Routing,
+        (mark, table): (Mark, u32),
+        listeners: Listeners<'_>,
+    ) {
+        if self.successor.is_some() {
+            let refusal =
+                serde_json::json!({ "ok": false, "error": "another takeover is under way" });
+            let _ = stream.write_all(format!("{refusal}\n").as_bytes()).await;
+            return;
+        }
+        let offer = Offer {
+            pid: std::process::id(),
+            mark: (mark.value, mark.mask),
+            table,
+            routing,
+            steered: listeners
+                .steered
+                .iter()
+                .map(|(family, _)| Slot::from(*family))
+                .collect(),
+            connect: listeners.connect.iter().map(|(addr, _)| *addr).collect(),
+            admin: listeners.admin.map(|(addr, _)| addr),
+        };
+        let fds: Vec<RawFd> = std::iter::once(listeners.control)
+            .chain(listeners.steered.iter().map(|(_, fd)| *fd))
+            .chain(listeners.connect.iter().map(|(_, fd)| *fd))
+            .chain(listeners.admin.map(|(_, fd)| fd))
+            .map(|fd| fd.as_raw_fd())
+            .collect();
+        let text = format!("{}\n", serde_json::json!({ "ok": true, "offer": offer }));
+        let sent = async {
+            if fds.len() > MAX_FDS {
+                return Err(io::Error::other(format!(
+                    "{} listening sockets, more than the {MAX_FDS} one message can pass",
+                    fds.len()
+                )));
+            }
+            let n = stream
+                .async_io(Interest::WRITABLE, || {
+                    send_with_fds(stream.as_raw_fd(), text.as_bytes(), &fds)
+                })
+                .await?;
+            stream.write_all(&text.as_bytes()[n..]).await
+        }
+        .await;
+        match sent {
+            Ok(()) => {
+                tracing::info!(
+                    sockets = fds.len(),
+                    "takeover: listeners offered to a successor"
+                );
+                self.successor = Some(Offered {
+                    stream: BufReader::new(stream),
+                    line: Vec::new(),
+                    deadline: tokio::time::Instant::now() + READY_TIMEOUT,
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "takeover: offering the listeners failed; still serving");
+                let refusal = serde_json::json!({ "ok": false, "error": e.to_string() });
+                let _ = stream.write_all(format!("{refusal}\n").as_bytes()).await;
+            }
+        }
+    }
+
+    /// `l4proxy upgrade`: starts the successor; `reply` is answered when it
+    /// has taken over or failed to.
+    pub fn upgrade(&mut self, command: &Restart, reply: oneshot::Sender<serde_json::Value>) {
+        if self.busy() {
+            let _ = reply.send(failure("a takeover is already under way"));
+            return;
+        }
+        match command.spawn() {
+            Ok(child) => {
+                tracing::info!(pid = child.id(), binary = %command.binary.display(), "upgrade: successor started");
+                self.upgrade = Some(Upgrade { child, reply });
+            }
+            Err(e) => {
+                let error = format!("starting {}: {e}", command.binary.display());
+                tracing::error!("upgrade failed: {error}; still serving");
+                let _ = reply.send(failure(&error));
+            }
+        }
+    }
+
+    /// The next thing that happens to the takeover under way; never
+    /// returns while none is.
+    pub async fn next(&mut self) -> Event {
+        tokio::select! {
+            Some(ready) = wait_ready(&mut self.successor) => match ready {
+                Ok(pid) => {
+                    let stream = self.successor.take().expect("ready came from it").stream;
+                    tracing::info!(successor = pid, "takeover: the successor is ready");
+                    Event::Ready(Box::new(Successor {
+                        stream,
+                        pid,
+                        upgrade: self.upgrade.take(),
+                    }))
+                }
+                Err(reason) => {
+                    self.successor = None;
+                    self.fail(reason)
+                }
+            },
+            // Its connection, if it made one, ends too: `wait_ready` sees it.
+            Some(status) = wait_exit(&mut self.upgrade) => self.fail(format!(
+                "the successor exited ({status}) before it took over; its log says why"
+            )),
+            else => std::future::pending().await,
+        }
+    }
+
+    /// Logs why a takeover failed, and answers the `upgrade` that asked.
+    fn fail(&mut self, reason: String) -> Event {
+        tracing::error!("takeover failed: {reason}; still serving");
+        if let Some(upgrade) = self.upgrade.take() {
+            let _ = upgrade.reply.send(failure(&reason));
+        }
+        Event::Failed
+    }
+}
+
+/// The successor's `ready PID`; `None` while there is no successor.
+async fn wait_ready(successor: &mut Option<Offered>) -> Option<Result<u32, String>> {
+    let Offered {
+        stream,
+        line,
+        deadline,
+    } = successor.as_mut()?;
+    let read = tokio::time::timeout_at(*deadline, stream.read_until(b'\n', line)).await;
+    let line = String::from_utf8_lossy(line);
+    Some(match read {
+        Err(_) => Err(format!(
+            "the successor did not say it was ready within {READY_TIMEOUT:?}"
+        )),
+        Ok(Err(e)) => Err(format!("reading from the successor: {e}")),
+        Ok(Ok(_)) if !line.ends_with('\n') => {
+            Err("the successor gave up (its log says why)".to_owned())
+        }
+        Ok(Ok(_)) => line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|pid| pid.parse().ok())
+            .ok_or_else(|| format!("the successor said {:?}", line.trim())),
+    })
+}
+
+/// The exit status of the successor `upgrade` started; `None` while there
+/// is none.
+async fn wait_exit(upgrade: &mut Option<Upgrade>) -> Option<std::process::ExitStatus> {
+    let upgrade = upgrade.as_mut()?;
+    upgrade.child.wait().await.ok()
+}
+
+impl Successor {
+    /// Tells the successor this daemon has stopped accepting and drains
+    /// (its connection stays open until this process exits), and answers
+    /// the `upgrade` that asked, if one did.
+    pub async fn confirm(mut self: Box<Self>) -> HandedOver {
+        if let Err(e) = self.stream.get_mut().write_all(b"draining\n").await {
+            tracing::warn!(error = %e, "takeover: telling the successor that we drain");
+        }
+        if let Some(upgrade) = self.upgrade.take() {
+            let answer = serde_json::json!({ "ok": true, "pid": self.pid, "predecessor": std::process::id() });
+            let _ = upgrade.reply.send(answer);
+        }
+        HandedOver(self.stream)
+    }
+}
+
+/// Kept until the process exits: the successor reads end-of-file then.
+pub struct HandedOver(#[expect(dead_code, reason = "held open, never read")] BufReader<UnixStream>);
+
+fn failure(error: &str) -> serde_json::Value {
+    serde_json::json!({ "ok": false, "error": error })
+}
+
+// ---- the successor's command line ----
+
+/// How `l4proxy upgrade` starts the successor: the binary at the path this
+/// one was started from, resolved at start-up (after an upgrade installed
+/// a new file there, `/proc/self/exe` names the deleted old one), with the
+/// same arguments and `--takeover`.
+#[derive(Clone, Debug)]
+pub struct Restart {
+    pub binary: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Restart {
+    /// From this process's `argv`, at start-up (the working directory a
+    /// relative path depends on may change later).
+    pub fn from_start_up() -> io::Result<Restart> {
+        let mut argv = std::env::args_os();
+        let argv0 = PathBuf::from(argv.next().unwrap_or_default());
+        let binary = if argv0.components().count() > 1 {
+            std::path::absolute(&argv0)?
+        } else {
+            // Found on PATH: the file it found.
+            std::fs::read_link("/proc/self/exe")?
+        };
+        let mut args: Vec<OsString> = argv.filter(|arg| arg != "--takeover").collect();
+        args.push("--takeover".into());
+        Ok(Restart { binary, args })
+    }
+
+    fn spawn(&self) -> io::Result<tokio::process::Child> {
+        // stdin, stdout and stderr are inherited: the successor logs where
+        // this daemon does.
+        tokio::process::Command::new(&self.binary)
+            .args(&self.args)
+            .spawn()
+    }
+}
+
+// ---- descriptors over a Unix socket ----
+
+/// `sendmsg` with `fds` as SCM_RIGHTS; returns how many bytes of `data`
+/// went (the descriptors go with the first).
+fn send_with_fds(socket: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    let payload = std::mem::size_of_val(fds);
+    // u64 words: the control buffer must be aligned for `cmsghdr`.
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(size_of::<u64>())];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at a control buffer of `space` bytes, room for
+    // one header with `payload` bytes of data, which are written within it;
+    // `sendmsg` reads `data`, `control` and `msg`, all alive across the call.
+    let sent = unsafe {
+        let header = libc::CMSG_FIRSTHDR(&msg);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(header), payload);
+        libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
+}
+
+/// `recvmsg` of what [`send_with_fds`] sent: the bytes read, and the
+/// descriptors (close-on-exec).
+fn receive_with_fds(socket: RawFd) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut data = vec![0u8; 64 * 1024];
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(size_of::<u64>())];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` describes `data` and `control`, both alive and writable
+    // for their lengths across the call.
+    let read = unsafe { libc::recvmsg(socket, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if read < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `control` with `msg.msg_controllen` bytes
+    // of well-formed headers, which the CMSG macros walk within; an
+    // SCM_RIGHTS header's data is an array of descriptors now ours.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&msg);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*header).cmsg_len - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(header).cast::<RawFd>();
+                for i in 0..bytes / size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&msg, header);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other(
+            "more sockets than one message can pass were sent",
+        ));
+    }
+    data.truncate(read as usize);
+    Ok((data, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// What goes in one message comes out of it: the bytes, and the same
+    /// sockets (same local addresses), in order.
+    #[test]
+    fn descriptors_pass_with_their_message() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let listeners: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+        let sent = send_with_fds(a.as_raw_fd(), b"offer\n", &fds).unwrap();
+        assert_eq!(sent, 6);
+        let (data, received) = receive_with_fds(b.as_raw_fd()).unwrap();
+        assert_eq!(data, b"offer\n");
+        assert_eq!(received.len(), 3);
+        for (listener, fd) in listeners.iter().zip(received) {
+            let handed = std::net::TcpListener::from(fd);
+            assert_eq!(handed.local_addr().unwrap(), listener.local_addr().unwrap());
+            assert_ne!(handed.as_fd().as_raw_fd(), listener.as_raw_fd());
+        }
+    }
+
+    /// A message without descriptors (a refusal) reads as such.
+    #[test]
+    fn a_message_without_descriptors() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_with_fds(a.as_raw_fd(), b"{\"ok\":false}\n", &[]).unwrap();
+        let (data, received) = receive_with_fds(b.as_raw_fd()).unwrap();
+        assert_eq!(data, b"{\"ok\":false}\n");
+        assert!(received.is_empty());
+    }
+}

@@ -1,0 +1,797 @@
+//! Takeover: a new daemon takes over from the running one (`run --takeover`,
+//! `l4proxy upgrade`) with no connection lost, a failed takeover leaves the
+//! old one serving, and one daemon runs per network namespace.
+
+mod lab;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lab::daemon::{field, message};
+use lab::tls::run_in;
+use lab::{Daemon, Netns, Server, Topo, handlers, sa};
+use serde_json::{Value, json};
+
+/// The service 192.0.2.0/24 port 80, relayed to the server's echo.
+fn policy() -> Value {
+    json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "pool" }
+        ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    })
+}
+
+/// A changed policy: the same service, plus IPv6 and port 81.
+fn changed_policy() -> Value {
+    json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80, 81], "upstream": "pool" }
+        ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    })
+}
+
+/// How a client reaches the server through the proxy.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    /// Connecting to an address the proxy intercepts.
+    Steered(SocketAddr),
+    /// Asking the proxy's CONNECT listener for `target`.
+    Connect {
+        proxy: SocketAddr,
+        target: SocketAddr,
+    },
+}
+
+impl Via {
+    /// A stream to the server, from a thread in the client's namespace:
+    /// the next thing to read is the server's hello.
+    fn open_here(self) -> Result<TcpStream, String> {
+        let to = match self {
+            Via::Steered(dst) => dst,
+            Via::Connect { proxy, .. } => proxy,
+        };
+        let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if let Via::Connect { target, .. } = self {
+            let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+            c.write_all(head.as_bytes())
+                .map_err(|e| format!("send CONNECT: {e}"))?;
+            let mut answer = Vec::new();
+            let mut byte = [0u8; 1];
+            while !answer.ends_with(b"\r\n\r\n") && answer.len() < 4096 {
+                c.read_exact(&mut byte)
+                    .map_err(|e| format!("CONNECT answer: {e}"))?;
+                answer.push(byte[0]);
+            }
+            if !answer.starts_with(b"HTTP/1.1 200") {
+                return Err(format!(
+                    "CONNECT answered {:?}",
+                    String::from_utf8_lossy(&answer)
+                ));
+            }
+        }
+        Ok(c)
+    }
+
+    /// A short exchange, from a thread in the client's namespace: the
+    /// server's hello, an echoed line.
+    fn exchange_here(self, line: &str) -> Result<(), String> {
+        let mut c = self.open_here()?;
+        c.write_all(line.as_bytes())
+            .and_then(|()| c.shutdown(Shutdown::Write))
+            .map_err(|e| format!("send: {e}"))?;
+        let mut got = String::new();
+        c.read_to_string(&mut got)
+            .map_err(|e| format!("receive: {e}"))?;
+        if got != format!("upstream\n{line}") {
+            return Err(format!("received {got:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// [`Via::exchange_here`] from `cl`.
+fn exchange(cl: &Netns, via: impl Into<Via>, line: &str) -> Result<(), String> {
+    let via = via.into();
+    cl.run(|| via.exchange_here(line))
+}
+
+impl From<SocketAddr> for Via {
+    fn from(dst: SocketAddr) -> Via {
+        Via::Steered(dst)
+    }
+}
+
+/// Clients opening connections at a steady rate from `cl` until stopped
+/// (or a bound on time and count is reached), each checked end to end.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Tally>>,
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    failures: Vec<String>,
+    /// How long the load ran.
+    ran: Duration,
+}
+
+/// Per thread; four threads: 500 connections a second.
+const RATE: u32 = 125;
+const LOAD_THREADS: usize = 4;
+const LOAD_LIMIT: Duration = Duration::from_secs(90);
+
+impl Load {
+    fn start(cl: &Netns, via: Via) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..LOAD_THREADS)
+            .map(|n| {
+                let stop = stop.clone();
+                let netns = cl.path();
+                std::thread::spawn(move || {
+                    let file = File::open(&netns).expect("open the client's namespace");
+                    // SAFETY: plain syscall on a valid fd; only this thread moves.
+                    assert_eq!(
+                        unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                        0,
+                        "setns"
+                    );
+                    let mut tally = Tally::default();
+                    let started = Instant::now();
+                    let every = Duration::from_secs(1) / RATE;
+                    let mut i: u64 = 0;
+                    while !stop.load(Ordering::Relaxed) && started.elapsed() < LOAD_LIMIT {
+                        let line = format!("load {n} {i}\n");
+                        match via.exchange_here(&line) {
+                            Ok(()) => tally.ok += 1,
+                            Err(e) => tally.failures.push(format!("connection {n}/{i}: {e}")),
+                        }
+                        i += 1;
+                        let due = every * u32::try_from(i).unwrap_or(u32::MAX);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    tally.ran = started.elapsed();
+                    tally
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    fn finish(mut self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Tally::default();
+        for thread in self.threads.drain(..) {
+            let tally = thread.join().expect("a load thread panicked");
+            all.ok += tally.ok;
+            all.failures.extend(tally.failures);
+            all.ran = all.ran.max(tally.ran);
+        }
+        all
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A connection opened before a takeover, finished after it.
+struct LongStream {
+    stream: TcpStream,
+    client: SocketAddr,
+}
+
+impl LongStream {
+    fn open(cl: &Netns, via: impl Into<Via>) -> LongStream {
+        let via = via.into();
+        let mut stream = cl
+            .run(|| via.open_here())
+            .unwrap_or_else(|e| panic!("a long stream via {via:?}: {e}"));
+        assert_eq!(
+            lab::read_line(&mut stream).expect("the server's hello"),
+            "upstream"
+        );
+        let client = stream.local_addr().unwrap();
+        LongStream { stream, client }
+    }
+
+    /// Sends 256 KiB and checks the echo byte for byte; `old` logs its
+    /// close: it was served there to the end.
+    fn finish(mut self, seed: u64, old: &mut Daemon) {
+        let data = lab::random_bytes(256 * 1024, seed);
+        let got = lab::exchange(&mut self.stream, Arc::new(data.clone()))
+            .unwrap_or_else(|e| panic!("the stream opened before the takeover: {e}"));
+        assert_eq!(
+            got,
+            lab::Received::of(&data),
+            "the stream opened before the takeover was not echoed byte-exact"
+        );
+        let closed = old.closed_event(self.client);
+        assert_eq!(lab::daemon::outcome(&closed), "closed", "{closed}");
+    }
+}
+
+/// Waits until `new` (started with `--takeover`) serves and `old` drains.
+fn take_over(old: &mut Daemon, new: Daemon) -> Daemon {
+    let mut new = new;
+    new.wait_ready(Duration::from_secs(20));
+    old.wait_event("`handed over`", Duration::from_secs(10), |e| {
+        message(e).is_some_and(|m| m.starts_with("handed over"))
+    });
+    let ready = |d: &Daemon| {
+        d.events()
+            .into_iter()
+            .find(|e| message(e) == Some("ready"))
+            .unwrap()
+    };
+    let (old_ready, new_ready) = (ready(old), ready(&new));
+    assert_eq!(
+        field(&new_ready, "predecessor").and_then(Value::as_i64),
+        Some(i64::from(old.pid())),
+        "the successor names its predecessor: {new_ready}"
+    );
+    // The same sockets (and so their queues), not new ones on new ports.
+    let listeners = |ev: &Value| lab::daemon::field_string(ev, "listeners");
+    let old_listeners = listeners(&old_ready);
+    for listener in old_listeners.trim_matches(['[', ']']).split(", ") {
+        assert!(
+            listeners(&new_ready).contains(listener),
+            "the successor steers into the old listener {listener}: {new_ready}"
+        );
+    }
+    new
+}
+
+/// The old daemon finished its connections, exited 0 through the handover
+/// path (not a stop), and its successor let go of what it kept for it.
+fn assert_handed_over_and_gone(old: &mut Daemon, new: &mut Daemon) {
+    let status = old.wait_exit(Duration::from_secs(30));
+    old.assert_exit_ok(status);
+    let stopped = old.wait_event("`stopped`", Duration::from_secs(1), |e| {
+        message(e) == Some("stopped")
+    });
+    assert_eq!(
+        field(&stopped, "handed_over").and_then(Value::as_bool),
+        Some(true),
+        "{stopped}"
+    );
+    new.wait_event("the predecessor's exit", Duration::from_secs(10), |e| {
+        message(e) == Some("takeover: the predecessor has exited")
+    });
+}
+
+/// Nothing of ours is left once the last daemon stopped.
+fn assert_nothing_left(px: &Netns) {
+    let links = px.wait_no_bpf_links(Duration::from_secs(5));
+    assert!(links.is_empty(), "BPF links left: {links:?}");
+    let routes = px.wait_no_proxy_routes(Duration::from_secs(5));
+    assert!(routes.is_empty(), "proto 244 routes left: {routes:?}");
+    let rules = px.proxy_rules();
+    assert!(rules.is_empty(), "routing rules left: {rules:?}");
+}
+
+/// A copy of the binary under test at another path: the "second build"
+/// (the file, not the code, differs; an upgrade starts whatever file it
+/// is given).
+fn second_build(dir: &lab::TempDir) -> std::path::PathBuf {
+    let path = dir.join("l4proxy-second-build");
+    std::fs::copy(lab::daemon::binary(), &path).expect("copy the binary");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// One takeover: the successor's policy, binary (None: the one under
+/// test), and a way in its policy adds, checked once it serves.
+struct Step {
+    policy: Value,
+    binary: Option<std::path::PathBuf>,
+    adds: Option<Via>,
+}
+
+/// Starts a daemon with `first`, then takes over with each step while
+/// clients connect to `dst` at a steady rate: no connection fails, each
+/// stream opened before a takeover finishes byte-exact on the old daemon,
+/// and the last daemon serves alone with its routes. Returns it.
+fn takeovers_under_load(t: &Topo, first: &Value, via: Via, steps: Vec<Step>) -> Daemon {
+    let grace = ["--grace-period", "30"];
+    let mut old = Daemon::start_ready(&t.px, first, &grace);
+    let load = Load::start(&t.cl, via);
+    std::thread::sleep(Duration::from_secs(1));
+    for (n, step) in steps.into_iter().enumerate() {
+        let long = LongStream::open(&t.cl, via);
+        let args = ["--takeover", "--grace-period", "30"];
+        let new = match step.binary {
+            Some(binary) => Daemon::start_binary(&t.px, &step.policy, &args, binary),
+            None => Daemon::start(&t.px, &step.policy, &args),
+        };
+        let mut new = take_over(&mut old, new);
+        if let Some(added) = step.adds {
+            exchange(&t.cl, added, &format!("added by takeover {n}\n"))
+                .unwrap_or_else(|e| panic!("takeover {n}: what its policy adds: {e}"));
+        }
+        long.finish(n as u64, &mut old);
+        assert_handed_over_and_gone(&mut old, &mut new);
+        // The successor alone, before the next one.
+        std::thread::sleep(Duration::from_secs(1));
+        old = new;
+    }
+    let tally = load.finish();
+    assert!(
+        tally.failures.is_empty(),
+        "{} of {} connections failed through the takeovers, first: {:?}",
+        tally.failures.len(),
+        tally.ok + tally.failures.len(),
+        &tally.failures[..tally.failures.len().min(5)]
+    );
+    let rate = tally.ok as f64 / tally.ran.as_secs_f64();
+    assert!(
+        tally.ok >= 1000 && rate >= 200.0,
+        "only {} connections in {:?} ({rate:.0}/s): the load did not run at its rate",
+        tally.ok,
+        tally.ran
+    );
+    eprintln!(
+        "load: {} connections in {:?} ({rate:.0}/s), none failed",
+        tally.ok, tally.ran
+    );
+    exchange(&t.cl, via, "after\n").expect("served after every takeover");
+    old
+}
+
+/// Three successive takeovers (same binary, changed policy, a second
+/// build) of a daemon that owns a service prefix (sk_lookup steering).
+#[test]
+fn steered_takeovers_under_load_lose_no_connection() {
+    let t = Topo::new("takeover-load");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let dir = lab::TempDir::new("takeover-build");
+    let steps = vec![
+        Step {
+            policy: policy(),
+            binary: None,
+            adds: None,
+        },
+        Step {
+            policy: changed_policy(),
+            binary: None,
+            adds: Some(Via::Steered(sa("[2001:db8:a::10]:81"))),
+        },
+        Step {
+            policy: changed_policy(),
+            binary: Some(second_build(&dir)),
+            adds: None,
+        },
+    ];
+    let via = Via::Steered(sa("192.0.2.10:80"));
+    let mut last = takeovers_under_load(&t, &policy(), via, steps);
+    let routes = t.px.proxy_routes();
+    assert!(
+        routes.iter().any(|r| r.contains("192.0.2.0/24")),
+        "the successor's routes after its predecessors left: {routes:?}"
+    );
+    exchange(&t.cl, sa("[2001:db8:a::10]:80"), "after v6\n").expect("IPv6 after the takeovers");
+
+    let status = last.terminate(Duration::from_secs(30));
+    last.assert_exit_ok(status);
+    assert_nothing_left(&t.px);
+}
+
+/// A fully transparent gateway (`interfaces`, `bind: client`): the tc
+/// programs of both daemons and the fwmark routing they share keep every
+/// connection's packets flowing through three takeovers.
+#[test]
+fn gateway_takeovers_under_load_lose_no_connection() {
+    let t = Topo::new("takeover-gw");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let gateway = |ports: Value| {
+        json!({
+            "intercept": [
+                { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": ports, "interfaces": ["to-cl"], "upstream": "pool" }
+            ],
+            "upstreams": { "pool": { "servers": ["203.0.113.2:8080"], "bind": "client" } }
+        })
+    };
+    let dir = lab::TempDir::new("takeover-gw-build");
+    let steps = vec![
+        Step {
+            policy: gateway(json!([80])),
+            binary: None,
+            adds: None,
+        },
+        Step {
+            policy: gateway(json!([80, 81])),
+            binary: None,
+            adds: Some(Via::Steered(sa("203.0.113.3:81"))),
+        },
+        Step {
+            policy: gateway(json!([80, 81])),
+            binary: Some(second_build(&dir)),
+            adds: None,
+        },
+    ];
+    let via = Via::Steered(sa("203.0.113.3:80"));
+    let mut last = takeovers_under_load(&t, &gateway(json!([80])), via, steps);
+    let rules = t.px.proxy_rules();
+    assert!(
+        rules.iter().any(|r| r.contains("fwmark")),
+        "the successor's fwmark rule after its predecessors left: {rules:?}"
+    );
+    let tc = t.px.tc_programs(&["to-cl", "to-sv"]);
+    assert_eq!(
+        tc,
+        ["to-cl: classify", "to-sv: classify"],
+        "only the last daemon's classify is left"
+    );
+
+    let status = last.terminate(Duration::from_secs(30));
+    last.assert_exit_ok(status);
+    assert_nothing_left(&t.px);
+    assert_eq!(
+        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(5)),
+        Vec::<String>::new(),
+        "tc programs left"
+    );
+}
+
+/// Takeovers that fail (a policy the check refuses, one this host cannot
+/// apply, another packet mark) exit non-zero saying why, and leave the
+/// running daemon serving with all its state.
+#[test]
+fn refused_takeover_leaves_the_old_daemon_serving() {
+    let t = Topo::new("takeover-refused");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let dst = sa("192.0.2.10:80");
+    let mut old = Daemon::start_ready(&t.px, &policy(), &[]);
+    let routes = t.px.proxy_routes();
+
+    let unknown_upstream = json!({
+        "intercept": [ { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "nowhere" } ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let missing_interface = json!({
+        "intercept": [ { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["nope0"], "upstream": "pool" } ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let cases: [(&str, Value, &[&str], &str); 3] = [
+        (
+            "a policy the check refuses",
+            unknown_upstream,
+            &[],
+            "nowhere",
+        ),
+        (
+            "a policy this host cannot apply",
+            missing_interface,
+            &[],
+            r#"no interface \"nope0\""#,
+        ),
+        (
+            "another packet mark",
+            policy(),
+            &["--fwmark", "0x1000/0xf000"],
+            "give the same --fwmark",
+        ),
+    ];
+    for (what, refused, extra, reason) in cases {
+        let mut args = vec!["--takeover"];
+        args.extend_from_slice(extra);
+        let mut new = Daemon::start(&t.px, &refused, &args);
+        let status = new.wait_exit(Duration::from_secs(20));
+        assert!(!status.success(), "{what}: the takeover should fail");
+        assert!(
+            new.log_text().contains(reason),
+            "{what}: the failed successor should say why ({reason:?}); its log:\n{}",
+            new.log_text()
+        );
+        exchange(&t.cl, dst, &format!("after {what}\n"))
+            .unwrap_or_else(|e| panic!("after {what}, the old daemon should still serve: {e}"));
+        assert_eq!(
+            t.px.proxy_routes(),
+            routes,
+            "after {what}, the old daemon's routes should be as they were"
+        );
+        assert!(
+            old.try_exit().is_none(),
+            "after {what}, the old daemon exited"
+        );
+    }
+    let status = old.terminate(Duration::from_secs(30));
+    old.assert_exit_ok(status);
+    let stopped = old
+        .events()
+        .into_iter()
+        .find(|e| message(e) == Some("stopped"))
+        .expect("a `stopped` event");
+    assert_eq!(
+        field(&stopped, "handed_over").and_then(Value::as_bool),
+        Some(false),
+        "{stopped}"
+    );
+    assert_nothing_left(&t.px);
+}
+
+/// A second `run` in the namespace is refused naming the running daemon's
+/// pid; `cleanup` refuses while it runs, and works once it is gone.
+#[test]
+fn one_daemon_per_namespace() {
+    let t = Topo::new("takeover-one");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let dst = sa("192.0.2.10:80");
+    let mut first = Daemon::start_ready(&t.px, &policy(), &[]);
+    let pid = format!("pid {}", first.pid());
+
+    let mut second = Daemon::start(&t.px, &policy(), &[]);
+    let status = second.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "a second daemon should be refused");
+    let log = second.log_text();
+    assert!(
+        log.contains(&pid) && log.contains("already runs in this network namespace"),
+        "the refusal should name the running daemon ({pid}); log:\n{log}"
+    );
+
+    let cleanup = run_in(
+        &t.px,
+        lab::daemon::binary(),
+        &["cleanup"],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert!(!cleanup.success(), "cleanup should refuse: {cleanup:?}");
+    assert!(
+        cleanup.stderr.contains(&pid),
+        "cleanup's refusal should name the daemon ({pid}): {cleanup:?}"
+    );
+    assert!(
+        t.px.proxy_routes()
+            .iter()
+            .any(|r| r.contains("192.0.2.0/24")),
+        "cleanup must not have removed the running daemon's routes"
+    );
+    exchange(&t.cl, dst, "still one\n").expect("the first daemon still serves");
+
+    let status = first.terminate(Duration::from_secs(30));
+    first.assert_exit_ok(status);
+    let cleanup = run_in(
+        &t.px,
+        lab::daemon::binary(),
+        &["cleanup"],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert!(cleanup.success(), "cleanup without a daemon: {cleanup:?}");
+    assert_nothing_left(&t.px);
+}
+
+/// A process this test did not start (the successor `upgrade` made),
+/// killed if it still runs when the test ends.
+struct Stray(i32);
+
+impl Stray {
+    fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    }
+
+    fn terminate(&self, timeout: Duration) {
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+        let gone = lab::poll_until(timeout, || self.alive(), |alive| !alive);
+        assert!(!gone, "pid {} did not exit within {timeout:?}", self.0);
+    }
+}
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        if self.alive() {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `l4proxy upgrade`: the daemon starts its successor from its own binary
+/// path and arguments; `upgrade` exits 0 once the successor serves; the
+/// old daemon finishes its open stream and exits.
+#[test]
+fn upgrade_starts_the_successor() {
+    let t = Topo::new("takeover-upgrade");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let dst = sa("192.0.2.10:80");
+    // The successor gets the same `--admin`: it must be handed the
+    // listener, the old daemon still has the address.
+    let admin = sa("127.0.0.1:9100");
+    let args = ["--grace-period", "30", "--admin", "127.0.0.1:9100"];
+    let mut old = Daemon::start_ready(&t.px, &policy(), &args);
+    let long = LongStream::open(&t.cl, dst);
+
+    // A successor that cannot start (its policy file is broken now): the
+    // upgrade fails saying so, and the old daemon goes on.
+    let good = std::fs::read(old.policy_path()).unwrap();
+    std::fs::write(old.policy_path(), "{ broken").unwrap();
+    let failed = run_in(
+        &t.px,
+        lab::daemon::binary(),
+        &["upgrade"],
+        b"",
+        Duration::from_secs(120),
+    );
+    assert!(!failed.success(), "the upgrade should fail: {failed:?}");
+    assert!(
+        failed.stderr.contains("the successor exited")
+            && failed.stderr.contains("the running daemon goes on"),
+        "the failed upgrade should say why: {failed:?}"
+    );
+    exchange(&t.cl, dst, "after a failed upgrade\n").expect("the old daemon still serves");
+    std::fs::write(old.policy_path(), good).unwrap();
+
+    let upgrade = run_in(
+        &t.px,
+        lab::daemon::binary(),
+        &["upgrade"],
+        b"",
+        Duration::from_secs(120),
+    );
+    assert!(upgrade.success(), "l4proxy upgrade: {upgrade:?}");
+    let successor: i32 = upgrade
+        .stdout
+        .strip_prefix("upgraded: pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("upgrade should name the successor: {upgrade:?}"));
+    let successor = Stray(successor);
+    assert!(successor.alive(), "the successor runs");
+    assert_ne!(successor.0, old.pid());
+
+    long.finish(7, &mut old);
+    let status = old.wait_exit(Duration::from_secs(30));
+    old.assert_exit_ok(status);
+    exchange(&t.cl, dst, "after the upgrade\n").expect("the successor steers");
+    let scraped = t.px.run(|| -> std::io::Result<String> {
+        let mut c = TcpStream::connect(admin)?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: px\r\n\r\n")?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        Ok(text)
+    });
+    let scraped = scraped.expect("scraping the successor's admin listener");
+    assert!(
+        scraped.starts_with("HTTP/1.1 200") && scraped.contains("l4proxy_"),
+        "the successor serves metrics on the handed admin listener: {scraped:.200}"
+    );
+    let routes = t.px.proxy_routes();
+    assert!(
+        routes.iter().any(|r| r.contains("192.0.2.0/24")),
+        "the successor keeps the routes: {routes:?}"
+    );
+
+    successor.terminate(Duration::from_secs(30));
+    assert_nothing_left(&t.px);
+}
+
+/// A daemon that hands over while its own predecessor still drains: the
+/// first daemon's stream still works after two takeovers, the middle one
+/// waits for it before it exits, and the last one serves alone.
+#[test]
+fn a_chain_of_takeovers_keeps_the_first_daemons_connections() {
+    let t = Topo::new("takeover-chain");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let dst = sa("192.0.2.10:80");
+    let args = ["--takeover", "--grace-period", "30"];
+    let mut first = Daemon::start_ready(&t.px, &policy(), &["--grace-period", "30"]);
+    let long = LongStream::open(&t.cl, dst);
+    let mut second = take_over(&mut first, Daemon::start(&t.px, &policy(), &args));
+    let mut third = take_over(&mut second, Daemon::start(&t.px, &changed_policy(), &args));
+    second.wait_event(
+        "waiting for its predecessor",
+        Duration::from_secs(10),
+        |e| message(e) == Some("waiting for the predecessor to finish draining"),
+    );
+    assert!(first.try_exit().is_none() && second.try_exit().is_none());
+    exchange(&t.cl, dst, "while two drain\n").expect("the last daemon serves");
+
+    long.finish(11, &mut first);
+    let status = first.wait_exit(Duration::from_secs(30));
+    first.assert_exit_ok(status);
+    assert_handed_over_and_gone(&mut second, &mut third);
+    let routes = t.px.proxy_routes();
+    assert!(
+        routes.iter().any(|r| r.contains("192.0.2.0/24")),
+        "the last daemon's routes: {routes:?}"
+    );
+    exchange(&t.cl, dst, "alone\n").expect("the last daemon serves alone");
+    let status = third.terminate(Duration::from_secs(30));
+    third.assert_exit_ok(status);
+    assert_nothing_left(&t.px);
+}
+
+/// CONNECT listeners are handed over too: three takeovers (the second adds
+/// a listener) under a steady load of CONNECT tunnels.
+#[test]
+fn connect_takeovers_under_load_lose_no_connection() {
+    let t = Topo::new("takeover-connect");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:443"),
+        handlers::hello_echo("upstream"),
+    );
+    let explicit = |listen: Value| {
+        json!({
+            "intercept": [
+                { "name": "explicit", "upstream": "direct",
+                  "connect": { "listen": listen, "clients": ["198.51.100.0/24"] } }
+            ],
+            "upstreams": { "direct": { "original_destination": true } }
+        })
+    };
+    let target = sa("203.0.113.2:443");
+    let first = explicit(json!(["198.51.100.1:3128"]));
+    let changed = explicit(json!(["198.51.100.1:3128", "198.51.100.1:3129"]));
+    let dir = lab::TempDir::new("takeover-connect-build");
+    let steps = vec![
+        Step {
+            policy: first.clone(),
+            binary: None,
+            adds: None,
+        },
+        Step {
+            policy: changed.clone(),
+            binary: None,
+            adds: Some(Via::Connect {
+                proxy: sa("198.51.100.1:3129"),
+                target,
+            }),
+        },
+        Step {
+            policy: changed,
+            binary: Some(second_build(&dir)),
+            adds: None,
+        },
+    ];
+    let via = Via::Connect {
+        proxy: sa("198.51.100.1:3128"),
+        target,
+    };
+    let mut last = takeovers_under_load(&t, &first, via, steps);
+    let status = last.terminate(Duration::from_secs(30));
+    last.assert_exit_ok(status);
+    assert_nothing_left(&t.px);
+}
