@@ -249,7 +249,7 @@ fn a_reload_needing_a_capability_not_held_is_refused() {
         .join()
         .unwrap()
     });
-    assert_credentials(&d, (0, 0), 1 << CAP_NET_ADMIN);
+    assert_credentials(&d, (0, 0), 1 << CAP_NET_ADMIN, START);
 
     let mut with_connect = policy(&[8080]);
     with_connect["intercept"]
