@@ -30,13 +30,7 @@ fn policy(api: &str) -> Value {
 
 /// Runs the daemon's own binary in `ns` (a control-socket client).
 fn l4proxy(t: &Topo, args: &[&str]) -> lab::tls::Output {
-    run_in(
-        &t.px,
-        lab::daemon::binary(),
-        args,
-        b"",
-        Duration::from_secs(30),
-    )
+    lab::daemon::command(&t.px, args, Duration::from_secs(30))
 }
 
 /// One echoed exchange: connects, sends `line`, reads the server's hello

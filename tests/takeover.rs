@@ -14,9 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lab::daemon::{field, message};
-use lab::tls::run_in;
-use lab::{Daemon, Netns, Server, Topo, handlers, sa};
+use lab::daemon::{command, field, message};
+use lab::{Daemon, Netns, Topo, sa};
 use serde_json::{Value, json};
 
 /// The service 192.0.2.0/24 port 80, relayed to the server's echo.
@@ -357,12 +356,7 @@ fn takeovers_under_load(t: &Topo, first: &Value, via: Via, steps: Vec<Step>) -> 
 /// build) of a daemon that owns a service prefix (sk_lookup steering).
 #[test]
 fn steered_takeovers_under_load_lose_no_connection() {
-    let t = Topo::new("takeover-load");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-load", "203.0.113.2:8080", "upstream");
     let dir = lab::TempDir::new("takeover-build");
     let steps = vec![
         Step {
@@ -400,12 +394,7 @@ fn steered_takeovers_under_load_lose_no_connection() {
 /// connection's packets flowing through three takeovers.
 #[test]
 fn gateway_takeovers_under_load_lose_no_connection() {
-    let t = Topo::new("takeover-gw");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-gw", "203.0.113.2:8080", "upstream");
     let gateway = |ports: Value| {
         json!({
             "intercept": [
@@ -461,12 +450,7 @@ fn gateway_takeovers_under_load_lose_no_connection() {
 /// running daemon serving with all its state.
 #[test]
 fn refused_takeover_leaves_the_old_daemon_serving() {
-    let t = Topo::new("takeover-refused");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-refused", "203.0.113.2:8080", "upstream");
     let dst = sa("192.0.2.10:80");
     let mut old = Daemon::start_ready(&t.px, &policy(), &[]);
     let routes = t.px.proxy_routes();
@@ -541,12 +525,7 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
 /// pid; `cleanup` refuses while it runs, and works once it is gone.
 #[test]
 fn one_daemon_per_namespace() {
-    let t = Topo::new("takeover-one");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-one", "203.0.113.2:8080", "upstream");
     let dst = sa("192.0.2.10:80");
     let mut first = Daemon::start_ready(&t.px, &policy(), &[]);
     let pid = format!("pid {}", first.pid());
@@ -560,13 +539,7 @@ fn one_daemon_per_namespace() {
         "the refusal should name the running daemon ({pid}); log:\n{log}"
     );
 
-    let cleanup = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["cleanup"],
-        b"",
-        Duration::from_secs(30),
-    );
+    let cleanup = command(&t.px, &["cleanup"], Duration::from_secs(30));
     assert!(!cleanup.success(), "cleanup should refuse: {cleanup:?}");
     assert!(
         cleanup.stderr.contains(&pid),
@@ -582,13 +555,7 @@ fn one_daemon_per_namespace() {
 
     let status = first.terminate(Duration::from_secs(30));
     first.assert_exit_ok(status);
-    let cleanup = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["cleanup"],
-        b"",
-        Duration::from_secs(30),
-    );
+    let cleanup = command(&t.px, &["cleanup"], Duration::from_secs(30));
     assert!(cleanup.success(), "cleanup without a daemon: {cleanup:?}");
     assert_nothing_left(&t.px);
 }
@@ -625,12 +592,7 @@ impl Drop for Stray {
 /// old daemon finishes its open stream and exits.
 #[test]
 fn upgrade_starts_the_successor() {
-    let t = Topo::new("takeover-upgrade");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-upgrade", "203.0.113.2:8080", "upstream");
     let dst = sa("192.0.2.10:80");
     // The successor gets the same `--admin`: it must be handed the
     // listener, the old daemon still has the address.
@@ -643,13 +605,7 @@ fn upgrade_starts_the_successor() {
     // upgrade fails saying so, and the old daemon goes on.
     let good = std::fs::read(old.policy_path()).unwrap();
     std::fs::write(old.policy_path(), "{ broken").unwrap();
-    let failed = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["upgrade"],
-        b"",
-        Duration::from_secs(120),
-    );
+    let failed = command(&t.px, &["upgrade"], Duration::from_secs(120));
     assert!(!failed.success(), "the upgrade should fail: {failed:?}");
     assert!(
         failed.stderr.contains("the successor exited")
@@ -659,13 +615,7 @@ fn upgrade_starts_the_successor() {
     exchange(&t.cl, dst, "after a failed upgrade\n").expect("the old daemon still serves");
     std::fs::write(old.policy_path(), good).unwrap();
 
-    let upgrade = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["upgrade"],
-        b"",
-        Duration::from_secs(120),
-    );
+    let upgrade = command(&t.px, &["upgrade"], Duration::from_secs(120));
     assert!(upgrade.success(), "l4proxy upgrade: {upgrade:?}");
     let successor: i32 = upgrade
         .stdout
@@ -708,12 +658,7 @@ fn upgrade_starts_the_successor() {
 /// waits for it before it exits, and the last one serves alone.
 #[test]
 fn a_chain_of_takeovers_keeps_the_first_daemons_connections() {
-    let t = Topo::new("takeover-chain");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-chain", "203.0.113.2:8080", "upstream");
     let dst = sa("192.0.2.10:80");
     let args = ["--takeover", "--grace-period", "30"];
     let mut first = Daemon::start_ready(&t.px, &policy(), &["--grace-period", "30"]);
@@ -747,12 +692,7 @@ fn a_chain_of_takeovers_keeps_the_first_daemons_connections() {
 /// a listener) under a steady load of CONNECT tunnels.
 #[test]
 fn connect_takeovers_under_load_lose_no_connection() {
-    let t = Topo::new("takeover-connect");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:443"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-connect", "203.0.113.2:443", "upstream");
     let explicit = |listen: Value| {
         json!({
             "intercept": [

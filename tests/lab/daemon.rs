@@ -11,11 +11,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::tls::{Output, run_in};
 use super::{Netns, TempDir};
 
 /// Path of the binary under test.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_l4proxy")
+}
+
+/// Runs the binary under test in `ns` as a command (`status`, `upgrade`,
+/// `cleanup`, `doctor` ...), bounded by `timeout`.
+pub fn command(ns: &Netns, args: &[&str], timeout: Duration) -> Output {
+    run_in(ns, binary(), args, b"", timeout)
 }
 
 /// A running `l4proxy run`. Dropping it kills the daemon if it still runs;

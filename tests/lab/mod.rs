@@ -519,6 +519,14 @@ impl Topo {
 
         Topo { cl, px, sv }
     }
+
+    /// The topology with one [`handlers::hello_echo`] server on sv, on `at`,
+    /// greeting with `hello`.
+    pub fn with_echo(test: &str, at: &str, hello: &str) -> (Topo, Server) {
+        let t = Topo::new(test);
+        let server = Server::start(&t.sv, sa(at), handlers::hello_echo(hello));
+        (t, server)
+    }
 }
 
 /// Addresses of the bridged topology ([`Bridged`]).
