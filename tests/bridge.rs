@@ -14,7 +14,7 @@ use std::time::Duration;
 use lab::bridged_addr::*;
 use lab::daemon::{field_str, field_string as field, message};
 use lab::tls::{Nginx, Site, curl, make_cert, s_client};
-use lab::{Bridged, Daemon, Netns, Server, connect, handlers, talk, try_connect};
+use lab::{Bridged, Daemon, Netns, Server, connect, handlers, ip, sock, talk};
 use serde_json::{Value, json};
 
 /// The lab's addresses of one family.
@@ -42,23 +42,34 @@ const V6: Family = Family {
 
 const FAMILIES: [Family; 2] = [V4, V6];
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn sock(ip_text: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip(ip_text), port)
+/// `port` on the server's address of each family, in `FAMILIES` order.
+fn server_side(port: u16) -> [SocketAddr; 2] {
+    FAMILIES.map(|f| sock(f.server, port))
 }
 
 /// A gateway rule for the server side's prefixes on `ports`, on the
 /// interfaces `on` (bridge ports or the bridge), relaying to the original
 /// destination from the client's address (fully transparent).
 fn bridged_policy(on: &[&str], ports: Value) -> Value {
+    bridged_policy_via(
+        on,
+        ports,
+        json!({ "original_destination": true, "bind": "client-ip" }),
+    )
+}
+
+/// The same rule, relaying with `upstream`.
+fn bridged_policy_via(on: &[&str], ports: Value, upstream: Value) -> Value {
     json!({
         "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
-                         "ports": ports, "interfaces": on, "upstream": "origin" } ],
-        "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
+                         "ports": ports, "interfaces": on, "upstream": "upstream" } ],
+        "upstreams": { "upstream": upstream }
     })
+}
+
+/// Relaying to `port` of the server, from the client's address.
+fn to_server_port(port: u16) -> Value {
+    json!({ "servers": server_side(port).map(|at| at.to_string()), "bind": "client-ip" })
 }
 
 /// Whether the daemon logged a connection from `client`.
@@ -110,15 +121,18 @@ fn curl_and_openssl_reach_the_server_from_the_clients_address() {
             ip(f.client),
             "{closed}"
         );
-        let lines = nginx.requests_on(&plain.to_string());
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains(&format!(" from={} ", f.client))),
-            "{}: nginx should see the client's address: {lines:#?}\n{}",
-            f.name,
-            nginx.logs()
-        );
+        let seen_from_client = |listen: SocketAddr, what: &str| {
+            let lines = nginx.requests_on(&listen.to_string());
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains(&format!(" from={} ", f.client))),
+                "{}: nginx should see the client's address {what}: {lines:#?}\n{}",
+                f.name,
+                nginx.logs()
+            );
+        };
+        seen_from_client(plain, "over HTTP");
 
         let tls = sock(f.server, 443);
         let out = s_client(
@@ -142,14 +156,7 @@ fn curl_and_openssl_reach_the_server_from_the_clients_address() {
             message(e) == Some("connection closed")
                 && field_str(e, "orig_dst").as_deref() == Some(tls.to_string().as_str())
         });
-        let lines = nginx.requests_on(&tls.to_string());
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains(&format!(" from={} ", f.client))),
-            "{}: nginx should see the client's address over TLS: {lines:#?}",
-            f.name
-        );
+        seen_from_client(tls, "over TLS");
     }
 }
 
@@ -161,16 +168,8 @@ fn eight_mib_each_way_with_half_close() {
     let t = Bridged::new("br_bulk");
     let down = Arc::new(lab::random_bytes(SIZE, lab::seed()));
     let (tx, rx) = lab::reports();
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| {
-            Server::start(
-                &t.sv,
-                sock(f.server, 9000),
-                handlers::bulk(down.clone(), tx.clone()),
-            )
-        })
-        .collect();
+    let servers = server_side(9000)
+        .map(|at| Server::start(&t.sv, at, handlers::bulk(down.clone(), tx.clone())));
     let mut d = Daemon::start_ready(&t.br, &bridged_policy(&["to-cl"], json!([9000])), &[]);
     for (f, server) in FAMILIES.iter().zip(&servers) {
         let up = Arc::new(lab::random_bytes(SIZE, lab::seed() + 1));
@@ -206,14 +205,8 @@ fn eight_mib_each_way_with_half_close() {
 #[test]
 fn other_ports_icmp_and_neighbour_discovery_are_bridged_untouched() {
     let t = Bridged::new("br_untouched");
-    let direct: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 7000), handlers::hello_echo("direct")))
-        .collect();
-    let _proxied: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 80), handlers::hello_echo("proxied")))
-        .collect();
+    let direct = Server::echo_each(&t.sv, server_side(7000), "direct");
+    let _proxied = Server::echo_each(&t.sv, server_side(80), "proxied");
     let mut d = Daemon::start_ready(
         &t.br,
         &bridged_policy(&["to-cl", "to-rt"], json!([80])),
@@ -266,10 +259,7 @@ fn other_ports_icmp_and_neighbour_discovery_are_bridged_untouched() {
 #[test]
 fn a_start_leaves_open_connections_alone() {
     let t = Bridged::new("br_before");
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 80), handlers::hello_echo("server")))
-        .collect();
+    let servers = Server::echo_each(&t.sv, server_side(80), "server");
     let mut before = Vec::new();
     for f in FAMILIES {
         let mut c = connect(&t.cl, sock(f.server, 80));
@@ -301,15 +291,12 @@ fn a_start_leaves_open_connections_alone() {
 #[test]
 fn inbound_transparent_server_sees_the_bridge_address() {
     let t = Bridged::new("br_inbound");
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 80), handlers::hello_echo("server")))
-        .collect();
-    let policy = json!({
-        "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
-                         "ports": [80], "interfaces": ["to-cl"], "upstream": "origin" } ],
-        "upstreams": { "origin": { "original_destination": true, "bind": "proxy" } }
-    });
+    let servers = Server::echo_each(&t.sv, server_side(80), "server");
+    let policy = bridged_policy_via(
+        &["to-cl"],
+        json!([80]),
+        json!({ "original_destination": true, "bind": "proxy" }),
+    );
     let mut d = Daemon::start_ready(&t.br, &policy, &[]);
     for ((f, server), bridge) in FAMILIES.iter().zip(&servers).zip([BR4, BR6]) {
         let mut c = connect(&t.cl, sock(f.server, 80));
@@ -407,16 +394,13 @@ fn path_mtu_discovery_works_with_a_smaller_mtu_on_the_server_side() {
     t.rt.ip(&["link", "set", "to-sv", "mtu", "1280"]);
     let (tx, rx) = lab::reports();
     let reply = Arc::new(b"done".to_vec());
-    let _sinks: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| {
-            Server::start(
-                &t.sv,
-                sock(f.server, 8080),
-                handlers::sink_then_send(reply.clone(), tx.clone()),
-            )
-        })
-        .collect();
+    let _sinks = server_side(8080).map(|at| {
+        Server::start(
+            &t.sv,
+            at,
+            handlers::sink_then_send(reply.clone(), tx.clone()),
+        )
+    });
     let mut d = Daemon::start_ready(&t.br, &bridged_policy(&["to-cl"], json!([8080])), &[]);
     let data = lab::random_bytes(SIZE, lab::seed());
     for f in FAMILIES {
@@ -432,12 +416,9 @@ fn path_mtu_discovery_works_with_a_smaller_mtu_on_the_server_side() {
         d.closed_event(client);
     }
     // The router's errors did reach l4proxy's sockets across the bridge.
-    let status = d.terminate(Duration::from_secs(10));
-    d.assert_exit_ok(status);
+    d.stop(Duration::from_secs(10));
     let counters = d
-        .events()
-        .into_iter()
-        .find(|e| message(e) == Some("kernel counters"))
+        .event("kernel counters")
         .map(|e| field(&e, "counters"))
         .expect("the kernel counters at exit");
     assert!(
@@ -455,16 +436,8 @@ const BRIDGE_DEVS: [&str; 3] = ["to-cl", "to-rt", "br0"];
 /// another port reaches the server from the client itself.
 fn nothing_left_after(test: &str, signal: i32) {
     let t = Bridged::new(test);
-    let servers: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("server")))
-        .collect();
-    let policy = json!({
-        "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
-                         "ports": [80], "interfaces": ["to-cl"], "upstream": "web" } ],
-        "upstreams": { "web": { "servers": [sock(SV4, 8080).to_string(), sock(SV6, 8080).to_string()],
-                                "bind": "client-ip" } }
-    });
+    let servers = Server::echo_each(&t.sv, server_side(8080), "server");
+    let policy = bridged_policy_via(&["to-cl"], json!([80]), to_server_port(8080));
     let rules_before = t.br.all_rules();
     let mut d = Daemon::start_ready(&t.br, &policy, &[]);
     let tc = t.br.tc_programs(&BRIDGE_DEVS);
@@ -482,49 +455,11 @@ fn nothing_left_after(test: &str, signal: i32) {
         talk(&mut c, "server", &format!("{} while running", f.name));
     }
 
-    d.signal(signal);
-    let status = d.wait_exit(Duration::from_secs(10));
-    if signal == libc::SIGTERM {
-        d.assert_exit_ok(status);
-    } else {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(signal), "{status}");
-    }
-    let (rules, routes) = lab::poll_until(
-        Duration::from_secs(5),
-        || (t.br.proxy_rules(), t.br.proxy_routes()),
-        |(rules, routes)| rules.is_empty() && routes.is_empty(),
-    );
-    assert_eq!(rules, Vec::<String>::new(), "proto 244 rules left");
-    assert_eq!(routes, Vec::<String>::new(), "proto 244 routes left");
-    assert_eq!(
-        t.br.wait_no_tc_programs(&BRIDGE_DEVS, Duration::from_secs(2)),
-        Vec::<String>::new(),
-        "tc programs left"
-    );
-    assert_eq!(
-        t.br.all_rules(),
-        rules_before,
-        "routing rules differ from before the start"
-    );
-    assert_eq!(
-        t.br.wait_no_bpf_links(Duration::from_secs(2)),
-        Vec::<Value>::new()
-    );
+    d.end_with(signal);
+    t.br.assert_nothing_left(&BRIDGE_DEVS, &rules_before);
     for (f, server) in FAMILIES.iter().zip(&servers) {
-        assert!(
-            try_connect(&t.cl, sock(f.server, 80), Duration::from_secs(2)).is_err(),
-            "{}: port 80 still answered after the daemon ended",
-            f.name
-        );
-        let mut c = connect(&t.cl, sock(f.server, 8080));
-        let client = c.local_addr().unwrap();
-        talk(
-            &mut c,
-            "server",
-            &format!("{} bridged after the end", f.name),
-        );
-        assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
+        let what = format!("{} bridged after the end", f.name);
+        lab::assert_no_proxy(&t.cl, sock(f.server, 80), server, "server", &what);
     }
 }
 
@@ -544,42 +479,22 @@ fn nothing_left_after_sigkill() {
 #[test]
 fn draining_keeps_open_connections_and_bridges_new_ones_past() {
     let t = Bridged::new("br_drain");
-    let direct: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 8080), handlers::hello_echo("direct")))
-        .collect();
-    let _proxied: Vec<Server> = FAMILIES
-        .iter()
-        .map(|f| Server::start(&t.sv, sock(f.server, 9090), handlers::hello_echo("proxied")))
-        .collect();
-    let policy = json!({
-        "intercept": [ { "name": "bridged", "prefixes": ["203.0.113.0/24", "2001:db8:5::/64"],
-                         "ports": [8080], "interfaces": ["br0"], "upstream": "web" } ],
-        "upstreams": { "web": { "servers": [sock(SV4, 9090).to_string(), sock(SV6, 9090).to_string()],
-                                "bind": "client-ip" } }
-    });
+    let direct = Server::echo_each(&t.sv, server_side(8080), "direct");
+    let _proxied = Server::echo_each(&t.sv, server_side(9090), "proxied");
+    let policy = bridged_policy_via(&["br0"], json!([8080]), to_server_port(9090));
     let mut d = Daemon::start_ready(&t.br, &policy, &["--grace-period", "30"]);
-    let mut open = Vec::new();
-    for f in FAMILIES {
-        let mut c = connect(&t.cl, sock(f.server, 8080));
-        assert_eq!(lab::read_line(&mut c).unwrap(), "proxied", "{}", f.name);
-        open.push(c);
-    }
+    let mut open = FAMILIES.map(|f| lab::connect_greeted(&t.cl, sock(f.server, 8080), "proxied"));
 
-    d.signal(libc::SIGTERM);
-    d.wait_event("draining", Duration::from_secs(5), |e| {
-        message(e) == Some("draining: no new connections are taken")
-    });
+    d.drain();
     for (f, server) in FAMILIES.iter().zip(&direct) {
-        let mut c = connect(&t.cl, sock(f.server, 8080));
+        let c = lab::connect_greeted(&t.cl, server.addr(), "direct");
         let client = c.local_addr().unwrap();
         assert_eq!(
-            lab::read_line(&mut c).unwrap(),
-            "direct",
+            server.accepted().last().unwrap().peer,
+            client,
             "{}: opened during the drain",
             f.name
         );
-        assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
     }
     for (f, c) in FAMILIES.iter().zip(&mut open) {
         let what = format!("{}: open through the drain", f.name);

@@ -357,8 +357,7 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
 /// still relayed, and a freed slot is taken again.
 #[test]
 fn the_default_max_connections_is_lowered_to_the_open_files_limit() {
-    let t = Topo::new("budget_lowered");
-    let _echo = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("sv"));
+    let (t, _echo) = Topo::with_echo("budget_lowered", "203.0.113.2:8080", "sv");
     let mut d = Daemon::start_with_open_files_limit(&t.px, &budget_policy(), &[], LOW_LIMIT);
     d.wait_ready(Duration::from_secs(10));
     let ready = d.wait_event("`ready`", Duration::ZERO, |e| message(e) == Some("ready"));
@@ -452,8 +451,7 @@ fn a_quiet_daemon_closes_its_splice_pipes() {
     // Each way on each connection; well past the 16 KiB first read, after
     // which a direction splices.
     const BYTES: usize = 2 << 20;
-    let t = Topo::new("pipes");
-    let _echo = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("sv"));
+    let (t, _echo) = Topo::with_echo("pipes", "203.0.113.2:8080", "sv");
     let (tx, rx) = lab::reports();
     let from_server = Arc::new(lab::random_bytes(BYTES, lab::seed()));
     let from_client = Arc::new(lab::random_bytes(BYTES, lab::seed() ^ 1));

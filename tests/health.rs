@@ -79,8 +79,7 @@ fn transition(d: &mut Daemon, what: &str, server: &str, n: usize) -> Value {
 
 #[test]
 fn a_server_that_stops_is_checked_out_after_fall_checks_and_back_in_after_rise() {
-    let t = Topo::new("health_checks");
-    let a = Server::start(&t.sv, sa(A), handlers::hello_echo("a"));
+    let (t, a) = Topo::with_echo("health_checks", A, "a");
     let _b = Server::start(&t.sv, sa(B), handlers::hello_echo("b"));
     let mut d = Daemon::start_ready(
         &t.px,
@@ -118,8 +117,7 @@ fn a_server_that_stops_is_checked_out_after_fall_checks_and_back_in_after_rise()
 
 #[test]
 fn with_observation_only_a_server_is_out_after_the_error_limit_and_tried_again_later() {
-    let t = Topo::new("health_observe");
-    let a = Server::start(&t.sv, sa(A), handlers::hello_echo("a"));
+    let (t, a) = Topo::with_echo("health_observe", A, "a");
     let _b = Server::start(&t.sv, sa(B), handlers::hello_echo("b"));
     let mut d = Daemon::start_ready(
         &t.px,
@@ -335,8 +333,7 @@ fn with_every_server_down_connections_are_refused_as_without_a_route() {
 
 #[test]
 fn a_reload_keeps_the_health_of_the_servers_it_keeps_and_stops_checking_the_others() {
-    let t = Topo::new("health_reload");
-    let a = Server::start(&t.sv, sa(A), handlers::hello_echo("a"));
+    let (t, a) = Topo::with_echo("health_reload", A, "a");
     let b = Server::start(&t.sv, sa(B), handlers::hello_echo("b"));
     let _c = Server::start(&t.sv, sa(C), handlers::hello_echo("c"));
     let health = json!({ "interval": "200ms", "rise": 2, "fall": 2 });

@@ -8,7 +8,7 @@ use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lab::{Daemon, Server, Topo, connect, handlers, sa, try_connect};
+use lab::{Daemon, Server, Topo, connect, sa, try_connect};
 use serde_json::{Value, json};
 
 fn policy() -> Value {
@@ -89,12 +89,7 @@ fn assert_gone(t: &Topo, srv: &Server, what: &str) {
 /// SIGTERM: exit 0, link detached, routes removed, no more steering.
 #[test]
 fn sigterm_cleans_up() {
-    let t = Topo::new("sigterm");
-    let srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, srv) = Topo::with_echo("sigterm", "203.0.113.2:8080", "upstream");
     let mut d = Daemon::start_ready(&t.px, &policy(), &[]);
     assert_running(&t, &srv);
 
@@ -106,12 +101,7 @@ fn sigterm_cleans_up() {
 /// SIGKILL: the link dies with the process, the guard removes the routes.
 #[test]
 fn sigkill_cleans_up() {
-    let t = Topo::new("sigkill");
-    let srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, srv) = Topo::with_echo("sigkill", "203.0.113.2:8080", "upstream");
     let mut d = Daemon::start_ready(&t.px, &policy(), &[]);
     assert_running(&t, &srv);
 
@@ -130,12 +120,7 @@ fn sigkill_cleans_up() {
 #[test]
 fn sigterm_grace_period() {
     const GRACE_SECS: u64 = 30;
-    let t = Topo::new("grace");
-    let srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, srv) = Topo::with_echo("grace", "203.0.113.2:8080", "upstream");
     let grace = GRACE_SECS.to_string();
     let mut d = Daemon::start_ready(&t.px, &policy(), &["--grace-period", &grace]);
 
@@ -148,11 +133,7 @@ fn sigterm_grace_period() {
     );
 
     let term_at = Instant::now();
-    d.signal(libc::SIGTERM);
-    // The daemon logs `draining` once it has stopped steering and accepting.
-    d.wait_event("draining", Duration::from_secs(5), |e| {
-        lab::daemon::message(e) == Some("draining: no new connections are taken")
-    });
+    d.drain();
     assert!(
         d.try_exit().is_none(),
         "daemon exited at SIGTERM with a connection open (grace {GRACE_SECS} s) (the l4proxy log is printed below)",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use l4proxy::logging::QUEUE_LINES;
 use lab::daemon::{field_u64, message};
-use lab::{Daemon, Server, Topo, handlers, sa};
+use lab::{Daemon, Topo, sa};
 use serde_json::{Value, json};
 
 /// One `connection closed` line each: more than the log queue and a 64 KiB
@@ -26,12 +26,7 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
 fn unread_log_drops_lines_instead_of_stalling() {
-    let t = Topo::new("log_stall");
-    let srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, srv) = Topo::with_echo("log_stall", "203.0.113.2:8080", "upstream");
     let policy = json!({
         "intercept": [ { "name": "web", "prefixes": ["192.0.2.10/32"], "ports": [80], "upstream": "pool" } ],
         "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }

@@ -30,13 +30,7 @@ fn policy(api: &str) -> Value {
 
 /// Runs the daemon's own binary in `ns` (a control-socket client).
 fn l4proxy(t: &Topo, args: &[&str]) -> lab::tls::Output {
-    run_in(
-        &t.px,
-        lab::daemon::binary(),
-        args,
-        b"",
-        Duration::from_secs(30),
-    )
+    lab::daemon::command(&t.px, args, Duration::from_secs(30))
 }
 
 /// One echoed exchange: connects, sends `line`, reads the server's hello
@@ -64,8 +58,7 @@ fn refused(t: &Topo) {
 /// the kernel's steering.
 #[test]
 fn prometheus_scrapes_what_the_test_sent() {
-    let t = Topo::new("operate_metrics");
-    let _api = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("api"));
+    let (t, _api) = Topo::with_echo("operate_metrics", "203.0.113.2:8080", "api");
     let _d = Daemon::start_ready(&t.px, &policy("203.0.113.2:8080"), &["--admin", ADMIN]);
     let prometheus = Prometheus::start(&t.px, sa(PROMETHEUS), sa(ADMIN));
 
@@ -153,8 +146,7 @@ fn prometheus_scrapes_what_the_test_sent() {
 /// (exit 0), which `status` then shows.
 #[test]
 fn status_and_reload_answer_from_the_running_daemon() {
-    let t = Topo::new("operate_status");
-    let _api = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("api"));
+    let (t, _api) = Topo::with_echo("operate_status", "203.0.113.2:8080", "api");
     let _other = Server::start(&t.sv, sa("203.0.113.3:8080"), handlers::hello_echo("other"));
     let mut d = Daemon::start_ready(&t.px, &policy("203.0.113.2:8080"), &[]);
 

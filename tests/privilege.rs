@@ -8,12 +8,11 @@
 
 mod lab;
 
-use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
-use lab::daemon::{field_string as field, message};
-use lab::{Daemon, Netns, Server, TempDir, Topo, addr, connect, handlers, sa, talk};
+use lab::daemon::{command, field_string as field, message};
+use lab::tls::Output;
+use lab::{Daemon, Netns, Server, TempDir, Topo, addr, connect, sa, talk};
 use serde_json::{Value, json};
 
 const CAP_NET_BIND_SERVICE: u32 = 10;
@@ -159,12 +158,7 @@ fn assert_clean_shutdown(t: &Topo, d: &mut Daemon) {
 
 #[test]
 fn as_user_nobody_only_the_documented_capabilities_remain() {
-    let t = Topo::new("privuser");
-    let server = Server::start(
-        &t.sv,
-        sa("203.0.113.3:8080"),
-        handlers::hello_echo("server"),
-    );
+    let (t, server) = Topo::with_echo("privuser", "203.0.113.3:8080", "server");
     let mut d = Daemon::start_ready(&t.px, &policy(&[8080]), &["--user", "nobody"]);
     let nobody = nobody();
     assert_credentials(&d, nobody, KEPT, KEPT);
@@ -178,32 +172,13 @@ fn as_user_nobody_only_the_documented_capabilities_remain() {
     transparent_connection(&t, &mut d, &server, 8081);
     assert_credentials(&d, nobody, KEPT, KEPT);
     // The control socket still answers root.
-    let asked = lab::run_cmd(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            t.px.name(),
-            lab::daemon::binary(),
-            "status",
-        ],
-    );
-    assert!(asked.status.success(), "{asked:?}");
+    let asked = command(&t.px, &["status"], Duration::from_secs(30));
+    assert!(asked.success(), "{asked:?}");
     // A successor it started could not load its programs: `upgrade` is
     // refused, saying what to do instead.
-    let upgrade = lab::run_cmd(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            t.px.name(),
-            lab::daemon::binary(),
-            "upgrade",
-        ],
-    );
+    let upgrade = command(&t.px, &["upgrade"], Duration::from_secs(30));
     assert!(
-        !upgrade.status.success()
-            && String::from_utf8_lossy(&upgrade.stderr).contains("l4proxy run --takeover"),
+        !upgrade.success() && upgrade.stderr.contains("l4proxy run --takeover"),
         "{upgrade:?}"
     );
     transparent_connection(&t, &mut d, &server, 8081);
@@ -212,12 +187,7 @@ fn as_user_nobody_only_the_documented_capabilities_remain() {
 
 #[test]
 fn as_root_the_same_capabilities_remain_and_what_a_successor_needs_is_bounded() {
-    let t = Topo::new("privroot");
-    let server = Server::start(
-        &t.sv,
-        sa("203.0.113.3:8080"),
-        handlers::hello_echo("server"),
-    );
+    let (t, server) = Topo::with_echo("privroot", "203.0.113.3:8080", "server");
     let mut d = Daemon::start_ready(&t.px, &policy(&[8080]), &[]);
     // The bounding set keeps what a start takes: `l4proxy upgrade` has the
     // daemon start its successor.
@@ -231,12 +201,7 @@ fn as_root_the_same_capabilities_remain_and_what_a_successor_needs_is_bounded() 
 /// before it changes anything: the old policy stays in force.
 #[test]
 fn a_reload_needing_a_capability_not_held_is_refused() {
-    let t = Topo::new("privrefuse");
-    let server = Server::start(
-        &t.sv,
-        sa("203.0.113.3:8080"),
-        handlers::hello_echo("server"),
-    );
+    let (t, server) = Topo::with_echo("privrefuse", "203.0.113.3:8080", "server");
     // The bounding set is per thread and inherited: a thread of its own
     // starts the daemon without the capability.
     let mut d = std::thread::scope(|s| {
@@ -269,18 +234,9 @@ fn a_reload_needing_a_capability_not_held_is_refused() {
         "{verdict}"
     );
     // `l4proxy reload` (a unit's ExecReload) fails with the same reason.
-    let asked = lab::run_cmd(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            t.px.name(),
-            lab::daemon::binary(),
-            "reload",
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&asked.stderr);
-    assert_eq!(asked.status.code(), Some(1), "{stderr}");
+    let asked = command(&t.px, &["reload"], Duration::from_secs(30));
+    let stderr = &asked.stderr;
+    assert_eq!(asked.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("refused") && stderr.contains("cap_net_bind_service"),
         "{stderr}"
@@ -307,28 +263,8 @@ fn a_reload_needing_a_capability_not_held_is_refused() {
 fn doctor(ns: &Netns, policy: &Value, dir: &TempDir) -> Output {
     let path = dir.join("policy.json");
     std::fs::write(&path, serde_json::to_vec_pretty(policy).unwrap()).unwrap();
-    doctor_file(ns, &path)
-}
-
-fn doctor_file(ns: &Netns, path: &Path) -> Output {
-    let binary = lab::daemon::binary();
     let path = path.to_str().unwrap();
-    lab::run_cmd(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            ns.name(),
-            binary,
-            "doctor",
-            "--policy",
-            path,
-        ],
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    command(ns, &["doctor", "--policy", path], Duration::from_secs(30))
 }
 
 #[test]
@@ -338,8 +274,8 @@ fn doctor_reports_what_a_host_lacks() {
     let rules_before = t.px.all_rules();
 
     let ready = doctor(&t.px, &policy(&[8080]), &dir);
-    let text = stdout(&ready);
-    assert_eq!(ready.status.code(), Some(0), "{text}");
+    let text = &ready.stdout;
+    assert_eq!(ready.code(), Some(0), "{text}");
     for line in [
         "ok      kernel:",
         "ok      BPF programs:",
@@ -352,8 +288,8 @@ fn doctor_reports_what_a_host_lacks() {
     let mut elsewhere = policy(&[8080]);
     elsewhere["intercept"][0]["interfaces"] = json!(["eth9"]);
     let missing = doctor(&t.px, &elsewhere, &dir);
-    let text = stdout(&missing);
-    assert_eq!(missing.status.code(), Some(1), "{text}");
+    let text = &missing.stdout;
+    assert_eq!(missing.code(), Some(1), "{text}");
     assert!(
         text.lines().any(|l| l.starts_with("missing")
             && l.contains("intercept[0].interfaces[0]: no interface \"eth9\"")),
@@ -364,8 +300,8 @@ fn doctor_reports_what_a_host_lacks() {
     // packets would be dropped as martians.
     t.px.sysctl("net.ipv4.conf.to-cl.src_valid_mark", "1");
     let marked = doctor(&t.px, &policy(&[8080]), &dir);
-    let text = stdout(&marked);
-    assert_eq!(marked.status.code(), Some(1), "{text}");
+    let text = &marked.stdout;
+    assert_eq!(marked.code(), Some(1), "{text}");
     assert!(
         text.lines().any(|l| l
             .starts_with("missing kernel setting: net.ipv4.conf.to-cl.src_valid_mark")

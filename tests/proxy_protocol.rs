@@ -74,8 +74,7 @@ fn nginx_logs_the_client_from_v1_and_v2() {
 /// the connection) and the unique ID l4proxy logs as `conn_id`.
 #[test]
 fn haproxy_accept_proxy_sees_client_destination_and_tlvs() {
-    let t = Topo::new("pp_haproxy");
-    let _backend = Server::start(&t.sv, sa("127.0.0.1:9000"), handlers::hello_echo("backend"));
+    let (t, _backend) = Topo::with_echo("pp_haproxy", "127.0.0.1:9000", "backend");
     let haproxy = Haproxy::start(
         &t.sv,
         "frontend receiver\n\
@@ -138,12 +137,7 @@ fn haproxy_accept_proxy_sees_client_destination_and_tlvs() {
 /// IPv4 connection included.
 #[test]
 fn routes_and_logs_the_client_haproxy_announces() {
-    let t = Topo::new("pp_front");
-    let _direct = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("direct"),
-    );
+    let (t, _direct) = Topo::with_echo("pp_front", "203.0.113.2:8080", "direct");
     let _announced = Server::start(
         &t.sv,
         sa("203.0.113.2:8081"),
@@ -349,12 +343,7 @@ fn local_uses_the_real_endpoints_and_goes_on_as_local() {
 /// the server sees the announced address and port.
 #[test]
 fn the_announced_client_is_bound_transparently() {
-    let t = Topo::new("pp_bind");
-    let srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("server"),
-    );
+    let (t, srv) = Topo::with_echo("pp_bind", "203.0.113.2:8080", "server");
     let policy = json!({
         "intercept": [ { "name": "front", "prefixes": ["192.0.2.10/32"], "ports": [80], "upstream": "web",
                          "accept_proxy_protocol": { "from": ["198.51.100.2/32"] } } ],

@@ -61,8 +61,7 @@ fn refused(t: &Topo, dst: &str) -> bool {
 
 #[test]
 fn reload_changes_the_policy_and_keeps_open_connections() {
-    let t = Topo::new("reload");
-    let _a = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("a"));
+    let (t, _a) = Topo::with_echo("reload", "203.0.113.2:8080", "a");
     let b = Server::start(&t.sv, sa("203.0.113.2:8081"), handlers::hello_echo("b"));
     let mut d = Daemon::start_ready(&t.px, &policy_a(), &[]);
     let mut open = connect(&t.cl, sa("192.0.2.10:80"));
@@ -161,8 +160,7 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
 /// then what only they needed is removed.
 #[test]
 fn a_reload_keeps_connections_the_new_policy_drops() {
-    let t = Topo::new("reload_keep");
-    let _a = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("a"));
+    let (t, _a) = Topo::with_echo("reload_keep", "203.0.113.2:8080", "a");
     let b = Server::start(&t.sv, sa("203.0.113.2:8081"), handlers::hello_echo("b"));
     let mut d = Daemon::start_ready(&t.px, &policy_gateway(), &[]);
     let mut local = connect(&t.cl, sa("192.0.2.10:80"));

@@ -1199,12 +1199,7 @@ fn silent_client_closed_after_sniff_timeout() {
 /// the deadline expires (a server-speaks-first protocol keeps working).
 #[test]
 fn silent_client_gets_rule_default_after_sniff_timeout() {
-    let t = Topo::new("silent_def");
-    let srv = Server::start(
-        &t.sv,
-        sa(WEB_DEFAULT),
-        lab::handlers::hello_echo("server-web-default"),
-    );
+    let (t, srv) = Topo::with_echo("silent_def", WEB_DEFAULT, "server-web-default");
     let mut d = Daemon::start_ready(&t.px, &policy(), &["--sniff-timeout", "1"]);
 
     let started = Instant::now();

@@ -41,12 +41,7 @@ fn lab_forwards_without_proxy() {
 /// servers; the server sees the proxy's address as the peer.
 #[test]
 fn two_rules_reach_their_own_upstreams() {
-    let t = Topo::new("two_rules");
-    let a = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("server-a"),
-    );
+    let (t, a) = Topo::with_echo("two_rules", "203.0.113.2:8080", "server-a");
     let b = Server::start(
         &t.sv,
         sa("203.0.113.2:9090"),
@@ -217,12 +212,7 @@ fn half_close_server_first() {
 /// address (the daemon's local route makes it local).
 #[test]
 fn unlisted_port_is_not_steered() {
-    let t = Topo::new("unlisted");
-    let upstream = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, upstream) = Topo::with_echo("unlisted", "203.0.113.2:8080", "upstream");
     let plain = Server::start(&t.px, sa("0.0.0.0:2222"), handlers::hello_echo("px-plain"));
     let policy = json!({
         "intercept": [ { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80, "8000-8099"], "upstream": "pool-a" } ],
@@ -264,12 +254,7 @@ fn unlisted_port_is_not_steered() {
 #[test]
 fn ipv6_steering() {
     const SIZE: usize = 1 << 20;
-    let t = Topo::new("ipv6");
-    let srv = Server::start(
-        &t.sv,
-        sa("[2001:db8:5::2]:8080"),
-        handlers::hello_echo("server-v6"),
-    );
+    let (t, srv) = Topo::with_echo("ipv6", "[2001:db8:5::2]:8080", "server-v6");
     let policy = json!({
         "intercept": [ { "name": "web6", "prefixes": ["2001:db8:a::/64"], "ports": [80], "upstream": "pool-6" } ],
         "upstreams": { "pool-6": { "servers": ["[2001:db8:5::2]:8080"] } }

@@ -14,9 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lab::daemon::{field, message};
-use lab::tls::run_in;
-use lab::{Daemon, Netns, Server, Topo, handlers, sa};
+use lab::daemon::{command, field, message};
+use lab::{Daemon, Netns, Topo, sa};
 use serde_json::{Value, json};
 
 /// The service 192.0.2.0/24 port 80, relayed to the server's echo.
@@ -233,12 +232,7 @@ fn take_over(old: &mut Daemon, new: Daemon) -> Daemon {
     old.wait_event("`handed over`", Duration::from_secs(10), |e| {
         message(e).is_some_and(|m| m.starts_with("handed over"))
     });
-    let ready = |d: &Daemon| {
-        d.events()
-            .into_iter()
-            .find(|e| message(e) == Some("ready"))
-            .unwrap()
-    };
+    let ready = |d: &Daemon| d.event("ready").unwrap();
     let (old_ready, new_ready) = (ready(old), ready(&new));
     assert_eq!(
         field(&new_ready, "predecessor").and_then(Value::as_i64),
@@ -275,6 +269,12 @@ fn assert_handed_over_and_gone(old: &mut Daemon, new: &mut Daemon) {
     });
 }
 
+/// Stops `d` (SIGTERM, exit 0), the last daemon: nothing of ours is left.
+fn stop_last(d: &mut Daemon, px: &Netns) {
+    d.stop(Duration::from_secs(30));
+    assert_nothing_left(px);
+}
+
 /// Nothing of ours is left once the last daemon stopped.
 fn assert_nothing_left(px: &Netns) {
     let links = px.wait_no_bpf_links(Duration::from_secs(5));
@@ -303,11 +303,36 @@ struct Step {
     adds: Option<Via>,
 }
 
-/// Starts a daemon with `first`, then takes over with each step while
-/// clients connect to `dst` at a steady rate: no connection fails, each
-/// stream opened before a takeover finishes byte-exact on the old daemon,
-/// and the last daemon serves alone with its routes. Returns it.
-fn takeovers_under_load(t: &Topo, first: &Value, via: Via, steps: Vec<Step>) -> Daemon {
+/// Starts a daemon with `first`, then takes over three times (the same
+/// binary and policy; the same binary with `changed`, whose new way in
+/// `adds` is checked; a second build, copied into `dir`, with `changed`)
+/// while clients come `via` at a steady rate: no connection fails, each stream opened
+/// before a takeover finishes byte-exact on the old daemon, and the last
+/// daemon serves alone with its routes. Returns it.
+fn takeovers_under_load(
+    t: &Topo,
+    (first, changed): (&Value, &Value),
+    via: Via,
+    adds: Via,
+    dir: &lab::TempDir,
+) -> Daemon {
+    let steps = [
+        Step {
+            policy: first.clone(),
+            binary: None,
+            adds: None,
+        },
+        Step {
+            policy: changed.clone(),
+            binary: None,
+            adds: Some(adds),
+        },
+        Step {
+            policy: changed.clone(),
+            binary: Some(second_build(dir)),
+            adds: None,
+        },
+    ];
     let grace = ["--grace-period", "30"];
     let mut old = Daemon::start_ready(&t.px, first, &grace);
     let load = Load::start(&t.cl, via);
@@ -357,32 +382,12 @@ fn takeovers_under_load(t: &Topo, first: &Value, via: Via, steps: Vec<Step>) -> 
 /// build) of a daemon that owns a service prefix (sk_lookup steering).
 #[test]
 fn steered_takeovers_under_load_lose_no_connection() {
-    let t = Topo::new("takeover-load");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
-    let dir = lab::TempDir::new("takeover-build");
-    let steps = vec![
-        Step {
-            policy: policy(),
-            binary: None,
-            adds: None,
-        },
-        Step {
-            policy: changed_policy(),
-            binary: None,
-            adds: Some(Via::Steered(sa("[2001:db8:a::10]:81"))),
-        },
-        Step {
-            policy: changed_policy(),
-            binary: Some(second_build(&dir)),
-            adds: None,
-        },
-    ];
+    let (t, _srv) = Topo::with_echo("takeover-load", "203.0.113.2:8080", "upstream");
     let via = Via::Steered(sa("192.0.2.10:80"));
-    let mut last = takeovers_under_load(&t, &policy(), via, steps);
+    let adds = Via::Steered(sa("[2001:db8:a::10]:81"));
+    let dir = lab::TempDir::new("takeover-build");
+    let policies = (&policy(), &changed_policy());
+    let mut last = takeovers_under_load(&t, policies, via, adds, &dir);
     let routes = t.px.proxy_routes();
     assert!(
         routes.iter().any(|r| r.contains("192.0.2.0/24")),
@@ -390,9 +395,7 @@ fn steered_takeovers_under_load_lose_no_connection() {
     );
     exchange(&t.cl, sa("[2001:db8:a::10]:80"), "after v6\n").expect("IPv6 after the takeovers");
 
-    let status = last.terminate(Duration::from_secs(30));
-    last.assert_exit_ok(status);
-    assert_nothing_left(&t.px);
+    stop_last(&mut last, &t.px);
 }
 
 /// A fully transparent gateway (`interfaces`, `bind: client`): the tc
@@ -400,12 +403,7 @@ fn steered_takeovers_under_load_lose_no_connection() {
 /// connection's packets flowing through three takeovers.
 #[test]
 fn gateway_takeovers_under_load_lose_no_connection() {
-    let t = Topo::new("takeover-gw");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-gw", "203.0.113.2:8080", "upstream");
     let gateway = |ports: Value| {
         json!({
             "intercept": [
@@ -414,26 +412,11 @@ fn gateway_takeovers_under_load_lose_no_connection() {
             "upstreams": { "pool": { "servers": ["203.0.113.2:8080"], "bind": "client" } }
         })
     };
-    let dir = lab::TempDir::new("takeover-gw-build");
-    let steps = vec![
-        Step {
-            policy: gateway(json!([80])),
-            binary: None,
-            adds: None,
-        },
-        Step {
-            policy: gateway(json!([80, 81])),
-            binary: None,
-            adds: Some(Via::Steered(sa("203.0.113.3:81"))),
-        },
-        Step {
-            policy: gateway(json!([80, 81])),
-            binary: Some(second_build(&dir)),
-            adds: None,
-        },
-    ];
     let via = Via::Steered(sa("203.0.113.3:80"));
-    let mut last = takeovers_under_load(&t, &gateway(json!([80])), via, steps);
+    let adds = Via::Steered(sa("203.0.113.3:81"));
+    let dir = lab::TempDir::new("takeover-gw-build");
+    let policies = (&gateway(json!([80])), &gateway(json!([80, 81])));
+    let mut last = takeovers_under_load(&t, policies, via, adds, &dir);
     let rules = t.px.proxy_rules();
     assert!(
         rules.iter().any(|r| r.contains("fwmark")),
@@ -446,9 +429,7 @@ fn gateway_takeovers_under_load_lose_no_connection() {
         "only the last daemon's classify is left"
     );
 
-    let status = last.terminate(Duration::from_secs(30));
-    last.assert_exit_ok(status);
-    assert_nothing_left(&t.px);
+    stop_last(&mut last, &t.px);
     assert_eq!(
         t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(5)),
         Vec::<String>::new(),
@@ -461,12 +442,7 @@ fn gateway_takeovers_under_load_lose_no_connection() {
 /// running daemon serving with all its state.
 #[test]
 fn refused_takeover_leaves_the_old_daemon_serving() {
-    let t = Topo::new("takeover-refused");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-refused", "203.0.113.2:8080", "upstream");
     let dst = sa("192.0.2.10:80");
     let mut old = Daemon::start_ready(&t.px, &policy(), &[]);
     let routes = t.px.proxy_routes();
@@ -522,31 +498,20 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
             "after {what}, the old daemon exited"
         );
     }
-    let status = old.terminate(Duration::from_secs(30));
-    old.assert_exit_ok(status);
-    let stopped = old
-        .events()
-        .into_iter()
-        .find(|e| message(e) == Some("stopped"))
-        .expect("a `stopped` event");
+    stop_last(&mut old, &t.px);
+    let stopped = old.event("stopped").expect("a `stopped` event");
     assert_eq!(
         field(&stopped, "handed_over").and_then(Value::as_bool),
         Some(false),
         "{stopped}"
     );
-    assert_nothing_left(&t.px);
 }
 
 /// A second `run` in the namespace is refused naming the running daemon's
 /// pid; `cleanup` refuses while it runs, and works once it is gone.
 #[test]
 fn one_daemon_per_namespace() {
-    let t = Topo::new("takeover-one");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-one", "203.0.113.2:8080", "upstream");
     let dst = sa("192.0.2.10:80");
     let mut first = Daemon::start_ready(&t.px, &policy(), &[]);
     let pid = format!("pid {}", first.pid());
@@ -560,13 +525,7 @@ fn one_daemon_per_namespace() {
         "the refusal should name the running daemon ({pid}); log:\n{log}"
     );
 
-    let cleanup = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["cleanup"],
-        b"",
-        Duration::from_secs(30),
-    );
+    let cleanup = command(&t.px, &["cleanup"], Duration::from_secs(30));
     assert!(!cleanup.success(), "cleanup should refuse: {cleanup:?}");
     assert!(
         cleanup.stderr.contains(&pid),
@@ -580,15 +539,8 @@ fn one_daemon_per_namespace() {
     );
     exchange(&t.cl, dst, "still one\n").expect("the first daemon still serves");
 
-    let status = first.terminate(Duration::from_secs(30));
-    first.assert_exit_ok(status);
-    let cleanup = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["cleanup"],
-        b"",
-        Duration::from_secs(30),
-    );
+    first.stop(Duration::from_secs(30));
+    let cleanup = command(&t.px, &["cleanup"], Duration::from_secs(30));
     assert!(cleanup.success(), "cleanup without a daemon: {cleanup:?}");
     assert_nothing_left(&t.px);
 }
@@ -625,12 +577,7 @@ impl Drop for Stray {
 /// old daemon finishes its open stream and exits.
 #[test]
 fn upgrade_starts_the_successor() {
-    let t = Topo::new("takeover-upgrade");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-upgrade", "203.0.113.2:8080", "upstream");
     let dst = sa("192.0.2.10:80");
     // The successor gets the same `--admin`: it must be handed the
     // listener, the old daemon still has the address.
@@ -643,13 +590,7 @@ fn upgrade_starts_the_successor() {
     // upgrade fails saying so, and the old daemon goes on.
     let good = std::fs::read(old.policy_path()).unwrap();
     std::fs::write(old.policy_path(), "{ broken").unwrap();
-    let failed = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["upgrade"],
-        b"",
-        Duration::from_secs(120),
-    );
+    let failed = command(&t.px, &["upgrade"], Duration::from_secs(120));
     assert!(!failed.success(), "the upgrade should fail: {failed:?}");
     assert!(
         failed.stderr.contains("the successor exited")
@@ -659,13 +600,7 @@ fn upgrade_starts_the_successor() {
     exchange(&t.cl, dst, "after a failed upgrade\n").expect("the old daemon still serves");
     std::fs::write(old.policy_path(), good).unwrap();
 
-    let upgrade = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["upgrade"],
-        b"",
-        Duration::from_secs(120),
-    );
+    let upgrade = command(&t.px, &["upgrade"], Duration::from_secs(120));
     assert!(upgrade.success(), "l4proxy upgrade: {upgrade:?}");
     let successor: i32 = upgrade
         .stdout
@@ -708,12 +643,7 @@ fn upgrade_starts_the_successor() {
 /// waits for it before it exits, and the last one serves alone.
 #[test]
 fn a_chain_of_takeovers_keeps_the_first_daemons_connections() {
-    let t = Topo::new("takeover-chain");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-chain", "203.0.113.2:8080", "upstream");
     let dst = sa("192.0.2.10:80");
     let args = ["--takeover", "--grace-period", "30"];
     let mut first = Daemon::start_ready(&t.px, &policy(), &["--grace-period", "30"]);
@@ -738,21 +668,14 @@ fn a_chain_of_takeovers_keeps_the_first_daemons_connections() {
         "the last daemon's routes: {routes:?}"
     );
     exchange(&t.cl, dst, "alone\n").expect("the last daemon serves alone");
-    let status = third.terminate(Duration::from_secs(30));
-    third.assert_exit_ok(status);
-    assert_nothing_left(&t.px);
+    stop_last(&mut third, &t.px);
 }
 
 /// CONNECT listeners are handed over too: three takeovers (the second adds
 /// a listener) under a steady load of CONNECT tunnels.
 #[test]
 fn connect_takeovers_under_load_lose_no_connection() {
-    let t = Topo::new("takeover-connect");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:443"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("takeover-connect", "203.0.113.2:443", "upstream");
     let explicit = |listen: Value| {
         json!({
             "intercept": [
@@ -765,33 +688,12 @@ fn connect_takeovers_under_load_lose_no_connection() {
     let target = sa("203.0.113.2:443");
     let first = explicit(json!(["198.51.100.1:3128"]));
     let changed = explicit(json!(["198.51.100.1:3128", "198.51.100.1:3129"]));
-    let dir = lab::TempDir::new("takeover-connect-build");
-    let steps = vec![
-        Step {
-            policy: first.clone(),
-            binary: None,
-            adds: None,
-        },
-        Step {
-            policy: changed.clone(),
-            binary: None,
-            adds: Some(Via::Connect {
-                proxy: sa("198.51.100.1:3129"),
-                target,
-            }),
-        },
-        Step {
-            policy: changed,
-            binary: Some(second_build(&dir)),
-            adds: None,
-        },
-    ];
-    let via = Via::Connect {
-        proxy: sa("198.51.100.1:3128"),
+    let tunnel = |proxy| Via::Connect {
+        proxy: sa(proxy),
         target,
     };
-    let mut last = takeovers_under_load(&t, &first, via, steps);
-    let status = last.terminate(Duration::from_secs(30));
-    last.assert_exit_ok(status);
-    assert_nothing_left(&t.px);
+    let (via, adds) = (tunnel("198.51.100.1:3128"), tunnel("198.51.100.1:3129"));
+    let dir = lab::TempDir::new("takeover-connect-build");
+    let mut last = takeovers_under_load(&t, (&first, &changed), via, adds, &dir);
+    stop_last(&mut last, &t.px);
 }

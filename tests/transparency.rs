@@ -6,11 +6,13 @@
 
 mod lab;
 
-use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
 use lab::daemon::{field_str, field_string as field, message};
-use lab::{Daemon, Server, Topo, addr, connect, connect_from, handlers, talk, try_connect};
+use lab::{
+    Daemon, Server, Topo, addr, connect, connect_from, handlers, ip, sock, talk, try_connect,
+};
 use serde_json::{Value, json};
 
 /// The lab's addresses of one family.
@@ -54,14 +56,6 @@ const V6: Family = Family {
 
 const FAMILIES: [Family; 2] = [V4, V6];
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn sock(ip_text: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip(ip_text), port)
-}
-
 /// `ADDR:PORT` of both families, as a policy writes servers.
 fn both(port: u16, pick: impl Fn(Family) -> &'static str) -> Vec<String> {
     FAMILIES
@@ -78,10 +72,7 @@ fn servers(
     port: u16,
     id: &str,
 ) -> Vec<Server> {
-    FAMILIES
-        .iter()
-        .map(|&f| Server::start(ns, sock(pick(f), port), handlers::hello_echo(id)))
-        .collect()
+    Server::echo_each(ns, FAMILIES.map(|f| sock(pick(f), port)), id).into()
 }
 
 /// A gateway rule on px's client-side interface for sv's prefixes.
@@ -305,13 +296,9 @@ fn own_addresses_and_own_connections_are_not_taken() {
         .filter(|e| message(e) == Some("connection closed"))
         .count();
     assert_eq!(closed, 2, "one relayed connection per family, no loop");
-    d.signal(libc::SIGTERM);
-    let status = d.wait_exit(Duration::from_secs(10));
-    d.assert_exit_ok(status);
+    d.stop(Duration::from_secs(10));
     let counters = d
-        .events()
-        .into_iter()
-        .find(|e| message(e) == Some("kernel counters"))
+        .event("kernel counters")
         .map(|e| field(&e, "counters"))
         .expect("kernel counters logged at exit");
     let items: Vec<&str> = counters.split_whitespace().collect();
@@ -748,51 +735,12 @@ fn nothing_left_after(test: &str, signal: i32) {
     let mut c = connect(&t.cl, sock(V4.server_b, 80));
     talk(&mut c, "server", "while running");
 
-    d.signal(signal);
-    let status = d.wait_exit(Duration::from_secs(10));
-    if signal == libc::SIGTERM {
-        d.assert_exit_ok(status);
-    } else {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(signal), "{status}");
-    }
-    // After SIGKILL the route guard removes what the daemon could not.
-    let (rules, routes) = lab::poll_until(
-        Duration::from_secs(5),
-        || (t.px.proxy_rules(), t.px.proxy_routes()),
-        |(rules, routes)| rules.is_empty() && routes.is_empty(),
-    );
-    assert_eq!(rules, Vec::<String>::new(), "proto 244 rules left");
-    assert_eq!(routes, Vec::<String>::new(), "proto 244 routes left");
-    assert_eq!(
-        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(2)),
-        Vec::<String>::new(),
-        "tc programs left"
-    );
-    assert_eq!(
-        t.px.all_rules(),
-        rules_before,
-        "routing rules differ from before the start"
-    );
-    assert_eq!(
-        t.px.wait_no_bpf_links(Duration::from_secs(2)),
-        Vec::<Value>::new()
-    );
+    d.end_with(signal);
+    t.px.assert_nothing_left(&["to-cl", "to-sv"], &rules_before);
     for (f, server) in FAMILIES.iter().zip(&servers) {
         // Port 80 on sv has no listener: without the proxy it is refused.
-        assert!(
-            try_connect(&t.cl, sock(f.server_b, 80), Duration::from_secs(2)).is_err(),
-            "{}: port 80 still answered after the daemon ended",
-            f.name
-        );
-        let mut c = connect(&t.cl, sock(f.server, 8080));
-        let client = c.local_addr().unwrap();
-        talk(
-            &mut c,
-            "server",
-            &format!("{} forwarded after the end", f.name),
-        );
-        assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
+        let what = format!("{} forwarded after the end", f.name);
+        lab::assert_no_proxy(&t.cl, sock(f.server_b, 80), server, "server", &what);
     }
 }
 
@@ -820,17 +768,9 @@ fn draining_keeps_open_connections_and_forwards_new_ones() {
         &full_policy_on(8080, 9090),
         &["--grace-period", "30"],
     );
-    let mut open = Vec::new();
-    for f in FAMILIES {
-        let mut c = connect(&t.cl, sock(f.server, 8080));
-        assert_eq!(lab::read_line(&mut c).unwrap(), "proxied", "{}", f.name);
-        open.push(c);
-    }
+    let mut open = FAMILIES.map(|f| lab::connect_greeted(&t.cl, sock(f.server, 8080), "proxied"));
 
-    d.signal(libc::SIGTERM);
-    d.wait_event("draining", Duration::from_secs(5), |e| {
-        message(e) == Some("draining: no new connections are taken")
-    });
+    d.drain();
     for ((f, c), server) in FAMILIES.iter().zip(&mut open).zip(&direct) {
         lab::echo(
             c,
@@ -838,14 +778,12 @@ fn draining_keeps_open_connections_and_forwards_new_ones() {
             &format!("{}: during the drain", f.name),
         );
 
-        let mut n = connect(&t.cl, sock(f.server, 8080));
-        let client = n.local_addr().unwrap();
-        talk(
-            &mut n,
+        lab::assert_reaches_directly(
+            &t.cl,
+            server,
             "direct",
             &format!("{} new connection while draining", f.name),
         );
-        assert_eq!(server.accepted().last().unwrap().peer, client, "{}", f.name);
     }
     assert!(d.try_exit().is_none(), "exited with connections open");
 

@@ -11,11 +11,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::tls::{Output, run_in};
 use super::{Netns, TempDir};
 
 /// Path of the binary under test.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_l4proxy")
+}
+
+/// Runs the binary under test in `ns` as a command (`status`, `upgrade`,
+/// `cleanup`, `doctor` ...), bounded by `timeout`.
+pub fn command(ns: &Netns, args: &[&str], timeout: Duration) -> Output {
+    run_in(ns, binary(), args, b"", timeout)
 }
 
 /// A running `l4proxy run`. Dropping it kills the daemon if it still runs;
@@ -302,6 +309,13 @@ impl Daemon {
             .collect()
     }
 
+    /// The first event logged (so far) with the message `wanted`.
+    pub fn event(&self, wanted: &str) -> Option<Value> {
+        self.events()
+            .into_iter()
+            .find(|e| message(e) == Some(wanted))
+    }
+
     /// Has the process exited? (Reaps it if so.)
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
@@ -420,6 +434,33 @@ impl Daemon {
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         self.signal(libc::SIGTERM);
         self.wait_exit(timeout)
+    }
+
+    /// SIGTERM, and asserts a clean exit 0 within `timeout`.
+    pub fn stop(&mut self, timeout: Duration) {
+        let status = self.terminate(timeout);
+        self.assert_exit_ok(status);
+    }
+
+    /// SIGTERM, and waits (5 s) for `draining`: the daemon has stopped
+    /// steering and accepting, open connections go on.
+    pub fn drain(&mut self) {
+        self.signal(libc::SIGTERM);
+        self.wait_event("draining", Duration::from_secs(5), |e| {
+            message(e) == Some("draining: no new connections are taken")
+        });
+    }
+
+    /// Sends `signal` and asserts that the daemon ended as it makes it
+    /// (10 s): exit 0 after SIGTERM, killed by any other.
+    pub fn end_with(&mut self, signal: i32) {
+        self.signal(signal);
+        let status = self.wait_exit(Duration::from_secs(10));
+        if signal == libc::SIGTERM {
+            self.assert_exit_ok(status);
+        } else {
+            assert_eq!(status.signal(), Some(signal), "{status}");
+        }
     }
 
     /// SIGKILL and reap.

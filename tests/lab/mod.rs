@@ -357,6 +357,34 @@ impl Netns {
         found
     }
 
+    /// Nothing of a daemon that ended is left here: no proto 244 rule or
+    /// route (polled: after SIGKILL the route guard removes what the daemon
+    /// could not), no tc program on `devs`, the routing rules as
+    /// `rules_before`, no BPF link.
+    pub fn assert_nothing_left(&self, devs: &[&str], rules_before: &[String]) {
+        let (rules, routes) = poll_until(
+            Duration::from_secs(5),
+            || (self.proxy_rules(), self.proxy_routes()),
+            |(rules, routes)| rules.is_empty() && routes.is_empty(),
+        );
+        assert_eq!(rules, Vec::<String>::new(), "proto 244 rules left");
+        assert_eq!(routes, Vec::<String>::new(), "proto 244 routes left");
+        assert_eq!(
+            self.wait_no_tc_programs(devs, Duration::from_secs(2)),
+            Vec::<String>::new(),
+            "tc programs left"
+        );
+        assert_eq!(
+            self.all_rules(),
+            rules_before,
+            "routing rules differ from before the start"
+        );
+        assert_eq!(
+            self.wait_no_bpf_links(Duration::from_secs(2)),
+            Vec::<serde_json::Value>::new()
+        );
+    }
+
     /// Polls until the daemon's routes are gone; returns what is left on timeout.
     pub fn wait_no_proxy_routes(&self, timeout: Duration) -> Vec<String> {
         poll_until(timeout, || self.proxy_routes(), Vec::is_empty)
@@ -490,6 +518,14 @@ impl Topo {
         sv.route("default", PX6_SV);
 
         Topo { cl, px, sv }
+    }
+
+    /// The topology with one [`handlers::hello_echo`] server on sv, on `at`,
+    /// greeting with `hello`.
+    pub fn with_echo(test: &str, at: &str, hello: &str) -> (Topo, Server) {
+        let t = Topo::new(test);
+        let server = Server::start(&t.sv, sa(at), handlers::hello_echo(hello));
+        (t, server)
     }
 }
 

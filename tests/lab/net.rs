@@ -1,7 +1,7 @@
 //! Tiny TCP servers and clients living in namespaces, and test data.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,16 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn sa(s: &str) -> SocketAddr {
     s.parse()
         .unwrap_or_else(|e| panic!("bad socket address {s}: {e}"))
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad IP address {s}: {e}"))
+}
+
+/// `ip_text` and `port` as one address (either family).
+pub fn sock(ip_text: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(ip_text), port)
 }
 
 /// Deterministic pseudo-random bytes (splitmix64).
@@ -146,6 +156,15 @@ pub fn finish(s: &mut TcpStream, what: &str) {
     assert_eq!(rest.len, 0, "{what}: bytes after the exchange");
 }
 
+/// Connects from `ns` to `to` and reads the greeting, which must be `want`:
+/// an open connection to that server.
+pub fn connect_greeted(ns: &Netns, to: SocketAddr, want: &str) -> TcpStream {
+    let mut c = connect(ns, to);
+    let hello = read_line(&mut c).unwrap_or_else(|e| panic!("{to}: greeting: {e}"));
+    assert_eq!(hello, want, "{to}: reached the wrong server");
+    c
+}
+
 /// Reads the server's greeting, has one line echoed, and finishes: the
 /// connection reached `want` and works in both directions.
 pub fn talk(s: &mut TcpStream, want: &str, what: &str) {
@@ -153,6 +172,27 @@ pub fn talk(s: &mut TcpStream, want: &str, what: &str) {
     assert_eq!(hello, want, "{what}: reached the wrong server");
     echo(s, &format!("through l4proxy: {what}"), what);
     finish(s, what);
+}
+
+/// Connects from `ns` to `server` (a [`handlers::hello_echo`] greeting
+/// with `hello`) and [`talk`]s: the server saw the client's own address and
+/// port, nothing between them took the connection.
+pub fn assert_reaches_directly(ns: &Netns, server: &Server, hello: &str, what: &str) {
+    let mut c = connect(ns, server.addr());
+    let client = c.local_addr().unwrap();
+    talk(&mut c, hello, what);
+    assert_eq!(server.accepted().last().unwrap().peer, client, "{what}");
+}
+
+/// With no proxy in the way: nothing answers at `refused` (a port only the
+/// proxy served), and `server` is reached directly
+/// ([`assert_reaches_directly`]).
+pub fn assert_no_proxy(ns: &Netns, refused: SocketAddr, server: &Server, hello: &str, what: &str) {
+    assert!(
+        try_connect(ns, refused, Duration::from_secs(2)).is_err(),
+        "{what}: {refused} still answered"
+    );
+    assert_reaches_directly(ns, server, hello, what);
 }
 
 fn set_timeouts(s: &TcpStream) {
@@ -270,6 +310,16 @@ impl Server {
             accepted,
             thread: Some(thread),
         }
+    }
+
+    /// One [`handlers::hello_echo`] server greeting with `hello` on each
+    /// of `addrs`.
+    pub fn echo_each<const N: usize>(
+        ns: &Netns,
+        addrs: [SocketAddr; N],
+        hello: &str,
+    ) -> [Server; N] {
+        addrs.map(|addr| Server::start(ns, addr, handlers::hello_echo(hello)))
     }
 
     pub fn addr(&self) -> SocketAddr {
