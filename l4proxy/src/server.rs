@@ -31,6 +31,7 @@ use crate::{
     install::{self, Applied, InstallError, Installation},
     intercept::{delivery::Mark, interfaces, routes::RouteError},
     metrics::Metrics,
+    notify,
     policy::{Keepalive, Policy, PolicyError},
     relay,
     session::{self, Defaults, Front, Shared},
@@ -162,6 +163,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
         admin = settings.admin.map(tracing::field::display),
         "ready"
     );
+    notify::ready(metrics.generation());
     let mut listening: Vec<String> = listeners
         .iter()
         .flatten()
@@ -174,7 +176,10 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     loop {
         tokio::select! {
             signal = signals.recv() => match signal {
-                Signal::Stop => break,
+                Signal::Stop => {
+                    notify::stopping(accepting.limit.open(), settings.grace_period);
+                    break;
+                }
                 Signal::Reload => {
                     let _ = reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await;
                 }
@@ -228,7 +233,7 @@ pub async fn run(policy: Policy, settings: Settings) -> Result<(), ServerError> 
     accepting.tracker.close();
     let limit = &accepting.limit;
     tracing::info!(
-        open_connections = limit.max - limit.permits.available_permits(),
+        open_connections = limit.open(),
         grace_period = ?settings.grace_period,
         "draining: no new connections are taken"
     );
@@ -267,9 +272,13 @@ async fn reload_now(
     listening: &mut Vec<String>,
 ) -> Result<(), String> {
     let keepalive = settings.defaults.keepalive;
+    notify::reloading();
     let reloaded = reload(&settings.policy_path, installation, explicit, keepalive).await;
     let metrics = installation.metrics();
     metrics.reloaded(reloaded.is_ok());
+    if let Err(reason) = &reloaded {
+        notify::refused(reason, metrics.generation());
+    }
     let (applied, opened) = reloaded?;
     metrics.in_force();
     // The new listeners' queued clients find their rules.
@@ -285,6 +294,7 @@ async fn reload_now(
     listening.retain(|l| l.starts_with("steered "));
     listening.extend(connect_listeners(&applied.active.policy));
     tracing::info!("policy reloaded");
+    notify::reloaded(metrics.generation());
     Ok(())
 }
 
@@ -391,6 +401,13 @@ impl Accepting {
 struct Limit {
     permits: Arc<Semaphore>,
     max: usize,
+}
+
+impl Limit {
+    /// Connections open now.
+    fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
 }
 
 async fn accept_loop(

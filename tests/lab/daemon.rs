@@ -48,6 +48,8 @@ struct Setup {
     open_files: Option<u64>,
     /// A file bind-mounted over /etc/resolv.conf.
     resolv_conf: Option<std::ffi::CString>,
+    /// Environment variables added to the test's.
+    env: Vec<(String, String)>,
 }
 
 /// In the child before exec: a private mount namespace in which
@@ -113,7 +115,7 @@ impl Daemon {
     ) -> Daemon {
         let setup = Setup {
             open_files: Some(limit),
-            resolv_conf: None,
+            ..Setup::default()
         };
         let mut d = Daemon::spawn_with(ns, policy, extra, setup);
         collect(d.child.stderr.take().unwrap(), "", d.log.clone());
@@ -136,12 +138,31 @@ impl Daemon {
             policy,
             extra,
             Setup {
-                open_files: None,
                 resolv_conf: Some(resolv_conf),
+                ..Setup::default()
             },
         );
         collect(d.child.stderr.take().unwrap(), "", d.log.clone());
         d.wait_ready(Duration::from_secs(10));
+        d
+    }
+
+    /// Like `start`, with `env` added to the daemon's environment.
+    pub fn start_with_env(
+        ns: &Netns,
+        policy: &Value,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let setup = Setup {
+            env: env
+                .iter()
+                .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ..Setup::default()
+        };
+        let mut d = Daemon::spawn_with(ns, policy, extra, setup);
+        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
         d
     }
 
@@ -155,6 +176,7 @@ impl Daemon {
         let Setup {
             open_files,
             resolv_conf,
+            env,
         } = setup;
         let dir = TempDir::new(&format!("daemon-{}", ns.name()));
         let policy_path = dir.join("policy.json");
@@ -178,6 +200,7 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("L4PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
