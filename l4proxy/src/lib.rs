@@ -40,6 +40,7 @@ pub mod intercept;
 pub mod local_addrs;
 pub mod logging;
 pub mod lpm;
+pub mod manual;
 pub mod metrics;
 pub mod notify;
 pub mod parent;

@@ -32,6 +32,10 @@ fn main() -> ExitCode {
             log.start_writer();
             cleanup()
         }
+        Command::Manual { out } => {
+            log.start_writer();
+            l4proxy::manual::write(&out).with_context(|| format!("writing to {}", out.display()))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
