@@ -190,3 +190,157 @@ fn version_names_the_commit_and_the_embedded_bpf_object() {
         )
     );
 }
+
+/// What the .deb installs, with each file's mode.
+const PACKAGED: &[(&str, u32)] = &[
+    ("usr/sbin/l4proxy", 0o755),
+    ("lib/systemd/system/l4proxy.service", 0o644),
+    ("etc/l4proxy/policy.json", 0o644),
+    ("usr/share/man/man8/l4proxy.8.gz", 0o644),
+    ("usr/share/man/man8/l4proxy-run.8.gz", 0o644),
+    ("usr/share/man/man8/l4proxy-check.8.gz", 0o644),
+    ("usr/share/man/man8/l4proxy-reload.8.gz", 0o644),
+    ("usr/share/bash-completion/completions/l4proxy", 0o644),
+    ("usr/share/zsh/vendor-completions/_l4proxy", 0o644),
+    ("usr/share/fish/vendor_completions.d/l4proxy.fish", 0o644),
+    ("usr/share/doc/l4proxy/copyright", 0o644),
+    ("usr/share/doc/l4proxy/README.md", 0o644),
+    ("usr/share/doc/l4proxy/policy.md", 0o644),
+];
+
+/// `cargo xtask package` with the binary under test: the debug build, not
+/// a release one (the packaging is the same, the build minutes cheaper).
+fn package(out: &Path) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let built = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "--locked", "--package", "xtask", "--"])
+        .args(["package", "--binary", lab::daemon::binary(), "--out"])
+        .arg(out)
+        .output()
+        .expect("run cargo xtask package");
+    assert!(
+        built.status.success(),
+        "cargo xtask package: {}\n{}",
+        built.status,
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // The .deb's path is the last line (dpkg-deb speaks first).
+    let stdout = String::from_utf8(built.stdout).unwrap();
+    let deb = PathBuf::from(stdout.lines().last().unwrap_or_default());
+    assert!(deb.starts_with(out) && deb.exists(), "{deb:?}");
+    deb
+}
+
+/// Runs a command, panicking with its output if it fails; returns stdout.
+fn must(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn the_deb_installs_into_a_scratch_root_and_its_unit_verifies() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = lab::TempDir::new("deploy-package");
+    let deb = package(&dir.join("out"));
+    let arch = must(Command::new("dpkg").arg("--print-architecture"));
+    assert_eq!(
+        deb.file_name().unwrap().to_string_lossy(),
+        format!("l4proxy_{}_{}.deb", env!("CARGO_PKG_VERSION"), arch.trim())
+    );
+    let fields = must(
+        Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&deb)
+            .args(["Package", "Version", "Depends"]),
+    );
+    assert!(
+        fields.contains("Package: l4proxy\n")
+            && fields.contains(&format!("Version: {}\n", env!("CARGO_PKG_VERSION")))
+            && fields.contains("Depends: libc6 (>= 2."),
+        "{fields}"
+    );
+
+    // Installed as `dpkg --root` would lay it out, without running anything.
+    let root = dir.join("root");
+    must(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    for (file, mode) in PACKAGED {
+        let path = root.join(file);
+        let meta = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{file} is not in the package: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o7777, *mode, "mode of {file}");
+    }
+    let control = dir.join("DEBIAN");
+    must(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
+    assert_eq!(
+        std::fs::read_to_string(control.join("conffiles")).unwrap(),
+        "/etc/l4proxy/policy.json\n",
+        "the policy is the operator's: an upgrade keeps their changes"
+    );
+    for script in ["postinst", "prerm", "postrm"] {
+        must(Command::new("sh").arg("-n").arg(control.join(script)));
+    }
+
+    // The installed binary is the one under test, and its default policy
+    // passes the unit's ExecStartPre.
+    let installed = root.join("usr/sbin/l4proxy");
+    assert_eq!(
+        must(Command::new(&installed).arg("--version")),
+        must(Command::new(lab::daemon::binary()).arg("--version"))
+    );
+    must(
+        Command::new(&installed)
+            .args(["check", "--strict"])
+            .arg(root.join("etc/l4proxy/policy.json")),
+    );
+    let page = must(
+        Command::new("gzip")
+            .arg("-dc")
+            .arg(root.join("usr/share/man/man8/l4proxy-run.8.gz")),
+    );
+    assert!(
+        page.contains(".TH l4proxy-run 8") && page.contains("grace\\-period"),
+        "{page}"
+    );
+    let bash = std::fs::read_to_string(root.join("usr/share/bash-completion/completions/l4proxy"))
+        .unwrap();
+    assert!(bash.contains("complete -F _l4proxy"), "{bash}");
+
+    // systemd-analyze verify on the installed unit, with the scratch root as
+    // `/`: its ExecStart binaries and man pages are the package's. The
+    // root also gets this machine's own units (sysinit.target and the like),
+    // which a real system has and the transaction check loads.
+    let units = root.join("usr/lib/systemd/system");
+    std::fs::create_dir_all(&units).unwrap();
+    must(
+        Command::new("cp")
+            .arg("-a")
+            .arg("/usr/lib/systemd/system/.")
+            .arg(&units),
+    );
+    std::fs::remove_file(units.join("l4proxy.service")).ok();
+    let verified = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .arg("l4proxy.service")
+        .env("MANPATH", root.join("usr/share/man"))
+        .current_dir(dir.path())
+        .output()
+        .expect("run systemd-analyze verify (xtask setup installs systemd)");
+    let complaints = String::from_utf8_lossy(&verified.stderr);
+    // It exits 0 for unknown or malformed settings too, with a warning.
+    assert!(
+        verified.status.success() && complaints.trim().is_empty(),
+        "systemd-analyze verify: {}\n{complaints}",
+        verified.status
+    );
+}
