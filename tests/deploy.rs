@@ -344,3 +344,263 @@ fn the_deb_installs_into_a_scratch_root_and_its_unit_verifies() {
         verified.status
     );
 }
+
+/// The values of `key=` in the unit, split on spaces (all its lines).
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .flat_map(|v| v.split_whitespace().map(str::to_owned))
+        .collect()
+}
+
+/// The system calls a `SystemCallFilter=` list allows, its groups expanded
+/// by systemd-analyze (which lists nested groups by name).
+fn allowed_syscalls(filter: &[String]) -> std::collections::BTreeSet<String> {
+    let mut allowed = std::collections::BTreeSet::new();
+    let mut groups: Vec<String> = Vec::new();
+    for entry in filter {
+        if entry.starts_with('@') {
+            groups.push(entry.clone());
+        } else {
+            allowed.insert(entry.clone());
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(group) = groups.pop() {
+        if !seen.insert(group.clone()) {
+            continue;
+        }
+        let listing = must(Command::new("systemd-analyze").args(["syscall-filter", &group]));
+        for line in listing.lines().skip(1) {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if line.starts_with('@') {
+                groups.push(line.to_owned());
+            } else {
+                allowed.insert(line.to_owned());
+            }
+        }
+    }
+    allowed
+}
+
+/// The pid of `parent`'s only child (the daemon strace started).
+fn only_child(parent: i32) -> i32 {
+    let children = lab::poll_until(
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                .unwrap_or_default()
+        },
+        |c| !c.trim().is_empty(),
+    );
+    children
+        .split_whitespace()
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no child of {parent}: {children:?}"))
+}
+
+/// A gateway rule relaying from the client's address: the tc program,
+/// routing rules and transparent binds, besides sk_lookup and local routes.
+fn gateway_policy() -> Value {
+    json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "a" },
+            { "name": "gateway", "prefixes": ["203.0.113.0/24"], "ports": [9000],
+              "interfaces": ["to-cl"], "upstream": "b" }
+        ],
+        "upstreams": { "a": { "servers": ["203.0.113.2:8080"] },
+                       "b": { "servers": ["203.0.113.2:8081"], "bind": "client" } }
+    })
+}
+
+/// The unit's sandbox, as far as it can be had without systemd as PID 1:
+/// the daemon runs with the unit's capability bounding set and
+/// no_new_privs (enforced, by setpriv), and strace records every system
+/// call through start-up, transparent relaying, a refused and an accepted
+/// `l4proxy reload` (the unit's ExecReload) and a stop; the record must fit
+/// SystemCallFilter=, RestrictAddressFamilies=, RestrictNamespaces=,
+/// MemoryDenyWriteExecute=, ProtectSystem=strict (no file opened for
+/// writing) and ProtectHome=.
+#[test]
+fn the_daemon_works_inside_the_units_sandbox() {
+    let unit = std::fs::read_to_string(workspace_root().join("dist/l4proxy.service")).unwrap();
+    let caps = unit_values(&unit, "CapabilityBoundingSet");
+    assert!(!caps.is_empty(), "the unit bounds the capabilities");
+    let bounding = std::iter::once("-all".to_owned())
+        .chain(
+            caps.iter()
+                .map(|c| format!("+{}", c.to_lowercase().trim_start_matches("cap_"))),
+        )
+        .collect::<Vec<_>>()
+        .join(",");
+    let t = Topo::new("sandbox");
+    let _a = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("a"));
+    let b = Server::start(&t.sv, sa("203.0.113.2:8081"), handlers::hello_echo("b"));
+    let dir = lab::TempDir::new("deploy-sandbox");
+    let trace = dir.join("strace");
+    let trace_arg = trace.to_string_lossy().into_owned();
+    let wrapper = [
+        // A unit's environment has no cargo in it (its library path points
+        // into /root).
+        "env",
+        "-u",
+        "LD_LIBRARY_PATH",
+        "setpriv",
+        "--bounding-set",
+        &bounding,
+        "--inh-caps=-all",
+        "--no-new-privs",
+        "--",
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        &trace_arg,
+        "--",
+    ];
+    let mut d = Daemon::start_wrapped(
+        &t.px,
+        &gateway_policy(),
+        &["--grace-period", "5s"],
+        &wrapper,
+    );
+    d.wait_ready(Duration::from_secs(30));
+    let daemon = only_child(d.pid());
+    let status = std::fs::read_to_string(format!("/proc/{daemon}/status")).unwrap();
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    // CAP_NET_BIND_SERVICE 10, CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(
+        bnd & !(1 << 10 | 1 << 12 | 1 << 38 | 1 << 39),
+        0,
+        "{status}"
+    );
+
+    // Relayed from the client's own address: tc, rules, IP_TRANSPARENT.
+    let mut c = connect(&t.cl, sa("203.0.113.3:9000"));
+    let client = c.local_addr().unwrap();
+    assert_eq!(lab::read_line(&mut c).unwrap(), "b");
+    assert_eq!(b.accepted().last().unwrap().peer, client);
+    lab::finish(&mut c, "the gateway connection");
+    assert_eq!(
+        lab::read_line(&mut connect(&t.cl, sa("192.0.2.10:80"))).unwrap(),
+        "a"
+    );
+
+    // ExecReload: fails when the policy is refused, succeeds when applied.
+    let reload = || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                t.px.name(),
+                lab::daemon::binary(),
+                "reload",
+            ])
+            .output()
+            .expect("run l4proxy reload")
+    };
+    std::fs::write(d.policy_path(), "{ \"intercept\": [ }").unwrap();
+    let refused = reload();
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("l4proxy reload: refused: "),
+        "{refused:?}"
+    );
+    let mut second = gateway_policy();
+    second["intercept"][0]["ports"] = json!([80, 81]);
+    std::fs::write(d.policy_path(), second.to_string()).unwrap();
+    let applied = reload();
+    assert!(applied.status.success(), "{applied:?}");
+    assert_eq!(
+        lab::read_line(&mut connect(&t.cl, sa("192.0.2.10:81"))).unwrap(),
+        "a",
+        "the reloaded policy is in force"
+    );
+
+    // SIGTERM to the daemon itself; strace exits with its status.
+    // SAFETY: plain syscall on a pid of this test's process tree.
+    assert_eq!(unsafe { libc::kill(daemon, libc::SIGTERM) }, 0);
+    let st = d.wait_exit(Duration::from_secs(30));
+    d.assert_exit_ok(st);
+    assert!(t.px.wait_no_proxy_routes(Duration::from_secs(5)).is_empty());
+
+    let record = std::fs::read_to_string(&trace).unwrap();
+    let calls: Vec<(&str, &str)> = record
+        .lines()
+        .filter_map(|line| {
+            // "PID  name(args) = result"; signals, exits and resumptions aside.
+            let call = line.split_once(char::is_whitespace)?.1.trim_start();
+            let (name, _) = call.split_once('(')?;
+            name.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                .then_some((name, call))
+        })
+        .collect();
+    assert!(
+        calls.len() > 1000,
+        "strace recorded the daemon: {} calls",
+        calls.len()
+    );
+    let allowed = allowed_syscalls(&unit_values(&unit, "SystemCallFilter"));
+    let refused: std::collections::BTreeSet<&str> = calls
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !allowed.contains(*name))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "system calls SystemCallFilter= refuses: {refused:?}"
+    );
+    assert!(calls.iter().any(|(name, _)| *name == "bpf"));
+    let families = unit_values(&unit, "RestrictAddressFamilies");
+    assert!(
+        calls
+            .iter()
+            .any(|(name, call)| *name == "socket" && call.contains("AF_NETLINK")),
+        "strace saw the daemon's sockets"
+    );
+    for (_, call) in calls
+        .iter()
+        .filter(|(name, _)| *name == "socket" || *name == "socketpair")
+    {
+        let family = call
+            .split_once('(')
+            .and_then(|(_, args)| args.split(',').next())
+            .unwrap_or_default();
+        assert!(
+            families.iter().any(|f| f == family),
+            "RestrictAddressFamilies= refuses {call}"
+        );
+    }
+    for (name, call) in &calls {
+        assert!(
+            !call.contains("CLONE_NEW") && *name != "setns" && *name != "unshare",
+            "RestrictNamespaces= refuses {call}"
+        );
+        assert!(
+            !(call.contains("PROT_WRITE") && call.contains("PROT_EXEC")),
+            "MemoryDenyWriteExecute= refuses {call}"
+        );
+        let opens = matches!(*name, "open" | "openat" | "openat2" | "creat");
+        assert!(
+            !(opens
+                && (call.contains("O_WRONLY")
+                    || call.contains("O_RDWR")
+                    || call.contains("O_CREAT")))
+                || call.contains("\"/dev/null\""),
+            "ProtectSystem=strict: a file opened for writing: {call}"
+        );
+        assert!(
+            !call.contains("\"/home") && !call.contains("\"/root") && !call.contains("\"/run/user"),
+            "ProtectHome=: {call}"
+        );
+    }
+}

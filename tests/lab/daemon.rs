@@ -50,6 +50,8 @@ struct Setup {
     resolv_conf: Option<std::ffi::CString>,
     /// Environment variables added to the test's.
     env: Vec<(String, String)>,
+    /// A command line that runs the daemon's (`setpriv ... --`, say).
+    wrapper: Vec<String>,
 }
 
 /// In the child before exec: a private mount namespace in which
@@ -166,6 +168,18 @@ impl Daemon {
         d
     }
 
+    /// Like `start`, run by `wrapper` (`strace -f --`, say): the process
+    /// this `Daemon` signals and waits for is the wrapper's.
+    pub fn start_wrapped(ns: &Netns, policy: &Value, extra: &[&str], wrapper: &[&str]) -> Daemon {
+        let setup = Setup {
+            wrapper: wrapper.iter().map(|&w| w.to_owned()).collect(),
+            ..Setup::default()
+        };
+        let mut d = Daemon::spawn_with(ns, policy, extra, setup);
+        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d
+    }
+
     /// Starts the daemon with both pipes; collects stdout.
     fn spawn(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
         Daemon::spawn_with(ns, policy, extra, Setup::default())
@@ -177,6 +191,7 @@ impl Daemon {
             open_files,
             resolv_conf,
             env,
+            wrapper,
         } = setup;
         let dir = TempDir::new(&format!("daemon-{}", ns.name()));
         let policy_path = dir.join("policy.json");
@@ -188,7 +203,14 @@ impl Daemon {
             File::open(&ns_path).unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
         let ns_fd = ns_file.as_raw_fd();
 
-        let mut cmd = Command::new(binary());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary());
+                cmd
+            }
+            None => Command::new(binary()),
+        };
         cmd.arg("run")
             .arg("--policy")
             .arg(&policy_path)

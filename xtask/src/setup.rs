@@ -35,6 +35,9 @@ const PACKAGES: &[&str] = &[
     "binutils",
     "systemd",
     "man-db",
+    // tests/deploy.rs: every system call the daemon makes, against the
+    // unit's SystemCallFilter= and the like.
+    "strace",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
