@@ -119,7 +119,12 @@ fn generated(binary: &Path, scratch: &Path, stage: &Path) -> anyhow::Result<()> 
     if scratch.exists() {
         fs::remove_dir_all(scratch).with_context(|| format!("removing {}", scratch.display()))?;
     }
-    run_command(Command::new(binary).arg("manual").arg("--out").arg(scratch))?;
+    run_command(Command::new(binary).arg("manual").arg("--out").arg(scratch)).with_context(|| {
+        format!(
+            "generating the man pages and completions with {} (a build of this source tree has the hidden `manual` command)",
+            binary.display()
+        )
+    })?;
     let man8 = stage.join("usr/share/man/man8");
     fs::create_dir_all(&man8)?;
     for page in fs::read_dir(scratch.join("man8"))? {
