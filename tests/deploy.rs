@@ -314,6 +314,10 @@ fn the_deb_installs_into_a_scratch_root_and_its_unit_verifies() {
     let bash = std::fs::read_to_string(root.join("usr/share/bash-completion/completions/l4proxy"))
         .unwrap();
     assert!(bash.contains("complete -F _l4proxy"), "{bash}");
+    assert!(
+        bash.contains("reload") && !bash.contains("manual"),
+        "every command but the packaging one: {bash}"
+    );
 
     // systemd-analyze verify on the installed unit, with the scratch root as
     // `/`: its ExecStart binaries and man pages are the package's. The

@@ -71,13 +71,6 @@ pub enum Command {
     /// daemon that was killed before it could clean up (they carry protocol
     /// 244).
     Cleanup,
-    /// Write the man pages and shell completions (for packaging).
-    #[command(hide = true)]
-    Manual {
-        /// Directory to write `man8/` and `completions/` into.
-        #[arg(long)]
-        out: PathBuf,
-    },
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,15 @@ use l4proxy::{
 };
 
 fn main() -> ExitCode {
+    if let Some(out) = l4proxy::manual::requested() {
+        return match l4proxy::manual::write(&out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("l4proxy manual: writing to {}: {e}", out.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     // Dropped last, after any error below is logged: flushes the log.
     let mut log = logging::init(cli.log_format, cli.log_level);
@@ -31,10 +40,6 @@ fn main() -> ExitCode {
         Command::Cleanup => {
             log.start_writer();
             cleanup()
-        }
-        Command::Manual { out } => {
-            log.start_writer();
-            l4proxy::manual::write(&out).with_context(|| format!("writing to {}", out.display()))
         }
     };
     match result {

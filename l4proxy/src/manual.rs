@@ -1,14 +1,50 @@
 //! The man pages and shell completions, generated from the command line's
 //! definition (clap_mangen, clap_complete) so they never drift from it.
-//! A package build runs the hidden `l4proxy manual --out DIR`, with the
-//! very binary it packages; the daemon's own paths never call this.
+//! A package build runs `l4proxy manual --out DIR`, with the very binary it
+//! packages. That command is not part of [`Cli`]: the pages and completions
+//! it writes do not list it, and the daemon's own paths never reach it.
 
-use std::{fs::File, io, path::Path};
+use std::{
+    ffi::OsStr,
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+};
 
-use clap::CommandFactory;
+use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
 use crate::cli::Cli;
+
+/// `l4proxy manual --out DIR`, a command line of its own.
+#[derive(Parser)]
+#[command(name = "l4proxy")]
+struct ManualCli {
+    #[command(subcommand)]
+    command: ManualCommand,
+}
+
+#[derive(Subcommand)]
+enum ManualCommand {
+    /// Write the man pages and shell completions (for packaging).
+    Manual {
+        /// Directory to write `man8/` and `completions/` into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Where to write, when this process was started as `l4proxy manual`;
+/// every other command line is [`Cli`]'s.
+pub fn requested() -> Option<PathBuf> {
+    if std::env::args_os().nth(1).as_deref() != Some(OsStr::new("manual")) {
+        return None;
+    }
+    let ManualCli {
+        command: ManualCommand::Manual { out },
+    } = ManualCli::parse();
+    Some(out)
+}
 
 /// Section 8: system administration commands (the binary is in /usr/sbin).
 const SECTION: &str = "8";
