@@ -232,18 +232,9 @@ fn package(out: &Path) -> PathBuf {
     deb
 }
 
-/// Runs a command, panicking with its output if it fails; returns stdout.
-fn must(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?}: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+/// A path as the `&str` lab::must takes (the test's are all UTF-8).
+fn text(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
 }
 
 #[test]
@@ -252,16 +243,14 @@ fn the_deb_installs_into_a_scratch_root_and_its_unit_verifies() {
 
     let dir = lab::TempDir::new("deploy-package");
     let deb = package(&dir.join("out"));
-    let arch = must(Command::new("dpkg").arg("--print-architecture"));
+    let arch = lab::must("dpkg", &["--print-architecture"]);
     assert_eq!(
         deb.file_name().unwrap().to_string_lossy(),
         format!("l4proxy_{}_{}.deb", env!("CARGO_PKG_VERSION"), arch.trim())
     );
-    let fields = must(
-        Command::new("dpkg-deb")
-            .arg("-f")
-            .arg(&deb)
-            .args(["Package", "Version", "Depends"]),
+    let fields = lab::must(
+        "dpkg-deb",
+        &["-f", text(&deb), "Package", "Version", "Depends"],
     );
     assert!(
         fields.contains("Package: l4proxy\n")
@@ -272,7 +261,7 @@ fn the_deb_installs_into_a_scratch_root_and_its_unit_verifies() {
 
     // Installed as `dpkg --root` would lay it out, without running anything.
     let root = dir.join("root");
-    must(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    lab::must("dpkg-deb", &["-x", text(&deb), text(&root)]);
     for (file, mode) in PACKAGED {
         let path = root.join(file);
         let meta = std::fs::metadata(&path)
@@ -280,33 +269,27 @@ fn the_deb_installs_into_a_scratch_root_and_its_unit_verifies() {
         assert_eq!(meta.permissions().mode() & 0o7777, *mode, "mode of {file}");
     }
     let control = dir.join("DEBIAN");
-    must(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
+    lab::must("dpkg-deb", &["-e", text(&deb), text(&control)]);
     assert_eq!(
         std::fs::read_to_string(control.join("conffiles")).unwrap(),
         "/etc/l4proxy/policy.json\n",
         "the policy is the operator's: an upgrade keeps their changes"
     );
     for script in ["postinst", "prerm", "postrm"] {
-        must(Command::new("sh").arg("-n").arg(control.join(script)));
+        lab::must("sh", &["-n", text(&control.join(script))]);
     }
 
     // The installed binary is the one under test, and its default policy
     // passes the unit's ExecStartPre.
     let installed = root.join("usr/sbin/l4proxy");
     assert_eq!(
-        must(Command::new(&installed).arg("--version")),
-        must(Command::new(lab::daemon::binary()).arg("--version"))
+        lab::must(text(&installed), &["--version"]),
+        lab::must(lab::daemon::binary(), &["--version"])
     );
-    must(
-        Command::new(&installed)
-            .args(["check", "--strict"])
-            .arg(root.join("etc/l4proxy/policy.json")),
-    );
-    let page = must(
-        Command::new("gzip")
-            .arg("-dc")
-            .arg(root.join("usr/share/man/man8/l4proxy-run.8.gz")),
-    );
+    let policy = root.join("etc/l4proxy/policy.json");
+    lab::must(text(&installed), &["check", "--strict", text(&policy)]);
+    let page = root.join("usr/share/man/man8/l4proxy-run.8.gz");
+    let page = lab::must("gzip", &["-dc", text(&page)]);
     assert!(
         page.contains(".TH l4proxy-run 8") && page.contains("grace\\-period"),
         "{page}"
@@ -325,12 +308,7 @@ fn the_deb_installs_into_a_scratch_root_and_its_unit_verifies() {
     // which a real system has and the transaction check loads.
     let units = root.join("usr/lib/systemd/system");
     std::fs::create_dir_all(&units).unwrap();
-    must(
-        Command::new("cp")
-            .arg("-a")
-            .arg("/usr/lib/systemd/system/.")
-            .arg(&units),
-    );
+    lab::must("cp", &["-a", "/usr/lib/systemd/system/.", text(&units)]);
     std::fs::remove_file(units.join("l4proxy.service")).ok();
     let verified = Command::new("systemd-analyze")
         .arg("verify")
@@ -374,7 +352,7 @@ fn allowed_syscalls(filter: &[String]) -> std::collections::BTreeSet<String> {
         if !seen.insert(group.clone()) {
             continue;
         }
-        let listing = must(Command::new("systemd-analyze").args(["syscall-filter", &group]));
+        let listing = lab::must("systemd-analyze", &["syscall-filter", &group]);
         for line in listing.lines().skip(1) {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
