@@ -8,6 +8,9 @@
 //! Every ready message carries `MAINPID=`: a successor started by
 //! `l4proxy upgrade` is a child of the old daemon, and this is how it
 //! becomes the service's main process (the unit has `NotifyAccess=all`).
+//! The old daemon names its successor too, the moment it hands over: it may
+//! drain and exit before the successor's READY=1 arrives, and the exit of
+//! what systemd still takes for the main process would end the service.
 
 use std::{
     os::{
@@ -32,6 +35,9 @@ pub enum State<'a> {
     Reloaded { generation: u64 },
     /// A reload was refused; policy `generation` stays in force.
     Refused { reason: &'a str, generation: u64 },
+    /// Handed over to `successor`, now the service's main process; nothing
+    /// else is said, the service's status is the successor's to tell.
+    HandedOver { successor: u32 },
     /// SIGTERM/SIGINT: draining `open_connections` for up to `grace_period`.
     Stopping {
         open_connections: usize,
@@ -57,6 +63,7 @@ impl State<'_> {
                 // STATUS= is one line.
                 reason.replace('\n', " ")
             ),
+            State::HandedOver { successor } => format!("MAINPID={successor}"),
             State::Stopping {
                 open_connections,
                 grace_period,
@@ -87,6 +94,11 @@ pub fn reloaded(generation: u64) {
 /// [`State::Refused`]: policy `generation` stays.
 pub fn refused(reason: &str, generation: u64) {
     send(State::Refused { reason, generation });
+}
+
+/// [`State::HandedOver`]: instead of [`stopping`] after a handover.
+pub fn handed_over(successor: u32) {
+    send(State::HandedOver { successor });
 }
 
 /// [`State::Stopping`]. Only for a stop: a daemon that handed its sockets
@@ -191,6 +203,10 @@ mod tests {
             }
             .message(42),
             "READY=1\nSTATUS=serving; reload refused, policy generation 2 stays in force: policy.json:3:4: bad port"
+        );
+        assert_eq!(
+            State::HandedOver { successor: 43 }.message(42),
+            "MAINPID=43"
         );
         assert_eq!(
             State::Stopping {
