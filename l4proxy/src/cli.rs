@@ -10,8 +10,26 @@ use crate::{
     policy::Keepalive,
 };
 
+/// `-V`: the version and the commit it was built from.
+const SHORT_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("L4PROXY_COMMIT"),
+    ")"
+);
+
+/// `--version`: also the SHA-256 of the embedded kernel programs, which can
+/// differ between builds of one commit (another bpf-linker or LLVM).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("L4PROXY_COMMIT"),
+    "\nbpf object sha256: ",
+    env!("L4PROXY_BPF_SHA256")
+);
+
 #[derive(Debug, Parser)]
-#[command(version, about = "Layer-4 transparent proxy steered by eBPF sk_lookup")]
+#[command(version = SHORT_VERSION, long_version = LONG_VERSION, about = "Layer-4 transparent proxy steered by eBPF sk_lookup")]
 pub struct Cli {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]

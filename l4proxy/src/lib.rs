@@ -15,14 +15,15 @@
 //! (connect, from which source) with `balance` (which server of a pool)
 //! and `health` (which servers are up: checks and observation, kept across
 //! reloads), `relay` (copy bytes both ways, with deadlines), `logging` (a
-//! log that never blocks the relay).
+//! log that never blocks the relay), `notify` (what the service manager
+//! hears: ready, reloading, stopping).
 //!
 //! `unsafe` is confined to five places, each saying why at the call:
 //! `intercept::guard` (fork before the runtime starts), `hello` (`MSG_PEEK`
 //! and `SO_RCVLOWAT`), `relay::pipe` (splice(2) and `F_SETPIPE_SZ`),
-//! `upstream` (`IP_BIND_ADDRESS_NO_PORT`) and `takeover` (descriptors
-//! passed with SCM_RIGHTS), which neither std, tokio nor socket2 offer
-//! safely.
+//! `upstream` (`IP_BIND_ADDRESS_NO_PORT`), `takeover` (descriptors passed
+//! with SCM_RIGHTS) and `notify` (`CLOCK_MONOTONIC`'s value), which neither
+//! std, tokio nor socket2 offer safely.
 
 pub mod addrs;
 pub mod admin;
@@ -42,7 +43,9 @@ pub mod intercept;
 pub mod local_addrs;
 pub mod logging;
 pub mod lpm;
+pub mod manual;
 pub mod metrics;
+pub mod notify;
 pub mod parent;
 pub mod policy;
 pub mod privilege;

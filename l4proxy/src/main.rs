@@ -17,6 +17,15 @@ use l4proxy::{
 };
 
 fn main() -> ExitCode {
+    if let Some(out) = l4proxy::manual::requested() {
+        return match l4proxy::manual::write(&out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("l4proxy manual: writing to {}: {e}", out.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     // Dropped last, after any error below is logged: flushes the log.
     let mut log = logging::init(cli.log_format, cli.log_level);

@@ -11,9 +11,9 @@
 //! A takeover (`takeover`, docs/takeover.md) replaces the first and last
 //! steps: a successor starts from its predecessor's listeners and routing
 //! state instead of a clean namespace, and a predecessor that handed over
-//! drains without removing what its successor uses. The points a service
-//! manager is told about are marked `NOTIFY:` (ready, reloading, stopping,
-//! handed over).
+//! drains without removing what its successor uses. A service manager is
+//! told (`notify`) when the daemon is ready, reloads, stops, or has handed
+//! over.
 
 use std::{
     io,
@@ -39,6 +39,7 @@ use crate::{
     install::{self, Applied, InstallError, Installation},
     intercept::{delivery::Mark, guard::Guard, interfaces, routes::RouteError},
     metrics::Metrics,
+    notify,
     policy::{Keepalive, Policy, PolicyError},
     privilege::{self, PrivilegeError},
     relay,
@@ -256,7 +257,6 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
         accepting.stop.clone(),
     ));
     let capabilities = privilege::drop_to(settings.user.as_ref())?;
-    // NOTIFY: ready (with this pid as the service's main process).
     tracing::info!(
         listeners = ?listeners,
         capabilities = %privilege::names(capabilities),
@@ -265,6 +265,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
         predecessor = predecessor.as_ref().map(|p| p.pid),
         "ready"
     );
+    notify::ready(metrics.generation());
     let mut listening: Vec<String> = listeners
         .iter()
         .flatten()
@@ -279,12 +280,14 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
     let successor = loop {
         tokio::select! {
             signal = signals.recv() => match signal {
-                Signal::Stop => break None,
+                Signal::Stop => {
+                    notify::stopping(accepting.limit.open(), settings.grace_period);
+                    break None;
+                }
                 Signal::Reload if handover.busy() => {
                     tracing::error!("policy not reloaded: a takeover is under way");
                 }
                 Signal::Reload => {
-                    // NOTIFY: reloading (and done, either way, below).
                     let _ = reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await;
                 }
             },
@@ -293,7 +296,6 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
                     control::Request::Reload if handover.busy() => {
                         serde_json::json!({ "ok": false, "error": "a takeover is under way" })
                     }
-                    // NOTIFY: reloading (and done, either way, below).
                     control::Request::Reload => match reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await {
                         Ok(()) => serde_json::json!({ "ok": true }),
                         Err(error) => serde_json::json!({ "ok": false, "error": error }),
@@ -362,8 +364,6 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
         }
     };
 
-    // NOTIFY: stopping (only when `successor` is None: after a handover the
-    // service goes on in the successor).
     installation.drain()?;
     accepting.stop.cancel();
     accepting.tracker.close();
@@ -377,7 +377,8 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
                 tracing::error!(error = %e, "the crash guard may remove the successor's routes when we exit");
             }
             let pid = successor.pid;
-            // NOTIFY: handed over (the service's main process is `pid`).
+            // The service goes on in the successor: no STOPPING.
+            notify::handed_over(pid);
             tracing::info!(
                 successor = pid,
                 "handed over: the successor takes new connections"
@@ -391,7 +392,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
     };
     let limit = &accepting.limit;
     tracing::info!(
-        open_connections = limit.max - limit.permits.available_permits(),
+        open_connections = limit.open(),
         grace_period = ?settings.grace_period,
         "draining: no new connections are taken"
     );
@@ -465,9 +466,13 @@ async fn reload_now(
     listening: &mut Vec<String>,
 ) -> Result<(), String> {
     let keepalive = settings.defaults.keepalive;
+    notify::reloading();
     let reloaded = reload(&settings.policy_path, installation, explicit, keepalive).await;
     let metrics = installation.metrics();
     metrics.reloaded(reloaded.is_ok());
+    if let Err(reason) = &reloaded {
+        notify::refused(reason, metrics.generation());
+    }
     let (applied, opened) = reloaded?;
     metrics.in_force();
     // The new listeners' queued clients find their rules.
@@ -483,6 +488,7 @@ async fn reload_now(
     listening.retain(|l| l.starts_with("steered "));
     listening.extend(connect_listeners(&applied.active.policy));
     tracing::info!("policy reloaded");
+    notify::reloaded(metrics.generation());
     Ok(())
 }
 
@@ -590,6 +596,13 @@ impl Accepting {
 struct Limit {
     permits: Arc<Semaphore>,
     max: usize,
+}
+
+impl Limit {
+    /// Connections open now.
+    fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
 }
 
 async fn accept_loop(

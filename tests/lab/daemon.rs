@@ -57,6 +57,10 @@ struct Setup {
     resolv_conf: Option<std::ffi::CString>,
     /// Another l4proxy binary than the one under test (a second build).
     binary: Option<PathBuf>,
+    /// Environment variables added to the test's.
+    env: Vec<(String, String)>,
+    /// A command line that runs the daemon's (`setpriv ... --`, say).
+    wrapper: Vec<String>,
 }
 
 /// In the child before exec: a private mount namespace in which
@@ -166,6 +170,37 @@ impl Daemon {
         d
     }
 
+    /// Like `start`, with `env` added to the daemon's environment.
+    pub fn start_with_env(
+        ns: &Netns,
+        policy: &Value,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let setup = Setup {
+            env: env
+                .iter()
+                .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ..Setup::default()
+        };
+        let mut d = Daemon::spawn_with(ns, policy, extra, setup);
+        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d
+    }
+
+    /// Like `start`, run by `wrapper` (`strace -f --`, say): the process
+    /// this `Daemon` signals and waits for is the wrapper's.
+    pub fn start_wrapped(ns: &Netns, policy: &Value, extra: &[&str], wrapper: &[&str]) -> Daemon {
+        let setup = Setup {
+            wrapper: wrapper.iter().map(|&w| w.to_owned()).collect(),
+            ..Setup::default()
+        };
+        let mut d = Daemon::spawn_with(ns, policy, extra, setup);
+        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d
+    }
+
     /// Starts the daemon with both pipes; collects stdout.
     fn spawn(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
         Daemon::spawn_with(ns, policy, extra, Setup::default())
@@ -177,6 +212,8 @@ impl Daemon {
             open_files,
             resolv_conf,
             binary: other_binary,
+            env,
+            wrapper,
         } = setup;
         let dir = TempDir::new(&format!("daemon-{}", ns.name()));
         let policy_path = dir.join("policy.json");
@@ -188,7 +225,15 @@ impl Daemon {
             File::open(&ns_path).unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
         let ns_fd = ns_file.as_raw_fd();
 
-        let mut cmd = Command::new(other_binary.unwrap_or_else(|| binary().into()));
+        let daemon: PathBuf = other_binary.unwrap_or_else(|| binary().into());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&daemon);
+                cmd
+            }
+            None => Command::new(&daemon),
+        };
         cmd.arg("run")
             .arg("--policy")
             .arg(&policy_path)
@@ -208,6 +253,8 @@ impl Daemon {
                 std::env::var("L4PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
             );
         }
+        // After RUST_LOG: a test's own environment wins.
+        cmd.envs(env);
         // SAFETY: only plain syscalls (setns, unshare, mount, setrlimit)
         // between fork and exec, on data prepared before the fork.
         unsafe {

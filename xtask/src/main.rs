@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod package;
 mod setup;
 mod test;
 
@@ -37,6 +38,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Build the release binary (and the kernel programs it embeds) and
+    /// package it: target/package/l4proxy_<version>_<arch>.deb.
+    Package(package::Args),
     /// Everything CI checks: set-up, build, fmt, clippy, unit and integration tests.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
@@ -60,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             }
             bench::run(&args)
         }
+        Task::Package(args) => package::run(&args),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
     }
 }

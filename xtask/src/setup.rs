@@ -29,6 +29,15 @@ const PACKAGES: &[&str] = &[
     "chromium",
     // Prometheus and promtool: the metrics tests scrape l4proxy with them.
     "prometheus",
+    // `cargo xtask package` and tests/deploy.rs: strip, and systemd-analyze
+    // to verify the unit (no systemd runs as PID 1 here; it is not needed),
+    // which looks up the unit's man pages with man.
+    "binutils",
+    "systemd",
+    "man-db",
+    // tests/deploy.rs: every system call the daemon makes, against the
+    // unit's SystemCallFilter= and the like.
+    "strace",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
