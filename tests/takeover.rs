@@ -285,13 +285,35 @@ fn assert_nothing_left(px: &Netns) {
     assert!(rules.is_empty(), "routing rules left: {rules:?}");
 }
 
-/// A copy of the binary under test at another path: the "second build"
-/// (the file, not the code, differs; an upgrade starts whatever file it
-/// is given).
+/// The "second build" the third takeover starts: `cargo xtask test` builds
+/// l4proxy a second time (its own profile, commit name `second-build`) and
+/// names it in `L4PROXY_SECOND_BUILD`; a bare `cargo test` has only the
+/// binary under test, and a copy of it stands in (said on stderr). Copied
+/// into the test's directory either way: the successor runs a file of its
+/// own, which an upgrade would have installed.
 fn second_build(dir: &lab::TempDir) -> std::path::PathBuf {
+    let built = std::env::var_os("L4PROXY_SECOND_BUILD").map(std::path::PathBuf::from);
+    let source = built.clone().unwrap_or_else(|| {
+        eprintln!(
+            "L4PROXY_SECOND_BUILD is not set (`cargo xtask test` sets it): \
+             the second build is a copy of the binary under test"
+        );
+        lab::daemon::binary().into()
+    });
     let path = dir.join("l4proxy-second-build");
-    std::fs::copy(lab::daemon::binary(), &path).expect("copy the binary");
+    std::fs::copy(&source, &path).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if built.is_some() {
+        let version = |binary: &str| lab::must(binary, &["--version"]);
+        let (under_test, second) = (
+            version(lab::daemon::binary()),
+            version(path.to_str().unwrap()),
+        );
+        assert!(
+            second.contains("second-build") && second != under_test,
+            "not another build: {second:?} vs {under_test:?}"
+        );
+    }
     path
 }
 

@@ -28,9 +28,25 @@ pub fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The takeover tests hand over to a second build of the daemon: the
+    // same source built again, apart, under another commit name.
+    run_command(cargo().env("L4PROXY_COMMIT", "second-build").args([
+        "build",
+        "--locked",
+        "--profile",
+        "second-build",
+        "-p",
+        "l4proxy",
+        "--bin",
+        "l4proxy",
+    ]))?;
     let mut test = cargo();
-    test.args(["test", "--workspace", "--locked", "--"])
-        .args(cargo_test_args);
+    test.env(
+        "L4PROXY_SECOND_BUILD",
+        root.join("target/second-build/l4proxy"),
+    )
+    .args(["test", "--workspace", "--locked", "--"])
+    .args(cargo_test_args);
     let totals = run_counting(&mut test)?;
     // cargo prints one `test result` line per test binary, the last often a
     // crate with no tests; one total line tells a reader (and CI) what ran.
