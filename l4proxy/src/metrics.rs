@@ -686,4 +686,28 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn a_large_policys_rule_series_appear_with_first_use() {
+        let prefixes: Vec<String> = (0..=EAGER_RULES)
+            .map(|i| format!("10.0.{}.{}/32", i / 256, i % 256))
+            .collect();
+        let prefixes: Vec<[&str; 1]> = prefixes.iter().map(|p| [p.as_str()]).collect();
+        let ports = [crate::policy::PortSpec::Single(80)];
+        let rules: Vec<(&[&str], &[crate::policy::PortSpec])> =
+            prefixes.iter().map(|p| (&p[..], &ports[..])).collect();
+        let policy = Policy::of_rules(&rules);
+        let metrics = Metrics::new();
+        let handles = metrics.for_policy(&policy);
+        let series = |text: &str| text.matches("l4proxy_rule_connections_total{").count();
+        assert_eq!(series(&metrics.encode(&[], &[])), 0);
+        assert!(handles.rules.made(7).is_none());
+        handles.rules[7].connections.inc();
+        let text = metrics.encode(&[], &[]);
+        assert_eq!(series(&text), 1);
+        assert!(
+            text.contains("l4proxy_rule_connections_total{rule=\"r7\"} 1"),
+            "{text}"
+        );
+    }
 }
