@@ -205,32 +205,32 @@ impl Bench<'_> {
         let (base, moved, ports) = (base?, moved?, ports?);
         let dst = SocketAddr::from((rule_addr(shape.rules - 1), shape.ports.dialled()));
 
-        eprintln!("bench: scale, {}: its last rule alone", shape.label);
-        let mut start_one = Vec::new();
-        let mut rss_one = 0;
-        for _ in 0..reps {
+        // The rule alone and the whole policy take turns, so that both see
+        // the same moments of the shared cores.
+        std::fs::write(&live, &base)?;
+        let (mut start_one, mut start, mut rate_one, mut rate) = (vec![], vec![], vec![], vec![]);
+        let (mut rss_one, mut rss, mut rules_map_bytes) = (0, 0, 0);
+        for rep in 1..=reps {
+            eprintln!(
+                "bench: scale {rep}/{reps}, {}: its last rule alone",
+                shape.label
+            );
             self.l4proxy = None;
             let (proc, seconds) = self.start_timed(&one, &format!("scale-{tag}-one"))?;
-            rss_one = lab::tree_rss(proc.pid())?;
             start_one.push(seconds);
+            rss_one = lab::tree_rss(proc.pid())?;
             self.l4proxy = Some(proc);
-        }
-        let rate_one = self.rate_to(dst, &format!("scale, {}, 1 rule", shape.label), report)?;
+            rate_one.push(self.rate_to(dst, &format!("scale, {}, 1 rule", shape.label), report)?);
 
-        eprintln!("bench: scale, {}: start-up", shape.label);
-        std::fs::write(&live, &base)?;
-        let mut start = Vec::new();
-        for _ in 0..reps {
+            eprintln!("bench: scale {rep}/{reps}, {}", shape.label);
             self.l4proxy = None;
             let (proc, seconds) = self.start_timed(&live, &format!("scale-{tag}"))?;
             start.push(seconds);
+            rss = lab::tree_rss(proc.pid())?;
+            rules_map_bytes = rules_map_bytes_of(proc.pid())?;
             self.l4proxy = Some(proc);
+            rate.push(self.rate_to(dst, &format!("scale, {}", shape.label), report)?);
         }
-        let pid = self.l4proxy.as_ref().context("started")?.pid();
-        let rss = lab::tree_rss(pid)?;
-        let rules_map_bytes = rules_map_bytes(pid)?;
-        eprintln!("bench: scale, {}: connection rate", shape.label);
-        let rate = self.rate_to(dst, &format!("scale, {}", shape.label), report)?;
 
         eprintln!("bench: scale, {}: reloads", shape.label);
         let mut reload_moved = Vec::new();
@@ -272,8 +272,8 @@ impl Bench<'_> {
             rules_map_bytes,
             rss,
             rss_one,
-            rate,
-            rate_one,
+            rate: spread(&rate)?,
+            rate_one: spread(&rate_one)?,
             tproxy_load: spread(&load)?,
             tproxy_moved: spread(&tproxy_moved)?,
             tproxy_ports: spread(&tproxy_ports)?,
@@ -319,20 +319,12 @@ impl Bench<'_> {
         Ok(started.elapsed().as_secs_f64())
     }
 
-    fn rate_to(
-        &mut self,
-        dst: SocketAddr,
-        what: &str,
-        report: &mut Report,
-    ) -> anyhow::Result<Spread> {
+    /// One run of short connections to `dst`, in connections per second.
+    fn rate_to(&mut self, dst: SocketAddr, what: &str, report: &mut Report) -> anyhow::Result<f64> {
         self.probe(dst.into(), Target::L4proxy)?;
-        let mut values = Vec::new();
-        for _ in 0..self.plan.repetitions {
-            let rate = self.connection_rate(dst.into(), self.plan.rules_concurrency)?;
-            self.note_failures(&rate, what, report);
-            values.push(rate.per_second);
-        }
-        Spread::of(&values).context("at least one repetition")
+        let rate = self.connection_rate(dst.into(), self.plan.rules_concurrency)?;
+        self.note_failures(&rate, what, report);
+        Ok(rate.per_second)
     }
 }
 
@@ -366,7 +358,7 @@ fn restore(px: &Netns, script: &str) -> anyhow::Result<f64> {
 
 /// The memory the kernel accounts to the daemon's RULES map (`bpftool map
 /// show`'s `bytes_memlock`; for an LPM trie, its nodes as they are now).
-fn rules_map_bytes(pid: u32) -> anyhow::Result<u64> {
+fn rules_map_bytes_of(pid: u32) -> anyhow::Result<u64> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let text = std::fs::read_to_string(entry?.path()).unwrap_or_default();
@@ -405,7 +397,7 @@ fn section(results: &[ShapeResult], concurrency: usize) -> String {
          port classes) or adding port 8443 to one rule (new port classes: every entry is \
          written again). RULES map: `bpftool map show`'s `bytes_memlock`. RSS: the daemon and \
          its crash-guard child (VmRSS). Connection rate: concurrency {concurrency}, to the \
-         last rule, ÷ the same daemon started with that rule alone. TPROXY: the same rules \
+         last rule, ÷ the same daemon started with that rule alone. Each repetition starts the rule alone, then the whole policy. TPROXY: the same rules \
          with `ip6tables-restore` (nf_tables backend) in the proxy namespace, into an empty \
          table (load) and replacing them with the changed rules (reload); each prefix one \
          rule, a range `--dport 1024:65535`. Its connection rate is not measured here: \
