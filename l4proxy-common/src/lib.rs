@@ -35,8 +35,10 @@ pub const MAX_INTERFACES: u32 = 4_096;
 /// Most upstream servers in `UPSTREAM_SERVERS`.
 pub const MAX_UPSTREAM_SERVERS: u32 = 65_536;
 
-/// Most prefixes in `LOCAL_ADDRS`.
-pub const MAX_LOCAL_ADDRS: u32 = 16_384;
+/// Most prefixes in `LOCAL_ADDRS`: the host's addresses and every prefix
+/// the rules make local, which may be as many as the rules' entries (an LPM
+/// trie allocates only what it holds).
+pub const MAX_LOCAL_ADDRS: u32 = MAX_RULE_ENTRIES + 16_384;
 
 /// Data part of the `RULES` LPM-trie key: a port class (big-endian; see
 /// `PORT_CLASSES`), then the destination address as 16 bytes (IPv4 as an

@@ -379,7 +379,7 @@ impl Installation {
         self.interceptor.finish_classify(&classify)?;
         tracing::info!(
             kernel_entries = self.interceptor.rule_entries(),
-            routes = ?self.local_routes.added(),
+            routes = self.local_routes.added().len(),
             tc_interfaces = ?self.interceptor.classify_interfaces(),
             local_servers = ?local_servers,
             retaining,

@@ -9,7 +9,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -309,46 +309,23 @@ impl Metrics {
     /// upstream's series exist from now on (at zero), so a scrape shows
     /// what can happen.
     pub fn for_policy(&self, policy: &Policy) -> PolicyMetrics {
-        let rules = policy
-            .rules
-            .iter()
-            .map(|rule| {
-                let rule_label = || RuleLabel {
-                    rule: rule.name.clone(),
-                };
-                let bytes = |direction| {
-                    self.rule_bytes
-                        .get_or_create(&RuleBytes {
-                            rule: rule.name.clone(),
-                            direction,
-                        })
-                        .clone()
-                };
-                RuleMetrics {
-                    connections: self.rule_connections.get_or_create(&rule_label()).clone(),
-                    active: self.rule_active.get_or_create(&rule_label()).clone(),
-                    default: self.rule_default.get_or_create(&rule_label()).clone(),
-                    ends: OUTCOMES.map(|outcome| {
-                        self.rule_ends
-                            .get_or_create(&RuleEnd {
-                                rule: rule.name.clone(),
-                                outcome,
-                            })
-                            .clone()
-                    }),
-                    from_client: bytes("from_client"),
-                    from_upstream: bytes("from_upstream"),
-                    sniffed: SNIFF_RESULTS.map(|result| {
-                        self.rule_sniffed
-                            .get_or_create(&RuleSniff {
-                                rule: rule.name.clone(),
-                                result,
-                            })
-                            .clone()
-                    }),
-                }
-            })
-            .collect();
+        let rules = RuleSeries {
+            names: policy.rules.iter().map(|rule| rule.name.clone()).collect(),
+            cells: policy.rules.iter().map(|_| OnceLock::new()).collect(),
+            families: RuleFamilies {
+                connections: self.rule_connections.clone(),
+                active: self.rule_active.clone(),
+                default: self.rule_default.clone(),
+                ends: self.rule_ends.clone(),
+                bytes: self.rule_bytes.clone(),
+                sniffed: self.rule_sniffed.clone(),
+            },
+        };
+        if policy.rules.len() <= EAGER_RULES {
+            for i in 0..policy.rules.len() {
+                let _ = &rules[i];
+            }
+        }
         let routes = (0..policy.routes.len())
             .map(|i| {
                 let route = policy.route_label(crate::policy::RouteId(i)).short();
@@ -509,9 +486,86 @@ pub struct ServerReading<'a> {
 
 /// One policy's handles, by rule, route and upstream index.
 pub struct PolicyMetrics {
-    pub rules: Vec<RuleMetrics>,
+    pub rules: RuleSeries,
     pub routes: Vec<Counter>,
     pub upstreams: Vec<UpstreamMetrics>,
+}
+
+/// Policies of up to this many rules have every rule's series from the
+/// start (at zero). Beyond, a rule's series appear with its first
+/// connection: 22 series per rule are 2.2 million at 100 000 rules, hundreds
+/// of MiB and seconds at each start and reload.
+const EAGER_RULES: usize = 1000;
+
+/// Each rule's metrics, indexed by rule, made when first used.
+pub struct RuleSeries {
+    names: Vec<String>,
+    cells: Vec<OnceLock<RuleMetrics>>,
+    families: RuleFamilies,
+}
+
+impl RuleSeries {
+    /// A rule's metrics if they were made.
+    pub fn made(&self, rule: usize) -> Option<&RuleMetrics> {
+        self.cells[rule].get()
+    }
+}
+
+impl std::ops::Index<usize> for RuleSeries {
+    type Output = RuleMetrics;
+
+    fn index(&self, rule: usize) -> &RuleMetrics {
+        self.cells[rule].get_or_init(|| self.families.series(&self.names[rule]))
+    }
+}
+
+/// The families a rule's series are in.
+struct RuleFamilies {
+    connections: Family<RuleLabel, Counter>,
+    active: Family<RuleLabel, Gauge>,
+    default: Family<RuleLabel, Counter>,
+    ends: Family<RuleEnd, Counter>,
+    bytes: Family<RuleBytes, Counter>,
+    sniffed: Family<RuleSniff, Counter>,
+}
+
+impl RuleFamilies {
+    fn series(&self, rule: &str) -> RuleMetrics {
+        let rule_label = || RuleLabel {
+            rule: rule.to_owned(),
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&RuleBytes {
+                    rule: rule.to_owned(),
+                    direction,
+                })
+                .clone()
+        };
+        RuleMetrics {
+            connections: self.connections.get_or_create(&rule_label()).clone(),
+            active: self.active.get_or_create(&rule_label()).clone(),
+            default: self.default.get_or_create(&rule_label()).clone(),
+            ends: OUTCOMES.map(|outcome| {
+                self.ends
+                    .get_or_create(&RuleEnd {
+                        rule: rule.to_owned(),
+                        outcome,
+                    })
+                    .clone()
+            }),
+            from_client: bytes("from_client"),
+            from_upstream: bytes("from_upstream"),
+            sniffed: SNIFF_RESULTS.map(|result| {
+                self.sniffed
+                    .get_or_create(&RuleSniff {
+                        rule: rule.to_owned(),
+                        result,
+                    })
+                    .clone()
+            }),
+        }
+    }
 }
 
 pub struct RuleMetrics {
@@ -629,6 +683,30 @@ mod tests {
         let text = metrics.encode(&[("steered", 9)], &[]);
         assert!(
             text.contains("l4proxy_kernel_total{counter=\"steered\"} 9"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_large_policys_rule_series_appear_with_first_use() {
+        let prefixes: Vec<String> = (0..=EAGER_RULES)
+            .map(|i| format!("10.0.{}.{}/32", i / 256, i % 256))
+            .collect();
+        let prefixes: Vec<[&str; 1]> = prefixes.iter().map(|p| [p.as_str()]).collect();
+        let ports = [crate::policy::PortSpec::Single(80)];
+        let rules: Vec<(&[&str], &[crate::policy::PortSpec])> =
+            prefixes.iter().map(|p| (&p[..], &ports[..])).collect();
+        let policy = Policy::of_rules(&rules);
+        let metrics = Metrics::new();
+        let handles = metrics.for_policy(&policy);
+        let series = |text: &str| text.matches("l4proxy_rule_connections_total{").count();
+        assert_eq!(series(&metrics.encode(&[], &[])), 0);
+        assert!(handles.rules.made(7).is_none());
+        handles.rules[7].connections.inc();
+        let text = metrics.encode(&[], &[]);
+        assert_eq!(series(&text), 1);
+        assert!(
+            text.contains("l4proxy_rule_connections_total{rule=\"r7\"} 1"),
             "{text}"
         );
     }

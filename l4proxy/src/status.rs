@@ -32,10 +32,11 @@ pub fn snapshot(daemon: &Daemon, active: &Active) -> Value {
         "generation": daemon.generation,
         "uptime_seconds": daemon.started.elapsed().as_secs(),
         "listeners": daemon.listeners,
-        "rules": policy.rules.iter().zip(&m.rules).map(|(rule, m)| json!({
+        // A rule without series yet has had no connection.
+        "rules": policy.rules.iter().enumerate().map(|(i, rule)| json!({
             "name": rule.name,
-            "active": open(&m.active),
-            "total": total(&m.connections),
+            "active": m.rules.made(i).map_or(0, |m| open(&m.active)),
+            "total": m.rules.made(i).map_or(0, |m| total(&m.connections)),
         })).collect::<Vec<_>>(),
         "routes": m.routes.iter().enumerate().map(|(i, m)| json!({
             "name": policy.route_label(crate::policy::RouteId(i)).short(),

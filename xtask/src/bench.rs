@@ -6,8 +6,10 @@
 //! routed by SNI, added time to first byte, memory per idle connection,
 //! connection rate against the number of rules, and l4proxy as an explicit
 //! CONNECT proxy beside Squid (tunnel set-up rate, one stream through a
-//! tunnel), and TLS termination beside HAProxy and nginx (handshakes,
-//! resumptions, one stream; see `tls`). The report goes to
+//! tunnel), TLS termination beside HAProxy and nginx (handshakes,
+//! resumptions, one stream; see `tls`), and rule scale: 100 000 prefixes
+//! and a wide port range against `ip6tables-restore` of the same rules (see
+//! `scale`). The report goes to
 //! `bench/results/<date>.md` and `bench/results/latest.md`, with SVG charts.
 //!
 //! On this 2-core machine the client, the proxy and the server share the
@@ -19,6 +21,7 @@ mod iperf;
 mod lab;
 mod load;
 mod report;
+mod scale;
 mod stats;
 mod targets;
 mod tls;
@@ -65,6 +68,7 @@ enum Case {
     Rules,
     Connect,
     Tls,
+    Scale,
 }
 
 /// How much of each case to run.
@@ -181,6 +185,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
         if wanted(Case::Rules) {
             bench.rules(&mut report)?;
+        }
+        // Last: it adds IPv6 to the lab and starts its own l4proxy.
+        if wanted(Case::Scale) {
+            bench.scale(&mut report)?;
         }
     }
     report.notes.push(format!(

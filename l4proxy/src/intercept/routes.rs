@@ -6,9 +6,9 @@
 //! [`ROUTE_PROTOCOL`] so that exactly ours are removed on exit, and so
 //! leftovers of a crashed daemon can be found and removed later.
 
-use std::net::IpAddr;
+use std::{collections::HashSet, net::IpAddr};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt, stream};
 use ipnet::IpNet;
 use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
@@ -30,6 +30,9 @@ const TABLE_LOCAL: u32 = 255;
 const LOOPBACK_IFINDEX: u32 = 1;
 
 const EEXIST: i32 = libc::EEXIST;
+
+/// Netlink requests sent before the first answer is awaited.
+const IN_FLIGHT: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -85,39 +88,57 @@ impl LocalRoutes {
     /// that is already local (a route the operator made) is left alone and
     /// not removed on exit. On an error the routes of this call are undone.
     pub async fn set(&mut self, prefixes: &[IpNet]) -> Result<(), RouteError> {
-        self.found.retain(|prefix| prefixes.contains(prefix));
+        // Sets, not list scans: a policy may have 100 000 prefixes.
+        let wanted: HashSet<IpNet> = prefixes.iter().copied().collect();
+        self.found.retain(|prefix| wanted.contains(prefix));
+        let mut known: HashSet<IpNet> = self.added.iter().chain(&self.found).copied().collect();
+        let missing: Vec<IpNet> = prefixes
+            .iter()
+            .copied()
+            .filter(|&prefix| known.insert(prefix))
+            .collect();
+        let handle = &self.handle;
+        // Many requests in flight on the one socket: one round trip each,
+        // one after another, is most of the time 100 000 routes take.
+        let results: Vec<(IpNet, Result<(), rtnetlink::Error>)> = stream::iter(missing)
+            .map(|prefix| async move {
+                let added = handle
+                    .route()
+                    .add(local_route(prefix, TABLE_LOCAL))
+                    .execute()
+                    .await;
+                (prefix, added)
+            })
+            .buffered(IN_FLIGHT)
+            .collect()
+            .await;
         let mut new = Vec::new();
-        for &prefix in prefixes {
-            if self.added.contains(&prefix) || self.found.contains(&prefix) {
-                continue;
-            }
-            match self
-                .handle
-                .route()
-                .add(local_route(prefix, TABLE_LOCAL))
-                .execute()
-                .await
-            {
+        let mut failed = None;
+        for (prefix, result) in results {
+            match result {
                 Ok(()) => new.push(prefix),
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => {
                     tracing::info!(%prefix, "local route already present; leaving it as it is");
                     self.found.push(prefix);
                 }
                 Err(source) => {
-                    let (_, undo_error) = delete_each(new, async |prefix| {
-                        delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await
-                    })
-                    .await;
-                    if let Some(e) = undo_error {
-                        tracing::warn!(error = %e, "removing the routes of a failed change");
-                    }
-                    return Err(RouteError::Add { prefix, source });
+                    failed.get_or_insert((prefix, source));
                 }
             }
         }
+        if let Some((prefix, source)) = failed {
+            let (_, undo_error) = delete_each(new, async |prefix| {
+                delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await
+            })
+            .await;
+            if let Some(e) = undo_error {
+                tracing::warn!(error = %e, "removing the routes of a failed change");
+            }
+            return Err(RouteError::Add { prefix, source });
+        }
         let (kept, stale): (Vec<IpNet>, Vec<IpNet>) = std::mem::take(&mut self.added)
             .into_iter()
-            .partition(|prefix| prefixes.contains(prefix));
+            .partition(|prefix| wanted.contains(prefix));
         // A stale route that cannot be removed stays on the list, for the
         // next call (or the guard) to remove.
         let (left, error) = delete_each(stale, async |prefix| {
@@ -137,17 +158,20 @@ impl LocalRoutes {
     /// Takes `prefixes` as its own: the routes a predecessor added (a
     /// takeover), which this daemon removes from now on when unwanted.
     pub fn adopt(&mut self, prefixes: &[IpNet]) {
-        for &prefix in prefixes {
-            if !self.added.contains(&prefix) {
-                self.added.push(prefix);
-            }
-        }
+        let mut known: HashSet<IpNet> = self.added.iter().copied().collect();
+        self.added.extend(
+            prefixes
+                .iter()
+                .copied()
+                .filter(|&prefix| known.insert(prefix)),
+        );
     }
 
     /// Forgets `prefixes`: their routes stay, for whoever owns them now
     /// (a successor, or a predecessor whose takeover failed).
     pub fn disown(&mut self, prefixes: &[IpNet]) {
-        self.added.retain(|prefix| !prefixes.contains(prefix));
+        let gone: HashSet<&IpNet> = prefixes.iter().collect();
+        self.added.retain(|prefix| !gone.contains(prefix));
     }
 
     /// Removes exactly the routes it added.
@@ -195,10 +219,16 @@ pub(super) async fn delete_each<T>(
 where
     T: Clone,
 {
+    let delete = &delete;
+    let results: Vec<(T, Result<(), RouteError>)> = stream::iter(items)
+        .map(|item| async move { (item.clone(), delete(item).await) })
+        .buffered(IN_FLIGHT)
+        .collect()
+        .await;
     let mut left = Vec::new();
     let mut first_error = None;
-    for item in items {
-        if let Err(e) = delete(item.clone()).await {
+    for (item, result) in results {
+        if let Err(e) = result {
             left.push(item);
             first_error.get_or_insert(e);
         }

@@ -65,11 +65,12 @@ pub fn compile(policy: &Policy) -> Compiled {
     let classes = PortClasses::of(policy);
     let claims = claims(policy);
     let by_prefix = by_original_prefix(&claims);
+    let lengths = prefix_lengths(&by_prefix);
     let mut keys = KeyClasses::new(&classes);
     let mut entries = Vec::new();
     for (trie_prefix, at) in by_trie_prefix(&claims) {
         // Best first: every claim whose own prefix contains this piece.
-        let mut containing: Vec<&Claim> = ancestors(trie_prefix.net)
+        let mut containing: Vec<&Claim> = ancestors(trie_prefix.net, &lengths)
             .filter_map(|net| by_prefix.get(&net))
             .flatten()
             .map(|&i| &claims[i])
@@ -249,11 +250,25 @@ fn by_original_prefix(claims: &[Claim]) -> HashMap<IpNet, Vec<usize>> {
     by
 }
 
-/// `net` and every shorter prefix containing it, down to length 0.
-fn ancestors(net: IpNet) -> impl Iterator<Item = IpNet> {
-    (0..=net.prefix_len())
-        .rev()
-        .map(move |len| IpNet::new_assert(net.addr(), len).trunc())
+/// The prefix lengths rules use, per family (IPv4 first).
+type Lengths = [Vec<u8>; 2];
+
+fn prefix_lengths(by_prefix: &HashMap<IpNet, Vec<usize>>) -> Lengths {
+    let mut lengths: [BTreeSet<u8>; 2] = Default::default();
+    for net in by_prefix.keys() {
+        lengths[usize::from(net.addr().is_ipv6())].insert(net.prefix_len());
+    }
+    lengths.map(|set| set.into_iter().collect())
+}
+
+/// `net` and every shorter prefix containing it, of the lengths rules use
+/// (the only ones that can be a rule's own prefix): a policy of /128s
+/// probes one length, not 129.
+fn ancestors<'l>(net: IpNet, lengths: &'l Lengths) -> impl Iterator<Item = IpNet> + 'l {
+    lengths[usize::from(net.addr().is_ipv6())]
+        .iter()
+        .filter(move |&&len| len <= net.prefix_len())
+        .map(move |&len| IpNet::new_assert(net.addr(), len).trunc())
 }
 
 /// Whether a claim's ports belong in the entry for key class `class`: `*`

@@ -231,6 +231,19 @@ pub fn start_l4proxy(
     maxconn: u64,
     log: &Path,
 ) -> anyhow::Result<Proc> {
+    start_l4proxy_logged(px, binary, policy, maxconn, log, "warn")
+}
+
+/// [`start_l4proxy`] with JSON log lines that `rust_log` (a `RUST_LOG`
+/// filter) lets through.
+pub fn start_l4proxy_logged(
+    px: &Netns,
+    binary: &Path,
+    policy: &Path,
+    maxconn: u64,
+    log: &Path,
+    rust_log: &str,
+) -> anyhow::Result<Proc> {
     let binary = binary.to_str().context("binary path is not UTF-8")?;
     let policy = policy.to_str().context("policy path is not UTF-8")?;
     Proc::start(
@@ -241,12 +254,14 @@ pub fn start_l4proxy(
             "run",
             "--policy",
             policy,
+            "--log-format",
+            "json",
             "--grace-period",
             "1",
             "--max-connections",
             &maxconn.to_string(),
         ],
-        &[("RUST_LOG", "warn")],
+        &[("RUST_LOG", rust_log)],
         log.to_owned(),
     )
 }
@@ -394,7 +409,7 @@ pub fn start_squid(px: &Netns, dir: &Path, log: &Path) -> anyhow::Result<Proc> {
 }
 
 /// Port of the transparent listener the TPROXY rules point at.
-const TPROXY_PORT: u16 = 7000;
+pub const TPROXY_PORT: u16 = 7000;
 
 /// The (address, port) of rule `i` of the rule-count case: 100 addresses of
 /// 192.0.2.100-199, then the next port. The measured connections go to the
