@@ -646,29 +646,46 @@ async fn accept_loop(
             return;
         }
     };
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
+    let admit = |(stream, peer): (tokio::net::TcpStream, std::net::SocketAddr)| {
         accepted.add();
         let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
             shared.admission.refuse(&stream, peer, Refusal::Global);
-            continue;
+            return;
         };
         let shared = shared.clone();
         tracker.spawn(async move {
             session::serve(stream, peer, front, &shared).await;
             drop(permit);
         });
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => admit(accepted),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = stop.cancelled() => break,
+        }
+    }
+    // Clients whose handshakes completed before the stop are served, not
+    // reset when the listener closes: nothing new is steered here now, and
+    // the queue is read to its end with plain non-blocking accepts (the
+    // runtime may not have seen the last ones arrive yet).
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    while let Ok((stream, peer)) = listener.accept() {
+        match stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream))
+        {
+            Ok(stream) => admit((stream, peer)),
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
     }
 }
 
