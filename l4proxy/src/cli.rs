@@ -182,6 +182,10 @@ pub struct RunArgs {
     /// running daemon, or if this one cannot start, nothing changes.
     #[arg(long)]
     pub takeover: bool,
+    /// Worker threads, each accepting and serving its own connections
+    /// [default: the cores this process may run on]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<std::num::NonZeroUsize>,
 }
 
 /// Seconds or a number with a unit (`250ms`, `30s`, `5m`, `1h`), as in a

@@ -3,17 +3,17 @@
 //! New ones are bound before a policy is applied, so a policy whose address
 //! cannot be bound is refused and the running one stays. A successor in a
 //! takeover is handed its predecessor's listeners ([`ExplicitListeners::adopt`])
-//! and takes those its policy lists instead of binding them again.
+//! and takes those its policy lists instead of binding them again. Each is
+//! one socket, which every worker accepts on (`workers`).
 
 use std::{
     collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{SocketAddr, TcpListener},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
 };
 
 use socket2::SockRef;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -67,7 +67,7 @@ impl ExplicitListeners {
                 Some(listener) => {
                     upstream::set_keepalive(&SockRef::from(&listener), keepalive).map(|()| listener)
                 }
-                None => install::listen(addr, keepalive, false),
+                None => install::listen(addr, keepalive, install::Role::Connect),
             }
             .and_then(|listener| Ok((listener.as_fd().try_clone_to_owned()?, listener)))
             .map_err(|error| ListenError { addr, error })?;

@@ -25,7 +25,7 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     os::fd::{AsFd, OwnedFd},
     sync::Arc,
 };
@@ -33,7 +33,6 @@ use std::{
 use ipnet::IpNet;
 use l4proxy_common::MAX_RULE_ENTRIES;
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::net::TcpListener;
 
 use crate::{
     health,
@@ -92,9 +91,13 @@ pub struct Installation {
     interceptor: Interceptor,
     /// Given to the listeners, so accepted connections have it.
     keepalive: Keepalive,
-    /// The listeners in the socket map, by family (IPv4, IPv6): copies of
-    /// their descriptors, to hand over in a takeover.
-    listening: [Option<OwnedFd>; 2],
+    /// How many listeners a family's reuseport group has at least: one per
+    /// worker (`workers`).
+    workers: usize,
+    /// The steered listeners, by family (IPv4, IPv6), the first of each the
+    /// one in the socket map: copies of their descriptors, to hand over in
+    /// a takeover.
+    listening: [Vec<OwnedFd>; 2],
     local_routes: LocalRoutes,
     delivery: Delivery,
     local: Arc<LocalAddrs>,
@@ -160,18 +163,20 @@ impl Needs {
 pub struct Applied {
     /// The policy in force, for new connections.
     pub active: Arc<Active>,
-    /// Listeners created for it, for the caller to accept on.
-    pub new_listeners: Vec<TcpListener>,
+    /// Listeners created for it, by family, for the caller to accept on.
+    pub new_listeners: Vec<(Family, TcpListener)>,
 }
 
 impl Installation {
     /// Loads the programs and reads this host's addresses; sets up nothing
     /// a policy asks for yet.
-    /// `keepalive`: what the listeners give every accepted connection.
+    /// `keepalive`: what the listeners give every accepted connection;
+    /// `workers`: how many listeners each family's group has at least.
     pub async fn new(
         mark: Mark,
         routing_table: u32,
         keepalive: Keepalive,
+        workers: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self, InstallError> {
         let (mut interceptor, mut local_map) = Interceptor::load(mark)?;
@@ -187,7 +192,8 @@ impl Installation {
         Ok(Self {
             interceptor,
             keepalive,
-            listening: [None, None],
+            workers,
+            listening: [Vec::new(), Vec::new()],
             local_routes: LocalRoutes::new()?,
             delivery: Delivery::new(mark, routing_table)?,
             local,
@@ -269,8 +275,8 @@ impl Installation {
             }
             return Err(e);
         }
-        for (slot, fd) in families {
-            self.listening[slot] = Some(fd);
+        for (slot, fds) in families {
+            self.listening[slot] = fds;
         }
         // Only once it is in force: a refused policy leaves the checks as
         // they were.
@@ -388,12 +394,14 @@ impl Installation {
         Ok(())
     }
 
-    /// A listener per family the policy's rules take and that has none yet,
-    /// bound to loopback on a free port (`sk_lookup` assigns it whatever the
-    /// connection's destination). Transparent: a gateway connection's local
-    /// address is not this host's, and the kernel sends the SYN-ACK from it
-    /// only for a transparent socket. Returns them with their family slots
-    /// (and copies of their descriptors), to be marked as listening once the
+    /// A reuseport group of listeners, one per worker, per family the
+    /// policy's rules take and that has none yet, bound to loopback on a
+    /// free port (`sk_lookup` assigns the first, and the kernel picks
+    /// within its group, whatever the connection's destination).
+    /// Transparent: a gateway connection's local address is not this
+    /// host's, and the kernel sends the SYN-ACK from it only for a
+    /// transparent socket. Returns them with their family slots (and
+    /// copies of their descriptors), to be marked as listening once the
     /// policy is in.
     #[expect(
         clippy::type_complexity,
@@ -402,7 +410,7 @@ impl Installation {
     fn listen(
         &mut self,
         policy: &Policy,
-    ) -> Result<(Vec<TcpListener>, Vec<(usize, OwnedFd)>), InstallError> {
+    ) -> Result<(Vec<(Family, TcpListener)>, Vec<(usize, Vec<OwnedFd>)>), InstallError> {
         let mut listeners = Vec::new();
         let mut slots = Vec::new();
         for (slot, family, addr) in [
@@ -414,20 +422,45 @@ impl Installation {
                 .iter()
                 .flat_map(|rule| &rule.prefixes)
                 .any(|prefix| prefix.addr().is_ipv4() == addr.is_ipv4());
-            if !wanted || self.listening[slot].is_some() {
+            if !wanted || !self.listening[slot].is_empty() {
                 continue;
             }
             let listen_error = |source| InstallError::Listen { family, source };
-            let listener = listen(addr, self.keepalive, true).map_err(listen_error)?;
-            let fd = listener
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(listen_error)?;
-            self.interceptor.set_listener(family, &listener)?;
-            listeners.push(listener);
-            slots.push((slot, fd));
+            let first = listen(addr, self.keepalive, Role::Steered).map_err(listen_error)?;
+            self.interceptor.set_listener(family, &first)?;
+            let group = self.fill_group(family, vec![first])?;
+            let fds = copies(&group).map_err(listen_error)?;
+            listeners.extend(group.into_iter().map(|listener| (family, listener)));
+            slots.push((slot, fds));
         }
         Ok((listeners, slots))
+    }
+
+    /// `group` and, if it has fewer than one per worker, listeners bound
+    /// into its reuseport group up to that. A group whose sockets lack
+    /// `SO_REUSEPORT` (handed over by an older daemon) cannot grow: its
+    /// listeners are shared out among the workers as they are.
+    fn fill_group(
+        &self,
+        family: Family,
+        mut group: Vec<TcpListener>,
+    ) -> Result<Vec<TcpListener>, InstallError> {
+        let listen_error = |source| InstallError::Listen { family, source };
+        let first = SockRef::from(&group[0]);
+        if !first.reuse_port().map_err(listen_error)? {
+            tracing::info!(
+                ?family,
+                listeners = group.len(),
+                workers = self.workers,
+                "the handed listeners are not a reuseport group: the workers share them"
+            );
+            return Ok(group);
+        }
+        let addr = group[0].local_addr().map_err(listen_error)?;
+        while group.len() < self.workers {
+            group.push(listen(addr, self.keepalive, Role::Steered).map_err(listen_error)?);
+        }
+        Ok(group)
     }
 
     /// The steered listeners, by family, for a successor (a takeover).
@@ -435,33 +468,36 @@ impl Installation {
         [Family::V4, Family::V6]
             .into_iter()
             .zip(&self.listening)
-            .filter_map(|(family, fd)| Some((family, fd.as_ref()?)))
+            .flat_map(|(family, fds)| fds.iter().map(move |fd| (family, fd)))
             .collect()
     }
 
     /// Puts a predecessor's steered listeners (a takeover) in the socket
-    /// map, with this daemon's keepalive for the connections they accept;
-    /// returns them for the caller to accept on.
+    /// map (the first of each family), with this daemon's keepalive for the
+    /// connections they accept, and adds to each family's group up to one
+    /// per worker; returns them all for the caller to accept on.
     pub fn adopt_listeners(
         &mut self,
         handed: Vec<(Family, TcpListener)>,
-    ) -> Result<Vec<TcpListener>, InstallError> {
+    ) -> Result<Vec<(Family, TcpListener)>, InstallError> {
         let mut listeners = Vec::new();
-        for (family, listener) in handed {
+        let (v4, v6): (Vec<_>, Vec<_>) = handed
+            .into_iter()
+            .partition(|(family, _)| matches!(family, Family::V4));
+        for (slot, family, group) in [(0, Family::V4, v4), (1, Family::V6, v6)] {
             let listen_error = |source| InstallError::Listen { family, source };
-            upstream::set_keepalive(&SockRef::from(&listener), self.keepalive)
-                .map_err(listen_error)?;
-            let fd = listener
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(listen_error)?;
-            self.interceptor.set_listener(family, &listener)?;
-            let slot = match family {
-                Family::V4 => 0,
-                Family::V6 => 1,
+            let group: Vec<TcpListener> = group.into_iter().map(|(_, listener)| listener).collect();
+            let Some(first) = group.first() else {
+                continue;
             };
-            self.listening[slot] = Some(fd);
-            listeners.push(listener);
+            self.interceptor.set_listener(family, first)?;
+            for listener in &group {
+                upstream::set_keepalive(&SockRef::from(listener), self.keepalive)
+                    .map_err(listen_error)?;
+            }
+            let group = self.fill_group(family, group)?;
+            self.listening[slot] = copies(&group).map_err(listen_error)?;
+            listeners.extend(group.into_iter().map(|listener| (family, listener)));
         }
         Ok(listeners)
     }
@@ -597,22 +633,36 @@ pub async fn remove_leftovers() -> Result<(), InstallError> {
     Ok(())
 }
 
-/// A listener on `addr`; `transparent`: it may accept connections to
-/// addresses that are not this host's (steered gateway connections).
+/// What a listener is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Steered connections: transparent (it may accept connections to
+    /// addresses that are not this host's, on a gateway), and in a
+    /// reuseport group with the other workers' listeners.
+    Steered,
+    /// CONNECT clients, on the address a rule lists.
+    Connect,
+}
+
+/// A non-blocking listener on `addr`, for a worker to accept on (it
+/// registers it with its own runtime).
 pub(crate) fn listen(
     addr: SocketAddr,
     keepalive: Keepalive,
-    transparent: bool,
+    role: Role,
 ) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         // Each family has its own listener; never see IPv4-mapped addresses.
         socket.set_only_v6(true)?;
     }
-    match (transparent, addr.is_ipv6()) {
-        (true, true) => socket.set_ip_transparent_v6(true)?,
-        (true, false) => socket.set_ip_transparent_v4(true)?,
-        (false, _) => {}
+    if role == Role::Steered {
+        if addr.is_ipv6() {
+            socket.set_ip_transparent_v6(true)?;
+        } else {
+            socket.set_ip_transparent_v4(true)?;
+        }
+        socket.set_reuse_port(true)?;
     }
     socket.set_reuse_address(true)?;
     // Accepted sockets inherit these: setsockopts here instead of on every
@@ -622,7 +672,15 @@ pub(crate) fn listen(
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
+}
+
+/// Copies of the listeners' descriptors.
+fn copies(listeners: &[TcpListener]) -> io::Result<Vec<OwnedFd>> {
+    listeners
+        .iter()
+        .map(|listener| listener.as_fd().try_clone_to_owned())
+        .collect()
 }
 
 /// Where `classify` goes, and what it does there: every interface a gateway
@@ -873,7 +931,13 @@ mod tests {
             interval: 3,
             count: 4,
         };
-        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), keepalive, true).unwrap();
+        let listener = listen(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            keepalive,
+            Role::Steered,
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();

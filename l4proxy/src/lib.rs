@@ -62,3 +62,4 @@ pub mod takeover;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod workers;

@@ -14,6 +14,7 @@ use l4proxy::{
     server::{self, Ended, Settings},
     session::Defaults,
     takeover::Restart,
+    workers::{self, Workers},
 };
 
 fn main() -> ExitCode {
@@ -89,11 +90,18 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
         takeover: args.takeover,
         restart,
     };
-    let runtime = runtime()?;
-    let ran = runtime.block_on(server::run(policy, settings, &guard));
+    let workers = Workers::start(args.workers.unwrap_or_else(workers::default_count))
+        .context("starting the worker threads")?;
+    // The control plane's: the workers serve the connections.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let ran = runtime.block_on(server::run(policy, settings, &guard, &workers));
     // Name look-ups and password checks still running on blocking threads
     // must not hold up the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    workers.stop();
     match ran? {
         Ended::Stopped => {}
         Ended::HandedOver { successor } => {

@@ -1,5 +1,6 @@
-//! The daemon: kernel set-up, listeners, the accept loop (one `session` task
-//! per connection), and an orderly shutdown.
+//! The daemon: kernel set-up, listeners, the accept loops on the workers
+//! (`workers`; one `session` task per connection, on the worker that
+//! accepted it), and an orderly shutdown.
 //!
 //! Start-up order matters: listeners go into the socket map before the programs
 //! are attached, and the routes and routing rules go in before them too, so the
@@ -17,6 +18,7 @@
 
 use std::{
     io,
+    net::TcpListener as StdListener,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
@@ -37,7 +39,7 @@ use crate::{
     control,
     explicit::{ExplicitListeners, ListenError, Opened},
     install::{self, Applied, InstallError, Installation},
-    intercept::{delivery::Mark, guard::Guard, interfaces, routes::RouteError},
+    intercept::{Family, delivery::Mark, guard::Guard, interfaces, routes::RouteError},
     metrics::Metrics,
     notify,
     policy::{Keepalive, Policy, PolicyError},
@@ -46,6 +48,7 @@ use crate::{
     session::{self, Defaults, Front, Shared},
     status,
     takeover::{self, Handover, Listeners, Restart, TakeoverError},
+    workers::{self, Workers},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +124,14 @@ pub struct Settings {
 /// Runs until SIGTERM or SIGINT, then drains and cleans up, or until a
 /// successor has taken over, then drains; rereads the policy on SIGHUP.
 /// `guard` is told when the routes become this daemon's, and when they are
-/// handed on.
-pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<Ended, ServerError> {
+/// handed on. Connections are accepted and served on `workers`; this
+/// function (the control plane) runs on a runtime of its own.
+pub async fn run(
+    policy: Policy,
+    settings: Settings,
+    guard: &Guard,
+    workers: &Workers,
+) -> Result<Ended, ServerError> {
     // The namespace's kernel state is nobody's (a clean start: what a
     // crashed daemon left goes), or the running daemon's, which hands it on.
     let (mut predecessor, handed) = if settings.takeover {
@@ -164,6 +173,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
         settings.mark,
         settings.routing_table,
         settings.defaults.keepalive,
+        workers.count(),
         metrics.clone(),
     )
     .await?;
@@ -211,6 +221,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
         },
         tracker: TaskTracker::new(),
         stop: CancellationToken::new(),
+        workers,
     };
     metrics.in_force();
     steered.extend(new_listeners);
@@ -259,6 +270,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
     let capabilities = privilege::drop_to(settings.user.as_ref())?;
     tracing::info!(
         listeners = ?listeners,
+        workers = workers.count(),
         capabilities = %privilege::names(capabilities),
         max_connections = settings.max_connections,
         admin = settings.admin.map(tracing::field::display),
@@ -266,11 +278,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
         "ready"
     );
     notify::ready(metrics.generation());
-    let mut listening: Vec<String> = listeners
-        .iter()
-        .flatten()
-        .map(|addr| format!("steered {addr}"))
-        .collect();
+    let mut listening = steered_names(&listeners);
     listening.extend(connect_listeners(&shared.active().policy));
 
     let mut settle = tokio::time::interval(SETTLE_EVERY);
@@ -321,6 +329,7 @@ pub async fn run(policy: Policy, settings: Settings, guard: &Guard) -> Result<En
                             generation: metrics.generation(),
                             started,
                             listeners: listening.clone(),
+                            workers: workers.accepted(),
                             kernel: installation.kernel_counters(),
                         };
                         status::snapshot(&daemon, &shared.active())
@@ -461,7 +470,7 @@ async fn reload_now(
     settings: &Settings,
     installation: &mut Installation,
     explicit: &mut ExplicitListeners,
-    accepting: &Accepting,
+    accepting: &Accepting<'_>,
     shared: &Shared,
     listening: &mut Vec<String>,
 ) -> Result<(), String> {
@@ -479,12 +488,7 @@ async fn reload_now(
     shared.set_active(applied.active.clone());
     accepting.start_explicit(explicit, &applied.active.policy, opened);
     let steered = accepting.start(applied.new_listeners);
-    listening.extend(
-        steered
-            .iter()
-            .flatten()
-            .map(|addr| format!("steered {addr}")),
-    );
+    listening.extend(steered_names(&steered));
     listening.retain(|l| l.starts_with("steered "));
     listening.extend(connect_listeners(&applied.active.policy));
     tracing::info!("policy reloaded");
@@ -508,6 +512,16 @@ fn server_readings(active: &session::Active) -> Vec<crate::metrics::ServerReadin
                 })
         })
         .collect()
+}
+
+/// How `status` names the steered listeners: each family's group once.
+fn steered_names(addresses: &[std::net::SocketAddr]) -> Vec<String> {
+    let mut names: Vec<String> = addresses
+        .iter()
+        .map(|addr| format!("steered {addr}"))
+        .collect();
+    names.dedup();
+    names
 }
 
 /// How `status` names a policy's CONNECT listeners.
@@ -553,45 +567,66 @@ async fn reload(
 }
 
 /// What the accept loops share.
-struct Accepting {
+struct Accepting<'a> {
     shared: Arc<Shared>,
     limit: Limit,
     tracker: TaskTracker,
     stop: CancellationToken,
+    workers: &'a Workers,
 }
 
-impl Accepting {
-    /// Accepts on the steered `listeners` until stopped; returns their
+impl Accepting<'_> {
+    /// Accepts on the steered `listeners` until stopped, a family's
+    /// listeners shared out among the workers in turn; returns their
     /// addresses.
-    fn start(&self, listeners: Vec<TcpListener>) -> Vec<Option<std::net::SocketAddr>> {
-        let addresses = listeners.iter().map(|l| l.local_addr().ok()).collect();
-        for listener in listeners {
-            self.accept(listener, Front::Steered, self.stop.clone());
+    fn start(&self, listeners: Vec<(Family, StdListener)>) -> Vec<std::net::SocketAddr> {
+        let addresses = listeners
+            .iter()
+            .filter_map(|(_, l)| l.local_addr().ok())
+            .collect();
+        let mut next = [0, 0];
+        for (family, listener) in listeners {
+            let turn = &mut next[usize::from(matches!(family, Family::V6))];
+            self.accept(*turn, listener, Front::Steered, self.stop.clone());
+            *turn += 1;
         }
         addresses
     }
 
-    /// Accepts on the CONNECT listeners `policy` adds, and stops those it
-    /// drops.
+    /// Accepts on the CONNECT listeners `policy` adds, each on every
+    /// worker, and stops those it drops.
     fn start_explicit(&self, explicit: &mut ExplicitListeners, policy: &Policy, opened: Opened) {
         explicit.commit(policy, opened, &self.stop, |listener, stop| {
-            self.accept(listener, Front::Connect, stop);
+            for worker in 1..self.workers.count() {
+                match listener.try_clone() {
+                    Ok(copy) => self.accept(worker, copy, Front::Connect, stop.clone()),
+                    Err(e) => {
+                        tracing::error!(error = %e, worker, "a worker cannot accept on a CONNECT listener: the others do");
+                    }
+                }
+            }
+            self.accept(0, listener, Front::Connect, stop);
         });
     }
 
-    fn accept(&self, listener: TcpListener, front: Front, stop: CancellationToken) {
-        self.tracker.spawn(accept_loop(
-            listener,
-            front,
-            self.shared.clone(),
-            self.limit.clone(),
-            self.tracker.clone(),
-            stop,
-        ));
+    /// Runs an accept loop on worker `worker`.
+    fn accept(&self, worker: usize, listener: StdListener, front: Front, stop: CancellationToken) {
+        self.tracker.spawn_on(
+            accept_loop(
+                listener,
+                front,
+                self.shared.clone(),
+                self.limit.clone(),
+                self.tracker.clone(),
+                self.workers.counter(worker),
+                stop,
+            ),
+            self.workers.handle(worker),
+        );
     }
 }
 
-/// At most `max` connections at once.
+/// At most `max` connections at once, over all workers.
 #[derive(Clone)]
 struct Limit {
     permits: Arc<Semaphore>,
@@ -605,36 +640,65 @@ impl Limit {
     }
 }
 
+/// Accepts on `listener` until stopped; runs on a worker, which serves the
+/// connections it accepts.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: StdListener,
     front: Front,
     shared: Arc<Shared>,
     limit: Limit,
     tracker: TaskTracker,
+    accepted: workers::Counter,
     stop: CancellationToken,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
+    // Registered with this worker's runtime.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "a worker cannot accept on a listener: the others do");
+            return;
+        }
+    };
+    let admit = |(stream, peer): (tokio::net::TcpStream, std::net::SocketAddr)| {
+        accepted.add();
         let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
             shared.admission.refuse(&stream, peer, Refusal::Global);
-            continue;
+            return;
         };
         let shared = shared.clone();
         tracker.spawn(async move {
             session::serve(stream, peer, front, &shared).await;
             drop(permit);
         });
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => admit(accepted),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = stop.cancelled() => break,
+        }
+    }
+    // Clients whose handshakes completed before the stop are served, not
+    // reset when the listener closes: nothing new is steered here now, and
+    // the queue is read to its end with plain non-blocking accepts (the
+    // runtime may not have seen the last ones arrive yet).
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    while let Ok((stream, peer)) = listener.accept() {
+        match stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream))
+        {
+            Ok(stream) => admit((stream, peer)),
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
     }
 }
 

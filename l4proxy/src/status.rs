@@ -14,6 +14,8 @@ pub struct Daemon<'a> {
     pub generation: u64,
     pub started: Instant,
     pub listeners: Vec<String>,
+    /// Connections each worker accepted, by worker.
+    pub workers: Vec<u64>,
     pub kernel: Vec<(&'static str, u64)>,
 }
 
@@ -32,6 +34,7 @@ pub fn snapshot(daemon: &Daemon, active: &Active) -> Value {
         "generation": daemon.generation,
         "uptime_seconds": daemon.started.elapsed().as_secs(),
         "listeners": daemon.listeners,
+        "workers": daemon.workers.iter().map(|n| json!({ "accepted": n })).collect::<Vec<_>>(),
         // A rule without series yet has had no connection.
         "rules": policy.rules.iter().enumerate().map(|(i, rule)| json!({
             "name": rule.name,
@@ -76,6 +79,14 @@ pub fn render(status: &Value) -> String {
     if let Some(listeners) = status["listeners"].as_array() {
         let listeners: Vec<String> = listeners.iter().map(text).collect();
         out.push_str(&format!("listeners: {}\n", listeners.join(", ")));
+    }
+    if let Some(workers) = status["workers"].as_array() {
+        let accepted: Vec<String> = workers.iter().map(|w| text(&w["accepted"])).collect();
+        out.push_str(&format!(
+            "workers: {} (connections accepted: {})\n",
+            workers.len(),
+            accepted.join(", ")
+        ));
     }
     for (section, with_active) in [("rules", true), ("routes", false), ("upstreams", true)] {
         let Some(rows) = status[section].as_array().filter(|rows| !rows.is_empty()) else {

@@ -133,11 +133,14 @@ pub struct Listeners<'a> {
     pub admin: Option<(SocketAddr, BorrowedFd<'a>)>,
 }
 
-/// What the successor received: the same sockets, now its own too.
+/// What the successor received: the same sockets, now its own too. The
+/// steered (every member of each family's reuseport group) and CONNECT
+/// listeners are not registered with a runtime yet: the workers accept on
+/// them.
 pub struct Handed {
     pub control: tokio::net::UnixListener,
-    pub steered: Vec<(Family, TcpListener)>,
-    pub connect: Vec<(SocketAddr, TcpListener)>,
+    pub steered: Vec<(Family, std::net::TcpListener)>,
+    pub connect: Vec<(SocketAddr, std::net::TcpListener)>,
     pub admin: Option<(SocketAddr, TcpListener)>,
     pub routing: Routing,
 }
@@ -237,11 +240,11 @@ fn handed(offer: Offer, fds: Vec<OwnedFd>) -> Result<Handed, TakeoverError> {
             .and_then(|()| tokio::net::UnixListener::from_std(listener))
             .map_err(io_error("the handed control socket"))?
     };
-    let mut next_tcp = || -> Result<TcpListener, TakeoverError> {
+    let mut next_tcp = || -> Result<std::net::TcpListener, TakeoverError> {
         let listener = std::net::TcpListener::from(fds.next().expect("counted above"));
         listener
             .set_nonblocking(true)
-            .and_then(|()| TcpListener::from_std(listener))
+            .map(|()| listener)
             .map_err(io_error("a handed listener"))
     };
     let steered = offer
@@ -255,7 +258,10 @@ fn handed(offer: Offer, fds: Vec<OwnedFd>) -> Result<Handed, TakeoverError> {
         .map(|addr| Ok((*addr, next_tcp()?)))
         .collect::<Result<_, TakeoverError>>()?;
     let admin = match offer.admin {
-        Some(addr) => Some((addr, next_tcp()?)),
+        Some(addr) => Some((
+            addr,
+            TcpListener::from_std(next_tcp()?).map_err(io_error("the handed admin listener"))?,
+        )),
         None => None,
     };
     Ok(Handed {
