@@ -888,14 +888,7 @@ mod tests {
     use super::*;
 
     fn link(name: &str, index: u32, master: Option<u32>, is_bridge: bool) -> Interface {
-        Interface {
-            name: name.to_owned(),
-            index,
-            l2_len: Some(14),
-            master,
-            is_bridge,
-            mac: Some([2, 0, 0, 0, 0, index as u8]),
-        }
+        Interface::ethernet(name, index, master, is_bridge)
     }
 
     /// A bridge's port may be listed (bridged interception); a bond's may

@@ -118,14 +118,7 @@ mod tests {
     }
 
     fn link(index: u32, master: Option<u32>, is_bridge: bool) -> Interface {
-        Interface {
-            name: format!("if{index}"),
-            index,
-            l2_len: Some(14),
-            master,
-            is_bridge,
-            mac: Some([2, 0, 0, 0, 0, index as u8]),
-        }
+        Interface::ethernet(&format!("if{index}"), index, master, is_bridge)
     }
 
     #[test]

@@ -40,6 +40,20 @@ impl Interface {
     pub fn is_loopback(&self) -> bool {
         self.index == 1
     }
+
+    /// An Ethernet link as `list` would return it, for unit tests.
+    #[cfg(test)]
+    pub fn ethernet(name: &str, index: u32, master: Option<u32>, is_bridge: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            index,
+            l2_len: Some(14),
+            master,
+            is_bridge,
+            // Fits: test indices are small.
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
+        }
+    }
 }
 
 /// Every interface of the calling thread's network namespace.
