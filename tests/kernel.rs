@@ -107,12 +107,26 @@ fn missing_listener_drops_and_counts_then_a_listener_is_steered() {
     assert_eq!(counter(&interceptor, Counter::Steered), 1);
 
     // Detached, the program steers nothing: the bystander gets the next one.
+    // The link goes when its last descriptor closes: a process another test
+    // of this binary forks at that moment holds a copy until its exec, so a
+    // connection may still be steered for that long.
     interceptor.detach().expect("detaching");
-    lab::try_connect(&topo.cl, steered, Duration::from_secs(5)).expect("connect after detach");
-    bystander.set_nonblocking(false).unwrap();
-    let (accepted, _) = bystander
-        .accept()
-        .expect("accept on the bystander after detach");
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let accepted = loop {
+        lab::try_connect(&topo.cl, steered, Duration::from_secs(5)).expect("connect after detach");
+        std::thread::sleep(Duration::from_millis(20));
+        match bystander.accept() {
+            Ok((accepted, _)) => break accepted,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept on the bystander: {e}"),
+        }
+        let _ = listener.accept();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still steered 5 s after detaching"
+        );
+    };
     assert_eq!(accepted.local_addr().unwrap(), steered);
 }
 
@@ -186,46 +200,6 @@ fn a_missing_listener_is_a_debug_line_of_the_kernel_log() {
             && text.contains("refused 192.0.2.10:80 (rule 0): no listener in the socket map"),
         "the kernel's line is missing from the log:\n{text}"
     );
-}
-
-/// The translated size of the `steer` program daemon `pid` holds.
-fn steer_size(pid: i32) -> u32 {
-    let mut ids = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("the daemon's fdinfo") {
-        let Ok(info) = std::fs::read_to_string(entry.unwrap().path()) else {
-            continue;
-        };
-        ids.extend(info.lines().filter_map(|line| {
-            line.strip_prefix("prog_id:")
-                .and_then(|id| id.trim().parse::<u32>().ok())
-        }));
-    }
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|program| ids.contains(&program.id()))
-        .find(|program| program.name_as_str() == Some("steer"))
-        .expect("the daemon holds its steer program")
-        .size_translated()
-        .expect("the kernel reports the program's size")
-}
-
-#[test]
-fn the_kernel_log_costs_nothing_when_debug_is_off() {
-    let policy = serde_json::from_str(POLICY).unwrap();
-    let quiet_lab = lab::Topo::new("klog_info");
-    let quiet = lab::Daemon::start_ready(&quiet_lab.px, &policy, &[]);
-    let verbose_lab = lab::Topo::new("klog_debug");
-    let verbose = lab::Daemon::start_ready(&verbose_lab.px, &policy, &["--log-level", "debug"]);
-    let (off, on) = (steer_size(quiet.pid()), steer_size(verbose.pid()));
-    // The verifier drops the logging code when the level is a constant that
-    // turns it off: the program at info level is smaller by all of it.
-    assert!(
-        off < on,
-        "steer at info level has {off} bytes, at debug {on}: the logging code was not removed"
-    );
-    // What is left at info level is the counters' path alone; the README
-    // quotes these sizes.
-    eprintln!("steer: {off} bytes translated at info level, {on} at debug");
 }
 
 /// A policy of one rule on 192.0.2.0/24 with these ports.

@@ -1,7 +1,8 @@
 //! Operating the daemon: its Prometheus metrics, checked by Debian's
 //! promtool and scraped by a real Prometheus server while the test sends
 //! known traffic; `l4proxy status` against the connections the test holds;
-//! `l4proxy reload` refusing a bad policy and taking a good one.
+//! `l4proxy reload` refusing a bad policy and taking a good one; the kernel
+//! programs' log level, which costs nothing when debug is off.
 
 mod lab;
 
@@ -229,4 +230,44 @@ fn status_and_reload_answer_from_the_running_daemon() {
     d.wait_event("the reload", Duration::from_secs(5), |ev| {
         lab::daemon::message(ev) == Some("policy reloaded")
     });
+}
+
+/// The translated size of the `steer` program daemon `pid` holds.
+fn steer_size(pid: i32) -> u32 {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("the daemon's fdinfo") {
+        let Ok(info) = std::fs::read_to_string(entry.unwrap().path()) else {
+            continue;
+        };
+        ids.extend(info.lines().filter_map(|line| {
+            line.strip_prefix("prog_id:")
+                .and_then(|id| id.trim().parse::<u32>().ok())
+        }));
+    }
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|program| ids.contains(&program.id()))
+        .find(|program| program.name_as_str() == Some("steer"))
+        .expect("the daemon holds its steer program")
+        .size_translated()
+        .expect("the kernel reports the program's size")
+}
+
+#[test]
+fn the_kernel_log_costs_nothing_when_debug_is_off() {
+    let policy = policy("203.0.113.2:8080");
+    let quiet_lab = Topo::new("klog_info");
+    let quiet = Daemon::start_ready(&quiet_lab.px, &policy, &[]);
+    let verbose_lab = Topo::new("klog_debug");
+    let verbose = Daemon::start_ready(&verbose_lab.px, &policy, &["--log-level", "debug"]);
+    let (off, on) = (steer_size(quiet.pid()), steer_size(verbose.pid()));
+    // The verifier drops the logging code when the level is a constant that
+    // turns it off: the program at info level is smaller by all of it.
+    assert!(
+        off < on,
+        "steer at info level has {off} bytes, at debug {on}: the logging code was not removed"
+    );
+    // What is left at info level is the counters' path alone; the README
+    // quotes these sizes.
+    eprintln!("steer: {off} bytes translated at info level, {on} at debug");
 }
