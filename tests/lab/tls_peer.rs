@@ -264,28 +264,30 @@ async fn read_proxy_v2<R: AsyncRead + Unpin>(r: &mut R) -> Result<ProxyV2, Strin
         command: fixed[12] & 0x0f,
         ..ProxyV2::default()
     };
-    let addr_len = match fixed[13] {
-        0x11 => {
-            let ip = |b: &[u8]| IpAddr::from(<[u8; 4]>::try_from(b).unwrap());
-            let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-            if rest.len() < 12 {
-                return Err(format!("short TCP4 addresses: {rest:02x?}"));
-            }
-            header.source = Some(SocketAddr::new(ip(&rest[0..4]), port(&rest[8..10])));
-            header.destination = Some(SocketAddr::new(ip(&rest[4..8]), port(&rest[10..12])));
-            12
+    // TCP4: two 4-byte addresses, TCP6: two 16-byte ones, then both ports.
+    let (width, family) = match fixed[13] {
+        0x11 => (4, "TCP4"),
+        0x21 => (16, "TCP6"),
+        _ => (0, ""),
+    };
+    let addr_len = if width == 0 {
+        0
+    } else {
+        let need = 2 * width + 4;
+        if rest.len() < need {
+            return Err(format!("short {family} addresses: {rest:02x?}"));
         }
-        0x21 => {
-            let ip = |b: &[u8]| IpAddr::from(<[u8; 16]>::try_from(b).unwrap());
-            let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-            if rest.len() < 36 {
-                return Err(format!("short TCP6 addresses: {rest:02x?}"));
-            }
-            header.source = Some(SocketAddr::new(ip(&rest[0..16]), port(&rest[32..34])));
-            header.destination = Some(SocketAddr::new(ip(&rest[16..32]), port(&rest[34..36])));
-            36
-        }
-        _ => 0,
+        let ip = |b: &[u8]| match <[u8; 4]>::try_from(b) {
+            Ok(v4) => IpAddr::from(v4),
+            Err(_) => IpAddr::from(<[u8; 16]>::try_from(b).unwrap()),
+        };
+        let port = |at: usize| u16::from_be_bytes([rest[at], rest[at + 1]]);
+        header.source = Some(SocketAddr::new(ip(&rest[..width]), port(2 * width)));
+        header.destination = Some(SocketAddr::new(
+            ip(&rest[width..2 * width]),
+            port(2 * width + 2),
+        ));
+        need
     };
     let mut tlvs = &rest[addr_len.min(rest.len())..];
     while tlvs.len() >= 3 {
