@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::oneshot,
     task::JoinSet,
@@ -166,8 +166,8 @@ async fn sink(mut stream: TcpStream, duration: Duration) {
 
 /// Bytes read for `duration` after the first read (the clock starts once
 /// data flows), and the time that took.
-async fn count_for(
-    stream: &mut TcpStream,
+pub(super) async fn count_for<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buffer: &mut [u8],
     duration: Duration,
 ) -> io::Result<(u64, Duration)> {

@@ -50,6 +50,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::{
     Bench,
     lab::{self, Netns, Proc},
+    load::count_for,
     report::Report,
     stats::Spread,
     targets::{self, Service, Target},
@@ -717,27 +718,6 @@ impl Serve {
         })
         .await;
     }
-}
-
-/// Bytes read for `duration` after the first read (the clock starts once
-/// data flows), and the time that took.
-async fn count_for<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buffer: &mut [u8],
-    duration: Duration,
-) -> io::Result<(u64, Duration)> {
-    if stream.read(buffer).await? == 0 {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    let started = Instant::now();
-    let mut received = 0u64;
-    while started.elapsed() < duration {
-        match stream.read(buffer).await? {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => received += n as u64,
-        }
-    }
-    Ok((received, started.elapsed()))
 }
 
 // ---------------------------------------------------------------------------
