@@ -112,8 +112,7 @@ pub fn choice(worker_connections: usize) -> String {
          `worker_connections {worker_connections}` (two per idle connection of the memory case, \
          on one worker if the hash puts them there; nginx allocates these slots at start, so \
          they are in its RSS before, not per connection), the bench's descriptor limit \
-         (`worker_rlimit_nofile`), `proxy_buffer_size` left at 16 KiB (HAProxy's `tune.bufsize`), \
-         no access log.",
+         (`worker_rlimit_nofile`), no access log.",
         workers()
     )
 }

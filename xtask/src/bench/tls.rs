@@ -1029,7 +1029,7 @@ fn l4proxy_policy(pki: &Pki) -> Value {
 /// one `bind … ssl crt` frontend per listener, to a plain server, or `ssl
 /// verify required` to the TLS one.
 fn haproxy_config(pki: &Pki, maxconn: u64) -> String {
-    let mut config = targets::haproxy_common(maxconn);
+    let mut config = targets::haproxy_common(maxconn, "");
     for l in Listener::ALL {
         let name = l.name();
         let _ = write!(
