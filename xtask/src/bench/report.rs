@@ -879,6 +879,59 @@ mod tests {
     }
 
     #[test]
+    fn a_target_line_sets_l4proxy_against_the_better_peer() {
+        let rates = [
+            row(64, Target::L4proxy, 1200.0),
+            row(64, Target::Haproxy, 1000.0),
+            row(64, Target::Nginx, 1100.0),
+        ];
+        let line = target_line(
+            "conn/s ≥ 1.1×",
+            &rates,
+            |_| true,
+            &[Target::Haproxy, Target::Nginx],
+            Better::Higher,
+            |_| 1.1,
+            &CONN,
+        );
+        assert_eq!(
+            line.as_deref(),
+            Some(
+                "- conn/s ≥ 1.1×: **not met**: concurrency 64: 1200 vs nginx's 1100 conn/s (1.09×)"
+            )
+        );
+        let cpu = [
+            row(64, Target::L4proxy, 80e-6),
+            row(64, Target::Haproxy, 120e-6),
+            row(64, Target::Nginx, 100e-6),
+        ];
+        let line = target_line(
+            "CPU ≤ 0.8×",
+            &cpu,
+            |_| true,
+            &[Target::Haproxy, Target::Nginx],
+            Better::Lower,
+            |_| 0.8,
+            &CPU_PER_CONN,
+        );
+        assert_eq!(
+            line.as_deref(),
+            Some("- CPU ≤ 0.8×: met: concurrency 64: 80 vs nginx's 100 CPU µs/conn (0.80×)")
+        );
+        let alone = [row(64, Target::L4proxy, 1.0)];
+        let none = target_line(
+            "x",
+            &alone,
+            |_| true,
+            &[Target::Nginx],
+            Better::Lower,
+            |_| 1.0,
+            &CONN,
+        );
+        assert_eq!(none, None);
+    }
+
+    #[test]
     fn a_target_is_met_when_every_check_holds() {
         assert_eq!(met([Some(true), Some(true)]), "met");
         assert_eq!(met([Some(true), Some(false)]), "**not met**");

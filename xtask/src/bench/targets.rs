@@ -556,3 +556,26 @@ pub fn install_tproxy_routing(px: &Netns) -> anyhow::Result<()> {
         "100",
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_routes_the_tls_service_by_its_server_name() {
+        let config = nginx_stream();
+        assert!(config.contains(&format!(
+            "map $ssl_preread_server_name $sni_upstream {{\n        {SNI} tls;\n    }}"
+        )));
+        assert!(config.contains(
+            "listen 192.0.2.22:443 reuseport backlog=4096;\n        ssl_preread on;\n        \
+             proxy_pass $sni_upstream;"
+        ));
+        assert!(
+            config.contains(
+                "listen 192.0.2.22:5201 reuseport backlog=4096;\n        proxy_pass iperf;"
+            )
+        );
+        assert!(config.contains("upstream tls {\n        server 203.0.113.2:8080;\n    }"));
+    }
+}
