@@ -1,9 +1,10 @@
-//! `cargo xtask bench`: l4proxy side by side with the direct path and HAProxy,
-//! in one namespace lab, and the steering cost of sk_lookup against the
-//! classic iptables TPROXY recipe as rules grow.
+//! `cargo xtask bench`: l4proxy side by side with the direct path, HAProxy
+//! and nginx's stream module, in one namespace lab, and the steering cost of
+//! sk_lookup against the classic iptables TPROXY recipe as rules grow.
 //!
 //! Cases: bulk throughput (iperf3), connection rate of short TLS connections
-//! routed by SNI, added time to first byte, memory per idle connection,
+//! routed by SNI, each with every proxy's CPU time (per GiB relayed, per
+//! connection; see `cpu`), added time to first byte, memory per idle connection,
 //! connection rate against the number of rules, and l4proxy as an explicit
 //! CONNECT proxy beside Squid (tunnel set-up rate, one stream through a
 //! tunnel), TLS termination beside HAProxy and nginx (handshakes,
@@ -15,11 +16,13 @@
 //! On this 2-core machine the client, the proxy and the server share the
 //! cores, so the figures are for comparing paths with each other, as ratios.
 
+mod cpu;
 mod dial;
 mod hello;
 mod iperf;
 mod lab;
 mod load;
+mod nginx;
 mod report;
 mod scale;
 mod stats;
@@ -160,6 +163,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             wanted(Case::Connect),
             &mut report,
         )?;
+        report.notes.extend(targets::haproxy_choice(bench.maxconn));
+        report.notes.push(nginx::choice(bench.nginx_connections));
         // Memory first: on freshly started proxies, before other cases have
         // grown their allocators' free lists.
         if wanted(Case::Memory) {
@@ -214,10 +219,14 @@ struct Bench<'a> {
     binary: &'a Path,
     hello: Arc<[u8]>,
     maxconn: u64,
+    fd_limit: u64,
+    /// nginx's `worker_connections`.
+    nginx_connections: usize,
     // Dropped (stopped) before the lab's namespaces go.
     l4proxy: Option<Proc>,
     haproxy: Proc,
     haproxy_splice: Proc,
+    nginx: Proc,
     /// Only during the CONNECT case.
     squid: Option<Proc>,
     _iperf: Proc,
@@ -234,7 +243,7 @@ impl<'a> Bench<'a> {
         connect: bool,
         report: &mut Report,
     ) -> anyhow::Result<Bench<'a>> {
-        eprintln!("bench: starting the server side, l4proxy and HAProxy");
+        eprintln!("bench: starting the server side, l4proxy, HAProxy and nginx");
         let responder = Responder::start(
             &lab.sv,
             &[
@@ -297,6 +306,19 @@ impl<'a> Bench<'a> {
         }
         let haproxy_splice = haproxies.pop().expect("two started");
         let haproxy = haproxies.pop().expect("two started");
+
+        let ip = Target::Nginx.ip().to_string();
+        lab.px
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+        let nginx_connections = nginx::worker_connections(plan.idle_connections);
+        let nginx = nginx::start(
+            &lab.px,
+            &work.join("nginx"),
+            &targets::nginx_stream(),
+            nginx_connections,
+            fd_limit,
+            &work.join("nginx.log"),
+        )?;
         let mut bench = Bench {
             lab,
             plan,
@@ -304,9 +326,12 @@ impl<'a> Bench<'a> {
             binary,
             hello: hello::client_hello(targets::SNI).into(),
             maxconn: maxconn(fd_limit),
+            fd_limit,
+            nginx_connections,
             l4proxy: Some(l4proxy),
             haproxy,
             haproxy_splice,
+            nginx,
             squid: None,
             _iperf: iperf,
             _responder: responder,
@@ -323,8 +348,15 @@ impl<'a> Bench<'a> {
             Target::L4proxy => self.l4proxy.as_mut(),
             Target::Haproxy => Some(&mut self.haproxy),
             Target::HaproxySplice => Some(&mut self.haproxy_splice),
+            Target::Nginx => Some(&mut self.nginx),
             Target::Squid => self.squid.as_mut(),
         }
+    }
+
+    /// CPU seconds the path's proxy has used so far (none on the direct
+    /// path).
+    fn proxy_cpu(&mut self, target: Target) -> Option<f64> {
+        self.proc(target).map(|p| cpu::tree_cpu(p.pid()))
     }
 
     /// Waits (up to a minute) until one exchange through `target` works;
@@ -351,7 +383,12 @@ impl<'a> Bench<'a> {
 
     fn memory(&mut self, report: &mut Report) -> anyhow::Result<()> {
         let count = self.plan.idle_connections;
-        for target in [Target::L4proxy, Target::Haproxy, Target::HaproxySplice] {
+        for target in [
+            Target::L4proxy,
+            Target::Haproxy,
+            Target::HaproxySplice,
+            Target::Nginx,
+        ] {
             eprintln!(
                 "bench: memory, {count} idle connections through {}",
                 target.label()
@@ -395,6 +432,7 @@ impl<'a> Bench<'a> {
             },
         ];
         let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
+        let mut cpu_samples: Vec<(Flow, Target, f64)> = Vec::new();
         for rep in 1..=self.plan.repetitions {
             for flow in flows {
                 for target in Target::ALL {
@@ -405,50 +443,61 @@ impl<'a> Bench<'a> {
                         if flow.reverse { " reverse" } else { "" },
                         target.label()
                     );
-                    let addr = target.addr(Service::Iperf);
-                    let bits = iperf::throughput(
-                        &self.lab.cl,
-                        addr,
-                        flow.streams,
-                        flow.reverse,
-                        self.plan.iperf_seconds,
-                    )
-                    .or_else(|e| {
+                    let (transfer, cpu) = self.iperf(target, flow).or_else(|e| {
                         // A failed run can leave the iperf3 server busy for a moment.
                         eprintln!("bench: {e:#}; retrying once");
                         std::thread::sleep(Duration::from_secs(2));
-                        iperf::throughput(
-                            &self.lab.cl,
-                            addr,
-                            flow.streams,
-                            flow.reverse,
-                            self.plan.iperf_seconds,
-                        )
+                        self.iperf(target, flow)
                     })?;
-                    samples.push((flow, target, bits));
+                    samples.push((flow, target, transfer.bits_per_second));
+                    if let Some(seconds) = cpu {
+                        cpu_samples.push((flow, target, seconds / (transfer.bytes / cpu::GIB)));
+                    }
                 }
             }
         }
         report.throughput = spread_rows(&samples);
+        report.throughput_cpu = spread_rows(&cpu_samples);
         Ok(())
     }
 
+    /// One iperf3 run through `target`, and the CPU seconds its proxy spent
+    /// meanwhile.
+    fn iperf(
+        &mut self,
+        target: Target,
+        flow: Flow,
+    ) -> anyhow::Result<(iperf::Transfer, Option<f64>)> {
+        let before = self.proxy_cpu(target);
+        let transfer = iperf::throughput(
+            &self.lab.cl,
+            target.addr(Service::Iperf),
+            flow.streams,
+            flow.reverse,
+            self.plan.iperf_seconds,
+        )?;
+        let cpu = before.zip(self.proxy_cpu(target)).map(|(b, a)| a - b);
+        Ok((transfer, cpu))
+    }
+
     fn rate(&mut self, report: &mut Report) -> anyhow::Result<()> {
-        let paths = [Target::Direct, Target::L4proxy, Target::Haproxy]
-            .map(|target| (target, target.addr(Service::Tls).into()));
-        report.rate = self.rates(&paths, "connection rate", report)?;
+        let paths = RATE_PATHS.map(|target| (target, target.addr(Service::Tls).into()));
+        let rates = self.rates(&paths, "connection rate", report)?;
+        (report.rate, report.rate_cpu) = (rates.per_second, rates.cpu);
         Ok(())
     }
 
     /// Short connections through each of `paths` at each concurrency, every
-    /// repetition; failures go to the notes.
+    /// repetition; failures go to the notes. The rates, and the CPU seconds
+    /// per completed connection of each path's proxy.
     fn rates(
         &mut self,
         paths: &[(Target, Dial)],
         what: &str,
         report: &mut Report,
-    ) -> anyhow::Result<Vec<Row<usize>>> {
+    ) -> anyhow::Result<Rates> {
         let mut samples: Vec<(usize, Target, f64)> = Vec::new();
+        let mut cpu_samples: Vec<(usize, Target, f64)> = Vec::new();
         for rep in 1..=self.plan.repetitions {
             for concurrency in self.plan.concurrencies {
                 for &(target, dial) in paths {
@@ -457,7 +506,16 @@ impl<'a> Bench<'a> {
                         self.plan.repetitions,
                         target.label()
                     );
+                    let before = self.proxy_cpu(target);
+                    // Its closing half-second included: the proxy closes the
+                    // last connections then.
                     let rate = self.connection_rate(dial, concurrency)?;
+                    if let Some((before, after)) = before.zip(self.proxy_cpu(target))
+                        && rate.completed > 0
+                    {
+                        let per_connection = (after - before) / rate.completed as f64;
+                        cpu_samples.push((concurrency, target, per_connection));
+                    }
                     self.note_failures(
                         &rate,
                         &format!("{what}, {} at concurrency {concurrency}", target.label()),
@@ -470,7 +528,10 @@ impl<'a> Bench<'a> {
                 }
             }
         }
-        Ok(spread_rows(&samples))
+        Ok(Rates {
+            per_second: spread_rows(&samples),
+            cpu: spread_rows(&cpu_samples),
+        })
     }
 
     fn connection_rate(&self, addr: Dial, concurrency: usize) -> anyhow::Result<load::Rate> {
@@ -499,7 +560,7 @@ impl<'a> Bench<'a> {
     }
 
     fn latency(&mut self, report: &mut Report) -> anyhow::Result<()> {
-        let paths = [Target::Direct, Target::L4proxy, Target::Haproxy];
+        let paths = RATE_PATHS;
         let mut samples: Vec<(Target, [f64; 3])> = Vec::new();
         for rep in 1..=self.plan.repetitions {
             for target in paths {
@@ -579,14 +640,16 @@ impl<'a> Bench<'a> {
              (iperf3 cannot speak CONNECT); the receiving end counts for {seconds} s from its \
              first bytes on (client→server: a sink on the server, which then answers its count). \
              l4proxy: a `connect` rule on {l4proxy} for the client subnet and the server ports, \
-             upstream `original_destination`. {squid} CPU time is not recorded by this bench.",
+             upstream `original_destination`. {squid} CPU per tunnel: the proxy's CPU time \
+             (user + system of its processes, from /proc) over a run, divided by the tunnels \
+             completed.",
             seconds = self.plan.iperf_seconds,
             l4proxy = Target::L4proxy.connect_listener().expect("l4proxy has one"),
             squid = targets::squid_choice(),
         );
         let paths = targets::CONNECT_PATHS.map(|target| (target, target.tunnel_to(tls)));
         let rates = self.rates(&paths, "tunnel set-up", report)?;
-        report.connect_rate = rates;
+        (report.connect_rate, report.connect_rate_cpu) = (rates.per_second, rates.cpu);
 
         let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
         for rep in 1..=self.plan.repetitions {
@@ -703,6 +766,22 @@ impl<'a> Bench<'a> {
     }
 }
 
+/// Connection rates by concurrency, and the proxies' CPU seconds per
+/// connection.
+struct Rates {
+    per_second: Vec<Row<usize>>,
+    cpu: Vec<Row<usize>>,
+}
+
+/// The paths of the connection-rate and latency cases (HAProxy+splice would
+/// copy these short exchanges as HAProxy does).
+const RATE_PATHS: [Target; 4] = [
+    Target::Direct,
+    Target::L4proxy,
+    Target::Haproxy,
+    Target::Nginx,
+];
+
 /// One row per (case, path) of `samples`: the spread of its values, in the
 /// order the pairs first appear.
 fn spread_rows<K: PartialEq + Copy>(samples: &[(K, Target, f64)]) -> Vec<Row<K>> {
@@ -812,10 +891,11 @@ fn machine_description(root: &Path, binary: &Path) -> Vec<String> {
         ),
         format!("l4proxy: {} (tree {revision})", binary.display()),
         first_line("haproxy", &["-v"]),
+        nginx::version(),
         first_line("iperf3", &["-v"]),
         "lab: client 198.51.100.2 → proxy host (services 192.0.2.10 l4proxy, .20 HAProxy, \
-         .21 HAProxy+splice) → server 203.0.113.2; direct = client to the server through \
-         the proxy host's forwarding"
+         .21 HAProxy+splice, .22 nginx) → server 203.0.113.2; direct = client to the server \
+         through the proxy host's forwarding"
             .to_owned(),
     ]
 }

@@ -19,7 +19,7 @@ const PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "nginx-light",
-    // nginx's stream module (a dynamic module in Debian), for the TLS bench.
+    // nginx's stream module (a dynamic module in Debian), a peer in the bench.
     "libnginx-mod-stream",
     "haproxy",
     "iperf3",

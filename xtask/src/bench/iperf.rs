@@ -11,15 +11,21 @@ use anyhow::{Context, bail};
 
 use super::lab::Netns;
 
-/// Received bits per second of one run of `seconds`, with `streams` parallel
-/// streams; `reverse` sends from the server to the client (`-R`).
+/// What one iperf3 run moved, as its receiving end counted it.
+pub struct Transfer {
+    pub bits_per_second: f64,
+    pub bytes: f64,
+}
+
+/// One run of `seconds`, with `streams` parallel streams; `reverse` sends
+/// from the server to the client (`-R`).
 pub fn throughput(
     cl: &Netns,
     target: SocketAddr,
     streams: usize,
     reverse: bool,
     seconds: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Transfer> {
     let mut command = Command::new("ip");
     command
         .args(["netns", "exec", cl.name(), "iperf3", "-J", "-c"])
@@ -55,7 +61,14 @@ pub fn throughput(
     if let Some(error) = report.get("error").and_then(|e| e.as_str()) {
         bail!("iperf3 to {target}: {error}");
     }
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("iperf3 to {target}: no end.sum_received in the report"))
+    let received = &report["end"]["sum_received"];
+    let field = |name: &str| {
+        received[name].as_f64().with_context(|| {
+            format!("iperf3 to {target}: no end.sum_received.{name} in the report")
+        })
+    };
+    Ok(Transfer {
+        bits_per_second: field("bits_per_second")?,
+        bytes: field("bytes")?,
+    })
 }

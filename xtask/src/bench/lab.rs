@@ -405,9 +405,7 @@ pub fn run(prog: &str, args: &[&str]) -> anyhow::Result<()> {
 /// Resident memory of a process and all its descendants, in bytes.
 pub fn tree_rss(pid: u32) -> anyhow::Result<u64> {
     let mut total = 0;
-    let mut todo = vec![pid];
-    let parents = parent_map();
-    while let Some(p) = todo.pop() {
+    for p in tree_pids(pid) {
         let status = std::fs::read_to_string(format!("/proc/{p}/status"))
             .with_context(|| format!("reading /proc/{p}/status"))?;
         let kib: u64 = status
@@ -416,14 +414,25 @@ pub fn tree_rss(pid: u32) -> anyhow::Result<u64> {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0);
         total += kib * 1024;
-        todo.extend(
+    }
+    Ok(total)
+}
+
+/// A process and all its live descendants (nginx's and Squid's workers).
+pub fn tree_pids(pid: u32) -> Vec<u32> {
+    let parents = parent_map();
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while let Some(&p) = tree.get(next) {
+        tree.extend(
             parents
                 .iter()
                 .filter(|(_, parent)| *parent == p)
                 .map(|(c, _)| *c),
         );
+        next += 1;
     }
-    Ok(total)
+    tree
 }
 
 /// (pid, parent pid) of every process.

@@ -252,6 +252,7 @@ pub async fn probe(target: Dial, hello: &[u8], wait: Duration) -> anyhow::Result
 #[derive(Debug)]
 pub struct Rate {
     pub per_second: f64,
+    pub completed: u64,
     pub failed: u64,
     pub first_error: Option<String>,
 }
@@ -297,6 +298,7 @@ pub async fn connection_rate(
     }
     Rate {
         per_second: ok as f64 / started.elapsed().as_secs_f64(),
+        completed: ok,
         failed,
         first_error,
     }

@@ -19,6 +19,11 @@ pub trait Condition: Copy + PartialEq {
     /// The column's header and Markdown alignment.
     const COLUMN: (&'static str, &'static str);
     fn label(self) -> String;
+
+    /// The condition in a sentence ("concurrency 64").
+    fn named(self) -> String {
+        format!("{} {}", Self::COLUMN.0, self.label())
+    }
 }
 
 impl Condition for Flow {
@@ -35,6 +40,10 @@ impl Condition for Flow {
             "client→server"
         };
         format!("{streams}, {way}")
+    }
+
+    fn named(self) -> String {
+        self.label()
     }
 }
 
@@ -65,6 +74,25 @@ const CONN: Unit = Unit {
     name: "conn/s",
     scale: 1.0,
     decimals: 0,
+};
+
+/// CPU cost, measured in seconds per connection.
+const CPU_PER_CONN: Unit = Unit {
+    name: "CPU µs/conn",
+    scale: 1e6,
+    decimals: 0,
+};
+
+const CPU_PER_TUNNEL: Unit = Unit {
+    name: "CPU µs/tunnel",
+    ..CPU_PER_CONN
+};
+
+/// CPU cost, measured in seconds per GiB received.
+const CPU_PER_GIB: Unit = Unit {
+    name: "CPU s/GiB",
+    scale: 1.0,
+    decimals: 2,
 };
 
 /// A measured figure of one path in one case.
@@ -105,7 +133,11 @@ pub struct Report {
     pub command: String,
     pub setup: Vec<String>,
     pub throughput: Vec<Row<Flow>>,
+    /// CPU seconds of each proxy per GiB relayed, by case.
+    pub throughput_cpu: Vec<Row<Flow>>,
     pub rate: Vec<Row<usize>>,
+    /// CPU seconds of each proxy per connection, by concurrency.
+    pub rate_cpu: Vec<Row<usize>>,
     pub rate_title: String,
     pub latency: Vec<LatencyRow>,
     pub latency_requests: usize,
@@ -114,6 +146,8 @@ pub struct Report {
     pub rules_concurrency: usize,
     /// CONNECT case: tunnel set-up rate by concurrency, one stream's throughput.
     pub connect_rate: Vec<Row<usize>>,
+    /// CPU seconds of each proxy per tunnel, by concurrency.
+    pub connect_rate_cpu: Vec<Row<usize>>,
     pub connect_throughput: Vec<Row<Flow>>,
     /// How the CONNECT case measures, as a paragraph.
     pub connect_how: String,
@@ -151,16 +185,23 @@ impl Report {
             let _ = writeln!(md, "- {line}");
         }
         md += "\nEach figure is the median of the runs, with their range (min–max). \
-               Ratios divide the median by the same case's median on another path.\n";
+               Ratios divide the median by the same case's median on another path. \
+               CPU: the proxy's CPU time (user + system of all its processes and threads, \
+               from /proc) over each run, divided by the GiB its receiving end counted or by \
+               the connections completed; lower is better. It is less disturbed than the \
+               rates by the client and the server sharing the cores.\n";
+        md += &self.targets();
 
         if !self.throughput.is_empty() {
             md += "\n## Bulk throughput (iperf3, Gbit/s, higher is better)\n\n";
-            md += &figure_table(
-                &self.throughput,
-                &GBIT,
-                &[Target::Direct, Target::Haproxy, Target::HaproxySplice],
-            );
+            let mut versus = vec![Target::Direct];
+            versus.extend(Target::PEERS);
+            md += &figure_table(&self.throughput, &GBIT, &versus);
             let _ = writeln!(md, "\n![throughput]({name}-throughput.svg)");
+            if !self.throughput_cpu.is_empty() {
+                md += "\n### CPU per GiB relayed (lower is better)\n\n";
+                md += &figure_table(&self.throughput_cpu, &CPU_PER_GIB, &Target::PEERS);
+            }
         }
 
         if !self.rate.is_empty() {
@@ -169,7 +210,19 @@ impl Report {
                 "\n## Connection rate ({}; conn/s, higher is better)\n\n",
                 self.rate_title
             );
-            md += &figure_table(&self.rate, &CONN, &[Target::Direct, Target::Haproxy]);
+            md += &figure_table(
+                &self.rate,
+                &CONN,
+                &[Target::Direct, Target::Haproxy, Target::Nginx],
+            );
+            if !self.rate_cpu.is_empty() {
+                md += "\n### CPU per connection (lower is better)\n\n";
+                md += &figure_table(
+                    &self.rate_cpu,
+                    &CPU_PER_CONN,
+                    &[Target::Haproxy, Target::Nginx],
+                );
+            }
         }
 
         if !self.latency.is_empty() {
@@ -177,33 +230,27 @@ impl Report {
                 md,
                 "\n## Latency: time to first byte ({} sequential short connections; µs, lower is better)\n\n\
                  \"added\" is the path's figure minus the direct path's.\n\n\
-                 | path | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | added p50 ÷ HAProxy's |\n\
-                 |---|---:|---:|---:|---:|---:|---:|---:|\n",
+                 | path | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | \
+                 added p99 ÷ HAProxy's | added p99 ÷ nginx's |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
                 self.latency_requests
             );
-            let direct = self.latency.iter().find(|r| r.target == Target::Direct);
-            let added = |row: &LatencyRow, i: usize| {
-                direct.map(|d| row.quantiles[i].median - d.quantiles[i].median)
-            };
-            let haproxy_added = self
-                .latency
-                .iter()
-                .find(|r| r.target == Target::Haproxy)
-                .and_then(|r| added(r, 0));
             for row in &self.latency {
                 let q = |i: usize| {
                     let s = row.quantiles[i];
                     format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max)
                 };
-                let a = |i: usize| added(row, i).map_or("–".to_owned(), |v| format!("{v:+.0}"));
-                let vs = match (row.target, added(row, 0), haproxy_added) {
-                    (Target::Direct, ..) => "–".to_owned(),
-                    (_, Some(mine), Some(theirs)) => ratio(mine, Some(theirs)),
-                    _ => "–".to_owned(),
+                let a = |i: usize| {
+                    self.added(row.target, i)
+                        .map_or("–".to_owned(), |v| format!("{v:+.0}"))
+                };
+                let vs = |peer: Target| match (row.target, self.added(row.target, 1)) {
+                    (Target::Direct, _) | (_, None) => "–".to_owned(),
+                    (_, Some(mine)) => ratio(mine, self.added(peer, 1)),
                 };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     row.target.label(),
                     q(0),
                     q(1),
@@ -211,7 +258,8 @@ impl Report {
                     a(0),
                     a(1),
                     a(2),
-                    vs
+                    vs(Target::Haproxy),
+                    vs(Target::Nginx),
                 );
             }
         }
@@ -220,23 +268,19 @@ impl Report {
             md += "\n## Memory with idle connections (RSS of the proxy's processes; lower is better)\n\n\
                    Each connection sent a ClientHello and got its answer, then stayed open and idle. \
                    One measurement per proxy, on a freshly started process.\n\n\
-                   | path | idle connections | RSS before | RSS with them | per connection | ÷ HAProxy |\n\
-                   |---|---:|---:|---:|---:|---:|\n";
-            let haproxy = self
-                .memory
-                .iter()
-                .find(|r| r.target == Target::Haproxy)
-                .map(MemoryRow::per_connection);
+                   | path | idle connections | RSS before | RSS with them | per connection | ÷ HAProxy | ÷ nginx |\n\
+                   |---|---:|---:|---:|---:|---:|---:|\n";
             for row in &self.memory {
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} KiB | {} |",
+                    "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} KiB | {} | {} |",
                     row.target.label(),
                     row.connections,
                     row.rss_before as f64 / MIB,
                     row.rss_with as f64 / MIB,
                     row.per_connection() / 1024.0,
-                    ratio(row.per_connection(), haproxy),
+                    ratio(row.per_connection(), self.memory_of(Target::Haproxy)),
+                    ratio(row.per_connection(), self.memory_of(Target::Nginx)),
                 );
             }
         }
@@ -280,6 +324,10 @@ impl Report {
             if !self.connect_rate.is_empty() {
                 md += "\n### Tunnel set-up rate (conn/s, higher is better)\n\n";
                 md += &figure_table(&self.connect_rate, &CONN, &versus);
+            }
+            if !self.connect_rate_cpu.is_empty() {
+                md += "\n### CPU per tunnel (lower is better)\n\n";
+                md += &figure_table(&self.connect_rate_cpu, &CPU_PER_TUNNEL, &[Target::Squid]);
             }
             if !self.connect_throughput.is_empty() {
                 md += "\n### One stream through the tunnel (Gbit/s, higher is better)\n\n";
@@ -331,6 +379,25 @@ impl Report {
                     .map(|&(c, v)| other(c, Target::Squid).map(|s| v >= RATE_TARGET * s))),
             );
         }
+        let cpu: Vec<&Row<usize>> = self
+            .connect_rate_cpu
+            .iter()
+            .filter(|r| r.target == Target::L4proxy)
+            .collect();
+        if !cpu.is_empty() {
+            let cells = |cell: &dyn Fn(&Row<usize>) -> String| {
+                let all: Vec<String> = cpu.iter().map(|r| cell(r)).collect();
+                all.join(" / ")
+            };
+            let squid = |r: &Row<usize>| find(&self.connect_rate_cpu, r.case, Target::Squid);
+            let _ = writeln!(
+                md,
+                "| CPU per tunnel, µs at concurrency {} | {} | – | {} | – |",
+                cells(&|r| r.case.to_string()),
+                cells(&|r| format!("{:.0}", r.value.median * CPU_PER_TUNNEL.scale)),
+                cells(&|r| ratio(r.value.median, squid(r))),
+            );
+        }
         for row in &self.connect_throughput {
             if row.target != Target::L4proxy {
                 continue;
@@ -348,6 +415,122 @@ impl Report {
             );
         }
         md
+    }
+
+    /// The path's time to first byte at quantile `i` (p50, p99, p99.9) minus
+    /// the direct path's, in µs (medians).
+    fn added(&self, target: Target, i: usize) -> Option<f64> {
+        let of = |t: Target| {
+            self.latency
+                .iter()
+                .find(|r| r.target == t)
+                .map(|r| r.quantiles[i].median)
+        };
+        Some(of(target)? - of(Target::Direct)?)
+    }
+
+    fn memory_of(&self, target: Target) -> Option<f64> {
+        self.memory
+            .iter()
+            .find(|r| r.target == target)
+            .map(MemoryRow::per_connection)
+    }
+
+    /// l4proxy against the performance targets, each measured against the
+    /// better of the peers (HAProxy, with and without splice, and nginx):
+    /// one line per target with its figures; none for a case not run.
+    fn targets(&self) -> String {
+        let mut lines: Vec<String> = Vec::new();
+        let rate_peers = [Target::Haproxy, Target::Nginx];
+        if let Some(line) = target_line(
+            "SNI-routed conn/s ≥ 1.1× the better peer's",
+            &self.rate,
+            |_| true,
+            &rate_peers,
+            Better::Higher,
+            |_| 1.1,
+            &CONN,
+        ) {
+            lines.push(line);
+        }
+        if let Some(line) = target_line(
+            "CPU per connection ≤ 0.8× the cheaper peer's",
+            &self.rate_cpu,
+            |_| true,
+            &rate_peers,
+            Better::Lower,
+            |_| 0.8,
+            &CPU_PER_CONN,
+        ) {
+            lines.push(line);
+        }
+        if let Some(line) = target_line(
+            "CPU per GiB relayed ≤ 0.8× the cheaper peer's",
+            &self.throughput_cpu,
+            |_| true,
+            &Target::PEERS,
+            Better::Lower,
+            |_| 0.8,
+            &CPU_PER_GIB,
+        ) {
+            lines.push(line);
+        }
+        for (streams, wanted) in [(1, 0.9), (8, 0.7)] {
+            if let Some(line) = target_line(
+                &format!(
+                    "throughput with {streams} stream{}, each way, ≥ {wanted}× the direct path",
+                    if streams == 1 { "" } else { "s" }
+                ),
+                &self.throughput,
+                |flow| flow.streams == streams,
+                &[Target::Direct],
+                Better::Higher,
+                |_| wanted,
+                &GBIT,
+            ) {
+                lines.push(line);
+            }
+        }
+        if let Some(mine) = self.added(Target::L4proxy, 1) {
+            let best = rate_peers
+                .iter()
+                .filter_map(|&t| Some((t, self.added(t, 1)?)))
+                .min_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((peer, theirs)) = best {
+                lines.push(format!(
+                    "- added time to first byte p99 ≤ 0.8× the better peer's: {}: l4proxy \
+                     {mine:+.0} µs, {}'s {theirs:+.0} µs ({})",
+                    met([Some(mine <= 0.8 * theirs)]),
+                    peer.label(),
+                    ratio(mine, Some(theirs)),
+                ));
+            }
+        }
+        if let Some(mine) = self.memory_of(Target::L4proxy) {
+            let peers: Vec<String> = Target::PEERS
+                .iter()
+                .filter_map(|&t| {
+                    let theirs = self.memory_of(t)?;
+                    Some(format!("{} {:.1} KiB", t.label(), theirs / 1024.0))
+                })
+                .collect();
+            lines.push(format!(
+                "- memory per idle connection ≤ 2 KiB: {}: l4proxy {:.1} KiB ({})",
+                met([Some(mine <= 2048.0)]),
+                mine / 1024.0,
+                peers.join(", ")
+            ));
+        }
+        if lines.is_empty() {
+            return String::new();
+        }
+        format!(
+            "\n## Against the targets\n\n\
+             Medians of this run; \"the better peer\" is the best of HAProxy (with and without \
+             splice where both ran) and nginx in the same case: the higher rate, the lower CPU, \
+             time to first byte or memory.\n\n{}\n",
+            lines.join("\n")
+        )
     }
 
     /// Grouped bars: one group per case, one bar per path, min–max whiskers.
@@ -510,7 +693,7 @@ impl Report {
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// One color per path (in `Target::ALL` order), reused for the rule chart.
-const COLORS: [&str; 4] = ["#7f7f7f", "#1f77b4", "#d62728", "#ff7f0e"];
+const COLORS: [&str; 5] = ["#7f7f7f", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c"];
 
 /// A table of one figure per (condition, path): the median, the range, and
 /// the median divided by the same condition's median on each of `versus`.
@@ -547,6 +730,65 @@ fn figure_table<K: Condition>(rows: &[Row<K>], unit: &Unit, versus: &[Target]) -
         md.push('\n');
     }
     md
+}
+
+/// Which way a figure is better.
+#[derive(Clone, Copy)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+/// One target line: for each case of `rows` that `case` keeps and where
+/// l4proxy has a figure, l4proxy's median against the best of `peers`'
+/// medians, which must be at least (`Higher`) or at most (`Lower`)
+/// `factor(case)` times it. `None` if l4proxy or every peer is missing.
+fn target_line<K: Condition>(
+    what: &str,
+    rows: &[Row<K>],
+    case: impl Fn(K) -> bool,
+    peers: &[Target],
+    better: Better,
+    factor: impl Fn(K) -> f64,
+    unit: &Unit,
+) -> Option<String> {
+    let p = unit.decimals;
+    let mut checks = Vec::new();
+    let mut figures = Vec::new();
+    for row in rows
+        .iter()
+        .filter(|r| r.target == Target::L4proxy && case(r.case))
+    {
+        let theirs = peers
+            .iter()
+            .filter_map(|&t| Some((t, find(rows, row.case, t)?)))
+            .reduce(|a, b| match better {
+                Better::Higher if b.1 > a.1 => b,
+                Better::Lower if b.1 < a.1 => b,
+                _ => a,
+            });
+        let Some((peer, theirs)) = theirs else {
+            continue;
+        };
+        let (mine, wanted) = (row.value.median, factor(row.case) * theirs);
+        checks.push(Some(match better {
+            Better::Higher => mine >= wanted,
+            Better::Lower => mine <= wanted,
+        }));
+        figures.push(format!(
+            "{}: {:.p$} vs {}'s {:.p$} {} ({})",
+            row.case.named(),
+            mine * unit.scale,
+            peer.label(),
+            theirs * unit.scale,
+            unit.name,
+            ratio(mine, Some(theirs)),
+        ));
+    }
+    if checks.is_empty() {
+        return None;
+    }
+    Some(format!("- {what}: {}: {}", met(checks), figures.join("; ")))
 }
 
 /// "met" when every check holds, "**not met**" when one fails, "–" without
@@ -634,6 +876,59 @@ mod tests {
              | 64 | l4proxy | 3000 | 2999–3001 | 0.75× | 1.50× |\n\
              | 64 | Squid | 2000 | 1999–2001 | 0.50× | 1.00× |\n"
         );
+    }
+
+    #[test]
+    fn a_target_line_sets_l4proxy_against_the_better_peer() {
+        let rates = [
+            row(64, Target::L4proxy, 1200.0),
+            row(64, Target::Haproxy, 1000.0),
+            row(64, Target::Nginx, 1100.0),
+        ];
+        let line = target_line(
+            "conn/s ≥ 1.1×",
+            &rates,
+            |_| true,
+            &[Target::Haproxy, Target::Nginx],
+            Better::Higher,
+            |_| 1.1,
+            &CONN,
+        );
+        assert_eq!(
+            line.as_deref(),
+            Some(
+                "- conn/s ≥ 1.1×: **not met**: concurrency 64: 1200 vs nginx's 1100 conn/s (1.09×)"
+            )
+        );
+        let cpu = [
+            row(64, Target::L4proxy, 80e-6),
+            row(64, Target::Haproxy, 120e-6),
+            row(64, Target::Nginx, 100e-6),
+        ];
+        let line = target_line(
+            "CPU ≤ 0.8×",
+            &cpu,
+            |_| true,
+            &[Target::Haproxy, Target::Nginx],
+            Better::Lower,
+            |_| 0.8,
+            &CPU_PER_CONN,
+        );
+        assert_eq!(
+            line.as_deref(),
+            Some("- CPU ≤ 0.8×: met: concurrency 64: 80 vs nginx's 100 CPU µs/conn (0.80×)")
+        );
+        let alone = [row(64, Target::L4proxy, 1.0)];
+        let none = target_line(
+            "x",
+            &alone,
+            |_| true,
+            &[Target::Nginx],
+            Better::Lower,
+            |_| 1.0,
+            &CONN,
+        );
+        assert_eq!(none, None);
     }
 
     #[test]

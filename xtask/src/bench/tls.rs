@@ -49,8 +49,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{
     Bench,
+    cpu::{threads_cpu, tree_cpu},
     lab::{self, Netns, Proc},
     load::count_for,
+    nginx,
     report::Report,
     stats::Spread,
     targets::{self, Service, Target},
@@ -77,11 +79,6 @@ const BULK_CHUNK: usize = 128 * 1024;
 /// its usual service address, steered by sk_lookup).
 const HAPROXY_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 30);
 const NGINX_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
-
-const NGINX: &str = "/usr/sbin/nginx";
-/// Debian builds the stream module as a dynamic module, packaged apart
-/// (libnginx-mod-stream).
-const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
 /// The paths compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1028,15 +1025,11 @@ fn l4proxy_policy(pki: &Pki) -> Value {
     json!({ "intercept": intercept, "upstreams": upstreams })
 }
 
-/// HAProxy in TCP mode: one `bind … ssl crt` frontend per listener, to a
-/// plain server, or `ssl verify required` to the TLS one. Threads: its
-/// default, one per core.
+/// HAProxy in TCP mode (the `global` and `defaults` of the other cases):
+/// one `bind … ssl crt` frontend per listener, to a plain server, or `ssl
+/// verify required` to the TLS one.
 fn haproxy_config(pki: &Pki, maxconn: u64) -> String {
-    let mut config = format!(
-        "global\n    maxconn {maxconn}\n\
-         defaults\n    mode tcp\n    maxconn {maxconn}\n    timeout connect 5s\n    \
-         timeout client 120s\n    timeout server 120s\n"
-    );
+    let mut config = targets::haproxy_common(maxconn, "");
     for l in Listener::ALL {
         let name = l.name();
         let _ = write!(
@@ -1059,32 +1052,22 @@ fn haproxy_config(pki: &Pki, maxconn: u64) -> String {
     config
 }
 
-/// nginx's stream module: one `listen … ssl` server per listener,
-/// `proxy_pass` to the plain server, or `proxy_ssl on` with verification to
-/// the TLS one. Two worker processes (one per core, as `auto` gives here),
-/// the listen backlog l4proxy's (nginx's default is 511), and TLS 1.3 on
-/// both sides (nginx 1.22's default `ssl_protocols` stop at TLS 1.2).
-fn nginx_config(pki: &Pki, dir: &Path) -> String {
-    let d = dir.display();
-    let mut config = format!(
-        "load_module {NGINX_STREAM_MODULE};\n\
-         worker_processes 2;\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/error.log warn;\n\
-         events {{ worker_connections 16384; }}\n\
-         stream {{\n\
-         \x20   ssl_protocols TLSv1.2 TLSv1.3;\n\
-         \x20   proxy_ssl_protocols TLSv1.2 TLSv1.3;\n\
-         \x20   proxy_connect_timeout 5s;\n\
-         \x20   proxy_timeout 120s;\n"
-    );
+/// nginx's stream module (see `nginx` for what every case shares): one
+/// `listen … ssl` server per listener, `proxy_pass` to the plain server, or
+/// `proxy_ssl on` with verification to the TLS one, and TLS 1.3 on both
+/// sides (nginx 1.22's default `ssl_protocols` stop at TLS 1.2).
+fn nginx_servers(pki: &Pki) -> String {
+    let mut config = "    ssl_protocols TLSv1.2 TLSv1.3;\n    \
+                      proxy_ssl_protocols TLSv1.2 TLSv1.3;\n"
+        .to_owned();
     for l in Listener::ALL {
         let leaf = pki.leaf(l.key_type());
         let _ = write!(
             config,
-            "    server {{\n        listen {NGINX_IP}:{} ssl backlog=4096;\n        \
+            "    server {{\n        listen {NGINX_IP}:{} ssl {};\n        \
              ssl_certificate {};\n        ssl_certificate_key {};\n        proxy_pass {};\n",
             l.proxy_port(),
+            nginx::LISTEN,
             leaf.cert.display(),
             leaf.key.display(),
             l.upstream()
@@ -1100,7 +1083,7 @@ fn nginx_config(pki: &Pki, dir: &Path) -> String {
         }
         config += "    }\n";
     }
-    config + "}\n"
+    config
 }
 
 /// HAProxy and nginx with this case's configurations.
@@ -1124,111 +1107,16 @@ impl Peers {
             &bench.work.join("haproxy-tls.log"),
         )?;
 
-        if !Path::new(NGINX_STREAM_MODULE).exists() {
-            bail!(
-                "{NGINX_STREAM_MODULE} is missing: Debian's nginx has its stream module in the \
-                 package libnginx-mod-stream (`cargo xtask setup` installs it)"
-            );
-        }
-        let nginx_dir = dir.join("nginx");
-        std::fs::create_dir_all(&nginx_dir)?;
-        let config = nginx_dir.join("nginx.conf");
-        std::fs::write(&config, nginx_config(pki, &nginx_dir))?;
-        let (prefix, config) = (path(&nginx_dir)?, path(&config)?);
-        let error_log = format!("{prefix}/error.log");
-        px.exec(
-            NGINX,
-            &["-t", "-q", "-p", prefix, "-c", config, "-e", &error_log],
-        )
-        .context("nginx -t")?;
-        let nginx = Proc::start(
+        let nginx = nginx::start(
             px,
-            "nginx",
-            &[
-                NGINX,
-                "-p",
-                prefix,
-                "-c",
-                config,
-                "-e",
-                &error_log,
-                "-g",
-                "daemon off;",
-            ],
-            &[],
-            bench.work.join("nginx.log"),
+            &dir.join("nginx"),
+            &nginx_servers(pki),
+            bench.nginx_connections,
+            bench.fd_limit,
+            &bench.work.join("nginx-tls.log"),
         )?;
         Ok(Peers { haproxy, nginx })
     }
-}
-
-// ---------------------------------------------------------------------------
-// CPU time
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
-}
-
-/// utime + stime, in ticks, from a `stat` file's text.
-fn stat_ticks(stat: &str) -> Option<u64> {
-    // The command name is in parentheses and may contain spaces.
-    let after = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after.split_whitespace();
-    // After the name: state is field 3; utime and stime are 14 and 15.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// CPU seconds used so far by a process and its children (nginx's workers).
-fn tree_cpu(pid: u32) -> f64 {
-    let mut ticks = 0;
-    let mut pids = vec![pid];
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let ppid = std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let after = stat[stat.rfind(')')? + 1..].to_owned();
-                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
-                });
-            if ppid == Some(pid) {
-                pids.push(child);
-            }
-        }
-    }
-    for p in pids {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            ticks += stat_ticks(&stat).unwrap_or(0);
-        }
-    }
-    ticks as f64 / clock_ticks()
-}
-
-/// CPU seconds used so far by this process's threads named `name`.
-fn threads_cpu(name: &str) -> f64 {
-    let mut ticks = 0;
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-        for entry in dir.flatten() {
-            let task = entry.path();
-            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-            if comm.trim_end() == name
-                && let Ok(stat) = std::fs::read_to_string(task.join("stat"))
-            {
-                ticks += stat_ticks(&stat).unwrap_or(0);
-            }
-        }
-    }
-    ticks as f64 / clock_ticks()
 }
 
 // ---------------------------------------------------------------------------
@@ -1382,7 +1270,6 @@ impl Bench<'_> {
         )?);
         let mut peers = Peers::start(self, &pki, &dir)?;
         let mut results = Results::default();
-        let nginx_version = nginx_version().unwrap_or_else(|| "nginx: version unknown".to_owned());
 
         for path in Path4::ALL {
             for listener in Listener::ALL {
@@ -1486,7 +1373,6 @@ impl Bench<'_> {
              {} (2 cores: above 2, other work competed for them).",
             load_average()
         ));
-        report.setup.push(nginx_version);
         report
             .sections
             .push(markdown(&results, self.plan, &self.lab_description()));
@@ -1611,16 +1497,6 @@ fn load_average() -> String {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let fields: Vec<&str> = text.split_whitespace().take(3).collect();
     fields.join(", ")
-}
-
-/// `nginx -v` prints to standard error.
-fn nginx_version() -> Option<String> {
-    let out = std::process::Command::new(NGINX).arg("-v").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    Some(format!(
-        "{} with its stream module (`load_module {NGINX_STREAM_MODULE}`)",
-        text.trim_start_matches("nginx version: ")
-    ))
 }
 
 /// WARN and ERROR lines of a log.
@@ -1794,12 +1670,6 @@ fn markdown(results: &Results, plan: &super::Plan, lab: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_ticks_from_a_stat_line() {
-        let stat = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 2 0 5";
-        assert_eq!(stat_ticks(stat), Some(325));
-    }
 
     #[test]
     fn listeners_have_distinct_ports_and_names() {

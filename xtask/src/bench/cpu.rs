@@ -1,0 +1,72 @@
+//! CPU time from /proc: user + system seconds of a proxy's whole process
+//! tree, or of this process's threads of one name (the bench's own TLS
+//! client and server). Read before and after a measured run, the difference
+//! is what the run cost, which the 2 shared cores disturb less than a rate.
+
+use super::lab;
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// utime + stime, in ticks, from a `stat` file's text.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // The command name is in parentheses and may contain spaces.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after.split_whitespace();
+    // After the name: state is field 3; utime and stime are 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU seconds used so far by a process and its live descendants (nginx's
+/// and Squid's workers; a process's own figure covers all its threads).
+pub fn tree_cpu(pid: u32) -> f64 {
+    let ticks: u64 = lab::tree_pids(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| stat_ticks(&stat))
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+/// CPU seconds used so far by this process's threads named `name`.
+pub fn threads_cpu(name: &str) -> f64 {
+    let mut ticks = 0;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for entry in dir.flatten() {
+            let task = entry.path();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if comm.trim_end() == name
+                && let Ok(stat) = std::fs::read_to_string(task.join("stat"))
+            {
+                ticks += stat_ticks(&stat).unwrap_or(0);
+            }
+        }
+    }
+    ticks as f64 / clock_ticks()
+}
+
+/// Bytes in a GiB, the unit CPU per byte relayed is given in.
+pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_from_a_stat_line() {
+        let stat = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 2 0 5";
+        assert_eq!(stat_ticks(stat), Some(325));
+    }
+
+    #[test]
+    fn this_process_has_spent_cpu() {
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(50) {}
+        assert!(tree_cpu(std::process::id()) > 0.0);
+    }
+}
