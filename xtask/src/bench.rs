@@ -74,6 +74,14 @@ enum Case {
     Scale,
 }
 
+/// The whole machine's CPU over one bulk run.
+struct MachineBusy {
+    /// Busy CPU seconds, all cores together.
+    seconds: f64,
+    /// Of all the cores' time (1.0: every core busy throughout).
+    share: f64,
+}
+
 /// How much of each case to run.
 struct Plan {
     repetitions: usize,
@@ -433,6 +441,7 @@ impl<'a> Bench<'a> {
         ];
         let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
         let mut cpu_samples: Vec<(Flow, Target, f64)> = Vec::new();
+        let (mut machine_samples, mut busy_samples) = (Vec::new(), Vec::new());
         for rep in 1..=self.plan.repetitions {
             for flow in flows {
                 for target in Target::ALL {
@@ -443,32 +452,41 @@ impl<'a> Bench<'a> {
                         if flow.reverse { " reverse" } else { "" },
                         target.label()
                     );
-                    let (transfer, cpu) = self.iperf(target, flow).or_else(|e| {
+                    let (transfer, cpu, machine) = self.iperf(target, flow).or_else(|e| {
                         // A failed run can leave the iperf3 server busy for a moment.
                         eprintln!("bench: {e:#}; retrying once");
                         std::thread::sleep(Duration::from_secs(2));
                         self.iperf(target, flow)
                     })?;
                     samples.push((flow, target, transfer.bits_per_second));
+                    let gib = transfer.bytes / cpu::GIB;
                     if let Some(seconds) = cpu {
-                        cpu_samples.push((flow, target, seconds / (transfer.bytes / cpu::GIB)));
+                        cpu_samples.push((flow, target, seconds / gib));
+                    }
+                    if let Some(busy) = machine {
+                        machine_samples.push((flow, target, busy.seconds / gib));
+                        busy_samples.push((flow, target, busy.share));
                     }
                 }
             }
         }
         report.throughput = spread_rows(&samples);
         report.throughput_cpu = spread_rows(&cpu_samples);
+        report.throughput_machine_cpu = spread_rows(&machine_samples);
+        report.throughput_machine_busy = spread_rows(&busy_samples);
         Ok(())
     }
 
-    /// One iperf3 run through `target`, and the CPU seconds its proxy spent
-    /// meanwhile.
+    /// One iperf3 run through `target`, the CPU seconds its proxy spent
+    /// meanwhile, and the whole machine's.
     fn iperf(
         &mut self,
         target: Target,
         flow: Flow,
-    ) -> anyhow::Result<(iperf::Transfer, Option<f64>)> {
+    ) -> anyhow::Result<(iperf::Transfer, Option<f64>, Option<MachineBusy>)> {
         let before = self.proxy_cpu(target);
+        let machine_before = cpu::machine_busy();
+        let started = Instant::now();
         let transfer = iperf::throughput(
             &self.lab.cl,
             target.addr(Service::Iperf),
@@ -476,8 +494,16 @@ impl<'a> Bench<'a> {
             flow.reverse,
             self.plan.iperf_seconds,
         )?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let machine =
+            machine_before
+                .zip(cpu::machine_busy())
+                .map(|((before, cores), (after, _))| MachineBusy {
+                    seconds: after - before,
+                    share: (after - before) / (elapsed * cores as f64),
+                });
         let cpu = before.zip(self.proxy_cpu(target)).map(|(b, a)| a - b);
-        Ok((transfer, cpu))
+        Ok((transfer, cpu, machine))
     }
 
     fn rate(&mut self, report: &mut Report) -> anyhow::Result<()> {

@@ -50,6 +50,35 @@ pub fn threads_cpu(name: &str) -> f64 {
     ticks as f64 / clock_ticks()
 }
 
+/// The whole machine's busy CPU seconds so far (every process and the
+/// kernel's own work, softirqs included, over all cores) and how many cores
+/// there are, from /proc/stat. Over a bulk run it says whether the cores
+/// were the limit, and what a byte cost all told on each path.
+pub fn machine_busy() -> Option<(f64, usize)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cores = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    busy_ticks(stat.lines().next()?).map(|ticks| (ticks as f64 / clock_ticks(), cores))
+}
+
+/// Busy ticks of /proc/stat's `cpu` line: user, nice, system, irq and
+/// softirq (guest time is already inside user and nice; idle, iowait and
+/// the hypervisor's steal are not work done here).
+fn busy_ticks(line: &str) -> Option<u64> {
+    let fields: Vec<u64> = line
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(7)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq] = fields[..] else {
+        return None;
+    };
+    Some(user + nice + system + irq + softirq)
+}
+
 /// Bytes in a GiB, the unit CPU per byte relayed is given in.
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -61,6 +90,13 @@ mod tests {
     fn cpu_ticks_from_a_stat_line() {
         let stat = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 2 0 5";
         assert_eq!(stat_ticks(stat), Some(325));
+    }
+
+    #[test]
+    fn busy_ticks_leave_out_idle_iowait_and_steal() {
+        let line = "cpu  100 5 40 1000 7 2 3 1 0 0";
+        assert_eq!(busy_ticks(line), Some(100 + 5 + 40 + 2 + 3));
+        assert_eq!(busy_ticks("cpu0 1 2 3 4 5 6 7 8"), None);
     }
 
     #[test]

@@ -95,6 +95,13 @@ const CPU_PER_GIB: Unit = Unit {
     decimals: 2,
 };
 
+/// A share of the machine's cores, in percent.
+const BUSY: Unit = Unit {
+    name: "cores busy, %",
+    scale: 100.0,
+    decimals: 0,
+};
+
 /// A measured figure of one path in one case.
 pub struct Row<K> {
     pub case: K,
@@ -135,6 +142,10 @@ pub struct Report {
     pub throughput: Vec<Row<Flow>>,
     /// CPU seconds of each proxy per GiB relayed, by case.
     pub throughput_cpu: Vec<Row<Flow>>,
+    /// The whole machine's busy CPU seconds per GiB relayed, and the share
+    /// of its cores that were busy, by case and path.
+    pub throughput_machine_cpu: Vec<Row<Flow>>,
+    pub throughput_machine_busy: Vec<Row<Flow>>,
     pub rate: Vec<Row<usize>>,
     /// CPU seconds of each proxy per connection, by concurrency.
     pub rate_cpu: Vec<Row<usize>>,
@@ -201,6 +212,22 @@ impl Report {
             if !self.throughput_cpu.is_empty() {
                 md += "\n### CPU per GiB relayed (lower is better)\n\n";
                 md += &figure_table(&self.throughput_cpu, &CPU_PER_GIB, &Target::PEERS);
+            }
+            if !self.throughput_machine_cpu.is_empty() {
+                md += "\n### The whole machine's CPU per GiB, and how busy its cores were\n\n\
+                       Busy CPU time of all cores over each run (/proc/stat: every process and \
+                       the kernel's own work, softirqs included), per GiB received, and as a \
+                       share of the cores' time. Where the cores were busy throughout on both \
+                       paths, the cores were the limit, and a path's throughput ÷ the direct \
+                       path's is the direct path's CPU per GiB ÷ its own: what a proxy adds \
+                       per byte (above) is what it costs in throughput.\n\n";
+                md += &figure_table(
+                    &self.throughput_machine_cpu,
+                    &CPU_PER_GIB,
+                    &[Target::Direct],
+                );
+                md += "\n";
+                md += &figure_table(&self.throughput_machine_busy, &BUSY, &[]);
             }
         }
 
