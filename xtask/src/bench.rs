@@ -42,7 +42,7 @@ use self::{
     dial::Dial,
     lab::{Lab, Proc},
     load::{Mode, Responder},
-    report::{Condition, Flow, LatencyRow, MemoryRow, Report, Row, RulesRow},
+    report::{Condition, Flow, LatencyRow, MachineRows, MemoryRow, Report, Row, RulesRow},
     stats::{Spread, quantile},
     targets::{Service, Target},
 };
@@ -72,14 +72,6 @@ enum Case {
     Connect,
     Tls,
     Scale,
-}
-
-/// The whole machine's CPU over one bulk run.
-struct MachineBusy {
-    /// Busy CPU seconds, all cores together.
-    seconds: f64,
-    /// Of all the cores' time (1.0: every core busy throughout).
-    share: f64,
 }
 
 /// How much of each case to run.
@@ -441,7 +433,7 @@ impl<'a> Bench<'a> {
         ];
         let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
         let mut cpu_samples: Vec<(Flow, Target, f64)> = Vec::new();
-        let (mut machine_samples, mut busy_samples) = (Vec::new(), Vec::new());
+        let mut machine = MachineSamples::default();
         for rep in 1..=self.plan.repetitions {
             for flow in flows {
                 for target in Target::ALL {
@@ -452,7 +444,7 @@ impl<'a> Bench<'a> {
                         if flow.reverse { " reverse" } else { "" },
                         target.label()
                     );
-                    let (transfer, cpu, machine) = self.iperf(target, flow).or_else(|e| {
+                    let (transfer, cpu, busy) = self.iperf(target, flow).or_else(|e| {
                         // A failed run can leave the iperf3 server busy for a moment.
                         eprintln!("bench: {e:#}; retrying once");
                         std::thread::sleep(Duration::from_secs(2));
@@ -463,17 +455,13 @@ impl<'a> Bench<'a> {
                     if let Some(seconds) = cpu {
                         cpu_samples.push((flow, target, seconds / gib));
                     }
-                    if let Some(busy) = machine {
-                        machine_samples.push((flow, target, busy.seconds / gib));
-                        busy_samples.push((flow, target, busy.share));
-                    }
+                    machine.add(flow, target, busy, gib);
                 }
             }
         }
         report.throughput = spread_rows(&samples);
         report.throughput_cpu = spread_rows(&cpu_samples);
-        report.throughput_machine_cpu = spread_rows(&machine_samples);
-        report.throughput_machine_busy = spread_rows(&busy_samples);
+        report.throughput_machine = machine.rows();
         Ok(())
     }
 
@@ -483,10 +471,9 @@ impl<'a> Bench<'a> {
         &mut self,
         target: Target,
         flow: Flow,
-    ) -> anyhow::Result<(iperf::Transfer, Option<f64>, Option<MachineBusy>)> {
+    ) -> anyhow::Result<(iperf::Transfer, Option<f64>, Option<cpu::MachineBusy>)> {
         let before = self.proxy_cpu(target);
-        let machine_before = cpu::machine_busy();
-        let started = Instant::now();
+        let machine = cpu::MachineWatch::start();
         let transfer = iperf::throughput(
             &self.lab.cl,
             target.addr(Service::Iperf),
@@ -494,14 +481,7 @@ impl<'a> Bench<'a> {
             flow.reverse,
             self.plan.iperf_seconds,
         )?;
-        let elapsed = started.elapsed().as_secs_f64();
-        let machine =
-            machine_before
-                .zip(cpu::machine_busy())
-                .map(|((before, cores), (after, _))| MachineBusy {
-                    seconds: after - before,
-                    share: (after - before) / (elapsed * cores as f64),
-                });
+        let machine = machine.and_then(cpu::MachineWatch::stop);
         let cpu = before.zip(self.proxy_cpu(target)).map(|(b, a)| a - b);
         Ok((transfer, cpu, machine))
     }
@@ -510,6 +490,7 @@ impl<'a> Bench<'a> {
         let paths = RATE_PATHS.map(|target| (target, target.addr(Service::Tls).into()));
         let rates = self.rates(&paths, "connection rate", report)?;
         (report.rate, report.rate_cpu) = (rates.per_second, rates.cpu);
+        report.rate_machine = rates.machine;
         Ok(())
     }
 
@@ -524,6 +505,7 @@ impl<'a> Bench<'a> {
     ) -> anyhow::Result<Rates> {
         let mut samples: Vec<(usize, Target, f64)> = Vec::new();
         let mut cpu_samples: Vec<(usize, Target, f64)> = Vec::new();
+        let mut machine = MachineSamples::default();
         for rep in 1..=self.plan.repetitions {
             for concurrency in self.plan.concurrencies {
                 for &(target, dial) in paths {
@@ -533,6 +515,7 @@ impl<'a> Bench<'a> {
                         target.label()
                     );
                     let before = self.proxy_cpu(target);
+                    let watch = cpu::MachineWatch::start();
                     // Its closing half-second included: the proxy closes the
                     // last connections then.
                     let rate = self.connection_rate(dial, concurrency)?;
@@ -542,6 +525,8 @@ impl<'a> Bench<'a> {
                         let per_connection = (after - before) / rate.completed as f64;
                         cpu_samples.push((concurrency, target, per_connection));
                     }
+                    let busy = watch.and_then(cpu::MachineWatch::stop);
+                    machine.add(concurrency, target, busy, rate.completed as f64);
                     self.note_failures(
                         &rate,
                         &format!("{what}, {} at concurrency {concurrency}", target.label()),
@@ -557,6 +542,7 @@ impl<'a> Bench<'a> {
         Ok(Rates {
             per_second: spread_rows(&samples),
             cpu: spread_rows(&cpu_samples),
+            machine: machine.rows(),
         })
     }
 
@@ -676,6 +662,7 @@ impl<'a> Bench<'a> {
         let paths = targets::CONNECT_PATHS.map(|target| (target, target.tunnel_to(tls)));
         let rates = self.rates(&paths, "tunnel set-up", report)?;
         (report.connect_rate, report.connect_rate_cpu) = (rates.per_second, rates.cpu);
+        report.connect_machine = rates.machine;
 
         let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
         for rep in 1..=self.plan.repetitions {
@@ -797,6 +784,41 @@ impl<'a> Bench<'a> {
 struct Rates {
     per_second: Vec<Row<usize>>,
     cpu: Vec<Row<usize>>,
+    machine: MachineRows<usize>,
+}
+
+/// The whole machine's busy CPU over each run, per unit of work done (GiB,
+/// connection) and as a share of the cores' time, by case and path.
+struct MachineSamples<K> {
+    per_unit: Vec<(K, Target, f64)>,
+    share: Vec<(K, Target, f64)>,
+}
+
+impl<K> Default for MachineSamples<K> {
+    fn default() -> Self {
+        MachineSamples {
+            per_unit: Vec::new(),
+            share: Vec::new(),
+        }
+    }
+}
+
+impl<K: PartialEq + Copy> MachineSamples<K> {
+    fn add(&mut self, case: K, target: Target, busy: Option<cpu::MachineBusy>, units: f64) {
+        if let Some(busy) = busy
+            && units > 0.0
+        {
+            self.per_unit.push((case, target, busy.seconds / units));
+            self.share.push((case, target, busy.share));
+        }
+    }
+
+    fn rows(&self) -> MachineRows<K> {
+        MachineRows {
+            per_unit: spread_rows(&self.per_unit),
+            share: spread_rows(&self.share),
+        }
+    }
 }
 
 /// The paths of the connection-rate and latency cases (HAProxy+splice would

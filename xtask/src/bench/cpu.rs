@@ -54,7 +54,7 @@ pub fn threads_cpu(name: &str) -> f64 {
 /// kernel's own work, softirqs included, over all cores) and how many cores
 /// there are, from /proc/stat. Over a bulk run it says whether the cores
 /// were the limit, and what a byte cost all told on each path.
-pub fn machine_busy() -> Option<(f64, usize)> {
+fn machine_busy() -> Option<(f64, usize)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cores = stat
         .lines()
@@ -77,6 +77,42 @@ fn busy_ticks(line: &str) -> Option<u64> {
         return None;
     };
     Some(user + nice + system + irq + softirq)
+}
+
+/// The whole machine's busy CPU over a measured run.
+pub struct MachineBusy {
+    /// Busy CPU seconds, all cores together.
+    pub seconds: f64,
+    /// Of all the cores' time (1.0: every core busy throughout).
+    pub share: f64,
+}
+
+/// Started before a measured run, stopped after it.
+pub struct MachineWatch {
+    busy: f64,
+    cores: usize,
+    started: std::time::Instant,
+}
+
+impl MachineWatch {
+    pub fn start() -> Option<MachineWatch> {
+        let (busy, cores) = machine_busy()?;
+        Some(MachineWatch {
+            busy,
+            cores,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    pub fn stop(self) -> Option<MachineBusy> {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let (busy, _) = machine_busy()?;
+        let seconds = busy - self.busy;
+        Some(MachineBusy {
+            seconds,
+            share: seconds / (elapsed * self.cores as f64),
+        })
+    }
 }
 
 /// Bytes in a GiB, the unit CPU per byte relayed is given in.

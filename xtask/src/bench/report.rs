@@ -102,6 +102,46 @@ const BUSY: Unit = Unit {
     decimals: 0,
 };
 
+/// The whole machine's busy CPU over each run, per unit of work and as a
+/// share of the cores' time.
+pub struct MachineRows<K> {
+    pub per_unit: Vec<Row<K>>,
+    pub share: Vec<Row<K>>,
+}
+
+impl<K> Default for MachineRows<K> {
+    fn default() -> Self {
+        MachineRows {
+            per_unit: Vec::new(),
+            share: Vec::new(),
+        }
+    }
+}
+
+/// The machine's CPU per `unit_name` and how busy its cores were.
+fn machine_tables<K: Condition>(
+    rows: &MachineRows<K>,
+    unit_name: &str,
+    unit: &Unit,
+    versus: &[Target],
+) -> String {
+    if rows.per_unit.is_empty() {
+        return String::new();
+    }
+    let mut md = format!(
+        "\n### The whole machine's CPU per {unit_name}, and how busy its cores were\n\n\
+         Busy CPU time of all cores over each run (/proc/stat: client, server, proxy and \
+         the kernel's own work, softirqs included) per {unit_name}, and as a share of the \
+         cores' time. Where the cores were busy throughout on two paths, the cores were \
+         the limit: one path's rate ÷ the other's is the other's CPU per {unit_name} ÷ its \
+         own, and what a proxy adds per {unit_name} is what it costs in rate.\n\n"
+    );
+    md += &figure_table(&rows.per_unit, unit, versus);
+    md.push('\n');
+    md += &figure_table(&rows.share, &BUSY, &[]);
+    md
+}
+
 /// A measured figure of one path in one case.
 pub struct Row<K> {
     pub case: K,
@@ -142,13 +182,13 @@ pub struct Report {
     pub throughput: Vec<Row<Flow>>,
     /// CPU seconds of each proxy per GiB relayed, by case.
     pub throughput_cpu: Vec<Row<Flow>>,
-    /// The whole machine's busy CPU seconds per GiB relayed, and the share
-    /// of its cores that were busy, by case and path.
-    pub throughput_machine_cpu: Vec<Row<Flow>>,
-    pub throughput_machine_busy: Vec<Row<Flow>>,
+    /// The whole machine's busy CPU per GiB relayed.
+    pub throughput_machine: MachineRows<Flow>,
     pub rate: Vec<Row<usize>>,
     /// CPU seconds of each proxy per connection, by concurrency.
     pub rate_cpu: Vec<Row<usize>>,
+    /// The whole machine's busy CPU per connection.
+    pub rate_machine: MachineRows<usize>,
     pub rate_title: String,
     pub latency: Vec<LatencyRow>,
     pub latency_requests: usize,
@@ -159,6 +199,8 @@ pub struct Report {
     pub connect_rate: Vec<Row<usize>>,
     /// CPU seconds of each proxy per tunnel, by concurrency.
     pub connect_rate_cpu: Vec<Row<usize>>,
+    /// The whole machine's busy CPU per tunnel.
+    pub connect_machine: MachineRows<usize>,
     pub connect_throughput: Vec<Row<Flow>>,
     /// How the CONNECT case measures, as a paragraph.
     pub connect_how: String,
@@ -213,22 +255,12 @@ impl Report {
                 md += "\n### CPU per GiB relayed (lower is better)\n\n";
                 md += &figure_table(&self.throughput_cpu, &CPU_PER_GIB, &Target::PEERS);
             }
-            if !self.throughput_machine_cpu.is_empty() {
-                md += "\n### The whole machine's CPU per GiB, and how busy its cores were\n\n\
-                       Busy CPU time of all cores over each run (/proc/stat: every process and \
-                       the kernel's own work, softirqs included), per GiB received, and as a \
-                       share of the cores' time. Where the cores were busy throughout on both \
-                       paths, the cores were the limit, and a path's throughput ÷ the direct \
-                       path's is the direct path's CPU per GiB ÷ its own: what a proxy adds \
-                       per byte (above) is what it costs in throughput.\n\n";
-                md += &figure_table(
-                    &self.throughput_machine_cpu,
-                    &CPU_PER_GIB,
-                    &[Target::Direct],
-                );
-                md += "\n";
-                md += &figure_table(&self.throughput_machine_busy, &BUSY, &[]);
-            }
+            md += &machine_tables(
+                &self.throughput_machine,
+                "GiB",
+                &CPU_PER_GIB,
+                &[Target::Direct],
+            );
         }
 
         if !self.rate.is_empty() {
@@ -250,6 +282,12 @@ impl Report {
                     &[Target::Haproxy, Target::Nginx],
                 );
             }
+            md += &machine_tables(
+                &self.rate_machine,
+                "connection",
+                &CPU_PER_CONN,
+                &[Target::Direct, Target::Haproxy, Target::Nginx],
+            );
         }
 
         if !self.latency.is_empty() {
@@ -356,6 +394,12 @@ impl Report {
                 md += "\n### CPU per tunnel (lower is better)\n\n";
                 md += &figure_table(&self.connect_rate_cpu, &CPU_PER_TUNNEL, &[Target::Squid]);
             }
+            md += &machine_tables(
+                &self.connect_machine,
+                "tunnel",
+                &CPU_PER_TUNNEL,
+                &[Target::Direct, Target::Squid],
+            );
             if !self.connect_throughput.is_empty() {
                 md += "\n### One stream through the tunnel (Gbit/s, higher is better)\n\n";
                 md += &figure_table(&self.connect_throughput, &GBIT, &versus);
