@@ -665,11 +665,7 @@ async fn accept_loop(
             shared.admission.refuse(&stream, peer, Refusal::Global);
             return;
         };
-        let shared = shared.clone();
-        tracker.spawn(async move {
-            session::serve(stream, peer, front, &shared).await;
-            drop(permit);
-        });
+        tracker.spawn(session::serve(stream, peer, front, shared.clone(), permit));
     };
     loop {
         tokio::select! {

@@ -155,42 +155,51 @@ pub fn relay_streams(
 }
 
 /// [`relay`] with the pipe source as a parameter, so tests can make it fail.
-async fn relay_with(
+/// (The relay is an `async move` block, not an `async fn`, here and below:
+/// an `async fn` keeps a second copy of its arguments in every idle
+/// connection's task.)
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn relay_with<'a>(
     client: TcpStream,
     upstream: TcpStream,
     deadlines: Deadlines,
-    shutdown: &CancellationToken,
-    pipes: &impl Fn() -> io::Result<Pipe>,
-) -> Relayed {
-    let from_client = Counter::default();
-    let from_upstream = Counter::default();
-    let to_upstream = std::pin::pin!(async {
-        forward(&client, &upstream, &from_client, pipes)
-            .await
-            .map_err(|failed| match failed {
-                Failed::Read(e) => Outcome::ClientError(e),
-                Failed::Write(e) => Outcome::UpstreamError(e),
-            })
-    });
-    let to_client = std::pin::pin!(async {
-        forward(&upstream, &client, &from_upstream, pipes)
-            .await
-            .map_err(|failed| match failed {
-                Failed::Read(e) => Outcome::UpstreamError(e),
-                Failed::Write(e) => Outcome::ClientError(e),
-            })
-    });
-    let both = both_directions(to_upstream, to_client, &client, &upstream);
-    let outcome = tokio::select! {
-        ended = both => ended.err().unwrap_or(Outcome::Closed),
-        () = shutdown.cancelled() => Outcome::ShutDown,
-        expired = expiry(&deadlines, || from_client.get() + from_upstream.get()) => expired,
-    };
-    tell(&outcome, &client, &upstream);
-    Relayed {
-        from_client: from_client.get(),
-        from_upstream: from_upstream.get(),
-        outcome,
+    shutdown: &'a CancellationToken,
+    pipes: &'a impl Fn() -> io::Result<Pipe>,
+) -> impl Future<Output = Relayed> + 'a {
+    async move {
+        let from_client = Counter::default();
+        let from_upstream = Counter::default();
+        let to_upstream = std::pin::pin!(async {
+            forward(&client, &upstream, &from_client, pipes)
+                .await
+                .map_err(|failed| match failed {
+                    Failed::Read(e) => Outcome::ClientError(e),
+                    Failed::Write(e) => Outcome::UpstreamError(e),
+                })
+        });
+        let to_client = std::pin::pin!(async {
+            forward(&upstream, &client, &from_upstream, pipes)
+                .await
+                .map_err(|failed| match failed {
+                    Failed::Read(e) => Outcome::UpstreamError(e),
+                    Failed::Write(e) => Outcome::ClientError(e),
+                })
+        });
+        let both = both_directions(to_upstream, to_client, &client, &upstream);
+        let outcome = tokio::select! {
+            ended = both => ended.err().unwrap_or(Outcome::Closed),
+            () = shutdown.cancelled() => Outcome::ShutDown,
+            expired = expiry(&deadlines, || from_client.get() + from_upstream.get()) => expired,
+        };
+        tell(&outcome, &client, &upstream);
+        Relayed {
+            from_client: from_client.get(),
+            from_upstream: from_upstream.get(),
+            outcome,
+        }
     }
 }
 
@@ -221,25 +230,31 @@ pub fn reset_on_close(stream: &TcpStream) {
 /// that half-closed and then reset has its reset passed on now, not when
 /// the other side next writes. (The watch is boxed: only half-closed
 /// connections carry it.)
-async fn both_directions(
-    to_upstream: Pin<&mut impl Future<Output = Result<(), Outcome>>>,
-    to_client: Pin<&mut impl Future<Output = Result<(), Outcome>>>,
-    client: &TcpStream,
-    upstream: &TcpStream,
-) -> Result<(), Outcome> {
-    match futures::future::select(to_upstream, to_client).await {
-        Either::Left((ended, to_client)) => {
-            ended?;
-            tokio::select! {
-                ended = to_client => ended,
-                e = Box::pin(reset_of(client)) => Err(Outcome::ClientError(e)),
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn both_directions<'a>(
+    to_upstream: Pin<&'a mut impl Future<Output = Result<(), Outcome>>>,
+    to_client: Pin<&'a mut impl Future<Output = Result<(), Outcome>>>,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+) -> impl Future<Output = Result<(), Outcome>> + 'a {
+    async move {
+        match futures::future::select(to_upstream, to_client).await {
+            Either::Left((ended, to_client)) => {
+                ended?;
+                tokio::select! {
+                    ended = to_client => ended,
+                    e = Box::pin(reset_of(client)) => Err(Outcome::ClientError(e)),
+                }
             }
-        }
-        Either::Right((ended, to_upstream)) => {
-            ended?;
-            tokio::select! {
-                ended = to_upstream => ended,
-                e = Box::pin(reset_of(upstream)) => Err(Outcome::UpstreamError(e)),
+            Either::Right((ended, to_upstream)) => {
+                ended?;
+                tokio::select! {
+                    ended = to_upstream => ended,
+                    e = Box::pin(reset_of(upstream)) => Err(Outcome::UpstreamError(e)),
+                }
             }
         }
     }
@@ -271,21 +286,30 @@ const IDLE_LOOKS: u32 = 8;
 
 /// Ends with the deadline that passed first; never, without deadlines.
 /// The timer is boxed: only a connection with deadlines carries it.
-async fn expiry(deadlines: &Deadlines, moved: impl Fn() -> u64) -> Outcome {
-    if deadlines.idle.is_none() && deadlines.end.is_none() {
-        return std::future::pending().await;
-    }
-    let mut watch = Watch {
-        seen: moved(),
-        last_move: Instant::now(),
-    };
-    let mut timer = Box::pin(tokio::time::sleep_until(watch.last_move));
-    loop {
-        match watch.look(deadlines, moved()) {
-            Ok(wake) => timer.as_mut().reset(wake),
-            Err(expired) => return expired,
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn expiry<'a>(
+    deadlines: &'a Deadlines,
+    moved: impl Fn() -> u64 + 'a,
+) -> impl Future<Output = Outcome> + 'a {
+    async move {
+        if deadlines.idle.is_none() && deadlines.end.is_none() {
+            return std::future::pending().await;
         }
-        timer.as_mut().await;
+        let mut watch = Watch {
+            seen: moved(),
+            last_move: Instant::now(),
+        };
+        let mut timer = Box::pin(tokio::time::sleep_until(watch.last_move));
+        loop {
+            match watch.look(deadlines, moved()) {
+                Ok(wake) => timer.as_mut().reset(wake),
+                Err(expired) => return expired,
+            }
+            timer.as_mut().await;
+        }
     }
 }
 
@@ -341,46 +365,58 @@ enum Failed {
 
 /// One direction: bursts until the source ends, then half-closes towards the
 /// destination. `count` grows as bytes are delivered.
-async fn forward(
-    src: &TcpStream,
-    dst: &TcpStream,
-    count: &Counter,
-    pipes: &impl Fn() -> io::Result<Pipe>,
-) -> Result<(), Failed> {
-    // Once a read fills the buffer the direction carries bulk data: from
-    // then on every burst is spliced whole. What waits inside a burst is
-    // boxed: only a burst in progress holds it, not the task of every idle
-    // connection (the task is sized for its largest await).
-    let mut bulk = false;
-    loop {
-        src.readable().await.map_err(Failed::Read)?;
-        if !bulk {
-            match copy::first_read(src, dst, count)? {
-                copy::First::Eof => return half_close(dst),
-                copy::First::Drained => continue,
-                copy::First::Read { read, rest } => {
-                    if let Some(rest) = rest {
-                        Box::pin(copy::write_counted(dst, &rest, count)).await?;
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn forward<'a>(
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    count: &'a Counter,
+    pipes: &'a impl Fn() -> io::Result<Pipe>,
+) -> impl Future<Output = Result<(), Failed>> + 'a {
+    async move {
+        // Once a read fills the buffer the direction carries bulk data: from
+        // then on every burst is spliced whole. What waits inside a burst is
+        // boxed: only a burst in progress holds it, not the task of every idle
+        // connection (the task is sized for its largest await).
+        let mut bulk = false;
+        loop {
+            // The socket's own reader slot: a `readable()` future would add
+            // its waiter (152 bytes) to every idle connection's task.
+            std::future::poll_fn(|cx| src.poll_read_ready(cx))
+                .await
+                .map_err(Failed::Read)?;
+            if !bulk {
+                // Only `rest` waits: the read's result is gone before the await.
+                let rest = match copy::first_read(src, dst, count)? {
+                    copy::First::Eof => return half_close(dst),
+                    copy::First::Drained => continue,
+                    copy::First::Read { read, rest } => {
+                        bulk = read == copy::FIRST_READ;
+                        rest
                     }
-                    bulk = read == copy::FIRST_READ;
-                    continue;
+                };
+                if let Some(rest) = rest {
+                    Box::pin(copy::write_counted(dst, &rest, count)).await?;
                 }
+                continue;
             }
-        }
-        let burst = match pipes() {
-            Ok(pipe) => {
-                // On error the pipe may still hold bytes: it is dropped, not pooled.
-                let burst = Box::pin(splice::burst(src, dst, &pipe, count)).await?;
-                pipe::give_back(pipe);
-                burst
+            let burst = match pipes() {
+                Ok(pipe) => {
+                    // On error the pipe may still hold bytes: it is dropped, not pooled.
+                    let burst = Box::pin(splice::burst(src, dst, &pipe, count)).await?;
+                    pipe::give_back(pipe);
+                    burst
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for splice; copying through a buffer");
+                    Box::pin(copy::burst(src, dst, count)).await?
+                }
+            };
+            if let Burst::Eof = burst {
+                return half_close(dst);
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "no pipe for splice; copying through a buffer");
-                Box::pin(copy::burst(src, dst, count)).await?
-            }
-        };
-        if let Burst::Eof = burst {
-            return half_close(dst);
         }
     }
 }

@@ -7,7 +7,7 @@
 //! protocols where the server speaks first (SSH, SMTP) are never held up
 //! waiting for a client that waits too.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use crate::{
     addrs::{ClientAddr, OrigDstAddr},
@@ -98,10 +98,10 @@ impl fmt::Display for Why<'_> {
 impl Why<'_> {
     /// Short name for logs: the route's name (or `routes[i]`), or `default`
     /// for the intercept rule's default upstream.
-    pub fn route_name(&self) -> String {
+    pub fn route_name(&self) -> Cow<'static, str> {
         match self {
-            Why::Route(label) => label.short(),
-            Why::Default { .. } => "default".to_owned(),
+            Why::Route(label) => Cow::Owned(label.short()),
+            Why::Default { .. } => Cow::Borrowed("default"),
         }
     }
 }
