@@ -14,6 +14,8 @@ const PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
+    // jemalloc, the daemon's allocator, is built from C by its crate with make.
+    "make",
     "iproute2",
     "bpftool",
     "curl",
