@@ -126,12 +126,8 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 /// The daemon's metrics, registered once.
 pub struct Metrics {
     registry: Registry,
-    rule_connections: Family<RuleLabel, Counter>,
-    rule_active: Family<RuleLabel, Gauge>,
-    rule_default: Family<RuleLabel, Counter>,
-    rule_ends: Family<RuleEnd, Counter>,
-    rule_bytes: Family<RuleBytes, Counter>,
-    rule_sniffed: Family<RuleSniff, Counter>,
+    /// Handed (cloned: they share their series) to each policy's rules.
+    rules: RuleFamilies,
     route_connections: Family<RouteLabel, Counter>,
     upstream_connections: Family<UpstreamLabel, Counter>,
     upstream_active: Family<UpstreamLabel, Gauge>,
@@ -156,12 +152,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("l4proxy");
         let metrics = Metrics {
-            rule_connections: Family::default(),
-            rule_active: Family::default(),
-            rule_default: Family::default(),
-            rule_ends: Family::default(),
-            rule_bytes: Family::default(),
-            rule_sniffed: Family::default(),
+            rules: RuleFamilies::default(),
             route_connections: Family::default(),
             upstream_connections: Family::default(),
             upstream_active: Family::default(),
@@ -184,33 +175,33 @@ impl Metrics {
         r.register(
             "rule_connections",
             "Connections an intercept rule took",
-            metrics.rule_connections.clone(),
+            metrics.rules.connections.clone(),
         );
         r.register(
             "rule_active_connections",
             "Connections of an intercept rule open now",
-            metrics.rule_active.clone(),
+            metrics.rules.active.clone(),
         );
         r.register(
             "rule_default_connections",
             "Connections no route matched that went to the rule's default upstream",
-            metrics.rule_default.clone(),
+            metrics.rules.default.clone(),
         );
         r.register(
             "rule_closed_connections",
             "Connections of an intercept rule that ended, by outcome",
-            metrics.rule_ends.clone(),
+            metrics.rules.ends.clone(),
         );
         r.register_with_unit(
             "rule",
             "Bytes relayed for an intercept rule's connections, by direction",
             Unit::Bytes,
-            metrics.rule_bytes.clone(),
+            metrics.rules.bytes.clone(),
         );
         r.register(
             "rule_sniffed",
             "Client first bytes read for routing, by what they were",
-            metrics.rule_sniffed.clone(),
+            metrics.rules.sniffed.clone(),
         );
         r.register(
             "route_connections",
@@ -312,14 +303,7 @@ impl Metrics {
         let rules = RuleSeries {
             names: policy.rules.iter().map(|rule| rule.name.clone()).collect(),
             cells: policy.rules.iter().map(|_| OnceLock::new()).collect(),
-            families: RuleFamilies {
-                connections: self.rule_connections.clone(),
-                active: self.rule_active.clone(),
-                default: self.rule_default.clone(),
-                ends: self.rule_ends.clone(),
-                bytes: self.rule_bytes.clone(),
-                sniffed: self.rule_sniffed.clone(),
-            },
+            families: self.rules.clone(),
         };
         if policy.rules.len() <= EAGER_RULES {
             for i in 0..policy.rules.len() {
@@ -520,6 +504,7 @@ impl std::ops::Index<usize> for RuleSeries {
 }
 
 /// The families a rule's series are in.
+#[derive(Clone, Default)]
 struct RuleFamilies {
     connections: Family<RuleLabel, Counter>,
     active: Family<RuleLabel, Gauge>,
