@@ -18,9 +18,10 @@
 //! log that never blocks the relay), `notify` (what the service manager
 //! hears: ready, reloading, stopping).
 //!
-//! `unsafe` is confined to five places, each saying why at the call:
-//! `intercept::guard` (fork before the runtime starts), `hello` (`MSG_PEEK`
-//! and `SO_RCVLOWAT`), `relay::pipe` (splice(2) and `F_SETPIPE_SZ`),
+//! `unsafe` is confined to these places, each saying why at the call:
+//! `allocator` (jemalloc's options and controls), `intercept::guard` (fork
+//! before the runtime starts), `hello` (`MSG_PEEK` and `SO_RCVLOWAT`),
+//! `relay::pipe` (splice(2) and `F_SETPIPE_SZ`),
 //! `upstream` (`IP_BIND_ADDRESS_NO_PORT`), `takeover` (descriptors passed
 //! with SCM_RIGHTS) and `notify` (`CLOCK_MONOTONIC`'s value), which neither
 //! std, tokio nor socket2 offer safely.
@@ -28,6 +29,7 @@
 pub mod addrs;
 pub mod admin;
 pub mod admission;
+pub mod allocator;
 pub mod balance;
 pub mod cli;
 pub mod conn_id;

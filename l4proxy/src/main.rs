@@ -17,28 +17,6 @@ use l4proxy::{
     workers::{self, Workers},
 };
 
-/// jemalloc instead of glibc's malloc: tokio's tasks and socket
-/// registrations are cache-line aligned, and glibc carves each aligned
-/// block out of a larger one and leaves the rest as fragments; jemalloc's
-/// size classes are aligned as they are (idle connections: 1.9 KiB each
-/// instead of 2.3).
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's options, read when it starts: freed pages go back to the
-/// kernel at once, as glibc gives back the top of its heap (by default
-/// jemalloc keeps them 10 s, so a fresh daemon would hold its start-up's
-/// peak, 14 MiB more).
-#[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: MallocConf = MallocConf(c"dirty_decay_ms:0,muzzy_decay_ms:0".as_ptr());
-
-/// A C string pointer jemalloc reads once: `const char *malloc_conf`.
-#[repr(transparent)]
-struct MallocConf(*const std::ffi::c_char);
-
-// SAFETY: it points at a string literal, never written.
-unsafe impl Sync for MallocConf {}
-
 fn main() -> ExitCode {
     if let Some(out) = l4proxy::manual::requested() {
         return match l4proxy::manual::write(&out) {

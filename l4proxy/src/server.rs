@@ -35,6 +35,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin,
     admission::{Admission, Refusal},
+    allocator,
     conn_id::ConnectionIds,
     control,
     explicit::{ExplicitListeners, ListenError, Opened},
@@ -93,8 +94,9 @@ pub enum Ended {
 /// How often to look for replaced policies whose connections are all closed.
 const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
-/// How often to close the splice pipes nothing needed since the last time.
-const TRIM_PIPES_EVERY: Duration = Duration::from_secs(5);
+/// How often to close the splice pipes nothing needed since the last time,
+/// and give back the pages the allocator kept longer than its decay time.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Run-time settings from the command line.
 #[derive(Clone, Debug)]
@@ -278,11 +280,13 @@ pub async fn run(
         "ready"
     );
     notify::ready(metrics.generation());
+    // Start-up's peak (policy, maps, listeners) is not needed again.
+    allocator::give_back_all();
     let mut listening = steered_names(&listeners);
     listening.extend(connect_listeners(&shared.active().policy));
 
     let mut settle = tokio::time::interval(SETTLE_EVERY);
-    let mut trim_pipes = tokio::time::interval(TRIM_PIPES_EVERY);
+    let mut trim = tokio::time::interval(TRIM_EVERY);
     // While a successor is taking over, the kernel state stays as offered.
     let mut handover = Handover::default();
     let successor = loop {
@@ -366,9 +370,10 @@ pub async fn run(
                     tracing::error!(error = %e, "removing what the predecessor's connections needed");
                 }
             }
-            _ = trim_pipes.tick() => {
+            _ = trim.tick() => {
                 let open = relay::trim_pipes();
                 tracing::debug!(open, "splice pipes");
+                allocator::give_back_unused();
             }
         }
     };
@@ -493,6 +498,8 @@ async fn reload_now(
     listening.extend(connect_listeners(&applied.active.policy));
     tracing::info!("policy reloaded");
     notify::reloaded(metrics.generation());
+    // The old and new policy's peak, likewise.
+    allocator::give_back_all();
     Ok(())
 }
 
