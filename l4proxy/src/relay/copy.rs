@@ -4,7 +4,7 @@
 
 use std::{cell::RefCell, io};
 
-use tokio::net::TcpStream;
+use tokio::{io::Interest, net::TcpStream};
 
 use super::{Burst, Counter, Failed};
 
@@ -40,7 +40,7 @@ pub(super) fn first_read(
     count: &Counter,
 ) -> Result<First, Failed> {
     FIRST.with_borrow_mut(|buffer| {
-        let read = match src.try_read(buffer) {
+        let read = match read_once(src, buffer) {
             Ok(0) => return Ok(First::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(First::Drained),
@@ -57,6 +57,27 @@ pub(super) fn first_read(
             rest: (written < read).then(|| buffer[written..read].to_vec()),
         })
     })
+}
+
+/// One read from `src`. A read that did not fill `buffer` took everything
+/// queued, so the socket is marked not readable, as a read finding nothing
+/// would mark it: the next wait is for new data, not a read that finds none
+/// (one system call less per message). Data arriving after the read raises
+/// a new readiness event (the reactor is edge-triggered), and tokio never
+/// clears an end of stream seen with it.
+fn read_once(src: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut read = 0;
+    match src.try_io(Interest::READABLE, || {
+        read = src.try_read(buffer)?;
+        if read > 0 && read < buffer.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    }) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => Ok(read),
+        Ok(()) => Ok(read),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes all of `data`, waiting for `dst` as needed; `count` grows with
