@@ -2,7 +2,13 @@
 //! messages cost less copied than spliced, as HAProxy's `splice-auto` finds),
 //! and a whole burst when no pipe can be had (out of descriptors).
 
-use std::{cell::RefCell, io};
+use std::{
+    cell::RefCell,
+    io,
+    task::{Context, Poll, Waker},
+};
+
+use socket2::SockRef;
 
 use tokio::{io::Interest, net::TcpStream};
 
@@ -46,7 +52,7 @@ pub(super) fn first_read(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(First::Drained),
             Err(e) => return Err(Failed::Read(e)),
         };
-        let written = match dst.try_write(&buffer[..read]) {
+        let written = match try_send(dst, &buffer[..read], end_seen(src)) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(Failed::Write(e)),
@@ -78,6 +84,29 @@ fn read_once(src: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
         Ok(()) => Ok(read),
         Err(e) => Err(e),
     }
+}
+
+/// Whether the end of `src`'s stream has been seen, without waiting: after
+/// a read that took everything queued, the next read will find the end.
+fn end_seen(src: &TcpStream) -> bool {
+    let ready = std::pin::pin!(src.ready(Interest::READABLE));
+    matches!(
+        ready.poll(&mut Context::from_waker(Waker::noop())),
+        Poll::Ready(Ok(ready)) if ready.is_read_closed()
+    )
+}
+
+/// Writes what `dst` takes without waiting. When the source's end follows
+/// (`end_follows`), the half-close comes right after: `MSG_MORE` holds the
+/// data back so that the FIN leaves in the same segment (a server's last
+/// reply and its close reach the client as one packet, not two).
+fn try_send(dst: &TcpStream, data: &[u8], end_follows: bool) -> io::Result<usize> {
+    if !end_follows {
+        return dst.try_write(data);
+    }
+    dst.try_io(Interest::WRITABLE, || {
+        SockRef::from(dst).send_with_flags(data, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+    })
 }
 
 /// Writes all of `data`, waiting for `dst` as needed; `count` grows with

@@ -410,3 +410,50 @@ async fn a_fin_stays_a_fin_when_one_side_resets_the_other_way() {
         );
     }
 }
+
+/// Segments `stream` has received (`TCP_INFO`'s `tcpi_segs_in`).
+fn segments_in(stream: &TcpStream) -> u32 {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is
+    // zeroed, so every field is initialised whatever the kernel fills.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+    // SAFETY: zeroed above, partly overwritten by the kernel.
+    unsafe { info.assume_init() }.tcpi_segs_in
+}
+
+#[tokio::test]
+async fn a_last_reply_and_its_end_reach_the_client_in_one_segment() {
+    for path in PATHS {
+        let Lab {
+            mut client,
+            mut server,
+            shutdown: _,
+            relay,
+        } = Lab::start(path).await;
+        let before = segments_in(&client);
+        // Both are sent before the relay runs again (this test's runtime
+        // has one thread), so it reads the reply with the end already seen.
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"reply", "{path:?}");
+        assert_eq!(
+            segments_in(&client) - before,
+            1,
+            "{path:?}: the reply and the FIN came apart"
+        );
+        drop(client);
+        finish(relay, path).await;
+    }
+}
