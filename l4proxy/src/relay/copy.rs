@@ -9,7 +9,6 @@ use std::{
 };
 
 use socket2::SockRef;
-
 use tokio::{io::Interest, net::TcpStream};
 
 use super::{Burst, Counter, Failed};
@@ -52,7 +51,8 @@ pub(super) fn first_read(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(First::Drained),
             Err(e) => return Err(Failed::Read(e)),
         };
-        let written = match try_send(dst, &buffer[..read], end_seen(src)) {
+        let end_follows = read < buffer.len() && end_seen(src);
+        let written = match try_send(dst, &buffer[..read], end_follows) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(Failed::Write(e)),
