@@ -34,6 +34,8 @@ pub struct Daemon {
     /// Holds the policy file; removed on drop.
     dir: TempDir,
     ns: String,
+    /// The `conn_id`s of the close events `closed_event` returned.
+    closes_returned: std::collections::HashSet<String>,
 }
 
 /// Reads lines from a pipe into the shared log until EOF.
@@ -294,6 +296,7 @@ impl Daemon {
             log,
             dir,
             ns: ns.name().to_owned(),
+            closes_returned: Default::default(),
         }
     }
 
@@ -420,17 +423,24 @@ impl Daemon {
     }
 
     /// Waits for the `connection closed` event of the connection from
-    /// `client` (10 s).
+    /// `client` (10 s): the first one not returned before, as a client's
+    /// next connection may get the same port from the kernel.
     pub fn closed_event(&mut self, client: std::net::SocketAddr) -> Value {
         let wanted = client.to_string();
-        self.wait_event(
+        let returned = self.closes_returned.clone();
+        let event = self.wait_event(
             &format!("`connection closed` for {client}"),
             Duration::from_secs(10),
             |e| {
                 message(e) == Some("connection closed")
                     && field_str(e, "client").as_deref() == Some(wanted.as_str())
+                    && field_str(e, "conn_id").is_none_or(|id| !returned.contains(&id))
             },
-        )
+        );
+        if let Some(id) = field_str(&event, "conn_id") {
+            self.closes_returned.insert(id);
+        }
+        event
     }
 
     /// Waits for the `ready` message.
