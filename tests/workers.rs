@@ -1,11 +1,12 @@
 //! Workers: each worker has its own steered listener per family in one
-//! reuseport group, the kernel spreads connections over them, drain waits
+//! reuseport group, and its own listener of each CONNECT address in that
+//! address's group; the kernel spreads connections over them, drain waits
 //! for every worker's connections, and a takeover between daemons with
 //! different worker counts serves every handed listener.
 
 mod lab;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -121,6 +122,73 @@ fn connections_are_spread_over_the_workers() {
     assert!(
         accepted.iter().all(|&n| n > 0),
         "every connection went to one worker: {accepted:?}"
+    );
+}
+
+/// The listening sockets on `addr` in the proxy's namespace (`ss`).
+fn listening_on(t: &Topo, addr: &str) -> usize {
+    let out = t.px.run(|| {
+        std::process::Command::new("ss")
+            .args(["-Hltn", "src", addr])
+            .output()
+            .expect("running ss")
+    });
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// A CONNECT tunnel through `proxy` to the server's echo, greeted.
+fn tunnel(t: &Topo, proxy: &str) -> TcpStream {
+    let mut c = lab::connect(&t.cl, sa(proxy));
+    c.write_all(b"CONNECT 203.0.113.2:8080 HTTP/1.1\r\nHost: 203.0.113.2:8080\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(c.read(&mut byte).unwrap(), 1, "answer head: {head:?}");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(lab::read_line(&mut c).unwrap(), "upstream");
+    c
+}
+
+/// `--workers 2`: a CONNECT address has a listener per worker (one
+/// reuseport group: a client wakes only the worker whose listener the
+/// kernel picked), and a burst of tunnels is accepted by both workers,
+/// every one served.
+#[test]
+fn connect_tunnels_are_spread_over_the_workers() {
+    let t = Topo::new("workers_connect");
+    let _srv = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8080"),
+        handlers::hello_echo("upstream"),
+    );
+    let policy = json!({
+        "intercept": [
+            { "name": "connect", "upstream": "asked",
+              "connect": { "listen": ["198.51.100.1:3128"], "clients": ["198.51.100.0/24"], "ports": [8080] } }
+        ],
+        "upstreams": { "asked": { "original_destination": true } }
+    });
+    let _d = Daemon::start_ready(&t.px, &policy, &["--workers", "2"]);
+    assert_eq!(listening_on(&t, "198.51.100.1:3128"), 2);
+
+    const BURST: u64 = 32;
+    for n in 0..BURST {
+        let mut c = tunnel(&t, "198.51.100.1:3128");
+        echoes(&mut c, &format!("tunnel {n}\n"));
+    }
+    let accepted = accepted(&t);
+    assert_eq!(accepted.iter().sum::<u64>(), BURST, "{accepted:?}");
+    // As for steered connections: all on one worker is a 2^-31 chance.
+    assert!(
+        accepted.iter().all(|&n| n > 0),
+        "every tunnel went to one worker: {accepted:?}"
     );
 }
 

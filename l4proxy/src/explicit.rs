@@ -1,10 +1,12 @@
-//! The listeners of CONNECT rules: one per address a rule's `connect`
-//! lists, opened when a policy names it and closed when a reload drops it.
-//! New ones are bound before a policy is applied, so a policy whose address
-//! cannot be bound is refused and the running one stays. A successor in a
-//! takeover is handed its predecessor's listeners ([`ExplicitListeners::adopt`])
-//! and takes those its policy lists instead of binding them again. Each is
-//! one socket, which every worker accepts on (`workers`).
+//! The listeners of CONNECT rules: one reuseport group per address a
+//! rule's `connect` lists, opened when a policy names it and closed when a
+//! reload drops it. New ones are bound before a policy is applied, so a
+//! policy whose address cannot be bound is refused and the running one
+//! stays. A successor in a takeover is handed its predecessor's listeners
+//! ([`ExplicitListeners::adopt`]) and takes those its policy lists instead
+//! of binding them again. Each address has one listener per worker, bound
+//! with `SO_REUSEPORT`: the kernel spreads the clients over them, and each
+//! worker is woken only for its own (`workers`).
 
 use std::{
     collections::HashMap,
@@ -29,24 +31,37 @@ pub struct ListenError {
     error: io::Error,
 }
 
-/// The CONNECT listeners open now, each with the token that stops its
-/// accept loop and a copy of its descriptor (to hand over in a takeover).
-#[derive(Default)]
+/// The CONNECT listeners open now, each address with the token that stops
+/// its accept loops and copies of its descriptors (to hand over in a
+/// takeover).
 pub struct ExplicitListeners {
-    open: HashMap<SocketAddr, (CancellationToken, OwnedFd)>,
+    open: HashMap<SocketAddr, (CancellationToken, Vec<OwnedFd>)>,
     /// A predecessor's listeners, until the first policy takes them.
-    handed: HashMap<SocketAddr, TcpListener>,
+    handed: HashMap<SocketAddr, Vec<TcpListener>>,
+    /// Listeners per address: one per worker.
+    workers: usize,
 }
 
-/// Listeners a policy needs that are not open yet, with copies of their
-/// descriptors.
-pub struct Opened(Vec<(SocketAddr, TcpListener, OwnedFd)>);
+/// Listeners a policy needs that are not open yet: each address's group,
+/// with copies of their descriptors.
+pub struct Opened(Vec<(SocketAddr, Vec<TcpListener>, Vec<OwnedFd>)>);
 
 impl ExplicitListeners {
+    /// None open yet; each address will have one listener per worker.
+    pub fn new(workers: usize) -> ExplicitListeners {
+        ExplicitListeners {
+            open: HashMap::new(),
+            handed: HashMap::new(),
+            workers,
+        }
+    }
+
     /// A predecessor's listeners (a takeover), for [`Self::bind_new`] to
     /// take instead of binding their addresses again.
     pub fn adopt(&mut self, handed: Vec<(SocketAddr, TcpListener)>) {
-        self.handed = handed.into_iter().collect();
+        for (addr, listener) in handed {
+            self.handed.entry(addr).or_default().push(listener);
+        }
     }
 
     /// Binds (or takes from a predecessor) what `policy` lists and is not
@@ -62,37 +77,68 @@ impl ExplicitListeners {
             if self.open.contains_key(&addr) || opened.iter().any(|(a, _, _)| *a == addr) {
                 continue;
             }
-            let listener = match handed.remove(&addr) {
+            let group = match handed.remove(&addr) {
                 // The accepted connections get this daemon's keepalive.
-                Some(listener) => {
-                    upstream::set_keepalive(&SockRef::from(&listener), keepalive).map(|()| listener)
-                }
-                None => install::listen(addr, keepalive, install::Role::Connect),
+                Some(group) => group
+                    .iter()
+                    .try_for_each(|listener| {
+                        upstream::set_keepalive(&SockRef::from(listener), keepalive)
+                    })
+                    .map(|()| group),
+                None => install::listen(addr, keepalive, install::Role::Connect)
+                    .map(|first| vec![first]),
             }
-            .and_then(|listener| Ok((listener.as_fd().try_clone_to_owned()?, listener)))
+            .and_then(|group| self.fill_group(addr, keepalive, group))
+            .and_then(|group| {
+                let copies = group
+                    .iter()
+                    .map(|listener| listener.as_fd().try_clone_to_owned())
+                    .collect::<io::Result<Vec<_>>>()?;
+                Ok((group, copies))
+            })
             .map_err(|error| ListenError { addr, error })?;
-            opened.push((addr, listener.1, listener.0));
+            opened.push((addr, group.0, group.1));
         }
         Ok(Opened(opened))
     }
 
-    /// The listeners open now, for a successor (a takeover).
+    /// `group` and, if it has fewer than one per worker, listeners bound
+    /// into its reuseport group up to that. A predecessor's listener
+    /// without `SO_REUSEPORT` (an older daemon's) cannot be joined: every
+    /// worker accepts on it.
+    fn fill_group(
+        &self,
+        addr: SocketAddr,
+        keepalive: Keepalive,
+        mut group: Vec<TcpListener>,
+    ) -> io::Result<Vec<TcpListener>> {
+        if !SockRef::from(&group[0]).reuse_port()? {
+            return Ok(group);
+        }
+        while group.len() < self.workers {
+            group.push(install::listen(addr, keepalive, install::Role::Connect)?);
+        }
+        Ok(group)
+    }
+
+    /// The listeners open now, for a successor (a takeover): an address
+    /// once per listener of its group.
     pub fn listeners(&self) -> Vec<(SocketAddr, BorrowedFd<'_>)> {
         self.open
             .iter()
-            .map(|(addr, (_, fd))| (*addr, fd.as_fd()))
+            .flat_map(|(addr, (_, fds))| fds.iter().map(|fd| (*addr, fd.as_fd())))
             .collect()
     }
 
-    /// Once `policy` is in force: hands the new listeners to `accept` with
-    /// their stop tokens (children of `stop`, the daemon's), and stops those
-    /// the policy no longer lists.
+    /// Once `policy` is in force: hands each new address's listeners to
+    /// `accept` with their stop token (a child of `stop`, the daemon's), and
+    /// stops those the policy no longer lists.
     pub fn commit(
         &mut self,
         policy: &Policy,
         opened: Opened,
         stop: &CancellationToken,
-        mut accept: impl FnMut(TcpListener, CancellationToken),
+        mut accept: impl FnMut(Vec<TcpListener>, CancellationToken),
     ) {
         let wanted: Vec<SocketAddr> = wanted(policy).collect();
         self.open.retain(|addr, (stop, _)| {
@@ -103,11 +149,11 @@ impl ExplicitListeners {
             }
             keep
         });
-        for (addr, listener, fd) in opened.0 {
+        for (addr, group, fds) in opened.0 {
             let stop = stop.child_token();
-            self.open.insert(addr, (stop.clone(), fd));
+            self.open.insert(addr, (stop.clone(), fds));
             tracing::info!(listener = %addr, "CONNECT listener open");
-            accept(listener, stop);
+            accept(group, stop);
         }
     }
 }

@@ -640,7 +640,8 @@ pub(crate) enum Role {
     /// addresses that are not this host's, on a gateway), and in a
     /// reuseport group with the other workers' listeners.
     Steered,
-    /// CONNECT clients, on the address a rule lists.
+    /// CONNECT clients, on the address a rule lists, in a reuseport group
+    /// with the other workers' listeners of that address.
     Connect,
 }
 
@@ -662,8 +663,10 @@ pub(crate) fn listen(
         } else {
             socket.set_ip_transparent_v4(true)?;
         }
-        socket.set_reuse_port(true)?;
     }
+    // The kernel lets only sockets of the same user join a reuseport group:
+    // those created at start-up are root's.
+    socket.set_reuse_port(true)?;
     socket.set_reuse_address(true)?;
     // Accepted sockets inherit these: setsockopts here instead of on every
     // connection.

@@ -184,7 +184,7 @@ pub async fn run(
         installation.adopt_routing(handed_routing);
         steered = installation.adopt_listeners(handed_steered)?;
     }
-    let mut explicit = ExplicitListeners::default();
+    let mut explicit = ExplicitListeners::new(workers.count());
     explicit.adopt(handed_connect);
     let opened = explicit.bind_new(&policy, settings.defaults.keepalive)?;
     let Applied {
@@ -600,19 +600,27 @@ impl Accepting<'_> {
         addresses
     }
 
-    /// Accepts on the CONNECT listeners `policy` adds, each on every
-    /// worker, and stops those it drops.
+    /// Accepts on the CONNECT listeners `policy` adds, an address's group
+    /// shared out among the workers in turn, and stops those it drops.
     fn start_explicit(&self, explicit: &mut ExplicitListeners, policy: &Policy, opened: Opened) {
-        explicit.commit(policy, opened, &self.stop, |listener, stop| {
-            for worker in 1..self.workers.count() {
-                match listener.try_clone() {
-                    Ok(copy) => self.accept(worker, copy, Front::Connect, stop.clone()),
-                    Err(e) => {
-                        tracing::error!(error = %e, worker, "a worker cannot accept on a CONNECT listener: the others do");
+        explicit.commit(policy, opened, &self.stop, |group, stop| {
+            if let [listener] = &group[..]
+                && self.workers.count() > 1
+            {
+                // A predecessor's listener that no group can join: every
+                // worker accepts on it.
+                for worker in 1..self.workers.count() {
+                    match listener.try_clone() {
+                        Ok(copy) => self.accept(worker, copy, Front::Connect, stop.clone()),
+                        Err(e) => {
+                            tracing::error!(error = %e, worker, "a worker cannot accept on a CONNECT listener: the others do");
+                        }
                     }
                 }
             }
-            self.accept(0, listener, Front::Connect, stop);
+            for (worker, listener) in group.into_iter().enumerate() {
+                self.accept(worker, listener, Front::Connect, stop.clone());
+            }
         });
     }
 

@@ -22,11 +22,15 @@
 //! workers accepts on several per worker, one with more binds its own into
 //! the same group (the predecessor's sockets must have `SO_REUSEPORT`).
 //!
-//! CONNECT listeners are on a public address, where `SO_REUSEPORT` would let
-//! any other socket of the same user join the group and take a share of the
-//! clients: each is one socket, accepted on by every worker. An incoming
-//! connection wakes each worker's poll; one accepts it, the others find the
-//! queue empty (one wasted `accept4` per extra worker).
+//! A CONNECT address has a reuseport group of its own, one listener per
+//! worker (`explicit`), so a client wakes only the worker whose listener the
+//! kernel picked (one socket accepted on by every worker woke them all, and
+//! all but one found the queue empty). On a public address a group could be
+//! joined by another socket: the kernel allows that only to sockets of the
+//! same user, and the listeners bound at start-up are root's; those a reload
+//! binds after `--user` are that user's, which should run nothing else. A
+//! predecessor's single CONNECT socket (from a daemon before groups) cannot
+//! be joined: every worker accepts on it, as before.
 //!
 //! The control plane (signals, control socket, admin, reloads, settling,
 //! health checks) runs on the main thread's runtime. What the workers share
