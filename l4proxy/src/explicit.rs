@@ -77,7 +77,7 @@ impl ExplicitListeners {
             if self.open.contains_key(&addr) || opened.iter().any(|(a, _, _)| *a == addr) {
                 continue;
             }
-            let group = match handed.remove(&addr) {
+            let (fds, group) = match handed.remove(&addr) {
                 // The accepted connections get this daemon's keepalive.
                 Some(group) => group
                     .iter()
@@ -88,37 +88,14 @@ impl ExplicitListeners {
                 None => install::listen(addr, keepalive, install::Role::Connect)
                     .map(|first| vec![first]),
             }
-            .and_then(|group| self.fill_group(addr, keepalive, group))
             .and_then(|group| {
-                let copies = group
-                    .iter()
-                    .map(|listener| listener.as_fd().try_clone_to_owned())
-                    .collect::<io::Result<Vec<_>>>()?;
-                Ok((group, copies))
+                install::fill_group(group, keepalive, install::Role::Connect, self.workers)
             })
+            .and_then(|group| Ok((install::copies(&group)?, group)))
             .map_err(|error| ListenError { addr, error })?;
-            opened.push((addr, group.0, group.1));
+            opened.push((addr, group, fds));
         }
         Ok(Opened(opened))
-    }
-
-    /// `group` and, if it has fewer than one per worker, listeners bound
-    /// into its reuseport group up to that. A predecessor's listener
-    /// without `SO_REUSEPORT` (an older daemon's) cannot be joined: every
-    /// worker accepts on it.
-    fn fill_group(
-        &self,
-        addr: SocketAddr,
-        keepalive: Keepalive,
-        mut group: Vec<TcpListener>,
-    ) -> io::Result<Vec<TcpListener>> {
-        if !SockRef::from(&group[0]).reuse_port()? {
-            return Ok(group);
-        }
-        while group.len() < self.workers {
-            group.push(install::listen(addr, keepalive, install::Role::Connect)?);
-        }
-        Ok(group)
     }
 
     /// The listeners open now, for a successor (a takeover): an address

@@ -428,39 +428,13 @@ impl Installation {
             let listen_error = |source| InstallError::Listen { family, source };
             let first = listen(addr, self.keepalive, Role::Steered).map_err(listen_error)?;
             self.interceptor.set_listener(family, &first)?;
-            let group = self.fill_group(family, vec![first])?;
+            let group = fill_group(vec![first], self.keepalive, Role::Steered, self.workers)
+                .map_err(listen_error)?;
             let fds = copies(&group).map_err(listen_error)?;
             listeners.extend(group.into_iter().map(|listener| (family, listener)));
             slots.push((slot, fds));
         }
         Ok((listeners, slots))
-    }
-
-    /// `group` and, if it has fewer than one per worker, listeners bound
-    /// into its reuseport group up to that. A group whose sockets lack
-    /// `SO_REUSEPORT` (handed over by an older daemon) cannot grow: its
-    /// listeners are shared out among the workers as they are.
-    fn fill_group(
-        &self,
-        family: Family,
-        mut group: Vec<TcpListener>,
-    ) -> Result<Vec<TcpListener>, InstallError> {
-        let listen_error = |source| InstallError::Listen { family, source };
-        let first = SockRef::from(&group[0]);
-        if !first.reuse_port().map_err(listen_error)? {
-            tracing::info!(
-                ?family,
-                listeners = group.len(),
-                workers = self.workers,
-                "the handed listeners are not a reuseport group: the workers share them"
-            );
-            return Ok(group);
-        }
-        let addr = group[0].local_addr().map_err(listen_error)?;
-        while group.len() < self.workers {
-            group.push(listen(addr, self.keepalive, Role::Steered).map_err(listen_error)?);
-        }
-        Ok(group)
     }
 
     /// The steered listeners, by family, for a successor (a takeover).
@@ -495,7 +469,8 @@ impl Installation {
                 upstream::set_keepalive(&SockRef::from(listener), self.keepalive)
                     .map_err(listen_error)?;
             }
-            let group = self.fill_group(family, group)?;
+            let group = fill_group(group, self.keepalive, Role::Steered, self.workers)
+                .map_err(listen_error)?;
             self.listening[slot] = copies(&group).map_err(listen_error)?;
             listeners.extend(group.into_iter().map(|listener| (family, listener)));
         }
@@ -678,8 +653,34 @@ pub(crate) fn listen(
     Ok(socket.into())
 }
 
+/// `group` and, if it has fewer than `workers`, listeners of `role` bound
+/// into its reuseport group up to that. A group whose sockets lack
+/// `SO_REUSEPORT` (handed over by an older daemon) cannot grow: its
+/// listeners are shared out among the workers as they are.
+pub(crate) fn fill_group(
+    mut group: Vec<TcpListener>,
+    keepalive: Keepalive,
+    role: Role,
+    workers: usize,
+) -> io::Result<Vec<TcpListener>> {
+    let addr = group[0].local_addr()?;
+    if !SockRef::from(&group[0]).reuse_port()? {
+        tracing::info!(
+            %addr,
+            listeners = group.len(),
+            workers,
+            "the handed listeners are not a reuseport group: the workers share them"
+        );
+        return Ok(group);
+    }
+    while group.len() < workers {
+        group.push(listen(addr, keepalive, role)?);
+    }
+    Ok(group)
+}
+
 /// Copies of the listeners' descriptors.
-fn copies(listeners: &[TcpListener]) -> io::Result<Vec<OwnedFd>> {
+pub(crate) fn copies(listeners: &[TcpListener]) -> io::Result<Vec<OwnedFd>> {
     listeners
         .iter()
         .map(|listener| listener.as_fd().try_clone_to_owned())

@@ -2,10 +2,11 @@
 //!
 //! Logging never blocks the relay: the threads that log only put each
 //! formatted line on a bounded queue, and one writer thread writes the lines
-//! to stderr, those that gathered in the last 10 ms in one write. When stderr does not keep up (a pipe nobody reads, a stalled
-//! journald) the queue fills, and further lines are dropped and counted; as
-//! soon as the writer can write again it says how many, in a line of the same
-//! format, before the next line.
+//! to stderr, those that gathered in the last 10 ms in one write. When
+//! stderr does not keep up (a pipe nobody reads, a stalled journald) the
+//! queue fills, and further lines are dropped and counted; as soon as the
+//! writer can write again it says how many, in a line of the same format,
+//! before the next line.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
