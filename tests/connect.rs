@@ -92,21 +92,8 @@ impl ConnectLab {
 fn ask(t: &Topo, proxy: &str, head: &[u8]) -> (String, TcpStream) {
     let mut c = lab::connect(&t.cl, sa(proxy));
     c.write_all(head).unwrap();
-    let answer = answer_head(&mut c);
+    let answer = lab::answer_head(&mut c);
     (answer.lines().next().unwrap_or_default().to_owned(), c)
-}
-
-/// Reads an answer head byte by byte (nothing of the tunnel after it).
-fn answer_head(c: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match c.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 fn connect_head(target: &str) -> Vec<u8> {
@@ -357,7 +344,7 @@ fn early_data_arrives_once_after_the_answer_and_bulk_flows_both_ways() {
         let mut first = connect_head("app.example.test:8443");
         first.extend_from_slice(&up[..64 * 1024]);
         c.write_all(&first).unwrap();
-        let answer = answer_head(&mut c);
+        let answer = lab::answer_head(&mut c);
         assert!(answer.starts_with("HTTP/1.1 200 "), "{proxy}: {answer:?}");
         let mut w = c.try_clone().unwrap();
         let rest = up[64 * 1024..].to_vec();
@@ -593,7 +580,7 @@ fn proxy_authentication_with_bcrypt_htpasswd() {
     ] {
         let mut c = lab::connect(&t.cl, sa(PROXY4));
         c.write_all(&head(credentials)).unwrap();
-        let answer = answer_head(&mut c);
+        let answer = lab::answer_head(&mut c);
         assert!(
             answer.starts_with("HTTP/1.1 407 "),
             "{credentials:?}: {answer:?}"

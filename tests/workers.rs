@@ -6,7 +6,7 @@
 
 mod lab;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -141,17 +141,8 @@ fn tunnel(t: &Topo, proxy: &str) -> TcpStream {
     let mut c = lab::connect(&t.cl, sa(proxy));
     c.write_all(b"CONNECT 203.0.113.2:8080 HTTP/1.1\r\nHost: 203.0.113.2:8080\r\n\r\n")
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(c.read(&mut byte).unwrap(), 1, "answer head: {head:?}");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200 "),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = lab::answer_head(&mut c);
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head:?}");
     assert_eq!(lab::read_line(&mut c).unwrap(), "upstream");
     c
 }

@@ -113,6 +113,20 @@ pub fn read_exact_n(s: &mut TcpStream, n: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Reads an HTTP answer head byte by byte (nothing of a tunnel after it),
+/// up to the blank line or the end of the stream.
+pub fn answer_head(c: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 /// Reads one `\n`-terminated line (byte by byte, so nothing after it is lost).
 pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
     let mut line = Vec::new();
