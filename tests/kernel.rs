@@ -1,5 +1,6 @@
-//! The `sk_lookup` program on its own, driven through the library: what it
-//! steers, what it passes, and the counter for a rule whose listener is missing.
+//! The kernel side on its own, driven through the library: what the
+//! `sk_lookup` program steers, what it passes, the counter for a rule whose
+//! listener is missing, and the `local` routes the daemon adds.
 
 mod lab;
 
@@ -9,8 +10,14 @@ use std::{
     time::Duration,
 };
 
+use ipnet::IpNet;
 use l4proxy::{
-    intercept::{Family, Interceptor, delivery::DEFAULT_MARK, rules},
+    intercept::{
+        Family, Interceptor,
+        delivery::DEFAULT_MARK,
+        routes::{LocalRoutes, RouteError},
+        rules,
+    },
     policy::Policy,
 };
 use l4proxy_common::Counter;
@@ -285,4 +292,79 @@ fn port_ranges_are_classes_and_a_reload_moves_ports_between_them() {
     .expect("a port outside the policy reaches its own listener");
     bystander.accept().expect("accept on the bystander");
     assert_eq!(counter(&interceptor, Counter::NoSocket), 0);
+}
+
+/// `n` /128 prefixes, every other address from 2001:db8:a::1:0:0.
+fn host_prefixes(n: u128) -> Vec<IpNet> {
+    const BASE: u128 = 0x2001_0db8_000a_0000_0000_0001_0000_0000;
+    (0..n)
+        .map(|i| IpNet::new(std::net::Ipv6Addr::from(BASE + 2 * i).into(), 128).unwrap())
+        .collect()
+}
+
+/// The daemon's routes in the namespace whose addresses are in 2001:db8:a::/64.
+fn routes_for_prefixes(ns: &lab::Netns) -> usize {
+    ns.proxy_routes()
+        .iter()
+        .filter(|route| route.contains("2001:db8:a:"))
+        .count()
+}
+
+#[test]
+fn local_routes_go_in_and_out_many_per_send_and_a_refusal_undoes_the_change() {
+    let topo = lab::Topo::new("kroutes");
+    let all = host_prefixes(300);
+    // The operator's own route for one of them: left alone, also on exit.
+    let operators = all[2].to_string();
+    topo.px.ip(&[
+        "-6", "route", "add", "local", &operators, "dev", "lo", "table", "local",
+    ]);
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
+    let mut routes = LocalRoutes::default();
+
+    // 300 prefixes: more than one send's worth of requests.
+    topo.px
+        .run(|| runtime().block_on(routes.set(&all)))
+        .expect("adding 300 local routes");
+    assert_eq!(routes_for_prefixes(&topo.px), 299);
+    assert_eq!(routes.added().len(), 299);
+
+    // Fewer: the others' routes go.
+    topo.px
+        .run(|| runtime().block_on(routes.set(&all[..100])))
+        .expect("keeping 100");
+    assert_eq!(routes_for_prefixes(&topo.px), 99);
+
+    // A prefix the kernel refuses (host bits set): nothing of the change
+    // stays, and what was there is untouched.
+    let refused: IpNet = "192.0.2.1/24".parse().unwrap();
+    let mut wanted = all.clone();
+    wanted.push(refused);
+    match topo.px.run(|| runtime().block_on(routes.set(&wanted))) {
+        Err(RouteError::Add { prefix, .. }) => assert_eq!(prefix, refused),
+        other => panic!("a refused route should fail the change, got {other:?}"),
+    }
+    assert_eq!(routes_for_prefixes(&topo.px), 99);
+    assert!(
+        topo.px
+            .proxy_routes()
+            .iter()
+            .all(|r| !r.contains("192.0.2."))
+    );
+
+    // Removed: exactly ours.
+    topo.px
+        .run(|| runtime().block_on(routes.remove()))
+        .expect("removing the routes");
+    assert_eq!(routes_for_prefixes(&topo.px), 0);
+    let left = topo.px.ip(&["-6", "route", "show", "table", "local"]);
+    assert!(
+        left.contains(&format!("local {} dev lo", all[2].addr())),
+        "the operator's route must stay; table local:\n{left}"
+    );
 }

@@ -18,6 +18,7 @@ pub mod guard;
 pub mod interfaces;
 pub mod kernel_log;
 mod mirror;
+mod netlink_batch;
 pub mod port_classes;
 pub mod routes;
 pub mod rules;

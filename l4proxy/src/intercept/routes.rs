@@ -6,18 +6,26 @@
 //! [`ROUTE_PROTOCOL`] so that exactly ours are removed on exit, and so
 //! leftovers of a crashed daemon can be found and removed later.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::IpAddr,
+};
 
 use futures::{StreamExt, TryStreamExt, stream};
 use ipnet::IpNet;
 use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
+    packet_core::ErrorMessage,
     packet_route::{
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
         route::{RouteMessage, RouteProtocol, RouteScope, RouteType},
         rule::{RuleAttribute, RuleMessage},
     },
 };
+use tokio::task::JoinHandle;
+
+use super::netlink_batch::{self, Refusals};
 
 /// Route protocol number that marks l4proxy's routes (`ip route show proto 244`).
 /// Unassigned in the kernel's `RTPROT_*` list and iproute2's rt_protos.
@@ -55,14 +63,24 @@ pub enum RouteError {
     },
     #[error("listing routes: {0}")]
     List(rtnetlink::Error),
+    #[error("adding or removing local routes over netlink: {0}")]
+    Netlink(std::io::Error),
 }
 
 /// The routes this daemon added, removed again by [`LocalRoutes::remove`].
+#[derive(Default)]
 pub struct LocalRoutes {
-    handle: Handle,
     added: Vec<IpNet>,
     /// Prefixes that were local before we came: left alone.
     found: Vec<IpNet>,
+}
+
+/// Routes [`LocalRoutes::begin`] is adding, for [`LocalRoutes::finish`].
+pub struct Adding {
+    wanted: HashSet<IpNet>,
+    /// The prefixes whose routes are being added, in the requests' order.
+    missing: Vec<IpNet>,
+    job: Option<JoinHandle<io::Result<Refusals>>>,
 }
 
 /// Opens an rtnetlink connection in the calling thread's network namespace and
@@ -74,20 +92,18 @@ pub(super) fn connect() -> Result<Handle, RouteError> {
 }
 
 impl LocalRoutes {
-    /// None yet.
-    pub fn new() -> Result<Self, RouteError> {
-        Ok(Self {
-            handle: connect()?,
-            added: Vec::new(),
-            found: Vec::new(),
-        })
+    /// Makes `prefixes` local: [`LocalRoutes::begin`], then
+    /// [`LocalRoutes::finish`].
+    pub async fn set(&mut self, prefixes: &[IpNet]) -> Result<(), RouteError> {
+        let adding = self.begin(prefixes)?;
+        self.finish(adding).await
     }
 
-    /// Makes `prefixes` local: adds a `local` route for each new one, and
-    /// removes the routes it added for prefixes no longer wanted. A prefix
-    /// that is already local (a route the operator made) is left alone and
-    /// not removed on exit. On an error the routes of this call are undone.
-    pub async fn set(&mut self, prefixes: &[IpNet]) -> Result<(), RouteError> {
+    /// Starts adding a `local` route for each prefix of `prefixes` that has
+    /// none, on a thread of its own (in the calling thread's network
+    /// namespace), so that the caller can write the kernel's maps meanwhile:
+    /// at 100 000 prefixes each takes a second or more.
+    pub fn begin(&mut self, prefixes: &[IpNet]) -> Result<Adding, RouteError> {
         // Sets, not list scans: a policy may have 100 000 prefixes.
         let wanted: HashSet<IpNet> = prefixes.iter().copied().collect();
         self.found.retain(|prefix| wanted.contains(prefix));
@@ -97,43 +113,61 @@ impl LocalRoutes {
             .copied()
             .filter(|&prefix| known.insert(prefix))
             .collect();
-        let handle = &self.handle;
-        // Many requests in flight on the one socket: one round trip each,
-        // one after another, is most of the time 100 000 routes take.
-        let results: Vec<(IpNet, Result<(), rtnetlink::Error>)> = stream::iter(missing)
-            .map(|prefix| async move {
-                let added = handle
-                    .route()
-                    .add(local_route(prefix, TABLE_LOCAL))
-                    .execute()
-                    .await;
-                (prefix, added)
-            })
-            .buffered(IN_FLIGHT)
-            .collect()
-            .await;
+        let job = if missing.is_empty() {
+            None
+        } else {
+            let requests = missing
+                .iter()
+                .map(|&prefix| RouteNetlinkMessage::NewRoute(local_route(prefix, TABLE_LOCAL)))
+                .collect();
+            Some(netlink_batch::in_background(requests).map_err(RouteError::Socket)?)
+        };
+        Ok(Adding {
+            wanted,
+            missing,
+            job,
+        })
+    }
+
+    /// Waits for the routes `adding` adds, then removes the routes this
+    /// daemon added for prefixes no longer wanted. A prefix that is already
+    /// local (a route the operator made) is left alone and not removed on
+    /// exit. On an error the routes `adding` added are undone.
+    pub async fn finish(&mut self, adding: Adding) -> Result<(), RouteError> {
+        let Adding {
+            wanted,
+            missing,
+            job,
+        } = adding;
+        let refused = match job {
+            Some(job) => netlink_batch::finished(job).await,
+            None => Ok(Vec::new()),
+        };
+        let mut refused: HashMap<usize, ErrorMessage> = match refused {
+            Ok(refused) => refused.into_iter().collect(),
+            Err(e) => {
+                // Which of them were added is unknown: ours carry our
+                // protocol, so deleting them all removes no one else's.
+                self.undo(missing).await;
+                return Err(RouteError::Netlink(e));
+            }
+        };
         let mut new = Vec::new();
         let mut failed = None;
-        for (prefix, result) in results {
-            match result {
-                Ok(()) => new.push(prefix),
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => {
+        for (index, prefix) in missing.into_iter().enumerate() {
+            match refused.remove(&index) {
+                None => new.push(prefix),
+                Some(e) if e.raw_code() == -EEXIST => {
                     tracing::info!(%prefix, "local route already present; leaving it as it is");
                     self.found.push(prefix);
                 }
-                Err(source) => {
-                    failed.get_or_insert((prefix, source));
+                Some(e) => {
+                    failed.get_or_insert((prefix, rtnetlink::Error::NetlinkError(e)));
                 }
             }
         }
         if let Some((prefix, source)) = failed {
-            let (_, undo_error) = delete_each(new, async |prefix| {
-                delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await
-            })
-            .await;
-            if let Some(e) = undo_error {
-                tracing::warn!(error = %e, "removing the routes of a failed change");
-            }
+            self.undo(new).await;
             return Err(RouteError::Add { prefix, source });
         }
         let (kept, stale): (Vec<IpNet>, Vec<IpNet>) = std::mem::take(&mut self.added)
@@ -141,14 +175,18 @@ impl LocalRoutes {
             .partition(|prefix| wanted.contains(prefix));
         // A stale route that cannot be removed stays on the list, for the
         // next call (or the guard) to remove.
-        let (left, error) = delete_each(stale, async |prefix| {
-            delete_route(&self.handle, local_route(prefix, TABLE_LOCAL)).await
-        })
-        .await;
+        let (left, error) = delete_local(stale).await;
         self.added = kept;
         self.added.extend(new);
         self.added.extend(left);
         error.map_or(Ok(()), Err)
+    }
+
+    /// Removes the routes of a change that failed.
+    async fn undo(&self, added: Vec<IpNet>) {
+        if let (_, Some(e)) = delete_local(added).await {
+            tracing::warn!(error = %e, "removing the routes of a failed change");
+        }
     }
 
     pub fn added(&self) -> &[IpNet] {
@@ -178,6 +216,40 @@ impl LocalRoutes {
     pub async fn remove(&mut self) -> Result<(), RouteError> {
         self.set(&[]).await
     }
+}
+
+/// Deletes the `local` routes of `prefixes` that carry our protocol, many
+/// per send; a route someone already removed is removed. Returns the
+/// prefixes whose routes could not be deleted, and the first error.
+async fn delete_local(prefixes: Vec<IpNet>) -> (Vec<IpNet>, Option<RouteError>) {
+    if prefixes.is_empty() {
+        return (prefixes, None);
+    }
+    let requests = prefixes
+        .iter()
+        .map(|&prefix| RouteNetlinkMessage::DelRoute(local_route(prefix, TABLE_LOCAL)))
+        .collect();
+    let refused = match netlink_batch::in_background(requests) {
+        Ok(job) => netlink_batch::finished(job).await,
+        Err(e) => Err(e),
+    };
+    let refused = match refused {
+        Ok(refused) => refused,
+        Err(e) => return (prefixes, Some(RouteError::Netlink(e))),
+    };
+    let mut left = Vec::new();
+    let mut first_error = None;
+    for (index, e) in refused {
+        let prefix = prefixes[index];
+        if let Err(e) = removed(
+            Err(rtnetlink::Error::NetlinkError(e)),
+            format!("local {prefix}"),
+        ) {
+            left.push(prefix);
+            first_error.get_or_insert(e);
+        }
+    }
+    (left, first_error)
 }
 
 /// Removes every route and routing rule marked with [`ROUTE_PROTOCOL`] in
