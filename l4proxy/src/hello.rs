@@ -82,20 +82,49 @@ pub async fn peek_until<T>(
     }
 }
 
+/// Whether a look that gave `seen` bytes to its classifier, with at most
+/// `limit` looked at, saw exactly a `len`-byte header and nothing after it:
+/// a look takes everything queued unless it stops at `limit`.
+pub fn nothing_follows(len: usize, seen: usize, limit: usize) -> bool {
+    seen == len && seen < limit
+}
+
 /// Reads and drops `len` bytes that are already queued (they were peeked):
 /// a header the proxy takes off the stream, leaving what follows it queued.
-pub async fn consume(stream: &TcpStream, mut len: usize) -> io::Result<()> {
+/// `drained`: nothing followed the header when it was peeked (see
+/// [`nothing_follows`]); the socket is then marked not readable, so that
+/// the next read waits for more instead of finding nothing.
+pub async fn consume(stream: &TcpStream, mut len: usize, drained: bool) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
     // On the heap: a buffer in this future would be in every connection's
     // task, header or not, for the connection's whole life.
     let mut buffer = vec![0u8; len];
+    // The bytes are queued, so they are read at once, without a readiness
+    // check that could yield to the reactor between the peek and the mark.
+    let mut waited = false;
     while len > 0 {
-        stream.readable().await?;
-        match stream.try_read(&mut buffer[..len]) {
+        let read = if waited {
+            stream.readable().await?;
+            stream.try_io(Interest::READABLE, || {
+                recv(fd, &mut buffer[..len], libc::MSG_DONTWAIT)
+            })
+        } else {
+            recv(fd, &mut buffer[..len], libc::MSG_DONTWAIT)
+        };
+        match read {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => len -= n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => waited = true,
             Err(e) => return Err(e),
         }
+    }
+    if drained && !waited {
+        // Clears the readiness the reactor reported so far, which is all
+        // the peek saw: bytes that came after it have an epoll event not yet
+        // reported (this task has not yielded since), which sets it again.
+        let _ = stream.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+        });
     }
     Ok(())
 }
@@ -159,16 +188,14 @@ impl Peeker {
 
 /// `recv(MSG_PEEK | MSG_DONTWAIT)`: copies what is queued without taking it.
 fn peek(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+    recv(fd, buffer, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+}
+
+/// `recv(2)` on the descriptor itself, past tokio's readiness state.
+fn recv(fd: RawFd, buffer: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: `buffer` is valid, initialised and writable for its whole length,
     // and `fd` is an open socket borrowed from a live TcpStream.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            buffer.as_mut_ptr().cast(),
-            buffer.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), flags) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -245,6 +272,55 @@ mod tests {
             all, b"GET / HTTP/1.1\r\nrest",
             "peeking must leave every byte in place"
         );
+    }
+
+    /// Peeks a line and consumes it, as a header is taken off; returns what
+    /// the peek saw.
+    async fn take_line(accepted: &TcpStream) -> usize {
+        // Readiness reported first, as when the head woke the task.
+        accepted.readable().await.unwrap();
+        let mut seen = 0;
+        let end = peek_until(accepted, 1024, Duration::from_secs(5), |bytes| {
+            seen = bytes.len();
+            line(bytes)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        consume(accepted, end + 1, nothing_follows(end + 1, seen, 1024))
+            .await
+            .unwrap();
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_header_with_nothing_after_it_leaves_the_socket_waiting_for_more() {
+        let (accepted, mut client) = pair().await;
+        client.write_all(b"CONNECT x\n").await.unwrap();
+        assert_eq!(take_line(&accepted).await, 10);
+        // Nothing queued: not readable (the next read waits, not tries).
+        assert!(
+            futures::poll!(std::pin::pin!(accepted.readable())).is_pending(),
+            "a drained socket must not read as readable"
+        );
+        // What comes next wakes it.
+        client.write_all(b"hello").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), accepted.readable())
+            .await
+            .expect("bytes after the header make the socket readable")
+            .unwrap();
+        let mut buffer = [0u8; 16];
+        assert_eq!(accepted.try_read(&mut buffer).unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn bytes_after_a_header_stay_readable() {
+        let (accepted, mut client) = pair().await;
+        client.write_all(b"CONNECT x\nearly").await.unwrap();
+        assert_eq!(take_line(&accepted).await, 15);
+        let mut buffer = [0u8; 16];
+        assert_eq!(accepted.try_read(&mut buffer).unwrap(), 5);
+        assert_eq!(&buffer[..5], b"early");
     }
 
     #[tokio::test]

@@ -6,7 +6,10 @@
 
 use std::{fmt, io, time::Duration};
 
-use crate::{hello::GaveUp, stream::Stream};
+use crate::{
+    hello::{self, GaveUp},
+    stream::Stream,
+};
 use base64::Engine as _;
 
 /// The longest answer head taken from a parent.
@@ -57,8 +60,10 @@ pub async fn open(
     stream
         .send(request(target, authorization).as_bytes())
         .await?;
+    let mut seen = 0;
     let verdict = stream
         .peek_until(MAX_ANSWER_LEN, deadline, |bytes| {
+            seen = bytes.len();
             parse_answer(bytes).transpose()
         })
         .await?;
@@ -77,7 +82,8 @@ pub async fn open(
             target,
         });
     }
-    stream.consume(answer.head_len).await?;
+    let drained = hello::nothing_follows(answer.head_len, seen, MAX_ANSWER_LEN);
+    stream.consume(answer.head_len, drained).await?;
     Ok(())
 }
 

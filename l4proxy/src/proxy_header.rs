@@ -30,7 +30,9 @@ pub enum ReadError {
 /// Reads the header at the start of `stream` within `deadline` and takes it
 /// off the stream; the client's own bytes stay queued behind it.
 pub async fn read(stream: &TcpStream, deadline: Duration) -> Result<Decoded, ReadError> {
+    let mut seen = 0;
     let verdict = hello::peek_until(stream, MAX_HEADER_LEN, deadline, |bytes| {
+        seen = bytes.len();
         proxy_protocol::decode(bytes).transpose()
     })
     .await?;
@@ -46,7 +48,8 @@ pub async fn read(stream: &TcpStream, deadline: Duration) -> Result<Decoded, Rea
             return Err(ReadError::Malformed(DecodeError::V2TooLong(MAX_HEADER_LEN)));
         }
     };
-    hello::consume(stream, decoded.len).await?;
+    let drained = hello::nothing_follows(decoded.len, seen, MAX_HEADER_LEN);
+    hello::consume(stream, decoded.len, drained).await?;
     Ok(decoded)
 }
 

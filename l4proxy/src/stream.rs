@@ -108,10 +108,11 @@ impl Stream {
         }
     }
 
-    /// Takes `len` bytes that were looked at off the stream.
-    pub async fn consume(&mut self, len: usize) -> io::Result<()> {
+    /// Takes `len` bytes that were looked at off the stream; `drained`: no
+    /// bytes followed them (see [`hello::consume`]).
+    pub async fn consume(&mut self, len: usize, drained: bool) -> io::Result<()> {
         match self {
-            Stream::Tcp(tcp) => hello::consume(tcp, len).await,
+            Stream::Tcp(tcp) => hello::consume(tcp, len, drained).await,
             Stream::Tls(tls) => {
                 tls.ahead.drain(..len.min(tls.ahead.len()));
                 Ok(())

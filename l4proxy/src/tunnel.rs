@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::{
     connect_head::{self, HeadError, Host, Method, Status},
-    hello::GaveUp,
+    hello::{self, GaveUp},
     local_addrs::LocalAddrs,
     policy::{ConnectFront, Htpasswd},
     stream::Stream,
@@ -132,8 +132,10 @@ pub async fn open(
     deadline: Duration,
     asked: &mut Option<String>,
 ) -> Result<Tunnel, Refused> {
+    let mut seen = 0;
     let verdict = client
         .peek_until(connect_head::MAX_HEAD_LEN, deadline, |bytes| {
+            seen = bytes.len();
             connect_head::parse(bytes).transpose()
         })
         .await?;
@@ -144,7 +146,8 @@ pub async fn open(
         Err(GaveUp::Closed) => return Err(Refused::Closed),
         Err(GaveUp::TooLarge) => return Err(Refused::BadRequest(HeadError::TooLarge)),
     };
-    client.consume(request.head_len).await?;
+    let drained = hello::nothing_follows(request.head_len, seen, connect_head::MAX_HEAD_LEN);
+    client.consume(request.head_len, drained).await?;
     if let (Method::Connect, Some(target)) = (&request.method, &request.target) {
         *asked = Some(target.to_string());
     }
