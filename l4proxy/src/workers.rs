@@ -56,6 +56,24 @@ use tokio_util::sync::CancellationToken;
 /// password checks) before its thread exits anyway.
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
+/// How far ahead a worker always has a timer due (see [`keep_a_timer_near`]).
+const NEAR: Duration = Duration::from_millis(500);
+
+/// Ticks every [`NEAR`], for nothing but being due. tokio's timer wakes its
+/// own thread (an eventfd write, and an epoll wake-up) whenever a timer is
+/// set that is due before every timer it holds: on a worker whose timers
+/// were all minutes away (idle deadlines) or none, every connection's
+/// connect deadline, seconds away, cost that write. With a timer always
+/// due within half a second, deadlines of a second or more never do; the
+/// price is two wake-ups a second of an idle worker.
+async fn keep_a_timer_near() -> std::convert::Infallible {
+    let mut tick = tokio::time::interval(NEAR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
+}
+
 /// The worker threads, running until [`Workers::stop`].
 pub struct Workers {
     handles: Vec<Handle>,
@@ -94,7 +112,12 @@ impl Workers {
                         }
                     };
                     let _ = tx.send(Ok(runtime.handle().clone()));
-                    runtime.block_on(exit.cancelled());
+                    runtime.block_on(async {
+                        tokio::select! {
+                            () = exit.cancelled() => {}
+                            never = keep_a_timer_near() => match never {},
+                        }
+                    });
                     runtime.shutdown_timeout(BLOCKING_GRACE);
                 })?;
             let handle = rx
