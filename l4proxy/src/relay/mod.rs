@@ -28,7 +28,7 @@ use std::{
     io,
     net::Shutdown,
     pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -172,8 +172,9 @@ fn relay_with<'a>(
     async move {
         let from_client = Counter::default();
         let from_upstream = Counter::default();
+        let ended = AtomicBool::new(false);
         let to_upstream = std::pin::pin!(async {
-            forward(&client, &upstream, &from_client, pipes)
+            forward(&client, &upstream, &from_client, &ended, pipes)
                 .await
                 .map_err(|failed| match failed {
                     Failed::Read(e) => Outcome::ClientError(e),
@@ -181,7 +182,7 @@ fn relay_with<'a>(
                 })
         });
         let to_client = std::pin::pin!(async {
-            forward(&upstream, &client, &from_upstream, pipes)
+            forward(&upstream, &client, &from_upstream, &ended, pipes)
                 .await
                 .map_err(|failed| match failed {
                     Failed::Read(e) => Outcome::UpstreamError(e),
@@ -373,6 +374,7 @@ fn forward<'a>(
     src: &'a TcpStream,
     dst: &'a TcpStream,
     count: &'a Counter,
+    ended: &'a AtomicBool,
     pipes: &'a impl Fn() -> io::Result<Pipe>,
 ) -> impl Future<Output = Result<(), Failed>> + 'a {
     async move {
@@ -390,7 +392,7 @@ fn forward<'a>(
             if !bulk {
                 // Only `rest` waits: the read's result is gone before the await.
                 let rest = match copy::first_read(src, dst, count)? {
-                    copy::First::Eof => return half_close(dst),
+                    copy::First::Eof => return half_close(dst, ended),
                     copy::First::Drained => continue,
                     copy::First::Read { read, rest } => {
                         bulk = read == copy::FIRST_READ;
@@ -415,14 +417,20 @@ fn forward<'a>(
                 }
             };
             if let Burst::Eof = burst {
-                return half_close(dst);
+                return half_close(dst, ended);
             }
         }
     }
 }
 
-/// The source ended: so does what we send to the other side.
-fn half_close(dst: &TcpStream) -> Result<(), Failed> {
+/// The source ended: so does what we send to the other side. `ended`: the
+/// other direction ended before. Then the relay is over and both sockets
+/// are closed next, each with nothing left unread (each direction read
+/// its source to the end), so the close sends this FIN: no shutdown call.
+fn half_close(dst: &TcpStream, ended: &AtomicBool) -> Result<(), Failed> {
+    if ended.swap(true, Ordering::Relaxed) {
+        return Ok(());
+    }
     SockRef::from(dst)
         .shutdown(Shutdown::Write)
         .map_err(Failed::Write)
