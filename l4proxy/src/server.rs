@@ -611,7 +611,7 @@ impl Accepting<'_> {
                 // worker accepts on it.
                 for worker in 1..self.workers.count() {
                     match listener.try_clone() {
-                        Ok(copy) => self.accept(worker, copy, Front::Connect, stop.clone()),
+                        Ok(copy) => self.accept(worker, copy, Front::Connect(None), stop.clone()),
                         Err(e) => {
                             tracing::error!(error = %e, worker, "a worker cannot accept on a CONNECT listener: the others do");
                         }
@@ -619,7 +619,7 @@ impl Accepting<'_> {
                 }
             }
             for (worker, listener) in group.into_iter().enumerate() {
-                self.accept(worker, listener, Front::Connect, stop.clone());
+                self.accept(worker, listener, Front::Connect(None), stop.clone());
             }
         });
     }
@@ -673,6 +673,15 @@ async fn accept_loop(
             tracing::error!(error = %e, "a worker cannot accept on a listener: the others do");
             return;
         }
+    };
+    let front = match front {
+        Front::Connect(None) => Front::Connect(
+            listener
+                .local_addr()
+                .ok()
+                .filter(|listening| !listening.ip().is_unspecified()),
+        ),
+        front => front,
     };
     let admit = |(stream, peer): (tokio::net::TcpStream, std::net::SocketAddr)| {
         accepted.add();

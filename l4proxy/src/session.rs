@@ -98,8 +98,10 @@ pub struct Shared {
 pub enum Front {
     /// Steered by the kernel: its local address is the original destination.
     Steered,
-    /// On a CONNECT rule's listener: the client names its destination.
-    Connect,
+    /// On a CONNECT rule's listener: the client names its destination. With
+    /// the listener's address when it is one address (not a wildcard): every
+    /// client's local address, known without asking the kernel.
+    Connect(Option<SocketAddr>),
 }
 
 /// The daemon's timeouts and keepalive, for connections of rules and routes
@@ -320,8 +322,12 @@ async fn start(
     front: Front,
     shared: Arc<Shared>,
 ) -> Option<Started> {
-    let Ok(local) = client.local_addr() else {
-        return None; // The client is already gone.
+    let local = match front {
+        Front::Connect(Some(listening)) => listening,
+        _ => match client.local_addr() {
+            Ok(local) => local,
+            Err(_) => return None, // The client is already gone.
+        },
     };
     let mut record = Record {
         started: Instant::now(),
@@ -382,7 +388,7 @@ async fn open(
     let local = record.orig_dst.0;
     let found = match front {
         Front::Steered => active.rules.lookup(local),
-        Front::Connect => active.policy.connect_rule(local),
+        Front::Connect(_) => active.policy.connect_rule(local),
     };
     let Some(rule_id) = found else {
         // The kernel steered it (or a listener took it), so a rule matched
