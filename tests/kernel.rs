@@ -368,3 +368,46 @@ fn local_routes_go_in_and_out_many_per_send_and_a_refusal_undoes_the_change() {
         "the operator's route must stay; table local:\n{left}"
     );
 }
+
+#[test]
+fn the_kernel_is_told_the_daemons_own_prefixes_only_when_gateway_rules_need_them() {
+    let topo = lab::Topo::new("klocal");
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink: l4proxy::local_addrs::Sink = {
+        let told = told.clone();
+        Box::new(move |prefixes: &[IpNet]| told.lock().unwrap().push(prefixes.to_vec()))
+    };
+    let owned = host_prefixes(3);
+    let last = || {
+        told.lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the sink was told")
+    };
+    topo.px.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let local = l4proxy::local_addrs::LocalAddrs::load(Some(sink))
+                .await
+                .expect("reading px's addresses");
+            let host = last();
+            assert!(host.iter().all(|p| !owned.contains(p)));
+
+            // No gateway rule: the daemon knows its prefixes are local, the
+            // kernel's copy is not told them.
+            local.set_owned(&owned, false).await.unwrap();
+            assert_eq!(last(), host);
+            assert!(local.contains(owned[1].addr()));
+
+            // A gateway rule: the kernel's copy has them too.
+            local.set_owned(&owned, true).await.unwrap();
+            let told = last();
+            assert_eq!(told.len(), host.len() + owned.len());
+            assert!(owned.iter().all(|p| told.contains(p)));
+        });
+    });
+}

@@ -47,7 +47,7 @@ use crate::{
     },
     local_addrs::{self, LocalAddrs, LocalAddrsError},
     metrics::Metrics,
-    policy::{Bind, Keepalive, Policy},
+    policy::{Bind, InterceptRule, Keepalive, Policy},
     session::Active,
     upstream,
 };
@@ -342,6 +342,11 @@ impl Installation {
         local_servers.sort();
         local_servers.dedup();
         let delivery = inherited.delivery || generations.iter().any(|g| g.needs.delivery());
+        // The kernel reads LOCAL_ADDRS only for gateway rules: the entries of
+        // the rules in force and of replaced ones still serving.
+        let gateway = generations
+            .iter()
+            .any(|g| g.active.policy.rules.iter().any(InterceptRule::is_gateway));
         // The current policy's plan, and the interfaces of older plans with
         // no rule of their own: `classify` keeps their connections' packets
         // (`RETAINING`).
@@ -375,7 +380,7 @@ impl Installation {
         // second or more at 100 000 prefixes, on a core of its own.
         let adding = self.local_routes.begin(&owned)?;
         let written = async {
-            self.local.set_owned(&owned).await?;
+            self.local.set_owned(&owned, gateway).await?;
             self.delivery.set(delivery, &local_servers).await?;
             self.interceptor.set_retaining(retaining)?;
             self.interceptor.set_upstream_servers(upstream_servers)?;

@@ -38,8 +38,9 @@ pub type Sink = Box<dyn FnMut(&[IpNet]) + Send>;
 
 /// A snapshot of this host's addresses, replaced as a whole on each change.
 pub struct LocalAddrs {
-    /// Prefixes the daemon made local (they do not show as addresses).
-    owned: Mutex<Vec<IpNet>>,
+    /// Prefixes the daemon made local (they do not show as addresses), and
+    /// whether the kernel's copy needs them.
+    owned: Mutex<(Vec<IpNet>, bool)>,
     current: RwLock<Arc<Lpm<()>>>,
     /// The kernel programs' copy (`intercept::LocalMap`), if any.
     sink: Mutex<Option<Sink>>,
@@ -50,7 +51,7 @@ impl LocalAddrs {
     /// change. The daemon's own prefixes come later ([`LocalAddrs::set_owned`]).
     pub async fn load(sink: Option<Sink>) -> Result<Arc<LocalAddrs>, LocalAddrsError> {
         let local = LocalAddrs {
-            owned: Mutex::new(Vec::new()),
+            owned: Mutex::new((Vec::new(), false)),
             current: RwLock::new(Arc::new(Lpm::default())),
             sink: Mutex::new(sink),
         };
@@ -69,11 +70,14 @@ impl LocalAddrs {
     }
 
     /// Takes the prefixes the daemon now makes local (after a new policy).
-    pub async fn set_owned(&self, owned: &[IpNet]) -> Result<(), LocalAddrsError> {
+    /// `in_kernel`: the sink is told them too. The kernel programs look an
+    /// address up only for gateway rules, and a policy without any need not
+    /// write its prefixes there (100 000 trie entries take half a second).
+    pub async fn set_owned(&self, owned: &[IpNet], in_kernel: bool) -> Result<(), LocalAddrsError> {
         *self
             .owned
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = owned.to_vec();
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = (owned.to_vec(), in_kernel);
         self.reload().await
     }
 
@@ -91,11 +95,12 @@ impl LocalAddrs {
             .filter_map(address_of)
             .map(IpNet::from)
             .collect();
-        let owned = self
+        let (owned, in_kernel) = self
             .owned
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
+        let host = addresses.len() + LOOPBACK.len();
         let all: Vec<IpNet> = addresses.into_iter().chain(LOOPBACK).chain(owned).collect();
         if let Some(sink) = self
             .sink
@@ -103,7 +108,7 @@ impl LocalAddrs {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .as_mut()
         {
-            sink(&all);
+            sink(if in_kernel { &all } else { &all[..host] });
         }
         let prefixes = Lpm::of(all);
         *self
