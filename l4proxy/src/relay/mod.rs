@@ -28,7 +28,7 @@ use std::{
     io,
     net::Shutdown,
     pin::Pin,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -172,9 +172,8 @@ fn relay_with<'a>(
     async move {
         let from_client = Counter::default();
         let from_upstream = Counter::default();
-        let ended = AtomicBool::new(false);
         let to_upstream = std::pin::pin!(async {
-            forward(&client, &upstream, &from_client, &ended, pipes)
+            forward(&client, &upstream, &from_client, pipes)
                 .await
                 .map_err(|failed| match failed {
                     Failed::Read(e) => Outcome::ClientError(e),
@@ -182,7 +181,7 @@ fn relay_with<'a>(
                 })
         });
         let to_client = std::pin::pin!(async {
-            forward(&upstream, &client, &from_upstream, &ended, pipes)
+            forward(&upstream, &client, &from_upstream, pipes)
                 .await
                 .map_err(|failed| match failed {
                     Failed::Read(e) => Outcome::UpstreamError(e),
@@ -226,11 +225,13 @@ pub fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Runs both directions until both have ended or one failed. While one
-/// runs on alone, the finished one's source is watched for a reset: a peer
-/// that half-closed and then reset has its reset passed on now, not when
-/// the other side next writes. (The watch is boxed: only half-closed
-/// connections carry it.)
+/// Runs both directions until both have ended or one failed. The first
+/// to end is passed on as a half-close; the second needs none: both
+/// sockets are closed next, each read to its end, and a close sends the
+/// FIN. While one runs on alone, the finished one's source is watched for
+/// a reset: a peer that half-closed and then reset has its reset passed on
+/// now, not when the other side next writes. (The watch is boxed: only
+/// half-closed connections carry it.)
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn keeps its arguments twice"
@@ -245,6 +246,7 @@ fn both_directions<'a>(
         match futures::future::select(to_upstream, to_client).await {
             Either::Left((ended, to_client)) => {
                 ended?;
+                half_close(upstream).map_err(Outcome::UpstreamError)?;
                 tokio::select! {
                     ended = to_client => ended,
                     e = Box::pin(reset_of(client)) => Err(Outcome::ClientError(e)),
@@ -252,6 +254,7 @@ fn both_directions<'a>(
             }
             Either::Right((ended, to_upstream)) => {
                 ended?;
+                half_close(client).map_err(Outcome::ClientError)?;
                 tokio::select! {
                     ended = to_upstream => ended,
                     e = Box::pin(reset_of(upstream)) => Err(Outcome::UpstreamError(e)),
@@ -364,8 +367,8 @@ enum Failed {
     Write(io::Error),
 }
 
-/// One direction: bursts until the source ends, then half-closes towards the
-/// destination. `count` grows as bytes are delivered.
+/// One direction: bursts until the source ends. `count` grows as bytes
+/// are delivered.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn keeps its arguments twice"
@@ -374,7 +377,6 @@ fn forward<'a>(
     src: &'a TcpStream,
     dst: &'a TcpStream,
     count: &'a Counter,
-    ended: &'a AtomicBool,
     pipes: &'a impl Fn() -> io::Result<Pipe>,
 ) -> impl Future<Output = Result<(), Failed>> + 'a {
     async move {
@@ -392,7 +394,7 @@ fn forward<'a>(
             if !bulk {
                 // Only `rest` waits: the read's result is gone before the await.
                 let rest = match copy::first_read(src, dst, count)? {
-                    copy::First::Eof => return half_close(dst, ended),
+                    copy::First::Eof => return Ok(()),
                     copy::First::Drained => continue,
                     copy::First::Read { read, rest } => {
                         bulk = read == copy::FIRST_READ;
@@ -417,21 +419,13 @@ fn forward<'a>(
                 }
             };
             if let Burst::Eof = burst {
-                return half_close(dst, ended);
+                return Ok(());
             }
         }
     }
 }
 
-/// The source ended: so does what we send to the other side. `ended`: the
-/// other direction ended before. Then the relay is over and both sockets
-/// are closed next, each with nothing left unread (each direction read
-/// its source to the end), so the close sends this FIN: no shutdown call.
-fn half_close(dst: &TcpStream, ended: &AtomicBool) -> Result<(), Failed> {
-    if ended.swap(true, Ordering::Relaxed) {
-        return Ok(());
-    }
-    SockRef::from(dst)
-        .shutdown(Shutdown::Write)
-        .map_err(Failed::Write)
+/// A direction's source ended: so does what we send to the other side.
+fn half_close(dst: &TcpStream) -> io::Result<()> {
+    SockRef::from(dst).shutdown(Shutdown::Write)
 }
