@@ -8,7 +8,9 @@
 //! Addresses are 128-bit, IPv4 ones IPv4-mapped (as the kernel's `RULES`
 //! trie keys them), so one table serves both families.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
+
+use foldhash::HashMap;
 
 use ipnet::IpNet;
 
@@ -54,7 +56,7 @@ impl<V> Lpm<V> {
         let at = match self.by_len.binary_search_by(|(l, _)| len.cmp(l)) {
             Ok(at) => at,
             Err(at) => {
-                self.by_len.insert(at, (len, HashMap::new()));
+                self.by_len.insert(at, (len, HashMap::default()));
                 at
             }
         };

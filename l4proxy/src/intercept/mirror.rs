@@ -2,7 +2,9 @@
 //! to new contents writes only the difference, and the record is kept true
 //! entry by entry, so a failure part way leaves it right for the next try.
 
-use std::{collections::HashMap, hash::Hash};
+use std::hash::Hash;
+
+use foldhash::HashMap;
 
 use aya::{
     Pod,
@@ -66,7 +68,7 @@ where
         Self {
             map,
             name,
-            held: HashMap::new(),
+            held: HashMap::default(),
         }
     }
 

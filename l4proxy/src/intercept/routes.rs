@@ -6,12 +6,9 @@
 //! [`ROUTE_PROTOCOL`] so that exactly ours are removed on exit, and so
 //! leftovers of a crashed daemon can be found and removed later.
 
-use std::{
-    collections::{HashMap, HashSet},
-    io,
-    net::IpAddr,
-};
+use std::{io, net::IpAddr};
 
+use foldhash::{HashMap, HashSet};
 use futures::{StreamExt, TryStreamExt, stream};
 use ipnet::IpNet;
 use rtnetlink::{

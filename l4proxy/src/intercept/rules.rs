@@ -25,10 +25,11 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv6Addr, SocketAddr},
 };
 
+use foldhash::HashMap;
 use ipnet::{IpNet, Ipv6Net};
 use l4proxy_common::{
     ANY_PORT_CLASS, ClassKey, RULE_KEY_FIXED_BITS, RULE_ON_INTERFACES, RuleKey, RuleValue,
@@ -110,7 +111,7 @@ pub struct RuleIndex {
 
 impl RuleIndex {
     pub fn new(compiled: &Compiled) -> Self {
-        let mut by_class: HashMap<u32, Lpm<RuleValue>> = HashMap::new();
+        let mut by_class: HashMap<u32, Lpm<RuleValue>> = HashMap::default();
         for entry in &compiled.entries {
             let len = entry.prefix_len - RULE_KEY_FIXED_BITS;
             by_class
@@ -163,7 +164,7 @@ impl<'c> KeyClasses<'c> {
     fn new(classes: &'c PortClasses) -> Self {
         Self {
             classes,
-            of_spec: HashMap::new(),
+            of_spec: HashMap::default(),
         }
     }
 
@@ -243,7 +244,7 @@ fn by_trie_prefix(claims: &[Claim]) -> BTreeMap<TriePrefix, Vec<usize>> {
 
 /// Claims (indices) by their rule's own prefix.
 fn by_original_prefix(claims: &[Claim]) -> HashMap<IpNet, Vec<usize>> {
-    let mut by: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    let mut by: HashMap<IpNet, Vec<usize>> = HashMap::default();
     for (i, claim) in claims.iter().enumerate() {
         by.entry(claim.prefix).or_default().push(i);
     }

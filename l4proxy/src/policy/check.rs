@@ -2,7 +2,9 @@
 //! span several fields. These errors carry the JSON path only: serde is done
 //! with the text by then.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
+
+use foldhash::HashMap;
 
 use ipnet::IpNet;
 use l4proxy_common::MAX_RULE_ENTRIES;
@@ -70,7 +72,7 @@ fn check_rules(
     upstreams: &[Upstream],
 ) -> Result<Vec<InterceptRule>, PolicyError> {
     let mut rules = Vec::with_capacity(raw.len());
-    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<String, usize> = HashMap::default();
     for (i, raw::Object(rule)) in raw.into_iter().enumerate() {
         if let Some(first) = names.insert(rule.name.0.clone(), i) {
             return Err(PolicyError::at(
@@ -177,7 +179,7 @@ fn check_routes(
     upstreams: &[Upstream],
 ) -> Result<Vec<Route>, PolicyError> {
     let mut routes = Vec::with_capacity(raw.len());
-    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<String, usize> = HashMap::default();
     for (i, route) in raw.into_iter().enumerate() {
         let name = route.name.map(|name| name.0);
         if let Some(name) = &name
@@ -282,7 +284,7 @@ fn find_upstream(
 /// Two rules that match the same destination with equal precedence would leave
 /// the choice to their order in the file; make the operator say which wins.
 fn check_overlaps(policy: &Policy) -> Result<(), PolicyError> {
-    let mut claims: HashMap<IpNet, Vec<(usize, PortSpec)>> = HashMap::new();
+    let mut claims: HashMap<IpNet, Vec<(usize, PortSpec)>> = HashMap::default();
     for (i, rule) in policy.rules.iter().enumerate() {
         for prefix in &rule.prefixes {
             let earlier = claims.entry(*prefix).or_default();
@@ -313,7 +315,7 @@ fn check_overlaps(policy: &Policy) -> Result<(), PolicyError> {
 /// port the kernel steers to another rule), not a parent of l4proxy's own
 /// (an endless chain), and it reads CONNECT heads, not PROXY headers.
 fn check_connect_listeners(policy: &Policy) -> Result<(), PolicyError> {
-    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::default();
     for (i, rule) in policy.rules.iter().enumerate() {
         let Some(front) = &rule.connect else { continue };
         if !rule.accept_proxy_from.is_empty() {
