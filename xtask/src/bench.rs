@@ -922,7 +922,7 @@ fn machine_description(root: &Path, binary: &Path) -> Vec<String> {
             .unwrap_or_else(|e| format!("unknown ({e})"))
     };
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let revision = first_line(
+    let tree = first_line(
         "git",
         &[
             "-C",
@@ -932,12 +932,24 @@ fn machine_description(root: &Path, binary: &Path) -> Vec<String> {
             "--dirty",
         ],
     );
+    // The binary names the commit it was built from: with `--l4proxy` that
+    // need not be the checkout the bench runs from.
+    let built = output_of(&binary.to_string_lossy(), &["--version"])
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("commit: ").map(str::to_owned))
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
     vec![
         format!(
             "{cores} cores shared by client, proxy and server; Linux {}",
             first_line("uname", &["-r"])
         ),
-        format!("l4proxy: {} (tree {revision})", binary.display()),
+        format!(
+            "l4proxy: {} (built from commit {built}; the bench ran from tree {tree})",
+            binary.display()
+        ),
         first_line("haproxy", &["-v"]),
         nginx::version(),
         first_line("iperf3", &["-v"]),
