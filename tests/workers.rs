@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lab::daemon::{field, field_string, message};
 use lab::tls::run_in;
-use lab::{Daemon, Server, Topo, handlers, sa};
+use lab::{Daemon, Topo, sa};
 use serde_json::{Value, json};
 
 /// The service on both families, relayed to the server's echo.
@@ -95,26 +95,29 @@ fn per_family(listeners: &[String]) -> (usize, usize) {
 /// served.
 #[test]
 fn connections_are_spread_over_the_workers() {
-    let t = Topo::new("workers_spread");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("workers_spread", "203.0.113.2:8080", "upstream");
     let d = Daemon::start_ready(&t.px, &policy(), &["--workers", "2"]);
     assert_eq!(per_family(&ready_listeners(&d)), (2, 2));
 
-    const BURST: u64 = 32;
-    for n in 0..BURST {
+    spread_over_two_workers(&t, |n| {
         let to = if n % 2 == 0 {
             "192.0.2.10:80"
         } else {
             "[2001:db8:a::10]:80"
         };
-        let mut c = open(&t, to);
+        open(&t, to)
+    });
+}
+
+/// Opens a burst of connections with `open` (each greeted), echoes on each,
+/// and checks that both workers accepted and every one was counted.
+fn spread_over_two_workers(t: &Topo, open: impl Fn(u64) -> TcpStream) {
+    const BURST: u64 = 32;
+    for n in 0..BURST {
+        let mut c = open(n);
         echoes(&mut c, &format!("connection {n}\n"));
     }
-    let accepted = accepted(&t);
+    let accepted = accepted(t);
     assert_eq!(accepted.len(), 2, "{accepted:?}");
     assert_eq!(accepted.iter().sum::<u64>(), BURST, "{accepted:?}");
     // Each of the 32 lands on either with a hash of its 4-tuple: all on
@@ -153,12 +156,7 @@ fn tunnel(t: &Topo, proxy: &str) -> TcpStream {
 /// every one served.
 #[test]
 fn connect_tunnels_are_spread_over_the_workers() {
-    let t = Topo::new("workers_connect");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("workers_connect", "203.0.113.2:8080", "upstream");
     let policy = json!({
         "intercept": [
             { "name": "connect", "upstream": "asked",
@@ -169,30 +167,14 @@ fn connect_tunnels_are_spread_over_the_workers() {
     let _d = Daemon::start_ready(&t.px, &policy, &["--workers", "2"]);
     assert_eq!(listening_on(&t, "198.51.100.1:3128"), 2);
 
-    const BURST: u64 = 32;
-    for n in 0..BURST {
-        let mut c = tunnel(&t, "198.51.100.1:3128");
-        echoes(&mut c, &format!("tunnel {n}\n"));
-    }
-    let accepted = accepted(&t);
-    assert_eq!(accepted.iter().sum::<u64>(), BURST, "{accepted:?}");
-    // As for steered connections: all on one worker is a 2^-31 chance.
-    assert!(
-        accepted.iter().all(|&n| n > 0),
-        "every tunnel went to one worker: {accepted:?}"
-    );
+    spread_over_two_workers(&t, |_| tunnel(&t, "198.51.100.1:3128"));
 }
 
 /// SIGTERM with a connection open on each worker: the daemon keeps both
 /// flowing, stays while either is open, and exits once both are closed.
 #[test]
 fn drain_waits_for_every_workers_connections() {
-    let t = Topo::new("workers_drain");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("workers_drain", "203.0.113.2:8080", "upstream");
     let mut d = Daemon::start_ready(
         &t.px,
         &policy(),
@@ -259,12 +241,7 @@ fn drain_waits_for_every_workers_connections() {
 /// greeting).
 #[test]
 fn a_successor_with_another_worker_count_serves_every_listener() {
-    let t = Topo::new("workers_takeover");
-    let _srv = Server::start(
-        &t.sv,
-        sa("203.0.113.2:8080"),
-        handlers::hello_echo("upstream"),
-    );
+    let (t, _srv) = Topo::with_echo("workers_takeover", "203.0.113.2:8080", "upstream");
     let mut old = Daemon::start_ready(&t.px, &policy(), &["--workers", "2"]);
     let first = ready_listeners(&old);
     for (workers, listeners) in [("3", 3), ("1", 3)] {
