@@ -604,6 +604,13 @@ impl Accepting<'_> {
     /// shared out among the workers in turn, and stops those it drops.
     fn start_explicit(&self, explicit: &mut ExplicitListeners, policy: &Policy, opened: Opened) {
         explicit.commit(policy, opened, &self.stop, |group, stop| {
+            // One address per group: its clients' local address.
+            let front = Front::Connect(
+                group
+                    .first()
+                    .and_then(|listener| listener.local_addr().ok())
+                    .filter(|listening| !listening.ip().is_unspecified()),
+            );
             if let [listener] = &group[..]
                 && self.workers.count() > 1
             {
@@ -611,7 +618,7 @@ impl Accepting<'_> {
                 // worker accepts on it.
                 for worker in 1..self.workers.count() {
                     match listener.try_clone() {
-                        Ok(copy) => self.accept(worker, copy, Front::Connect(None), stop.clone()),
+                        Ok(copy) => self.accept(worker, copy, front, stop.clone()),
                         Err(e) => {
                             tracing::error!(error = %e, worker, "a worker cannot accept on a CONNECT listener: the others do");
                         }
@@ -619,7 +626,7 @@ impl Accepting<'_> {
                 }
             }
             for (worker, listener) in group.into_iter().enumerate() {
-                self.accept(worker, listener, Front::Connect(None), stop.clone());
+                self.accept(worker, listener, front, stop.clone());
             }
         });
     }
@@ -673,15 +680,6 @@ async fn accept_loop(
             tracing::error!(error = %e, "a worker cannot accept on a listener: the others do");
             return;
         }
-    };
-    let front = match front {
-        Front::Connect(None) => Front::Connect(
-            listener
-                .local_addr()
-                .ok()
-                .filter(|listening| !listening.ip().is_unspecified()),
-        ),
-        front => front,
     };
     let admit = |(stream, peer): (tokio::net::TcpStream, std::net::SocketAddr)| {
         accepted.add();
