@@ -294,6 +294,15 @@ fn port_ranges_are_classes_and_a_reload_moves_ports_between_them() {
     assert_eq!(counter(&interceptor, Counter::NoSocket), 0);
 }
 
+/// A runtime for the library's async parts, on the calling thread (in its
+/// network namespace).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
 /// `n` /128 prefixes, every other address from 2001:db8:a::1:0:0.
 fn host_prefixes(n: u128) -> Vec<IpNet> {
     const BASE: u128 = 0x2001_0db8_000a_0000_0000_0001_0000_0000;
@@ -319,12 +328,6 @@ fn local_routes_go_in_and_out_many_per_send_and_a_refusal_undoes_the_change() {
     topo.px.ip(&[
         "-6", "route", "add", "local", &operators, "dev", "lo", "table", "local",
     ]);
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime")
-    };
     let mut routes = LocalRoutes::default();
 
     // 300 prefixes: more than one send's worth of requests.
@@ -386,11 +389,7 @@ fn the_kernel_is_told_the_daemons_own_prefixes_only_when_gateway_rules_need_them
             .expect("the sink was told")
     };
     topo.px.run(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        runtime.block_on(async {
+        runtime().block_on(async {
             let local = l4proxy::local_addrs::LocalAddrs::load(Some(sink))
                 .await
                 .expect("reading px's addresses");
