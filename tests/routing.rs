@@ -1236,9 +1236,21 @@ fn default_sniff_timeout_lets_slow_clients_speak() {
     let _d = Daemon::start_ready(&t.px, &policy(), &[]);
 
     let mut s = connect(&t.cl, sa(&format!("{SVC4}:80")));
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // Silent for 3 s: the read must time out, not see the end. A signal to
+    // this test process interrupts a read with a timeout (no restart), so
+    // the wait goes on for what is left of the 3 s.
+    let silent_until = Instant::now() + Duration::from_secs(3);
     let mut b = [0u8; 1];
-    match s.read(&mut b) {
+    let waited = loop {
+        let left = silent_until.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => break other,
+        }
+    };
+    match waited {
         Err(e)
             if matches!(
                 e.kind(),
