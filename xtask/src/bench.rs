@@ -353,10 +353,10 @@ impl<'a> Bench<'a> {
         }
     }
 
-    /// CPU seconds the path's proxy has used so far (none on the direct
+    /// CPU time the path's proxy has used so far (none on the direct
     /// path).
-    fn proxy_cpu(&mut self, target: Target) -> Option<f64> {
-        self.proc(target).map(|p| cpu::tree_cpu(p.pid()))
+    fn proxy_cpu(&mut self, target: Target) -> Option<cpu::CpuTime> {
+        self.proc(target).map(|p| cpu::tree_times(p.pid()))
     }
 
     /// Waits (up to a minute) until one exchange through `target` works;
@@ -482,7 +482,9 @@ impl<'a> Bench<'a> {
             self.plan.iperf_seconds,
         )?;
         let machine = machine.and_then(cpu::MachineWatch::stop);
-        let cpu = before.zip(self.proxy_cpu(target)).map(|(b, a)| a - b);
+        let cpu = before
+            .zip(self.proxy_cpu(target))
+            .map(|(b, a)| a.since(b).total());
         Ok((transfer, cpu, machine))
     }
 
@@ -490,6 +492,7 @@ impl<'a> Bench<'a> {
         let paths = RATE_PATHS.map(|target| (target, target.addr(Service::Tls).into()));
         let rates = self.rates(&paths, "connection rate", report)?;
         (report.rate, report.rate_cpu) = (rates.per_second, rates.cpu);
+        report.rate_cpu_system = rates.cpu_system;
         report.rate_machine = rates.machine;
         Ok(())
     }
@@ -505,6 +508,7 @@ impl<'a> Bench<'a> {
     ) -> anyhow::Result<Rates> {
         let mut samples: Vec<(usize, Target, f64)> = Vec::new();
         let mut cpu_samples: Vec<(usize, Target, f64)> = Vec::new();
+        let mut system_samples: Vec<(usize, Target, f64)> = Vec::new();
         let mut machine = MachineSamples::default();
         for rep in 1..=self.plan.repetitions {
             for concurrency in self.plan.concurrencies {
@@ -522,8 +526,10 @@ impl<'a> Bench<'a> {
                     if let Some((before, after)) = before.zip(self.proxy_cpu(target))
                         && rate.completed > 0
                     {
-                        let per_connection = (after - before) / rate.completed as f64;
-                        cpu_samples.push((concurrency, target, per_connection));
+                        let spent = after.since(before);
+                        let completed = rate.completed as f64;
+                        cpu_samples.push((concurrency, target, spent.total() / completed));
+                        system_samples.push((concurrency, target, spent.system / completed));
                     }
                     let busy = watch.and_then(cpu::MachineWatch::stop);
                     machine.add(concurrency, target, busy, rate.completed as f64);
@@ -542,6 +548,7 @@ impl<'a> Bench<'a> {
         Ok(Rates {
             per_second: spread_rows(&samples),
             cpu: spread_rows(&cpu_samples),
+            cpu_system: spread_rows(&system_samples),
             machine: machine.rows(),
         })
     }
@@ -662,6 +669,7 @@ impl<'a> Bench<'a> {
         let paths = targets::CONNECT_PATHS.map(|target| (target, target.tunnel_to(tls)));
         let rates = self.rates(&paths, "tunnel set-up", report)?;
         (report.connect_rate, report.connect_rate_cpu) = (rates.per_second, rates.cpu);
+        report.connect_cpu_system = rates.cpu_system;
         report.connect_machine = rates.machine;
 
         let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
@@ -780,10 +788,11 @@ impl<'a> Bench<'a> {
 }
 
 /// Connection rates by concurrency, and the proxies' CPU seconds per
-/// connection.
+/// connection (all, and the kernel's part).
 struct Rates {
     per_second: Vec<Row<usize>>,
     cpu: Vec<Row<usize>>,
+    cpu_system: Vec<Row<usize>>,
     machine: MachineRows<usize>,
 }
 

@@ -2,6 +2,9 @@
 //! tree, or of this process's threads of one name (the bench's own TLS
 //! client and server). Read before and after a measured run, the difference
 //! is what the run cost, which the 2 shared cores disturb less than a rate.
+//! A proxy's system time is kept apart too: it is the kernel's work for it
+//! (its system calls, and the TCP work of the packets it sends), which no
+//! user-space change removes.
 
 use super::lab;
 
@@ -11,26 +14,56 @@ fn clock_ticks() -> f64 {
     if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
-/// utime + stime, in ticks, from a `stat` file's text.
-fn stat_ticks(stat: &str) -> Option<u64> {
+/// CPU seconds, in user space and in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTime {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    /// What was spent since `before`.
+    pub fn since(self, before: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - before.user,
+            system: self.system - before.system,
+        }
+    }
+}
+
+/// (utime, stime), in ticks, from a `stat` file's text.
+fn stat_ticks(stat: &str) -> Option<(u64, u64)> {
     // The command name is in parentheses and may contain spaces.
     let after = &stat[stat.rfind(')')? + 1..];
     let mut fields = after.split_whitespace();
     // After the name: state is field 3; utime and stime are 14 and 15.
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
-/// CPU seconds used so far by a process and its live descendants (nginx's
+/// CPU time used so far by a process and its live descendants (nginx's
 /// and Squid's workers; a process's own figure covers all its threads).
-pub fn tree_cpu(pid: u32) -> f64 {
-    let ticks: u64 = lab::tree_pids(pid)
+pub fn tree_times(pid: u32) -> CpuTime {
+    let (user, system) = lab::tree_pids(pid)
         .into_iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
         .filter_map(|stat| stat_ticks(&stat))
-        .sum();
-    ticks as f64 / clock_ticks()
+        .fold((0, 0), |(u, s), (user, system)| (u + user, s + system));
+    let hz = clock_ticks();
+    CpuTime {
+        user: user as f64 / hz,
+        system: system as f64 / hz,
+    }
+}
+
+/// CPU seconds used so far by a process and its live descendants.
+pub fn tree_cpu(pid: u32) -> f64 {
+    tree_times(pid).total()
 }
 
 /// CPU seconds used so far by this process's threads named `name`.
@@ -43,7 +76,7 @@ pub fn threads_cpu(name: &str) -> f64 {
             if comm.trim_end() == name
                 && let Ok(stat) = std::fs::read_to_string(task.join("stat"))
             {
-                ticks += stat_ticks(&stat).unwrap_or(0);
+                ticks += stat_ticks(&stat).map_or(0, |(user, system)| user + system);
             }
         }
     }
@@ -125,7 +158,7 @@ mod tests {
     #[test]
     fn cpu_ticks_from_a_stat_line() {
         let stat = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 2 0 5";
-        assert_eq!(stat_ticks(stat), Some(325));
+        assert_eq!(stat_ticks(stat), Some((250, 75)));
     }
 
     #[test]
@@ -139,6 +172,8 @@ mod tests {
     fn this_process_has_spent_cpu() {
         let spin = std::time::Instant::now();
         while spin.elapsed() < std::time::Duration::from_millis(50) {}
-        assert!(tree_cpu(std::process::id()) > 0.0);
+        let times = tree_times(std::process::id());
+        assert!(times.user > 0.0);
+        assert!(tree_cpu(std::process::id()) >= times.total());
     }
 }

@@ -88,12 +88,28 @@ const CPU_PER_TUNNEL: Unit = Unit {
     ..CPU_PER_CONN
 };
 
+/// The kernel's part of a proxy's CPU cost (its system time).
+const SYSTEM_PER_CONN: Unit = Unit {
+    name: "system CPU µs/conn",
+    ..CPU_PER_CONN
+};
+
+const SYSTEM_PER_TUNNEL: Unit = Unit {
+    name: "system CPU µs/tunnel",
+    ..CPU_PER_CONN
+};
+
 /// CPU cost, measured in seconds per GiB received.
 const CPU_PER_GIB: Unit = Unit {
     name: "CPU s/GiB",
     scale: 1.0,
     decimals: 2,
 };
+
+/// Heads the table of the proxies' system time.
+const KERNEL_PART: &str = "\n#### Of which in the kernel (system time)\n\n\
+     The kernel's work in the proxy's own context: its system calls and the TCP \
+     work done in them. Fewer calls or packets lower it; no user-space change does.\n\n";
 
 /// A share of the machine's cores, in percent.
 const BUSY: Unit = Unit {
@@ -187,6 +203,8 @@ pub struct Report {
     pub rate: Vec<Row<usize>>,
     /// CPU seconds of each proxy per connection, by concurrency.
     pub rate_cpu: Vec<Row<usize>>,
+    /// The system (kernel) part of `rate_cpu`.
+    pub rate_cpu_system: Vec<Row<usize>>,
     /// The whole machine's busy CPU per connection.
     pub rate_machine: MachineRows<usize>,
     pub rate_title: String,
@@ -199,6 +217,8 @@ pub struct Report {
     pub connect_rate: Vec<Row<usize>>,
     /// CPU seconds of each proxy per tunnel, by concurrency.
     pub connect_rate_cpu: Vec<Row<usize>>,
+    /// The system (kernel) part of `connect_rate_cpu`.
+    pub connect_cpu_system: Vec<Row<usize>>,
     /// The whole machine's busy CPU per tunnel.
     pub connect_machine: MachineRows<usize>,
     pub connect_throughput: Vec<Row<Flow>>,
@@ -279,6 +299,14 @@ impl Report {
                 md += &figure_table(
                     &self.rate_cpu,
                     &CPU_PER_CONN,
+                    &[Target::Haproxy, Target::Nginx],
+                );
+            }
+            if !self.rate_cpu_system.is_empty() {
+                md += KERNEL_PART;
+                md += &figure_table(
+                    &self.rate_cpu_system,
+                    &SYSTEM_PER_CONN,
                     &[Target::Haproxy, Target::Nginx],
                 );
             }
@@ -393,6 +421,14 @@ impl Report {
             if !self.connect_rate_cpu.is_empty() {
                 md += "\n### CPU per tunnel (lower is better)\n\n";
                 md += &figure_table(&self.connect_rate_cpu, &CPU_PER_TUNNEL, &[Target::Squid]);
+            }
+            if !self.connect_cpu_system.is_empty() {
+                md += KERNEL_PART;
+                md += &figure_table(
+                    &self.connect_cpu_system,
+                    &SYSTEM_PER_TUNNEL,
+                    &[Target::Squid],
+                );
             }
             md += &machine_tables(
                 &self.connect_machine,
