@@ -394,6 +394,12 @@ pub fn haproxy_choice(maxconn: u64) -> Vec<String> {
          1.2–1.9 s/GiB) and beat HAProxy without splice in every bulk case, which \
          `splice-auto` did not; memory per idle connection was the same."
             .to_owned(),
+        "HAProxy: `option tcp-smart-accept` and `tcp-smart-connect` off (their default in TCP \
+         mode), as l4proxy has no such mode: they save ACKs, but the connect side leaves the \
+         server socket in delayed-ACK mode, and a server that writes its answer in two small \
+         writes without `TCP_NODELAY` then waits for the delayed-ACK timer (44 ms in a trial \
+         in namespaces, 2026-11-27)."
+            .to_owned(),
         format!(
             "HAProxy (without splice): `tune.bufsize {}`, and nginx: `proxy_buffer_size \
              {BUFFER_KIB}k` (both default to 16 KiB): in the same trial runs their CPU per GiB \
