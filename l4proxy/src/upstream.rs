@@ -37,8 +37,8 @@ use std::{
     time::Duration,
 };
 
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::{io::Interest, net::TcpStream};
 
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -705,19 +705,41 @@ pub(crate) async fn connect_one(
     from: Source,
     keepalive: Keepalive,
 ) -> io::Result<TcpStream> {
-    let socket = if upstream.0.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = Socket::new(
+        Domain::for_address(upstream.0),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     set_keepalive(&SockRef::from(&socket), keepalive)?;
+    socket.set_tcp_nodelay(true)?;
     match from {
         Source::Kernel => {}
         Source::Client(addr) => bind_transparent(&socket, addr)?,
         Source::Fixed(ip) => bind_transparent(&socket, SocketAddr::new(ip, 0))?,
     }
-    let stream = socket.connect(upstream.0).await?;
-    stream.set_nodelay(true)?;
+    establish(socket, upstream.0).await
+}
+
+/// Connects the non-blocking `socket` to `to`, once the handshake is done.
+/// Unlike tokio's `TcpSocket::connect`, which reads the socket's error
+/// (`SO_ERROR`) on every connection, the error is read only when epoll
+/// reported the connect failed: that comes as a hang-up with the error.
+async fn establish(socket: Socket, to: SocketAddr) -> io::Result<TcpStream> {
+    match socket.connect(&to.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if ready.is_write_closed() {
+        return Err(stream.take_error()?.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the connection closed while it was being made",
+            )
+        }));
+    }
     Ok(stream)
 }
 
@@ -743,24 +765,23 @@ pub fn set_keepalive(socket: &SockRef<'_>, keepalive: Keepalive) -> io::Result<(
 /// address can have as many connections as there are distinct destinations;
 /// a given port is bound with `SO_REUSEADDR`, as the same client port may be
 /// in use towards another destination.
-fn bind_transparent(socket: &TcpSocket, addr: SocketAddr) -> io::Result<()> {
-    let sock = SockRef::from(socket);
+fn bind_transparent(socket: &Socket, addr: SocketAddr) -> io::Result<()> {
     if addr.is_ipv4() {
-        sock.set_ip_transparent_v4(true)?;
+        socket.set_ip_transparent_v4(true)?;
     } else {
-        sock.set_ip_transparent_v6(true)?;
+        socket.set_ip_transparent_v6(true)?;
     }
     if addr.port() == 0 {
         set_bind_address_no_port(socket)?;
     } else {
-        sock.set_reuse_address(true)?;
+        socket.set_reuse_address(true)?;
     }
-    socket.bind(addr)
+    socket.bind(&addr.into())
 }
 
 /// `IP_BIND_ADDRESS_NO_PORT`, which socket2 does not wrap (it applies to
 /// IPv6 sockets too).
-fn set_bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
+fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int,
     // on a descriptor the socket owns for the duration of the call.
