@@ -964,7 +964,8 @@ fn machine_description(root: &Path, binary: &Path) -> Vec<String> {
         first_line("iperf3", &["-v"]),
         "lab: client 198.51.100.2 → proxy host (services 192.0.2.10 l4proxy, .20 HAProxy, \
          .21 HAProxy+splice, .22 nginx) → server 203.0.113.2; direct = client to the server \
-         through the proxy host's forwarding"
+         through the proxy host's forwarding; the server keeps no TIME_WAIT \
+         (`tcp_max_tw_buckets` 0), so that one run's closed connections do not slow the next's"
             .to_owned(),
     ]
 }
