@@ -669,7 +669,7 @@ impl<'a> Bench<'a> {
         let paths = targets::CONNECT_PATHS.map(|target| (target, target.tunnel_to(tls)));
         let rates = self.rates(&paths, "tunnel set-up", report)?;
         (report.connect_rate, report.connect_rate_cpu) = (rates.per_second, rates.cpu);
-        report.connect_cpu_system = rates.cpu_system;
+        report.connect_rate_cpu_system = rates.cpu_system;
         report.connect_machine = rates.machine;
 
         let mut samples: Vec<(Flow, Target, f64)> = Vec::new();

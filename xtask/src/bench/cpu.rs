@@ -172,8 +172,6 @@ mod tests {
     fn this_process_has_spent_cpu() {
         let spin = std::time::Instant::now();
         while spin.elapsed() < std::time::Duration::from_millis(50) {}
-        let times = tree_times(std::process::id());
-        assert!(times.user > 0.0);
-        assert!(tree_cpu(std::process::id()) >= times.total());
+        assert!(tree_times(std::process::id()).user > 0.0);
     }
 }

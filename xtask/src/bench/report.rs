@@ -106,11 +106,6 @@ const CPU_PER_GIB: Unit = Unit {
     decimals: 2,
 };
 
-/// Heads the table of the proxies' system time.
-const KERNEL_PART: &str = "\n#### Of which in the kernel (system time)\n\n\
-     The kernel's work in the proxy's own context: its system calls and the TCP \
-     work done in them. Fewer calls or packets lower it; no user-space change does.\n\n";
-
 /// A share of the machine's cores, in percent.
 const BUSY: Unit = Unit {
     name: "cores busy, %",
@@ -218,7 +213,7 @@ pub struct Report {
     /// CPU seconds of each proxy per tunnel, by concurrency.
     pub connect_rate_cpu: Vec<Row<usize>>,
     /// The system (kernel) part of `connect_rate_cpu`.
-    pub connect_cpu_system: Vec<Row<usize>>,
+    pub connect_rate_cpu_system: Vec<Row<usize>>,
     /// The whole machine's busy CPU per tunnel.
     pub connect_machine: MachineRows<usize>,
     pub connect_throughput: Vec<Row<Flow>>,
@@ -302,14 +297,11 @@ impl Report {
                     &[Target::Haproxy, Target::Nginx],
                 );
             }
-            if !self.rate_cpu_system.is_empty() {
-                md += KERNEL_PART;
-                md += &figure_table(
-                    &self.rate_cpu_system,
-                    &SYSTEM_PER_CONN,
-                    &[Target::Haproxy, Target::Nginx],
-                );
-            }
+            md += &system_table(
+                &self.rate_cpu_system,
+                &SYSTEM_PER_CONN,
+                &[Target::Haproxy, Target::Nginx],
+            );
             md += &machine_tables(
                 &self.rate_machine,
                 "connection",
@@ -422,14 +414,11 @@ impl Report {
                 md += "\n### CPU per tunnel (lower is better)\n\n";
                 md += &figure_table(&self.connect_rate_cpu, &CPU_PER_TUNNEL, &[Target::Squid]);
             }
-            if !self.connect_cpu_system.is_empty() {
-                md += KERNEL_PART;
-                md += &figure_table(
-                    &self.connect_cpu_system,
-                    &SYSTEM_PER_TUNNEL,
-                    &[Target::Squid],
-                );
-            }
+            md += &system_table(
+                &self.connect_rate_cpu_system,
+                &SYSTEM_PER_TUNNEL,
+                &[Target::Squid],
+            );
             md += &machine_tables(
                 &self.connect_machine,
                 "tunnel",
@@ -801,6 +790,20 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// One color per path (in `Target::ALL` order), reused for the rule chart.
 const COLORS: [&str; 5] = ["#7f7f7f", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c"];
+
+/// The proxies' system time per unit, under a heading that says what it
+/// is; nothing when it was not measured.
+fn system_table<K: Condition>(rows: &[Row<K>], unit: &Unit, versus: &[Target]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    "\n#### Of which in the kernel (system time)\n\n\
+     The kernel's work in the proxy's own context: its system calls and the TCP work \
+     done in them. The proxy's own code lowers it only by making fewer calls and \
+     sending fewer packets.\n\n"
+        .to_owned()
+        + &figure_table(rows, unit, versus)
+}
 
 /// A table of one figure per (condition, path): the median, the range, and
 /// the median divided by the same condition's median on each of `versus`.
