@@ -353,6 +353,29 @@ impl<'a> Bench<'a> {
         }
     }
 
+    /// Only `target`'s proxy runs (none on the direct path) until
+    /// [`Self::all_running`]: the others are stopped (SIGSTOP), so that work
+    /// a proxy puts off is done in its own runs, not in another path's. Squid
+    /// does: idle after its runs, it spent spells of up to 0.4 s of a core
+    /// (its timed events, up to half a minute after the load), which landed
+    /// in the direct path's and l4proxy's runs.
+    fn only_running(&mut self, target: Target) {
+        self.pause(|each| each != target);
+    }
+
+    /// Continues every proxy [`Self::only_running`] stopped.
+    fn all_running(&mut self) {
+        self.pause(|_| false);
+    }
+
+    fn pause(&mut self, paused: impl Fn(Target) -> bool) {
+        for each in Target::PROXIES {
+            if let Some(proc) = self.proc(each) {
+                proc.pause(paused(each));
+            }
+        }
+    }
+
     /// CPU time the path's proxy has used so far (none on the direct
     /// path).
     fn proxy_cpu(&mut self, target: Target) -> Option<cpu::CpuTime> {
@@ -444,6 +467,7 @@ impl<'a> Bench<'a> {
                         if flow.reverse { " reverse" } else { "" },
                         target.label()
                     );
+                    self.only_running(target);
                     let (transfer, cpu, busy) = self.iperf(target, flow).or_else(|e| {
                         // A failed run can leave the iperf3 server busy for a moment.
                         eprintln!("bench: {e:#}; retrying once");
@@ -459,6 +483,7 @@ impl<'a> Bench<'a> {
                 }
             }
         }
+        self.all_running();
         report.throughput = spread_rows(&samples);
         report.throughput_cpu = spread_rows(&cpu_samples);
         report.throughput_machine = machine.rows();
@@ -518,6 +543,7 @@ impl<'a> Bench<'a> {
                         self.plan.repetitions,
                         target.label()
                     );
+                    self.only_running(target);
                     let before = self.proxy_cpu(target);
                     let watch = cpu::MachineWatch::start();
                     // Its closing half-second included: the proxy closes the
@@ -545,6 +571,7 @@ impl<'a> Bench<'a> {
                 }
             }
         }
+        self.all_running();
         Ok(Rates {
             per_second: spread_rows(&samples),
             cpu: spread_rows(&cpu_samples),
@@ -588,6 +615,7 @@ impl<'a> Bench<'a> {
                     self.plan.repetitions,
                     target.label()
                 );
+                self.only_running(target);
                 let (addr, hello, count) = (
                     target.addr(Service::Tls),
                     self.hello.clone(),
@@ -600,6 +628,7 @@ impl<'a> Bench<'a> {
                 samples.push((target, [0.5, 0.99, 0.999].map(|q| quantile(&micros, q))));
             }
         }
+        self.all_running();
         for target in paths {
             let of = |i: usize| {
                 let values: Vec<f64> = samples
@@ -691,6 +720,7 @@ impl<'a> Bench<'a> {
                         if reverse { " reverse" } else { "" },
                         target.label()
                     );
+                    self.only_running(target);
                     let dial = target.tunnel_to(server(port));
                     match self
                         .lab
@@ -710,6 +740,7 @@ impl<'a> Bench<'a> {
                 }
             }
         }
+        self.all_running();
         report.connect_throughput = spread_rows(&samples);
         self.squid = None;
         Ok(())
@@ -965,7 +996,10 @@ fn machine_description(root: &Path, binary: &Path) -> Vec<String> {
         "lab: client 198.51.100.2 → proxy host (services 192.0.2.10 l4proxy, .20 HAProxy, \
          .21 HAProxy+splice, .22 nginx) → server 203.0.113.2; direct = client to the server \
          through the proxy host's forwarding; the server keeps no TIME_WAIT \
-         (`tcp_max_tw_buckets` 0), so that one run's closed connections do not slow the next's"
+         (`tcp_max_tw_buckets` 0), so that one run's closed connections do not slow the next's; \
+         while one path is measured (throughput, rates, latency), every other proxy is stopped \
+         (SIGSTOP), so that work one puts off (Squid's timed events after its runs) is done in \
+         its own runs"
             .to_owned(),
     ]
 }

@@ -354,6 +354,14 @@ impl Proc {
         self.child.id()
     }
 
+    /// Stops (SIGSTOP) or continues (SIGCONT) the process and its group.
+    pub fn pause(&self, paused: bool) {
+        signal(
+            self.pid(),
+            if paused { libc::SIGSTOP } else { libc::SIGCONT },
+        );
+    }
+
     /// Fails, with the end of its log, if the process has exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -382,6 +390,8 @@ impl Drop for Proc {
         let pid = self.child.id();
         if self.child.try_wait().ok().flatten().is_none() {
             signal(pid, libc::SIGTERM);
+            // A paused one acts on it only once continued.
+            signal(pid, libc::SIGCONT);
             let deadline = Instant::now() + Duration::from_secs(5);
             while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));

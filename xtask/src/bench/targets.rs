@@ -42,6 +42,15 @@ impl Target {
         Target::Nginx,
     ];
 
+    /// The paths with a proxy process.
+    pub const PROXIES: [Target; 5] = [
+        Target::L4proxy,
+        Target::Haproxy,
+        Target::HaproxySplice,
+        Target::Nginx,
+        Target::Squid,
+    ];
+
     /// The peers l4proxy's targets are set against (the better of them).
     pub const PEERS: [Target; 3] = [Target::Haproxy, Target::HaproxySplice, Target::Nginx];
 
