@@ -497,3 +497,71 @@ pub fn raise_nofile(wanted: u64) -> anyhow::Result<u64> {
     }
     Ok(value.rlim_max)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state letter of `/proc/PID/stat` (`T`: stopped).
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+    }
+
+    /// Polls for up to 2 s until every process of `pid`'s tree satisfies
+    /// `wanted`, with the tree's states.
+    fn settle(pid: u32, wanted: impl Fn(char) -> bool) -> (bool, Vec<Option<char>>) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let states: Vec<Option<char>> = tree_pids(pid).into_iter().map(state).collect();
+            let done = states.len() >= 2 && states.iter().all(|s| s.is_some_and(&wanted));
+            if done || Instant::now() > deadline {
+                return (done, states);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pausing stops the process and its children (a proxy's workers)
+    /// until it is continued; a paused process still ends when dropped.
+    #[test]
+    fn a_paused_process_and_its_children_stop_until_continued() {
+        let ns = Netns::new("pause").expect("ip netns add (needs root)");
+        let log = std::env::temp_dir().join(format!("l4bench-pause-{}.log", std::process::id()));
+        let proc = Proc::start(
+            &ns,
+            "sleepers",
+            // The shell handles SIGTERM, as the proxies do: a stopped
+            // process acts on it only once continued.
+            &["sh", "-c", "trap 'exit 0' TERM; sleep 30 & wait"],
+            &[],
+            log.clone(),
+        )
+        .expect("starting sh");
+        let pid = proc.pid();
+        let (running, states) = settle(pid, |s| s != 'T');
+        assert!(
+            running,
+            "the shell and its sleeps before the pause: {states:?}"
+        );
+        proc.pause(true);
+        let (stopped, states) = settle(pid, |s| s == 'T');
+        assert!(stopped, "every process of the group stopped: {states:?}");
+        proc.pause(false);
+        let (continued, states) = settle(pid, |s| s != 'T');
+        assert!(
+            continued,
+            "every process of the group continued: {states:?}"
+        );
+        proc.pause(true);
+        let started = Instant::now();
+        drop(proc);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "a paused process ends on SIGTERM without waiting for SIGKILL"
+        );
+        assert_eq!(state(pid), None, "the process is gone");
+        drop(ns);
+        let _ = std::fs::remove_file(log);
+    }
+}
