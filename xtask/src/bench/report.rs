@@ -96,7 +96,7 @@ const SYSTEM_PER_CONN: Unit = Unit {
 
 const SYSTEM_PER_TUNNEL: Unit = Unit {
     name: "system CPU µs/tunnel",
-    ..CPU_PER_CONN
+    ..CPU_PER_TUNNEL
 };
 
 /// CPU cost, measured in seconds per GiB received.
