@@ -363,7 +363,8 @@ async fn run(state: Arc<ServerState>, plan: Plan) {
 async fn check(address: SocketAddr, plan: &Plan) -> io::Result<()> {
     let attempt = async {
         let mut stream =
-            upstream::connect_one(UpstreamAddr(address), plan.source, Keepalive::Off).await?;
+            upstream::connect_one(UpstreamAddr(address), plan.source, Keepalive::Off, false)
+                .await?;
         if let Some(header) = &plan.header {
             stream.write_all(header).await?;
         }

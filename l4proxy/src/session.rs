@@ -586,6 +586,20 @@ async fn open(
                 .and_then(sni_of)
                 .map(str::to_owned)
         });
+    let pool = &active.pools[upstream_id.0];
+    let upstream_config = &active.policy.upstreams[upstream_id.0];
+    // Bytes of the proxy's own go upstream the moment it is connected.
+    let proxy_speaks = upstream_config.proxy_protocol.is_some()
+        || pool.origination.is_some()
+        || matches!(upstream_config.target, Target::Parent(_));
+    let plain_client = matches!(client, Stream::Tcp(_));
+    // A CONNECT client answered once the upstream is connected speaks a
+    // round trip after the answer.
+    let awaits_client = !established && plain_client && !proxy_speaks;
+    // Then the upstream's handshake ACK waits to ride on the first bytes.
+    let sends_first = proxy_speaks
+        || awaits_client
+        || (plain_client && record.sniffed.is_some() && record.sniff_gave_up.is_none());
     let request = upstream::Request {
         client: record.client,
         orig_dst: record.orig_dst,
@@ -606,8 +620,8 @@ async fn open(
         },
         bind,
         keepalive,
+        sends_first,
     };
-    let pool = &active.pools[upstream_id.0];
     record.upstream_id = Some(upstream_id);
     let upstream_metrics = &active.metrics.upstreams[upstream_id.0];
     let connecting = Instant::now();
@@ -662,6 +676,9 @@ async fn open(
             Some(&format!("answering CONNECT: {e}")),
         );
         return None;
+    }
+    if awaits_client {
+        await_first_bytes(client.tcp(), upstream.tcp()).await;
     }
 
     if let Some(version) = active.policy.upstreams[upstream_id.0].proxy_protocol {
@@ -746,6 +763,25 @@ async fn open(
         slot,
         lease,
     })
+}
+
+/// How long the upstream's held handshake ACK waits for a CONNECT
+/// client's first bytes (its answer to the `200`, a round trip away) before
+/// it goes alone: a nearby client's round trip fits, and a server that
+/// speaks first waits no longer than this for its connection.
+const FIRST_BYTES_WAIT: Duration = Duration::from_millis(5);
+
+/// Leaves the upstream's held ACK to ride on the client's first bytes if
+/// they come within [`FIRST_BYTES_WAIT`] (the relay sends them on at
+/// once), else sends it alone.
+async fn await_first_bytes(client: &TcpStream, upstream: &TcpStream) {
+    if tokio::time::timeout(FIRST_BYTES_WAIT, client.readable())
+        .await
+        .is_err()
+        && let Err(e) = upstream::release_ack(upstream)
+    {
+        tracing::debug!(error = %e, "sending the upstream's held handshake ACK");
+    }
 }
 
 /// Tells the client its upstream could not be reached, as it would have
@@ -1130,6 +1166,67 @@ mod tests {
 
     use super::*;
     use crate::intercept::rules;
+
+    /// A client and the proxy's end of it, its request read (nothing
+    /// queued after it), and a server with the proxy's upstream connection
+    /// to it, its handshake's ACK held.
+    async fn held_tunnel() -> (TcpStream, TcpStream, TcpListener, TcpStream) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (proxy_end, _) = front.accept().await.unwrap();
+        client.write_all(b"request").await.unwrap();
+        let mut request = [0u8; 7];
+        let mut read = 0;
+        while read < request.len() {
+            proxy_end.readable().await.unwrap();
+            match proxy_end.try_read(&mut request[read..]) {
+                Ok(n) => read += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Nothing more: the proxy's end waits for new bytes.
+        let e = proxy_end.try_read(&mut request).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = upstream::connect_one(
+            UpstreamAddr(server.local_addr().unwrap()),
+            upstream::Source::Kernel,
+            crate::policy::Keepalive::Off,
+            true,
+        )
+        .await
+        .unwrap();
+        (client, proxy_end, server, upstream)
+    }
+
+    #[tokio::test]
+    async fn a_silent_clients_tunnel_reaches_a_server_that_speaks_first() {
+        let (_client, proxy_end, server, upstream) = held_tunnel().await;
+        let started = Instant::now();
+        await_first_bytes(&proxy_end, &upstream).await;
+        assert!(started.elapsed() >= FIRST_BYTES_WAIT);
+        // The ACK went alone: the server has its connection long before
+        // the kernel's 200 ms delayed-ACK timer would have sent it.
+        let accepted = tokio::time::timeout(Duration::from_millis(100), server.accept()).await;
+        assert!(accepted.is_ok(), "the server got no connection");
+    }
+
+    #[tokio::test]
+    async fn a_speaking_clients_bytes_carry_the_held_ack() {
+        let (client, proxy_end, server, upstream) = held_tunnel().await;
+        client.try_write(b"hello").unwrap();
+        await_first_bytes(&proxy_end, &upstream).await;
+        // Not sent alone: the server has no connection until the bytes go.
+        let accepted = tokio::time::timeout(Duration::from_millis(100), server.accept()).await;
+        assert!(accepted.is_err(), "the ACK went without the bytes");
+        let mut bytes = [0u8; 8];
+        let n = proxy_end.try_read(&mut bytes).unwrap();
+        upstream.try_write(&bytes[..n]).unwrap();
+        assert!(server.accept().await.is_ok());
+    }
 
     /// Every open connection holds its `serve` future for its whole life:
     /// what the future holds across its awaits is memory per idle connection.

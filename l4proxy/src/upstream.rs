@@ -241,6 +241,11 @@ pub struct Request {
     pub name: Option<String>,
     pub bind: Bind,
     pub keepalive: Keepalive,
+    /// Bytes go upstream the moment it is connected (the client's first
+    /// bytes, already read or due a round trip after a CONNECT answer; a
+    /// PROXY header; a TLS handshake): its handshake's last ACK is held to
+    /// ride on them ([`hold_handshake_ack`]).
+    pub sends_first: bool,
 }
 
 impl Pool {
@@ -399,7 +404,7 @@ impl Pool {
                 server.address,
                 from,
                 fallback,
-                request.keepalive,
+                (request.keepalive, request.sends_first),
                 via,
                 timeout,
             )
@@ -472,7 +477,8 @@ async fn original_destination(
     if !family_fits(matches!(from, Source::Client(_)), to, client_v4) {
         return Err(no_server_of_family(client_v4));
     }
-    connect_from(to, from, fallback, request.keepalive, None, timeout)
+    let setup = (request.keepalive, request.sends_first);
+    connect_from(to, from, fallback, setup, None, timeout)
         .await
         .map_err(|failed| {
             tracing::debug!(upstream = %to, error = %failed.error, "upstream connect failed");
@@ -551,8 +557,8 @@ async fn race(
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             attempts.push(async move {
-                let connected =
-                    connect_from(upstream, from, fallback, request.keepalive, None, left).await;
+                let setup = (request.keepalive, request.sends_first);
+                let connected = connect_from(upstream, from, fallback, setup, None, left).await;
                 drop(beside);
                 (upstream, connected)
             });
@@ -612,22 +618,25 @@ struct AttemptFailed {
     reached: bool,
 }
 
-/// Connects from `from` within `timeout`, and through a parent proxy if
-/// `via` says so; a client port that is taken here
-/// falls back to any port of the client's address, in what is left of it.
+/// Connects from `from` within `timeout`, with `keepalive` and the
+/// handshake's ACK held if `sends_first` (or a parent is to be asked),
+/// and through a parent proxy if `via` says so; a client port that is
+/// taken here falls back to any port of the client's address, in what is
+/// left of it.
 async fn connect_from(
     upstream: UpstreamAddr,
     from: Source,
     fallback: Option<Fallback>,
-    keepalive: Keepalive,
+    (keepalive, sends_first): (Keepalive, bool),
     via: Option<Via<'_>>,
     timeout: Duration,
 ) -> Result<Connected, AttemptFailed> {
     // One deadline for the connection and a parent's answer: a parent
     // that does not answer is told apart from one that cannot be reached.
     let deadline = tokio::time::Instant::now() + timeout;
+    let hold_ack = sends_first || via.is_some();
     let attempt = async {
-        match (connect_one(upstream, from, keepalive).await, from) {
+        match (connect_one(upstream, from, keepalive, hold_ack).await, from) {
             (Ok(stream), _) => Ok((stream, fallback)),
             (Err(e), Source::Client(client))
                 if client.port() != 0
@@ -637,7 +646,7 @@ async fn connect_from(
                     ) =>
             {
                 let any_port = Source::Client(SocketAddr::new(client.ip(), 0));
-                let stream = connect_one(upstream, any_port, keepalive).await?;
+                let stream = connect_one(upstream, any_port, keepalive, hold_ack).await?;
                 Ok((stream, Some(Fallback::PortInUse)))
             }
             (Err(e), _) => Err(e),
@@ -698,12 +707,14 @@ async fn through_parent(
     Ok(stream)
 }
 
-/// A TCP connection to `upstream` from `from`, with `keepalive`: what
-/// relayed connections and health checks make.
+/// A TCP connection to `upstream` from `from`, with `keepalive` and the
+/// handshake's last ACK held if `hold_ack`: what relayed connections and
+/// health checks make.
 pub(crate) async fn connect_one(
     upstream: UpstreamAddr,
     from: Source,
     keepalive: Keepalive,
+    hold_ack: bool,
 ) -> io::Result<TcpStream> {
     let socket = Socket::new(
         Domain::for_address(upstream.0),
@@ -712,6 +723,9 @@ pub(crate) async fn connect_one(
     )?;
     set_keepalive(&SockRef::from(&socket), keepalive)?;
     socket.set_tcp_nodelay(true)?;
+    if hold_ack {
+        hold_handshake_ack(&socket)?;
+    }
     match from {
         Source::Kernel => {}
         Source::Client(addr) => bind_transparent(&socket, addr)?,
@@ -782,15 +796,44 @@ fn bind_transparent(socket: &Socket, addr: SocketAddr) -> io::Result<()> {
 /// `IP_BIND_ADDRESS_NO_PORT`, which socket2 does not wrap (it applies to
 /// IPv6 sockets too).
 fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
-    let on: libc::c_int = 1;
+    set_int_option(socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+}
+
+/// Holds back the last ACK of the handshake `socket` is about to make, so
+/// that it rides on the first bytes sent instead of going alone: one
+/// segment fewer for the proxy to send and the server to take, and the
+/// server's accept and first read come with one wake-up (HAProxy's
+/// `tcp-smart-connect`). `TCP_DEFER_ACCEPT` on a connecting socket does it
+/// (the kernel's SYN-SENT handling) and, unlike `TCP_QUICKACK` 0, leaves no
+/// delayed-ACK mode behind that would stall a server writing small pieces
+/// without `TCP_NODELAY`. Nothing sent, the kernel sends the ACK after
+/// 200 ms; [`release_ack`] sends it at once.
+fn hold_handshake_ack(socket: &Socket) -> io::Result<()> {
+    // The value is in seconds; it means nothing more on a connecting socket.
+    set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, 1)
+}
+
+/// Sends the handshake's ACK that [`hold_handshake_ack`] held, if it is
+/// still held: for a connection whose first bytes are late.
+pub fn release_ack(stream: &TcpStream) -> io::Result<()> {
+    SockRef::from(stream).set_tcp_quickack(true)
+}
+
+/// An integer socket option socket2 does not wrap.
+fn set_int_option(
+    socket: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int,
     // on a descriptor the socket owns for the duration of the call.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            std::ptr::from_ref(&on).cast(),
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -812,6 +855,7 @@ mod tests {
             name: None,
             bind,
             keepalive: Keepalive::Off,
+            sends_first: false,
         }
     }
 
@@ -1036,5 +1080,65 @@ mod tests {
         assert!(!state[0].health.up, "{state:?}");
         held.truncate(1);
         assert_eq!(pool.servers_state()[1].health.active, 1);
+    }
+
+    /// Whether the server has a connection to accept within `wait`: it
+    /// has one only once the handshake's last ACK reached it.
+    async fn accepted(listener: &tokio::net::TcpListener, wait: Duration) -> Option<TcpStream> {
+        tokio::time::timeout(wait, listener.accept())
+            .await
+            .ok()
+            .map(|accepted| accepted.unwrap().0)
+    }
+
+    /// Well inside the kernel's 200 ms delayed-ACK timer, which would send
+    /// a held ACK by itself; and far beyond loopback's handshake.
+    const WELL_BEFORE_THE_KERNEL: Duration = Duration::from_millis(100);
+
+    #[tokio::test]
+    async fn a_held_handshake_ack_rides_on_the_first_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = UpstreamAddr(listener.local_addr().unwrap());
+
+        let plain = connect_one(to, Source::Kernel, Keepalive::Off, false)
+            .await
+            .unwrap();
+        assert!(
+            accepted(&listener, WELL_BEFORE_THE_KERNEL).await.is_some(),
+            "without holding, the handshake completes at once"
+        );
+        drop(plain);
+
+        let held = connect_one(to, Source::Kernel, Keepalive::Off, true)
+            .await
+            .unwrap();
+        assert!(
+            accepted(&listener, WELL_BEFORE_THE_KERNEL).await.is_none(),
+            "the server has no connection while its last ACK is held"
+        );
+        held.try_write(b"first").unwrap();
+        let server = accepted(&listener, Duration::from_secs(5))
+            .await
+            .expect("the first bytes carry the ACK");
+        // The bytes came with it, and the socket acknowledges as usual
+        // afterwards (no delayed-ACK mode that would stall a Nagle server).
+        server.readable().await.unwrap();
+        let mut got = [0u8; 8];
+        assert_eq!(server.try_read(&mut got).unwrap(), 5);
+        assert!(SockRef::from(&held).tcp_quickack().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_released_ack_completes_the_handshake_without_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = UpstreamAddr(listener.local_addr().unwrap());
+        let held = connect_one(to, Source::Kernel, Keepalive::Off, true)
+            .await
+            .unwrap();
+        release_ack(&held).unwrap();
+        assert!(
+            accepted(&listener, WELL_BEFORE_THE_KERNEL).await.is_some(),
+            "the released ACK reached the server"
+        );
     }
 }
