@@ -368,13 +368,15 @@ const BUFFER_KIB: usize = 64;
 pub const MAX_PIPES: u64 = 1024;
 
 /// `global` (with `tuning`'s lines) and `defaults`: one thread per core,
-/// TCP mode, and `maxconn` both process-wide and per frontend (whose own
-/// default would be lower); see [`haproxy_choice`].
+/// TCP mode, ACKs riding on data where they can, and `maxconn` both
+/// process-wide and per frontend (whose own default would be lower); see
+/// [`haproxy_choice`].
 pub fn haproxy_common(maxconn: u64, tuning: &str) -> String {
     format!(
         "global\n    nbthread {}\n    maxconn {maxconn}\n    maxpipes {MAX_PIPES}\n{tuning}\
          defaults\n    mode tcp\n    maxconn {maxconn}\n    timeout connect 5s\n    \
-         timeout client 120s\n    timeout server 120s\n",
+         timeout client 120s\n    timeout server 120s\n    option tcp-smart-accept\n    \
+         option tcp-smart-connect\n",
         cores()
     )
 }
@@ -403,11 +405,13 @@ pub fn haproxy_choice(maxconn: u64) -> Vec<String> {
          1.2–1.9 s/GiB) and beat HAProxy without splice in every bulk case, which \
          `splice-auto` did not; memory per idle connection was the same."
             .to_owned(),
-        "HAProxy: `option tcp-smart-accept` and `tcp-smart-connect` off (their default in TCP \
-         mode), as l4proxy has no such mode: they save ACKs, but the connect side leaves the \
-         server socket in delayed-ACK mode, and a server that writes its answer in two small \
-         writes without `TCP_NODELAY` then waits for the delayed-ACK timer (44 ms in a trial \
-         in namespaces, 2026-11-27)."
+        "HAProxy: `option tcp-smart-accept` and `option tcp-smart-connect` on (off by default \
+         in TCP mode): they hold ACKs back to ride on data, as l4proxy holds its upstream \
+         handshake's last ACK until the first bytes. They leave HAProxy's sockets in \
+         delayed-ACK mode, where a server that writes its answer in two small writes without \
+         `TCP_NODELAY` waits for the delayed-ACK timer (44 ms in a trial in namespaces, \
+         2026-11-27); the bench's responder sets `TCP_NODELAY`, so that cost does not arise \
+         here."
             .to_owned(),
         format!(
             "HAProxy (without splice): `tune.bufsize {}`, and nginx: `proxy_buffer_size \
