@@ -677,9 +677,6 @@ async fn open(
         );
         return None;
     }
-    if awaits_client {
-        await_first_bytes(client.tcp(), upstream.tcp()).await;
-    }
 
     if let Some(version) = active.policy.upstreams[upstream_id.0].proxy_protocol {
         let header = if onward_local {
@@ -743,6 +740,10 @@ async fn open(
     upstream_metrics
         .connect
         .observe(connecting.elapsed().as_secs_f64());
+    // Not in the connect time: the client's turn.
+    if awaits_client {
+        await_first_bytes(client.tcp(), upstream.tcp()).await;
+    }
     let timeouts = route_timeouts
         .or(rule.timeouts)
         .or(shared.defaults.timeouts);
