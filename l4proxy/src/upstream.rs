@@ -1095,23 +1095,25 @@ mod tests {
     /// a held ACK by itself; and far beyond loopback's handshake.
     const WELL_BEFORE_THE_KERNEL: Duration = Duration::from_millis(100);
 
-    #[tokio::test]
-    async fn a_held_handshake_ack_rides_on_the_first_bytes() {
+    /// A server, and a connection to it, its handshake's ACK held or not.
+    async fn connection(hold_ack: bool) -> (tokio::net::TcpListener, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let to = UpstreamAddr(listener.local_addr().unwrap());
-
-        let plain = connect_one(to, Source::Kernel, Keepalive::Off, false)
+        let stream = connect_one(to, Source::Kernel, Keepalive::Off, hold_ack)
             .await
             .unwrap();
+        (listener, stream)
+    }
+
+    #[tokio::test]
+    async fn a_held_handshake_ack_rides_on_the_first_bytes() {
+        let (listener, _plain) = connection(false).await;
         assert!(
             accepted(&listener, WELL_BEFORE_THE_KERNEL).await.is_some(),
             "without holding, the handshake completes at once"
         );
-        drop(plain);
 
-        let held = connect_one(to, Source::Kernel, Keepalive::Off, true)
-            .await
-            .unwrap();
+        let (listener, held) = connection(true).await;
         assert!(
             accepted(&listener, WELL_BEFORE_THE_KERNEL).await.is_none(),
             "the server has no connection while its last ACK is held"
@@ -1130,11 +1132,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_released_ack_completes_the_handshake_without_bytes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let to = UpstreamAddr(listener.local_addr().unwrap());
-        let held = connect_one(to, Source::Kernel, Keepalive::Off, true)
-            .await
-            .unwrap();
+        let (listener, held) = connection(true).await;
         release_ack(&held).unwrap();
         assert!(
             accepted(&listener, WELL_BEFORE_THE_KERNEL).await.is_some(),
