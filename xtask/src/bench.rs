@@ -25,6 +25,7 @@ mod load;
 mod nginx;
 mod report;
 mod scale;
+mod segments;
 mod stats;
 mod targets;
 mod tls;
@@ -42,7 +43,9 @@ use self::{
     dial::Dial,
     lab::{Lab, Proc},
     load::{Mode, Responder},
-    report::{Condition, Flow, LatencyRow, MachineRows, MemoryRow, Report, Row, RulesRow},
+    report::{
+        Condition, Flow, LatencyRow, MachineRows, MemoryRow, Report, Row, RulesRow, SegmentRows,
+    },
     stats::{Spread, quantile},
     targets::{Service, Target},
 };
@@ -382,6 +385,13 @@ impl<'a> Bench<'a> {
         self.proc(target).map(|p| cpu::tree_times(p.pid()))
     }
 
+    /// TCP segments counted so far in the proxy host's namespace, read
+    /// through the path's proxy (none on the direct path).
+    fn proxy_segments(&mut self, target: Target) -> Option<segments::Segments> {
+        self.proc(target)
+            .and_then(|p| segments::of_namespace(p.pid()))
+    }
+
     /// Waits (up to a minute) until one exchange through `target` works;
     /// fails with the proxy's log if it dies meanwhile.
     fn probe(&mut self, addr: Dial, target: Target) -> anyhow::Result<()> {
@@ -518,6 +528,7 @@ impl<'a> Bench<'a> {
         let rates = self.rates(&paths, "connection rate", report)?;
         (report.rate, report.rate_cpu) = (rates.per_second, rates.cpu);
         report.rate_cpu_system = rates.cpu_system;
+        report.rate_segments = rates.segments;
         report.rate_machine = rates.machine;
         Ok(())
     }
@@ -534,6 +545,7 @@ impl<'a> Bench<'a> {
         let mut samples: Vec<(usize, Target, f64)> = Vec::new();
         let mut cpu_samples: Vec<(usize, Target, f64)> = Vec::new();
         let mut system_samples: Vec<(usize, Target, f64)> = Vec::new();
+        let (mut sent_samples, mut received_samples) = (Vec::new(), Vec::new());
         let mut machine = MachineSamples::default();
         for rep in 1..=self.plan.repetitions {
             for concurrency in self.plan.concurrencies {
@@ -545,6 +557,7 @@ impl<'a> Bench<'a> {
                     );
                     self.only_running(target);
                     let before = self.proxy_cpu(target);
+                    let segments_before = self.proxy_segments(target);
                     let watch = cpu::MachineWatch::start();
                     // Its closing half-second included: the proxy closes the
                     // last connections then.
@@ -556,6 +569,15 @@ impl<'a> Bench<'a> {
                         let completed = rate.completed as f64;
                         cpu_samples.push((concurrency, target, spent.total() / completed));
                         system_samples.push((concurrency, target, spent.system / completed));
+                    }
+                    if let Some((before, after)) = segments_before.zip(self.proxy_segments(target))
+                        && rate.completed > 0
+                    {
+                        let counted = after.since(before);
+                        let completed = rate.completed as f64;
+                        sent_samples.push((concurrency, target, counted.sent as f64 / completed));
+                        let received = counted.received as f64 / completed;
+                        received_samples.push((concurrency, target, received));
                     }
                     let busy = watch.and_then(cpu::MachineWatch::stop);
                     machine.add(concurrency, target, busy, rate.completed as f64);
@@ -576,6 +598,10 @@ impl<'a> Bench<'a> {
             per_second: spread_rows(&samples),
             cpu: spread_rows(&cpu_samples),
             cpu_system: spread_rows(&system_samples),
+            segments: SegmentRows {
+                sent: spread_rows(&sent_samples),
+                received: spread_rows(&received_samples),
+            },
             machine: machine.rows(),
         })
     }
@@ -699,6 +725,7 @@ impl<'a> Bench<'a> {
         let rates = self.rates(&paths, "tunnel set-up", report)?;
         (report.connect_rate, report.connect_rate_cpu) = (rates.per_second, rates.cpu);
         report.connect_rate_cpu_system = rates.cpu_system;
+        report.connect_segments = rates.segments;
         report.connect_machine = rates.machine;
 
         let mut samples: Vec<(Flow, Target, f64)> = Vec::new();
@@ -824,6 +851,7 @@ struct Rates {
     per_second: Vec<Row<usize>>,
     cpu: Vec<Row<usize>>,
     cpu_system: Vec<Row<usize>>,
+    segments: SegmentRows,
     machine: MachineRows<usize>,
 }
 

@@ -185,6 +185,14 @@ pub struct RulesRow {
     pub rate: Spread,
 }
 
+/// TCP segments the proxy host sent and received per connection, by
+/// concurrency.
+#[derive(Default)]
+pub struct SegmentRows {
+    pub sent: Vec<Row<usize>>,
+    pub received: Vec<Row<usize>>,
+}
+
 #[derive(Default)]
 pub struct Report {
     pub date: String,
@@ -200,6 +208,8 @@ pub struct Report {
     pub rate_cpu: Vec<Row<usize>>,
     /// The system (kernel) part of `rate_cpu`.
     pub rate_cpu_system: Vec<Row<usize>>,
+    /// TCP segments on the proxy host per connection.
+    pub rate_segments: SegmentRows,
     /// The whole machine's busy CPU per connection.
     pub rate_machine: MachineRows<usize>,
     pub rate_title: String,
@@ -214,6 +224,8 @@ pub struct Report {
     pub connect_rate_cpu: Vec<Row<usize>>,
     /// The system (kernel) part of `connect_rate_cpu`.
     pub connect_rate_cpu_system: Vec<Row<usize>>,
+    /// TCP segments on the proxy host per tunnel.
+    pub connect_segments: SegmentRows,
     /// The whole machine's busy CPU per tunnel.
     pub connect_machine: MachineRows<usize>,
     pub connect_throughput: Vec<Row<Flow>>,
@@ -300,6 +312,11 @@ impl Report {
             md += &system_table(
                 &self.rate_cpu_system,
                 &SYSTEM_PER_CONN,
+                &[Target::Haproxy, Target::Nginx],
+            );
+            md += &segments_tables(
+                &self.rate_segments,
+                "connection",
                 &[Target::Haproxy, Target::Nginx],
             );
             md += &machine_tables(
@@ -419,6 +436,7 @@ impl Report {
                 &SYSTEM_PER_TUNNEL,
                 &[Target::Squid],
             );
+            md += &segments_tables(&self.connect_segments, "tunnel", &[Target::Squid]);
             md += &machine_tables(
                 &self.connect_machine,
                 "tunnel",
@@ -803,6 +821,27 @@ fn system_table<K: Condition>(rows: &[Row<K>], unit: &Unit, versus: &[Target]) -
      sending fewer packets.\n\n"
         .to_owned()
         + &figure_table(rows, unit, versus)
+}
+
+/// Segments sent and received on the proxy host per connection (or
+/// `per` what), each path's against `versus`.
+fn segments_tables(rows: &SegmentRows, per: &str, versus: &[Target]) -> String {
+    if rows.sent.is_empty() {
+        return String::new();
+    }
+    let unit = |name| Unit {
+        name,
+        scale: 1.0,
+        decimals: 1,
+    };
+    format!(
+        "\n#### TCP segments on the proxy host, per {per} (lower is better)\n\n\
+         Counted in the proxy host's namespace (`/proc/net/snmp`) over each run, only the \
+         measured proxy running: its two TCP connections' packets. Each segment is kernel \
+         work on the proxy host and at the peer that takes it.\n\n"
+    ) + &figure_table(&rows.sent, &unit("segments sent"), versus)
+        + "\n"
+        + &figure_table(&rows.received, &unit("segments received"), versus)
 }
 
 /// A table of one figure per (condition, path): the median, the range, and
