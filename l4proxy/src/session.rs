@@ -1163,7 +1163,7 @@ async fn refuse(client: &mut Stream, sniffed: Option<&sniff::Sniffed>) {
 
 #[cfg(test)]
 mod tests {
-    use tokio::net::TcpListener;
+    use tokio::{io::AsyncReadExt, net::TcpListener};
 
     use super::*;
     use crate::intercept::rules;
@@ -1176,18 +1176,10 @@ mod tests {
         let mut client = TcpStream::connect(front.local_addr().unwrap())
             .await
             .unwrap();
-        let (proxy_end, _) = front.accept().await.unwrap();
+        let (mut proxy_end, _) = front.accept().await.unwrap();
         client.write_all(b"request").await.unwrap();
         let mut request = [0u8; 7];
-        let mut read = 0;
-        while read < request.len() {
-            proxy_end.readable().await.unwrap();
-            match proxy_end.try_read(&mut request[read..]) {
-                Ok(n) => read += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
+        proxy_end.read_exact(&mut request).await.unwrap();
         // Nothing more: the proxy's end waits for new bytes.
         let e = proxy_end.try_read(&mut request).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);

@@ -243,8 +243,8 @@ pub struct Request {
     pub keepalive: Keepalive,
     /// Bytes go upstream the moment it is connected (the client's first
     /// bytes, already read or due a round trip after a CONNECT answer; a
-    /// PROXY header; a TLS handshake): its handshake's last ACK is held to
-    /// ride on them ([`hold_handshake_ack`]).
+    /// PROXY header; a TLS handshake; a parent's CONNECT): its handshake's
+    /// last ACK is held to ride on them ([`hold_handshake_ack`]).
     pub sends_first: bool,
 }
 
@@ -400,16 +400,7 @@ impl Pool {
             // same moment see each other.
             let lease = server.state.lease();
             let (from, fallback) = source(request, server.address, local);
-            match connect_from(
-                server.address,
-                from,
-                fallback,
-                (request.keepalive, request.sends_first),
-                via,
-                timeout,
-            )
-            .await
-            {
+            match connect_from(server.address, from, fallback, request, via, timeout).await {
                 Ok(connected) => {
                     if self.observe.is_some() {
                         server.state.connect_succeeded();
@@ -477,8 +468,7 @@ async fn original_destination(
     if !family_fits(matches!(from, Source::Client(_)), to, client_v4) {
         return Err(no_server_of_family(client_v4));
     }
-    let setup = (request.keepalive, request.sends_first);
-    connect_from(to, from, fallback, setup, None, timeout)
+    connect_from(to, from, fallback, request, None, timeout)
         .await
         .map_err(|failed| {
             tracing::debug!(upstream = %to, error = %failed.error, "upstream connect failed");
@@ -557,8 +547,7 @@ async fn race(
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             attempts.push(async move {
-                let setup = (request.keepalive, request.sends_first);
-                let connected = connect_from(upstream, from, fallback, setup, None, left).await;
+                let connected = connect_from(upstream, from, fallback, request, None, left).await;
                 drop(beside);
                 (upstream, connected)
             });
@@ -618,23 +607,22 @@ struct AttemptFailed {
     reached: bool,
 }
 
-/// Connects from `from` within `timeout`, with `keepalive` and the
-/// handshake's ACK held if `sends_first` (or a parent is to be asked),
-/// and through a parent proxy if `via` says so; a client port that is
-/// taken here falls back to any port of the client's address, in what is
-/// left of it.
+/// Connects from `from` within `timeout`, the socket set up as `request`
+/// asks (keepalive, the handshake's ACK held), and through a parent proxy
+/// if `via` says so; a client port that is taken here falls back to any
+/// port of the client's address, in what is left of it.
 async fn connect_from(
     upstream: UpstreamAddr,
     from: Source,
     fallback: Option<Fallback>,
-    (keepalive, sends_first): (Keepalive, bool),
+    request: &Request,
     via: Option<Via<'_>>,
     timeout: Duration,
 ) -> Result<Connected, AttemptFailed> {
     // One deadline for the connection and a parent's answer: a parent
     // that does not answer is told apart from one that cannot be reached.
     let deadline = tokio::time::Instant::now() + timeout;
-    let hold_ack = sends_first || via.is_some();
+    let (keepalive, hold_ack) = (request.keepalive, request.sends_first);
     let attempt = async {
         match (connect_one(upstream, from, keepalive, hold_ack).await, from) {
             (Ok(stream), _) => Ok((stream, fallback)),
