@@ -562,22 +562,20 @@ impl<'a> Bench<'a> {
                     // Its closing half-second included: the proxy closes the
                     // last connections then.
                     let rate = self.connection_rate(dial, concurrency)?;
-                    if let Some((before, after)) = before.zip(self.proxy_cpu(target))
-                        && rate.completed > 0
-                    {
-                        let spent = after.since(before);
-                        let completed = rate.completed as f64;
-                        cpu_samples.push((concurrency, target, spent.total() / completed));
-                        system_samples.push((concurrency, target, spent.system / completed));
-                    }
-                    if let Some((before, after)) = segments_before.zip(self.proxy_segments(target))
-                        && rate.completed > 0
-                    {
-                        let counted = after.since(before);
-                        let completed = rate.completed as f64;
-                        sent_samples.push((concurrency, target, counted.sent as f64 / completed));
-                        let received = counted.received as f64 / completed;
-                        received_samples.push((concurrency, target, received));
+                    let spent = before.zip(self.proxy_cpu(target));
+                    let counted = segments_before.zip(self.proxy_segments(target));
+                    if rate.completed > 0 {
+                        let per = |n: f64| (concurrency, target, n / rate.completed as f64);
+                        if let Some((before, after)) = spent {
+                            let spent = after.since(before);
+                            cpu_samples.push(per(spent.total()));
+                            system_samples.push(per(spent.system));
+                        }
+                        if let Some((before, after)) = counted {
+                            let counted = after.since(before);
+                            sent_samples.push(per(counted.sent as f64));
+                            received_samples.push(per(counted.received as f64));
+                        }
                     }
                     let busy = watch.and_then(cpu::MachineWatch::stop);
                     machine.add(concurrency, target, busy, rate.completed as f64);
@@ -1025,9 +1023,9 @@ fn machine_description(root: &Path, binary: &Path) -> Vec<String> {
          .21 HAProxy+splice, .22 nginx) → server 203.0.113.2; direct = client to the server \
          through the proxy host's forwarding; the server keeps no TIME_WAIT \
          (`tcp_max_tw_buckets` 0), so that one run's closed connections do not slow the next's; \
-         while one path is measured (throughput, rates, latency), every other proxy is stopped \
-         (SIGSTOP), so that work one puts off (Squid's timed events after its runs) is done in \
-         its own runs"
+         while one path is measured (throughput, rates, latency, CONNECT), every other proxy is \
+         stopped (SIGSTOP), so that work one puts off (Squid's timed events after its runs) is \
+         done in its own runs"
             .to_owned(),
     ]
 }
