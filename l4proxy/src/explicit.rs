@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     install,
     policy::{Keepalive, Policy},
-    upstream,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -78,11 +77,15 @@ impl ExplicitListeners {
                 continue;
             }
             let (fds, group) = match handed.remove(&addr) {
-                // The accepted connections get this daemon's keepalive.
+                // The accepted connections get what this daemon gives them.
                 Some(group) => group
                     .iter()
                     .try_for_each(|listener| {
-                        upstream::set_keepalive(&SockRef::from(listener), keepalive)
+                        install::set_inherited(
+                            SockRef::from(listener),
+                            keepalive,
+                            install::Role::Connect,
+                        )
                     })
                     .map(|()| group),
                 None => install::listen(addr, keepalive, install::Role::Connect)

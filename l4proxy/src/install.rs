@@ -480,7 +480,7 @@ impl Installation {
             };
             self.interceptor.set_listener(family, first)?;
             for listener in &group {
-                upstream::set_keepalive(&SockRef::from(listener), self.keepalive)
+                set_inherited(SockRef::from(listener), self.keepalive, Role::Steered)
                     .map_err(listen_error)?;
             }
             let group = fill_group(group, self.keepalive, Role::Steered, self.workers)
@@ -657,14 +657,36 @@ pub(crate) fn listen(
     // those created at start-up are root's.
     socket.set_reuse_port(true)?;
     socket.set_reuse_address(true)?;
-    // Accepted sockets inherit these: setsockopts here instead of on every
+    // Accepted sockets inherit it: a setsockopt here instead of on every
     // connection.
     socket.set_tcp_nodelay(true)?;
-    upstream::set_keepalive(&SockRef::from(&socket), keepalive)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
+    // After `listen`, which resets the ACK mode.
+    set_inherited(SockRef::from(&socket), keepalive, role)?;
     Ok(socket.into())
+}
+
+/// Sets on a listening socket what the sockets it accepts inherit, instead
+/// of a setsockopt on every connection: the daemon's keepalive and, on a
+/// CONNECT listener, delayed ACKs (HAProxy's `tcp-smart-accept`). A CONNECT
+/// client sends its head and waits for the answer, so the head's ACK rides
+/// on the answer instead of going alone; after it the kernel's own rules
+/// apply. (One that writes its head in small pieces without `TCP_NODELAY`
+/// waits once for the kernel's delayed-ACK timer, 40 ms.) Not on steered
+/// listeners: their clients' first bytes may be anything, from clients
+/// that write more small pieces before any answer.
+pub(crate) fn set_inherited(
+    socket: SockRef<'_>,
+    keepalive: Keepalive,
+    role: Role,
+) -> io::Result<()> {
+    upstream::set_keepalive(&socket, keepalive)?;
+    if role == Role::Connect {
+        socket.set_tcp_quickack(false)?;
+    }
+    Ok(())
 }
 
 /// `group` and, if it has fewer than `workers`, listeners of `role` bound
@@ -903,6 +925,8 @@ fn log_counters(installation: &Installation) {
 mod tests {
     use std::time::Duration;
 
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     fn link(name: &str, index: u32, master: Option<u32>, is_bridge: bool) -> Interface {
@@ -932,35 +956,70 @@ mod tests {
         ));
     }
 
+    /// A listener of `role` on loopback, a client connected to it and the
+    /// accepted end.
+    async fn accepted(
+        keepalive: Keepalive,
+        role: Role,
+    ) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), keepalive, role).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (client, accepted)
+    }
+
     /// Sessions rely on it: sockets accepted from our listeners have
     /// `TCP_NODELAY` and the daemon's keepalive without setsockopts of
-    /// their own.
+    /// their own, and a CONNECT listener's delay their ACKs.
     #[tokio::test]
-    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+    async fn accepted_sockets_inherit_nodelay_keepalive_and_their_ack_mode() {
         let keepalive = Keepalive::Probe {
             idle: 7,
             interval: 3,
             count: 4,
         };
-        let listener = listen(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            keepalive,
-            Role::Steered,
-        )
-        .unwrap();
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert!(accepted.nodelay().unwrap());
-        let sock = SockRef::from(&accepted);
-        assert!(sock.keepalive().unwrap());
-        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
-        assert_eq!(
-            sock.tcp_keepalive_interval().unwrap(),
-            Duration::from_secs(3)
-        );
-        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+        for role in [Role::Steered, Role::Connect] {
+            let (_client, accepted) = accepted(keepalive, role).await;
+            assert!(accepted.nodelay().unwrap());
+            let sock = SockRef::from(&accepted);
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+            assert_eq!(
+                sock.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(3)
+            );
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+            assert_eq!(
+                sock.tcp_quickack().unwrap(),
+                role == Role::Steered,
+                "{role:?}"
+            );
+        }
+    }
+
+    /// A CONNECT client's head is acknowledged by the answer: the client
+    /// receives one segment, not an ACK and then the answer. A steered
+    /// client's first bytes are acknowledged at once.
+    #[tokio::test]
+    async fn a_connect_clients_head_is_acknowledged_by_the_answer() {
+        const HEAD: &[u8] = b"CONNECT a.example:443 HTTP/1.1\r\n\r\n";
+        const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
+        for (role, segments) in [(Role::Steered, 2), (Role::Connect, 1)] {
+            let (mut client, mut accepted) = accepted(Keepalive::Off, role).await;
+            let before = crate::tcp_info::of(&client).tcpi_segs_in;
+            client.write_all(HEAD).await.unwrap();
+            accepted.read_exact(&mut [0u8; HEAD.len()]).await.unwrap();
+            accepted.write_all(ANSWER).await.unwrap();
+            client.read_exact(&mut [0u8; ANSWER.len()]).await.unwrap();
+            let info = crate::tcp_info::of(&client);
+            assert_eq!(
+                info.tcpi_unacked, 0,
+                "{role:?}: the head is not acknowledged"
+            );
+            assert_eq!(info.tcpi_segs_in - before, segments, "{role:?}");
+        }
     }
 }

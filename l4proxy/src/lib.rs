@@ -23,8 +23,9 @@
 //! before the runtime starts), `hello` (`MSG_PEEK` and `SO_RCVLOWAT`),
 //! `relay::pipe` (splice(2) and `F_SETPIPE_SZ`),
 //! `upstream` (`IP_BIND_ADDRESS_NO_PORT`), `takeover` (descriptors passed
-//! with SCM_RIGHTS) and `notify` (`CLOCK_MONOTONIC`'s value), which neither
-//! std, tokio nor socket2 offer safely.
+//! with SCM_RIGHTS), `notify` (`CLOCK_MONOTONIC`'s value) and, in tests,
+//! `tcp_info` (`TCP_INFO`), which neither std, tokio nor socket2 offer
+//! safely.
 
 pub mod addrs;
 pub mod admin;
@@ -61,6 +62,8 @@ pub mod sniff;
 pub mod status;
 pub mod stream;
 pub mod takeover;
+#[cfg(test)]
+mod tcp_info;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

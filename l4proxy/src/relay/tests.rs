@@ -411,24 +411,9 @@ async fn a_fin_stays_a_fin_when_one_side_resets_the_other_way() {
     }
 }
 
-/// Segments `stream` has received (`TCP_INFO`'s `tcpi_segs_in`).
+/// Segments `stream` has received.
 fn segments_in(stream: &TcpStream) -> u32 {
-    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is
-    // zeroed, so every field is initialised whatever the kernel fills.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(stream),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
-    // SAFETY: zeroed above, partly overwritten by the kernel.
-    unsafe { info.assume_init() }.tcpi_segs_in
+    crate::tcp_info::of(stream).tcpi_segs_in
 }
 
 #[tokio::test]
