@@ -89,31 +89,32 @@ pub fn nothing_follows(len: usize, seen: usize, limit: usize) -> bool {
     seen == len && seen < limit
 }
 
-/// Reads and drops `len` bytes that are already queued (they were peeked):
-/// a header the proxy takes off the stream, leaving what follows it queued.
-/// `drained`: nothing followed the header when it was peeked (see
-/// [`nothing_follows`]); the socket is then marked not readable, so that
-/// the next read waits for more instead of finding nothing.
-pub async fn consume(stream: &TcpStream, mut len: usize, drained: bool) -> io::Result<()> {
+/// Reads `len` bytes that are already queued (they were peeked) and
+/// returns them: a header the proxy takes off the stream, leaving what
+/// follows it queued. `drained`: nothing followed the header when it was
+/// peeked (see [`nothing_follows`]); the socket is then marked not
+/// readable, so that the next read waits for more instead of finding
+/// nothing.
+pub async fn consume(stream: &TcpStream, len: usize, drained: bool) -> io::Result<Vec<u8>> {
     let fd = stream.as_raw_fd();
     // On the heap: a buffer in this future would be in every connection's
     // task, header or not, for the connection's whole life.
     let mut buffer = vec![0u8; len];
+    let mut read_so_far = 0;
     // The bytes are queued, so they are read at once, without a readiness
     // check that could yield to the reactor between the peek and the mark.
     let mut waited = false;
-    while len > 0 {
+    while read_so_far < len {
+        let rest = &mut buffer[read_so_far..];
         let read = if waited {
             stream.readable().await?;
-            stream.try_io(Interest::READABLE, || {
-                recv(fd, &mut buffer[..len], libc::MSG_DONTWAIT)
-            })
+            stream.try_io(Interest::READABLE, || recv(fd, rest, libc::MSG_DONTWAIT))
         } else {
-            recv(fd, &mut buffer[..len], libc::MSG_DONTWAIT)
+            recv(fd, rest, libc::MSG_DONTWAIT)
         };
         match read {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => len -= n,
+            Ok(n) => read_so_far += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => waited = true,
             Err(e) => return Err(e),
         }
@@ -126,7 +127,7 @@ pub async fn consume(stream: &TcpStream, mut len: usize, drained: bool) -> io::R
             Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
         });
     }
-    Ok(())
+    Ok(buffer)
 }
 
 /// The state of one `peek_until`.

@@ -673,10 +673,10 @@ pub(crate) fn listen(
 /// CONNECT listener, delayed ACKs (HAProxy's `tcp-smart-accept`). A CONNECT
 /// client sends its head and waits for the answer, so the head's ACK rides
 /// on the answer instead of going alone; after it the kernel's own rules
-/// apply. (One that writes its head in small pieces without `TCP_NODELAY`
-/// waits once for the kernel's delayed-ACK timer, 40 ms.) Not on steered
-/// listeners: their clients' first bytes may be anything, from clients
-/// that write more small pieces before any answer.
+/// apply. (A head that comes in pieces is acknowledged piece by piece:
+/// `tunnel::read_head`.) Not on steered listeners: their clients' first
+/// bytes may be anything, from clients that write more small pieces
+/// before any answer, which Nagle's algorithm would hold for the ACK.
 pub(crate) fn set_inherited(
     socket: SockRef<'_>,
     keepalive: Keepalive,

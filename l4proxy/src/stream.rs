@@ -110,13 +110,10 @@ impl Stream {
 
     /// Takes `len` bytes that were looked at off the stream; `drained`: no
     /// bytes followed them (see [`hello::consume`]).
-    pub async fn consume(&mut self, len: usize, drained: bool) -> io::Result<()> {
+    pub async fn consume(&mut self, len: usize, drained: bool) -> io::Result<Vec<u8>> {
         match self {
             Stream::Tcp(tcp) => hello::consume(tcp, len, drained).await,
-            Stream::Tls(tls) => {
-                tls.ahead.drain(..len.min(tls.ahead.len()));
-                Ok(())
-            }
+            Stream::Tls(tls) => Ok(tls.ahead.drain(..len.min(tls.ahead.len())).collect()),
         }
     }
 

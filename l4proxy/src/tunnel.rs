@@ -12,20 +12,22 @@
 //! them by prefix (`allow_reserved`).
 
 use std::{
+    borrow::Cow,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::io::AsyncWriteExt;
 
 use crate::{
-    connect_head::{self, HeadError, Host, Method, Status},
+    connect_head::{self, HeadError, Host, Method, Request, Status},
     hello::{self, GaveUp},
     local_addrs::LocalAddrs,
     policy::{ConnectFront, Htpasswd},
     stream::Stream,
+    upstream,
 };
 
 /// What a CONNECT client asked for, checked.
@@ -132,22 +134,7 @@ pub async fn open(
     deadline: Duration,
     asked: &mut Option<String>,
 ) -> Result<Tunnel, Refused> {
-    let mut seen = 0;
-    let verdict = client
-        .peek_until(connect_head::MAX_HEAD_LEN, deadline, |bytes| {
-            seen = bytes.len();
-            connect_head::parse(bytes).transpose()
-        })
-        .await?;
-    let request = match verdict {
-        Ok(Ok(request)) => request,
-        Ok(Err(e)) => return Err(Refused::BadRequest(e)),
-        Err(GaveUp::Timeout) => return Err(Refused::HeadTimeout(deadline)),
-        Err(GaveUp::Closed) => return Err(Refused::Closed),
-        Err(GaveUp::TooLarge) => return Err(Refused::BadRequest(HeadError::TooLarge)),
-    };
-    let drained = hello::nothing_follows(request.head_len, seen, connect_head::MAX_HEAD_LEN);
-    client.consume(request.head_len, drained).await?;
+    let request = read_head(client, deadline).await?;
     if let (Method::Connect, Some(target)) = (&request.method, &request.target) {
         *asked = Some(target.to_string());
     }
@@ -212,6 +199,65 @@ pub async fn open(
                 addresses: happy_eyeballs_order(checked, prefer_v4),
                 user,
             })
+        }
+    }
+}
+
+/// Reads the client's head within `deadline` and takes it off the stream,
+/// leaving what follows it queued. It nearly always comes whole; when it
+/// comes in pieces, each is taken as it comes (every byte before the head's
+/// end is the head's) and acknowledged at once: the listener delays ACKs
+/// (`install::set_inherited`), and a client that holds its next small piece
+/// until the last one is acknowledged (Nagle) would wait for the kernel's
+/// delayed-ACK timer.
+async fn read_head(client: &mut Stream, deadline: Duration) -> Result<Request, Refused> {
+    /// What the bytes so far are.
+    enum Head {
+        Whole(Result<Request, HeadError>),
+        Piece,
+    }
+    let give_up = Instant::now() + deadline;
+    let mut taken: Vec<u8> = Vec::new();
+    loop {
+        let limit = connect_head::MAX_HEAD_LEN - taken.len();
+        let mut seen = 0;
+        let verdict = client
+            .peek_until(
+                limit,
+                give_up.saturating_duration_since(Instant::now()),
+                |bytes| {
+                    seen = bytes.len();
+                    let head = if taken.is_empty() {
+                        Cow::Borrowed(bytes)
+                    } else {
+                        Cow::Owned([&taken, bytes].concat())
+                    };
+                    Some(match connect_head::parse(&head) {
+                        Ok(Some(request)) => Head::Whole(Ok(request)),
+                        Ok(None) => Head::Piece,
+                        Err(e) => Head::Whole(Err(e)),
+                    })
+                },
+            )
+            .await?;
+        match verdict {
+            Ok(Head::Whole(Ok(request))) => {
+                let len = request.head_len - taken.len();
+                client
+                    .consume(len, hello::nothing_follows(len, seen, limit))
+                    .await?;
+                return Ok(request);
+            }
+            Ok(Head::Whole(Err(e))) => return Err(Refused::BadRequest(e)),
+            Ok(Head::Piece) => {
+                taken.extend(client.consume(seen, true).await?);
+                if let Err(e) = upstream::release_ack(client.tcp()) {
+                    tracing::debug!(error = %e, "acknowledging a piece of a CONNECT head");
+                }
+            }
+            Err(GaveUp::Timeout) => return Err(Refused::HeadTimeout(deadline)),
+            Err(GaveUp::Closed) => return Err(Refused::Closed),
+            Err(GaveUp::TooLarge) => return Err(Refused::BadRequest(HeadError::TooLarge)),
         }
     }
 }
@@ -327,10 +373,99 @@ pub async fn answer(client: &mut Stream, status: Status) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use socket2::SockRef;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
     use super::*;
+    use crate::{install, policy::Keepalive};
 
     fn sa(text: &str) -> SocketAddr {
         text.parse().unwrap()
+    }
+
+    const HEAD: &[u8] = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n";
+
+    /// What [`head_in`] saw on the listener's end.
+    struct HeadRead {
+        target: String,
+        /// The socket left delayed-ACK mode.
+        quick: bool,
+        /// The bytes left queued after the head.
+        after: Vec<u8>,
+        /// From the first piece written to the head read.
+        took: Duration,
+    }
+
+    /// Writes `pieces` as a client of a CONNECT listener (with Nagle's
+    /// algorithm, as a client without `TCP_NODELAY`), then `early`, and
+    /// reads the head on the listener's end.
+    async fn head_in(pieces: &[&[u8]], early: &[u8]) -> HeadRead {
+        let listener = install::listen(sa("127.0.0.1:0"), Keepalive::Off, install::Role::Connect);
+        let listener = TcpListener::from_std(listener.unwrap()).unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut proxy_end = Stream::Tcp(accepted);
+        let reading = tokio::spawn(async move {
+            let request = read_head(&mut proxy_end, Duration::from_secs(5)).await;
+            (request.unwrap(), proxy_end)
+        });
+        let started = Instant::now();
+        for piece in pieces {
+            client.write_all(piece).await.unwrap();
+        }
+        client.write_all(early).await.unwrap();
+        let (request, proxy_end) = reading.await.unwrap();
+        let took = started.elapsed();
+        let Stream::Tcp(mut proxy_end) = proxy_end else {
+            unreachable!("a plain TCP stream stays one")
+        };
+        // Before the client's FIN, which puts the socket in delayed-ACK
+        // mode; and the FIN not before, as it pushes out what Nagle holds.
+        let quick = SockRef::from(&proxy_end).tcp_quickack().unwrap();
+        client.shutdown().await.unwrap();
+        let mut after = Vec::new();
+        proxy_end.read_to_end(&mut after).await.unwrap();
+        HeadRead {
+            target: request.target.unwrap().to_string(),
+            quick,
+            after,
+            took,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_whole_head_leaves_its_ack_to_the_answer() {
+        let read = head_in(&[HEAD], b"").await;
+        assert_eq!(read.target, "a.example:443");
+        assert!(!read.quick, "the head's ACK did not wait for the answer");
+        assert_eq!(read.after, b"");
+    }
+
+    /// Each piece is acknowledged as it is taken, so a client holding the
+    /// next small piece for that ACK (Nagle) does not wait for the kernel's
+    /// delayed-ACK timer (40 ms; without the ACK every attempt takes that
+    /// long at least, so one quick attempt of five shows it). What follows
+    /// the head stays queued, exact.
+    #[tokio::test]
+    async fn a_head_in_pieces_is_taken_and_acknowledged_piece_by_piece() {
+        let (line, rest) = HEAD.split_at(32);
+        let (headers, end) = rest.split_at(10);
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let read = head_in(&[line, headers, end], b"early bytes").await;
+            assert_eq!(read.target, "a.example:443");
+            assert_eq!(read.after, b"early bytes");
+            took.push(read.took);
+            if read.took < Duration::from_millis(30) {
+                return;
+            }
+        }
+        panic!("every head in pieces waited for the delayed-ACK timer: {took:?}");
     }
 
     #[test]

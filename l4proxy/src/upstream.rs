@@ -801,8 +801,11 @@ fn hold_handshake_ack(socket: &Socket) -> io::Result<()> {
     set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, 1)
 }
 
-/// Sends the handshake's ACK that [`hold_handshake_ack`] held, if it is
-/// still held: for a connection whose first bytes are late.
+/// Sends an ACK the kernel is holding back for `stream`, and leaves
+/// delayed-ACK mode: the handshake's that [`hold_handshake_ack`] held, for
+/// a connection whose first bytes are late; or the ACK of bytes read, on a
+/// socket accepted in delayed-ACK mode (only once they are read: the kernel
+/// sends none while bytes are queued).
 pub fn release_ack(stream: &TcpStream) -> io::Result<()> {
     SockRef::from(stream).set_tcp_quickack(true)
 }
