@@ -108,8 +108,8 @@ impl Stream {
         }
     }
 
-    /// Takes `len` bytes that were looked at off the stream; `drained`: no
-    /// bytes followed them (see [`hello::consume`]).
+    /// Takes `len` bytes that were looked at off the stream and returns
+    /// them; `drained`: no bytes followed them (see [`hello::consume`]).
     pub async fn consume(&mut self, len: usize, drained: bool) -> io::Result<Vec<u8>> {
         match self {
             Stream::Tcp(tcp) => hello::consume(tcp, len, drained).await,
