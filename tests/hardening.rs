@@ -681,26 +681,28 @@ fn nine_thousand_connections_at_once() {
 
     // Every close is logged, or counted among the dropped lines; the log
     // is written behind the connections, and may lag their descriptors.
-    let dropped = |events: &[Value]| -> u64 {
-        events
+    /// The close lines, and the lines counted as dropped.
+    fn closes(events: &[Value]) -> (Vec<&Value>, u64) {
+        let closed = events
+            .iter()
+            .filter(|e| message(e) == Some("connection closed"))
+            .collect();
+        let dropped = events
             .iter()
             .filter(|e| message(e).is_some_and(|m| m.starts_with("log lines dropped")))
             .filter_map(|e| field_u64(e, "dropped"))
-            .sum()
-    };
-    fn closes(events: &[Value]) -> Vec<&Value> {
-        events
-            .iter()
-            .filter(|e| message(e) == Some("connection closed"))
-            .collect()
+            .sum();
+        (closed, dropped)
     }
     let events = lab::poll_until(
         Duration::from_secs(10),
         || d.events(),
-        |events| closes(events).len() as u64 + dropped(events) >= CONNECTIONS as u64,
+        |events| {
+            let (closed, dropped) = closes(events);
+            closed.len() as u64 + dropped >= CONNECTIONS as u64
+        },
     );
-    let closed = closes(&events);
-    let dropped = dropped(&events);
+    let (closed, dropped) = closes(&events);
     assert_eq!(
         closed.len() as u64 + dropped,
         CONNECTIONS as u64,

@@ -12,7 +12,6 @@
 //! them by prefix (`allow_reserved`).
 
 use std::{
-    borrow::Cow,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
@@ -211,50 +210,41 @@ pub async fn open(
 /// until the last one is acknowledged (Nagle) would wait for the kernel's
 /// delayed-ACK timer.
 async fn read_head(client: &mut Stream, deadline: Duration) -> Result<Request, Refused> {
-    /// What the bytes so far are.
-    enum Head {
-        Whole(Result<Request, HeadError>),
-        Piece,
-    }
     let give_up = Instant::now() + deadline;
     let mut taken: Vec<u8> = Vec::new();
     loop {
         let limit = connect_head::MAX_HEAD_LEN - taken.len();
         let mut seen = 0;
+        // Always a verdict: a head still incomplete is a piece to take.
         let verdict = client
             .peek_until(
                 limit,
                 give_up.saturating_duration_since(Instant::now()),
                 |bytes| {
                     seen = bytes.len();
-                    let head = if taken.is_empty() {
-                        Cow::Borrowed(bytes)
+                    Some(if taken.is_empty() {
+                        connect_head::parse(bytes)
                     } else {
-                        Cow::Owned([&taken, bytes].concat())
-                    };
-                    Some(match connect_head::parse(&head) {
-                        Ok(Some(request)) => Head::Whole(Ok(request)),
-                        Ok(None) => Head::Piece,
-                        Err(e) => Head::Whole(Err(e)),
+                        connect_head::parse(&[&taken, bytes].concat())
                     })
                 },
             )
             .await?;
         match verdict {
-            Ok(Head::Whole(Ok(request))) => {
+            Ok(Ok(Some(request))) => {
                 let len = request.head_len - taken.len();
                 client
                     .consume(len, hello::nothing_follows(len, seen, limit))
                     .await?;
                 return Ok(request);
             }
-            Ok(Head::Whole(Err(e))) => return Err(Refused::BadRequest(e)),
-            Ok(Head::Piece) => {
+            Ok(Ok(None)) => {
                 taken.extend(client.consume(seen, true).await?);
                 if let Err(e) = upstream::release_ack(client.tcp()) {
                     tracing::debug!(error = %e, "acknowledging a piece of a CONNECT head");
                 }
             }
+            Ok(Err(e)) => return Err(Refused::BadRequest(e)),
             Err(GaveUp::Timeout) => return Err(Refused::HeadTimeout(deadline)),
             Err(GaveUp::Closed) => return Err(Refused::Closed),
             Err(GaveUp::TooLarge) => return Err(Refused::BadRequest(HeadError::TooLarge)),
