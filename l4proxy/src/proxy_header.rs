@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use crate::{
     hello::{self, GaveUp},
     proxy_protocol::{self, DecodeError, Decoded, MAX_HEADER_LEN},
-    relay,
+    relay, upstream,
 };
 
 /// Why no header could be taken; the connection is closed.
@@ -50,6 +50,13 @@ pub async fn read(stream: &TcpStream, deadline: Duration) -> Result<Decoded, Rea
     };
     let drained = hello::nothing_follows(decoded.len, seen, MAX_HEADER_LEN);
     hello::consume(stream, decoded.len, drained).await?;
+    // A header that came alone is acknowledged now: on a listener that
+    // delays ACKs (a CONNECT rule's), a front proxy holding its client's
+    // small first bytes for that ACK (Nagle) would otherwise wait for the
+    // kernel's delayed-ACK timer.
+    if drained && let Err(e) = upstream::release_ack(stream) {
+        tracing::debug!(error = %e, "acknowledging a PROXY header");
+    }
     Ok(decoded)
 }
 
@@ -141,6 +148,51 @@ mod tests {
         let mut accepted = accepted;
         accepted.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"client data");
+    }
+
+    /// A header written alone on a listener that delays ACKs (a CONNECT
+    /// rule's) is acknowledged once taken, so a front proxy holding its
+    /// client's small first bytes for that ACK (Nagle) does not wait for
+    /// the kernel's 40 ms delayed-ACK timer: without it every attempt takes
+    /// that long at least, so one quick attempt of five shows it.
+    #[tokio::test]
+    async fn a_header_that_came_alone_is_acknowledged_at_once() {
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let listener = crate::install::listen(
+                "127.0.0.1:0".parse().unwrap(),
+                crate::policy::Keepalive::Off,
+                crate::install::Role::Connect,
+            );
+            let listener = TcpListener::from_std(listener.unwrap()).unwrap();
+            let mut front = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (mut accepted, _) = listener.accept().await.unwrap();
+            let started = std::time::Instant::now();
+            front
+                .write_all(&encode(Version::V1, &header()).unwrap())
+                .await
+                .unwrap();
+            front
+                .write_all(b"CONNECT a:443 HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(
+                read(&accepted, Duration::from_secs(5))
+                    .await
+                    .unwrap()
+                    .header,
+                header()
+            );
+            let mut head = [0u8; 26];
+            accepted.read_exact(&mut head).await.unwrap();
+            took.push(started.elapsed());
+            if started.elapsed() < Duration::from_millis(30) {
+                return;
+            }
+        }
+        panic!("every client byte after a lone header waited for the delayed-ACK timer: {took:?}");
     }
 
     #[tokio::test]
