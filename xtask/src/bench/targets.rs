@@ -576,14 +576,10 @@ pub fn install_tproxy_routing(px: &Netns) -> anyhow::Result<()> {
     ])
 }
 
-/// Takes the whole recipe out again: an empty mangle table, and the
-/// routing half.
+/// Takes the whole recipe out again: no rules (an empty mangle table), and
+/// the routing half.
 pub fn remove_tproxy(px: &Netns) -> anyhow::Result<()> {
-    px.exec_with_input(
-        "iptables-restore",
-        &[],
-        "*mangle\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n",
-    )?;
+    install_tproxy(px, 0)?;
     px.ip(&["rule", "del", "fwmark", "1", "lookup", "100"])?;
     px.ip(&["route", "flush", "table", "100"])
 }
