@@ -8,6 +8,7 @@
 //! instead of waking us in a loop. It is set back to 1 when we are done.
 
 use std::{
+    cell::RefCell,
     io,
     os::fd::{AsRawFd, RawFd},
     time::Duration,
@@ -132,10 +133,6 @@ pub async fn consume(stream: &TcpStream, len: usize, drained: bool) -> io::Resul
 
 /// The state of one `peek_until`.
 struct Peeker {
-    /// Most hellos fit in a few KiB: it starts there and grows towards
-    /// `limit` only for the rare big one, instead of zeroing `limit` bytes
-    /// for every connection.
-    buffer: Vec<u8>,
     limit: usize,
     /// Bytes seen by the last look.
     seen: usize,
@@ -144,10 +141,18 @@ struct Peeker {
     lowat_raised: bool,
 }
 
+thread_local! {
+    /// Where each look copies what is queued: a look is synchronous and
+    /// starts afresh (the socket keeps the bytes), so one buffer serves
+    /// every connection of the thread, instead of a zeroed allocation per
+    /// connection. Most hellos fit in a few KiB: it starts there and grows
+    /// towards the largest limit asked only for the rare big one.
+    static BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0u8; INITIAL_BUFFER]);
+}
+
 impl Peeker {
     fn new(limit: usize) -> Self {
         Self {
-            buffer: vec![0u8; limit.min(INITIAL_BUFFER)],
             limit,
             seen: 0,
             lowat_raised: false,
@@ -164,19 +169,29 @@ impl Peeker {
         closed: bool,
         classify: &mut impl FnMut(&[u8]) -> Option<T>,
     ) -> io::Result<Result<T, GaveUp>> {
-        let mut n = peek(fd, &mut self.buffer)?;
-        while n == self.buffer.len() && n < self.limit {
-            self.buffer.resize((2 * n).min(self.limit), 0);
-            n = peek(fd, &mut self.buffer)?;
-        }
-        if n > self.seen {
+        let (n, decided) = BUFFER.with_borrow_mut(|buffer| {
+            let mut size = buffer.len().min(self.limit);
+            let mut n = peek(fd, &mut buffer[..size])?;
+            while n == size && size < self.limit {
+                size = (2 * size).min(self.limit);
+                if buffer.len() < size {
+                    buffer.resize(size, 0);
+                }
+                n = peek(fd, &mut buffer[..size])?;
+            }
+            if n <= self.seen {
+                return Ok((n, None));
+            }
             self.seen = n;
-            if let Some(verdict) = classify(&self.buffer[..n]) {
-                return Ok(Ok(verdict));
-            }
-            if n == self.limit {
-                return Ok(Err(GaveUp::TooLarge));
-            }
+            let decided = match classify(&buffer[..n]) {
+                Some(verdict) => Some(Ok(verdict)),
+                None if n == self.limit => Some(Err(GaveUp::TooLarge)),
+                None => None,
+            };
+            io::Result::Ok((n, decided))
+        })?;
+        if let Some(decided) = decided {
+            return Ok(decided);
         }
         if n == 0 || closed {
             return Ok(Err(GaveUp::Closed));
@@ -354,6 +369,30 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(verdict, Ok(3 * INITIAL_BUFFER));
+    }
+
+    #[tokio::test]
+    async fn a_buffer_grown_by_a_big_hello_keeps_the_next_ones_limit() {
+        // Same thread, so the same buffer: the big hello grows it past the
+        // small limit of the next look.
+        let (accepted, mut client) = pair().await;
+        let mut big = vec![b'x'; 3 * INITIAL_BUFFER];
+        big.push(b'\n');
+        client.write_all(&big).await.unwrap();
+        let verdict = peek_until(&accepted, 64 * 1024, Duration::from_secs(5), line).await;
+        assert_eq!(verdict.unwrap(), Ok(3 * INITIAL_BUFFER));
+
+        let (accepted, mut client) = pair().await;
+        client.write_all(&[b'x'; 64]).await.unwrap();
+        let mut seen = 0;
+        let verdict = peek_until(&accepted, 32, Duration::from_secs(5), |bytes| {
+            seen = bytes.len();
+            line(bytes)
+        })
+        .await
+        .unwrap();
+        assert_eq!(verdict, Err(GaveUp::TooLarge));
+        assert_eq!(seen, 32, "the classifier sees no more than the limit");
     }
 
     #[tokio::test]

@@ -21,14 +21,16 @@ use std::{
     net::TcpListener as StdListener,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -217,12 +219,12 @@ pub async fn run(
     });
     let accepting = Accepting {
         shared: shared.clone(),
-        limit: Limit {
-            permits: Arc::new(Semaphore::new(settings.max_connections)),
-            max: settings.max_connections,
-        },
+        limit: Limit::new(settings.max_connections),
         tracker: TaskTracker::new(),
         stop: CancellationToken::new(),
+        shutdowns: (0..workers.count())
+            .map(|_| shared.shutdown.child_token())
+            .collect(),
         workers,
     };
     metrics.in_force();
@@ -579,6 +581,8 @@ struct Accepting<'a> {
     limit: Limit,
     tracker: TaskTracker,
     stop: CancellationToken,
+    /// Per worker, children of `shared.shutdown` (see [`Acceptor`]).
+    shutdowns: Vec<CancellationToken>,
     workers: &'a Workers,
 }
 
@@ -636,11 +640,17 @@ impl Accepting<'_> {
         self.tracker.spawn_on(
             accept_loop(
                 listener,
-                front,
-                self.shared.clone(),
-                self.limit.clone(),
-                self.tracker.clone(),
-                self.workers.counter(worker),
+                Acceptor {
+                    front,
+                    shared: self.shared.clone(),
+                    limit: self.limit.clone(),
+                    tracker: self.tracker.clone(),
+                    accepted: self.workers.counter(worker),
+                    // Listeners outnumber workers after a takeover from a
+                    // daemon with more: they are dealt out in turn, as by
+                    // `Workers::handle`.
+                    shutdown: self.shutdowns[worker % self.shutdowns.len()].clone(),
+                },
                 stop,
             ),
             self.workers.handle(worker),
@@ -648,31 +658,83 @@ impl Accepting<'_> {
     }
 }
 
-/// At most `max` connections at once, over all workers.
+/// At most `max` connections at once, over all workers. A count, not a
+/// semaphore: nothing waits for a place, and a semaphore's release takes
+/// its waiters' lock, which every worker shares, at every close.
 #[derive(Clone)]
 struct Limit {
-    permits: Arc<Semaphore>,
+    open: Arc<AtomicUsize>,
     max: usize,
 }
 
 impl Limit {
+    fn new(max: usize) -> Self {
+        Self {
+            open: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
     /// Connections open now.
     fn open(&self) -> usize {
-        self.max - self.permits.available_permits()
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// A place for one more connection, if there is one.
+    fn take(&self) -> Option<Place> {
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .ok()?;
+        Some(Place(self.open.clone()))
+    }
+}
+
+/// One connection's place under the [`Limit`], given back when dropped.
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What an accept loop gives each connection it accepts.
+struct Acceptor {
+    front: Front,
+    shared: Arc<Shared>,
+    limit: Limit,
+    tracker: TaskTracker,
+    /// Counts the connections this worker accepted.
+    accepted: workers::Counter,
+    /// The end of the grace period, as this worker's connections see it:
+    /// a child of `Shared::shutdown`, so that a relay waiting for it takes
+    /// its own worker's locks, not ones both workers share.
+    shutdown: CancellationToken,
+}
+
+impl Acceptor {
+    fn admit(&self, (stream, peer): (tokio::net::TcpStream, std::net::SocketAddr)) {
+        self.accepted.add();
+        let Some(place) = self.limit.take() else {
+            self.shared.admission.refuse(&stream, peer, Refusal::Global);
+            return;
+        };
+        self.tracker.spawn(session::serve(
+            stream,
+            peer,
+            self.front,
+            self.shared.clone(),
+            self.shutdown.clone(),
+            place,
+        ));
     }
 }
 
 /// Accepts on `listener` until stopped; runs on a worker, which serves the
 /// connections it accepts.
-async fn accept_loop(
-    listener: StdListener,
-    front: Front,
-    shared: Arc<Shared>,
-    limit: Limit,
-    tracker: TaskTracker,
-    accepted: workers::Counter,
-    stop: CancellationToken,
-) {
+async fn accept_loop(listener: StdListener, acceptor: Acceptor, stop: CancellationToken) {
     // Registered with this worker's runtime.
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -681,25 +743,23 @@ async fn accept_loop(
             return;
         }
     };
-    let admit = |(stream, peer): (tokio::net::TcpStream, std::net::SocketAddr)| {
-        accepted.add();
-        let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
-            shared.admission.refuse(&stream, peer, Refusal::Global);
-            return;
-        };
-        tracker.spawn(session::serve(stream, peer, front, shared.clone(), permit));
-    };
+    // Looked at before each accept, so that a flood cannot keep the loop
+    // from stopping: a child token, whose locks are this worker's alone, and
+    // one wait, not a new registration with the token per accept.
+    let stop = stop.child_token();
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         tokio::select! {
+            biased;
+            () = &mut stopped => break,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => admit(accepted),
+                Ok(accepted) => acceptor.admit(accepted),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            () = stop.cancelled() => break,
         }
     }
     // Clients whose handshakes completed before the stop are served, not
@@ -714,7 +774,7 @@ async fn accept_loop(
             .set_nonblocking(true)
             .and_then(|()| tokio::net::TcpStream::from_std(stream))
         {
-            Ok(stream) => admit((stream, peer)),
+            Ok(stream) => acceptor.admit((stream, peer)),
             Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
     }
@@ -751,5 +811,24 @@ impl Signals {
             _ = self.int.recv() => Signal::Stop,
             _ = self.hup.recv() => Signal::Reload,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_gives_places_up_to_its_max_and_takes_them_back() {
+        let limit = Limit::new(2);
+        let first = limit.take().expect("a first place");
+        let second = limit.take().expect("a second place");
+        assert!(limit.take().is_none(), "no third place under a limit of 2");
+        assert_eq!(limit.open(), 2);
+        drop(first);
+        assert_eq!(limit.open(), 1);
+        let again = limit.take().expect("a place given back is taken again");
+        drop((second, again));
+        assert_eq!(limit.open(), 0);
     }
 }

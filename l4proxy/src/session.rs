@@ -86,7 +86,8 @@ pub struct Shared {
     /// The deadline for a client's first bytes: its hello, or a front
     /// proxy's PROXY header.
     pub sniff_timeout: Duration,
-    /// Cancelled when the grace period is over.
+    /// Cancelled when the grace period is over. Connections watch a child
+    /// per worker (see [`serve`]).
     pub shutdown: CancellationToken,
     pub admission: Arc<Admission>,
     /// What rules and routes leave out: the daemon's flags.
@@ -257,7 +258,9 @@ impl Record {
 
 /// Relays one client connection (`peer`: its address, from accept) and logs
 /// one line when it ends; `held` (what the caller counts the connection
-/// with) is dropped then. `TCP_NODELAY` comes from the listener.
+/// with) is dropped then. `shutdown`: the end of the grace period (its
+/// accepting worker's child of [`Shared::shutdown`]). `TCP_NODELAY` comes
+/// from the listener.
 ///
 /// A plain function: the task, held for the connection's whole life, keeps
 /// only the relay and what the close needs. The arguments and every step
@@ -268,6 +271,7 @@ pub fn serve(
     peer: SocketAddr,
     front: Front,
     shared: Arc<Shared>,
+    shutdown: CancellationToken,
     held: impl Send + 'static,
 ) -> impl Future<Output = ()> + Send + 'static {
     let starting = Box::pin(start(client, peer, front, shared));
@@ -284,12 +288,11 @@ pub fn serve(
                 },
             mut record,
             active,
-            shared,
         }) = starting.await
         else {
             return; // `start` logged why.
         };
-        let relayed = relay::relay_streams(client, upstream, deadlines, &shared.shutdown).await;
+        let relayed = relay::relay_streams(client, upstream, deadlines, &shutdown).await;
         drop(slot);
         drop(open);
         drop(lease);
@@ -311,7 +314,6 @@ struct Started {
     record: Record,
     /// The policy it was accepted under.
     active: Arc<Active>,
-    shared: Arc<Shared>,
 }
 
 /// The connection's record and everything before its relay ([`open`]);
@@ -355,7 +357,6 @@ async fn start(
         opened,
         record,
         active,
-        shared,
     })
 }
 
@@ -1259,7 +1260,8 @@ mod tests {
             .await
             .unwrap();
         let peer = stream.local_addr().unwrap();
-        let task = serve(stream, peer, Front::Steered, shared, ());
+        let shutdown = shared.shutdown.child_token();
+        let task = serve(stream, peer, Front::Steered, shared, shutdown, ());
         let size = std::mem::size_of_val(&task);
         println!("serve future: {size} bytes");
         // 1368 bytes when written; 1792 with the idle and lifetime watch,

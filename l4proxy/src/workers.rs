@@ -35,8 +35,11 @@
 //! The control plane (signals, control socket, admin, reloads, settling,
 //! health checks) runs on the main thread's runtime. What the workers share
 //! is `Arc`ed and thread-safe: the policy in force, metrics, admission, the
-//! global connection limit (one semaphore), the task tracker that drain
-//! waits on, and the stop tokens.
+//! global connection limit (one atomic count), the task tracker that drain
+//! waits on, and the stop tokens. What a connection looks at on every
+//! wake-up is the worker's own: its relay waits for the end of the grace
+//! period on a child token per worker, so the locks of that wait are not
+//! passed between the cores.
 
 use std::{
     io,
