@@ -18,20 +18,21 @@ use lab::daemon::{field_str, field_string, field_u64, message};
 use lab::{Daemon, Received, Server, Topo, addr, connect, handlers, sa};
 use serde_json::{Value, json};
 
-/// The daemon's open descriptors (`/proc/PID/fd`).
-fn descriptors(d: &Daemon) -> usize {
+/// The daemon's open descriptors: the entries of `/proc/PID/fd`.
+fn descriptor_entries(d: &Daemon) -> std::fs::ReadDir {
     let dir = format!("/proc/{}/fd", d.pid());
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("listing {dir}: {e}"))
-        .count()
+    std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("listing {dir}: {e}"))
+}
+
+/// How many descriptors the daemon has open.
+fn descriptors(d: &Daemon) -> usize {
+    descriptor_entries(d).count()
 }
 
 /// How many of the daemon's open descriptors are pipe ends (a descriptor
 /// closed while the directory is read is not counted).
 fn pipe_descriptors(d: &Daemon) -> usize {
-    let dir = format!("/proc/{}/fd", d.pid());
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("listing {dir}: {e}"))
+    descriptor_entries(d)
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .filter(|target| target.to_string_lossy().starts_with("pipe:"))
         .count()

@@ -222,9 +222,6 @@ pub async fn run(
         limit: Limit::new(settings.max_connections),
         tracker: TaskTracker::new(),
         stop: CancellationToken::new(),
-        shutdowns: (0..workers.count())
-            .map(|_| shared.shutdown.child_token())
-            .collect(),
         workers,
     };
     metrics.in_force();
@@ -581,8 +578,6 @@ struct Accepting<'a> {
     limit: Limit,
     tracker: TaskTracker,
     stop: CancellationToken,
-    /// Per worker, children of `shared.shutdown` (see [`Acceptor`]).
-    shutdowns: Vec<CancellationToken>,
     workers: &'a Workers,
 }
 
@@ -646,10 +641,7 @@ impl Accepting<'_> {
                     limit: self.limit.clone(),
                     tracker: self.tracker.clone(),
                     accepted: self.workers.counter(worker),
-                    // Listeners outnumber workers after a takeover from a
-                    // daemon with more: they are dealt out in turn, as by
-                    // `Workers::handle`.
-                    shutdown: self.shutdowns[worker % self.shutdowns.len()].clone(),
+                    shutdown: self.shared.shutdown.child_token(),
                 },
                 stop,
             ),
@@ -708,9 +700,9 @@ struct Acceptor {
     tracker: TaskTracker,
     /// Counts the connections this worker accepted.
     accepted: workers::Counter,
-    /// The end of the grace period, as this worker's connections see it:
-    /// a child of `Shared::shutdown`, so that a relay waiting for it takes
-    /// its own worker's locks, not ones both workers share.
+    /// The end of the grace period, as this loop's connections see it: a
+    /// child of `Shared::shutdown` per accept loop, so that a relay waiting
+    /// for it takes locks of its own worker's, not ones all workers share.
     shutdown: CancellationToken,
 }
 

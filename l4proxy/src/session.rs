@@ -87,7 +87,7 @@ pub struct Shared {
     /// proxy's PROXY header.
     pub sniff_timeout: Duration,
     /// Cancelled when the grace period is over. Connections watch a child
-    /// per worker (see [`serve`]).
+    /// per accept loop (see [`serve`]).
     pub shutdown: CancellationToken,
     pub admission: Arc<Admission>,
     /// What rules and routes leave out: the daemon's flags.
@@ -259,7 +259,7 @@ impl Record {
 /// Relays one client connection (`peer`: its address, from accept) and logs
 /// one line when it ends; `held` (what the caller counts the connection
 /// with) is dropped then. `shutdown`: the end of the grace period (its
-/// accepting worker's child of [`Shared::shutdown`]). `TCP_NODELAY` comes
+/// accept loop's child of [`Shared::shutdown`]). `TCP_NODELAY` comes
 /// from the listener.
 ///
 /// A plain function: the task, held for the connection's whole life, keeps

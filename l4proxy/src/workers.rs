@@ -38,8 +38,8 @@
 //! global connection limit (one atomic count), the task tracker that drain
 //! waits on, and the stop tokens. What a connection looks at on every
 //! wake-up is the worker's own: its relay waits for the end of the grace
-//! period on a child token per worker, so the locks of that wait are not
-//! passed between the cores.
+//! period on a child token of its accept loop, so the locks of that wait
+//! are not passed between the cores.
 
 use std::{
     io,
