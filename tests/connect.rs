@@ -438,6 +438,45 @@ fn domain_fronting_is_refused_when_the_rule_says_so() {
     assert!(answer.starts_with("HTTP/1.1 403 "), "{answer:?}");
 }
 
+/// With `refuse_fronting`, a tunnel whose first bytes cannot be checked
+/// against the CONNECT name is refused as well: a client that waits out the
+/// sniff deadline (`--sniff-timeout 1`) and then sends a ClientHello for
+/// another name, and one that speaks something other than TLS or HTTP.
+#[test]
+fn fronting_that_cannot_be_ruled_out_is_refused() {
+    let mut lab = ConnectLab::start("connect_unchecked");
+    let fronted = lab::tls::capture_client_hello(&lab.t.cl, &["-servername", "other.example.test"]);
+    let head = connect_head("app.example.test:443");
+    for (first, wait, why) in [
+        (
+            &fronted[..],
+            Duration::from_millis(1500),
+            "not read (sniff timeout)",
+        ),
+        (
+            &b"SSH-2.0-OpenSSH_9.2p1\r\n"[..],
+            Duration::ZERO,
+            "neither a ClientHello nor an HTTP request",
+        ),
+    ] {
+        let (answer, mut c) = ask(&lab.t, STRICT4, &head);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+        std::thread::sleep(wait);
+        // The refusal may already be there (a reset) when the client writes.
+        let _ = c.write_all(first);
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        assert!(got.is_empty(), "{why}: the server answered {got:?}");
+        let ev = lab.closed(c.local_addr().unwrap());
+        assert_eq!(
+            field_str(&ev, "outcome").as_deref(),
+            Some("refused"),
+            "{ev}"
+        );
+        assert!(lab::daemon::outcome(&ev).contains(why), "{ev}");
+    }
+}
+
 /// A chain of proxies (the seed notes' local proxy → remote proxy): px
 /// takes TLS connections to a service address, reads their SNI and asks a
 /// parent l4proxy in sv, by CONNECT, for the name; the parent resolves it

@@ -486,12 +486,7 @@ async fn open(
             established = true;
         }
         let said = sniff_hello(&mut client, shared, active, record).await?;
-        let fronted = fronting.and_then(|name| {
-            let sni = sni_of(&said).filter(|sni| !sni.eq_ignore_ascii_case(name))?;
-            Some(format!(
-                "domain fronting: TLS server name {sni} differs from the CONNECT name {name}"
-            ))
-        });
+        let fronted = fronting.and_then(|name| tunnel::fronting(name, &said, record.sniff_gave_up));
         if matches!(decision, route::Decision::NeedHello) {
             let inner = hello_of(&said);
             let hello = match terminated {

@@ -25,6 +25,7 @@ use crate::{
     hello::{self, GaveUp},
     local_addrs::LocalAddrs,
     policy::{ConnectFront, Htpasswd},
+    sniff::Sniffed,
     stream::Stream,
     upstream,
 };
@@ -352,6 +353,40 @@ fn happy_eyeballs_order(addrs: Vec<SocketAddr>, prefer_v4: bool) -> Vec<SocketAd
     }
 }
 
+/// Why the tunnel to `name` of a rule that refuses domain fronting is
+/// refused, if it is. Its first bytes must name that server: a
+/// ClientHello's server name, or an HTTP request's Host. Bytes that name
+/// none (a ClientHello without one, another protocol, a hello the sniffer
+/// could not parse, or nothing read within the sniff deadline) cannot be
+/// checked, and are refused too: otherwise a client could wait out the
+/// deadline, or send a hello only its server parses, and front at will.
+pub fn fronting(name: &str, said: &Sniffed, gave_up: Option<GaveUp>) -> Option<String> {
+    let (what, named) = match (gave_up, said) {
+        (Some(gave_up), _) => {
+            return Some(format!(
+                "domain fronting not ruled out: the tunnel's first bytes were not read ({}), so their server name is unknown",
+                gave_up.as_str()
+            ));
+        }
+        (None, Sniffed::Tls(hello)) => ("TLS server name", hello.sni.as_deref()),
+        (None, Sniffed::Http(request)) => ("HTTP Host", request.host.as_deref()),
+        (None, Sniffed::Other) => {
+            return Some(
+                "domain fronting not ruled out: the tunnel's first bytes are neither a ClientHello nor an HTTP request, so they name no server".to_owned(),
+            );
+        }
+    };
+    match named {
+        Some(named) if named.eq_ignore_ascii_case(name) => None,
+        Some(named) => Some(format!(
+            "domain fronting: {what} {named} differs from the CONNECT name {name}"
+        )),
+        None => Some(format!(
+            "domain fronting not ruled out: no valid {what} to compare with the CONNECT name {name}"
+        )),
+    }
+}
+
 /// Sends `status` to the client; an error answer also ends its sending side.
 pub async fn answer(client: &mut Stream, status: Status) -> io::Result<()> {
     client.send(connect_head::answer(status)).await?;
@@ -377,6 +412,64 @@ mod tests {
     }
 
     const HEAD: &[u8] = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n";
+
+    #[test]
+    fn only_first_bytes_that_name_the_connect_name_rule_out_fronting() {
+        use crate::sniff::{ClientHelloInfo, HttpRequestInfo};
+        let tls = |sni: Option<&str>| {
+            Sniffed::Tls(ClientHelloInfo {
+                sni: sni.map(String::from),
+                alpn: Vec::new(),
+            })
+        };
+        let http = |host: Option<&str>| {
+            Sniffed::Http(HttpRequestInfo {
+                method: "GET".to_owned(),
+                host: host.map(String::from),
+            })
+        };
+        let name = "app.example.test";
+        assert_eq!(fronting(name, &tls(Some(name)), None), None);
+        assert_eq!(fronting("App.Example.Test", &tls(Some(name)), None), None);
+        assert_eq!(fronting(name, &http(Some(name)), None), None);
+        for (said, gave_up, why) in [
+            (
+                tls(Some("other.example.test")),
+                None,
+                "TLS server name other.example.test differs",
+            ),
+            (
+                http(Some("other.example.test")),
+                None,
+                "HTTP Host other.example.test differs",
+            ),
+            (tls(None), None, "no valid TLS server name"),
+            (http(None), None, "no valid HTTP Host"),
+            (
+                Sniffed::Other,
+                None,
+                "neither a ClientHello nor an HTTP request",
+            ),
+            // What the sniffer makes of a client that waited out the
+            // deadline, or sent more than it reads, whatever came later.
+            (
+                Sniffed::Other,
+                Some(GaveUp::Timeout),
+                "not read (sniff timeout)",
+            ),
+            (
+                Sniffed::Other,
+                Some(GaveUp::TooLarge),
+                "not read (sniff size limit)",
+            ),
+        ] {
+            let refused = fronting(name, &said, gave_up);
+            assert!(
+                refused.as_deref().is_some_and(|r| r.contains(why)),
+                "{said:?} {gave_up:?}: {refused:?}"
+            );
+        }
+    }
 
     /// What [`head_in`] saw on the listener's end.
     struct HeadRead {
