@@ -459,6 +459,45 @@ fn gateway_takeovers_under_load_lose_no_connection() {
     );
 }
 
+/// A daemon that owns tens of thousands of service prefixes hands them
+/// over: the offer listing their routes (1.5 MB of JSON here, more than
+/// the first versions read) comes whole, and the successor steers into
+/// the last of them and keeps their routes.
+#[test]
+fn a_takeover_hands_over_many_owned_prefixes() {
+    const PREFIXES: u32 = 60_000;
+    let (t, _srv) = Topo::with_echo("takeover-many", "203.0.113.2:8080", "upstream");
+    t.cl.route("2001:db8:100::/48", lab::addr::PX6_CL);
+    let many: Vec<String> = (0..PREFIXES)
+        .map(|i| format!("2001:db8:100:{i:x}::/64"))
+        .collect();
+    let policy = json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "pool" },
+            { "name": "many", "prefixes": many, "ports": [80], "upstream": "pool" }
+        ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let last = sa(&format!("[2001:db8:100:{:x}::10]:80", PREFIXES - 1));
+    let mut old = Daemon::start(&t.px, &policy, &[]);
+    old.wait_ready(Duration::from_secs(60));
+    exchange(&t.cl, last, "before\n").expect("the first daemon steers the last prefix");
+
+    let mut new = Daemon::start(&t.px, &policy, &["--takeover"]);
+    new.wait_ready(Duration::from_secs(60));
+    let mut new = take_over(&mut old, new);
+    assert_handed_over_and_gone(&mut old, &mut new);
+    exchange(&t.cl, last, "after\n").expect("the successor steers the last prefix");
+    let routes = t.px.proxy_routes();
+    assert!(
+        routes.len() > PREFIXES as usize,
+        "the successor keeps every prefix's route: {} routes",
+        routes.len()
+    );
+    drop(old);
+    stop_last(&mut new, &t.px);
+}
+
 /// Takeovers that fail (a policy the check refuses, one this host cannot
 /// apply, another packet mark) exit non-zero saying why, and leave the
 /// running daemon serving with all its state.

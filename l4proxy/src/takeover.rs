@@ -53,8 +53,10 @@ const DRAINING_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`SCM_MAX_FD`).
 const MAX_FDS: usize = 253;
 
-/// The longest offer read (JSON; a few hundred bytes in practice).
-const MAX_OFFER: usize = 1 << 20;
+/// The longest offer read (JSON). Its bulk is the owned prefixes' routes,
+/// one per rule prefix at most: up to `MAX_RULE_ENTRIES` of at most 46
+/// bytes each (`"ffff:…:ffff/128",`), 48 MiB; the rest is a few hundred.
+const MAX_OFFER: usize = l4proxy_common::MAX_RULE_ENTRIES as usize * 46 + (1 << 20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
@@ -184,17 +186,20 @@ pub async fn request(mark: Mark, table: u32) -> Result<(Predecessor, Handed), Ta
         .await
         .map_err(io_error("receiving the sockets"))?;
     let mut stream = BufReader::new(stream);
-    while !text.ends_with(b"\n") {
-        let mut more = Vec::new();
+    if !text.ends_with(b"\n") {
+        let room = MAX_OFFER.saturating_sub(text.len()) as u64;
         let read = (&mut stream)
-            .take(MAX_OFFER as u64)
-            .read_until(b'\n', &mut more)
+            .take(room)
+            .read_until(b'\n', &mut text)
             .await
             .map_err(io_error("receiving the offer"))?;
-        if read == 0 || text.len() > MAX_OFFER {
-            return Err(TakeoverError::Offer("it ended early".to_owned()));
+        if !text.ends_with(b"\n") {
+            return Err(TakeoverError::Offer(if read as u64 == room {
+                format!("it is longer than {MAX_OFFER} bytes")
+            } else {
+                "it ended early".to_owned()
+            }));
         }
-        text.extend(more);
     }
     let message: serde_json::Value =
         serde_json::from_slice(&text).map_err(|e| TakeoverError::Offer(e.to_string()))?;
