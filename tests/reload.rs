@@ -5,7 +5,10 @@
 
 mod lab;
 
-use std::time::Duration;
+use std::io::Read;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use lab::daemon::{field_string, message};
 use lab::{Daemon, Server, Topo, connect, handlers, sa, try_connect};
@@ -158,6 +161,71 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
 /// Connections a reload's policy no longer takes keep working until they
 /// close (their local route, the routing rules and the tc programs stay);
 /// then what only they needed is removed.
+/// A client of a rule that a reload adds is served from the first
+/// connection the kernel steers, also before the new policy is in force:
+/// the reload adds 60 000 prefixes' routes as well, which keeps the kernel
+/// steering by the new rules for a while before the daemon is done.
+#[test]
+fn clients_steered_while_a_reload_changes_the_kernel_are_served() {
+    let (t, _a) = Topo::with_echo("reload-race", "203.0.113.2:8080", "a");
+    let mut d = Daemon::start_ready(&t.px, &policy_a(), &[]);
+    let many: Vec<String> = (0..60_000u32)
+        .map(|i| format!("2001:db8:100:{i:x}::/64"))
+        .collect();
+    let added = json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/25"], "ports": [80], "upstream": "a" },
+            { "name": "added", "prefixes": ["192.0.2.0/25"], "ports": [83], "upstream": "a" },
+            { "name": "many", "prefixes": many, "ports": [80], "upstream": "a" }
+        ],
+        "upstreams": { "a": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let done = AtomicBool::new(false);
+    // Until stopped: connects to the added rule's port as fast as it is
+    // refused; each connection it gets must bring the server's greeting.
+    let client = || {
+        let (mut served, mut failed) = (0, Vec::new());
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while !done.load(Ordering::Relaxed) && Instant::now() < give_up {
+            let Ok(mut c) =
+                TcpStream::connect_timeout(&sa("192.0.2.10:83"), Duration::from_secs(1))
+            else {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            };
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut greeting = [0u8; 2];
+            match c.read_exact(&mut greeting) {
+                Ok(()) if &greeting == b"a\n" => served += 1,
+                other => failed.push(format!("{:?}: {other:?} {greeting:?}", c.local_addr())),
+            }
+        }
+        (served, failed)
+    };
+    let (served, failed) = std::thread::scope(|s| {
+        let clients = s.spawn(|| t.cl.run(client));
+        let verdict = d.reload(&added);
+        assert_eq!(message(&verdict), Some("policy reloaded"), "{verdict}");
+        std::thread::sleep(Duration::from_millis(500));
+        done.store(true, Ordering::Relaxed);
+        clients.join().unwrap()
+    });
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections to the added rule were not served, first: {:?}\n{}",
+        failed.len(),
+        served + failed.len(),
+        &failed[..failed.len().min(3)],
+        d.log_text()
+    );
+    assert!(served > 0, "no connection to the added rule was served");
+    assert!(
+        !d.log_text().contains("matches no rule"),
+        "{}",
+        d.log_text()
+    );
+}
+
 #[test]
 fn a_reload_keeps_connections_the_new_policy_drops() {
     let (t, _a) = Topo::with_echo("reload_keep", "203.0.113.2:8080", "a");

@@ -233,8 +233,13 @@ impl Installation {
     /// not fit the rule map beside the running one. What the replaced policy
     /// needs stays until its connections are gone ([`Installation::settle`]).
     /// If a change fails part way, the replaced policy is put back (as far
-    /// as it goes) and the error returned.
-    pub async fn apply(&mut self, policy: Policy) -> Result<Applied, InstallError> {
+    /// as it goes) and the error returned. `announce` is handed the new
+    /// policy just before the kernel may steer by it.
+    pub async fn apply(
+        &mut self,
+        policy: Policy,
+        announce: impl FnOnce(&Arc<Active>),
+    ) -> Result<Applied, InstallError> {
         let HostCheck { needs, findings } = check_host(&policy, &self.local).await?;
         for warning in &findings.warnings {
             tracing::warn!("{warning}");
@@ -265,6 +270,7 @@ impl Installation {
         };
         let replaced = self.current.replace(generation);
         self.older.extend(replaced);
+        announce(&active);
         if let Err(e) = self.enforce().await {
             // Back to the replaced policy, if there was one.
             self.current = self.older.pop();

@@ -192,7 +192,7 @@ pub async fn run(
     let Applied {
         active,
         new_listeners,
-    } = match installation.apply(policy).await {
+    } = match installation.apply(policy, |_| {}).await {
         Ok(applied) => applied,
         Err(e) => {
             // Undo what can be undone (what a predecessor handed over stays
@@ -209,6 +209,7 @@ pub async fn run(
         // Moved, not cloned: a replaced policy is forgotten once only its
         // connections held it (see `Installation::settle`).
         active: std::sync::RwLock::new(active),
+        other: std::sync::RwLock::new(std::sync::Weak::new()),
         local: installation.local_addrs().clone(),
         ids: ConnectionIds::new(),
         connect_timeout: settings.connect_timeout,
@@ -480,7 +481,14 @@ async fn reload_now(
 ) -> Result<(), String> {
     let keepalive = settings.defaults.keepalive;
     notify::reloading();
-    let reloaded = reload(&settings.policy_path, installation, explicit, keepalive).await;
+    let reloaded = reload(
+        &settings.policy_path,
+        installation,
+        explicit,
+        keepalive,
+        shared,
+    )
+    .await;
     let metrics = installation.metrics();
     metrics.reloaded(reloaded.is_ok());
     if let Err(reason) = &reloaded {
@@ -553,6 +561,7 @@ async fn reload(
     installation: &mut Installation,
     explicit: &mut ExplicitListeners,
     keepalive: Keepalive,
+    shared: &Shared,
 ) -> Result<(Applied, Opened), String> {
     let refused = |e: &dyn std::fmt::Display| {
         tracing::error!("policy not reloaded: {e}; the running policy stays in force");
@@ -563,12 +572,17 @@ async fn reload(
     let opened = explicit
         .bind_new(&policy, keepalive)
         .map_err(|e| refused(&e))?;
-    let applied = installation.apply(policy).await.map_err(|e| {
-        tracing::error!(
-            "policy not reloaded: {e}; the running policy stays in force for new connections"
-        );
-        e.to_string()
-    })?;
+    // Connections the new rules steer before the policy is in force
+    // find them (`Shared::rule_for`).
+    let applied = installation
+        .apply(policy, |coming| shared.announce(coming))
+        .await
+        .map_err(|e| {
+            tracing::error!(
+                "policy not reloaded: {e}; the running policy stays in force for new connections"
+            );
+            e.to_string()
+        })?;
     Ok((applied, opened))
 }
 

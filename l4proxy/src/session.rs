@@ -9,7 +9,7 @@
 use std::{
     borrow::Cow,
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, Weak},
     time::{Duration, Instant},
 };
 
@@ -80,6 +80,12 @@ impl Active {
 /// What every connection shares.
 pub struct Shared {
     pub active: RwLock<Arc<Active>>,
+    /// The policy a reload is moving the kernel from or to, while it may
+    /// still steer by it: the coming one until it is in force, then the
+    /// replaced one, for clients steered before the kernel changed and
+    /// accepted after (see [`Shared::rule_for`]). Weak: it does not keep a
+    /// replaced policy, or what the kernel keeps for it, alive.
+    pub other: RwLock<Weak<Active>>,
     pub local: Arc<LocalAddrs>,
     pub ids: ConnectionIds,
     pub connect_timeout: Duration,
@@ -122,12 +128,54 @@ impl Shared {
             .clone()
     }
 
-    /// Puts a new policy in force for the connections to come.
+    /// Puts a new policy in force for the connections to come; the
+    /// replaced one becomes the other.
     pub fn set_active(&self, active: Arc<Active>) {
+        let replaced = std::mem::replace(
+            &mut *self
+                .active
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            active,
+        );
+        self.set_other(&replaced);
+    }
+
+    /// `coming` is about to be written to the kernel, which may steer by
+    /// it before it is in force.
+    pub fn announce(&self, coming: &Arc<Active>) {
+        self.set_other(coming);
+    }
+
+    fn set_other(&self, other: &Arc<Active>) {
         *self
-            .active
+            .other
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = active;
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::downgrade(other);
+    }
+
+    /// The policy and rule a connection to `local` is served under. The
+    /// kernel steered it (or a listener took it), so a rule matched there:
+    /// in the policy in force, or, while a reload changes the kernel's
+    /// rules, in the other one. That is the one the kernel steered by when
+    /// the client connected: a rule the reload adds steers before the new
+    /// policy is in force, and a client of a rule it removes may wait in
+    /// the accept queue until after.
+    fn rule_for(&self, front: Front, local: SocketAddr) -> Option<(Arc<Active>, RuleId)> {
+        let find = |active: &Active| match front {
+            Front::Steered => active.rules.lookup(local),
+            Front::Connect(_) => active.policy.connect_rule(local),
+        };
+        let active = self.active();
+        if let Some(rule) = find(&active) {
+            return Some((active, rule));
+        }
+        let other = self
+            .other
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .upgrade()?;
+        find(&other).map(|rule| (other, rule))
     }
 }
 
@@ -351,8 +399,12 @@ async fn start(
         from_client: 0,
         from_upstream: 0,
     };
-    let active = shared.active();
-    let opened = open(client, peer, front, &shared, &active, &mut record).await?;
+    let Some((active, rule_id)) = shared.rule_for(front, local) else {
+        // Userspace disagreeing with the kernel would be a bug.
+        tracing::error!(client = %peer, orig_dst = %local, ?front, "connection matches no rule; closing");
+        return None;
+    };
+    let opened = open(client, peer, rule_id, &shared, &active, &mut record).await?;
     Some(Started {
         opened,
         record,
@@ -381,22 +433,11 @@ struct Opened {
 async fn open(
     client: TcpStream,
     peer: SocketAddr,
-    front: Front,
+    rule_id: RuleId,
     shared: &Shared,
     active: &Active,
     record: &mut Record,
 ) -> Option<Opened> {
-    let local = record.orig_dst.0;
-    let found = match front {
-        Front::Steered => active.rules.lookup(local),
-        Front::Connect(_) => active.policy.connect_rule(local),
-    };
-    let Some(rule_id) = found else {
-        // The kernel steered it (or a listener took it), so a rule matched
-        // there; userspace disagreeing would be a bug.
-        tracing::error!(client = %peer, orig_dst = %local, ?front, "connection matches no rule; closing");
-        return None;
-    };
     let rule = &active.policy.rules[rule_id.0];
     record.rule_id = Some(rule_id);
     let rule_metrics = &active.metrics.rules[rule_id.0];
@@ -1217,29 +1258,32 @@ mod tests {
         assert!(server.accept().await.is_ok());
     }
 
-    /// Every open connection holds its `serve` future for its whole life:
-    /// what the future holds across its awaits is memory per idle connection.
-    #[tokio::test]
-    async fn a_connection_task_stays_small() {
-        let policy = Policy::from_json(
-            r#"{ "intercept": [ { "name": "r", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "u" } ],
-                 "upstreams": { "u": { "servers": ["203.0.113.2:80"] } } }"#,
-        )
+    /// A policy of one rule for 192.0.2.0/24 on `port`, ready to be in force.
+    fn active_on(port: u16) -> Arc<Active> {
+        let policy = Policy::from_json(&format!(
+            r#"{{ "intercept": [ {{ "name": "r{port}", "prefixes": ["192.0.2.0/24"], "ports": [{port}], "upstream": "u" }} ],
+                 "upstreams": {{ "u": {{ "servers": ["203.0.113.2:80"] }} }} }}"#
+        ))
         .unwrap();
-        let shared = Arc::new(Shared {
-            active: RwLock::new(Arc::new(
-                Active::new(
-                    policy.clone(),
-                    RuleIndex::new(&rules::compile(&policy)),
-                    &Metrics::new(),
-                    &crate::health::Registry::default(),
-                )
-                .unwrap(),
-            )),
+        Arc::new(
+            Active::new(
+                policy.clone(),
+                RuleIndex::new(&rules::compile(&policy)),
+                &Metrics::new(),
+                &crate::health::Registry::default(),
+            )
+            .unwrap(),
+        )
+    }
+
+    async fn shared_with(active: Arc<Active>) -> Arc<Shared> {
+        Arc::new(Shared {
+            active: RwLock::new(active),
             local: LocalAddrs::load(None).await.unwrap(),
             ids: ConnectionIds::new(),
             connect_timeout: Duration::from_secs(1),
             sniff_timeout: Duration::from_secs(1),
+            other: RwLock::new(Weak::new()),
             shutdown: CancellationToken::new(),
             admission: Admission::new(None),
             defaults: Defaults {
@@ -1249,7 +1293,42 @@ mod tests {
                 },
                 keepalive: Keepalive::Off,
             },
-        });
+        })
+    }
+
+    /// While a reload moves the kernel from one policy to another, a
+    /// connection is served under the one its rule is in, for as long as
+    /// that one is alive.
+    #[tokio::test]
+    async fn a_connection_finds_its_rule_in_either_policy_of_a_reload() {
+        let (old, new) = (active_on(80), active_on(81));
+        let shared = shared_with(old.clone()).await;
+        let to = |port| SocketAddr::from(([192, 0, 2, 10], port));
+        let policy_of = |port| {
+            shared
+                .rule_for(Front::Steered, to(port))
+                .map(|(active, _)| active.policy.rules[0].name.clone())
+        };
+        assert_eq!(policy_of(80).as_deref(), Some("r80"));
+        assert_eq!(policy_of(81), None);
+        // The new rules are in the kernel before the policy is in force.
+        shared.announce(&new);
+        assert_eq!(policy_of(81).as_deref(), Some("r81"));
+        assert_eq!(policy_of(80).as_deref(), Some("r80"));
+        // In force: a client the old rule steered is still served.
+        shared.set_active(new);
+        assert_eq!(policy_of(81).as_deref(), Some("r81"));
+        assert_eq!(policy_of(80).as_deref(), Some("r80"));
+        // Until the replaced policy is forgotten.
+        drop(old);
+        assert_eq!(policy_of(80), None);
+    }
+
+    /// Every open connection holds its `serve` future for its whole life:
+    /// what the future holds across its awaits is memory per idle connection.
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let shared = shared_with(active_on(80)).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap())
             .await
