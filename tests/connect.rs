@@ -477,6 +477,36 @@ fn fronting_that_cannot_be_ruled_out_is_refused() {
     }
 }
 
+/// A draining daemon (SIGTERM, a tunnel still open) refuses new CONNECT
+/// clients at once, while the open tunnel flows on.
+#[test]
+fn a_draining_daemon_refuses_new_tunnels() {
+    let mut lab = ConnectLab::start("connect_drain");
+    let (answer, mut open) = ask(&lab.t, PROXY4, &connect_head("app.example.test:443"));
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    lab.d.drain();
+    // The accept loops read their queues to the end first: give them a
+    // moment, then every new client must be refused.
+    let refused_by = Instant::now() + Duration::from_secs(2);
+    loop {
+        match lab::try_connect(&lab.t.cl, sa(PROXY4), Duration::from_secs(1)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            other => assert!(
+                Instant::now() < refused_by,
+                "2 s into the drain a new CONNECT client still gets {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The tunnel opened before is still relayed: nginx answers through it.
+    let hello = lab::tls::capture_client_hello(&lab.t.cl, &["-servername", "app.example.test"]);
+    open.write_all(&hello).unwrap();
+    let mut record = [0u8; 1];
+    open.read_exact(&mut record)
+        .expect("the server's answer through the open tunnel");
+    assert_eq!(record[0], 0x16, "a TLS handshake record from nginx");
+}
+
 /// A chain of proxies (the seed notes' local proxy → remote proxy): px
 /// takes TLS connections to a service address, reads their SNI and asks a
 /// parent l4proxy in sv, by CONNECT, for the name; the parent resolves it

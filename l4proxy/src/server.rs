@@ -381,6 +381,11 @@ pub async fn run(
     installation.drain()?;
     accepting.stop.cancel();
     accepting.tracker.close();
+    // A CONNECT listener closes once its accept loops have read its queue
+    // (each holds a copy): a client that comes later is refused, not left
+    // in a queue nobody reads until the grace period ends. A successor has
+    // its own copies.
+    drop(explicit);
     // Held until we exit: the successor watches for our end of it.
     let (ended, _handed_over) = match successor {
         Some(successor) => {
