@@ -169,9 +169,7 @@ fn reload_changes_the_policy_and_keeps_open_connections() {
 fn clients_steered_while_a_reload_changes_the_kernel_are_served() {
     let (t, _a) = Topo::with_echo("reload-race", "203.0.113.2:8080", "a");
     let mut d = Daemon::start_ready(&t.px, &policy_a(), &[]);
-    let many: Vec<String> = (0..60_000u32)
-        .map(|i| format!("2001:db8:100:{i:x}::/64"))
-        .collect();
+    let many = lab::many_prefixes(60_000);
     let added = json!({
         "intercept": [
             { "name": "web", "prefixes": ["192.0.2.0/25"], "ports": [80], "upstream": "a" },

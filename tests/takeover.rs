@@ -468,9 +468,7 @@ fn a_takeover_hands_over_many_owned_prefixes() {
     const PREFIXES: u32 = 60_000;
     let (t, _srv) = Topo::with_echo("takeover-many", "203.0.113.2:8080", "upstream");
     t.cl.route("2001:db8:100::/48", lab::addr::PX6_CL);
-    let many: Vec<String> = (0..PREFIXES)
-        .map(|i| format!("2001:db8:100:{i:x}::/64"))
-        .collect();
+    let many = lab::many_prefixes(PREFIXES);
     let policy = json!({
         "intercept": [
             { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "pool" },

@@ -455,6 +455,12 @@ pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
     b.ip(&["link", "set", b_dev, "up"]);
 }
 
+/// `n` (at most 65 536) IPv6 /64 prefixes in 2001:db8:100::/48, which no
+/// topology uses: a large policy's service prefixes.
+pub fn many_prefixes(n: u32) -> Vec<String> {
+    (0..n).map(|i| format!("2001:db8:100:{i:x}::/64")).collect()
+}
+
 /// Addresses of the standard topology.
 pub mod addr {
     pub const CL4: &str = "198.51.100.2";
