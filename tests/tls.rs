@@ -1709,6 +1709,63 @@ fn reload_replaces_certificates_and_keeps_them_on_error() {
 // 12. Resumption
 // ---------------------------------------------------------------------------
 
+/// A session made where no client certificate was asked does not resume
+/// where one is required (rustls takes a resumed session's client
+/// certificate from its ticket and asks for none): the client must show
+/// one. On the terminator that made it, it resumes.
+#[test]
+fn a_session_resumes_only_where_it_showed_what_is_asked() {
+    let t = Topo::new("tls_resume_mtls");
+    let pki = Pki::new();
+    let app = pki
+        .front
+        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let _upstream = Server::start(&t.sv, sa(PLAIN), greeter("plain-upstream"));
+    let policy = json!({
+        "intercept": [
+            terminating("open", 443, "plain", json!({ "certificates": [files(&app)] })),
+            terminating("required", 444, "plain", json!({
+                "certificates": [files(&app)],
+                "client_certificates": { "ca": p(&pki.clients.cert), "required": true } })),
+        ],
+        "upstreams": { "plain": { "servers": [PLAIN] } }
+    });
+    let _d = Daemon::start_ready(&t.px, &policy, &[]);
+    let sessions = TempDir::new("tls-sessions-mtls");
+    let ca = &pki.front.cert;
+    for version in ["-tls1_3", "-tls1_2"] {
+        let session = p(&sessions.join(&format!("{version}.pem")));
+        let run = |port: u16, session_arg: &str| {
+            let args = [
+                "-servername",
+                "app.example.test",
+                version,
+                session_arg,
+                &session,
+            ];
+            s_client(&t, &svc(port), ca, &args)
+        };
+        let first = run(443, "-sess_out");
+        assert!(
+            first.got("plain-upstream") && !first.reused(),
+            "{version}: a new session\n{}",
+            first.describe()
+        );
+        let elsewhere = run(444, "-sess_in");
+        assert_refused(
+            &elsewhere,
+            "plain-upstream",
+            &format!("{version}: the open terminator's session, where a certificate is required"),
+        );
+        let again = run(443, "-sess_in");
+        assert!(
+            again.got("plain-upstream") && again.reused(),
+            "{version}: the session resumes where it was made\n{}",
+            again.describe()
+        );
+    }
+}
+
 /// TLS 1.3 tickets: a second connection resumes the first's session, and
 /// so does one after a reload that renewed the certificate.
 #[test]

@@ -3,13 +3,13 @@
 //! name or an unknown one (or a refusal, as the policy says); the ALPN
 //! protocols and versions the policy offers; client certificates checked
 //! against its CA file. Sessions resume with tickets (keys rotated by
-//! rustls, shared by every policy the daemon puts in force, so a reload
-//! does not end them) and, for TLS 1.2 clients without tickets, a session
-//! cache.
+//! rustls, kept for the daemon's life, so a reload does not end them; one
+//! set per client-certificate requirement, see [`tickets`]) and, for TLS
+//! 1.2 clients without tickets, a session cache per configuration.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, LazyLock},
+    sync::{Arc, Mutex},
 };
 
 use rustls::{
@@ -23,20 +23,37 @@ use rustls::{
 };
 
 use super::provider;
-use crate::policy::{Terminate, TlsVersion};
+use crate::policy::{ClientCertificates, Terminate, TlsVersion};
 
 /// Sessions a terminating configuration remembers for TLS 1.2 resumption
 /// by ID (about 100 bytes each).
 const SESSION_CACHE: usize = 4096;
 
-/// The daemon's ticket keys: one rotating ticketer for every policy it puts
-/// in force, so tickets outlive reloads. `None` if it could not be made
-/// (then sessions resume from the cache only).
-static TICKETS: LazyLock<Option<Arc<dyn ProducesTickets>>> = LazyLock::new(|| {
-    rustls::crypto::ring::Ticketer::new()
+/// Ticketers made so far, by the client certificates their sessions had to
+/// show (see [`tickets`]).
+type Ticketers = Vec<(Option<ClientCertificates>, Option<Arc<dyn ProducesTickets>>)>;
+
+static TICKETS: Mutex<Ticketers> = Mutex::new(Vec::new());
+
+/// The ticket keys for terminators that ask `clients` of their clients:
+/// one rotating ticketer per requirement (none, or a CA and whether a
+/// certificate is required), kept for the daemon's life so that tickets
+/// outlive reloads. Not one for all: rustls resumes a session without
+/// asking for a certificate (it takes the client's from the ticket), so a
+/// ticket from a terminator that asked for none, or trusts another CA,
+/// must not resume where a certificate is required. `None` if a ticketer
+/// could not be made (then sessions resume from the cache only).
+fn tickets(clients: &Option<ClientCertificates>) -> Option<Arc<dyn ProducesTickets>> {
+    let mut made = TICKETS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, ticketer)) = made.iter().find(|(asked, _)| asked == clients) {
+        return ticketer.clone();
+    }
+    let ticketer: Option<Arc<dyn ProducesTickets>> = rustls::crypto::ring::Ticketer::new()
         .inspect_err(|e| tracing::warn!(error = %e, "no TLS session tickets"))
-        .ok()
-});
+        .ok();
+    made.push((clients.clone(), ticketer.clone()));
+    ticketer
+}
 
 /// The rustls configuration for a `terminate`.
 pub fn config(terminate: &Terminate) -> Result<Arc<ServerConfig>, String> {
@@ -71,8 +88,8 @@ pub fn config(terminate: &Terminate) -> Result<Arc<ServerConfig>, String> {
     // The provider's suite order (see `provider`), not the client's.
     config.ignore_client_order = true;
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
-    if let Some(tickets) = &*TICKETS {
-        config.ticketer = tickets.clone();
+    if let Some(ticketer) = tickets(&terminate.client_certificates) {
+        config.ticketer = ticketer;
     }
     Ok(Arc::new(config))
 }
@@ -156,6 +173,28 @@ mod tests {
             wildcard,
             default: Some(0),
         }
+    }
+
+    #[test]
+    fn terminators_share_ticket_keys_only_when_they_ask_the_same_of_clients() {
+        let asking = |path: &str, required| {
+            Some(ClientCertificates {
+                ca: crate::tls::files::Roots::File {
+                    path: path.to_owned(),
+                    certs: Vec::new(),
+                },
+                required,
+            })
+        };
+        let keys = |clients: &Option<ClientCertificates>| tickets(clients).expect("a ticketer");
+        let same = |a: Option<ClientCertificates>, b: Option<ClientCertificates>| {
+            Arc::ptr_eq(&keys(&a), &keys(&b))
+        };
+        assert!(same(None, None), "no client certificates, a reload later");
+        assert!(same(asking("/ca.pem", true), asking("/ca.pem", true)));
+        assert!(!same(None, asking("/ca.pem", true)));
+        assert!(!same(asking("/ca.pem", false), asking("/ca.pem", true)));
+        assert!(!same(asking("/ca.pem", true), asking("/other.pem", true)));
     }
 
     #[test]
