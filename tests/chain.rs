@@ -21,6 +21,11 @@ use serde_json::{Value, json};
 const REMOTE4: &str = "198.51.100.1:3128";
 const REMOTE6: &str = "[2001:db8:c::1]:3128";
 const REMOTE_PP: &str = "198.51.100.1:3129";
+/// The remote's TLS CONNECT listener whose upstream TLS it originates.
+const REMOTE_TLS_UP: &str = "198.51.100.1:3130";
+/// The remote's plain CONNECT listener, where a route terminates the TLS
+/// inside tunnels to the app.
+const REMOTE_PLAIN: &str = "198.51.100.1:3131";
 /// The name the remote proxy's certificate is for.
 const REMOTE_NAME: &str = "proxy.example.test";
 /// The service address cl's l4proxy takes (cl routes it via px; the local
@@ -32,7 +37,8 @@ const SERVICE: &str = "192.0.2.10";
 struct Chain {
     t: Topo,
     origin: Origin,
-    /// nginx on 203.0.113.2:8443: TLS behind a PROXY header.
+    /// nginx on 203.0.113.2:8443: TLS behind a PROXY header; on 9443, TLS
+    /// with a certificate of `ca`.
     pp_site: Nginx,
     ca: Ca,
     remote: Daemon,
@@ -40,22 +46,34 @@ struct Chain {
     _dir: TempDir,
 }
 
-fn remote_policy(cert: &Cert) -> Value {
+/// The remote proxy's rules, its certificates issued by `ca` (as is the
+/// certificate of nginx's site on 9443, which it re-encrypts to).
+fn remote_policy(ca: &Ca, cert: &Cert) -> Value {
     let terminate = json!({ "certificates": [ { "chain": cert.chain, "key": cert.key } ] });
+    let app = ca.issue_server("app", &[&format!("DNS:{APP}")]);
     let connect = |listen: Value| {
         json!({ "listen": listen, "clients": ["198.51.100.0/24", "2001:db8:c::/64"],
-                "ports": [443, 8443] })
+                "ports": [443, 8443, 9443] })
     };
     json!({
         "intercept": [
             { "name": "remote", "upstream": "direct", "terminate": terminate,
               "connect": connect(json!([REMOTE4, REMOTE6])) },
             { "name": "remote-pp", "upstream": "direct-pp", "terminate": terminate,
-              "connect": connect(json!([REMOTE_PP])) }
+              "connect": connect(json!([REMOTE_PP])) },
+            { "name": "remote-tls-up", "upstream": "reencrypt", "terminate": terminate,
+              "connect": connect(json!([REMOTE_TLS_UP])) },
+            { "name": "remote-plain", "upstream": "direct", "connect": connect(json!([REMOTE_PLAIN])) }
+        ],
+        "routes": [
+            { "name": "app-inside", "match": { "intercept": ["remote-plain"], "target": [APP] },
+              "terminate": { "certificates": [ { "chain": app.chain, "key": app.key } ] },
+              "upstream": "reencrypt" }
         ],
         "upstreams": {
             "direct": { "original_destination": true },
-            "direct-pp": { "original_destination": true, "proxy_protocol": "v2" }
+            "direct-pp": { "original_destination": true, "proxy_protocol": "v2" },
+            "reencrypt": { "original_destination": true, "tls": { "ca": ca.cert } }
         }
     })
 }
@@ -89,15 +107,24 @@ impl Chain {
             &[],
             &[(APP, &["203.0.113.2"])],
         );
-        let pp_site = Nginx::start(
-            &t.sv,
-            &[Site {
-                proxy_protocol: true,
-                ..Site::tls("203.0.113.2:8443", &origin.cert, "app-pp")
-            }],
-        );
         let dir = TempDir::new("chain-pki");
         let ca = Ca::new(&dir, "proxies");
+        let issued = ca.issue_server("app-by-ca", &[&format!("DNS:{APP}")]);
+        let by_ca = lab::tls::Cert {
+            name: issued.name,
+            cert: issued.chain,
+            key: issued.key,
+        };
+        let pp_site = Nginx::start(
+            &t.sv,
+            &[
+                Site {
+                    proxy_protocol: true,
+                    ..Site::tls("203.0.113.2:8443", &origin.cert, "app-pp")
+                },
+                Site::tls("203.0.113.2:9443", &by_ca, "app-by-ca"),
+            ],
+        );
         let cert = ca.issue_server(
             "remote",
             &[
@@ -106,8 +133,12 @@ impl Chain {
                 "IP:2001:db8:c::1",
             ],
         );
-        let remote =
-            Daemon::start_with_resolver(&t.px, &remote_policy(&cert), &[], &origin.resolv_conf());
+        let remote = Daemon::start_with_resolver(
+            &t.px,
+            &remote_policy(&ca, &cert),
+            &[],
+            &origin.resolv_conf(),
+        );
         let local = Daemon::start_ready(&t.cl, &local_policy(&ca), &[]);
         Chain {
             t,
@@ -267,4 +298,71 @@ fn curl_speaks_tls_to_the_connect_listener() {
         );
         assert!(field_str(&ev, "tls_cipher").is_some(), "{ev}");
     }
+}
+
+/// Plain HTTP through the remote's TLS listener (`--proxy https://`,
+/// `--proxytunnel`) to a rule whose upstream is TLS: l4proxy verifies the
+/// server against the CONNECT name, not against the name of the hop's TLS
+/// (the proxy's own).
+#[test]
+fn upstream_tls_of_a_tls_connect_listener_verifies_the_connect_name() {
+    let mut c = Chain::start("chain_tls_up");
+    let proxy_url = format!("https://{REMOTE_NAME}:3130");
+    let resolve_proxy = format!("{REMOTE_NAME}:3130:198.51.100.1");
+    let ca = c.ca.cert.display().to_string();
+    let url = format!("http://{APP}:9443/");
+    let got = curl(
+        &c.t.cl,
+        &[
+            "--proxy",
+            &proxy_url,
+            "--proxy-cacert",
+            &ca,
+            "--resolve",
+            &resolve_proxy,
+            "--proxytunnel",
+            &url,
+        ],
+    );
+    assert_eq!(got.body.trim(), "app-by-ca", "{}", got.describe());
+    let ev = c
+        .remote
+        .closed_event(got.local.expect("curl's own address"));
+    assert_eq!(outcome(&ev), "closed", "{ev}");
+    assert_eq!(
+        field_str(&ev, "rule").as_deref(),
+        Some("remote-tls-up"),
+        "{ev}"
+    );
+    assert_eq!(
+        field_str(&ev, "tls_sni").as_deref(),
+        Some(REMOTE_NAME),
+        "{ev}"
+    );
+    assert!(field_str(&ev, "upstream_tls_version").is_some(), "{ev}");
+}
+
+/// A route chosen by the CONNECT name alone that terminates the TLS inside
+/// the tunnel: the client gets its `200` first (its ClientHello comes only
+/// then), l4proxy terminates with the route's certificate and re-encrypts
+/// to the server.
+#[test]
+fn a_route_by_connect_name_terminates_the_tls_inside_the_tunnel() {
+    let mut c = Chain::start("chain_bump");
+    let proxy_url = format!("http://{REMOTE_PLAIN}");
+    let ca = c.ca.cert.display().to_string();
+    let url = format!("https://{APP}:9443/");
+    let got = curl(&c.t.cl, &["--proxy", &proxy_url, "--cacert", &ca, &url]);
+    assert_eq!(got.body.trim(), "app-by-ca", "{}", got.describe());
+    let ev = c
+        .remote
+        .closed_event(got.local.expect("curl's own address"));
+    assert_eq!(outcome(&ev), "closed", "{ev}");
+    assert_eq!(
+        field_str(&ev, "route").as_deref(),
+        Some("app-inside"),
+        "{ev}"
+    );
+    assert_eq!(field_str(&ev, "tls_sni").as_deref(), Some(APP), "{ev}");
+    assert!(field_str(&ev, "upstream_tls_version").is_some(), "{ev}");
 }

@@ -514,18 +514,7 @@ async fn open(
         .as_deref()
         .filter(|_| rule.connect.as_ref().is_some_and(|c| c.refuse_fronting));
     if matches!(decision, route::Decision::NeedHello) || fronting.is_some() {
-        // A tunnel's first bytes come only once it is open.
-        if !established {
-            if let Err(e) = tunnel::answer(&mut client, Status::Established).await {
-                record.end(
-                    active,
-                    "client_failed",
-                    Some(&format!("answering CONNECT: {e}")),
-                );
-                return None;
-            }
-            established = true;
-        }
+        open_tunnel(&mut client, &mut established, active, record).await?;
         let said = sniff_hello(&mut client, shared, active, record).await?;
         let fronted = fronting.and_then(|name| tunnel::fronting(name, &said, record.sniff_gave_up));
         if matches!(decision, route::Decision::NeedHello) {
@@ -566,6 +555,9 @@ async fn open(
             if let route::Why::Route(label) = why
                 && let Some(acceptor) = &active.terminators.routes[label.id.0]
             {
+                // A route chosen without the client's bytes (by its CONNECT
+                // name, say) still needs its ClientHello.
+                open_tunnel(&mut client, &mut established, active, record).await?;
                 client = terminate(client, acceptor, shared, active, record).await?;
             }
             (upstream, bind, timeouts)
@@ -609,12 +601,15 @@ async fn open(
         .map(|(_, addr)| addr)
         .collect();
 
-    // The name the client asked for: its TLS server name (as its
-    // handshake with l4proxy or its ClientHello gave it), else its CONNECT
-    // name, else its Host.
+    // The name the client asked for: the server name of its TLS to the
+    // server (as its handshake with l4proxy or its ClientHello gave it; a
+    // CONNECT rule's own TLS is the hop to the proxy, and names the proxy),
+    // else (below) its CONNECT name.
+    let hop_tls = rule.connect.is_some() && rule.terminate.is_some();
     let client_name = record
         .tls
         .as_ref()
+        .filter(|_| !hop_tls)
         .and_then(|tls| tls.sni.clone())
         .or_else(|| {
             record
@@ -759,7 +754,11 @@ async fn open(
         }
     }
     if let Some(origination) = &pool.origination {
-        let alpn = record.tls.as_ref().and_then(|tls| tls.alpn.clone());
+        let alpn = record
+            .tls
+            .as_ref()
+            .filter(|_| !hop_tls)
+            .and_then(|tls| tls.alpn.clone());
         let name = client_name.or_else(|| target_name.clone());
         match originate(upstream, origination, name, alpn, shared.connect_timeout).await {
             Ok(secured) => {
@@ -878,6 +877,26 @@ async fn originate(
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no TLS handshake within {deadline:?}")),
     }
+}
+
+/// Answers a CONNECT client `200` unless it was (`established`): the
+/// tunnel's first bytes come only once it is open. `None` once that failed
+/// and it is logged.
+async fn open_tunnel(
+    client: &mut Stream,
+    established: &mut bool,
+    active: &Active,
+    record: &mut Record,
+) -> Option<()> {
+    if !*established {
+        if let Err(e) = tunnel::answer(client, Status::Established).await {
+            let error = format!("answering CONNECT: {e}");
+            record.end(active, "client_failed", Some(&error));
+            return None;
+        }
+        *established = true;
+    }
+    Some(())
 }
 
 /// Terminates the client's TLS with `acceptor`, within the deadline for its
