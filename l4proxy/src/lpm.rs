@@ -8,11 +8,13 @@
 //! Addresses are 128-bit, IPv4 ones IPv4-mapped (as the kernel's `RULES`
 //! trie keys them), so one table serves both families.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use foldhash::HashMap;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
+
+use crate::policy::IPV4_MAPPED;
 
 /// An address as the tables key it: IPv6 as is, IPv4 mapped.
 pub fn key(ip: IpAddr) -> u128 {
@@ -22,12 +24,38 @@ pub fn key(ip: IpAddr) -> u128 {
     }
 }
 
-/// A prefix as the tables key it: its key and its length out of 128.
-pub fn prefix_key(net: IpNet) -> (u128, u8) {
+/// A prefix as the tables key it: its keys and lengths out of 128. An IPv6
+/// one that holds the IPv4-mapped range (`::/0` to `::/80`) is keyed
+/// without it, as pieces: whole, it would hold every IPv4 address.
+pub fn prefix_keys(net: IpNet) -> Vec<(u128, u8)> {
     match net {
-        IpNet::V4(v4) => (key(IpAddr::V4(v4.network())), 96 + v4.prefix_len()),
-        IpNet::V6(v6) => (u128::from(v6.network()), v6.prefix_len()),
+        IpNet::V4(v4) => vec![(key(IpAddr::V4(v4.network())), 96 + v4.prefix_len())],
+        IpNet::V6(v6) => outside_ipv4_mapped(v6)
+            .into_iter()
+            .map(|piece| (u128::from(piece.network()), piece.prefix_len()))
+            .collect(),
     }
+}
+
+/// `net` less the IPv4-mapped range, as prefixes: an IPv6 prefix never
+/// holds an IPv4 address.
+pub fn outside_ipv4_mapped(net: Ipv6Net) -> Vec<Ipv6Net> {
+    if IPV4_MAPPED.contains(&net) {
+        return Vec::new();
+    }
+    if !net.contains(&IPV4_MAPPED) {
+        return vec![net];
+    }
+    // Each step from `net` down towards the mapped range leaves one half
+    // outside it: the sibling of the half that holds it.
+    let mapped = u128::from(IPV4_MAPPED.network());
+    (net.prefix_len()..IPV4_MAPPED.prefix_len())
+        .map(|len| {
+            let bit = 1u128 << (127 - len);
+            let sibling = (mapped & !(u128::MAX >> len)) | (!mapped & bit);
+            Ipv6Net::new_assert(Ipv6Addr::from(sibling), len + 1)
+        })
+        .collect()
 }
 
 /// Values by prefix; [`Lpm::longest`] finds the longest prefix that holds an
@@ -75,8 +103,7 @@ impl Lpm<()> {
     /// A set of prefixes.
     pub fn of(prefixes: impl IntoIterator<Item = IpNet>) -> Self {
         let mut lpm = Lpm::default();
-        for prefix in prefixes {
-            let (addr, len) = prefix_key(prefix);
+        for (addr, len) in prefixes.into_iter().flat_map(prefix_keys) {
             lpm.insert(addr, len, ());
         }
         lpm
@@ -111,8 +138,9 @@ mod tests {
             ("::/0", "v6 default"),
             ("2001:db8::/32", "2001:db8::/32"),
         ] {
-            let (addr, len) = prefix_key(net(prefix));
-            lpm.insert(addr, len, value);
+            for (addr, len) in prefix_keys(net(prefix)) {
+                lpm.insert(addr, len, value);
+            }
         }
         for (addr, want) in [
             ("192.0.2.7", Some("/32")),
@@ -125,12 +153,15 @@ mod tests {
         ] {
             assert_eq!(lpm.longest(key(ip(addr))).copied(), want, "{addr}");
         }
-        // ::/0 is also keyed as 0/0 of the 128-bit space: it holds the mapped
-        // range, as a v6 default would; the rule compiler splits it around.
-        let mut v6_only = Lpm::default();
-        let (addr, len) = prefix_key(net("2001:db8::/32"));
-        v6_only.insert(addr, len, ());
-        assert!(v6_only.longest(key(ip("192.0.2.7"))).is_none());
+        // Without IPv4 prefixes, an IPv6 default holds no IPv4 address:
+        // whole, ::/0 would hold the IPv4-mapped range.
+        let v6 = Lpm::of([net("::/0"), net("::/80"), net("2001:db8::/32")]);
+        for v4 in ["192.0.2.7", "::ffff:192.0.2.7", "0.0.0.0"] {
+            assert!(!v6.contains(ip(v4)), "{v4}");
+        }
+        for v6_addr in ["::1", "::ffff:0:0:1", "::1:0:0:0", "2001:db9::1"] {
+            assert!(v6.contains(ip(v6_addr)), "{v6_addr}");
+        }
     }
 
     #[test]

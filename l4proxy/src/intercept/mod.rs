@@ -120,10 +120,8 @@ impl LocalMap {
     pub fn set(&mut self, prefixes: &[IpNet]) -> Result<(), InterceptError> {
         let wanted: Contents<(u32, [u8; 16]), u8> = prefixes
             .iter()
-            .map(|&prefix| {
-                let (addr, len) = lpm::prefix_key(prefix);
-                ((u32::from(len), addr.to_be_bytes()), 1)
-            })
+            .flat_map(|&prefix| lpm::prefix_keys(prefix))
+            .map(|(addr, len)| ((u32::from(len), addr.to_be_bytes()), 1))
             .collect();
         self.0.set(&wanted)
     }

@@ -26,11 +26,11 @@
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv6Addr, SocketAddr},
+    net::SocketAddr,
 };
 
 use foldhash::HashMap;
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::IpNet;
 use l4proxy_common::{
     ANY_PORT_CLASS, ClassKey, RULE_KEY_FIXED_BITS, RULE_ON_INTERFACES, RuleKey, RuleValue,
 };
@@ -289,7 +289,7 @@ fn trie_prefixes(prefix: &IpNet) -> Vec<TriePrefix> {
             addr: RuleKey::mapped_v4(v4.network().octets()),
             net: *prefix,
         }],
-        IpNet::V6(v6) => outside_ipv4_mapped(*v6)
+        IpNet::V6(v6) => lpm::outside_ipv4_mapped(*v6)
             .into_iter()
             .map(|net| TriePrefix {
                 len: RULE_KEY_FIXED_BITS + u32::from(net.prefix_len()),
@@ -300,30 +300,9 @@ fn trie_prefixes(prefix: &IpNet) -> Vec<TriePrefix> {
     }
 }
 
-/// `net` less the IPv4-mapped range, as prefixes: an IPv6 rule never matches
-/// an IPv4 connection.
-fn outside_ipv4_mapped(net: Ipv6Net) -> Vec<Ipv6Net> {
-    if IPV4_MAPPED.contains(&net) {
-        return Vec::new();
-    }
-    if !net.contains(&IPV4_MAPPED) {
-        return vec![net];
-    }
-    // Each step from `net` down towards the mapped range leaves one half
-    // outside it: the sibling of the half that holds it.
-    let mapped = u128::from(IPV4_MAPPED.network());
-    (net.prefix_len()..IPV4_MAPPED.prefix_len())
-        .map(|len| {
-            let bit = 1u128 << (127 - len);
-            let sibling = (mapped & !(u128::MAX >> len)) | (!mapped & bit);
-            Ipv6Net::new_assert(Ipv6Addr::from(sibling), len + 1)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, SocketAddr};
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
     use PortSpec::{Any, Range, Single};
 
