@@ -413,9 +413,11 @@ impl Pool {
                 Err(AttemptFailed { error, reached }) => {
                     tracing::debug!(upstream = %server.address, %error, "upstream connect failed");
                     // A server that took the connection is alive, whatever
-                    // a parent then answered.
+                    // a parent then answered; one this host could not even
+                    // try is not at fault.
                     match &self.observe {
                         Some(_) if reached => server.state.connect_succeeded(),
+                        Some(_) if this_hosts_fault(&error) => {}
                         Some(observe) => server.state.connect_failed(observe, &error),
                         None => {}
                     }
@@ -834,6 +836,26 @@ fn set_int_option(
     Ok(())
 }
 
+/// Whether a failed connect says nothing of the server: this host ran out
+/// of descriptors, memory or source ports (one busy client's address has
+/// only so many towards a server), or may not bind or send. Counted against
+/// the server, these would mark a healthy pool down for every client.
+fn this_hosts_fault(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EADDRNOTAVAIL
+                | libc::EADDRINUSE
+                | libc::EPERM
+                | libc::EACCES
+        )
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -852,6 +874,27 @@ mod tests {
 
     fn server(addr: &str) -> UpstreamAddr {
         UpstreamAddr(addr.parse().unwrap())
+    }
+
+    #[test]
+    fn only_what_the_server_or_the_path_did_counts_against_it() {
+        let os = io::Error::from_raw_os_error;
+        for ours in [
+            libc::EMFILE,
+            libc::EADDRNOTAVAIL,
+            libc::EADDRINUSE,
+            libc::EPERM,
+        ] {
+            assert!(this_hosts_fault(&os(ours)), "{}", os(ours));
+        }
+        for theirs in [
+            os(libc::ECONNREFUSED),
+            os(libc::EHOSTUNREACH),
+            os(libc::ECONNRESET),
+            timed_out(),
+        ] {
+            assert!(!this_hosts_fault(&theirs), "{theirs}");
+        }
     }
 
     #[tokio::test]
