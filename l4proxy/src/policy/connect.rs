@@ -14,7 +14,7 @@ use super::{
     NamePattern, PortSpec,
     duration::{Bounds, Written},
     htpasswd::Htpasswd,
-    raw::{Object, Pattern, Port, Prefix, Server, non_empty, some_non_empty},
+    raw::{Object, Pattern, Port, Prefix, Server, non_empty, some, some_non_empty},
 };
 
 /// How an explicit rule takes connections and which it lets through.
@@ -53,9 +53,12 @@ impl ConnectFront {
     }
 
     /// Whether nothing limits who may use it or where to: an open relay. A
-    /// prefix of length 0 limits nothing.
+    /// list with a prefix of length 0 limits nothing (in that family at
+    /// least).
     pub fn is_open_relay(&self) -> bool {
-        let limits = |prefixes: &[IpNet]| prefixes.iter().any(|p| p.prefix_len() > 0);
+        let limits = |prefixes: &[IpNet]| {
+            !prefixes.is_empty() && prefixes.iter().all(|p| p.prefix_len() > 0)
+        };
         !limits(&self.clients)
             && self.names.is_none()
             && !self.destinations.as_deref().is_some_and(limits)
@@ -82,7 +85,7 @@ pub struct RawConnectFront {
     refuse_fronting: bool,
     #[serde(default, deserialize_with = "some_timeout")]
     resolve_timeout: Option<Duration>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some")]
     htpasswd: Option<Htpasswd>,
 }
 

@@ -44,9 +44,9 @@ impl std::fmt::Debug for Parent {
 pub struct RawParent {
     #[serde(deserialize_with = "non_empty")]
     servers: Vec<Server>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some")]
     user: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some")]
     password: Option<String>,
     #[serde(default, deserialize_with = "some")]
     tls: Option<Object<RawOriginate>>,

@@ -100,6 +100,26 @@ fn bad_connect_rules_name_their_place() {
             "intercept[0].connect: would be an open relay",
         ),
         (
+            r#""clients": ["198.51.100.0/24"], "names": ["*.example.com"],"#,
+            r#""clients": ["0.0.0.0/0", "2001:db8:c::/64"],"#,
+            "intercept[0].connect: would be an open relay",
+        ),
+        (
+            r#""clients": ["198.51.100.0/24"], "names": ["*.example.com"],"#,
+            r#""destinations": ["0.0.0.0/0", "2001:db8::/32"],"#,
+            "intercept[0].connect: would be an open relay",
+        ),
+        (
+            r#""resolve_timeout": 2"#,
+            r#""resolve_timeout": 2, "htpasswd": null"#,
+            "intercept[0].connect.htpasswd: invalid type: null",
+        ),
+        (
+            r#""user": "u", "password": "p""#,
+            r#""user": null, "password": null"#,
+            "upstreams.parent.parent.user: invalid type: null",
+        ),
+        (
             r#""listen": ["198.51.100.1:3128", "#,
             r#""listen": ["0.0.0.0:3128", "#,
             "intercept[0].connect.listen[0]: an unspecified address listens on all of them",
