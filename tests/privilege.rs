@@ -10,7 +10,7 @@ mod lab;
 
 use std::time::Duration;
 
-use lab::daemon::{command, field_string as field, message};
+use lab::daemon::{Stray, command, field_string as field, message};
 use lab::tls::Output;
 use lab::{Daemon, Netns, Server, TempDir, Topo, addr, connect, sa, talk};
 use serde_json::{Value, json};
@@ -194,6 +194,59 @@ fn as_root_the_same_capabilities_remain_and_what_a_successor_needs_is_bounded() 
     assert_credentials(&d, (0, 0), KEPT, KEPT | START);
     transparent_connection(&t, &mut d, &server, 8080);
     assert_clean_shutdown(&t, &mut d);
+}
+
+/// Under no_new_privs (the unit's `NoNewPrivileges=yes`), `l4proxy upgrade`
+/// works: the successor the daemon starts can load its programs.
+#[test]
+fn under_no_new_privs_an_upgrade_works() {
+    let (t, server) = Topo::with_echo("privnnp", "203.0.113.3:8080", "server");
+    // no_new_privs is per thread and inherited: a thread of its own starts
+    // the daemon with it.
+    let mut d = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscall; only this thread's flag changes.
+            let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            Daemon::start_ready(&t.px, &policy(&[8080]), &[])
+        })
+        .join()
+        .unwrap()
+    });
+    // What a start takes stays permitted, for the successor, not effective.
+    assert_root_threads(d.pid(), KEPT | START, KEPT);
+    transparent_connection(&t, &mut d, &server, 8080);
+    let upgrade = command(&t.px, &["upgrade"], Duration::from_secs(60));
+    assert!(upgrade.success(), "{upgrade:?}\n{}", d.log_text());
+    let status = d.wait_exit(Duration::from_secs(30));
+    d.assert_exit_ok(status);
+    // The successor serves, its threads as the first daemon's were.
+    let successor = Stray::upgraded(&upgrade);
+    assert_root_threads(successor.0, KEPT | START, KEPT);
+    let mut c = connect(&t.cl, sa("203.0.113.3:8080"));
+    assert_eq!(lab::read_line(&mut c).unwrap(), "server");
+    drop(c);
+    successor.terminate(Duration::from_secs(30));
+}
+
+/// Every thread of `pid` runs as root with `permitted` and `effective`
+/// capabilities, nothing inheritable or ambient.
+fn assert_root_threads(pid: i32, permitted: u64, effective: u64) {
+    let threads = threads_credentials(pid);
+    assert!(threads.len() > 1, "the runtime's threads: {threads:?}");
+    for (path, c) in threads {
+        assert_eq!(
+            (
+                c.uid.as_str(),
+                c.permitted,
+                c.effective,
+                c.inheritable,
+                c.ambient
+            ),
+            ("0\t0\t0\t0", permitted, effective, 0, 0),
+            "{path}"
+        );
+    }
 }
 
 /// Started without cap_net_bind_service (as a unit's bounding set would

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lab::daemon::{command, field, message};
+use lab::daemon::{Stray, command, field, message};
 use lab::{Daemon, Netns, Topo, sa};
 use serde_json::{Value, json};
 
@@ -604,33 +604,6 @@ fn one_daemon_per_namespace() {
     assert_nothing_left(&t.px);
 }
 
-/// A process this test did not start (the successor `upgrade` made),
-/// killed if it still runs when the test ends.
-struct Stray(i32);
-
-impl Stray {
-    fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
-            .is_ok_and(|stat| !stat.contains(") Z "))
-    }
-
-    fn terminate(&self, timeout: Duration) {
-        // SAFETY: plain syscall.
-        unsafe { libc::kill(self.0, libc::SIGTERM) };
-        let gone = lab::poll_until(timeout, || self.alive(), |alive| !alive);
-        assert!(!gone, "pid {} did not exit within {timeout:?}", self.0);
-    }
-}
-
-impl Drop for Stray {
-    fn drop(&mut self) {
-        if self.alive() {
-            // SAFETY: plain syscall.
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-        }
-    }
-}
-
 /// `l4proxy upgrade`: the daemon starts its successor from its own binary
 /// path and arguments; `upgrade` exits 0 once the successor serves; the
 /// old daemon finishes its open stream and exits.
@@ -661,13 +634,7 @@ fn upgrade_starts_the_successor() {
 
     let upgrade = command(&t.px, &["upgrade"], Duration::from_secs(120));
     assert!(upgrade.success(), "l4proxy upgrade: {upgrade:?}");
-    let successor: i32 = upgrade
-        .stdout
-        .strip_prefix("upgraded: pid ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("upgrade should name the successor: {upgrade:?}"));
-    let successor = Stray(successor);
+    let successor = Stray::upgraded(&upgrade);
     assert!(successor.alive(), "the successor runs");
     assert_ne!(successor.0, old.pid());
 

@@ -21,7 +21,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// The socket's abstract name.
 const NAME: &[u8] = b"l4proxy-control";
@@ -134,8 +134,15 @@ pub fn connect() -> Result<std::os::unix::net::UnixStream, String> {
         .map_err(|e| format!("no l4proxy daemon answers in this network namespace ({e})"))
 }
 
-/// Answers clients on `listener` until `stop`.
-pub async fn serve(listener: UnixListener, requests: Requests, stop: CancellationToken) {
+/// Answers clients on `listener` until `stop`, each in a task of
+/// `answers` (the daemon waits for them before it exits: an `upgrade` is
+/// answered as the daemon hands over).
+pub async fn serve(
+    listener: UnixListener,
+    requests: Requests,
+    stop: CancellationToken,
+    answers: TaskTracker,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -149,7 +156,7 @@ pub async fn serve(listener: UnixListener, requests: Requests, stop: Cancellatio
             () = stop.cancelled() => return,
         };
         let requests = requests.clone();
-        tokio::spawn(async move {
+        answers.spawn(async move {
             if let Err(e) = answer(stream, &requests).await {
                 tracing::debug!(error = %e, "control request failed");
             }

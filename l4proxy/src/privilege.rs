@@ -224,6 +224,12 @@ pub fn held() -> io::Result<Held> {
     })
 }
 
+/// Whether the calling thread runs under no_new_privs.
+fn no_new_privs() -> bool {
+    // SAFETY: a query with no pointer argument.
+    unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1 }
+}
+
 /// Whether `held` gives what `cap` allows: `CAP_SYS_ADMIN` still allows
 /// what `CAP_BPF` and `CAP_PERFMON` were split from.
 pub fn covers(held: CapSet, cap: Capability) -> bool {
@@ -319,8 +325,10 @@ fn name_of(number: u32) -> Option<&'static str> {
 /// have a single thread (the crash guard, just forked).
 pub fn keep_only(keep: CapSet) -> Result<(), PrivilegeError> {
     let held = held().map_err(PrivilegeError::Read)?;
+    let keep = keep.intersect(held.permitted);
     let change = Change {
-        keep: keep.intersect(held.permitted),
+        keep,
+        permitted: keep,
         bounding: held.effective.contains(CAP_SETPCAP),
         bounding_keep: keep,
         user: None,
@@ -330,6 +338,13 @@ pub fn keep_only(keep: CapSet) -> Result<(), PrivilegeError> {
 
 /// Drops every capability but [`KEPT`] (those of it held) on every thread
 /// of this process, and switches to `user` if given; returns what is kept.
+///
+/// Under no_new_privs (systemd's `NoNewPrivileges=yes`) a process gains no
+/// capability at exec beyond its permitted set: there a daemon that stays
+/// root keeps what a start takes ([`START`]) in its permitted set, not
+/// effective, so that the successor `l4proxy upgrade` has it start can
+/// load its programs. (Without no_new_privs root regains its bounding set
+/// at exec anyway.)
 ///
 /// Each thread has its own credentials, so each thread must make the change
 /// itself: the calling thread does it after every other thread did, in a
@@ -346,8 +361,15 @@ pub fn drop_to(user: Option<&User>) -> Result<CapSet, PrivilegeError> {
             }
         }
     }
+    let keep = KEPT.intersect(held.permitted);
+    let for_a_successor = user.is_none() && no_new_privs();
     let change = Change {
-        keep: KEPT.intersect(held.permitted),
+        keep,
+        permitted: if for_a_successor {
+            CapSet(keep.0 | CapSet::of(START).intersect(held.permitted).0)
+        } else {
+            keep
+        },
         bounding: held.effective.contains(CAP_SETPCAP),
         bounding_keep: match user {
             Some(_) => KEPT,
@@ -356,6 +378,7 @@ pub fn drop_to(user: Option<&User>) -> Result<CapSet, PrivilegeError> {
         user: user.map(|u| (u.uid, u.gid)),
     };
     BROADCAST_KEEP.store(change.keep.0, Ordering::SeqCst);
+    BROADCAST_PERMITTED.store(change.permitted.0, Ordering::SeqCst);
     BROADCAST_BOUNDING_KEEP.store(change.bounding_keep.0, Ordering::SeqCst);
     if let Some((uid, gid)) = change.user {
         BROADCAST_UID.store(uid, Ordering::SeqCst);
@@ -464,6 +487,7 @@ fn set_handler(
 
 /// The change the handler makes, shared with it through atomics.
 static BROADCAST_KEEP: AtomicU64 = AtomicU64::new(0);
+static BROADCAST_PERMITTED: AtomicU64 = AtomicU64::new(0);
 static BROADCAST_USER: AtomicBool = AtomicBool::new(false);
 static BROADCAST_BOUNDING: AtomicBool = AtomicBool::new(false);
 static BROADCAST_BOUNDING_KEEP: AtomicU64 = AtomicU64::new(0);
@@ -489,6 +513,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     let saved = unsafe { *libc::__errno_location() };
     let change = Change {
         keep: CapSet(BROADCAST_KEEP.load(Ordering::SeqCst)),
+        permitted: CapSet(BROADCAST_PERMITTED.load(Ordering::SeqCst)),
         bounding: BROADCAST_BOUNDING.load(Ordering::SeqCst),
         bounding_keep: CapSet(BROADCAST_BOUNDING_KEEP.load(Ordering::SeqCst)),
         user: BROADCAST_USER.load(Ordering::SeqCst).then(|| {
@@ -511,7 +536,10 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// The credentials one thread changes to.
 struct Change {
+    /// Effective (and permitted).
     keep: CapSet,
+    /// Permitted: `keep`, and what a successor needs under no_new_privs.
+    permitted: CapSet,
     /// Whether to drop the rest from the bounding set too: it takes
     /// `CAP_SETPCAP` (a process started without it has a bounding set
     /// someone chose already).
@@ -576,17 +604,17 @@ impl Change {
                 version: CAP_VERSION_3,
                 pid: 0,
             };
-            let low = self.keep.0 as u32;
-            let high = (self.keep.0 >> 32) as u32;
+            let (low, high) = (self.keep.0 as u32, (self.keep.0 >> 32) as u32);
+            let permitted = (self.permitted.0 as u32, (self.permitted.0 >> 32) as u32);
             let data = [
                 CapData {
                     effective: low,
-                    permitted: low,
+                    permitted: permitted.0,
                     inheritable: 0,
                 },
                 CapData {
                     effective: high,
-                    permitted: high,
+                    permitted: permitted.1,
                     inheritable: 0,
                 },
             ];
@@ -617,7 +645,8 @@ impl Change {
             }
         };
         ids_done
-            && mask("CapPrm:") == Some(self.keep.0)
+            && mask("CapPrm:") == Some(self.permitted.0)
+            && mask("CapEff:") == Some(self.keep.0)
             && (!self.bounding
                 || mask("CapBnd:").is_some_and(|bounding| bounding & !self.bounding_keep.0 == 0))
     }

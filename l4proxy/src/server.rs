@@ -100,6 +100,9 @@ const SETTLE_EVERY: Duration = Duration::from_secs(1);
 /// and give back the pages the allocator kept longer than its decay time.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
 
+/// How long an exiting daemon waits for its control answers to go out.
+const ANSWERS_GRACE: Duration = Duration::from_secs(1);
+
 /// Run-time settings from the command line.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -264,10 +267,12 @@ pub async fn run(
         tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone()));
     }
     let (ask, mut requests) = tokio::sync::mpsc::channel(4);
+    let answers = TaskTracker::new();
     tokio::spawn(control::serve(
         control_listener,
         ask,
         accepting.stop.clone(),
+        answers.clone(),
     ));
     let capabilities = privilege::drop_to(settings.user.as_ref())?;
     tracing::info!(
@@ -433,6 +438,15 @@ pub async fn run(
         predecessor.gone().await;
     }
     installation.remove().await?;
+    // Answers under way go out first: an `upgrade` is answered as this
+    // daemon hands over, which it may finish at once.
+    answers.close();
+    if tokio::time::timeout(ANSWERS_GRACE, answers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("control socket: answers still unsent at exit");
+    }
     tracing::info!(refused = %shared.admission.summary(), "connections refused over limits");
     tracing::info!(handed_over = ended != Ended::Stopped, "stopped");
     Ok(ended)

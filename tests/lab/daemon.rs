@@ -25,6 +25,44 @@ pub fn command(ns: &Netns, args: &[&str], timeout: Duration) -> Output {
     run_in(ns, binary(), args, b"", timeout)
 }
 
+/// A process this test did not start (the successor `upgrade` made),
+/// killed if it still runs when the test ends.
+pub struct Stray(pub i32);
+
+impl Stray {
+    /// The successor a successful `l4proxy upgrade` names.
+    pub fn upgraded(upgrade: &Output) -> Stray {
+        let pid = upgrade
+            .stdout
+            .strip_prefix("upgraded: pid ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("upgrade should name the successor: {upgrade:?}"));
+        Stray(pid)
+    }
+
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    }
+
+    pub fn terminate(&self, timeout: Duration) {
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+        let gone = super::poll_until(timeout, || self.alive(), |alive| !alive);
+        assert!(!gone, "pid {} did not exit within {timeout:?}", self.0);
+    }
+}
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        if self.alive() {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
 /// A running `l4proxy run`. Dropping it kills the daemon if it still runs;
 /// while a test panics, the collected log is printed.
 pub struct Daemon {
