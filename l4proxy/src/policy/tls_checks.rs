@@ -8,11 +8,20 @@ use super::{HelloConditions, Policy, PolicyError, RuleId, SniCondition, Target, 
 /// A certificate expiring sooner than this is warned about.
 const EXPIRY_WARNING_DAYS: i64 = 30;
 
-/// TLS terminated twice, or originated inside TLS to a parent, is refused.
+/// TLS terminated twice, terminated on what a route matched as not TLS,
+/// or originated inside TLS to a parent, is refused.
 pub(super) fn check(policy: &Policy) -> Result<(), PolicyError> {
     for (j, route) in policy.routes.iter().enumerate() {
         if route.terminate.is_none() {
             continue;
+        }
+        if let Some(HelloConditions::Http { .. } | HelloConditions::Other) = route.conditions.hello
+        {
+            return Err(PolicyError::at(
+                format!("routes[{j}].terminate"),
+                "the route matches connections that are not TLS (\"host\", or \"protocol\" \"http\" \
+                 or \"other\"), whose TLS it cannot terminate",
+            ));
         }
         let twice = policy
             .rules

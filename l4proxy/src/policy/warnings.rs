@@ -117,6 +117,10 @@ fn covers(earlier: &Conditions, later: &Conditions, every_rule: &[RuleId]) -> bo
         earlier.ports.as_deref(),
         or_every(&later.ports, &[PortSpec::Any]),
         |&e, &l| e.intersection(l) == Some(l),
+    ) && list_covers(
+        earlier.target.as_deref(),
+        later.target.as_deref(),
+        super::NamePattern::covers,
     ) && hello_covers(earlier.hello.as_ref(), later.hello.as_ref())
 }
 

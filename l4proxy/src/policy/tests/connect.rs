@@ -163,6 +163,28 @@ fn target_routes_apply_to_connect_rules_only() {
     );
 }
 
+/// A route for other CONNECT names than an earlier one's is reached; one
+/// for names the earlier one has is not, and says so.
+#[test]
+fn a_route_after_one_for_other_names_is_reached() {
+    let first = r#"{ "match": { "target": ["*.partner.example.com"] }, "upstream": "parent" }"#;
+    let warnings = |second: &str| {
+        Policy::from_json(&EXAMPLE.replace(first, &format!("{first}, {second}")))
+            .unwrap()
+            .warnings()
+    };
+    let other = warnings(r#"{ "match": { "target": ["*.other.example.com"] }, "reject": true }"#);
+    assert!(other.is_empty(), "{other:?}");
+    let shadowed =
+        warnings(r#"{ "match": { "target": ["a.partner.example.com"] }, "reject": true }"#);
+    assert!(
+        shadowed
+            .iter()
+            .any(|w| w.contains("routes[1]") && w.contains("never matches")),
+        "{shadowed:?}"
+    );
+}
+
 fn edited_steered() -> Policy {
     Policy::from_json(
         r#"{

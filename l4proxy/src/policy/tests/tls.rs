@@ -186,6 +186,24 @@ fn terminating_twice_and_tls_inside_a_parents_tls_are_refused() {
         "",
     ));
     assert!(err.contains("a rejecting route relays nothing"), "{err}");
+    for not_tls in [
+        r#""host": ["app.example.test"]"#,
+        r#""protocol": "http""#,
+        r#""protocol": "other""#,
+    ] {
+        let err = error_of(&policy(
+            "",
+            &format!(
+                r#"{{ "match": {{ {not_tls} }}, "upstream": "app", "terminate": {} }}"#,
+                terminate(&chain, &key)
+            ),
+            "",
+        ));
+        assert!(
+            err.contains("routes[0].terminate") && err.contains("not TLS"),
+            "{not_tls}: {err}"
+        );
+    }
     let json = format!(
         r#"{{ "intercept": [ {{ "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [443], "upstream": "up" }} ],
   "upstreams": {{ "up": {{ "parent": {{ "servers": ["198.51.100.1:3128"], "tls": {{ "ca": "{ca}" }} }},
