@@ -51,6 +51,7 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
     super::tls_checks::check(&policy)?;
     check_size(&policy)?;
     check_loops(&policy)?;
+    check_repeated_servers(&policy)?;
     // Each upstream's own `bind`, whether or not a route overrides it, then
     // each way connections reach an upstream, with the `bind` in force there.
     let own = (0..policy.upstreams.len()).map(|u| BindTarget {
@@ -351,9 +352,26 @@ fn check_connect_listeners(policy: &Policy) -> Result<(), PolicyError> {
             && let Some(k) = parent.servers.iter().position(|s| seen.contains_key(s))
         {
             return Err(PolicyError::at(
-                format!("upstreams.{}.parent.servers[{k}]", upstream.name),
+                upstream.server_path(k),
                 "is one of this policy's CONNECT listeners: the chain would never end",
             ));
+        }
+    }
+    Ok(())
+}
+
+/// A server listed twice in one pool would share one health state and load
+/// count, and a retry could go back to it ("each server at most once").
+fn check_repeated_servers(policy: &Policy) -> Result<(), PolicyError> {
+    for upstream in &policy.upstreams {
+        let servers = upstream.servers();
+        for (k, server) in servers.iter().enumerate() {
+            if let Some(j) = servers[..k].iter().position(|earlier| earlier == server) {
+                return Err(PolicyError::at(
+                    upstream.server_path(k),
+                    format!("{server} is listed already ([{j}]): give it a \"weight\" instead"),
+                ));
+            }
         }
     }
     Ok(())
@@ -371,7 +389,7 @@ fn check_loops(policy: &Policy) -> Result<(), PolicyError> {
                 && !policy.rules[r].is_gateway()
             {
                 return Err(PolicyError::at(
-                    format!("upstreams.{}.servers[{k}]", upstream.name),
+                    upstream.server_path(k),
                     format!(
                         "{server} is intercepted by rule {:?} (intercept[{r}]); connecting to it would loop back into the proxy",
                         policy.rules[r].name
@@ -440,9 +458,7 @@ fn check_bind_family(policy: &Policy, target: &BindTarget) -> Result<(), PolicyE
             .iter()
             .enumerate()
             .find(|(_, server)| server.is_ipv4() != addr.is_ipv4())
-            .map(|(k, server)| {
-                format!("server {server} (upstreams.{}.servers[{k}])", upstream.name)
-            }),
+            .map(|(k, server)| format!("server {server} ({})", upstream.server_path(k))),
         Target::OriginalDestination => target
             .destinations(policy)
             .find(|(_, prefix)| prefix.addr().is_ipv4() != addr.is_ipv4())

@@ -353,6 +353,14 @@ impl Upstream {
             Target::OriginalDestination => &[],
         }
     }
+
+    /// Where the `k`-th of [`Upstream::servers`] is written in the policy.
+    pub fn server_path(&self, k: usize) -> String {
+        match &self.target {
+            Target::Parent(_) => format!("upstreams.{}.parent.servers[{k}]", self.name),
+            _ => format!("upstreams.{}.servers[{k}]", self.name),
+        }
+    }
 }
 
 /// Where an upstream's connections go.

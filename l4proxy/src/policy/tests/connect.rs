@@ -185,6 +185,34 @@ fn a_route_after_one_for_other_names_is_reached() {
     );
 }
 
+#[test]
+fn a_server_listed_twice_is_refused() {
+    let err = error_with(
+        r#""servers": ["203.0.113.8:3128"]"#,
+        r#""servers": ["203.0.113.8:3128", "203.0.113.8:3128"]"#,
+    );
+    assert!(
+        err.contains(
+            "upstreams.parent.parent.servers[1]: 203.0.113.8:3128 is listed already ([0])"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_parent_server_a_rule_intercepts_is_named_where_it_is_written() {
+    let err = Policy::from_json(
+        r#"{ "intercept": [ { "name": "w", "prefixes": ["192.0.2.0/24"], "ports": [3128], "upstream": "p" } ],
+             "upstreams": { "p": { "parent": { "servers": ["192.0.2.1:3128"] } } } }"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("upstreams.p.parent.servers[0]: 192.0.2.1:3128 is intercepted"),
+        "{err}"
+    );
+}
+
 fn edited_steered() -> Policy {
     Policy::from_json(
         r#"{
