@@ -1,13 +1,15 @@
 //! The admin listener (`--admin ADDR`): Prometheus' scrape target. It
 //! answers `GET /metrics` with the text exposition, anything else with a
-//! 404, on the one address it is given; one request per connection.
+//! 404, on the one address it is given; one request per connection. A few
+//! connections at a time, each with deadlines, so that clients that send
+//! or read slowly cannot pile up descriptors and rendered answers.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -16,12 +18,21 @@ use tokio_util::sync::CancellationToken;
 const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a client may take to read the answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once (a scraper or two, and an operator's curl);
+/// one more is closed at once: its descriptor is not in the budget the
+/// relay's connections are counted in.
+const MAX_OPEN: usize = 8;
+
 /// Asks the daemon for the exposition text (it reads the kernel counters
 /// as of now).
 pub type Scrape = mpsc::Sender<oneshot::Sender<String>>;
 
 /// Serves scrapes on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, scrape: Scrape, stop: CancellationToken) {
+    let open = Arc::new(Semaphore::new(MAX_OPEN));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -34,11 +45,16 @@ pub async fn serve(listener: TcpListener, scrape: Scrape, stop: CancellationToke
             },
             () = stop.cancelled() => return,
         };
+        let Ok(place) = open.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin listener: {MAX_OPEN} connections open, closed another");
+            continue;
+        };
         let scrape = scrape.clone();
         tokio::spawn(async move {
             if let Err(e) = answer(stream, &scrape).await {
                 tracing::debug!(%peer, error = %e, "admin request failed");
             }
+            drop(place);
         });
     }
 }
@@ -90,6 +106,74 @@ async fn answer(mut stream: TcpStream, scrape: &Scrape) -> std::io::Result<()> {
         "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let written = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, written).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the answer was not read in time",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scrape target answering `text`, on a loopback port.
+    async fn serving(text: String) -> (SocketAddr, CancellationToken) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (scrape, mut scrapes) = mpsc::channel::<oneshot::Sender<String>>(4);
+        tokio::spawn(async move {
+            while let Some(reply) = scrapes.recv().await {
+                let _ = reply.send(text.clone());
+            }
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, scrape, stop.clone()));
+        (addr, stop)
+    }
+
+    async fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+        let mut c = TcpStream::connect(addr).await?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await?;
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await?;
+        Ok(answer)
+    }
+
+    /// Clients that never read their (large) answers hold a place each
+    /// until the answer deadline; one more is closed at once meanwhile, and
+    /// a scrape is answered again once their places are free.
+    #[tokio::test(start_paused = true)]
+    async fn readers_that_stall_hold_their_places_until_the_deadline() {
+        let (addr, stop) = serving("x".repeat(32 << 20)).await;
+        let mut stalled = Vec::new();
+        for _ in 0..MAX_OPEN {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+            stalled.push(c);
+        }
+        // Give the answers time to fill the sockets' buffers, not the
+        // deadline (the clock is paused: it moves only when all is idle).
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let answer = scrape(addr).await;
+        assert!(
+            answer.as_ref().is_ok_and(String::is_empty) || answer.is_err(),
+            "a connection past {MAX_OPEN} was answered: {:.40?}",
+            answer.map(|a| a.len())
+        );
+        tokio::time::sleep(ANSWER_TIMEOUT + Duration::from_secs(1)).await;
+        let answer = scrape(addr).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{:.60}", answer);
+        stop.cancel();
+        drop(stalled);
+    }
 }
