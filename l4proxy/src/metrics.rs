@@ -381,9 +381,12 @@ impl Metrics {
             .seen
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // What grew since the last scrape; a count that went down started
+        // again (a server removed by a reload and added back by another
+        // has a new state), and all of it is new.
         let mut grown = |key: String, value: u64| {
             let before = seen.insert(key, value).unwrap_or(0);
-            value.saturating_sub(before)
+            value.checked_sub(before).unwrap_or(value)
         };
         for &(counter, value) in kernel {
             let added = grown(format!("kernel {counter}"), value);
@@ -391,6 +394,10 @@ impl Metrics {
                 .get_or_create(&KernelLabel { counter })
                 .inc_by(added);
         }
+        // Gauges of the servers the policy in force has, as they are now: a
+        // server a reload removed has none (its last values would stay).
+        self.server_up.clear();
+        self.server_active.clear();
         for reading in servers {
             let label = ServerLabel {
                 upstream: reading.upstream.to_owned(),
@@ -670,6 +677,46 @@ mod tests {
             text.contains("l4proxy_kernel_total{counter=\"steered\"} 9"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn server_series_follow_the_servers_in_force() {
+        let metrics = Metrics::new();
+        let reading = |failed_checks| ServerReading {
+            upstream: "u",
+            status: crate::upstream::ServerStatus {
+                address: "203.0.113.2:80".parse().unwrap(),
+                weight: 1,
+                backup: false,
+                health: crate::health::Health {
+                    up: false,
+                    checked: true,
+                    active: 3,
+                    failed_checks,
+                    went_down: 1,
+                },
+            },
+        };
+        let series = r#"{upstream="u",server="203.0.113.2:80"}"#;
+        let text = metrics.encode(&[], &[reading(5)]);
+        for line in [
+            format!("l4proxy_server_up{series} 0"),
+            format!("l4proxy_server_active_connections{series} 3"),
+            format!("l4proxy_server_check_failures_total{series} 5"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+        // A reload removed it: no gauge says it is down or busy.
+        let text = metrics.encode(&[], &[]);
+        assert!(!text.contains("l4proxy_server_up{"), "{text}");
+        assert!(
+            !text.contains("l4proxy_server_active_connections{"),
+            "{text}"
+        );
+        // Another added it back, with a new state: its failures count on.
+        let text = metrics.encode(&[], &[reading(2)]);
+        let line = format!("l4proxy_server_check_failures_total{series} 7");
+        assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
     }
 
     #[test]
