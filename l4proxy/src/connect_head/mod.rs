@@ -522,6 +522,8 @@ pub enum Status {
     BadGateway,
     /// 504: the target did not answer in time.
     GatewayTimeout,
+    /// 503: the proxy cannot check the credentials now (too many waiting).
+    ServiceUnavailable,
 }
 
 #[cfg(test)]
@@ -536,6 +538,7 @@ impl Status {
             Status::ProxyAuthenticationRequired => 407,
             Status::BadGateway => 502,
             Status::GatewayTimeout => 504,
+            Status::ServiceUnavailable => 503,
         }
     }
 }
@@ -565,6 +568,10 @@ pub fn answer(status: Status) -> &'static [u8] {
         }
         Status::GatewayTimeout => {
             b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        }
+        Status::ServiceUnavailable => {
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+              Content-Length: 0\r\nConnection: close\r\n\r\n"
         }
     }
 }
