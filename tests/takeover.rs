@@ -534,10 +534,7 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
             "give the same --fwmark",
         ),
     ];
-    for (what, refused, extra, reason) in cases {
-        let mut args = vec!["--takeover"];
-        args.extend_from_slice(extra);
-        let mut new = Daemon::start(&t.px, &refused, &args);
+    let assert_refused = |what: &str, mut new: Daemon, reason: &str, old: &mut Daemon| {
         let status = new.wait_exit(Duration::from_secs(20));
         assert!(!status.success(), "{what}: the takeover should fail");
         assert!(
@@ -556,7 +553,38 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
             old.try_exit().is_none(),
             "after {what}, the old daemon exited"
         );
+    };
+    for (what, refused, extra, reason) in cases {
+        let mut args = vec!["--takeover"];
+        args.extend_from_slice(extra);
+        assert_refused(
+            what,
+            Daemon::start(&t.px, &refused, &args),
+            reason,
+            &mut old,
+        );
     }
+    // A successor that fails at its last step, dropping privileges (to a
+    // user, without cap_setuid in its bounding set), fails before the old
+    // daemon stops taking connections.
+    let without_setuid = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscall; only this thread's bounding set changes.
+            let rc = unsafe {
+                libc::prctl(libc::PR_CAPBSET_DROP, 7 /* CAP_SETUID */, 0, 0, 0)
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            Daemon::start(&t.px, &policy(), &["--takeover", "--user", "nobody"])
+        })
+        .join()
+        .unwrap()
+    });
+    assert_refused(
+        "a successor that cannot switch user",
+        without_setuid,
+        "cap_setuid",
+        &mut old,
+    );
     stop_last(&mut old, &t.px);
     let stopped = old.event("stopped").expect("a `stopped` event");
     assert_eq!(

@@ -232,36 +232,37 @@ pub async fn run(
     steered.extend(new_listeners);
     let listeners = accepting.start(steered);
     accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
-    if let Some(predecessor) = &mut predecessor
-        && let Err(e) = predecessor.ready().await
-    {
-        // It may still be serving: leave it what is its.
-        accepting.stop.cancel();
-        installation.release_inherited();
-        if let Err(undo) = installation.remove().await {
-            tracing::warn!(error = %undo, "removing what a failed takeover set up");
+    // What can fail is done before a predecessor hears that we are ready:
+    // it stops taking connections then, and a failure of ours after that
+    // would leave nobody serving.
+    let prepared = prepare(&control_listener, admin.as_ref(), &settings);
+    let ready = match (prepared, &mut predecessor) {
+        (Ok(prepared), Some(predecessor)) => predecessor
+            .ready()
+            .await
+            .map(|()| prepared)
+            .map_err(Into::into),
+        (prepared, _) => prepared,
+    };
+    let Prepared {
+        control_fd,
+        admin_fd,
+        capabilities,
+    } = match ready {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            // A predecessor may still be serving: leave it what is its.
+            accepting.stop.cancel();
+            installation.release_inherited();
+            if let Err(undo) = installation.remove().await {
+                tracing::warn!(error = %undo, "removing what a failed start set up");
+            }
+            return Err(e);
         }
-        return Err(e.into());
-    }
+    };
     if predecessor.is_some() {
         arm(guard);
     }
-    // Copies kept for a successor: the accept loops own the listeners.
-    let descriptor = |what| move |error| ServerError::Descriptor { what, error };
-    let control_fd = control_listener
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(descriptor("control socket"))?;
-    let admin_fd: Option<(std::net::SocketAddr, OwnedFd)> = match (&admin, settings.admin) {
-        (Some(listener), Some(addr)) => Some((
-            addr,
-            listener
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(descriptor("admin listener"))?,
-        )),
-        _ => None,
-    };
     let (scrape, mut scrapes) = tokio::sync::mpsc::channel(4);
     if let Some(listener) = admin {
         tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone()));
@@ -274,7 +275,6 @@ pub async fn run(
         accepting.stop.clone(),
         answers.clone(),
     ));
-    let capabilities = privilege::drop_to(settings.user.as_ref())?;
     tracing::info!(
         listeners = ?listeners,
         workers = workers.count(),
@@ -469,6 +469,45 @@ fn offered<'a>(
         connect: explicit.listeners(),
         admin: admin.map(|(addr, fd)| (*addr, fd.as_fd())),
     }
+}
+
+/// What start-up keeps once it serves: copies of the control and admin
+/// listeners (for a successor; the tasks that answer own the listeners),
+/// and the capabilities left after dropping the rest.
+struct Prepared {
+    control_fd: OwnedFd,
+    admin_fd: Option<(std::net::SocketAddr, OwnedFd)>,
+    capabilities: privilege::CapSet,
+}
+
+/// The last steps of start-up that can fail: the listeners' copies, and
+/// dropping privileges (and switching to `--user`).
+fn prepare(
+    control: &tokio::net::UnixListener,
+    admin: Option<&tokio::net::TcpListener>,
+    settings: &Settings,
+) -> Result<Prepared, ServerError> {
+    let descriptor = |what| move |error| ServerError::Descriptor { what, error };
+    let control_fd = control
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(descriptor("control socket"))?;
+    let admin_fd = match (admin, settings.admin) {
+        (Some(listener), Some(addr)) => Some((
+            addr,
+            listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(descriptor("admin listener"))?,
+        )),
+        _ => None,
+    };
+    let capabilities = privilege::drop_to(settings.user.as_ref())?;
+    Ok(Prepared {
+        control_fd,
+        admin_fd,
+        capabilities,
+    })
 }
 
 /// From now on the crash guard removes the routes if this daemon dies.
