@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lab::daemon::{field_str, field_string as field, message};
 use lab::{
-    Daemon, Server, Topo, addr, connect, connect_from, handlers, ip, sock, talk, try_connect,
+    Daemon, Server, Topo, addr, connect, connect_from, handlers, ip, sa, sock, talk, try_connect,
 };
 use serde_json::{Value, json};
 
@@ -306,6 +306,34 @@ fn own_addresses_and_own_connections_are_not_taken() {
         items.contains(&"passed_local=2") && items.contains(&"passed_other_interface=2"),
         "sk_lookup passed the two connections to px's own address and the proxy's own two: \
          {counters}"
+    );
+}
+
+/// An address px takes while the daemon runs (a VIP moving in) is one of
+/// its own from then on: a client reaching it inside a gateway rule's
+/// prefixes gets px's own service, not the proxy.
+#[test]
+fn an_address_added_later_is_left_alone() {
+    let t = Topo::new("addr_later");
+    let _upstream = servers(&t.px, |f| f.px_server_side, 8081, "px-upstream");
+    let policy = json!({
+        "intercept": [gateway_rule(json!([8080]), "on-px")],
+        "upstreams": { "on-px": { "servers": both(8081, |f| f.px_server_side) } }
+    });
+    let _d = Daemon::start_ready(&t.px, &policy, &[]);
+    let vip = sa("203.0.113.77:8080");
+    let greeting = || {
+        let mut c = connect(&t.cl, vip);
+        lab::read_line(&mut c).unwrap_or_else(|e| panic!("{vip}: greeting: {e}"))
+    };
+    // Not px's yet: forwarded, so taken by the gateway rule.
+    assert_eq!(greeting(), "px-upstream", "before the address is px's");
+    t.px.addr("to-sv", "203.0.113.77/32");
+    let _own = Server::start(&t.px, vip, handlers::hello_echo("px-new"));
+    let seen = lab::poll_until(Duration::from_secs(5), greeting, |g| g == "px-new");
+    assert_eq!(
+        seen, "px-new",
+        "an address px took later is still taken by the proxy"
     );
 }
 

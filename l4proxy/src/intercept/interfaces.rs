@@ -87,11 +87,16 @@ pub async fn addresses(index: u32) -> Result<Vec<IpAddr>, RouteError> {
         .collect())
 }
 
-/// Tells the receiver whenever an interface comes, goes or changes (the
-/// rtnetlink link group); several changes in a row may come as one.
+/// Tells the receiver whenever an interface comes, goes or changes, or an
+/// address is added or removed (rtnetlink's link and address groups: a
+/// VIP that moves, a DHCP renewal); several changes in a row may come as
+/// one.
 pub fn watch() -> Result<mpsc::Receiver<()>, RouteError> {
-    let (connection, _, mut changes) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
+    let (connection, _, mut changes) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])?;
     tokio::spawn(connection);
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
