@@ -652,6 +652,39 @@ fn an_interface_added_later_carries_replies() {
     );
 }
 
+/// An interface a gateway rule lists that goes away (a VPN taken down)
+/// does not stop the daemon following the host: a link added afterwards
+/// still gets the tc program.
+#[test]
+fn a_listed_interface_gone_does_not_stop_following_the_host() {
+    let t = Topo::new("gone_link");
+    // A veth pair within px stands for it (no dummy driver here).
+    t.px.ip(&[
+        "link", "add", "dum0", "type", "veth", "peer", "name", "dum1",
+    ]);
+    t.px.ip(&["link", "set", "dum0", "up"]);
+    let mut rule = gateway_rule(json!([8080]), "web");
+    rule["interfaces"] = json!(["to-cl", "dum0"]);
+    let policy = json!({
+        "intercept": [rule],
+        "upstreams": { "web": { "servers": both(8080, |f| f.server), "bind": "client" } }
+    });
+    let d = Daemon::start_ready(&t.px, &policy, &[]);
+    t.px.ip(&["link", "del", "dum0"]);
+    let sv2 = lab::Netns::new("gone_link", "sv2");
+    lab::veth(&t.px, "to-sv2", &sv2, "to-px2");
+    let programs = lab::poll_until(
+        Duration::from_secs(5),
+        || t.px.tc_programs(&["to-sv2"]),
+        |p| !p.is_empty(),
+    );
+    assert!(
+        !programs.is_empty(),
+        "no tc program on to-sv2 5 s after it appeared\n{}",
+        d.log_text()
+    );
+}
+
 /// A gateway rule on `port` relaying to sv's `to_port` from the client's
 /// address: gateway interception and transparent upstreams, so that every
 /// kind of kernel state is in use.

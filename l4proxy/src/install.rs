@@ -299,7 +299,7 @@ impl Installation {
         self.local.reload().await?;
         if let Some(current) = &self.current {
             let policy = current.active.policy.clone();
-            let needs = needs(&policy, &self.local).await?;
+            let needs = needs(&policy, &self.local, Listed::AsTheyAre).await?;
             if let Some(current) = &mut self.current {
                 current.needs = needs;
             }
@@ -557,14 +557,28 @@ impl Installation {
     }
 }
 
+/// What a missing (or enslaved) interface a rule lists means.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    /// The policy is refused (putting it in force).
+    Required,
+    /// It is left out until it is back, with a warning (following a
+    /// host change: the rest of the host is still followed).
+    AsTheyAre,
+}
+
 /// What `policy` needs of this host now, `local` being its addresses.
-async fn needs(policy: &Policy, local: &LocalAddrs) -> Result<Needs, InstallError> {
+async fn needs(
+    policy: &Policy,
+    local: &LocalAddrs,
+    listed: Listed,
+) -> Result<Needs, InstallError> {
     let owned = owned_prefixes(policy);
     let is_local =
         |ip: IpAddr| local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
     let all = interfaces::list().await?;
     Ok(Needs {
-        classify: classify_plan(policy, &all, &is_local)?,
+        classify: classify_plan(policy, &all, &is_local, listed)?,
         bridges: bridge_uses(policy, &all),
         routed_v4: routed_family(policy, &all, true),
         routed_v6: routed_family(policy, &all, false),
@@ -591,7 +605,7 @@ impl HostCheck {
 /// `l4proxy doctor`: the interfaces it names (an error), then the kernel
 /// settings (in the findings).
 pub async fn check_host(policy: &Policy, local: &LocalAddrs) -> Result<HostCheck, InstallError> {
-    let needs = needs(policy, local).await?;
+    let needs = needs(policy, local, Listed::Required).await?;
     // The bridges too: what `classify` takes on a port goes up the stack
     // (and through its reverse-path check) on the bridge.
     let marking: Vec<String> = needs
@@ -739,6 +753,7 @@ fn classify_plan(
     policy: &Policy,
     all: &[Interface],
     is_local: &impl Fn(IpAddr) -> bool,
+    listed_as: Listed,
 ) -> Result<Vec<ClassifyPlan>, InstallError> {
     let mut plan: Vec<ClassifyPlan> = Vec::new();
     let mut plan_on = |interface: &Interface, rule: Option<usize>| {
@@ -767,7 +782,14 @@ fn classify_plan(
     };
     for (r, rule) in policy.rules.iter().enumerate() {
         for (k, name) in rule.interfaces.iter().enumerate() {
-            let interface = listed(all, name, r, k)?;
+            let interface = match listed(all, name, r, k) {
+                Ok(interface) => interface,
+                Err(e) if listed_as == Listed::AsTheyAre => {
+                    tracing::warn!("{e}: not intercepted on until it is back");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             plan_on(interface, Some(r));
             if interface.is_bridge {
                 for port in bridge::ports(interface, all) {
