@@ -239,7 +239,12 @@ fn a_remote_with_an_untrusted_certificate_is_refused() {
     let mut c = Chain::start("chain_untrusted");
     let dir = TempDir::new("chain-other-ca");
     let other = Ca::new(&dir, "other");
-    c.local.reload(&local_policy(&other));
+    let verdict = c.local.reload(&local_policy(&other));
+    assert_eq!(
+        lab::daemon::message(&verdict),
+        Some("policy reloaded"),
+        "{verdict}"
+    );
     let resolve = format!("{APP}:443:{SERVICE}");
     let url = format!("https://{APP}/");
     let got = curl(
@@ -258,6 +263,14 @@ fn a_remote_with_an_untrusted_certificate_is_refused() {
         "{}",
         c.origin.nginx.logs()
     );
+    // The remote saw a TLS handshake fail, and was asked for nothing.
+    let remote = c.remote.wait_event(
+        "the remote's close event",
+        std::time::Duration::from_secs(10),
+        |ev| lab::daemon::message(ev) == Some("connection closed"),
+    );
+    assert!(outcome(&remote).contains("TLS handshake"), "{remote}");
+    assert_eq!(field_str(&remote, "connect_target"), None, "{remote}");
 }
 
 /// curl through the remote's TLS listener itself (`--proxy https://`), from

@@ -160,7 +160,7 @@ fn port_zero_refused() {
         "port_zero.json",
         Some(line),
         "intercept[0].ports[1]",
-        &["port", "65535", "0"],
+        &["port must be 1-65535, got 0"],
     );
 }
 

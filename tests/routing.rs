@@ -842,14 +842,12 @@ fn http_without_route_or_default_gets_503() {
         "curl should see 503 for an HTTP request no route takes\n{}",
         c.describe()
     );
-    if let Some(client) = c.local {
-        let evs = wait_events_mentioning(
-            &mut lab.d,
-            &client.to_string(),
-            "an event naming the refused client",
-        );
-        assert!(!evs.is_empty());
-    }
+    let ev = lab.d.closed_event(c.local.expect("curl's own address"));
+    assert_eq!(
+        field_str(&ev, "outcome").as_deref(),
+        Some("no_route"),
+        "{ev}"
+    );
 
     // The exact response, then the close (raw socket, HTTP/1.1 keep-alive
     // request: the close must come from the proxy).
@@ -871,12 +869,12 @@ fn http_without_route_or_default_gets_503() {
             ),
         "after the 503 the proxy should close the connection, got {end:?} after {text:?}"
     );
-    let evs = wait_events_mentioning(
-        &mut lab.d,
-        &client.to_string(),
-        "an event naming the refused client",
+    let ev = lab.d.closed_event(client);
+    assert_eq!(
+        field_str(&ev, "outcome").as_deref(),
+        Some("no_route"),
+        "{ev}"
     );
-    assert!(!evs.is_empty());
     let web = lab.nginx.requests_on(WEB);
     let web_default = lab.nginx.requests_on(WEB_DEFAULT);
     assert!(
@@ -991,12 +989,12 @@ fn tls_without_route_or_default_is_reset() {
                 "{what}: a TLS connection without route or default should be reset, got {other:?}"
             ),
         }
-        let evs = wait_events_mentioning(
-            &mut d,
-            &client.to_string(),
-            "an event naming the reset client",
+        let ev = d.closed_event(client);
+        assert_eq!(
+            field_str(&ev, "outcome").as_deref(),
+            Some("no_route"),
+            "{what}: {ev}"
         );
-        assert!(!evs.is_empty());
     }
     assert!(
         a.accepted().is_empty(),

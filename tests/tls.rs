@@ -1062,10 +1062,10 @@ fn reencrypt_to_nginx_verifies_the_server() {
         "nginx must not see a request from the refused connections\n{}",
         nginx.logs()
     );
-    // Last, as it fails today: curl closes first (close_notify, FIN), l4proxy
-    // passes that on to nginx, and nginx, having received close_notify,
-    // closes without sending one (it sets `no_send_shutdown` on a peer's
-    // close_notify). The exchange was complete: it should end `closed`.
+    // Last: curl closes first (close_notify, FIN), l4proxy passes that on
+    // to nginx, and nginx, having received close_notify, closes without
+    // sending one (it sets `no_send_shutdown` on a peer's close_notify).
+    // The exchange was complete: it ends `closed`.
     assert_closed_clean(&good, "good (curl → l4proxy → nginx, curl closes first)");
 }
 
@@ -1334,10 +1334,9 @@ fn proxy_header_before_originated_tls() {
         );
         headers.push((family, header));
     }
-    // Last, as it fails today: the name the client asked for (its SNI,
-    // known from the terminated handshake) as the v2 AUTHORITY TLV, which
-    // l4proxy sends when it sniffed the SNI from a ClientHello it did not
-    // terminate.
+    // Last: the name the client asked for (its SNI, known from the
+    // terminated handshake) as the v2 AUTHORITY TLV, as l4proxy sends it
+    // when it sniffed the SNI from a ClientHello it did not terminate.
     for (family, header) in headers {
         assert_eq!(
             header

@@ -755,17 +755,28 @@ fn path_mtu_discovery_works_for_connections_from_the_clients_address() {
                          "ports": [8080], "interfaces": ["to-cl"], "upstream": "origin" } ],
         "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
     });
-    let _d = Daemon::start_ready(&px, &policy, &[]);
+    let mut d = Daemon::start_ready(&px, &policy, &[]);
     let data = lab::random_bytes(SIZE, lab::seed());
     for to in ["203.0.113.130:8080", "[2001:db8:5::1:2]:8080"] {
         let mut c = connect(&cl, lab::sa(to));
         c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let client = c.local_addr().unwrap();
         lab::send_and_shutdown(&mut c, &data)
             .unwrap_or_else(|e| panic!("{to}: sending {SIZE} bytes: {e}"));
         let got = lab::recv_report(&rx, to);
         assert_eq!(got, lab::Received::of(&data), "{to}: the server's copy");
         assert_eq!(lab::read_to_eof(&mut c).unwrap().len, 4, "{to}: the reply");
+        // Through the proxy (px forwards too: without it the kernel's own
+        // path-MTU discovery would carry the transfer).
+        let ev = d.closed_event(client);
+        assert_eq!(field_str(&ev, "outcome").as_deref(), Some("closed"), "{ev}");
     }
+    // The router's errors reached the proxy's upstream sockets.
+    d.stop(Duration::from_secs(10));
+    assert!(
+        d.exit_counter("marked_icmp") > 0,
+        "no ICMP error was delivered to l4proxy"
+    );
 }
 
 /// Starts the daemon with `full_policy_on(80, 8080)`, checks that its kernel state is

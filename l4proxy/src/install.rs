@@ -568,11 +568,7 @@ enum Listed {
 }
 
 /// What `policy` needs of this host now, `local` being its addresses.
-async fn needs(
-    policy: &Policy,
-    local: &LocalAddrs,
-    listed: Listed,
-) -> Result<Needs, InstallError> {
+async fn needs(policy: &Policy, local: &LocalAddrs, listed: Listed) -> Result<Needs, InstallError> {
     let owned = owned_prefixes(policy);
     let is_local =
         |ip: IpAddr| local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));

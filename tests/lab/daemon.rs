@@ -378,6 +378,20 @@ impl Daemon {
         self.child.id() as i32
     }
 
+    /// A kernel counter as the daemon logged it at exit (`kernel
+    /// counters`); panics if it is not there.
+    pub fn exit_counter(&self, name: &str) -> u64 {
+        let counters = self
+            .event("kernel counters")
+            .and_then(|e| field_str(&e, "counters"))
+            .unwrap_or_else(|| panic!("no kernel counters logged at exit\n{}", self.log_text()));
+        counters
+            .split_whitespace()
+            .find_map(|item| item.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} in {counters:?}"))
+    }
+
     /// All lines collected so far (stderr, and stdout prefixed `stdout: `).
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()

@@ -369,7 +369,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // An accept loop that died made every later check of what it
+            // accepted meaningless: fail the test (unless it fails already).
+            if t.join().is_err() && !std::thread::panicking() {
+                panic!("a lab server's accept loop panicked (its message is above)");
+            }
         }
     }
 }
