@@ -196,6 +196,35 @@ fn as_root_the_same_capabilities_remain_and_what_a_successor_needs_is_bounded() 
     assert_clean_shutdown(&t, &mut d);
 }
 
+/// The control socket answers root holding cap_net_admin, not uid 0 alone
+/// (a container's root sharing the network namespace, say).
+#[test]
+fn the_control_socket_answers_root_with_cap_net_admin_only() {
+    let (t, _server) = Topo::with_echo("privctl", "203.0.113.3:8080", "server");
+    let _d = Daemon::start_ready(&t.px, &policy(&[8080]), &[]);
+    // The bounding set is per thread and inherited: `status` started from
+    // this thread is root without cap_net_admin.
+    let without = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscall; only this thread's bounding set changes.
+            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            command(&t.px, &["status"], Duration::from_secs(30))
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(
+        !without.success()
+            && without
+                .stderr
+                .contains("only root with cap_net_admin may ask"),
+        "{without:?}"
+    );
+    let with = command(&t.px, &["status"], Duration::from_secs(30));
+    assert!(with.success(), "{with:?}");
+}
+
 /// Under no_new_privs (the unit's `NoNewPrivileges=yes`), `l4proxy upgrade`
 /// works: the successor the daemon starts can load its programs.
 #[test]

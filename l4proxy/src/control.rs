@@ -1,7 +1,9 @@
 //! The control socket: `l4proxy status`, `reload` and `upgrade` talk to the
 //! daemon of their network namespace over an abstract Unix socket (scoped
 //! to the namespace, as the daemon's kernel programs are; nothing on the
-//! file system to clean up), answered only for root. One request line per
+//! file system to clean up), answered only for root holding cap_net_admin
+//! (uid 0 alone could be a container's root sharing the namespace, which
+//! a takeover would hand the listeners to). One request line per
 //! connection, one JSON answer; a `takeover` request's connection is handed
 //! to the daemon whole (`takeover`).
 //!
@@ -165,10 +167,20 @@ pub async fn serve(
 }
 
 async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
-    let uid = stream.peer_cred()?.uid();
-    if uid != 0 {
-        tracing::warn!(uid, "control socket: refused a client that is not root");
-        let refusal = serde_json::json!({ "ok": false, "error": "only root may ask" });
+    let peer = stream.peer_cred()?;
+    let (uid, pid) = (peer.uid(), peer.pid().unwrap_or(0));
+    // A pid of 0: the client is in a pid namespace this daemon cannot see.
+    let admin = pid > 0
+        && crate::privilege::held_by(pid)
+            .is_ok_and(|held| held.effective.contains(crate::privilege::CAP_NET_ADMIN));
+    if uid != 0 || !admin {
+        tracing::warn!(
+            uid,
+            pid,
+            "control socket: refused a client that is not root with cap_net_admin"
+        );
+        let refusal =
+            serde_json::json!({ "ok": false, "error": "only root with cap_net_admin may ask" });
         return reply(&mut stream, &refusal).await;
     }
     let mut line = String::new();

@@ -207,9 +207,14 @@ pub struct Held {
 }
 
 pub fn held() -> io::Result<Held> {
+    held_by(0)
+}
+
+/// The capabilities of process `pid` (0: the calling thread).
+pub fn held_by(pid: libc::c_int) -> io::Result<Held> {
     let mut header = CapHeader {
         version: CAP_VERSION_3,
-        pid: 0,
+        pid,
     };
     let mut data = [CapData::default(); 2];
     // SAFETY: capget fills two data structs for version 3.
