@@ -12,7 +12,7 @@ use lab::daemon::field_str;
 use lab::daemon::outcome;
 use lab::origin::{APP, Origin};
 use lab::pki::{Ca, Cert};
-use lab::tls::{Nginx, Site, curl};
+use lab::tls::{Curl, Nginx, Site, curl};
 use lab::{Daemon, TempDir, Topo};
 use serde_json::{Value, json};
 
@@ -280,24 +280,13 @@ fn a_remote_with_an_untrusted_certificate_is_refused() {
 fn curl_speaks_tls_to_the_connect_listener() {
     let mut c = Chain::start("chain_https_proxy");
     for proxy in [REMOTE4, REMOTE6] {
-        let proxy_url = format!("https://{REMOTE_NAME}:3128");
         let proxy_addr = proxy.rsplit_once(':').unwrap().0.trim_matches(['[', ']']);
-        let resolve_proxy = format!("{REMOTE_NAME}:3128:{proxy_addr}");
         let url = format!("https://{APP}/");
-        let ca = c.ca.cert.display().to_string();
-        let got = curl(
-            &c.t.cl,
-            &[
-                "--proxy",
-                &proxy_url,
-                "--proxy-cacert",
-                &ca,
-                "--resolve",
-                &resolve_proxy,
-                "--cacert",
-                c.origin.cacert(),
-                &url,
-            ],
+        let got = curl_via_tls_proxy(
+            &c,
+            (proxy_addr, 3128),
+            &["--cacert", c.origin.cacert()],
+            &url,
         );
         assert_eq!(got.body.trim(), "app-v4", "{proxy}: {}", got.describe());
         let ev = c
@@ -320,39 +309,13 @@ fn curl_speaks_tls_to_the_connect_listener() {
 #[test]
 fn upstream_tls_of_a_tls_connect_listener_verifies_the_connect_name() {
     let mut c = Chain::start("chain_tls_up");
-    let proxy_url = format!("https://{REMOTE_NAME}:3130");
-    let resolve_proxy = format!("{REMOTE_NAME}:3130:198.51.100.1");
-    let ca = c.ca.cert.display().to_string();
     let url = format!("http://{APP}:9443/");
-    let got = curl(
-        &c.t.cl,
-        &[
-            "--proxy",
-            &proxy_url,
-            "--proxy-cacert",
-            &ca,
-            "--resolve",
-            &resolve_proxy,
-            "--proxytunnel",
-            &url,
-        ],
+    let got = curl_via_tls_proxy(&c, ("198.51.100.1", 3130), &["--proxytunnel"], &url);
+    assert_reencrypted(
+        &mut c,
+        &got,
+        &[("rule", "remote-tls-up"), ("tls_sni", REMOTE_NAME)],
     );
-    assert_eq!(got.body.trim(), "app-by-ca", "{}", got.describe());
-    let ev = c
-        .remote
-        .closed_event(got.local.expect("curl's own address"));
-    assert_eq!(outcome(&ev), "closed", "{ev}");
-    assert_eq!(
-        field_str(&ev, "rule").as_deref(),
-        Some("remote-tls-up"),
-        "{ev}"
-    );
-    assert_eq!(
-        field_str(&ev, "tls_sni").as_deref(),
-        Some(REMOTE_NAME),
-        "{ev}"
-    );
-    assert!(field_str(&ev, "upstream_tls_version").is_some(), "{ev}");
 }
 
 /// A route chosen by the CONNECT name alone that terminates the TLS inside
@@ -366,16 +329,39 @@ fn a_route_by_connect_name_terminates_the_tls_inside_the_tunnel() {
     let ca = c.ca.cert.display().to_string();
     let url = format!("https://{APP}:9443/");
     let got = curl(&c.t.cl, &["--proxy", &proxy_url, "--cacert", &ca, &url]);
+    assert_reencrypted(&mut c, &got, &[("route", "app-inside"), ("tls_sni", APP)]);
+}
+
+/// curl got the page of nginx's site on 9443 through the remote, whose
+/// close event says `closed`, has TLS to the server, and the `fields`.
+fn assert_reencrypted(c: &mut Chain, got: &Curl, fields: &[(&str, &str)]) {
     assert_eq!(got.body.trim(), "app-by-ca", "{}", got.describe());
     let ev = c
         .remote
         .closed_event(got.local.expect("curl's own address"));
     assert_eq!(outcome(&ev), "closed", "{ev}");
-    assert_eq!(
-        field_str(&ev, "route").as_deref(),
-        Some("app-inside"),
-        "{ev}"
-    );
-    assert_eq!(field_str(&ev, "tls_sni").as_deref(), Some(APP), "{ev}");
+    for &(name, value) in fields {
+        assert_eq!(field_str(&ev, name).as_deref(), Some(value), "{ev}");
+    }
     assert!(field_str(&ev, "upstream_tls_version").is_some(), "{ev}");
+}
+
+/// curl in cl to `url` through the remote's TLS listener at `(ip, port)`,
+/// which it knows as [`REMOTE_NAME`] and checks against the proxies' CA,
+/// with `extra` arguments.
+fn curl_via_tls_proxy(c: &Chain, (ip, port): (&str, u16), extra: &[&str], url: &str) -> Curl {
+    let proxy_url = format!("https://{REMOTE_NAME}:{port}");
+    let resolve = format!("{REMOTE_NAME}:{port}:{ip}");
+    let ca = c.ca.cert.display().to_string();
+    let mut args = vec![
+        "--proxy",
+        proxy_url.as_str(),
+        "--proxy-cacert",
+        ca.as_str(),
+        "--resolve",
+        resolve.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    args.push(url);
+    curl(&c.t.cl, &args)
 }

@@ -601,6 +601,20 @@ fn syncookies_received(ns: &lab::Netns) -> u64 {
         .unwrap_or_else(|| panic!("no SyncookiesRecv in /proc/net/netstat:\n{netstat}"))
 }
 
+/// `dev` in `ns` gets a tc program within 5 s (`log`: the daemon's, for
+/// the failure message).
+fn assert_tc_soon(ns: &lab::Netns, dev: &str, log: &str) {
+    let programs = lab::poll_until(
+        Duration::from_secs(5),
+        || ns.tc_programs(&[dev]),
+        |p| !p.is_empty(),
+    );
+    assert!(
+        !programs.is_empty(),
+        "no tc program on {dev} 5 s after it appeared\n{log}"
+    );
+}
+
 /// An interface that appears after start-up (a VPN, a new link) gets the tc
 /// program: a server behind it, connected to from the client's address,
 /// answers through it.
@@ -634,15 +648,7 @@ fn an_interface_added_later_carries_replies() {
         handlers::hello_echo("late"),
     );
 
-    let programs = lab::poll_until(
-        Duration::from_secs(5),
-        || t.px.tc_programs(&["to-sv2"]),
-        |p| !p.is_empty(),
-    );
-    assert!(
-        !programs.is_empty(),
-        "no tc program on to-sv2 5 s after it appeared"
-    );
+    assert_tc_soon(&t.px, "to-sv2", "");
     let mut c = connect(&t.cl, sock(V4.service, 80));
     let client = c.local_addr().unwrap();
     talk(&mut c, "late", "through the new interface");
@@ -673,16 +679,7 @@ fn a_listed_interface_gone_does_not_stop_following_the_host() {
     t.px.ip(&["link", "del", "dum0"]);
     let sv2 = lab::Netns::new("gone_link", "sv2");
     lab::veth(&t.px, "to-sv2", &sv2, "to-px2");
-    let programs = lab::poll_until(
-        Duration::from_secs(5),
-        || t.px.tc_programs(&["to-sv2"]),
-        |p| !p.is_empty(),
-    );
-    assert!(
-        !programs.is_empty(),
-        "no tc program on to-sv2 5 s after it appeared\n{}",
-        d.log_text()
-    );
+    assert_tc_soon(&t.px, "to-sv2", &d.log_text());
 }
 
 /// A gateway rule on `port` relaying to sv's `to_port` from the client's
