@@ -246,12 +246,34 @@ fn ask_on(
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    stream
-        .write_all(query.line().as_bytes())
-        .map_err(|e| format!("asking the daemon: {e}"))?;
+    // A refusal (of who asks) may come before the question is read, and
+    // the daemon closes: then the write fails, and the answer is there.
+    let asked = stream.write_all(query.line().as_bytes());
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|e| format!("reading the daemon's answer: {e}"))?;
+    let read = BufReader::new(stream).read_line(&mut answer);
+    if answer.is_empty() {
+        asked.map_err(|e| format!("asking the daemon: {e}"))?;
+        read.map_err(|e| format!("reading the daemon's answer: {e}"))?;
+    }
     serde_json::from_str(&answer).map_err(|e| format!("the daemon's answer is not JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon refuses who asks before it reads the question, and
+    /// closes: the client's write fails, and the refusal is its answer.
+    #[test]
+    fn a_refusal_before_the_question_is_the_answer() {
+        let (client, daemon) = std::os::unix::net::UnixStream::pair().unwrap();
+        let refusal =
+            serde_json::json!({ "ok": false, "error": "only root with cap_net_admin may ask" });
+        (&daemon)
+            .write_all(format!("{refusal}\n").as_bytes())
+            .unwrap();
+        drop(daemon);
+        let answer = ask_on(client, Query::Status, Duration::from_secs(1));
+        assert_eq!(answer, Ok(refusal));
+    }
 }
