@@ -353,25 +353,10 @@ impl Installation {
         let gateway = generations
             .iter()
             .any(|g| g.active.policy.rules.iter().any(InterceptRule::is_gateway));
-        // The current policy's plan, and the interfaces of older plans with
-        // no rule of their own: `classify` keeps their connections' packets
-        // (`RETAINING`).
-        let mut classify: Vec<ClassifyPlan> = current.needs.classify.clone();
-        for older in &self.older {
-            for planned in &older.needs.classify {
-                if !classify.iter().any(|p| p.interface == planned.interface) {
-                    classify.push(ClassifyPlan {
-                        interface: planned.interface.clone(),
-                        role: ClassifyRole {
-                            intercept: false,
-                            replies: planned.role.replies,
-                        },
-                        rules: Vec::new(),
-                        bridge: planned.bridge,
-                    });
-                }
-            }
-        }
+        let classify = with_older_interfaces(
+            &current.needs.classify,
+            self.older.iter().map(|g| g.needs.classify.as_slice()),
+        );
         let compiled = current.rules.clone();
         let upstream_servers: Vec<SocketAddr> = current
             .active
@@ -936,6 +921,35 @@ fn owned_prefixes(policy: &Policy) -> Vec<IpNet> {
     prefixes
 }
 
+/// The current policy's plan, and the interfaces of older plans with no
+/// rule of their own: `classify` keeps their connections' packets
+/// (`RETAINING`). An interface is the same by its index: an older plan's
+/// copy of it may be stale (a new MAC or master since), and a second entry
+/// for one index would overwrite the current one's configuration.
+fn with_older_interfaces<'a>(
+    current: &[ClassifyPlan],
+    older: impl Iterator<Item = &'a [ClassifyPlan]>,
+) -> Vec<ClassifyPlan> {
+    let mut classify = current.to_vec();
+    for planned in older.flatten() {
+        if !classify
+            .iter()
+            .any(|p| p.interface.index == planned.interface.index)
+        {
+            classify.push(ClassifyPlan {
+                interface: planned.interface.clone(),
+                role: ClassifyRole {
+                    intercept: false,
+                    replies: planned.role.replies,
+                },
+                rules: Vec::new(),
+                bridge: planned.bridge,
+            });
+        }
+    }
+    classify
+}
+
 fn log_counters(installation: &Installation) {
     let summary: Vec<String> = installation
         .kernel_counters()
@@ -952,6 +966,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::intercept::bridge::BridgeOfPort;
 
     fn link(name: &str, index: u32, master: Option<u32>, is_bridge: bool) -> Interface {
         Interface::ethernet(name, index, master, is_bridge)
@@ -978,6 +993,44 @@ mod tests {
             listed(&all, "nope0", 0, 0),
             Err(InstallError::NoInterface { .. })
         ));
+    }
+
+    /// After a reload, an interface both plans have is configured once, as
+    /// the current plan says, even when the older plan's copy of it is
+    /// stale (here: made a bridge port since, its MAC changed); one only
+    /// the older plan has is kept, retaining, with no rule.
+    #[test]
+    fn older_plans_add_only_interfaces_the_current_one_lacks() {
+        let plan =
+            |interface: Interface, intercept: bool, bridge: Option<BridgeOfPort>| ClassifyPlan {
+                interface,
+                role: ClassifyRole {
+                    intercept,
+                    replies: true,
+                },
+                rules: if intercept { vec![0] } else { Vec::new() },
+                bridge,
+            };
+        let port = BridgeOfPort {
+            index: 2,
+            mac: [2, 0, 0, 0, 0, 2],
+        };
+        let current = [plan(link("eth0", 3, Some(2), false), true, Some(port))];
+        let mut stale_eth0 = link("eth0", 3, None, false);
+        stale_eth0.mac = Some([2, 0, 0, 0, 0, 9]);
+        let older = [
+            plan(stale_eth0, true, None),
+            plan(link("eth1", 4, None, false), true, None),
+        ];
+        let merged = with_older_interfaces(&current, [older.as_slice()].into_iter());
+        let indices: Vec<u32> = merged.iter().map(|p| p.interface.index).collect();
+        assert_eq!(indices, [3, 4]);
+        assert_eq!(merged[0].bridge, Some(port));
+        assert!(merged[0].role.intercept);
+        assert_eq!(
+            (merged[1].role.intercept, merged[1].rules.len()),
+            (false, 0)
+        );
     }
 
     /// A listener of `role` on loopback, a client connected to it and the
