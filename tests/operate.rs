@@ -8,7 +8,7 @@ mod lab;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lab::prometheus::{Prometheus, promtool_check};
 use lab::tls::run_in;
@@ -140,6 +140,82 @@ fn prometheus_scrapes_what_the_test_sent() {
     prometheus.wait_value(&t.px, r#"l4proxy_kernel_total{counter="steered"}"#, |v| {
         v >= 5.0
     });
+}
+
+/// Failed upstream connects are counted by whose doing they were: a
+/// server that refuses is `refused`; a connection no server could take
+/// (from the client's IPv4 address, to a pool of IPv6 servers) is
+/// `local`, not held against the pool's servers.
+#[test]
+fn connect_failures_are_counted_by_whose_doing() {
+    let (t, _api) = Topo::with_echo("operate_failures", "203.0.113.2:8080", "api");
+    let _d = Daemon::start_ready(
+        &t.px,
+        &json!({
+            "intercept": [ { "name": "svc", "prefixes": ["192.0.2.10/32"], "ports": [83, 84] } ],
+            "routes": [
+                { "name": "gone", "match": { "ports": [83] }, "upstream": "gone" },
+                { "name": "v6", "match": { "ports": [84] }, "upstream": "v6" }
+            ],
+            "upstreams": {
+                // Nothing listens there.
+                "gone": { "servers": ["203.0.113.2:8081"] },
+                "v6": { "servers": ["[2001:db8:2::2]:8080"], "bind": "client-ip" }
+            }
+        }),
+        &["--admin", ADMIN],
+    );
+    for port in [83, 84] {
+        // The daemon resets the client as soon as the upstream fails,
+        // which `connect` may already report.
+        if let Ok(mut c) = lab::try_connect(
+            &t.cl,
+            sa(&format!("192.0.2.10:{port}")),
+            Duration::from_secs(5),
+        ) {
+            let _ = c.read(&mut [0u8; 16]);
+        }
+    }
+    let failures = |scraped: &str, upstream: &str, reason: &str| {
+        let series = format!(
+            r#"l4proxy_upstream_connect_failures_total{{upstream="{upstream}",reason="{reason}"}} "#
+        );
+        scraped
+            .lines()
+            .find_map(|line| line.strip_prefix(series.as_str()))
+            .unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
+            .to_owned()
+    };
+    let counted = |scraped: &str| {
+        ["gone", "v6"]
+            .map(|upstream| ["refused", "local"].map(|reason| failures(scraped, upstream, reason)))
+    };
+    let mut scraped = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Both failures counted, under some reason.
+    while Instant::now() < deadline {
+        let scrape = run_in(
+            &t.px,
+            "curl",
+            &["-sS", "--max-time", "5", &format!("http://{ADMIN}/metrics")],
+            b"",
+            Duration::from_secs(10),
+        );
+        assert!(scrape.success(), "{}", scrape.describe());
+        scraped = scrape.stdout;
+        if counted(&scraped)
+            .iter()
+            .all(|pair| pair.contains(&"1".to_owned()))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        counted(&scraped),
+        [["1", "0"], ["0", "1"]].map(|pair| pair.map(str::to_owned)),
+        "upstream gone: refused, local; v6: refused, local\n{scraped}"
+    );
 }
 
 /// `status` shows the connections the test holds open, and the totals;

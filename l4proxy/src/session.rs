@@ -678,6 +678,7 @@ async fn open(
             let metrics = &active.metrics.upstreams[upstream_id.0];
             metrics.failed(match &active.policy.upstreams[upstream_id.0].target {
                 _ if timed_out => "timeout",
+                _ if e.on_this_host() => "local",
                 Target::Parent(_) => "parent",
                 _ => "refused",
             });

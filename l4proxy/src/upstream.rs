@@ -207,6 +207,17 @@ impl ConnectError {
         matches!(self, ConnectError::Failed { error, .. } if error.kind() == io::ErrorKind::TimedOut)
     }
 
+    /// Whether the failure says nothing of the servers: none was tried
+    /// (this host as destination, no server of the client's family), or
+    /// this host ran out of something ([`this_hosts_fault`]).
+    pub fn on_this_host(&self) -> bool {
+        match self {
+            ConnectError::LocalDestination(_) | ConnectError::NoServerOfFamily { .. } => true,
+            ConnectError::Failed { error, .. } => this_hosts_fault(error),
+            ConnectError::NoServerUp { .. } => false,
+        }
+    }
+
     /// The server tried last, if any.
     pub fn upstream(&self) -> Option<UpstreamAddr> {
         match self {
