@@ -48,6 +48,9 @@ use crate::{
 /// the predecessor's `draining`.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAINING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a successor has to read the offer: the main loop waits while
+/// it writes (reloads, signals and health checks with it).
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The kernel passes at most this many descriptors in one message
 /// (`SCM_MAX_FD`).
@@ -415,8 +418,18 @@ impl Handover {
                 })
                 .await?;
             stream.write_all(&text.as_bytes()[n..]).await
-        }
-        .await;
+        };
+        let sent = match tokio::time::timeout(OFFER_TIMEOUT, sent).await {
+            Ok(sent) => sent,
+            Err(_elapsed) => {
+                // The connection is closed unanswered: a refusal would
+                // queue behind the offer that nobody reads.
+                tracing::error!(
+                    "takeover: the successor did not read the offer within {OFFER_TIMEOUT:?}; still serving"
+                );
+                return;
+            }
+        };
         match sent {
             Ok(()) => {
                 tracing::info!(
@@ -677,6 +690,8 @@ fn receive_with_fds(socket: RawFd) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
 mod tests {
     use std::os::fd::AsFd;
 
+    use ipnet::IpNet;
+
     use super::*;
 
     /// What goes in one message comes out of it: the bytes, and the same
@@ -698,6 +713,41 @@ mod tests {
             assert_eq!(handed.local_addr().unwrap(), listener.local_addr().unwrap());
             assert_ne!(handed.as_fd().as_raw_fd(), listener.as_raw_fd());
         }
+    }
+
+    /// A successor that does not read its offer (here: 60 000 prefixes'
+    /// routes, more than the socket buffers) holds the main loop only
+    /// until `OFFER_TIMEOUT`; no takeover is then under way.
+    #[tokio::test(start_paused = true)]
+    async fn an_offer_nobody_reads_is_given_up() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let control = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let routing = Routing {
+            prefixes: (0..60_000u32)
+                .map(|i| {
+                    let addr = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i));
+                    IpNet::V6(addr.into())
+                })
+                .collect(),
+            delivery: false,
+            local_servers: Vec::new(),
+        };
+        let listeners = Listeners {
+            control: control.as_fd(),
+            steered: Vec::new(),
+            connect: Vec::new(),
+            admin: None,
+        };
+        let mut handover = Handover::default();
+        let mark = Mark { value: 1, mask: 1 };
+        let started = tokio::time::Instant::now();
+        let offered = handover.offer(ours, routing, (mark, 100), listeners);
+        tokio::time::timeout(2 * OFFER_TIMEOUT, offered)
+            .await
+            .expect("the offer is still being written");
+        assert_eq!(started.elapsed(), OFFER_TIMEOUT);
+        assert!(!handover.busy());
+        drop(theirs);
     }
 
     /// A message without descriptors (a refusal) reads as such.
