@@ -807,6 +807,33 @@ fn nothing_left_after(test: &str, signal: i32) {
     }
 }
 
+/// Another program's routing rule that looks at the daemon's packet mark
+/// (here its top byte only: `fwmark 0x4c000000/0xff000000`) would route
+/// what `classify` marks: the daemon refuses to start, says why, and leaves
+/// nothing behind.
+#[test]
+fn a_routing_rule_on_the_mark_refuses_the_start() {
+    let t = Topo::new("mark_taken");
+    t.px.ip(&[
+        "rule",
+        "add",
+        "fwmark",
+        "0x4c000000/0xff000000",
+        "lookup",
+        "100",
+    ]);
+    let rules_before = t.px.all_rules();
+    let mut d = Daemon::start(&t.px, &full_policy_on(80, 8080), &[]);
+    let status = d.wait_exit(Duration::from_secs(15));
+    assert!(!status.success(), "{status}");
+    let log = d.log_text();
+    assert!(
+        log.contains("a routing rule already uses fwmark 0x4c340000"),
+        "{log}"
+    );
+    t.px.assert_nothing_left(&["to-cl", "to-sv"], &rules_before);
+}
+
 #[test]
 fn nothing_left_after_sigterm() {
     nothing_left_after("left_term", libc::SIGTERM);

@@ -85,6 +85,17 @@ impl FromStr for Mark {
     }
 }
 
+impl Mark {
+    /// Whether a rule on `fwmark value/mask` takes packets this mark's
+    /// holder marks, or marks packets ours takes: both look at some bit
+    /// and agree on every bit both look at. A rule on other bits only
+    /// (another program's flag) shares nothing.
+    pub fn shares_packets(self, value: u32, mask: u32) -> bool {
+        let common = self.mask & mask;
+        common != 0 && (self.value ^ value) & common == 0
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     #[error(transparent)]
@@ -357,15 +368,23 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
     }
     for version in [IpVersion::V4, IpVersion::V6] {
         for rule in routes::rules(handle, version).await? {
-            let marks = rule
+            let value = rule
                 .attributes
                 .iter()
                 .find_map(|attribute| match attribute {
                     RuleAttribute::FwMark(value) => Some(*value),
                     _ => None,
                 });
-            if let Some(value) = marks
-                && value & mark.mask == mark.value
+            // Without a mask, `ip rule` compares the whole mark.
+            let mask = rule
+                .attributes
+                .iter()
+                .find_map(|attribute| match attribute {
+                    RuleAttribute::FwMask(mask) => Some(*mask),
+                    _ => None,
+                });
+            if let Some(value) = value
+                && mark.shares_packets(value, mask.unwrap_or(u32::MAX))
             {
                 return Err(DeliveryError::MarkInUse {
                     mark: mark.value,
@@ -386,4 +405,34 @@ fn table_of(route: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(u32::from(route.header.table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another rule shares our packets when it looks at any of our bits
+    /// and agrees on all it looks at, whatever its mask.
+    #[test]
+    fn a_rule_shares_packets_when_it_agrees_on_the_bits_both_look_at() {
+        let ours = DEFAULT_MARK;
+        for (value, mask, shares) in [
+            (0x4c34_0000, u32::MAX, true),
+            (0x4c34_0001, u32::MAX, true),
+            // The top byte only: every packet we mark has it.
+            (0x4c00_0000, 0xff00_0000, true),
+            (0x0034_0000, 0x00ff_0000, true),
+            (0x4c35_0000, u32::MAX, false),
+            (0x4d00_0000, 0xff00_0000, false),
+            // Bits we leave alone (kube-proxy's, Cilium's).
+            (0x4000, 0x4000, false),
+            (0x0c00, 0x0f00, false),
+        ] {
+            assert_eq!(
+                ours.shares_packets(value, mask),
+                shares,
+                "fwmark {value:#x}/{mask:#x}"
+            );
+        }
+    }
 }
