@@ -423,8 +423,35 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Kills what still runs in the namespace: deleting its name would
+    /// leave such a process serving in a namespace nobody can reach (a
+    /// successor a failed `upgrade` started, a route guard still at work).
+    fn kill_what_is_left(&self) {
+        let out = run_cmd("ip", &["netns", "pids", &self.name]);
+        let ours = std::process::id();
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|pid| pid.parse::<u32>().ok())
+            .filter(|&pid| pid != ours)
+        {
+            let command = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ");
+            eprintln!(
+                "lab: killing {pid} ({}), left in netns {}",
+                command.trim_end(),
+                self.name
+            );
+            // SAFETY: kill(2) takes no pointers.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
+        self.kill_what_is_left();
         let out = run_cmd("ip", &["netns", "del", &self.name]);
         if !out.status.success() {
             // Never panic in drop (it may run while unwinding): say it loudly.
