@@ -349,6 +349,49 @@ fn doctor(ns: &Netns, policy: &Value, dir: &TempDir) -> Output {
     command(ns, &["doctor", "--policy", path], Duration::from_secs(30))
 }
 
+/// What the README asks of a unit whose daemon runs as a user: its
+/// capability bounding set plus cap_setuid and cap_setgid, nothing more.
+/// `doctor --user` finds nothing missing there, and `run --user` starts.
+#[test]
+fn as_a_user_under_the_units_bounding_set_doctor_and_run_agree() {
+    let (t, server) = Topo::with_echo("privunit", "203.0.113.3:8080", "server");
+    let dir = TempDir::new("privunit");
+    let path = dir.join("policy.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&policy(&[8080])).unwrap()).unwrap();
+    let bounding = "-all,+net_admin,+bpf,+perfmon,+net_bind_service,+setuid,+setgid";
+    let sandbox = [
+        "setpriv",
+        "--bounding-set",
+        bounding,
+        "--inh-caps=-all",
+        "--no-new-privs",
+        "--",
+    ];
+    let mut args: Vec<&str> = sandbox[1..].to_vec();
+    args.extend([
+        lab::daemon::binary(),
+        "doctor",
+        "--user",
+        "nobody",
+        "--policy",
+        path.to_str().unwrap(),
+    ]);
+    let doctor = lab::tls::run_in(&t.px, sandbox[0], &args, b"", Duration::from_secs(30));
+    assert_eq!(doctor.code(), Some(0), "{}", doctor.describe());
+    assert!(
+        !doctor.stdout.lines().any(|l| l.starts_with("missing")),
+        "{}",
+        doctor.stdout
+    );
+
+    let mut d = Daemon::start_wrapped(&t.px, &policy(&[8080]), &["--user", "nobody"], &sandbox);
+    d.wait_ready(Duration::from_secs(30));
+    // Without cap_setpcap the bounding set stays the sandbox's:
+    // cap_setgid (6) and cap_setuid (7) beside what a start takes.
+    assert_credentials(&d, nobody(), KEPT, START | KEPT | 1 << 6 | 1 << 7);
+    transparent_connection(&t, &mut d, &server, 8080);
+}
+
 #[test]
 fn doctor_reports_what_a_host_lacks() {
     let t = Topo::new("doctor");

@@ -130,8 +130,10 @@ pub const GUARD: CapSet = CapSet::of(&[CAP_NET_ADMIN]);
 /// socket map (and for routes, rules and transparent listeners).
 pub const START: &[Capability] = &[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN];
 
-/// What `--user` takes on top: changing uid and gid, and the bounding set.
-pub const SWITCH_USER: &[Capability] = &[CAP_SETUID, CAP_SETGID, CAP_SETPCAP];
+/// What `--user` takes on top: changing uid and gid. (`CAP_SETPCAP`, where
+/// held, also empties the bounding set; without it that set stays what it
+/// was given, which a unit's `CapabilityBoundingSet=` already bounds.)
+pub const SWITCH_USER: &[Capability] = &[CAP_SETUID, CAP_SETGID];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
