@@ -807,6 +807,130 @@ fn nothing_left_after(test: &str, signal: i32) {
     }
 }
 
+/// 802.1p priority tags (VLAN ID 0, as VoIP phones and DCB switches send)
+/// carry no VLAN: the kernel takes such a frame as untagged on the same
+/// interface, so a gateway rule must take it too. The client sends one
+/// SYN, tagged with priority 5, to an intercepted destination (a raw
+/// frame: this kernel has neither 8021q nor act_vlan); `classify` marks it.
+#[test]
+fn priority_tagged_frames_are_intercepted() {
+    let t = Topo::new("prio_tag");
+    let mut d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
+    let mac = |ns: &lab::Netns, dev: &str| -> [u8; 6] {
+        let link: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])).unwrap();
+        let text = link[0]["address"].as_str().unwrap().to_owned();
+        let bytes: Vec<u8> = text
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        bytes.try_into().unwrap()
+    };
+    let frame = tagged_syn(
+        mac(&t.px, "to-cl"),
+        mac(&t.cl, "to-px"),
+        0xa000,
+        (V4.client.parse().unwrap(), 40_000),
+        (V4.server_b.parse().unwrap(), 8080),
+    );
+    let index: i32 =
+        t.cl.ip(&["-j", "link", "show", "to-px"])
+            .split("\"ifindex\":")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+    t.cl.run(|| send_frame(index, &frame)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop(Duration::from_secs(15));
+    // The SYN was marked and steered to the daemon (the client's reset
+    // of the daemon's SYN-ACK, untagged, is marked too).
+    assert_eq!(d.exit_counter("steered"), 1, "{}", d.log_text());
+    assert!(d.exit_counter("marked_intercept") >= 1, "{}", d.log_text());
+}
+
+/// An Ethernet frame with an 802.1Q tag `tci` holding an IPv4 TCP SYN.
+fn tagged_syn(
+    to: [u8; 6],
+    from: [u8; 6],
+    tci: u16,
+    (src, sport): (std::net::Ipv4Addr, u16),
+    (dst, dport): (std::net::Ipv4Addr, u16),
+) -> Vec<u8> {
+    let sum = |bytes: &[u8], mut acc: u32| {
+        for pair in bytes.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    };
+    let mut tcp = Vec::new();
+    tcp.extend(sport.to_be_bytes());
+    tcp.extend(dport.to_be_bytes());
+    tcp.extend(1u32.to_be_bytes()); // sequence
+    tcp.extend(0u32.to_be_bytes()); // acknowledgement
+    tcp.extend([5 << 4, 0x02]); // 20 bytes, SYN
+    tcp.extend(64_240u16.to_be_bytes()); // window
+    tcp.extend([0, 0, 0, 0]); // checksum, urgent pointer
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend([0, 6]);
+    pseudo.extend((tcp.len() as u16).to_be_bytes());
+    pseudo.extend(&tcp);
+    let check = sum(&pseudo, 0);
+    tcp[16..18].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + tcp.len()) as u16).to_be_bytes());
+    ip.extend([0, 1, 0x40, 0, 64, 6, 0, 0]); // id, DF, TTL, TCP, checksum
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let check = sum(&ip, 0);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend(to);
+    frame.extend(from);
+    frame.extend(0x8100u16.to_be_bytes());
+    frame.extend(tci.to_be_bytes());
+    frame.extend(0x0800u16.to_be_bytes());
+    frame.extend(ip);
+    frame.extend(tcp);
+    frame
+}
+
+/// Sends `frame` as it is out of interface `index` (an AF_PACKET socket
+/// of the calling thread's namespace).
+fn send_frame(index: i32, frame: &[u8]) -> std::io::Result<()> {
+    // SAFETY: plain socket calls; `address` and `frame` outlive them.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut address: libc::sockaddr_ll = std::mem::zeroed();
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_ifindex = index;
+        address.sll_halen = 6;
+        address.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const address).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        );
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        if sent == frame.len() as isize {
+            Ok(())
+        } else {
+            Err(error)
+        }
+    }
+}
+
 /// Another program's routing rule that looks at the daemon's packet mark
 /// (here its top byte only: `fwmark 0x4c000000/0xff000000`) would route
 /// what `classify` marks: the daemon refuses to start, says why, and leaves

@@ -60,6 +60,8 @@ use crate::{INTERFACES, SETTINGS, UPSTREAM_SERVERS, count, is_local, on_interfac
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETHERNET_HEADER: usize = 14;
+/// The VLAN ID in a tag (the rest is priority and drop eligibility).
+const VLAN_VID_MASK: u32 = 0x0fff;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -113,12 +115,16 @@ pub fn classify(ctx: TcContext) -> i32 {
     // Context fields first, in straight-line code (see `steer`).
     let skb = ctx.skb.skb;
     // SAFETY: the kernel passes a valid __sk_buff for the program's run.
-    let (ifindex, protocol, mark, vlan) = unsafe {
+    let (ifindex, protocol, mark, vlan_id) = unsafe {
         (
             (*skb).ifindex,
             (*skb).protocol,
             (*skb).mark,
-            (*skb).vlan_present,
+            if (*skb).vlan_present != 0 {
+                (*skb).vlan_tci & VLAN_VID_MASK
+            } else {
+                0
+            },
         )
     };
 
@@ -127,8 +133,10 @@ pub fn classify(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     };
     // A tagged frame belongs to the VLAN device above this one, whose own
-    // ingress (and `steer`'s interface check) sees it next.
-    if vlan != 0 || classified_on_port(mark) {
+    // ingress (and `steer`'s interface check) sees it next. A priority tag
+    // (VLAN ID 0, 802.1p) does not: the kernel takes that frame as
+    // untagged, here.
+    if vlan_id != 0 || classified_on_port(mark) {
         return TC_ACT_UNSPEC;
     }
     // A constant per branch: the verifier must bound packet offsets.
