@@ -2,7 +2,9 @@
 //! encrypted in user space, so they go through buffers (tokio's
 //! bidirectional copy, 16 KiB each way: one TLS record) instead of pipes.
 //! The rest is as on the splice path: half-close passed on (close_notify
-//! then FIN on a TLS side), the same deadlines, and a reset for a failure.
+//! then FIN on a TLS side), a reset after it passed on too (the finished
+//! side's socket is watched for one), the same deadlines, and a reset for
+//! a failure.
 //! A TLS peer that closes without close_notify has failed: a truncated
 //! transfer must not look complete to the other side. Once l4proxy has
 //! sent a peer its own close_notify, though, that peer's bare FIN is an
@@ -11,15 +13,20 @@
 
 use std::{
     io,
+    os::fd::{AsFd, OwnedFd},
     pin::Pin,
     sync::atomic::{AtomicBool, Ordering},
     task::{Context, Poll},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::Notify,
+};
 use tokio_util::sync::CancellationToken;
 
-use super::{Counter, Deadlines, Outcome, Relayed, expiry, tell};
+use super::{Counter, Deadlines, Outcome, Relayed, expiry, reset_of, tell};
 use crate::stream::Stream;
 
 /// One TLS record.
@@ -37,17 +44,25 @@ pub async fn relay(
     let from_upstream = Counter::default();
     let client_failed = AtomicBool::new(false);
     let upstream_failed = AtomicBool::new(false);
+    let (client_ended, upstream_ended) = (Notify::new(), Notify::new());
+    // Copies of the descriptors, for the reset watches: the copy holds the
+    // streams themselves. (Closed before the streams: a copy left open
+    // would hold the socket open past their close.)
+    let copy = |stream: &Stream| stream.tcp().as_fd().try_clone_to_owned();
+    let (client_fd, upstream_fd) = (copy(&client), copy(&upstream));
     let outcome = {
         let mut client_side = Side {
             stream: &mut client,
             written: &from_upstream,
             failed: &client_failed,
+            ended: &client_ended,
             shut: false,
         };
         let mut upstream_side = Side {
             stream: &mut upstream,
             written: &from_client,
             failed: &upstream_failed,
+            ended: &upstream_ended,
             shut: false,
         };
         let both = tokio::io::copy_bidirectional_with_sizes(
@@ -62,6 +77,8 @@ pub async fn relay(
                 Err(e) if client_failed.load(Ordering::Relaxed) => Outcome::ClientError(e),
                 Err(e) => Outcome::UpstreamError(e),
             },
+            e = reset_after_end(&client_ended, client_fd) => Outcome::ClientError(e),
+            e = reset_after_end(&upstream_ended, upstream_fd) => Outcome::UpstreamError(e),
             () = shutdown.cancelled() => Outcome::ShutDown,
             expired = expiry(&deadlines, || from_client.get() + from_upstream.get()) => expired,
         }
@@ -74,13 +91,30 @@ pub async fn relay(
     }
 }
 
+/// Once `ended` is notified (the side's peer finished sending, and the copy
+/// reads from it no more), the reset that side's socket then gets, seen
+/// through `fd`, a duplicate of its descriptor (registered only then);
+/// without one (out of descriptors) there is no watch.
+async fn reset_after_end(ended: &Notify, fd: io::Result<OwnedFd>) -> io::Error {
+    ended.notified().await;
+    // The duplicate shares the socket, non-blocking already.
+    match fd.and_then(|fd| TcpStream::from_std(std::net::TcpStream::from(fd))) {
+        Ok(watched) => reset_of(&watched).await,
+        Err(e) => {
+            tracing::debug!(error = %e, "no reset watch for a half-closed TLS connection");
+            std::future::pending().await
+        }
+    }
+}
+
 /// A side as the copy sees it: what is written to it is counted (for the
-/// log and the idle watch), and a failure on it is noted (to tell which
-/// side failed).
+/// log and the idle watch), a failure on it is noted (to tell which side
+/// failed), and so is its end (for the reset watch).
 struct Side<'a> {
     stream: &'a mut Stream,
     written: &'a Counter,
     failed: &'a AtomicBool,
+    ended: &'a Notify,
     /// l4proxy has finished sending to it (close_notify and FIN).
     shut: bool,
 }
@@ -101,6 +135,7 @@ impl AsyncRead for Side<'_> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         let polled = match Pin::new(&mut *this.stream).poll_read(cx, buf) {
             // Told we are done, it closed without a word: the end.
             Poll::Ready(Err(e)) if this.shut && e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -108,6 +143,12 @@ impl AsyncRead for Side<'_> {
             }
             polled => polled,
         };
+        if let Poll::Ready(Ok(())) = polled
+            && buf.filled().len() == before
+            && buf.remaining() > 0
+        {
+            this.ended.notify_one();
+        }
         this.note(polled)
     }
 }
