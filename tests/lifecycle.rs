@@ -196,3 +196,33 @@ fn sigterm_grace_period() {
         t.px.proxy_routes()
     );
 }
+
+/// The grace period's end also cuts a connection still being set up: a
+/// client that connected and says nothing, on a rule whose routes wait for
+/// its first bytes (a minute here), does not keep the daemon beyond it.
+#[test]
+fn the_grace_period_also_ends_connections_still_being_set_up() {
+    let (t, _srv) = Topo::with_echo("grace_setup", "203.0.113.2:8080", "a");
+    let mut policy = policy();
+    policy["routes"] = json!([
+        { "name": "named", "match": { "sni": ["a.example"] }, "upstream": "pool-a" },
+        { "name": "rest", "match": {}, "upstream": "pool-a" }
+    ]);
+    let mut d = Daemon::start_ready(
+        &t.px,
+        &policy,
+        &["--grace-period", "1", "--sniff-timeout", "60"],
+    );
+    // Queued or accepted by now: the drain's last sweep of the queues
+    // takes it, and its routes wait for its first bytes.
+    let silent = connect(&t.cl, sa("192.0.2.10:80"));
+    d.drain();
+    let st = d.wait_exit(Duration::from_secs(20));
+    d.assert_exit_ok(st);
+    let closed = d.closed_event(silent.local_addr().unwrap());
+    assert_eq!(
+        lab::daemon::field_str(&closed, "outcome").as_deref(),
+        Some("shut_down"),
+        "{closed}"
+    );
+}

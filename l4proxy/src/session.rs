@@ -322,7 +322,7 @@ pub fn serve(
     shutdown: CancellationToken,
     held: impl Send + 'static,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let starting = Box::pin(start(client, peer, front, shared));
+    let starting = Box::pin(start(client, peer, front, shared, shutdown.clone()));
     async move {
         let Some(Started {
             opened:
@@ -371,6 +371,7 @@ async fn start(
     peer: SocketAddr,
     front: Front,
     shared: Arc<Shared>,
+    shutdown: CancellationToken,
 ) -> Option<Started> {
     let local = match front {
         Front::Connect(Some(listening)) => listening,
@@ -404,7 +405,17 @@ async fn start(
         tracing::error!(client = %peer, orig_dst = %local, ?front, "connection matches no rule; closing");
         return None;
     };
-    let opened = open(client, peer, rule_id, &shared, &active, &mut record).await?;
+    // The grace period's end cuts a connection still being set up too (a
+    // silent client, a server that does not answer): dropping `open` closes
+    // its sockets.
+    let opened = tokio::select! {
+        opened = open(client, peer, rule_id, &shared, &active, &mut record) => opened?,
+        () = shutdown.cancelled() => {
+            let why = "the grace period ended before the connection was relayed";
+            record.end(&active, "shut_down", Some(&why));
+            return None;
+        }
+    };
     Some(Started {
         opened,
         record,
