@@ -47,6 +47,7 @@ pub(super) fn check(raw: raw::Policy) -> Result<Policy, PolicyError> {
         upstreams,
     };
     check_overlaps(&policy)?;
+    check_gateway_overlaps(&policy)?;
     check_connect_listeners(&policy)?;
     super::tls_checks::check(&policy)?;
     check_size(&policy)?;
@@ -306,6 +307,104 @@ fn check_overlaps(policy: &Policy) -> Result<(), PolicyError> {
                     ));
                 }
                 earlier.push((i, ports));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The kernel takes a connection by the most specific rule for its
+/// destination, whatever interface it came in on, and a gateway rule takes
+/// only connections this host forwards. So a gateway rule within a rule
+/// without interfaces (whose prefixes become this host's addresses) would
+/// take nothing, and a gateway rule more specific than another must list
+/// every interface of that one: the other's connections on an interface it
+/// lacks would be forwarded untouched.
+fn check_gateway_overlaps(policy: &Policy) -> Result<(), PolicyError> {
+    // Each prefix with the rules that name it, and the lengths in use per
+    // family: a prefix's enclosing ones are looked up, not searched for.
+    let mut named: HashMap<IpNet, Vec<usize>> = HashMap::default();
+    let mut lengths = [
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    ];
+    let family = |net: &IpNet| usize::from(matches!(net, IpNet::V6(_)));
+    for (i, rule) in policy.rules.iter().enumerate() {
+        for prefix in &rule.prefixes {
+            named.entry(*prefix).or_default().push(i);
+            lengths[family(prefix)].insert(prefix.prefix_len());
+        }
+    }
+    for (i, rule) in policy.rules.iter().enumerate() {
+        if !rule.is_gateway() {
+            continue;
+        }
+        for (k, prefix) in rule.prefixes.iter().enumerate() {
+            let enclosing = lengths[family(prefix)]
+                .range(..=prefix.prefix_len())
+                .filter_map(|&len| IpNet::new(prefix.addr(), len).ok().map(|net| net.trunc()));
+            for outer in enclosing {
+                for &j in named.get(&outer).into_iter().flatten() {
+                    let other = &policy.rules[j];
+                    if j == i {
+                        continue;
+                    }
+                    if !other.is_gateway() {
+                        return Err(PolicyError::at(
+                            format!("intercept[{i}].prefixes[{k}]"),
+                            format!(
+                                "{prefix} is within {outer} of intercept[{j}] ({:?}), a rule \
+                                 without interfaces: its prefixes are this host's addresses, and \
+                                 a gateway rule takes only connections this host forwards",
+                                other.name
+                            ),
+                        ));
+                    }
+                    check_gateway_pair(policy, (i, *prefix), (j, outer))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gateway rules `a` and `b` on prefixes `a_net` within `b_net`: on every
+/// port both take, the more specific one lists every interface of the other.
+fn check_gateway_pair(
+    policy: &Policy,
+    (a, a_net): (usize, IpNet),
+    (b, b_net): (usize, IpNet),
+) -> Result<(), PolicyError> {
+    for &a_ports in &policy.rules[a].ports {
+        for &b_ports in &policy.rules[b].ports {
+            let Some(overlap) = a_ports.intersection(b_ports) else {
+                continue;
+            };
+            let ((narrow, narrow_net), (wide, wide_net)) = match route::specificity(&a_net, a_ports)
+                .cmp(&route::specificity(&b_net, b_ports))
+            {
+                std::cmp::Ordering::Greater => ((a, a_net), (b, b_net)),
+                std::cmp::Ordering::Less => ((b, b_net), (a, a_net)),
+                // Equal precedence is `check_overlaps`' to refuse.
+                std::cmp::Ordering::Equal => continue,
+            };
+            let (narrow_rule, wide_rule) = (&policy.rules[narrow], &policy.rules[wide]);
+            if let Some(missing) = wide_rule
+                .interfaces
+                .iter()
+                .find(|name| !narrow_rule.interfaces.contains(name))
+            {
+                return Err(PolicyError::at(
+                    format!("intercept[{narrow}].interfaces"),
+                    format!(
+                        "on {narrow_net} {overlap} this rule is more specific than intercept[{wide}] \
+                         ({:?}, {wide_net}) and takes their connections, but only on its own \
+                         interfaces: those arriving on {missing:?}, which intercept[{wide}] lists, \
+                         would be forwarded untouched; list {missing:?} here too, or keep the \
+                         prefixes apart",
+                        wide_rule.name
+                    ),
+                ));
             }
         }
     }

@@ -400,3 +400,70 @@ fn load_names_the_file() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two rules, each `{prefixes, ports, interfaces}` as JSON fragments.
+fn two_rules(first: &str, second: &str) -> String {
+    format!(
+        r#"{{ "intercept": [
+               {{ "name": "first", {first}, "upstream": "web" }},
+               {{ "name": "second", {second}, "upstream": "web" }} ],
+             "upstreams": {{ "web": {{ "servers": ["203.0.113.2:80"] }} }} }}"#
+    )
+}
+
+/// A gateway rule within a rule without interfaces takes nothing: the
+/// other's prefixes are this host's addresses. On any port.
+#[test]
+fn a_gateway_rule_within_an_owned_prefix_is_refused() {
+    let owned = r#""prefixes": ["192.0.2.0/24"], "ports": [80]"#;
+    for gateway in [
+        r#""prefixes": ["192.0.2.128/25"], "ports": [80], "interfaces": ["eth0"]"#,
+        r#""prefixes": ["192.0.2.0/24"], "ports": [443], "interfaces": ["eth0"]"#,
+    ] {
+        let refused = error_of(&two_rules(owned, gateway));
+        assert!(
+            refused.starts_with("intercept[1].prefixes[0]: 192.0.2.")
+                && refused.contains(
+                    r#"is within 192.0.2.0/24 of intercept[0] ("first"), a rule without interfaces"#
+                ),
+            "{refused}"
+        );
+    }
+    // An owned prefix within a gateway rule's is a service of this host
+    // among forwarded destinations: fine.
+    let wide_gateway = r#""prefixes": ["192.0.2.0/24"], "ports": [80], "interfaces": ["eth0"]"#;
+    let one_service = r#""prefixes": ["192.0.2.10/32"], "ports": [80]"#;
+    Policy::from_json(&two_rules(wide_gateway, one_service)).unwrap();
+}
+
+/// A gateway rule more specific than another (by prefix or by ports) takes
+/// their common connections, so it must list every interface the other
+/// does; listing more, or the same, is fine.
+#[test]
+fn a_more_specific_gateway_rule_lists_the_others_interfaces() {
+    let wide = r#""prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["eth0"]"#;
+    let refused = error_of(&two_rules(
+        wide,
+        r#""prefixes": ["203.0.113.0/25"], "ports": [80], "interfaces": ["eth1"]"#,
+    ));
+    assert_eq!(
+        refused,
+        r#"intercept[1].interfaces: on 203.0.113.0/25 port 80 this rule is more specific than intercept[0] ("first", 203.0.113.0/24) and takes their connections, but only on its own interfaces: those arriving on "eth0", which intercept[0] lists, would be forwarded untouched; list "eth0" here too, or keep the prefixes apart"#
+    );
+    // More specific by ports, on the same prefix; the narrower one first.
+    let refused = error_of(&two_rules(
+        r#""prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["eth1"]"#,
+        r#""prefixes": ["203.0.113.0/24"], "ports": ["1-1024"], "interfaces": ["eth0"]"#,
+    ));
+    assert!(
+        refused.starts_with(r#"intercept[0].interfaces: on 203.0.113.0/24 port 80 this rule is more specific than intercept[1] ("second""#),
+        "{refused}"
+    );
+    for fine in [
+        r#""prefixes": ["203.0.113.0/25"], "ports": [80], "interfaces": ["eth0", "eth1"]"#,
+        r#""prefixes": ["203.0.113.0/25"], "ports": [443], "interfaces": ["eth1"]"#,
+        r#""prefixes": ["198.51.100.0/24"], "ports": [80], "interfaces": ["eth1"]"#,
+    ] {
+        Policy::from_json(&two_rules(wide, fine)).unwrap();
+    }
+}
