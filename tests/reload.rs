@@ -301,3 +301,35 @@ fn policy_warnings_are_logged_at_start_and_on_reload() {
     assert_eq!(message(&d.reload(&policy)), Some("policy reloaded"));
     assert_eq!(count(&d), 2, "on reload: {}", d.log_text());
 }
+
+/// What a reloaded policy needs of the host is worked out from the host's
+/// own addresses, not from prefixes only the replaced policy made local:
+/// here the new policy's upstream is bound to 192.0.2.50, an address the
+/// old policy owned and the new one does not. Once the old one is
+/// forgotten (its route gone), the server's replies to 192.0.2.50 must
+/// still reach the daemon (`classify` marks them), as after a fresh start.
+#[test]
+fn a_reload_does_not_count_the_replaced_policys_prefixes_as_this_hosts() {
+    let (t, a) = Topo::with_echo("reload_bind", "203.0.113.2:8080", "a");
+    let old = json!({
+        "intercept": [ { "name": "old", "prefixes": ["192.0.2.50/32"], "ports": [80], "upstream": "a" } ],
+        "upstreams": { "a": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let new = json!({
+        "intercept": [ { "name": "new", "prefixes": ["192.0.2.10/32"], "ports": [81], "upstream": "fixed" } ],
+        "upstreams": { "fixed": { "servers": ["203.0.113.2:8080"], "bind": "192.0.2.50" } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &old, &[]);
+    assert_eq!(message(&d.reload(&new)), Some("policy reloaded"));
+    d.wait_event("settled", Duration::from_secs(10), |e| {
+        message(e) == Some("replaced policies without open connections forgotten")
+            && lab::daemon::field_u64(e, "still_open") == Some(0)
+    });
+    assert_eq!(greeting(&t, "192.0.2.10:81"), "a");
+    let peer = a.accepted().last().expect("a connection").peer;
+    assert_eq!(
+        peer.ip().to_string(),
+        "192.0.2.50",
+        "from the fixed address"
+    );
+}

@@ -555,8 +555,10 @@ enum Listed {
 /// What `policy` needs of this host now, `local` being its addresses.
 async fn needs(policy: &Policy, local: &LocalAddrs, listed: Listed) -> Result<Needs, InstallError> {
     let owned = owned_prefixes(policy);
+    // Not what other policies made local: a replaced one's prefixes go
+    // with it, and these needs are not worked out again then.
     let is_local =
-        |ip: IpAddr| local.contains(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
+        |ip: IpAddr| local.is_host_address(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
     let all = interfaces::list().await?;
     Ok(Needs {
         classify: classify_plan(policy, &all, &is_local, listed)?,

@@ -42,6 +42,8 @@ pub struct LocalAddrs {
     /// whether the kernel's copy needs them.
     owned: Mutex<(Vec<IpNet>, bool)>,
     current: RwLock<Arc<Lpm<()>>>,
+    /// The interfaces' addresses and loopback only.
+    host: RwLock<Arc<Lpm<()>>>,
     /// The kernel programs' copy (`intercept::LocalMap`), if any.
     sink: Mutex<Option<Sink>>,
 }
@@ -53,20 +55,24 @@ impl LocalAddrs {
         let local = LocalAddrs {
             owned: Mutex::new((Vec::new(), false)),
             current: RwLock::new(Arc::new(Lpm::default())),
+            host: RwLock::new(Arc::new(Lpm::default())),
             sink: Mutex::new(sink),
         };
         local.reload().await?;
         Ok(Arc::new(local))
     }
 
-    /// Whether `ip` is an address of this host.
+    /// Whether `ip` is an address of this host, the prefixes the daemon
+    /// made local (for every policy still in force) included.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let current = self
-            .current
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
-        current.contains(ip)
+        read(&self.current).contains(ip)
+    }
+
+    /// Whether `ip` is an address of one of this host's interfaces (or
+    /// loopback): what a policy can count on whatever the daemon's other
+    /// policies made local.
+    pub fn is_host_address(&self, ip: IpAddr) -> bool {
+        read(&self.host).contains(ip)
     }
 
     /// Takes the prefixes the daemon now makes local (after a new policy).
@@ -110,13 +116,25 @@ impl LocalAddrs {
         {
             sink(if in_kernel { &all } else { &all[..host] });
         }
+        let host_only = Lpm::of(all[..host].iter().copied());
         let prefixes = Lpm::of(all);
+        *self
+            .host
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(host_only);
         *self
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(prefixes);
         Ok(())
     }
+}
+
+/// A snapshot, without holding the lock while it is used.
+fn read(lock: &RwLock<Arc<Lpm<()>>>) -> Arc<Lpm<()>> {
+    lock.read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
 }
 
 /// The host's own address of an `ip addr` entry: IFA_LOCAL where given (on a
