@@ -175,6 +175,16 @@ fn front_of(
     }
 }
 
+/// `routes[N]`, `default`, `none`: the labels logs and metrics give a
+/// route without a name, a rule's default upstream and no route.
+fn is_generated_route_label(name: &str) -> bool {
+    let unnamed = name
+        .strip_prefix("routes[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()));
+    unnamed || name == "default" || name == "none"
+}
+
 fn check_routes(
     raw: Vec<raw::Route>,
     rules: &[InterceptRule],
@@ -184,6 +194,17 @@ fn check_routes(
     let mut names: HashMap<String, usize> = HashMap::default();
     for (i, route) in raw.into_iter().enumerate() {
         let name = route.name.map(|name| name.0);
+        if let Some(name) = &name
+            && is_generated_route_label(name)
+        {
+            return Err(PolicyError::at(
+                format!("routes[{i}].name"),
+                format!(
+                    "{name:?} is how logs and metrics name an unnamed route, a rule's default \
+                     upstream (\"default\") or no route (\"none\"): choose another"
+                ),
+            ));
+        }
         if let Some(name) = &name
             && let Some(first) = names.insert(name.clone(), i)
         {

@@ -127,8 +127,12 @@ impl Bounds {
     /// made a `Duration` (whole nanoseconds), so that a value that rounds
     /// to 0 is not "above 0".
     pub fn check(&self, written: &Written) -> Result<Duration, String> {
-        // Negative, NaN and overflowing seconds are no `Duration`.
+        // Negative, NaN and overflowing seconds are no `Duration`. A value
+        // above 0 that rounds to 0 ns is refused: 0 may mean "none".
         match Duration::try_from_secs_f64(written.seconds) {
+            Ok(duration) if duration.is_zero() && written.seconds > 0.0 => {
+                Err(self.refusal(written))
+            }
             Ok(duration) if (self.min..=self.max).contains(&duration) => Ok(duration),
             _ => Err(self.refusal(written)),
         }
@@ -233,6 +237,12 @@ mod tests {
         );
         assert!(read("1000000001").is_err());
         assert!(read("1e300").is_err());
+        // Above 0 but 0 ns: it would read as "no timeout".
+        assert_eq!(
+            read("0.0000000001").unwrap_err(),
+            r#"expected a duration from 0 (none) to 1000000000 seconds, got "0.0000000001""#
+        );
+        assert_eq!(read("0"), Ok(Duration::ZERO));
         let negative = Written {
             seconds: -1.0,
             text: "-1".to_owned(),

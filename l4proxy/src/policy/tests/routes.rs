@@ -388,6 +388,28 @@ fn names_are_resolved() {
     );
 }
 
+/// Logs and metrics call an unnamed route `routes[i]`, a rule's default
+/// upstream `default` and no route `none`: a route may not take those.
+#[test]
+fn generated_labels_are_no_route_names() {
+    for taken in ["routes[0]", "routes[12]", "default", "none"] {
+        assert_eq!(
+            error_with(r#""name": "www""#, &format!(r#""name": "{taken}""#)),
+            format!(
+                r#"routes[3].name: "{taken}" is how logs and metrics name an unnamed route, a rule's default upstream ("default") or no route ("none"): choose another"#
+            )
+        );
+    }
+    for fine in ["routes", "routes[]", "routes[x]", "defaults"] {
+        Policy::from_json(&super::edited(
+            ROUTES,
+            r#""name": "www""#,
+            &format!(r#""name": "{fine}""#),
+        ))
+        .unwrap();
+    }
+}
+
 #[test]
 fn route_upstreams_must_not_loop_either() {
     assert_eq!(
