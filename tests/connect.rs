@@ -714,3 +714,59 @@ fn a_connect_client_over_its_limit_is_reset_before_its_head_is_read() {
         "{still:?}"
     );
 }
+
+/// Name look-ups are bounded (64 at once, each a thread with its own
+/// resolver socket, in the daemon's descriptor budget) also when they time
+/// out: a look-up the client gave up on still runs until the resolver does.
+/// The nameserver here never answers (a socket that never reads), and
+/// resolves time out after 200 ms while the resolver waits 30 s: 150
+/// CONNECTs for distinct names leave at most 64 look-up threads.
+#[test]
+fn name_look_ups_stay_bounded_when_they_time_out() {
+    let t = Topo::new("connect_dns_bound");
+    let _silent =
+        t.px.run(|| std::net::UdpSocket::bind("127.0.0.1:53"))
+            .expect("a nameserver socket that never answers");
+    let dir = lab::TempDir::new("connect_dns_bound");
+    let resolv_conf = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv_conf,
+        "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+    let policy = json!({
+        "intercept": [
+            { "name": "explicit", "upstream": "direct",
+              "connect": { "listen": [PROXY4], "clients": ["198.51.100.0/24"],
+                           "resolve_timeout": "200ms" } }
+        ],
+        "upstreams": { "direct": { "original_destination": true } }
+    });
+    let d = Daemon::start_with_resolver(&t.px, &policy, &[], &resolv_conf);
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = threads();
+    std::thread::scope(|scope| {
+        let asking: Vec<_> = (0..150)
+            .map(|i| {
+                let t = &t;
+                scope.spawn(move || {
+                    let head = connect_head(&format!("n{i}.slow.example.test:443"));
+                    ask(t, PROXY4, &head).0
+                })
+            })
+            .collect();
+        for asked in asking {
+            let status = asked.join().unwrap();
+            assert!(status.contains(" 504 "), "{status}");
+        }
+    });
+    let after = threads();
+    assert!(
+        after <= before + l4proxy::tunnel::MAX_RESOLVING,
+        "{after} threads, {before} before 150 look-ups that timed out"
+    );
+}

@@ -13,7 +13,7 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs},
     time::{Duration, Instant},
 };
 
@@ -294,17 +294,28 @@ async fn authenticate(
 /// resolver (getaddrinfo: /etc/hosts, /etc/resolv.conf) answers.
 async fn resolve(name: &str, port: u16, deadline: Duration) -> Result<Vec<SocketAddr>, Refused> {
     // Each look-up is a thread with its own resolver socket: they are
-    // counted in the daemon's descriptor budget, so bounded.
+    // counted in the daemon's descriptor budget, so bounded. The turn goes
+    // with the thread: one the client no longer waits for runs on until
+    // the resolver gives up, and still counts.
     static RESOLVING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_RESOLVING);
     let lookup = async {
-        let _turn = RESOLVING.acquire().await;
-        tokio::net::lookup_host((name, port)).await
+        let turn = RESOLVING.acquire().await.map_err(io::Error::other)?;
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            (name.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect::<Vec<_>>)
+        })
+        .await
+        .map_err(io::Error::other)?
     };
     match tokio::time::timeout(deadline, lookup).await {
         Err(_) => Err(Refused::ResolveTimeout(name.to_owned(), deadline)),
         Ok(Err(e)) => Err(Refused::Resolve(name.to_owned(), e)),
         Ok(Ok(addrs)) => {
             let mut addrs: Vec<SocketAddr> = addrs
+                .into_iter()
                 .map(|addr| SocketAddr::new(addr.ip().to_canonical(), addr.port()))
                 .collect();
             // getaddrinfo lists an address once per socket type unless told.
