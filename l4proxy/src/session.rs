@@ -14,7 +14,7 @@ use std::{
 };
 
 use rustls::pki_types::ServerName;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -839,8 +839,7 @@ async fn await_first_bytes(client: &TcpStream, upstream: &TcpStream) {
 /// connection closed clean).
 async fn upstream_failed(client: &mut Stream, established: bool, timed_out: bool, record: &Record) {
     if let Some(sniff::Sniffed::Http(_)) = record.sniffed.as_deref() {
-        let _ = client.send(BAD_GATEWAY).await;
-        let _ = client.shutdown().await;
+        let _ = client.answer_and_close(BAD_GATEWAY).await;
     } else if established {
         relay::reset_on_close(client.tcp());
     } else {
@@ -1222,8 +1221,7 @@ async fn refuse(client: &mut Stream, sniffed: Option<&sniff::Sniffed>) {
             relay::reset_on_close(client.tcp());
         }
         Some(sniff::Sniffed::Http(_)) => {
-            let _ = client.send(SERVICE_UNAVAILABLE).await;
-            let _ = client.shutdown().await;
+            let _ = client.answer_and_close(SERVICE_UNAVAILABLE).await;
         }
         _ => {}
     }
@@ -1231,7 +1229,10 @@ async fn refuse(client: &mut Stream, sniffed: Option<&sniff::Sniffed>) {
 
 #[cfg(test)]
 mod tests {
-    use tokio::{io::AsyncReadExt, net::TcpListener};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
     use super::*;
     use crate::intercept::rules;

@@ -123,7 +123,35 @@ impl Stream {
         self.write_all(bytes).await?;
         self.flush().await
     }
+
+    /// Sends an answer that ends the connection (an error status), then its
+    /// end, then reads and drops what the peer still sends until it closes
+    /// (at most [`LINGER_BYTES`], for [`LINGER_TIME`]): a close with unread
+    /// bytes sends a reset, which can discard the answer before the peer
+    /// reads it (RFC 9112, 9.6), or unsent, if it was still going out.
+    pub async fn answer_and_close(&mut self, answer: &[u8]) -> io::Result<()> {
+        self.send(answer).await?;
+        self.shutdown().await?;
+        let mut dropped = vec![0u8; 4096];
+        let mut left = LINGER_BYTES;
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            while left > 0 {
+                match self.read(&mut dropped).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+        Ok(())
+    }
 }
+
+/// How much of what a peer sends after an error answer is read and dropped
+/// before the connection is closed anyway.
+const LINGER_BYTES: usize = 64 * 1024;
+/// How long a peer has to close after an error answer.
+const LINGER_TIME: Duration = Duration::from_secs(2);
 
 impl Tls {
     /// Reads decrypted bytes into `ahead` until `classify` has a verdict on

@@ -18,7 +18,6 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use tokio::io::AsyncWriteExt;
 
 use crate::{
     connect_head::{self, HeadError, Host, Method, Request, Status},
@@ -413,13 +412,15 @@ pub fn fronting(name: &str, said: &Sniffed, gave_up: Option<GaveUp>) -> Option<S
     }
 }
 
-/// Sends `status` to the client; an error answer also ends its sending side.
+/// Sends `status` to the client; an error answer also ends the connection
+/// ([`Stream::answer_and_close`]).
 pub async fn answer(client: &mut Stream, status: Status) -> io::Result<()> {
-    client.send(connect_head::answer(status)).await?;
-    if status != Status::Established {
-        client.shutdown().await?;
+    let head = connect_head::answer(status);
+    if status == Status::Established {
+        client.send(head).await
+    } else {
+        client.answer_and_close(head).await
     }
-    Ok(())
 }
 
 #[cfg(test)]
