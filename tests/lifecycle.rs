@@ -226,3 +226,56 @@ fn the_grace_period_also_ends_connections_still_being_set_up() {
         "{closed}"
     );
 }
+
+/// A handshake that completes after SIGTERM's last sweep of the listening
+/// queues (its SYN came before the stop, its final ACK after) is refused at
+/// once, as a new connection is, not left in a queue nobody reads until the
+/// grace period ends. The client's final ACK is held back by a firewall
+/// rule in its own namespace until the daemon drains (an open connection
+/// keeps it draining).
+#[test]
+fn a_handshake_completed_after_the_stop_is_refused_at_once() {
+    let (t, _srv) = Topo::with_echo("late_ack", "203.0.113.2:8080", "a");
+    let mut d = Daemon::start_ready(&t.px, &policy(), &["--grace-period", "30"]);
+    let mut open = lab::connect_greeted(&t.cl, sa("192.0.2.10:80"), "a");
+    // Only the SYN goes out: the ACK that completes the handshake does not.
+    let hold = [
+        "-p",
+        "tcp",
+        "-d",
+        "192.0.2.10",
+        "--dport",
+        "80",
+        "--tcp-flags",
+        "SYN,ACK",
+        "ACK",
+        "-j",
+        "DROP",
+    ];
+    let iptables = |action: &str| {
+        let mut args = vec!["netns", "exec", t.cl.name(), "iptables", action, "OUTPUT"];
+        args.extend(hold);
+        let out = lab::run_cmd("ip", &args);
+        assert!(out.status.success(), "iptables {action}: {out:?}");
+    };
+    iptables("-A");
+    let mut late = connect(&t.cl, sa("192.0.2.10:80"));
+    d.drain();
+    iptables("-D");
+    // The request carries the ACK; the daemon no longer listens.
+    late.write_all(b"late\n").unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let read = std::io::Read::read(&mut late, &mut [0u8; 64]);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+    lab::echo(
+        &mut open,
+        "still served",
+        "the connection open before the stop",
+    );
+    drop(open);
+    let st = d.wait_exit(Duration::from_secs(20));
+    d.assert_exit_ok(st);
+}

@@ -531,6 +531,15 @@ impl Installation {
         Ok(self.interceptor.drain()?)
     }
 
+    /// Lets go of the steered listeners (the accept loops hold their own
+    /// until they have read the queues): a handshake that completes after
+    /// that, its SYN steered before the drain, is refused then, not left in
+    /// a queue nobody reads until the grace period ends. A successor holds
+    /// its own.
+    pub fn close_listeners(&mut self) {
+        self.listening = [Vec::new(), Vec::new()];
+    }
+
     /// Detaches the programs, logs their counters, removes the routes and
     /// rules: every step is tried, the first error returned.
     pub async fn remove(&mut self) -> Result<(), InstallError> {

@@ -386,6 +386,7 @@ pub async fn run(
     installation.drain()?;
     accepting.stop.cancel();
     accepting.tracker.close();
+    installation.close_listeners();
     // A CONNECT listener closes once its accept loops have read its queue
     // (each holds a copy): a client that comes later is refused, not left
     // in a queue nobody reads until the grace period ends. A successor has
