@@ -714,6 +714,7 @@ async fn open(
     let lease = connected.lease;
     let mut upstream = connected.stream;
     if !established && let Err(e) = tunnel::answer(&mut client, Status::Established).await {
+        relay::reset_on_close(upstream.tcp());
         record.end(
             active,
             "client_failed",
@@ -746,9 +747,16 @@ async fn open(
                 match proxy_header::write(from, to, bytes).await {
                     Ok(taken) => record.from_client = taken,
                     Err(e) => {
+                        // The other side is reset, as in a relay.
                         let outcome = match e {
-                            proxy_header::WriteError::Client(_) => "client_error",
-                            proxy_header::WriteError::Upstream(_) => "upstream_error",
+                            proxy_header::WriteError::Client(_) => {
+                                relay::reset_on_close(upstream.tcp());
+                                "client_error"
+                            }
+                            proxy_header::WriteError::Upstream(_) => {
+                                relay::reset_on_close(client.tcp());
+                                "upstream_error"
+                            }
                         };
                         record.end(active, outcome, Some(&e));
                         return None;

@@ -71,7 +71,9 @@ pub async fn relay(
             BUFFER,
             BUFFER,
         );
+        // Biased: a connection that ended as a deadline passed ended.
         tokio::select! {
+            biased;
             ended = both => match ended {
                 Ok(_) => Outcome::Closed,
                 Err(e) if client_failed.load(Ordering::Relaxed) => Outcome::ClientError(e),

@@ -189,7 +189,9 @@ fn relay_with<'a>(
                 })
         });
         let both = both_directions(to_upstream, to_client, &client, &upstream);
+        // Biased: a connection that ended as a deadline passed ended.
         let outcome = tokio::select! {
+            biased;
             ended = both => ended.err().unwrap_or(Outcome::Closed),
             () = shutdown.cancelled() => Outcome::ShutDown,
             expired = expiry(&deadlines, || from_client.get() + from_upstream.get()) => expired,
