@@ -113,10 +113,31 @@ impl fmt::Display for Malformed {
     }
 }
 
-/// `Ok(None)`: incomplete. The status line must be `HTTP/1.x NNN ...`; the
-/// header lines that follow are skipped up to the empty line (a bare LF
-/// ends lines too, as RFC 9112 §2.2 lets a recipient accept).
+/// The final answer, after any interim (1xx) ones, which it takes with it
+/// (RFC 9110 §15.2: a client must be able to read them); `Ok(None)`:
+/// incomplete. 101 is final: a switch of protocols is no tunnel.
 fn parse_answer(bytes: &[u8]) -> Result<Option<Answer>, Malformed> {
+    let mut start = 0;
+    loop {
+        let Some(head) = parse_head(&bytes[start..])? else {
+            return Ok(None);
+        };
+        if (100..200).contains(&head.status) && head.status != 101 {
+            start += head.head_len;
+            continue;
+        }
+        return Ok(Some(Answer {
+            status: head.status,
+            head_len: start + head.head_len,
+        }));
+    }
+}
+
+/// One answer head; `Ok(None)`: incomplete. The status line must be
+/// `HTTP/1.x NNN ...`; the header lines that follow are skipped up to the
+/// empty line (a bare LF ends lines too, as RFC 9112 §2.2 lets a recipient
+/// accept).
+fn parse_head(bytes: &[u8]) -> Result<Option<Answer>, Malformed> {
     const START: &[u8] = b"HTTP/1.";
     let checked = bytes.len().min(START.len());
     if bytes[..checked] != START[..checked] {
@@ -183,6 +204,39 @@ mod tests {
                 status: 200,
                 head_len: 17
             }))
+        );
+    }
+
+    /// Interim answers come before the final one and go with it; until
+    /// the final one is whole, the answer is incomplete.
+    #[test]
+    fn interim_answers_are_read_past() {
+        let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX: y\r\n\r\n\
+                       HTTP/1.1 200 Connection established\r\n\r\n";
+        let mut with_data = answer.to_vec();
+        with_data.extend_from_slice(b"\x16\x03\x01");
+        assert_eq!(
+            parse_answer(&with_data),
+            Ok(Some(Answer {
+                status: 200,
+                head_len: answer.len()
+            }))
+        );
+        for end in 0..answer.len() {
+            assert_eq!(parse_answer(&answer[..end]), Ok(None), "{end}");
+        }
+        // 101 is final: not a tunnel.
+        let switching = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        assert_eq!(
+            parse_answer(switching),
+            Ok(Some(Answer {
+                status: 101,
+                head_len: switching.len()
+            }))
+        );
+        assert_eq!(
+            parse_answer(b"HTTP/1.1 100 Continue\r\n\r\nSSH-2.0-"),
+            Err(Malformed)
         );
     }
 

@@ -86,6 +86,7 @@ impl Refused {
     /// never finished asking, or is gone).
     pub fn status(&self) -> Option<Status> {
         Some(match self {
+            Refused::BadRequest(HeadError::UnsupportedVersion) => Status::VersionNotSupported,
             Refused::BadRequest(_) => Status::BadRequest,
             Refused::Method(_) => Status::MethodNotAllowed,
             Refused::NoCredentials | Refused::WrongCredentials(_) => {

@@ -144,7 +144,7 @@ pub enum HeadError {
     BadRequestLine,
     #[error("method is not a token of 1 to {MAX_METHOD_LEN} bytes")]
     BadMethod,
-    #[error("HTTP version other than 1.0 and 1.1")]
+    #[error("HTTP version other than 1.x")]
     UnsupportedVersion,
     #[error("CONNECT target: {0}")]
     BadAuthority(#[from] AuthorityError),
@@ -348,7 +348,7 @@ impl HeadParser {
                 if content_end - start != VERSION_LEN {
                     return Err(HeadError::BadRequestLine);
                 }
-                self.minor_version = window[content_end - 1] - b'0';
+                self.minor_version = (window[content_end - 1] - b'0').min(1);
                 self.state = State::LineStart;
                 Ok(None)
             }
@@ -407,14 +407,15 @@ fn ascii_string(bytes: &[u8]) -> String {
     bytes.iter().copied().map(char::from).collect()
 }
 
-/// Byte `pos` of the version, `HTTP/1.0` or `HTTP/1.1`: a well-formed
-/// `HTTP/d.d` of another version is unsupported, anything else is not a
-/// request line.
+/// Byte `pos` of the version, `HTTP/1.d`: a later minor version is read as
+/// 1.1, the highest this parser knows (RFC 9110 §2.5); a well-formed
+/// `HTTP/d.d` of another major version is unsupported, anything else is
+/// not a request line.
 fn version_byte(pos: usize, byte: u8) -> Result<(), HeadError> {
     match (pos, byte) {
         (0..5, _) if byte == VERSION_NAME[pos] => Ok(()),
-        (5, b'1') | (6, b'.') | (7, b'0' | b'1') => Ok(()),
-        (5 | 7, b'0'..=b'9') => Err(HeadError::UnsupportedVersion),
+        (5, b'1') | (6, b'.') | (7, b'0'..=b'9') => Ok(()),
+        (5, b'0'..=b'9') => Err(HeadError::UnsupportedVersion),
         _ => Err(HeadError::BadRequestLine),
     }
 }
@@ -524,6 +525,8 @@ pub enum Status {
     GatewayTimeout,
     /// 503: the proxy cannot check the credentials now (too many waiting).
     ServiceUnavailable,
+    /// 505: an HTTP version other than 1.x.
+    VersionNotSupported,
 }
 
 #[cfg(test)]
@@ -539,6 +542,7 @@ impl Status {
             Status::BadGateway => 502,
             Status::GatewayTimeout => 504,
             Status::ServiceUnavailable => 503,
+            Status::VersionNotSupported => 505,
         }
     }
 }
@@ -572,6 +576,10 @@ pub fn answer(status: Status) -> &'static [u8] {
         Status::ServiceUnavailable => {
             b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
               Content-Length: 0\r\nConnection: close\r\n\r\n"
+        }
+        Status::VersionNotSupported => {
+            b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Length: 0\r\n\
+              Connection: close\r\n\r\n"
         }
     }
 }
@@ -988,14 +996,22 @@ mod tests {
 
     #[test]
     fn unsupported_version() {
-        for head in [
-            "CONNECT a:1 HTTP/2",
-            "CONNECT a:1 HTTP/0",
-            "CONNECT a:1 HTTP/1.2",
-            "CONNECT a:1 HTTP/1.9",
-            "PRI * HTTP/2",
-        ] {
+        for head in ["CONNECT a:1 HTTP/2", "CONNECT a:1 HTTP/0", "PRI * HTTP/2"] {
             refused_at_last_byte(head.as_bytes(), HeadError::UnsupportedVersion);
+        }
+        assert_eq!(
+            crate::tunnel::Refused::BadRequest(HeadError::UnsupportedVersion).status(),
+            Some(Status::VersionNotSupported)
+        );
+    }
+
+    /// A later HTTP/1 minor version is read as 1.1 (RFC 9110 §2.5).
+    #[test]
+    fn a_later_minor_version_is_read_as_1_1() {
+        for version in ["1.2", "1.9"] {
+            let head = format!("CONNECT a.example:443 HTTP/{version}\r\n\r\n");
+            let request = parse(head.as_bytes()).unwrap().unwrap();
+            assert_eq!(request.version, (1, 1), "{version}");
         }
     }
 
