@@ -727,7 +727,7 @@ async fn open(
         let header = if onward_local {
             Header::Local
         } else {
-            announce(record)
+            announce(record, hop_tls)
         };
         let bytes = match proxy_protocol::encode(version, &header) {
             Ok(bytes) => bytes,
@@ -1146,10 +1146,11 @@ fn header_kind(decoded: &proxy_protocol::Decoded) -> &'static str {
 /// only) the ALPN protocol (negotiated with l4proxy, or the one the client
 /// wants most) and the name it asked for, when known, and the connection's
 /// ID.
-fn announce(record: &Record) -> Header {
+fn announce(record: &Record, hop_tls: bool) -> Header {
     let said = record.sniffed.as_deref();
-    // Where l4proxy terminated the client's TLS: what its handshake agreed.
-    let tls = record.tls.as_deref();
+    // Where l4proxy terminated the client's TLS: what its handshake agreed
+    // (not a CONNECT rule's: that is the hop to the proxy, and names it).
+    let tls = record.tls.as_deref().filter(|_| !hop_tls);
     Header::Proxy {
         addresses: Addresses {
             client: record.client,
@@ -1270,6 +1271,56 @@ mod tests {
         .await
         .unwrap();
         (client, proxy_end, server, upstream)
+    }
+
+    /// A PROXY v2 header names what the client asked for: the name and
+    /// protocol its terminated TLS agreed, but not those of a CONNECT
+    /// rule's TLS (the hop to the proxy, naming the proxy): there, the
+    /// ClientHello inside the tunnel.
+    #[test]
+    fn the_proxy_header_names_the_tunnels_server_not_the_proxy() {
+        let record = Record {
+            started: Instant::now(),
+            conn_id: crate::conn_id::ConnectionIds::new().next(),
+            client: ClientAddr("198.51.100.2:40000".parse().unwrap()),
+            orig_dst: OrigDstAddr("203.0.113.2:443".parse().unwrap()),
+            fronted: None,
+            rule_id: None,
+            upstream_id: None,
+            route: None,
+            tls: Some(Box::new(crate::stream::TlsInfo {
+                sni: Some("proxy.example.test".to_owned()),
+                alpn: Some("http/1.1".to_owned()),
+                ..Default::default()
+            })),
+            upstream_tls: None,
+            sniffed: Some(Box::new(sniff::Sniffed::Tls(sniff::tls::ClientHelloInfo {
+                sni: Some("app.example.test".to_owned()),
+                alpn: vec!["h2".to_owned(), "http/1.1".to_owned()],
+            }))),
+            sniff_gave_up: None,
+            upstream: None,
+            bind: None,
+            source: None,
+            bind_fallback: None,
+            from_client: 0,
+            from_upstream: 0,
+        };
+        let tlvs = |hop_tls| match announce(&record, hop_tls) {
+            Header::Proxy { tlvs, .. } => (tlvs.authority, tlvs.alpn),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            tlvs(true),
+            (Some("app.example.test".to_owned()), Some(b"h2".to_vec()))
+        );
+        assert_eq!(
+            tlvs(false),
+            (
+                Some("proxy.example.test".to_owned()),
+                Some(b"http/1.1".to_vec())
+            )
+        );
     }
 
     #[tokio::test]
