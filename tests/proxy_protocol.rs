@@ -356,3 +356,50 @@ fn the_announced_client_is_bound_transparently() {
     let accepted = srv.wait_accepted(1, Duration::from_secs(5));
     assert_eq!(accepted[0].peer, sa("198.51.100.77:5555"));
 }
+
+/// A client a trusted front proxy names is held to its rule's limits as
+/// soon as it is named, before anything else is read: over its limit (one
+/// connection, which a first connection holds while its TLS handshake is
+/// still to come), its next connection is reset before the TLS handshake
+/// the rule terminates.
+#[test]
+fn a_named_client_over_its_limit_is_reset_before_the_handshake() {
+    let (t, _srv) = Topo::with_echo("pp_limit", "203.0.113.2:8080", "a");
+    let dir = lab::TempDir::new("pp_limit");
+    let ca = lab::pki::Ca::new(&dir, "front");
+    let cert = ca.issue_server("app.example.test", &["DNS:app.example.test"]);
+    let policy = json!({
+        "intercept": [ { "name": "fronted", "prefixes": ["192.0.2.10/32"], "ports": [443],
+            "accept_proxy_protocol": { "from": [format!("{}/32", lab::addr::CL4)] },
+            "limits": { "per_client": 1 },
+            "terminate": { "certificates": [ { "chain": cert.chain, "key": cert.key } ] },
+            "upstream": "a" } ],
+        "upstreams": { "a": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let header = b"PROXY TCP4 192.0.2.99 192.0.2.10 5555 443\r\n";
+    let mut first = connect(&t.cl, sa("192.0.2.10:443"));
+    first.write_all(header).unwrap();
+    // The first is named (its ClientHello still to come) before the second.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second = connect(&t.cl, sa("192.0.2.10:443"));
+    second.write_all(header).unwrap();
+    let hello_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/sniff/fixtures/tls13_openssl.bin");
+    let _ = second.write_all(&std::fs::read(hello_path).unwrap());
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = Vec::new();
+    let end = second.read_to_end(&mut got);
+    assert!(
+        got.is_empty() && matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{} bytes (a ServerHello?), then {end:?}",
+        got.len()
+    );
+    let limited = d.wait_event("the limit's refusal", Duration::from_secs(10), |e| {
+        lab::daemon::message(e).is_some_and(|m| m.starts_with("over a connection limit"))
+    });
+    assert_eq!(field(&limited, "client"), "192.0.2.99:5555", "{limited}");
+    drop(first);
+}

@@ -466,6 +466,7 @@ async fn open(
         mut client,
         tunnel,
         onward_local,
+        named_slot,
     } = Box::pin(self::front(
         client,
         peer,
@@ -483,14 +484,8 @@ async fn open(
     // tunnel is open.
     let mut established = rule.connect.is_none();
 
-    // Whom a trusted front proxy named is known now.
-    let slot = match slot {
-        Some(slot) => slot,
-        // A header without addresses (LOCAL, UNKNOWN) names no client: the
-        // front proxy itself is not limited.
-        None if record.client.0 == peer => None,
-        None => admit(client.tcp(), shared, active, rule, record)?,
-    };
+    // A client a trusted front proxy named was admitted once named.
+    let slot = slot.unwrap_or(named_slot);
     let keepalive = rule.keepalive.unwrap_or(shared.defaults.keepalive);
     // The listener gave the client socket the daemon's keepalive.
     if keepalive != shared.defaults.keepalive
@@ -984,6 +979,9 @@ struct Fronted {
     tunnel: Option<tunnel::Tunnel>,
     /// A front proxy's `LOCAL` header, passed on as `LOCAL`.
     onward_local: bool,
+    /// The limits' slot of the client a trusted front proxy named, taken
+    /// as soon as it was named (before any TLS handshake).
+    named_slot: Option<Slot>,
 }
 
 /// The front stage, in the order the client speaks: a trusted front
@@ -999,6 +997,7 @@ async fn front(
     record: &mut Record,
 ) -> Option<Fronted> {
     let mut onward_local = false;
+    let mut named_slot = None;
     if rule.connect.is_none() && rule.trusts(peer.ip()) {
         record.fronted.get_or_insert_default().peer = Some(peer);
         match proxy_header::read(&client, shared.sniff_timeout).await {
@@ -1017,6 +1016,10 @@ async fn front(
                         record.end(active, "refused", Some(&error));
                         return None;
                     }
+                    // The client's limits, before anything else is read.
+                    // (A header without addresses, LOCAL or UNKNOWN, names
+                    // no client: the front proxy itself is not limited.)
+                    named_slot = admit(&client, shared, active, rule, record)?;
                 }
             }
             Err(e) => {
@@ -1059,6 +1062,7 @@ async fn front(
         client,
         tunnel,
         onward_local,
+        named_slot,
     })
 }
 
