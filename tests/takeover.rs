@@ -751,3 +751,35 @@ fn connect_takeovers_under_load_lose_no_connection() {
     let mut last = takeovers_under_load(&t, (&first, &changed), via, adds, &dir);
     stop_last(&mut last, &t.px);
 }
+
+/// A successor with more workers than the running daemon adds members to
+/// its reuseport groups, where the kernel then queues connections: only
+/// once its policy is in force. One whose policy this host cannot apply
+/// fails before, and no client of the running daemon, under load
+/// throughout, sees a reset.
+#[test]
+fn a_failed_takeover_with_more_workers_loses_no_connection() {
+    let (t, _srv) = Topo::with_echo("takeover-wider", "203.0.113.2:8080", "upstream");
+    let dst = sa("192.0.2.10:80");
+    let mut old = Daemon::start_ready(&t.px, &policy(), &["--workers", "1"]);
+    let missing_interface = json!({
+        "intercept": [ { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["nope0"], "upstream": "pool" } ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let load = Load::start(&t.cl, Via::Steered(dst));
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..3 {
+        let mut new = Daemon::start(&t.px, &missing_interface, &["--takeover", "--workers", "4"]);
+        let status = new.wait_exit(Duration::from_secs(20));
+        assert!(!status.success(), "round {round}: the takeover should fail");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = load.finish();
+    assert!(
+        tally.failures.is_empty() && tally.ok > 0,
+        "{} served, failed: {:#?}",
+        tally.ok,
+        tally.failures
+    );
+    assert!(old.try_exit().is_none(), "the old daemon exited");
+}

@@ -98,6 +98,9 @@ pub struct Installation {
     /// one in the socket map: copies of their descriptors, to hand over in
     /// a takeover.
     listening: [Vec<OwnedFd>; 2],
+    /// A predecessor's steered listeners (a takeover), until this daemon's
+    /// policy is in force ([`Installation::join_adopted`]).
+    adopted: Vec<(usize, Family, Vec<TcpListener>)>,
     local_routes: LocalRoutes,
     delivery: Delivery,
     local: Arc<LocalAddrs>,
@@ -194,6 +197,7 @@ impl Installation {
             keepalive,
             workers,
             listening: [Vec::new(), Vec::new()],
+            adopted: Vec::new(),
             local_routes: LocalRoutes::default(),
             delivery: Delivery::new(mark, routing_table)?,
             local,
@@ -452,14 +456,13 @@ impl Installation {
     }
 
     /// Puts a predecessor's steered listeners (a takeover) in the socket
-    /// map (the first of each family), with this daemon's keepalive for the
-    /// connections they accept, and adds to each family's group up to one
-    /// per worker; returns them all for the caller to accept on.
+    /// map (the first of each family), and keeps them for
+    /// [`Installation::join_adopted`]. Nothing about them changes yet: the
+    /// predecessor serves on them until this daemon's policy is in force.
     pub fn adopt_listeners(
         &mut self,
         handed: Vec<(Family, TcpListener)>,
-    ) -> Result<Vec<(Family, TcpListener)>, InstallError> {
-        let mut listeners = Vec::new();
+    ) -> Result<(), InstallError> {
         let (v4, v6): (Vec<_>, Vec<_>) = handed
             .into_iter()
             .partition(|(family, _)| matches!(family, Family::V4));
@@ -470,6 +473,23 @@ impl Installation {
                 continue;
             };
             self.interceptor.set_listener(family, first)?;
+            // The family has its listeners: a policy binds no others.
+            self.listening[slot] = copies(&group).map_err(listen_error)?;
+            self.adopted.push((slot, family, group));
+        }
+        Ok(())
+    }
+
+    /// Once this daemon's policy is in force: gives the adopted listeners
+    /// this daemon's keepalive for the connections they accept, and adds to
+    /// each family's group up to one per worker; returns them all for the
+    /// caller to accept on. (Done earlier, a start that then failed would
+    /// have left the predecessor's listeners with its settings, and reset
+    /// the connections the kernel had queued on the members it added.)
+    pub fn join_adopted(&mut self) -> Result<Vec<(Family, TcpListener)>, InstallError> {
+        let mut listeners = Vec::new();
+        for (slot, family, group) in std::mem::take(&mut self.adopted) {
+            let listen_error = |source| InstallError::Listen { family, source };
             for listener in &group {
                 set_inherited(SockRef::from(listener), self.keepalive, Role::Steered)
                     .map_err(listen_error)?;

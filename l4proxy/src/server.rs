@@ -184,19 +184,30 @@ pub async fn run(
         metrics.clone(),
     )
     .await?;
-    let mut steered = Vec::new();
     if predecessor.is_some() {
         installation.adopt_routing(handed_routing);
-        steered = installation.adopt_listeners(handed_steered)?;
+        installation.adopt_listeners(handed_steered)?;
     }
     let mut explicit = ExplicitListeners::new(workers.count());
     explicit.adopt(handed_connect);
-    let opened = explicit.bind_new(&policy, settings.defaults.keepalive)?;
-    let Applied {
-        active,
-        new_listeners,
-    } = match installation.apply(policy, |_| {}).await {
-        Ok(applied) => applied,
+    // A predecessor's listeners change (their settings, more members in
+    // their groups) only once the policy is in force.
+    let in_force = async {
+        let applied = installation.apply(policy, |_| {}).await?;
+        let adopted = installation.join_adopted()?;
+        let opened = explicit.bind_new(&applied.active.policy, settings.defaults.keepalive)?;
+        Ok::<_, ServerError>((applied, adopted, opened))
+    }
+    .await;
+    let (
+        Applied {
+            active,
+            new_listeners,
+        },
+        mut steered,
+        opened,
+    ) = match in_force {
+        Ok(in_force) => in_force,
         Err(e) => {
             // Undo what can be undone (what a predecessor handed over stays
             // its own), and report the error that stopped us.
@@ -204,7 +215,7 @@ pub async fn run(
             if let Err(undo) = installation.remove().await {
                 tracing::warn!(error = %undo, "removing what a failed start set up");
             }
-            return Err(e.into());
+            return Err(e);
         }
     };
 
