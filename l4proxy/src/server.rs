@@ -394,7 +394,12 @@ pub async fn run(
         }
     };
 
-    installation.drain()?;
+    // A failure here must not end the daemon at once: its open connections
+    // get their grace period, and after a takeover its exit path keeps its
+    // guard from removing what is the successor's now.
+    if let Err(e) = installation.drain() {
+        tracing::error!(error = %e, "detaching steer for the drain; new connections are refused");
+    }
     accepting.stop.cancel();
     accepting.tracker.close();
     installation.close_listeners();
