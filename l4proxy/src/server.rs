@@ -240,9 +240,6 @@ pub async fn run(
         workers,
     };
     metrics.in_force();
-    steered.extend(new_listeners);
-    let listeners = accepting.start(steered);
-    accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
     // What can fail is done before a predecessor hears that we are ready:
     // it stops taking connections then, and a failure of ours after that
     // would leave nobody serving.
@@ -271,6 +268,11 @@ pub async fn run(
             return Err(e);
         }
     };
+    // Accepting only now: until the predecessor has stopped, the queues
+    // are its, and a failed takeover took nothing from them.
+    steered.extend(new_listeners);
+    let listeners = accepting.start(steered);
+    accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
     if predecessor.is_some() {
         arm(guard);
     }
