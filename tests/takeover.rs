@@ -564,9 +564,9 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
             &mut old,
         );
     }
-    // A successor that fails at its last step, dropping privileges (to a
-    // user, without cap_setuid in its bounding set), fails before the old
-    // daemon stops taking connections.
+    // A successor that could not finish its start-up, dropping privileges
+    // (to a user, without cap_setuid in its bounding set), says so before
+    // it begins.
     let without_setuid = std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: plain syscall; only this thread's bounding set changes.
@@ -752,11 +752,12 @@ fn connect_takeovers_under_load_lose_no_connection() {
     stop_last(&mut last, &t.px);
 }
 
-/// A successor with more workers than the running daemon adds members to
-/// its reuseport groups, where the kernel then queues connections: only
-/// once its policy is in force. One whose policy this host cannot apply
-/// fails before, and no client of the running daemon, under load
-/// throughout, sees a reset.
+/// Takeovers that fail lose no connection of the running daemon, under
+/// load throughout: a successor with more workers adds members to the
+/// reuseport groups (where the kernel then queues connections) only once
+/// its policy is in force, and here its policy cannot be applied; one that
+/// could not drop its privileges (no cap_setuid for `--user`) fails before
+/// it begins.
 #[test]
 fn a_failed_takeover_with_more_workers_loses_no_connection() {
     let (t, _srv) = Topo::with_echo("takeover-wider", "203.0.113.2:8080", "upstream");
@@ -770,6 +771,20 @@ fn a_failed_takeover_with_more_workers_loses_no_connection() {
     std::thread::sleep(Duration::from_millis(300));
     for round in 0..3 {
         let mut new = Daemon::start(&t.px, &missing_interface, &["--takeover", "--workers", "4"]);
+        let status = new.wait_exit(Duration::from_secs(20));
+        assert!(!status.success(), "round {round}: the takeover should fail");
+        let mut new = std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: plain syscall; only this thread's bounding set changes.
+                let rc = unsafe {
+                    libc::prctl(libc::PR_CAPBSET_DROP, 7 /* CAP_SETUID */, 0, 0, 0)
+                };
+                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+                Daemon::start(&t.px, &policy(), &["--takeover", "--user", "nobody"])
+            })
+            .join()
+            .unwrap()
+        });
         let status = new.wait_exit(Duration::from_secs(20));
         assert!(!status.success(), "round {round}: the takeover should fail");
     }

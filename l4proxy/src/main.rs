@@ -9,7 +9,7 @@ use l4proxy::{
     intercept::{guard, routes},
     logging::{self, LogFormat, LogGuard},
     policy::{Policy, Target, Timeouts},
-    privilege::User,
+    privilege::{self, User},
     route,
     server::{self, Ended, Settings},
     session::Defaults,
@@ -61,6 +61,9 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
     let restart = Restart::from_start_up().context("finding this binary's path")?;
     let policy = server::load_policy(&args.policy)?;
     let user = args.user.as_deref().map(User::lookup).transpose()?;
+    if user.is_some() {
+        privilege::check_switch()?;
+    }
     let asked = args
         .max_connections
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));

@@ -343,6 +343,22 @@ pub fn keep_only(keep: CapSet) -> Result<(), PrivilegeError> {
     change.apply()
 }
 
+/// Whether this process may switch to a user (`--user`): `run` asks at
+/// start, before it changes anything, so that a daemon (or a successor in a
+/// takeover) that could not finish its start-up does not begin it.
+pub fn check_switch() -> Result<(), PrivilegeError> {
+    can_switch(held().map_err(PrivilegeError::Read)?)
+}
+
+fn can_switch(held: Held) -> Result<(), PrivilegeError> {
+    for cap in SWITCH_USER {
+        if !held.effective.contains(*cap) {
+            return Err(PrivilegeError::CannotSwitch(cap.name));
+        }
+    }
+    Ok(())
+}
+
 /// Drops every capability but [`KEPT`] (those of it held) on every thread
 /// of this process, and switches to `user` if given; returns what is kept.
 ///
@@ -362,11 +378,7 @@ pub fn keep_only(keep: CapSet) -> Result<(), PrivilegeError> {
 pub fn drop_to(user: Option<&User>) -> Result<CapSet, PrivilegeError> {
     let held = held().map_err(PrivilegeError::Read)?;
     if user.is_some() {
-        for cap in [CAP_SETUID, CAP_SETGID] {
-            if !held.effective.contains(cap) {
-                return Err(PrivilegeError::CannotSwitch(cap.name));
-            }
-        }
+        can_switch(held)?;
     }
     let keep = KEPT.intersect(held.permitted);
     let for_a_successor = user.is_none() && no_new_privs();
