@@ -1,4 +1,4 @@
-//! Proxies in a chain over TLS, the seed notes' "local ingress proxy"
+//! Proxies in a chain over TLS, a "local ingress proxy"
 //! forwarding to a "remote proxy": l4proxy on the client's host (cl) takes
 //! the client's TLS connections to a service address and asks a remote
 //! l4proxy (px), over TLS verified against a CA, to CONNECT on by the SNI

@@ -508,7 +508,7 @@ fn a_draining_daemon_refuses_new_tunnels() {
     assert_eq!(record[0], 0x16, "a TLS handshake record from nginx");
 }
 
-/// A chain of proxies (the seed notes' local proxy → remote proxy): px
+/// A chain of proxies (local proxy → remote proxy): px
 /// takes TLS connections to a service address, reads their SNI and asks a
 /// parent l4proxy in sv, by CONNECT, for the name; the parent resolves it
 /// and connects. A name the parent refuses is a reset for the TLS client,

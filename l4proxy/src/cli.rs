@@ -152,8 +152,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "60,10,6", value_parser = Keepalive::parse)]
     pub tcp_keepalive: Keepalive,
     /// How long to wait for a client's first bytes (TLS ClientHello, HTTP
-    /// request head) when a route needs them; then it is routed as "other"
-    /// (a duration).
+    /// request head) when a route needs them, then routed as "other"; also
+    /// the deadline of a trusted front proxy's PROXY header, a terminated
+    /// TLS handshake and a CONNECT request head (a duration).
     #[arg(long, default_value = "10", value_parser = parse_seconds)]
     pub sniff_timeout: Duration,
     /// Packet mark (VALUE/MASK) that routes intercepted forwarded packets and

@@ -1,6 +1,6 @@
 //! A rule's `connect`: an explicit proxy front end. Clients connect to one of
 //! its `listen` addresses and ask for a destination with HTTP `CONNECT`
-//! (the seed notes' "remote explicit proxy"), instead of being steered by
+//! (a "remote explicit proxy"), instead of being steered by
 //! the kernel. Closed by default: destination ports default to 443 only,
 //! and this host, loopback and link-local addresses (where cloud metadata
 //! services live) are refused unless named in `allow_reserved`.

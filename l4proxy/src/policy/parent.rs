@@ -1,5 +1,5 @@
 //! An upstream's `parent`: parent CONNECT proxies that l4proxy asks to
-//! connect on (a chain of proxies, the seed notes' client → local proxy →
+//! connect on (a chain of proxies: client → local proxy →
 //! remote proxy → service). Like a pool, l4proxy connects to them in turn;
 //! through the one that answers it asks for the connection's destination.
 
@@ -20,7 +20,7 @@ pub struct Parent {
     pub servers: Vec<SocketAddr>,
     /// `Proxy-Authorization: Basic` user and password, if the parent asks.
     pub credentials: Option<(String, String)>,
-    /// Reach the parents over TLS (the seed notes' secured hop between a
+    /// Reach the parents over TLS (the secured hop between a
     /// local and a remote proxy). Boxed: most parents are plain.
     pub tls: Option<Box<Originate>>,
 }

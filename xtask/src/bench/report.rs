@@ -462,7 +462,7 @@ impl Report {
         md
     }
 
-    /// l4proxy's CONNECT figures against the targets, in the
+    /// l4proxy's CONNECT figures against their targets, in the
     /// README's table shape.
     fn connect_summary(&self) -> String {
         /// Tunnel set-up rate wanted, as a multiple of Squid's.
