@@ -15,7 +15,10 @@ use std::{
     io,
     os::fd::{AsFd, OwnedFd},
     pin::Pin,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -44,12 +47,7 @@ pub async fn relay(
     let from_upstream = Counter::default();
     let client_failed = AtomicBool::new(false);
     let upstream_failed = AtomicBool::new(false);
-    let (client_ended, upstream_ended) = (Notify::new(), Notify::new());
-    // Copies of the descriptors, for the reset watches: the copy holds the
-    // streams themselves. (Closed before the streams: a copy left open
-    // would hold the socket open past their close.)
-    let copy = |stream: &Stream| stream.tcp().as_fd().try_clone_to_owned();
-    let (client_fd, upstream_fd) = (copy(&client), copy(&upstream));
+    let (client_ended, upstream_ended) = (Ended::default(), Ended::default());
     let outcome = {
         let mut client_side = Side {
             stream: &mut client,
@@ -79,8 +77,8 @@ pub async fn relay(
                 Err(e) if client_failed.load(Ordering::Relaxed) => Outcome::ClientError(e),
                 Err(e) => Outcome::UpstreamError(e),
             },
-            e = reset_after_end(&client_ended, client_fd) => Outcome::ClientError(e),
-            e = reset_after_end(&upstream_ended, upstream_fd) => Outcome::UpstreamError(e),
+            e = reset_after_end(&client_ended) => Outcome::ClientError(e),
+            e = reset_after_end(&upstream_ended) => Outcome::UpstreamError(e),
             () = shutdown.cancelled() => Outcome::ShutDown,
             expired = expiry(&deadlines, || from_client.get() + from_upstream.get()) => expired,
         }
@@ -93,19 +91,42 @@ pub async fn relay(
     }
 }
 
-/// Once `ended` is notified (the side's peer finished sending, and the copy
-/// reads from it no more), the reset that side's socket then gets, seen
-/// through `fd`, a duplicate of its descriptor (registered only then);
-/// without one (out of descriptors) there is no watch.
-async fn reset_after_end(ended: &Notify, fd: io::Result<OwnedFd>) -> io::Error {
-    ended.notified().await;
+/// A side's end (its peer finished sending, and the copy reads from it no
+/// more): a duplicate of its socket's descriptor, made then, for the reset
+/// watch (the copy holds the stream itself), and the wake-up for it. The
+/// duplicate is closed with the watch, before the streams: left open, it
+/// would hold the socket open past their close.
+#[derive(Default)]
+struct Ended {
+    copy: Mutex<Option<io::Result<OwnedFd>>>,
+    notify: Notify,
+}
+
+impl Ended {
+    /// Notes the end of `stream`'s peer (once).
+    fn reached(&self, stream: &Stream) {
+        let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+        if copy.is_none() {
+            *copy = Some(stream.tcp().as_fd().try_clone_to_owned());
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// Once `ended` is reached, the reset that side's socket then gets, seen
+/// through the duplicate (registered only then); without one (out of
+/// descriptors) there is no watch.
+async fn reset_after_end(ended: &Ended) -> io::Error {
+    ended.notify.notified().await;
+    let copy = ended.copy.lock().unwrap_or_else(|p| p.into_inner()).take();
     // The duplicate shares the socket, non-blocking already.
-    match fd.and_then(|fd| TcpStream::from_std(std::net::TcpStream::from(fd))) {
-        Ok(watched) => reset_of(&watched).await,
-        Err(e) => {
+    match copy.map(|fd| fd.and_then(|fd| TcpStream::from_std(std::net::TcpStream::from(fd)))) {
+        Some(Ok(watched)) => reset_of(&watched).await,
+        Some(Err(e)) => {
             tracing::debug!(error = %e, "no reset watch for a half-closed TLS connection");
             std::future::pending().await
         }
+        None => std::future::pending().await,
     }
 }
 
@@ -116,7 +137,7 @@ struct Side<'a> {
     stream: &'a mut Stream,
     written: &'a Counter,
     failed: &'a AtomicBool,
-    ended: &'a Notify,
+    ended: &'a Ended,
     /// l4proxy has finished sending to it (close_notify and FIN).
     shut: bool,
 }
@@ -149,7 +170,7 @@ impl AsyncRead for Side<'_> {
             && buf.filled().len() == before
             && buf.remaining() > 0
         {
-            this.ended.notify_one();
+            this.ended.reached(this.stream);
         }
         this.note(polled)
     }
