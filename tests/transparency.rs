@@ -931,16 +931,18 @@ fn send_frame(index: i32, frame: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Another program's routing rule that looks at the daemon's packet mark
-/// (here its top byte only: `fwmark 0x4c000000/0xff000000`) would route
-/// what `classify` marks: the daemon refuses to start, says why, and leaves
-/// nothing behind.
+/// Another program's routing rule before the daemon's that looks at its
+/// packet mark (here its top byte only: `fwmark 0x4c000000/0xff000000`)
+/// would route what `classify` marks: the daemon refuses to start, says
+/// why, and leaves nothing behind.
 #[test]
 fn a_routing_rule_on_the_mark_refuses_the_start() {
     let t = Topo::new("mark_taken");
     t.px.ip(&[
         "rule",
         "add",
+        "pref",
+        "100",
         "fwmark",
         "0x4c000000/0xff000000",
         "lookup",
@@ -956,6 +958,24 @@ fn a_routing_rule_on_the_mark_refuses_the_start() {
         "{log}"
     );
     t.px.assert_nothing_left(&["to-cl", "to-sv"], &rules_before);
+
+    // Rules on bits the mark leaves alone, or that the mark does not
+    // satisfy (Calico's `not fwmark 0x100000/0x100000`, which it does), or
+    // after the daemon's: no conflict.
+    t.px.ip(&["rule", "del", "pref", "100"]);
+    for rule in [
+        "pref 99 not fwmark 0x100000/0x100000 lookup 101",
+        "pref 98 fwmark 0x4000/0x4000 lookup 102",
+        "pref 300 fwmark 0x4c000000/0xff000000 lookup 103",
+    ] {
+        let mut args = vec!["rule", "add"];
+        args.extend(rule.split(' '));
+        t.px.ip(&args);
+    }
+    let _servers = servers(&t.sv, |f| f.server, 8080, "server");
+    let _d = Daemon::start_ready(&t.px, &full_policy_on(80, 8080), &[]);
+    let mut c = connect(&t.cl, sock(V4.server_b, 80));
+    talk(&mut c, "server", "beside other programs' mark rules");
 }
 
 #[test]

@@ -24,7 +24,7 @@ use rtnetlink::{
     packet_route::{
         AddressFamily, IpProtocol,
         route::{RouteAttribute, RouteMessage, RouteProtocol},
-        rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange},
+        rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange},
     },
 };
 
@@ -85,14 +85,35 @@ impl FromStr for Mark {
     }
 }
 
+/// Another program's routing rule on a packet mark, as far as the conflict
+/// check looks at it.
+#[derive(Clone, Copy, Debug)]
+pub struct MarkRule {
+    pub value: u32,
+    /// `u32::MAX` where the rule gives none: the whole mark is compared.
+    pub mask: u32,
+    /// `not fwmark ...`.
+    pub inverted: bool,
+    pub priority: u32,
+}
+
 impl Mark {
-    /// Whether a rule on `fwmark value/mask` takes packets this mark's
-    /// holder marks, or marks packets ours takes: both look at some bit
-    /// and agree on every bit both look at. A rule on other bits only
-    /// (another program's flag) shares nothing.
-    pub fn shares_packets(self, value: u32, mask: u32) -> bool {
-        let common = self.mask & mask;
-        common != 0 && (self.value ^ value) & common == 0
+    /// Whether `rule` and this daemon's rule (at priority `ours`) would take
+    /// each other's packets: one that comes first (a lower priority; at the
+    /// same one, either) takes the other's marked packets, each seen with
+    /// its own mark's bits only. kube-proxy's and Cilium's low bits, or
+    /// Calico's `not fwmark 0x100000/0x100000` (which our mark satisfies),
+    /// share nothing with it.
+    pub fn conflicts(self, rule: MarkRule, ours: u32) -> bool {
+        let takes = |value: u32, mask: u32, inverted: bool, packet: u32| {
+            (packet & mask == value) != inverted
+        };
+        let theirs_first =
+            rule.priority <= ours && takes(rule.value, rule.mask, rule.inverted, self.value);
+        let ours_first = rule.priority >= ours
+            && !rule.inverted
+            && takes(self.value, self.mask, false, rule.value);
+        theirs_first || ours_first
     }
 }
 
@@ -383,8 +404,24 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
                     RuleAttribute::FwMask(mask) => Some(*mask),
                     _ => None,
                 });
+            // The kernel leaves out priority 0.
+            let priority = rule
+                .attributes
+                .iter()
+                .find_map(|attribute| match attribute {
+                    RuleAttribute::Priority(priority) => Some(*priority),
+                    _ => None,
+                });
             if let Some(value) = value
-                && mark.shares_packets(value, mask.unwrap_or(u32::MAX))
+                && mark.conflicts(
+                    MarkRule {
+                        value,
+                        mask: mask.unwrap_or(u32::MAX),
+                        inverted: rule.header.flags.contains(RuleFlags::Invert),
+                        priority: priority.unwrap_or(0),
+                    },
+                    RULE_PRIORITY,
+                )
             {
                 return Err(DeliveryError::MarkInUse {
                     mark: mark.value,
@@ -411,28 +448,38 @@ fn table_of(route: &RouteMessage) -> u32 {
 mod tests {
     use super::*;
 
-    /// Another rule shares our packets when it looks at any of our bits
-    /// and agrees on all it looks at, whatever its mask.
+    /// A rule before ours takes our marked packets if our mark satisfies
+    /// it; ours, first, takes a later rule's packets if theirs satisfies
+    /// ours.
     #[test]
-    fn a_rule_shares_packets_when_it_agrees_on_the_bits_both_look_at() {
+    fn a_rule_conflicts_when_one_of_the_two_would_take_the_others_packets() {
         let ours = DEFAULT_MARK;
-        for (value, mask, shares) in [
-            (0x4c34_0000, u32::MAX, true),
-            (0x4c34_0001, u32::MAX, true),
-            // The top byte only: every packet we mark has it.
-            (0x4c00_0000, 0xff00_0000, true),
-            (0x0034_0000, 0x00ff_0000, true),
-            (0x4c35_0000, u32::MAX, false),
-            (0x4d00_0000, 0xff00_0000, false),
-            // Bits we leave alone (kube-proxy's, Cilium's).
-            (0x4000, 0x4000, false),
-            (0x0c00, 0x0f00, false),
+        let rule = |value, mask, inverted, priority| MarkRule {
+            value,
+            mask,
+            inverted,
+            priority,
+        };
+        for (other, conflicts) in [
+            // Before ours, on our whole mark, or its top byte only.
+            (rule(0x4c34_0000, u32::MAX, false, 100), true),
+            (rule(0x4c00_0000, 0xff00_0000, false, 100), true),
+            // The same after ours: what it would take, ours took first;
+            // its own packets (0x4c000000) are not ours.
+            (rule(0x4c00_0000, 0xff00_0000, false, 300), false),
+            // After ours, on a mark ours takes.
+            (rule(0x4c34_0001, u32::MAX, false, 300), true),
+            (rule(0x4c35_0000, u32::MAX, false, 100), false),
+            // kube-proxy's bit, Cilium's nibble: bits we leave alone.
+            (rule(0x4000, 0x4000, false, 100), false),
+            (rule(0x0c00, 0x0f00, false, 100), false),
+            // Calico's `not fwmark 0x100000/0x100000` before ours: our mark
+            // has that bit, so the rule does not take our packets.
+            (rule(0x10_0000, 0x10_0000, true, 99), false),
+            // A `not` rule that our mark does not satisfy takes them all.
+            (rule(0x1, 0x1, true, 99), true),
         ] {
-            assert_eq!(
-                ours.shares_packets(value, mask),
-                shares,
-                "fwmark {value:#x}/{mask:#x}"
-            );
+            assert_eq!(ours.conflicts(other, RULE_PRIORITY), conflicts, "{other:?}");
         }
     }
 }
