@@ -342,9 +342,27 @@ fn check_overlaps(policy: &Policy) -> Result<(), PolicyError> {
 /// every interface of that one: the other's connections on an interface it
 /// lacks would be forwarded untouched.
 fn check_gateway_overlaps(policy: &Policy) -> Result<(), PolicyError> {
-    // Each prefix with the rules that name it, and the lengths in use per
-    // family: a prefix's enclosing ones are looked up, not searched for.
-    let mut named: HashMap<IpNet, Vec<usize>> = HashMap::default();
+    // Rules listing the same interfaces never conflict (whichever is more
+    // specific lists all of the other's): rules are grouped by their list,
+    // so that many rules on one prefix are not compared pair by pair.
+    let mut lists: Vec<Vec<&str>> = Vec::new();
+    let list_of: Vec<usize> = policy
+        .rules
+        .iter()
+        .map(|rule| {
+            let mut names: Vec<&str> = rule.interfaces.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            names.dedup();
+            lists.iter().position(|l| *l == names).unwrap_or_else(|| {
+                lists.push(names);
+                lists.len() - 1
+            })
+        })
+        .collect();
+    // Each prefix with the rules that name it, by interface list, and the
+    // lengths in use per family: a prefix's enclosing ones are looked up,
+    // not searched for.
+    let mut named: HashMap<IpNet, Vec<(usize, Vec<usize>)>> = HashMap::default();
     let mut lengths = [
         std::collections::BTreeSet::new(),
         std::collections::BTreeSet::new(),
@@ -352,7 +370,11 @@ fn check_gateway_overlaps(policy: &Policy) -> Result<(), PolicyError> {
     let family = |net: &IpNet| usize::from(matches!(net, IpNet::V6(_)));
     for (i, rule) in policy.rules.iter().enumerate() {
         for prefix in &rule.prefixes {
-            named.entry(*prefix).or_default().push(i);
+            let groups = named.entry(*prefix).or_default();
+            match groups.iter_mut().find(|(list, _)| *list == list_of[i]) {
+                Some((_, rules)) => rules.push(i),
+                None => groups.push((list_of[i], vec![i])),
+            }
             lengths[family(prefix)].insert(prefix.prefix_len());
         }
     }
@@ -365,23 +387,24 @@ fn check_gateway_overlaps(policy: &Policy) -> Result<(), PolicyError> {
                 .range(..=prefix.prefix_len())
                 .filter_map(|&len| IpNet::new(prefix.addr(), len).ok().map(|net| net.trunc()));
             for outer in enclosing {
-                for &j in named.get(&outer).into_iter().flatten() {
-                    let other = &policy.rules[j];
-                    if j == i {
-                        continue;
+                let groups = named.get(&outer).into_iter().flatten();
+                for (_, rules) in groups.filter(|(list, _)| *list != list_of[i]) {
+                    for &j in rules {
+                        let other = &policy.rules[j];
+                        if !other.is_gateway() {
+                            return Err(PolicyError::at(
+                                format!("intercept[{i}].prefixes[{k}]"),
+                                format!(
+                                    "{prefix} is within {outer} of intercept[{j}] ({:?}), a \
+                                     rule without interfaces: its prefixes are this host's \
+                                     addresses, and a gateway rule takes only connections \
+                                     this host forwards",
+                                    other.name
+                                ),
+                            ));
+                        }
+                        check_gateway_pair(policy, (i, *prefix), (j, outer))?;
                     }
-                    if !other.is_gateway() {
-                        return Err(PolicyError::at(
-                            format!("intercept[{i}].prefixes[{k}]"),
-                            format!(
-                                "{prefix} is within {outer} of intercept[{j}] ({:?}), a rule \
-                                 without interfaces: its prefixes are this host's addresses, and \
-                                 a gateway rule takes only connections this host forwards",
-                                other.name
-                            ),
-                        ));
-                    }
-                    check_gateway_pair(policy, (i, *prefix), (j, outer))?;
                 }
             }
         }
