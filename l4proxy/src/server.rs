@@ -400,7 +400,7 @@ pub async fn run(
     // get their grace period, and after a takeover its exit path keeps its
     // guard from removing what is the successor's now.
     if let Err(e) = installation.drain() {
-        tracing::error!(error = %e, "detaching steer for the drain; new connections are refused");
+        tracing::error!(error = %e, "detaching steer for the drain; new connections to the steered addresses are dropped (no listener) until the daemon exits");
     }
     accepting.stop.cancel();
     accepting.tracker.close();
