@@ -47,6 +47,19 @@ fn exchange(t: &Topo, line: &str) -> usize {
     line.len()
 }
 
+/// The daemon's metrics, as curl in px gets them.
+fn scrape(t: &Topo) -> String {
+    let scraped = run_in(
+        &t.px,
+        "curl",
+        &["-sS", "--max-time", "5", &format!("http://{ADMIN}/metrics")],
+        b"",
+        Duration::from_secs(10),
+    );
+    assert!(scraped.success(), "{}", scraped.describe());
+    scraped.stdout
+}
+
 /// A connection no route takes: the daemon closes it.
 fn refused(t: &Topo) {
     let mut c = lab::connect(&t.cl, sa("192.0.2.10:81"));
@@ -67,19 +80,12 @@ fn prometheus_scrapes_what_the_test_sent() {
     refused(&t);
     refused(&t);
 
-    let scraped = run_in(
-        &t.px,
-        "curl",
-        &["-sS", "--max-time", "5", &format!("http://{ADMIN}/metrics")],
-        b"",
-        Duration::from_secs(10),
-    );
-    assert!(scraped.success(), "{}", scraped.describe());
-    let (valid, report) = promtool_check(&t.px, &scraped.stdout);
+    let scraped = scrape(&t);
+    let (valid, report) = promtool_check(&t.px, &scraped);
     assert!(
         valid,
         "promtool refuses the exposition:\n{report}\n{}",
-        scraped.stdout
+        scraped
     );
     let other = run_in(
         &t.px,
@@ -194,15 +200,7 @@ fn connect_failures_are_counted_by_whose_doing() {
     let deadline = Instant::now() + Duration::from_secs(10);
     // Both failures counted, under some reason.
     while Instant::now() < deadline {
-        let scrape = run_in(
-            &t.px,
-            "curl",
-            &["-sS", "--max-time", "5", &format!("http://{ADMIN}/metrics")],
-            b"",
-            Duration::from_secs(10),
-        );
-        assert!(scrape.success(), "{}", scrape.describe());
-        scraped = scrape.stdout;
+        scraped = scrape(&t);
         if counted(&scraped)
             .iter()
             .all(|pair| pair.contains(&"1".to_owned()))

@@ -567,18 +567,7 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
     // A successor that could not finish its start-up, dropping privileges
     // (to a user, without cap_setuid in its bounding set), says so before
     // it begins.
-    let without_setuid = std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: plain syscall; only this thread's bounding set changes.
-            let rc = unsafe {
-                libc::prctl(libc::PR_CAPBSET_DROP, 7 /* CAP_SETUID */, 0, 0, 0)
-            };
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-            Daemon::start(&t.px, &policy(), &["--takeover", "--user", "nobody"])
-        })
-        .join()
-        .unwrap()
-    });
+    let without_setuid = start_without_setuid(&t.px, &["--takeover", "--user", "nobody"]);
     assert_refused(
         "a successor that cannot switch user",
         without_setuid,
@@ -773,18 +762,7 @@ fn a_failed_takeover_with_more_workers_loses_no_connection() {
         let mut new = Daemon::start(&t.px, &missing_interface, &["--takeover", "--workers", "4"]);
         let status = new.wait_exit(Duration::from_secs(20));
         assert!(!status.success(), "round {round}: the takeover should fail");
-        let mut new = std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: plain syscall; only this thread's bounding set changes.
-                let rc = unsafe {
-                    libc::prctl(libc::PR_CAPBSET_DROP, 7 /* CAP_SETUID */, 0, 0, 0)
-                };
-                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-                Daemon::start(&t.px, &policy(), &["--takeover", "--user", "nobody"])
-            })
-            .join()
-            .unwrap()
-        });
+        let mut new = start_without_setuid(&t.px, &["--takeover", "--user", "nobody"]);
         let status = new.wait_exit(Duration::from_secs(20));
         assert!(!status.success(), "round {round}: the takeover should fail");
     }
@@ -797,4 +775,21 @@ fn a_failed_takeover_with_more_workers_loses_no_connection() {
         tally.failures
     );
     assert!(old.try_exit().is_none(), "the old daemon exited");
+}
+
+/// The daemon with `policy()` and `args`, started from a thread without
+/// cap_setuid in its bounding set (what the daemon inherits).
+fn start_without_setuid(px: &Netns, args: &[&str]) -> Daemon {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscall; only this thread's bounding set changes.
+            let rc = unsafe {
+                libc::prctl(libc::PR_CAPBSET_DROP, 7 /* CAP_SETUID */, 0, 0, 0)
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            Daemon::start(px, &policy(), args)
+        })
+        .join()
+        .unwrap()
+    })
 }

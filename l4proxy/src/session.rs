@@ -270,6 +270,30 @@ macro_rules! closed {
 }
 
 impl Record {
+    /// A connection's record as it is accepted: nothing learnt yet.
+    fn new(conn_id: ConnectionId, client: ClientAddr, orig_dst: OrigDstAddr) -> Record {
+        Record {
+            started: Instant::now(),
+            conn_id,
+            client,
+            orig_dst,
+            fronted: None,
+            rule_id: None,
+            upstream_id: None,
+            route: None,
+            tls: None,
+            upstream_tls: None,
+            sniffed: None,
+            sniff_gave_up: None,
+            upstream: None,
+            bind: None,
+            source: None,
+            bind_fallback: None,
+            from_client: 0,
+            from_upstream: 0,
+        }
+    }
+
     /// Logs the close line with `outcome` (one of `metrics::OUTCOMES`) and
     /// what went wrong, if anything, and counts the connection's end and
     /// bytes under its rule and upstream. A connection refused or failed
@@ -380,26 +404,7 @@ async fn start(
             Err(_) => return None, // The client is already gone.
         },
     };
-    let mut record = Record {
-        started: Instant::now(),
-        conn_id: shared.ids.next(),
-        client: ClientAddr(peer),
-        orig_dst: OrigDstAddr(local),
-        fronted: None,
-        rule_id: None,
-        upstream_id: None,
-        route: None,
-        tls: None,
-        upstream_tls: None,
-        sniffed: None,
-        sniff_gave_up: None,
-        upstream: None,
-        bind: None,
-        source: None,
-        bind_fallback: None,
-        from_client: 0,
-        from_upstream: 0,
-    };
+    let mut record = Record::new(shared.ids.next(), ClientAddr(peer), OrigDstAddr(local));
     let Some((active, rule_id)) = shared.rule_for(front, local) else {
         // Userspace disagreeing with the kernel would be a bug.
         tracing::error!(client = %peer, orig_dst = %local, ?front, "connection matches no rule; closing");
@@ -1283,33 +1288,20 @@ mod tests {
     /// ClientHello inside the tunnel.
     #[test]
     fn the_proxy_header_names_the_tunnels_server_not_the_proxy() {
-        let record = Record {
-            started: Instant::now(),
-            conn_id: crate::conn_id::ConnectionIds::new().next(),
-            client: ClientAddr("198.51.100.2:40000".parse().unwrap()),
-            orig_dst: OrigDstAddr("203.0.113.2:443".parse().unwrap()),
-            fronted: None,
-            rule_id: None,
-            upstream_id: None,
-            route: None,
-            tls: Some(Box::new(crate::stream::TlsInfo {
-                sni: Some("proxy.example.test".to_owned()),
-                alpn: Some("http/1.1".to_owned()),
-                ..Default::default()
-            })),
-            upstream_tls: None,
-            sniffed: Some(Box::new(sniff::Sniffed::Tls(sniff::tls::ClientHelloInfo {
-                sni: Some("app.example.test".to_owned()),
-                alpn: vec!["h2".to_owned(), "http/1.1".to_owned()],
-            }))),
-            sniff_gave_up: None,
-            upstream: None,
-            bind: None,
-            source: None,
-            bind_fallback: None,
-            from_client: 0,
-            from_upstream: 0,
-        };
+        let mut record = Record::new(
+            crate::conn_id::ConnectionIds::new().next(),
+            ClientAddr("198.51.100.2:40000".parse().unwrap()),
+            OrigDstAddr("203.0.113.2:443".parse().unwrap()),
+        );
+        record.tls = Some(Box::new(crate::stream::TlsInfo {
+            sni: Some("proxy.example.test".to_owned()),
+            alpn: Some("http/1.1".to_owned()),
+            ..Default::default()
+        }));
+        record.sniffed = Some(Box::new(sniff::Sniffed::Tls(sniff::tls::ClientHelloInfo {
+            sni: Some("app.example.test".to_owned()),
+            alpn: vec!["h2".to_owned(), "http/1.1".to_owned()],
+        })));
         let tlvs = |hop_tls| match announce(&record, hop_tls) {
             Header::Proxy { tlvs, .. } => (tlvs.authority, tlvs.alpn),
             other => panic!("{other:?}"),

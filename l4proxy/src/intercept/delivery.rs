@@ -389,29 +389,22 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
     }
     for version in [IpVersion::V4, IpVersion::V6] {
         for rule in routes::rules(handle, version).await? {
-            let value = rule
-                .attributes
-                .iter()
-                .find_map(|attribute| match attribute {
-                    RuleAttribute::FwMark(value) => Some(*value),
-                    _ => None,
-                });
+            let number =
+                |pick: fn(&RuleAttribute) -> Option<u32>| rule.attributes.iter().find_map(pick);
+            let value = number(|a| match a {
+                RuleAttribute::FwMark(value) => Some(*value),
+                _ => None,
+            });
             // Without a mask, `ip rule` compares the whole mark.
-            let mask = rule
-                .attributes
-                .iter()
-                .find_map(|attribute| match attribute {
-                    RuleAttribute::FwMask(mask) => Some(*mask),
-                    _ => None,
-                });
+            let mask = number(|a| match a {
+                RuleAttribute::FwMask(mask) => Some(*mask),
+                _ => None,
+            });
             // The kernel leaves out priority 0.
-            let priority = rule
-                .attributes
-                .iter()
-                .find_map(|attribute| match attribute {
-                    RuleAttribute::Priority(priority) => Some(*priority),
-                    _ => None,
-                });
+            let priority = number(|a| match a {
+                RuleAttribute::Priority(priority) => Some(*priority),
+                _ => None,
+            });
             if let Some(value) = value
                 && mark.conflicts(
                     MarkRule {
