@@ -1871,3 +1871,65 @@ fn sessions_resume_also_across_a_reload() {
     );
     assert!(!fresh.reused(), "{}", fresh.describe());
 }
+
+// ---------------------------------------------------------------------------
+// Descriptors
+// ---------------------------------------------------------------------------
+
+/// A relayed connection with a TLS side holds two descriptors in the daemon,
+/// as its descriptor budget counts every connection: the reset watch of the
+/// TLS relay duplicates a socket's only once that side has ended. Twenty
+/// terminated connections, each past its handshake and the server's hello,
+/// held open.
+#[test]
+fn a_terminated_connection_holds_two_descriptors() {
+    labtls::require_tools();
+    const HELD: usize = 20;
+    let (t, _plain) = Topo::with_echo("tls_fds", PLAIN, "plain");
+    let pki = Pki::new();
+    let app = pki
+        .front_int
+        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let policy = json!({
+        "intercept": [ terminating("fds", 443, "plain", json!({ "certificates": [files(&app)] })) ],
+        "upstreams": { "plain": { "servers": [PLAIN] } }
+    });
+    let d = Daemon::start_ready(&t.px, &policy, &[]);
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = descriptors();
+    let config = tls_peer::client_config(&pki.front.cert, &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let held: Vec<_> = (0..HELD)
+        .map(|i| {
+            let tcp = lab::connect(&t.cl, sa(&svc(443)));
+            tcp.set_nonblocking(true).unwrap();
+            runtime.block_on(async {
+                let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+                let name = rustls::pki_types::ServerName::try_from("app.example.test").unwrap();
+                let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                let mut hello = [0u8; 6];
+                tokio::io::AsyncReadExt::read_exact(&mut tls, &mut hello)
+                    .await
+                    .unwrap_or_else(|e| panic!("connection {i}: the server's hello: {e}"));
+                assert_eq!(&hello, b"plain\n", "connection {i}");
+                tls
+            })
+        })
+        .collect();
+    let during = descriptors();
+    assert!(
+        during <= before + 2 * HELD + 2,
+        "{during} descriptors with {HELD} connections held, {before} before"
+    );
+    drop(held);
+}
