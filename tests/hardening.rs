@@ -18,21 +18,10 @@ use lab::daemon::{field_str, field_string, field_u64, message};
 use lab::{Daemon, Received, Server, Topo, addr, connect, handlers, sa};
 use serde_json::{Value, json};
 
-/// The daemon's open descriptors: the entries of `/proc/PID/fd`.
-fn descriptor_entries(d: &Daemon) -> std::fs::ReadDir {
-    let dir = format!("/proc/{}/fd", d.pid());
-    std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("listing {dir}: {e}"))
-}
-
-/// How many descriptors the daemon has open.
-fn descriptors(d: &Daemon) -> usize {
-    descriptor_entries(d).count()
-}
-
 /// How many of the daemon's open descriptors are pipe ends (a descriptor
 /// closed while the directory is read is not counted).
 fn pipe_descriptors(d: &Daemon) -> usize {
-    descriptor_entries(d)
+    d.descriptor_entries()
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .filter(|target| target.to_string_lossy().starts_with("pipe:"))
         .count()
@@ -489,7 +478,7 @@ fn a_quiet_daemon_closes_its_splice_pipes() {
     let mut warm = connect(&t.cl, sa("192.0.2.10:80"));
     lab::talk(&mut warm, "sv", "warm-up");
     d.wait_closed_events(1, Duration::from_secs(5));
-    let idle = descriptors(&d);
+    let idle = d.descriptors();
     let idle_pipes = pipe_descriptors(&d);
 
     // The server starts sending as soon as it accepts.
@@ -503,7 +492,7 @@ fn a_quiet_daemon_closes_its_splice_pipes() {
     let (mut peak, mut peak_pipes) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(60);
     while transfers.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-        peak = peak.max(descriptors(&d));
+        peak = peak.max(d.descriptors());
         peak_pipes = peak_pipes.max(pipe_descriptors(&d));
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -525,9 +514,9 @@ fn a_quiet_daemon_closes_its_splice_pipes() {
          ({peak} descriptors at most, {idle} idle)"
     );
     d.wait_closed_events(1 + CONNECTIONS, Duration::from_secs(10));
-    let after_close = descriptors(&d);
+    let after_close = d.descriptors();
     let started = Instant::now();
-    let settled = lab::poll_until(Duration::from_secs(20), || descriptors(&d), |&n| n <= idle);
+    let settled = lab::poll_until(Duration::from_secs(20), || d.descriptors(), |&n| n <= idle);
     let report = format!(
         "descriptors: {idle} idle, {peak} at the peak of the transfers ({peak_pipes} pipe \
          ends), {after_close} when the connections had closed, {settled} {:?} later",
@@ -642,7 +631,7 @@ fn nine_thousand_connections_at_once() {
     let idle = (0..10)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(50));
-            descriptors(&d)
+            d.descriptors()
         })
         .min()
         .expect("ten samples");
@@ -673,7 +662,7 @@ fn nine_thousand_connections_at_once() {
             .collect()
     });
     let opened_in = started.elapsed();
-    let held = descriptors(&d);
+    let held = d.descriptors();
     assert!(
         held >= idle + 2 * CONNECTIONS,
         "{CONNECTIONS} connections open, the daemon has {held} descriptors ({idle} idle)"
@@ -689,7 +678,7 @@ fn nine_thousand_connections_at_once() {
         ended, CONNECTIONS,
         "connections whose end reached the server"
     );
-    let settled = lab::poll_until(Duration::from_secs(30), || descriptors(&d), |&n| n <= idle);
+    let settled = lab::poll_until(Duration::from_secs(30), || d.descriptors(), |&n| n <= idle);
     assert!(
         settled <= idle,
         "descriptors: {idle} idle, {held} held, {settled} 30 s after the close"

@@ -1895,12 +1895,7 @@ fn a_terminated_connection_holds_two_descriptors() {
         "upstreams": { "plain": { "servers": [PLAIN] } }
     });
     let d = Daemon::start_ready(&t.px, &policy, &[]);
-    let descriptors = || {
-        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
-            .unwrap()
-            .count()
-    };
-    let before = descriptors();
+    let before = d.descriptors();
     let config = tls_peer::client_config(&pki.front.cert, &[]);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1926,7 +1921,7 @@ fn a_terminated_connection_holds_two_descriptors() {
             })
         })
         .collect();
-    let during = descriptors();
+    let during = d.descriptors();
     assert!(
         during <= before + 2 * HELD + 2,
         "{during} descriptors with {HELD} connections held, {before} before"

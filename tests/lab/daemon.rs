@@ -378,6 +378,17 @@ impl Daemon {
         self.child.id() as i32
     }
 
+    /// The daemon's open descriptors: the entries of `/proc/PID/fd`.
+    pub fn descriptor_entries(&self) -> std::fs::ReadDir {
+        let dir = format!("/proc/{}/fd", self.pid());
+        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("listing {dir}: {e}"))
+    }
+
+    /// How many descriptors the daemon has open.
+    pub fn descriptors(&self) -> usize {
+        self.descriptor_entries().count()
+    }
+
     /// A kernel counter as the daemon logged it at exit (`kernel
     /// counters`); panics if it is not there.
     pub fn exit_counter(&self, name: &str) -> u64 {

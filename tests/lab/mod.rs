@@ -421,9 +421,7 @@ impl Netns {
     pub fn wait_no_bpf_links(&self, timeout: Duration) -> Vec<serde_json::Value> {
         poll_until(timeout, || self.bpf_netns_links(), Vec::is_empty)
     }
-}
 
-impl Netns {
     /// Kills what still runs in the namespace: deleting its name would
     /// leave such a process serving in a namespace nobody can reach (a
     /// successor a failed `upgrade` started, a route guard still at work).
