@@ -294,6 +294,14 @@ impl Record {
         }
     }
 
+    /// What the client's TLS with l4proxy agreed, where l4proxy terminated
+    /// it, unless that TLS is a CONNECT rule's (`hop_tls`): the hop to the
+    /// proxy, whose name and protocol say nothing of the server the client
+    /// asked for inside the tunnel.
+    fn tls_inside(&self, hop_tls: bool) -> Option<&TlsInfo> {
+        self.tls.as_deref().filter(|_| !hop_tls)
+    }
+
     /// Logs the close line with `outcome` (one of `metrics::OUTCOMES`) and
     /// what went wrong, if anything, and counts the connection's end and
     /// bytes under its rule and upstream. A connection refused or failed
@@ -455,6 +463,10 @@ async fn open(
     record: &mut Record,
 ) -> Option<Opened> {
     let rule = &active.policy.rules[rule_id.0];
+    // A CONNECT rule's own TLS is the hop to the proxy: it names the proxy,
+    // and what routes, the upstream and its header care for is inside the
+    // tunnel (see `Record::tls_inside`).
+    let hop_tls = rule.connect.is_some() && rule.terminate.is_some();
     record.rule_id = Some(rule_id);
     let rule_metrics = &active.metrics.rules[rule_id.0];
     rule_metrics.connections.inc();
@@ -505,13 +517,9 @@ async fn open(
         rule: rule_id,
         target: target_name.as_deref(),
     };
-    // What routes see of a client whose TLS the rule terminated (not a
-    // CONNECT rule's: its TLS is the hop to the proxy, and routes look
-    // inside the tunnel).
+    // What routes see of a client whose TLS the rule terminated.
     let handshake: Option<(Option<String>, Vec<String>)> = record
-        .tls
-        .as_ref()
-        .filter(|_| rule.connect.is_none())
+        .tls_inside(hop_tls)
         .map(|tls| (tls.sni.clone(), tls.alpn.iter().cloned().collect()));
     let terminated = handshake
         .as_ref()
@@ -613,14 +621,10 @@ async fn open(
         .collect();
 
     // The name the client asked for: the server name of its TLS to the
-    // server (as its handshake with l4proxy or its ClientHello gave it; a
-    // CONNECT rule's own TLS is the hop to the proxy, and names the proxy),
+    // server (as its handshake with l4proxy or its ClientHello gave it),
     // else (below) its CONNECT name.
-    let hop_tls = rule.connect.is_some() && rule.terminate.is_some();
     let client_name = record
-        .tls
-        .as_ref()
-        .filter(|_| !hop_tls)
+        .tls_inside(hop_tls)
         .and_then(|tls| tls.sni.clone())
         .or_else(|| {
             record
@@ -774,11 +778,7 @@ async fn open(
         }
     }
     if let Some(origination) = &pool.origination {
-        let alpn = record
-            .tls
-            .as_ref()
-            .filter(|_| !hop_tls)
-            .and_then(|tls| tls.alpn.clone());
+        let alpn = record.tls_inside(hop_tls).and_then(|tls| tls.alpn.clone());
         let name = client_name.or_else(|| target_name.clone());
         match originate(upstream, origination, name, alpn, shared.connect_timeout).await {
             Ok(secured) => {
@@ -1157,9 +1157,8 @@ fn header_kind(decoded: &proxy_protocol::Decoded) -> &'static str {
 /// ID.
 fn announce(record: &Record, hop_tls: bool) -> Header {
     let said = record.sniffed.as_deref();
-    // Where l4proxy terminated the client's TLS: what its handshake agreed
-    // (not a CONNECT rule's: that is the hop to the proxy, and names it).
-    let tls = record.tls.as_deref().filter(|_| !hop_tls);
+    // Where l4proxy terminated the client's TLS: what its handshake agreed.
+    let tls = record.tls_inside(hop_tls);
     Header::Proxy {
         addresses: Addresses {
             client: record.client,
