@@ -1083,8 +1083,35 @@ fn client_hello_one_byte_per_write() {
 /// (case and trailing dot ignored) to server B, which gets every byte.
 #[test]
 fn multi_record_client_hello_routed() {
-    let t = Topo::new("hello_multi");
     let hello = fixture("tls13_large_multi_record.bin");
+    assert_hello_reaches_b("hello_multi", &hello, 7);
+}
+
+/// The same ClientHello in records of one byte each (36 KB on the wire),
+/// a record per segment, as a client would send it to make the proxy parse
+/// it again at every piece: routed as well (the sniffer waits for what the
+/// message still lacks, not for each byte).
+#[test]
+fn client_hello_in_one_byte_records_routed() {
+    let mut message = Vec::new();
+    let mut records = &fixture("tls13_large_multi_record.bin")[..];
+    while let [22, 3, _, hi, lo, rest @ ..] = records {
+        let (payload, next) = rest.split_at(usize::from(u16::from_be_bytes([*hi, *lo])));
+        message.extend_from_slice(payload);
+        records = next;
+    }
+    assert!(
+        records.is_empty() && message.len() > 6000,
+        "the fixture's records"
+    );
+    let hello: Vec<u8> = message.iter().flat_map(|&b| [22, 3, 1, 0, 1, b]).collect();
+    assert_hello_reaches_b("hello_tiny", &hello, 6);
+}
+
+/// `hello` (SNI `Mixed.Example.COM.`) written in `chunk`-byte segments goes
+/// to server B (route sni-mixed), which receives every byte.
+fn assert_hello_reaches_b(topo: &str, hello: &[u8], chunk: usize) {
+    let t = Topo::new(topo);
     let (a, _a_rx) = recording_server(&t, A, "server-a");
     let (b, b_rx) = recording_server(&t, B, "server-b");
     let (fb, _fb_rx) = recording_server(&t, FALLBACK, "server-fallback");
@@ -1092,13 +1119,13 @@ fn multi_record_client_hello_routed() {
 
     let mut s = connect(&t.cl, sa(&format!("{SVC4}:443")));
     let client = s.local_addr().unwrap();
-    trickle(&mut s, &hello, 7, Duration::from_millis(1)).expect("writing the ClientHello");
+    trickle(&mut s, hello, chunk, Duration::from_micros(200)).expect("writing the ClientHello");
     s.shutdown(Shutdown::Write).unwrap();
     let (reply, end) = read_until_closed(&mut s, Duration::from_secs(15));
     assert!(
         end.is_ok() && reply == b"server-b\n",
-        "the multi-record ClientHello for Mixed.Example.COM. should reach server B (route \
-         sni-mixed); client got {:?} then {end:?}; accepted: A {:?}, B {:?}, fallback {:?}",
+        "the ClientHello for Mixed.Example.COM. should reach server B (route sni-mixed); \
+         client got {:?} then {end:?}; accepted: A {:?}, B {:?}, fallback {:?}",
         String::from_utf8_lossy(&reply),
         a.accepted(),
         b.accepted(),
@@ -1113,7 +1140,7 @@ fn multi_record_client_hello_routed() {
         "server B should receive exactly the {} bytes the client sent, got {} ({})",
         hello.len(),
         got.len(),
-        first_difference(&got, &hello)
+        first_difference(&got, hello)
     );
     let ev = closed_event(&mut d, client);
     assert_route(&ev, "sni-mixed");

@@ -1,13 +1,14 @@
 //! `connect_head::parse` on arbitrary bytes: no panic, and the promises the
 //! CONNECT listener relies on: a prefix never contradicts the whole (it gives
 //! "need more", the same request or the same error), at `MAX_HEAD_LEN` the
-//! answer is final, and a request's `head_len` lies within the input, the
+//! answer is final, a `Reader` given the prefixes in turn answers as a fresh
+//! parse of each, and a request's `head_len` lies within the input, the
 //! head alone gives the same request and one byte less is not a head. A
 //! CONNECT target written back in authority form parses to itself, and
 //! `basic_credentials` takes any text without panicking.
 #![no_main]
 
-use l4proxy::connect_head::{MAX_HEAD_LEN, basic_credentials, parse};
+use l4proxy::connect_head::{MAX_HEAD_LEN, Reader, basic_credentials, parse};
 use libfuzzer_sys::fuzz_target;
 
 /// Enough cut points to catch a prefix that disagrees, few enough to keep
@@ -19,12 +20,18 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= MAX_HEAD_LEN {
         assert_ne!(whole, Ok(None), "no answer at the bound");
     }
+    let mut reader = Reader::default();
     for cut in (1..=CUTS).map(|i| data.len() * i / (CUTS + 1)) {
         let prefix = parse(&data[..cut]);
         assert!(
             prefix == Ok(None) || prefix == whole,
             "prefix {cut}: {prefix:?}, whole: {whole:?}"
         );
+        let read = reader.read(&data[..cut]);
+        assert_eq!(read, prefix, "reader at {cut}");
+        if read != Ok(None) {
+            break;
+        }
     }
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = basic_credentials(text);

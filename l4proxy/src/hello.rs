@@ -40,14 +40,41 @@ impl GaveUp {
     }
 }
 
-/// Peeks at the client's bytes until `classify` returns `Some`, the deadline
-/// passes, `limit` bytes gave no verdict, or the client stops sending.
-/// `classify` is called with everything received so far, each time more arrives.
+/// What a classifier makes of the bytes so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Look<T> {
+    Verdict(T),
+    /// No verdict can come before the peer has sent `until` bytes in all:
+    /// the classifier is asked again only then (or at the end of the
+    /// stream, or at `limit`). One more byte than it had, if it cannot
+    /// tell.
+    Wait {
+        until: usize,
+    },
+}
+
+impl<T> Look<T> {
+    /// `verdict` if there is one, else ask again at the next byte: for a
+    /// classifier that cannot tell how much more it needs.
+    pub fn or_next_byte(verdict: Option<T>, bytes: &[u8]) -> Self {
+        verdict.map_or(
+            Look::Wait {
+                until: bytes.len() + 1,
+            },
+            Look::Verdict,
+        )
+    }
+}
+
+/// Peeks at the client's bytes until `classify` gives a verdict, the
+/// deadline passes, `limit` bytes gave no verdict, or the client stops
+/// sending. `classify` is called with everything received so far, each
+/// time as much more as it waits for has arrived.
 pub async fn peek_until<T>(
     stream: &TcpStream,
     limit: usize,
     deadline: Duration,
-    mut classify: impl FnMut(&[u8]) -> Option<T>,
+    mut classify: impl FnMut(&[u8]) -> Look<T>,
 ) -> io::Result<Result<T, GaveUp>> {
     let fd = stream.as_raw_fd();
     let mut peeker = Peeker::new(limit);
@@ -134,8 +161,8 @@ pub async fn consume(stream: &TcpStream, len: usize, drained: bool) -> io::Resul
 /// The state of one `peek_until`.
 struct Peeker {
     limit: usize,
-    /// Bytes seen by the last look.
-    seen: usize,
+    /// The bytes the classifier waits for (at least one more than it saw).
+    until: usize,
     /// `SO_RCVLOWAT` was raised (only when the first bytes were not enough)
     /// and must be set back.
     lowat_raised: bool,
@@ -154,20 +181,20 @@ impl Peeker {
     fn new(limit: usize) -> Self {
         Self {
             limit,
-            seen: 0,
+            until: 1,
             lowat_raised: false,
         }
     }
 
-    /// Peeks at everything queued and asks `classify` if there is more than
-    /// last time. `WouldBlock`: wait for more (`SO_RCVLOWAT` is set so that
-    /// only more, or the end, wakes the socket). `closed`: the peer has
-    /// finished sending.
+    /// Peeks at everything queued and asks `classify` if there is as much
+    /// as it waits for. `WouldBlock`: wait for more (`SO_RCVLOWAT` is set so
+    /// that only that much, or the end, wakes the socket). `closed`: the peer
+    /// has finished sending.
     fn look<T>(
         &mut self,
         fd: RawFd,
         closed: bool,
-        classify: &mut impl FnMut(&[u8]) -> Option<T>,
+        classify: &mut impl FnMut(&[u8]) -> Look<T>,
     ) -> io::Result<Result<T, GaveUp>> {
         let (n, decided) = BUFFER.with_borrow_mut(|buffer| {
             let mut size = buffer.len().min(self.limit);
@@ -179,14 +206,16 @@ impl Peeker {
                 }
                 n = peek(fd, &mut buffer[..size])?;
             }
-            if n <= self.seen {
+            if n < self.until {
                 return Ok((n, None));
             }
-            self.seen = n;
             let decided = match classify(&buffer[..n]) {
-                Some(verdict) => Some(Ok(verdict)),
-                None if n == self.limit => Some(Err(GaveUp::TooLarge)),
-                None => None,
+                Look::Verdict(verdict) => Some(Ok(verdict)),
+                Look::Wait { .. } if n == self.limit => Some(Err(GaveUp::TooLarge)),
+                Look::Wait { until } => {
+                    self.until = until.clamp(n + 1, self.limit);
+                    None
+                }
             };
             io::Result::Ok((n, decided))
         })?;
@@ -196,7 +225,7 @@ impl Peeker {
         if n == 0 || closed {
             return Ok(Err(GaveUp::Closed));
         }
-        set_recv_lowat(fd, n + 1)?;
+        set_recv_lowat(fd, self.until)?;
         self.lowat_raised = true;
         Err(io::ErrorKind::WouldBlock.into())
     }
@@ -261,8 +290,76 @@ mod tests {
     }
 
     /// The classifier of these tests: a verdict once a line is complete.
-    fn line(bytes: &[u8]) -> Option<usize> {
-        bytes.iter().position(|&b| b == b'\n')
+    fn line(bytes: &[u8]) -> Look<usize> {
+        Look::or_next_byte(bytes.iter().position(|&b| b == b'\n'), bytes)
+    }
+
+    /// A classifier that knows its answer needs `len` bytes (as a TLS
+    /// record header tells), and counts how often it is asked.
+    fn sized(len: usize, asked: &mut usize) -> impl FnMut(&[u8]) -> Look<usize> + '_ {
+        move |bytes| {
+            *asked += 1;
+            if bytes.len() >= len {
+                Look::Verdict(bytes.len())
+            } else {
+                Look::Wait { until: len }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_known_size_is_waited_for_not_each_piece() {
+        let (accepted, mut client) = pair().await;
+        let writer = tokio::spawn(async move {
+            for _ in 0..100 {
+                client.write_all(&[b'x'; 10]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            client
+        });
+        let mut asked = 0;
+        // Each poll after the first is a wake-up of the task.
+        let mut polls = 0;
+        let verdict = {
+            let mut looking = std::pin::pin!(peek_until(
+                &accepted,
+                4096,
+                Duration::from_secs(5),
+                sized(1000, &mut asked),
+            ));
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                looking.as_mut().poll(cx)
+            })
+            .await
+            .unwrap()
+        };
+        assert_eq!(verdict, Ok(1000));
+        // Once at the first piece, once when all had come: a client that
+        // trickles must not make us wake up and look at every piece.
+        assert_eq!(asked, 2, "looks for 100 pieces");
+        assert!(polls <= 3, "{polls} wake-ups for 100 pieces");
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_stream_ends_a_wait_for_a_size() {
+        let (accepted, mut client) = pair().await;
+        client.write_all(&[b'x'; 10]).await.unwrap();
+        let mut asked = 0;
+        let looked = peek_until(
+            &accepted,
+            4096,
+            Duration::from_secs(5),
+            sized(1000, &mut asked),
+        );
+        let close = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.write_all(&[b'x'; 10]).await.unwrap();
+            client.shutdown().await.unwrap();
+        };
+        let (verdict, ()) = tokio::join!(looked, close);
+        assert_eq!(verdict.unwrap(), Err(GaveUp::Closed));
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 use std::{fmt, io, time::Duration};
 
 use crate::{
-    hello::{self, GaveUp},
+    hello::{self, GaveUp, Look},
     stream::Stream,
 };
 use base64::Engine as _;
@@ -64,7 +64,7 @@ pub async fn open(
     let verdict = stream
         .peek_until(MAX_ANSWER_LEN, deadline, |bytes| {
             seen = bytes.len();
-            parse_answer(bytes).transpose()
+            Look::or_next_byte(parse_answer(bytes).transpose(), bytes)
         })
         .await?;
     let target = target.to_owned();

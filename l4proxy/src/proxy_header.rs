@@ -7,7 +7,7 @@ use std::{io, time::Duration};
 use tokio::net::TcpStream;
 
 use crate::{
-    hello::{self, GaveUp},
+    hello::{self, GaveUp, Look},
     proxy_protocol::{self, DecodeError, Decoded, MAX_HEADER_LEN},
     relay, upstream,
 };
@@ -33,7 +33,7 @@ pub async fn read(stream: &TcpStream, deadline: Duration) -> Result<Decoded, Rea
     let mut seen = 0;
     let verdict = hello::peek_until(stream, MAX_HEADER_LEN, deadline, |bytes| {
         seen = bytes.len();
-        proxy_protocol::decode(bytes).transpose()
+        Look::or_next_byte(proxy_protocol::decode(bytes).transpose(), bytes)
     })
     .await?;
     let decoded = match verdict {

@@ -23,7 +23,7 @@ use crate::{
     admission::{Admission, Slot},
     conn_id::{ConnectionId, ConnectionIds},
     connect_head::Status,
-    hello,
+    hello::{self, Look},
     intercept::rules::RuleIndex,
     local_addrs::LocalAddrs,
     metrics::{self, Metrics, PolicyMetrics},
@@ -1110,13 +1110,14 @@ async fn sniff_hello(
     active: &Active,
     record: &mut Record,
 ) -> Option<sniff::Sniffed> {
+    let mut sniffer = sniff::Sniffer::default();
     let peeked = client
         .peek_until(
             sniff::MAX_SNIFF_LEN,
             shared.sniff_timeout,
-            |bytes| match sniff::sniff(bytes) {
-                sniff::SniffResult::Done(said) => Some(said),
-                sniff::SniffResult::NeedMore => None,
+            |bytes| match sniffer.look(bytes) {
+                sniff::SniffResult::Done(said) => Look::Verdict(said),
+                sniff::SniffResult::NeedMore { until } => Look::Wait { until },
             },
         )
         .await;

@@ -20,7 +20,7 @@ use tokio::{
 };
 use tokio_rustls::TlsStream;
 
-use crate::hello::{self, GaveUp};
+use crate::hello::{self, GaveUp, Look};
 
 pub enum Stream {
     Tcp(TcpStream),
@@ -98,7 +98,7 @@ impl Stream {
         &mut self,
         limit: usize,
         deadline: Duration,
-        classify: impl FnMut(&[u8]) -> Option<T>,
+        classify: impl FnMut(&[u8]) -> Look<T>,
     ) -> io::Result<Result<T, GaveUp>> {
         match self {
             Stream::Tcp(tcp) => hello::peek_until(tcp, limit, deadline, classify).await,
@@ -159,14 +159,18 @@ impl Tls {
     async fn read_ahead<T>(
         &mut self,
         limit: usize,
-        mut classify: impl FnMut(&[u8]) -> Option<T>,
+        mut classify: impl FnMut(&[u8]) -> Look<T>,
     ) -> io::Result<Result<T, GaveUp>> {
-        if !self.ahead.is_empty()
-            && let Some(verdict) = classify(&self.ahead)
-        {
-            return Ok(Ok(verdict));
-        }
+        let mut until = 1;
         loop {
+            if self.ahead.len() >= until {
+                match classify(&self.ahead) {
+                    Look::Verdict(verdict) => return Ok(Ok(verdict)),
+                    Look::Wait { until: more } => {
+                        until = more.min(limit).max(self.ahead.len() + 1);
+                    }
+                }
+            }
             if self.ahead.len() >= limit {
                 return Ok(Err(GaveUp::TooLarge));
             }
@@ -183,9 +187,6 @@ impl Tls {
                     return Ok(Err(GaveUp::Closed));
                 }
                 Err(e) => return Err(e),
-            }
-            if let Some(verdict) = classify(&self.ahead) {
-                return Ok(Ok(verdict));
             }
         }
     }

@@ -21,7 +21,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     connect_head::{self, HeadError, Host, Method, Request, Status},
-    hello::{self, GaveUp},
+    hello::{self, GaveUp, Look},
     local_addrs::LocalAddrs,
     policy::{ConnectFront, Htpasswd},
     sniff::Sniffed,
@@ -218,9 +218,12 @@ pub async fn open(
 /// delayed-ACK timer.
 async fn read_head(client: &mut Stream, deadline: Duration) -> Result<Request, Refused> {
     let give_up = Instant::now() + deadline;
-    let mut taken: Vec<u8> = Vec::new();
+    // The pieces taken so far, then the one looked at.
+    let mut head: Vec<u8> = Vec::new();
+    let mut reader = connect_head::Reader::default();
     loop {
-        let limit = connect_head::MAX_HEAD_LEN - taken.len();
+        let taken = head.len();
+        let limit = connect_head::MAX_HEAD_LEN - taken;
         let mut seen = 0;
         // Always a verdict: a head still incomplete is a piece to take.
         let verdict = client
@@ -229,24 +232,23 @@ async fn read_head(client: &mut Stream, deadline: Duration) -> Result<Request, R
                 give_up.saturating_duration_since(Instant::now()),
                 |bytes| {
                     seen = bytes.len();
-                    Some(if taken.is_empty() {
-                        connect_head::parse(bytes)
-                    } else {
-                        connect_head::parse(&[&taken, bytes].concat())
-                    })
+                    head.truncate(taken);
+                    head.extend_from_slice(bytes);
+                    Look::Verdict(reader.read(&head))
                 },
             )
             .await?;
         match verdict {
             Ok(Ok(Some(request))) => {
-                let len = request.head_len - taken.len();
+                let len = request.head_len - taken;
                 client
                     .consume(len, hello::nothing_follows(len, seen, limit))
                     .await?;
                 return Ok(request);
             }
             Ok(Ok(None)) => {
-                taken.extend(client.consume(seen, true).await?);
+                // The piece is in `head` already.
+                client.consume(seen, true).await?;
                 if let Err(e) = upstream::release_ack(client.tcp()) {
                     tracing::debug!(error = %e, "acknowledging a piece of a CONNECT head");
                 }

@@ -197,17 +197,37 @@ pub enum HeaderLineError {
 /// when `bytes` holds [`MAX_HEAD_LEN`] or more). `Err`: no valid head starts
 /// with `bytes`, whatever follows.
 pub fn parse(bytes: &[u8]) -> Result<Option<Request>, HeadError> {
-    let window = &bytes[..bytes.len().min(MAX_HEAD_LEN)];
-    let mut head = HeadParser::default();
-    for (at, &byte) in window.iter().enumerate() {
-        if let Some(request) = head.step(window, at, byte)? {
-            return Ok(Some(request));
+    Reader::default().read(bytes)
+}
+
+/// [`parse`] for a head that arrives in pieces: each [`Reader::read`] is
+/// given everything so far (the same bytes, and more) and looks only at
+/// what is new, so a head trickled a byte at a time costs no more than one
+/// sent whole.
+#[derive(Debug, Default)]
+pub struct Reader {
+    head: HeadParser,
+    /// The bytes looked at so far.
+    read: usize,
+}
+
+impl Reader {
+    /// [`parse`]'s answer for `bytes`, which must start with the bytes of
+    /// the calls before; once it is an answer, not `Ok(None)`, the reader
+    /// is done.
+    pub fn read(&mut self, bytes: &[u8]) -> Result<Option<Request>, HeadError> {
+        let window = &bytes[..bytes.len().min(MAX_HEAD_LEN)];
+        for at in self.read..window.len() {
+            self.read = at + 1;
+            if let Some(request) = self.head.step(window, at, window[at])? {
+                return Ok(Some(request));
+            }
         }
-    }
-    if bytes.len() >= MAX_HEAD_LEN {
-        Err(HeadError::TooLarge)
-    } else {
-        Ok(None)
+        if bytes.len() >= MAX_HEAD_LEN {
+            Err(HeadError::TooLarge)
+        } else {
+            Ok(None)
+        }
     }
 }
 
@@ -773,6 +793,49 @@ mod tests {
                     Ok(Some(want.clone())),
                     "{name}: {end} bytes"
                 );
+            }
+        }
+    }
+
+    /// One `Reader` given `input` in pieces of `piece` bytes: its first
+    /// answer that is not `Ok(None)`, at the length where it came.
+    fn read_in_pieces(input: &[u8], piece: usize) -> (Result<Option<Request>, HeadError>, usize) {
+        let mut reader = Reader::default();
+        let mut end = 0;
+        loop {
+            end = (end + piece).min(input.len());
+            let answer = reader.read(&input[..end]);
+            if answer != Ok(None) || end == input.len() {
+                return (answer, end);
+            }
+        }
+    }
+
+    #[test]
+    fn a_reader_in_pieces_answers_as_parse_of_the_whole() {
+        for (name, input, want) in fixtures() {
+            let head = &input[..want.head_len];
+            for piece in [1, 2, 3, 7, 64] {
+                assert_eq!(
+                    read_in_pieces(input, piece).0,
+                    Ok(Some(want.clone())),
+                    "{name} in pieces of {piece}"
+                );
+                // With a byte changed, refused or accepted as `parse` does,
+                // as soon as the piece with the change is in.
+                for pos in (0..head.len()).step_by(5) {
+                    for byte in [0, b' ', b':', b'\r', b'\n'] {
+                        let mut mutated = head.to_vec();
+                        mutated[pos] = byte;
+                        let (answer, at) = read_in_pieces(&mutated, piece);
+                        assert_eq!(answer, parse(&mutated), "{name}, {pos} = {byte}, {piece}");
+                        assert_eq!(
+                            answer,
+                            parse(&mutated[..at]),
+                            "{name}, {pos} = {byte}, {piece}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -27,7 +27,7 @@ use super::normalize_host_name;
 pub const MAX_HEAD_LEN: usize = 16 * 1024;
 /// Longer than any registered method (`UPDATEREDIRECTREF` has 17 bytes), and
 /// short so that the first word of another protocol is refused quickly.
-const MAX_METHOD_LEN: usize = 20;
+pub(super) const MAX_METHOD_LEN: usize = 20;
 const VERSION_PREFIX: &[u8] = b"HTTP/1.";
 
 /// What a request head says about where the client wants to go.
@@ -64,33 +64,63 @@ pub enum HttpError {
 /// byte by byte, so other protocols are refused within a few bytes). At
 /// [`MAX_HEAD_LEN`] bytes the answer is never `Ok(None)`.
 pub fn parse_request_head(buf: &[u8]) -> Result<Option<HttpRequestInfo>, HttpError> {
-    let window = &buf[..buf.len().min(MAX_HEAD_LEN)];
-    let mut lines = window.split_inclusive(|&b| b == b'\n').map(split_eol);
-    let Some((line, complete)) = lines.next() else {
-        return Ok(None);
-    };
-    let Some(RequestLine { method, target }) = request_line(line, complete)? else {
-        return need_more(buf);
-    };
-    let mut host_header = None;
-    for (line, complete) in lines {
-        if complete && line.is_empty() {
-            let authority = absolute_form_authority(target)
-                .or_else(|| (method == b"CONNECT").then_some(target))
-                .or(host_header);
-            return Ok(Some(HttpRequestInfo {
-                method: String::from_utf8_lossy(method).into_owned(),
-                host: authority.and_then(host_of),
-            }));
+    HeadReader::default().read(buf)
+}
+
+/// [`parse_request_head`] for a head that arrives in pieces: each
+/// [`HeadReader::read`] is given everything so far (the same bytes, and
+/// more) and checks the lines that ended since the last call, and the one
+/// not ended yet, so a head trickled a line at a time costs about what one
+/// sent whole does.
+#[derive(Debug, Default)]
+pub struct HeadReader {
+    /// Where the first line not yet complete starts.
+    line_start: usize,
+    /// The request line's method and target, once it is complete.
+    request: Option<(Vec<u8>, Vec<u8>)>,
+    host_header: Option<Vec<u8>>,
+}
+
+impl HeadReader {
+    /// [`parse_request_head`]'s answer for `buf`, which must start with the
+    /// bytes of the calls before; once it is an answer, not `Ok(None)`, the
+    /// reader is done.
+    pub fn read(&mut self, buf: &[u8]) -> Result<Option<HttpRequestInfo>, HttpError> {
+        let window = &buf[..buf.len().min(MAX_HEAD_LEN)];
+        let fresh = &window[self.line_start.min(window.len())..];
+        for raw in fresh.split_inclusive(|&b| b == b'\n') {
+            let (line, complete) = split_eol(raw);
+            match &self.request {
+                None => {
+                    let Some(RequestLine { method, target }) = request_line(line, complete)? else {
+                        return need_more(buf);
+                    };
+                    self.request = Some((method.to_vec(), target.to_vec()));
+                }
+                Some((method, target)) if complete && line.is_empty() => {
+                    let authority = absolute_form_authority(target)
+                        .or_else(|| (method == b"CONNECT").then_some(&target[..]))
+                        .or(self.host_header.as_deref());
+                    return Ok(Some(HttpRequestInfo {
+                        method: String::from_utf8_lossy(method).into_owned(),
+                        host: authority.and_then(host_of),
+                    }));
+                }
+                Some(_) => {
+                    let Some(Field { name, value }) = header_line(line, complete)? else {
+                        return need_more(buf);
+                    };
+                    if name.eq_ignore_ascii_case(b"host")
+                        && self.host_header.replace(value.to_vec()).is_some()
+                    {
+                        return Err(HttpError::DuplicateHost);
+                    }
+                }
+            }
+            self.line_start += raw.len();
         }
-        let Some(Field { name, value }) = header_line(line, complete)? else {
-            return need_more(buf);
-        };
-        if name.eq_ignore_ascii_case(b"host") && host_header.replace(value).is_some() {
-            return Err(HttpError::DuplicateHost);
-        }
+        need_more(buf)
     }
-    need_more(buf)
 }
 
 /// Token characters (RFC 9110 §5.6.2): what methods and field names are

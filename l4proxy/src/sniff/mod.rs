@@ -3,8 +3,9 @@
 //! `route` can pick a rule by SNI, ALPN or Host.
 //!
 //! Everything here is pure: the caller peeks (never consumes) the bytes and
-//! calls [`sniff`] again with everything received so far whenever more arrive.
-//! For any input, every prefix of it gives [`SniffResult::NeedMore`] or the
+//! asks again with everything received so far once as much more as
+//! [`SniffResult::NeedMore`] said has arrived ([`Sniffer`] for one
+//! connection). For any input, every prefix of it gives `NeedMore` or the
 //! same answer as the whole: a split across TCP segments never changes the
 //! outcome. At [`MAX_SNIFF_LEN`] bytes the answer is always final.
 
@@ -38,27 +39,71 @@ pub enum Sniffed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SniffResult {
     Done(Sniffed),
-    /// Everything so far is a prefix of a ClientHello or a request head.
-    NeedMore,
+    /// Everything so far is a prefix of a ClientHello or a request head, and
+    /// no answer can come before the client has sent `until` bytes in all
+    /// (see [`tls::Hello::Partial`]; one more byte for a request head).
+    NeedMore {
+        until: usize,
+    },
 }
 
 /// Classifies `buf`, everything the client has sent so far.
 pub fn sniff(buf: &[u8]) -> SniffResult {
-    match buf.first() {
-        None => SniffResult::NeedMore,
-        Some(&tls::CONTENT_TYPE_HANDSHAKE) => match tls::parse_client_hello(buf) {
-            Ok(Some(hello)) => SniffResult::Done(Sniffed::Tls(hello)),
-            Ok(None) => SniffResult::NeedMore,
-            Err(_) => SniffResult::Done(Sniffed::Other),
-        },
-        // Every method is a token; 0x16 is not a token byte, so the two paths
-        // never compete for the same input.
-        Some(&b) if http::is_token_byte(b) => match http::parse_request_head(buf) {
-            Ok(Some(request)) => SniffResult::Done(Sniffed::Http(request)),
-            Ok(None) => SniffResult::NeedMore,
-            Err(_) => SniffResult::Done(Sniffed::Other),
-        },
-        Some(_) => SniffResult::Done(Sniffed::Other),
+    Sniffer::default().look(buf)
+}
+
+/// [`sniff`] for one connection's bytes as they arrive, with work that does
+/// not grow with the number of pieces they come in: a ClientHello is parsed
+/// again only once as much as it needs has come
+/// ([`tls::Hello::Partial`]), a request head's lines are checked once
+/// ([`http::HeadReader`]), and a line is looked at again only when one
+/// ends: past the method (checked byte by byte, so that other protocols are
+/// turned away at once), an unfinished line can only turn out malformed,
+/// which is then found once its line ends (or at the bound, the deadline or
+/// the client's close). Parsing everything at every piece would let a
+/// client that trickles 64 KiB a byte at a time take a core for seconds.
+#[derive(Debug, Default)]
+pub struct Sniffer {
+    head: http::HeadReader,
+    /// The bytes the head reader saw last.
+    read: usize,
+    /// No line ends in the bytes from `read` to here.
+    scanned: usize,
+}
+
+impl Sniffer {
+    /// The answer for `buf`, which must start with the bytes of the calls
+    /// before.
+    pub fn look(&mut self, buf: &[u8]) -> SniffResult {
+        match buf.first() {
+            None => SniffResult::NeedMore { until: 1 },
+            Some(&tls::CONTENT_TYPE_HANDSHAKE) => match tls::parse_client_hello(buf) {
+                Ok(tls::Hello::Parsed(hello)) => SniffResult::Done(Sniffed::Tls(hello)),
+                Ok(tls::Hello::Partial { until }) => SniffResult::NeedMore { until },
+                Err(_) => SniffResult::Done(Sniffed::Other),
+            },
+            // Every method is a token; 0x16 is not a token byte, so the two
+            // paths never compete for the same input.
+            Some(&b) if http::is_token_byte(b) => {
+                let more = SniffResult::NeedMore {
+                    until: buf.len() + 1,
+                };
+                if self.read > http::MAX_METHOD_LEN && buf.len() < http::MAX_HEAD_LEN {
+                    let line_ended = buf[self.scanned..].contains(&b'\n');
+                    self.scanned = buf.len();
+                    if !line_ended {
+                        return more;
+                    }
+                }
+                (self.read, self.scanned) = (buf.len(), buf.len());
+                match self.head.read(buf) {
+                    Ok(Some(request)) => SniffResult::Done(Sniffed::Http(request)),
+                    Ok(None) => more,
+                    Err(_) => SniffResult::Done(Sniffed::Other),
+                }
+            }
+            Some(_) => SniffResult::Done(Sniffed::Other),
+        }
     }
 }
 
@@ -119,7 +164,10 @@ mod tests {
     fn prefixes_need_more() {
         for input in [TLS13, HTTP] {
             for end in 0..input.len() {
-                assert_eq!(sniff(&input[..end]), SniffResult::NeedMore, "prefix {end}");
+                assert!(
+                    matches!(sniff(&input[..end]), SniffResult::NeedMore { until } if until > end),
+                    "prefix {end}"
+                );
             }
         }
     }
@@ -140,9 +188,46 @@ mod tests {
         }
         // A few bytes are enough to give up on a protocol the client speaks
         // first, without waiting for a whole line.
-        assert_eq!(sniff(b"SSH-2.0-"), SniffResult::NeedMore);
+        assert_eq!(sniff(b"SSH-2.0-"), SniffResult::NeedMore { until: 9 });
         assert_eq!(
             sniff(b"SSH-2.0-OpenSSH_9.2p1"),
+            SniffResult::Done(Sniffed::Other)
+        );
+    }
+
+    /// A `Sniffer` given `input` a byte at a time: its answer, and the
+    /// length at which it came.
+    fn trickled(input: &[u8]) -> (SniffResult, usize) {
+        let mut sniffer = Sniffer::default();
+        for end in 1..input.len() {
+            match sniffer.look(&input[..end]) {
+                SniffResult::NeedMore { until } => assert!(until > end, "{until} at {end}"),
+                done => return (done, end),
+            }
+        }
+        (sniffer.look(input), input.len())
+    }
+
+    #[test]
+    fn a_trickled_head_is_answered_as_the_whole() {
+        let bad_field = b"GET / HTTP/1.1\r\nX-Pad: 0123456789\r\nHost: a\x00b\r\n\r\n";
+        for input in [
+            TLS13,
+            HTTP,
+            b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+            b"*1\r\n$4\r\nPING\r\n",
+            bad_field,
+        ] {
+            assert_eq!(trickled(input).0, sniff(input), "{input:?}");
+        }
+        // The method is checked byte by byte: another protocol is turned
+        // away within a few bytes ...
+        assert_eq!(trickled(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n").1, 21);
+        // ... a malformed line once it ends.
+        let line_end = bad_field.len() - 2;
+        assert_eq!(trickled(bad_field).1, line_end);
+        assert_eq!(
+            sniff(&bad_field[..line_end - 3]),
             SniffResult::Done(Sniffed::Other)
         );
     }

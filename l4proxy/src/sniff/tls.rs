@@ -68,31 +68,64 @@ pub enum TlsError {
     DuplicateExtension(u16),
 }
 
+/// How far [`parse_client_hello`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hello {
+    Parsed(ClientHelloInfo),
+    /// `buf` is a prefix of a ClientHello, and no answer can come before it
+    /// holds `until` bytes (more than it has, at most
+    /// [`MAX_CLIENT_HELLO_LEN`]): what is still missing of the declared
+    /// message, and one more record header if it cannot fit in the record
+    /// that has begun. Waiting for that, rather than for each byte, keeps a
+    /// client that trickles its hello in tiny records from making us parse
+    /// it again at every piece (quadratic, seconds of CPU for 64 KiB).
+    /// While the length is not known yet it is one byte more, so that what
+    /// is not TLS is refused within a few bytes.
+    Partial {
+        until: usize,
+    },
+}
+
 /// Parses the ClientHello at the start of `buf`, everything received so far.
 ///
-/// `Ok(None)`: `buf` is a prefix of a ClientHello, more bytes are needed.
-/// `Err`: `buf` does not start with a valid ClientHello, whatever follows; it
-/// is returned as soon as the offending byte is seen. At
-/// [`MAX_CLIENT_HELLO_LEN`] bytes the answer is never `Ok(None)`.
-pub fn parse_client_hello(buf: &[u8]) -> Result<Option<ClientHelloInfo>, TlsError> {
-    let Some(message) = handshake_message(buf)? else {
-        return Ok(None);
-    };
-    parse_client_hello_body(&message[HANDSHAKE_HEADER_LEN..]).map(Some)
+/// `Err`: `buf` does not start with a valid ClientHello, whatever follows.
+/// It is returned as soon as the offending byte is seen, but for the
+/// headers of records after the first: those are checked once
+/// [`Hello::Partial`]'s bound is reached. At [`MAX_CLIENT_HELLO_LEN`] bytes
+/// the answer is never `Partial`.
+pub fn parse_client_hello(buf: &[u8]) -> Result<Hello, TlsError> {
+    match handshake_message(buf)? {
+        Reassembly::Message(message) => {
+            parse_client_hello_body(&message[HANDSHAKE_HEADER_LEN..]).map(Hello::Parsed)
+        }
+        Reassembly::Partial { missing } => Ok(Hello::Partial {
+            until: (buf.len() + missing).min(MAX_CLIENT_HELLO_LEN),
+        }),
+    }
+}
+
+/// The first handshake message, or how many more bytes it needs at least.
+enum Reassembly<'a> {
+    Message(Cow<'a, [u8]>),
+    Partial { missing: usize },
 }
 
 /// Reassembles the first handshake message (header included) from the
 /// handshake records at the start of `buf`: a ClientHello may span records.
-fn handshake_message(buf: &[u8]) -> Result<Option<Cow<'_, [u8]>>, TlsError> {
+fn handshake_message(buf: &[u8]) -> Result<Reassembly<'_>, TlsError> {
     // Bytes past the bound cannot be part of an acceptable ClientHello.
     let mut records = &buf[..buf.len().min(MAX_CLIENT_HELLO_LEN)];
     // Borrowed while the message fits in its first record, as it usually does.
     let mut message: Cow<'_, [u8]> = Cow::Borrowed(&[]);
-    while let Some(fragment) = next_fragment(&mut records)? {
+    let mut declared = None;
+    // Payload bytes the last record declared that have not arrived.
+    let mut in_record = 0;
+    while let Some(Fragment { payload, missing }) = next_fragment(&mut records)? {
+        in_record = missing;
         if message.is_empty() {
-            message = Cow::Borrowed(fragment);
+            message = Cow::Borrowed(payload);
         } else {
-            message.to_mut().extend_from_slice(fragment);
+            message.to_mut().extend_from_slice(payload);
         }
         if let Some(&msg_type) = message.first()
             && msg_type != HANDSHAKE_CLIENT_HELLO
@@ -108,7 +141,7 @@ fn handshake_message(buf: &[u8]) -> Result<Option<Cow<'_, [u8]>>, TlsError> {
             return Err(TlsError::TooLarge);
         }
         if message.len() >= len {
-            return Ok(Some(match message {
+            return Ok(Reassembly::Message(match message {
                 Cow::Borrowed(m) => Cow::Borrowed(&m[..len]),
                 Cow::Owned(mut m) => {
                     m.truncate(len);
@@ -116,17 +149,37 @@ fn handshake_message(buf: &[u8]) -> Result<Option<Cow<'_, [u8]>>, TlsError> {
                 }
             }));
         }
+        declared = Some(len);
     }
     if buf.len() >= MAX_CLIENT_HELLO_LEN {
         // Many small records can exceed the bound however short the message.
         return Err(TlsError::TooLarge);
     }
-    Ok(None)
+    let missing = match declared {
+        None => 1,
+        Some(len) => {
+            let rest = len - message.len();
+            if rest <= in_record {
+                rest
+            } else {
+                // `records` holds the part of the next header that came.
+                rest + RECORD_HEADER_LEN - records.len()
+            }
+        }
+    };
+    Ok(Reassembly::Partial { missing })
 }
 
-/// Takes the next handshake record off `records` and returns its payload, or
-/// as much of it as has arrived. `None` when `records` has no complete header.
-fn next_fragment<'a>(records: &mut &'a [u8]) -> Result<Option<&'a [u8]>, TlsError> {
+/// A handshake record's payload, or as much of it as has arrived.
+struct Fragment<'a> {
+    payload: &'a [u8],
+    /// How many of the payload's declared bytes have not arrived.
+    missing: usize,
+}
+
+/// Takes the next handshake record off `records`. `None` when `records`
+/// has no complete header (it is left there).
+fn next_fragment<'a>(records: &mut &'a [u8]) -> Result<Option<Fragment<'a>>, TlsError> {
     // Check each header field as soon as it is there, so that what is not TLS
     // is refused after a byte or three.
     if let Some(&content_type) = records.first()
@@ -150,9 +203,12 @@ fn next_fragment<'a>(records: &mut &'a [u8]) -> Result<Option<&'a [u8]>, TlsErro
     if len == 0 || len > MAX_RECORD_LEN {
         return Err(TlsError::BadRecordLength(len));
     }
-    let (fragment, rest) = rest.split_at(len.min(rest.len()));
+    let (payload, rest) = rest.split_at(len.min(rest.len()));
     *records = rest;
-    Ok(Some(fragment))
+    Ok(Some(Fragment {
+        payload,
+        missing: len - payload.len(),
+    }))
 }
 
 /// Record and ClientHello versions must be SSL 3.0 (0x0300) to TLS 1.3
@@ -354,6 +410,14 @@ mod tests {
         },
     ];
 
+    /// The answer, without the bound of a partial one.
+    fn parsed(buf: &[u8]) -> Result<Option<ClientHelloInfo>, TlsError> {
+        parse_client_hello(buf).map(|hello| match hello {
+            Hello::Parsed(info) => Some(info),
+            Hello::Partial { .. } => None,
+        })
+    }
+
     fn expected(sni: Option<&str>, alpn: &[&str]) -> ClientHelloInfo {
         ClientHelloInfo {
             sni: sni.map(String::from),
@@ -365,16 +429,12 @@ mod tests {
     fn assert_prefixes_then(input: &[u8], want: &ClientHelloInfo, name: &str) {
         for end in 0..input.len() {
             assert_eq!(
-                parse_client_hello(&input[..end]),
+                parsed(&input[..end]),
                 Ok(None),
                 "{name}: prefix of {end} bytes"
             );
         }
-        assert_eq!(
-            parse_client_hello(input),
-            Ok(Some(want.clone())),
-            "{name}: whole"
-        );
+        assert_eq!(parsed(input), Ok(Some(want.clone())), "{name}: whole");
     }
 
     /// The handshake message of a single-record ClientHello.
@@ -443,7 +503,7 @@ mod tests {
     }
 
     fn parse_message(message: &[u8]) -> Result<Option<ClientHelloInfo>, TlsError> {
-        parse_client_hello(&records(message, MAX_RECORD_LEN))
+        parsed(&records(message, MAX_RECORD_LEN))
     }
 
     #[test]
@@ -451,6 +511,57 @@ mod tests {
         for f in FIXTURES {
             assert_prefixes_then(f.bytes, &expected(f.sni, f.alpn), f.name);
         }
+    }
+
+    /// A hello whose answer comes at its last byte: every shorter prefix
+    /// waits for more than it has and no more than the whole.
+    fn assert_bounds_within(input: &[u8], name: &str) {
+        for end in 0..input.len() {
+            match parse_client_hello(&input[..end]) {
+                Ok(Hello::Partial { until }) => assert!(
+                    end < until && until <= input.len(),
+                    "{name}: prefix of {end} waits for {until} of {}",
+                    input.len()
+                ),
+                other => panic!("{name}: prefix of {end} gave {other:?}"),
+            }
+        }
+    }
+
+    /// How often a client that sends exactly what is waited for, no more,
+    /// makes us parse before the answer.
+    fn parses_when_trickled(input: &[u8]) -> usize {
+        let (mut end, mut parses) = (1, 1);
+        while let Ok(Hello::Partial { until }) = parse_client_hello(&input[..end]) {
+            end = until;
+            parses += 1;
+        }
+        parses
+    }
+
+    #[test]
+    fn partial_hellos_wait_for_no_more_than_the_hello() {
+        for f in FIXTURES {
+            assert_bounds_within(f.bytes, f.name);
+        }
+        let hello = message(Some(&sni(&[(0, b"a.example")])));
+        for chunk in [1, 2, 7, 100, MAX_RECORD_LEN] {
+            assert_bounds_within(&records(&hello, chunk), &format!("records of {chunk}"));
+        }
+    }
+
+    #[test]
+    fn a_trickled_hello_is_parsed_a_few_times_not_at_each_byte() {
+        // The record and message headers byte by byte, then the rest at once.
+        assert_eq!(parses_when_trickled(TLS13_OPENSSL), 10);
+        // 8 000 bytes of padding in records of one byte, 48 KiB on the wire:
+        // each wait is for the rest of the message and one record header,
+        // so what is missing shrinks by a sixth at each parse.
+        let padding = ext(21, &[0; 8000]);
+        let input = records(&message(Some(&padding)), 1);
+        assert!(input.len() > 48_000);
+        let parses = parses_when_trickled(&input);
+        assert!(parses < 100, "{parses} parses of {} bytes", input.len());
     }
 
     #[test]
@@ -482,7 +593,7 @@ mod tests {
         let mut input = TLS13_OPENSSL.to_vec();
         input.extend(b"\x17\x03\x03\x00\x10 early data...");
         assert_eq!(
-            parse_client_hello(&input),
+            parsed(&input),
             Ok(Some(expected(Some("mixed.example.com"), H2_H11)))
         );
     }
@@ -505,7 +616,7 @@ mod tests {
             (b"\x16\x03\x01\x00\x04\x01\x00\xff\xf8", TlsError::TooLarge),
         ];
         for (input, want) in cases {
-            assert_eq!(parse_client_hello(input).as_ref(), Err(want), "{input:x?}");
+            assert_eq!(parsed(input).as_ref(), Err(want), "{input:x?}");
         }
     }
 
@@ -514,7 +625,7 @@ mod tests {
         let mut input = TLS13_LARGE.to_vec();
         // The second record, 1000 bytes into the message, becomes alert.
         input[RECORD_HEADER_LEN + 1000] = 21;
-        assert_eq!(parse_client_hello(&input), Err(TlsError::NotHandshake(21)));
+        assert_eq!(parsed(&input), Err(TlsError::NotHandshake(21)));
     }
 
     #[test]
@@ -522,11 +633,8 @@ mod tests {
         // A 20000-byte message in 1-byte records takes 6 bytes per byte.
         let input = records(&handshake(&[0; 20_000]), 1);
         let at_bound = &input[..MAX_CLIENT_HELLO_LEN];
-        assert_eq!(
-            parse_client_hello(&at_bound[..at_bound.len() - 1]),
-            Ok(None)
-        );
-        assert_eq!(parse_client_hello(at_bound), Err(TlsError::TooLarge));
+        assert_eq!(parsed(&at_bound[..at_bound.len() - 1]), Ok(None));
+        assert_eq!(parsed(at_bound), Err(TlsError::TooLarge));
     }
 
     #[test]
@@ -537,7 +645,7 @@ mod tests {
         let input = records(&message(Some(&exts)), MAX_RECORD_LEN);
         assert_eq!(input.len(), MAX_CLIENT_HELLO_LEN);
         let want = expected(Some("big.example"), &[]);
-        assert_eq!(parse_client_hello(&input), Ok(Some(want)));
+        assert_eq!(parsed(&input), Ok(Some(want)));
     }
 
     #[test]
@@ -688,7 +796,7 @@ mod tests {
                 let msg_len = u32::try_from(input.len() - 9).unwrap().to_be_bytes();
                 input[5..9].copy_from_slice(&[1, msg_len[1], msg_len[2], msg_len[3]]);
             }
-            let _ = parse_client_hello(&input);
+            let _ = parsed(&input);
         }
     }
 }
