@@ -40,6 +40,7 @@ const PLAIN: &str = "203.0.113.2:8000";
 const PLAIN_B: &str = "203.0.113.2:8001";
 /// TLS servers in sv (nginx, or the rustls server of lab/tls_peer.rs).
 const TLS_UP: &str = "203.0.113.2:9443";
+const TLS_UP_H2: &str = "203.0.113.2:9444";
 const NGINX: &str = "203.0.113.3:8443";
 
 fn svc(port: u16) -> String {
@@ -1346,6 +1347,101 @@ fn proxy_header_before_originated_tls() {
             "{family}: the AUTHORITY TLV should carry the terminated SNI: {header:?}"
         );
     }
+}
+
+/// A client that negotiated h2 with l4proxy is not relayed to a server that
+/// did not agree to h2 (this one ignores ALPN): it would speak h2 to a
+/// server expecting something else. The log says why; a client without
+/// ALPN, and one whose protocol the server takes, go through.
+#[test]
+fn a_server_that_does_not_agree_to_the_clients_alpn_is_a_tls_failure() {
+    let t = Topo::new("tls_alpn_up");
+    let pki = Pki::new();
+    let app = pki
+        .front
+        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let inner = pki
+        .back
+        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
+    let terminate = json!({ "certificates": [files(&app)], "alpn": ["h2", "http/1.1"] });
+    let policy = json!({
+        "intercept": [
+            terminating("ignores", 443, "ignores-alpn", terminate.clone()),
+            terminating("agrees", 444, "agrees-h2", terminate),
+        ],
+        "upstreams": {
+            "ignores-alpn": { "servers": [TLS_UP], "tls": {
+                "ca": p(&pki.back.cert), "server_name": "inner.example.test" } },
+            "agrees-h2": { "servers": [TLS_UP_H2], "tls": {
+                "ca": p(&pki.back.cert), "server_name": "inner.example.test" } }
+        }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let data = Arc::new(b"hello".to_vec());
+    let serve = || Serve::Bulk {
+        data: data.clone(),
+        order: Order::Both,
+    };
+    let ignores = TlsServer::start(
+        &t.sv,
+        sa(TLS_UP),
+        tls_peer::server_config(&inner, &[]),
+        false,
+        serve(),
+    );
+    let agrees = TlsServer::start(
+        &t.sv,
+        sa(TLS_UP_H2),
+        tls_peer::server_config(&inner, &["h2"]),
+        false,
+        serve(),
+    );
+    let client = |port: u16, alpn: &[&str]| {
+        tls_peer::tls_client(
+            &t.cl,
+            sa(&svc(port)),
+            tls_peer::client_config(&pki.front.cert, alpn),
+            "app.example.test",
+            &data,
+            Order::Both,
+        )
+    };
+
+    let refused = client(443, &["h2"]);
+    assert!(
+        refused.is_err(),
+        "h2 to a server that ignores ALPN: {refused:?}"
+    );
+    assert!(
+        ignores.report().received.is_err(),
+        "the server must get nothing of the client's"
+    );
+    let ev = closed(&mut d, 1);
+    let outcome = outcome(&ev);
+    assert!(
+        outcome.starts_with("upstream tls failed")
+            && outcome.contains("alpn protocol is none, not h2"),
+        "outcome {outcome:?}: {ev}"
+    );
+    assert_eq!(field_u64(&ev, "bytes_from_client"), Some(0), "{ev}");
+
+    let plain = client(443, &[]).expect("a client without ALPN");
+    assert_eq!(plain.alpn, None);
+    assert_eq!(plain.received, lab::Received::of(&data));
+    assert!(ignores.report().received.is_ok());
+    assert_closed_clean(&closed_of(&mut d, plain.local), "no ALPN");
+
+    let h2 = client(444, &["h2"]).expect("h2 to a server that agrees");
+    assert_eq!(h2.alpn.as_deref(), Some("h2"));
+    assert_eq!(h2.received, lab::Received::of(&data));
+    assert_eq!(agrees.report().alpn.as_deref(), Some("h2"));
+    let ev = closed_of(&mut d, h2.local);
+    assert_closed_clean(&ev, "h2 agreed");
+    assert_eq!(
+        field_str(&ev, "upstream_tls_alpn").as_deref(),
+        Some("h2"),
+        "{ev}"
+    );
 }
 
 // ---------------------------------------------------------------------------

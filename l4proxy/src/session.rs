@@ -863,7 +863,10 @@ async fn upstream_failed(client: &mut Stream, established: bool, timed_out: bool
 /// TLS to the upstream over `upstream`, within `deadline`: its certificate
 /// must have `origination`'s server name, or else `client_name` (what the
 /// client asked for). ALPN is the policy's, or else the one the client
-/// negotiated with l4proxy.
+/// negotiated with l4proxy; either way the server must agree to the
+/// client's: relaying a client that speaks h2 to a server that did not
+/// agree to it (one that ignores ALPN, or a policy that offers only
+/// http/1.1) would fail later, inside the protocol, with nothing logged.
 async fn originate(
     upstream: Stream,
     origination: &upstream::Origination,
@@ -884,18 +887,28 @@ async fn originate(
     let Stream::Tcp(tcp) = upstream else {
         return Err("TLS inside TLS to a parent proxy is not supported".to_owned());
     };
-    let connect = match client_alpn.filter(|_| !origination.fixed_alpn) {
+    let connect = match client_alpn.as_ref().filter(|_| !origination.fixed_alpn) {
         Some(alpn) => origination
             .connector
-            .with_alpn(vec![alpn.into_bytes()])
+            .with_alpn(vec![alpn.as_bytes().to_vec()])
             .connect(name, tcp),
         None => origination.connector.connect(name, tcp),
     };
-    match tokio::time::timeout(deadline, connect).await {
-        Ok(Ok(secured)) => Ok(Stream::from(tokio_rustls::TlsStream::Client(secured))),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no TLS handshake within {deadline:?}")),
+    let secured = match tokio::time::timeout(deadline, connect).await {
+        Ok(Ok(secured)) => secured,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no TLS handshake within {deadline:?}")),
+    };
+    let agreed = secured.get_ref().1.alpn_protocol();
+    if let Some(alpn) = client_alpn
+        && agreed != Some(alpn.as_bytes())
+    {
+        let agreed = agreed.map_or("none".into(), String::from_utf8_lossy);
+        return Err(format!(
+            "the server's ALPN protocol is {agreed}, not {alpn}, the client's"
+        ));
     }
+    Ok(Stream::from(tokio_rustls::TlsStream::Client(secured)))
 }
 
 /// Answers a CONNECT client `200` unless it was (`established`): the
