@@ -900,15 +900,28 @@ async fn originate(
         Err(_) => return Err(format!("no TLS handshake within {deadline:?}")),
     };
     let agreed = secured.get_ref().1.alpn_protocol();
-    if let Some(alpn) = client_alpn
-        && agreed != Some(alpn.as_bytes())
-    {
+    if !alpn_compatible(client_alpn.as_deref().map(str::as_bytes), agreed) {
         let agreed = agreed.map_or("none".into(), String::from_utf8_lossy);
+        let client = client_alpn.as_deref().unwrap_or("none");
         return Err(format!(
-            "the server's ALPN protocol is {agreed}, not {alpn}, the client's"
+            "the server's ALPN protocol is {agreed}, the client's {client}"
         ));
     }
     Ok(Stream::from(tokio_rustls::TlsStream::Client(secured)))
+}
+
+/// Whether a client that negotiated `client` (ALPN) with l4proxy can be
+/// relayed to a server that chose `server`: the same protocol, or HTTP/1.x
+/// to a server that chose none (without ALPN, HTTPS is HTTP/1.x). A client
+/// that named no protocol is relayed whatever the server chose: the server
+/// can only choose from the policy's `alpn`, which is the operator's word
+/// (a plain IMAP client to a server reached with `"alpn": ["imap"]`).
+fn alpn_compatible(client: Option<&[u8]>, server: Option<&[u8]>) -> bool {
+    match (client, server) {
+        (Some(client), Some(server)) => client == server,
+        (Some(client), None) => client == b"http/1.1" || client == b"http/1.0",
+        (None, _) => true,
+    }
 }
 
 /// Answers a CONNECT client `200` unless it was (`established`): the
@@ -1299,6 +1312,27 @@ mod tests {
     /// protocol its terminated TLS agreed, but not those of a CONNECT
     /// rule's TLS (the hop to the proxy, naming the proxy): there, the
     /// ClientHello inside the tunnel.
+    #[test]
+    fn alpn_compatibility() {
+        let ok = |c: Option<&str>, s: Option<&str>| {
+            alpn_compatible(c.map(str::as_bytes), s.map(str::as_bytes))
+        };
+        assert!(ok(Some("h2"), Some("h2")));
+        assert!(ok(None, None));
+        assert!(ok(Some("http/1.1"), None), "a server that ignores ALPN");
+        assert!(ok(Some("http/1.0"), None));
+        assert!(
+            ok(None, Some("imap")),
+            "the policy's alpn, for a plain client"
+        );
+        assert!(!ok(Some("h2"), None), "h2 to a server that ignores ALPN");
+        assert!(
+            !ok(Some("h2"), Some("http/1.1")),
+            "a policy alpn without h2"
+        );
+        assert!(!ok(Some("http/1.1"), Some("h2")));
+    }
+
     #[test]
     fn the_proxy_header_names_the_tunnels_server_not_the_proxy() {
         let mut record = Record::new(
