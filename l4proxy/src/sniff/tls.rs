@@ -11,6 +11,9 @@
 //! Leniency that is kept on purpose: bytes after the ClientHello (in its last
 //! record or later ones) are ignored, and a host_name that is not a valid DNS
 //! name gives `sni: None` rather than an error, since the hello is still TLS.
+//! Only the first [`MAX_ALPN_PROTOCOLS`] ALPN protocols are kept (the rest
+//! are checked, not kept): what is kept lives as long as the connection and
+//! is logged when it ends, and a hello can list thousands.
 
 use std::{borrow::Cow, collections::HashSet};
 
@@ -37,6 +40,10 @@ const NAME_TYPE_HOST_NAME: u8 = 0;
 /// caller buffers. Beyond it the answer is [`TlsError::TooLarge`].
 pub const MAX_CLIENT_HELLO_LEN: usize = 64 * 1024;
 
+/// The ALPN protocols of a ClientHello that routes and logs see: browsers
+/// and HTTP clients offer two or three.
+pub const MAX_ALPN_PROTOCOLS: usize = 16;
+
 /// What a ClientHello says about where the client wants to go.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientHelloInfo {
@@ -44,8 +51,8 @@ pub struct ClientHelloInfo {
     /// dot removed. `None` without the extension, or if the name is not a
     /// valid DNS host name (see `normalize_host_name`).
     pub sni: Option<String>,
-    /// The ALPN protocol names in the client's order; empty without the
-    /// extension. Names that are not UTF-8 are converted lossily, so they never
+    /// The ALPN protocol names in the client's order, the first
+    /// [`MAX_ALPN_PROTOCOLS`]; empty without the extension. Names that are not UTF-8 are converted lossily, so they never
     /// equal an ASCII name such as `h2`.
     pub alpn: Vec<String>,
 }
@@ -296,7 +303,9 @@ fn parse_alpn(data: &[u8]) -> Result<Vec<String>, TlsError> {
         if name.is_empty() {
             return Err(TlsError::Malformed("ALPN protocol name is empty"));
         }
-        protocols.push(String::from_utf8_lossy(name).into_owned());
+        if protocols.len() < MAX_ALPN_PROTOCOLS {
+            protocols.push(String::from_utf8_lossy(name).into_owned());
+        }
     }
     Ok(protocols)
 }
@@ -673,6 +682,26 @@ mod tests {
         assert_eq!(
             hello(&[sni(&[(7, b"x"), (0, b"a.example")])]),
             Ok(Some(expected(Some("a.example"), &[])))
+        );
+    }
+
+    #[test]
+    fn a_long_alpn_list_keeps_its_first_protocols() {
+        // 30 000 one-byte names: what routes and the log keep is bounded.
+        let names: Vec<[u8; 1]> = (0..30_000).map(|i| [b'a' + (i % 26) as u8]).collect();
+        let list: Vec<&[u8]> = names.iter().map(|n| &n[..]).collect();
+        let long = message(Some(&alpn(&list)));
+        let Ok(Some(hello)) = parsed(&records(&long, MAX_RECORD_LEN)) else {
+            panic!("a long ALPN list is still a ClientHello");
+        };
+        assert_eq!(hello.alpn.len(), MAX_ALPN_PROTOCOLS);
+        assert_eq!(hello.alpn[..3], ["a", "b", "c"]);
+        // The names past those are still checked.
+        let mut bad = list.clone();
+        bad.push(b"");
+        assert_eq!(
+            parsed(&records(&message(Some(&alpn(&bad))), MAX_RECORD_LEN)),
+            Err(TlsError::Malformed("ALPN protocol name is empty"))
         );
     }
 
