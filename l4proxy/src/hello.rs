@@ -166,6 +166,9 @@ struct Peeker {
     /// `SO_RCVLOWAT` was raised (only when the first bytes were not enough)
     /// and must be set back.
     lowat_raised: bool,
+    /// The kernel would not hold `SO_RCVLOWAT` at `until` (it caps it at
+    /// half the most a receive buffer may hold): every arrival wakes us.
+    lowat_capped: bool,
 }
 
 thread_local! {
@@ -183,6 +186,7 @@ impl Peeker {
             limit,
             until: 1,
             lowat_raised: false,
+            lowat_capped: false,
         }
     }
 
@@ -225,8 +229,15 @@ impl Peeker {
         if n == 0 || closed {
             return Ok(Err(GaveUp::Closed));
         }
-        set_recv_lowat(fd, self.until)?;
-        self.lowat_raised = true;
+        if !self.lowat_capped {
+            self.lowat_raised = true;
+            if set_recv_lowat(fd, self.until)? < self.until {
+                // A capped mark the queue may already reach would wake us at
+                // once, and each setting again: a busy loop.
+                self.lowat_capped = true;
+                set_recv_lowat(fd, 1)?;
+            }
+        }
         Err(io::ErrorKind::WouldBlock.into())
     }
 }
@@ -249,9 +260,11 @@ fn recv(fd: RawFd, buffer: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
 }
 
 /// `setsockopt(SO_RCVLOWAT)`: the socket reads as readable only from `bytes`
-/// queued bytes on (or at the end of the stream).
-fn set_recv_lowat(fd: RawFd, bytes: usize) -> io::Result<()> {
+/// queued bytes on (or at the end of the stream). Returns the mark the
+/// kernel kept, which may be lower.
+fn set_recv_lowat(fd: RawFd, bytes: usize) -> io::Result<usize> {
     let value = libc::c_int::try_from(bytes).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: passes a pointer to a live c_int and its exact size.
     let rc = unsafe {
         libc::setsockopt(
@@ -259,14 +272,28 @@ fn set_recv_lowat(fd: RawFd, bytes: usize) -> io::Result<()> {
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
             (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size,
         )
     };
     if rc != 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+        return Err(io::Error::last_os_error());
     }
+    let mut kept: libc::c_int = 0;
+    let mut len = size;
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw mut kept).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(kept).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -340,6 +367,41 @@ mod tests {
         assert_eq!(asked, 2, "looks for 100 pieces");
         assert!(polls <= 3, "{polls} wake-ups for 100 pieces");
         drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_wait_the_kernel_caps_does_not_spin() {
+        let (accepted, mut client) = pair().await;
+        // A locked receive buffer caps SO_RCVLOWAT at half its size, below
+        // what the classifier waits for, and what is queued reaches it.
+        socket2::SockRef::from(&accepted)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let cap = set_recv_lowat(accepted.as_raw_fd(), 1 << 20).unwrap();
+        set_recv_lowat(accepted.as_raw_fd(), 1).unwrap();
+        assert!(cap < 10_000, "the kernel keeps a mark of {cap}");
+        client.write_all(&[b'x'; 6000]).await.unwrap();
+        let mut asked = 0;
+        let mut polls = 0;
+        let verdict = {
+            let mut looking = std::pin::pin!(peek_until(
+                &accepted,
+                16_384,
+                Duration::from_millis(300),
+                sized(10_000, &mut asked),
+            ));
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                looking.as_mut().poll(cx)
+            })
+            .await
+            .unwrap()
+        };
+        assert_eq!(verdict, Err(GaveUp::Timeout), "{cap}");
+        assert!(
+            polls < 20,
+            "{polls} wake-ups with nothing new (mark capped at {cap})"
+        );
     }
 
     #[tokio::test]
