@@ -113,7 +113,11 @@ impl Stream {
     pub async fn consume(&mut self, len: usize, drained: bool) -> io::Result<Vec<u8>> {
         match self {
             Stream::Tcp(tcp) => hello::consume(tcp, len, drained).await,
-            Stream::Tls(tls) => Ok(tls.ahead.drain(..len.min(tls.ahead.len())).collect()),
+            Stream::Tls(tls) => {
+                let taken = tls.ahead[..len.min(tls.ahead.len())].to_vec();
+                tls.drop_ahead(taken.len());
+                Ok(taken)
+            }
         }
     }
 
@@ -154,6 +158,17 @@ const LINGER_BYTES: usize = 64 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 
 impl Tls {
+    /// Drops the first `n` bytes read ahead, and the buffer with the last
+    /// of them: it can hold tens of KiB, and the stream lives as long as
+    /// its connection.
+    fn drop_ahead(&mut self, n: usize) {
+        if n >= self.ahead.len() {
+            self.ahead = Vec::new();
+        } else {
+            self.ahead.drain(..n);
+        }
+    }
+
     /// Reads decrypted bytes into `ahead` until `classify` has a verdict on
     /// them.
     async fn read_ahead<T>(
@@ -211,7 +226,7 @@ impl AsyncRead for Stream {
             Stream::Tls(tls) if !tls.ahead.is_empty() => {
                 let n = tls.ahead.len().min(buf.remaining());
                 buf.put_slice(&tls.ahead[..n]);
-                tls.ahead.drain(..n);
+                tls.drop_ahead(n);
                 Poll::Ready(Ok(()))
             }
             Stream::Tls(tls) => Pin::new(&mut tls.stream).poll_read(cx, buf),
@@ -244,5 +259,88 @@ impl AsyncWrite for Stream {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
             Stream::Tls(tls) => Pin::new(&mut tls.stream).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+
+    /// A terminated TLS connection over loopback: (the server's stream,
+    /// the client's).
+    async fn tls_pair() -> (Stream, tokio_rustls::client::TlsStream<TcpStream>) {
+        let cert = rcgen::generate_simple_self_signed(vec!["a.example".to_owned()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap());
+        let (accepted, connected) = tokio::join!(listener.accept(), connecting);
+        let name = ServerName::try_from("a.example").unwrap();
+        let (server, client) = tokio::join!(
+            TlsAcceptor::from(Arc::new(server)).accept(accepted.unwrap().0),
+            TlsConnector::from(Arc::new(client)).connect(name, connected.unwrap()),
+        );
+        (
+            Stream::from(TlsStream::Server(server.unwrap())),
+            client.unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn bytes_read_ahead_are_freed_once_taken() {
+        let (mut server, mut client) = tls_pair().await;
+        client.write_all(&[b'x'; 20_000]).await.unwrap();
+        client.flush().await.unwrap();
+        let ahead = |server: &Stream| match server {
+            Stream::Tls(tls) => tls.ahead.capacity(),
+            Stream::Tcp(_) => unreachable!(),
+        };
+        let seen = server
+            .peek_until(32_768, Duration::from_secs(5), |bytes| {
+                if bytes.len() >= 20_000 {
+                    Look::Verdict(bytes.len())
+                } else {
+                    Look::Wait { until: 20_000 }
+                }
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen, 20_000);
+        assert!(ahead(&server) >= 20_000);
+        // Taken in part, then read to the end: nothing is held after.
+        assert_eq!(server.consume(100, false).await.unwrap().len(), 100);
+        let mut rest = vec![0u8; 19_900];
+        server.read_exact(&mut rest).await.unwrap();
+        assert_eq!(ahead(&server), 0, "the read-ahead buffer is freed");
+        // And taken whole.
+        client.write_all(b"more").await.unwrap();
+        client.flush().await.unwrap();
+        let seen = server
+            .peek_until(32_768, Duration::from_secs(5), |bytes| {
+                Look::or_next_byte((bytes.len() >= 4).then_some(bytes.len()), bytes)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(server.consume(seen, false).await.unwrap(), b"more");
+        assert_eq!(ahead(&server), 0);
     }
 }
