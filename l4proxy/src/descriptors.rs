@@ -5,7 +5,7 @@
 //! leave those clients waiting in the backlog until they give up; so the
 //! limit is raised as far as it goes, and checked at start-up.
 
-use crate::{relay, tunnel, upstream};
+use crate::{lookup, relay, upstream};
 
 /// Descriptors one relayed connection holds: the client's socket and the
 /// upstream's.
@@ -16,7 +16,7 @@ const PER_CONNECTION: u64 = 2;
 /// for listeners, netlink sockets, BPF maps, programs and links, the
 /// guard's pipe, standard streams.
 const RESERVE: u64 = 2 * relay::MAX_PIPES as u64
-    + tunnel::MAX_RESOLVING as u64
+    + lookup::MAX_RESOLVING as u64
     + upstream::MAX_SECOND_ATTEMPTS as u64
     + 256;
 

@@ -45,6 +45,7 @@ pub mod install;
 pub mod intercept;
 pub mod local_addrs;
 pub mod logging;
+pub mod lookup;
 pub mod lpm;
 pub mod manual;
 pub mod metrics;

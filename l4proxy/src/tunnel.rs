@@ -4,7 +4,7 @@
 //! client sent after it (the tunnel's first bytes) stays queued, untouched,
 //! until the tunnel is open.
 //!
-//! A name is resolved once, here, within the rule's deadline, and every
+//! A name is resolved once, here (`lookup`), within the rule's deadline, and every
 //! address it resolved to is checked: the addresses the upstream stage
 //! connects to are exactly the ones checked (no second resolution for a
 //! rebinding DNS server to answer differently). This host, loopback,
@@ -13,7 +13,7 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -23,6 +23,7 @@ use crate::{
     connect_head::{self, HeadError, Host, Method, Request, Status},
     hello::{self, GaveUp, Look},
     local_addrs::LocalAddrs,
+    lookup::{self, LookupError},
     policy::{ConnectFront, Htpasswd},
     sniff::Sniffed,
     stream::Stream,
@@ -183,7 +184,13 @@ pub async fn open(
             {
                 return Err(Refused::Name(name));
             }
-            let resolved = resolve(&name, port, front.resolve_timeout).await?;
+            let resolved = match lookup::resolve(peer, &name, port, front.resolve_timeout).await {
+                Ok(resolved) => resolved,
+                Err(LookupError::Failed(e)) => return Err(Refused::Resolve(name, e)),
+                Err(LookupError::Timeout) => {
+                    return Err(Refused::ResolveTimeout(name, front.resolve_timeout));
+                }
+            };
             let mut refused = None;
             let checked: Vec<SocketAddr> = resolved
                 .into_iter()
@@ -291,45 +298,6 @@ async fn authenticate(
         Err(Refused::WrongCredentials(user))
     }
 }
-
-/// The name's addresses (both families), within `deadline`. The system's
-/// resolver (getaddrinfo: /etc/hosts, /etc/resolv.conf) answers.
-async fn resolve(name: &str, port: u16, deadline: Duration) -> Result<Vec<SocketAddr>, Refused> {
-    // Each look-up is a thread with its own resolver socket: they are
-    // counted in the daemon's descriptor budget, so bounded. The turn goes
-    // with the thread: one the client no longer waits for runs on until
-    // the resolver gives up, and still counts.
-    static RESOLVING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_RESOLVING);
-    let lookup = async {
-        let turn = RESOLVING.acquire().await.map_err(io::Error::other)?;
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let _turn = turn;
-            (name.as_str(), port)
-                .to_socket_addrs()
-                .map(Iterator::collect::<Vec<_>>)
-        })
-        .await
-        .map_err(io::Error::other)?
-    };
-    match tokio::time::timeout(deadline, lookup).await {
-        Err(_) => Err(Refused::ResolveTimeout(name.to_owned(), deadline)),
-        Ok(Err(e)) => Err(Refused::Resolve(name.to_owned(), e)),
-        Ok(Ok(addrs)) => {
-            let mut addrs: Vec<SocketAddr> = addrs
-                .into_iter()
-                .map(|addr| SocketAddr::new(addr.ip().to_canonical(), addr.port()))
-                .collect();
-            // getaddrinfo lists an address once per socket type unless told.
-            let mut seen = std::collections::HashSet::new();
-            addrs.retain(|addr| seen.insert(*addr));
-            Ok(addrs)
-        }
-    }
-}
-
-/// Names resolved at a time.
-pub const MAX_RESOLVING: usize = 64;
 
 /// 169.254.0.0/16 and fe80::/10: link-local, where cloud metadata services
 /// answer (169.254.169.254).
