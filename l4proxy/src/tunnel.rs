@@ -21,6 +21,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     connect_head::{self, HeadError, Host, Method, Request, Status},
+    credentials::{self, Checked},
     hello::{self, GaveUp, Look},
     local_addrs::LocalAddrs,
     lookup::{self, LookupError},
@@ -153,7 +154,8 @@ pub async fn open(
     };
     let user = match &front.users {
         Some(users) => {
-            Some(authenticate(users, request.proxy_authorization.as_deref(), deadline).await?)
+            let authorization = request.proxy_authorization.as_deref();
+            Some(authenticate(users, authorization, peer, deadline).await?)
         }
         None => None,
     };
@@ -268,34 +270,21 @@ async fn read_head(client: &mut Stream, deadline: Duration) -> Result<Request, R
     }
 }
 
-/// bcrypt checks at a time: each takes a core for tens of milliseconds,
-/// and a flood of them must not take the relay's cores too.
-static CHECKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-
 /// The user a `Proxy-Authorization: Basic` value names, if its password is
-/// right. bcrypt is slow on purpose: it runs on a blocking thread, once a
-/// check is free; a client that waits `deadline` for one is refused (a
-/// flood of checks must not hold every client's connection indefinitely).
+/// right (see `credentials`).
 async fn authenticate(
     users: &Htpasswd,
     authorization: Option<&str>,
+    client: IpAddr,
     deadline: Duration,
 ) -> Result<String, Refused> {
     let (user, password) = authorization
         .and_then(connect_head::basic_credentials)
         .ok_or(Refused::NoCredentials)?;
-    let Ok(Ok(_turn)) = tokio::time::timeout(deadline, CHECKING.acquire()).await else {
-        return Err(Refused::ChecksBusy(deadline));
-    };
-    let users = users.clone();
-    let checked = user.clone();
-    let right = tokio::task::spawn_blocking(move || users.verify(&checked, &password))
-        .await
-        .unwrap_or(false);
-    if right {
-        Ok(user)
-    } else {
-        Err(Refused::WrongCredentials(user))
+    match credentials::check(users, &user, &password, client, deadline).await {
+        Checked::Right => Ok(user),
+        Checked::Wrong => Err(Refused::WrongCredentials(user)),
+        Checked::Busy => Err(Refused::ChecksBusy(deadline)),
     }
 }
 
@@ -410,34 +399,6 @@ mod tests {
     }
 
     const HEAD: &[u8] = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n";
-
-    /// While both checks are taken (a flood of them), credentials that
-    /// wait the whole deadline for one are refused with a 503, without a
-    /// check; once one is free, they are checked.
-    #[tokio::test(start_paused = true)]
-    async fn credentials_that_wait_out_the_deadline_for_a_check_are_refused() {
-        let hash = bcrypt::hash("secret", 4).unwrap();
-        let users = Htpasswd::parse("users", &format!("alice:{hash}\n")).unwrap();
-        use base64::Engine as _;
-        let basic = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode("alice:secret")
-        );
-        let taken = CHECKING.acquire_many(2).await.unwrap();
-        let deadline = Duration::from_secs(10);
-        let refused = authenticate(&users, Some(&basic), deadline).await;
-        assert!(
-            matches!(refused, Err(Refused::ChecksBusy(d)) if d == deadline),
-            "{refused:?}"
-        );
-        assert_eq!(
-            Refused::ChecksBusy(deadline).status(),
-            Some(Status::ServiceUnavailable)
-        );
-        drop(taken);
-        let checked = authenticate(&users, Some(&basic), deadline).await;
-        assert_eq!(checked.ok().as_deref(), Some("alice"));
-    }
 
     #[test]
     fn only_first_bytes_that_name_the_connect_name_rule_out_fronting() {

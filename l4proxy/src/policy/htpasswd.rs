@@ -38,6 +38,11 @@ impl Htpasswd {
         }
     }
 
+    /// `user`'s hash in the file.
+    pub fn hash_of(&self, user: &str) -> Option<&str> {
+        self.users.get(user).map(String::as_str)
+    }
+
     /// Reads `text`, an htpasswd file's lines: `user:hash`, blank lines and
     /// `#` comments.
     pub fn parse(path: &str, text: &str) -> Result<Htpasswd, String> {
