@@ -283,10 +283,24 @@ async fn authenticate(
         .ok_or(Refused::NoCredentials)?;
     match credentials::check(users, &user, &password, client, deadline).await {
         Checked::Right => Ok(user),
-        Checked::Wrong => Err(Refused::WrongCredentials(user)),
+        Checked::Wrong => Err(Refused::WrongCredentials(as_logged(user))),
         Checked::Busy => Err(Refused::ChecksBusy(deadline)),
     }
 }
+
+/// A user name a client sent, as its refusal's log shows it: the client
+/// chose it (any length its head allows), so at most [`LOGGED_USER`]
+/// characters of it.
+fn as_logged(mut user: String) -> String {
+    if let Some((cut, _)) = user.char_indices().nth(LOGGED_USER) {
+        user.truncate(cut);
+        user.push('…');
+    }
+    user
+}
+
+/// The characters of a refused user name that are logged.
+const LOGGED_USER: usize = 64;
 
 /// 169.254.0.0/16 and fe80::/10: link-local, where cloud metadata services
 /// answer (169.254.169.254).
@@ -399,6 +413,15 @@ mod tests {
     }
 
     const HEAD: &[u8] = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n";
+
+    #[test]
+    fn a_refused_user_name_is_logged_short() {
+        assert_eq!(as_logged("alice".to_owned()), "alice");
+        let long = "é".repeat(10_000);
+        let logged = as_logged(long);
+        assert_eq!(logged.chars().count(), LOGGED_USER + 1);
+        assert!(logged.ends_with("é…"));
+    }
 
     #[test]
     fn only_first_bytes_that_name_the_connect_name_rule_out_fronting() {
