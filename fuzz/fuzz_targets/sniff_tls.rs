@@ -26,8 +26,17 @@ fuzz_target!(|data: &[u8]| {
         match prefix {
             Ok(Hello::Partial { until }) => {
                 assert!(until > cut, "prefix {cut} waits for {until}");
+                // No answer comes before `until`: one byte less is a
+                // prefix still (a valid hello's answer comes at its end).
                 if let Ok(Hello::Parsed(_)) = whole {
-                    assert!(until <= data.len(), "prefix {cut} waits past the hello");
+                    assert!(until <= data.len(), "prefix {cut} waits past the input");
+                    assert!(
+                        matches!(
+                            tls::parse_client_hello(&data[..until - 1]),
+                            Ok(Hello::Partial { .. })
+                        ),
+                        "prefix {cut} waits for {until}, past the hello's end"
+                    );
                 }
             }
             _ => assert_eq!(prefix, whole, "prefix {cut}"),
