@@ -66,10 +66,18 @@ pub async fn check(
     }
     let turns = tokio::time::timeout(deadline, async {
         let own = CLIENTS.turn(client).await;
-        (own, CHECKING.acquire().await)
+        // A browser's tunnels come at once with the same credentials, and
+        // wait here for the client's turn: the first one's check passes
+        // them all.
+        if tag.as_ref().is_some_and(remembered) {
+            return Err(Checked::Right);
+        }
+        Ok((own, CHECKING.acquire().await))
     });
-    let Ok((_own, Ok(_turn))) = turns.await else {
-        return Checked::Busy;
+    let (_own, _turn) = match turns.await {
+        Ok(Ok((own, Ok(turn)))) => (own, turn),
+        Ok(Err(remembered)) => return remembered,
+        Ok(Ok((_, Err(_)))) | Err(_) => return Checked::Busy,
     };
     let (users, user, password) = (users.clone(), user.to_owned(), password.to_owned());
     let right = tokio::task::spawn_blocking(move || users.verify(&user, &password))
@@ -182,6 +190,33 @@ mod tests {
             check(&changed, "alice", "remembered", CLIENT, long).await,
             Checked::Right
         );
+    }
+
+    #[tokio::test]
+    async fn tunnels_that_wait_together_are_passed_by_one_check() {
+        let _alone = ONE_AT_A_TIME.lock().await;
+        let users = std::sync::Arc::new(users("together"));
+        let client: IpAddr = "192.0.2.9".parse().unwrap();
+        // Five tunnels with new credentials wait for the client's turn ...
+        let under_way = CLIENTS.turn(client).await;
+        let waiting: Vec<_> = (0..5)
+            .map(|_| {
+                let users = users.clone();
+                tokio::spawn(async move {
+                    check(&users, "alice", "together", client, Duration::from_secs(5)).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ... while the one ahead of them passes: no other check is free,
+        // and none is needed.
+        remember(tag("alice", "together", users.hash_of("alice").unwrap()));
+        let taken = CHECKING.acquire_many(CHECKS as u32).await.unwrap();
+        drop(under_way);
+        for tunnel in waiting {
+            assert_eq!(tunnel.await.unwrap(), Checked::Right);
+        }
+        drop(taken);
     }
 
     #[tokio::test]
