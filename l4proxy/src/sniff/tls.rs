@@ -11,9 +11,10 @@
 //! Leniency that is kept on purpose: bytes after the ClientHello (in its last
 //! record or later ones) are ignored, and a host_name that is not a valid DNS
 //! name gives `sni: None` rather than an error, since the hello is still TLS.
-//! Only the first [`MAX_ALPN_PROTOCOLS`] ALPN protocols are kept (the rest
-//! are checked, not kept): what is kept lives as long as the connection and
-//! is logged when it ends, and a hello can list thousands.
+//! Only the first [`MAX_ALPN_PROTOCOLS`] ALPN protocols are kept, while their
+//! names take at most [`MAX_ALPN_BYTES`] (the rest are checked, not kept):
+//! what is kept lives as long as the connection and is logged when it ends,
+//! and a hello can list thousands.
 
 use std::{borrow::Cow, collections::HashSet};
 
@@ -41,8 +42,12 @@ const NAME_TYPE_HOST_NAME: u8 = 0;
 pub const MAX_CLIENT_HELLO_LEN: usize = 64 * 1024;
 
 /// The ALPN protocols of a ClientHello that routes and logs see: browsers
-/// and HTTP clients offer two or three.
+/// and HTTP clients offer two or three, of a few bytes each.
 pub const MAX_ALPN_PROTOCOLS: usize = 16;
+
+/// The bytes of the ALPN protocol names kept, at most (a name has up to 255,
+/// and each byte that is not UTF-8 becomes three).
+pub const MAX_ALPN_BYTES: usize = 512;
 
 /// What a ClientHello says about where the client wants to go.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,7 +57,8 @@ pub struct ClientHelloInfo {
     /// valid DNS host name (see `normalize_host_name`).
     pub sni: Option<String>,
     /// The ALPN protocol names in the client's order, the first
-    /// [`MAX_ALPN_PROTOCOLS`]; empty without the extension. Names that are not UTF-8 are converted lossily, so they never
+    /// [`MAX_ALPN_PROTOCOLS`] (within [`MAX_ALPN_BYTES`]); empty without the
+    /// extension. Names that are not UTF-8 are converted lossily, so they never
     /// equal an ASCII name such as `h2`.
     pub alpn: Vec<String>,
 }
@@ -298,13 +304,17 @@ fn parse_server_name(data: &[u8]) -> Result<Option<String>, TlsError> {
 fn parse_alpn(data: &[u8]) -> Result<Vec<String>, TlsError> {
     let mut r = Reader(whole_vec_u16(data, "ALPN protocol list")?);
     let mut protocols = Vec::new();
+    let (mut kept, mut full) = (0, false);
     while !r.is_empty() {
         let name = r.vec_u8("ALPN protocol name")?;
         if name.is_empty() {
             return Err(TlsError::Malformed("ALPN protocol name is empty"));
         }
-        if protocols.len() < MAX_ALPN_PROTOCOLS {
-            protocols.push(String::from_utf8_lossy(name).into_owned());
+        let name = String::from_utf8_lossy(name);
+        full = full || protocols.len() == MAX_ALPN_PROTOCOLS || kept + name.len() > MAX_ALPN_BYTES;
+        if !full {
+            kept += name.len();
+            protocols.push(name.into_owned());
         }
     }
     Ok(protocols)
@@ -696,6 +706,14 @@ mod tests {
         };
         assert_eq!(hello.alpn.len(), MAX_ALPN_PROTOCOLS);
         assert_eq!(hello.alpn[..3], ["a", "b", "c"]);
+        // Long names, not UTF-8: kept while they fit in the bytes kept.
+        let long = [0xffu8; 255];
+        let names = [&b"h2"[..], &long, &long, b"http/1.1"];
+        let Ok(Some(hello)) = parsed(&records(&message(Some(&alpn(&names))), MAX_RECORD_LEN))
+        else {
+            panic!("long ALPN names are still a ClientHello");
+        };
+        assert_eq!(hello.alpn.len(), 1, "{} bytes", hello.alpn.concat().len());
         // The names past those are still checked.
         let mut bad = list.clone();
         bad.push(b"");
