@@ -101,7 +101,7 @@ pub async fn peek_until<T>(
         }
     })
     .await;
-    if peeker.lowat_raised {
+    if peeker.lowat > 1 {
         set_recv_lowat(fd, 1)?;
     }
     match peeked {
@@ -163,9 +163,12 @@ struct Peeker {
     limit: usize,
     /// The bytes the classifier waits for (at least one more than it saw).
     until: usize,
-    /// `SO_RCVLOWAT` was raised (only when the first bytes were not enough)
-    /// and must be set back.
-    lowat_raised: bool,
+    /// `SO_RCVLOWAT` as last set (raised only when the first bytes were not
+    /// enough; set back when done). Each setting wakes the socket if what
+    /// is queued reaches the mark, or if the receive buffer is nearly full
+    /// whatever the mark: set only when `until` changes, or a wake-up with
+    /// nothing new would set it again, and wake again.
+    lowat: usize,
     /// The kernel would not hold `SO_RCVLOWAT` at `until` (it caps it at
     /// half the most a receive buffer may hold): every arrival wakes us.
     lowat_capped: bool,
@@ -185,7 +188,7 @@ impl Peeker {
         Self {
             limit,
             until: 1,
-            lowat_raised: false,
+            lowat: 1,
             lowat_capped: false,
         }
     }
@@ -229,8 +232,8 @@ impl Peeker {
         if n == 0 || closed {
             return Ok(Err(GaveUp::Closed));
         }
-        if !self.lowat_capped {
-            self.lowat_raised = true;
+        if !self.lowat_capped && self.lowat != self.until {
+            self.lowat = self.until;
             if set_recv_lowat(fd, self.until)? < self.until {
                 // A capped mark the queue may already reach would wake us at
                 // once, and each setting again: a busy loop.
