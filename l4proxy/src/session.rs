@@ -1308,10 +1308,6 @@ mod tests {
         (client, proxy_end, server, upstream)
     }
 
-    /// A PROXY v2 header names what the client asked for: the name and
-    /// protocol its terminated TLS agreed, but not those of a CONNECT
-    /// rule's TLS (the hop to the proxy, naming the proxy): there, the
-    /// ClientHello inside the tunnel.
     #[test]
     fn alpn_compatibility() {
         let ok = |c: Option<&str>, s: Option<&str>| {
@@ -1333,6 +1329,10 @@ mod tests {
         assert!(!ok(Some("http/1.1"), Some("h2")));
     }
 
+    /// A PROXY v2 header names what the client asked for: the name and
+    /// protocol its terminated TLS agreed, but not those of a CONNECT
+    /// rule's TLS (the hop to the proxy, naming the proxy): there, the
+    /// ClientHello inside the tunnel.
     #[test]
     fn the_proxy_header_names_the_tunnels_server_not_the_proxy() {
         let mut record = Record::new(

@@ -110,7 +110,8 @@ mod tests {
         drop(other.await.expect("another client's turn"));
         // A turn given back goes to the client's next wait ...
         let next = {
-            let waiting = share.turn(client);
+            let mut waiting = std::pin::pin!(share.turn(client));
+            assert!(futures::poll!(waiting.as_mut()).is_pending());
             held.pop();
             tokio::time::timeout(Duration::from_secs(5), waiting)
                 .await
