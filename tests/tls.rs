@@ -278,6 +278,18 @@ fn rule(name: &str, port: u16, upstream: &str) -> Value {
     json!({ "name": name, "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [port], "upstream": upstream })
 }
 
+/// app.example.test's certificate, from `issuer`: what the client is shown.
+fn app_cert(issuer: &pki::Ca) -> pki::Cert {
+    issuer.issue_server("app.example.test", &["DNS:app.example.test"])
+}
+
+/// inner.example.test's certificate, from the back CA: what an upstream
+/// l4proxy re-encrypts to shows.
+fn inner_cert(pki: &Pki) -> pki::Cert {
+    pki.back
+        .issue_server("inner.example.test", &["DNS:inner.example.test"])
+}
+
 /// `rule` with a `terminate`.
 /// Two terminating rules for app.example.test (a certificate `issuer`
 /// makes): port 443 to the plain server `plain`, port 444 re-encrypted to
@@ -289,10 +301,8 @@ fn plain_and_reencrypting(
     plain: &str,
     tls: &str,
 ) -> (Value, pki::Cert) {
-    let app = issuer.issue_server("app.example.test", &["DNS:app.example.test"]);
-    let inner = pki
-        .back
-        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
+    let app = app_cert(issuer);
+    let inner = inner_cert(pki);
     let policy = json!({
         "intercept": [
             terminating("to-plain", 443, "plain", json!({ "certificates": [files(&app)] })),
@@ -430,9 +440,7 @@ fn sni_chooses_the_certificate() {
 fn alpn_is_negotiated_logged_and_routed_on() {
     let t = Topo::new("tls_alpn");
     let pki = Pki::new();
-    let app = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let app = app_cert(&pki.front);
     let _h1 = Server::start(&t.sv, sa(PLAIN), greeter("upstream-h1"));
     let _h2 = Server::start(&t.sv, sa(PLAIN_B), greeter("upstream-h2"));
     let policy = json!({
@@ -513,9 +521,7 @@ fn alpn_is_negotiated_logged_and_routed_on() {
 fn min_version_refuses_older_clients() {
     let t = Topo::new("tls_version");
     let pki = Pki::new();
-    let app = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let app = app_cert(&pki.front);
     let upstream = Server::start(&t.sv, sa(PLAIN), greeter("plain-upstream"));
     let policy = json!({
         "intercept": [
@@ -606,9 +612,7 @@ fn min_version_refuses_older_clients() {
 fn client_certificates_required_and_optional() {
     let t = Topo::new("tls_mtls");
     let pki = Pki::new();
-    let app = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let app = app_cert(&pki.front);
     let alice = pki.clients.issue_client("alice", "alice");
     let mallory = pki.strangers.issue_client("mallory", "mallory");
     let upstream = Server::start(&t.sv, sa(PLAIN), greeter("plain-upstream"));
@@ -975,9 +979,7 @@ fn reencrypt_to_nginx_verifies_the_server() {
     labtls::require_tools();
     let t = Topo::new("tls_nginx");
     let pki = Pki::new();
-    let app = pki
-        .front_int
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let app = app_cert(&pki.front_int);
     let back_int = pki.back.issue_intermediate("back-int");
     let origin = back_int.issue_server("origin.example.test", &["DNS:app.example.test"]);
     let nginx = Nginx::start(&t.sv, &[Site::tls(NGINX, &origin.served(), "nginx-origin")]);
@@ -1082,9 +1084,7 @@ fn route_terminates_one_name_and_passes_another() {
     labtls::require_tools();
     let t = Topo::new("tls_route");
     let pki = Pki::new();
-    let app = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let app = app_cert(&pki.front);
     let pass = pki
         .back
         .issue_server("pass.example.test", &["DNS:pass.example.test"]);
@@ -1169,9 +1169,7 @@ fn route_terminates_one_name_and_passes_another() {
 fn plain_client_to_tls_upstream() {
     let t = Topo::new("tls_originate");
     let pki = Pki::new();
-    let inner = pki
-        .back
-        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
+    let inner = inner_cert(&pki);
     let policy = json!({
         "intercept": [ rule("plain", 80, "tls"), rule("nameless", 81, "tls-nameless") ],
         "upstreams": {
@@ -1267,12 +1265,8 @@ fn plain_client_to_tls_upstream() {
 fn proxy_header_before_originated_tls() {
     let t = Topo::new("tls_pp");
     let pki = Pki::new();
-    let app = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
-    let inner = pki
-        .back
-        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
+    let app = app_cert(&pki.front);
+    let inner = inner_cert(&pki);
     let policy = json!({
         "intercept": [
             terminating("tls", 443, "pp-tls", json!({ "certificates": [files(&app)] })),
@@ -1358,12 +1352,8 @@ fn proxy_header_before_originated_tls() {
 fn a_server_that_does_not_agree_to_the_clients_alpn_is_a_tls_failure() {
     let t = Topo::new("tls_alpn_up");
     let pki = Pki::new();
-    let app = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
-    let inner = pki
-        .back
-        .issue_server("inner.example.test", &["DNS:inner.example.test"]);
+    let app = app_cert(&pki.front);
+    let inner = inner_cert(&pki);
     let terminate = json!({ "certificates": [files(&app)], "alpn": ["h2", "http/1.1"] });
     let policy = json!({
         "intercept": [
@@ -1497,9 +1487,7 @@ fn tls_policy(certificate: Value, client_ca: Option<&str>, upstream_ca: Option<&
 fn check_names_bad_certificate_files() {
     let pki = Pki::new();
     let dir = TempDir::new("tls-check");
-    let good = pki
-        .front_int
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let good = app_cert(&pki.front_int);
     let other = pki
         .front
         .issue_server("other.example.test", &["DNS:other.example.test"]);
@@ -1718,9 +1706,7 @@ fn install(cert: &pki::Cert, chain: &Path, key: &Path) {
 fn reload_replaces_certificates_and_keeps_them_on_error() {
     let t = Topo::new("tls_reload");
     let pki = Pki::new();
-    let v1 = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let v1 = app_cert(&pki.front);
     let v2 = pki
         .front_int
         .issue_server("renewed.example.test", &["DNS:app.example.test"]);
@@ -1815,9 +1801,7 @@ fn reload_replaces_certificates_and_keeps_them_on_error() {
 fn a_session_resumes_only_where_it_showed_what_is_asked() {
     let t = Topo::new("tls_resume_mtls");
     let pki = Pki::new();
-    let app = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let app = app_cert(&pki.front);
     let _upstream = Server::start(&t.sv, sa(PLAIN), greeter("plain-upstream"));
     let policy = json!({
         "intercept": [
@@ -1870,9 +1854,7 @@ fn a_session_resumes_only_where_it_showed_what_is_asked() {
 fn sessions_resume_also_across_a_reload() {
     let t = Topo::new("tls_resume");
     let pki = Pki::new();
-    let v1 = pki
-        .front
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let v1 = app_cert(&pki.front);
     let v2 = pki
         .front
         .issue_server("renewed.example.test", &["DNS:app.example.test"]);
@@ -1986,9 +1968,7 @@ fn a_terminated_connection_holds_two_descriptors() {
     const HELD: usize = 20;
     let (t, _plain) = Topo::with_echo("tls_fds", PLAIN, "plain");
     let pki = Pki::new();
-    let app = pki
-        .front_int
-        .issue_server("app.example.test", &["DNS:app.example.test"]);
+    let app = app_cert(&pki.front_int);
     let policy = json!({
         "intercept": [ terminating("fds", 443, "plain", json!({ "certificates": [files(&app)] })) ],
         "upstreams": { "plain": { "servers": [PLAIN] } }

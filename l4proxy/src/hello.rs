@@ -324,16 +324,46 @@ mod tests {
         Look::or_next_byte(bytes.iter().position(|&b| b == b'\n'), bytes)
     }
 
-    /// A classifier that knows its answer needs `len` bytes (as a TLS
-    /// record header tells), and counts how often it is asked.
-    fn sized(len: usize, asked: &mut usize) -> impl FnMut(&[u8]) -> Look<usize> + '_ {
-        move |bytes| {
-            *asked += 1;
-            if bytes.len() >= len {
+    /// What a wait for a known size saw: a classifier that knows its
+    /// answer needs `size` bytes (as a TLS record header tells) peeks at
+    /// `accepted` until `limit` or `deadline`.
+    struct SizedWait {
+        verdict: Result<usize, GaveUp>,
+        /// How often the classifier was asked.
+        asked: usize,
+        /// How often the task was polled: each poll after the first is a
+        /// wake-up.
+        polls: usize,
+    }
+
+    async fn wait_for_size(
+        accepted: &TcpStream,
+        limit: usize,
+        deadline: Duration,
+        size: usize,
+    ) -> SizedWait {
+        let (mut asked, mut polls) = (0, 0);
+        let classify = |bytes: &[u8]| {
+            asked += 1;
+            if bytes.len() >= size {
                 Look::Verdict(bytes.len())
             } else {
-                Look::Wait { until: len }
+                Look::Wait { until: size }
             }
+        };
+        let verdict = {
+            let mut looking = std::pin::pin!(peek_until(accepted, limit, deadline, classify));
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                looking.as_mut().poll(cx)
+            })
+            .await
+            .unwrap()
+        };
+        SizedWait {
+            verdict,
+            asked,
+            polls,
         }
     }
 
@@ -347,28 +377,12 @@ mod tests {
             }
             client
         });
-        let mut asked = 0;
-        // Each poll after the first is a wake-up of the task.
-        let mut polls = 0;
-        let verdict = {
-            let mut looking = std::pin::pin!(peek_until(
-                &accepted,
-                4096,
-                Duration::from_secs(5),
-                sized(1000, &mut asked),
-            ));
-            std::future::poll_fn(|cx| {
-                polls += 1;
-                looking.as_mut().poll(cx)
-            })
-            .await
-            .unwrap()
-        };
-        assert_eq!(verdict, Ok(1000));
+        let seen = wait_for_size(&accepted, 4096, Duration::from_secs(5), 1000).await;
+        assert_eq!(seen.verdict, Ok(1000));
         // Once at the first piece, once when all had come: a client that
         // trickles must not make us wake up and look at every piece.
-        assert_eq!(asked, 2, "looks for 100 pieces");
-        assert!(polls <= 3, "{polls} wake-ups for 100 pieces");
+        assert_eq!(seen.asked, 2, "looks for 100 pieces");
+        assert!(seen.polls <= 3, "{} wake-ups for 100 pieces", seen.polls);
         drop(writer.await.unwrap());
     }
 
@@ -384,26 +398,12 @@ mod tests {
         set_recv_lowat(accepted.as_raw_fd(), 1).unwrap();
         assert!(cap < 10_000, "the kernel keeps a mark of {cap}");
         client.write_all(&[b'x'; 6000]).await.unwrap();
-        let mut asked = 0;
-        let mut polls = 0;
-        let verdict = {
-            let mut looking = std::pin::pin!(peek_until(
-                &accepted,
-                16_384,
-                Duration::from_millis(300),
-                sized(10_000, &mut asked),
-            ));
-            std::future::poll_fn(|cx| {
-                polls += 1;
-                looking.as_mut().poll(cx)
-            })
-            .await
-            .unwrap()
-        };
-        assert_eq!(verdict, Err(GaveUp::Timeout), "{cap}");
+        let seen = wait_for_size(&accepted, 16_384, Duration::from_millis(300), 10_000).await;
+        assert_eq!(seen.verdict, Err(GaveUp::Timeout), "{cap}");
         assert!(
-            polls < 20,
-            "{polls} wake-ups with nothing new (mark capped at {cap})"
+            seen.polls < 20,
+            "{} wake-ups with nothing new (mark capped at {cap})",
+            seen.polls
         );
     }
 
@@ -411,20 +411,14 @@ mod tests {
     async fn the_end_of_the_stream_ends_a_wait_for_a_size() {
         let (accepted, mut client) = pair().await;
         client.write_all(&[b'x'; 10]).await.unwrap();
-        let mut asked = 0;
-        let looked = peek_until(
-            &accepted,
-            4096,
-            Duration::from_secs(5),
-            sized(1000, &mut asked),
-        );
+        let looked = wait_for_size(&accepted, 4096, Duration::from_secs(5), 1000);
         let close = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             client.write_all(&[b'x'; 10]).await.unwrap();
             client.shutdown().await.unwrap();
         };
-        let (verdict, ()) = tokio::join!(looked, close);
-        assert_eq!(verdict.unwrap(), Err(GaveUp::Closed));
+        let (seen, ()) = tokio::join!(looked, close);
+        assert_eq!(seen.verdict, Err(GaveUp::Closed));
     }
 
     #[tokio::test]
