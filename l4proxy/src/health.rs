@@ -219,9 +219,11 @@ impl Registry {
             .clone()
     }
 
-    /// Makes the registry that of `policy`, now in force: forgets the
-    /// servers it does not have (their checks stop; connections open to
-    /// them keep their own state), starts the checks of servers that are
+    /// Makes the registry that of `policy`, now in force: stops the checks
+    /// of the servers it does not have, and forgets those of them that
+    /// nothing uses any more (a replaced policy's pools and connections
+    /// hold their state: should a later policy bring one back, its open
+    /// connections still count), starts the checks of servers that are
     /// to have them, and restarts those whose settings changed. A server
     /// whose checks are gone is up again, since nothing would bring it
     /// back. On the daemon's runtime, which the checks run on.
@@ -239,11 +241,13 @@ impl Registry {
         }
         let mut servers = self.lock();
         servers.retain(|key, entry| {
-            let keep = wanted.contains_key(key);
-            if !keep && let Some(checks) = entry.checks.take() {
+            if wanted.contains_key(key) {
+                return true;
+            }
+            if let Some(checks) = entry.checks.take() {
                 checks.task.abort();
             }
-            keep
+            Arc::strong_count(&entry.state) > 1
         });
         for (key, plan) in wanted {
             let entry = servers.entry(key.clone()).or_insert_with(|| Entry {
@@ -500,7 +504,18 @@ mod tests {
         assert_eq!(again.active(), 1);
         drop(lease);
         assert_eq!(again.active(), 0);
-        assert!(!Arc::ptr_eq(&registry.server("web", b), &state_b));
+        // b's state is held (a replaced policy's pool, a connection): a
+        // policy that brings b back has it, connection and all ...
+        let lease_b = state_b.lease();
+        state_b.connect_failed(&observe, &io::Error::from(io::ErrorKind::TimedOut));
+        registry.update(&policy("web", &[a, b], r#", "observe": { "errors": 1 }"#));
+        assert!(Arc::ptr_eq(&registry.server("web", b), &state_b));
+        assert_eq!(registry.server("web", b).active(), 1);
+        // ... and once nothing holds it, b is forgotten.
+        registry.update(&policy("web", &[a], ""));
+        drop((lease_b, state_b));
+        registry.update(&policy("web", &[a], ""));
+        assert!(registry.server("web", b).is_up(), "a new state, up");
         // The same address in another upstream is another server.
         assert!(!Arc::ptr_eq(&registry.server("api", a), &state_a));
 
