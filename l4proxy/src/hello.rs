@@ -3,9 +3,11 @@
 //! exactly the bytes the client sent, and the relay can splice them.
 //!
 //! The bytes are read with `MSG_PEEK`. Since a peek leaves the socket readable,
-//! `SO_RCVLOWAT` is raised to one byte more than we have seen: the socket then
-//! only turns readable again when more data (or the end of the stream) arrives,
-//! instead of waking us in a loop. It is set back to 1 when we are done.
+//! `SO_RCVLOWAT` is raised to what the classifier waits for (one byte more
+//! than it has seen, or as much as a TLS record header says is coming): the
+//! socket then only turns readable again when that much (or the end of the
+//! stream) has arrived, instead of waking us in a loop or at every piece of a
+//! client that trickles. It is set back to 1 when we are done.
 
 use std::{
     cell::RefCell,
