@@ -475,6 +475,15 @@ impl Handover {
     pub async fn next(&mut self) -> Event {
         tokio::select! {
             Some(ready) = wait_ready(&mut self.successor) => match ready {
+                // Read late (this daemon was held up): the successor waited
+                // its DRAINING_TIMEOUT for our answer and gave up. Draining
+                // now would leave nobody serving.
+                Ok(pid) if hung_up(self.successor.as_ref().expect("ready came from it")) => {
+                    self.successor = None;
+                    self.fail(format!(
+                        "the successor ({pid}) had given up by the time its ready was read"
+                    ))
+                }
                 Ok(pid) => {
                     let stream = self.successor.take().expect("ready came from it").stream;
                     tracing::info!(successor = pid, "takeover: the successor is ready");
@@ -530,6 +539,26 @@ async fn wait_ready(successor: &mut Option<Offered>) -> Option<Result<u32, Strin
             .and_then(|pid| pid.parse().ok())
             .ok_or_else(|| format!("the successor said {:?}", line.trim())),
     })
+}
+
+/// Whether the successor has closed its end: nothing more is queued and the
+/// stream is at its end (or reset: it left data of ours unread). A peek
+/// past tokio's readiness, which may not have seen the end yet.
+fn hung_up(successor: &Offered) -> bool {
+    if !successor.stream.buffer().is_empty() {
+        return false;
+    }
+    let mut byte = 0u8;
+    // SAFETY: one writable byte, and the descriptor of a live UnixStream.
+    let n = unsafe {
+        libc::recv(
+            successor.stream.get_ref().as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
 }
 
 /// The exit status of the successor `upgrade` started; `None` while there
@@ -748,6 +777,44 @@ mod tests {
         assert_eq!(started.elapsed(), OFFER_TIMEOUT);
         assert!(!handover.busy());
         drop(theirs);
+    }
+
+    /// A successor's `ready` read only after it gave up waiting for our
+    /// `draining` (this daemon was held up) fails the takeover: draining
+    /// then would leave nobody serving.
+    #[tokio::test]
+    async fn a_ready_read_after_the_successor_left_fails_the_takeover() {
+        for leaves in [false, true] {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            let control = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let listeners = Listeners {
+                control: control.as_fd(),
+                steered: Vec::new(),
+                connect: Vec::new(),
+                admin: None,
+            };
+            let mut handover = Handover::default();
+            let mark = Mark { value: 1, mask: 1 };
+            handover
+                .offer(ours, Routing::default(), (mark, 100), listeners)
+                .await;
+            assert!(handover.busy(), "offered");
+            let mut offer = String::new();
+            BufReader::new(&mut theirs)
+                .read_line(&mut offer)
+                .await
+                .unwrap();
+            assert!(offer.contains("\"ok\":true"), "{offer}");
+            theirs.write_all(b"ready 4242\n").await.unwrap();
+            if leaves {
+                drop(theirs);
+                let event = handover.next().await;
+                assert!(matches!(event, Event::Failed), "{leaves}");
+            } else {
+                let event = handover.next().await;
+                assert!(matches!(event, Event::Ready(_)), "{leaves}");
+            }
+        }
     }
 
     /// A message without descriptors (a refusal) reads as such.
