@@ -744,6 +744,23 @@ mod tests {
         }
     }
 
+    /// Offers `routing` and no listener but `control` over `ours`.
+    async fn offer_only_control(
+        handover: &mut Handover,
+        ours: UnixStream,
+        routing: Routing,
+        control: &std::net::TcpListener,
+    ) {
+        let listeners = Listeners {
+            control: control.as_fd(),
+            steered: Vec::new(),
+            connect: Vec::new(),
+            admin: None,
+        };
+        let mark = Mark { value: 1, mask: 1 };
+        handover.offer(ours, routing, (mark, 100), listeners).await;
+    }
+
     /// A successor that does not read its offer (here: 60 000 prefixes'
     /// routes, more than the socket buffers) holds the main loop only
     /// until `OFFER_TIMEOUT`; no takeover is then under way.
@@ -761,16 +778,9 @@ mod tests {
             delivery: false,
             local_servers: Vec::new(),
         };
-        let listeners = Listeners {
-            control: control.as_fd(),
-            steered: Vec::new(),
-            connect: Vec::new(),
-            admin: None,
-        };
         let mut handover = Handover::default();
-        let mark = Mark { value: 1, mask: 1 };
         let started = tokio::time::Instant::now();
-        let offered = handover.offer(ours, routing, (mark, 100), listeners);
+        let offered = offer_only_control(&mut handover, ours, routing, &control);
         tokio::time::timeout(2 * OFFER_TIMEOUT, offered)
             .await
             .expect("the offer is still being written");
@@ -787,17 +797,8 @@ mod tests {
         for leaves in [false, true] {
             let (ours, mut theirs) = UnixStream::pair().unwrap();
             let control = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let listeners = Listeners {
-                control: control.as_fd(),
-                steered: Vec::new(),
-                connect: Vec::new(),
-                admin: None,
-            };
             let mut handover = Handover::default();
-            let mark = Mark { value: 1, mask: 1 };
-            handover
-                .offer(ours, Routing::default(), (mark, 100), listeners)
-                .await;
+            offer_only_control(&mut handover, ours, Routing::default(), &control).await;
             assert!(handover.busy(), "offered");
             let mut offer = String::new();
             BufReader::new(&mut theirs)
