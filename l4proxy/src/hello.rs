@@ -68,6 +68,13 @@ impl<T> Look<T> {
     }
 }
 
+/// What to wait for after a classifier's `Wait { until }`, with `seen`
+/// bytes looked at and at most `limit` to look at: at least one more, at
+/// most the limit (where the answer is final).
+pub(crate) fn next_wait(until: usize, seen: usize, limit: usize) -> usize {
+    until.min(limit).max(seen + 1)
+}
+
 /// Peeks at the client's bytes until `classify` gives a verdict, the
 /// deadline passes, `limit` bytes gave no verdict, or the client stops
 /// sending. `classify` is called with everything received so far, each
@@ -222,7 +229,7 @@ impl Peeker {
                 Look::Verdict(verdict) => Some(Ok(verdict)),
                 Look::Wait { .. } if n == self.limit => Some(Err(GaveUp::TooLarge)),
                 Look::Wait { until } => {
-                    self.until = until.clamp(n + 1, self.limit);
+                    self.until = next_wait(until, n, self.limit);
                     None
                 }
             };
@@ -236,7 +243,8 @@ impl Peeker {
         }
         if !self.lowat_capped && self.lowat != self.until {
             self.lowat = self.until;
-            if set_recv_lowat(fd, self.until)? < self.until {
+            set_recv_lowat(fd, self.until)?;
+            if recv_lowat(fd)? < self.until {
                 // A capped mark the queue may already reach would wake us at
                 // once, and each setting again: a busy loop.
                 self.lowat_capped = true;
@@ -265,11 +273,10 @@ fn recv(fd: RawFd, buffer: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
 }
 
 /// `setsockopt(SO_RCVLOWAT)`: the socket reads as readable only from `bytes`
-/// queued bytes on (or at the end of the stream). Returns the mark the
-/// kernel kept, which may be lower.
-fn set_recv_lowat(fd: RawFd, bytes: usize) -> io::Result<usize> {
+/// queued bytes on (or at the end of the stream). The kernel may keep a
+/// lower mark ([`recv_lowat`]).
+fn set_recv_lowat(fd: RawFd, bytes: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: passes a pointer to a live c_int and its exact size.
     let rc = unsafe {
         libc::setsockopt(
@@ -277,14 +284,19 @@ fn set_recv_lowat(fd: RawFd, bytes: usize) -> io::Result<usize> {
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
             (&raw const value).cast(),
-            size,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// The `SO_RCVLOWAT` mark the kernel keeps.
+fn recv_lowat(fd: RawFd) -> io::Result<usize> {
     let mut kept: libc::c_int = 0;
-    let mut len = size;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: passes a pointer to a live c_int and its exact size.
     let rc = unsafe {
         libc::getsockopt(
@@ -396,7 +408,8 @@ mod tests {
         socket2::SockRef::from(&accepted)
             .set_recv_buffer_size(4096)
             .unwrap();
-        let cap = set_recv_lowat(accepted.as_raw_fd(), 1 << 20).unwrap();
+        set_recv_lowat(accepted.as_raw_fd(), 1 << 20).unwrap();
+        let cap = recv_lowat(accepted.as_raw_fd()).unwrap();
         set_recv_lowat(accepted.as_raw_fd(), 1).unwrap();
         assert!(cap < 10_000, "the kernel keeps a mark of {cap}");
         client.write_all(&[b'x'; 6000]).await.unwrap();

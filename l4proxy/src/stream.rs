@@ -114,9 +114,9 @@ impl Stream {
         match self {
             Stream::Tcp(tcp) => hello::consume(tcp, len, drained).await,
             Stream::Tls(tls) => {
-                let taken = tls.ahead[..len.min(tls.ahead.len())].to_vec();
-                tls.drop_ahead(taken.len());
-                Ok(taken)
+                // Taken whole, the buffer itself goes (see `drop_ahead`).
+                let rest = tls.ahead.split_off(len.min(tls.ahead.len()));
+                Ok(std::mem::replace(&mut tls.ahead, rest))
             }
         }
     }
@@ -182,7 +182,7 @@ impl Tls {
                 match classify(&self.ahead) {
                     Look::Verdict(verdict) => return Ok(Ok(verdict)),
                     Look::Wait { until: more } => {
-                        until = more.min(limit).max(self.ahead.len() + 1);
+                        until = hello::next_wait(more, self.ahead.len(), limit);
                     }
                 }
             }
