@@ -76,7 +76,7 @@ pub async fn check(
     });
     let (_own, _turn) = match turns.await {
         Ok(Ok((own, Ok(turn)))) => (own, turn),
-        Ok(Err(remembered)) => return remembered,
+        Ok(Err(passed_meanwhile)) => return passed_meanwhile,
         Ok(Ok((_, Err(_)))) | Err(_) => return Checked::Busy,
     };
     let (users, user, password) = (users.clone(), user.to_owned(), password.to_owned());
@@ -92,12 +92,10 @@ pub async fn check(
     Checked::Right
 }
 
-type Tag = hmac::Tag;
-
 /// Tags of credentials that passed, and when.
 static PASSED: LazyLock<Mutex<HashMap<Vec<u8>, Instant>>> = LazyLock::new(Mutex::default);
 
-fn tag(user: &str, password: &str, hash: &str) -> Tag {
+fn tag(user: &str, password: &str, hash: &str) -> hmac::Tag {
     static KEY: LazyLock<hmac::Key> = LazyLock::new(|| {
         hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
             .expect("the system's random source")
@@ -117,13 +115,13 @@ fn passed() -> std::sync::MutexGuard<'static, HashMap<Vec<u8>, Instant>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn remembered(tag: &Tag) -> bool {
+fn remembered(tag: &hmac::Tag) -> bool {
     passed()
         .get(tag.as_ref())
         .is_some_and(|at| at.elapsed() < REMEMBERED_FOR)
 }
 
-fn remember(tag: Tag) {
+fn remember(tag: hmac::Tag) {
     let mut passed = passed();
     if passed.len() >= REMEMBERED {
         passed.retain(|_, at| at.elapsed() < REMEMBERED_FOR);

@@ -415,6 +415,12 @@ mod tests {
     const HEAD: &[u8] = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n";
 
     #[test]
+    fn credentials_that_found_no_check_free_get_a_503() {
+        let refused = Refused::ChecksBusy(Duration::from_secs(10));
+        assert_eq!(refused.status(), Some(Status::ServiceUnavailable));
+    }
+
+    #[test]
     fn a_refused_user_name_is_logged_short() {
         assert_eq!(as_logged("alice".to_owned()), "alice");
         let long = "é".repeat(10_000);
