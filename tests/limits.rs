@@ -35,6 +35,17 @@ fn policy(extra: Value) -> Value {
 
 const SERVICES: [&str; 2] = ["192.0.2.10", "[2001:db8:a::10]"];
 
+/// Where the daemon serves its metrics, inside px.
+const ADMIN: &str = "127.0.0.1:9901";
+
+/// `l4proxy_limited_connections_total` for `limit`, as scraped now.
+fn limited(t: &Topo, limit: &str) -> f64 {
+    let scraped = lab::prometheus::scrape(&t.px, ADMIN);
+    let series = format!(r#"l4proxy_limited_connections_total{{limit="{limit}"}}"#);
+    lab::prometheus::sample(&scraped, &series)
+        .unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
+}
+
 fn service(host: &str, port: u16) -> SocketAddr {
     sa(&format!("{host}:{port}"))
 }
@@ -261,7 +272,7 @@ fn a_client_over_its_limit_is_reset_at_once_while_another_is_served() {
     let p = policy(json!({
         "limits": { "per_client": 3, "per_client_prefix": { "ipv6": 64, "max": 4 } }
     }));
-    let mut d = Daemon::start_ready(&t.px, &p, &[]);
+    let mut d = Daemon::start_ready(&t.px, &p, &["--admin", ADMIN]);
     let from = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 0);
 
     for (greedy, other, host) in [
@@ -315,6 +326,11 @@ fn a_client_over_its_limit_is_reset_at_once_while_another_is_served() {
     d.wait_event("a prefix refusal line", Duration::from_secs(5), |e| {
         field_str(e, "limit").as_deref() == Some("per-client-prefix connection limit")
     });
+    // One refusal per family over the client's own limit, one over the
+    // prefix's; none over the daemon's.
+    assert_eq!(limited(&t, "per_client"), 2.0);
+    assert_eq!(limited(&t, "per_client_prefix"), 1.0);
+    assert_eq!(limited(&t, "connections"), 0.0);
 }
 
 /// A connection from `local` that is served once a slot is free (5 s).
@@ -338,7 +354,11 @@ fn served_soon(t: &Topo, local: SocketAddr, to: SocketAddr, what: &str) -> TcpSt
 fn over_the_global_limit_a_connection_is_reset_at_once() {
     let t = Topo::new("global_limit");
     let _servers = echo_servers(&t);
-    let mut d = Daemon::start_ready(&t.px, &policy(json!({})), &["--max-connections", "2"]);
+    let mut d = Daemon::start_ready(
+        &t.px,
+        &policy(json!({})),
+        &["--max-connections", "2", "--admin", ADMIN],
+    );
     let to = service(SERVICES[0], 80);
     let mut held: Vec<TcpStream> = (0..2)
         .map(|i| {
@@ -358,6 +378,7 @@ fn over_the_global_limit_a_connection_is_reset_at_once() {
     d.wait_event("the refusal line", Duration::from_secs(5), |e| {
         field_str(e, "limit").as_deref() == Some("connection limit")
     });
+    assert_eq!(limited(&t, "connections"), 1.0);
 }
 
 /// A server that resets mid-transfer: the client sees a reset, never a

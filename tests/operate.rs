@@ -49,15 +49,7 @@ fn exchange(t: &Topo, line: &str) -> usize {
 
 /// The daemon's metrics, as curl in px gets them.
 fn scrape(t: &Topo) -> String {
-    let scraped = run_in(
-        &t.px,
-        "curl",
-        &["-sS", "--max-time", "5", &format!("http://{ADMIN}/metrics")],
-        b"",
-        Duration::from_secs(10),
-    );
-    assert!(scraped.success(), "{}", scraped.describe());
-    scraped.stdout
+    lab::prometheus::scrape(&t.px, ADMIN)
 }
 
 /// A connection no route takes: the daemon closes it.

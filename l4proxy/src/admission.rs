@@ -6,8 +6,8 @@
 //! A connection over a limit is reset at once, before a byte is read: a
 //! client that is refused should know it now, not after a timeout, and must
 //! not wait in the accept queue. The ones it already has are not touched.
-//! Refusals are counted (logged at shutdown) and logged at most once a
-//! second per kind, with how many were not logged in between: a flood must
+//! Refusals are counted (`l4proxy_limited_connections_total`, and in the
+//! shutdown summary) and logged at most once a second per kind, with how many were not logged in between: a flood must
 //! not turn into a flood of log lines.
 
 use std::{
@@ -23,7 +23,10 @@ use std::{
 
 use ipnet::IpNet;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{
+    metrics::Metrics,
     policy::{ClientLimits, InterceptRule},
     relay,
 };
@@ -49,12 +52,20 @@ impl Refusal {
             Refusal::ClientPrefix => "per-client-prefix connection limit",
         }
     }
+
+    /// The `limit` label of `l4proxy_limited_connections_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Global => "connections",
+            Refusal::Client => "per_client",
+            Refusal::ClientPrefix => "per_client_prefix",
+        }
+    }
 }
 
 /// What one kind of refusal has counted and when it may be logged next.
-#[derive(Default)]
 struct Tally {
-    total: AtomicU64,
+    total: Counter,
     /// Refusals since the last log line.
     unlogged: AtomicU64,
     next_log: Mutex<Option<Instant>>,
@@ -102,11 +113,16 @@ impl Drop for Slot {
 
 impl Admission {
     /// `per_client`: `--max-connections-per-client`, over all rules.
-    pub fn new(per_client: Option<u32>) -> Arc<Admission> {
+    pub fn new(per_client: Option<u32>, metrics: &Metrics) -> Arc<Admission> {
+        let totals = metrics.limited(Refusal::ALL.map(Refusal::label));
         Arc::new(Admission {
             per_client,
             held: Mutex::new(HashMap::new()),
-            tallies: Default::default(),
+            tallies: totals.map(|total| Tally {
+                total,
+                unlogged: AtomicU64::new(0),
+                next_log: Mutex::new(None),
+            }),
         })
     }
 
@@ -184,7 +200,7 @@ impl Admission {
     pub fn refuse(&self, stream: &tokio::net::TcpStream, client: SocketAddr, refusal: Refusal) {
         relay::reset_on_close(stream);
         let tally = &self.tallies[refusal as usize];
-        tally.total.fetch_add(1, Ordering::Relaxed);
+        tally.total.inc();
         tally.unlogged.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut next = tally
@@ -209,7 +225,7 @@ impl Admission {
         Refusal::ALL
             .iter()
             .map(|&r| {
-                let count = self.tallies[r as usize].total.load(Ordering::Relaxed);
+                let count = self.tallies[r as usize].total.get();
                 format!("{:?}={count}", r)
             })
             .collect::<Vec<_>>()
@@ -244,7 +260,7 @@ mod tests {
 
     #[test]
     fn without_limits_nothing_is_counted() {
-        let admission = Admission::new(None);
+        let admission = Admission::new(None, &Metrics::new());
         let slot = admission
             .admit(&rule("r", ClientLimits::default()), ip("198.51.100.2"))
             .unwrap();
@@ -254,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_client_over_its_limit_is_refused_and_others_are_not() {
-        let admission = Admission::new(None);
+        let admission = Admission::new(None, &Metrics::new());
         let web = rule(
             "web",
             ClientLimits {
@@ -295,7 +311,7 @@ mod tests {
 
     #[test]
     fn a_prefix_counts_all_its_addresses_and_slots_are_given_back() {
-        let admission = Admission::new(None);
+        let admission = Admission::new(None, &Metrics::new());
         let web = rule(
             "web",
             ClientLimits {
@@ -325,7 +341,7 @@ mod tests {
 
     #[test]
     fn the_global_per_client_limit_spans_rules() {
-        let admission = Admission::new(Some(1));
+        let admission = Admission::new(Some(1), &Metrics::new());
         let held = admission
             .admit(&rule("a", ClientLimits::default()), ip("198.51.100.2"))
             .unwrap();

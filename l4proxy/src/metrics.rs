@@ -88,6 +88,11 @@ struct BuildLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabel {
     result: &'static str,
 }
@@ -140,6 +145,7 @@ pub struct Metrics {
     server_active: Family<ServerLabel, Gauge>,
     server_check_failures: Family<ServerLabel, Counter>,
     server_downs: Family<ServerLabel, Counter>,
+    limited: Family<LimitLabel, Counter>,
     /// Cumulative values read from elsewhere (the kernel's counters, the
     /// servers' health), as of the last scrape: each scrape adds what grew.
     seen: Mutex<HashMap<String, u64>>,
@@ -165,6 +171,7 @@ impl Metrics {
             server_active: Family::default(),
             server_check_failures: Family::default(),
             server_downs: Family::default(),
+            limited: Family::default(),
             seen: Mutex::new(HashMap::new()),
             reloads: Family::default(),
             generation: Gauge::default(),
@@ -262,6 +269,11 @@ impl Metrics {
             metrics.server_downs.clone(),
         );
         r.register(
+            "limited_connections",
+            "Connections reset over a connection limit before a byte was read, by limit",
+            metrics.limited.clone(),
+        );
+        r.register(
             "reloads",
             "Policy reloads, by result",
             metrics.reloads.clone(),
@@ -295,6 +307,13 @@ impl Metrics {
             registry,
             ..metrics
         })
+    }
+
+    /// The counters of connections refused over each limit, by its label
+    /// (`connections`: `--max-connections`; `per_client`,
+    /// `per_client_prefix`).
+    pub fn limited<const N: usize>(&self, limits: [&'static str; N]) -> [Counter; N] {
+        limits.map(|limit| self.limited.get_or_create(&LimitLabel { limit }).clone())
     }
 
     /// The handles for a policy's connections. Every rule's, route's and

@@ -229,7 +229,7 @@ pub async fn run(
         connect_timeout: settings.connect_timeout,
         sniff_timeout: settings.sniff_timeout,
         shutdown: CancellationToken::new(),
-        admission: Admission::new(settings.max_connections_per_client),
+        admission: Admission::new(settings.max_connections_per_client, &metrics),
         defaults: settings.defaults,
     });
     let accepting = Accepting {

@@ -1419,7 +1419,7 @@ mod tests {
             sniff_timeout: Duration::from_secs(1),
             other: RwLock::new(Weak::new()),
             shutdown: CancellationToken::new(),
-            admission: Admission::new(None),
+            admission: Admission::new(None, &crate::metrics::Metrics::new()),
             defaults: Defaults {
                 timeouts: Timeouts {
                     idle: Some(Duration::from_secs(3600)),

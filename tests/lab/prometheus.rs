@@ -105,6 +105,29 @@ pub fn promtool_check(ns: &Netns, exposition: &str) -> (bool, String) {
     (out.success(), out.describe())
 }
 
+/// The daemon's metrics as curl in `ns` gets them from `admin`
+/// (`--admin`).
+pub fn scrape(ns: &Netns, admin: &str) -> String {
+    let scraped = run_in(
+        ns,
+        "curl",
+        &["-sS", "--max-time", "5", &format!("http://{admin}/metrics")],
+        b"",
+        Duration::from_secs(10),
+    );
+    assert!(scraped.success(), "{}", scraped.describe());
+    scraped.stdout
+}
+
+/// The value of `series` (its name and labels as the exposition writes
+/// them) in `scraped`, if it is there.
+pub fn sample(scraped: &str, series: &str) -> Option<f64> {
+    scraped.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.parse().ok()
+    })
+}
+
 impl Drop for Prometheus {
     fn drop(&mut self) {
         kill_group(&mut self.child);
