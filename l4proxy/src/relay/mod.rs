@@ -292,15 +292,14 @@ const IDLE_LOOKS: u32 = 8;
 
 /// Ends with the deadline that passed first; never, without deadlines.
 /// The timer is boxed: only a connection with deadlines carries it.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn keeps its arguments twice"
-)]
+/// Unconstrained by tokio's budget: a relay's directions take a unit of it
+/// per burst, and a flow that never pauses uses it all on every poll, so
+/// the watch, polled after them, would never see its timer fire.
 fn expiry<'a>(
     deadlines: &'a Deadlines,
     moved: impl Fn() -> u64 + 'a,
 ) -> impl Future<Output = Outcome> + 'a {
-    async move {
+    tokio::task::unconstrained(async move {
         if deadlines.idle.is_none() && deadlines.end.is_none() {
             return std::future::pending().await;
         }
@@ -316,7 +315,7 @@ fn expiry<'a>(
             }
             timer.as_mut().await;
         }
-    }
+    })
 }
 
 /// What the deadline watch knows between its looks.

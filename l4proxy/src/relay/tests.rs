@@ -456,3 +456,35 @@ async fn a_last_reply_and_its_end_reach_the_client_in_one_segment() {
         finish(relay, path).await;
     }
 }
+
+#[tokio::test]
+async fn the_deadline_is_looked_at_while_bytes_never_stop() {
+    // A flow whose source always has bytes and whose sink always takes
+    // them uses up the runtime's budget on every poll of the relay (each
+    // burst takes a unit of it): the watch, polled after it, must still see
+    // the deadline pass.
+    const LIFETIME: Duration = Duration::from_millis(300);
+    let busy = async {
+        loop {
+            tokio::task::consume_budget().await;
+        }
+    };
+    let deadlines = Deadlines {
+        idle: None,
+        end: Some((tokio::time::Instant::now() + LIFETIME, LIFETIME)),
+    };
+    let moved = Counter::default();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            biased;
+            () = busy => unreachable!(),
+            expired = expiry(&deadlines, || moved.get()) => expired,
+        }
+    })
+    .await
+    .expect("the lifetime never ended the relay");
+    assert!(
+        matches!(outcome, Outcome::LifetimeOver(LIFETIME)),
+        "{outcome:?}"
+    );
+}
