@@ -15,13 +15,15 @@
 //! so a quiet daemon gives their descriptors back.
 
 use std::{
-    io::{self, PipeReader, PipeWriter},
+    io::{self, PipeReader, PipeWriter, Read, Write},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     sync::{
         Mutex,
         atomic::{AtomicUsize, Ordering},
     },
 };
+
+use socket2::SockRef;
 
 /// Capacity asked for each pipe: one splice moves at most this much. In
 /// `cargo xtask bench`, one stream went ~15% faster with 256 KiB than with the
@@ -86,6 +88,17 @@ impl Pipe {
     /// without blocking. `Ok(0)` is the end of the stream.
     pub fn fill(&self, socket: BorrowedFd<'_>) -> io::Result<usize> {
         splice(socket, self.writer.as_fd(), self.capacity)
+    }
+
+    /// Moves what `socket` has queued past TCP's urgent mark into the pipe,
+    /// through a buffer: a splice stops at the mark, a read steps over the
+    /// urgent byte. `Ok(0)` is the end of the stream. The pipe must be
+    /// empty (it is between fills), so the write takes all that was read.
+    pub fn fill_past_urgent_mark(&self, socket: BorrowedFd<'_>) -> io::Result<usize> {
+        let mut buffer = [0u8; 4096];
+        let read = (&*SockRef::from(&socket)).read(&mut buffer)?;
+        (&self.writer).write_all(&buffer[..read])?;
+        Ok(read)
     }
 
     /// Moves up to `len` bytes from the pipe to `socket` without blocking.

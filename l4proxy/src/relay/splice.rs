@@ -1,7 +1,10 @@
 //! One burst of a direction through a pipe: socket → pipe → socket, so the
 //! payload stays in the kernel.
 
-use std::{io, os::fd::AsFd};
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+};
 
 use tokio::{io::Interest, net::TcpStream};
 
@@ -17,10 +20,29 @@ pub(super) async fn burst(
     pipe: &Pipe,
     count: &Counter,
 ) -> Result<Burst, Failed> {
+    let mut first = true;
     loop {
         // A sender that never pauses must not keep this worker to itself.
         tokio::task::consume_budget().await;
-        let filled = match src.try_io(Interest::READABLE, || pipe.fill(src.as_fd())) {
+        let filled = src.try_io(Interest::READABLE, || {
+            let filled = pipe.fill(src.as_fd());
+            // A splice stops at TCP's urgent mark as if the socket had run
+            // dry, or ended once the peer's FIN is queued behind it; a read
+            // steps over the urgent byte (a receiver of the direct
+            // connection that does not ask for urgent data skips it too).
+            // Looked for where bytes would be lost or wait for nothing: at
+            // an end, and when a burst its socket's readiness began finds
+            // nothing at once. Here, inside the readiness check: once a
+            // fill has cleared the readiness, tokio reads no more.
+            let ended = matches!(filled, Ok(0));
+            let dry = matches!(&filled, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            if (ended || (dry && first)) && at_urgent_mark(src) {
+                return pipe.fill_past_urgent_mark(src.as_fd());
+            }
+            filled
+        });
+        first = false;
+        let filled = match filled {
             Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
@@ -41,4 +63,15 @@ pub(super) async fn burst(
             }
         }
     }
+}
+
+/// Linux's `SIOCATMARK` (asm-generic/sockios.h), which the libc crate lacks.
+const SIOCATMARK: libc::Ioctl = 0x8905;
+
+/// Whether `src`'s next byte is TCP urgent data (sent with `MSG_OOB`).
+fn at_urgent_mark(src: &TcpStream) -> bool {
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int through the pointer.
+    let done = unsafe { libc::ioctl(src.as_raw_fd(), SIOCATMARK, &mut at) };
+    done == 0 && at != 0
 }

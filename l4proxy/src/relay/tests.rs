@@ -488,3 +488,68 @@ async fn the_deadline_is_looked_at_while_bytes_never_stop() {
         "{outcome:?}"
     );
 }
+
+#[tokio::test]
+async fn urgent_data_neither_stops_nor_cuts_a_direction() {
+    // Bulk first (the direction splices from then on), then one byte sent
+    // urgent (MSG_OOB), more bytes, and the end. A receiver that does not
+    // read urgent data gets every other byte: the upstream must too, and
+    // see the end only after them. Once with the rest and the end right
+    // behind the urgent byte, once with a pause before the rest (the relay
+    // meets the mark alone), where the rest must arrive before the end is
+    // sent: an interactive client waits for an answer to it.
+    for pause in [false, true] {
+        for path in PATHS {
+            let what = format!("{path:?}, pause {pause}");
+            let Lab {
+                client,
+                mut server,
+                shutdown: _,
+                relay,
+            } = Lab::start(path).await;
+            let before = random_bytes(256 * 1024, 21);
+            let after = random_bytes(1000, 22);
+            let mut expected = before.clone();
+            expected.extend_from_slice(&after);
+            let (mut read, mut write) = client.into_split();
+            write.write_all(&before).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            SockRef::from(write.as_ref())
+                .send_with_flags(b"!", libc::MSG_OOB)
+                .unwrap();
+            if pause {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            write.write_all(&after).await.unwrap();
+            let mut got = vec![0u8; expected.len()];
+            let mut tail = Vec::new();
+            if pause {
+                tokio::time::timeout(Duration::from_secs(10), server.read_exact(&mut got))
+                    .await
+                    .unwrap_or_else(|_| panic!("{what}: the rest stayed behind the mark"))
+                    .unwrap();
+                write.shutdown().await.unwrap();
+                server.read_to_end(&mut tail).await.unwrap();
+            } else {
+                write.shutdown().await.unwrap();
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    server.read_exact(&mut got).await?;
+                    server.read_to_end(&mut tail).await
+                })
+                .await
+                .unwrap_or_else(|_| panic!("{what}: the upstream never saw the end"))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+            assert!(got == expected, "{what}: the bytes differ");
+            assert!(tail.is_empty(), "{what}: {} bytes more", tail.len());
+            drop(server);
+            let mut rest = Vec::new();
+            read.read_to_end(&mut rest).await.unwrap();
+            let relayed = finish(relay, path).await;
+            assert!(
+                matches!(relayed.outcome, Outcome::Closed),
+                "{what}: {relayed:?}"
+            );
+        }
+    }
+}
