@@ -191,6 +191,19 @@ struct Checks {
     task: AbortHandle,
 }
 
+impl Entry {
+    /// Stops the server's checks. A server that had them is up: nothing
+    /// would bring it back (a later policy may have it again, unchecked).
+    fn stop_checks(&mut self, why: &dyn fmt::Display) {
+        if let Some(checks) = self.checks.take() {
+            checks.task.abort();
+        }
+        if self.state.checked.swap(false, Ordering::Relaxed) {
+            self.state.mark(true, why);
+        }
+    }
+}
+
 /// How a server is checked: the policy's settings, the source and the
 /// PROXY header, if any. A reload that changes any restarts its checks
 /// (its state stays).
@@ -244,9 +257,7 @@ impl Registry {
             if wanted.contains_key(key) {
                 return true;
             }
-            if let Some(checks) = entry.checks.take() {
-                checks.task.abort();
-            }
+            entry.stop_checks(&"its upstream no longer has it");
             Arc::strong_count(&entry.state) > 1
         });
         for (key, plan) in wanted {
@@ -257,11 +268,11 @@ impl Registry {
             if entry.checks.as_ref().map(|c| &c.plan) == plan.as_ref() {
                 continue;
             }
-            if let Some(checks) = entry.checks.take() {
-                checks.task.abort();
-            }
             match plan {
                 Some(plan) => {
+                    if let Some(checks) = entry.checks.take() {
+                        checks.task.abort();
+                    }
                     entry.state.checked.store(true, Ordering::Relaxed);
                     let task = tokio::spawn(run(entry.state.clone(), plan.clone()));
                     entry.checks = Some(Checks {
@@ -269,10 +280,7 @@ impl Registry {
                         task: task.abort_handle(),
                     });
                 }
-                None => {
-                    entry.state.checked.store(false, Ordering::Relaxed);
-                    entry.state.mark(true, &"its health checks were removed");
-                }
+                None => entry.stop_checks(&"its health checks were removed"),
             }
         }
     }
@@ -526,5 +534,30 @@ mod tests {
         registry.update(&policy("web", &[a], ""));
         assert!(!again.health().checked);
         assert!(again.is_up());
+    }
+
+    #[tokio::test]
+    async fn a_checked_server_dropped_and_brought_back_unchecked_is_up() {
+        // Down by its checks (nothing listens), dropped by a reload while a
+        // connection holds its state, back in a later policy without
+        // checks: nothing would ever bring it up.
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = gone.local_addr().unwrap();
+        drop(gone);
+        let registry = Registry::default();
+        let state = registry.server("web", a);
+        registry.update(&policy(
+            "web",
+            &[a],
+            r#", "health": { "interval": "20ms", "fall": 1 }"#,
+        ));
+        until_up(&state, false, Duration::from_secs(5)).await;
+        let lease = state.lease();
+        registry.update(&policy("web", &["203.0.113.9:80".parse().unwrap()], ""));
+        registry.update(&policy("web", &[a], ""));
+        assert!(Arc::ptr_eq(&registry.server("web", a), &state));
+        assert!(!state.health().checked);
+        assert!(state.is_up());
+        drop(lease);
     }
 }
