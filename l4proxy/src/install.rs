@@ -31,7 +31,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use l4proxy_common::MAX_RULE_ENTRIES;
+use l4proxy_common::{MAX_INTERFACE_RULES, MAX_RULE_ENTRIES};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::{
@@ -84,6 +84,10 @@ pub enum InstallError {
         "the rule map would hold {peak} entries while the new policy replaces the running one, more than its {MAX_RULE_ENTRIES}; restart l4proxy with the new policy instead"
     )]
     TooManyEntries { peak: usize },
+    #[error(
+        "gateway rules need {peak} (interface, rule) pairs in the kernel (a bridge counts each of its ports too), more than its {MAX_INTERFACE_RULES}, while the new policy replaces the running one; list fewer interfaces, or restart l4proxy with the new policy"
+    )]
+    TooManyInterfacePairs { peak: usize },
 }
 
 /// Everything this daemon set up in its network namespace.
@@ -255,6 +259,10 @@ impl Installation {
         let peak = self.interceptor.peak_rule_entries(&compiled);
         if peak > MAX_RULE_ENTRIES as usize {
             return Err(InstallError::TooManyEntries { peak });
+        }
+        let peak = self.interceptor.peak_interface_pairs(&needs.classify);
+        if peak > MAX_INTERFACE_RULES as usize {
+            return Err(InstallError::TooManyInterfacePairs { peak });
         }
 
         let active = Arc::new(

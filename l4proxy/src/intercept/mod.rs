@@ -253,6 +253,16 @@ impl Interceptor {
         self.rules.len() + new
     }
 
+    /// How many `INTERFACE_RULES` pairs the map holds while it changes to
+    /// `plan`'s: the new ones go in before the stale ones go out.
+    pub fn peak_interface_pairs(&self, plan: &[ClassifyPlan]) -> usize {
+        let new = wanted_pairs(plan)
+            .keys()
+            .filter(|key| !self.interface_rules.holds(key))
+            .count();
+        self.interface_rules.len() + new
+    }
+
     /// The class offset `compiled` is keyed with: the running one's if its
     /// port classes are the same, else the other half.
     fn class_offset_for(&self, compiled: &rules::Compiled) -> u32 {

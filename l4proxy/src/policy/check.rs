@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use foldhash::HashMap;
 
 use ipnet::IpNet;
-use l4proxy_common::MAX_RULE_ENTRIES;
+use l4proxy_common::{MAX_INTERFACE_RULES, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS};
 
 use super::{
     Action, Bind, Conditions, ConnectFront, InterceptRule, Parent, Policy, PolicyError, PortSpec,
@@ -703,9 +703,38 @@ impl Policy {
     }
 }
 
-/// The kernel's rule map has a fixed size: one entry per prefix and port
-/// class.
+/// The kernel's maps have fixed sizes: the rule map one entry per prefix
+/// and port class, the gateway rules' map one per (interface, rule) listed
+/// (a bridge adds its ports, known only when the policy is put in force),
+/// the upstream servers' map one per server address.
 fn check_size(policy: &Policy) -> Result<(), PolicyError> {
+    let mut pairs = 0;
+    for (i, rule) in policy.rules.iter().enumerate() {
+        pairs += rule.interfaces.len();
+        if pairs > MAX_INTERFACE_RULES as usize {
+            return Err(PolicyError::at(
+                format!("intercept[{i}].interfaces"),
+                format!(
+                    "gateway rules list {pairs} (interface, rule) pairs up to here, more than \
+                     the kernel's limit of {MAX_INTERFACE_RULES}"
+                ),
+            ));
+        }
+    }
+    let servers: std::collections::HashSet<&SocketAddr> = policy
+        .upstreams
+        .iter()
+        .flat_map(|upstream| upstream.servers())
+        .collect();
+    if servers.len() > MAX_UPSTREAM_SERVERS as usize {
+        return Err(PolicyError::at(
+            "upstreams",
+            format!(
+                "{} server addresses, more than the kernel's limit of {MAX_UPSTREAM_SERVERS}",
+                servers.len()
+            ),
+        ));
+    }
     let count = rules::entry_count(policy);
     if count > MAX_RULE_ENTRIES as usize {
         return Err(PolicyError::at(

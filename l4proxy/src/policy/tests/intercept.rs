@@ -1,7 +1,7 @@
 //! Intercept rules and upstreams as written before routes existed: all of it
 //! must keep working, and keep being refused, as it was.
 
-use l4proxy_common::MAX_RULE_ENTRIES;
+use l4proxy_common::{MAX_INTERFACE_RULES, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS};
 
 use super::error_of;
 use crate::policy::*;
@@ -374,6 +374,53 @@ fn too_many_kernel_entries() {
             "intercept: compiles to {} kernel entries, more than the limit of {MAX_RULE_ENTRIES} \
              (one entry per prefix and port class: ports named by the same specs share a class)",
             2 * 2 + 96_000 * 11
+        )
+    );
+}
+
+#[test]
+fn too_many_interface_pairs_or_servers() {
+    // 66 gateway rules of 1 000 interfaces: 66 000 (interface, rule) pairs.
+    let interfaces: Vec<String> = (0..1000).map(|k| format!(r#""e{k}""#)).collect();
+    let rules: Vec<String> = (0..66)
+        .map(|i| {
+            format!(
+                r#"{{ "name": "gw{i}", "prefixes": ["203.0.113.{i}/32"], "ports": [80],
+                     "interfaces": [{}], "upstream": "origin" }}"#,
+                interfaces.join(", ")
+            )
+        })
+        .collect();
+    let policy = format!(
+        r#"{{ "intercept": [{}],
+             "upstreams": {{ "origin": {{ "original_destination": true }} }} }}"#,
+        rules.join(", ")
+    );
+    assert_eq!(
+        error_of(&policy),
+        format!(
+            "intercept[65].interfaces: gateway rules list 66000 (interface, rule) pairs up to \
+             here, more than the kernel's limit of {MAX_INTERFACE_RULES}"
+        )
+    );
+    // 65 537 server addresses over two upstreams.
+    let servers = |base: u32, count: u32| -> String {
+        (base..base + count)
+            .map(|i| format!(r#""[2001:db8:5::{:x}:{:x}]:80""#, i >> 16, i & 0xffff))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let policy = format!(
+        r#"{{ "intercept": [{{ "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "a" }}],
+             "upstreams": {{ "a": {{ "servers": [{}] }}, "b": {{ "servers": [{}] }} }} }}"#,
+        servers(0, 40_000),
+        servers(40_000, 25_537)
+    );
+    assert_eq!(
+        error_of(&policy),
+        format!(
+            "upstreams: 65537 server addresses, more than the kernel's limit of \
+             {MAX_UPSTREAM_SERVERS}"
         )
     );
 }
