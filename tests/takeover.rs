@@ -583,6 +583,33 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
     );
 }
 
+/// A SIGHUP while a successor waits for the running daemon's answer (`pkill
+/// -HUP l4proxy` during an upgrade) does not end it: it takes over, then
+/// rereads its policy.
+#[test]
+fn a_hangup_during_a_takeover_is_a_reload_once_it_serves() {
+    let (t, _srv) = Topo::with_echo("takeover-hup", "203.0.113.2:8080", "upstream");
+    let dst = sa("192.0.2.10:80");
+    let mut old = Daemon::start_ready(&t.px, &policy(), &[]);
+    // The running daemon answers only once continued.
+    old.signal(libc::SIGSTOP);
+    let mut new = Daemon::start(&t.px, &policy(), &["--takeover"]);
+    new.wait_event("the takeover's request", Duration::from_secs(20), |e| {
+        message(e) == Some("takeover: asking the running daemon for its listeners")
+    });
+    new.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(new.try_exit().is_none(), "the SIGHUP ended the successor");
+    old.signal(libc::SIGCONT);
+    let mut new = take_over(&mut old, new);
+    new.wait_event("the reload", Duration::from_secs(10), |e| {
+        message(e) == Some("policy reloaded")
+    });
+    exchange(&t.cl, dst, "after the reload\n").expect("the successor serves");
+    assert_handed_over_and_gone(&mut old, &mut new);
+    stop_last(&mut new, &t.px);
+}
+
 /// A second `run` in the namespace is refused naming the running daemon's
 /// pid; `cleanup` refuses while it runs, and works once it is gone.
 #[test]

@@ -139,6 +139,12 @@ pub async fn run(
     guard: &Guard,
     workers: &Workers,
 ) -> Result<Ended, ServerError> {
+    // First: SIGHUP's default action ends the process, and a start can take
+    // long (a takeover waits for the running daemon). One that comes now
+    // rereads the policy once the daemon serves. SIGTERM and SIGINT keep
+    // theirs until then: a start they stop ends at once, and a running
+    // daemon it was taking over from serves on.
+    let hangup = signal(SignalKind::hangup()).map_err(ServerError::Signals)?;
     // The namespace's kernel state is nobody's (a clean start: what a
     // crashed daemon left goes), or the running daemon's, which hands it on.
     let (mut predecessor, handed) = if settings.takeover {
@@ -163,7 +169,7 @@ pub async fn run(
         admin: handed_admin,
         routing: handed_routing,
     } = handed;
-    let mut signals = Signals::new()?;
+    let mut signals = Signals::new(hangup)?;
     let mut host_changes = interfaces::watch()?;
     let started = std::time::Instant::now();
     let metrics = Metrics::new();
@@ -879,12 +885,13 @@ struct Signals {
 }
 
 impl Signals {
-    fn new() -> Result<Self, ServerError> {
+    /// `hup`: SIGHUP's stream, made as the daemon started.
+    fn new(hup: tokio::signal::unix::Signal) -> Result<Self, ServerError> {
         let listen = |kind| signal(kind).map_err(ServerError::Signals);
         Ok(Self {
             term: listen(SignalKind::terminate())?,
             int: listen(SignalKind::interrupt())?,
-            hup: listen(SignalKind::hangup())?,
+            hup,
         })
     }
 

@@ -176,6 +176,7 @@ pub struct Predecessor {
 /// state; refuses a daemon whose packet mark or table differ from ours.
 pub async fn request(mark: Mark, table: u32) -> Result<(Predecessor, Handed), TakeoverError> {
     let stream = control::connect().map_err(TakeoverError::NoDaemon)?;
+    tracing::info!("takeover: asking the running daemon for its listeners");
     stream
         .set_nonblocking(true)
         .map_err(io_error("the control socket"))?;
