@@ -11,15 +11,11 @@ use std::path::Path;
 use crate::{
     install::{self, InstallError},
     intercept::{Interceptor, delivery},
+    kernel_version::{self, SK_LOOKUP, TCX, version_of},
     local_addrs::LocalAddrs,
     policy::Policy,
     privilege::{self, Capability, User},
 };
-
-/// Where tcx (the attachment `classify` uses) came: Linux 6.6.
-const TCX: (u32, u32) = (6, 6);
-/// Where `sk_lookup` came: Linux 5.9.
-const SK_LOOKUP: (u32, u32) = (5, 9);
 
 /// One check's outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,9 +111,8 @@ async fn check_host(policy: &Policy) -> Result<install::HostCheck, InstallError>
 }
 
 fn kernel(uses_tc: Option<bool>) -> Finding {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim();
-    let Some(version) = version_of(release) else {
+    let release = kernel_version::release();
+    let Some(version) = version_of(&release) else {
         return finding(
             Status::Warning,
             "kernel",
@@ -146,20 +141,9 @@ fn kernel(uses_tc: Option<bool>) -> Finding {
         (false, _) => finding(
             Status::Missing,
             "kernel",
-            format!(
-                "Linux {release}: gateway rules and transparent upstream binds attach a tc program \
-                 with tcx, which needs 6.6 or later; upgrade the kernel"
-            ),
+            kernel_version::tcx_missing(&release).unwrap_or_default(),
         ),
     }
-}
-
-/// `6.18.0-1-amd64` → (6, 18).
-fn version_of(release: &str) -> Option<(u32, u32)> {
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|part| part.parse::<u32>().ok());
-    Some((numbers.next()??, numbers.next()??))
 }
 
 fn programs() -> Finding {
@@ -257,16 +241,4 @@ fn sysctls(findings: &crate::intercept::sysctl::Findings) -> Vec<Finding> {
         ));
     }
     found
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_versions_are_read_from_the_release() {
-        assert_eq!(version_of("6.18.0-1-amd64"), Some((6, 18)));
-        assert_eq!(version_of("5.10.0"), Some((5, 10)));
-        assert_eq!(version_of("six"), None);
-    }
 }

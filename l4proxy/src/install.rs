@@ -45,6 +45,7 @@ use crate::{
         rules::{self, Compiled, RuleIndex},
         sysctl,
     },
+    kernel_version,
     local_addrs::{self, LocalAddrs, LocalAddrsError},
     metrics::Metrics,
     policy::{Bind, InterceptRule, Keepalive, Policy},
@@ -80,6 +81,8 @@ pub enum InstallError {
     Sysctl(Vec<String>),
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Kernel(String),
     #[error(
         "the rule map would hold {peak} entries while the new policy replaces the running one, more than its {MAX_RULE_ENTRIES}; restart l4proxy with the new policy instead"
     )]
@@ -254,6 +257,12 @@ impl Installation {
         }
         if !findings.errors.is_empty() {
             return Err(InstallError::Sysctl(findings.errors));
+        }
+        // Before anything changes: attaching the tc program is the last step.
+        if !needs.classify.is_empty()
+            && let Some(why) = kernel_version::tcx_missing(&kernel_version::release())
+        {
+            return Err(InstallError::Kernel(why));
         }
         let compiled = rules::compile(&policy);
         let peak = self.interceptor.peak_rule_entries(&compiled);

@@ -3,7 +3,7 @@
 //!
 //! Module map, in the order of the data path: `policy` (raw JSON → checked
 //! `Policy`), `intercept` (BPF programs, maps, local routes and policy
-//! routing), `local_addrs` (this host's addresses), `server` (set-up,
+//! routing) with `kernel_version` (what the kernel must have), `local_addrs` (this host's addresses), `server` (set-up,
 //! listen, accept, shutdown) with `explicit` (the CONNECT rules' listeners)
 //! and `takeover` (handing the listeners and routing state to a successor),
 //! `descriptors` (the open-files budget) and `admission` (connection
@@ -20,12 +20,15 @@
 //!
 //! `unsafe` is confined to these places, each saying why at the call:
 //! `allocator` (jemalloc's options and controls), `intercept::guard` (fork
-//! before the runtime starts), `hello` (`MSG_PEEK` and `SO_RCVLOWAT`),
-//! `relay::pipe` (splice(2) and `F_SETPIPE_SZ`),
-//! `upstream` (`IP_BIND_ADDRESS_NO_PORT`), `takeover` (descriptors passed
-//! with SCM_RIGHTS), `notify` (`CLOCK_MONOTONIC`'s value) and, in tests,
-//! `tcp_info` (`TCP_INFO`), which neither std, tokio nor socket2 offer
-//! safely.
+//! before the runtime starts), `intercept::kernel_log` (the programs' ring
+//! buffer registered with tokio), `hello` (`MSG_PEEK` and `SO_RCVLOWAT`),
+//! `relay::pipe` (splice(2) and `F_SETPIPE_SZ`), `relay::splice`
+//! (`SIOCATMARK`), `privilege` (the user's entry, capabilities, the
+//! signal that changes every thread's), `upstream`
+//! (`IP_BIND_ADDRESS_NO_PORT`), `takeover` (descriptors passed with
+//! SCM_RIGHTS), `notify` (`CLOCK_MONOTONIC`'s value) and, in tests,
+//! `tcp_info` (`TCP_INFO`) and `logging` (`FIONREAD`), which neither std,
+//! tokio nor socket2 offer safely.
 
 pub mod addrs;
 pub mod admin;
@@ -44,6 +47,7 @@ pub mod health;
 pub mod hello;
 pub mod install;
 pub mod intercept;
+pub mod kernel_version;
 pub mod local_addrs;
 pub mod logging;
 pub mod lookup;
