@@ -12,10 +12,12 @@ use crate::{lookup, relay, upstream};
 const PER_CONNECTION: u64 = 2;
 
 /// Descriptors kept for everything else: the splice pipes (two each), the
-/// name look-ups' sockets and Happy Eyeballs' second attempts, and spare
-/// for listeners, netlink sockets, BPF maps, programs and links, the
-/// guard's pipe, standard streams.
+/// reset watches of half-closed TLS connections, the name look-ups'
+/// sockets and Happy Eyeballs' second attempts, and spare for listeners,
+/// netlink sockets, BPF maps, programs and links, the guard's pipe,
+/// standard streams.
 const RESERVE: u64 = 2 * relay::MAX_PIPES as u64
+    + relay::MAX_RESET_WATCHES as u64
     + lookup::MAX_RESOLVING as u64
     + upstream::MAX_SECOND_ATTEMPTS as u64
     + 256;
@@ -113,7 +115,7 @@ mod tests {
     #[test]
     fn a_default_that_does_not_fit_is_lowered() {
         // This machine's limit: 20 000 descriptors.
-        assert_eq!(fit(20_000, None).unwrap(), 9_552);
+        assert_eq!(fit(20_000, None).unwrap(), 9_520);
     }
 
     #[test]

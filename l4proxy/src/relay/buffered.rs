@@ -29,7 +29,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Counter, Deadlines, Outcome, Relayed, expiry, reset_of, tell};
+use super::{Counter, Deadlines, Outcome, Relayed, allowance::Allowance, expiry, reset_of, tell};
 use crate::stream::Stream;
 
 /// One TLS record.
@@ -98,19 +98,46 @@ pub async fn relay(
 /// would hold the socket open past their close.
 #[derive(Default)]
 struct Ended {
-    copy: Mutex<Option<io::Result<OwnedFd>>>,
+    copy: Mutex<Option<io::Result<(OwnedFd, WatchPlace)>>>,
     notify: Notify,
 }
+
+/// The most duplicates for reset watches open at once (each a descriptor
+/// beyond its connection's two, counted in the daemon's budget). Past it, a
+/// half-closed TLS connection has no watch: a reset after its end is seen
+/// when the other direction next writes.
+pub const MAX_RESET_WATCHES: usize = 64;
+
+static WATCHES: Allowance = Allowance::new(MAX_RESET_WATCHES);
 
 impl Ended {
     /// Notes the end of `stream`'s peer (once).
     fn reached(&self, stream: &Stream) {
         let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
         if copy.is_none() {
-            *copy = Some(stream.tcp().as_fd().try_clone_to_owned());
+            *copy = Some(duplicate(stream.tcp()));
             self.notify.notify_one();
         }
     }
+}
+
+/// A reset watch's place under [`MAX_RESET_WATCHES`], given back when
+/// dropped.
+struct WatchPlace;
+
+impl Drop for WatchPlace {
+    fn drop(&mut self) {
+        WATCHES.give_back();
+    }
+}
+
+/// A duplicate of `socket`'s descriptor, within [`MAX_RESET_WATCHES`].
+fn duplicate(socket: &TcpStream) -> io::Result<(OwnedFd, WatchPlace)> {
+    if !WATCHES.take() {
+        return Err(io::Error::other("all reset watches in use"));
+    }
+    let place = WatchPlace;
+    Ok((socket.as_fd().try_clone_to_owned()?, place))
 }
 
 /// Once `ended` is reached, the reset that side's socket then gets, seen
@@ -119,9 +146,15 @@ impl Ended {
 async fn reset_after_end(ended: &Ended) -> io::Error {
     ended.notify.notified().await;
     let copy = ended.copy.lock().unwrap_or_else(|p| p.into_inner()).take();
-    // The duplicate shares the socket, non-blocking already.
-    match copy.map(|fd| fd.and_then(|fd| TcpStream::from_std(std::net::TcpStream::from(fd)))) {
-        Some(Ok(watched)) => reset_of(&watched).await,
+    // The duplicate shares the socket, non-blocking already; its place is
+    // held while the watch lasts.
+    let watched = copy.map(|copy| {
+        copy.and_then(|(fd, place)| {
+            Ok((TcpStream::from_std(std::net::TcpStream::from(fd))?, place))
+        })
+    });
+    match watched {
+        Some(Ok((watched, _place))) => reset_of(&watched).await,
         Some(Err(e)) => {
             tracing::debug!(error = %e, "no reset watch for a half-closed TLS connection");
             std::future::pending().await

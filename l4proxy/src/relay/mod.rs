@@ -17,6 +17,7 @@
 //! `unsafe` is confined to `pipe`, which calls splice(2) and `F_SETPIPE_SZ`
 //! through libc (neither std, tokio nor socket2 wraps them).
 
+mod allowance;
 pub mod buffered;
 mod copy;
 mod pipe;
@@ -37,6 +38,7 @@ use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+pub use self::buffered::MAX_RESET_WATCHES;
 pub use self::copy::write_all;
 use self::pipe::Pipe;
 pub use self::pipe::{MAX_PIPES, trim as trim_pipes};

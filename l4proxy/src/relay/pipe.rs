@@ -17,13 +17,12 @@
 use std::{
     io::{self, PipeReader, PipeWriter, Read, Write},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::{
-        Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Mutex,
 };
 
 use socket2::SockRef;
+
+use super::allowance::Allowance;
 
 /// Capacity asked for each pipe: one splice moves at most this much. In
 /// `cargo xtask bench`, one stream went ~15% faster with 256 KiB than with the
@@ -39,7 +38,7 @@ const PIPE_SIZE: usize = 256 * 1024;
 pub const MAX_PIPES: usize = 256;
 
 /// Pipes open now, in use or pooled.
-static OPEN: AtomicUsize = AtomicUsize::new(0);
+static OPEN: Allowance = Allowance::new(MAX_PIPES);
 
 /// Empty pipes kept for reuse, and the fewest the pool held since the last
 /// [`trim`]: that many were not needed.
@@ -67,13 +66,10 @@ pub struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
-        if OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
-            OPEN.fetch_sub(1, Ordering::Relaxed);
+        if !OPEN.take() {
             return Err(io::Error::other("all pipes in use"));
         }
-        let (reader, writer) = io::pipe().inspect_err(|_| {
-            OPEN.fetch_sub(1, Ordering::Relaxed);
-        })?;
+        let (reader, writer) = io::pipe().inspect_err(|_| OPEN.give_back())?;
         // A pipe keeps its default size when the kernel refuses a larger one
         // (over fs.pipe-max-size or the user's pipe page budget).
         let capacity = set_pipe_size(writer.as_fd(), PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
@@ -109,7 +105,7 @@ impl Pipe {
 
 impl Drop for Pipe {
     fn drop(&mut self) {
-        OPEN.fetch_sub(1, Ordering::Relaxed);
+        OPEN.give_back();
     }
 }
 
@@ -146,7 +142,7 @@ pub fn trim() -> usize {
     drop(pool);
     // Closed outside the lock: bursts need not wait for the close calls.
     drop(idle);
-    OPEN.load(Ordering::Relaxed)
+    OPEN.open()
 }
 
 /// `splice(from, to, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)`.
