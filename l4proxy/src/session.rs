@@ -913,14 +913,16 @@ async fn originate(
 /// Whether a client that negotiated `client` (ALPN) with l4proxy can be
 /// relayed to a server that chose `server`: the same protocol, or HTTP/1.x
 /// to a server that chose none (without ALPN, HTTPS is HTTP/1.x). A client
-/// that named no protocol is relayed whatever the server chose: the server
-/// can only choose from the policy's `alpn`, which is the operator's word
-/// (a plain IMAP client to a server reached with `"alpn": ["imap"]`).
+/// that named no protocol is relayed whatever the server chose from the
+/// policy's `alpn`, the operator's word (a plain IMAP client to a server
+/// reached with `"alpn": ["imap"]`), but h2: over TLS it is spoken only
+/// once ALPN agreed on it (RFC 9113, 3.2), so that client speaks another.
 fn alpn_compatible(client: Option<&[u8]>, server: Option<&[u8]>) -> bool {
     match (client, server) {
         (Some(client), Some(server)) => client == server,
         (Some(client), None) => client == b"http/1.1" || client == b"http/1.0",
-        (None, _) => true,
+        (None, Some(server)) => server != b"h2",
+        (None, None) => true,
     }
 }
 
@@ -1327,6 +1329,10 @@ mod tests {
             "a policy alpn without h2"
         );
         assert!(!ok(Some("http/1.1"), Some("h2")));
+        assert!(
+            !ok(None, Some("h2")),
+            "a client without ALPN to a server that chose h2 from the policy's alpn"
+        );
     }
 
     /// A PROXY v2 header names what the client asked for: the name and
