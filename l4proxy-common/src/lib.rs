@@ -110,6 +110,12 @@ pub struct RuleValue {
 /// Rule ids stay far below this bit (`MAX_RULE_ENTRIES`).
 pub const VIA_BRIDGE_PORT: u32 = 1 << 31;
 
+/// Set in the rule ids ([`RuleValue::rule_id`], [`InterfaceRuleKey::rule_id`])
+/// of every other policy whose gateway rules list interfaces differently
+/// from the running one's: during a reload both policies' pairs are in the
+/// map, and a rule id names one policy's rule, never both.
+pub const RULE_HALF: u32 = 1 << 30;
+
 /// Key of `INTERFACE_RULES`: a gateway rule intercepts on this interface.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

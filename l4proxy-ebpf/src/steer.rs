@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use aya_log_ebpf::debug;
-use l4proxy_common::{Counter, RULE_ON_INTERFACES, RuleKey, SOCKET_V4, SOCKET_V6};
+use l4proxy_common::{Counter, RULE_HALF, RULE_ON_INTERFACES, RuleKey, SOCKET_V4, SOCKET_V6};
 
 use crate::{SOCKETS, count, is_local, on_bridge_port, on_interface, rule_for};
 
@@ -101,7 +101,7 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
                 Counter::AssignFailed
             };
             count(counter);
-            log_refused(&ctx, counter, rule.rule_id, family, ip4, addr, port, err);
+            log_refused(&ctx, counter, rule.rule_id & !RULE_HALF, family, ip4, addr, port, err);
             SK_DROP
         }
     }

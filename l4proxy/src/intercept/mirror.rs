@@ -80,6 +80,10 @@ where
         self.held.contains_key(key)
     }
 
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.held.keys()
+    }
+
     /// Makes the map hold exactly `wanted`: new and changed entries first,
     /// then the stale ones out, so that what both contents hold is never
     /// missing in between.

@@ -37,8 +37,8 @@ use aya::{
 };
 use l4proxy_common::{
     ANY_PORT_CLASS, ClassKey, Counter, DRAINING, INTERFACE_BRIDGE_PORT, INTERFACE_REPLIES,
-    InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE, RETAINING, RuleKey, RuleValue,
-    SOCKET_V4, SOCKET_V6, VIA_BRIDGE_PORT,
+    InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE, RETAINING, RULE_HALF, RuleKey,
+    RuleValue, SOCKET_V4, SOCKET_V6, VIA_BRIDGE_PORT,
 };
 
 use ipnet::IpNet;
@@ -138,6 +138,9 @@ pub struct Interceptor {
     /// Added to every class in the kernel's keys: [`CLASS_HALF`] or 0 (see
     /// `set_rules`).
     class_offset: u32,
+    /// Added to every rule id in `RULES` and `INTERFACE_RULES`: [`RULE_HALF`]
+    /// or 0 (see `prepare_classify`).
+    rule_half: u32,
     sockets: SockMap<MapData>,
     interface_rules: MirroredHash<InterfaceRuleKey, u8>,
     interfaces: HashMap<MapData, u32, InterfaceConfig>,
@@ -196,6 +199,7 @@ impl Interceptor {
             rules: Mirrored::new(take_map(&mut ebpf, "RULES")?, "RULES"),
             port_classes: MirroredArray::new(take_map(&mut ebpf, "PORT_CLASSES")?, "PORT_CLASSES"),
             class_offset: 0,
+            rule_half: 0,
             sockets: take_map(&mut ebpf, "SOCKETS")?,
             interface_rules: Mirrored::new(
                 take_map(&mut ebpf, "INTERFACE_RULES")?,
@@ -230,7 +234,7 @@ impl Interceptor {
     /// each port moves from complete old entries to complete new ones.
     pub fn set_rules(&mut self, compiled: &rules::Compiled) -> Result<(), InterceptError> {
         let offset = self.class_offset_for(compiled);
-        let wanted = rule_entries(&compiled.entries, offset);
+        let wanted = rule_entries(&compiled.entries, offset, self.rule_half);
         self.rules.add(&wanted)?;
         let table: Vec<u32> = compiled
             .classes
@@ -246,7 +250,7 @@ impl Interceptor {
     /// How many `RULES` entries the map holds while it changes to
     /// `compiled`: the new ones go in before the stale ones go out.
     pub fn peak_rule_entries(&self, compiled: &rules::Compiled) -> usize {
-        let new = rule_entries(&compiled.entries, self.class_offset_for(compiled))
+        let new = rule_entries(&compiled.entries, self.class_offset_for(compiled), 0)
             .keys()
             .filter(|key| !self.rules.holds(key))
             .count();
@@ -256,7 +260,9 @@ impl Interceptor {
     /// How many `INTERFACE_RULES` pairs the map holds while it changes to
     /// `plan`'s: the new ones go in before the stale ones go out.
     pub fn peak_interface_pairs(&self, plan: &[ClassifyPlan]) -> usize {
-        let new = wanted_pairs(plan)
+        let new = self
+            .next_pairs(plan)
+            .1
             .keys()
             .filter(|key| !self.interface_rules.holds(key))
             .count();
@@ -354,7 +360,27 @@ impl Interceptor {
                 .insert(interface.index, config, 0)
                 .map_err(map_error("INTERFACES"))?;
         }
-        self.interface_rules.add(&wanted_pairs(plan))
+        let (half, wanted) = self.next_pairs(plan);
+        self.rule_half = half;
+        self.interface_rules.add(&wanted)
+    }
+
+    /// The rule ids' half `plan`'s pairs go in, and the pairs: the running
+    /// half, unless a rule id would then name both a running rule's
+    /// interfaces and other ones of the new policy's rule at that place
+    /// (rules are numbered by their place in the policy): with both
+    /// policies' pairs in the map during the change, a running policy's
+    /// entry would take connections on the new one's interfaces, or the
+    /// other way round. In the other half every id is new, and `set_rules`
+    /// writes the entries with it.
+    fn next_pairs(&self, plan: &[ClassifyPlan]) -> (u32, Contents<InterfaceRuleKey, u8>) {
+        let wanted = wanted_pairs(plan, self.rule_half);
+        if pairs_alias(self.interface_rules.keys(), &wanted) {
+            let other = self.rule_half ^ RULE_HALF;
+            (other, wanted_pairs(plan, other))
+        } else {
+            (self.rule_half, wanted)
+        }
     }
 
     /// Second half: attaches `classify` (tcx, after any program already
@@ -384,7 +410,8 @@ impl Interceptor {
                 link,
             });
         }
-        self.interface_rules.remove_stale(&wanted_pairs(plan))?;
+        self.interface_rules
+            .remove_stale(&wanted_pairs(plan, self.rule_half))?;
         let (kept, gone): (Vec<Attached>, Vec<Attached>) = std::mem::take(&mut self.classify)
             .into_iter()
             .partition(|attached| plan.iter().any(|p| p.interface.index == attached.index));
@@ -480,28 +507,33 @@ fn kernel_class(class: u32, offset: u32) -> u32 {
 fn rule_entries(
     entries: &[rules::KernelEntry],
     offset: u32,
+    rule_half: u32,
 ) -> Contents<(u32, ClassKey), RuleValue> {
     entries
         .iter()
         .map(|entry| {
             let class = kernel_class(u32::from_be_bytes(entry.key.class), offset);
             let key = ClassKey::new(class, entry.key.addr);
-            ((entry.prefix_len, key), entry.value)
+            let value = RuleValue {
+                rule_id: entry.value.rule_id | rule_half,
+                ..entry.value
+            };
+            ((entry.prefix_len, key), value)
         })
         .collect()
 }
 
 /// The `INTERFACE_RULES` entries of gateway rules in `plan`: one per
 /// (interface, rule), and on a bridge port one more for its bridge, where
-/// `steer` sees the connection arrive.
-fn wanted_pairs(plan: &[ClassifyPlan]) -> Contents<InterfaceRuleKey, u8> {
+/// `steer` sees the connection arrive; rule ids in `rule_half`.
+fn wanted_pairs(plan: &[ClassifyPlan], rule_half: u32) -> Contents<InterfaceRuleKey, u8> {
     plan.iter()
         .filter(|planned| planned.role.intercept)
         .flat_map(|planned| {
             planned.rules.iter().flat_map(|&r| {
                 // Fits: rule indices are below MAX_RULE_ENTRIES (see
                 // rules::compile).
-                let rule_id = r as u32;
+                let rule_id = r as u32 | rule_half;
                 let on_port = InterfaceRuleKey {
                     ifindex: planned.interface.index,
                     rule_id,
@@ -516,6 +548,28 @@ fn wanted_pairs(plan: &[ClassifyPlan]) -> Contents<InterfaceRuleKey, u8> {
             })
         })
         .collect()
+}
+
+/// Whether a rule id has pairs in both `held` and `wanted` (ids in the same
+/// half), with other interfaces in each.
+fn pairs_alias<'a>(
+    held: impl Iterator<Item = &'a InterfaceRuleKey>,
+    wanted: &Contents<InterfaceRuleKey, u8>,
+) -> bool {
+    type ByRule = std::collections::HashMap<u32, std::collections::BTreeSet<(u32, u32)>>;
+    let by_rule = |keys: &mut dyn Iterator<Item = &InterfaceRuleKey>| {
+        let mut by_rule = ByRule::new();
+        for key in keys {
+            let rule = key.rule_id & !VIA_BRIDGE_PORT;
+            let place = (key.ifindex, key.rule_id & VIA_BRIDGE_PORT);
+            by_rule.entry(rule).or_default().insert(place);
+        }
+        by_rule
+    };
+    let held = by_rule(&mut { held });
+    let wanted = by_rule(&mut wanted.keys());
+    held.iter()
+        .any(|(rule, places)| wanted.get(rule).is_some_and(|wanted| wanted != places))
 }
 
 fn program<'a>(
@@ -535,4 +589,65 @@ where
 {
     let map = ebpf.take_map(name).ok_or(InterceptError::Missing(name))?;
     T::try_from(map).map_err(map_error(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Interface `index` with gateway rules `rules` (by place), on bridge
+    /// 100 if `bridged`.
+    fn planned(index: u32, rules: &[usize], bridged: bool) -> ClassifyPlan {
+        ClassifyPlan {
+            interface: Interface {
+                name: format!("eth{index}"),
+                index,
+                l2_len: Some(14),
+                master: None,
+                is_bridge: false,
+                mac: None,
+            },
+            role: ClassifyRole {
+                intercept: true,
+                replies: false,
+            },
+            rules: rules.to_vec(),
+            bridge: bridged.then_some(bridge::BridgeOfPort {
+                index: 100,
+                mac: [2, 0, 0, 0, 0, 1],
+            }),
+        }
+    }
+
+    #[test]
+    fn pairs_name_rules_in_the_half_given() {
+        let pairs = wanted_pairs(&[planned(2, &[0, 3], true)], RULE_HALF);
+        let mut keys: Vec<(u32, u32)> = pairs.keys().map(|k| (k.ifindex, k.rule_id)).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                (2, RULE_HALF),
+                (2, RULE_HALF | 3),
+                (100, VIA_BRIDGE_PORT | RULE_HALF),
+                (100, VIA_BRIDGE_PORT | RULE_HALF | 3),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rule_id_naming_other_interfaces_in_the_new_policy_aliases() {
+        let running = wanted_pairs(&[planned(2, &[0], false)], 0);
+        let alias = |plan: &[ClassifyPlan]| pairs_alias(running.keys(), &wanted_pairs(plan, 0));
+        // The same rule on the same interface, or a rule added at a new
+        // place: no id means two things.
+        assert!(!alias(&[planned(2, &[0], false)]));
+        assert!(!alias(&[planned(2, &[0], false), planned(3, &[1], false)]));
+        // Rule 0 dropped (its place now a rule without interfaces).
+        assert!(!alias(&[]));
+        // A rule put first: place 0 is now another rule on eth3.
+        assert!(alias(&[planned(3, &[0], false), planned(2, &[1], false)]));
+        // Rule 0 on eth2 and on a bridge port now.
+        assert!(alias(&[planned(2, &[0], false), planned(4, &[0], true)]));
+    }
 }
