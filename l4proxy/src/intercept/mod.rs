@@ -443,7 +443,8 @@ impl Interceptor {
 
     /// Takes no new connection, keeps the open ones: detaches `steer` (new
     /// connections to this host's prefixes take the normal socket lookup,
-    /// and find nothing) and has `classify` mark a gateway rule's packets
+    /// and find nothing, unless a service of this host listens on their port
+    /// on every address) and has `classify` mark a gateway rule's packets
     /// only for connections the daemon already has (new ones are forwarded).
     pub fn drain(&mut self) -> Result<(), InterceptError> {
         self.settings
