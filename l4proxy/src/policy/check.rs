@@ -564,6 +564,23 @@ fn check_original_destination(policy: &Policy, target: &BindTarget) -> Result<()
             ),
         ));
     }
+    if target.bind.is_client()
+        && let Some(&RuleId(r)) = target
+            .rules
+            .iter()
+            .find(|&&r| policy.rules[r.0].connect.is_some())
+    {
+        return Err(PolicyError::at(
+            target.bind_path(policy),
+            format!(
+                "\"client-ip\" cannot be used with upstream {:?} (original_destination) for \
+                 CONNECT rule {:?} (intercept[{r}]): a tunnel's destination can be anywhere, and \
+                 the replies to a connection from the client's address are taken for the proxy \
+                 only from listed servers and gateway rules' destinations",
+                upstream.name, policy.rules[r].name
+            ),
+        ));
+    }
     if let Some(&RuleId(r)) = target.rules.iter().find(|&&r| {
         // A CONNECT client names its destination: never this host's
         // unless the front end allows it.

@@ -263,3 +263,18 @@ fn a_listener_is_one_rules_and_not_steered_elsewhere() {
         "{err}"
     );
 }
+
+#[test]
+fn a_tunnel_to_anywhere_is_not_made_from_the_clients_address() {
+    assert_eq!(
+        error_with(
+            r#""direct": { "original_destination": true }"#,
+            r#""direct": { "original_destination": true, "bind": "client-ip" }"#
+        ),
+        "upstreams.direct.bind: \"client-ip\" cannot be used with upstream \"direct\" \
+         (original_destination) for CONNECT rule \"explicit\" (intercept[0]): a tunnel's \
+         destination can be anywhere, and the replies to a connection from the client's \
+         address are taken for the proxy only from listed servers and gateway rules' \
+         destinations"
+    );
+}
