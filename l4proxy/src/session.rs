@@ -778,7 +778,7 @@ async fn open(
         }
     }
     if let Some(origination) = &pool.origination {
-        let alpn = record.tls_inside(hop_tls).and_then(|tls| tls.alpn.clone());
+        let alpn = record.tls_inside(hop_tls).map(|tls| tls.alpn.clone());
         let name = client_name.or_else(|| target_name.clone());
         match originate(upstream, origination, name, alpn, shared.connect_timeout).await {
             Ok(secured) => {
@@ -863,17 +863,20 @@ async fn upstream_failed(client: &mut Stream, established: bool, timed_out: bool
 /// TLS to the upstream over `upstream`, within `deadline`: its certificate
 /// must have `origination`'s server name, or else `client_name` (what the
 /// client asked for). ALPN is the policy's, or else the one the client
-/// negotiated with l4proxy; either way the server must agree to the
-/// client's: relaying a client that speaks h2 to a server that did not
+/// negotiated with l4proxy (`client_alpn`: `None` when l4proxy did not end
+/// the client's TLS, or it had none); either way the server must agree to
+/// the client's: relaying a client that speaks h2 to a server that did not
 /// agree to it (one that ignores ALPN, or a policy that offers only
 /// http/1.1) would fail later, inside the protocol, with nothing logged.
 async fn originate(
     upstream: Stream,
     origination: &upstream::Origination,
     client_name: Option<String>,
-    client_alpn: Option<String>,
+    client_alpn: Option<Option<String>>,
     deadline: Duration,
 ) -> Result<Stream, String> {
+    let terminated = client_alpn.is_some();
+    let client_alpn = client_alpn.flatten();
     let name = match (&origination.server_name, client_name) {
         (Some(name), _) => name.clone(),
         (None, Some(name)) => ServerName::try_from(name.clone())
@@ -900,7 +903,11 @@ async fn originate(
         Err(_) => return Err(format!("no TLS handshake within {deadline:?}")),
     };
     let agreed = secured.get_ref().1.alpn_protocol();
-    if !alpn_compatible(client_alpn.as_deref().map(str::as_bytes), agreed) {
+    if !alpn_compatible(
+        client_alpn.as_deref().map(str::as_bytes),
+        terminated,
+        agreed,
+    ) {
         let agreed = agreed.map_or("none".into(), String::from_utf8_lossy);
         let client = client_alpn.as_deref().unwrap_or("none");
         return Err(format!(
@@ -915,13 +922,15 @@ async fn originate(
 /// to a server that chose none (without ALPN, HTTPS is HTTP/1.x). A client
 /// that named no protocol is relayed whatever the server chose from the
 /// policy's `alpn`, the operator's word (a plain IMAP client to a server
-/// reached with `"alpn": ["imap"]`), but h2: over TLS it is spoken only
-/// once ALPN agreed on it (RFC 9113, 3.2), so that client speaks another.
-fn alpn_compatible(client: Option<&[u8]>, server: Option<&[u8]>) -> bool {
+/// reached with `"alpn": ["imap"]`, a plain client with h2 from the start),
+/// but h2 to one whose TLS l4proxy ended (`terminated`) without a
+/// protocol: over TLS, h2 is spoken only once ALPN agreed on it (RFC 9113,
+/// 3.2), so that client speaks another.
+fn alpn_compatible(client: Option<&[u8]>, terminated: bool, server: Option<&[u8]>) -> bool {
     match (client, server) {
         (Some(client), Some(server)) => client == server,
         (Some(client), None) => client == b"http/1.1" || client == b"http/1.0",
-        (None, Some(server)) => server != b"h2",
+        (None, Some(server)) => !(terminated && server == b"h2"),
         (None, None) => true,
     }
 }
@@ -1313,7 +1322,7 @@ mod tests {
     #[test]
     fn alpn_compatibility() {
         let ok = |c: Option<&str>, s: Option<&str>| {
-            alpn_compatible(c.map(str::as_bytes), s.map(str::as_bytes))
+            alpn_compatible(c.map(str::as_bytes), true, s.map(str::as_bytes))
         };
         assert!(ok(Some("h2"), Some("h2")));
         assert!(ok(None, None));
@@ -1331,7 +1340,11 @@ mod tests {
         assert!(!ok(Some("http/1.1"), Some("h2")));
         assert!(
             !ok(None, Some("h2")),
-            "a client without ALPN to a server that chose h2 from the policy's alpn"
+            "a terminated client without ALPN to a server that chose h2 from the policy's alpn"
+        );
+        assert!(
+            alpn_compatible(None, false, Some(b"h2")),
+            "a plain client (h2 with prior knowledge) to a server that chose h2"
         );
     }
 
