@@ -31,7 +31,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use l4proxy_common::{MAX_INTERFACE_RULES, MAX_RULE_ENTRIES};
+use l4proxy_common::{MAX_INTERFACE_RULES, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::{
@@ -91,6 +91,10 @@ pub enum InstallError {
         "gateway rules need {peak} (interface, rule) pairs in the kernel (a bridge counts each of its ports too), more than its {MAX_INTERFACE_RULES}, while the new policy replaces the running one; list fewer interfaces, or restart l4proxy with the new policy"
     )]
     TooManyInterfacePairs { peak: usize },
+    #[error(
+        "the upstream servers' map would hold {peak} addresses while the new policy replaces the running one, more than its {MAX_UPSTREAM_SERVERS}; restart l4proxy with the new policy instead"
+    )]
+    TooManyUpstreamServers { peak: usize },
 }
 
 /// Everything this daemon set up in its network namespace.
@@ -273,6 +277,12 @@ impl Installation {
         if peak > MAX_INTERFACE_RULES as usize {
             return Err(InstallError::TooManyInterfacePairs { peak });
         }
+        let peak = self
+            .interceptor
+            .peak_upstream_servers(&upstream_servers(&policy));
+        if peak > MAX_UPSTREAM_SERVERS as usize {
+            return Err(InstallError::TooManyUpstreamServers { peak });
+        }
 
         let active = Arc::new(
             Active::new(
@@ -379,13 +389,7 @@ impl Installation {
             self.older.iter().map(|g| g.needs.classify.as_slice()),
         );
         let compiled = current.rules.clone();
-        let upstream_servers: Vec<SocketAddr> = current
-            .active
-            .policy
-            .upstreams
-            .iter()
-            .flat_map(|upstream| upstream.servers().iter().copied())
-            .collect();
+        let upstream_servers = upstream_servers(&current.active.policy);
         let retaining = !self.older.is_empty();
 
         // The routes are added while the maps are written: each takes a
@@ -974,6 +978,15 @@ fn owned_prefixes(policy: &Policy) -> Vec<IpNet> {
 /// (`RETAINING`). An interface is the same by its index: an older plan's
 /// copy of it may be stale (a new MAC or master since), and a second entry
 /// for one index would overwrite the current one's configuration.
+/// Every upstream's servers, as `UPSTREAM_SERVERS` holds them.
+fn upstream_servers(policy: &Policy) -> Vec<SocketAddr> {
+    policy
+        .upstreams
+        .iter()
+        .flat_map(|upstream| upstream.servers().iter().copied())
+        .collect()
+}
+
 fn with_older_interfaces<'a>(
     current: &[ClassifyPlan],
     older: impl Iterator<Item = &'a [ClassifyPlan]>,

@@ -285,19 +285,23 @@ impl Interceptor {
         }
     }
 
+    /// How many `UPSTREAM_SERVERS` entries the map holds while it changes
+    /// to `servers`: the new ones go in before the stale ones go out.
+    pub fn peak_upstream_servers(&self, servers: &[std::net::SocketAddr]) -> usize {
+        let new = upstream_server_entries(servers.iter().copied())
+            .keys()
+            .filter(|key| !self.upstream_servers.holds(key))
+            .count();
+        self.upstream_servers.len() + new
+    }
+
     /// Makes `UPSTREAM_SERVERS` hold exactly `servers`.
     pub fn set_upstream_servers(
         &mut self,
         servers: impl IntoIterator<Item = std::net::SocketAddr>,
     ) -> Result<(), InterceptError> {
-        let wanted: Contents<RuleKey, u8> = servers
-            .into_iter()
-            .map(|server| {
-                let key = RuleKey::new(server.port(), lpm::key(server.ip()).to_be_bytes());
-                (key, 1)
-            })
-            .collect();
-        self.upstream_servers.set(&wanted)
+        self.upstream_servers
+            .set(&upstream_server_entries(servers.into_iter()))
     }
 
     /// Keeps connections opened under a replaced policy working, whatever
@@ -371,16 +375,24 @@ impl Interceptor {
     /// (rules are numbered by their place in the policy): with both
     /// policies' pairs in the map during the change, a running policy's
     /// entry would take connections on the new one's interfaces, or the
-    /// other way round. In the other half every id is new, and `set_rules`
-    /// writes the entries with it.
+    /// other way round. The other half is empty once a change is complete
+    /// (`set_rules` then writes the entries with its ids); a change that
+    /// failed part way may have left pairs there, which are looked at too.
     fn next_pairs(&self, plan: &[ClassifyPlan]) -> (u32, Contents<InterfaceRuleKey, u8>) {
         let wanted = wanted_pairs(plan, self.rule_half);
-        if pairs_alias(self.interface_rules.keys(), &wanted) {
-            let other = self.rule_half ^ RULE_HALF;
-            (other, wanted_pairs(plan, other))
-        } else {
-            (self.rule_half, wanted)
+        if !pairs_alias(self.interface_rules.keys(), &wanted) {
+            return (self.rule_half, wanted);
         }
+        let other = self.rule_half ^ RULE_HALF;
+        let wanted = wanted_pairs(plan, other);
+        if pairs_alias(self.interface_rules.keys(), &wanted) {
+            tracing::warn!(
+                "a change that failed part way left gateway rules' interface pairs in both \
+                 halves: while this one is made, a gateway rule may take connections on \
+                 another's interfaces"
+            );
+        }
+        (other, wanted)
     }
 
     /// Second half: attaches `classify` (tcx, after any program already
@@ -501,6 +513,18 @@ fn kernel_class(class: u32, offset: u32) -> u32 {
     } else {
         class | offset
     }
+}
+
+/// `UPSTREAM_SERVERS` entries of `servers`.
+fn upstream_server_entries(
+    servers: impl Iterator<Item = std::net::SocketAddr>,
+) -> Contents<RuleKey, u8> {
+    servers
+        .map(|server| {
+            let key = RuleKey::new(server.port(), lpm::key(server.ip()).to_be_bytes());
+            (key, 1)
+        })
+        .collect()
 }
 
 /// `RULES` entries keyed as the trie keys them, classes in the half `offset`
