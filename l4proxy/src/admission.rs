@@ -7,8 +7,9 @@
 //! client that is refused should know it now, not after a timeout, and must
 //! not wait in the accept queue. The ones it already has are not touched.
 //! Refusals are counted (`l4proxy_limited_connections_total`, and in the
-//! shutdown summary) and logged at most once a second per kind, with how many were not logged in between: a flood must
-//! not turn into a flood of log lines.
+//! shutdown summary) and logged at most once a second per kind, with how
+//! many were not logged in between: a flood must not turn into a flood of
+//! log lines.
 
 use std::{
     collections::HashMap,

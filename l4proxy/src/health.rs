@@ -108,6 +108,13 @@ impl ServerState {
         Lease(self.clone())
     }
 
+    /// Up, without a log line (a server no policy has: its state only
+    /// matters should one bring it back).
+    fn set_up_quietly(&self) {
+        self.up.store(true, Ordering::Relaxed);
+        self.errors.store(0, Ordering::Relaxed);
+    }
+
     /// Marks it up or down, logging why, unless it already is; says
     /// whether it changed.
     fn mark(&self, up: bool, why: &dyn fmt::Display) -> bool {
@@ -194,12 +201,18 @@ struct Checks {
 impl Entry {
     /// Stops the server's checks. A server that had them is up: nothing
     /// would bring it back (a later policy may have it again, unchecked).
-    fn stop_checks(&mut self, why: &dyn fmt::Display) {
+    /// Logged with `why`, if given: not for a server no policy has any more.
+    fn stop_checks(&mut self, why: Option<&dyn fmt::Display>) {
         if let Some(checks) = self.checks.take() {
             checks.task.abort();
         }
         if self.state.checked.swap(false, Ordering::Relaxed) {
-            self.state.mark(true, why);
+            match why {
+                Some(why) => {
+                    self.state.mark(true, why);
+                }
+                None => self.state.set_up_quietly(),
+            }
         }
     }
 }
@@ -257,7 +270,7 @@ impl Registry {
             if wanted.contains_key(key) {
                 return true;
             }
-            entry.stop_checks(&"its upstream no longer has it");
+            entry.stop_checks(None);
             Arc::strong_count(&entry.state) > 1
         });
         for (key, plan) in wanted {
@@ -280,7 +293,7 @@ impl Registry {
                         task: task.abort_handle(),
                     });
                 }
-                None => entry.stop_checks(&"its health checks were removed"),
+                None => entry.stop_checks(Some(&"its health checks were removed")),
             }
         }
     }

@@ -3,8 +3,9 @@
 //!
 //! Module map, in the order of the data path: `policy` (raw JSON → checked
 //! `Policy`), `intercept` (BPF programs, maps, local routes and policy
-//! routing) with `kernel_version` (what the kernel must have), `local_addrs` (this host's addresses), `server` (set-up,
-//! listen, accept, shutdown) with `explicit` (the CONNECT rules' listeners)
+//! routing) with `kernel_version` (what the kernel must have),
+//! `local_addrs` (this host's addresses), `server` (set-up, listen,
+//! accept, shutdown) with `explicit` (the CONNECT rules' listeners)
 //! and `takeover` (handing the listeners and routing state to a successor),
 //! `descriptors` (the open-files budget) and `admission` (connection
 //! limits), `session` (one connection from accept to its log line: front →

@@ -15,7 +15,8 @@
 //! still queued in the client socket and go out first.
 //!
 //! `unsafe` is confined to `pipe`, which calls splice(2) and `F_SETPIPE_SZ`
-//! through libc (neither std, tokio nor socket2 wraps them).
+//! through libc, and `splice`, which asks `SIOCATMARK` (neither std, tokio
+//! nor socket2 wraps them).
 
 mod allowance;
 pub mod buffered;

@@ -1,8 +1,7 @@
 //! Pipes for splice(2), and a pool of empty ones.
 //!
-//! This is the only part of the relay that needs `unsafe`: neither std, tokio
-//! nor socket2 wraps splice(2) or `F_SETPIPE_SZ`, so both are called through
-//! libc, each call with its SAFETY note.
+//! Neither std, tokio nor socket2 wraps splice(2) or `F_SETPIPE_SZ`, so
+//! both are called through libc, each call with its SAFETY note.
 //!
 //! A relay direction holds a pipe only while bytes are moving and gives it back
 //! empty as soon as its socket has nothing more to read, so an idle connection
