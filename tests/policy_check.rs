@@ -28,12 +28,18 @@ fn check(name: &str) -> Checked {
 }
 
 fn check_with(name: &str, flags: &[&str]) -> Checked {
+    check_in(name, flags, &[])
+}
+
+/// `l4proxy check` with `env` added to its environment.
+fn check_in(name: &str, flags: &[&str], env: &[(&str, &std::path::Path)]) -> Checked {
     let path = fixture(name);
     assert!(path.exists(), "fixture {} missing", path.display());
     let out = Command::new(lab::daemon::binary())
         .arg("check")
         .args(flags)
         .arg(&path)
+        .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("run {} check: {e}", lab::daemon::binary()));
     Checked {
@@ -103,6 +109,37 @@ fn assert_refused(name: &str, line: Option<usize>, path: &str, reasons: &[&str])
             "reason should mention {reason:?}; {ctx}"
         );
     }
+}
+
+/// What the daemon builds from the file is built too: an upstream's TLS
+/// with the system's CA store, which here is empty (rustls-native-certs
+/// reads SSL_CERT_FILE and SSL_CERT_DIR instead of the system's paths).
+#[test]
+fn tls_without_cas_is_refused() {
+    let with_system = check("tls_no_system_cas.json");
+    assert!(
+        with_system.ok,
+        "{}{}",
+        with_system.stdout, with_system.stderr
+    );
+    let empty = lab::TempDir::new("no-cas");
+    let c = check_in(
+        "tls_no_system_cas.json",
+        &[],
+        &[
+            ("SSL_CERT_FILE", std::path::Path::new("/dev/null")),
+            ("SSL_CERT_DIR", empty.path()),
+        ],
+    );
+    assert!(!c.ok, "should be refused: {}{}", c.stdout, c.stderr);
+    assert_eq!(
+        c.stderr.trim(),
+        format!(
+            "{}: upstreams.origin.tls: no CA certificates found in the system's store \
+             (install Debian's ca-certificates, or name a CA file)",
+            c.file
+        )
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use clap::Parser;
 use l4proxy::{
     addrs::{ClientAddr, OrigDstAddr},
     cli::{Cli, Command, ExplainArgs, RunArgs},
-    control, descriptors,
+    control, descriptors, health,
     intercept::{guard, routes},
     logging::{self, LogFormat, LogGuard},
     policy::{Policy, Target, Timeouts},
@@ -14,6 +14,8 @@ use l4proxy::{
     server::{self, Ended, Settings},
     session::Defaults,
     takeover::Restart,
+    tls::Terminators,
+    upstream::Pool,
     workers::{self, Workers},
 };
 
@@ -120,6 +122,10 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
 fn check(file: &std::path::Path, strict: bool) -> ExitCode {
     match Policy::load_all(file) {
         Ok(policy) => {
+            if let Err(e) = tls_configs(&policy) {
+                eprintln!("{}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
             let warnings = policy.warnings();
             for warning in &warnings {
                 eprintln!("{}: warning: {warning}", file.display());
@@ -148,6 +154,16 @@ fn check(file: &std::path::Path, strict: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Builds the TLS configurations the daemon builds from `policy`: what
+/// reading the file does not find out (an empty system CA store, say).
+fn tls_configs(policy: &Policy) -> Result<(), String> {
+    let health = health::Registry::default();
+    for upstream in &policy.upstreams {
+        Pool::new(upstream, &health)?;
+    }
+    Terminators::new(policy).map(drop)
 }
 
 fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
