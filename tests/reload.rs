@@ -333,3 +333,66 @@ fn a_reload_does_not_count_the_replaced_policys_prefixes_as_this_hosts() {
         "from the fixed address"
     );
 }
+
+/// Sends a CONNECT for `target` through `proxy` and reads the answer's
+/// status line; on `200`, the server's greeting too.
+fn tunnel(t: &Topo, proxy: &str, target: &str) -> (String, Option<String>) {
+    use std::io::Write;
+    let mut c = connect(&t.cl, sa(proxy));
+    write!(c, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    let status = lab::read_line(&mut c).unwrap_or_else(|e| panic!("{proxy}: answer: {e}"));
+    let status = status.trim_end().to_owned();
+    if !status.starts_with("HTTP/1.1 200") {
+        return (status, None);
+    }
+    // The rest of the head, then the server's first line.
+    while !lab::read_line(&mut c).unwrap().trim().is_empty() {}
+    let greeting = lab::read_line(&mut c).unwrap();
+    (status, Some(greeting))
+}
+
+/// A CONNECT listener on an address a prefix of the new policy makes this
+/// host's: bound at the reload, before the policy's routes exist, and
+/// reached once they do. A later policy that keeps the listener but drops
+/// the prefix is refused: nothing would make the address local then.
+#[test]
+fn a_connect_listener_may_be_in_a_prefix_the_reload_makes_local() {
+    let (t, _a) = Topo::with_echo("reload_connect", "203.0.113.2:8080", "a");
+    let explicit = |listen: &str| {
+        json!({ "name": "explicit", "upstream": "direct",
+                "connect": { "listen": [listen], "clients": ["198.51.100.0/24"], "ports": [8080] } })
+    };
+    let upstreams = json!({ "direct": { "original_destination": true },
+                            "a": { "servers": ["203.0.113.2:8080"] } });
+    let first = json!({ "intercept": [explicit("198.51.100.1:3128")], "upstreams": upstreams });
+    let owned = json!({
+        "intercept": [
+            { "name": "svc", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "a" },
+            explicit("192.0.2.1:3128")
+        ],
+        "upstreams": upstreams
+    });
+    let mut d = Daemon::start_ready(&t.px, &first, &[]);
+    assert_eq!(
+        message(&d.reload(&owned)),
+        Some("policy reloaded"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        tunnel(&t, "192.0.2.1:3128", "203.0.113.2:8080"),
+        (
+            "HTTP/1.1 200 Connection established".to_owned(),
+            Some("a".to_owned())
+        )
+    );
+    let dropped = json!({ "intercept": [explicit("192.0.2.1:3128")], "upstreams": upstreams });
+    let refused = d.reload(&dropped);
+    let text = message(&refused).unwrap_or_default().to_owned();
+    assert!(
+        text.contains("intercept[0].connect.listen[0]: 192.0.2.1 is not an address of this host")
+            && text.contains("the running policy stays in force"),
+        "{refused}"
+    );
+    assert_eq!(greeting(&t, "192.0.2.10:80"), "a", "the running policy");
+}

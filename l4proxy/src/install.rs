@@ -83,6 +83,8 @@ pub enum InstallError {
     Tls(String),
     #[error("{0}")]
     Kernel(String),
+    #[error("{}", .0.join("; "))]
+    Unreachable(Vec<String>),
     #[error(
         "the rule map would hold {peak} entries while the new policy replaces the running one, more than its {MAX_RULE_ENTRIES}; restart l4proxy with the new policy instead"
     )]
@@ -261,6 +263,10 @@ impl Installation {
         }
         if !findings.errors.is_empty() {
             return Err(InstallError::Sysctl(findings.errors));
+        }
+        let unreachable = unreachable_listeners(&policy, &self.local, &needs.owned);
+        if !unreachable.is_empty() {
+            return Err(InstallError::Unreachable(unreachable));
         }
         // Before anything changes: attaching the tc program is the last step.
         if !needs.classify.is_empty()
@@ -663,6 +669,44 @@ pub async fn check_host(policy: &Policy, local: &LocalAddrs) -> Result<HostCheck
     Ok(HostCheck { needs, findings })
 }
 
+/// The CONNECT listeners whose address is not this host's once `policy` is
+/// in force (`owned`: the prefixes it makes local): an address of an
+/// interface, in `owned`, or one the host's routes make local (an operator's
+/// `local` route) — but not one only a prefix of the running policies makes
+/// local, which goes when they do. The listeners are bound before the
+/// policy's routes exist (`IP_FREEBIND`), so this is where such an address
+/// is found out, before anything changes.
+fn unreachable_listeners(policy: &Policy, local: &LocalAddrs, owned: &[IpNet]) -> Vec<String> {
+    let bindable = |ip: IpAddr| {
+        let addr = SocketAddr::new(ip, 0);
+        Socket::new(Domain::for_address(addr), Type::STREAM, None)
+            .and_then(|socket| socket.bind(&addr.into()))
+            .is_ok()
+    };
+    let ours_only = |ip: IpAddr| local.contains(ip) && !local.is_host_address(ip);
+    let reachable = |ip: IpAddr| {
+        local.is_host_address(ip)
+            || owned.iter().any(|prefix| prefix.contains(&ip))
+            || (!ours_only(ip) && bindable(ip))
+    };
+    let mut unreachable = Vec::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let Some(front) = &rule.connect else {
+            continue;
+        };
+        for (k, addr) in front.listen.iter().enumerate() {
+            if !reachable(addr.ip()) {
+                unreachable.push(format!(
+                    "intercept[{i}].connect.listen[{k}]: {} is not an address of this host, nor \
+                     in a prefix the policy makes local: no client could reach the listener",
+                    addr.ip()
+                ));
+            }
+        }
+    }
+    unreachable
+}
+
 /// Routes and rules a crashed daemon left in this namespace, removed.
 pub async fn remove_leftovers() -> Result<(), InstallError> {
     let leftovers = routes::remove_leftovers().await?;
@@ -699,12 +743,13 @@ pub(crate) fn listen(
         // Each family has its own listener; never see IPv4-mapped addresses.
         socket.set_only_v6(true)?;
     }
-    if role == Role::Steered {
-        if addr.is_ipv6() {
-            socket.set_ip_transparent_v6(true)?;
-        } else {
-            socket.set_ip_transparent_v4(true)?;
-        }
+    match (role, addr.is_ipv6()) {
+        (Role::Steered, true) => socket.set_ip_transparent_v6(true)?,
+        (Role::Steered, false) => socket.set_ip_transparent_v4(true)?,
+        // Bound before the policy's own routes make the address local, at
+        // a reload; `check_host` has made sure it will be.
+        (Role::Connect, true) => socket.set_freebind_v6(true)?,
+        (Role::Connect, false) => socket.set_freebind_v4(true)?,
     }
     // The kernel lets only sockets of the same user join a reuseport group:
     // those created at start-up are root's.
