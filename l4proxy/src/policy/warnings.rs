@@ -1,7 +1,8 @@
 //! What a policy may say but almost certainly does not mean: routes no
-//! connection can reach, rules whose every connection is refused, and
-//! certificates that expire soon or are for none of their routes' names. Each
-//! check is conservative: it warns only when it is sure.
+//! connection can reach, rules whose every connection is refused, gateway
+//! rules a rule without interfaces takes addresses from, and certificates
+//! that expire soon or are for none of their routes' names. Each check is
+//! conservative: it warns only when it is sure.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -62,12 +63,57 @@ impl Policy {
                 .iter()
                 .filter_map(|t| self.missing_family(t)),
         );
+        warnings.extend(self.gateways_inside_local_prefixes());
         warnings.extend(super::tls_checks::warnings(self));
         warnings
     }
 }
 
 impl Policy {
+    /// A rule without interfaces makes its prefixes this host's own, on
+    /// every port; a gateway rule takes only connections this host
+    /// forwards, so it takes none to an address in them, on any port of
+    /// its own: those are this host's, and reset where nothing listens.
+    /// (The other way round, a gateway rule inside such a prefix, is an
+    /// error: it would take nothing at all.)
+    fn gateways_inside_local_prefixes(&self) -> Vec<String> {
+        let family = |net: &IpNet| usize::from(matches!(net, IpNet::V6(_)));
+        // Each gateway prefix with its first rule, and the lengths in use
+        // per family: a prefix's enclosing ones are looked up, not searched.
+        let mut gateway: std::collections::HashMap<IpNet, usize> = Default::default();
+        let mut lengths = [std::collections::BTreeSet::new(), Default::default()];
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.is_gateway() {
+                for prefix in &rule.prefixes {
+                    gateway.entry(*prefix).or_insert(i);
+                    lengths[family(prefix)].insert(prefix.prefix_len());
+                }
+            }
+        }
+        let mut warnings = Vec::new();
+        for (j, rule) in self.rules.iter().enumerate() {
+            if rule.is_gateway() {
+                continue;
+            }
+            for (k, prefix) in rule.prefixes.iter().enumerate() {
+                let within = lengths[family(prefix)]
+                    .range(..=prefix.prefix_len())
+                    .filter_map(|&len| IpNet::new(prefix.addr(), len).ok().map(|n| n.trunc()))
+                    .find_map(|outer| gateway.get(&outer).map(|&i| (outer, i)));
+                if let Some((outer, i)) = within {
+                    warnings.push(format!(
+                        "intercept[{j}].prefixes[{k}]: {prefix} becomes this host's own, and \
+                         gateway rule {:?} (intercept[{i}], {outer}) takes only connections \
+                         this host forwards: its connections to {prefix} are this host's, \
+                         reset where nothing listens",
+                        self.rules[i].name
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
     /// A connection from the client's address is made in the client's
     /// family: a pool without a server of a family its rules intercept
     /// refuses those clients.

@@ -257,3 +257,21 @@ fn the_family_warning_follows_a_routes_destination_condition() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn a_local_prefix_inside_a_gateway_rule_is_warned_of() {
+    let policy = policy_with(
+        r#""prefixes": ["192.0.2.0/24"], "ports": [443]"#,
+        r#""prefixes": ["192.0.2.0/24", "203.0.113.128/25"], "ports": [443]"#,
+    );
+    assert_eq!(
+        policy.warnings(),
+        [
+            "intercept[1].prefixes[1]: 203.0.113.128/25 becomes this host's own, and gateway \
+             rule \"gateway\" (intercept[0], 203.0.113.0/24) takes only connections this host \
+             forwards: its connections to 203.0.113.128/25 are this host's, reset where \
+             nothing listens"
+        ]
+    );
+    assert!(Policy::from_json(EXAMPLE).unwrap().warnings().is_empty());
+}
