@@ -747,7 +747,7 @@ pub(crate) fn listen(
         (Role::Steered, true) => socket.set_ip_transparent_v6(true)?,
         (Role::Steered, false) => socket.set_ip_transparent_v4(true)?,
         // Bound before the policy's own routes make the address local, at
-        // a reload; `check_host` has made sure it will be.
+        // a reload; `Installation::apply` has made sure it will be.
         (Role::Connect, true) => socket.set_freebind_v6(true)?,
         (Role::Connect, false) => socket.set_freebind_v4(true)?,
     }
@@ -1018,11 +1018,6 @@ fn owned_prefixes(policy: &Policy) -> Vec<IpNet> {
     prefixes
 }
 
-/// The current policy's plan, and the interfaces of older plans with no
-/// rule of their own: `classify` keeps their connections' packets
-/// (`RETAINING`). An interface is the same by its index: an older plan's
-/// copy of it may be stale (a new MAC or master since), and a second entry
-/// for one index would overwrite the current one's configuration.
 /// Every upstream's servers, as `UPSTREAM_SERVERS` holds them.
 fn upstream_servers(policy: &Policy) -> Vec<SocketAddr> {
     policy
@@ -1032,6 +1027,11 @@ fn upstream_servers(policy: &Policy) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// The current policy's plan, and the interfaces of older plans with no
+/// rule of their own: `classify` keeps their connections' packets
+/// (`RETAINING`). An interface is the same by its index: an older plan's
+/// copy of it may be stale (a new MAC or master since), and a second entry
+/// for one index would overwrite the current one's configuration.
 fn with_older_interfaces<'a>(
     current: &[ClassifyPlan],
     older: impl Iterator<Item = &'a [ClassifyPlan]>,
