@@ -15,11 +15,8 @@ use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -27,6 +24,7 @@ use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
+    logging::Throttle,
     metrics::Metrics,
     policy::{ClientLimits, InterceptRule},
     relay,
@@ -64,12 +62,10 @@ impl Refusal {
     }
 }
 
-/// What one kind of refusal has counted and when it may be logged next.
+/// What one kind of refusal has counted, and its log lines' pace.
 struct Tally {
     total: Counter,
-    /// Refusals since the last log line.
-    unlogged: AtomicU64,
-    next_log: Mutex<Option<Instant>>,
+    log: Throttle,
 }
 
 /// At most one log line a second per kind of refusal.
@@ -121,8 +117,7 @@ impl Admission {
             held: Mutex::new(HashMap::new()),
             tallies: totals.map(|total| Tally {
                 total,
-                unlogged: AtomicU64::new(0),
-                next_log: Mutex::new(None),
+                log: Throttle::new(LOG_EVERY),
             }),
         })
     }
@@ -202,17 +197,9 @@ impl Admission {
         relay::reset_on_close(stream);
         let tally = &self.tallies[refusal as usize];
         tally.total.inc();
-        tally.unlogged.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let mut next = tally
-            .next_log
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if next.is_some_and(|next| now < next) {
+        let Some(refused) = tally.log.event() else {
             return;
-        }
-        *next = Some(now + LOG_EVERY);
-        let refused = tally.unlogged.swap(0, Ordering::Relaxed);
+        };
         tracing::warn!(
             %client,
             refused,

@@ -25,6 +25,8 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use crate::logging::Throttle;
+
 /// The socket's abstract name.
 const NAME: &[u8] = b"l4proxy-control";
 
@@ -174,11 +176,18 @@ async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
         && crate::privilege::held_by(pid)
             .is_ok_and(|held| held.effective.contains(crate::privilege::CAP_NET_ADMIN));
     if uid != 0 || !admin {
-        tracing::warn!(
-            uid,
-            pid,
-            "control socket: refused a client that is not root with cap_net_admin"
-        );
+        // Any local user can connect to an abstract socket: its refusals
+        // must not crowd the log.
+        static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
+        if let Some(refused) = REFUSALS.event() {
+            tracing::warn!(
+                uid,
+                pid,
+                refused,
+                "control socket: refused a client that is not root with cap_net_admin \
+                 (refused counts this one and those not logged since the last such line)"
+            );
+        }
         let refusal =
             serde_json::json!({ "ok": false, "error": "only root with cap_net_admin may ask" });
         return reply(&mut stream, &refusal).await;

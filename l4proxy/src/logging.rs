@@ -68,6 +68,41 @@ fn filter(level: LogLevel) -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.directive()))
 }
 
+/// At most one log line per interval for one kind of event, with how many
+/// there were since the last line: a flood of events (refused clients)
+/// must not become a flood of lines that crowds out the others.
+pub struct Throttle {
+    every: Duration,
+    unlogged: AtomicU64,
+    next: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Throttle {
+    pub const fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            unlogged: AtomicU64::new(0),
+            next: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Counts one event; `Some(n)` when a line may go out now, `n` the
+    /// events since the last line, this one included.
+    pub fn event(&self) -> Option<u64> {
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut next = self
+            .next
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if next.is_some_and(|next| now < next) {
+            return None;
+        }
+        *next = Some(now + self.every);
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// Logs to stderr at `level` unless `RUST_LOG` says otherwise. Lines queue
 /// up until [`LogGuard::start_writer`] (the daemon forks its route guard
 /// first, while it has a single thread); keep the guard until exit:
@@ -308,6 +343,20 @@ where
 mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, PipeReader, Read};
+
+    #[test]
+    fn a_throttle_lets_one_line_out_per_interval_with_the_count() {
+        let throttle = Throttle::new(Duration::from_millis(200));
+        assert_eq!(throttle.event(), Some(1), "the first event is logged");
+        assert_eq!(throttle.event(), None);
+        assert_eq!(throttle.event(), None);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(
+            throttle.event(),
+            Some(3),
+            "the next line counts the two held back and itself"
+        );
+    }
     use std::os::fd::{AsRawFd, OwnedFd};
 
     fn pipe() -> (PipeReader, File) {

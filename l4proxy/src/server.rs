@@ -274,14 +274,16 @@ pub async fn run(
             return Err(e);
         }
     };
+    // The routes are ours since the predecessor said `draining` (it let go
+    // of them then): guarded at once.
+    if predecessor.is_some() {
+        arm(guard);
+    }
     // Accepting only now: until the predecessor has stopped, the queues
     // are its, and a failed takeover took nothing from them.
     steered.extend(new_listeners);
     let listeners = accepting.start(steered);
     accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
-    if predecessor.is_some() {
-        arm(guard);
-    }
     let (scrape, mut scrapes) = tokio::sync::mpsc::channel(4);
     if let Some(listener) = admin {
         tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone()));
