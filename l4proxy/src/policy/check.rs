@@ -587,12 +587,17 @@ fn check_original_destination(policy: &Policy, target: &BindTarget) -> Result<()
         let rule = &policy.rules[r.0];
         !rule.is_gateway() && rule.connect.is_none()
     }) {
+        let whose = if policy.rules[r].accept_proxy_from.is_empty() {
+            "its destinations are local to this host, so the connection would come back into \
+             the proxy"
+        } else {
+            "its destinations are what its front proxies announce, which may be anything"
+        };
         return Err(PolicyError::at(
             target.path.clone(),
             format!(
                 "upstream {:?} sends connections to their original destination, but rule {:?} \
-                 (intercept[{r}]) has no \"interfaces\": its destinations are local to this host, \
-                 so the connection would come back into the proxy{}",
+                 (intercept[{r}]) has no \"interfaces\": {whose}{}",
                 upstream.name,
                 policy.rules[r].name,
                 if target.route.is_some() {

@@ -246,19 +246,23 @@ impl Route {
     /// destinations), so a `false` is certain.
     pub fn may_apply(&self, id: RuleId, rule: &InterceptRule) -> bool {
         let when = &self.conditions;
-        // A CONNECT client may ask for any destination.
+        // A CONNECT client may ask for any destination, and so may a front
+        // proxy announce one for a rule without interfaces (on a gateway
+        // rule, it must be one the rule takes).
         let explicit = rule.connect.is_some();
+        let any_destination =
+            explicit || (!rule.accept_proxy_from.is_empty() && !rule.is_gateway());
         when.intercept
             .as_ref()
             .is_none_or(|rules| rules.contains(&id))
             && (explicit || when.target.is_none())
-            && (explicit
+            && (any_destination
                 || when.destination.as_ref().is_none_or(|prefixes| {
                     prefixes
                         .iter()
                         .any(|p| rule.prefixes.iter().any(|q| overlap(p, q)))
                 }))
-            && (explicit
+            && (any_destination
                 || when.ports.as_ref().is_none_or(|ports| {
                     ports
                         .iter()

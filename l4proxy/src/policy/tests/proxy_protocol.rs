@@ -92,3 +92,28 @@ fn bad_values_name_their_place() {
         "{err}"
     );
 }
+
+#[test]
+fn a_route_to_the_original_destination_cannot_take_what_a_front_proxy_announces() {
+    // The route's destination lies outside the rule's prefix, but a front
+    // proxy may announce any destination for a rule without interfaces:
+    // the upstream would connect wherever the header says.
+    let policy = r#"{
+      "intercept": [
+        { "name": "front", "prefixes": ["192.0.2.10/32"], "ports": [443], "upstream": "web",
+          "accept_proxy_protocol": { "from": ["198.51.100.0/24"] } }
+      ],
+      "routes": [ { "match": { "destination": ["10.0.0.0/8"], "ports": [22] }, "upstream": "orig" } ],
+      "upstreams": {
+        "web": { "servers": ["203.0.113.2:8443"] },
+        "orig": { "original_destination": true }
+      }
+    }"#;
+    assert_eq!(
+        super::error_of(policy),
+        "routes[0].upstream: upstream \"orig\" sends connections to their original destination, \
+         but rule \"front\" (intercept[0]) has no \"interfaces\": its destinations are what its \
+         front proxies announce, which may be anything; limit the route to gateway rules with \
+         \"intercept\""
+    );
+}
