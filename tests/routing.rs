@@ -1384,6 +1384,18 @@ fn explain_names_route_and_upstream() {
             "host-www",
             "pool-web",
         ),
+        // As the daemon reads them: a Host with a port and a name with a
+        // trailing dot and capitals are the same name.
+        (
+            &["--dst", "192.0.2.10:80", "--host", "WWW.example.com:8080"],
+            "host-www",
+            "pool-web",
+        ),
+        (
+            &["--dst", "192.0.2.10:443", "--sni", "A.example.com."],
+            "sni-a",
+            "pool-a",
+        ),
     ];
     let bin = lab::daemon::binary();
     for &(args, route, upstream) in cases {

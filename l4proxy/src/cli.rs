@@ -106,10 +106,12 @@ pub struct ExplainArgs {
     #[arg(long)]
     pub alpn: Vec<String>,
     /// A TLS ClientHello without SNI.
-    #[arg(long, conflicts_with_all = ["sni", "host"])]
+    #[arg(long, conflicts_with = "sni")]
     pub tls: bool,
-    /// HTTP/1.x Host the client sends (implies HTTP).
-    #[arg(long, conflicts_with_all = ["sni", "alpn"])]
+    /// HTTP/1.x Host the client sends (implies HTTP, unless a TLS option is
+    /// given: then the Host inside the TLS, which matters where the rule
+    /// terminates it).
+    #[arg(long)]
     pub host: Option<String>,
 }
 

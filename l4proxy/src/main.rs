@@ -13,6 +13,7 @@ use l4proxy::{
     route,
     server::{self, Ended, Settings},
     session::Defaults,
+    sniff,
     takeover::Restart,
     tls::Terminators,
     upstream::Pool,
@@ -182,16 +183,55 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         rule,
         target: None,
     };
+    // As the sniffer reads them: a name in its normal form, none if invalid.
+    let sni = args
+        .sni
+        .as_deref()
+        .and_then(|sni| sniff::normalize_host_name(sni.as_bytes()));
+    let host = args
+        .host
+        .as_deref()
+        .and_then(|host| sniff::host_of(host.as_bytes()));
     let alpn = &args.alpn;
-    let hello = if args.sni.is_some() || !alpn.is_empty() || args.tls {
+    let tls = args.sni.is_some() || !alpn.is_empty() || args.tls;
+    let hello = if tls {
         route::Hello::Tls {
-            sni: args.sni.as_deref(),
+            sni: sni.as_deref(),
             alpn,
         }
-    } else if let Some(host) = &args.host {
-        route::Hello::Http { host: Some(host) }
+    } else if args.host.is_some() {
+        route::Hello::Http {
+            host: host.as_deref(),
+        }
     } else {
         route::Hello::Other
+    };
+    // A rule that terminates TLS routes on its handshake: the name, the
+    // protocol agreed (the first of its `alpn` the client offers), and
+    // what the decrypted stream starts with (`--host`: an HTTP head).
+    let agreed: Vec<String> = match &policy.rules[rule.0].terminate {
+        Some(terminate) => terminate
+            .alpn
+            .iter()
+            .find(|protocol| alpn.contains(protocol))
+            .cloned()
+            .into_iter()
+            .collect(),
+        None => Vec::new(),
+    };
+    let inner = match &args.host {
+        Some(_) => route::Hello::Http {
+            host: host.as_deref(),
+        },
+        None => route::Hello::Other,
+    };
+    let hello = match &policy.rules[rule.0].terminate {
+        Some(_) => route::Hello::Terminated {
+            sni: sni.as_deref(),
+            alpn: &agreed,
+            inner: Some(&inner),
+        },
+        None => hello,
     };
     let decision = route::decide(&policy, &conn, Some(&hello));
     match &decision {

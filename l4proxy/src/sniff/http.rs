@@ -249,7 +249,7 @@ fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
 }
 
 /// The normal form of `host [":" port]` (RFC 9110 §7.2), `None` if invalid.
-fn host_of(host_port: &[u8]) -> Option<String> {
+pub fn host_of(host_port: &[u8]) -> Option<String> {
     let port_ok = |port: &[u8]| match port.split_first() {
         None => true,
         Some((&b':', digits)) => digits.iter().all(u8::is_ascii_digit),

@@ -12,7 +12,7 @@
 pub mod http;
 pub mod tls;
 
-pub use http::HttpRequestInfo;
+pub use http::{HttpRequestInfo, host_of};
 pub use tls::ClientHelloInfo;
 
 /// The most bytes [`sniff`] will ever wait for: with this many, it never says
@@ -112,7 +112,7 @@ impl Sniffer {
 /// 1 to 63 letters, digits, `-` or `_` (underscores occur in real internal
 /// names), no label starting or ending with `-`, 253 bytes at most. An IPv4
 /// literal passes as a name; nothing else (IDNs must arrive as A-labels).
-pub(crate) fn normalize_host_name(raw: &[u8]) -> Option<String> {
+pub fn normalize_host_name(raw: &[u8]) -> Option<String> {
     let name = raw.strip_suffix(b".").unwrap_or(raw);
     if name.is_empty() || name.len() > 253 {
         return None;
