@@ -84,6 +84,12 @@ where
         self.held.keys()
     }
 
+    /// How many entries the map holds while it changes to `wanted`: the new
+    /// ones go in before the stale ones go out.
+    pub fn peak(&self, wanted: &Contents<K, V>) -> usize {
+        self.held.len() + wanted.keys().filter(|key| !self.holds(key)).count()
+    }
+
     /// Makes the map hold exactly `wanted`: new and changed entries first,
     /// then the stale ones out, so that what both contents hold is never
     /// missing in between.

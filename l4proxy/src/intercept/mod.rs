@@ -250,23 +250,17 @@ impl Interceptor {
     /// How many `RULES` entries the map holds while it changes to
     /// `compiled`: the new ones go in before the stale ones go out.
     pub fn peak_rule_entries(&self, compiled: &rules::Compiled) -> usize {
-        let new = rule_entries(&compiled.entries, self.class_offset_for(compiled), 0)
-            .keys()
-            .filter(|key| !self.rules.holds(key))
-            .count();
-        self.rules.len() + new
+        self.rules.peak(&rule_entries(
+            &compiled.entries,
+            self.class_offset_for(compiled),
+            self.rule_half,
+        ))
     }
 
     /// How many `INTERFACE_RULES` pairs the map holds while it changes to
     /// `plan`'s: the new ones go in before the stale ones go out.
     pub fn peak_interface_pairs(&self, plan: &[ClassifyPlan]) -> usize {
-        let new = self
-            .next_pairs(plan)
-            .1
-            .keys()
-            .filter(|key| !self.interface_rules.holds(key))
-            .count();
-        self.interface_rules.len() + new
+        self.interface_rules.peak(&self.next_pairs(plan).1)
     }
 
     /// The class offset `compiled` is keyed with: the running one's if its
@@ -288,11 +282,8 @@ impl Interceptor {
     /// How many `UPSTREAM_SERVERS` entries the map holds while it changes
     /// to `servers`: the new ones go in before the stale ones go out.
     pub fn peak_upstream_servers(&self, servers: &[std::net::SocketAddr]) -> usize {
-        let new = upstream_server_entries(servers.iter().copied())
-            .keys()
-            .filter(|key| !self.upstream_servers.holds(key))
-            .count();
-        self.upstream_servers.len() + new
+        self.upstream_servers
+            .peak(&upstream_server_entries(servers.iter().copied()))
     }
 
     /// Makes `UPSTREAM_SERVERS` hold exactly `servers`.

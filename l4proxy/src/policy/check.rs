@@ -11,7 +11,8 @@ use l4proxy_common::{MAX_INTERFACE_RULES, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS
 
 use super::{
     Action, Bind, Conditions, ConnectFront, InterceptRule, Parent, Policy, PolicyError, PortSpec,
-    Route, RuleId, Target, Terminate, Upstream, UpstreamId, connect::RawConnectFront, raw,
+    Route, RuleId, Target, Terminate, Upstream, UpstreamId, connect::RawConnectFront,
+    enclosing::Enclosing, raw,
 };
 use crate::{intercept::rules, proxy_protocol, route};
 
@@ -359,23 +360,15 @@ fn check_gateway_overlaps(policy: &Policy) -> Result<(), PolicyError> {
             })
         })
         .collect();
-    // Each prefix with the rules that name it, by interface list, and the
-    // lengths in use per family: a prefix's enclosing ones are looked up,
-    // not searched for.
-    let mut named: HashMap<IpNet, Vec<(usize, Vec<usize>)>> = HashMap::default();
-    let mut lengths = [
-        std::collections::BTreeSet::new(),
-        std::collections::BTreeSet::new(),
-    ];
-    let family = |net: &IpNet| usize::from(matches!(net, IpNet::V6(_)));
+    // Each prefix with the rules that name it, by interface list.
+    let mut named: Enclosing<Vec<(usize, Vec<usize>)>> = Enclosing::new();
     for (i, rule) in policy.rules.iter().enumerate() {
         for prefix in &rule.prefixes {
-            let groups = named.entry(*prefix).or_default();
+            let groups = named.entry(*prefix);
             match groups.iter_mut().find(|(list, _)| *list == list_of[i]) {
                 Some((_, rules)) => rules.push(i),
                 None => groups.push((list_of[i], vec![i])),
             }
-            lengths[family(prefix)].insert(prefix.prefix_len());
         }
     }
     for (i, rule) in policy.rules.iter().enumerate() {
@@ -383,12 +376,8 @@ fn check_gateway_overlaps(policy: &Policy) -> Result<(), PolicyError> {
             continue;
         }
         for (k, prefix) in rule.prefixes.iter().enumerate() {
-            let enclosing = lengths[family(prefix)]
-                .range(..=prefix.prefix_len())
-                .filter_map(|&len| IpNet::new(prefix.addr(), len).ok().map(|net| net.trunc()));
-            for outer in enclosing {
-                let groups = named.get(&outer).into_iter().flatten();
-                for (_, rules) in groups.filter(|(list, _)| *list != list_of[i]) {
+            for (outer, groups) in named.of(prefix) {
+                for (_, rules) in groups.iter().filter(|(list, _)| *list != list_of[i]) {
                     for &j in rules {
                         let other = &policy.rules[j];
                         if !other.is_gateway() {

@@ -75,6 +75,7 @@ mod balance;
 mod check;
 mod connect;
 pub mod duration;
+mod enclosing;
 pub(crate) mod file;
 mod htpasswd;
 mod limits;

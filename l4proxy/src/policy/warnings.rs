@@ -10,7 +10,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{
     Conditions, HelloConditions, Policy, PortSpec, RouteId, RuleId, SniCondition, Target,
-    check::BindTarget,
+    check::BindTarget, enclosing::Enclosing,
 };
 
 /// What an address condition that is not given holds for.
@@ -77,16 +77,12 @@ impl Policy {
     /// (The other way round, a gateway rule inside such a prefix, is an
     /// error: it would take nothing at all.)
     fn gateways_inside_local_prefixes(&self) -> Vec<String> {
-        let family = |net: &IpNet| usize::from(matches!(net, IpNet::V6(_)));
-        // Each gateway prefix with its first rule, and the lengths in use
-        // per family: a prefix's enclosing ones are looked up, not searched.
-        let mut gateway: std::collections::HashMap<IpNet, usize> = Default::default();
-        let mut lengths = [std::collections::BTreeSet::new(), Default::default()];
+        // Each gateway prefix with its first rule.
+        let mut gateway: Enclosing<Option<usize>> = Enclosing::new();
         for (i, rule) in self.rules.iter().enumerate() {
             if rule.is_gateway() {
                 for prefix in &rule.prefixes {
-                    gateway.entry(*prefix).or_insert(i);
-                    lengths[family(prefix)].insert(prefix.prefix_len());
+                    gateway.entry(*prefix).get_or_insert(i);
                 }
             }
         }
@@ -96,10 +92,9 @@ impl Policy {
                 continue;
             }
             for (k, prefix) in rule.prefixes.iter().enumerate() {
-                let within = lengths[family(prefix)]
-                    .range(..=prefix.prefix_len())
-                    .filter_map(|&len| IpNet::new(prefix.addr(), len).ok().map(|n| n.trunc()))
-                    .find_map(|outer| gateway.get(&outer).map(|&i| (outer, i)));
+                let within = gateway
+                    .of(prefix)
+                    .find_map(|(outer, &first)| first.map(|i| (outer, i)));
                 if let Some((outer, i)) = within {
                     warnings.push(format!(
                         "intercept[{j}].prefixes[{k}]: {prefix} becomes this host's own, and \
