@@ -193,21 +193,14 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         .as_deref()
         .and_then(|host| sniff::host_of(host.as_bytes()));
     let alpn = &args.alpn;
-    let tls = args.sni.is_some() || !alpn.is_empty() || args.tls;
-    let hello = if tls {
-        route::Hello::Tls {
-            sni: sni.as_deref(),
-            alpn,
-        }
-    } else if args.host.is_some() {
-        route::Hello::Http {
+    let plain = match &args.host {
+        Some(_) => route::Hello::Http {
             host: host.as_deref(),
-        }
-    } else {
-        route::Hello::Other
+        },
+        None => route::Hello::Other,
     };
-    // A rule that terminates TLS routes on its handshake: the name, the
-    // protocol agreed (the first of its `alpn` the client offers), and
+    // A rule that terminates TLS routes on its handshake (the name, the
+    // protocol agreed: the first of its `alpn` the client offers) and on
     // what the decrypted stream starts with (`--host`: an HTTP head).
     let agreed: Vec<String> = match &policy.rules[rule.0].terminate {
         Some(terminate) => terminate
@@ -219,19 +212,17 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             .collect(),
         None => Vec::new(),
     };
-    let inner = match &args.host {
-        Some(_) => route::Hello::Http {
-            host: host.as_deref(),
-        },
-        None => route::Hello::Other,
-    };
     let hello = match &policy.rules[rule.0].terminate {
         Some(_) => route::Hello::Terminated {
             sni: sni.as_deref(),
             alpn: &agreed,
-            inner: Some(&inner),
+            inner: Some(&plain),
         },
-        None => hello,
+        None if args.sni.is_some() || !alpn.is_empty() || args.tls => route::Hello::Tls {
+            sni: sni.as_deref(),
+            alpn,
+        },
+        None => plain,
     };
     let decision = route::decide(&policy, &conn, Some(&hello));
     match &decision {

@@ -549,17 +549,12 @@ fn hung_up(successor: &Offered) -> bool {
     if !successor.stream.buffer().is_empty() {
         return false;
     }
-    let mut byte = 0u8;
-    // SAFETY: one writable byte, and the descriptor of a live UnixStream.
-    let n = unsafe {
-        libc::recv(
-            successor.stream.get_ref().as_raw_fd(),
-            (&raw mut byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
+    // The stream is non-blocking: a peek that finds nothing would block.
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    match socket2::SockRef::from(successor.stream.get_ref()).peek(&mut byte) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    }
 }
 
 /// The exit status of the successor `upgrade` started; `None` while there
