@@ -20,6 +20,9 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "curl",
     "openssl",
+    // The system CA store: an upstream's `tls` without `ca` trusts it, and
+    // tests/policy_check.rs checks such a policy with and without it.
+    "ca-certificates",
     "nginx-light",
     // nginx's stream module (a dynamic module in Debian), a peer in the bench.
     "libnginx-mod-stream",
