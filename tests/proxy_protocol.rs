@@ -405,3 +405,54 @@ fn a_named_client_over_its_limit_is_reset_before_the_handshake() {
     assert_eq!(field(&limited, "client"), "192.0.2.99:5555", "{limited}");
     drop(first);
 }
+
+/// A CONNECT tunnel whose name has two addresses, the first refusing: the
+/// header names the address Happy Eyeballs reached, as the close log does,
+/// not the first one tried.
+#[test]
+fn a_tunnel_announces_the_address_it_reached() {
+    let t = Topo::new("pp_eyeballs");
+    let resolver = lab::origin::RESOLVER;
+    t.sv.addr("to-px", &format!("{resolver}/24"));
+    let dns = lab::dns::Dnsmasq::start(
+        &t.sv,
+        resolver.parse().unwrap(),
+        &[("fallback.example.test", &["203.0.113.3", "2001:db8:5::2"])],
+    );
+    let (tx, rx) = mpsc::channel();
+    // Nothing listens on 203.0.113.3:8090: that attempt is refused.
+    let _srv = Server::start(&t.sv, sa("[2001:db8:5::2]:8090"), header_reader(tx));
+    let policy = json!({
+        "intercept": [ { "name": "explicit", "upstream": "announced",
+            "connect": { "listen": ["198.51.100.1:3128"], "clients": ["198.51.100.0/24"],
+                         "ports": [8090] } } ],
+        "upstreams": { "announced": { "original_destination": true, "proxy_protocol": "v2" } }
+    });
+    let mut d = Daemon::start_with_resolver(
+        &t.px,
+        &policy,
+        &[],
+        &dns.resolv_conf(resolver.parse().unwrap()),
+    );
+    let mut c = connect(&t.cl, sa("198.51.100.1:3128"));
+    let client = c.local_addr().unwrap();
+    c.write_all(
+        b"CONNECT fallback.example.test:8090 HTTP/1.1\r\nHost: fallback.example.test:8090\r\n\r\n",
+    )
+    .unwrap();
+    let answer = lab::answer_head(&mut c);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    c.write_all(b"hello").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(lab::read_line(&mut c).unwrap(), "ok");
+    let (header, rest) = report(&rx);
+    let reached = sa("[2001:db8:5::2]:8090");
+    assert_eq!(
+        header.addresses().map(|a| (a.client.0, a.orig_dst.0)),
+        Some((client, reached))
+    );
+    assert_eq!(rest, b"hello");
+    let closed = d.closed_event(client);
+    assert_eq!(field(&closed, "upstream"), reached.to_string(), "{closed}");
+    assert_eq!(field(&closed, "orig_dst"), reached.to_string(), "{closed}");
+}

@@ -710,6 +710,9 @@ async fn open(
     upstream_metrics.connections.inc();
     let upstream_open = metrics::Open::new(&upstream_metrics.active);
     record.upstream = Some(connected.upstream);
+    if let Some(reached) = reached_destination(&request.checked, connected.upstream) {
+        record.orig_dst = reached;
+    }
     // Only the close log needs it: no getsockname per connection without it.
     if tracing::enabled!(tracing::Level::INFO) {
         record.source = connected.stream.tcp().local_addr().ok();
@@ -1216,6 +1219,17 @@ fn announce(record: &Record, hop_tls: bool) -> Header {
     }
 }
 
+/// Which of the addresses a CONNECT front end checked the connection
+/// reached, when Happy Eyeballs had several to try: that one, not the first
+/// tried, is where the client went (the log's `orig_dst`, the PROXY
+/// header's destination).
+fn reached_destination(checked: &[SocketAddr], upstream: UpstreamAddr) -> Option<OrigDstAddr> {
+    checked
+        .iter()
+        .find(|to| SocketAddr::new(to.ip().to_canonical(), to.port()) == upstream.0)
+        .map(|&to| OrigDstAddr(to))
+}
+
 /// What the decision needs from the sniffed hello.
 fn hello_of(said: &sniff::Sniffed) -> route::Hello<'_> {
     match said {
@@ -1383,6 +1397,21 @@ mod tests {
                 Some(b"http/1.1".to_vec())
             )
         );
+    }
+
+    /// The address Happy Eyeballs reached is the destination, mapped or
+    /// not; a server that is none of them (a listed one, a parent) leaves
+    /// the first.
+    #[test]
+    fn the_reached_address_is_the_destination() {
+        let checked: Vec<SocketAddr> = ["203.0.113.3:8090", "[::ffff:203.0.113.2]:8090"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let reached = |to: &str| reached_destination(&checked, UpstreamAddr(to.parse().unwrap()));
+        assert_eq!(reached("203.0.113.3:8090"), Some(OrigDstAddr(checked[0])));
+        assert_eq!(reached("203.0.113.2:8090"), Some(OrigDstAddr(checked[1])));
+        assert_eq!(reached("203.0.113.2:3128"), None);
     }
 
     #[tokio::test]
