@@ -258,6 +258,41 @@ fn under_no_new_privs_an_upgrade_works() {
     successor.terminate(Duration::from_secs(30));
 }
 
+/// Started where the bounding set has cap_sys_admin but not cap_bpf or
+/// cap_perfmon (what loading programs took before Linux 5.8, and what some
+/// units still grant), `l4proxy upgrade` works: the bounding set keeps the
+/// cap_sys_admin the start loaded with, for the successor to load with.
+#[test]
+fn with_cap_sys_admin_for_bpf_an_upgrade_works() {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let (t, server) = Topo::with_echo("privsysadm", "203.0.113.3:8080", "server");
+    // The bounding set is per thread and inherited: a thread of its own
+    // starts the daemon without cap_bpf and cap_perfmon.
+    let mut d = std::thread::scope(|s| {
+        s.spawn(|| {
+            for cap in [38, 39] {
+                // SAFETY: plain syscall; only this thread's bounding set changes.
+                let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            }
+            Daemon::start_ready(&t.px, &policy(&[8080]), &[])
+        })
+        .join()
+        .unwrap()
+    });
+    assert_credentials(&d, (0, 0), KEPT, KEPT | 1 << CAP_SYS_ADMIN);
+    transparent_connection(&t, &mut d, &server, 8080);
+    let upgrade = command(&t.px, &["upgrade"], Duration::from_secs(60));
+    assert!(upgrade.success(), "{upgrade:?}\n{}", d.log_text());
+    let status = d.wait_exit(Duration::from_secs(30));
+    d.assert_exit_ok(status);
+    let successor = Stray::upgraded(&upgrade);
+    let mut c = connect(&t.cl, sa("203.0.113.3:8080"));
+    assert_eq!(lab::read_line(&mut c).unwrap(), "server");
+    drop(c);
+    successor.terminate(Duration::from_secs(30));
+}
+
 /// Every thread of `pid` runs as root with `permitted` and `effective`
 /// capabilities, nothing inheritable or ambient.
 fn assert_root_threads(pid: i32, permitted: u64, effective: u64) {

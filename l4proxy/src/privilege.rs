@@ -37,7 +37,8 @@
 //!
 //! The kept capabilities are the permitted and effective sets; inheritable
 //! and ambient sets are emptied. The bounding set keeps them too, and, for a
-//! daemon that stays root, what a start takes ([`START`]): `l4proxy
+//! daemon that stays root, what a start takes ([`START`], and
+//! `CAP_SYS_ADMIN` where it stood in for `CAP_BPF` or `CAP_PERFMON`): `l4proxy
 //! upgrade` has the daemon start its successor, which must load and attach
 //! its programs (as root, exec regains the bounding set). With `--user`
 //! nothing the daemon could exec would regain more than it keeps, and a
@@ -243,6 +244,21 @@ pub fn covers(held: CapSet, cap: Capability) -> bool {
     held.contains(cap) || ([CAP_BPF, CAP_PERFMON].contains(&cap) && held.contains(CAP_SYS_ADMIN))
 }
 
+/// What of `held` a start takes: [`START`]'s, and `CAP_SYS_ADMIN` where it
+/// stands in for `CAP_BPF` or `CAP_PERFMON` (a bounding set that grants it
+/// instead), which a successor needs as much.
+fn started_with(held: CapSet) -> CapSet {
+    let start = CapSet::of(START).intersect(held);
+    let stands_in = [CAP_BPF, CAP_PERFMON]
+        .iter()
+        .any(|&cap| !held.contains(cap));
+    if stands_in && held.contains(CAP_SYS_ADMIN) {
+        CapSet(start.0 | CapSet::of(&[CAP_SYS_ADMIN]).0)
+    } else {
+        start
+    }
+}
+
 /// What a running daemon needs to put `policy` in force, each with why.
 pub fn needed(policy: &Policy) -> Vec<(Capability, String)> {
     needed_below(policy, unprivileged_port_start())
@@ -382,17 +398,18 @@ pub fn drop_to(user: Option<&User>) -> Result<CapSet, PrivilegeError> {
     }
     let keep = KEPT.intersect(held.permitted);
     let for_a_successor = user.is_none() && no_new_privs();
+    let start = started_with(held.permitted);
     let change = Change {
         keep,
         permitted: if for_a_successor {
-            CapSet(keep.0 | CapSet::of(START).intersect(held.permitted).0)
+            CapSet(keep.0 | start.0)
         } else {
             keep
         },
         bounding: held.effective.contains(CAP_SETPCAP),
         bounding_keep: match user {
             Some(_) => KEPT,
-            None => CapSet(KEPT.0 | CapSet::of(START).0),
+            None => CapSet(KEPT.0 | CapSet::of(START).0 | start.0),
         },
         user: user.map(|u| (u.uid, u.gid)),
     };
@@ -718,6 +735,17 @@ mod tests {
         assert_eq!(
             caps(&needed_below(&connect_policy(80), 80)),
             [CAP_NET_ADMIN]
+        );
+    }
+
+    #[test]
+    fn a_start_on_sys_admin_keeps_it_for_a_successor() {
+        let full = CapSet::of(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN]);
+        assert_eq!(started_with(full), CapSet::of(START));
+        let admin = CapSet::of(&[CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SETUID]);
+        assert_eq!(
+            started_with(admin),
+            CapSet::of(&[CAP_SYS_ADMIN, CAP_NET_ADMIN])
         );
     }
 
