@@ -427,6 +427,47 @@ fn as_a_user_under_the_units_bounding_set_doctor_and_run_agree() {
     transparent_connection(&t, &mut d, &server, 8080);
 }
 
+/// `doctor --user` checks that the user can read what a reload rereads: a
+/// TLS key only root can read is missing, named; made readable, it is ok.
+#[test]
+fn doctor_checks_that_the_user_can_read_the_policys_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Topo::new("doctoruser");
+    let dir = TempDir::new("doctoruser");
+    let ca = lab::pki::Ca::new(&dir, "front");
+    let cert = ca.issue_server("app.example.test", &["DNS:app.example.test"]);
+    let mut terminating = policy(&[8443]);
+    terminating["intercept"][0]["terminate"] =
+        json!({ "certificates": [ { "chain": cert.chain, "key": cert.key } ] });
+    let path = dir.join("policy.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&terminating).unwrap()).unwrap();
+    let doctor = || {
+        let args = [
+            "doctor",
+            "--user",
+            "nobody",
+            "--policy",
+            path.to_str().unwrap(),
+        ];
+        command(&t.px, &args, Duration::from_secs(30))
+    };
+    let key = cert.key.to_str().unwrap();
+    for (mode, code, line) in [
+        (0o600, 1, "missing files readable by nobody:"),
+        (0o644, 0, "ok      files readable by nobody:"),
+    ] {
+        std::fs::set_permissions(&cert.key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = doctor();
+        let text = &out.stdout;
+        assert_eq!(out.code(), Some(code), "{mode:o}: {text}{}", out.stderr);
+        let said = text.lines().find(|l| l.starts_with(line));
+        assert!(said.is_some(), "{mode:o}: no {line:?} in:\n{text}");
+        if code == 1 {
+            assert!(said.unwrap().contains(key), "{mode:o}: {text}");
+        }
+    }
+}
+
 #[test]
 fn doctor_reports_what_a_host_lacks() {
     let t = Topo::new("doctor");

@@ -81,6 +81,9 @@ pub async fn examine(policy_path: Option<&Path>, user: Option<&str>) -> Vec<Find
     found.push(kernel(uses_tc));
     found.push(programs());
     found.extend(capabilities(policy.as_ref(), user));
+    if let (Some(path), Some(_), Some(Ok(user))) = (policy_path, &policy, user.map(User::lookup)) {
+        found.push(readable_by(&user, path));
+    }
     match (policy, host) {
         (Some(_), Some(Ok(check))) => {
             found.push(finding(
@@ -219,6 +222,52 @@ fn capabilities(policy: Option<&Policy>, user: Option<&str>) -> Vec<Finding> {
         });
     }
     found
+}
+
+/// Whether `user` can read what a reload rereads: the policy and every
+/// file it names (certificates, keys, CA files, htpasswd files). `l4proxy
+/// check` runs as that user, with its primary group and no other, as
+/// `run --user` switches (std drops root's other groups when it sets the
+/// uid), and reads them all.
+fn readable_by(user: &User, policy: &Path) -> Finding {
+    use std::os::unix::process::CommandExt;
+    let what = format!("files readable by {}", user.name);
+    let checked = std::env::current_exe().and_then(|exe| {
+        let policy = std::path::absolute(policy)?;
+        std::process::Command::new(exe)
+            .arg("check")
+            .arg(policy)
+            .uid(user.uid)
+            .gid(user.gid)
+            .output()
+    });
+    match checked {
+        Ok(out) if out.status.success() => finding(
+            Status::Ok,
+            what,
+            "the policy and every file it names (a reload rereads them as that user)",
+        ),
+        Ok(out) => {
+            let said = String::from_utf8_lossy(&out.stderr);
+            let error = said
+                .lines()
+                .find(|line| !line.contains(": warning: "))
+                .unwrap_or("l4proxy check failed");
+            finding(
+                Status::Missing,
+                what,
+                format!(
+                    "as {}, {error}; a reload would fail the same way",
+                    user.name
+                ),
+            )
+        }
+        Err(e) => finding(
+            Status::Warning,
+            what,
+            format!("not checked: running l4proxy check as {}: {e}", user.name),
+        ),
+    }
 }
 
 fn sysctls(findings: &crate::intercept::sysctl::Findings) -> Vec<Finding> {
