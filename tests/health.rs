@@ -115,6 +115,39 @@ fn a_server_that_stops_is_checked_out_after_fall_checks_and_back_in_after_rise()
     assert_eq!(turns, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
 }
 
+/// A check this host cannot make (out of descriptors: the daemon's limit
+/// lowered with prlimit) says nothing of the server: it stays up, with a
+/// warning, and serves once descriptors can be had again.
+#[test]
+fn checks_this_host_cannot_make_do_not_take_a_server_down() {
+    let (t, _a) = Topo::with_echo("health_emfile", A, "a");
+    let mut d = Daemon::start_ready(
+        &t.px,
+        &policy(json!({ "servers": [A], "health": { "interval": "100ms", "fall": 2 } })),
+        &[],
+    );
+    assert_eq!(greeting(&t), "a");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .expect("the open-files limit")
+        .to_owned();
+    let pid = d.pid().to_string();
+    // Below every descriptor it holds: each new socket fails with EMFILE.
+    lab::must("prlimit", &["--pid", &pid, "--nofile=3:"]);
+    let warned = d.wait_event("a warning of unmade checks", Duration::from_secs(10), |e| {
+        message(e) == Some("health checks could not be made on this host; not counted")
+    });
+    assert_eq!(field_str(&warned, "server").as_deref(), Some(A), "{warned}");
+    // Ten intervals: five times `fall`, had they counted.
+    std::thread::sleep(Duration::from_secs(1));
+    lab::must("prlimit", &["--pid", &pid, &format!("--nofile={soft}:")]);
+    assert_eq!(transitions(&d, "server down", A), 0, "{}", d.log_text());
+    assert_eq!(greeting(&t), "a");
+}
+
 #[test]
 fn with_observation_only_a_server_is_out_after_the_error_limit_and_tried_again_later() {
     let (t, a) = Topo::with_echo("health_observe", A, "a");

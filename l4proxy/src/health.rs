@@ -351,10 +351,22 @@ async fn run(state: Arc<ServerState>, plan: Plan) {
             was_up = up;
         }
         let result = check(state.key.address, &plan).await;
-        if result.is_err() {
-            state.failed_checks.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            // Out of descriptors, memory or source ports, or a bind it may
+            // not do: the server is not at fault, as in observation.
+            Err(error) if upstream::this_hosts_fault(error) => {
+                if let Some(count) = UNMADE_CHECKS.event() {
+                    tracing::warn!(server = %state.key.address, %error, count,
+                        "health checks could not be made on this host; not counted");
+                }
+            }
+            Err(_) => {
+                state.failed_checks.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(()) => {}
         }
         match (up, result) {
+            (_, Err(error)) if upstream::this_hosts_fault(&error) => {}
             (true, Ok(())) | (false, Err(_)) => streak = 0,
             (true, Err(error)) => {
                 streak += 1;
@@ -382,6 +394,10 @@ async fn run(state: Arc<ServerState>, plan: Plan) {
         tokio::time::sleep(wait).await;
     }
 }
+
+/// Checks this host could not make, for a throttled warning.
+static UNMADE_CHECKS: crate::logging::Throttle =
+    crate::logging::Throttle::new(std::time::Duration::from_secs(1));
 
 /// One check: a TCP connection within the timeout, and the PROXY header
 /// sent on it if the plan has one; then closed.

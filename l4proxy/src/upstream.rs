@@ -851,7 +851,7 @@ fn set_int_option(
 /// of descriptors, memory or source ports (one busy client's address has
 /// only so many towards a server), or may not bind or send. Counted against
 /// the server, these would mark a healthy pool down for every client.
-fn this_hosts_fault(error: &io::Error) -> bool {
+pub(crate) fn this_hosts_fault(error: &io::Error) -> bool {
     matches!(
         error.raw_os_error(),
         Some(
