@@ -9,11 +9,17 @@
 //! - The host is lower-cased, without port, userinfo or one trailing dot. An
 //!   IPv6 literal loses its brackets and is written canonically
 //!   (`[0:0::1]:80` gives `::1`), so a host is always a name or a bare address.
-//!   A host that is neither (bad characters, bad port) gives `host: None`:
-//!   the head is still HTTP, it just names nothing routable.
+//!   What follows its first colon is the port, whatever it is: nginx picks
+//!   its server by the name before it (`admin.example:x` is
+//!   `admin.example`). A host that is not a name (bad characters) gives
+//!   `host: None`: the head is still HTTP, it just names nothing routable.
+//! - What servers take, the sniffer takes, so that a client cannot make a
+//!   request a server serves look like another protocol: empty lines before
+//!   the request line (RFC 9112 §2.2: servers SHOULD ignore them) and runs of
+//!   spaces between the request line's words (nginx takes both).
 //! - Lines folded with leading whitespace (obs-fold) are an error, as is
-//!   whitespace before a header's colon, and leading empty lines: none are
-//!   sent by real clients, and each is a request-smuggling vector.
+//!   whitespace before a header's colon: nginx refuses both, and each is a
+//!   request-smuggling vector.
 
 use std::net::Ipv6Addr;
 
@@ -91,6 +97,8 @@ impl HeadReader {
         for raw in fresh.split_inclusive(|&b| b == b'\n') {
             let (line, complete) = split_eol(raw);
             match &self.request {
+                // Empty lines before the request line are skipped.
+                None if complete && line.is_empty() => {}
                 None => {
                     let Some(RequestLine { method, target }) = request_line(line, complete)? else {
                         return need_more(buf);
@@ -152,14 +160,14 @@ struct RequestLine<'a> {
     target: &'a [u8],
 }
 
-/// `method SP request-target SP HTTP/1.x`, checked as far as it has arrived.
+/// `method SP request-target SP HTTP/1.x`, checked as far as it has arrived;
+/// a run of spaces where a space goes, and after the version.
 fn request_line(line: &[u8], complete: bool) -> Result<Option<RequestLine<'_>>, HttpError> {
-    let mut parts = line.splitn(3, |&b| b == b' ');
-    let method = parts.next().unwrap_or_default();
+    let (method, rest) = word(line);
     if method.len() > MAX_METHOD_LEN || !method.iter().all(|&b| is_token_byte(b)) {
         return Err(HttpError::BadMethod);
     }
-    let Some(target) = parts.next() else {
+    let Some(rest) = rest else {
         return if complete {
             Err(HttpError::BadMethod)
         } else {
@@ -169,20 +177,19 @@ fn request_line(line: &[u8], complete: bool) -> Result<Option<RequestLine<'_>>, 
     if method.is_empty() {
         return Err(HttpError::BadMethod);
     }
+    let (target, rest) = word(rest);
     // Visible ASCII, plus the raw UTF-8 that some clients send unencoded.
     if !target.iter().all(|&b| b > b' ' && b != 0x7f) {
         return Err(HttpError::BadTarget);
     }
-    let Some(version) = parts.next() else {
-        return if complete {
-            Err(HttpError::BadVersion)
-        } else {
-            Ok(None)
+    let Some(rest) = rest else {
+        return match (complete, target.is_empty()) {
+            (false, _) => Ok(None),
+            (true, true) => Err(HttpError::BadTarget),
+            (true, false) => Err(HttpError::BadVersion),
         };
     };
-    if target.is_empty() {
-        return Err(HttpError::BadTarget);
-    }
+    let (version, after) = word(rest);
     let version_so_far_ok = version.len() <= VERSION_PREFIX.len() + 1
         && version
             .iter()
@@ -191,10 +198,26 @@ fn request_line(line: &[u8], complete: bool) -> Result<Option<RequestLine<'_>>, 
                 Some(&want) => b == want,
                 None => b.is_ascii_digit(),
             });
-    if !version_so_far_ok || (complete && version.len() != VERSION_PREFIX.len() + 1) {
+    let ended = after.is_some();
+    if !version_so_far_ok
+        || after.is_some_and(|after| !after.is_empty())
+        || ((complete || ended) && version.len() != VERSION_PREFIX.len() + 1)
+    {
         return Err(HttpError::BadVersion);
     }
     Ok(complete.then_some(RequestLine { method, target }))
+}
+
+/// The bytes before the first space, and those after the run of spaces
+/// that follows them (`None`: no space yet).
+fn word(text: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match text.iter().position(|&b| b == b' ') {
+        None => (text, None),
+        Some(space) => {
+            let spaces = text[space..].iter().take_while(|&&b| b == b' ').count();
+            (&text[..space], Some(&text[space + spaces..]))
+        }
+    }
 }
 
 struct Field<'a> {
@@ -248,16 +271,13 @@ fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
     })
 }
 
-/// The normal form of `host [":" port]` (RFC 9110 §7.2), `None` if invalid.
+/// The normal form of the host of `host [":" port]` (RFC 9110 §7.2), `None`
+/// if it is not a name or address. The port is not looked at: servers pick
+/// by the host before it.
 pub fn host_of(host_port: &[u8]) -> Option<String> {
-    let port_ok = |port: &[u8]| match port.split_first() {
-        None => true,
-        Some((&b':', digits)) => digits.iter().all(u8::is_ascii_digit),
-        Some(_) => false,
-    };
     if let Some(rest) = host_port.strip_prefix(b"[") {
         let close = rest.iter().position(|&b| b == b']')?;
-        if !port_ok(&rest[close + 1..]) {
+        if !matches!(rest.get(close + 1), None | Some(b':')) {
             return None;
         }
         let addr: Ipv6Addr = std::str::from_utf8(&rest[..close]).ok()?.parse().ok()?;
@@ -265,13 +285,9 @@ pub fn host_of(host_port: &[u8]) -> Option<String> {
     }
     let colon = host_port
         .iter()
-        .rposition(|&b| b == b':')
+        .position(|&b| b == b':')
         .unwrap_or(host_port.len());
-    let (host, port) = host_port.split_at(colon);
-    if !port_ok(port) {
-        return None;
-    }
-    normalize_host_name(host)
+    normalize_host_name(&host_port[..colon])
 }
 
 #[cfg(test)]
@@ -365,13 +381,14 @@ mod tests {
             ("[0:0::1]:8080", Some("::1")),
             ("[2001:DB8::A]:80", Some("2001:db8::a")),
             ("", None),
-            ("example.com:http", None),
+            // The port is not looked at, as nginx picks by the name.
+            ("example.com:http", Some("example.com")),
             ("::1", None),
             ("[::1", None),
             ("[::1]x", None),
             ("[example.com]", None),
             ("user@example.com", None),
-            ("exa_mple.com:80:80", None),
+            ("exa_mple.com:80:80", Some("exa_mple.com")),
             ("bad!name", None),
         ];
         for (value, want) in cases {
@@ -449,20 +466,33 @@ mod tests {
         );
     }
 
+    /// What nginx takes: empty lines before the request line, runs of
+    /// spaces between its words and after the version.
+    #[test]
+    fn heads_servers_take() {
+        for head in [
+            "\r\nGET / HTTP/1.1\r\nHost: admin.example\r\n\r\n",
+            "\n\r\n\r\nGET / HTTP/1.1\r\nHost: admin.example\r\n\r\n",
+            "GET  /x   HTTP/1.1\r\nHost: admin.example\r\n\r\n",
+            "GET / HTTP/1.1  \r\nHost: admin.example\r\n\r\n",
+        ] {
+            assert_eq!(host(head).as_deref(), Some("admin.example"), "{head:?}");
+        }
+    }
+
     #[test]
     fn malformed_heads() {
         let cases = [
             ("get / http/1.1\r\n\r\n", HttpError::BadVersion),
             ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", HttpError::BadVersion),
             ("GET /\r\n", HttpError::BadVersion),
-            ("GET / HTTP/1.1 \r\n", HttpError::BadVersion),
+            ("GET / HTTP/1.1 x\r\n", HttpError::BadVersion),
             ("GET / HTTP/1.11\r\n", HttpError::BadVersion),
             ("GET / HTTP/1.1\r\r\n", HttpError::BadVersion),
             ("GET\r\n", HttpError::BadMethod),
-            ("\r\nGET / HTTP/1.1\r\n\r\n", HttpError::BadMethod),
             (" GET / HTTP/1.1\r\n", HttpError::BadMethod),
             ("G(T / HTTP/1.1\r\n", HttpError::BadMethod),
-            ("GET  / HTTP/1.1\r\n", HttpError::BadTarget),
+            ("GET  \r\n", HttpError::BadTarget),
             ("GET /a\tb HTTP/1.1\r\n", HttpError::BadTarget),
             ("GET /\x7f HTTP/1.1\r\n", HttpError::BadTarget),
             (

@@ -82,9 +82,18 @@ impl Sniffer {
                 Ok(tls::Hello::Partial { until }) => SniffResult::NeedMore { until },
                 Err(_) => SniffResult::Done(Sniffed::Other),
             },
-            // Every method is a token; 0x16 is not a token byte, so the two
-            // paths never compete for the same input.
-            Some(&b) if http::is_token_byte(b) => {
+            // No extensions: a hello without a server name.
+            Some(&b) if b & 0x80 != 0 => match tls::is_sslv2_compatible_hello(buf) {
+                None => SniffResult::NeedMore {
+                    until: tls::SSL2_HELLO_PREFIX,
+                },
+                Some(true) => SniffResult::Done(Sniffed::Tls(tls::ClientHelloInfo::default())),
+                Some(false) => SniffResult::Done(Sniffed::Other),
+            },
+            // Every method is a token, and empty lines may come first; 0x16
+            // and bytes with the high bit set are neither, so the paths never
+            // compete for input.
+            Some(&b) if http::is_token_byte(b) || b == b'\r' || b == b'\n' => {
                 let more = SniffResult::NeedMore {
                     until: buf.len() + 1,
                 };
@@ -170,6 +179,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// An SSL 2.0-compatible hello of a TLS client (version 3.1, as old
+    /// clients send it) is TLS without a server name; SSL 2.0's own is not.
+    #[test]
+    fn an_sslv2_compatible_hello_is_tls_without_a_name() {
+        assert_eq!(
+            sniff(b"\x80\x2e\x01\x03\x01\x00\x15"),
+            SniffResult::Done(Sniffed::Tls(tls::ClientHelloInfo::default()))
+        );
+        assert_eq!(sniff(b"\x80\x2e\x01"), SniffResult::NeedMore { until: 5 });
+    }
+
+    #[test]
+    fn a_head_after_empty_lines_is_http() {
+        assert_eq!(
+            sniff(b"\r\nGET / HTTP/1.1\r\nHost: admin.example\r\n\r\n"),
+            SniffResult::Done(Sniffed::Http(http::HttpRequestInfo {
+                method: "GET".to_owned(),
+                host: Some("admin.example".to_owned()),
+            }))
+        );
     }
 
     #[test]

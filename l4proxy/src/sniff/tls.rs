@@ -67,7 +67,7 @@ pub struct ClientHelloInfo {
 pub enum TlsError {
     #[error("record type {0} is not handshake ({CONTENT_TYPE_HANDSHAKE})")]
     NotHandshake(u8),
-    #[error("record version {0:#06x} is not SSL 3.0 to TLS 1.3")]
+    #[error("record version {0:#06x} is not 3.x")]
     BadRecordVersion(u16),
     #[error("record length {0} is not 1 to {MAX_RECORD_LEN}")]
     BadRecordLength(usize),
@@ -202,7 +202,7 @@ fn next_fragment<'a>(records: &mut &'a [u8]) -> Result<Option<Fragment<'a>>, Tls
         return Err(TlsError::NotHandshake(content_type));
     }
     if let Some(&[_, major, minor]) = records.get(..3)
-        && !is_sane_version(u16::from_be_bytes([major, minor]))
+        && major != 3
     {
         return Err(TlsError::BadRecordVersion(u16::from_be_bytes([
             major, minor,
@@ -224,19 +224,31 @@ fn next_fragment<'a>(records: &mut &'a [u8]) -> Result<Option<Fragment<'a>>, Tls
     }))
 }
 
-/// Record and ClientHello versions must be SSL 3.0 (0x0300) to TLS 1.3
-/// (0x0304); TLS 1.3 clients send 0x0301 or 0x0303 there.
-fn is_sane_version(version: u16) -> bool {
-    (0x0300..=0x0304).contains(&version)
+/// A record's version must be 3.x, a ClientHello's legacy_version 3.0 or
+/// above: as servers check them (OpenSSL and BoringSSL look at a record's
+/// major byte only, and answer a higher legacy_version with the highest
+/// they have, RFC 8446 Appendix D.1). A hello that a server accepts must not
+/// be "other" here: a route that rejects by server name would not see it.
+const SSL3: u16 = 0x0300;
+
+/// Whether `buf` starts an SSL 2.0-compatible ClientHello (RFC 5246
+/// Appendix E.2: a two-byte length with its high bit set, message type 1,
+/// version 3.x), which OpenSSL still takes for TLS up to 1.2; `None` until
+/// [`SSL2_HELLO_PREFIX`] bytes are there. It has no extensions: no server
+/// name, no ALPN.
+pub(super) fn is_sslv2_compatible_hello(buf: &[u8]) -> Option<bool> {
+    let &[first, _, message_type, major, _] = buf.first_chunk::<SSL2_HELLO_PREFIX>()?;
+    Some(first & 0x80 != 0 && message_type == HANDSHAKE_CLIENT_HELLO && major == 3)
 }
+
+/// Length, message type and version of an SSL 2.0-compatible hello.
+pub(super) const SSL2_HELLO_PREFIX: usize = 5;
 
 /// RFC 8446 §4.1.2 (the same layout since SSL 3.0).
 fn parse_client_hello_body(body: &[u8]) -> Result<ClientHelloInfo, TlsError> {
     let mut r = Reader(body);
-    if !is_sane_version(r.u16("legacy_version")?) {
-        return Err(TlsError::Malformed(
-            "legacy_version is not SSL 3.0 to TLS 1.3",
-        ));
+    if r.u16("legacy_version")? < SSL3 {
+        return Err(TlsError::Malformed("legacy_version is below SSL 3.0"));
     }
     r.take(32, "random")?;
     if r.vec_u8("legacy_session_id")?.len() > 32 {
@@ -607,6 +619,18 @@ mod tests {
         }
     }
 
+    /// A record version above TLS 1.3's (`03 05`): servers look at its major
+    /// byte only, so the hello is read, not taken as another protocol.
+    #[test]
+    fn a_record_version_of_3_x_is_a_hello() {
+        let mut input = TLS13_OPENSSL.to_vec();
+        input[2] = 5;
+        assert_eq!(
+            parsed(&input),
+            Ok(Some(expected(Some("mixed.example.com"), H2_H11)))
+        );
+    }
+
     #[test]
     fn ignores_what_follows_the_hello() {
         let mut input = TLS13_OPENSSL.to_vec();
@@ -625,7 +649,7 @@ mod tests {
                 TlsError::NotHandshake(0x15),
             ),
             (b"\x16\x02\x00", TlsError::BadRecordVersion(0x0200)),
-            (b"\x16\x03\x05", TlsError::BadRecordVersion(0x0305)),
+            (b"\x16\x04\x01", TlsError::BadRecordVersion(0x0401)),
             (b"\x16\x03\x01\x00\x00", TlsError::BadRecordLength(0)),
             (b"\x16\x03\x01\x40\x01", TlsError::BadRecordLength(0x4001)),
             (b"\x16\x03\x01\x00\x04\x02", TlsError::NotClientHello(2)),
@@ -793,8 +817,12 @@ mod tests {
         m[4] = 2; // legacy_version 2.3
         assert_eq!(
             parse_message(&m),
-            malformed("legacy_version is not SSL 3.0 to TLS 1.3")
+            malformed("legacy_version is below SSL 3.0")
         );
+        // Above TLS 1.3 (servers answer with their highest): still a hello.
+        let mut m = message(None);
+        m[4..6].copy_from_slice(&[3, 5]);
+        assert_eq!(parse_message(&m), Ok(Some(ClientHelloInfo::default())));
         let long_session_id = [
             &[3, 3][..],
             &[0; 32],
