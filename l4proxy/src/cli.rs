@@ -125,7 +125,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub grace_period: Duration,
     /// How long to wait for an upstream to accept a connection (a duration).
-    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    #[arg(long, default_value = "5", value_parser = parse_deadline)]
     pub connect_timeout: Duration,
     /// Most client connections relayed at once; further ones are reset at
     /// accept. [default: 16384, lowered with a warning to what the
@@ -157,7 +157,7 @@ pub struct RunArgs {
     /// request head) when a route needs them, then routed as "other"; also
     /// the deadline of a trusted front proxy's PROXY header, a terminated
     /// TLS handshake and a CONNECT request head (a duration).
-    #[arg(long, default_value = "10", value_parser = parse_seconds)]
+    #[arg(long, default_value = "10", value_parser = parse_deadline)]
     pub sniff_timeout: Duration,
     /// Packet mark (VALUE/MASK) that routes intercepted forwarded packets and
     /// replies to transparent connections to this host; only the MASK bits
@@ -196,4 +196,26 @@ pub struct RunArgs {
 /// anything longer would overflow it.
 fn parse_seconds(text: &str) -> Result<Duration, String> {
     crate::policy::duration::Bounds::FLAG.parse(text)
+}
+
+/// A deadline something must be done within: 0 would be no time at all,
+/// not "never" as for the idle timeout and lifetime.
+fn parse_deadline(text: &str) -> Result<Duration, String> {
+    match parse_seconds(text)? {
+        Duration::ZERO => Err("must be more than 0".to_owned()),
+        deadline => Ok(deadline),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_of_zero_is_refused() {
+        assert_eq!(parse_deadline("0"), Err("must be more than 0".to_owned()));
+        assert!(parse_deadline("0ms").is_err());
+        assert_eq!(parse_deadline("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
+    }
 }

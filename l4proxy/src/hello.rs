@@ -53,6 +53,9 @@ pub enum Look<T> {
     Wait {
         until: usize,
     },
+    /// What is there starts something longer than the limit lets through
+    /// (a ClientHello's declared length, say): given up at once.
+    TooLarge,
 }
 
 impl<T> Look<T> {
@@ -227,6 +230,7 @@ impl Peeker {
             }
             let decided = match classify(&buffer[..n]) {
                 Look::Verdict(verdict) => Some(Ok(verdict)),
+                Look::TooLarge => Some(Err(GaveUp::TooLarge)),
                 Look::Wait { .. } if n == self.limit => Some(Err(GaveUp::TooLarge)),
                 Look::Wait { until } => {
                     self.until = next_wait(until, n, self.limit);
@@ -564,6 +568,18 @@ mod tests {
         .unwrap();
         assert_eq!(verdict, Err(GaveUp::TooLarge));
         assert_eq!(seen, 32, "the classifier sees no more than the limit");
+    }
+
+    #[tokio::test]
+    async fn a_classifier_that_sees_too_much_coming_gives_up_at_once() {
+        let (accepted, mut client) = pair().await;
+        client.write_all(b"x").await.unwrap();
+        let verdict = peek_until(&accepted, 32, Duration::from_secs(5), |_| {
+            Look::<usize>::TooLarge
+        })
+        .await
+        .unwrap();
+        assert_eq!(verdict, Err(GaveUp::TooLarge));
     }
 
     #[tokio::test]

@@ -1158,6 +1158,7 @@ async fn sniff_hello(
             |bytes| match sniffer.look(bytes) {
                 sniff::SniffResult::Done(said) => Look::Verdict(said),
                 sniff::SniffResult::NeedMore { until } => Look::Wait { until },
+                sniff::SniffResult::TooLarge => Look::TooLarge,
             },
         )
         .await;

@@ -181,6 +181,7 @@ impl Tls {
             if self.ahead.len() >= until {
                 match classify(&self.ahead) {
                     Look::Verdict(verdict) => return Ok(Ok(verdict)),
+                    Look::TooLarge => return Ok(Err(GaveUp::TooLarge)),
                     Look::Wait { until: more } => {
                         until = hello::next_wait(more, self.ahead.len(), limit);
                     }

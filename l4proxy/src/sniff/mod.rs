@@ -7,7 +7,8 @@
 //! [`SniffResult::NeedMore`] said has arrived ([`Sniffer`] for one
 //! connection). For any input, every prefix of it gives `NeedMore` or the
 //! same answer as the whole: a split across TCP segments never changes the
-//! outcome. At [`MAX_SNIFF_LEN`] bytes the answer is always final.
+//! outcome. At [`MAX_SNIFF_LEN`] bytes the answer is always final: a verdict,
+//! or [`SniffResult::TooLarge`].
 
 pub mod http;
 pub mod tls;
@@ -28,9 +29,8 @@ pub const MAX_SNIFF_LEN: usize = if tls::MAX_CLIENT_HELLO_LEN > http::MAX_HEAD_L
 pub enum Sniffed {
     Tls(ClientHelloInfo),
     Http(HttpRequestInfo),
-    /// Neither a valid ClientHello nor a valid HTTP/1.x head (too large
-    /// included): route it on addresses alone. Call the parsers directly to
-    /// learn why.
+    /// Neither a valid ClientHello nor a valid HTTP/1.x head: route it on
+    /// addresses alone. Call the parsers directly to learn why.
     Other,
 }
 
@@ -45,6 +45,9 @@ pub enum SniffResult {
     NeedMore {
         until: usize,
     },
+    /// A ClientHello or request head larger than its bound: the sniffer
+    /// gives up on it (it is not "another protocol").
+    TooLarge,
 }
 
 /// Classifies `buf`, everything the client has sent so far.
@@ -80,6 +83,7 @@ impl Sniffer {
             Some(&tls::CONTENT_TYPE_HANDSHAKE) => match tls::parse_client_hello(buf) {
                 Ok(tls::Hello::Parsed(hello)) => SniffResult::Done(Sniffed::Tls(hello)),
                 Ok(tls::Hello::Partial { until }) => SniffResult::NeedMore { until },
+                Err(tls::TlsError::TooLarge) => SniffResult::TooLarge,
                 Err(_) => SniffResult::Done(Sniffed::Other),
             },
             // No extensions: a hello without a server name.
@@ -108,6 +112,7 @@ impl Sniffer {
                 match self.head.read(buf) {
                     Ok(Some(request)) => SniffResult::Done(Sniffed::Http(request)),
                     Ok(None) => more,
+                    Err(http::HttpError::TooLarge) => SniffResult::TooLarge,
                     Err(_) => SniffResult::Done(Sniffed::Other),
                 }
             }
@@ -268,7 +273,12 @@ mod tests {
         // A head that never ends (tls.rs tests the same for a ClientHello).
         let mut http = b"GET / HTTP/1.1\r\nX: ".to_vec();
         http.resize(MAX_SNIFF_LEN, b'a');
-        assert_eq!(sniff(&http), SniffResult::Done(Sniffed::Other));
+        assert_eq!(sniff(&http), SniffResult::TooLarge);
+        // A ClientHello whose header declares 16 MiB: at once.
+        assert_eq!(
+            sniff(b"\x16\x03\x01\x00\x04\x01\xff\xff\xff"),
+            SniffResult::TooLarge
+        );
     }
 
     #[test]
