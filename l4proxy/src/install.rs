@@ -48,7 +48,7 @@ use crate::{
     kernel_version,
     local_addrs::{self, LocalAddrs, LocalAddrsError},
     metrics::Metrics,
-    policy::{Bind, InterceptRule, Keepalive, Policy},
+    policy::{Bind, InterceptRule, Keepalive, Policy, RuleId, Target},
     session::Active,
     upstream,
 };
@@ -264,7 +264,8 @@ impl Installation {
         if !findings.errors.is_empty() {
             return Err(InstallError::Sysctl(findings.errors));
         }
-        let unreachable = unreachable_listeners(&policy, &self.local, &needs.owned);
+        let mut unreachable = unreachable_listeners(&policy, &self.local, &needs.owned);
+        unreachable.extend(unanswered_tunnels(&policy, &self.local, &needs.owned));
         if !unreachable.is_empty() {
             return Err(InstallError::Unreachable(unreachable));
         }
@@ -974,6 +975,39 @@ fn routed_family(policy: &Policy, all: &[Interface], v4: bool) -> bool {
         .any(|prefix| prefix.addr().is_ipv4() == v4)
 }
 
+/// CONNECT rules whose tunnels go to their original destination from a fixed
+/// address that is not this host's: the replies to such a connection are
+/// taken for the proxy only from listed servers and gateway rules'
+/// destinations, and a tunnel's destination can be anywhere, so no tunnel
+/// would ever open.
+fn unanswered_tunnels(policy: &Policy, local: &LocalAddrs, owned: &[IpNet]) -> Vec<String> {
+    let is_local =
+        |ip: IpAddr| local.is_host_address(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
+    policy
+        .bind_targets()
+        .iter()
+        .filter(|target| policy.upstreams[target.upstream.0].target == Target::OriginalDestination)
+        .filter_map(|target| {
+            let Bind::Address(ip) = target.bind else {
+                return None;
+            };
+            let RuleId(r) = *target
+                .rules
+                .iter()
+                .find(|r| policy.rules[r.0].connect.is_some())?;
+            (!is_local(ip)).then(|| {
+                format!(
+                    "{}: {ip} is not an address of this host: tunnels of CONNECT rule {:?} \
+                     (intercept[{r}]) to their original destination would get no replies from it \
+                     (those are taken only from listed servers and gateway rules' destinations)",
+                    target.bind_path(policy),
+                    policy.rules[r].name
+                )
+            })
+        })
+        .collect()
+}
+
 /// Whether connections under `bind` come from an address that is not this
 /// host's, whose replies the kernel must be told to deliver here.
 fn spoofs(bind: Bind, is_local: &impl Fn(IpAddr) -> bool) -> bool {
@@ -1076,6 +1110,28 @@ mod tests {
 
     fn link(name: &str, index: u32, master: Option<u32>, is_bridge: bool) -> Interface {
         Interface::ethernet(name, index, master, is_bridge)
+    }
+
+    /// Tunnels to their original destination from a fixed address that is
+    /// not this host's would get no replies: refused, naming the bind.
+    #[tokio::test]
+    async fn tunnels_from_a_fixed_address_not_this_hosts_are_refused() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let policy = |bind: &str| {
+            Policy::from_json(&format!(
+                r#"{{ "intercept": [ {{ "name": "explicit", "upstream": "out",
+                       "connect": {{ "listen": ["127.0.0.1:3128"], "clients": ["127.0.0.0/8"] }} }} ],
+                     "upstreams": {{ "out": {{ "original_destination": true, "bind": "{bind}" }} }} }}"#
+            ))
+            .unwrap()
+        };
+        let refused = unanswered_tunnels(&policy("192.0.2.77"), &local, &[]);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].starts_with("upstreams.out.bind: 192.0.2.77 is not an address of this host"),
+            "{refused:?}"
+        );
+        assert!(unanswered_tunnels(&policy("127.0.0.1"), &local, &[]).is_empty());
     }
 
     /// A bridge's port may be listed (bridged interception); a bond's may

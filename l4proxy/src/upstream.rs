@@ -185,10 +185,11 @@ pub enum ConnectError {
         upstream: UpstreamAddr,
         error: io::Error,
     },
-    #[error(
-        "no {family} server: a connection from the client's address is made in the client's family"
-    )]
-    NoServerOfFamily { family: &'static str },
+    #[error("no {family} server: a connection from {from} is made in its family")]
+    NoServerOfFamily {
+        family: &'static str,
+        from: &'static str,
+    },
     #[error("original destination {0} is this host or unspecified: not connected to")]
     LocalDestination(UpstreamAddr),
     #[error("no server of upstream {upstream:?} is up")]
@@ -376,11 +377,12 @@ impl Pool {
         };
         let client = request.client.0.ip();
         let client_v4 = client.to_canonical().is_ipv4();
-        // Whether the source is the client's address does not depend on
-        // the server: one look at this host's addresses, not one a server.
-        let spoofed = self.servers.first().is_some_and(|server| {
-            matches!(source(request, server.address, local).0, Source::Client(_))
-        });
+        // What kind of source it is does not depend on the server: one look
+        // at this host's addresses, not one a server.
+        let from = self
+            .servers
+            .first()
+            .map(|server| source(request, server.address, local).0);
         let mut slots: Vec<Slot> = self
             .servers
             .iter()
@@ -389,7 +391,7 @@ impl Pool {
                 active: 0,
                 backup: server.options.backup,
                 up: true,
-                usable: family_fits(spoofed, server.address, client_v4),
+                usable: from.is_none_or(|from| family_fits(from, server.address, client_v4)),
                 tried: false,
                 key: server.key,
             })
@@ -445,7 +447,7 @@ impl Pool {
                     upstream: self.name.clone(),
                 }
             } else {
-                no_server_of_family(client_v4)
+                no_server_of_family(from, client_v4)
             }
         }))
     }
@@ -478,8 +480,8 @@ async fn original_destination(
     }
     let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
     let (from, fallback) = source(request, to, local);
-    if !family_fits(matches!(from, Source::Client(_)), to, client_v4) {
-        return Err(no_server_of_family(client_v4));
+    if !family_fits(from, to, client_v4) {
+        return Err(no_server_of_family(Some(from), client_v4));
     }
     connect_from(to, from, fallback, request, None, timeout)
         .await
@@ -492,16 +494,26 @@ async fn original_destination(
         })
 }
 
-/// Whether a connection may go to `server`: only one from the client's own
-/// address (`spoofed`) is held to the client's family.
-fn family_fits(spoofed: bool, server: UpstreamAddr, client_v4: bool) -> bool {
-    !spoofed || server.0.is_ipv4() == client_v4
+/// Whether a connection from `from` may go to `server`: one from the
+/// client's own address or a fixed one is made in that address's family.
+fn family_fits(from: Source, server: UpstreamAddr, client_v4: bool) -> bool {
+    match from {
+        Source::Kernel => true,
+        Source::Client(_) => server.0.is_ipv4() == client_v4,
+        Source::Fixed(ip) => server.0.is_ipv4() == ip.is_ipv4(),
+    }
 }
 
-/// No server could be tried: every one is of the other family.
-fn no_server_of_family(client_v4: bool) -> ConnectError {
+/// No server could be tried: every one is of the other family than the
+/// source's (`from`, if known; else the client's).
+fn no_server_of_family(from: Option<Source>, client_v4: bool) -> ConnectError {
+    let (v4, whose) = match from {
+        Some(Source::Fixed(ip)) => (ip.is_ipv4(), "the upstream's fixed source address"),
+        _ => (client_v4, "the client's address"),
+    };
     ConnectError::NoServerOfFamily {
-        family: if client_v4 { "IPv4" } else { "IPv6" },
+        family: if v4 { "IPv4" } else { "IPv6" },
+        from: whose,
     }
 }
 
@@ -536,8 +548,7 @@ async fn race(
     let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
     let mut waiting = candidates.iter().copied().filter_map(|upstream| {
         let (from, fallback) = source(request, upstream, local);
-        family_fits(matches!(from, Source::Client(_)), upstream, client_v4)
-            .then_some((upstream, from, fallback))
+        family_fits(from, upstream, client_v4).then_some((upstream, from, fallback))
     });
     let mut attempts = futures::stream::FuturesUnordered::new();
     let mut last_error = None;
@@ -589,7 +600,10 @@ async fn race(
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| no_server_of_family(client_v4)))
+    Err(last_error.unwrap_or_else(|| {
+        let from = candidates.first().map(|&to| source(request, to, local).0);
+        no_server_of_family(from, client_v4)
+    }))
 }
 
 /// What a parent proxy is asked to connect to.
@@ -1030,7 +1044,59 @@ mod tests {
             .err()
             .expect("no IPv4 server to connect to");
         assert!(
-            matches!(refused, ConnectError::NoServerOfFamily { family: "IPv4" }),
+            matches!(
+                refused,
+                ConnectError::NoServerOfFamily { family: "IPv4", .. }
+            ),
+            "{refused}"
+        );
+    }
+
+    /// A tunnel's addresses of the other family than a fixed source's are
+    /// not tried: a connection is made in the source's family.
+    #[tokio::test]
+    async fn a_fixed_source_tries_only_the_destinations_of_its_family() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let v4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let v6 = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let bind = Bind::Address("127.0.0.1".parse().unwrap());
+        let pool = Pool::new(
+            &Upstream {
+                name: "tunnels".to_owned(),
+                target: Target::OriginalDestination,
+                bind,
+                proxy_protocol: None,
+                tls: None,
+                balancing: Default::default(),
+            },
+            &health::Registry::default(),
+        )
+        .unwrap();
+        let tunnel = |checked: Vec<SocketAddr>| Request {
+            orig_dst: OrigDstAddr(checked[0]),
+            checked,
+            ..request("192.0.2.7:40000", "192.0.2.10:80", bind)
+        };
+        let both = tunnel(vec![v6.local_addr().unwrap(), v4.local_addr().unwrap()]);
+        let connected = pool
+            .connect(&both, &local, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(connected.upstream.0, v4.local_addr().unwrap());
+        let v6_only = tunnel(vec![v6.local_addr().unwrap(), v6.local_addr().unwrap()]);
+        let refused = pool
+            .connect(&v6_only, &local, Duration::from_secs(1))
+            .await
+            .err()
+            .expect("no IPv4 destination");
+        assert!(
+            matches!(
+                refused,
+                ConnectError::NoServerOfFamily {
+                    family: "IPv4",
+                    from: "the upstream's fixed source address"
+                }
+            ),
             "{refused}"
         );
     }

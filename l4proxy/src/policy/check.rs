@@ -672,7 +672,7 @@ impl BindTarget {
     }
 
     /// JSON path of the `bind` in force.
-    fn bind_path(&self, policy: &Policy) -> String {
+    pub(crate) fn bind_path(&self, policy: &Policy) -> String {
         match self.route {
             Some(j) if policy.routes[j].bind.is_some() => format!("routes[{j}].bind"),
             _ => format!("upstreams.{}.bind", policy.upstreams[self.upstream.0].name),
