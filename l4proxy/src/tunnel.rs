@@ -312,6 +312,14 @@ const LINK_LOCAL: [IpNet; 2] = [
     )),
 ];
 
+/// Cloud metadata services outside link-local: AWS's IPv6 endpoint
+/// (fd00:ec2::254) and Alibaba Cloud's (100.100.100.200). A tunnel from a
+/// proxy on the instance would hand its credentials to any client.
+const METADATA: [IpAddr; 2] = [
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+];
+
 /// Whether a tunnel may go to `ip`, and why not.
 fn allowed(front: &ConnectFront, ip: IpAddr, local: &LocalAddrs) -> Result<(), &'static str> {
     let allowed_reserved = front.allow_reserved.iter().any(|p| p.contains(&ip));
@@ -324,6 +332,9 @@ fn allowed(front: &ConnectFront, ip: IpAddr, local: &LocalAddrs) -> Result<(), &
         }
         if LINK_LOCAL.iter().any(|p| p.contains(&ip)) {
             return Err("link-local");
+        }
+        if METADATA.contains(&ip) {
+            return Err("a cloud metadata service");
         }
         if local.contains(ip) {
             return Err("this host's address");
@@ -611,6 +622,9 @@ mod tests {
             ("127.0.0.2", Ok(())),
             ("169.254.169.254", Err("link-local")),
             ("fe80::1", Err("link-local")),
+            ("fd00:ec2::254", Err("a cloud metadata service")),
+            ("100.100.100.200", Err("a cloud metadata service")),
+            ("100.100.100.201", Ok(())),
             ("0.0.0.0", Err("not a unicast address")),
             ("224.0.0.1", Err("not a unicast address")),
             ("203.0.113.7", Ok(())),
