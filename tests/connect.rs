@@ -773,3 +773,65 @@ fn name_look_ups_stay_bounded_when_they_time_out() {
         "{after} threads, {before} before one client's 150 look-ups that timed out"
     );
 }
+
+/// A name whose first two addresses (one of each family) never answer: an
+/// attempt has half the connect timeout while other addresses wait, so the
+/// third is reached in time (with both silent ones holding the whole
+/// deadline, it was started with none left).
+#[test]
+fn two_silent_addresses_in_front_do_not_hold_out_the_third() {
+    let t = Topo::new("connect_silent");
+    let resolver = lab::origin::RESOLVER;
+    t.sv.addr("to-px", &format!("{resolver}/24"));
+    t.sv.addr("to-px", "203.0.113.200/24");
+    // Nothing has 203.0.113.9 or 2001:db8:5::77: no neighbour answers, and a
+    // connect to either is silent for seconds. .9 also shares the longer
+    // prefix with px's 203.0.113.1, so address sorting keeps it first.
+    let dns = lab::dns::Dnsmasq::start(
+        &t.sv,
+        resolver.parse().unwrap(),
+        &[
+            ("silent.example.test", &["203.0.113.9", "2001:db8:5::77"]),
+            ("silent.example.test", &["203.0.113.200"]),
+        ],
+    );
+    let _good = Server::start(
+        &t.sv,
+        sa("203.0.113.200:8090"),
+        handlers::hello_echo("good"),
+    );
+    let policy = json!({
+        "intercept": [ { "name": "explicit", "upstream": "direct",
+            "connect": { "listen": [PROXY4], "clients": ["198.51.100.0/24"], "ports": [8090] } } ],
+        "upstreams": { "direct": { "original_destination": true } }
+    });
+    let mut d = Daemon::start_with_resolver(
+        &t.px,
+        &policy,
+        &["--connect-timeout", "2"],
+        &dns.resolv_conf(resolver.parse().unwrap()),
+    );
+    let started = Instant::now();
+    let (status, mut c) = ask(&t, PROXY4, &connect_head("silent.example.test:8090"));
+    let took = started.elapsed();
+    assert_eq!(
+        status, "HTTP/1.1 200 Connection established",
+        "after {took:?}"
+    );
+    // The silent ones were tried first, for their half of the timeout; the
+    // third well before the deadline (a server farther away than this
+    // lab's would need the time).
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1800),
+        "{took:?}"
+    );
+    assert_eq!(lab::read_line(&mut c).unwrap(), "good");
+    let local = c.local_addr().unwrap();
+    lab::finish(&mut c, "the tunnel");
+    let ev = d.closed_event(local);
+    assert_eq!(
+        field_str(&ev, "upstream").as_deref(),
+        Some("203.0.113.200:8090"),
+        "{ev}"
+    );
+}

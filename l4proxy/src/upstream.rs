@@ -533,11 +533,17 @@ pub const MAX_SECOND_ATTEMPTS: usize = 64;
 static SECOND_ATTEMPTS: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(MAX_SECOND_ATTEMPTS);
 
-/// Happy Eyeballs (RFC 8305 §5) over `candidates`, in their order: the
-/// first attempt starts at once, each next one when the previous failed or
-/// after [`ATTEMPT_DELAY`] (at most [`MAX_ATTEMPTS`] at a time), and the
-/// first connection made wins; the others are dropped. All within
-/// `timeout`.
+/// The addresses of one name tried at most (Squid's `forward_max_tries`
+/// is 25): a name with hundreds must not become a SYN to each.
+const MAX_ADDRESSES: usize = 16;
+
+/// Happy Eyeballs (RFC 8305 §5) over the first [`MAX_ADDRESSES`] of
+/// `candidates`, in their order: the first attempt starts at once, each
+/// next one when the previous failed or after [`ATTEMPT_DELAY`] (at most
+/// [`MAX_ATTEMPTS`] at a time), and the first connection made wins; the
+/// others are dropped. All within `timeout`; while other addresses wait, an
+/// attempt has half of it, so that two silent addresses in front do not
+/// hold the rest out, and none starts once the time is up.
 async fn race(
     candidates: &[UpstreamAddr],
     request: &Request,
@@ -546,10 +552,14 @@ async fn race(
 ) -> Result<Connected, ConnectError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let client_v4 = request.client.0.ip().to_canonical().is_ipv4();
-    let mut waiting = candidates.iter().copied().filter_map(|upstream| {
-        let (from, fallback) = source(request, upstream, local);
-        family_fits(from, upstream, client_v4).then_some((upstream, from, fallback))
-    });
+    let mut waiting = candidates
+        .iter()
+        .copied()
+        .filter_map(|upstream| {
+            let (from, fallback) = source(request, upstream, local);
+            family_fits(from, upstream, client_v4).then_some((upstream, from, fallback))
+        })
+        .take(MAX_ADDRESSES);
     let mut attempts = futures::stream::FuturesUnordered::new();
     let mut last_error = None;
     let mut next = waiting.next();
@@ -566,16 +576,24 @@ async fn race(
                     Err(_) => return next.is_some(),
                 }
             };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
             let Some((upstream, from, fallback)) = next.take() else {
                 return false;
             };
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            *next = waiting.next();
+            let budget = if next.is_some() {
+                left.min(timeout / 2)
+            } else {
+                left
+            };
             attempts.push(async move {
-                let connected = connect_from(upstream, from, fallback, request, None, left).await;
+                let connected = connect_from(upstream, from, fallback, request, None, budget).await;
                 drop(beside);
                 (upstream, connected)
             });
-            *next = waiting.next();
             next.is_some()
         };
     let mut more = start(&mut attempts, &mut next);
