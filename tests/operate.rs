@@ -59,6 +59,29 @@ fn refused(t: &Topo) {
     let _ = c.read(&mut [0u8; 16]);
 }
 
+/// A stopping daemon's admin port closes at once: during the drain a
+/// scraper is refused, not left waiting until the grace period ends.
+#[test]
+fn a_draining_daemon_refuses_scrapes() {
+    let t = Topo::new("op_drain_admin");
+    let _srv = Server::start(&t.sv, sa("203.0.113.2:8080"), handlers::hello_echo("api"));
+    let mut d = Daemon::start_ready(&t.px, &policy("203.0.113.2:8080"), &["--admin", ADMIN]);
+    assert!(scrape(&t).contains("l4proxy_"));
+    // An open connection keeps the drain going.
+    let mut held = lab::connect(&t.cl, sa("192.0.2.10:80"));
+    assert_eq!(lab::read_line(&mut held).unwrap(), "api");
+    d.drain();
+    let tried =
+        t.px.run(|| TcpStream::connect_timeout(&sa(ADMIN), Duration::from_secs(2)));
+    assert!(
+        matches!(&tried, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{tried:?}"
+    );
+    drop(held);
+    let status = d.wait_exit(Duration::from_secs(10));
+    d.assert_exit_ok(status);
+}
+
 /// The metrics pass promtool, and Prometheus, scraping them, counts what
 /// the test sent: connections per route, bytes, refusals by outcome, and
 /// the kernel's steering.

@@ -404,6 +404,12 @@ pub async fn run(
         }
     };
 
+    // Nobody answers scrapes any more: the admin port closes (its accept
+    // loop has stopped, this copy is the last) and a scrape waiting for an
+    // answer fails, rather than both hanging through the drain. A
+    // successor has its own copy.
+    drop(admin_fd);
+    drop(scrapes);
     // A failure here must not end the daemon at once: its open connections
     // get their grace period, and after a takeover its exit path keeps its
     // guard from removing what is the successor's now.
