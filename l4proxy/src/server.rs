@@ -265,7 +265,10 @@ pub async fn run(
     } = match ready {
         Ok(prepared) => prepared,
         Err(e) => {
-            // A predecessor may still be serving: leave it what is its.
+            // A predecessor may still be serving: hang up first, so that one
+            // reading our `ready` late finds us gone and serves on, and leave
+            // it what is its.
+            drop(predecessor.take());
             accepting.stop.cancel();
             installation.release_inherited();
             if let Err(undo) = installation.remove().await {
