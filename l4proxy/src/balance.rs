@@ -13,8 +13,9 @@
 //!   client's IP address: a client keeps its server while the server is
 //!   there, and a server that goes (down, or out of the policy) moves only
 //!   its own clients; weights scale a server's share of clients.
-//! - `random-two`: two different servers at random, the one with fewer
-//!   connections per unit of weight (the "power of two choices").
+//! - `random-two`: two different servers drawn at random by weight, the one
+//!   with fewer connections per unit of weight (the "power of two
+//!   choices").
 //!
 //! Backup servers are candidates only while no other server the
 //! connection could use is up.
@@ -160,27 +161,35 @@ fn source_hash(slots: &[Slot], client: u64) -> Option<usize> {
     candidates(slots).max_by(|&a, &b| score(&slots[a]).total_cmp(&score(&slots[b])))
 }
 
-/// Two different candidates drawn at random (`random` gives the draws),
-/// the less loaded one per unit of weight; the first drawn on a tie.
+/// Two different candidates drawn at random by weight (`random` gives the
+/// draws), the less loaded one per unit of weight; the first drawn on a
+/// tie (both idle, say), so that weights hold then too.
 fn random_two(slots: &[Slot], mut random: impl FnMut() -> u64) -> Option<usize> {
-    let eligible = candidates(slots);
-    let count = eligible.clone().count();
-    let first = (random() % count.max(1) as u64) as usize;
-    let one = eligible.clone().nth(first)?;
-    if count == 1 {
+    let one = weighted_draw(slots, None, random())?;
+    let Some(two) = weighted_draw(slots, Some(one), random()) else {
         return Some(one);
-    }
-    // The second draw skips the first's place: two different servers.
-    let mut second = (random() % (count - 1) as u64) as usize;
-    if second >= first {
-        second += 1;
-    }
-    let two = eligible.clone().nth(second)?;
+    };
     Some(if less_loaded(&slots[two], &slots[one]) {
         two
     } else {
         one
     })
+}
+
+/// A candidate other than `except`, each as likely as its weight, by the
+/// random number `draw`.
+fn weighted_draw(slots: &[Slot], except: Option<usize>, draw: u64) -> Option<usize> {
+    let eligible = candidates(slots).filter(|&k| Some(k) != except);
+    let total: u64 = eligible.clone().map(|k| u64::from(slots[k].weight)).sum();
+    let mut point = draw % total.max(1);
+    for k in eligible {
+        let weight = u64::from(slots[k].weight);
+        if point < weight {
+            return Some(k);
+        }
+        point -= weight;
+    }
+    None
 }
 
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -399,6 +408,10 @@ mod tests {
         for count in &counts {
             assert!((1700..2300).contains(count), "{counts:?}");
         }
+        // Weights hold among idle servers too: 1 to 9.
+        let weighted = pool(&[1, 9]);
+        let counts = self::counts(&picker, &weighted, 10000);
+        assert!((8700..9300).contains(&counts[1]), "{counts:?}");
         // One candidate: that one, without a second draw.
         let mut one = pool(&[1, 1]);
         one[0].tried = true;
