@@ -156,12 +156,16 @@ impl ServerState {
             return;
         }
         let down_for = observe.down_for;
+        // This time down: not a later one, should a reload have tried the
+        // server again meanwhile and it failed again.
+        let downs = self.went_down.load(Ordering::Relaxed);
         let state = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(down_for).await;
             // Checks started meanwhile (a reload) bring it back themselves.
             if let Some(state) = state.upgrade()
                 && !state.checked.load(Ordering::Relaxed)
+                && state.went_down.load(Ordering::Relaxed) == downs
             {
                 state.mark(
                     true,
@@ -190,6 +194,8 @@ pub struct Registry {
 struct Entry {
     state: Arc<ServerState>,
     checks: Option<Checks>,
+    /// Its upstream's `observe` in the policy in force.
+    observe: Option<Observe>,
 }
 
 /// A server's running checks, and what they were started with.
@@ -240,6 +246,7 @@ impl Registry {
             .or_insert_with(|| Entry {
                 state: Arc::new(ServerState::new(key)),
                 checks: None,
+                observe: None,
             })
             .state
             .clone()
@@ -254,7 +261,7 @@ impl Registry {
     /// whose checks are gone is up again, since nothing would bring it
     /// back. On the daemon's runtime, which the checks run on.
     pub fn update(&self, policy: &Policy) {
-        let mut wanted: HashMap<ServerKey, Option<Plan>> = HashMap::new();
+        let mut wanted: HashMap<ServerKey, (Option<Plan>, Option<Observe>)> = HashMap::new();
         for upstream in &policy.upstreams {
             let plan = plan(upstream);
             for &address in upstream.servers() {
@@ -262,7 +269,7 @@ impl Registry {
                     upstream: upstream.name.clone(),
                     address,
                 };
-                wanted.insert(key, plan.clone());
+                wanted.insert(key, (plan.clone(), upstream.balancing.observe));
             }
         }
         let mut servers = self.lock();
@@ -273,11 +280,21 @@ impl Registry {
             entry.stop_checks(None);
             Arc::strong_count(&entry.state) > 1
         });
-        for (key, plan) in wanted {
+        for (key, (plan, observe)) in wanted {
             let entry = servers.entry(key.clone()).or_insert_with(|| Entry {
                 state: Arc::new(ServerState::new(key)),
                 checks: None,
+                observe: None,
             });
+            // Observation took it down, for a time its settings said: with
+            // other settings (or none), it is tried again at once.
+            if std::mem::replace(&mut entry.observe, observe) != observe
+                && !entry.state.checked.load(Ordering::Relaxed)
+            {
+                entry
+                    .state
+                    .mark(true, &"its observe settings changed: tried again");
+            }
             if entry.checks.as_ref().map(|c| &c.plan) == plan.as_ref() {
                 continue;
             }
@@ -514,6 +531,34 @@ mod tests {
         assert_eq!(state.health().went_down, 1);
     }
 
+    /// A reload that removes or changes `observe` tries a server that
+    /// observation took down again at once: it would have stayed down for
+    /// the old `down_for`.
+    #[tokio::test]
+    async fn a_reload_that_changes_observe_tries_a_downed_server_again() {
+        let address: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let registry = Registry::default();
+        let state = registry.server("web", address);
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        for (old, new) in [
+            (r#", "observe": { "errors": 1, "down_for": "1h" }"#, ""),
+            (
+                r#", "observe": { "errors": 1, "down_for": "1h" }"#,
+                r#", "observe": { "errors": 1, "down_for": "10s" }"#,
+            ),
+        ] {
+            let before = policy("web", &[address], old);
+            registry.update(&before);
+            let observe = before.upstreams[0].balancing.observe.unwrap();
+            state.connect_failed(&observe, &refused);
+            assert!(!state.is_up(), "{old}");
+            registry.update(&policy("web", &[address], old));
+            assert!(!state.is_up(), "the same settings: still down");
+            registry.update(&policy("web", &[address], new));
+            assert!(state.is_up(), "{old} → {new}");
+        }
+    }
+
     #[tokio::test]
     async fn a_reload_keeps_a_kept_servers_state_and_forgets_the_others() {
         let listeners = [
@@ -528,7 +573,7 @@ mod tests {
         };
         let state_a = registry.server("web", a);
         let state_b = registry.server("web", b);
-        registry.update(&policy("web", &[a, b], ""));
+        registry.update(&policy("web", &[a, b], r#", "observe": { "errors": 1 }"#));
         state_a.connect_failed(&observe, &io::Error::from(io::ErrorKind::TimedOut));
         let lease = state_a.lease();
         assert!(!state_a.is_up());
