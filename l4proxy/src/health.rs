@@ -72,15 +72,15 @@ pub struct Health {
 }
 
 impl ServerState {
-    fn new(key: ServerKey) -> ServerState {
+    fn new(key: ServerKey, counts: Counts) -> ServerState {
         ServerState {
             key,
             up: AtomicBool::new(true),
             active: AtomicUsize::new(0),
             errors: AtomicU32::new(0),
             checked: AtomicBool::new(false),
-            failed_checks: AtomicU64::new(0),
-            went_down: AtomicU64::new(0),
+            failed_checks: AtomicU64::new(counts.failed_checks),
+            went_down: AtomicU64::new(counts.went_down),
         }
     }
 
@@ -188,7 +188,39 @@ impl Drop for Lease {
 /// Every server's state, kept across policies, and the checks that run.
 #[derive(Default)]
 pub struct Registry {
-    servers: Mutex<HashMap<ServerKey, Entry>>,
+    servers: Mutex<Servers>,
+}
+
+#[derive(Default)]
+struct Servers {
+    entries: HashMap<ServerKey, Entry>,
+    /// The counts of servers forgotten: one a later policy brings back
+    /// goes on from them, so that its counters never go back (a scrape
+    /// would take the new counts for what grew since the last).
+    retired: HashMap<ServerKey, Counts>,
+}
+
+/// What a server's counters held.
+#[derive(Clone, Copy, Default)]
+struct Counts {
+    failed_checks: u64,
+    went_down: u64,
+}
+
+impl Servers {
+    /// The entry of `key`: the one in force, else a new one (up, idle,
+    /// unchecked) with the counts it had, if it was forgotten.
+    fn entry(&mut self, key: &ServerKey) -> &mut Entry {
+        let retired = &mut self.retired;
+        self.entries.entry(key.clone()).or_insert_with(|| {
+            let counts = retired.remove(key).unwrap_or_default();
+            Entry {
+                state: Arc::new(ServerState::new(key.clone(), counts)),
+                checks: None,
+                observe: None,
+            }
+        })
+    }
 }
 
 struct Entry {
@@ -241,15 +273,7 @@ impl Registry {
             upstream: upstream.to_owned(),
             address,
         };
-        self.lock()
-            .entry(key.clone())
-            .or_insert_with(|| Entry {
-                state: Arc::new(ServerState::new(key)),
-                checks: None,
-                observe: None,
-            })
-            .state
-            .clone()
+        self.lock().entry(&key).state.clone()
     }
 
     /// Makes the registry that of `policy`, now in force: stops the checks
@@ -273,19 +297,25 @@ impl Registry {
             }
         }
         let mut servers = self.lock();
-        servers.retain(|key, entry| {
+        let Servers { entries, retired } = &mut *servers;
+        entries.retain(|key, entry| {
             if wanted.contains_key(key) {
                 return true;
             }
             entry.stop_checks(None);
-            Arc::strong_count(&entry.state) > 1
+            let kept = Arc::strong_count(&entry.state) > 1;
+            if !kept {
+                let health = entry.state.health();
+                let counts = Counts {
+                    failed_checks: health.failed_checks,
+                    went_down: health.went_down,
+                };
+                retired.insert(key.clone(), counts);
+            }
+            kept
         });
         for (key, (plan, observe)) in wanted {
-            let entry = servers.entry(key.clone()).or_insert_with(|| Entry {
-                state: Arc::new(ServerState::new(key)),
-                checks: None,
-                observe: None,
-            });
+            let entry = servers.entry(&key);
             // Observation took it down, for a time its settings said: with
             // other settings (or none), it is tried again at once.
             if std::mem::replace(&mut entry.observe, observe) != observe
@@ -315,7 +345,7 @@ impl Registry {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ServerKey, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Servers> {
         self.servers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -323,7 +353,7 @@ impl Registry {
 /// Checks end with the registry (at exit), not with the runtime only.
 impl Drop for Registry {
     fn drop(&mut self) {
-        for entry in self.lock().values_mut() {
+        for entry in self.lock().entries.values_mut() {
             if let Some(checks) = entry.checks.take() {
                 checks.task.abort();
             }
@@ -598,6 +628,9 @@ mod tests {
         drop((lease_b, state_b));
         registry.update(&policy("web", &[a], ""));
         assert!(registry.server("web", b).is_up(), "a new state, up");
+        // Its counts go on from the forgotten one's: a scrape never sees
+        // them go back.
+        assert_eq!(registry.server("web", b).health().went_down, 1);
         // The same address in another upstream is another server.
         assert!(!Arc::ptr_eq(&registry.server("api", a), &state_a));
 
