@@ -111,6 +111,11 @@ impl Plan {
 /// inherit the limit): 10 000 idle connections take two in each.
 const NOFILE: u64 = 200_000;
 
+/// After each connection-rate run: TIME_WAIT and closing sockets settle
+/// before the next. The proxy's work then counts, the pause not in the
+/// cores' busy share.
+const SETTLE: Duration = Duration::from_millis(500);
+
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let plan = Plan::new(args.quick);
@@ -516,7 +521,7 @@ impl<'a> Bench<'a> {
             flow.reverse,
             self.plan.iperf_seconds,
         )?;
-        let machine = machine.and_then(cpu::MachineWatch::stop);
+        let machine = machine.and_then(|watch| watch.stop(Duration::ZERO));
         let cpu = before
             .zip(self.proxy_cpu(target))
             .map(|(b, a)| a.since(b).total());
@@ -577,7 +582,7 @@ impl<'a> Bench<'a> {
                             received_samples.push(per(counted.received as f64));
                         }
                     }
-                    let busy = watch.and_then(cpu::MachineWatch::stop);
+                    let busy = watch.and_then(|watch| watch.stop(SETTLE));
                     machine.add(concurrency, target, busy, rate.completed as f64);
                     self.note_failures(
                         &rate,
@@ -604,6 +609,7 @@ impl<'a> Bench<'a> {
         })
     }
 
+    /// Connections from `concurrency` clients, then [`SETTLE`].
     fn connection_rate(&self, addr: Dial, concurrency: usize) -> anyhow::Result<load::Rate> {
         let (hello, duration, max) = (
             self.hello.clone(),
@@ -614,8 +620,7 @@ impl<'a> Bench<'a> {
             .lab
             .cl
             .block_on(move || load::connection_rate(addr, hello, concurrency, duration, max))?;
-        // Let TIME_WAIT and closing sockets of this run settle before the next.
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(SETTLE);
         Ok(rate)
     }
 

@@ -6,6 +6,8 @@
 //! system calls and the TCP work done in them), which its own code lowers
 //! only by making fewer calls and sending fewer packets.
 
+use std::time::Duration;
+
 use super::lab;
 
 fn clock_ticks() -> f64 {
@@ -137,8 +139,10 @@ impl MachineWatch {
         })
     }
 
-    pub fn stop(self) -> Option<MachineBusy> {
-        let elapsed = self.started.elapsed().as_secs_f64();
+    /// Stopped `idle` after the load ended (a pause for closing sockets to
+    /// settle): its work counts, its time not in the share of the cores.
+    pub fn stop(self, idle: Duration) -> Option<MachineBusy> {
+        let elapsed = (self.started.elapsed().saturating_sub(idle)).as_secs_f64();
         let (busy, _) = machine_busy()?;
         let seconds = busy - self.busy;
         Some(MachineBusy {

@@ -130,9 +130,10 @@ fn policy(shape: Shape, variant: Variant, alone: bool) -> Value {
     json!({ "intercept": intercept, "upstreams": { "tls": { "servers": [server] } } })
 }
 
-/// The same rules for `ip6tables-restore` (which replaces the table).
+/// The same rules for `ip6tables-restore` (which replaces the table), after
+/// [`targets::TPROXY_PRELUDE`].
 fn tproxy_rules(shape: Shape, variant: Variant) -> String {
-    let mut script = String::from("*mangle\n:PREROUTING ACCEPT [0:0]\n");
+    let mut script = String::from(targets::TPROXY_PRELUDE);
     for i in 0..shape.rules {
         let mut ports = vec![shape.ports.iptables()];
         if variant == Variant::PortAdded && i == 0 {

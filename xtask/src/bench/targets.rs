@@ -281,6 +281,9 @@ pub fn start_l4proxy_logged(
             "1",
             "--max-connections",
             &maxconn.to_string(),
+            // As the peers: neither sets keepalive by default.
+            "--tcp-keepalive",
+            "off",
         ],
         &[("RUST_LOG", rust_log)],
         log.to_owned(),
@@ -293,7 +296,8 @@ pub fn start_l4proxy_logged(
 pub fn haproxy_config(target: Target, maxconn: u64) -> String {
     let ip = target.ip();
     let mut config = if target == Target::HaproxySplice {
-        haproxy_common(maxconn, "") + "    option splice-request\n    option splice-response\n"
+        haproxy_common(maxconn, &format!("    tune.pipesize {}\n", PIPE_KIB * 1024))
+            + "    option splice-request\n    option splice-response\n"
     } else {
         haproxy_common(
             maxconn,
@@ -302,7 +306,12 @@ pub fn haproxy_config(target: Target, maxconn: u64) -> String {
     };
     for s in Service::ALL {
         let (name, server) = (s.name(), format!("{}:{}", lab::SV, s.server_port()));
-        config += &format!("frontend {name}\n    bind {ip}:{}\n", s.proxy_port());
+        // A listener per thread, which the kernel picks among (SO_REUSEPORT),
+        // as nginx's `reuseport` and l4proxy's workers have.
+        config += &format!("frontend {name}\n");
+        for thread in 1..=cores() {
+            config += &format!("    bind {ip}:{} thread {thread}\n", s.proxy_port());
+        }
         match s {
             Service::Tls => {
                 config += "    tcp-request inspect-delay 5s\n\
@@ -363,6 +372,10 @@ pub fn haproxy_tproxy_config(maxconn: u64) -> String {
 /// 16 KiB; see [`haproxy_choice`]).
 const BUFFER_KIB: usize = 64;
 
+/// HAProxy+splice's pipes: as large as l4proxy's (256 KiB), rather than
+/// the 64 KiB default.
+const PIPE_KIB: usize = 256;
+
 /// HAProxy's `maxpipes` (its default, `maxconn`/4, would not fit the
 /// descriptor limit here); the splice cases use a few dozen.
 pub const MAX_PIPES: u64 = 1024;
@@ -404,6 +417,21 @@ pub fn haproxy_choice(maxconn: u64) -> Vec<String> {
          (2026-11-27) they took about half the CPU per GiB of `splice-auto` (0.5–1.0 against \
          1.2–1.9 s/GiB) and beat HAProxy without splice in every bulk case, which \
          `splice-auto` did not; memory per idle connection was the same."
+            .to_owned(),
+        format!(
+            "HAProxy+splice: `tune.pipesize {}`, pipes as large as l4proxy's (the default is \
+             64 KiB; its manual advises larger pipes where many splice calls are made).",
+            PIPE_KIB * 1024
+        ),
+        format!(
+            "HAProxy: one `bind` line per thread (`thread 1` … `thread {}`) on each frontend's \
+             address: a listener per thread that the kernel picks among (SO_REUSEPORT), as \
+             nginx's `reuseport` and l4proxy's per-worker listeners; one shared listener would \
+             hand connections between threads.",
+            cores()
+        ),
+        "Every proxy without TCP keepalive: HAProxy's and nginx's defaults, and l4proxy run \
+         with `--tcp-keepalive off` (its own default sets it on both sockets)."
             .to_owned(),
         "HAProxy: `option tcp-smart-accept` and `option tcp-smart-connect` on (off by default \
          in TCP mode): they hold ACKs back to ride on data, as l4proxy holds its upstream \
@@ -543,10 +571,20 @@ pub fn rules_policy(rules: usize) -> Value {
     json!({ "intercept": intercept, "upstreams": { "tls": { "servers": [server] } } })
 }
 
+/// The recipe's first part (the kernel's tproxy documentation): a packet
+/// of a connection that has a socket here is marked and taken at once, so
+/// only a connection's first packet walks the TPROXY rules after it (one
+/// per destination: what an iptables user writes without ipset or nft
+/// sets).
+pub const TPROXY_PRELUDE: &str = "*mangle\n:PREROUTING ACCEPT [0:0]\n:DIVERT - [0:0]\n\
+     -A PREROUTING -p tcp -m socket -j DIVERT\n-A DIVERT -j MARK --set-mark 1\n\
+     -A DIVERT -j ACCEPT\n";
+
 /// The classic recipe, inside the proxy namespace: marked packets are
-/// delivered locally, and one TPROXY rule per (address, port).
+/// delivered locally, [`TPROXY_PRELUDE`], and one TPROXY rule per
+/// (address, port).
 pub fn install_tproxy(px: &Netns, rules: usize) -> anyhow::Result<()> {
-    let mut script = String::from("*mangle\n:PREROUTING ACCEPT [0:0]\n");
+    let mut script = String::from(TPROXY_PRELUDE);
     for i in 0..rules {
         let dst = rule_dst(i);
         script += &format!(

@@ -802,7 +802,12 @@ struct Rate {
     first_error: Option<String>,
     /// CPU seconds the client's threads used while the clock ran.
     client_cpu: f64,
+    /// What the proxy's [`CpuReader`] said as the clock started.
+    proxy_cpu_at_start: Option<f64>,
 }
+
+/// The CPU seconds a proxy has used so far, if known.
+type CpuReader = Box<dyn Fn() -> Option<f64> + Send>;
 
 /// Exchanges from `concurrency` workers until `duration` has passed or `max`
 /// were started. With `resume`, each worker has its own client with a
@@ -814,6 +819,7 @@ async fn handshakes(
     concurrency: usize,
     duration: Duration,
     max: u64,
+    proxy_cpu: CpuReader,
 ) -> anyhow::Result<Rate> {
     let per_worker = max.div_ceil(concurrency as u64);
     let shared = client_config(&roots, false)?;
@@ -864,6 +870,7 @@ async fn handshakes(
         });
     }
     barrier.wait().await;
+    let proxy_cpu_at_start = proxy_cpu();
     let started = Instant::now();
     let client_cpu = threads_cpu(CLIENT_THREADS);
     start_tx.send_replace(Some(started));
@@ -883,6 +890,7 @@ async fn handshakes(
     };
     total.per_second = counted as f64 / started.elapsed().as_secs_f64();
     total.client_cpu = threads_cpu(CLIENT_THREADS) - client_cpu;
+    total.proxy_cpu_at_start = proxy_cpu_at_start;
     Ok(total)
 }
 
@@ -1399,13 +1407,16 @@ impl Bench<'_> {
         }
     }
 
-    fn cpu_of(&self, path: Path4, peers: &Peers) -> Option<f64> {
-        match path {
-            Path4::Direct => Some(threads_cpu(SERVER_THREADS)),
-            Path4::L4proxy => self.l4proxy.as_ref().map(|p| tree_cpu(p.pid())),
-            Path4::Haproxy => Some(tree_cpu(peers.haproxy.pid())),
-            Path4::Nginx => Some(tree_cpu(peers.nginx.pid())),
-        }
+    /// Reads the CPU seconds `path`'s proxy (the direct path: the server's
+    /// threads) has used, from any thread.
+    fn cpu_reader(&self, path: Path4, peers: &Peers) -> CpuReader {
+        let pid = match path {
+            Path4::Direct => return Box::new(|| Some(threads_cpu(SERVER_THREADS))),
+            Path4::L4proxy => self.l4proxy.as_ref().map(|p| p.pid()),
+            Path4::Haproxy => Some(peers.haproxy.pid()),
+            Path4::Nginx => Some(peers.nginx.pid()),
+        };
+        Box::new(move || pid.map(tree_cpu))
     }
 
     /// One handshake-rate run per path for `case`.
@@ -1429,11 +1440,13 @@ impl Bench<'_> {
             let addr = path.addr(Listener::handshake(case.key));
             let (roots, duration, max) =
                 (roots.clone(), self.plan.rate_duration, self.plan.rate_max);
-            let cpu_before = self.cpu_of(path, peers);
+            // Read when the clock starts: the resumed case's priming full
+            // handshakes are not the resumed ones' cost.
+            let cpu = self.cpu_reader(path, peers);
             let rate = on_client(&self.lab.cl, move || {
-                handshakes(addr, roots, case.resumed, case.concurrency, duration, max)
+                handshakes(addr, roots, case.resumed, case.concurrency, duration, max, cpu)
             })??;
-            let cpu_after = self.cpu_of(path, peers);
+            let (cpu_before, cpu_after) = (rate.proxy_cpu_at_start, self.cpu_reader(path, peers)());
             self.check_tls_path(path, peers)?;
             let what = format!(
                 "TLS {} handshakes, {}, concurrency {}, {}",
