@@ -835,3 +835,52 @@ fn two_silent_addresses_in_front_do_not_hold_out_the_third() {
         "{ev}"
     );
 }
+
+/// Names are looked up as given, never under resolv.conf's search domains:
+/// a name the rule allows that does not exist does not become one under a
+/// local domain (where a wildcard would answer; an exact record stands in
+/// for it here).
+#[test]
+fn names_are_not_looked_up_under_search_domains() {
+    let t = Topo::new("connect_search");
+    let resolver = lab::origin::RESOLVER;
+    t.sv.addr("to-px", &format!("{resolver}/24"));
+    let _dns = lab::dns::Dnsmasq::start(
+        &t.sv,
+        resolver.parse().unwrap(),
+        &[
+            ("nx.partner.test.corp.example.test", &["203.0.113.2"]),
+            ("ok.partner.test", &["203.0.113.2"]),
+        ],
+    );
+    let server = Server::start(
+        &t.sv,
+        sa("203.0.113.2:8090"),
+        handlers::hello_echo("internal"),
+    );
+    let dir = TempDir::new("connect_search");
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {resolver}\nsearch corp.example.test\noptions timeout:1 attempts:1\n"),
+    )
+    .unwrap();
+    let policy = json!({
+        "intercept": [ { "name": "explicit", "upstream": "direct",
+            "connect": { "listen": [PROXY4], "names": ["*.partner.test"], "ports": [8090] } } ],
+        "upstreams": { "direct": { "original_destination": true } }
+    });
+    let _d = Daemon::start_with_resolver(&t.px, &policy, &[], &resolv);
+    // The resolver answers for a name that exists.
+    let (status, mut c) = ask(&t, PROXY4, &connect_head("ok.partner.test:8090"));
+    assert_eq!(status, "HTTP/1.1 200 Connection established");
+    assert_eq!(lab::read_line(&mut c).unwrap(), "internal");
+    lab::finish(&mut c, "ok.partner.test");
+    let (status, _c) = ask(&t, PROXY4, &connect_head("nx.partner.test:8090"));
+    assert!(status.starts_with("HTTP/1.1 502 "), "{status}");
+    assert_eq!(
+        server.accepted().len(),
+        1,
+        "only the first tunnel reached it"
+    );
+}

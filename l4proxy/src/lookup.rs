@@ -27,6 +27,19 @@ pub const MAX_RESOLVING: usize = 64;
 /// Names one client has resolved at a time.
 pub const MAX_RESOLVING_PER_CLIENT: usize = 8;
 
+/// Has the resolver look names up as they are, never under resolv.conf's
+/// search domains (`search`, `domain`, or the host's own domain): a CONNECT
+/// name that does not resolve must not become another name under a local
+/// domain (a wildcard there answers anything), whose address the rule's
+/// `names` never checked. Squid's `dns_defnames off`, its default. glibc
+/// takes the search list from `LOCALDOMAIN` when it is set: empty, none.
+/// To be called while the process has one thread.
+pub fn without_search_domains() {
+    // SAFETY: called first thing in `main`, before any other thread exists
+    // (nothing reads the environment concurrently).
+    unsafe { std::env::set_var("LOCALDOMAIN", "") }
+}
+
 /// Why a name has no addresses.
 #[derive(Debug)]
 pub enum LookupError {

@@ -21,6 +21,7 @@ use l4proxy::{
 };
 
 fn main() -> ExitCode {
+    l4proxy::lookup::without_search_domains();
     if let Some(out) = l4proxy::manual::requested() {
         return match l4proxy::manual::write(&out) {
             Ok(()) => ExitCode::SUCCESS,
