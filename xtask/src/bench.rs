@@ -826,10 +826,9 @@ impl<'a> Bench<'a> {
                 rate,
             });
         }
-        // Every IPv4 packet the proxy host takes in would still walk the
-        // last count's rules (10 000): the cases after this one, whose
-        // upstreams are IPv4, measured that walk (the scale case's rates,
-        // run last, were a tenth of those of a run without it).
+        // Every IPv4 packet without a socket here (each connection's first)
+        // would still walk the last count's rules (10 000): the cases after
+        // this one, whose upstreams are IPv4, would measure that walk.
         targets::remove_tproxy(&self.lab.px)
     }
 

@@ -402,8 +402,8 @@ fn section(results: &[ShapeResult], concurrency: usize) -> String {
          with `ip6tables-restore` (nf_tables backend) in the proxy namespace, into an empty \
          table (load) and replacing them with the changed rules (reload); each prefix one \
          rule, a range `--dport 1024:65535`. Its connection rate is not measured here: \
-         TPROXY rules are evaluated one after another for each packet (`--only rules` \
-         shows the cost at 10 000). l4proxy's start-up includes loading and verifying its \
+         TPROXY rules are evaluated one after another for each connection's first packet \
+         (`--only rules` shows the cost at 10 000). l4proxy's start-up includes loading and verifying its \
          BPF programs, which TPROXY rules do not need (their proxy runs already).\n\n\
          | policy | start-up s | reload s (moved) | reload s (ports) | RULES map MiB | RSS MiB | \
          conn/s | ÷ 1 rule |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"

@@ -1444,7 +1444,15 @@ impl Bench<'_> {
             // handshakes are not the resumed ones' cost.
             let cpu = self.cpu_reader(path, peers);
             let rate = on_client(&self.lab.cl, move || {
-                handshakes(addr, roots, case.resumed, case.concurrency, duration, max, cpu)
+                handshakes(
+                    addr,
+                    roots,
+                    case.resumed,
+                    case.concurrency,
+                    duration,
+                    max,
+                    cpu,
+                )
             })??;
             let (cpu_before, cpu_after) = (rate.proxy_cpu_at_start, self.cpu_reader(path, peers)());
             self.check_tls_path(path, peers)?;
