@@ -412,7 +412,7 @@ mod tests {
         let weighted = pool(&[1, 9]);
         let counts = self::counts(&picker, &weighted, 10000);
         assert!((8700..9300).contains(&counts[1]), "{counts:?}");
-        // One candidate: that one, without a second draw.
+        // One candidate: that one.
         let mut one = pool(&[1, 1]);
         one[0].tried = true;
         assert_eq!(picker.pick(&one, client(0)), Some(1));

@@ -115,26 +115,28 @@ impl ServerState {
         self.errors.store(0, Ordering::Relaxed);
     }
 
-    /// Marks it up or down, logging why, unless it already is; says
-    /// whether it changed.
-    fn mark(&self, up: bool, why: &dyn fmt::Display) -> bool {
+    /// Marks it up or down, logging why, unless it already is. On a
+    /// change, how many times it went down with this one (which time down
+    /// a timer ends).
+    fn mark(&self, up: bool, why: &dyn fmt::Display) -> Option<u64> {
         if self
             .up
             .compare_exchange(!up, up, Ordering::Relaxed, Ordering::Relaxed)
             .is_err()
         {
-            return false;
+            return None;
         }
         // A fresh count for observation either way.
         self.errors.store(0, Ordering::Relaxed);
         let (upstream, server) = (&self.key.upstream, self.key.address);
         if up {
             tracing::info!(upstream, %server, reason = %why, "server up");
+            Some(self.went_down.load(Ordering::Relaxed))
         } else {
-            self.went_down.fetch_add(1, Ordering::Relaxed);
+            let downs = self.went_down.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::info!(upstream, %server, reason = %why, "server down");
+            Some(downs)
         }
-        true
     }
 
     /// A relayed connection reached it: the failed connects in a row
@@ -152,13 +154,16 @@ impl ServerState {
             return;
         }
         let why = format!("{errors} connects failed in a row, the last: {error}");
-        if !self.mark(false, &why) || self.checked.load(Ordering::Relaxed) {
+        let Some(downs) = self.mark(false, &why) else {
+            return;
+        };
+        if self.checked.load(Ordering::Relaxed) {
             return;
         }
         let down_for = observe.down_for;
-        // This time down: not a later one, should a reload have tried the
-        // server again meanwhile and it failed again.
-        let downs = self.went_down.load(Ordering::Relaxed);
+        // The timer ends this time down (`downs`), not a later one, should
+        // a reload have tried the server again meanwhile and it failed
+        // again.
         let state = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(down_for).await;
@@ -196,9 +201,15 @@ struct Servers {
     entries: HashMap<ServerKey, Entry>,
     /// The counts of servers forgotten: one a later policy brings back
     /// goes on from them, so that its counters never go back (a scrape
-    /// would take the new counts for what grew since the last).
+    /// would take the new counts for what grew since the last). At most
+    /// [`MAX_RETIRED`]: policies whose servers change all the time must not
+    /// grow it for ever (one dropped starts again from none, which the
+    /// scrape then counts as all new).
     retired: HashMap<ServerKey, Counts>,
 }
+
+/// Forgotten servers whose counts are kept.
+const MAX_RETIRED: usize = 4096;
 
 /// What a server's counters held.
 #[derive(Clone, Copy, Default)]
@@ -310,6 +321,11 @@ impl Registry {
                     failed_checks: health.failed_checks,
                     went_down: health.went_down,
                 };
+                if retired.len() >= MAX_RETIRED
+                    && let Some(any) = retired.keys().next().cloned()
+                {
+                    retired.remove(&any);
+                }
                 retired.insert(key.clone(), counts);
             }
             kept
@@ -399,9 +415,10 @@ async fn run(state: Arc<ServerState>, plan: Plan) {
         }
         let result = check(state.key.address, &plan).await;
         match &result {
-            // Out of descriptors, memory or source ports, or a bind it may
-            // not do: the server is not at fault, as in observation.
-            Err(error) if upstream::this_hosts_fault(error) => {
+            // Out of descriptors, memory or source ports: the server is not
+            // at fault. (A refused connect is counted: a `prohibit` route to
+            // the server is the server unreachable from here.)
+            Err(error) if upstream::this_host_ran_out(error) => {
                 if let Some(count) = UNMADE_CHECKS.event() {
                     tracing::warn!(server = %state.key.address, %error, count,
                         "health checks could not be made on this host; not counted");
@@ -413,7 +430,7 @@ async fn run(state: Arc<ServerState>, plan: Plan) {
             Ok(()) => {}
         }
         match (up, result) {
-            (_, Err(error)) if upstream::this_hosts_fault(&error) => {}
+            (_, Err(error)) if upstream::this_host_ran_out(&error) => {}
             (true, Ok(())) | (false, Err(_)) => streak = 0,
             (true, Err(error)) => {
                 streak += 1;
@@ -587,6 +604,32 @@ mod tests {
             registry.update(&policy("web", &[address], new));
             assert!(state.is_up(), "{old} → {new}");
         }
+    }
+
+    /// A `down_for` timer ends the time down it began with, not a later
+    /// one: here the server was tried again (a reload) and went down anew,
+    /// for an hour.
+    #[tokio::test]
+    async fn a_timer_ends_only_its_own_time_down() {
+        let address: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let registry = Registry::default();
+        let state = registry.server("web", address);
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let short = r#", "observe": { "errors": 1, "down_for": "200ms" }"#;
+        let long = r#", "observe": { "errors": 1, "down_for": "1h" }"#;
+        registry.update(&policy("web", &[address], short));
+        let observe = |fields| {
+            policy("web", &[address], fields).upstreams[0]
+                .balancing
+                .observe
+                .unwrap()
+        };
+        state.connect_failed(&observe(short), &refused);
+        registry.update(&policy("web", &[address], long));
+        assert!(state.is_up(), "tried again");
+        state.connect_failed(&observe(long), &refused);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!state.is_up(), "the first timer ended the second time down");
     }
 
     #[tokio::test]

@@ -33,10 +33,15 @@ pub const MAX_RESOLVING_PER_CLIENT: usize = 8;
 /// domain (a wildcard there answers anything), whose address the rule's
 /// `names` never checked. Squid's `dns_defnames off`, its default. glibc
 /// takes the search list from `LOCALDOMAIN` when it is set: empty, none.
-/// To be called while the process has one thread.
-pub fn without_search_domains() {
-    // SAFETY: called first thing in `main`, before any other thread exists
-    // (nothing reads the environment concurrently).
+/// (glibc's own DNS look-up, `hosts: … dns`; systemd-resolved, `hosts:
+/// resolve`, applies its own search domains to names without a dot.)
+///
+/// # Safety
+///
+/// No other thread may read or write the environment meanwhile: call it
+/// while the process has one thread.
+pub unsafe fn without_search_domains() {
+    // SAFETY: the caller's promise.
     unsafe { std::env::set_var("LOCALDOMAIN", "") }
 }
 

@@ -21,7 +21,9 @@ use l4proxy::{
 };
 
 fn main() -> ExitCode {
-    l4proxy::lookup::without_search_domains();
+    // SAFETY: first thing in `main`: nothing in this process has started a
+    // thread (no constructors; jemalloc runs without background threads).
+    unsafe { l4proxy::lookup::without_search_domains() };
     if let Some(out) = l4proxy::manual::requested() {
         return match l4proxy::manual::write(&out) {
             Ok(()) => ExitCode::SUCCESS,

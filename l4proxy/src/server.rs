@@ -288,9 +288,8 @@ pub async fn run(
     let listeners = accepting.start(steered);
     accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
     let (scrape, mut scrapes) = tokio::sync::mpsc::channel(4);
-    if let Some(listener) = admin {
-        tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone()));
-    }
+    let admin_loop =
+        admin.map(|listener| tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone())));
     let (ask, mut requests) = tokio::sync::mpsc::channel(4);
     let answers = TaskTracker::new();
     tokio::spawn(control::serve(
@@ -408,9 +407,13 @@ pub async fn run(
     };
 
     // Nobody answers scrapes any more: the admin port closes (its accept
-    // loop has stopped, this copy is the last) and a scrape waiting for an
+    // loop ended, then this copy, the last) and a scrape waiting for an
     // answer fails, rather than both hanging through the drain. A
     // successor has its own copy.
+    if let Some(admin_loop) = admin_loop {
+        admin_loop.abort();
+        let _ = admin_loop.await;
+    }
     drop(admin_fd);
     drop(scrapes);
     // A failure here must not end the daemon at once: its open connections

@@ -541,9 +541,10 @@ const MAX_ADDRESSES: usize = 16;
 /// `candidates`, in their order: the first attempt starts at once, each
 /// next one when the previous failed or after [`ATTEMPT_DELAY`] (at most
 /// [`MAX_ATTEMPTS`] at a time), and the first connection made wins; the
-/// others are dropped. All within `timeout`; while other addresses wait, an
-/// attempt has half of it, so that two silent addresses in front do not
-/// hold the rest out, and none starts once the time is up.
+/// others are dropped. All within `timeout`; while an address would wait
+/// behind the two in flight, an attempt has half of it, so that two silent
+/// addresses in front do not hold the rest out, and none starts once the
+/// time is up.
 async fn race(
     candidates: &[UpstreamAddr],
     request: &Request,
@@ -559,7 +560,8 @@ async fn race(
             let (from, fallback) = source(request, upstream, local);
             family_fits(from, upstream, client_v4).then_some((upstream, from, fallback))
         })
-        .take(MAX_ADDRESSES);
+        .take(MAX_ADDRESSES)
+        .peekable();
     let mut attempts = futures::stream::FuturesUnordered::new();
     let mut last_error = None;
     let mut next = waiting.next();
@@ -584,7 +586,9 @@ async fn race(
                 return false;
             };
             *next = waiting.next();
-            let budget = if next.is_some() {
+            // Halved only when an address would wait behind the pair in
+            // flight: a second one starts beside this one anyway.
+            let budget = if next.is_some() && waiting.peek().is_some() {
                 left.min(timeout / 2)
             } else {
                 left
@@ -883,7 +887,15 @@ fn set_int_option(
 /// of descriptors, memory or source ports (one busy client's address has
 /// only so many towards a server), or may not bind or send. Counted against
 /// the server, these would mark a healthy pool down for every client.
-pub(crate) fn this_hosts_fault(error: &io::Error) -> bool {
+fn this_hosts_fault(error: &io::Error) -> bool {
+    this_host_ran_out(error) || matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+}
+
+/// Whether this host ran out of descriptors, memory or source ports: a
+/// pinch that passes, which says nothing of where it connects to. (A
+/// refusal, `EPERM` or `EACCES`, may be of the destination itself: a
+/// `prohibit` route, a firewall rule.)
+pub(crate) fn this_host_ran_out(error: &io::Error) -> bool {
     matches!(
         error.raw_os_error(),
         Some(
@@ -893,8 +905,6 @@ pub(crate) fn this_hosts_fault(error: &io::Error) -> bool {
                 | libc::ENOMEM
                 | libc::EADDRNOTAVAIL
                 | libc::EADDRINUSE
-                | libc::EPERM
-                | libc::EACCES
         )
     )
 }
@@ -929,6 +939,9 @@ mod tests {
             libc::EPERM,
         ] {
             assert!(this_hosts_fault(&os(ours)), "{}", os(ours));
+            // A refusal may be of the destination: health checks count it.
+            let refusal = matches!(ours, libc::EPERM);
+            assert_eq!(this_host_ran_out(&os(ours)), !refusal, "{}", os(ours));
         }
         for theirs in [
             os(libc::ECONNREFUSED),

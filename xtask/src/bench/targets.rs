@@ -617,7 +617,8 @@ pub fn install_tproxy_routing(px: &Netns) -> anyhow::Result<()> {
 /// Takes the whole recipe out again: no rules (an empty mangle table), and
 /// the routing half.
 pub fn remove_tproxy(px: &Netns) -> anyhow::Result<()> {
-    install_tproxy(px, 0)?;
+    // An empty table: the recipe's socket rule goes too.
+    px.exec_with_input("iptables-restore", &[], "*mangle\nCOMMIT\n")?;
     px.ip(&["rule", "del", "fwmark", "1", "lookup", "100"])?;
     px.ip(&["route", "flush", "table", "100"])
 }
