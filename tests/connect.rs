@@ -781,15 +781,12 @@ fn name_look_ups_stay_bounded_when_they_time_out() {
 #[test]
 fn two_silent_addresses_in_front_do_not_hold_out_the_third() {
     let t = Topo::new("connect_silent");
-    let resolver = lab::origin::RESOLVER;
-    t.sv.addr("to-px", &format!("{resolver}/24"));
     t.sv.addr("to-px", "203.0.113.200/24");
     // Nothing has 203.0.113.9 or 2001:db8:5::77: no neighbour answers, and a
     // connect to either is silent for seconds. .9 also shares the longer
     // prefix with px's 203.0.113.1, so address sorting keeps it first.
-    let dns = lab::dns::Dnsmasq::start(
-        &t.sv,
-        resolver.parse().unwrap(),
+    let dns = lab::origin::resolver(
+        &t,
         &[
             ("silent.example.test", &["203.0.113.9", "2001:db8:5::77"]),
             ("silent.example.test", &["203.0.113.200"]),
@@ -809,7 +806,7 @@ fn two_silent_addresses_in_front_do_not_hold_out_the_third() {
         &t.px,
         &policy,
         &["--connect-timeout", "2"],
-        &dns.resolv_conf(resolver.parse().unwrap()),
+        &lab::origin::resolv_conf(&dns),
     );
     let started = Instant::now();
     let (status, mut c) = ask(&t, PROXY4, &connect_head("silent.example.test:8090"));
@@ -843,11 +840,8 @@ fn two_silent_addresses_in_front_do_not_hold_out_the_third() {
 #[test]
 fn names_are_not_looked_up_under_search_domains() {
     let t = Topo::new("connect_search");
-    let resolver = lab::origin::RESOLVER;
-    t.sv.addr("to-px", &format!("{resolver}/24"));
-    let _dns = lab::dns::Dnsmasq::start(
-        &t.sv,
-        resolver.parse().unwrap(),
+    let _dns = lab::origin::resolver(
+        &t,
         &[
             ("nx.partner.test.corp.example.test", &["203.0.113.2"]),
             ("ok.partner.test", &["203.0.113.2"]),
@@ -862,7 +856,10 @@ fn names_are_not_looked_up_under_search_domains() {
     let resolv = dir.join("resolv.conf");
     std::fs::write(
         &resolv,
-        format!("nameserver {resolver}\nsearch corp.example.test\noptions timeout:1 attempts:1\n"),
+        format!(
+            "nameserver {}\nsearch corp.example.test\noptions timeout:1 attempts:1\n",
+            lab::origin::RESOLVER
+        ),
     )
     .unwrap();
     let policy = json!({

@@ -245,17 +245,23 @@ fn under_no_new_privs_an_upgrade_works() {
     // What a start takes stays permitted, for the successor, not effective.
     assert_root_threads(d.pid(), KEPT | START, KEPT);
     transparent_connection(&t, &mut d, &server, 8080);
+    // The successor serves, its threads as the first daemon's were.
+    let successor = upgrade(&t, &mut d);
+    assert_root_threads(successor.0, KEPT | START, KEPT);
+    successor.terminate(Duration::from_secs(30));
+}
+
+/// `l4proxy upgrade`: the daemon `d` exits cleanly, and its successor,
+/// returned, serves.
+fn upgrade(t: &Topo, d: &mut Daemon) -> Stray {
     let upgrade = command(&t.px, &["upgrade"], Duration::from_secs(60));
     assert!(upgrade.success(), "{upgrade:?}\n{}", d.log_text());
     let status = d.wait_exit(Duration::from_secs(30));
     d.assert_exit_ok(status);
-    // The successor serves, its threads as the first daemon's were.
     let successor = Stray::upgraded(&upgrade);
-    assert_root_threads(successor.0, KEPT | START, KEPT);
     let mut c = connect(&t.cl, sa("203.0.113.3:8080"));
     assert_eq!(lab::read_line(&mut c).unwrap(), "server");
-    drop(c);
-    successor.terminate(Duration::from_secs(30));
+    successor
 }
 
 /// Started where the bounding set has cap_sys_admin but not cap_bpf or
@@ -282,15 +288,7 @@ fn with_cap_sys_admin_for_bpf_an_upgrade_works() {
     });
     assert_credentials(&d, (0, 0), KEPT, KEPT | 1 << CAP_SYS_ADMIN);
     transparent_connection(&t, &mut d, &server, 8080);
-    let upgrade = command(&t.px, &["upgrade"], Duration::from_secs(60));
-    assert!(upgrade.success(), "{upgrade:?}\n{}", d.log_text());
-    let status = d.wait_exit(Duration::from_secs(30));
-    d.assert_exit_ok(status);
-    let successor = Stray::upgraded(&upgrade);
-    let mut c = connect(&t.cl, sa("203.0.113.3:8080"));
-    assert_eq!(lab::read_line(&mut c).unwrap(), "server");
-    drop(c);
-    successor.terminate(Duration::from_secs(30));
+    upgrade(&t, &mut d).terminate(Duration::from_secs(30));
 }
 
 /// Every thread of `pid` runs as root with `permitted` and `effective`

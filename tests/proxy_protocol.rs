@@ -412,11 +412,8 @@ fn a_named_client_over_its_limit_is_reset_before_the_handshake() {
 #[test]
 fn a_tunnel_announces_the_address_it_reached() {
     let t = Topo::new("pp_eyeballs");
-    let resolver = lab::origin::RESOLVER;
-    t.sv.addr("to-px", &format!("{resolver}/24"));
-    let dns = lab::dns::Dnsmasq::start(
-        &t.sv,
-        resolver.parse().unwrap(),
+    let dns = lab::origin::resolver(
+        &t,
         &[("fallback.example.test", &["203.0.113.3", "2001:db8:5::2"])],
     );
     let (tx, rx) = mpsc::channel();
@@ -428,12 +425,7 @@ fn a_tunnel_announces_the_address_it_reached() {
                          "ports": [8090] } } ],
         "upstreams": { "announced": { "original_destination": true, "proxy_protocol": "v2" } }
     });
-    let mut d = Daemon::start_with_resolver(
-        &t.px,
-        &policy,
-        &[],
-        &dns.resolv_conf(resolver.parse().unwrap()),
-    );
+    let mut d = Daemon::start_with_resolver(&t.px, &policy, &[], &lab::origin::resolv_conf(&dns));
     let mut c = connect(&t.cl, sa("198.51.100.1:3128"));
     let client = c.local_addr().unwrap();
     c.write_all(

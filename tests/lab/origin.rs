@@ -29,7 +29,6 @@ impl Origin {
         records: &[(&str, &[&str])],
     ) -> Origin {
         require_tools();
-        t.sv.addr("to-px", &format!("{RESOLVER}/24"));
         let certs = TempDir::new("origin-certs");
         let app = format!("DNS:{APP}");
         let sans: Vec<&str> = std::iter::once(app.as_str())
@@ -41,7 +40,7 @@ impl Origin {
             .map(|(listen, body)| Site::tls(listen, &cert, body))
             .collect();
         let nginx = Nginx::start(&t.sv, &sites);
-        let dns = Dnsmasq::start(&t.sv, RESOLVER.parse().unwrap(), records);
+        let dns = resolver(t, records);
         Origin {
             cert,
             nginx,
@@ -52,11 +51,23 @@ impl Origin {
 
     /// A resolv.conf naming only the lab's resolver.
     pub fn resolv_conf(&self) -> PathBuf {
-        self.dns.resolv_conf(RESOLVER.parse().unwrap())
+        resolv_conf(&self.dns)
     }
 
     /// The certificate, for `--cacert` and `-CAfile`.
     pub fn cacert(&self) -> &str {
         self.cert.cert.to_str().unwrap()
     }
+}
+
+/// dnsmasq in sv on [`RESOLVER`], answering `records` (see
+/// [`Dnsmasq::start`]); its resolv.conf is `resolv_conf(&dns)`.
+pub fn resolver(t: &Topo, records: &[(&str, &[&str])]) -> Dnsmasq {
+    t.sv.addr("to-px", &format!("{RESOLVER}/24"));
+    Dnsmasq::start(&t.sv, RESOLVER.parse().unwrap(), records)
+}
+
+/// A resolv.conf naming only [`RESOLVER`], where `dns` answers.
+pub fn resolv_conf(dns: &Dnsmasq) -> PathBuf {
+    dns.resolv_conf(RESOLVER.parse().unwrap())
 }
