@@ -1151,3 +1151,34 @@ fn fixed_source_address() {
         assert_eq!(field(&d.closed_event(client), "bind"), source);
     }
 }
+
+/// On a host without IPv6 (`disable_ipv6` on every interface, `lo` too,
+/// where the kernel refuses IPv6 routes) an IPv4 policy that connects from
+/// its clients' addresses starts, relays from the client's address, and
+/// leaves nothing when it stops: the IPv6 half of its delivery rules and
+/// routes is not asked for.
+#[test]
+fn an_ipv4_only_host_runs_an_ipv4_policy() {
+    let (t, server) = Topo::with_echo("ipv4_only", "203.0.113.2:8080", "server");
+    for conf in ["all", "default", "lo", "to-cl", "to-sv"] {
+        t.px.sysctl(&format!("net.ipv6.conf.{conf}.disable_ipv6"), "1");
+    }
+    let rules_before = t.px.all_rules();
+    let policy = json!({
+        "intercept": [ { "name": "svc", "prefixes": ["192.0.2.10/32"], "ports": [80], "upstream": "web" } ],
+        "upstreams": { "web": { "servers": ["203.0.113.2:8080"], "bind": "client-ip" } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let mut c = connect(&t.cl, sa("192.0.2.10:80"));
+    let client = c.local_addr().unwrap();
+    talk(&mut c, "server", "IPv4 on a host without IPv6");
+    let accepted = server.wait_accepted(1, Duration::from_secs(5));
+    assert_eq!(
+        accepted[0].peer.ip(),
+        client.ip(),
+        "from the client's address"
+    );
+    drop(c);
+    d.stop(Duration::from_secs(10));
+    t.px.assert_nothing_left(&[], &rules_before);
+}

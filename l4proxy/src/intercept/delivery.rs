@@ -210,14 +210,15 @@ impl Delivery {
             routes: Vec::new(),
         };
         let added = async {
-            for (prefix, route) in ["0.0.0.0/0", "::/0"].into_iter().zip(wanted.routes) {
+            let versions = routes::ip_versions().iter();
+            for (version, route) in versions.zip(wanted.routes) {
                 self.handle
                     .route()
                     .add(route.clone())
                     .execute()
                     .await
                     .map_err(|source| RouteError::Add {
-                        prefix: prefix.parse().expect("a valid prefix"),
+                        prefix: default_route(version),
                         source,
                     })?;
                 base.routes.push(route);
@@ -240,16 +241,17 @@ impl Delivery {
     }
 
     /// `local default dev lo table TABLE` and `fwmark MARK lookup TABLE`,
-    /// both families.
+    /// each IP version this host routes ([`routes::ip_versions`]).
     fn base_messages(&self) -> Base {
-        let routes = ["0.0.0.0/0", "::/0"]
-            .into_iter()
-            .map(|default| local_route(default.parse().expect("a valid prefix"), self.table))
+        let versions = routes::ip_versions();
+        let routes = versions
+            .iter()
+            .map(|version| local_route(default_route(version), self.table))
             .collect();
-        let rules = [IpVersion::V4, IpVersion::V6]
-            .into_iter()
+        let rules = versions
+            .iter()
             .map(|version| {
-                let mut rule = rule(version, self.table);
+                let mut rule = rule(version.clone(), self.table);
                 rule.attributes.push(RuleAttribute::FwMark(self.mark.value));
                 rule.attributes.push(RuleAttribute::FwMask(self.mark.mask));
                 rule
@@ -373,11 +375,21 @@ fn rule(version: IpVersion, table: u32) -> RuleMessage {
     rule
 }
 
+/// `0.0.0.0/0` or `::/0`.
+fn default_route(version: &IpVersion) -> ipnet::IpNet {
+    match version {
+        IpVersion::V4 => "0.0.0.0/0",
+        IpVersion::V6 => "::/0",
+    }
+    .parse()
+    .expect("a valid prefix")
+}
+
 /// Another program's routes in our table, or its rule on our mark, would
 /// mix with ours: refuse to start rather than misroute.
 async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), DeliveryError> {
     let mut count = 0;
-    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+    for family in routes::ip_versions().iter().map(routes::family_of) {
         count += routes::routes(handle, family)
             .await?
             .iter()
@@ -387,8 +399,8 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
     if count > 0 {
         return Err(DeliveryError::TableInUse { table, count });
     }
-    for version in [IpVersion::V4, IpVersion::V6] {
-        for rule in routes::rules(handle, version).await? {
+    for version in routes::ip_versions() {
+        for rule in routes::rules(handle, version.clone()).await? {
             let number =
                 |pick: fn(&RuleAttribute) -> Option<u32>| rule.attributes.iter().find_map(pick);
             let value = number(|a| match a {

@@ -249,14 +249,37 @@ async fn delete_local(prefixes: Vec<IpNet>) -> (Vec<IpNet>, Option<RouteError>) 
     (left, first_error)
 }
 
+/// The IP versions of this network namespace's routing: IPv6 only where
+/// `lo` has it. A host booted with `ipv6.disable=1` has no IPv6 routing at
+/// all, and one with `disable_ipv6` on `lo` refuses IPv6 routes through
+/// it: there the IPv6 half of what l4proxy installs is not asked for (an
+/// IPv6 policy fails on its first IPv6 route or listener, saying so).
+pub fn ip_versions() -> &'static [IpVersion] {
+    let ipv6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+        .is_ok_and(|disabled| disabled.trim() == "0");
+    if ipv6 {
+        &[IpVersion::V4, IpVersion::V6]
+    } else {
+        &[IpVersion::V4]
+    }
+}
+
+/// The address family of `version`'s routes.
+pub(super) fn family_of(version: &IpVersion) -> AddressFamily {
+    match version {
+        IpVersion::V4 => AddressFamily::Inet,
+        IpVersion::V6 => AddressFamily::Inet6,
+    }
+}
+
 /// Removes every route and routing rule marked with [`ROUTE_PROTOCOL`] in
 /// the calling thread's network namespace: what a daemon that died without
 /// cleaning up left behind. Returns how many were removed.
 pub async fn remove_leftovers() -> Result<usize, RouteError> {
     let handle = connect()?;
     let mut removed = 0;
-    for version in [IpVersion::V4, IpVersion::V6] {
-        let ours: Vec<RuleMessage> = rules(&handle, version)
+    for version in ip_versions() {
+        let ours: Vec<RuleMessage> = rules(&handle, version.clone())
             .await?
             .into_iter()
             .filter(is_ours)
@@ -266,7 +289,7 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
             removed += 1;
         }
     }
-    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+    for family in ip_versions().iter().map(family_of) {
         let ours = routes(&handle, family)
             .await?
             .into_iter()
