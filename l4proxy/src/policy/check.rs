@@ -517,6 +517,14 @@ fn check_repeated_servers(policy: &Policy) -> Result<(), PolicyError> {
 fn check_loops(policy: &Policy) -> Result<(), PolicyError> {
     for upstream in &policy.upstreams {
         for (k, &server) in upstream.servers().iter().enumerate() {
+            if server.ip().is_unspecified() {
+                return Err(PolicyError::at(
+                    upstream.server_path(k),
+                    format!(
+                        "{server} is unspecified: a connection to it reaches this host itself; name the server's address"
+                    ),
+                ));
+            }
             if let Some(RuleId(r)) = route::match_rule(policy, server)
                 && !policy.rules[r].is_gateway()
             {

@@ -760,13 +760,25 @@ impl TryFrom<String> for Server {
         if addr.port() == 0 {
             return Err("port must be 1-65535, got 0".to_owned());
         }
-        if let SocketAddr::V6(v6) = addr
-            && let Some(v4) = v6.ip().to_ipv4_mapped()
-        {
-            return Err(format!(
-                "IPv4-mapped IPv6 address; use the IPv4 form {v4}:{}",
-                addr.port()
-            ));
+        let ip = addr.ip();
+        if ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+            return Err(format!("{ip} is a multicast or broadcast address"));
+        }
+        if let SocketAddr::V6(v6) = addr {
+            if let Some(v4) = v6.ip().to_ipv4_mapped() {
+                return Err(format!(
+                    "IPv4-mapped IPv6 address; use the IPv4 form {v4}:{}",
+                    addr.port()
+                ));
+            }
+            // The kernel ignores it elsewhere: the same address twice would
+            // pass as two.
+            if v6.scope_id() != 0 && !v6.ip().is_unicast_link_local() {
+                return Err(format!(
+                    "a zone (%{}) belongs only to a link-local address (fe80::/10)",
+                    v6.scope_id()
+                ));
+            }
         }
         Ok(Server(addr))
     }

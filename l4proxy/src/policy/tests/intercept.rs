@@ -285,6 +285,38 @@ fn bad_servers() {
         err.ends_with("servers[0]: IPv4-mapped IPv6 address; use the IPv4 form 203.0.113.2:8080"),
         "{err}"
     );
+    for (server, reason) in [
+        (
+            "224.0.0.1:8080",
+            "224.0.0.1 is a multicast or broadcast address",
+        ),
+        (
+            "255.255.255.255:8080",
+            "255.255.255.255 is a multicast or broadcast address",
+        ),
+        (
+            "[ff02::1]:8080",
+            "ff02::1 is a multicast or broadcast address",
+        ),
+        (
+            "[2001:db8:5::2%7]:8080",
+            "a zone (%7) belongs only to a link-local address (fe80::/10)",
+        ),
+        (
+            "0.0.0.0:8080",
+            "0.0.0.0:8080 is unspecified: a connection to it reaches this host itself; name the server's address",
+        ),
+        (
+            "[::]:8080",
+            "[::]:8080 is unspecified: a connection to it reaches this host itself; name the server's address",
+        ),
+    ] {
+        let err = error_with("203.0.113.2:8080", server);
+        assert!(
+            err.ends_with(&format!("servers[0]: {reason}")),
+            "{server}: {err}"
+        );
+    }
 }
 
 #[test]
