@@ -931,6 +931,34 @@ fn send_frame(index: i32, frame: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// Another program's routing rule that looks the daemon's table up would
+/// have its packets delivered to this host: the daemon refuses to start,
+/// says why, and leaves nothing behind.
+#[test]
+fn a_routing_rule_on_the_table_refuses_the_start() {
+    let t = Topo::new("table_taken");
+    t.px.ip(&[
+        "rule",
+        "add",
+        "pref",
+        "500",
+        "from",
+        "192.0.2.99",
+        "lookup",
+        "244",
+    ]);
+    let rules_before = t.px.all_rules();
+    let mut d = Daemon::start(&t.px, &full_policy_on(80, 8080), &[]);
+    let status = d.wait_exit(Duration::from_secs(15));
+    assert!(!status.success(), "{status}");
+    let log = d.log_text();
+    assert!(
+        log.contains("routing table 244 is looked up by a routing rule l4proxy did not add"),
+        "{log}"
+    );
+    t.px.assert_nothing_left(&["to-cl", "to-sv"], &rules_before);
+}
+
 /// Another program's routing rule before the daemon's that looks at its
 /// packet mark (here its top byte only: `fwmark 0x4c000000/0xff000000`)
 /// would route what `classify` marks: the daemon refuses to start, says

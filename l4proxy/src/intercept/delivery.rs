@@ -129,6 +129,10 @@ pub enum DeliveryError {
         "a routing rule already uses fwmark {mark:#x} (ip rule: {rule}); choose another with --fwmark"
     )]
     MarkInUse { mark: u32, rule: String },
+    #[error(
+        "routing table {table} is looked up by a routing rule l4proxy did not add (ip rule: {rule}): its packets would be delivered to this host; choose another with --routing-table"
+    )]
+    TableLookedUp { table: u32, rule: String },
 }
 
 /// The rules and routes this daemon added, set by [`Delivery::set`] and
@@ -385,8 +389,10 @@ fn default_route(version: &IpVersion) -> ipnet::IpNet {
     .expect("a valid prefix")
 }
 
-/// Another program's routes in our table, or its rule on our mark, would
-/// mix with ours: refuse to start rather than misroute.
+/// Another program's routes in our table, its rule on our mark, or its rule
+/// that looks our table up (`default`, 253, is looked up by the kernel's
+/// own last rule) would mix with ours: refuse to start rather than
+/// misroute.
 async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), DeliveryError> {
     let mut count = 0;
     for family in routes::ip_versions().iter().map(routes::family_of) {
@@ -403,6 +409,18 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
         for rule in routes::rules(handle, version.clone()).await? {
             let number =
                 |pick: fn(&RuleAttribute) -> Option<u32>| rule.attributes.iter().find_map(pick);
+            // Tables above 255 are only in the attribute.
+            let looked_up = number(|a| match a {
+                RuleAttribute::Table(table) => Some(*table),
+                _ => None,
+            })
+            .unwrap_or(u32::from(rule.header.table));
+            if looked_up == table && !routes::is_ours(&rule) {
+                return Err(DeliveryError::TableLookedUp {
+                    table,
+                    rule: format!("{:?}", rule.attributes),
+                });
+            }
             let value = number(|a| match a {
                 RuleAttribute::FwMark(value) => Some(*value),
                 _ => None,
