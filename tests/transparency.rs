@@ -947,15 +947,21 @@ fn a_routing_rule_on_the_table_refuses_the_start() {
         "lookup",
         "244",
     ]);
+    assert_start_refused(
+        &t,
+        "routing table 244 is looked up by a routing rule l4proxy did not add",
+    );
+}
+
+/// A daemon started in px with [`full_policy_on`] exits with a failure,
+/// having logged `why`, and leaves nothing behind.
+fn assert_start_refused(t: &Topo, why: &str) {
     let rules_before = t.px.all_rules();
     let mut d = Daemon::start(&t.px, &full_policy_on(80, 8080), &[]);
     let status = d.wait_exit(Duration::from_secs(15));
     assert!(!status.success(), "{status}");
     let log = d.log_text();
-    assert!(
-        log.contains("routing table 244 is looked up by a routing rule l4proxy did not add"),
-        "{log}"
-    );
+    assert!(log.contains(why), "{log}");
     t.px.assert_nothing_left(&["to-cl", "to-sv"], &rules_before);
 }
 
@@ -976,16 +982,7 @@ fn a_routing_rule_on_the_mark_refuses_the_start() {
         "lookup",
         "100",
     ]);
-    let rules_before = t.px.all_rules();
-    let mut d = Daemon::start(&t.px, &full_policy_on(80, 8080), &[]);
-    let status = d.wait_exit(Duration::from_secs(15));
-    assert!(!status.success(), "{status}");
-    let log = d.log_text();
-    assert!(
-        log.contains("a routing rule already uses fwmark 0x4c340000"),
-        "{log}"
-    );
-    t.px.assert_nothing_left(&["to-cl", "to-sv"], &rules_before);
+    assert_start_refused(&t, "a routing rule already uses fwmark 0x4c340000");
 
     // Rules on bits the mark leaves alone, or that the mark does not
     // satisfy (Calico's `not fwmark 0x100000/0x100000`, which it does), or
