@@ -414,39 +414,39 @@ async fn run(state: Arc<ServerState>, plan: Plan) {
             was_up = up;
         }
         let result = check(state.key.address, &plan).await;
-        match &result {
-            // Out of descriptors, memory or source ports: the server is not
-            // at fault. (A refused connect is counted: a `prohibit` route to
-            // the server is the server unreachable from here.)
-            Err(error) if upstream::this_host_ran_out(error) => {
-                if let Some(count) = UNMADE_CHECKS.event() {
-                    tracing::warn!(server = %state.key.address, %error, count,
-                        "health checks could not be made on this host; not counted");
-                }
+        // Out of descriptors, memory or source ports: the server is not at
+        // fault, and the check counts neither way. (A refused connect is
+        // counted: a `prohibit` route to the server is the server
+        // unreachable from here.)
+        if let Err(error) = &result
+            && upstream::this_host_ran_out(error)
+        {
+            if let Some(count) = UNMADE_CHECKS.event() {
+                tracing::warn!(server = %state.key.address, %error, count,
+                    "health checks could not be made on this host; not counted");
             }
-            Err(_) => {
+        } else {
+            if result.is_err() {
                 state.failed_checks.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(()) => {}
-        }
-        match (up, result) {
-            (_, Err(error)) if upstream::this_host_ran_out(&error) => {}
-            (true, Ok(())) | (false, Err(_)) => streak = 0,
-            (true, Err(error)) => {
-                streak += 1;
-                if streak >= settings.fall {
-                    state.mark(
-                        false,
-                        &format!("{streak} checks failed in a row, the last: {error}"),
-                    );
-                    (streak, was_up) = (0, false);
+            match (up, result) {
+                (true, Ok(())) | (false, Err(_)) => streak = 0,
+                (true, Err(error)) => {
+                    streak += 1;
+                    if streak >= settings.fall {
+                        state.mark(
+                            false,
+                            &format!("{streak} checks failed in a row, the last: {error}"),
+                        );
+                        (streak, was_up) = (0, false);
+                    }
                 }
-            }
-            (false, Ok(())) => {
-                streak += 1;
-                if streak >= settings.rise {
-                    state.mark(true, &format!("{streak} checks passed in a row"));
-                    (streak, was_up) = (0, true);
+                (false, Ok(())) => {
+                    streak += 1;
+                    if streak >= settings.rise {
+                        state.mark(true, &format!("{streak} checks passed in a row"));
+                        (streak, was_up) = (0, true);
+                    }
                 }
             }
         }
@@ -578,12 +578,21 @@ mod tests {
         assert_eq!(state.health().went_down, 1);
     }
 
+    const OBSERVED: &str = "127.0.0.1:80";
+
+    /// The `observe` of a policy with `fields` for upstream `web`'s
+    /// [`OBSERVED`] server.
+    fn observe_of(fields: &str) -> Observe {
+        let policy = policy("web", &[OBSERVED.parse().unwrap()], fields);
+        policy.upstreams[0].balancing.observe.unwrap()
+    }
+
     /// A reload that removes or changes `observe` tries a server that
     /// observation took down again at once: it would have stayed down for
     /// the old `down_for`.
     #[tokio::test]
     async fn a_reload_that_changes_observe_tries_a_downed_server_again() {
-        let address: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let address: SocketAddr = OBSERVED.parse().unwrap();
         let registry = Registry::default();
         let state = registry.server("web", address);
         let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
@@ -594,10 +603,8 @@ mod tests {
                 r#", "observe": { "errors": 1, "down_for": "10s" }"#,
             ),
         ] {
-            let before = policy("web", &[address], old);
-            registry.update(&before);
-            let observe = before.upstreams[0].balancing.observe.unwrap();
-            state.connect_failed(&observe, &refused);
+            registry.update(&policy("web", &[address], old));
+            state.connect_failed(&observe_of(old), &refused);
             assert!(!state.is_up(), "{old}");
             registry.update(&policy("web", &[address], old));
             assert!(!state.is_up(), "the same settings: still down");
@@ -611,23 +618,17 @@ mod tests {
     /// for an hour.
     #[tokio::test]
     async fn a_timer_ends_only_its_own_time_down() {
-        let address: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let address: SocketAddr = OBSERVED.parse().unwrap();
         let registry = Registry::default();
         let state = registry.server("web", address);
         let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
         let short = r#", "observe": { "errors": 1, "down_for": "200ms" }"#;
         let long = r#", "observe": { "errors": 1, "down_for": "1h" }"#;
         registry.update(&policy("web", &[address], short));
-        let observe = |fields| {
-            policy("web", &[address], fields).upstreams[0]
-                .balancing
-                .observe
-                .unwrap()
-        };
-        state.connect_failed(&observe(short), &refused);
+        state.connect_failed(&observe_of(short), &refused);
         registry.update(&policy("web", &[address], long));
         assert!(state.is_up(), "tried again");
-        state.connect_failed(&observe(long), &refused);
+        state.connect_failed(&observe_of(long), &refused);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!state.is_up(), "the first timer ended the second time down");
     }

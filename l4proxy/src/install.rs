@@ -612,10 +612,7 @@ enum Listed {
 /// What `policy` needs of this host now, `local` being its addresses.
 async fn needs(policy: &Policy, local: &LocalAddrs, listed: Listed) -> Result<Needs, InstallError> {
     let owned = owned_prefixes(policy);
-    // Not what other policies made local: a replaced one's prefixes go
-    // with it, and these needs are not worked out again then.
-    let is_local =
-        |ip: IpAddr| local.is_host_address(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
+    let is_local = |ip: IpAddr| local_under(local, &owned, ip);
     let all = interfaces::list().await?;
     Ok(Needs {
         classify: classify_plan(policy, &all, &is_local, listed)?,
@@ -685,11 +682,7 @@ fn unreachable_listeners(policy: &Policy, local: &LocalAddrs, owned: &[IpNet]) -
             .is_ok()
     };
     let ours_only = |ip: IpAddr| local.contains(ip) && !local.is_host_address(ip);
-    let reachable = |ip: IpAddr| {
-        local.is_host_address(ip)
-            || owned.iter().any(|prefix| prefix.contains(&ip))
-            || (!ours_only(ip) && bindable(ip))
-    };
+    let reachable = |ip: IpAddr| local_under(local, owned, ip) || (!ours_only(ip) && bindable(ip));
     let mut unreachable = Vec::new();
     for (i, rule) in policy.rules.iter().enumerate() {
         let Some(front) = &rule.connect else {
@@ -975,14 +968,19 @@ fn routed_family(policy: &Policy, all: &[Interface], v4: bool) -> bool {
         .any(|prefix| prefix.addr().is_ipv4() == v4)
 }
 
+/// Whether `ip` is this host's under a policy that makes `owned` local: an
+/// address of an interface (or loopback), or in one of those prefixes. Not
+/// what other policies made local: a replaced one's prefixes go with it.
+fn local_under(local: &LocalAddrs, owned: &[IpNet], ip: IpAddr) -> bool {
+    local.is_host_address(ip) || owned.iter().any(|prefix| prefix.contains(&ip))
+}
+
 /// CONNECT rules whose tunnels go to their original destination from a fixed
 /// address that is not this host's: the replies to such a connection are
 /// taken for the proxy only from listed servers and gateway rules'
 /// destinations, and a tunnel's destination can be anywhere, so no tunnel
 /// would ever open.
 fn unanswered_tunnels(policy: &Policy, local: &LocalAddrs, owned: &[IpNet]) -> Vec<String> {
-    let is_local =
-        |ip: IpAddr| local.is_host_address(ip) || owned.iter().any(|prefix| prefix.contains(&ip));
     policy
         .bind_targets()
         .iter()
@@ -995,7 +993,7 @@ fn unanswered_tunnels(policy: &Policy, local: &LocalAddrs, owned: &[IpNet]) -> V
                 .rules
                 .iter()
                 .find(|r| policy.rules[r.0].connect.is_some())?;
-            (!is_local(ip)).then(|| {
+            (!local_under(local, owned, ip)).then(|| {
                 format!(
                     "{}: {ip} is not an address of this host: tunnels of CONNECT rule {:?} \
                      (intercept[{r}]) to their original destination would get no replies from it \

@@ -343,6 +343,7 @@ where
 mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, PipeReader, Read};
+    use std::os::fd::{AsRawFd, OwnedFd};
 
     #[test]
     fn a_throttle_lets_one_line_out_per_interval_with_the_count() {
@@ -357,7 +358,6 @@ mod tests {
             "the next line counts the two held back and itself"
         );
     }
-    use std::os::fd::{AsRawFd, OwnedFd};
 
     fn pipe() -> (PipeReader, File) {
         let (reader, writer) = io::pipe().unwrap();
