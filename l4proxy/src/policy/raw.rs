@@ -388,7 +388,7 @@ struct ConditionFields {
     source: Option<Vec<Prefix>>,
     #[serde(default, deserialize_with = "some_non_empty")]
     target: Option<Vec<Pattern>>,
-    #[serde(default, deserialize_with = "some")]
+    #[serde(default, deserialize_with = "some_word")]
     protocol: Option<Protocol>,
     #[serde(default, deserialize_with = "some_non_empty")]
     sni: Option<Vec<Pattern>>,
@@ -561,11 +561,11 @@ struct UpstreamFields {
     parent: Option<Object<RawParent>>,
     #[serde(default, deserialize_with = "some")]
     bind: Option<BindSpec>,
-    #[serde(default, deserialize_with = "some")]
+    #[serde(default, deserialize_with = "some_word")]
     proxy_protocol: Option<ProxyVersion>,
     #[serde(default, deserialize_with = "some")]
     tls: Option<Object<RawOriginate>>,
-    #[serde(default, deserialize_with = "some")]
+    #[serde(default, deserialize_with = "some_word")]
     balance: Option<Balance>,
     #[serde(default, deserialize_with = "some")]
     retries: Option<u32>,
@@ -834,6 +834,12 @@ impl Visitor<'_> for PortVisitor {
                 "a port range must be \"N-M\" with N < M, got {text:?}"
             )));
         }
+        // Every port a connection can have: the same as "*", so that two
+        // rules writing it each way on one prefix are a tie, not one rule
+        // silently dead behind the other.
+        if (first, last) == (1, u16::MAX) {
+            return Ok(PortSpec::Any);
+        }
         Ok(PortSpec::Range(first, last))
     }
 }
@@ -852,6 +858,20 @@ where
     T: Deserialize<'de>,
 {
     T::deserialize(deserializer).map(Some)
+}
+
+/// For optional fixed words (`"tls"`, `"v2"`, `"round-robin"`, `"1.3"`): a
+/// string only. A derived enum would also take serde's one-key object form
+/// (`{"tls": null}`), which the format does not have.
+pub(super) fn some_word<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: de::DeserializeOwned,
+{
+    let word = String::deserialize(deserializer)?;
+    T::deserialize(word.as_str().into_deserializer())
+        .map(Some)
+        .map_err(|e: de::value::Error| D::Error::custom(e))
 }
 
 /// For optional list conditions: an empty list could never hold.

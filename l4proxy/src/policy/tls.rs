@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Deserializer, de::Error as _};
 
-use super::raw::{Alpn, Object, non_empty, some, some_non_empty};
+use super::raw::{Alpn, Object, non_empty, some, some_non_empty, some_word};
 use crate::tls::files::{Certificate, Roots};
 
 /// How l4proxy terminates a client's TLS.
@@ -64,7 +64,7 @@ pub struct RawTerminate {
     refuse_unknown_names: bool,
     #[serde(default, deserialize_with = "some_non_empty")]
     alpn: Option<Vec<Alpn>>,
-    #[serde(default, deserialize_with = "some")]
+    #[serde(default, deserialize_with = "some_word")]
     min_version: Option<TlsVersion>,
     #[serde(default, deserialize_with = "some")]
     client_certificates: Option<Object<RawClientCertificates>>,

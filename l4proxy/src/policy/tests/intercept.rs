@@ -375,6 +375,12 @@ fn overlap_with_equal_precedence() {
         ),
         r#"intercept[1]: overlaps intercept[0] ("web") on 192.0.2.0/24 ports 8050-8099 with equal precedence"#
     );
+    // "1-65535" is every port, as "*" is: the same precedence.
+    let every_port = EXAMPLE.replacen(r#"[80, "8000-8099"]"#, r#"["1-65535"]"#, 1);
+    assert_eq!(
+        super::error_in(&every_port, r#"["192.0.2.10/32"]"#, r#"["192.0.2.0/24"]"#),
+        r#"intercept[1]: overlaps intercept[0] ("web") on 192.0.2.0/24 any port with equal precedence"#
+    );
     // Different precedence (narrower range, longer prefix) or no common port: fine.
     for ok in [
         r#""prefixes": ["192.0.2.0/24"], "ports": ["8050-8059", 81]"#,

@@ -273,7 +273,12 @@ fn conditions_that_never_hold_together() {
 fn bad_condition_values() {
     assert_eq!(
         error_with(r#""protocol": "other""#, r#""protocol": "ssh""#),
-        "11:114: routes[4].match.protocol: unknown variant `ssh`, expected one of `tls`, `http`, `other`"
+        "11:116: routes[4].match.protocol: unknown variant `ssh`, expected one of `tls`, `http`, `other`"
+    );
+    // A word is a string, never serde's one-key object form of it.
+    assert_eq!(
+        error_with(r#""protocol": "other""#, r#""protocol": { "other": null }"#),
+        "11:109: routes[4].match.protocol: invalid type: map, expected a string"
     );
     assert_eq!(
         error_with(r#""alpn": ["h2"]"#, r#""alpn": [""]"#),
