@@ -274,32 +274,37 @@ pub(super) fn family_of(version: &IpVersion) -> AddressFamily {
 
 /// Removes every route and routing rule marked with [`ROUTE_PROTOCOL`] in
 /// the calling thread's network namespace: what a daemon that died without
-/// cleaning up left behind. Returns how many were removed.
+/// cleaning up left behind. Tries every one whatever fails (one left is no
+/// reason to leave the others); returns how many were removed, or the first
+/// error.
 pub async fn remove_leftovers() -> Result<usize, RouteError> {
     let handle = connect()?;
-    let mut removed = 0;
+    let mut ours_rules = Vec::new();
     for version in ip_versions() {
-        let ours: Vec<RuleMessage> = rules(&handle, version.clone())
-            .await?
-            .into_iter()
-            .filter(is_ours)
-            .collect();
-        for rule in ours {
-            delete_rule(&handle, rule).await?;
-            removed += 1;
-        }
+        ours_rules.extend(
+            rules(&handle, version.clone())
+                .await?
+                .into_iter()
+                .filter(is_ours),
+        );
     }
+    let mut ours_routes = Vec::new();
     for family in ip_versions().iter().map(family_of) {
-        let ours = routes(&handle, family)
-            .await?
-            .into_iter()
-            .filter(|route| route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL));
-        for route in ours {
-            delete_route(&handle, route).await?;
-            removed += 1;
-        }
+        ours_routes.extend(
+            routes(&handle, family)
+                .await?
+                .into_iter()
+                .filter(|route| route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)),
+        );
     }
-    Ok(removed)
+    let found = ours_rules.len() + ours_routes.len();
+    let (_, rules_error) =
+        delete_each(ours_rules, async |rule| delete_rule(&handle, rule).await).await;
+    let (_, routes_error) = delete_each(ours_routes, async |route| {
+        delete_route(&handle, route).await
+    })
+    .await;
+    rules_error.or(routes_error).map_or(Ok(found), Err)
 }
 
 /// Deletes each of `items`, trying all of them whatever fails; returns the
