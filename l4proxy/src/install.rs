@@ -275,6 +275,9 @@ impl Installation {
         {
             return Err(InstallError::Kernel(why));
         }
+        for planned in &needs.classify {
+            planned.l2_len()?;
+        }
         let compiled = rules::compile(&policy);
         let peak = self.interceptor.peak_rule_entries(&compiled);
         if peak > MAX_RULE_ENTRIES as usize {

@@ -172,6 +172,18 @@ pub struct ClassifyPlan {
     pub bridge: Option<BridgeOfPort>,
 }
 
+impl ClassifyPlan {
+    /// How many bytes of link-layer header precede the IP header there;
+    /// refused for a link type `classify` cannot read.
+    pub fn l2_len(&self) -> Result<u32, InterceptError> {
+        self.interface
+            .l2_len
+            .ok_or_else(|| InterceptError::LinkType {
+                name: self.interface.name.clone(),
+            })
+    }
+}
+
 impl Interceptor {
     /// Loads the embedded programs and sets the packet mark. The maps are
     /// empty and nothing is attached yet. Returns, apart, the map of this
@@ -329,9 +341,7 @@ impl Interceptor {
     pub fn prepare_classify(&mut self, plan: &[ClassifyPlan]) -> Result<(), InterceptError> {
         for planned in plan {
             let interface = &planned.interface;
-            let l2_len = interface.l2_len.ok_or_else(|| InterceptError::LinkType {
-                name: interface.name.clone(),
-            })?;
+            let l2_len = planned.l2_len()?;
             let replies = if planned.role.replies {
                 INTERFACE_REPLIES
             } else {
