@@ -398,8 +398,11 @@ impl Interceptor {
 
     /// Second half: attaches `classify` (tcx, after any program already
     /// there) to the interfaces new to the plan, then removes the pairs and
-    /// the attachments the plan no longer has.
+    /// the attachments the plan no longer has. An interface it cannot attach
+    /// to does not keep the rest from being done; the first such error is
+    /// returned at the end.
     pub fn finish_classify(&mut self, plan: &[ClassifyPlan]) -> Result<(), InterceptError> {
+        let mut failed = None;
         for planned in plan {
             let interface = &planned.interface;
             if self.classify.iter().any(|a| a.index == interface.index) {
@@ -407,16 +410,21 @@ impl Interceptor {
             }
             let classify: &mut SchedClassifier =
                 program(&mut self.ebpf, CLASSIFY_PROGRAM)?.try_into()?;
-            let link = classify
-                .attach_with_options(
-                    &interface.name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|source| InterceptError::Classify {
-                    interface: interface.name.clone(),
-                    source,
-                })?;
+            let attached = classify.attach_with_options(
+                &interface.name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            );
+            let link = match attached {
+                Ok(link) => link,
+                Err(source) => {
+                    failed.get_or_insert(InterceptError::Classify {
+                        interface: interface.name.clone(),
+                        source,
+                    });
+                    continue;
+                }
+            };
             self.classify.push(Attached {
                 index: interface.index,
                 name: interface.name.clone(),
@@ -432,7 +440,7 @@ impl Interceptor {
         for attached in gone {
             self.detach_classify(attached)?;
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     fn detach_classify(&mut self, attached: Attached) -> Result<(), InterceptError> {
