@@ -306,12 +306,8 @@ pub fn haproxy_config(target: Target, maxconn: u64) -> String {
     };
     for s in Service::ALL {
         let (name, server) = (s.name(), format!("{}:{}", lab::SV, s.server_port()));
-        // A listener per thread, which the kernel picks among (SO_REUSEPORT),
-        // as nginx's `reuseport` and l4proxy's workers have.
         config += &format!("frontend {name}\n");
-        for thread in 1..=cores() {
-            config += &format!("    bind {ip}:{} thread {thread}\n", s.proxy_port());
-        }
+        config += &haproxy_binds(&format!("{ip}:{}", s.proxy_port()), "");
         match s {
             Service::Tls => {
                 config += "    tcp-request inspect-delay 5s\n\
@@ -356,13 +352,22 @@ pub fn nginx_stream() -> String {
     config
 }
 
-/// HAProxy accepting whatever TPROXY hands its transparent listener, relaying
-/// it to the responder.
+/// A frontend's `bind` lines on `addr`, each followed by `options`: one per
+/// thread (`thread N`), a listener per thread that the kernel picks among
+/// (SO_REUSEPORT), as nginx's `reuseport` and l4proxy's workers have.
+pub fn haproxy_binds(addr: &str, options: &str) -> String {
+    (1..=cores())
+        .map(|thread| format!("    bind {addr}{options} thread {thread}\n"))
+        .collect()
+}
+
+/// HAProxy accepting whatever TPROXY hands its transparent listeners,
+/// relaying it to the responder.
 pub fn haproxy_tproxy_config(maxconn: u64) -> String {
     format!(
-        "{}frontend tproxy\n    bind 0.0.0.0:{TPROXY_PORT} transparent\n    default_backend tls\n\
-         backend tls\n    server s {}:{}\n",
+        "{}frontend tproxy\n{}    default_backend tls\nbackend tls\n    server s {}:{}\n",
         haproxy_common(maxconn, ""),
+        haproxy_binds(&format!("0.0.0.0:{TPROXY_PORT}"), " transparent"),
         lab::SV,
         Service::Tls.server_port()
     )
@@ -425,7 +430,7 @@ pub fn haproxy_choice(maxconn: u64) -> Vec<String> {
         ),
         format!(
             "HAProxy: one `bind` line per thread (`thread 1` … `thread {}`) on each frontend's \
-             address: a listener per thread that the kernel picks among (SO_REUSEPORT), as \
+             address (in every case): a listener per thread that the kernel picks among (SO_REUSEPORT), as \
              nginx's `reuseport` and l4proxy's per-worker listeners; one shared listener would \
              hand connections between threads.",
             cores()

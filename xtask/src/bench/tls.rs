@@ -1034,7 +1034,7 @@ fn l4proxy_policy(pki: &Pki) -> Value {
 }
 
 /// HAProxy in TCP mode (the `global` and `defaults` of the other cases):
-/// one `bind … ssl crt` frontend per listener, to a plain server, or `ssl
+/// one frontend per listener, a `bind … ssl crt` per thread, to a plain server, or `ssl
 /// verify required` to the TLS one.
 fn haproxy_config(pki: &Pki, maxconn: u64) -> String {
     let mut config = targets::haproxy_common(maxconn, "");
@@ -1042,10 +1042,11 @@ fn haproxy_config(pki: &Pki, maxconn: u64) -> String {
         let name = l.name();
         let _ = write!(
             config,
-            "frontend {name}\n    bind {HAPROXY_IP}:{} ssl crt {}\n    default_backend {name}\n\
-             backend {name}\n    server s {}",
-            l.proxy_port(),
-            pki.leaf(l.key_type()).combined.display(),
+            "frontend {name}\n{}    default_backend {name}\nbackend {name}\n    server s {}",
+            targets::haproxy_binds(
+                &format!("{HAPROXY_IP}:{}", l.proxy_port()),
+                &format!(" ssl crt {}", pki.leaf(l.key_type()).combined.display())
+            ),
             l.upstream()
         );
         if l.upstream_tls() {
