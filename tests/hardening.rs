@@ -266,10 +266,11 @@ fn trusted_proxy_headers_cannot_name_this_host_or_leave_the_rule() {
 // ---------------------------------------------------------------------------
 // Descriptor budget
 
-/// The open-files limit the budget tests give the daemon: room for
-/// (1024 - 960) / 2 = 32 connections.
+/// The open-files limit the budget tests give the daemon, with two workers
+/// (`WORKERS`): room for (1024 - 960 - 2 × 6) / 2 = 26 connections.
 const LOW_LIMIT: u64 = 1024;
-const FITS_LOW_LIMIT: usize = 32;
+const FITS_LOW_LIMIT: usize = 26;
+const WORKERS: [&str; 2] = ["--workers", "2"];
 
 /// A rule on px's service prefix, and a gateway rule relaying from the
 /// client's address: together they need local routes, routing rules and tc
@@ -308,7 +309,7 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
     let mut d = Daemon::start_with_open_files_limit(
         &t.px,
         &budget_policy(),
-        &["--max-connections", "5000"],
+        &["--max-connections", "5000", WORKERS[0], WORKERS[1]],
         LOW_LIMIT,
     );
     let status = d.wait_exit(Duration::from_secs(10));
@@ -337,7 +338,7 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
     let mut d = Daemon::start_with_open_files_limit(
         &t.px,
         &budget_policy(),
-        &["--max-connections", &fitting],
+        &["--max-connections", &fitting, WORKERS[0], WORKERS[1]],
         LOW_LIMIT,
     );
     d.wait_ready(Duration::from_secs(10));
@@ -353,13 +354,13 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
 }
 
 /// Without `--max-connections`, the default is lowered to what the
-/// open-files limit covers (64), with a WARN, and `ready` says so; past
-/// 64 open connections, new ones are reset at once while the 64 are
+/// open-files limit covers (26), with a WARN, and `ready` says so; past
+/// 26 open connections, new ones are reset at once while the 26 are
 /// still relayed, and a freed slot is taken again.
 #[test]
 fn the_default_max_connections_is_lowered_to_the_open_files_limit() {
     let (t, _echo) = Topo::with_echo("budget_lowered", "203.0.113.2:8080", "sv");
-    let mut d = Daemon::start_with_open_files_limit(&t.px, &budget_policy(), &[], LOW_LIMIT);
+    let mut d = Daemon::start_with_open_files_limit(&t.px, &budget_policy(), &WORKERS, LOW_LIMIT);
     d.wait_ready(Duration::from_secs(10));
     let ready = d.wait_event("`ready`", Duration::ZERO, |e| message(e) == Some("ready"));
     assert_eq!(
@@ -604,10 +605,11 @@ fn hold_open_echo(
 fn nine_thousand_connections_at_once() {
     const CONNECTIONS: usize = 9_000;
     // The daemon (which inherits this process's limit) needs 2 descriptors
-    // per connection of --max-connections and 960 more; this process holds
-    // both ends' sockets, 2 per connection too.
+    // per connection of --max-connections and 960 more, and 6 per worker
+    // (`WORKERS`); this process holds both ends' sockets, 2 per connection
+    // too.
     const MAX_CONNECTIONS: u64 = 9_500;
-    const NEEDED: u64 = 2 * MAX_CONNECTIONS + 960;
+    const NEEDED: u64 = 2 * MAX_CONNECTIONS + 960 + 2 * 6;
     let limit = raise_own_open_files_limit();
     assert!(
         limit >= NEEDED,
@@ -623,7 +625,12 @@ fn nine_thousand_connections_at_once() {
     let d = Daemon::start_ready(
         &t.px,
         &policy,
-        &["--max-connections", &MAX_CONNECTIONS.to_string()],
+        &[
+            "--max-connections",
+            &MAX_CONNECTIONS.to_string(),
+            WORKERS[0],
+            WORKERS[1],
+        ],
     );
     // The fewest over half a second: a descriptor the daemon holds for a
     // moment just after start (once, in a full parallel run, the idle count

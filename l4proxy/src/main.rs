@@ -73,7 +73,9 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
     let asked = args
         .max_connections
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    let max_connections = descriptors::max_connections(asked)?;
+    let worker_count = args.workers.unwrap_or_else(workers::default_count);
+    let reserve = descriptors::Reserve::new(worker_count.get(), policy.connect_addresses());
+    let max_connections = descriptors::max_connections(asked, reserve)?;
     // SAFETY: no thread has been started yet: the log writer and the runtime
     // start below.
     let guard = unsafe { guard::spawn(format) }.context("starting the route guard")?;
@@ -99,8 +101,7 @@ fn run(args: RunArgs, format: LogFormat, log: &mut LogGuard) -> anyhow::Result<(
         takeover: args.takeover,
         restart,
     };
-    let workers = Workers::start(args.workers.unwrap_or_else(workers::default_count))
-        .context("starting the worker threads")?;
+    let workers = Workers::start(worker_count).context("starting the worker threads")?;
     // The control plane's: the workers serve the connections.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -633,6 +633,15 @@ impl Policy {
         Policy::from_json_all(&text).map_err(|errors| errors.in_file(file))
     }
 
+    /// How many addresses CONNECT rules listen on.
+    pub fn connect_addresses(&self) -> usize {
+        self.rules
+            .iter()
+            .filter_map(|rule| rule.connect.as_ref())
+            .map(|c| c.listen.len())
+            .sum()
+    }
+
     /// The CONNECT rule listening on `addr`.
     pub fn connect_rule(&self, addr: SocketAddr) -> Option<RuleId> {
         self.rules
