@@ -90,7 +90,7 @@ pub async fn write(
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(WriteError::Client(e)),
     };
-    relay::write_all(upstream, &out, &mut 0)
+    relay::write_all(upstream, &out)
         .await
         .map_err(WriteError::Upstream)?;
     Ok(taken as u64)

@@ -109,36 +109,36 @@ fn try_send(dst: &TcpStream, data: &[u8], end_follows: bool) -> io::Result<usize
     })
 }
 
-/// Writes all of `data`, waiting for `dst` as needed; `count` grows with
-/// every write, so it is right also when one fails. (tokio writes only
+/// Writes all of `data`, waiting for `dst` as needed. (tokio writes only
 /// through an owned or split `TcpStream`; the relay holds shared ones.)
-pub async fn write_all(dst: &TcpStream, data: &[u8], count: &mut u64) -> io::Result<()> {
-    let mut sent = 0;
-    while sent < data.len() {
-        dst.writable().await?;
-        match dst.try_write(&data[sent..]) {
-            Ok(n) => {
-                sent += n;
-                *count += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+pub async fn write_all(dst: &TcpStream, data: &[u8]) -> io::Result<()> {
+    write_counted(None, dst, data, &Counter::default())
+        .await
+        .map_err(|(Failed::Read(e) | Failed::Write(e))| e)
 }
 
-/// [`write_all`] for a relay direction: what was written is counted also
-/// when it fails.
+/// [`write_all`] for a relay direction from `src`: what was written is
+/// counted also when it fails, and a reset of `src` while `dst` takes
+/// nothing ends it ([`super::writable`]).
 pub(super) async fn write_counted(
+    src: Option<&TcpStream>,
     dst: &TcpStream,
     data: &[u8],
     count: &Counter,
 ) -> Result<(), Failed> {
-    let mut written = 0;
-    let result = write_all(dst, data, &mut written).await;
-    count.add(written as usize);
-    result.map_err(Failed::Write)
+    let mut sent = 0;
+    while sent < data.len() {
+        super::writable(dst, src).await?;
+        match dst.try_write(&data[sent..]) {
+            Ok(n) => {
+                sent += n;
+                count.add(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Failed::Write(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Allocated per burst and freed when the socket runs dry, so an idle
@@ -162,6 +162,6 @@ pub(super) async fn burst(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(Failed::Read(e)),
         };
-        write_counted(dst, &buffer[..read], count).await?;
+        write_counted(Some(src), dst, &buffer[..read], count).await?;
     }
 }

@@ -269,6 +269,23 @@ fn both_directions<'a>(
     }
 }
 
+/// Waits until `dst` takes bytes; with `src`, the source of the direction
+/// writing, fails meanwhile with the reset `src` gets. A direction waiting
+/// for a full `dst` reads nothing from `src`, and the other direction
+/// waits on `dst`'s side: nothing else would see the reset until `dst`
+/// reads again (or the idle timeout), where a direct connection's server
+/// would have had it at once.
+async fn writable(dst: &TcpStream, src: Option<&TcpStream>) -> Result<(), Failed> {
+    let Some(src) = src else {
+        return dst.writable().await.map_err(Failed::Write);
+    };
+    tokio::select! {
+        biased;
+        ready = dst.writable() => ready.map_err(Failed::Write),
+        e = reset_of(src) => Err(Failed::Read(e)),
+    }
+}
+
 /// The error (a reset) the socket gets, once it gets one.
 async fn reset_of(stream: &TcpStream) -> io::Error {
     loop {
@@ -406,7 +423,7 @@ fn forward<'a>(
                     }
                 };
                 if let Some(rest) = rest {
-                    Box::pin(copy::write_counted(dst, &rest, count)).await?;
+                    Box::pin(copy::write_counted(Some(src), dst, &rest, count)).await?;
                 }
                 continue;
             }

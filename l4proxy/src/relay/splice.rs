@@ -50,7 +50,7 @@ pub(super) async fn burst(
         };
         let mut left = filled;
         while left > 0 {
-            dst.writable().await.map_err(Failed::Write)?;
+            super::writable(dst, Some(src)).await?;
             match dst.try_io(Interest::WRITABLE, || pipe.drain(dst.as_fd(), left)) {
                 // Cannot happen while the pipe holds bytes; never spin on it.
                 Ok(0) => return Err(Failed::Write(io::ErrorKind::WriteZero.into())),

@@ -424,6 +424,50 @@ async fn a_fin_stays_a_fin_when_one_side_resets_the_other_way() {
     }
 }
 
+#[tokio::test]
+async fn a_reset_is_passed_on_while_its_direction_waits_for_a_full_destination() {
+    // The server reads nothing: the client's bytes fill the server's
+    // socket, the relay's and the client's own; the relay waits to write,
+    // reading nothing from the client. The client's reset must still end
+    // the relay and reach the server, which has not read.
+    // (Not the buffered path: tokio's bidirectional copy reads no more
+    // from a side whose bytes wait to be written.)
+    for path in [Path::Splice, Path::Copy] {
+        let Lab {
+            client,
+            server,
+            shutdown: _,
+            relay,
+        } = Lab::start(path).await;
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        // Bounded: the buffers on the way hold a few MiB at most.
+        while written < 256 << 20 {
+            match tokio::time::timeout(Duration::from_millis(300), client.writable()).await {
+                Err(_) => break,
+                Ok(ready) => ready.unwrap(),
+            }
+            match client.try_write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{path:?}: {e}"),
+            }
+        }
+        assert!(written < 256 << 20, "{path:?}: the writes never blocked");
+        reset(client);
+        let relayed = finish(relay, path).await;
+        assert!(
+            matches!(relayed.outcome, Outcome::ClientError(_)),
+            "{path:?}: {relayed:?}"
+        );
+        let ready = tokio::time::timeout(Duration::from_secs(10), server.ready(Interest::ERROR))
+            .await
+            .unwrap_or_else(|_| panic!("{path:?}: the server never got the reset"))
+            .unwrap();
+        assert!(ready.is_error(), "{path:?}: {ready:?}");
+    }
+}
+
 /// Segments `stream` has received.
 fn segments_in(stream: &TcpStream) -> u32 {
     crate::tcp_info::of(stream).tcpi_segs_in
