@@ -127,23 +127,15 @@ fn checks_this_host_cannot_make_do_not_take_a_server_down() {
         &[],
     );
     assert_eq!(greeting(&t), "a");
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
-    let soft = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .expect("the open-files limit")
-        .to_owned();
-    let pid = d.pid().to_string();
     // Below every descriptor it holds: each new socket fails with EMFILE.
-    lab::must("prlimit", &["--pid", &pid, "--nofile=3:"]);
+    let soft = d.set_open_files_limit("3");
     let warned = d.wait_event("a warning of unmade checks", Duration::from_secs(10), |e| {
         message(e) == Some("health checks could not be made on this host; not counted")
     });
     assert_eq!(field_str(&warned, "server").as_deref(), Some(A), "{warned}");
     // Ten intervals: five times `fall`, had they counted.
     std::thread::sleep(Duration::from_secs(1));
-    lab::must("prlimit", &["--pid", &pid, &format!("--nofile={soft}:")]);
+    d.set_open_files_limit(&soft);
     assert_eq!(transitions(&d, "server down", A), 0, "{}", d.log_text());
     assert_eq!(greeting(&t), "a");
 }

@@ -197,6 +197,36 @@ fn sigterm_grace_period() {
     );
 }
 
+/// Clients queued when the daemon stops are served even while it is out of
+/// descriptors (its open-files limit lowered with prlimit): the drain waits
+/// for descriptors to come back, as they do when its connections end,
+/// rather than leaving the rest of the queue to be reset.
+#[test]
+fn clients_queued_at_the_stop_wait_out_a_lack_of_descriptors() {
+    let (t, _srv) = Topo::with_echo("drain_emfile", "203.0.113.2:8080", "upstream");
+    let mut d = Daemon::start_ready(&t.px, &policy(), &["--workers", "1"]);
+    let soft = d.set_open_files_limit("3");
+    let mut queued: Vec<_> = (0..3)
+        .map(|_| connect(&t.cl, sa("192.0.2.10:80")))
+        .collect();
+    d.wait_event("a failed accept", Duration::from_secs(10), |e| {
+        lab::daemon::message(e).is_some_and(|m| m.starts_with("accept failed"))
+    });
+    d.drain();
+    std::thread::sleep(Duration::from_millis(300));
+    d.set_open_files_limit(&soft);
+    for (i, c) in queued.iter_mut().enumerate() {
+        assert_eq!(
+            lab::read_line(c).unwrap_or_else(|e| panic!("queued client {i}: {e}")),
+            "upstream",
+            "queued client {i}"
+        );
+    }
+    drop(queued);
+    let st = d.wait_exit(Duration::from_secs(10));
+    d.assert_exit_ok(st);
+}
+
 /// The grace period's end also cuts a connection still being set up: a
 /// client that connected and says nothing, on a rule whose routes wait for
 /// its first bytes (a minute here), does not keep the daemon beyond it.

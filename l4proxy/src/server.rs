@@ -857,10 +857,15 @@ async fn accept_loop(listener: StdListener, acceptor: Acceptor, stop: Cancellati
             () = &mut stopped => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => acceptor.admit(accepted),
+                Err(e) if one_connections(&e) => tracing::debug!(error = %e, "accept failed"),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&e);
+                    tokio::select! {
+                        biased;
+                        () = &mut stopped => break,
+                        () = tokio::time::sleep(ACCEPT_BACK_OFF) => {}
+                    }
                 }
             },
         }
@@ -872,14 +877,77 @@ async fn accept_loop(listener: StdListener, acceptor: Acceptor, stop: Cancellati
     let Ok(listener) = listener.into_std() else {
         return;
     };
-    while let Ok((stream, peer)) = listener.accept() {
-        match stream
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpStream::from_std(stream))
-        {
-            Ok(stream) => acceptor.admit((stream, peer)),
-            Err(e) => tracing::warn!(error = %e, "accept failed"),
+    let mut backed_off = Duration::ZERO;
+    let mut accepted = 0u32;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                match stream
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(stream))
+                {
+                    Ok(stream) => acceptor.admit((stream, peer)),
+                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                }
+                // A long queue must not keep this worker from its relays.
+                accepted += 1;
+                if accepted.is_multiple_of(64) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if one_connections(&e) => tracing::debug!(error = %e, "accept failed"),
+            // Out of descriptors (connections of the drain end and give
+            // theirs back): waited out for a while, then the rest is reset.
+            Err(e) if backed_off < DRAIN_BACK_OFF => {
+                accept_failed(&e);
+                tokio::time::sleep(ACCEPT_BACK_OFF).await;
+                backed_off += ACCEPT_BACK_OFF;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; the clients still queued are reset");
+                return;
+            }
         }
+    }
+}
+
+/// How long an accept loop waits after an error that is not one
+/// connection's (out of descriptors, buffers or memory) before accepting
+/// again, instead of spinning.
+const ACCEPT_BACK_OFF: Duration = Duration::from_millis(50);
+
+/// How long a stopping accept loop waits out such errors in all, reading
+/// the rest of its queue.
+const DRAIN_BACK_OFF: Duration = Duration::from_secs(2);
+
+/// An accept error that is one connection's, not the listener's or this
+/// host's: Linux passes a queued connection's network error on as
+/// accept's, to be retried at once (accept(2)).
+fn one_connections(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPERM
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EINTR
+        )
+    )
+}
+
+/// Logs an accept error that is not one connection's, at most once a
+/// second for the whole daemon.
+fn accept_failed(e: &io::Error) {
+    static FAILED: crate::logging::Throttle = crate::logging::Throttle::new(Duration::from_secs(1));
+    if let Some(count) = FAILED.event() {
+        tracing::warn!(error = %e, count, "accept failed; backing off");
     }
 }
 

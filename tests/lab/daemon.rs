@@ -524,6 +524,22 @@ impl Daemon {
         self.events().into_iter().filter(closed).collect()
     }
 
+    /// Sets the daemon's soft open-files limit (prlimit) and returns the
+    /// one it had: a limit below every descriptor it holds makes each new
+    /// socket fail with EMFILE.
+    pub fn set_open_files_limit(&self, soft: &str) -> String {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid())).unwrap();
+        let had = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .expect("the open-files limit")
+            .to_owned();
+        let pid = self.pid().to_string();
+        super::must("prlimit", &["--pid", &pid, &format!("--nofile={soft}:")]);
+        had
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: plain syscall on our own child's pid.
         let rc = unsafe { libc::kill(self.pid(), sig) };
