@@ -1437,6 +1437,57 @@ fn a_server_that_does_not_agree_to_the_clients_alpn_is_a_tls_failure() {
     );
 }
 
+/// An upstream `alpn` list offers a client that negotiated one of its
+/// protocols only that one: a server that prefers h2 must not choose it
+/// for a client speaking http/1.1.
+#[test]
+fn a_policy_alpn_list_offers_the_clients_protocol_alone() {
+    let t = Topo::new("tls_alpn_list");
+    let pki = Pki::new();
+    let app = app_cert(&pki.front);
+    let inner = inner_cert(&pki);
+    let both = ["h2", "http/1.1"];
+    let policy = json!({
+        "intercept": [terminating("web", 443, "both",
+            json!({ "certificates": [files(&app)], "alpn": both }))],
+        "upstreams": {
+            "both": { "servers": [TLS_UP], "tls": {
+                "ca": p(&pki.back.cert), "server_name": "inner.example.test", "alpn": both } }
+        }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let data = Arc::new(b"hello".to_vec());
+    let server = TlsServer::start(
+        &t.sv,
+        sa(TLS_UP),
+        tls_peer::server_config(&inner, &both),
+        false,
+        Serve::Bulk {
+            data: data.clone(),
+            order: Order::Both,
+        },
+    );
+    let run = tls_peer::tls_client(
+        &t.cl,
+        sa(&svc(443)),
+        tls_peer::client_config(&pki.front.cert, &["http/1.1"]),
+        "app.example.test",
+        &data,
+        Order::Both,
+    )
+    .unwrap_or_else(|e| panic!("an http/1.1 client: {e}"));
+    assert_eq!(run.alpn.as_deref(), Some("http/1.1"));
+    assert_eq!(run.received, lab::Received::of(&data));
+    assert_eq!(server.report().alpn.as_deref(), Some("http/1.1"));
+    let ev = closed_of(&mut d, run.local);
+    assert_closed_clean(&ev, "http/1.1 offered alone");
+    assert_eq!(
+        field_str(&ev, "upstream_tls_alpn").as_deref(),
+        Some("http/1.1"),
+        "{ev}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 10. `check` on certificate files
 // ---------------------------------------------------------------------------

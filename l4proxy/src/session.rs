@@ -893,7 +893,16 @@ async fn originate(
     let Stream::Tcp(tcp) = upstream else {
         return Err("TLS inside TLS to a parent proxy is not supported".to_owned());
     };
-    let connect = match client_alpn.as_ref().filter(|_| !origination.fixed_alpn) {
+    // The client's protocol alone, where it has one the policy's list (if
+    // any) has: the server must choose it anyway, and offered the whole
+    // list it might choose another (h2 for a client that chose http/1.1).
+    let offered = client_alpn.as_ref().filter(|alpn| {
+        origination
+            .policy_alpn
+            .as_ref()
+            .is_none_or(|list| list.contains(alpn))
+    });
+    let connect = match offered {
         Some(alpn) => origination
             .connector
             .with_alpn(vec![alpn.as_bytes().to_vec()])

@@ -156,8 +156,9 @@ pub struct Origination {
     pub connector: TlsConnector,
     /// The name its certificate must have; `None`: the client's.
     pub server_name: Option<ServerName<'static>>,
-    /// Whether ALPN is the policy's (else the client's negotiated one).
-    pub fixed_alpn: bool,
+    /// The ALPN protocols the policy offers (else the client's negotiated
+    /// one is).
+    pub policy_alpn: Option<Vec<String>>,
 }
 
 /// TLS to a parent proxy: its connector, and the name its certificate must
@@ -301,7 +302,7 @@ impl Pool {
                 tls(originate, "tls").map(|(connector, server_name)| Origination {
                     connector,
                     server_name,
-                    fixed_alpn: originate.alpn.is_some(),
+                    policy_alpn: originate.alpn.clone(),
                 })
             })
             .transpose()?;
