@@ -9,8 +9,30 @@ use super::{HelloConditions, Policy, PolicyError, RuleId, SniCondition, Target, 
 const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// TLS terminated twice, terminated on what a route matched as not TLS,
-/// or originated inside TLS to a parent, is refused.
+/// originated inside TLS to a parent, or offering a CONNECT client another
+/// protocol than HTTP/1.x, is refused.
 pub(super) fn check(policy: &Policy) -> Result<(), PolicyError> {
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let (Some(_), Some(terminate)) = (&rule.connect, &rule.terminate) else {
+            continue;
+        };
+        // Its CONNECT head is read as HTTP/1.x: a client that agreed on h2
+        // with l4proxy would send its request as h2 frames.
+        if let Some(k) = terminate
+            .alpn
+            .iter()
+            .position(|alpn| alpn != "http/1.1" && alpn != "http/1.0")
+        {
+            return Err(PolicyError::at(
+                format!("intercept[{i}].terminate.alpn[{k}]"),
+                format!(
+                    "a CONNECT rule's clients ask in HTTP/1.x; offering {:?} they could \
+                     agree on it and send a CONNECT l4proxy does not read",
+                    terminate.alpn[k]
+                ),
+            ));
+        }
+    }
     for (j, route) in policy.routes.iter().enumerate() {
         if route.terminate.is_none() {
             continue;

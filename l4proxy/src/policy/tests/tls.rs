@@ -217,6 +217,25 @@ fn terminating_twice_and_tls_inside_a_parents_tls_are_refused() {
 }
 
 #[test]
+fn a_connect_rule_offers_only_http_1_over_its_tls() {
+    let files = Files::new("connect_alpn");
+    let (chain, key, _) = files.leaf("proxy", &["proxy.example.test"], FAR);
+    let rule = |alpn: &str| {
+        format!(
+            r#"{{ "intercept": [ {{ "name": "proxy", "connect": {{ "listen": ["192.0.2.1:3128"], "clients": ["198.51.100.0/24"] }},
+                 "terminate": {{ "certificates": [ {{ "chain": "{chain}", "key": "{key}" }} ], "alpn": {alpn} }} }} ],
+  "upstreams": {{}} }}"#
+        )
+    };
+    let err = error_of(&rule(r#"["http/1.1", "h2"]"#));
+    assert!(
+        err.contains("intercept[0].terminate.alpn[1]") && err.contains("HTTP/1.x"),
+        "{err}"
+    );
+    Policy::from_json(&rule(r#"["http/1.1"]"#)).unwrap();
+}
+
+#[test]
 fn expiring_certificates_and_uncovered_names_are_warned_about() {
     let files = Files::new("warn");
     let (chain, key, _) = files.leaf("old", &["old.example.test"], (2021, 1, 1));
