@@ -31,7 +31,7 @@ const SESSION_CACHE: usize = 4096;
 
 /// Ticketers made so far, by the client certificates their sessions had to
 /// show (see [`tickets`]).
-type Ticketers = Vec<(Option<ClientCertificates>, Option<Arc<dyn ProducesTickets>>)>;
+type Ticketers = Vec<(Option<ClientCertificates>, Arc<dyn ProducesTickets>)>;
 
 static TICKETS: Mutex<Ticketers> = Mutex::new(Vec::new());
 
@@ -42,17 +42,18 @@ static TICKETS: Mutex<Ticketers> = Mutex::new(Vec::new());
 /// asking for a certificate (it takes the client's from the ticket), so a
 /// ticket from a terminator that asked for none, or trusts another CA,
 /// must not resume where a certificate is required. `None` if a ticketer
-/// could not be made (then sessions resume from the cache only).
+/// could not be made (then sessions resume from the cache only, until a
+/// reload makes one).
 fn tickets(clients: &Option<ClientCertificates>) -> Option<Arc<dyn ProducesTickets>> {
     let mut made = TICKETS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, ticketer)) = made.iter().find(|(asked, _)| asked == clients) {
-        return ticketer.clone();
+        return Some(ticketer.clone());
     }
-    let ticketer: Option<Arc<dyn ProducesTickets>> = rustls::crypto::ring::Ticketer::new()
+    let ticketer: Arc<dyn ProducesTickets> = rustls::crypto::ring::Ticketer::new()
         .inspect_err(|e| tracing::warn!(error = %e, "no TLS session tickets"))
-        .ok();
+        .ok()?;
     made.push((clients.clone(), ticketer.clone()));
-    ticketer
+    Some(ticketer)
 }
 
 /// The rustls configuration for a `terminate`.
