@@ -1437,6 +1437,70 @@ fn a_server_that_does_not_agree_to_the_clients_alpn_is_a_tls_failure() {
     );
 }
 
+/// A server whose TLS fails (its certificate is not the one the policy
+/// asks for) is the server's failure, as a refused connect is: the next
+/// server is tried, so every client gets through, and observation takes
+/// the failing server out.
+#[test]
+fn a_server_whose_tls_fails_is_passed_over_and_observed_down() {
+    let t = Topo::new("tls_failover");
+    let pki = Pki::new();
+    let app = app_cert(&pki.front);
+    let inner = inner_cert(&pki);
+    let policy = json!({
+        "intercept": [terminating("web", 443, "pool", json!({ "certificates": [files(&app)] }))],
+        "upstreams": {
+            "pool": { "servers": [TLS_UP, TLS_UP_H2], "observe": { "errors": 1, "down_for": "1m" },
+                      "tls": { "ca": p(&pki.back.cert), "server_name": "inner.example.test" } }
+        }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let data = Arc::new(b"hello".to_vec());
+    let serve = || Serve::Bulk {
+        data: data.clone(),
+        order: Order::Both,
+    };
+    // Another name than inner.example.test, from another CA.
+    let _wrong = TlsServer::start(
+        &t.sv,
+        sa(TLS_UP),
+        tls_peer::server_config(&app, &[]),
+        false,
+        serve(),
+    );
+    let _right = TlsServer::start(
+        &t.sv,
+        sa(TLS_UP_H2),
+        tls_peer::server_config(&inner, &[]),
+        false,
+        serve(),
+    );
+    for i in 0..4 {
+        let run = tls_peer::tls_client(
+            &t.cl,
+            sa(&svc(443)),
+            tls_peer::client_config(&pki.front.cert, &[]),
+            "app.example.test",
+            &data,
+            Order::Both,
+        )
+        .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_eq!(run.received, lab::Received::of(&data), "client {i}");
+        let ev = closed_of(&mut d, run.local);
+        assert_closed_clean(&ev, "through the right server");
+        assert_eq!(
+            field_str(&ev, "upstream").as_deref(),
+            Some(TLS_UP_H2),
+            "{ev}"
+        );
+    }
+    let down = d.wait_event("the failing server down", Duration::from_secs(5), |e| {
+        message(e) == Some("server down") && field_str(e, "server").as_deref() == Some(TLS_UP)
+    });
+    let why = field_string(&down, "reason");
+    assert!(why.contains("certificate"), "{down}");
+}
+
 /// An upstream `alpn` list offers a client that negotiated one of its
 /// protocols only that one: a server that prefers h2 must not choose it
 /// for a client speaking http/1.1.

@@ -671,9 +671,34 @@ async fn open(
     };
     record.upstream_id = Some(upstream_id);
     let upstream_metrics = &active.metrics.upstreams[upstream_id.0];
+    let proxy_protocol = upstream_config.proxy_protocol;
+    // With TLS to the upstream, the PROXY header (which comes first) and
+    // the handshake are part of each attempt: a server whose TLS fails is
+    // counted as failed, and the next one tried.
+    let tls_name = client_name.or_else(|| target_name.clone());
+    let tls_alpn = record.tls_inside(hop_tls).map(|tls| tls.alpn.clone());
+    let (told, checked) = (&*record, &request.checked);
+    let secure = |mut upstream: Stream, reached: UpstreamAddr| {
+        let (name, alpn) = (tls_name.clone(), tls_alpn.clone());
+        async move {
+            let Some(origination) = &pool.origination else {
+                return Ok(upstream);
+            };
+            if let Some(version) = proxy_protocol {
+                let orig_dst = reached_destination(checked, reached).unwrap_or(told.orig_dst);
+                let bytes = header_bytes(version, told, orig_dst, hop_tls, onward_local)
+                    .map_err(|e| format!("encoding the PROXY header: {e}"))?;
+                upstream
+                    .send(&bytes)
+                    .await
+                    .map_err(|e| format!("sending the PROXY header: {e}"))?;
+            }
+            originate(upstream, origination, name, alpn, shared.connect_timeout).await
+        }
+    };
     let connecting = Instant::now();
     let connected = match pool
-        .connect(&request, &shared.local, shared.connect_timeout)
+        .connect(&request, &shared.local, shared.connect_timeout, secure)
         .await
     {
         Ok(connected) => connected,
@@ -685,6 +710,13 @@ async fn open(
                 let _ = tunnel::answer(&mut client, Status::BadGateway).await;
             }
             record.end(active, "refused", Some(&e));
+            return None;
+        }
+        Err(e) if e.secure_failed() => {
+            record.upstream = e.upstream();
+            upstream_metrics.failed("tls");
+            upstream_failed(&mut client, established, false, record).await;
+            record.end(active, "upstream_tls_failed", Some(&e));
             return None;
         }
         Err(e) => {
@@ -720,6 +752,9 @@ async fn open(
     record.bind_fallback = connected.fallback;
     let lease = connected.lease;
     let mut upstream = connected.stream;
+    if pool.origination.is_some() {
+        record.upstream_tls = upstream.tls_info().map(Box::new);
+    }
     if !established && let Err(e) = tunnel::answer(&mut client, Status::Established).await {
         relay::reset_on_close(upstream.tcp());
         record.end(
@@ -730,13 +765,9 @@ async fn open(
         return None;
     }
 
-    if let Some(version) = active.policy.upstreams[upstream_id.0].proxy_protocol {
-        let header = if onward_local {
-            Header::Local
-        } else {
-            announce(record, hop_tls)
-        };
-        let bytes = match proxy_protocol::encode(version, &header) {
+    // Sent already, before TLS to the upstream.
+    if let Some(version) = proxy_protocol.filter(|_| pool.origination.is_none()) {
+        let bytes = match header_bytes(version, record, record.orig_dst, hop_tls, onward_local) {
             Ok(bytes) => bytes,
             Err(e) => {
                 record.end(
@@ -777,22 +808,6 @@ async fn open(
                     record.end(active, "upstream_error", Some(&error));
                     return None;
                 }
-            }
-        }
-    }
-    if let Some(origination) = &pool.origination {
-        let alpn = record.tls_inside(hop_tls).map(|tls| tls.alpn.clone());
-        let name = client_name.or_else(|| target_name.clone());
-        match originate(upstream, origination, name, alpn, shared.connect_timeout).await {
-            Ok(secured) => {
-                record.upstream_tls = secured.tls_info().map(Box::new);
-                upstream = secured;
-            }
-            Err(e) => {
-                relay::reset_on_close(client.tcp());
-                active.metrics.upstreams[upstream_id.0].failed("tls");
-                record.end(active, "upstream_tls_failed", Some(&e));
-                return None;
             }
         }
     }
@@ -1206,14 +1221,31 @@ fn header_kind(decoded: &proxy_protocol::Decoded) -> &'static str {
 /// only) the ALPN protocol (negotiated with l4proxy, or the one the client
 /// wants most) and the name it asked for, when known, and the connection's
 /// ID.
-fn announce(record: &Record, hop_tls: bool) -> Header {
+/// The PROXY header's bytes for a connection that reached `orig_dst`
+/// (`LOCAL` for one a front proxy sent as its own).
+fn header_bytes(
+    version: proxy_protocol::Version,
+    record: &Record,
+    orig_dst: OrigDstAddr,
+    hop_tls: bool,
+    onward_local: bool,
+) -> Result<Vec<u8>, proxy_protocol::EncodeError> {
+    let header = if onward_local {
+        Header::Local
+    } else {
+        announce(record, orig_dst, hop_tls)
+    };
+    proxy_protocol::encode(version, &header)
+}
+
+fn announce(record: &Record, orig_dst: OrigDstAddr, hop_tls: bool) -> Header {
     let said = record.sniffed.as_deref();
     // Where l4proxy terminated the client's TLS: what its handshake agreed.
     let tls = record.tls_inside(hop_tls);
     Header::Proxy {
         addresses: Addresses {
             client: record.client,
-            orig_dst: record.orig_dst,
+            orig_dst,
         },
         tlvs: Tlvs {
             alpn: tls
@@ -1392,7 +1424,7 @@ mod tests {
             sni: Some("app.example.test".to_owned()),
             alpn: vec!["h2".to_owned(), "http/1.1".to_owned()],
         })));
-        let tlvs = |hop_tls| match announce(&record, hop_tls) {
+        let tlvs = |hop_tls| match announce(&record, record.orig_dst, hop_tls) {
             Header::Proxy { tlvs, .. } => (tlvs.authority, tlvs.alpn),
             other => panic!("{other:?}"),
         };

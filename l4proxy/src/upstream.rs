@@ -195,6 +195,13 @@ pub enum ConnectError {
     LocalDestination(UpstreamAddr),
     #[error("no server of upstream {upstream:?} is up")]
     NoServerUp { upstream: String },
+    /// Connected, but what is made over the connection failed: TLS to the
+    /// server (or the PROXY header before it).
+    #[error("{error}")]
+    Secure {
+        upstream: UpstreamAddr,
+        error: String,
+    },
 }
 
 impl ConnectError {
@@ -209,6 +216,11 @@ impl ConnectError {
         matches!(self, ConnectError::Failed { error, .. } if error.kind() == io::ErrorKind::TimedOut)
     }
 
+    /// Whether the last server tried was connected to, and TLS to it failed.
+    pub fn secure_failed(&self) -> bool {
+        matches!(self, ConnectError::Secure { .. })
+    }
+
     /// Whether the failure says nothing of the servers: none was tried
     /// (this host as destination, no server of the client's family), or
     /// this host ran out of something ([`this_hosts_fault`]).
@@ -216,14 +228,16 @@ impl ConnectError {
         match self {
             ConnectError::LocalDestination(_) | ConnectError::NoServerOfFamily { .. } => true,
             ConnectError::Failed { error, .. } => this_hosts_fault(error),
-            ConnectError::NoServerUp { .. } => false,
+            ConnectError::NoServerUp { .. } | ConnectError::Secure { .. } => false,
         }
     }
 
     /// The server tried last, if any.
     pub fn upstream(&self) -> Option<UpstreamAddr> {
         match self {
-            ConnectError::Failed { upstream, .. } => Some(*upstream),
+            ConnectError::Failed { upstream, .. } | ConnectError::Secure { upstream, .. } => {
+                Some(*upstream)
+            }
             ConnectError::LocalDestination(upstream) => Some(*upstream),
             ConnectError::NoServerOfFamily { .. } | ConnectError::NoServerUp { .. } => None,
         }
@@ -351,20 +365,37 @@ impl Pool {
     }
 
     /// Connects to the server the balance picks among those up (of the
-    /// client's family when the source is the client's address); if that
-    /// fails, to the next it picks among the rest, `retries` times at most,
-    /// before giving up with the last error. With every server down, none
-    /// is tried ([`ConnectError::NoServerUp`]).
-    pub async fn connect(
+    /// client's family when the source is the client's address), and makes
+    /// `secure` over the connection (TLS to the server, when the upstream
+    /// has it); if either fails, the next it picks among the rest, `retries`
+    /// times at most, before giving up with the last error (as HAProxy
+    /// counts a failed TLS handshake as the server's error and
+    /// redispatches). With every server down, none is tried
+    /// ([`ConnectError::NoServerUp`]).
+    pub async fn connect<Secured>(
         &self,
         request: &Request,
         local: &Arc<LocalAddrs>,
         timeout: Duration,
-    ) -> Result<Connected, ConnectError> {
+        secure: impl Fn(Stream, UpstreamAddr) -> Secured,
+    ) -> Result<Connected, ConnectError>
+    where
+        Secured: Future<Output = Result<Stream, String>>,
+    {
         let target;
         let via = match &self.target {
             PoolTarget::OriginalDestination => {
-                return original_destination(request, local, timeout).await;
+                let connected = original_destination(request, local, timeout).await?;
+                return match secure(connected.stream, connected.upstream).await {
+                    Ok(stream) => Ok(Connected {
+                        stream,
+                        ..connected
+                    }),
+                    Err(error) => Err(ConnectError::Secure {
+                        upstream: connected.upstream,
+                        error,
+                    }),
+                };
             }
             PoolTarget::Servers => None,
             PoolTarget::Parent { authorization, tls } => {
@@ -414,31 +445,42 @@ impl Pool {
             // same moment see each other.
             let lease = server.state.lease();
             let (from, fallback) = source(request, server.address, local);
-            match connect_from(server.address, from, fallback, request, via, timeout).await {
-                Ok(connected) => {
+            let connected =
+                match connect_from(server.address, from, fallback, request, via, timeout).await {
+                    Ok(connected) => connected,
+                    Err(failed) => {
+                        last_error = Some(self.connect_failed(server, failed));
+                        continue;
+                    }
+                };
+            match secure(connected.stream, server.address).await {
+                Ok(stream) => {
                     if self.observe.is_some() {
                         server.state.connect_succeeded();
                     }
                     return Ok(Connected {
+                        stream,
                         lease: Some(lease),
                         ..connected
                     });
                 }
-                Err(AttemptFailed { error, reached }) => {
-                    tracing::debug!(upstream = %server.address, %error, "upstream connect failed");
-                    // A server that took the connection is alive, whatever
-                    // a parent then answered; one this host could not even
-                    // try is not at fault.
-                    match &self.observe {
-                        Some(_) if reached => server.state.connect_succeeded(),
-                        Some(_) if this_hosts_fault(&error) => {}
-                        Some(observe) => server.state.connect_failed(observe, &error),
-                        None => {}
-                    }
-                    last_error = Some(ConnectError::Failed {
+                Err(error) => {
+                    let failed = ConnectError::Secure {
                         upstream: server.address,
                         error,
-                    });
+                    };
+                    // Through a parent, it is the destination's failure
+                    // (the same through every parent), not the parent's.
+                    if via.is_some() {
+                        return Err(failed);
+                    }
+                    tracing::debug!(upstream = %server.address, error = %failed, "TLS to the upstream failed");
+                    if let Some(observe) = &self.observe {
+                        server
+                            .state
+                            .connect_failed(observe, &io::Error::other(failed.to_string()));
+                    }
+                    last_error = Some(failed);
                 }
             }
         }
@@ -451,6 +493,24 @@ impl Pool {
                 no_server_of_family(from, client_v4)
             }
         }))
+    }
+
+    /// A failed connect to `server`, counted by observation: a server that
+    /// took the connection is alive, whatever a parent then answered; one
+    /// this host could not even try is not at fault.
+    fn connect_failed(&self, server: &PoolServer, failed: AttemptFailed) -> ConnectError {
+        let AttemptFailed { error, reached } = failed;
+        tracing::debug!(upstream = %server.address, %error, "upstream connect failed");
+        match &self.observe {
+            Some(_) if reached => server.state.connect_succeeded(),
+            Some(_) if this_hosts_fault(&error) => {}
+            Some(observe) => server.state.connect_failed(observe, &error),
+            None => {}
+        }
+        ConnectError::Failed {
+            upstream: server.address,
+            error,
+        }
     }
 }
 
@@ -1040,6 +1100,7 @@ mod tests {
                     &request("192.0.2.7:40000", to, Bind::Proxy),
                     &local,
                     Duration::from_secs(1),
+                    plain,
                 )
                 .await
                 .err()
@@ -1071,6 +1132,7 @@ mod tests {
                 &request("192.0.2.7:40000", "192.0.2.10:80", Bind::ClientIp),
                 &local,
                 Duration::from_secs(1),
+                plain,
             )
             .await
             .err()
@@ -1111,13 +1173,13 @@ mod tests {
         };
         let both = tunnel(vec![v6.local_addr().unwrap(), v4.local_addr().unwrap()]);
         let connected = pool
-            .connect(&both, &local, Duration::from_secs(1))
+            .connect(&both, &local, Duration::from_secs(1), plain)
             .await
             .unwrap();
         assert_eq!(connected.upstream.0, v4.local_addr().unwrap());
         let v6_only = tunnel(vec![v6.local_addr().unwrap(), v6.local_addr().unwrap()]);
         let refused = pool
-            .connect(&v6_only, &local, Duration::from_secs(1))
+            .connect(&v6_only, &local, Duration::from_secs(1), plain)
             .await
             .err()
             .expect("no IPv4 destination");
@@ -1131,6 +1193,11 @@ mod tests {
             ),
             "{refused}"
         );
+    }
+
+    /// Nothing made over the connection: a pool without `tls`.
+    async fn plain(stream: Stream, _: UpstreamAddr) -> Result<Stream, String> {
+        Ok(stream)
     }
 
     /// A pool of `servers` on loopback, its upstream written as in a
@@ -1169,7 +1236,7 @@ mod tests {
         );
         let request = request("192.0.2.7:40000", "192.0.2.10:80", Bind::Proxy);
         let failed = pool
-            .connect(&request, &local, Duration::from_secs(1))
+            .connect(&request, &local, Duration::from_secs(1), plain)
             .await
             .err()
             .expect("every server refuses");
@@ -1180,18 +1247,59 @@ mod tests {
         assert_eq!(down(&pool), 2);
         // No lease outlives its failed attempt.
         assert!(pool.servers_state().iter().all(|s| s.health.active == 0));
-        pool.connect(&request, &local, Duration::from_secs(1))
+        pool.connect(&request, &local, Duration::from_secs(1), plain)
             .await
             .err()
             .expect("every server refuses");
         assert_eq!(down(&pool), 4);
         let refused = pool
-            .connect(&request, &local, Duration::from_secs(1))
+            .connect(&request, &local, Duration::from_secs(1), plain)
             .await
             .err()
             .expect("every server is down");
         assert!(refused.all_down(), "{refused}");
         assert_eq!(refused.to_string(), r#"no server of upstream "u" is up"#);
+    }
+
+    #[tokio::test]
+    async fn tls_that_fails_is_the_servers_failure_and_the_next_is_tried() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let registry = health::Registry::default();
+        let bad = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (bad, good) = (bad.local_addr().unwrap(), good.local_addr().unwrap());
+        let pool = pool_of(&[bad, good], r#", "observe": { "errors": 1 }"#, &registry);
+        let request = request("192.0.2.7:40000", "192.0.2.10:80", Bind::Proxy);
+        let secure = |stream: Stream, upstream: UpstreamAddr| async move {
+            if upstream.0 == bad {
+                Err("invalid peer certificate: Expired".to_owned())
+            } else {
+                Ok(stream)
+            }
+        };
+        // Round robin starts with one, then the other: one of the two
+        // picks the bad server first.
+        for _ in 0..2 {
+            let connected = pool
+                .connect(&request, &local, Duration::from_secs(1), secure)
+                .await
+                .expect("the good server, tried next");
+            assert_eq!(connected.upstream.0, good);
+        }
+        let state = pool.servers_state();
+        assert!(!state[0].health.up, "{:?}", state[0].health);
+        assert!(state[1].health.up, "{:?}", state[1].health);
+
+        // A registry of its own: the first one has the bad server down.
+        let pool = pool_of(&[bad], "", &health::Registry::default());
+        let failed = pool
+            .connect(&request, &local, Duration::from_secs(1), secure)
+            .await
+            .err()
+            .expect("TLS fails");
+        assert!(failed.secure_failed(), "{failed}");
+        assert_eq!(failed.upstream(), Some(UpstreamAddr(bad)));
+        assert_eq!(failed.to_string(), "invalid peer certificate: Expired");
     }
 
     #[tokio::test]
@@ -1210,7 +1318,7 @@ mod tests {
         let mut held = Vec::new();
         for _ in 0..3 {
             let connected = pool
-                .connect(&request, &local, Duration::from_secs(1))
+                .connect(&request, &local, Duration::from_secs(1), plain)
                 .await
                 .expect("the listening server");
             assert_eq!(connected.upstream.0, servers[1]);
