@@ -76,9 +76,10 @@ pub(super) fn check(policy: &Policy) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// One message per certificate that expires within 30 days (or has), and
-/// per route whose SNI names no certificate of the TLS it is routed under
-/// covers.
+/// One message per certificate that expires within 30 days (or has), or
+/// that no server name can choose; per client certificate the client's
+/// name decides where it goes; and per route whose SNI names no certificate
+/// of the TLS it is routed under covers.
 pub(super) fn warnings(policy: &Policy) -> Vec<String> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -95,6 +96,16 @@ pub(super) fn warnings(policy: &Policy) -> Vec<String> {
             }));
     for (at, terminate) in terminations {
         for (k, certificate) in terminate.certificates.iter().enumerate() {
+            // Chosen by no client's name; the first is still the default.
+            let default = k == 0 && !terminate.refuse_unknown_names;
+            if certificate.names.is_empty() && !default {
+                warnings.push(format!(
+                    "{at}.terminate.certificates[{k}]: {} ({}) has no DNS name \
+                     (subjectAltName): no client's server name chooses it, so it is never \
+                     presented",
+                    certificate.chain_file, certificate.subject
+                ));
+            }
             let days = (certificate.not_after - now).div_euclid(86_400);
             let when = if days < 0 {
                 "has expired".to_owned()
@@ -106,6 +117,18 @@ pub(super) fn warnings(policy: &Policy) -> Vec<String> {
             warnings.push(format!(
                 "{at}.terminate.certificates[{k}]: {} ({}) {when}",
                 certificate.chain_file, certificate.subject
+            ));
+        }
+    }
+    for upstream in &policy.upstreams {
+        if let Some(tls) = &upstream.tls
+            && tls.certificate.is_some()
+            && tls.server_name.is_none()
+        {
+            warnings.push(format!(
+                "upstreams.{}.tls: a client certificate without \"server_name\": it is shown \
+                 to any server with a valid certificate for the name the client asked for",
+                upstream.name
             ));
         }
     }

@@ -236,6 +236,46 @@ fn a_connect_rule_offers_only_http_1_over_its_tls() {
 }
 
 #[test]
+fn certificates_no_name_chooses_and_client_certificates_the_client_sends_are_warned_about() {
+    let files = Files::new("nameless");
+    let (named, named_key, ca) = files.leaf("named", &["app.example.test"], FAR);
+    let (nameless, nameless_key, _) = files.leaf("nameless", &[], FAR);
+    let both = format!(
+        r#"{{ "certificates": [ {{ "chain": "{named}", "key": "{named_key}" }},
+                                {{ "chain": "{nameless}", "key": "{nameless_key}" }} ] }}"#
+    );
+    let client = format!(
+        r#", "tls": {{ "ca": "{ca}", "certificate": {{ "chain": "{named}", "key": "{named_key}" }} }}"#
+    );
+    let json = policy(&format!(r#", "terminate": {both}"#), "", &client);
+    let warnings = Policy::from_json(&json).unwrap().warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("intercept[0].terminate.certificates[1]")
+            && warnings[0].contains("has no DNS name"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with("upstreams.app.tls: a client certificate without \"server_name\""),
+        "{warnings:?}"
+    );
+    // The first is the default, unless unknown names are refused.
+    let alone = terminate(&nameless, &nameless_key);
+    let json = policy(&format!(r#", "terminate": {alone}"#), "", "");
+    assert_eq!(
+        Policy::from_json(&json).unwrap().warnings(),
+        Vec::<String>::new()
+    );
+    let refusing = alone.replacen('{', r#"{ "refuse_unknown_names": true,"#, 1);
+    let json = policy(&format!(r#", "terminate": {refusing}"#), "", "");
+    let warnings = Policy::from_json(&json).unwrap().warnings();
+    assert!(
+        warnings.len() == 1 && warnings[0].starts_with("intercept[0].terminate.certificates[0]"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
 fn expiring_certificates_and_uncovered_names_are_warned_about() {
     let files = Files::new("warn");
     let (chain, key, _) = files.leaf("old", &["old.example.test"], (2021, 1, 1));
