@@ -6,7 +6,7 @@
 
 mod lab;
 
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::time::Duration;
 
 use lab::daemon::{field_str, field_string as field, message};
@@ -525,7 +525,9 @@ fn client_port_to_the_original_destination_falls_back_to_client_ip() {
 
 /// A connection forwarded through px before the daemon starts is not reset
 /// by the start: only new connections (SYNs) and those the daemon owns are
-/// taken. A new connection to the same port is.
+/// taken. A new connection to the same port is. The kernel's `steered`
+/// counts the new connections only, not the forwarded one's packets
+/// (`classify` looks up their sockets, which runs `steer`).
 #[test]
 fn a_start_leaves_forwarded_connections_alone() {
     let t = Topo::new("start_keeps");
@@ -536,7 +538,7 @@ fn a_start_leaves_forwarded_connections_alone() {
         assert_eq!(lab::read_line(&mut c).unwrap(), "server", "{}", f.name);
         before.push(c);
     }
-    let _d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
+    let mut d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
     let _proxied = servers(&t.sv, |f| f.server, 9090, "proxied");
     for (f, c) in FAMILIES.iter().zip(&mut before) {
         lab::echo(
@@ -547,6 +549,9 @@ fn a_start_leaves_forwarded_connections_alone() {
         let mut n = connect(&t.cl, sock(f.server, 8080));
         talk(&mut n, "proxied", &format!("{} new connection", f.name));
     }
+    drop(before);
+    d.stop(Duration::from_secs(15));
+    assert_eq!(d.exit_counter("steered"), 2, "{}", d.log_text());
 }
 
 /// Under a SYN flood the listener answers with SYN cookies and keeps no
@@ -816,30 +821,14 @@ fn nothing_left_after(test: &str, signal: i32) {
 fn priority_tagged_frames_are_intercepted() {
     let t = Topo::new("prio_tag");
     let mut d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
-    let mac = |ns: &lab::Netns, dev: &str| -> [u8; 6] {
-        let link: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])).unwrap();
-        let text = link[0]["address"].as_str().unwrap().to_owned();
-        let bytes: Vec<u8> = text
-            .split(':')
-            .map(|b| u8::from_str_radix(b, 16).unwrap())
-            .collect();
-        bytes.try_into().unwrap()
-    };
-    let frame = tagged_syn(
+    let frame = syn_frame(
         mac(&t.px, "to-cl"),
         mac(&t.cl, "to-px"),
-        0xa000,
-        (V4.client.parse().unwrap(), 40_000),
-        (V4.server_b.parse().unwrap(), 8080),
+        Some(0xa000),
+        sock(V4.client, 40_000),
+        sock(V4.server_b, 8080),
     );
-    let index: i32 =
-        t.cl.ip(&["-j", "link", "show", "to-px"])
-            .split("\"ifindex\":")
-            .nth(1)
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap();
-    t.cl.run(|| send_frame(index, &frame)).unwrap();
+    send_from_client(&t, &frame);
     std::thread::sleep(Duration::from_millis(300));
     d.stop(Duration::from_secs(15));
     // The SYN was marked and steered to the daemon (the client's reset
@@ -848,13 +837,14 @@ fn priority_tagged_frames_are_intercepted() {
     assert!(d.exit_counter("marked_intercept") >= 1, "{}", d.log_text());
 }
 
-/// An Ethernet frame with an 802.1Q tag `tci` holding an IPv4 TCP SYN.
-fn tagged_syn(
+/// An Ethernet frame holding a TCP SYN from `src` to `dst` (IPv4 or IPv6,
+/// one family), with an 802.1Q tag `tci` if one is given.
+fn syn_frame(
     to: [u8; 6],
     from: [u8; 6],
-    tci: u16,
-    (src, sport): (std::net::Ipv4Addr, u16),
-    (dst, dport): (std::net::Ipv4Addr, u16),
+    tci: Option<u16>,
+    src: SocketAddr,
+    dst: SocketAddr,
 ) -> Vec<u8> {
     let sum = |bytes: &[u8], mut acc: u32| {
         for pair in bytes.chunks(2) {
@@ -865,38 +855,117 @@ fn tagged_syn(
         }
         !(acc as u16)
     };
+    let octets = |addr: SocketAddr| match addr.ip() {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
     let mut tcp = Vec::new();
-    tcp.extend(sport.to_be_bytes());
-    tcp.extend(dport.to_be_bytes());
+    tcp.extend(src.port().to_be_bytes());
+    tcp.extend(dst.port().to_be_bytes());
     tcp.extend(1u32.to_be_bytes()); // sequence
     tcp.extend(0u32.to_be_bytes()); // acknowledgement
     tcp.extend([5 << 4, 0x02]); // 20 bytes, SYN
     tcp.extend(64_240u16.to_be_bytes()); // window
     tcp.extend([0, 0, 0, 0]); // checksum, urgent pointer
-    let mut pseudo = Vec::new();
-    pseudo.extend(src.octets());
-    pseudo.extend(dst.octets());
-    pseudo.extend([0, 6]);
-    pseudo.extend((tcp.len() as u16).to_be_bytes());
+    let mut pseudo = octets(src);
+    pseudo.extend(octets(dst));
+    if src.is_ipv4() {
+        pseudo.extend([0, 6]);
+        pseudo.extend((tcp.len() as u16).to_be_bytes());
+    } else {
+        pseudo.extend((tcp.len() as u32).to_be_bytes());
+        pseudo.extend([0, 0, 0, 6]);
+    }
     pseudo.extend(&tcp);
     let check = sum(&pseudo, 0);
     tcp[16..18].copy_from_slice(&check.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend(((20 + tcp.len()) as u16).to_be_bytes());
-    ip.extend([0, 1, 0x40, 0, 64, 6, 0, 0]); // id, DF, TTL, TCP, checksum
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let check = sum(&ip, 0);
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let (ethertype, mut ip) = if src.is_ipv4() {
+        let mut ip = vec![0x45, 0];
+        ip.extend(((20 + tcp.len()) as u16).to_be_bytes());
+        ip.extend([0, 1, 0x40, 0, 64, 6, 0, 0]); // id, DF, TTL, TCP, checksum
+        ip.extend(octets(src));
+        ip.extend(octets(dst));
+        let check = sum(&ip, 0);
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
+        (0x0800u16, ip)
+    } else {
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend((tcp.len() as u16).to_be_bytes());
+        ip.extend([6, 64]); // TCP, hop limit
+        ip.extend(octets(src));
+        ip.extend(octets(dst));
+        (0x86ddu16, ip)
+    };
+    ip.extend(tcp);
     let mut frame = Vec::new();
     frame.extend(to);
     frame.extend(from);
-    frame.extend(0x8100u16.to_be_bytes());
-    frame.extend(tci.to_be_bytes());
-    frame.extend(0x0800u16.to_be_bytes());
+    if let Some(tci) = tci {
+        frame.extend(0x8100u16.to_be_bytes());
+        frame.extend(tci.to_be_bytes());
+    }
+    frame.extend(ethertype.to_be_bytes());
     frame.extend(ip);
-    frame.extend(tcp);
     frame
+}
+
+/// An IPv6 SYN to an IPv4-mapped address (`::ffff:203.0.113.3`) on a
+/// gateway interface matches no IPv4 rule, though the kernel's rule map
+/// keys IPv4 prefixes IPv4-mapped: `classify` leaves it alone and `steer`
+/// takes none (without l4proxy it goes nowhere; with, it would reach an
+/// IPv4 server through the proxy).
+#[test]
+fn an_ipv6_syn_to_an_ipv4_mapped_address_matches_no_ipv4_rule() {
+    let t = Topo::new("v4_mapped");
+    let mut d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
+    let mapped = V4
+        .server_b
+        .parse::<std::net::Ipv4Addr>()
+        .unwrap()
+        .to_ipv6_mapped();
+    let frame = syn_frame(
+        mac(&t.px, "to-cl"),
+        mac(&t.cl, "to-px"),
+        None,
+        sock(V6.client, 40_000),
+        SocketAddr::new(mapped.into(), 8080),
+    );
+    send_from_client(&t, &frame);
+    // A positive control: the same SYN to the IPv4 address itself.
+    let frame = syn_frame(
+        mac(&t.px, "to-cl"),
+        mac(&t.cl, "to-px"),
+        None,
+        sock(V4.client, 40_001),
+        sock(V4.server_b, 8080),
+    );
+    send_from_client(&t, &frame);
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop(Duration::from_secs(15));
+    assert_eq!(d.exit_counter("steered"), 1, "{}", d.log_text());
+}
+
+/// The MAC address of `dev` in `ns`.
+fn mac(ns: &lab::Netns, dev: &str) -> [u8; 6] {
+    let link: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])).unwrap();
+    let text = link[0]["address"].as_str().unwrap().to_owned();
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+/// Sends `frame` out of the client's interface towards px.
+fn send_from_client(t: &Topo, frame: &[u8]) {
+    let index: i32 =
+        t.cl.ip(&["-j", "link", "show", "to-px"])
+            .split("\"ifindex\":")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+    t.cl.run(|| send_frame(index, frame)).unwrap();
 }
 
 /// Sends `frame` as it is out of interface `index` (an AF_PACKET socket

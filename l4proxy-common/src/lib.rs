@@ -85,6 +85,45 @@ impl RuleKey {
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
         ]
     }
+
+    /// Whether `addr` is IPv4-mapped (`::ffff:0:0/96`): the form IPv4 rules
+    /// are keyed by, so never an IPv6 packet's or connection's own (one
+    /// sent there goes nowhere without l4proxy; with, it would match IPv4
+    /// rules).
+    pub const fn is_mapped_v4(addr: &[u8; 16]) -> bool {
+        let mut i = 0;
+        while i < 10 {
+            if addr[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        addr[10] == 0xff && addr[11] == 0xff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RuleKey;
+
+    #[test]
+    fn ipv4_mapped_addresses_are_told_apart() {
+        assert!(RuleKey::is_mapped_v4(&RuleKey::mapped_v4([192, 0, 2, 10])));
+        let mut v6 = [0u8; 16];
+        v6[0] = 0x20;
+        v6[1] = 0x01;
+        v6[10] = 0xff;
+        v6[11] = 0xff;
+        assert!(!RuleKey::is_mapped_v4(&v6), "2001::ffff:...");
+        // IPv4-compatible (::a.b.c.d) and ::ffff:0:a.b.c.d (SIIT) are not.
+        let mut compatible = [0u8; 16];
+        compatible[15] = 1;
+        assert!(!RuleKey::is_mapped_v4(&compatible));
+        let mut siit = [0u8; 16];
+        siit[8] = 0xff;
+        siit[9] = 0xff;
+        assert!(!RuleKey::is_mapped_v4(&siit));
+    }
 }
 
 /// [`RuleValue::flags`]: the rule takes only connections that arrive on the

@@ -55,7 +55,10 @@ use l4proxy_common::{
     MARK_VALUE, RETAINING, RULE_ON_INTERFACES, RuleKey,
 };
 
-use crate::{INTERFACES, SETTINGS, UPSTREAM_SERVERS, count, is_local, on_interface, rule_for};
+use crate::{
+    INTERFACES, SETTINGS, UPSTREAM_SERVERS, count, is_local, on_interface, rule_for,
+    set_classify_lookup,
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -140,7 +143,11 @@ pub fn classify(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     // A constant per branch: the verifier must bound packet offsets.
-    let l3 = if config.l2_len == 0 { 0 } else { ETHERNET_HEADER };
+    let l3 = if config.l2_len == 0 {
+        0
+    } else {
+        ETHERNET_HEADER
+    };
     // skb->protocol is the EtherType in network byte order, in the low 16 bits.
     let marked = match read_packet(&ctx, l3, u16::from_be(protocol as u16)) {
         Some(Packet::Tcp(flow)) => tcp_verdict(&ctx, ifindex, &config, &flow),
@@ -287,7 +294,13 @@ fn read_tcp(ctx: &TcContext, v4: bool, l3: usize, l4: usize) -> Option<Flow> {
             RuleKey::mapped_v4([addrs[4], addrs[5], addrs[6], addrs[7]]),
         )
     } else {
-        (ctx.load(l3 + 8).ok()?, ctx.load(l3 + 24).ok()?)
+        let (src, dst) = (ctx.load(l3 + 8).ok()?, ctx.load(l3 + 24).ok()?);
+        // An IPv6 packet to an IPv4-mapped address (IPv4 rules are keyed so)
+        // is not for any rule: the stack routes it nowhere.
+        if RuleKey::is_mapped_v4(&dst) {
+            return None;
+        }
+        (src, dst)
     };
     let ports: [u8; 4] = ctx.load(l4).ok()?;
     let flags = ctx.load::<u8>(l4 + 13).unwrap_or(0);
@@ -339,6 +352,7 @@ fn owner(ctx: &TcContext, flow: &Flow, cookies: bool) -> Owner {
         };
         core::mem::size_of::<Tuple6>()
     };
+    set_classify_lookup(true);
     // SAFETY: the helper reads `size` bytes of `tuple` and returns a
     // reference-counted socket or null; every non-null one is released below.
     let sk: *mut bpf_sock = unsafe {
@@ -350,6 +364,7 @@ fn owner(ctx: &TcContext, flow: &Flow, cookies: bool) -> Owner {
             0,
         )
     };
+    set_classify_lookup(false);
     if sk.is_null() {
         return Owner::Nobody;
     }
@@ -374,8 +389,10 @@ fn owner(ctx: &TcContext, flow: &Flow, cookies: bool) -> Owner {
 #[inline(always)]
 fn cookie_ack(ctx: &TcContext, listener: *mut bpf_sock, flow: &Flow) -> bool {
     let ip_len = if flow.v4 { IPV4_HEADER } else { IPV6_HEADER };
-    let (Some(iph), Some(th)) = (packet_at(ctx, flow.l3, ip_len), packet_at(ctx, flow.l4, TCP_HEADER))
-    else {
+    let (Some(iph), Some(th)) = (
+        packet_at(ctx, flow.l3, ip_len),
+        packet_at(ctx, flow.l4, TCP_HEADER),
+    ) else {
         return false;
     };
     // SAFETY: both pointers lie within the packet for the lengths passed

@@ -59,6 +59,26 @@ static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+/// Set on a CPU while `classify` looks up a packet's socket there: the
+/// look-up runs `steer`, whose counters and log are for connections, not
+/// for these look-ups (every packet of a forwarded flow would count).
+#[map]
+static CLASSIFY_LOOKUP: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether `steer` runs inside `classify`'s socket look-up.
+fn in_classify_lookup() -> bool {
+    CLASSIFY_LOOKUP.get(0).is_some_and(|set| *set != 0)
+}
+
+/// Marks (or unmarks) this CPU as running `classify`'s socket look-up.
+fn set_classify_lookup(set: bool) {
+    if let Some(slot) = CLASSIFY_LOOKUP.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; tc and the look-up it makes run on it
+        // without a switch in between.
+        unsafe { *slot = u32::from(set) };
+    }
+}
+
 /// A full-length `RULES` key: port and all 128 address bits.
 const FULL_PREFIX: u32 = RULE_KEY_FIXED_BITS + 128;
 

@@ -29,7 +29,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use l4proxy_common::{Counter, RULE_HALF, RULE_ON_INTERFACES, RuleKey, SOCKET_V4, SOCKET_V6};
 
-use crate::{SOCKETS, count, is_local, on_bridge_port, on_interface, rule_for};
+use crate::{SOCKETS, count, in_classify_lookup, is_local, on_bridge_port, on_interface, rule_for};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -68,9 +68,26 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
     if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
+    // Inside `classify`'s look-up the decision stands (it tells whose the
+    // packet is), but it is not a connection to count or log.
+    let counted = !in_classify_lookup();
+    let count = |counter| {
+        if counted {
+            count(counter);
+        }
+    };
     let (socket, addr) = match family {
         AF_INET => (SOCKET_V4, RuleKey::mapped_v4(ip4.to_ne_bytes())),
-        AF_INET6 => (SOCKET_V6, ip6_bytes(ip6)),
+        AF_INET6 => {
+            let addr = ip6_bytes(ip6);
+            // IPv4 rules are keyed IPv4-mapped: an IPv6 connection to such an
+            // address must not match them.
+            if RuleKey::is_mapped_v4(&addr) {
+                count(Counter::Passed);
+                return SK_PASS;
+            }
+            (SOCKET_V6, addr)
+        }
         _ => return SK_PASS,
     };
 
@@ -101,7 +118,18 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
                 Counter::AssignFailed
             };
             count(counter);
-            log_refused(&ctx, counter, rule.rule_id & !RULE_HALF, family, ip4, addr, port, err);
+            if counted {
+                log_refused(
+                    &ctx,
+                    counter,
+                    rule.rule_id & !RULE_HALF,
+                    family,
+                    ip4,
+                    addr,
+                    port,
+                    err,
+                );
+            }
             SK_DROP
         }
     }
