@@ -430,7 +430,7 @@ pub fn haproxy_choice(maxconn: u64) -> Vec<String> {
         ),
         format!(
             "HAProxy: one `bind` line per thread (`thread 1` … `thread {}`) on each frontend's \
-             address (in every case): a listener per thread that the kernel picks among (SO_REUSEPORT), as \
+             address (in every case but TLS termination, whose note says why): a listener per thread that the kernel picks among (SO_REUSEPORT), as \
              nginx's `reuseport` and l4proxy's per-worker listeners; one shared listener would \
              hand connections between threads.",
             cores()

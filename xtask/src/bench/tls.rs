@@ -1033,44 +1033,23 @@ fn l4proxy_policy(pki: &Pki) -> Value {
     json!({ "intercept": intercept, "upstreams": upstreams })
 }
 
-/// One set of TLS ticket keys for all of HAProxy's `bind` lines, in the
-/// format of its `tls-ticket-keys` (three 80-byte keys, base64, a line
-/// each): each line has a TLS context of its own, with keys of its own
-/// otherwise, and a ticket one thread's listener issued would not resume
-/// on another's (about half of the resumptions failed).
-fn haproxy_ticket_keys() -> anyhow::Result<String> {
-    use base64::Engine;
-    use std::io::Read;
-    let mut random = std::fs::File::open("/dev/urandom")?;
-    let mut keys = String::new();
-    for _ in 0..3 {
-        let mut key = [0u8; 80];
-        random.read_exact(&mut key)?;
-        keys += &base64::engine::general_purpose::STANDARD.encode(key);
-        keys.push('\n');
-    }
-    Ok(keys)
-}
-
 /// HAProxy in TCP mode (the `global` and `defaults` of the other cases):
-/// one frontend per listener, a `bind … ssl crt` per thread (sharing
-/// `tickets`, [`haproxy_ticket_keys`]), to a plain server, or `ssl
-/// verify required` to the TLS one.
-fn haproxy_config(pki: &Pki, maxconn: u64, tickets: &Path) -> String {
+/// one `bind … ssl crt` frontend per listener, to a plain server, or `ssl
+/// verify required` to the TLS one. One `bind` line, not one per thread
+/// as in the other cases: each line has a TLS context of its own, and
+/// with a line per thread HAProxy resumed only about half of the
+/// sessions (two thirds with one `tls-ticket-keys` file for all lines),
+/// where with one it resumes all.
+fn haproxy_config(pki: &Pki, maxconn: u64) -> String {
     let mut config = targets::haproxy_common(maxconn, "");
     for l in Listener::ALL {
         let name = l.name();
         let _ = write!(
             config,
-            "frontend {name}\n{}    default_backend {name}\nbackend {name}\n    server s {}",
-            targets::haproxy_binds(
-                &format!("{HAPROXY_IP}:{}", l.proxy_port()),
-                &format!(
-                    " ssl crt {} tls-ticket-keys {}",
-                    pki.leaf(l.key_type()).combined.display(),
-                    tickets.display()
-                )
-            ),
+            "frontend {name}\n    bind {HAPROXY_IP}:{} ssl crt {}\n    default_backend {name}\n\
+             backend {name}\n    server s {}",
+            l.proxy_port(),
+            pki.leaf(l.key_type()).combined.display(),
             l.upstream()
         );
         if l.upstream_tls() {
@@ -1131,10 +1110,8 @@ impl Peers {
         for ip in [HAPROXY_IP, NGINX_IP] {
             px.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
         }
-        let tickets = dir.join("haproxy-tickets.keys");
-        std::fs::write(&tickets, haproxy_ticket_keys()?)?;
         let config = dir.join("haproxy-tls.cfg");
-        std::fs::write(&config, haproxy_config(pki, bench.maxconn, &tickets))?;
+        std::fs::write(&config, haproxy_config(pki, bench.maxconn))?;
         let haproxy = targets::start_haproxy(
             px,
             "haproxy-tls",
@@ -1565,8 +1542,9 @@ fn markdown(results: &Results, plan: &super::Plan, lab: &str) -> String {
     let _ = write!(
         md,
         "Each path terminates the client's TLS 1.3 and relays in TCP mode: l4proxy (a \
-         `terminate` rule, rustls with ring), HAProxy (a `bind … ssl crt` per thread, sharing \
-         `tls-ticket-keys`, OpenSSL 3.0) and nginx \
+         `terminate` rule, rustls with ring), HAProxy (`bind … ssl crt`, OpenSSL 3.0, one \
+         listener for its threads: with one per thread it resumed only part of the sessions) \
+         and nginx \
          (stream module, `listen … ssl`, two worker processes), in front of the same plain \
          servers ({lab}). The direct path is a TLS server without a proxy: the bench's own \
          rustls server (ring, configured as l4proxy's: its cipher order, tickets and a session \
