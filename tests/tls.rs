@@ -1228,7 +1228,7 @@ fn plain_client_to_tls_upstream() {
     );
 
     // No server name in the policy, none from a plain client: the
-    // connection fails before a byte goes upstream, and says why.
+    // connection fails before any server is connected to, and says why.
     // (l4proxy may accept, fail and reset before connect() has returned
     // here: a reset at connect is fine.)
     if let Ok(mut c) = lab::try_connect(&t.cl, sa(&svc(81)), Duration::from_secs(5)) {
@@ -1247,10 +1247,10 @@ fn plain_client_to_tls_upstream() {
         "no server name: outcome {said:?}: {ev}"
     );
     assert_eq!(level(&ev), "WARN", "{ev}");
-    let report = server.report();
-    assert!(
-        report.received.is_err(),
-        "the TLS server should see no session: {report:?}"
+    assert_eq!(
+        server.accepted(),
+        1,
+        "the TLS server should see only the first connection"
     );
 }
 
@@ -1499,6 +1499,64 @@ fn a_server_whose_tls_fails_is_passed_over_and_observed_down() {
     });
     let why = field_string(&down, "reason");
     assert!(why.contains("certificate"), "{down}");
+}
+
+/// Without `server_name`, the name the upstream's certificate must have is
+/// the client's: a client asking for a name the servers' certificates do
+/// not have fails on any server alike, so it is not the server's failure:
+/// no server is taken down for it, and no other is tried.
+#[test]
+fn a_certificate_refused_for_the_clients_name_takes_no_server_down() {
+    let t = Topo::new("tls_client_name");
+    let pki = Pki::new();
+    let app = app_cert(&pki.front);
+    let inner = inner_cert(&pki);
+    let policy = json!({
+        "intercept": [terminating("web", 443, "pool", json!({ "certificates": [files(&app)] }))],
+        "upstreams": {
+            "pool": { "servers": [TLS_UP, TLS_UP_H2], "observe": { "errors": 1, "down_for": "1m" },
+                      "tls": { "ca": p(&pki.back.cert) } }
+        }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let data = Arc::new(b"hello".to_vec());
+    let _servers: Vec<TlsServer> = [TLS_UP, TLS_UP_H2]
+        .iter()
+        .map(|&at| {
+            TlsServer::start(
+                &t.sv,
+                sa(at),
+                tls_peer::server_config(&inner, &[]),
+                false,
+                Serve::Bulk {
+                    data: data.clone(),
+                    order: Order::Both,
+                },
+            )
+        })
+        .collect();
+    for i in 0..2 {
+        // app.example.test: the servers' certificates are inner.example.test's.
+        let refused = tls_peer::tls_client(
+            &t.cl,
+            sa(&svc(443)),
+            tls_peer::client_config(&pki.front.cert, &[]),
+            "app.example.test",
+            &data,
+            Order::Both,
+        );
+        assert!(refused.is_err(), "client {i}: {refused:?}");
+        let ev = closed(&mut d, i + 1);
+        assert!(
+            outcome(&ev).starts_with("upstream tls failed"),
+            "client {i}: {ev}"
+        );
+    }
+    assert!(
+        !d.events().iter().any(|e| message(e) == Some("server down")),
+        "{}",
+        d.log_text()
+    );
 }
 
 /// An upstream `alpn` list offers a client that negotiated one of its

@@ -35,7 +35,7 @@ use crate::{
     stream::{Stream, TlsInfo},
     tls::Terminators,
     tunnel,
-    upstream::{self, Fallback, Pool},
+    upstream::{self, Fallback, Pool, Unsecured},
 };
 
 /// The policy in force, with what is built from it once. A connection takes
@@ -674,28 +674,46 @@ async fn open(
     let proxy_protocol = upstream_config.proxy_protocol;
     // With TLS to the upstream, the PROXY header (which comes first) and
     // the handshake are part of each attempt: a server whose TLS fails is
-    // counted as failed, and the next one tried.
-    let tls_name = client_name.or_else(|| target_name.clone());
+    // counted as failed, and the next one tried. The name its certificate
+    // must have is settled first: without one, no server is tried.
+    let tls_name = match &pool.origination {
+        Some(origination) => {
+            match tls_server_name(origination, client_name.or_else(|| target_name.clone())) {
+                Ok(name) => Some(name),
+                Err(e) => {
+                    upstream_metrics.failed("tls");
+                    upstream_failed(&mut client, established, false, record).await;
+                    record.end(active, "upstream_tls_failed", Some(&e));
+                    return None;
+                }
+            }
+        }
+        None => None,
+    };
     let tls_alpn = record.tls_inside(hop_tls).map(|tls| tls.alpn.clone());
     let (told, checked) = (&*record, &request.checked);
-    let secure = |mut upstream: Stream, reached: UpstreamAddr| {
-        let (name, alpn) = (tls_name.clone(), tls_alpn.clone());
-        async move {
-            let Some(origination) = &pool.origination else {
-                return Ok(upstream);
-            };
-            if let Some(version) = proxy_protocol {
-                let orig_dst = reached_destination(checked, reached).unwrap_or(told.orig_dst);
-                let bytes = header_bytes(version, told, orig_dst, hop_tls, onward_local)
-                    .map_err(|e| format!("encoding the PROXY header: {e}"))?;
-                upstream
-                    .send(&bytes)
-                    .await
-                    .map_err(|e| format!("sending the PROXY header: {e}"))?;
+    let secure =
+        |mut upstream: Stream, reached: UpstreamAddr| {
+            let (name, alpn) = (tls_name.clone(), tls_alpn.clone());
+            async move {
+                let (Some(origination), Some(name)) = (&pool.origination, name) else {
+                    return Ok(upstream);
+                };
+                if let Some(version) = proxy_protocol {
+                    let orig_dst = reached_destination(checked, reached).unwrap_or(told.orig_dst);
+                    let bytes = header_bytes(version, told, orig_dst, hop_tls, onward_local)
+                        .map_err(|e| Unsecured {
+                            error: format!("encoding the PROXY header: {e}"),
+                            servers_fault: false,
+                        })?;
+                    upstream.send(&bytes).await.map_err(|e| Unsecured {
+                        error: format!("sending the PROXY header: {e}"),
+                        servers_fault: true,
+                    })?;
+                }
+                originate(upstream, origination, name, alpn, shared.connect_timeout).await
             }
-            originate(upstream, origination, name, alpn, shared.connect_timeout).await
-        }
-    };
+        };
     let connecting = Instant::now();
     let connected = match pool
         .connect(&request, &shared.local, shared.connect_timeout, secure)
@@ -765,7 +783,7 @@ async fn open(
         return None;
     }
 
-    // Sent already, before TLS to the upstream.
+    // With TLS to the upstream, the header went in each attempt (`secure`).
     if let Some(version) = proxy_protocol.filter(|_| pool.origination.is_none()) {
         let bytes = match header_bytes(version, record, record.orig_dst, hop_tls, onward_local) {
             Ok(bytes) => bytes,
@@ -778,10 +796,10 @@ async fn open(
                 return None;
             }
         };
-        match (&client, &upstream, &pool.origination) {
+        match (&client, &upstream) {
             // With the client's first bytes in one segment, where no TLS
-            // (to verify first, or to decrypt them) is in the way.
-            (Stream::Tcp(from), Stream::Tcp(to), None) => {
+            // (a terminated client's, or a parent's) is in the way.
+            (Stream::Tcp(from), Stream::Tcp(to)) => {
                 match proxy_header::write(from, to, bytes).await {
                     Ok(taken) => record.from_client = taken,
                     Err(e) => {
@@ -878,35 +896,48 @@ async fn upstream_failed(client: &mut Stream, established: bool, timed_out: bool
     }
 }
 
+/// The name the upstream's certificate must have: `origination`'s, or else
+/// the one the client asked for (`client_name`).
+fn tls_server_name(
+    origination: &upstream::Origination,
+    client_name: Option<String>,
+) -> Result<ServerName<'static>, String> {
+    match (&origination.server_name, client_name) {
+        (Some(name), _) => Ok(name.clone()),
+        (None, Some(name)) => ServerName::try_from(name.clone())
+            .map_err(|e| format!("the client's server name {name:?}: {e}")),
+        (None, None) => Err("no server name: the client gave none and the upstream's \
+                             \"tls\" names none"
+            .to_owned()),
+    }
+}
+
 /// TLS to the upstream over `upstream`, within `deadline`: its certificate
-/// must have `origination`'s server name, or else `client_name` (what the
-/// client asked for). ALPN is the policy's, or else the one the client
-/// negotiated with l4proxy (`client_alpn`: `None` when l4proxy did not end
-/// the client's TLS, or it had none); either way the server must agree to
-/// the client's: relaying a client that speaks h2 to a server that did not
-/// agree to it (one that ignores ALPN, or a policy that offers only
-/// http/1.1) would fail later, inside the protocol, with nothing logged.
+/// must have `name` ([`tls_server_name`]). ALPN is the policy's, or else
+/// the one the client negotiated with l4proxy (`client_alpn`: `None` when
+/// l4proxy did not end the client's TLS, or it had none); either way the
+/// server must agree to the client's: relaying a client that speaks h2 to
+/// a server that did not agree to it (one that ignores ALPN, or a policy
+/// that offers only http/1.1) would fail later, inside the protocol, with
+/// nothing logged. A failure is the server's unless it comes of what the
+/// client asked for: a certificate without the client's name, its ALPN.
 async fn originate(
     upstream: Stream,
     origination: &upstream::Origination,
-    client_name: Option<String>,
+    name: ServerName<'static>,
     client_alpn: Option<Option<String>>,
     deadline: Duration,
-) -> Result<Stream, String> {
+) -> Result<Stream, Unsecured> {
+    let clients = |error: String| Unsecured {
+        error,
+        servers_fault: false,
+    };
     let terminated = client_alpn.is_some();
     let client_alpn = client_alpn.flatten();
-    let name = match (&origination.server_name, client_name) {
-        (Some(name), _) => name.clone(),
-        (None, Some(name)) => ServerName::try_from(name.clone())
-            .map_err(|e| format!("the client's server name {name:?}: {e}"))?,
-        (None, None) => {
-            return Err("no server name: the client gave none and the upstream's \
-                        \"tls\" names none"
-                .to_owned());
-        }
-    };
     let Stream::Tcp(tcp) = upstream else {
-        return Err("TLS inside TLS to a parent proxy is not supported".to_owned());
+        return Err(clients(
+            "TLS inside TLS to a parent proxy is not supported".to_owned(),
+        ));
     };
     // The client's protocol alone, where it has one the policy's list (if
     // any) has: the server must choose it anyway, and offered the whole
@@ -926,8 +957,24 @@ async fn originate(
     };
     let secured = match tokio::time::timeout(deadline, connect).await {
         Ok(Ok(secured)) => secured,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("no TLS handshake within {deadline:?}")),
+        Ok(Err(e)) => {
+            // A certificate refused for a name the client chose says
+            // nothing of the server.
+            let certificate = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+            return Err(Unsecured {
+                error: e.to_string(),
+                servers_fault: origination.server_name.is_some() || !certificate,
+            });
+        }
+        Err(_) => {
+            return Err(Unsecured {
+                error: format!("no TLS handshake within {deadline:?}"),
+                servers_fault: true,
+            });
+        }
     };
     let agreed = secured.get_ref().1.alpn_protocol();
     if !alpn_compatible(
@@ -937,9 +984,9 @@ async fn originate(
     ) {
         let agreed = agreed.map_or("none".into(), String::from_utf8_lossy);
         let client = client_alpn.as_deref().unwrap_or("none");
-        return Err(format!(
+        return Err(clients(format!(
             "the server's ALPN protocol is {agreed}, the client's {client}"
-        ));
+        )));
     }
     Ok(Stream::from(tokio_rustls::TlsStream::Client(secured)))
 }
@@ -1217,10 +1264,6 @@ fn header_kind(decoded: &proxy_protocol::Decoded) -> &'static str {
     }
 }
 
-/// The header sent upstream: the client and where it meant to go, and (v2
-/// only) the ALPN protocol (negotiated with l4proxy, or the one the client
-/// wants most) and the name it asked for, when known, and the connection's
-/// ID.
 /// The PROXY header's bytes for a connection that reached `orig_dst`
 /// (`LOCAL` for one a front proxy sent as its own).
 fn header_bytes(
@@ -1238,6 +1281,10 @@ fn header_bytes(
     proxy_protocol::encode(version, &header)
 }
 
+/// The header sent upstream: the client and where it meant to go
+/// (`orig_dst`), and (v2 only) the ALPN protocol (negotiated with l4proxy,
+/// or the one the client wants most) and the name it asked for, when
+/// known, and the connection's ID.
 fn announce(record: &Record, orig_dst: OrigDstAddr, hop_tls: bool) -> Header {
     let said = record.sniffed.as_deref();
     // Where l4proxy terminated the client's TLS: what its handshake agreed.

@@ -244,6 +244,18 @@ impl ConnectError {
     }
 }
 
+/// Why what [`Pool::connect`]'s `secure` makes over a new connection (TLS
+/// to the server, the PROXY header before it) failed.
+pub struct Unsecured {
+    pub error: String,
+    /// The server's doing (its handshake, its certificate for a name the
+    /// policy gives, a reset): the next server is tried, and `observe`
+    /// counts it. Otherwise it comes of what the client asked for (the
+    /// name the certificate must have, its ALPN protocol) and would be the
+    /// same on every server: nothing is counted, nothing tried again.
+    pub servers_fault: bool,
+}
+
 /// An open upstream connection.
 pub struct Connected {
     pub stream: Stream,
@@ -380,7 +392,7 @@ impl Pool {
         secure: impl Fn(Stream, UpstreamAddr) -> Secured,
     ) -> Result<Connected, ConnectError>
     where
-        Secured: Future<Output = Result<Stream, String>>,
+        Secured: Future<Output = Result<Stream, Unsecured>>,
     {
         let target;
         let via = match &self.target {
@@ -391,7 +403,7 @@ impl Pool {
                         stream,
                         ..connected
                     }),
-                    Err(error) => Err(ConnectError::Secure {
+                    Err(Unsecured { error, .. }) => Err(ConnectError::Secure {
                         upstream: connected.upstream,
                         error,
                     }),
@@ -464,14 +476,20 @@ impl Pool {
                         ..connected
                     });
                 }
-                Err(error) => {
+                Err(Unsecured {
+                    error,
+                    servers_fault,
+                }) => {
                     let failed = ConnectError::Secure {
                         upstream: server.address,
                         error,
                     };
                     // Through a parent, it is the destination's failure
-                    // (the same through every parent), not the parent's.
-                    if via.is_some() {
+                    // (the same through every parent): the parent worked.
+                    if via.is_some() || !servers_fault {
+                        if self.observe.is_some() {
+                            server.state.connect_succeeded();
+                        }
                         return Err(failed);
                     }
                     tracing::debug!(upstream = %server.address, error = %failed, "TLS to the upstream failed");
@@ -1196,7 +1214,7 @@ mod tests {
     }
 
     /// Nothing made over the connection: a pool without `tls`.
-    async fn plain(stream: Stream, _: UpstreamAddr) -> Result<Stream, String> {
+    async fn plain(stream: Stream, _: UpstreamAddr) -> Result<Stream, Unsecured> {
         Ok(stream)
     }
 
@@ -1270,13 +1288,19 @@ mod tests {
         let (bad, good) = (bad.local_addr().unwrap(), good.local_addr().unwrap());
         let pool = pool_of(&[bad, good], r#", "observe": { "errors": 1 }"#, &registry);
         let request = request("192.0.2.7:40000", "192.0.2.10:80", Bind::Proxy);
-        let secure = |stream: Stream, upstream: UpstreamAddr| async move {
-            if upstream.0 == bad {
-                Err("invalid peer certificate: Expired".to_owned())
-            } else {
-                Ok(stream)
+        let failing = |servers_fault| {
+            move |stream: Stream, upstream: UpstreamAddr| async move {
+                if upstream.0 == bad {
+                    Err(Unsecured {
+                        error: "invalid peer certificate: Expired".to_owned(),
+                        servers_fault,
+                    })
+                } else {
+                    Ok(stream)
+                }
             }
         };
+        let secure = failing(true);
         // Round robin starts with one, then the other: one of the two
         // picks the bad server first.
         for _ in 0..2 {
@@ -1300,6 +1324,21 @@ mod tests {
         assert!(failed.secure_failed(), "{failed}");
         assert_eq!(failed.upstream(), Some(UpstreamAddr(bad)));
         assert_eq!(failed.to_string(), "invalid peer certificate: Expired");
+
+        // What the client asked for fails alike everywhere: no other server
+        // is tried, and the server is not counted as failed.
+        let registry = health::Registry::default();
+        let pool = pool_of(&[bad, good], r#", "observe": { "errors": 1 }"#, &registry);
+        let mut failed = Vec::new();
+        for _ in 0..2 {
+            let outcome = pool
+                .connect(&request, &local, Duration::from_secs(1), failing(false))
+                .await;
+            failed.extend(outcome.err().and_then(|e| e.upstream()));
+        }
+        // Round robin picked the bad server first once, and stopped there.
+        assert_eq!(failed, [UpstreamAddr(bad)]);
+        assert!(pool.servers_state().iter().all(|s| s.health.up));
     }
 
     #[tokio::test]
