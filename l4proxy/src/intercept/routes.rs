@@ -274,37 +274,45 @@ pub(super) fn family_of(version: &IpVersion) -> AddressFamily {
 
 /// Removes every route and routing rule marked with [`ROUTE_PROTOCOL`] in
 /// the calling thread's network namespace: what a daemon that died without
-/// cleaning up left behind. Tries every one whatever fails (one left is no
-/// reason to leave the others); returns how many were removed, or the first
-/// error.
+/// cleaning up left behind. Tries every one whatever fails, a listing
+/// too (one left is no reason to leave the others); returns how many were
+/// removed, or the first error.
 pub async fn remove_leftovers() -> Result<usize, RouteError> {
     let handle = connect()?;
-    let mut ours_rules = Vec::new();
+    let mut removed = 0;
+    let mut first_error = None;
+    let mut tally = |count: usize, error: Option<RouteError>| {
+        removed += count;
+        first_error = first_error.take().or(error);
+    };
     for version in ip_versions() {
-        ours_rules.extend(
-            rules(&handle, version.clone())
-                .await?
-                .into_iter()
-                .filter(is_ours),
-        );
+        match rules(&handle, version.clone()).await {
+            Ok(all) => {
+                let ours: Vec<RuleMessage> = all.into_iter().filter(is_ours).collect();
+                let found = ours.len();
+                let (left, error) =
+                    delete_each(ours, async |rule| delete_rule(&handle, rule).await).await;
+                tally(found - left.len(), error);
+            }
+            Err(e) => tally(0, Some(e)),
+        }
     }
-    let mut ours_routes = Vec::new();
     for family in ip_versions().iter().map(family_of) {
-        ours_routes.extend(
-            routes(&handle, family)
-                .await?
-                .into_iter()
-                .filter(|route| route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)),
-        );
+        match routes(&handle, family).await {
+            Ok(all) => {
+                let ours: Vec<RouteMessage> = all
+                    .into_iter()
+                    .filter(|route| route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+                    .collect();
+                let found = ours.len();
+                let (left, error) =
+                    delete_each(ours, async |route| delete_route(&handle, route).await).await;
+                tally(found - left.len(), error);
+            }
+            Err(e) => tally(0, Some(e)),
+        }
     }
-    let found = ours_rules.len() + ours_routes.len();
-    let (_, rules_error) =
-        delete_each(ours_rules, async |rule| delete_rule(&handle, rule).await).await;
-    let (_, routes_error) = delete_each(ours_routes, async |route| {
-        delete_route(&handle, route).await
-    })
-    .await;
-    rules_error.or(routes_error).map_or(Ok(found), Err)
+    first_error.map_or(Ok(removed), Err)
 }
 
 /// Deletes each of `items`, trying all of them whatever fails; returns the
