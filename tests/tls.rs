@@ -317,6 +317,46 @@ fn plain_and_reencrypting(
     (policy, inner)
 }
 
+/// A TLS server on sv at `at` with `cert`, agreeing to `alpn`, that sends
+/// `data` while it reads everything.
+fn bulk_server(
+    t: &Topo,
+    at: &str,
+    cert: &pki::Cert,
+    alpn: &[&str],
+    data: &Arc<Vec<u8>>,
+) -> TlsServer {
+    TlsServer::start(
+        &t.sv,
+        sa(at),
+        tls_peer::server_config(cert, alpn),
+        false,
+        Serve::Bulk {
+            data: data.clone(),
+            order: Order::Both,
+        },
+    )
+}
+
+/// A client of app.example.test on the service port `port`, offering
+/// `alpn`, sending `data` while it reads everything.
+fn app_client(
+    t: &Topo,
+    pki: &Pki,
+    port: u16,
+    alpn: &[&str],
+    data: &[u8],
+) -> Result<tls_peer::ClientRun, String> {
+    tls_peer::tls_client(
+        &t.cl,
+        sa(&svc(port)),
+        tls_peer::client_config(&pki.front.cert, alpn),
+        "app.example.test",
+        data,
+        Order::Both,
+    )
+}
+
 fn terminating(name: &str, port: u16, upstream: &str, terminate: Value) -> Value {
     let mut r = rule(name, port, upstream);
     r["terminate"] = terminate;
@@ -1369,34 +1409,9 @@ fn a_server_that_does_not_agree_to_the_clients_alpn_is_a_tls_failure() {
     });
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let data = Arc::new(b"hello".to_vec());
-    let serve = || Serve::Bulk {
-        data: data.clone(),
-        order: Order::Both,
-    };
-    let ignores = TlsServer::start(
-        &t.sv,
-        sa(TLS_UP),
-        tls_peer::server_config(&inner, &[]),
-        false,
-        serve(),
-    );
-    let agrees = TlsServer::start(
-        &t.sv,
-        sa(TLS_UP_H2),
-        tls_peer::server_config(&inner, &["h2"]),
-        false,
-        serve(),
-    );
-    let client = |port: u16, alpn: &[&str]| {
-        tls_peer::tls_client(
-            &t.cl,
-            sa(&svc(port)),
-            tls_peer::client_config(&pki.front.cert, alpn),
-            "app.example.test",
-            &data,
-            Order::Both,
-        )
-    };
+    let ignores = bulk_server(&t, TLS_UP, &inner, &[], &data);
+    let agrees = bulk_server(&t, TLS_UP_H2, &inner, &["h2"], &data);
+    let client = |port: u16, alpn: &[&str]| app_client(&t, &pki, port, alpn, &data);
 
     let refused = client(443, &["h2"]);
     assert!(
@@ -1456,35 +1471,12 @@ fn a_server_whose_tls_fails_is_passed_over_and_observed_down() {
     });
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let data = Arc::new(b"hello".to_vec());
-    let serve = || Serve::Bulk {
-        data: data.clone(),
-        order: Order::Both,
-    };
     // Another name than inner.example.test, from another CA.
-    let _wrong = TlsServer::start(
-        &t.sv,
-        sa(TLS_UP),
-        tls_peer::server_config(&app, &[]),
-        false,
-        serve(),
-    );
-    let _right = TlsServer::start(
-        &t.sv,
-        sa(TLS_UP_H2),
-        tls_peer::server_config(&inner, &[]),
-        false,
-        serve(),
-    );
+    let _wrong = bulk_server(&t, TLS_UP, &app, &[], &data);
+    let _right = bulk_server(&t, TLS_UP_H2, &inner, &[], &data);
     for i in 0..4 {
-        let run = tls_peer::tls_client(
-            &t.cl,
-            sa(&svc(443)),
-            tls_peer::client_config(&pki.front.cert, &[]),
-            "app.example.test",
-            &data,
-            Order::Both,
-        )
-        .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        let run =
+            app_client(&t, &pki, 443, &[], &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
         assert_eq!(run.received, lab::Received::of(&data), "client {i}");
         let ev = closed_of(&mut d, run.local);
         assert_closed_clean(&ev, "through the right server");
@@ -1520,31 +1512,10 @@ fn a_certificate_refused_for_the_clients_name_takes_no_server_down() {
     });
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let data = Arc::new(b"hello".to_vec());
-    let _servers: Vec<TlsServer> = [TLS_UP, TLS_UP_H2]
-        .iter()
-        .map(|&at| {
-            TlsServer::start(
-                &t.sv,
-                sa(at),
-                tls_peer::server_config(&inner, &[]),
-                false,
-                Serve::Bulk {
-                    data: data.clone(),
-                    order: Order::Both,
-                },
-            )
-        })
-        .collect();
+    let _servers = [TLS_UP, TLS_UP_H2].map(|at| bulk_server(&t, at, &inner, &[], &data));
     for i in 0..2 {
         // app.example.test: the servers' certificates are inner.example.test's.
-        let refused = tls_peer::tls_client(
-            &t.cl,
-            sa(&svc(443)),
-            tls_peer::client_config(&pki.front.cert, &[]),
-            "app.example.test",
-            &data,
-            Order::Both,
-        );
+        let refused = app_client(&t, &pki, 443, &[], &data);
         assert!(refused.is_err(), "client {i}: {refused:?}");
         let ev = closed(&mut d, i + 1);
         assert!(
@@ -1579,25 +1550,9 @@ fn a_policy_alpn_list_offers_the_clients_protocol_alone() {
     });
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let data = Arc::new(b"hello".to_vec());
-    let server = TlsServer::start(
-        &t.sv,
-        sa(TLS_UP),
-        tls_peer::server_config(&inner, &both),
-        false,
-        Serve::Bulk {
-            data: data.clone(),
-            order: Order::Both,
-        },
-    );
-    let run = tls_peer::tls_client(
-        &t.cl,
-        sa(&svc(443)),
-        tls_peer::client_config(&pki.front.cert, &["http/1.1"]),
-        "app.example.test",
-        &data,
-        Order::Both,
-    )
-    .unwrap_or_else(|e| panic!("an http/1.1 client: {e}"));
+    let server = bulk_server(&t, TLS_UP, &inner, &both, &data);
+    let run = app_client(&t, &pki, 443, &["http/1.1"], &data)
+        .unwrap_or_else(|e| panic!("an http/1.1 client: {e}"));
     assert_eq!(run.alpn.as_deref(), Some("http/1.1"));
     assert_eq!(run.received, lab::Received::of(&data));
     assert_eq!(server.report().alpn.as_deref(), Some("http/1.1"));
