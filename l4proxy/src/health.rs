@@ -587,15 +587,22 @@ mod tests {
         policy.upstreams[0].balancing.observe.unwrap()
     }
 
+    /// A registry with the [`OBSERVED`] server's state, and an error that
+    /// observation counts against it.
+    fn observed() -> (SocketAddr, Registry, Arc<ServerState>, io::Error) {
+        let address: SocketAddr = OBSERVED.parse().unwrap();
+        let registry = Registry::default();
+        let state = registry.server("web", address);
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        (address, registry, state, refused)
+    }
+
     /// A reload that removes or changes `observe` tries a server that
     /// observation took down again at once: it would have stayed down for
     /// the old `down_for`.
     #[tokio::test]
     async fn a_reload_that_changes_observe_tries_a_downed_server_again() {
-        let address: SocketAddr = OBSERVED.parse().unwrap();
-        let registry = Registry::default();
-        let state = registry.server("web", address);
-        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let (address, registry, state, refused) = observed();
         for (old, new) in [
             (r#", "observe": { "errors": 1, "down_for": "1h" }"#, ""),
             (
@@ -618,10 +625,7 @@ mod tests {
     /// for an hour.
     #[tokio::test]
     async fn a_timer_ends_only_its_own_time_down() {
-        let address: SocketAddr = OBSERVED.parse().unwrap();
-        let registry = Registry::default();
-        let state = registry.server("web", address);
-        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let (address, registry, state, refused) = observed();
         let short = r#", "observe": { "errors": 1, "down_for": "200ms" }"#;
         let long = r#", "observe": { "errors": 1, "down_for": "1h" }"#;
         registry.update(&policy("web", &[address], short));
