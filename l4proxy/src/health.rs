@@ -148,7 +148,7 @@ impl ServerState {
     /// A relayed connection could not connect to it: `observe.errors` in
     /// a row mark it down. Without checks to bring it back, it is up again
     /// after `observe.down_for`, for connections to try it.
-    pub fn connect_failed(self: &Arc<Self>, observe: &Observe, error: &io::Error) {
+    pub fn connect_failed(self: &Arc<Self>, observe: &Observe, error: &dyn fmt::Display) {
         let errors = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
         if errors < observe.errors {
             return;

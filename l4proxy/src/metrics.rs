@@ -402,8 +402,9 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // What grew since the last scrape; a count that went down started
-        // again, and all of it is new. (A server's counts never do: one a
-        // reload forgot goes on from them when it comes back.)
+        // again, and all of it is new. (A server's counts do not, but for
+        // one forgotten beyond the 4 096 kept: one a reload forgot goes on
+        // from them when it comes back.)
         let mut grown = |key: String, value: u64| {
             let before = seen.insert(key, value).unwrap_or(0);
             value.checked_sub(before).unwrap_or(value)

@@ -681,9 +681,7 @@ async fn open(
             match tls_server_name(origination, client_name.or_else(|| target_name.clone())) {
                 Ok(name) => Some(name),
                 Err(e) => {
-                    upstream_metrics.failed("tls");
-                    upstream_failed(&mut client, established, false, record).await;
-                    record.end(active, "upstream_tls_failed", Some(&e));
+                    tls_failed(&mut client, established, record, active, upstream_id, &e).await;
                     return None;
                 }
             }
@@ -732,9 +730,7 @@ async fn open(
         }
         Err(e) if e.secure_failed() => {
             record.upstream = e.upstream();
-            upstream_metrics.failed("tls");
-            upstream_failed(&mut client, established, false, record).await;
-            record.end(active, "upstream_tls_failed", Some(&e));
+            tls_failed(&mut client, established, record, active, upstream_id, &e).await;
             return None;
         }
         Err(e) => {
@@ -875,6 +871,21 @@ async fn await_first_bytes(client: &TcpStream, upstream: &TcpStream) {
     {
         tracing::debug!(error = %e, "sending the upstream's held handshake ACK");
     }
+}
+
+/// TLS to the upstream failed, or could not start (no name to verify
+/// against): counted, told the client as a failed connect, and logged.
+async fn tls_failed(
+    client: &mut Stream,
+    established: bool,
+    record: &Record,
+    active: &Active,
+    upstream_id: UpstreamId,
+    error: &(dyn std::fmt::Display + Sync),
+) {
+    active.metrics.upstreams[upstream_id.0].failed("tls");
+    upstream_failed(client, established, false, record).await;
+    record.end(active, "upstream_tls_failed", Some(error));
 }
 
 /// Tells the client its upstream could not be reached, as it would have

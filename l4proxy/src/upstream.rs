@@ -223,7 +223,7 @@ impl ConnectError {
 
     /// Whether the failure says nothing of the servers: none was tried
     /// (this host as destination, no server of the client's family), or
-    /// this host ran out of something ([`this_hosts_fault`]).
+    /// the connect could not be made from here ([`this_hosts_fault`]).
     pub fn on_this_host(&self) -> bool {
         match self {
             ConnectError::LocalDestination(_) | ConnectError::NoServerOfFamily { .. } => true,
@@ -494,9 +494,7 @@ impl Pool {
                     }
                     tracing::debug!(upstream = %server.address, error = %failed, "TLS to the upstream failed");
                     if let Some(observe) = &self.observe {
-                        server
-                            .state
-                            .connect_failed(observe, &io::Error::other(failed.to_string()));
+                        server.state.connect_failed(observe, &failed);
                     }
                     last_error = Some(failed);
                 }
@@ -962,10 +960,14 @@ fn set_int_option(
     Ok(())
 }
 
-/// Whether a failed connect says nothing of the server: this host ran out
-/// of descriptors, memory or source ports (one busy client's address has
-/// only so many towards a server), or may not bind or send. Counted against
-/// the server, these would mark a healthy pool down for every client.
+/// Whether a failed connect is not counted against the server by
+/// observation: this host ran out of descriptors, memory or source ports
+/// (one busy client's address has only so many towards a server), or may
+/// not bind or send (`EPERM`, `EACCES`: mostly a bind to the client's
+/// address this host may not make, though a `prohibit` route to one
+/// server gives them too; health checks, which bind nothing, count those).
+/// Counted against the server, these would mark a healthy pool down for
+/// every client.
 fn this_hosts_fault(error: &io::Error) -> bool {
     this_host_ran_out(error) || matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES))
 }

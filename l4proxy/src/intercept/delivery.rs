@@ -22,7 +22,7 @@ use std::{fmt, net::SocketAddr, str::FromStr};
 use rtnetlink::{
     Handle, IpVersion,
     packet_route::{
-        AddressFamily, IpProtocol,
+        IpProtocol,
         route::{RouteAttribute, RouteMessage, RouteProtocol},
         rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange},
     },
@@ -208,14 +208,15 @@ impl Delivery {
     /// The table's routes and the fwmark rules; on an error, what was added
     /// is removed again.
     async fn add_base(&self) -> Result<Base, RouteError> {
-        let wanted = self.base_messages();
+        // Read once: the routes are made for these, and errors name them.
+        let versions = routes::ip_versions();
+        let wanted = self.base_messages(versions);
         let mut base = Base {
             rules: Vec::new(),
             routes: Vec::new(),
         };
         let added = async {
-            let versions = routes::ip_versions().iter();
-            for (version, route) in versions.zip(wanted.routes) {
+            for (version, route) in versions.iter().zip(wanted.routes) {
                 self.handle
                     .route()
                     .add(route.clone())
@@ -245,9 +246,9 @@ impl Delivery {
     }
 
     /// `local default dev lo table TABLE` and `fwmark MARK lookup TABLE`,
-    /// each IP version this host routes ([`routes::ip_versions`]).
-    fn base_messages(&self) -> Base {
-        let versions = routes::ip_versions();
+    /// each of `versions` (the IP versions this host routes,
+    /// [`routes::ip_versions`]).
+    fn base_messages(&self, versions: &[IpVersion]) -> Base {
         let routes = versions
             .iter()
             .map(|version| local_route(default_route(version), self.table))
@@ -279,7 +280,7 @@ impl Delivery {
     /// `servers`; this daemon removes them from now on when unwanted.
     pub fn adopt(&mut self, base: bool, servers: &[SocketAddr]) {
         if base && self.base.is_none() {
-            self.base = Some(self.base_messages());
+            self.base = Some(self.base_messages(routes::ip_versions()));
         }
         for &server in servers {
             if !self.servers.iter().any(|(known, _)| *known == server) {
@@ -366,10 +367,7 @@ fn server_rule(server: SocketAddr, table: u32) -> RuleMessage {
 /// `ip rule add lookup TABLE pref 244 proto 244` (matching on nothing yet).
 fn rule(version: IpVersion, table: u32) -> RuleMessage {
     let mut rule = RuleMessage::default();
-    rule.header.family = match version {
-        IpVersion::V4 => AddressFamily::Inet,
-        IpVersion::V6 => AddressFamily::Inet6,
-    };
+    rule.header.family = routes::family_of(&version);
     rule.header.action = RuleAction::ToTable;
     rule.attributes.extend([
         RuleAttribute::Table(table),
@@ -394,8 +392,9 @@ fn default_route(version: &IpVersion) -> ipnet::IpNet {
 /// own last rule) would mix with ours: refuse to start rather than
 /// misroute.
 async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), DeliveryError> {
+    let versions = routes::ip_versions();
     let mut count = 0;
-    for family in routes::ip_versions().iter().map(routes::family_of) {
+    for family in versions.iter().map(routes::family_of) {
         count += routes::routes(handle, family)
             .await?
             .iter()
@@ -405,7 +404,7 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
     if count > 0 {
         return Err(DeliveryError::TableInUse { table, count });
     }
-    for version in routes::ip_versions() {
+    for version in versions {
         for rule in routes::rules(handle, version.clone()).await? {
             let number =
                 |pick: fn(&RuleAttribute) -> Option<u32>| rule.attributes.iter().find_map(pick);

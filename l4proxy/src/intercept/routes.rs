@@ -285,7 +285,8 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
         removed += count;
         first_error = first_error.take().or(error);
     };
-    for version in ip_versions() {
+    let versions = ip_versions();
+    for version in versions {
         match rules(&handle, version.clone()).await {
             Ok(all) => {
                 let ours: Vec<RuleMessage> = all.into_iter().filter(is_ours).collect();
@@ -297,7 +298,7 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
             Err(e) => tally(0, Some(e)),
         }
     }
-    for family in ip_versions().iter().map(family_of) {
+    for family in versions.iter().map(family_of) {
         match routes(&handle, family).await {
             Ok(all) => {
                 let ours: Vec<RouteMessage> = all
