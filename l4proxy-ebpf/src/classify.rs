@@ -56,8 +56,8 @@ use l4proxy_common::{
 };
 
 use crate::{
-    INTERFACES, SETTINGS, UPSTREAM_SERVERS, count, is_local, on_interface, rule_for,
-    set_classify_lookup,
+    INTERFACES, SETTINGS, UPSTREAM_SERVERS, classify_lookup_flag, count, is_local, on_interface,
+    rule_for,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -352,7 +352,12 @@ fn owner(ctx: &TcContext, flow: &Flow, cookies: bool) -> Owner {
         };
         core::mem::size_of::<Tuple6>()
     };
-    set_classify_lookup(true);
+    let flag = classify_lookup_flag();
+    // SAFETY (both writes): this CPU's slot; tc and the look-up it makes
+    // run on it without a switch in between.
+    if let Some(flag) = flag {
+        unsafe { *flag = 1 };
+    }
     // SAFETY: the helper reads `size` bytes of `tuple` and returns a
     // reference-counted socket or null; every non-null one is released below.
     let sk: *mut bpf_sock = unsafe {
@@ -364,7 +369,9 @@ fn owner(ctx: &TcContext, flow: &Flow, cookies: bool) -> Owner {
             0,
         )
     };
-    set_classify_lookup(false);
+    if let Some(flag) = flag {
+        unsafe { *flag = 0 };
+    }
     if sk.is_null() {
         return Owner::Nobody;
     }

@@ -70,13 +70,10 @@ fn in_classify_lookup() -> bool {
     CLASSIFY_LOOKUP.get(0).is_some_and(|set| *set != 0)
 }
 
-/// Marks (or unmarks) this CPU as running `classify`'s socket look-up.
-fn set_classify_lookup(set: bool) {
-    if let Some(slot) = CLASSIFY_LOOKUP.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; tc and the look-up it makes run on it
-        // without a switch in between.
-        unsafe { *slot = u32::from(set) };
-    }
+/// This CPU's `CLASSIFY_LOOKUP` flag, for `classify` to set around its
+/// look-up (one map access for both writes).
+fn classify_lookup_flag() -> Option<*mut u32> {
+    CLASSIFY_LOOKUP.get_ptr_mut(0)
 }
 
 /// A full-length `RULES` key: port and all 128 address bits.
