@@ -315,9 +315,7 @@ fn inbound_transparent_server_sees_the_bridge_address() {
 
 /// The MAC address of `dev` in `ns`.
 fn mac_of(ns: &Netns, dev: &str) -> String {
-    let out = ns.ip(&["-j", "link", "show", dev]);
-    let links: Value = serde_json::from_str(&out).unwrap();
-    links[0]["address"].as_str().unwrap().to_owned()
+    ns.link(dev)["address"].as_str().unwrap().to_owned()
 }
 
 /// Sends one ICMP echo request from `ns` to `to` (a raw socket: the lab

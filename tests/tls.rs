@@ -1512,7 +1512,7 @@ fn a_certificate_refused_for_the_clients_name_takes_no_server_down() {
     });
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let data = Arc::new(b"hello".to_vec());
-    let _servers = [TLS_UP, TLS_UP_H2].map(|at| bulk_server(&t, at, &inner, &[], &data));
+    let servers = [TLS_UP, TLS_UP_H2].map(|at| bulk_server(&t, at, &inner, &[], &data));
     for i in 0..2 {
         // app.example.test: the servers' certificates are inner.example.test's.
         let refused = app_client(&t, &pki, 443, &[], &data);
@@ -1528,6 +1528,8 @@ fn a_certificate_refused_for_the_clients_name_takes_no_server_down() {
         "{}",
         d.log_text()
     );
+    // Round robin gave each server one client, and none was tried again.
+    assert_eq!(servers.each_ref().map(TlsServer::accepted), [1, 1]);
 }
 
 /// An upstream `alpn` list offers a client that negotiated one of its

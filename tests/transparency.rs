@@ -917,39 +917,40 @@ fn syn_frame(
 #[test]
 fn an_ipv6_syn_to_an_ipv4_mapped_address_matches_no_ipv4_rule() {
     let t = Topo::new("v4_mapped");
-    let mut d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
     let mapped = V4
         .server_b
         .parse::<std::net::Ipv4Addr>()
         .unwrap()
         .to_ipv6_mapped();
-    let frame = syn_frame(
-        mac(&t.px, "to-cl"),
-        mac(&t.cl, "to-px"),
-        None,
-        sock(V6.client, 40_000),
-        SocketAddr::new(mapped.into(), 8080),
-    );
-    send_from_client(&t, &frame);
-    // A positive control: the same SYN to the IPv4 address itself.
-    let frame = syn_frame(
-        mac(&t.px, "to-cl"),
-        mac(&t.cl, "to-px"),
-        None,
-        sock(V4.client, 40_001),
-        sock(V4.server_b, 8080),
-    );
-    send_from_client(&t, &frame);
-    std::thread::sleep(Duration::from_millis(300));
-    d.stop(Duration::from_secs(15));
-    assert_eq!(d.exit_counter("steered"), 1, "{}", d.log_text());
+    // Each SYN to its own daemon, so that the counts tell them apart; the
+    // second is a positive control: the same SYN to the IPv4 address.
+    for (src, dst, steered) in [
+        (
+            sock(V6.client, 40_000),
+            SocketAddr::new(mapped.into(), 8080),
+            0,
+        ),
+        (sock(V4.client, 40_001), sock(V4.server_b, 8080), 1),
+    ] {
+        let mut d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
+        let frame = syn_frame(mac(&t.px, "to-cl"), mac(&t.cl, "to-px"), None, src, dst);
+        send_from_client(&t, &frame);
+        std::thread::sleep(Duration::from_millis(300));
+        d.stop(Duration::from_secs(15));
+        assert_eq!(
+            d.exit_counter("steered"),
+            steered,
+            "{dst}: {}",
+            d.log_text()
+        );
+    }
 }
 
 /// The MAC address of `dev` in `ns`.
 fn mac(ns: &lab::Netns, dev: &str) -> [u8; 6] {
-    let link: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])).unwrap();
-    let text = link[0]["address"].as_str().unwrap().to_owned();
-    let bytes: Vec<u8> = text
+    let bytes: Vec<u8> = ns.link(dev)["address"]
+        .as_str()
+        .unwrap()
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
         .collect();
@@ -958,13 +959,7 @@ fn mac(ns: &lab::Netns, dev: &str) -> [u8; 6] {
 
 /// Sends `frame` out of the client's interface towards px.
 fn send_from_client(t: &Topo, frame: &[u8]) {
-    let index: i32 =
-        t.cl.ip(&["-j", "link", "show", "to-px"])
-            .split("\"ifindex\":")
-            .nth(1)
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap();
+    let index = t.cl.link("to-px")["ifindex"].as_i64().unwrap() as i32;
     t.cl.run(|| send_frame(index, frame)).unwrap();
 }
 
@@ -1274,5 +1269,5 @@ fn an_ipv4_only_host_runs_an_ipv4_policy() {
     );
     drop(c);
     d.stop(Duration::from_secs(10));
-    t.px.assert_nothing_left(&[], &rules_before);
+    t.px.assert_nothing_left(&["to-cl", "to-sv"], &rules_before);
 }

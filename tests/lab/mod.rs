@@ -210,6 +210,13 @@ impl Netns {
         must("ip", &full)
     }
 
+    /// `ip -j link show DEV`: the link's attributes (`address`, `ifindex`, ...).
+    pub fn link(&self, dev: &str) -> serde_json::Value {
+        let links: serde_json::Value =
+            serde_json::from_str(&self.ip(&["-j", "link", "show", dev])).unwrap();
+        links[0].clone()
+    }
+
     /// Sets a sysctl inside the namespace (writes /proc/sys from a thread that
     /// entered it: /proc/sys/net is per network namespace).
     pub fn sysctl(&self, key: &str, value: &str) {
