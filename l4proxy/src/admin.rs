@@ -38,8 +38,9 @@ pub async fn serve(listener: TcpListener, scrape: Scrape, stop: CancellationToke
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if crate::server::after_accept_error(&e, "admin", stop.cancelled()).await {
+                        return;
+                    }
                     continue;
                 }
             },

@@ -152,8 +152,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if crate::server::after_accept_error(&e, "control", stop.cancelled()).await {
+                        return;
+                    }
                     continue;
                 }
             },

@@ -857,14 +857,9 @@ async fn accept_loop(listener: StdListener, acceptor: Acceptor, stop: Cancellati
             () = &mut stopped => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => acceptor.admit(accepted),
-                Err(e) if one_connections(&e) => tracing::debug!(error = %e, "accept failed"),
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    accept_failed(&e);
-                    tokio::select! {
-                        biased;
-                        () = &mut stopped => break,
-                        () = tokio::time::sleep(ACCEPT_BACK_OFF) => {}
+                    if after_accept_error(&e, "proxy", &mut stopped).await {
+                        break;
                     }
                 }
             },
@@ -896,11 +891,13 @@ async fn accept_loop(listener: StdListener, acceptor: Acceptor, stop: Cancellati
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) if one_connections(&e) => tracing::debug!(error = %e, "accept failed"),
+            Err(e) if one_connections(&e) => {
+                tracing::debug!(error = %e, listener = "proxy", "accept failed");
+            }
             // Out of descriptors (connections of the drain end and give
             // theirs back): waited out for a while, then the rest is reset.
             Err(e) if backed_off < DRAIN_BACK_OFF => {
-                accept_failed(&e);
+                accept_failed(&e, "proxy");
                 tokio::time::sleep(ACCEPT_BACK_OFF).await;
                 backed_off += ACCEPT_BACK_OFF;
             }
@@ -944,10 +941,32 @@ fn one_connections(e: &io::Error) -> bool {
 
 /// Logs an accept error that is not one connection's, at most once a
 /// second for the whole daemon.
-fn accept_failed(e: &io::Error) {
+fn accept_failed(e: &io::Error, listener: &'static str) {
     static FAILED: crate::logging::Throttle = crate::logging::Throttle::new(Duration::from_secs(1));
     if let Some(count) = FAILED.event() {
-        tracing::warn!(error = %e, count, "accept failed; backing off");
+        tracing::warn!(error = %e, listener, count, "accept failed; backing off");
+    }
+}
+
+/// What an accept loop (the proxy's, the admin port's, the control
+/// socket's) does after `accept` failed: an error that is one queued
+/// connection's is passed over at once; any other (EMFILE and friends) is
+/// warned of and waited out for [`ACCEPT_BACK_OFF`] instead of spinning,
+/// unless `stopped` comes first. Returns whether it did.
+pub(crate) async fn after_accept_error(
+    e: &io::Error,
+    listener: &'static str,
+    stopped: impl Future<Output = ()>,
+) -> bool {
+    if one_connections(e) {
+        tracing::debug!(error = %e, listener, "accept failed");
+        return false;
+    }
+    accept_failed(e, listener);
+    tokio::select! {
+        biased;
+        () = stopped => true,
+        () = tokio::time::sleep(ACCEPT_BACK_OFF) => false,
     }
 }
 
