@@ -835,7 +835,10 @@ pub(crate) async fn connect_one(
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    set_keepalive(&SockRef::from(&socket), keepalive)?;
+    // A new socket has no keepalive: one system call less when it stays so.
+    if keepalive != Keepalive::Off {
+        set_keepalive(&SockRef::from(&socket), keepalive)?;
+    }
     socket.set_tcp_nodelay(true)?;
     if hold_ack {
         hold_handshake_ack(&socket)?;
@@ -1420,6 +1423,35 @@ mod tests {
         let mut got = [0u8; 8];
         assert_eq!(server.try_read(&mut got).unwrap(), 5);
         assert!(SockRef::from(&held).tcp_quickack().unwrap());
+    }
+
+    /// Off is the new socket's own state (no `setsockopt` for it); probes
+    /// are set as asked.
+    #[tokio::test]
+    async fn an_upstream_connection_has_the_keepalive_asked_for() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = UpstreamAddr(listener.local_addr().unwrap());
+        let off = connect_one(to, Source::Kernel, Keepalive::Off, false)
+            .await
+            .unwrap();
+        assert!(!SockRef::from(&off).keepalive().unwrap());
+        let probe = Keepalive::Probe {
+            idle: 30,
+            interval: 5,
+            count: 3,
+        };
+        let probing = connect_one(to, Source::Kernel, probe, false).await.unwrap();
+        let socket = SockRef::from(&probing);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
     }
 
     #[tokio::test]
