@@ -186,8 +186,8 @@ fn curl_reaches_tls_servers_by_name_and_by_address() {
 
 /// What the proxy refuses, by status, with the server never seeing a
 /// connection: reserved addresses (also behind a name), a port not
-/// allowed, another method, an oversized head; and what it cannot do:
-/// an unknown name, a refused port, a silent address.
+/// allowed, another method, an oversized head, two Host fields; and what
+/// it cannot do: an unknown name, a refused port, a silent address.
 #[test]
 fn denials_and_failures_are_answered_by_status() {
     let mut lab = ConnectLab::start("connect_deny");
@@ -240,6 +240,15 @@ fn denials_and_failures_are_answered_by_status() {
             "is not CONNECT",
         ),
         (oversized, "400", "bad CONNECT request"),
+        // Two Host fields: a head another parser on the way may read
+        // otherwise (its target is one the rule allows).
+        (
+            b"CONNECT app.example.test:443 HTTP/1.1\r\nHost: app.example.test:443\r\n\
+              Host: other.example.test:443\r\n\r\n"
+                .to_vec(),
+            "400",
+            "more than one Host field",
+        ),
         (
             connect_head("missing.example.test:443"),
             "502",

@@ -312,12 +312,20 @@ const LINK_LOCAL: [IpNet; 2] = [
     )),
 ];
 
-/// Cloud metadata services outside link-local: AWS's IPv6 endpoint
-/// (fd00:ec2::254) and Alibaba Cloud's (100.100.100.200). A tunnel from a
-/// proxy on the instance would hand its credentials to any client.
-const METADATA: [IpAddr; 2] = [
+/// Cloud services outside link-local that hand out an instance's
+/// credentials or configuration to whoever asks from it: AWS's IPv6
+/// metadata endpoint and its EKS Pod Identity agent, Google Cloud's IPv6
+/// metadata endpoint, Scaleway's, Alibaba Cloud's, Oracle Cloud Classic's
+/// and Azure's WireServer. A tunnel from a proxy on the instance would hand
+/// them to any client.
+const METADATA: [IpAddr; 7] = [
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+    IpAddr::V6(Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0x42, 0, 0, 0, 0, 0, 0x42)),
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(Ipv4Addr::new(192, 0, 0, 192)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
 ];
 
 /// Whether a tunnel may go to `ip`, and why not.
@@ -623,7 +631,13 @@ mod tests {
             ("169.254.169.254", Err("link-local")),
             ("fe80::1", Err("link-local")),
             ("fd00:ec2::254", Err("a cloud metadata service")),
+            ("fd00:ec2::23", Err("a cloud metadata service")),
+            ("fd20:ce::254", Err("a cloud metadata service")),
+            ("fd00:42::42", Err("a cloud metadata service")),
             ("100.100.100.200", Err("a cloud metadata service")),
+            ("192.0.0.192", Err("a cloud metadata service")),
+            ("168.63.129.16", Err("a cloud metadata service")),
+            ("fd20:ce::253", Ok(())),
             ("100.100.100.201", Ok(())),
             ("0.0.0.0", Err("not a unicast address")),
             ("224.0.0.1", Err("not a unicast address")),

@@ -33,8 +33,12 @@
 //! - An IPv6 literal is kept as written, IPv4-mapped ones included: the caller
 //!   canonicalises.
 //! - Only Proxy-Authorization is kept: one at most, ASCII, surrounding
-//!   whitespace trimmed. Other fields, Host included (the target is what
-//!   counts), are checked for syntax and ignored.
+//!   whitespace trimmed. Other fields are checked for syntax and ignored.
+//! - Host is ignored too (the target is what counts), but one at most, and
+//!   `host[:port]` (RFC 9112 §3.2): a second one or a malformed one is a
+//!   head another HTTP parser on the way may read otherwise. A missing Host
+//!   is accepted, as Squid accepts it on CONNECT: its authority is the
+//!   target.
 
 #![forbid(unsafe_code)]
 
@@ -152,6 +156,10 @@ pub enum HeadError {
     BadHeaderLine(#[from] HeaderLineError),
     #[error("more than one Proxy-Authorization field")]
     DuplicateProxyAuthorization,
+    #[error("more than one Host field")]
+    DuplicateHost,
+    #[error("Host value is not host[:port]")]
+    BadHost,
     #[error("Proxy-Authorization value is not ASCII")]
     NonAsciiProxyAuthorization,
 }
@@ -267,6 +275,8 @@ struct HeadParser {
     target: Option<Target>,
     minor_version: u8,
     proxy_authorization: Option<String>,
+    /// A Host field was seen.
+    host: bool,
 }
 
 impl HeadParser {
@@ -394,6 +404,15 @@ impl HeadParser {
 
     /// A complete header field.
     fn field(&mut self, name: &[u8], value: &[u8]) -> Result<(), HeadError> {
+        if name.eq_ignore_ascii_case(b"host") {
+            if std::mem::replace(&mut self.host, true) {
+                return Err(HeadError::DuplicateHost);
+            }
+            if !is_host_value(value.trim_ascii()) {
+                return Err(HeadError::BadHost);
+            }
+            return Ok(());
+        }
         if !name.eq_ignore_ascii_case(b"proxy-authorization") {
             return Ok(());
         }
@@ -413,6 +432,24 @@ impl HeadParser {
     /// Only meaningful once the method has ended.
     fn is_connect(&self, window: &[u8]) -> bool {
         &window[..self.method_end] == CONNECT
+    }
+}
+
+/// Whether a Host value is `uri-host [ ":" port ]` (RFC 9110 §7.2): a host
+/// name or IPv4 address as targets take them, or a bracketed IPv6 address,
+/// and a port of digits (possibly none).
+fn is_host_value(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        // A colon inside brackets is the IPv6 address's own.
+        Some(colon) if !value[colon..].contains(&b']') => (&value[..colon], &value[colon + 1..]),
+        _ => (value, &b""[..]),
+    };
+    if !port.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    match host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
+        Some(ipv6) => std::str::from_utf8(ipv6).is_ok_and(|a| a.parse::<Ipv6Addr>().is_ok()),
+        None => normalize_host_name(host).is_some(),
     }
 }
 
@@ -1164,6 +1201,41 @@ mod tests {
               proxy-authorization: Basic dTpw\r\n",
             HeadError::DuplicateProxyAuthorization,
         );
+    }
+
+    #[test]
+    fn one_well_formed_host_at_most() {
+        for host in [
+            "a.example:443",
+            "A.Example",
+            "a.example:",
+            "192.0.2.7:443",
+            "[2001:db8::1]:443",
+            "[2001:db8::1]",
+        ] {
+            accepted(&format!("CONNECT a:1 HTTP/1.1\r\nHost: {host} \r\n\r\n"));
+        }
+        // None: the target is the authority.
+        accepted("CONNECT a:1 HTTP/1.1\r\n\r\n");
+        refused_at_last_byte(
+            b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\nX: y\r\nhost: a:1\r\n",
+            HeadError::DuplicateHost,
+        );
+        for bad in [
+            "",
+            "a.example:44x",
+            "user@a.example",
+            "a.example/path",
+            "a..example",
+            "[2001:db8::1",
+            "2001:db8::1",
+            "[a.example]:443",
+        ] {
+            refused_at_last_byte(
+                format!("CONNECT a:1 HTTP/1.1\r\nHost: {bad}\r\n").as_bytes(),
+                HeadError::BadHost,
+            );
+        }
     }
 
     #[test]
