@@ -132,14 +132,16 @@ fn less_loaded(a: &Slot, b: &Slot) -> bool {
 }
 
 /// The fewest connections per unit of weight; among equals, the first
-/// from `start` on (taken modulo the pool).
+/// from the `start`th candidate on (taken modulo the candidates, so that
+/// each of them takes its turn: a server that cannot be chosen, down, a
+/// backup or tried, passes its turn to none of them).
 fn least_connections(slots: &[Slot], start: usize) -> Option<usize> {
-    let n = slots.len();
-    let from = if n == 0 { 0 } else { start % n };
+    let count = candidates(slots).count();
     let mut best: Option<usize> = None;
     for k in candidates(slots)
-        .filter(|&k| k >= from)
-        .chain(candidates(slots).filter(|&k| k < from))
+        .cycle()
+        .skip(start.checked_rem(count)?)
+        .take(count)
     {
         if best.is_none_or(|b| less_loaded(&slots[k], &slots[b])) {
             best = Some(k);
@@ -322,6 +324,21 @@ mod tests {
         let slots = pool(&[1, 1, 1]);
         let picker = Picker::new(Balance::LeastConnections, slots.len(), 0);
         assert_eq!(counts(&picker, &slots, 300), [100, 100, 100]);
+    }
+
+    /// Servers that cannot be chosen (a backup, a down one) do not give
+    /// their turns to the candidate after them.
+    #[test]
+    fn least_connections_rotates_among_the_candidates_only() {
+        let mut slots = pool(&[1, 1, 1]);
+        slots[2].backup = true;
+        let picker = Picker::new(Balance::LeastConnections, slots.len(), 0);
+        assert_eq!(counts(&picker, &slots, 300), [150, 150, 0]);
+        let mut slots = pool(&[1, 1, 1, 1]);
+        slots[1].up = false;
+        slots[2].up = false;
+        let picker = Picker::new(Balance::LeastConnections, slots.len(), 0);
+        assert_eq!(counts(&picker, &slots, 300), [150, 0, 0, 150]);
     }
 
     #[test]
