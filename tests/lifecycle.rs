@@ -115,8 +115,9 @@ fn sigkill_cleans_up() {
 }
 
 /// A connection open at SIGTERM keeps flowing both ways; no new connection is
-/// taken; the daemon exits 0 once the last connection closes, well before the
-/// grace period ends.
+/// taken; `status` and `reload` are answered that the daemon stops; the
+/// daemon exits 0 once the last connection closes, well before the grace
+/// period ends.
 #[test]
 fn sigterm_grace_period() {
     const GRACE_SECS: u64 = 30;
@@ -173,6 +174,23 @@ fn sigterm_grace_period() {
         d.try_exit().is_none(),
         "daemon exited while a connection was still open (the l4proxy log is printed below)",
     );
+
+    // Asked meanwhile, it says at once why it does nothing.
+    for (ask, told) in [("status", "l4proxy status"), ("reload", "l4proxy reload")] {
+        let asked = Instant::now();
+        let out = lab::daemon::command(&t.px, &[ask], Duration::from_secs(20));
+        assert!(
+            out.status.is_some_and(|s| s.code() == Some(1))
+                && out.stderr.contains(told)
+                && out.stderr.contains("the daemon is stopping"),
+            "{ask} while draining: {out:?}"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "{ask} while draining took {:?}",
+            asked.elapsed()
+        );
+    }
 
     // The client closes; the daemon exits 0 soon after, not at the grace end.
     c.shutdown(Shutdown::Write).unwrap();

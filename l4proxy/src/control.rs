@@ -140,7 +140,8 @@ pub fn connect() -> Result<std::os::unix::net::UnixStream, String> {
 
 /// Answers clients on `listener` until `stop`, each in a task of
 /// `answers` (the daemon waits for them before it exits: an `upgrade` is
-/// answered as the daemon hands over).
+/// answered as the daemon hands over). Once `requests` is closed, what
+/// goes to the main loop is answered that the daemon is stopping.
 pub async fn serve(
     listener: UnixListener,
     requests: Requests,
@@ -212,8 +213,13 @@ async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
         "takeover" => {
             // Answered by the main loop, on this connection.
             let (tx, _) = oneshot::channel();
-            let _ = requests.send((Request::Takeover(stream), tx)).await;
-            return Ok(());
+            return match requests.send((Request::Takeover(stream), tx)).await {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::SendError((Request::Takeover(mut stream), _))) => {
+                    reply(&mut stream, &stopping()).await
+                }
+                Err(_) => Ok(()),
+            };
         }
         other => {
             let error = format!("unknown request {other:?}: status, reload, upgrade or pid");
@@ -229,9 +235,16 @@ async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
         Ok(()) => rx.await.ok(),
         Err(_) => None,
     };
-    let answer =
-        answer.unwrap_or_else(|| serde_json::json!({ "ok": false, "error": "shutting down" }));
-    reply(&mut stream, &answer).await
+    reply(&mut stream, &answer.unwrap_or_else(stopping)).await
+}
+
+/// The answer once the main loop takes no more requests: the daemon stops
+/// (it drains its connections) or has handed over to a successor.
+fn stopping() -> serde_json::Value {
+    serde_json::json!({
+        "ok": false,
+        "error": "the daemon is stopping: it drains its connections and takes no requests",
+    })
 }
 
 async fn reply(stream: &mut UnixStream, answer: &serde_json::Value) -> io::Result<()> {

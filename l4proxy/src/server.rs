@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -243,6 +243,7 @@ pub async fn run(
         limit: Limit::new(settings.max_connections),
         tracker: TaskTracker::new(),
         stop: CancellationToken::new(),
+        handed_over: Arc::new(AtomicBool::new(false)),
         workers,
     };
     metrics.in_force();
@@ -292,10 +293,14 @@ pub async fn run(
         admin.map(|listener| tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone())));
     let (ask, mut requests) = tokio::sync::mpsc::channel(4);
     let answers = TaskTracker::new();
+    // Through the drain after a stop, so that a client asking then hears
+    // why nothing is done (the name stays bound, by our copy, until we
+    // exit: a client would otherwise wait in its queue).
+    let control_stop = CancellationToken::new();
     tokio::spawn(control::serve(
         control_listener,
         ask,
-        accepting.stop.clone(),
+        control_stop.clone(),
         answers.clone(),
     ));
     tracing::info!(
@@ -406,6 +411,12 @@ pub async fn run(
         }
     };
 
+    // Requests waiting for the main loop, and those to come, are answered
+    // that the daemon stops; after a handover the successor answers.
+    drop(requests);
+    if successor.is_some() {
+        control_stop.cancel();
+    }
     // Nobody answers scrapes any more: the admin port closes (its accept
     // loop ended, then this copy, the last) and a scrape waiting for an
     // answer fails, rather than both hanging through the drain. A
@@ -422,6 +433,10 @@ pub async fn run(
     if let Err(e) = installation.drain() {
         tracing::error!(error = %e, "detaching steer for the drain; new connections to the steered addresses are dropped (no listener) until the daemon exits");
     }
+    // A successor accepts on the same queues: what waits there is its.
+    accepting
+        .handed_over
+        .store(successor.is_some(), Ordering::Relaxed);
     accepting.stop.cancel();
     accepting.tracker.close();
     installation.close_listeners();
@@ -479,6 +494,7 @@ pub async fn run(
     installation.remove().await?;
     // Answers under way go out first: an `upgrade` is answered as this
     // daemon hands over, which it may finish at once.
+    control_stop.cancel();
     answers.close();
     if tokio::time::timeout(ANSWERS_GRACE, answers.wait())
         .await
@@ -689,6 +705,8 @@ struct Accepting<'a> {
     limit: Limit,
     tracker: TaskTracker,
     stop: CancellationToken,
+    /// Set before `stop` when a successor took over.
+    handed_over: Arc<AtomicBool>,
     workers: &'a Workers,
 }
 
@@ -755,6 +773,7 @@ impl Accepting<'_> {
                     shutdown: self.shared.shutdown.child_token(),
                 },
                 stop,
+                self.handed_over.clone(),
             ),
             self.workers.handle(worker),
         );
@@ -836,8 +855,14 @@ impl Acceptor {
 }
 
 /// Accepts on `listener` until stopped; runs on a worker, which serves the
-/// connections it accepts.
-async fn accept_loop(listener: StdListener, acceptor: Acceptor, stop: CancellationToken) {
+/// connections it accepts. Then it reads the rest of the queue, unless
+/// `handed_over` says a successor holds the queue too.
+async fn accept_loop(
+    listener: StdListener,
+    acceptor: Acceptor,
+    stop: CancellationToken,
+    handed_over: Arc<AtomicBool>,
+) {
     // Registered with this worker's runtime.
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -864,6 +889,13 @@ async fn accept_loop(listener: StdListener, acceptor: Acceptor, stop: Cancellati
                 }
             },
         }
+    }
+    // A successor accepts on the same sockets, and its `steer` goes on
+    // filling their queues: a connection taken from them now would be
+    // served under this daemon's policy (or closed, if only the
+    // successor's has its rule) and cut at the end of its grace period.
+    if handed_over.load(Ordering::Relaxed) {
+        return;
     }
     // Clients whose handshakes completed before the stop are served, not
     // reset when the listener closes: nothing new is steered here now, and
