@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use lab::daemon::{Stray, command, field, message};
-use lab::{Daemon, Netns, Topo, sa};
+use lab::{Daemon, Netns, Server, Topo, handlers, sa};
 use serde_json::{Value, json};
 
 /// The service 192.0.2.0/24 port 80, relayed to the server's echo.
@@ -328,13 +328,14 @@ struct Step {
 /// Starts a daemon with `first`, then takes over three times (the same
 /// binary and policy; the same binary with `changed`, whose new way in
 /// `adds` is checked; a second build, copied into `dir`, with `changed`)
-/// while clients come `via` at a steady rate: no connection fails, each stream opened
-/// before a takeover finishes byte-exact on the old daemon, and the last
-/// daemon serves alone with its routes. Returns it.
+/// while clients come `via` (and `also`, if given) at a steady rate: no
+/// connection fails, each stream opened before a takeover finishes
+/// byte-exact on the old daemon, and the last daemon serves alone with its
+/// routes. Returns it.
 fn takeovers_under_load(
     t: &Topo,
     (first, changed): (&Value, &Value),
-    via: Via,
+    (via, also): (Via, Option<Via>),
     adds: Via,
     dir: &lab::TempDir,
 ) -> Daemon {
@@ -357,7 +358,10 @@ fn takeovers_under_load(
     ];
     let grace = ["--grace-period", "30"];
     let mut old = Daemon::start_ready(&t.px, first, &grace);
-    let load = Load::start(&t.cl, via);
+    let loads: Vec<Load> = std::iter::once(via)
+        .chain(also)
+        .map(|via| Load::start(&t.cl, via))
+        .collect();
     std::thread::sleep(Duration::from_secs(1));
     for (n, step) in steps.into_iter().enumerate() {
         let long = LongStream::open(&t.cl, via);
@@ -377,25 +381,27 @@ fn takeovers_under_load(
         std::thread::sleep(Duration::from_secs(1));
         old = new;
     }
-    let tally = load.finish();
-    assert!(
-        tally.failures.is_empty(),
-        "{} of {} connections failed through the takeovers, first: {:?}",
-        tally.failures.len(),
-        tally.ok + tally.failures.len(),
-        &tally.failures[..tally.failures.len().min(5)]
-    );
-    let rate = tally.ok as f64 / tally.ran.as_secs_f64();
-    assert!(
-        tally.ok >= 1000 && rate >= 200.0,
-        "only {} connections in {:?} ({rate:.0}/s): the load did not run at its rate",
-        tally.ok,
-        tally.ran
-    );
-    eprintln!(
-        "load: {} connections in {:?} ({rate:.0}/s), none failed",
-        tally.ok, tally.ran
-    );
+    for (load, via) in loads.into_iter().zip(std::iter::once(via).chain(also)) {
+        let tally = load.finish();
+        assert!(
+            tally.failures.is_empty(),
+            "via {via:?}: {} of {} connections failed through the takeovers, first: {:?}",
+            tally.failures.len(),
+            tally.ok + tally.failures.len(),
+            &tally.failures[..tally.failures.len().min(5)]
+        );
+        let rate = tally.ok as f64 / tally.ran.as_secs_f64();
+        assert!(
+            tally.ok >= 1000 && rate >= 200.0,
+            "via {via:?}: only {} connections in {:?} ({rate:.0}/s): the load did not run at its rate",
+            tally.ok,
+            tally.ran
+        );
+        eprintln!(
+            "load via {via:?}: {} connections in {:?} ({rate:.0}/s), none failed",
+            tally.ok, tally.ran
+        );
+    }
     exchange(&t.cl, via, "after\n").expect("served after every takeover");
     old
 }
@@ -409,7 +415,7 @@ fn steered_takeovers_under_load_lose_no_connection() {
     let adds = Via::Steered(sa("[2001:db8:a::10]:81"));
     let dir = lab::TempDir::new("takeover-build");
     let policies = (&policy(), &changed_policy());
-    let mut last = takeovers_under_load(&t, policies, via, adds, &dir);
+    let mut last = takeovers_under_load(&t, policies, (via, None), adds, &dir);
     let routes = t.px.proxy_routes();
     assert!(
         routes.iter().any(|r| r.contains("192.0.2.0/24")),
@@ -422,10 +428,18 @@ fn steered_takeovers_under_load_lose_no_connection() {
 
 /// A fully transparent gateway (`interfaces`, `bind: client`): the tc
 /// programs of both daemons and the fwmark routing they share keep every
-/// connection's packets flowing through three takeovers.
+/// connection's packets flowing through three takeovers. Also those to
+/// port 81, which the first policy leaves to the server's own answer there
+/// and the changed one intercepts: none of them is lost while both daemons
+/// run.
 #[test]
 fn gateway_takeovers_under_load_lose_no_connection() {
     let (t, _srv) = Topo::with_echo("takeover-gw", "203.0.113.2:8080", "upstream");
+    let _direct = Server::start(
+        &t.sv,
+        sa("203.0.113.3:81"),
+        handlers::hello_echo("upstream"),
+    );
     let gateway = |ports: Value| {
         json!({
             "intercept": [
@@ -438,7 +452,7 @@ fn gateway_takeovers_under_load_lose_no_connection() {
     let adds = Via::Steered(sa("203.0.113.3:81"));
     let dir = lab::TempDir::new("takeover-gw-build");
     let policies = (&gateway(json!([80])), &gateway(json!([80, 81])));
-    let mut last = takeovers_under_load(&t, policies, via, adds, &dir);
+    let mut last = takeovers_under_load(&t, policies, (via, Some(adds)), adds, &dir);
     let rules = t.px.proxy_rules();
     assert!(
         rules.iter().any(|r| r.contains("fwmark")),
@@ -764,7 +778,7 @@ fn connect_takeovers_under_load_lose_no_connection() {
     };
     let (via, adds) = (tunnel("198.51.100.1:3128"), tunnel("198.51.100.1:3129"));
     let dir = lab::TempDir::new("takeover-connect-build");
-    let mut last = takeovers_under_load(&t, (&first, &changed), via, adds, &dir);
+    let mut last = takeovers_under_load(&t, (&first, &changed), (via, None), adds, &dir);
     stop_last(&mut last, &t.px);
 }
 

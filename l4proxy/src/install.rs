@@ -119,6 +119,9 @@ pub struct Installation {
     local: Arc<LocalAddrs>,
     /// `steer` is attached once the first policy is in.
     attached: bool,
+    /// A successor's programs wait for its predecessor to stop accepting
+    /// ([`Installation::hold_programs`]).
+    held: bool,
     /// The policy in force.
     current: Option<Generation>,
     /// Policies a reload replaced whose connections may still be open: what
@@ -215,6 +218,7 @@ impl Installation {
             delivery: Delivery::new(mark, routing_table)?,
             local,
             attached: false,
+            held: false,
             current: None,
             older: Vec::new(),
             metrics,
@@ -394,10 +398,7 @@ impl Installation {
         let gateway = generations
             .iter()
             .any(|g| g.active.policy.rules.iter().any(InterceptRule::is_gateway));
-        let classify = with_older_interfaces(
-            &current.needs.classify,
-            self.older.iter().map(|g| g.needs.classify.as_slice()),
-        );
+        let classify = self.classify_plan();
         let compiled = current.rules.clone();
         let upstream_servers = upstream_servers(&current.active.policy);
         let retaining = !self.older.is_empty();
@@ -418,11 +419,9 @@ impl Installation {
         let routed = self.local_routes.finish(adding).await;
         written?;
         routed?;
-        if !self.attached {
-            self.interceptor.attach()?;
-            self.attached = true;
+        if !self.held {
+            self.run_programs(&classify)?;
         }
-        self.interceptor.finish_classify(&classify)?;
         tracing::info!(
             kernel_entries = self.interceptor.rule_entries(),
             routes = self.local_routes.added().len(),
@@ -432,6 +431,44 @@ impl Installation {
             "kernel state set"
         );
         Ok(())
+    }
+
+    /// Where `classify` runs: the current policy's interfaces, and those
+    /// of replaced policies still serving.
+    fn classify_plan(&self) -> Vec<ClassifyPlan> {
+        match &self.current {
+            Some(current) => with_older_interfaces(
+                &current.needs.classify,
+                self.older.iter().map(|g| g.needs.classify.as_slice()),
+            ),
+            None => Vec::new(),
+        }
+    }
+
+    /// `steer` attached (once), and `classify` moved to `classify`.
+    fn run_programs(&mut self, classify: &[ClassifyPlan]) -> Result<(), InstallError> {
+        if !self.attached {
+            self.interceptor.attach()?;
+            self.attached = true;
+        }
+        Ok(self.interceptor.finish_classify(classify)?)
+    }
+
+    /// A successor's policy goes into its maps, its routes and listeners
+    /// are set up, but its programs are attached only by
+    /// [`Installation::run_held_programs`], once its predecessor has
+    /// stopped accepting: until then that daemon takes the connections its
+    /// own programs steer, and would close one that only this policy has a
+    /// rule for.
+    pub fn hold_programs(&mut self) {
+        self.held = true;
+    }
+
+    /// Attaches what [`Installation::hold_programs`] held back.
+    pub fn run_held_programs(&mut self) -> Result<(), InstallError> {
+        self.held = false;
+        let classify = self.classify_plan();
+        self.run_programs(&classify)
     }
 
     /// A reuseport group of listeners, one per worker, per family the

@@ -193,6 +193,7 @@ pub async fn run(
     if predecessor.is_some() {
         installation.adopt_routing(handed_routing);
         installation.adopt_listeners(handed_steered)?;
+        installation.hold_programs();
     }
     let mut explicit = ExplicitListeners::new(workers.count());
     explicit.adopt(handed_connect);
@@ -283,11 +284,22 @@ pub async fn run(
     if predecessor.is_some() {
         arm(guard);
     }
+    // Our programs run only now: until the predecessor stopped accepting,
+    // it took what they steered. Its own steer on meanwhile.
+    let running = match &predecessor {
+        Some(_) => installation.run_held_programs().inspect_err(|e| {
+            tracing::error!(error = %e, "takeover: attaching our programs; the predecessor's steer until it exits, then nothing");
+        }),
+        None => Ok(()),
+    };
     // Accepting only now: until the predecessor has stopped, the queues
     // are its, and a failed takeover took nothing from them.
     steered.extend(new_listeners);
     let listeners = accepting.start(steered);
     accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
+    if let (Some(predecessor), Ok(())) = (&mut predecessor, running) {
+        predecessor.attached().await;
+    }
     let (scrape, mut scrapes) = tokio::sync::mpsc::channel(4);
     let admin_loop =
         admin.map(|listener| tokio::spawn(admin::serve(listener, scrape, accepting.stop.clone())));
@@ -430,7 +442,10 @@ pub async fn run(
     // A failure here must not end the daemon at once: its open connections
     // get their grace period, and after a takeover its exit path keeps its
     // guard from removing what is the successor's now.
-    if let Err(e) = installation.drain() {
+    // After a handover, our programs steer on until the successor's run.
+    if successor.is_none()
+        && let Err(e) = installation.drain()
+    {
         tracing::error!(error = %e, "detaching steer for the drain; new connections to the steered addresses are dropped (no listener) until the daemon exits");
     }
     // A successor accepts on the same queues: what waits there is its.
@@ -461,10 +476,13 @@ pub async fn run(
                 successor = pid,
                 "handed over: the successor takes new connections"
             );
-            (
-                Ended::HandedOver { successor: pid },
-                Some(successor.confirm().await),
-            )
+            let mut handed_over = successor.confirm().await;
+            if handed_over.attached().await
+                && let Err(e) = installation.drain()
+            {
+                tracing::error!(error = %e, "detaching steer after the handover: it steers on into the successor's listeners until we exit");
+            }
+            (Ended::HandedOver { successor: pid }, Some(handed_over))
         }
         None => (Ended::Stopped, None),
     };

@@ -48,6 +48,9 @@ use crate::{
 /// the predecessor's `draining`.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAINING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a predecessor that said `draining` keeps its programs attached
+/// for a successor that does not say it attached its own.
+const ATTACHED_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a successor has to read the offer: the main loop waits while
 /// it writes (reloads, signals and health checks with it).
 const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -283,8 +286,9 @@ fn handed(offer: Offer, fds: Vec<OwnedFd>) -> Result<Handed, TakeoverError> {
 }
 
 impl Predecessor {
-    /// Tells the predecessor that this daemon is ready (steering, accepting)
-    /// and waits until it says it has stopped accepting and drains.
+    /// Tells the predecessor that this daemon is ready (its policy in the
+    /// maps, its listeners bound; its programs not attached yet) and waits
+    /// until it says it has stopped accepting and drains.
     pub async fn ready(&mut self) -> Result<(), TakeoverError> {
         let line = format!("ready {}\n", std::process::id());
         self.stream
@@ -303,6 +307,15 @@ impl Predecessor {
             Err(_) => Err(TakeoverError::NotDraining(format!(
                 "no answer within {DRAINING_TIMEOUT:?}"
             ))),
+        }
+    }
+
+    /// Tells the predecessor that this daemon's programs run (its `steer`
+    /// and `classify` take over from the predecessor's, which it detaches
+    /// now).
+    pub async fn attached(&mut self) {
+        if let Err(e) = self.stream.get_mut().write_all(b"attached\n").await {
+            tracing::warn!(error = %e, "takeover: telling the predecessor that our programs run");
         }
     }
 
@@ -581,7 +594,29 @@ impl Successor {
 }
 
 /// Kept until the process exits: the successor reads end-of-file then.
-pub struct HandedOver(#[expect(dead_code, reason = "held open, never read")] BufReader<UnixStream>);
+pub struct HandedOver(BufReader<UnixStream>);
+
+impl HandedOver {
+    /// Whether the successor says its programs run, within
+    /// [`ATTACHED_TIMEOUT`]: this daemon's `steer` and `classify` let go
+    /// then. Otherwise they steer on (into the listeners the successor
+    /// accepts on) until this daemon exits.
+    pub async fn attached(&mut self) -> bool {
+        let mut line = String::new();
+        let why = match tokio::time::timeout(ATTACHED_TIMEOUT, self.0.read_line(&mut line)).await {
+            Ok(Ok(_)) if line.trim() == "attached" => return true,
+            Ok(Ok(0)) => "it has gone".to_owned(),
+            Ok(Ok(_)) => format!("it said {:?}", line.trim()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no word within {ATTACHED_TIMEOUT:?}"),
+        };
+        tracing::warn!(
+            why,
+            "takeover: the successor did not say its programs run; ours steer until we exit"
+        );
+        false
+    }
+}
 
 fn failure(error: &str) -> serde_json::Value {
     serde_json::json!({ "ok": false, "error": error })
