@@ -371,6 +371,22 @@ fn takeovers_under_load(
             None => Daemon::start(&t.px, &step.policy, &args),
         };
         let mut new = take_over(&mut old, new);
+        // The old daemon let its steer go once the successor's ran, while
+        // it still drains (the long stream is open).
+        let links = lab::poll_until(
+            Duration::from_secs(5),
+            || t.px.bpf_netns_links(),
+            |links| links.len() == 1,
+        );
+        assert_eq!(links.len(), 1, "takeover {n}: steer links: {links:?}");
+        assert!(
+            old.try_exit().is_none(),
+            "takeover {n}: the old daemon left"
+        );
+        assert!(
+            !old.log_text().contains("did not say its programs run"),
+            "takeover {n}: the old daemon heard no `attached`"
+        );
         if let Some(added) = step.adds {
             exchange(&t.cl, added, &format!("added by takeover {n}\n"))
                 .unwrap_or_else(|e| panic!("takeover {n}: what its policy adds: {e}"));

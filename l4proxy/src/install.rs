@@ -447,11 +447,16 @@ impl Installation {
 
     /// `steer` attached (once), and `classify` moved to `classify`.
     fn run_programs(&mut self, classify: &[ClassifyPlan]) -> Result<(), InstallError> {
+        self.attach_steer()?;
+        Ok(self.interceptor.finish_classify(classify)?)
+    }
+
+    fn attach_steer(&mut self) -> Result<(), InstallError> {
         if !self.attached {
             self.interceptor.attach()?;
             self.attached = true;
         }
-        Ok(self.interceptor.finish_classify(classify)?)
+        Ok(())
     }
 
     /// A successor's policy goes into its maps, its routes and listeners
@@ -464,11 +469,18 @@ impl Installation {
         self.held = true;
     }
 
-    /// Attaches what [`Installation::hold_programs`] held back.
+    /// Attaches what [`Installation::hold_programs`] held back; the error
+    /// is `steer`'s (which the next change of policy or host tries
+    /// again). An interface `classify` cannot be attached to is logged:
+    /// it is one interface, as in a reload, and the predecessor's
+    /// `classify` could not run there either.
     pub fn run_held_programs(&mut self) -> Result<(), InstallError> {
         self.held = false;
-        let classify = self.classify_plan();
-        self.run_programs(&classify)
+        self.attach_steer()?;
+        if let Err(e) = self.interceptor.finish_classify(&self.classify_plan()) {
+            tracing::error!(error = %e, "takeover: attaching classify; the other interfaces are intercepted");
+        }
+        Ok(())
     }
 
     /// A reuseport group of listeners, one per worker, per family the

@@ -193,6 +193,8 @@ pub async fn run(
     if predecessor.is_some() {
         installation.adopt_routing(handed_routing);
         installation.adopt_listeners(handed_steered)?;
+    }
+    if predecessor.as_ref().is_some_and(|p| p.holds) {
         installation.hold_programs();
     }
     let mut explicit = ExplicitListeners::new(workers.count());
@@ -286,18 +288,22 @@ pub async fn run(
     }
     // Our programs run only now: until the predecessor stopped accepting,
     // it took what they steered. Its own steer on meanwhile.
-    let running = match &predecessor {
-        Some(_) => installation.run_held_programs().inspect_err(|e| {
-            tracing::error!(error = %e, "takeover: attaching our programs; the predecessor's steer until it exits, then nothing");
-        }),
-        None => Ok(()),
+    let attached = match &predecessor {
+        Some(predecessor) if predecessor.holds => match installation.run_held_programs() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "takeover: attaching steer; the predecessor's steers until it exits, ours is tried again when it exits, or at the next change of policy or host");
+                false
+            }
+        },
+        _ => false,
     };
     // Accepting only now: until the predecessor has stopped, the queues
     // are its, and a failed takeover took nothing from them.
     steered.extend(new_listeners);
     let listeners = accepting.start(steered);
     accepting.start_explicit(&mut explicit, &shared.active().policy, opened);
-    if let (Some(predecessor), Ok(())) = (&mut predecessor, running) {
+    if let Some(predecessor) = predecessor.as_mut().filter(|_| attached) {
         predecessor.attached().await;
     }
     let (scrape, mut scrapes) = tokio::sync::mpsc::channel(4);
@@ -425,9 +431,11 @@ pub async fn run(
 
     // Requests waiting for the main loop, and those to come, are answered
     // that the daemon stops; after a handover the successor answers.
+    // A takeover under way when the daemon stops is given up.
     drop(requests);
-    if successor.is_some() {
-        control_stop.cancel();
+    match successor {
+        Some(_) => control_stop.cancel(),
+        None => handover.abandon(),
     }
     // Nobody answers scrapes any more: the admin port closes (its accept
     // loop ended, then this copy, the last) and a scrape waiting for an
@@ -439,11 +447,12 @@ pub async fn run(
     }
     drop(admin_fd);
     drop(scrapes);
-    // A failure here must not end the daemon at once: its open connections
-    // get their grace period, and after a takeover its exit path keeps its
-    // guard from removing what is the successor's now.
-    // After a handover, our programs steer on until the successor's run.
-    if successor.is_none()
+    // After a handover to a successor that held its programs, ours steer
+    // on until its run (below). A failure here must not end the daemon at
+    // once: its open connections get their grace period, and after a
+    // takeover its exit path keeps its guard from removing what is the
+    // successor's now.
+    if !successor.as_ref().is_some_and(|s| s.held)
         && let Err(e) = installation.drain()
     {
         tracing::error!(error = %e, "detaching steer for the drain; new connections to the steered addresses are dropped (no listener) until the daemon exits");
@@ -476,8 +485,10 @@ pub async fn run(
                 successor = pid,
                 "handed over: the successor takes new connections"
             );
+            let held = successor.held;
             let mut handed_over = successor.confirm().await;
-            if handed_over.attached().await
+            if held
+                && handed_over.attached().await
                 && let Err(e) = installation.drain()
             {
                 tracing::error!(error = %e, "detaching steer after the handover: it steers on into the successor's listeners until we exit");
@@ -874,7 +885,7 @@ impl Acceptor {
 
 /// Accepts on `listener` until stopped; runs on a worker, which serves the
 /// connections it accepts. Then it reads the rest of the queue, unless
-/// `handed_over` says a successor holds the queue too.
+/// `handed_over` says a successor holds a steered one too.
 async fn accept_loop(
     listener: StdListener,
     acceptor: Acceptor,
@@ -908,11 +919,12 @@ async fn accept_loop(
             },
         }
     }
-    // A successor accepts on the same sockets, and its `steer` goes on
-    // filling their queues: a connection taken from them now would be
-    // served under this daemon's policy (or closed, if only the
-    // successor's has its rule) and cut at the end of its grace period.
-    if handed_over.load(Ordering::Relaxed) {
+    // A successor accepts on the same steered sockets, and its `steer`
+    // goes on filling their queues: a connection taken from them now would
+    // be served under this daemon's policy and cut at the end of its grace
+    // period. (A CONNECT listener its policy dropped it has closed: those
+    // queues are read.)
+    if matches!(acceptor.front, Front::Steered) && handed_over.load(Ordering::Relaxed) {
         return;
     }
     // Clients whose handshakes completed before the stop are served, not

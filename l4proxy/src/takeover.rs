@@ -106,6 +106,11 @@ struct Offer {
     steered: Vec<Slot>,
     connect: Vec<SocketAddr>,
     admin: Option<SocketAddr>,
+    /// This daemon keeps its programs attached until a successor that held
+    /// its own says `attached` (absent from the offers of daemons before
+    /// that exchange, which detach theirs before `draining`).
+    #[serde(default)]
+    waits_for_attached: bool,
 }
 
 /// A steered listener's family, as the offer names it.
@@ -173,6 +178,10 @@ impl Handed {
 pub struct Predecessor {
     stream: BufReader<UnixStream>,
     pub pid: u32,
+    /// It keeps its programs until we say `attached`: ours are held until
+    /// it has stopped accepting (else attached with our policy, as a
+    /// predecessor that detaches its own before `draining` needs).
+    pub holds: bool,
 }
 
 /// Asks the daemon of this network namespace for its sockets and routing
@@ -231,6 +240,7 @@ pub async fn request(mark: Mark, table: u32) -> Result<(Predecessor, Handed), Ta
     let predecessor = Predecessor {
         stream,
         pid: offer.pid,
+        holds: offer.waits_for_attached,
     };
     Ok((predecessor, handed(offer, fds)?))
 }
@@ -290,7 +300,8 @@ impl Predecessor {
     /// maps, its listeners bound; its programs not attached yet) and waits
     /// until it says it has stopped accepting and drains.
     pub async fn ready(&mut self) -> Result<(), TakeoverError> {
-        let line = format!("ready {}\n", std::process::id());
+        let held = if self.holds { " held" } else { "" };
+        let line = format!("ready {}{held}\n", std::process::id());
         self.stream
             .get_mut()
             .write_all(line.as_bytes())
@@ -362,8 +373,9 @@ struct Upgrade {
 
 /// What happened to a takeover under way.
 pub enum Event {
-    /// The successor (this pid) steers and accepts: stop accepting, confirm
-    /// with [`Successor::confirm`], drain.
+    /// The successor (this pid) is ready to take over: stop accepting,
+    /// confirm with [`Successor::confirm`], drain (and, for one that held
+    /// its programs, let ours go once it says they run).
     Ready(Box<Successor>),
     /// It failed (logged); this daemon keeps serving.
     Failed,
@@ -374,6 +386,9 @@ pub enum Event {
 pub struct Successor {
     stream: BufReader<UnixStream>,
     pub pid: u32,
+    /// Its programs wait for our stop, and it says `attached` once they
+    /// run: ours steer until then (else they let go before `draining`).
+    pub held: bool,
     upgrade: Option<Upgrade>,
 }
 
@@ -411,6 +426,7 @@ impl Handover {
                 .collect(),
             connect: listeners.connect.iter().map(|(addr, _)| *addr).collect(),
             admin: listeners.admin.map(|(addr, _)| addr),
+            waits_for_attached: true,
         };
         let fds: Vec<RawFd> = std::iter::once(listeners.control)
             .chain(listeners.steered.iter().map(|(_, fd)| *fd))
@@ -492,18 +508,19 @@ impl Handover {
                 // Read late (this daemon was held up): the successor waited
                 // its DRAINING_TIMEOUT for our answer and gave up. Draining
                 // now would leave nobody serving.
-                Ok(pid) if hung_up(self.successor.as_ref().expect("ready came from it")) => {
+                Ok((pid, _)) if hung_up(self.successor.as_ref().expect("ready came from it")) => {
                     self.successor = None;
                     self.fail(format!(
                         "the successor ({pid}) had given up by the time its ready was read"
                     ))
                 }
-                Ok(pid) => {
+                Ok((pid, held)) => {
                     let stream = self.successor.take().expect("ready came from it").stream;
-                    tracing::info!(successor = pid, "takeover: the successor is ready");
+                    tracing::info!(successor = pid, held, "takeover: the successor is ready");
                     Event::Ready(Box::new(Successor {
                         stream,
                         pid,
+                        held,
                         upgrade: self.upgrade.take(),
                     }))
                 }
@@ -520,6 +537,19 @@ impl Handover {
         }
     }
 
+    /// The daemon stops: a takeover under way is given up (its successor
+    /// reads end-of-file, and exits removing what it added), and the
+    /// `upgrade` that asked is told why.
+    pub fn abandon(&mut self) {
+        if self.busy() {
+            tracing::warn!("takeover given up: this daemon is stopping");
+        }
+        self.successor = None;
+        if let Some(upgrade) = self.upgrade.take() {
+            let _ = upgrade.reply.send(failure("the daemon is stopping"));
+        }
+    }
+
     /// Logs why a takeover failed, and answers the `upgrade` that asked.
     fn fail(&mut self, reason: String) -> Event {
         tracing::error!("takeover failed: {reason}; still serving");
@@ -530,8 +560,9 @@ impl Handover {
     }
 }
 
-/// The successor's `ready PID`; `None` while there is no successor.
-async fn wait_ready(successor: &mut Option<Offered>) -> Option<Result<u32, String>> {
+/// The successor's `ready PID` (with `held`: its programs wait for our
+/// stop); `None` while there is no successor.
+async fn wait_ready(successor: &mut Option<Offered>) -> Option<Result<(u32, bool), String>> {
     let Offered {
         stream,
         line,
@@ -547,12 +578,20 @@ async fn wait_ready(successor: &mut Option<Offered>) -> Option<Result<u32, Strin
         Ok(Ok(_)) if !line.ends_with('\n') => {
             Err("the successor gave up (its log says why)".to_owned())
         }
-        Ok(Ok(_)) => line
-            .trim()
-            .strip_prefix("ready ")
-            .and_then(|pid| pid.parse().ok())
-            .ok_or_else(|| format!("the successor said {:?}", line.trim())),
+        Ok(Ok(_)) => {
+            parse_ready(line.trim()).ok_or_else(|| format!("the successor said {:?}", line.trim()))
+        }
     })
+}
+
+/// `ready PID` or `ready PID held`.
+fn parse_ready(line: &str) -> Option<(u32, bool)> {
+    let rest = line.strip_prefix("ready ")?;
+    let (pid, held) = match rest.strip_suffix(" held") {
+        Some(pid) => (pid, true),
+        None => (rest, false),
+    };
+    Some((pid.parse().ok()?, held))
 }
 
 /// Whether the successor has closed its end: nothing more is queued and the
@@ -753,6 +792,21 @@ mod tests {
     use ipnet::IpNet;
 
     use super::*;
+
+    /// Daemons from before the `attached` exchange and after it tell
+    /// each other apart: a `ready` without `held`, an offer without
+    /// `waits_for_attached`, are the older exchange.
+    #[test]
+    fn the_exchange_tells_older_daemons_apart() {
+        assert_eq!(parse_ready("ready 42"), Some((42, false)));
+        assert_eq!(parse_ready("ready 42 held"), Some((42, true)));
+        for bad in ["ready", "ready held", "ready 42 attached", "ready x held"] {
+            assert_eq!(parse_ready(bad), None, "{bad:?}");
+        }
+        let older = r#"{"pid":1,"mark":[1,1],"table":244,"routing":{"prefixes":[],"delivery":false,"local_servers":[]},"steered":[],"connect":[],"admin":null}"#;
+        let offer: Offer = serde_json::from_str(older).unwrap();
+        assert!(!offer.waits_for_attached);
+    }
 
     /// What goes in one message comes out of it: the bytes, and the same
     /// sockets (same local addresses), in order.
