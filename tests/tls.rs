@@ -1452,6 +1452,19 @@ fn a_server_that_does_not_agree_to_the_clients_alpn_is_a_tls_failure() {
     );
 }
 
+/// Clients on 443, terminated with `app`, to a pool of `TLS_UP` and
+/// `TLS_UP_H2` with upstream `tls`, each server taken down at its first
+/// error.
+fn observed_pool(app: &pki::Cert, tls: Value) -> Value {
+    json!({
+        "intercept": [terminating("web", 443, "pool", json!({ "certificates": [files(app)] }))],
+        "upstreams": {
+            "pool": { "servers": [TLS_UP, TLS_UP_H2], "observe": { "errors": 1, "down_for": "1m" },
+                      "tls": tls }
+        }
+    })
+}
+
 /// A server whose TLS fails (its certificate is not the one the policy
 /// asks for) is the server's failure, as a refused connect is: the next
 /// server is tried, so every client gets through, and observation takes
@@ -1462,14 +1475,8 @@ fn a_server_whose_tls_fails_is_passed_over_and_observed_down() {
     let pki = Pki::new();
     let app = app_cert(&pki.front);
     let inner = inner_cert(&pki);
-    let policy = json!({
-        "intercept": [terminating("web", 443, "pool", json!({ "certificates": [files(&app)] }))],
-        "upstreams": {
-            "pool": { "servers": [TLS_UP, TLS_UP_H2], "observe": { "errors": 1, "down_for": "1m" },
-                      "tls": { "ca": p(&pki.back.cert), "server_name": "inner.example.test" } }
-        }
-    });
-    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let tls = json!({ "ca": p(&pki.back.cert), "server_name": "inner.example.test" });
+    let mut d = Daemon::start_ready(&t.px, &observed_pool(&app, tls), &[]);
     let data = Arc::new(b"hello".to_vec());
     // Another name than inner.example.test, from another CA.
     let _wrong = bulk_server(&t, TLS_UP, &app, &[], &data);
@@ -1503,14 +1510,8 @@ fn a_certificate_refused_for_the_clients_name_takes_no_server_down() {
     let pki = Pki::new();
     let app = app_cert(&pki.front);
     let inner = inner_cert(&pki);
-    let policy = json!({
-        "intercept": [terminating("web", 443, "pool", json!({ "certificates": [files(&app)] }))],
-        "upstreams": {
-            "pool": { "servers": [TLS_UP, TLS_UP_H2], "observe": { "errors": 1, "down_for": "1m" },
-                      "tls": { "ca": p(&pki.back.cert) } }
-        }
-    });
-    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let tls = json!({ "ca": p(&pki.back.cert) });
+    let mut d = Daemon::start_ready(&t.px, &observed_pool(&app, tls), &[]);
     let data = Arc::new(b"hello".to_vec());
     let servers = [TLS_UP, TLS_UP_H2].map(|at| bulk_server(&t, at, &inner, &[], &data));
     for i in 0..2 {
