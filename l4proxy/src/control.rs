@@ -213,12 +213,12 @@ async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
         "takeover" => {
             // Answered by the main loop, on this connection.
             let (tx, _) = oneshot::channel();
-            return match requests.send((Request::Takeover(stream), tx)).await {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::SendError((Request::Takeover(mut stream), _))) => {
-                    reply(&mut stream, &stopping()).await
+            return match requests.reserve().await {
+                Ok(place) => {
+                    place.send((Request::Takeover(stream), tx));
+                    Ok(())
                 }
-                Err(_) => Ok(()),
+                Err(_) => reply(&mut stream, &stopping()).await,
             };
         }
         other => {
