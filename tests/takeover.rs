@@ -613,6 +613,69 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
     );
 }
 
+/// A successor killed before the running daemon said `draining` (SIGKILL,
+/// the OOM killer) leaves nothing behind: its guard was not armed (the
+/// routes were still the running daemon's), so the running daemon removes
+/// what the successor added for its own policy: a service prefix's route,
+/// which would make the prefix local with nobody listening, and a
+/// gateway's fwmark rules and table routes.
+#[test]
+fn a_successor_killed_before_the_handover_leaves_nothing() {
+    let (t, _srv) = Topo::with_echo("takeover-killed", "203.0.113.2:8080", "upstream");
+    let dst = sa("192.0.2.10:80");
+    let mut old = Daemon::start_ready(&t.px, &policy(), &[]);
+    let (routes, rules) = (t.px.proxy_routes(), t.px.proxy_rules());
+    let grown = json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80], "upstream": "pool" },
+            { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["to-cl"], "upstream": "pool" }
+        ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    });
+    let mut new = Daemon::start(&t.px, &grown, &["--takeover"]);
+    old.wait_event("the offer", Duration::from_secs(20), |e| {
+        message(e) == Some("takeover: listeners offered to a successor")
+    });
+    // Until the successor is killed: it cannot hear `draining`.
+    old.signal(libc::SIGSTOP);
+    let added = |px: &Netns| {
+        px.proxy_routes()
+            .iter()
+            .any(|r| r.contains("2001:db8:a::/64"))
+            && px.proxy_routes().iter().any(|r| r.contains("table 244"))
+            && px.proxy_rules().iter().any(|r| r.contains("fwmark"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !added(&t.px) {
+        assert!(
+            Instant::now() < deadline,
+            "the successor did not add its routes and rules; its log:\n{}",
+            new.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    new.kill();
+    old.signal(libc::SIGCONT);
+    old.wait_event("the failed takeover", Duration::from_secs(10), |e| {
+        message(e).is_some_and(|m| m.starts_with("takeover failed"))
+    });
+    let swept = old.wait_event("the clean-up", Duration::from_secs(10), |e| {
+        message(e) == Some("takeover: removed the routes and rules the failed successor left")
+    });
+    assert!(
+        field(&swept, "removed").and_then(Value::as_u64) >= Some(3),
+        "a prefix's route, the table's route and the fwmark rule at least: {swept}"
+    );
+    assert_eq!(
+        t.px.proxy_routes(),
+        routes,
+        "the old daemon's routes, no more"
+    );
+    assert_eq!(t.px.proxy_rules(), rules, "the old daemon's rules, no more");
+    exchange(&t.cl, dst, "after\n").expect("the old daemon serves");
+    stop_last(&mut old, &t.px);
+}
+
 /// A SIGHUP while a successor waits for the running daemon's answer (`pkill
 /// -HUP l4proxy` during an upgrade) does not end it: it takes over, then
 /// rereads its policy.

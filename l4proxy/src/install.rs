@@ -611,6 +611,22 @@ impl Installation {
         self.inherited = None;
     }
 
+    /// A successor's takeover failed: removes the routes and rules of ours
+    /// that this daemon does not own, those the successor added for its
+    /// policy. One that exits removes them itself; one that was killed
+    /// (its guard not armed yet: the routes were ours) would leave them,
+    /// a service prefix made local with no listener, a local server's
+    /// replies turned to a proxy that is not there. Returns how many.
+    pub async fn remove_unowned(&self) -> Result<usize, InstallError> {
+        let keep_route = self.local_routes.keeps();
+        let removed = routes::remove_ours_except(
+            |route| keep_route(route) || self.delivery.keeps_route(route),
+            |rule| self.delivery.keeps_rule(rule),
+        )
+        .await?;
+        Ok(removed)
+    }
+
     /// A takeover failed: what the predecessor handed over is its own again.
     pub fn release_inherited(&mut self) {
         if let Some(routing) = self.inherited.take() {

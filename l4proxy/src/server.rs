@@ -412,7 +412,11 @@ pub async fn run(
             }
             event = handover.next() => match event {
                 takeover::Event::Ready(successor) => break Some(successor),
-                takeover::Event::Failed => {}
+                takeover::Event::Failed => match installation.remove_unowned().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::warn!(removed, "takeover: removed the routes and rules the failed successor left"),
+                    Err(e) => tracing::error!(error = %e, "takeover: removing what the failed successor left; `l4proxy cleanup` after the daemon stops removes it"),
+                },
             },
             () = takeover::gone(&mut predecessor), if !handover.busy() => {
                 tracing::info!(predecessor = predecessor.as_ref().map(|p| p.pid), "takeover: the predecessor has exited");

@@ -15,7 +15,9 @@
 //!
 //! A successor that fails before `ready` (its policy refused by this host,
 //! a different `--fwmark`, a crash) leaves the predecessor serving: it only
-//! ever added to what was there, and removes only what it added.
+//! ever added to what was there, and removes only what it added. One killed
+//! before it hears `draining` cannot: the predecessor removes what of ours
+//! it does not own ([`crate::install::Installation::remove_unowned`]).
 //!
 //! `l4proxy upgrade` asks the daemon to start its successor itself: the
 //! binary at the path it was started from (a newer one installed over it is

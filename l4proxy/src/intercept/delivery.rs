@@ -23,7 +23,7 @@ use rtnetlink::{
     Handle, IpVersion,
     packet_route::{
         IpProtocol,
-        route::{RouteAttribute, RouteMessage, RouteProtocol},
+        route::{RouteMessage, RouteProtocol},
         rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange},
     },
 };
@@ -298,6 +298,24 @@ impl Delivery {
         self.servers.retain(|(server, _)| !servers.contains(server));
     }
 
+    /// Whether `route` is one of the table's routes it installed.
+    pub fn keeps_route(&self, route: &RouteMessage) -> bool {
+        let key = routes::route_key(route);
+        key.is_some()
+            && self
+                .base
+                .iter()
+                .flat_map(|base| &base.routes)
+                .any(|ours| routes::route_key(ours) == key)
+    }
+
+    /// Whether `rule` is one of the rules it installed.
+    pub fn keeps_rule(&self, rule: &RuleMessage) -> bool {
+        let base = self.base.iter().flat_map(|base| &base.rules);
+        let servers = self.servers.iter().map(|(_, rule)| rule);
+        base.chain(servers).any(|ours| same_rule(ours, rule))
+    }
+
     /// Deletes the fwmark rules and the table's routes, trying all; returns
     /// what is left, and the first error.
     async fn delete_base(&self, base: Base) -> (Base, Option<RouteError>) {
@@ -341,6 +359,35 @@ impl Delivery {
     pub async fn remove(&mut self) -> Result<(), DeliveryError> {
         self.set(false, &[]).await
     }
+}
+
+/// Whether two rules match the same packets into the same table, as the
+/// kernel lists them (it adds attributes of its own, in its own order).
+fn same_rule(a: &RuleMessage, b: &RuleMessage) -> bool {
+    let matching = |rule: &RuleMessage| -> Vec<RuleAttribute> {
+        let mut attributes: Vec<RuleAttribute> = rule
+            .attributes
+            .iter()
+            .filter(|attribute| {
+                matches!(
+                    attribute,
+                    RuleAttribute::Table(_)
+                        | RuleAttribute::FwMark(_)
+                        | RuleAttribute::FwMask(_)
+                        | RuleAttribute::Source(_)
+                        | RuleAttribute::Iifname(_)
+                        | RuleAttribute::IpProtocol(_)
+                        | RuleAttribute::SourcePortRange(_)
+                )
+            })
+            .cloned()
+            .collect();
+        attributes.sort_by_key(|attribute| format!("{attribute:?}"));
+        attributes
+    };
+    a.header.family == b.header.family
+        && a.header.src_len == b.header.src_len
+        && matching(a) == matching(b)
 }
 
 /// The routing rule of a server on this host (see the module's header).
@@ -398,7 +445,7 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
         count += routes::routes(handle, family)
             .await?
             .iter()
-            .filter(|route| table_of(route) == table)
+            .filter(|route| routes::table_of(route) == table)
             .count();
     }
     if count > 0 {
@@ -455,20 +502,36 @@ async fn check_unused(handle: &Handle, mark: Mark, table: u32) -> Result<(), Del
     Ok(())
 }
 
-fn table_of(route: &RouteMessage) -> u32 {
-    route
-        .attributes
-        .iter()
-        .find_map(|attribute| match attribute {
-            RouteAttribute::Table(table) => Some(*table),
-            _ => None,
-        })
-        .unwrap_or(u32::from(route.header.table))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rule as the kernel lists it (its own attributes added, in its own
+    /// order) is the one made; another server's, or another table's, is not.
+    #[test]
+    fn a_listed_rule_is_told_by_what_it_matches() {
+        let server: SocketAddr = "192.0.2.1:8080".parse().unwrap();
+        let made = server_rule(server, DEFAULT_TABLE);
+        let mut listed = made.clone();
+        listed.attributes.reverse();
+        listed
+            .attributes
+            .push(RuleAttribute::SuppressPrefixLen(u32::MAX));
+        assert!(same_rule(&made, &listed));
+        let other: SocketAddr = "192.0.2.1:8081".parse().unwrap();
+        assert!(!same_rule(&server_rule(other, DEFAULT_TABLE), &listed));
+        assert!(!same_rule(&server_rule(server, 245), &listed));
+        let base = |table| {
+            let mut rule = rule(IpVersion::V4, table);
+            rule.attributes
+                .push(RuleAttribute::FwMark(DEFAULT_MARK.value));
+            rule.attributes
+                .push(RuleAttribute::FwMask(DEFAULT_MARK.mask));
+            rule
+        };
+        assert!(same_rule(&base(DEFAULT_TABLE), &base(DEFAULT_TABLE)));
+        assert!(!same_rule(&base(DEFAULT_TABLE), &made));
+    }
 
     /// A rule before ours takes our marked packets if our mark satisfies
     /// it; ours, first, takes a later rule's packets if theirs satisfies

@@ -11,7 +11,8 @@
 //! one-daemon lock, or a predecessor handed them over in a takeover,
 //! docs/takeover.md) and [`DISARM`] once it has handed them on. A daemon
 //! refused because another runs, or a successor that dies before the
-//! handover, leaves the routes to their owner.
+//! handover, leaves the routes to their owner (which removes those the
+//! successor added, `Installation::remove_unowned`).
 
 use std::{
     fs::File,

@@ -6,7 +6,10 @@
 //! [`ROUTE_PROTOCOL`] so that exactly ours are removed on exit, and so
 //! leftovers of a crashed daemon can be found and removed later.
 
-use std::{io, net::IpAddr};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use foldhash::{HashMap, HashSet};
 use futures::{StreamExt, TryStreamExt, stream};
@@ -16,7 +19,7 @@ use rtnetlink::{
     packet_core::ErrorMessage,
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
-        route::{RouteMessage, RouteProtocol, RouteScope, RouteType},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
         rule::{RuleAttribute, RuleMessage},
     },
 };
@@ -209,6 +212,16 @@ impl LocalRoutes {
         self.added.retain(|prefix| !gone.contains(prefix));
     }
 
+    /// Whether `route` is one of the routes it added.
+    pub fn keeps(&self) -> impl Fn(&RouteMessage) -> bool {
+        // A set: a policy may have 100 000 prefixes.
+        let added: HashSet<IpNet> = self.added.iter().copied().collect();
+        move |route| {
+            route_key(route)
+                .is_some_and(|(table, prefix)| table == TABLE_LOCAL && added.contains(&prefix))
+        }
+    }
+
     /// Removes exactly the routes it added.
     pub async fn remove(&mut self) -> Result<(), RouteError> {
         self.set(&[]).await
@@ -274,10 +287,20 @@ pub(super) fn family_of(version: &IpVersion) -> AddressFamily {
 
 /// Removes every route and routing rule marked with [`ROUTE_PROTOCOL`] in
 /// the calling thread's network namespace: what a daemon that died without
-/// cleaning up left behind. Tries every one whatever fails, a listing
-/// too (one left is no reason to leave the others); returns how many were
-/// removed, or the first error.
+/// cleaning up left behind. Returns how many were removed, or the first
+/// error.
 pub async fn remove_leftovers() -> Result<usize, RouteError> {
+    remove_ours_except(|_| false, |_| false).await
+}
+
+/// Removes the routes and routing rules marked with [`ROUTE_PROTOCOL`] that
+/// `keep_route` and `keep_rule` do not keep. Tries every one whatever
+/// fails, a listing too (one left is no reason to leave the others);
+/// returns how many were removed, or the first error.
+pub async fn remove_ours_except(
+    keep_route: impl Fn(&RouteMessage) -> bool,
+    keep_rule: impl Fn(&RuleMessage) -> bool,
+) -> Result<usize, RouteError> {
     let handle = connect()?;
     let mut removed = 0;
     let mut first_error = None;
@@ -289,7 +312,10 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
     for version in versions {
         match rules(&handle, version.clone()).await {
             Ok(all) => {
-                let ours: Vec<RuleMessage> = all.into_iter().filter(is_ours).collect();
+                let ours: Vec<RuleMessage> = all
+                    .into_iter()
+                    .filter(|rule| is_ours(rule) && !keep_rule(rule))
+                    .collect();
                 let found = ours.len();
                 let (left, error) =
                     delete_each(ours, async |rule| delete_rule(&handle, rule).await).await;
@@ -303,7 +329,10 @@ pub async fn remove_leftovers() -> Result<usize, RouteError> {
             Ok(all) => {
                 let ours: Vec<RouteMessage> = all
                     .into_iter()
-                    .filter(|route| route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+                    .filter(|route| {
+                        route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                            && !keep_route(route)
+                    })
                     .collect();
                 let found = ours.len();
                 let (left, error) =
@@ -407,6 +436,40 @@ pub(super) async fn routes(
         .map_err(RouteError::List)
 }
 
+/// A route's table and destination, as the kernel lists it: what tells
+/// one of ours from another (all are `local` routes through `lo`).
+pub(super) fn route_key(route: &RouteMessage) -> Option<(u32, IpNet)> {
+    let length = route.header.destination_prefix_length;
+    let address = route
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        });
+    // A default route may come without its all-zero destination.
+    let address = match (address, route.header.address_family) {
+        (Some(address), _) => address,
+        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        (None, _) => return None,
+    };
+    Some((table_of(route), IpNet::new(address, length).ok()?))
+}
+
+/// A route's table; tables above 255 are only in the attribute.
+pub(super) fn table_of(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}
+
 /// `ip route add local PREFIX dev lo table TABLE proto 244`.
 pub(super) fn local_route(prefix: IpNet, table: u32) -> RouteMessage {
     RouteMessageBuilder::<IpAddr>::new()
@@ -418,4 +481,26 @@ pub(super) fn local_route(prefix: IpNet, table: u32) -> RouteMessage {
         .output_interface(LOOPBACK_IFINDEX)
         .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route is told by its table and destination, a default route also
+    /// when the kernel lists it without its all-zero destination.
+    #[test]
+    fn a_route_is_told_by_its_table_and_destination() {
+        let prefix: IpNet = "2001:db8:a::/64".parse().unwrap();
+        assert_eq!(
+            route_key(&local_route(prefix, TABLE_LOCAL)),
+            Some((TABLE_LOCAL, prefix))
+        );
+        let default: IpNet = "0.0.0.0/0".parse().unwrap();
+        let mut listed = local_route(default, 1000);
+        listed
+            .attributes
+            .retain(|attribute| !matches!(attribute, RouteAttribute::Destination(_)));
+        assert_eq!(route_key(&listed), Some((1000, default)));
+    }
 }
