@@ -108,13 +108,6 @@ impl ServerState {
         Lease(self.clone())
     }
 
-    /// Up, without a log line (a server no policy has: its state only
-    /// matters should one bring it back).
-    fn set_up_quietly(&self) {
-        self.up.store(true, Ordering::Relaxed);
-        self.errors.store(0, Ordering::Relaxed);
-    }
-
     /// Marks it up or down, logging why, unless it already is. On a
     /// change, how many times it went down with this one (which time down
     /// a timer ends).
@@ -248,20 +241,21 @@ struct Checks {
 }
 
 impl Entry {
-    /// Stops the server's checks. A server that had them is up: nothing
-    /// would bring it back (a later policy may have it again, unchecked).
-    /// Logged with `why`, if given: not for a server no policy has any more.
-    fn stop_checks(&mut self, why: Option<&dyn fmt::Display>) {
+    /// Stops the server's checks; their last verdict stands (a replaced
+    /// policy's pool may still pick it) until a policy has the server
+    /// again: [`Registry::update`] then restarts them, or ends them.
+    fn pause_checks(&mut self) {
         if let Some(checks) = self.checks.take() {
             checks.task.abort();
         }
+    }
+
+    /// Ends the server's checks: a server that had them is up, since
+    /// nothing would bring it back.
+    fn stop_checks(&mut self, why: &dyn fmt::Display) {
+        self.pause_checks();
         if self.state.checked.swap(false, Ordering::Relaxed) {
-            match why {
-                Some(why) => {
-                    self.state.mark(true, why);
-                }
-                None => self.state.set_up_quietly(),
-            }
+            self.state.mark(true, why);
         }
     }
 }
@@ -288,13 +282,14 @@ impl Registry {
     }
 
     /// Makes the registry that of `policy`, now in force: stops the checks
-    /// of the servers it does not have, and forgets those of them that
-    /// nothing uses any more (a replaced policy's pools and connections
-    /// hold their state: should a later policy bring one back, its open
-    /// connections still count), starts the checks of servers that are
-    /// to have them, and restarts those whose settings changed. A server
-    /// whose checks are gone is up again, since nothing would bring it
-    /// back. On the daemon's runtime, which the checks run on.
+    /// of the servers it does not have (a down one stays down for a
+    /// replaced policy's pool), and forgets those of them that nothing
+    /// uses any more (a replaced policy's pools and connections hold their
+    /// state: should a later policy bring one back, its open connections
+    /// still count), starts the checks of servers that are to have them,
+    /// and restarts those whose settings changed or that come back. A
+    /// server whose checks are gone is up again, since nothing would bring
+    /// it back. On the daemon's runtime, which the checks run on.
     pub fn update(&self, policy: &Policy) {
         let mut wanted: HashMap<ServerKey, (Option<Plan>, Option<Observe>)> = HashMap::new();
         for upstream in &policy.upstreams {
@@ -313,7 +308,7 @@ impl Registry {
             if wanted.contains_key(key) {
                 return true;
             }
-            entry.stop_checks(None);
+            entry.pause_checks();
             let kept = Arc::strong_count(&entry.state) > 1;
             if !kept {
                 let health = entry.state.health();
@@ -341,7 +336,9 @@ impl Registry {
                     .state
                     .mark(true, &"its observe settings changed: tried again");
             }
-            if entry.checks.as_ref().map(|c| &c.plan) == plan.as_ref() {
+            // Paused (a policy before dropped it): to be restarted or ended.
+            let paused = entry.checks.is_none() && entry.state.checked.load(Ordering::Relaxed);
+            if entry.checks.as_ref().map(|c| &c.plan) == plan.as_ref() && !paused {
                 continue;
             }
             match plan {
@@ -356,7 +353,7 @@ impl Registry {
                         task: task.abort_handle(),
                     });
                 }
-                None => entry.stop_checks(Some(&"its health checks were removed")),
+                None => entry.stop_checks(&"its health checks were removed"),
             }
         }
     }
@@ -709,6 +706,8 @@ mod tests {
         until_up(&state, false, Duration::from_secs(5)).await;
         let lease = state.lease();
         registry.update(&policy("web", &["203.0.113.9:80".parse().unwrap()], ""));
+        // The replaced policy's pool, which holds it, does not pick it.
+        assert!(!state.is_up());
         registry.update(&policy("web", &[a], ""));
         assert!(Arc::ptr_eq(&registry.server("web", a), &state));
         assert!(!state.health().checked);
