@@ -741,6 +741,54 @@ fn one_daemon_per_namespace() {
     assert_nothing_left(&t.px);
 }
 
+/// Any local user can bind the control socket's abstract name while it is
+/// free (before a start, in a restart's gap): its holder, not root, is no
+/// daemon. `reload` and `status` do not take its answers (it says a reload
+/// worked), `run` names it instead of a daemon, and `cleanup` goes on.
+#[test]
+fn a_control_socket_name_held_by_another_user_is_no_daemon() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
+    const NOBODY: libc::uid_t = 65534;
+    let (t, _srv) = Topo::with_echo("takeover-squat", "203.0.113.2:8080", "upstream");
+    let squatter = t.px.run(|| {
+        // This thread only (the raw call, not libc's, which would change
+        // every thread): the listener records the uid it listens with.
+        // SAFETY: plain syscall; this thread ends right after.
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY) };
+        assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+        let name = UnixAddr::from_abstract_name(b"l4proxy-control").unwrap();
+        UnixListener::bind_addr(&name).expect("bind the control socket's name")
+    });
+    // It answers whatever is asked as a daemon would: `reload`, `status`,
+    // `run` and `cleanup` each connect once.
+    let answering = std::thread::spawn(move || {
+        for stream in squatter.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.write_all(b"{\"ok\":true,\"pid\":1}\n");
+        }
+    });
+    let who = format!("uid {NOBODY}), not by root");
+    for ask in ["reload", "status"] {
+        let out = command(&t.px, &[ask], Duration::from_secs(10));
+        assert!(
+            !out.success() && out.stderr.contains(&who),
+            "`{ask}` should name the holder, not take its answer: {out:?}"
+        );
+    }
+    let mut refused = Daemon::start(&t.px, &policy(), &[]);
+    let status = refused.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "a daemon cannot bind the name");
+    let log = refused.log_text();
+    assert!(
+        log.contains(&who) && !log.contains("already runs"),
+        "the refusal names the holder, not a daemon; log:\n{log}"
+    );
+    let cleanup = command(&t.px, &["cleanup"], Duration::from_secs(30));
+    assert!(cleanup.success(), "no daemon runs: {cleanup:?}");
+    answering.join().unwrap();
+}
+
 /// `l4proxy upgrade`: the daemon starts its successor from its own binary
 /// path and arguments; `upgrade` exits 0 once the successor serves; the
 /// old daemon finishes its open stream and exits.

@@ -11,10 +11,16 @@
 //! second daemon cannot bind it, and is told which process has it. A
 //! takeover hands the listening socket itself on, so the name is never free
 //! in between.
+//!
+//! An abstract name has no permissions: any local user can bind it while it
+//! is free (before the daemon starts, in a restart's gap). So clients trust
+//! only a socket that root listens on (the kernel's record of the listener,
+//! `SO_PEERCRED`, which nobody can fake): another holder is named, not
+//! taken for a daemon whose answers count.
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    os::linux::net::SocketAddrExt,
+    os::{fd::AsRawFd, linux::net::SocketAddrExt},
     time::Duration,
 };
 
@@ -79,6 +85,8 @@ pub enum BindError {
         "{0} already runs in this network namespace; one daemon per namespace: stop it, or replace it with `l4proxy run --takeover ...` or `l4proxy upgrade`"
     )]
     Running(Running),
+    #[error("the control socket's name @l4proxy-control is taken, by no daemon: {0}")]
+    Taken(String),
     #[error("binding the control socket @l4proxy-control: {0}")]
     Io(#[from] io::Error),
 }
@@ -110,9 +118,10 @@ pub fn bind() -> Result<UnixListener, BindError> {
     let listener = match std::os::unix::net::UnixListener::bind_addr(&addr) {
         Ok(listener) => listener,
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            return Err(BindError::Running(
-                running().unwrap_or(Running { pid: None }),
-            ));
+            return Err(match running() {
+                Ok(daemon) => BindError::Running(daemon),
+                Err(why) => BindError::Taken(why),
+            });
         }
         Err(e) => return Err(e.into()),
     };
@@ -120,22 +129,58 @@ pub fn bind() -> Result<UnixListener, BindError> {
     Ok(UnixListener::from_std(listener)?)
 }
 
-/// The daemon of this network namespace, if one answers.
-pub fn running() -> Option<Running> {
-    let stream = connect().ok()?;
+/// The daemon of this network namespace, or why there is none.
+pub fn running() -> Result<Running, String> {
+    let stream = connect()?;
     let answer = ask_on(stream, Query::Pid, REQUEST_TIMEOUT).ok();
     let pid = answer
         .and_then(|answer| answer["pid"].as_u64())
         .and_then(|pid| u32::try_from(pid).ok());
-    Some(Running { pid })
+    Ok(Running { pid })
 }
 
-/// Connects to the daemon of this network namespace.
+/// Connects to the daemon of this network namespace: a socket root
+/// listens on (see the module's header).
 pub fn connect() -> Result<std::os::unix::net::UnixStream, String> {
     let addr =
         std::os::unix::net::SocketAddr::from_abstract_name(NAME).map_err(|e| e.to_string())?;
-    std::os::unix::net::UnixStream::connect_addr(&addr)
-        .map_err(|e| format!("no l4proxy daemon answers in this network namespace ({e})"))
+    let stream = std::os::unix::net::UnixStream::connect_addr(&addr)
+        .map_err(|e| format!("no l4proxy daemon answers in this network namespace ({e})"))?;
+    let listener = listener_of(&stream)
+        .map_err(|e| format!("who holds the control socket @l4proxy-control: {e}"))?;
+    if listener.uid != 0 {
+        return Err(format!(
+            "the control socket @l4proxy-control is held by pid {} (uid {}), not by root: no l4proxy daemon; stop that process",
+            listener.pid, listener.uid
+        ));
+    }
+    Ok(stream)
+}
+
+/// The credentials `stream`'s listener had when it began to listen
+/// (`SO_PEERCRED` on a connected client; std's `peer_cred` is unstable).
+fn listener_of(stream: &std::os::unix::net::UnixStream) -> io::Result<libc::ucred> {
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut length = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `length` bytes, one ucred, into
+    // the buffer; the descriptor is borrowed from a live stream.
+    let done = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut credentials).cast(),
+            &mut length,
+        )
+    };
+    if done != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(credentials)
 }
 
 /// Answers clients on `listener` until `stop`, each in a task of

@@ -285,7 +285,8 @@ fn doctor(policy: Option<&std::path::Path>, user: Option<&str>) -> ExitCode {
 
 fn cleanup() -> anyhow::Result<()> {
     // Its routes are in use, not left over.
-    if let Some(daemon) = control::running() {
+    // A holder of the control socket that is not root is no daemon.
+    if let Ok(daemon) = control::running() {
         anyhow::bail!(
             "{daemon} runs in this network namespace: its routes are in use; stop it first (it removes them itself)"
         );
