@@ -669,6 +669,13 @@ impl TryFrom<String> for BindSpec {
                 {
                     return Err(format!("IPv4-mapped IPv6 address; use the IPv4 form {v4}"));
                 }
+                if let IpAddr::V6(v6) = addr
+                    && v6.is_unicast_link_local()
+                {
+                    return Err(format!(
+                        "{addr} is link-local: binding it needs its interface, which a bind address cannot name; use a global address"
+                    ));
+                }
                 Bind::Address(addr)
             }
         };
@@ -731,6 +738,11 @@ impl TryFrom<String> for Prefix {
         let net: IpNet = text
             .parse()
             .map_err(|_| format!("expected an address prefix like 192.0.2.0/24, got {text:?}"))?;
+        if has_leading_zero(&text) {
+            return Err(format!(
+                "a number with a leading zero in {text:?}: other tools read 010 as octal (8); write {net}"
+            ));
+        }
         if net.trunc() != net {
             return Err(format!("host bits set; did you mean {}?", net.trunc()));
         }
@@ -745,6 +757,18 @@ impl TryFrom<String> for Prefix {
         }
         Ok(Prefix(net))
     }
+}
+
+/// Whether an IPv4 prefix's octet, or any prefix's length, is written with
+/// a leading zero (`010.0.0.0/8`, `2001:db8::/064`).
+fn has_leading_zero(prefix: &str) -> bool {
+    let (address, length) = prefix.split_once('/').unwrap_or((prefix, ""));
+    let zero_led = |number: &str| number.len() > 1 && number.starts_with('0');
+    let octets = (!address.contains(':'))
+        .then(|| address.split('.'))
+        .into_iter()
+        .flatten();
+    octets.chain([length]).any(zero_led)
 }
 
 #[derive(Deserialize)]
@@ -768,6 +792,13 @@ impl TryFrom<String> for Server {
             if let Some(v4) = v6.ip().to_ipv4_mapped() {
                 return Err(format!(
                     "IPv4-mapped IPv6 address; use the IPv4 form {v4}:{}",
+                    addr.port()
+                ));
+            }
+            if v6.scope_id() == 0 && v6.ip().is_unicast_link_local() {
+                return Err(format!(
+                    "a link-local address needs its zone, the index of its interface (`ip -6 link` lists them): [{}%2]:{}",
+                    v6.ip(),
                     addr.port()
                 ));
             }
@@ -823,8 +854,14 @@ impl Visitor<'_> for PortVisitor {
             ))
         };
         let (first, last) = text.split_once('-').ok_or_else(not_a_port)?;
-        let first: u64 = first.parse().map_err(|_| not_a_port())?;
-        let last: u64 = last.parse().map_err(|_| not_a_port())?;
+        // Digits only, as a JSON number has them: no sign, no leading zero.
+        let number = |part: &str| match part.as_bytes() {
+            [b'1'..=b'9', rest @ ..] if rest.iter().all(u8::is_ascii_digit) => {
+                part.parse::<u64>().map_err(|_| not_a_port())
+            }
+            _ => Err(not_a_port()),
+        };
+        let (first, last) = (number(first)?, number(last)?);
         let (first, last) = (
             port_number(first).map_err(E::custom)?,
             port_number(last).map_err(E::custom)?,

@@ -144,6 +144,27 @@ fn prefix_with_host_bits() {
     );
 }
 
+/// Read as decimal here, as octal by `inet_aton` and the tools built on
+/// it: refused, with the form meant.
+#[test]
+fn prefix_with_a_leading_zero() {
+    for (bad, meant) in [
+        ("010.0.0.0/8", "10.0.0.0/8"),
+        ("192.0.2.010/32", "192.0.2.10/32"),
+        ("2001:db8::/064", "2001:db8::/64"),
+    ] {
+        let err = error_with(r#""192.0.2.0/24""#, &format!("{bad:?}"));
+        assert!(
+            err.ends_with(&format!(
+                "intercept[0].prefixes[0]: a number with a leading zero in {bad:?}: other tools read 010 as octal (8); write {meant}"
+            )),
+            "{err}"
+        );
+    }
+    let zeros = EXAMPLE.replace("192.0.2.0/24", "10.0.0.0/8");
+    Policy::from_json(&zeros).unwrap_or_else(|e| panic!("0 alone is no leading zero: {e}"));
+}
+
 #[test]
 fn ipv4_mapped_prefix() {
     let err = error_with(r#""192.0.2.0/24""#, r#""::ffff:192.0.2.0/120""#);
@@ -191,7 +212,16 @@ fn backwards_port_range() {
 
 #[test]
 fn port_that_is_no_port() {
-    for bad in [r#""http""#, r#""80""#, "80.5", "-1", "null"] {
+    for bad in [
+        r#""http""#,
+        r#""80""#,
+        "80.5",
+        "-1",
+        "null",
+        r#""+80-+90""#,
+        r#""0080-0090""#,
+        r#""80- 90""#,
+    ] {
         let err = error_with(r#""8000-8099""#, bad);
         assert!(err.contains("intercept[0].ports[1]: "), "{err}");
     }
@@ -301,6 +331,10 @@ fn bad_servers() {
         (
             "[2001:db8:5::2%7]:8080",
             "a zone (%7) belongs only to a link-local address (fe80::/10)",
+        ),
+        (
+            "[fe80::2]:8080",
+            "a link-local address needs its zone, the index of its interface (`ip -6 link` lists them): [fe80::2%2]:8080",
         ),
         (
             "0.0.0.0:8080",

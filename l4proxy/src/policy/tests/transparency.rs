@@ -72,6 +72,10 @@ fn bad_bind_values() {
             r#""::ffff:203.0.113.1""#,
             "IPv4-mapped IPv6 address; use the IPv4 form 203.0.113.1",
         ),
+        (
+            r#""fe80::1""#,
+            "fe80::1 is link-local: binding it needs its interface, which a bind address cannot name; use a global address",
+        ),
     ] {
         let err = error_with(r#""bind": "client" }"#, &format!(r#""bind": {bad} }}"#));
         assert!(
