@@ -676,6 +676,48 @@ fn a_successor_killed_before_the_handover_leaves_nothing() {
     stop_last(&mut old, &t.px);
 }
 
+/// A reload while a successor takes over is refused (the kernel state
+/// stays as it was offered), says why, and counts as a failed reload; the
+/// running daemon serves on once the successor gives up.
+#[test]
+fn a_reload_during_a_takeover_is_refused_and_counted() {
+    const ADMIN: &str = "127.0.0.1:9901";
+    let (t, _srv) = Topo::with_echo("takeover-reload", "203.0.113.2:8080", "upstream");
+    let mut old = Daemon::start_ready(&t.px, &policy(), &["--admin", ADMIN]);
+    // A successor that asks, reads the offer and says nothing more: the
+    // takeover stays under way while it holds the connection.
+    let successor = t.px.run(|| {
+        use std::io::BufRead;
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
+        let name = UnixAddr::from_abstract_name(b"l4proxy-control").unwrap();
+        let mut stream = UnixStream::connect_addr(&name).expect("the control socket");
+        stream.write_all(b"takeover\n").unwrap();
+        let mut offer = String::new();
+        std::io::BufReader::new(&stream)
+            .read_line(&mut offer)
+            .unwrap();
+        assert!(offer.contains(r#""ok":true"#), "the offer: {offer}");
+        stream
+    });
+    let reload = command(&t.px, &["reload"], Duration::from_secs(10));
+    assert!(
+        !reload.success() && reload.stderr.contains("a takeover is under way"),
+        "{reload:?}"
+    );
+    let failed = lab::prometheus::sample(
+        &lab::prometheus::scrape(&t.px, ADMIN),
+        r#"l4proxy_reloads_total{result="failed"}"#,
+    );
+    assert_eq!(failed, Some(1.0), "the refused reload is counted");
+    drop(successor);
+    old.wait_event("the failed takeover", Duration::from_secs(10), |e| {
+        message(e).is_some_and(|m| m.starts_with("takeover failed"))
+    });
+    exchange(&t.cl, sa("192.0.2.10:80"), "after\n").expect("the old daemon serves");
+    stop_last(&mut old, &t.px);
+}
+
 /// A SIGHUP while a successor waits for the running daemon's answer (`pkill
 /// -HUP l4proxy` during an upgrade) does not end it: it takes over, then
 /// rereads its policy.

@@ -347,19 +347,13 @@ pub async fn run(
                     notify::stopping(accepting.limit.open(), settings.grace_period);
                     break None;
                 }
-                Signal::Reload if handover.busy() => {
-                    tracing::error!("policy not reloaded: a takeover is under way");
-                }
                 Signal::Reload => {
-                    let _ = reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await;
+                    let _ = reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening, handover.busy()).await;
                 }
             },
             Some((request, reply)) = requests.recv() => {
                 let answer = match request {
-                    control::Request::Reload if handover.busy() => {
-                        serde_json::json!({ "ok": false, "error": "a takeover is under way" })
-                    }
-                    control::Request::Reload => match reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening).await {
+                    control::Request::Reload => match reload_now(&settings, &mut installation, &mut explicit, &accepting, &shared, &mut listening, handover.busy()).await {
                         Ok(()) => serde_json::json!({ "ok": true }),
                         Err(error) => serde_json::json!({ "ok": false, "error": error }),
                     },
@@ -615,7 +609,8 @@ pub fn load_policy(path: &Path) -> Result<Policy, PolicyError> {
 }
 
 /// Reloads the policy (on SIGHUP, or asked on the control socket) and
-/// puts it in force for new connections; counted, and logged either way.
+/// puts it in force for new connections, unless a takeover is under way
+/// (the kernel state stays as offered); counted, and logged either way.
 /// The error says why the running policy stays.
 async fn reload_now(
     settings: &Settings,
@@ -624,7 +619,13 @@ async fn reload_now(
     accepting: &Accepting<'_>,
     shared: &Shared,
     listening: &mut Vec<String>,
+    taking_over: bool,
 ) -> Result<(), String> {
+    if taking_over {
+        installation.metrics().reloaded(false);
+        tracing::error!("policy not reloaded: a takeover is under way");
+        return Err("a takeover is under way".to_owned());
+    }
     let keepalive = settings.defaults.keepalive;
     notify::reloading();
     let reloaded = reload(
