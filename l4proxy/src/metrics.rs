@@ -517,9 +517,19 @@ pub struct RuleSeries {
 }
 
 impl RuleSeries {
-    /// A rule's metrics if they were made.
-    pub fn made(&self, rule: usize) -> Option<&RuleMetrics> {
-        self.cells[rule].get()
+    /// A rule's connections open now and since the start, without making
+    /// its series: those of a rule by that name under an earlier policy
+    /// (a reload of a large policy makes them anew only when used), or 0.
+    pub fn readings(&self, rule: usize) -> (i64, u64) {
+        if let Some(made) = self.cells[rule].get() {
+            return (made.active.get(), made.connections.get());
+        }
+        let label = RuleLabel {
+            rule: self.names[rule].clone(),
+        };
+        let active = self.families.active.get(&label).map_or(0, |g| g.get());
+        let total = self.families.connections.get(&label).map_or(0, |c| c.get());
+        (active, total)
     }
 }
 
@@ -753,14 +763,20 @@ mod tests {
         let metrics = Metrics::new();
         let handles = metrics.for_policy(&policy);
         let series = |text: &str| text.matches("l4proxy_rule_connections_total{").count();
-        assert_eq!(series(&metrics.encode(&[], &[])), 0);
-        assert!(handles.rules.made(7).is_none());
+        assert_eq!(handles.rules.readings(7), (0, 0));
+        assert_eq!(series(&metrics.encode(&[], &[])), 0, "read, not made");
         handles.rules[7].connections.inc();
+        handles.rules[7].active.inc();
         let text = metrics.encode(&[], &[]);
         assert_eq!(series(&text), 1);
         assert!(
             text.contains("l4proxy_rule_connections_total{rule=\"r7\"} 1"),
             "{text}"
         );
+        // A reload: the new policy's handles read what the rule of that
+        // name counted before, still without making anything.
+        let reloaded = metrics.for_policy(&policy);
+        assert_eq!(reloaded.rules.readings(7), (1, 1));
+        assert_eq!(series(&metrics.encode(&[], &[])), 1);
     }
 }

@@ -35,12 +35,10 @@ pub fn snapshot(daemon: &Daemon, active: &Active) -> Value {
         "uptime_seconds": daemon.started.elapsed().as_secs(),
         "listeners": daemon.listeners,
         "workers": daemon.workers.iter().map(|n| json!({ "accepted": n })).collect::<Vec<_>>(),
-        // A rule without series yet has had no connection.
-        "rules": policy.rules.iter().enumerate().map(|(i, rule)| json!({
-            "name": rule.name,
-            "active": m.rules.made(i).map_or(0, |m| open(&m.active)),
-            "total": m.rules.made(i).map_or(0, |m| total(&m.connections)),
-        })).collect::<Vec<_>>(),
+        "rules": policy.rules.iter().enumerate().map(|(i, rule)| {
+            let (active, total) = m.rules.readings(i);
+            json!({ "name": rule.name, "active": active, "total": total })
+        }).collect::<Vec<_>>(),
         "routes": m.routes.iter().enumerate().map(|(i, m)| json!({
             "name": policy.route_label(crate::policy::RouteId(i)).short(),
             "total": total(m),
