@@ -518,3 +518,41 @@ fn start_up_refuses_a_bridge_without_an_address() {
     assert_eq!(t.br.proxy_rules(), Vec::<String>::new());
     assert_eq!(t.br.tc_programs(&BRIDGE_DEVS), Vec::<String>::new());
 }
+
+/// br_netfilter calls the firewall for a bridge whose own `nf_call_iptables`
+/// is on, whatever the sysctl says: start-up warns naming the bridge and
+/// the setting, and serves. (The module is loaded on the lab's hosts: a
+/// new namespace has the sysctls.)
+#[test]
+fn start_up_warns_of_a_bridge_that_calls_the_firewall() {
+    let t = Bridged::new("br_nfcall");
+    assert!(
+        std::path::Path::new("/proc/sys/net/bridge").exists(),
+        "br_netfilter is not loaded on this host: the check cannot be shown"
+    );
+    t.br.sysctl("net.bridge.bridge-nf-call-iptables", "0");
+    t.br.sysctl("net.bridge.bridge-nf-call-ip6tables", "0");
+    t.br.ip(&[
+        "link",
+        "set",
+        "br0",
+        "type",
+        "bridge",
+        "nf_call_iptables",
+        "1",
+    ]);
+    let mut d = Daemon::start_ready(&t.br, &bridged_policy(&["to-cl"], json!([80])), &[]);
+    let warned =
+        |e: &Value| message(e).is_some_and(|m| m.contains("bridge br0's nf_call_iptables is on"));
+    assert!(
+        d.events().iter().any(warned),
+        "no warning of br0's nf_call_iptables: {}",
+        d.log_text()
+    );
+    assert!(
+        !d.log_text().contains("nf_call_ip6tables is on"),
+        "only the family whose setting is on: {}",
+        d.log_text()
+    );
+    d.stop(Duration::from_secs(10));
+}

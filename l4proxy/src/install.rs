@@ -719,12 +719,20 @@ pub async fn check_host(policy: &Policy, local: &LocalAddrs) -> Result<HostCheck
         .map(|p| p.interface.name.clone())
         .chain(needs.bridges.iter().map(|b| b.name.clone()))
         .collect();
+    let mut bridges = Vec::new();
+    for bridge in &needs.bridges {
+        bridges.push(sysctl::Bridged {
+            name: bridge.name.clone(),
+            v4: bridge.v4,
+            v6: bridge.v6,
+            nf_call: interfaces::bridge_nf_call(bridge.index).await?,
+        });
+    }
     let mut findings = sysctl::check(&sysctl::Plan {
         gateway_v4: needs.routed_v4,
         gateway_v6: needs.routed_v6,
         marking: &marking,
-        bridged_v4: needs.bridges.iter().any(|b| b.v4),
-        bridged_v6: needs.bridges.iter().any(|b| b.v6),
+        bridges: &bridges,
     });
     for bridge in &needs.bridges {
         let addresses = interfaces::addresses(bridge.index).await?;

@@ -10,7 +10,9 @@ use rtnetlink::{
     MulticastGroup,
     packet_route::{
         address::AddressMessage,
-        link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
+        link::{
+            InfoBridge, InfoData, InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage,
+        },
     },
 };
 use tokio::sync::mpsc;
@@ -85,6 +87,43 @@ pub async fn addresses(index: u32) -> Result<Vec<IpAddr>, RouteError> {
         .filter(|message| message.header.index == index)
         .filter_map(crate::local_addrs::address_of)
         .collect())
+}
+
+/// Bridge `index`'s own `nf_call_iptables` and `nf_call_ip6tables`: with
+/// br_netfilter loaded, its frames pass the firewall when either these or
+/// the global sysctls say so.
+pub async fn bridge_nf_call(index: u32) -> Result<[bool; 2], RouteError> {
+    let handle = connect()?;
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(RouteError::List)?;
+    let mut nf_call = [false; 2];
+    let options = links
+        .iter()
+        .flat_map(|link| &link.attributes)
+        .filter_map(|attribute| match attribute {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|info| match info {
+            LinkInfo::Data(InfoData::Bridge(options)) => Some(options),
+            _ => None,
+        })
+        .flatten();
+    for option in options {
+        match option {
+            InfoBridge::NfCallIpTables(on) => nf_call[0] = *on,
+            InfoBridge::NfCallIp6Tables(on) => nf_call[1] = *on,
+            _ => {}
+        }
+    }
+    Ok(nf_call)
 }
 
 /// Tells the receiver whenever an interface comes, goes or changes, or an

@@ -12,10 +12,13 @@
 //!   `rp_filter` without it is fine: the check then uses the main table, and
 //!   a client's route points back out of the interface it came in on.
 //! - Bridged interception with `br_netfilter` loaded and
-//!   `net.bridge.bridge-nf-call-iptables` (or `-ip6tables`) on: every frame
-//!   crossing the bridge also goes through iptables/ip6tables (and conntrack),
-//!   whose FORWARD and INPUT rules may drop what l4proxy takes or passes. A
-//!   warning: it works unless a firewall there says otherwise.
+//!   `net.bridge.bridge-nf-call-iptables` (or `-ip6tables`) on, or the
+//!   bridge's own `nf_call_iptables` (`ip link set BR type bridge
+//!   nf_call_iptables 1`, which br_netfilter honours whatever the sysctl
+//!   says): every frame crossing the bridge also goes through
+//!   iptables/ip6tables (and conntrack), whose FORWARD and INPUT rules may
+//!   drop what l4proxy takes or passes. A warning: it works unless a
+//!   firewall there says otherwise.
 
 use std::{fs, io, path::PathBuf};
 
@@ -35,9 +38,18 @@ pub struct Plan<'a> {
     pub gateway_v6: bool,
     /// Interfaces where `classify` marks packets.
     pub marking: &'a [String],
-    /// Gateway rules intercept IPv4 / IPv6 prefixes on a bridge.
-    pub bridged_v4: bool,
-    pub bridged_v6: bool,
+    /// The bridges gateway rules intercept on.
+    pub bridges: &'a [Bridged],
+}
+
+/// A bridge gateway rules intercept on.
+pub struct Bridged {
+    pub name: String,
+    /// Its rules intercept IPv4 / IPv6 prefixes.
+    pub v4: bool,
+    pub v6: bool,
+    /// Its own `nf_call_iptables` / `nf_call_ip6tables`.
+    pub nf_call: [bool; 2],
 }
 
 pub fn check(plan: &Plan) -> Findings {
@@ -60,17 +72,40 @@ fn check_with(plan: &Plan, sysctl: &dyn Fn(&str) -> io::Result<u32>) -> Findings
             ));
         }
     }
-    for (wanted, key) in [
-        (plan.bridged_v4, "net.bridge.bridge-nf-call-iptables"),
-        (plan.bridged_v6, "net.bridge.bridge-nf-call-ip6tables"),
-    ] {
-        // The key exists only while br_netfilter is loaded.
-        if wanted && sysctl(&key.replace('.', "/")).is_ok_and(|value| value != 0) {
+    for bridge in plan.bridges {
+        let name = &bridge.name;
+        for (wanted, key, own, option) in [
+            (
+                bridge.v4,
+                "net.bridge.bridge-nf-call-iptables",
+                bridge.nf_call[0],
+                "nf_call_iptables",
+            ),
+            (
+                bridge.v6,
+                "net.bridge.bridge-nf-call-ip6tables",
+                bridge.nf_call[1],
+                "nf_call_ip6tables",
+            ),
+        ] {
+            // The key exists only while br_netfilter is loaded; without it
+            // neither setting calls a firewall.
+            let Ok(global) = sysctl(&key.replace('.', "/")) else {
+                continue;
+            };
+            if !wanted {
+                continue;
+            }
+            let on = match (global != 0, own) {
+                (true, _) => format!("{key} is 1"),
+                (false, true) => format!("bridge {name}'s {option} is on"),
+                (false, false) => continue,
+            };
             findings.warnings.push(format!(
-                "{key} is 1 (br_netfilter): every frame crossing the bridge also passes the \
+                "{on} (br_netfilter): every frame crossing bridge {name} also passes the \
                  firewall (iptables/ip6tables FORWARD, and INPUT for what l4proxy takes); rules \
-                 there that drop it stop interception or bridging; set {key}=0 unless a firewall \
-                 on the bridge is meant"
+                 there that drop it stop interception or bridging; set {key}=0 and `ip link set \
+                 {name} type bridge {option} 0` unless a firewall on the bridge is meant"
             ));
         }
     }
@@ -122,8 +157,7 @@ mod tests {
             gateway_v4: true,
             gateway_v6: true,
             marking,
-            bridged_v4: false,
-            bridged_v6: false,
+            bridges: &[],
         }
     }
 
@@ -148,8 +182,7 @@ mod tests {
             gateway_v4: false,
             gateway_v6: false,
             marking: &[],
-            bridged_v4: false,
-            bridged_v6: false,
+            bridges: &[],
         };
         assert_eq!(
             findings(&plan, &[("net/ipv4/ip_forward", 0)]),
@@ -158,28 +191,42 @@ mod tests {
     }
 
     #[test]
-    fn br_netfilter_is_a_warning_per_bridged_family() {
-        let plan = Plan {
-            gateway_v4: false,
-            gateway_v6: false,
-            marking: &[],
-            bridged_v4: true,
-            bridged_v6: false,
+    fn br_netfilter_is_a_warning_per_bridge_and_bridged_family() {
+        let bridged = |nf_call| Bridged {
+            name: "br0".to_owned(),
+            v4: true,
+            v6: false,
+            nf_call,
         };
-        let found = findings(
-            &plan,
-            &[
-                ("net/bridge/bridge-nf-call-iptables", 1),
-                ("net/bridge/bridge-nf-call-ip6tables", 1),
-            ],
-        );
+        fn plan(bridges: &[Bridged]) -> Plan<'_> {
+            Plan {
+                gateway_v4: false,
+                gateway_v6: false,
+                marking: &[],
+                bridges,
+            }
+        }
+        let on = [
+            ("net/bridge/bridge-nf-call-iptables", 1),
+            ("net/bridge/bridge-nf-call-ip6tables", 1),
+        ];
+        let found = findings(&plan(&[bridged([false, false])]), &on);
         assert!(found.errors.is_empty());
         assert_eq!(found.warnings.len(), 1, "{found:?}");
         assert!(found.warnings[0].starts_with("net.bridge.bridge-nf-call-iptables is 1"));
-        // Not loaded (no key), or off: nothing to say.
-        assert_eq!(findings(&plan, &[]), Findings::default());
+        // The bridge's own setting, with the sysctl off: br_netfilter
+        // honours it.
+        let off = [("net/bridge/bridge-nf-call-iptables", 0)];
+        let found = findings(&plan(&[bridged([true, false])]), &off);
+        assert_eq!(found.warnings.len(), 1, "{found:?}");
+        assert!(found.warnings[0].starts_with("bridge br0's nf_call_iptables is on"));
+        // Not loaded (no key), or both off: nothing to say.
         assert_eq!(
-            findings(&plan, &[("net/bridge/bridge-nf-call-iptables", 0)]),
+            findings(&plan(&[bridged([true, true])]), &[]),
+            Findings::default()
+        );
+        assert_eq!(
+            findings(&plan(&[bridged([false, false])]), &off),
             Findings::default()
         );
     }
