@@ -161,6 +161,9 @@ fn sweep_stale_namespaces() {
                 continue;
             };
             if !PathBuf::from(format!("/proc/{pid}")).exists() {
+                // Its peers run on in their own process groups, out of
+                // reach once the name is gone.
+                kill_what_is_left(&name);
                 let _ = run_cmd("ip", &["netns", "del", &name]);
             }
         }
@@ -428,35 +431,35 @@ impl Netns {
     pub fn wait_no_bpf_links(&self, timeout: Duration) -> Vec<serde_json::Value> {
         poll_until(timeout, || self.bpf_netns_links(), Vec::is_empty)
     }
+}
 
-    /// Kills what still runs in the namespace: deleting its name would
-    /// leave such a process serving in a namespace nobody can reach (a
-    /// successor a failed `upgrade` started, a route guard still at work).
-    fn kill_what_is_left(&self) {
-        let out = run_cmd("ip", &["netns", "pids", &self.name]);
-        let ours = std::process::id();
-        for pid in String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|pid| pid.parse::<u32>().ok())
-            .filter(|&pid| pid != ours)
-        {
-            let command = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                .unwrap_or_default()
-                .replace('\0', " ");
-            eprintln!(
-                "lab: killing {pid} ({}), left in netns {}",
-                command.trim_end(),
-                self.name
-            );
-            // SAFETY: kill(2) takes no pointers.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        }
+/// Kills what still runs in namespace `name`: deleting the name would
+/// leave such a process serving in a namespace nobody can reach (a
+/// successor a failed `upgrade` started, a route guard still at work, the
+/// peers of a test process that was killed).
+fn kill_what_is_left(name: &str) {
+    let out = run_cmd("ip", &["netns", "pids", name]);
+    let ours = std::process::id();
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse::<u32>().ok())
+        .filter(|&pid| pid != ours)
+    {
+        let command = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .replace('\0', " ");
+        eprintln!(
+            "lab: killing {pid} ({}), left in netns {name}",
+            command.trim_end()
+        );
+        // SAFETY: kill(2) takes no pointers.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        self.kill_what_is_left();
+        kill_what_is_left(&self.name);
         let out = run_cmd("ip", &["netns", "del", &self.name]);
         if !out.status.success() {
             // Never panic in drop (it may run while unwinding): say it loudly.

@@ -52,9 +52,9 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
-        Task::BuildEbpf => ebpf::build(),
+        Task::BuildEbpf => setup::run().and_then(|()| ebpf::build()),
         Task::Demo => demo::run(),
-        Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Fuzz { seconds } => setup::run().and_then(|()| fuzz::run(seconds)),
         Task::Bench(args) => {
             // The load generators share the machine with what they measure:
             // a debug build of them would take CPU from the proxies and
@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
             }
             bench::run(&args)
         }
-        Task::Package(args) => package::run(&args),
+        Task::Package(args) => setup::run().and_then(|()| package::run(&args)),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
     }
 }

@@ -45,6 +45,22 @@ const PACKAGES: &[&str] = &[
     "strace",
 ];
 
+/// The services of the peers' packages, by package: installing one would
+/// start it, and enable it at boot, on this host (nginx on port 80, Squid
+/// on 3128, …). The tests and the bench start the programs themselves, in
+/// their own namespaces.
+const SERVICES: &[(&str, &str)] = &[
+    ("nginx-light", "nginx"),
+    ("haproxy", "haproxy"),
+    ("squid", "squid"),
+    ("prometheus", "prometheus"),
+    ("iperf3", "iperf3"),
+];
+
+/// Debian's hook that tells maintainer scripts whether they may start a
+/// service: exit 101 is "no".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {
@@ -52,12 +68,24 @@ pub fn run() -> anyhow::Result<()> {
     if !missing.is_empty() {
         eprintln!("xtask: installing {}", missing.join(" "));
         run_command(Command::new("apt-get").args(["update", "-q"]))?;
+        let no_starts = NoServiceStarts::new()?;
         run_command(
             Command::new("apt-get")
                 .args(["install", "-y", "-q", "--no-install-recommends"])
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
+        drop(no_starts);
+        for (package, unit) in SERVICES {
+            if missing.contains(package) {
+                // Off at boot too; where no systemd manages the host there
+                // is nothing to disable, and nothing said.
+                let _ = Command::new("systemctl")
+                    .args(["disable", "--quiet", unit])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
     }
     if !bpf_linker_ready() {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about 3 minutes)");
@@ -76,6 +104,35 @@ pub fn run() -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// While it lives, packages' maintainer scripts start no service (a
+/// `policy-rc.d` that says no, unless the host has one of its own).
+struct NoServiceStarts {
+    ours: bool,
+}
+
+impl NoServiceStarts {
+    fn new() -> anyhow::Result<NoServiceStarts> {
+        use std::os::unix::fs::PermissionsExt;
+        if std::path::Path::new(POLICY_RC_D).exists() {
+            return Ok(NoServiceStarts { ours: false });
+        }
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# cargo xtask setup: no service starts\nexit 101\n",
+        )?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
+        Ok(NoServiceStarts { ours: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.ours {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
 }
 
 fn installed(package: &str) -> bool {

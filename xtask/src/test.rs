@@ -73,8 +73,17 @@ fn run_counting(command: &mut Command) -> anyhow::Result<Totals> {
         .with_context(|| format!("starting {description}"))?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut totals = Totals::default();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo test output")?;
+    // Bytes, not text: a test may print what is not UTF-8, and the run
+    // must be read (and its process reaped) to its end whatever it prints.
+    for line in BufReader::new(stdout).split(b'\n') {
+        let line = match line {
+            Ok(line) => String::from_utf8_lossy(&line).into_owned(),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e).context("reading cargo test output");
+            }
+        };
         println!("{line}");
         if let Some(result) = line.strip_prefix("test result: ") {
             totals.passed += count(result, " passed");

@@ -106,8 +106,25 @@ pub fn sweep_stale() {
         if let Some(pid) = pid
             && !Path::new(&format!("/proc/{pid}")).exists()
         {
+            // Its peers run on in their own process groups, out of reach
+            // once the name is gone.
+            kill_all_in(&name);
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
+    }
+}
+
+/// Kills every process in namespace `name` (a killed bench left them).
+fn kill_all_in(name: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2) takes no pointers.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 
@@ -528,6 +545,14 @@ mod tests {
     fn a_paused_process_and_its_children_stop_until_continued() {
         let ns = Netns::new("pause").expect("ip netns add (needs root)");
         let log = std::env::temp_dir().join(format!("l4bench-pause-{}.log", std::process::id()));
+        // Removed when the test ends, also when it fails.
+        struct Removed(std::path::PathBuf);
+        impl Drop for Removed {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _removed = Removed(log.clone());
         let proc = Proc::start(
             &ns,
             "sleepers",
@@ -562,6 +587,5 @@ mod tests {
         );
         assert_eq!(state(pid), None, "the process is gone");
         drop(ns);
-        let _ = std::fs::remove_file(log);
     }
 }

@@ -1703,6 +1703,7 @@ mod tests {
         let ports: Vec<u16> = Listener::ALL.iter().map(|l| l.proxy_port()).collect();
         assert_eq!(ports, [8443, 8444, 8445, 8446, 8447, 8448]);
         let mut names: Vec<&str> = Listener::ALL.iter().map(|l| l.name()).collect();
+        names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), 6);
     }
