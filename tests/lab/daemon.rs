@@ -74,10 +74,16 @@ pub struct Daemon {
     ns: String,
     /// The `conn_id`s of the close events `closed_event` returned.
     closes_returned: std::collections::HashSet<String>,
+    /// The threads reading its stdout and stderr into `log`.
+    collectors: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Reads lines from a pipe into the shared log until EOF.
-fn collect<R: Read + Send + 'static>(pipe: R, tag: &'static str, log: Arc<Mutex<Vec<String>>>) {
+fn collect<R: Read + Send + 'static>(
+    pipe: R,
+    tag: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             match line {
@@ -85,7 +91,7 @@ fn collect<R: Read + Send + 'static>(pipe: R, tag: &'static str, log: Arc<Mutex<
                 Err(_) => break,
             }
         }
-    });
+    })
 }
 
 /// How the daemon's process is set up before it runs.
@@ -139,7 +145,7 @@ impl Daemon {
     /// `l4proxy run --policy FILE --log-format json EXTRA...` inside `ns`.
     pub fn start(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
         let mut d = Daemon::spawn(ns, policy, extra);
-        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d.collect_stderr();
         d
     }
 
@@ -169,7 +175,7 @@ impl Daemon {
             ..Setup::default()
         };
         let mut d = Daemon::spawn_with(ns, policy, extra, setup);
-        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d.collect_stderr();
         d
     }
 
@@ -181,7 +187,7 @@ impl Daemon {
             ..Setup::default()
         };
         let mut d = Daemon::spawn_with(ns, policy, extra, setup);
-        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d.collect_stderr();
         d
     }
 
@@ -205,7 +211,7 @@ impl Daemon {
                 ..Setup::default()
             },
         );
-        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d.collect_stderr();
         d.wait_ready(Duration::from_secs(10));
         d
     }
@@ -225,7 +231,7 @@ impl Daemon {
             ..Setup::default()
         };
         let mut d = Daemon::spawn_with(ns, policy, extra, setup);
-        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d.collect_stderr();
         d
     }
 
@@ -237,7 +243,7 @@ impl Daemon {
             ..Setup::default()
         };
         let mut d = Daemon::spawn_with(ns, policy, extra, setup);
-        collect(d.child.stderr.take().unwrap(), "", d.log.clone());
+        d.collect_stderr();
         d
     }
 
@@ -327,7 +333,7 @@ impl Daemon {
         drop(ns_file);
 
         let log = Arc::new(Mutex::new(Vec::new()));
-        collect(child.stdout.take().unwrap(), "stdout: ", log.clone());
+        let stdout = collect(child.stdout.take().unwrap(), "stdout: ", log.clone());
         Daemon {
             child,
             exited: None,
@@ -335,7 +341,14 @@ impl Daemon {
             dir,
             ns: ns.name().to_owned(),
             closes_returned: Default::default(),
+            collectors: vec![stdout],
         }
+    }
+
+    /// Reads its stderr (its log) into the log.
+    fn collect_stderr(&mut self) {
+        let stderr = self.child.stderr.take().unwrap();
+        self.collectors.push(collect(stderr, "", self.log.clone()));
     }
 
     /// Starts the daemon and waits for `ready` (10 s).
@@ -436,8 +449,21 @@ impl Daemon {
                 .child
                 .try_wait()
                 .unwrap_or_else(|e| panic!("waitpid daemon: {e}"));
+            if self.exited.is_some() {
+                self.read_to_the_end();
+            }
         }
         self.exited
+    }
+
+    /// Once it has exited: waits (up to 2 s) until its last lines are in
+    /// the log. Its pipes may stay open longer, held by what it started
+    /// (its crash guard, a successor), hence the bound.
+    fn read_to_the_end(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.collectors.iter().all(|c| c.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits for an event matching `pred`; panics with the log on timeout or
@@ -467,8 +493,6 @@ impl Daemon {
                 return ev;
             }
             if let Some(st) = self.try_exit() {
-                // Give the reader threads a moment to drain the pipes.
-                std::thread::sleep(Duration::from_millis(100));
                 if let Some(ev) = nth(self) {
                     return ev;
                 }
