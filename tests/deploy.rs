@@ -195,7 +195,7 @@ fn version_names_the_commit_and_the_embedded_bpf_object() {
 const PACKAGED: &[(&str, u32)] = &[
     ("usr/sbin/l4proxy", 0o755),
     ("lib/systemd/system/l4proxy.service", 0o644),
-    ("etc/l4proxy/policy.json", 0o644),
+    ("etc/l4proxy/policy.json", 0o640),
     ("usr/share/man/man8/l4proxy.8.gz", 0o644),
     ("usr/share/man/man8/l4proxy-run.8.gz", 0o644),
     ("usr/share/man/man8/l4proxy-check.8.gz", 0o644),

@@ -217,7 +217,7 @@ fn capabilities(policy: Option<&Policy>, user: Option<&str>) -> Vec<Finding> {
             finding(
                 Status::Missing,
                 format!("capability {cap}"),
-                format!("needed for {why}; run l4proxy as root, or grant it (AmbientCapabilities= in a unit)"),
+                format!("needed for {why}; start l4proxy as root (a unit's CapabilityBoundingSet= must keep it), with `--user NAME` to run as another user after start-up"),
             )
         });
     }

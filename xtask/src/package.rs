@@ -73,7 +73,8 @@ fn build(root: &Path, binary: &Path, out: &Path) -> anyhow::Result<PathBuf> {
         Entry {
             from: &dist.join("policy.json"),
             to: "etc/l4proxy/policy.json",
-            mode: 0o644,
+            // A policy may hold a parent proxy's password.
+            mode: 0o640,
         },
         Entry {
             from: &dist.join("copyright"),
