@@ -523,6 +523,61 @@ fn client_port_to_the_original_destination_falls_back_to_client_ip() {
     }
 }
 
+/// Towards the client's original destination with `client-ip`, the kernel
+/// would take the client's own port now and then (it sees no clash: the
+/// client's connection is held on px the other way round), and the
+/// upstream connection would be the client's again, which a firewall's
+/// connection tracking takes for one. px's ports narrowed to two, the
+/// client on one of them: every upstream connection takes the other.
+#[test]
+fn client_ip_to_the_original_destination_never_takes_the_clients_port() {
+    const PORTS: std::ops::Range<u16> = 8080..8085;
+    let t = Topo::new("other_port");
+    let servers: Vec<(Family, u16, Server)> = FAMILIES
+        .iter()
+        .flat_map(|&f| PORTS.map(move |port| (f, port)))
+        .map(|(f, port)| {
+            let server = Server::start(&t.sv, sock(f.server, port), handlers::hello_echo("origin"));
+            (f, port, server)
+        })
+        .collect();
+    let policy = json!({
+        "intercept": [gateway_rule(json!(["8080-8084"]), "origin")],
+        "upstreams": { "origin": { "original_destination": true, "bind": "client-ip" } }
+    });
+    let _d = Daemon::start_ready(&t.px, &policy, &[]);
+    // Narrowed once the daemon's listeners have their ports (from the
+    // default range, which ends at 60999).
+    t.px.sysctl("net.ipv4.ip_local_port_range", "61000 61001");
+    for (f, port, server) in &servers {
+        let to = sock(f.server, *port);
+        let from = sock(f.client, 61000);
+        // Reused at once for the next destination: the last one's close
+        // leaves the port in TIME_WAIT here.
+        let mut c =
+            t.cl.run(|| {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(to),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&from.into())?;
+                socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+                std::io::Result::Ok(std::net::TcpStream::from(socket))
+            })
+            .unwrap_or_else(|e| panic!("connect from {from} to {to}: {e}"));
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        talk(&mut c, "origin", &format!("{} to {to}", f.name));
+        let accepted = server.wait_accepted(1, Duration::from_secs(5));
+        assert_eq!(
+            accepted[0].peer,
+            sock(f.client, 61001),
+            "{to}: the client's address, px's other port"
+        );
+    }
+}
+
 /// A connection forwarded through px before the daemon starts is not reset
 /// by the start: only new connections (SYNs) and those the daemon owns are
 /// taken. A new connection to the same port is. The kernel's `steered`

@@ -64,6 +64,11 @@ pub enum Source {
     Kernel,
     /// A client's address (port 0: any port), bound transparently.
     Client(SocketAddr),
+    /// A client's address and any port but its own, bound transparently:
+    /// towards the client's original destination, its own port would make
+    /// the client's connection again (a firewall's connection tracking
+    /// would take the two for one).
+    ClientOtherPort(SocketAddr),
     /// A fixed address, any port; transparently, since it may not be local.
     Fixed(IpAddr),
 }
@@ -75,6 +80,9 @@ pub enum Fallback {
     LocalClient,
     /// `client` towards the original destination: the client's 4-tuple.
     SameFourTuple,
+    /// The client's address is IPv6 link-local: binding it needs a zone,
+    /// which neither a steered connection nor a PROXY header gives.
+    LinkLocalClient,
     /// `client`, but the client's port is taken here.
     PortInUse,
 }
@@ -83,6 +91,7 @@ impl fmt::Display for Fallback {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Fallback::LocalClient => "client is this host: not spoofed",
+            Fallback::LinkLocalClient => "client is link-local (no zone to bind it with): not spoofed",
             Fallback::SameFourTuple => {
                 "client port towards the original destination repeats the client's connection: client-ip"
             }
@@ -107,9 +116,13 @@ pub fn source(
         Bind::ClientIp | Bind::Client if local.contains(client.ip()) => {
             (Source::Kernel, Some(Fallback::LocalClient))
         }
+        Bind::ClientIp | Bind::Client if matches!(client.ip(), IpAddr::V6(v6) if v6.is_unicast_link_local()) => {
+            (Source::Kernel, Some(Fallback::LinkLocalClient))
+        }
+        Bind::ClientIp if server.0 == request.orig_dst.0 => (Source::ClientOtherPort(client), None),
         Bind::ClientIp => (Source::Client(SocketAddr::new(client.ip(), 0)), None),
         Bind::Client if server.0 == request.orig_dst.0 => (
-            Source::Client(SocketAddr::new(client.ip(), 0)),
+            Source::ClientOtherPort(client),
             Some(Fallback::SameFourTuple),
         ),
         Bind::Client => (Source::Client(client), None),
@@ -576,7 +589,7 @@ async fn original_destination(
 fn family_fits(from: Source, server: UpstreamAddr, client_v4: bool) -> bool {
     match from {
         Source::Kernel => true,
-        Source::Client(_) => server.0.is_ipv4() == client_v4,
+        Source::Client(_) | Source::ClientOtherPort(_) => server.0.is_ipv4() == client_v4,
         Source::Fixed(ip) => server.0.is_ipv4() == ip.is_ipv4(),
     }
 }
@@ -846,6 +859,10 @@ pub(crate) async fn connect_one(
     match from {
         Source::Kernel => {}
         Source::Client(addr) => bind_transparent(&socket, addr)?,
+        Source::ClientOtherPort(client) => {
+            bind_transparent(&socket, SocketAddr::new(client.ip(), 0))?;
+            leave_out_port(&socket, client.port())?;
+        }
         Source::Fixed(ip) => bind_transparent(&socket, SocketAddr::new(ip, 0))?,
     }
     establish(socket, upstream.0).await
@@ -888,6 +905,58 @@ pub fn set_keepalive(socket: &SockRef<'_>, keepalive: Keepalive) -> io::Result<(
                 .with_interval(Duration::from_secs(interval.into()))
                 .with_retries(count),
         ),
+    }
+}
+
+/// `IP_LOCAL_PORT_RANGE` (linux/in.h, Linux 6.3), which the libc crate
+/// lacks.
+const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
+
+/// Keeps `connect` from picking `port`: the socket's own port range is the
+/// larger part of this namespace's that leaves it out. (`connect` sees no
+/// clash with the client's port by itself: the client's connection is held
+/// here with its addresses the other way round.)
+fn leave_out_port(socket: &Socket, port: u16) -> io::Result<()> {
+    let (low, high) = local_port_range()?;
+    if !(low..=high).contains(&port) {
+        return Ok(());
+    }
+    let (from, to) = if port - low >= high - port {
+        (low, port - 1)
+    } else {
+        (port + 1, high)
+    };
+    if from > to {
+        return Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
+    }
+    let range = u32::from(from) | (u32::from(to) << 16);
+    // SAFETY: the option takes a u32, passed by pointer with its size; the
+    // descriptor is borrowed from a live socket.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            IP_LOCAL_PORT_RANGE,
+            (&raw const range).cast(),
+            size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// This network namespace's `net.ipv4.ip_local_port_range` (both families).
+fn local_port_range() -> io::Result<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => Ok((low, high)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("ip_local_port_range {text:?}"),
+        )),
     }
 }
 
@@ -1071,6 +1140,13 @@ mod tests {
                 Source::Client(remote.parse().unwrap()),
                 None,
             ),
+            (
+                "[fe80::7]:40000",
+                Bind::ClientIp,
+                server("[2001:db8:5::2]:80"),
+                Source::Kernel,
+                Some(Fallback::LinkLocalClient),
+            ),
             // Loopback is this host's, whatever the interfaces say.
             (
                 "127.0.0.5:40000",
@@ -1083,8 +1159,17 @@ mod tests {
                 remote,
                 Bind::Client,
                 server(to),
-                Source::Client("192.0.2.7:0".parse().unwrap()),
+                Source::ClientOtherPort(remote.parse().unwrap()),
                 Some(Fallback::SameFourTuple),
+            ),
+            // Any port but the client's own towards its original
+            // destination, with client-ip too.
+            (
+                remote,
+                Bind::ClientIp,
+                server(to),
+                Source::ClientOtherPort(remote.parse().unwrap()),
+                None,
             ),
         ];
         for (client, bind, to_server, want, fallback) in cases {
