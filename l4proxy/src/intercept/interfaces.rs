@@ -130,23 +130,58 @@ pub async fn bridge_nf_call(index: u32) -> Result<[bool; 2], RouteError> {
 /// address is added or removed (rtnetlink's link and address groups: a
 /// VIP that moves, a DHCP renewal); several changes in a row may come as
 /// one.
+///
+/// Should the subscription end (a netlink error ends its stream), it is
+/// made again, said in the log, and the receiver told of a change: what
+/// came meanwhile was missed.
 pub fn watch() -> Result<mpsc::Receiver<()>, RouteError> {
-    let (connection, _, mut changes) = rtnetlink::new_multicast_connection(&[
-        MulticastGroup::Link,
-        MulticastGroup::Ipv4Ifaddr,
-        MulticastGroup::Ipv6Ifaddr,
-    ])?;
-    tokio::spawn(connection);
+    let mut changes = subscribe()?;
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        while changes.next().await.is_some() {
-            // Full: a change is already waiting to be seen; this one joins it.
+        loop {
+            while changes.next().await.is_some() {
+                // Full: a change is already waiting to be seen; this one
+                // joins it.
+                if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                    return;
+                }
+            }
+            tracing::error!("the watch of interfaces and addresses ended; watching again");
+            changes = loop {
+                tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+                match subscribe() {
+                    Ok(changes) => break changes,
+                    Err(e) => {
+                        tracing::error!(error = %e, "watching interfaces and addresses again")
+                    }
+                }
+            };
             if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
                 return;
             }
         }
     });
     Ok(rx)
+}
+
+/// How long a watch that ended waits before it subscribes again.
+const RESUBSCRIBE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// rtnetlink's link and address groups, on the current runtime.
+fn subscribe() -> Result<
+    futures::channel::mpsc::UnboundedReceiver<(
+        rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+    RouteError,
+> {
+    let (connection, _, changes) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])?;
+    tokio::spawn(connection);
+    Ok(changes)
 }
 
 fn interface_of(link: &LinkMessage) -> Option<Interface> {
