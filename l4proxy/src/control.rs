@@ -86,7 +86,7 @@ pub enum BindError {
     )]
     Running(Running),
     #[error("the control socket's name @l4proxy-control is taken, by no daemon: {0}")]
-    Taken(String),
+    Taken(NotDaemon),
     #[error("binding the control socket @l4proxy-control: {0}")]
     Io(#[from] io::Error),
 }
@@ -129,8 +129,23 @@ pub fn bind() -> Result<UnixListener, BindError> {
     Ok(UnixListener::from_std(listener)?)
 }
 
+/// Why no daemon answers on the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum NotDaemon {
+    /// Nothing holds the name (or the connection failed).
+    #[error("no l4proxy daemon answers in this network namespace ({0})")]
+    Nobody(io::Error),
+    /// A process not run by root holds the name.
+    #[error(
+        "the control socket @l4proxy-control is held by pid {pid} (uid {uid}), not by root: no l4proxy daemon; stop that process"
+    )]
+    NotRoot { pid: i32, uid: u32 },
+    #[error("who holds the control socket @l4proxy-control: {0}")]
+    Unknown(io::Error),
+}
+
 /// The daemon of this network namespace, or why there is none.
-pub fn running() -> Result<Running, String> {
+pub fn running() -> Result<Running, NotDaemon> {
     let stream = connect()?;
     let answer = ask_on(stream, Query::Pid, REQUEST_TIMEOUT).ok();
     let pid = answer
@@ -141,18 +156,16 @@ pub fn running() -> Result<Running, String> {
 
 /// Connects to the daemon of this network namespace: a socket root
 /// listens on (see the module's header).
-pub fn connect() -> Result<std::os::unix::net::UnixStream, String> {
+pub fn connect() -> Result<std::os::unix::net::UnixStream, NotDaemon> {
     let addr =
-        std::os::unix::net::SocketAddr::from_abstract_name(NAME).map_err(|e| e.to_string())?;
-    let stream = std::os::unix::net::UnixStream::connect_addr(&addr)
-        .map_err(|e| format!("no l4proxy daemon answers in this network namespace ({e})"))?;
-    let listener = listener_of(&stream)
-        .map_err(|e| format!("who holds the control socket @l4proxy-control: {e}"))?;
+        std::os::unix::net::SocketAddr::from_abstract_name(NAME).map_err(NotDaemon::Nobody)?;
+    let stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(NotDaemon::Nobody)?;
+    let listener = listener_of(&stream).map_err(NotDaemon::Unknown)?;
     if listener.uid != 0 {
-        return Err(format!(
-            "the control socket @l4proxy-control is held by pid {} (uid {}), not by root: no l4proxy daemon; stop that process",
-            listener.pid, listener.uid
-        ));
+        return Err(NotDaemon::NotRoot {
+            pid: listener.pid,
+            uid: listener.uid,
+        });
     }
     Ok(stream)
 }
@@ -303,7 +316,7 @@ async fn reply(stream: &mut UnixStream, answer: &serde_json::Value) -> io::Resul
 /// `l4proxy reload`, `l4proxy upgrade`) and waits up to `timeout` for its
 /// answer.
 pub fn ask(query: Query, timeout: Duration) -> Result<serde_json::Value, String> {
-    ask_on(connect()?, query, timeout)
+    ask_on(connect().map_err(|e| e.to_string())?, query, timeout)
 }
 
 fn ask_on(

@@ -285,11 +285,16 @@ fn doctor(policy: Option<&std::path::Path>, user: Option<&str>) -> ExitCode {
 
 fn cleanup() -> anyhow::Result<()> {
     // Its routes are in use, not left over.
-    // A holder of the control socket that is not root is no daemon.
-    if let Ok(daemon) = control::running() {
-        anyhow::bail!(
+    match control::running() {
+        Ok(daemon) => anyhow::bail!(
             "{daemon} runs in this network namespace: its routes are in use; stop it first (it removes them itself)"
-        );
+        ),
+        // Perhaps a daemon after all (root in another user namespace, or
+        // started without root): its routes would go.
+        Err(holder @ control::NotDaemon::NotRoot { .. }) => {
+            anyhow::bail!("{holder}; cleanup leaves the routes to it until then")
+        }
+        Err(_) => {}
     }
     let removed = runtime()?.block_on(routes::remove_leftovers())?;
     println!(

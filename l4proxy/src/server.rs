@@ -406,6 +406,9 @@ pub async fn run(
             }
             event = handover.next() => match event {
                 takeover::Event::Ready(successor) => break Some(successor),
+                // Once no successor is left: another may still hold the
+                // offer (a `run --takeover` beside an `upgrade`'s child).
+                takeover::Event::Failed if handover.busy() => {}
                 takeover::Event::Failed => match installation.remove_unowned().await {
                     Ok(0) => {}
                     Ok(removed) => tracing::warn!(removed, "takeover: removed the routes and rules the failed successor left"),

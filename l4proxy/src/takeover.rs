@@ -16,8 +16,9 @@
 //! A successor that fails before `ready` (its policy refused by this host,
 //! a different `--fwmark`, a crash) leaves the predecessor serving: it only
 //! ever added to what was there, and removes only what it added. One killed
-//! before it hears `draining` cannot: the predecessor removes what of ours
-//! it does not own ([`crate::install::Installation::remove_unowned`]).
+//! before the predecessor read its `ready` cannot: the predecessor removes
+//! what of ours it does not own
+//! ([`crate::install::Installation::remove_unowned`]).
 //!
 //! `l4proxy upgrade` asks the daemon to start its successor itself: the
 //! binary at the path it was started from (a newer one installed over it is
@@ -189,7 +190,7 @@ pub struct Predecessor {
 /// Asks the daemon of this network namespace for its sockets and routing
 /// state; refuses a daemon whose packet mark or table differ from ours.
 pub async fn request(mark: Mark, table: u32) -> Result<(Predecessor, Handed), TakeoverError> {
-    let stream = control::connect().map_err(TakeoverError::NoDaemon)?;
+    let stream = control::connect().map_err(|e| TakeoverError::NoDaemon(e.to_string()))?;
     tracing::info!("takeover: asking the running daemon for its listeners");
     stream
         .set_nonblocking(true)

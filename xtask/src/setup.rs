@@ -112,16 +112,18 @@ struct NoServiceStarts {
     ours: bool,
 }
 
+/// The line that marks the `policy-rc.d` as ours: one a killed setup left
+/// is ours to remove, the host's own is not.
+const OURS: &str = "# cargo xtask setup: no service starts";
+
 impl NoServiceStarts {
     fn new() -> anyhow::Result<NoServiceStarts> {
         use std::os::unix::fs::PermissionsExt;
-        if std::path::Path::new(POLICY_RC_D).exists() {
-            return Ok(NoServiceStarts { ours: false });
+        match std::fs::read_to_string(POLICY_RC_D) {
+            Ok(text) if !text.contains(OURS) => return Ok(NoServiceStarts { ours: false }),
+            Ok(_) | Err(_) => {}
         }
-        std::fs::write(
-            POLICY_RC_D,
-            "#!/bin/sh\n# cargo xtask setup: no service starts\nexit 101\n",
-        )?;
+        std::fs::write(POLICY_RC_D, format!("#!/bin/sh\n{OURS}\nexit 101\n"))?;
         std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
         Ok(NoServiceStarts { ours: true })
     }

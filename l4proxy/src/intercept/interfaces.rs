@@ -148,7 +148,10 @@ pub fn watch() -> Result<mpsc::Receiver<()>, RouteError> {
             }
             tracing::error!("the watch of interfaces and addresses ended; watching again");
             changes = loop {
-                tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+                tokio::select! {
+                    () = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+                    () = tx.closed() => return,
+                }
                 match subscribe() {
                     Ok(changes) => break changes,
                     Err(e) => {

@@ -212,13 +212,14 @@ impl LocalRoutes {
         self.added.retain(|prefix| !gone.contains(prefix));
     }
 
-    /// Whether `route` is one of the routes it added.
+    /// Whether `route` is a local route it relies on: one it added, or one
+    /// it found (which may be a proto-244 route another daemon left).
     pub fn keeps(&self) -> impl Fn(&RouteMessage) -> bool {
         // A set: a policy may have 100 000 prefixes.
-        let added: HashSet<IpNet> = self.added.iter().copied().collect();
+        let kept: HashSet<IpNet> = self.added.iter().chain(&self.found).copied().collect();
         move |route| {
             route_key(route)
-                .is_some_and(|(table, prefix)| table == TABLE_LOCAL && added.contains(&prefix))
+                .is_some_and(|(table, prefix)| table == TABLE_LOCAL && kept.contains(&prefix))
         }
     }
 

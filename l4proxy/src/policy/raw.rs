@@ -738,9 +738,9 @@ impl TryFrom<String> for Prefix {
         let net: IpNet = text
             .parse()
             .map_err(|_| format!("expected an address prefix like 192.0.2.0/24, got {text:?}"))?;
-        if has_leading_zero(&text) {
+        if let Some(number) = leading_zero(&text) {
             return Err(format!(
-                "a number with a leading zero in {text:?}: other tools read 010 as octal (8); write {net}"
+                "{number} in {text:?} has a leading zero, which other tools read as octal; write {net}"
             ));
         }
         if net.trunc() != net {
@@ -759,16 +759,16 @@ impl TryFrom<String> for Prefix {
     }
 }
 
-/// Whether an IPv4 prefix's octet, or any prefix's length, is written with
-/// a leading zero (`010.0.0.0/8`, `2001:db8::/064`).
-fn has_leading_zero(prefix: &str) -> bool {
+/// An IPv4 prefix's octet, or any prefix's length, written with a leading
+/// zero (`010.0.0.0/8`, `2001:db8::/064`), if one is.
+fn leading_zero(prefix: &str) -> Option<&str> {
     let (address, length) = prefix.split_once('/').unwrap_or((prefix, ""));
-    let zero_led = |number: &str| number.len() > 1 && number.starts_with('0');
+    let zero_led = |number: &&str| number.len() > 1 && number.starts_with('0');
     let octets = (!address.contains(':'))
         .then(|| address.split('.'))
         .into_iter()
         .flatten();
-    octets.chain([length]).any(zero_led)
+    octets.chain([length]).find(zero_led)
 }
 
 #[derive(Deserialize)]

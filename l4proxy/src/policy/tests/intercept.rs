@@ -148,15 +148,15 @@ fn prefix_with_host_bits() {
 /// it: refused, with the form meant.
 #[test]
 fn prefix_with_a_leading_zero() {
-    for (bad, meant) in [
-        ("010.0.0.0/8", "10.0.0.0/8"),
-        ("192.0.2.010/32", "192.0.2.10/32"),
-        ("2001:db8::/064", "2001:db8::/64"),
+    for (bad, number, meant) in [
+        ("010.0.0.0/8", "010", "10.0.0.0/8"),
+        ("192.0.2.010/32", "010", "192.0.2.10/32"),
+        ("2001:db8::/064", "064", "2001:db8::/64"),
     ] {
         let err = error_with(r#""192.0.2.0/24""#, &format!("{bad:?}"));
         assert!(
             err.ends_with(&format!(
-                "intercept[0].prefixes[0]: a number with a leading zero in {bad:?}: other tools read 010 as octal (8); write {meant}"
+                "intercept[0].prefixes[0]: {number} in {bad:?} has a leading zero, which other tools read as octal; write {meant}"
             )),
             "{err}"
         );
