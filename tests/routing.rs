@@ -310,14 +310,14 @@ fn events_mentioning(d: &Daemon, needle: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Waits (10 s) until some event mentions `needle`, and returns all that do.
+/// Waits (10 s) until the close line of a connection mentioning `needle`
+/// is logged (a connection's last line), and returns every event that
+/// mentions it.
 fn wait_events_mentioning(d: &mut Daemon, needle: &str, what: &str) -> Vec<Value> {
     let n = needle.to_owned();
     d.wait_event(what, Duration::from_secs(10), move |e| {
-        e.to_string().contains(&n)
+        message(e) == Some("connection closed") && e.to_string().contains(&n)
     });
-    // Give the daemon a moment to write the rest of that connection's lines.
-    std::thread::sleep(Duration::from_millis(200));
     events_mentioning(d, needle)
 }
 
