@@ -547,8 +547,11 @@ fn client_ip_to_the_original_destination_never_takes_the_clients_port() {
     });
     let _d = Daemon::start_ready(&t.px, &policy, &[]);
     // Narrowed once the daemon's listeners have their ports (from the
-    // default range, which ends at 60999).
+    // default range, which ends at 60999); a reload has the daemon read the
+    // range again at once (it does every few seconds too).
     t.px.sysctl("net.ipv4.ip_local_port_range", "61000 61001");
+    let reload = lab::daemon::command(&t.px, &["reload"], Duration::from_secs(10));
+    assert!(reload.success(), "{reload:?}");
     for (f, port, server) in &servers {
         let to = sock(f.server, *port);
         let from = sock(f.client, 61000);

@@ -721,12 +721,8 @@ pub async fn check_host(policy: &Policy, local: &LocalAddrs) -> Result<HostCheck
         .collect();
     let mut bridges = Vec::new();
     for bridge in &needs.bridges {
-        bridges.push(sysctl::Bridged {
-            name: bridge.name.clone(),
-            v4: bridge.v4,
-            v6: bridge.v6,
-            nf_call: interfaces::bridge_nf_call(bridge.index).await?,
-        });
+        let nf_call = interfaces::bridge_nf_call(bridge.index).await?;
+        bridges.push(sysctl::Bridged { bridge, nf_call });
     }
     let mut findings = sysctl::check(&sysctl::Plan {
         gateway_v4: needs.routed_v4,

@@ -51,6 +51,7 @@ use crate::{
     session::{self, Defaults, Front, Shared},
     status,
     takeover::{self, Handover, Listeners, Restart, TakeoverError},
+    upstream,
     workers::{self, Workers},
 };
 
@@ -423,6 +424,7 @@ pub async fn run(
                 }
             }
             _ = trim.tick() => {
+                upstream::reread_local_port_range();
                 let open = relay::trim_pipes();
                 tracing::debug!(open, "splice pipes");
                 allocator::give_back_unused();
@@ -629,6 +631,7 @@ async fn reload_now(
         tracing::error!("policy not reloaded: a takeover is under way");
         return Err("a takeover is under way".to_owned());
     }
+    upstream::reread_local_port_range();
     let keepalive = settings.defaults.keepalive;
     notify::reloading();
     let reloaded = reload(

@@ -33,7 +33,10 @@ use std::{
     fmt, io,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -917,7 +920,7 @@ const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
 /// clash with the client's port by itself: the client's connection is held
 /// here with its addresses the other way round.)
 fn leave_out_port(socket: &Socket, port: u16) -> io::Result<()> {
-    let (low, high) = local_port_range()?;
+    let (low, high) = known_local_port_range()?;
     if !(low..=high).contains(&port) {
         return Ok(());
     }
@@ -945,6 +948,31 @@ fn leave_out_port(socket: &Socket, port: u16) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// This network namespace's `net.ipv4.ip_local_port_range` as last read
+/// (`low | high << 16`; 0 before the first read), so that a connection
+/// reads no file.
+static LOCAL_PORT_RANGE: AtomicU32 = AtomicU32::new(0);
+
+/// Reads this network namespace's port range again: the daemon does at
+/// start-up, on each reload and every few seconds (a changed sysctl is
+/// seen that late).
+pub fn reread_local_port_range() {
+    match local_port_range() {
+        Ok((low, high)) => {
+            LOCAL_PORT_RANGE.store(u32::from(low) | (u32::from(high) << 16), Ordering::Relaxed)
+        }
+        Err(e) => tracing::warn!(error = %e, "reading net.ipv4.ip_local_port_range"),
+    }
+}
+
+/// [`LOCAL_PORT_RANGE`], read now if it never was.
+fn known_local_port_range() -> io::Result<(u16, u16)> {
+    match LOCAL_PORT_RANGE.load(Ordering::Relaxed) {
+        0 => local_port_range(),
+        range => Ok((range as u16, (range >> 16) as u16)),
+    }
 }
 
 /// This network namespace's `net.ipv4.ip_local_port_range` (both families).

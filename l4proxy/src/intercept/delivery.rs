@@ -362,11 +362,11 @@ impl Delivery {
 }
 
 /// Whether two rules match the same packets into the same table, as the
-/// kernel lists them (it adds attributes of its own, in its own order).
+/// kernel lists them (it adds attributes of its own, in its own order; a
+/// rule has each attribute once).
 fn same_rule(a: &RuleMessage, b: &RuleMessage) -> bool {
     let matching = |rule: &RuleMessage| -> Vec<RuleAttribute> {
-        let mut attributes: Vec<RuleAttribute> = rule
-            .attributes
+        rule.attributes
             .iter()
             .filter(|attribute| {
                 matches!(
@@ -381,13 +381,13 @@ fn same_rule(a: &RuleMessage, b: &RuleMessage) -> bool {
                 )
             })
             .cloned()
-            .collect();
-        attributes.sort_by_key(|attribute| format!("{attribute:?}"));
-        attributes
+            .collect()
     };
+    let (ours, theirs) = (matching(a), matching(b));
     a.header.family == b.header.family
         && a.header.src_len == b.header.src_len
-        && matching(a) == matching(b)
+        && ours.len() == theirs.len()
+        && ours.iter().all(|attribute| theirs.contains(attribute))
 }
 
 /// The routing rule of a server on this host (see the module's header).

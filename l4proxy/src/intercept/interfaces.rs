@@ -171,13 +171,7 @@ pub fn watch() -> Result<mpsc::Receiver<()>, RouteError> {
 const RESUBSCRIBE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// rtnetlink's link and address groups, on the current runtime.
-fn subscribe() -> Result<
-    futures::channel::mpsc::UnboundedReceiver<(
-        rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
-        rtnetlink::sys::SocketAddr,
-    )>,
-    RouteError,
-> {
+fn subscribe() -> Result<impl futures::Stream + Unpin + Send + 'static, RouteError> {
     let (connection, _, changes) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,

@@ -22,6 +22,8 @@
 
 use std::{fs, io, path::PathBuf};
 
+use super::bridge::BridgeUse;
+
 /// What the checks found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Findings {
@@ -39,16 +41,13 @@ pub struct Plan<'a> {
     /// Interfaces where `classify` marks packets.
     pub marking: &'a [String],
     /// The bridges gateway rules intercept on.
-    pub bridges: &'a [Bridged],
+    pub bridges: &'a [Bridged<'a>],
 }
 
-/// A bridge gateway rules intercept on.
-pub struct Bridged {
-    pub name: String,
-    /// Its rules intercept IPv4 / IPv6 prefixes.
-    pub v4: bool,
-    pub v6: bool,
-    /// Its own `nf_call_iptables` / `nf_call_ip6tables`.
+/// A bridge gateway rules intercept on, and its own `nf_call_iptables` /
+/// `nf_call_ip6tables`.
+pub struct Bridged<'a> {
+    pub bridge: &'a BridgeUse,
     pub nf_call: [bool; 2],
 }
 
@@ -72,30 +71,30 @@ fn check_with(plan: &Plan, sysctl: &dyn Fn(&str) -> io::Result<u32>) -> Findings
             ));
         }
     }
-    for bridge in plan.bridges {
+    for Bridged { bridge, nf_call } in plan.bridges {
         let name = &bridge.name;
         for (wanted, key, own, option) in [
             (
                 bridge.v4,
                 "net.bridge.bridge-nf-call-iptables",
-                bridge.nf_call[0],
+                nf_call[0],
                 "nf_call_iptables",
             ),
             (
                 bridge.v6,
                 "net.bridge.bridge-nf-call-ip6tables",
-                bridge.nf_call[1],
+                nf_call[1],
                 "nf_call_ip6tables",
             ),
         ] {
+            if !wanted {
+                continue;
+            }
             // The key exists only while br_netfilter is loaded; without it
             // neither setting calls a firewall.
             let Ok(global) = sysctl(&key.replace('.', "/")) else {
                 continue;
             };
-            if !wanted {
-                continue;
-            }
             let on = match (global != 0, own) {
                 (true, _) => format!("{key} is 1"),
                 (false, true) => format!("bridge {name}'s {option} is on"),
@@ -192,13 +191,17 @@ mod tests {
 
     #[test]
     fn br_netfilter_is_a_warning_per_bridge_and_bridged_family() {
-        let bridged = |nf_call| Bridged {
+        let br0 = BridgeUse {
             name: "br0".to_owned(),
+            index: 2,
             v4: true,
             v6: false,
+        };
+        let bridged = |nf_call| Bridged {
+            bridge: &br0,
             nf_call,
         };
-        fn plan(bridges: &[Bridged]) -> Plan<'_> {
+        fn plan<'a>(bridges: &'a [Bridged<'a>]) -> Plan<'a> {
             Plan {
                 gateway_v4: false,
                 gateway_v6: false,
