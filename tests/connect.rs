@@ -70,6 +70,7 @@ impl ConnectLab {
                 ("x.routed.example.test", &["203.0.113.2"]),
                 ("rebind.example.test", &["127.0.0.1"]),
                 ("metadata.example.test", &["169.254.169.254"]),
+                ("anyip.example.test", &["203.0.113.241"]),
             ],
         );
         let d = Daemon::start_with_resolver(
@@ -185,7 +186,8 @@ fn curl_reaches_tls_servers_by_name_and_by_address() {
 }
 
 /// What the proxy refuses, by status, with the server never seeing a
-/// connection: reserved addresses (also behind a name), a port not
+/// connection: reserved addresses and this host's (also behind a name,
+/// also where only a `local` route makes them the host's), a port not
 /// allowed, another method, an oversized head, two Host fields; and what
 /// it cannot do: an unknown name, a refused port, a silent address.
 #[test]
@@ -202,6 +204,25 @@ fn denials_and_failures_are_answered_by_status() {
         sa("198.51.100.1:443"),
         handlers::hello_echo("px"),
     );
+    // Prefixes px takes as its own without an address on them (AnyIP),
+    // added while the daemon runs: a service there is this host's too.
+    lab.t
+        .px
+        .ip(&["route", "add", "local", "203.0.113.240/28", "dev", "lo"]);
+    lab.t.px.ip(&[
+        "-6",
+        "route",
+        "add",
+        "local",
+        "2001:db8:5:f::/64",
+        "dev",
+        "lo",
+    ]);
+    let anyip = Server::start(
+        &lab.t.px,
+        sa("203.0.113.241:443"),
+        handlers::hello_echo("px-anyip"),
+    );
     let oversized = {
         let mut head = b"CONNECT app.example.test:443 HTTP/1.1\r\n".to_vec();
         while head.len() < 17 * 1024 {
@@ -217,6 +238,21 @@ fn denials_and_failures_are_answered_by_status() {
             connect_head("198.51.100.1:443"),
             "403",
             "this host's address",
+        ),
+        (
+            connect_head("203.0.113.241:443"),
+            "403",
+            "this host's address",
+        ),
+        (
+            connect_head("[2001:db8:5:f::1]:443"),
+            "403",
+            "this host's address",
+        ),
+        (
+            connect_head("anyip.example.test:443"),
+            "403",
+            "resolves only to refused addresses",
         ),
         (connect_head("169.254.169.254:443"), "403", "link-local"),
         (
@@ -298,6 +334,10 @@ fn denials_and_failures_are_answered_by_status() {
     assert!(
         own.accepted().is_empty(),
         "a tunnel reached px's own address"
+    );
+    assert!(
+        anyip.accepted().is_empty(),
+        "a tunnel reached a prefix px routes to itself"
     );
 }
 

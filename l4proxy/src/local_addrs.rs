@@ -7,8 +7,16 @@
 //! reread whenever an address is added or removed (the daemon follows
 //! rtnetlink's address groups, see `intercept::interfaces::watch`), so that a
 //! DHCP renewal or a new VIP is seen.
+//!
+//! An address can be this host's without being an interface's: an
+//! operator's `local` route (AnyIP, `ip route add local 192.0.2.0/24 dev
+//! lo`) makes a whole prefix local. [`routed_here`] asks the kernel's
+//! routing itself, one address at a time, where a snapshot of the local
+//! table would cost a dump of every route in it.
 
 use std::{
+    cell::RefCell,
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex, RwLock},
 };
@@ -17,7 +25,15 @@ use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::lpm::Lpm;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::{
+    packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        address::{AddressAttribute, AddressMessage},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    },
+    sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
+};
 
 /// 127.0.0.0/8 and ::1: local whether or not `lo` lists them.
 const LOOPBACK: [IpNet; 2] = [
@@ -137,6 +153,84 @@ fn read(lock: &RwLock<Arc<Lpm<()>>>) -> Arc<Lpm<()>> {
         .clone()
 }
 
+/// Whether the kernel delivers a connection to `ip` to this host (`ip
+/// route get` says `local`): an interface's address, or one of a `local`
+/// route's prefix. No route at all is not local.
+pub fn routed_here(ip: IpAddr) -> io::Result<bool> {
+    let mut query = RouteMessage::default();
+    (
+        query.header.address_family,
+        query.header.destination_prefix_length,
+    ) = match ip {
+        IpAddr::V4(_) => (AddressFamily::Inet, 32),
+        IpAddr::V6(_) => (AddressFamily::Inet6, 128),
+    };
+    query
+        .attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(ip)));
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    let mut request = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::GetRoute(query)),
+    );
+    request.finalize();
+    let mut sending = vec![0; request.buffer_len()];
+    request.serialize(&mut sending);
+    let answer = ROUTE_SOCKET.with_borrow_mut(|kept| {
+        let asked = ask(kept, &sending);
+        if asked.is_err() {
+            // An answer may be left queued: the next question opens anew.
+            *kept = None;
+        }
+        asked
+    })?;
+    match answer.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
+            Ok(route.header.kind == RouteType::Local)
+        }
+        NetlinkPayload::Error(error) => {
+            let error = error.to_io();
+            match error.raw_os_error() {
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => Ok(false),
+                _ => Err(error),
+            }
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected answer to a route query: {other:?}"),
+        )),
+    }
+}
+
+thread_local! {
+    /// One netlink socket per thread that asks, opened on first use: in
+    /// the daemon's network namespace, as every worker is.
+    static ROUTE_SOCKET: RefCell<Option<Socket>> = const { RefCell::new(None) };
+}
+
+/// Sends `request` and reads its answer, which the kernel queues before
+/// the send returns.
+fn ask(
+    kept: &mut Option<Socket>,
+    request: &[u8],
+) -> io::Result<NetlinkMessage<RouteNetlinkMessage>> {
+    let socket = match kept {
+        Some(socket) => socket,
+        None => {
+            let mut socket = Socket::new(NETLINK_ROUTE)?;
+            socket.bind_auto()?;
+            socket.connect(&SocketAddr::new(0, 0))?;
+            kept.insert(socket)
+        }
+    };
+    socket.send(request, 0)?;
+    let mut answer = Vec::with_capacity(4096);
+    socket.recv(&mut answer, libc::MSG_DONTWAIT)?;
+    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 /// The host's own address of an `ip addr` entry: IFA_LOCAL where given (on a
 /// point-to-point link IFA_ADDRESS is the peer), else IFA_ADDRESS.
 pub(crate) fn address_of(message: &AddressMessage) -> Option<IpAddr> {
@@ -149,4 +243,23 @@ pub(crate) fn address_of(message: &AddressMessage) -> Option<IpAddr> {
         }
     }
     address
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads the routes of the namespace the tests run in, changing nothing:
+    /// loopback's `local` routes are in every one.
+    #[test]
+    fn the_kernels_local_routes_say_what_is_routed_here() {
+        for ip in ["127.0.0.5", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(routed_here(ip).unwrap(), "{ip}");
+        }
+        // Reserved (class E): never a host's, routed away or not at all.
+        assert!(!routed_here("240.0.0.1".parse().unwrap()).unwrap());
+        // The thread's socket is kept and asked again.
+        assert!(routed_here("127.0.0.1".parse().unwrap()).unwrap());
+    }
 }

@@ -23,7 +23,7 @@ use crate::{
     connect_head::{self, HeadError, Host, Method, Request, Status},
     credentials::{self, Checked},
     hello::{self, GaveUp, Look},
-    local_addrs::LocalAddrs,
+    local_addrs::{self, LocalAddrs},
     lookup::{self, LookupError},
     policy::{ConnectFront, Htpasswd},
     sniff::Sniffed,
@@ -346,6 +346,15 @@ fn allowed(front: &ConnectFront, ip: IpAddr, local: &LocalAddrs) -> Result<(), &
         }
         if local.contains(ip) {
             return Err("this host's address");
+        }
+        // A prefix an operator made local without an address on it.
+        match local_addrs::routed_here(ip) {
+            Ok(false) => {}
+            Ok(true) => return Err("this host's address"),
+            Err(e) => {
+                tracing::warn!(%ip, error = %e, "asking the kernel's route to a tunnel's address");
+                return Err("its route could not be read");
+            }
         }
     }
     if let Some(destinations) = &front.destinations
