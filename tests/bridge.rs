@@ -521,7 +521,8 @@ fn start_up_refuses_a_bridge_without_an_address() {
 
 /// br_netfilter calls the firewall for a bridge whose own `nf_call_iptables`
 /// is on, whatever the sysctl says: start-up warns naming the bridge and
-/// the setting, and serves. Without the module loaded (no
+/// the setting, and serves; the bridge's settings read as set. Without
+/// the module loaded (no
 /// `/proc/sys/net/bridge`: nothing loads it for the tests, as it would
 /// send every bridge of the host through iptables) the setting does
 /// nothing, and there is no warning.
@@ -558,4 +559,29 @@ fn start_up_warns_of_a_bridge_that_calls_the_firewall() {
         d.log_text()
     );
     d.stop(Duration::from_secs(10));
+    // What start-up reads, whether or not the module makes it matter: the
+    // bridge's own settings, one on, one off.
+    let nf_call = t.br.run(|| {
+        let index = interface_index("br0");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(l4proxy::intercept::interfaces::bridge_nf_call(index))
+            .expect("reading br0's settings")
+    });
+    assert_eq!(
+        nf_call,
+        [true, false],
+        "br0's nf_call_iptables, nf_call_ip6tables"
+    );
+}
+
+/// The index of the interface `name` in the calling thread's namespace.
+fn interface_index(name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a NUL-terminated name; the call reads nothing else.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name:?}");
+    index
 }

@@ -28,6 +28,8 @@ const REMOTE_TLS_UP: &str = "198.51.100.1:3130";
 const REMOTE_PLAIN: &str = "198.51.100.1:3131";
 /// The name the remote proxy's certificate is for.
 const REMOTE_NAME: &str = "proxy.example.test";
+/// Another name of the app's address, which its certificates do not have.
+const ALIAS: &str = "alias.example.test";
 /// The service address cl's l4proxy takes (cl routes it via px; the local
 /// rule makes it this host's own).
 const SERVICE: &str = "192.0.2.10";
@@ -105,7 +107,7 @@ impl Chain {
             &t,
             &[("203.0.113.2:443", "app-v4")],
             &[],
-            &[(APP, &["203.0.113.2"])],
+            &[(APP, &["203.0.113.2"]), (ALIAS, &["203.0.113.2"])],
         );
         let dir = TempDir::new("chain-pki");
         let ca = Ca::new(&dir, "proxies");
@@ -316,6 +318,22 @@ fn upstream_tls_of_a_tls_connect_listener_verifies_the_connect_name() {
         &got,
         &[("rule", "remote-tls-up"), ("tls_sni", REMOTE_NAME)],
     );
+    // The same server by a name its certificate does not have: refused,
+    // though the hop's name verified; by its address: no name to verify.
+    for (url, error) in [
+        (format!("http://{ALIAS}:9443/"), "certificate"),
+        ("http://203.0.113.2:9443/".to_owned(), "no server name"),
+    ] {
+        let got = curl_via_tls_proxy(&c, ("198.51.100.1", 3130), &["--proxytunnel"], &url);
+        assert!(!got.body.contains("app-by-ca"), "{}", got.describe());
+        let ev = c
+            .remote
+            .closed_event(got.local.expect("curl's own address"));
+        assert!(
+            outcome(&ev).starts_with("upstream_tls_failed") && outcome(&ev).contains(error),
+            "{url}: {ev}"
+        );
+    }
 }
 
 /// A route chosen by the CONNECT name alone that terminates the TLS inside

@@ -458,6 +458,11 @@ fn domain_fronting_is_refused_when_the_rule_says_so() {
         b"GET / HTTP/1.0\r\n\r\n",
     );
     assert!(!fronted.stdout.contains("app-v4"), "{}", fronted.describe());
+    assert!(
+        fronted.stderr.contains("errno=104"),
+        "a reset: {}",
+        fronted.describe()
+    );
     let refused = lab
         .d
         .wait_event("the fronting refusal", Duration::from_secs(10), |e| {

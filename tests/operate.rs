@@ -296,7 +296,7 @@ fn status_and_reload_answer_from_the_running_daemon() {
     // A bad policy: refused with the reason, the old one stays.
     std::fs::write(d.policy_path(), "{ \"intercept\": [ ").unwrap();
     let refused = l4proxy(&t, &["reload"]);
-    assert!(!refused.success(), "{}", refused.describe());
+    assert_eq!(refused.code(), Some(1), "{}", refused.describe());
     assert!(
         refused.stderr.contains("refused") && refused.stderr.contains("EOF"),
         "{}",

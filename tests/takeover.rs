@@ -973,14 +973,40 @@ fn a_failed_takeover_with_more_workers_loses_no_connection() {
     });
     let load = Load::start(&t.cl, Via::Steered(dst));
     std::thread::sleep(Duration::from_millis(300));
+    let failed =
+        |e: &Value| lab::daemon::message(e).is_some_and(|m| m.starts_with("takeover failed: "));
     for round in 0..3 {
         let mut new = Daemon::start(&t.px, &missing_interface, &["--takeover", "--workers", "4"]);
         let status = new.wait_exit(Duration::from_secs(20));
         assert!(!status.success(), "round {round}: the takeover should fail");
+        assert!(
+            new.log_text().contains("nope0"),
+            "round {round}: {}",
+            new.log_text()
+        );
+        // It asked, and was refused for its policy: the old daemon says so.
+        old.wait_nth_event(
+            round,
+            "the old daemon's `takeover failed`",
+            Duration::from_secs(10),
+            failed,
+        );
         let mut new = start_without_setuid(&t.px, &["--takeover", "--user", "nobody"]);
         let status = new.wait_exit(Duration::from_secs(20));
         assert!(!status.success(), "round {round}: the takeover should fail");
+        assert!(
+            new.log_text().contains("cap_setuid"),
+            "round {round}: {}",
+            new.log_text()
+        );
     }
+    // The successors without cap_setuid never asked.
+    assert_eq!(
+        old.events().iter().filter(|e| failed(e)).count(),
+        3,
+        "{}",
+        old.log_text()
+    );
     std::thread::sleep(Duration::from_millis(300));
     let tally = load.finish();
     assert!(

@@ -1943,10 +1943,10 @@ fn a_session_resumes_only_where_it_showed_what_is_asked() {
         ],
         "upstreams": { "plain": { "servers": [PLAIN] } }
     });
-    let _d = Daemon::start_ready(&t.px, &policy, &[]);
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let sessions = TempDir::new("tls-sessions-mtls");
     let ca = &pki.front.cert;
-    for version in ["-tls1_3", "-tls1_2"] {
+    for (round, version) in ["-tls1_3", "-tls1_2"].into_iter().enumerate() {
         let session = p(&sessions.join(&format!("{version}.pem")));
         let run = |port: u16, session_arg: &str| {
             let args = [
@@ -1969,6 +1969,15 @@ fn a_session_resumes_only_where_it_showed_what_is_asked() {
             &elsewhere,
             "plain-upstream",
             &format!("{version}: the open terminator's session, where a certificate is required"),
+        );
+        assert!(!elsewhere.reused(), "{version}\n{}", elsewhere.describe());
+        // Its close, the second of each round's three: refused in the
+        // handshake by the terminator that requires a certificate.
+        let ev = closed(&mut d, round * 3 + 2);
+        assert_eq!(field_str(&ev, "rule").as_deref(), Some("required"), "{ev}");
+        assert_handshake_failed(
+            &ev,
+            &format!("{version}: resumed where a certificate is required"),
         );
         let again = run(443, "-sess_in");
         assert!(
