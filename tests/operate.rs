@@ -7,12 +7,12 @@
 mod lab;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use lab::prometheus::{Prometheus, promtool_check};
 use lab::tls::run_in;
-use lab::{Daemon, Server, Topo, handlers, sa};
+use lab::{Daemon, Server, Topo, handlers, ip, sa};
 use serde_json::{Value, json};
 
 /// Where l4proxy serves metrics and Prometheus listens, inside px.
@@ -23,8 +23,11 @@ const PROMETHEUS: &str = "127.0.0.1:9090";
 /// 81 has no route and no default: refused.
 fn policy(api: &str) -> Value {
     json!({
-        "intercept": [ { "name": "svc", "prefixes": ["192.0.2.10/32"], "ports": [80, 81] } ],
-        "routes": [ { "name": "api", "match": { "ports": [80] }, "upstream": "api" } ],
+        "intercept": [ { "name": "svc", "prefixes": ["192.0.2.10/32"], "ports": [80, 81, 82] } ],
+        "routes": [
+            { "name": "api", "match": { "ports": [80] }, "upstream": "api" },
+            { "name": "closed", "match": { "ports": [82] }, "reject": true }
+        ],
         "upstreams": { "api": { "servers": [api] } }
     })
 }
@@ -53,8 +56,8 @@ fn scrape(t: &Topo) -> String {
 }
 
 /// A connection no route takes: the daemon closes it.
-fn refused(t: &Topo) {
-    let mut c = lab::connect(&t.cl, sa("192.0.2.10:81"));
+fn refused(t: &Topo, port: u16) {
+    let mut c = lab::connect(&t.cl, SocketAddr::new(ip("192.0.2.10"), port));
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = c.read(&mut [0u8; 16]);
 }
@@ -92,8 +95,9 @@ fn prometheus_scrapes_what_the_test_sent() {
     let prometheus = Prometheus::start(&t.px, sa(PROMETHEUS), sa(ADMIN));
 
     let sent: usize = (0..3).map(|i| exchange(&t, &format!("hello {i}\n"))).sum();
-    refused(&t);
-    refused(&t);
+    refused(&t, 81);
+    refused(&t, 81);
+    refused(&t, 82);
 
     let scraped = scrape(&t);
     let (valid, report) = promtool_check(&t.px, &scraped);
@@ -121,7 +125,13 @@ fn prometheus_scrapes_what_the_test_sent() {
     let exactly = |n: f64| move |v: f64| v == n;
     let queries = [
         (r#"l4proxy_route_connections_total{route="api"}"#, 3.0),
-        (r#"l4proxy_rule_connections_total{rule="svc"}"#, 5.0),
+        // Matched, and rejected.
+        (r#"l4proxy_route_connections_total{route="closed"}"#, 1.0),
+        (r#"l4proxy_rule_connections_total{rule="svc"}"#, 6.0),
+        (
+            r#"l4proxy_rule_closed_connections_total{rule="svc",outcome="refused"}"#,
+            1.0,
+        ),
         (
             r#"l4proxy_rule_closed_connections_total{rule="svc",outcome="closed"}"#,
             3.0,
@@ -251,19 +261,22 @@ fn status_and_reload_answer_from_the_running_daemon() {
         })
         .collect();
     exchange(&t, "done\n");
+    refused(&t, 82);
 
     let out = l4proxy(&t, &["status", "--json"]);
     assert!(out.success(), "{}", out.describe());
     let status: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(status["rules"][0]["name"], "svc", "{status}");
     assert_eq!(status["rules"][0]["active"], 2, "{status}");
-    assert_eq!(status["rules"][0]["total"], 3, "{status}");
+    assert_eq!(status["rules"][0]["total"], 4, "{status}");
     assert_eq!(status["upstreams"][0]["active"], 2, "{status}");
     let server = &status["upstreams"][0]["servers"][0];
     assert_eq!(server["address"], "203.0.113.2:8080", "{status}");
     assert_eq!(server["up"], true, "{status}");
     assert_eq!(server["active"], 2, "{status}");
     assert_eq!(status["routes"][0]["total"], 3, "{status}");
+    assert_eq!(status["routes"][1]["name"], "closed", "{status}");
+    assert_eq!(status["routes"][1]["total"], 1, "{status}");
     assert_eq!(status["generation"], 1, "{status}");
     assert!(
         status["kernel"]
@@ -279,7 +292,7 @@ fn status_and_reload_answer_from_the_running_daemon() {
         table
             .stdout
             .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["svc", "2", "3"]),
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["svc", "2", "4"]),
         "{}",
         table.stdout
     );

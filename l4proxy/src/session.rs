@@ -555,6 +555,13 @@ async fn open(
             return None;
         }
     }
+    // What matched is counted whether it relays or rejects.
+    if let route::Decision::Upstream { why, .. } | route::Decision::Reject { why } = &decision {
+        match why {
+            route::Why::Route(label) => active.metrics.routes[label.id.0].inc(),
+            route::Why::Default { .. } => rule_metrics.default.inc(),
+        };
+    }
     let (upstream_id, bind, route_timeouts) = match decision {
         route::Decision::Upstream {
             upstream,
@@ -563,10 +570,6 @@ async fn open(
             ..
         } => {
             record.route = Some(why.route_name());
-            match why {
-                route::Why::Route(label) => active.metrics.routes[label.id.0].inc(),
-                route::Why::Default { .. } => rule_metrics.default.inc(),
-            };
             let timeouts = match why {
                 route::Why::Route(label) => active.policy.routes[label.id.0].timeouts,
                 route::Why::Default { .. } => Timeouts::default(),
