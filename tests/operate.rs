@@ -176,27 +176,31 @@ fn prometheus_scrapes_what_the_test_sent() {
 /// Failed upstream connects are counted by whose doing they were: a
 /// server that refuses is `refused`; a connection no server could take
 /// (from the client's IPv4 address, to a pool of IPv6 servers) is
-/// `local`, not held against the pool's servers.
+/// `local`, not held against the pool's servers; TLS to the server for a
+/// client that named no server, where the upstream names none, is
+/// `client`.
 #[test]
 fn connect_failures_are_counted_by_whose_doing() {
     let (t, _api) = Topo::with_echo("operate_failures", "203.0.113.2:8080", "api");
     let _d = Daemon::start_ready(
         &t.px,
         &json!({
-            "intercept": [ { "name": "svc", "prefixes": ["192.0.2.10/32"], "ports": [83, 84] } ],
+            "intercept": [ { "name": "svc", "prefixes": ["192.0.2.10/32"], "ports": [83, 84, 85] } ],
             "routes": [
                 { "name": "gone", "match": { "ports": [83] }, "upstream": "gone" },
-                { "name": "v6", "match": { "ports": [84] }, "upstream": "v6" }
+                { "name": "v6", "match": { "ports": [84] }, "upstream": "v6" },
+                { "name": "tls", "match": { "ports": [85] }, "upstream": "tls" }
             ],
             "upstreams": {
                 // Nothing listens there.
                 "gone": { "servers": ["203.0.113.2:8081"] },
-                "v6": { "servers": ["[2001:db8:2::2]:8080"], "bind": "client-ip" }
+                "v6": { "servers": ["[2001:db8:2::2]:8080"], "bind": "client-ip" },
+                "tls": { "servers": ["203.0.113.2:8080"], "tls": {} }
             }
         }),
         &["--admin", ADMIN],
     );
-    for port in [83, 84] {
+    for port in [83, 84, 85] {
         // The daemon resets the client as soon as the upstream fails,
         // which `connect` may already report.
         if let Ok(mut c) = lab::try_connect(
@@ -218,8 +222,9 @@ fn connect_failures_are_counted_by_whose_doing() {
             .to_owned()
     };
     let counted = |scraped: &str| {
-        ["gone", "v6"]
-            .map(|upstream| ["refused", "local"].map(|reason| failures(scraped, upstream, reason)))
+        ["gone", "v6", "tls"].map(|upstream| {
+            ["refused", "local", "tls", "client"].map(|reason| failures(scraped, upstream, reason))
+        })
     };
     let mut scraped = String::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -228,7 +233,7 @@ fn connect_failures_are_counted_by_whose_doing() {
         scraped = scrape(&t);
         if counted(&scraped)
             .iter()
-            .all(|pair| pair.contains(&"1".to_owned()))
+            .all(|reasons| reasons.contains(&"1".to_owned()))
         {
             break;
         }
@@ -236,8 +241,13 @@ fn connect_failures_are_counted_by_whose_doing() {
     }
     assert_eq!(
         counted(&scraped),
-        [["1", "0"], ["0", "1"]].map(|pair| pair.map(str::to_owned)),
-        "upstream gone: refused, local; v6: refused, local\n{scraped}"
+        [
+            ["1", "0", "0", "0"],
+            ["0", "1", "0", "0"],
+            ["0", "0", "0", "1"]
+        ]
+        .map(|reasons| reasons.map(str::to_owned)),
+        "upstreams gone, v6, tls: refused, local, tls, client\n{scraped}"
     );
 }
 

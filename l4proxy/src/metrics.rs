@@ -119,8 +119,10 @@ const SNIFF_RESULTS: [&str; 4] = ["tls", "http", "other", "gave_up"];
 
 /// Why an upstream connection failed, for
 /// `l4proxy_upstream_connect_failures_total`.
-/// `local`: not the server's doing (see `ConnectError::on_this_host`).
-pub const CONNECT_FAILURES: [&str; 5] = ["refused", "timeout", "local", "parent", "tls"];
+/// `local`: not the server's doing (see `ConnectError::on_this_host`);
+/// `client`: TLS to the server failed for what the client asked for (see
+/// `ConnectError::clients_doing`).
+pub const CONNECT_FAILURES: [&str; 6] = ["refused", "timeout", "local", "parent", "tls", "client"];
 
 /// Upstream connect times: 0.5 ms to about 4 s.
 fn connect_buckets() -> Histogram {

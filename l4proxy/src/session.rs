@@ -684,7 +684,18 @@ async fn open(
             match tls_server_name(origination, client_name.or_else(|| target_name.clone())) {
                 Ok(name) => Some(name),
                 Err(e) => {
-                    tls_failed(&mut client, established, record, active, upstream_id, &e).await;
+                    // The client gave no name, or one that is none.
+                    let failed = Failed::ClientsDoing;
+                    tls_failed(
+                        &mut client,
+                        established,
+                        record,
+                        active,
+                        upstream_id,
+                        failed,
+                        &e,
+                    )
+                    .await;
                     return None;
                 }
             }
@@ -733,7 +744,21 @@ async fn open(
         }
         Err(e) if e.secure_failed() => {
             record.upstream = e.upstream();
-            tls_failed(&mut client, established, record, active, upstream_id, &e).await;
+            let failed = if e.clients_doing() {
+                Failed::ClientsDoing
+            } else {
+                Failed::ServersDoing
+            };
+            tls_failed(
+                &mut client,
+                established,
+                record,
+                active,
+                upstream_id,
+                failed,
+                &e,
+            )
+            .await;
             return None;
         }
         Err(e) => {
@@ -876,6 +901,14 @@ async fn await_first_bytes(client: &TcpStream, upstream: &TcpStream) {
     }
 }
 
+/// Whose doing a failed TLS to the upstream was, for its count.
+enum Failed {
+    ServersDoing,
+    /// What the client asked for (a name, an ALPN protocol): not held
+    /// against the upstream's TLS.
+    ClientsDoing,
+}
+
 /// TLS to the upstream failed, or could not start (no name to verify
 /// against): counted, told the client as a failed connect, and logged.
 async fn tls_failed(
@@ -884,9 +917,13 @@ async fn tls_failed(
     record: &Record,
     active: &Active,
     upstream_id: UpstreamId,
+    failed: Failed,
     error: &(dyn std::fmt::Display + Sync),
 ) {
-    active.metrics.upstreams[upstream_id.0].failed("tls");
+    active.metrics.upstreams[upstream_id.0].failed(match failed {
+        Failed::ServersDoing => "tls",
+        Failed::ClientsDoing => "client",
+    });
     upstream_failed(client, established, false, record).await;
     record.end(active, "upstream_tls_failed", Some(error));
 }

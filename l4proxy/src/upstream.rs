@@ -217,6 +217,9 @@ pub enum ConnectError {
     Secure {
         upstream: UpstreamAddr,
         error: String,
+        /// Whether it says something of the server, not of what the
+        /// client asked for ([`Unsecured::servers_fault`]).
+        servers_fault: bool,
     },
 }
 
@@ -235,6 +238,18 @@ impl ConnectError {
     /// Whether the last server tried was connected to, and TLS to it failed.
     pub fn secure_failed(&self) -> bool {
         matches!(self, ConnectError::Secure { .. })
+    }
+
+    /// Whether TLS to the server failed for what the client asked for (its
+    /// server name, its ALPN), not for anything of the server's.
+    pub fn clients_doing(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Secure {
+                servers_fault: false,
+                ..
+            }
+        )
     }
 
     /// Whether the failure says nothing of the servers: none was tried
@@ -419,9 +434,13 @@ impl Pool {
                         stream,
                         ..connected
                     }),
-                    Err(Unsecured { error, .. }) => Err(ConnectError::Secure {
+                    Err(Unsecured {
+                        error,
+                        servers_fault,
+                    }) => Err(ConnectError::Secure {
                         upstream: connected.upstream,
                         error,
+                        servers_fault,
                     }),
                 };
             }
@@ -499,6 +518,7 @@ impl Pool {
                     let failed = ConnectError::Secure {
                         upstream: server.address,
                         error,
+                        servers_fault,
                     };
                     // Through a parent, it is the destination's failure
                     // (the same through every parent): the parent worked.
