@@ -208,13 +208,14 @@ impl Admission {
         );
     }
 
-    /// `kind=count` for each kind of refusal, for the shutdown summary.
+    /// `limit=count` for each kind of refusal, for the shutdown summary:
+    /// named as the metric's `limit` label names them.
     pub fn summary(&self) -> String {
         Refusal::ALL
             .iter()
             .map(|&r| {
                 let count = self.tallies[r as usize].total.get();
-                format!("{:?}={count}", r)
+                format!("{}={count}", r.label())
             })
             .collect::<Vec<_>>()
             .join(" ")
@@ -254,6 +255,22 @@ mod tests {
             .unwrap();
         assert!(slot.is_none());
         assert!(admission.held().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_summary_names_the_limits_as_the_metric_does() {
+        let admission = Admission::new(None, &Metrics::new());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let peer = client.local_addr().unwrap();
+        admission.refuse(&client, peer, Refusal::ClientPrefix);
+        admission.refuse(&client, peer, Refusal::ClientPrefix);
+        assert_eq!(
+            admission.summary(),
+            "connections=0 per_client=0 per_client_prefix=2"
+        );
     }
 
     #[test]
