@@ -1,6 +1,8 @@
 //! The admin listener (`--admin ADDR`): Prometheus' scrape target. It
-//! answers `GET /metrics` with the text exposition, anything else with a
-//! 404, on the one address it is given; one request per connection. A few
+//! answers `GET /metrics` (a query, as a scrape job's `params` add, is
+//! ignored) with the text exposition, `HEAD` with its head alone, another
+//! method with a 405 and another path with a 404, on the one address it
+//! is given; one request per connection. A few
 //! connections at a time, each with deadlines, so that clients that send
 //! or read slowly cannot pile up descriptors and rendered answers.
 
@@ -82,31 +84,45 @@ async fn answer(mut stream: TcpStream, scrape: &Scrape) -> std::io::Result<()> {
     if !matches!(read, Ok(Ok(()))) {
         return Ok(());
     }
-    let (status, kind, body) = if head.starts_with(b"GET /metrics ") {
-        let (tx, rx) = oneshot::channel();
-        let text = match scrape.send(tx).await {
-            Ok(()) => rx.await.ok(),
-            Err(_) => None,
-        };
-        match text {
-            Some(text) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                "shutting down\n".to_owned(),
-            ),
+    let asked = Asked::of(&head);
+    let (status, kind, body) = match asked {
+        Asked::Metrics { .. } => {
+            let (tx, rx) = oneshot::channel();
+            let text = match scrape.send(tx).await {
+                Ok(()) => rx.await.ok(),
+                Err(_) => None,
+            };
+            match text {
+                Some(text) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
+                None => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "shutting down\n".to_owned(),
+                ),
+            }
         }
-    } else {
-        (
+        Asked::Elsewhere { .. } => (
             "404 Not Found",
             "text/plain",
             "only GET /metrics here\n".to_owned(),
-        )
+        ),
+        Asked::OtherMethod => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET /metrics here\n".to_owned(),
+        ),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let allow = match asked {
+        Asked::OtherMethod => "Allow: GET, HEAD\r\n",
+        _ => "",
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\n{allow}Content-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
+    if !asked.head_only() {
+        response += &body;
+    }
     let written = async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await
@@ -117,6 +133,50 @@ async fn answer(mut stream: TcpStream, scrape: &Scrape) -> std::io::Result<()> {
             std::io::ErrorKind::TimedOut,
             "the answer was not read in time",
         )),
+    }
+}
+
+/// What a request head asks for.
+#[derive(Debug, PartialEq)]
+enum Asked {
+    /// `GET` or `HEAD /metrics`, with or without a query.
+    Metrics {
+        head_only: bool,
+    },
+    /// `GET` or `HEAD` of another path (or no readable request line).
+    Elsewhere {
+        head_only: bool,
+    },
+    OtherMethod,
+}
+
+impl Asked {
+    fn of(head: &[u8]) -> Asked {
+        let line = head
+            .split(|&b| b == b'\r' || b == b'\n')
+            .next()
+            .unwrap_or_default();
+        let mut parts = line.split(|&b| b == b' ');
+        let (method, target) = (parts.next().unwrap_or_default(), parts.next());
+        let head_only = match method {
+            b"GET" => false,
+            b"HEAD" => true,
+            _ => return Asked::OtherMethod,
+        };
+        let path = target.and_then(|target| target.split(|&b| b == b'?').next());
+        if path == Some(b"/metrics") {
+            Asked::Metrics { head_only }
+        } else {
+            Asked::Elsewhere { head_only }
+        }
+    }
+
+    /// A `HEAD` is answered without the body.
+    fn head_only(&self) -> bool {
+        matches!(
+            self,
+            Asked::Metrics { head_only: true } | Asked::Elsewhere { head_only: true }
+        )
     }
 }
 
@@ -146,6 +206,80 @@ mod tests {
         let mut answer = String::new();
         c.read_to_string(&mut answer).await?;
         Ok(answer)
+    }
+
+    #[test]
+    fn request_lines_are_read_by_method_and_path() {
+        for (head, asked) in [
+            (
+                &b"GET /metrics HTTP/1.1\r\n"[..],
+                Asked::Metrics { head_only: false },
+            ),
+            (
+                b"GET /metrics?job=l4proxy HTTP/1.1\r\n",
+                Asked::Metrics { head_only: false },
+            ),
+            (
+                b"HEAD /metrics HTTP/1.1\r\n",
+                Asked::Metrics { head_only: true },
+            ),
+            (b"GET / HTTP/1.1\r\n", Asked::Elsewhere { head_only: false }),
+            (
+                b"GET /metricsx HTTP/1.1\r\n",
+                Asked::Elsewhere { head_only: false },
+            ),
+            (
+                b"HEAD /x HTTP/1.1\r\n",
+                Asked::Elsewhere { head_only: true },
+            ),
+            (b"GET\r\n", Asked::Elsewhere { head_only: false }),
+            (b"POST /metrics HTTP/1.1\r\n", Asked::OtherMethod),
+            (b"get /metrics HTTP/1.1\r\n", Asked::OtherMethod),
+            (b"", Asked::OtherMethod),
+        ] {
+            assert_eq!(
+                Asked::of(head),
+                asked,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    /// What each kind of request gets back, whole.
+    #[tokio::test]
+    async fn a_head_gets_no_body_and_another_method_a_405() {
+        let (addr, stop) = serving("l4proxy_x 1\n".to_owned()).await;
+        let ask = |request: &'static [u8]| async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(request).await.unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        let got = ask(b"GET /metrics?x=y HTTP/1.1\r\n\r\n").await;
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK\r\n") && got.ends_with("\r\n\r\nl4proxy_x 1\n"),
+            "{got:?}"
+        );
+        let got = ask(b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK\r\n")
+                && got.contains("Content-Length: 12\r\n")
+                && got.ends_with("\r\n\r\n"),
+            "{got:?}"
+        );
+        let got = ask(b"POST /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(
+            got.starts_with("HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\n"),
+            "{got:?}"
+        );
+        let got = ask(b"HEAD /nothing HTTP/1.1\r\n\r\n").await;
+        assert!(
+            got.starts_with("HTTP/1.1 404 Not Found\r\n") && got.ends_with("\r\n\r\n"),
+            "{got:?}"
+        );
+        stop.cancel();
     }
 
     /// Clients that never read their (large) answers hold a place each
