@@ -4,9 +4,10 @@
 //! formatted line on a bounded queue, and one writer thread writes the lines
 //! to stderr, those that gathered in the last 10 ms in one write. When
 //! stderr does not keep up (a pipe nobody reads, a stalled journald) the
-//! queue fills, and further lines are dropped and counted; as soon as the
-//! writer can write again it says how many, in a line of the same format,
-//! before the next line.
+//! queue fills, and further lines are dropped and counted; the next line
+//! queued after them is preceded on the queue by a note of how many, which
+//! the writer logs in a line of the same format: in their place, after the
+//! lines queued before them.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
@@ -174,6 +175,8 @@ impl Drop for LogGuard {
 /// What the writer thread is handed.
 enum Message {
     Line(Vec<u8>),
+    /// This many lines were dropped here, between the lines before and after.
+    Dropped(u64),
     /// Answered once everything queued before it has been written.
     Flush(mpsc::Sender<()>),
 }
@@ -187,6 +190,15 @@ struct Queue {
 
 impl Queue {
     fn push(&self, line: &[u8]) {
+        // A plain load first: the count is shared by every thread that logs,
+        // and is almost always 0.
+        if self.dropped.load(Ordering::Relaxed) > 0 {
+            let gap = self.dropped.swap(0, Ordering::Relaxed);
+            if gap > 0 && self.messages.try_send(Message::Dropped(gap)).is_err() {
+                self.dropped.fetch_add(gap + 1, Ordering::Relaxed);
+                return;
+            }
+        }
         if self
             .messages
             .try_send(Message::Line(line.to_vec()))
@@ -271,23 +283,22 @@ const GATHER: Duration = Duration::from_millis(10);
 /// Bytes gathered before a write even within an interval.
 const BATCH_BYTES: usize = 64 * 1024;
 
-/// The writer thread: writes the queued lines to `out`, preceded, when lines
-/// were dropped since the last one, by a line saying how many. Ends when
-/// every sender is gone.
+/// The writer thread: writes the queued lines to `out`, and where lines
+/// were dropped a line saying how many (at the end, for those dropped after
+/// the last line queued). Ends when every sender is gone.
 fn write_lines(queued: Receiver<Message>, dropped: &AtomicU64, out: &File) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
+    let tell = |batch: &mut Vec<u8>, dropped: u64| {
+        write_out(batch, out);
+        tracing::warn!(
+            dropped,
+            "log lines dropped: the log output was not keeping up"
+        );
+    };
     // Blocks only when the queue is empty: the next line wakes it.
     while let Ok(first) = queued.recv() {
         let mut next = Some(first);
         while let Some(message) = next {
-            let dropped = dropped.swap(0, Ordering::Relaxed);
-            if dropped > 0 {
-                write_out(&mut batch, out);
-                tracing::warn!(
-                    dropped,
-                    "log lines dropped: the log output was not keeping up"
-                );
-            }
             match message {
                 Message::Line(line) => {
                     batch.extend_from_slice(&line);
@@ -295,7 +306,12 @@ fn write_lines(queued: Receiver<Message>, dropped: &AtomicU64, out: &File) {
                         write_out(&mut batch, out);
                     }
                 }
+                Message::Dropped(count) => tell(&mut batch, count),
                 Message::Flush(done) => {
+                    let count = dropped.swap(0, Ordering::Relaxed);
+                    if count > 0 {
+                        tell(&mut batch, count);
+                    }
                     write_out(&mut batch, out);
                     _ = done.send(());
                 }
@@ -426,7 +442,7 @@ mod tests {
                 .try_iter()
                 .map(|message| match message {
                     Message::Line(line) => String::from_utf8(line).unwrap(),
-                    Message::Flush(_) => panic!("a flush nobody asked for"),
+                    Message::Flush(_) | Message::Dropped(_) => panic!("only lines were queued"),
                 })
                 .collect();
             assert_eq!(lines.len(), 2, "{format:?}: {lines:?}");
@@ -440,7 +456,9 @@ mod tests {
     }
 
     /// Fills the queue while the writer is stuck, then lets it write: the
-    /// line saying how many were dropped comes before the next queued line.
+    /// line saying how many were dropped comes where they were, after the
+    /// lines queued before them and before the next one queued; lines
+    /// dropped at the end are told of at exit.
     fn dropped_lines_are_reported(format: LogFormat) -> String {
         let (reader, out) = pipe();
         let (queue, guard) = start(2, out, format, false);
@@ -451,19 +469,40 @@ mod tests {
         }
         assert_eq!(queue.dropped.load(Ordering::Relaxed), 3);
 
+        let (lines, read) = mpsc::channel();
         let reading = std::thread::spawn(move || {
-            let mut all = Vec::new();
-            BufReader::new(reader).read_to_end(&mut all).unwrap();
-            all
+            for line in BufReader::new(reader).lines() {
+                lines.send(line.unwrap()).unwrap();
+            }
         });
+        let next = || read.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(next().len(), stuck.len() - 1);
+        assert_eq!([next(), next()], ["first", "second"], "{format:?}");
+        queue.push(b"after\n");
+        let notice = next();
+        assert_eq!(next(), "after", "{format:?}");
+        // Dropped after the last line queued (the queue full of long lines
+        // behind the one being written): told at exit.
+        for _ in 0..3 {
+            queue.push(&stuck);
+        }
+        for _ in 0..3 {
+            queue.push(b"lost at the end\n");
+        }
+        let written = queue.dropped.load(Ordering::Relaxed);
         drop(guard);
         drop(queue);
-        let all = reading.join().unwrap();
-        let mut lines = all.lines().map(Result::unwrap);
-        assert_eq!(lines.next().unwrap().len(), stuck.len() - 1);
-        let notice = lines.next().unwrap();
-        let rest: Vec<String> = lines.collect();
-        assert_eq!(rest, ["first", "second"], "{format:?}");
+        reading.join().unwrap();
+        let rest: Vec<String> = read.try_iter().collect();
+        let told = rest
+            .iter()
+            .filter(|line| line.contains("log lines dropped"))
+            .count();
+        assert_eq!(
+            told,
+            usize::from(written > 0),
+            "{format:?}: {written} dropped, {rest:?}"
+        );
         notice
     }
 
