@@ -111,7 +111,7 @@ impl Chain {
         );
         let dir = TempDir::new("chain-pki");
         let ca = Ca::new(&dir, "proxies");
-        let issued = ca.issue_server("app-by-ca", &[&format!("DNS:{APP}")]);
+        let issued = ca.issue_server("app-by-ca", &[&format!("DNS:{APP}"), "IP:203.0.113.2"]);
         let by_ca = lab::tls::Cert {
             name: issued.name,
             cert: issued.chain,
@@ -306,8 +306,8 @@ fn curl_speaks_tls_to_the_connect_listener() {
 
 /// Plain HTTP through the remote's TLS listener (`--proxy https://`,
 /// `--proxytunnel`) to a rule whose upstream is TLS: l4proxy verifies the
-/// server against the CONNECT name, not against the name of the hop's TLS
-/// (the proxy's own).
+/// server against the CONNECT name (or address), not against the name of
+/// the hop's TLS (the proxy's own).
 #[test]
 fn upstream_tls_of_a_tls_connect_listener_verifies_the_connect_name() {
     let mut c = Chain::start("chain_tls_up");
@@ -318,22 +318,26 @@ fn upstream_tls_of_a_tls_connect_listener_verifies_the_connect_name() {
         &got,
         &[("rule", "remote-tls-up"), ("tls_sni", REMOTE_NAME)],
     );
-    // The same server by a name its certificate does not have: refused,
-    // though the hop's name verified; by its address: no name to verify.
-    for (url, error) in [
-        (format!("http://{ALIAS}:9443/"), "certificate"),
-        ("http://203.0.113.2:9443/".to_owned(), "no server name"),
-    ] {
-        let got = curl_via_tls_proxy(&c, ("198.51.100.1", 3130), &["--proxytunnel"], &url);
-        assert!(!got.body.contains("app-by-ca"), "{}", got.describe());
-        let ev = c
-            .remote
-            .closed_event(got.local.expect("curl's own address"));
-        assert!(
-            outcome(&ev).starts_with("upstream_tls_failed") && outcome(&ev).contains(error),
-            "{url}: {ev}"
-        );
-    }
+    // The same server by its address, which its certificate names too.
+    let got = curl_via_tls_proxy(
+        &c,
+        ("198.51.100.1", 3130),
+        &["--proxytunnel"],
+        "http://203.0.113.2:9443/",
+    );
+    assert_reencrypted(&mut c, &got, &[("rule", "remote-tls-up")]);
+    // By a name its certificate does not have: refused, though the hop's
+    // name verified.
+    let url = format!("http://{ALIAS}:9443/");
+    let got = curl_via_tls_proxy(&c, ("198.51.100.1", 3130), &["--proxytunnel"], &url);
+    assert!(!got.body.contains("app-by-ca"), "{}", got.describe());
+    let ev = c
+        .remote
+        .closed_event(got.local.expect("curl's own address"));
+    assert!(
+        outcome(&ev).starts_with("upstream_tls_failed") && outcome(&ev).contains("certificate"),
+        "{ev}"
+    );
 }
 
 /// A route chosen by the CONNECT name alone that terminates the TLS inside

@@ -681,7 +681,15 @@ async fn open(
     // must have is settled first: without one, no server is tried.
     let tls_name = match &pool.origination {
         Some(origination) => {
-            match tls_server_name(origination, client_name.or_else(|| target_name.clone())) {
+            // A CONNECT to an address: the server's certificate must name it,
+            // as a client's own TLS to it would ask.
+            let asked = target_name.clone().or_else(|| {
+                rule.connect
+                    .as_ref()
+                    .and_then(|_| request.checked.first())
+                    .map(|addr| addr.ip().to_string())
+            });
+            match tls_server_name(origination, client_name.or(asked)) {
                 Ok(name) => Some(name),
                 Err(e) => {
                     // The client gave no name, or one that is none.
