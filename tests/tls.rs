@@ -1471,19 +1471,46 @@ fn observed_pool(app: &pki::Cert, tls: Value) -> Value {
 /// the failing server out.
 #[test]
 fn a_server_whose_tls_fails_is_passed_over_and_observed_down() {
-    let t = Topo::new("tls_failover");
     let pki = Pki::new();
     let app = app_cert(&pki.front);
     let inner = inner_cert(&pki);
-    let tls = json!({ "ca": p(&pki.back.cert), "server_name": "inner.example.test" });
-    let mut d = Daemon::start_ready(&t.px, &observed_pool(&app, tls), &[]);
-    let data = Arc::new(b"hello".to_vec());
     // Another name than inner.example.test, from another CA.
-    let _wrong = bulk_server(&t, TLS_UP, &app, &[], &data);
-    let _right = bulk_server(&t, TLS_UP_H2, &inner, &[], &data);
+    let tls = json!({ "ca": p(&pki.back.cert), "server_name": "inner.example.test" });
+    passed_over_and_observed_down("tls_failover", &pki, tls, &app, (&app, &inner));
+}
+
+/// Without `server_name` (the client's name is verified), a certificate
+/// with that name from a CA the upstream does not trust is still the
+/// server's failure: only a name the client chose is the client's doing.
+#[test]
+fn an_untrusted_certificate_for_the_clients_name_is_the_servers_failure() {
+    let pki = Pki::new();
+    let app = app_cert(&pki.front);
+    let trusted = pki
+        .back
+        .issue_server("app-by-back", &["DNS:app.example.test"]);
+    let tls = json!({ "ca": p(&pki.back.cert) });
+    passed_over_and_observed_down("tls_untrusted", &pki, tls, &app, (&app, &trusted));
+}
+
+/// Clients to [`observed_pool`] (terminated with `app`) with `tls`, whose
+/// `TLS_UP` shows `wrong` and `TLS_UP_H2` `right`: each gets through the
+/// right one, and the wrong one is taken down for its certificate.
+fn passed_over_and_observed_down(
+    test: &str,
+    pki: &Pki,
+    tls: Value,
+    app: &pki::Cert,
+    (wrong, right): (&pki::Cert, &pki::Cert),
+) {
+    let t = Topo::new(test);
+    let mut d = Daemon::start_ready(&t.px, &observed_pool(app, tls), &[]);
+    let data = Arc::new(b"hello".to_vec());
+    let _wrong = bulk_server(&t, TLS_UP, wrong, &[], &data);
+    let _right = bulk_server(&t, TLS_UP_H2, right, &[], &data);
     for i in 0..4 {
         let run =
-            app_client(&t, &pki, 443, &[], &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
+            app_client(&t, pki, 443, &[], &data).unwrap_or_else(|e| panic!("client {i}: {e}"));
         assert_eq!(run.received, lab::Received::of(&data), "client {i}");
         let ev = closed_of(&mut d, run.local);
         assert_closed_clean(&ev, "through the right server");

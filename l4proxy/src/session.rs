@@ -1017,15 +1017,14 @@ async fn originate(
     let secured = match tokio::time::timeout(deadline, connect).await {
         Ok(Ok(secured)) => secured,
         Ok(Err(e)) => {
-            // A certificate refused for a name the client chose says
-            // nothing of the server.
-            let certificate = e
+            let tls = e
                 .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>());
             return Err(Unsecured {
                 error: e.to_string(),
-                servers_fault: origination.server_name.is_some() || !certificate,
+                servers_fault: !tls.is_some_and(|tls| {
+                    clients_doing(tls, origination.server_name.is_none(), offered.is_some())
+                }),
             });
         }
         Err(_) => {
@@ -1048,6 +1047,25 @@ async fn originate(
         )));
     }
     Ok(Stream::from(tokio_rustls::TlsStream::Client(secured)))
+}
+
+/// Whether a failed TLS handshake with a server came of what the client
+/// asked for rather than of the server: a certificate without the name
+/// the client chose (`name_chosen`: no name in the policy), or a server
+/// that knows no such name; a server with none of the client's protocol
+/// (`alpn_chosen`: the client's was offered). An expired or untrusted
+/// certificate, or any other failure, is the server's, whoever chose the
+/// name: it fails over to the next server and counts against this one.
+fn clients_doing(error: &rustls::Error, name_chosen: bool, alpn_chosen: bool) -> bool {
+    use rustls::{AlertDescription, CertificateError, Error};
+    match error {
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )
+        | Error::AlertReceived(AlertDescription::UnrecognisedName) => name_chosen,
+        Error::AlertReceived(AlertDescription::NoApplicationProtocol) => alpn_chosen,
+        _ => false,
+    }
 }
 
 /// Whether a client that negotiated `client` (ALPN) with l4proxy can be
@@ -1508,6 +1526,29 @@ mod tests {
             alpn_compatible(None, false, Some(b"h2")),
             "a plain client (h2 with prior knowledge) to a server that chose h2"
         );
+    }
+
+    #[test]
+    fn a_failed_upstream_handshake_is_the_clients_only_for_what_it_chose() {
+        use rustls::{AlertDescription, CertificateError, Error};
+        let wrong_name = Error::InvalidCertificate(CertificateError::NotValidForName);
+        let unknown_name = Error::AlertReceived(AlertDescription::UnrecognisedName);
+        let no_protocol = Error::AlertReceived(AlertDescription::NoApplicationProtocol);
+        assert!(clients_doing(&wrong_name, true, false));
+        assert!(clients_doing(&unknown_name, true, false));
+        assert!(clients_doing(&no_protocol, false, true));
+        // The policy named the server, or offered the protocols.
+        assert!(!clients_doing(&wrong_name, false, true));
+        assert!(!clients_doing(&unknown_name, false, true));
+        assert!(!clients_doing(&no_protocol, true, false));
+        // The server's, whoever chose the name.
+        for servers in [
+            Error::InvalidCertificate(CertificateError::Expired),
+            Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            Error::AlertReceived(AlertDescription::HandshakeFailure),
+        ] {
+            assert!(!clients_doing(&servers, true, true), "{servers:?}");
+        }
     }
 
     /// A PROXY v2 header names what the client asked for: the name and
