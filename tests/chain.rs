@@ -235,13 +235,16 @@ fn a_proxy_header_on_the_last_hop_names_the_client() {
 
 /// A remote proxy whose certificate does not chain to the local one's CA
 /// is never asked: the local proxy resets the client, logs why, and the
-/// remote sees only a failed handshake.
+/// remote sees only a failed handshake; observed, the remote is marked
+/// down for it (the parent's TLS is the parent's doing).
 #[test]
 fn a_remote_with_an_untrusted_certificate_is_refused() {
     let mut c = Chain::start("chain_untrusted");
     let dir = TempDir::new("chain-other-ca");
     let other = Ca::new(&dir, "other");
-    let verdict = c.local.reload(&local_policy(&other));
+    let mut policy = local_policy(&other);
+    policy["upstreams"]["remote"]["observe"] = json!({ "errors": 1, "down_for": "1m" });
+    let verdict = c.local.reload(&policy);
     assert_eq!(
         lab::daemon::message(&verdict),
         Some("policy reloaded"),
@@ -273,6 +276,18 @@ fn a_remote_with_an_untrusted_certificate_is_refused() {
     );
     assert!(outcome(&remote).contains("TLS handshake"), "{remote}");
     assert_eq!(field_str(&remote, "connect_target"), None, "{remote}");
+    let down = c.local.wait_event(
+        "the remote marked down",
+        std::time::Duration::from_secs(10),
+        |ev| {
+            lab::daemon::message(ev) == Some("server down")
+                && field_str(ev, "server").as_deref() == Some(REMOTE4)
+        },
+    );
+    assert!(
+        field_str(&down, "reason").is_some_and(|why| why.contains("TLS to the parent")),
+        "{down}"
+    );
 }
 
 /// curl through the remote's TLS listener itself (`--proxy https://`), from

@@ -547,9 +547,9 @@ impl Pool {
         }))
     }
 
-    /// A failed connect to `server`, counted by observation: a server that
-    /// took the connection is alive, whatever a parent then answered; one
-    /// this host could not even try is not at fault.
+    /// A failed connect to `server`, counted by observation: a parent that
+    /// answered is alive, whatever it answered; one this host could not
+    /// even try is not at fault.
     fn connect_failed(&self, server: &PoolServer, failed: AttemptFailed) -> ConnectError {
         let AttemptFailed { error, reached } = failed;
         tracing::debug!(upstream = %server.address, %error, "upstream connect failed");
@@ -762,8 +762,8 @@ fn parent_target(request: &Request) -> String {
     }
 }
 
-/// Why an attempt failed, and whether the server had taken the TCP
-/// connection first (a parent's TLS or answer failed after it).
+/// Why an attempt failed, and whether it says nothing of the server (a
+/// parent's answer, which may be its destination's doing, failed).
 struct AttemptFailed {
     error: io::Error,
     reached: bool,
@@ -810,12 +810,7 @@ async fn connect_from(
             reached: false,
         })?;
     let stream = match via {
-        Some(via) => through_parent(stream, upstream, via, deadline)
-            .await
-            .map_err(|error| AttemptFailed {
-                error,
-                reached: true,
-            })?,
+        Some(via) => through_parent(stream, upstream, via, deadline).await?,
         None => Stream::Tcp(stream),
     };
     Ok(Connected {
@@ -831,13 +826,16 @@ fn timed_out() -> io::Error {
 }
 
 /// Over TCP to the parent proxy `upstream`: TLS if `via` says so, then
-/// its answer to the CONNECT for `via.target`, all by `deadline`.
+/// its answer to the CONNECT for `via.target`, all by `deadline`. TLS to
+/// the parent is the parent's alone (its name and certificate are the
+/// policy's, nothing the client sent): a failure there counts against it;
+/// its answer may be the destination's doing, and does not.
 async fn through_parent(
     tcp: TcpStream,
     upstream: UpstreamAddr,
     via: Via<'_>,
     deadline: tokio::time::Instant,
-) -> io::Result<Stream> {
+) -> Result<Stream, AttemptFailed> {
     let mut stream = match via.tls {
         Some(tls) => {
             let name = tls
@@ -846,14 +844,22 @@ async fn through_parent(
                 .unwrap_or_else(|| ServerName::IpAddress(upstream.0.ip().into()));
             let secured = tokio::time::timeout_at(deadline, tls.connector.connect(name, tcp))
                 .await
-                .map_err(|_| timed_out())?
-                .map_err(|e| io::Error::new(e.kind(), format!("TLS to the parent proxy: {e}")))?;
+                .unwrap_or_else(|_| Err(timed_out()))
+                .map_err(|e| AttemptFailed {
+                    error: io::Error::new(e.kind(), format!("TLS to the parent proxy: {e}")),
+                    reached: false,
+                })?;
             Stream::from(tokio_rustls::TlsStream::Client(secured))
         }
         None => Stream::Tcp(tcp),
     };
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    parent::open(&mut stream, via.target, via.authorization, left).await?;
+    parent::open(&mut stream, via.target, via.authorization, left)
+        .await
+        .map_err(|error| AttemptFailed {
+            error: error.into(),
+            reached: true,
+        })?;
     Ok(stream)
 }
 
