@@ -267,13 +267,13 @@ fn trusted_proxy_headers_cannot_name_this_host_or_leave_the_rule() {
 // Descriptor budget
 
 /// Descriptors the daemon keeps beside its connections (2 each), with two
-/// workers (`WORKERS`): 960, and 6 per worker.
-const RESERVE: u64 = 960 + 2 * 6;
+/// workers (`WORKERS`): 1088, and 6 per worker.
+const RESERVE: u64 = 1088 + 2 * 6;
 const WORKERS: [&str; 2] = ["--workers", "2"];
 
 /// The open-files limit the budget tests give the daemon: room for
-/// (1024 - 972) / 2 = 26 connections.
-const LOW_LIMIT: u64 = 1024;
+/// (1152 - 1100) / 2 = 26 connections.
+const LOW_LIMIT: u64 = 1152;
 const FITS_LOW_LIMIT: usize = ((LOW_LIMIT - RESERVE) / 2) as usize;
 
 /// A rule on px's service prefix, and a gateway rule relaying from the
@@ -320,7 +320,7 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
     let took = started.elapsed();
     assert!(
         !status.success(),
-        "started with 5000 connections in 1024 descriptors"
+        "started with 5000 connections in 1152 descriptors"
     );
     assert!(took < Duration::from_secs(5), "took {took:?} to refuse");
     let error = d
@@ -329,7 +329,7 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
         .find(|e| field_str(e, "level").as_deref() == Some("ERROR"))
         .unwrap_or_else(|| panic!("no error logged: {}", d.log_text()));
     let text = message(&error).unwrap_or_default();
-    for names in ["open-files limit (1024)", "--max-connections 5000"] {
+    for names in ["open-files limit (1152)", "--max-connections 5000"] {
         assert!(text.contains(names), "the error names {names:?}: {error}");
     }
     assert_eq!(
@@ -611,7 +611,7 @@ fn nine_thousand_connections_at_once() {
     // The daemon (which inherits this process's limit) needs 2 descriptors
     // per connection of --max-connections and its `RESERVE`; this process
     // holds both ends' sockets, 2 per connection too.
-    const MAX_CONNECTIONS: u64 = 9_500;
+    const MAX_CONNECTIONS: u64 = 9_400;
     const NEEDED: u64 = 2 * MAX_CONNECTIONS + RESERVE;
     let limit = raise_own_open_files_limit();
     assert!(

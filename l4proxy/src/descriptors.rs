@@ -5,7 +5,7 @@
 //! leave those clients waiting in the backlog until they give up; so the
 //! limit is raised as far as it goes, and checked at start-up.
 
-use crate::{lookup, relay, upstream};
+use crate::{health, lookup, relay, upstream};
 
 /// Descriptors one relayed connection holds: the client's socket and the
 /// upstream's.
@@ -13,14 +13,15 @@ const PER_CONNECTION: u64 = 2;
 
 /// Descriptors kept for everything else: the splice pipes (two each), the
 /// reset watches of half-closed TLS connections, the name look-ups'
-/// sockets and Happy Eyeballs' second attempts, and spare for netlink
-/// sockets, BPF maps, programs and links, health checks, the guard's pipe,
-/// standard streams. Listeners and the workers' runtimes come on top
-/// ([`Reserve`]).
+/// sockets, Happy Eyeballs' second attempts and the health checks in
+/// flight, and spare for netlink sockets, BPF maps, programs and links, the
+/// guard's pipe, standard streams. Listeners and the workers' runtimes come
+/// on top ([`Reserve`]).
 const RESERVE: u64 = 2 * relay::MAX_PIPES as u64
     + relay::MAX_RESET_WATCHES as u64
     + lookup::MAX_RESOLVING as u64
     + upstream::MAX_SECOND_ATTEMPTS as u64
+    + health::MAX_CHECKS as u64
     + 256;
 
 /// Descriptors each worker holds: its runtime's epoll and wake-up
@@ -147,8 +148,8 @@ mod tests {
     fn a_default_that_does_not_fit_is_lowered() {
         // This machine's limit: 20 000 descriptors.
         assert_eq!(Reserve::new(2, 0), TWO_WORKERS);
-        assert_eq!(TWO_WORKERS.0, 972);
-        assert_eq!(fit(20_000, None, TWO_WORKERS).unwrap(), 9_514);
+        assert_eq!(TWO_WORKERS.0, 1100);
+        assert_eq!(fit(20_000, None, TWO_WORKERS).unwrap(), 9_450);
     }
 
     #[test]
@@ -157,14 +158,14 @@ mod tests {
         // descriptors beside the fixed reserve.
         let reserve = Reserve::new(64, 2);
         assert_eq!(reserve.0, RESERVE + 640);
-        assert_eq!(fit(4096, None, reserve).unwrap(), (4096 - 960 - 640) / 2);
+        assert_eq!(fit(4096, None, reserve).unwrap(), (4096 - 1088 - 640) / 2);
     }
 
     #[test]
     fn an_asked_number_that_does_not_fit_is_refused() {
         let refused = fit(TWO_WORKERS.0 + 199, Some(100), TWO_WORKERS).unwrap_err();
         assert!(
-            matches!(refused, DescriptorError::TooLow { fits: 99, needs, reserve: 972, .. } if needs == 972 + 200),
+            matches!(refused, DescriptorError::TooLow { fits: 99, needs, reserve: 1100, .. } if needs == 1100 + 200),
             "{refused}"
         );
         assert!(fit(10, None, TWO_WORKERS).is_err());

@@ -460,9 +460,22 @@ async fn run(state: Arc<ServerState>, plan: Plan) {
 static UNMADE_CHECKS: crate::logging::Throttle =
     crate::logging::Throttle::new(std::time::Duration::from_secs(1));
 
+/// Checks in flight at once, over all servers: each holds a descriptor,
+/// which the daemon's budget counts (`descriptors`). A policy may check
+/// thousands of servers; past this, a check waits its turn (its timeout
+/// starts once it has one), so silent servers slow the rounds down rather
+/// than take the descriptors relayed connections need.
+pub const MAX_CHECKS: usize = 128;
+
+static CHECKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CHECKS);
+
 /// One check: a TCP connection within the timeout, and the PROXY header
 /// sent on it if the plan has one; then closed.
 async fn check(address: SocketAddr, plan: &Plan) -> io::Result<()> {
+    let _turn = CHECKING
+        .acquire()
+        .await
+        .expect("the checks' semaphore is never closed");
     let attempt = async {
         let mut stream =
             upstream::connect_one(UpstreamAddr(address), plan.source, Keepalive::Off, false)
@@ -489,6 +502,37 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    /// With every turn taken, a check waits (it makes no connection) until
+    /// one is given back.
+    #[tokio::test]
+    async fn checks_wait_for_a_turn() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let second = Duration::from_secs(1);
+        let plan = Plan {
+            settings: HealthCheck {
+                interval: second,
+                fast_interval: second,
+                down_interval: second,
+                rise: 1,
+                fall: 1,
+                timeout: second,
+                send_proxy: false,
+            },
+            source: Source::Kernel,
+            header: None,
+        };
+        let taken = CHECKING.acquire_many(MAX_CHECKS as u32).await.unwrap();
+        let mut checking = std::pin::pin!(check(address, &plan));
+        let waited = tokio::time::timeout(Duration::from_millis(200), &mut checking).await;
+        assert!(waited.is_err(), "a check ran without a turn: {waited:?}");
+        let early = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+        assert!(early.is_err(), "a check connected without a turn");
+        drop(taken);
+        checking.await.expect("the check, given its turn");
+        listener.accept().await.expect("the check's connection");
+    }
 
     fn policy(upstream: &str, servers: &[SocketAddr], fields: &str) -> Policy {
         let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
