@@ -74,15 +74,20 @@ pub async fn check(
         }
         Ok((own, CHECKING.acquire().await))
     });
-    let (_own, _turn) = match turns.await {
+    let turns = match turns.await {
         Ok(Ok((own, Ok(turn)))) => (own, turn),
         Ok(Err(passed_meanwhile)) => return passed_meanwhile,
         Ok(Ok((_, Err(_)))) | Err(_) => return Checked::Busy,
     };
     let (users, user, password) = (users.clone(), user.to_owned(), password.to_owned());
-    let right = tokio::task::spawn_blocking(move || users.verify(&user, &password))
-        .await
-        .unwrap_or(false);
+    // The turns go with the hash's thread: a connection cut meanwhile (the
+    // grace period's end) leaves its check running, and it still counts.
+    let right = tokio::task::spawn_blocking(move || {
+        let _turns = turns;
+        users.verify(&user, &password)
+    })
+    .await
+    .unwrap_or(false);
     if !right {
         return Checked::Wrong;
     }
@@ -215,6 +220,28 @@ mod tests {
             assert_eq!(tunnel.await.unwrap(), Checked::Right);
         }
         drop(taken);
+    }
+
+    /// A check whose connection is cut keeps its turn until its hash is
+    /// done: the turns count the hashing threads, not the waiting tasks.
+    #[tokio::test]
+    async fn a_cut_check_keeps_its_turn_until_the_hash_is_done() {
+        let _alone = ONE_AT_A_TIME.lock().await;
+        // Cost 12: a few hundred milliseconds of hashing.
+        let hash = bcrypt::hash("slow", 12).unwrap();
+        let users = Htpasswd::parse("users", &format!("alice:{hash}\n")).unwrap();
+        let cut = tokio::time::timeout(
+            Duration::from_millis(20),
+            check(&users, "alice", "slow", CLIENT, Duration::from_secs(10)),
+        )
+        .await;
+        assert!(cut.is_err(), "the check ended within 20 ms: {cut:?}");
+        assert_eq!(CHECKING.available_permits(), CHECKS - 1, "the hash's turn");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while CHECKING.available_permits() < CHECKS {
+            assert!(Instant::now() < deadline, "the turn never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]
