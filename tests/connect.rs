@@ -315,7 +315,11 @@ fn denials_and_failures_are_answered_by_status() {
             let full = lab::answer_head(&mut again);
             assert!(full.contains("\r\nAllow: CONNECT\r\n"), "{what}: {full:?}");
         }
-        let ev = lab.closed(c.local_addr().unwrap());
+        // Closed here: the daemon, having answered, waits (at most 2 s) for
+        // the client to close first.
+        let local = c.local_addr().unwrap();
+        drop(c);
+        let ev = lab.closed(local);
         assert!(lab::daemon::outcome(&ev).contains(reason), "{what}: {ev}");
         // What a CONNECT asked for is logged, refused or not.
         if let Some(asked) = what.strip_prefix("CONNECT ").filter(|_| status != "400") {
