@@ -693,17 +693,8 @@ async fn open(
                 Ok(name) => Some(name),
                 Err(e) => {
                     // The client gave no name, or one that is none.
-                    let failed = Failed::ClientsDoing;
-                    tls_failed(
-                        &mut client,
-                        established,
-                        record,
-                        active,
-                        upstream_id,
-                        failed,
-                        &e,
-                    )
-                    .await;
+                    let failed = TlsFailed(upstream_id, Whose::Clients, &e);
+                    tls_failed(&mut client, established, record, active, failed).await;
                     return None;
                 }
             }
@@ -752,21 +743,13 @@ async fn open(
         }
         Err(e) if e.secure_failed() => {
             record.upstream = e.upstream();
-            let failed = if e.clients_doing() {
-                Failed::ClientsDoing
+            let whose = if e.clients_doing() {
+                Whose::Clients
             } else {
-                Failed::ServersDoing
+                Whose::Servers
             };
-            tls_failed(
-                &mut client,
-                established,
-                record,
-                active,
-                upstream_id,
-                failed,
-                &e,
-            )
-            .await;
+            let failed = TlsFailed(upstream_id, whose, &e);
+            tls_failed(&mut client, established, record, active, failed).await;
             return None;
         }
         Err(e) => {
@@ -910,12 +893,15 @@ async fn await_first_bytes(client: &TcpStream, upstream: &TcpStream) {
 }
 
 /// Whose doing a failed TLS to the upstream was, for its count.
-enum Failed {
-    ServersDoing,
+enum Whose {
+    Servers,
     /// What the client asked for (a name, an ALPN protocol): not held
     /// against the upstream's TLS.
-    ClientsDoing,
+    Clients,
 }
+
+/// TLS to this upstream failed, whose doing it was, and why.
+struct TlsFailed<'a>(UpstreamId, Whose, &'a (dyn std::fmt::Display + Sync));
 
 /// TLS to the upstream failed, or could not start (no name to verify
 /// against): counted, told the client as a failed connect, and logged.
@@ -924,13 +910,11 @@ async fn tls_failed(
     established: bool,
     record: &Record,
     active: &Active,
-    upstream_id: UpstreamId,
-    failed: Failed,
-    error: &(dyn std::fmt::Display + Sync),
+    TlsFailed(upstream_id, whose, error): TlsFailed<'_>,
 ) {
-    active.metrics.upstreams[upstream_id.0].failed(match failed {
-        Failed::ServersDoing => "tls",
-        Failed::ClientsDoing => "client",
+    active.metrics.upstreams[upstream_id.0].failed(match whose {
+        Whose::Servers => "tls",
+        Whose::Clients => "client",
     });
     upstream_failed(client, established, false, record).await;
     record.end(active, "upstream_tls_failed", Some(error));
