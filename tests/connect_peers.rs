@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lab::daemon::field_str;
-use lab::daemon::outcome;
+use lab::daemon::{message, outcome};
 use lab::origin::{APP, Origin};
 use lab::squid::{Config, Squid};
 use lab::tls::{curl, require_tools};
@@ -321,6 +321,7 @@ fn fake_parent(seen: Arc<Mutex<Vec<Asked>>>) -> impl Fn(TcpStream) + Send + Sync
 /// Fields drop in order: the daemon and the parent before the namespaces.
 struct FakeParentLab {
     d: Daemon,
+    policy: Value,
     seen: Arc<Mutex<Vec<Asked>>>,
     _parent: Server,
     t: Topo,
@@ -353,6 +354,7 @@ impl FakeParentLab {
         let d = Daemon::start_ready(&t.px, &policy, &["--connect-timeout", "1"]);
         FakeParentLab {
             d,
+            policy,
             seen,
             _parent: parent,
             t,
@@ -435,6 +437,38 @@ fn parents_that_refuse_or_garble_fail_the_client_at_once() {
     ] {
         lab.expect_failure(label, says, at_once.0, at_once.1);
     }
+}
+
+/// Observed (`observe`), a parent that refuses tunnels is working (the
+/// refusal may be its destination's doing), and one that hangs up before
+/// answering is failing: marked down after two in a row.
+#[test]
+fn a_parent_that_hangs_up_is_observed_down_and_one_that_refuses_is_not() {
+    let mut lab = FakeParentLab::start("peers_observe");
+    let mut policy = lab.policy.clone();
+    policy["upstreams"]["parent"]["observe"] = json!({ "errors": 2, "down_for": "1m" });
+    let verdict = lab.d.reload(&policy);
+    assert_eq!(message(&verdict), Some("policy reloaded"), "{verdict}");
+    let ask = |lab: &FakeParentLab, label: &str| {
+        let name = format!("{label}.example.test");
+        let (got, _) = curl_at(&lab.t, SERVICE, "http", &name, &["--max-time", "8"]);
+        assert_eq!(got.http_code, Some(502), "{name}: {}", got.describe());
+    };
+    for _ in 0..3 {
+        ask(&lab, "forbidden");
+    }
+    let down = |e: &Value| message(e) == Some("server down");
+    assert!(!lab.d.events().iter().any(down), "{}", lab.d.log_text());
+    for _ in 0..2 {
+        ask(&lab, "hangup");
+    }
+    let ev = lab
+        .d
+        .wait_event("the parent down", Duration::from_secs(10), down);
+    assert!(
+        field_str(&ev, "reason").is_some_and(|why| why.contains("closed before answering")),
+        "{ev}"
+    );
 }
 
 /// A parent that accepts and never answers: after `--connect-timeout 1`

@@ -140,21 +140,19 @@ async fn answer(mut stream: TcpStream, scrape: &Scrape) -> std::io::Result<()> {
 #[derive(Debug, PartialEq)]
 enum Asked {
     /// `GET` or `HEAD /metrics`, with or without a query.
-    Metrics {
-        head_only: bool,
-    },
-    /// `GET` or `HEAD` of another path (or no readable request line).
-    Elsewhere {
-        head_only: bool,
-    },
+    Metrics { head_only: bool },
+    /// `GET` or `HEAD` of another path, or of none.
+    Elsewhere { head_only: bool },
+    /// Another method, or no request line at all.
     OtherMethod,
 }
 
 impl Asked {
     fn of(head: &[u8]) -> Asked {
+        // Empty lines before the request line are tolerated (RFC 9112 §2.2).
         let line = head
             .split(|&b| b == b'\r' || b == b'\n')
-            .next()
+            .find(|line| !line.is_empty())
             .unwrap_or_default();
         let mut parts = line.split(|&b| b == b' ');
         let (method, target) = (parts.next().unwrap_or_default(), parts.next());
@@ -235,6 +233,10 @@ mod tests {
             (b"GET\r\n", Asked::Elsewhere { head_only: false }),
             (b"POST /metrics HTTP/1.1\r\n", Asked::OtherMethod),
             (b"get /metrics HTTP/1.1\r\n", Asked::OtherMethod),
+            (
+                b"\r\nGET /metrics HTTP/1.1\r\n",
+                Asked::Metrics { head_only: false },
+            ),
             (b"", Asked::OtherMethod),
         ] {
             assert_eq!(

@@ -155,7 +155,9 @@ fn read(lock: &RwLock<Arc<Lpm<()>>>) -> Arc<Lpm<()>> {
 
 /// Whether the kernel delivers a connection to `ip` to this host (`ip
 /// route get` says `local`): an interface's address, or one of a `local`
-/// route's prefix. No route at all is not local.
+/// route's prefix. A route that refuses (no route, `unreachable`,
+/// `blackhole`, `prohibit`, a family disabled here) is not local. An error
+/// is this host's: the question could not be asked.
 pub fn routed_here(ip: IpAddr) -> io::Result<bool> {
     let mut query = RouteMessage::default();
     (
@@ -189,13 +191,8 @@ pub fn routed_here(ip: IpAddr) -> io::Result<bool> {
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
             Ok(route.header.kind == RouteType::Local)
         }
-        NetlinkPayload::Error(error) => {
-            let error = error.to_io();
-            match error.raw_os_error() {
-                Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => Ok(false),
-                _ => Err(error),
-            }
-        }
+        // The kernel's answer for a route that does not deliver here.
+        NetlinkPayload::Error(_) => Ok(false),
         other => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("unexpected answer to a route query: {other:?}"),

@@ -172,7 +172,7 @@ pub async fn open(
             if front.names.is_some() && front.destinations.is_none() {
                 return Err(Refused::Destination(ip, "only names are allowed"));
             }
-            allowed(front, ip, local).map_err(|why| Refused::Destination(ip, why))?;
+            allowed(front, ip, local, kernel_route).map_err(|why| Refused::Destination(ip, why))?;
             let addr = SocketAddr::new(ip, port);
             Ok(Tunnel {
                 name: None,
@@ -196,13 +196,15 @@ pub async fn open(
             let mut refused = None;
             let checked: Vec<SocketAddr> = resolved
                 .into_iter()
-                .filter(|addr| match allowed(front, addr.ip(), local) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        refused.get_or_insert((addr.ip(), why));
-                        false
-                    }
-                })
+                .filter(
+                    |addr| match allowed(front, addr.ip(), local, kernel_route) {
+                        Ok(()) => true,
+                        Err(why) => {
+                            refused.get_or_insert((addr.ip(), why));
+                            false
+                        }
+                    },
+                )
                 .collect();
             if checked.is_empty() {
                 let (first, why) =
@@ -328,8 +330,15 @@ const METADATA: [IpAddr; 7] = [
     IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
 ];
 
-/// Whether a tunnel may go to `ip`, and why not.
-fn allowed(front: &ConnectFront, ip: IpAddr, local: &LocalAddrs) -> Result<(), &'static str> {
+/// Whether a tunnel may go to `ip`, and why not. `routed_locally` is
+/// asked last, of an address that passed everything else: whether the
+/// kernel's routing delivers it here ([`kernel_route`]), and why not.
+fn allowed(
+    front: &ConnectFront,
+    ip: IpAddr,
+    local: &LocalAddrs,
+    routed_locally: impl Fn(IpAddr) -> Result<(), &'static str>,
+) -> Result<(), &'static str> {
     let allowed_reserved = front.allow_reserved.iter().any(|p| p.contains(&ip));
     if !allowed_reserved {
         if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
@@ -347,23 +356,37 @@ fn allowed(front: &ConnectFront, ip: IpAddr, local: &LocalAddrs) -> Result<(), &
         if local.contains(ip) {
             return Err("this host's address");
         }
-        // A prefix an operator made local without an address on it.
-        match local_addrs::routed_here(ip) {
-            Ok(false) => {}
-            Ok(true) => return Err("this host's address"),
-            Err(e) => {
-                tracing::warn!(%ip, error = %e, "asking the kernel's route to a tunnel's address");
-                return Err("its route could not be read");
-            }
-        }
     }
     if let Some(destinations) = &front.destinations
         && !destinations.iter().any(|p| p.contains(&ip))
     {
         return Err("outside the rule's destinations");
     }
-    Ok(())
+    if allowed_reserved {
+        return Ok(());
+    }
+    routed_locally(ip)
 }
+
+/// Refuses an address the kernel routes to this host without it being an
+/// interface's (a prefix an operator made local: AnyIP), asking the
+/// kernel; an address whose route cannot be asked is refused too.
+fn kernel_route(ip: IpAddr) -> Result<(), &'static str> {
+    match local_addrs::routed_here(ip) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err("this host's address"),
+        Err(e) => {
+            if let Some(count) = UNASKED_ROUTES.event() {
+                tracing::warn!(%ip, error = %e, count, "asking the kernel's route to a tunnel's address");
+            }
+            Err("its route could not be read")
+        }
+    }
+}
+
+/// Route queries that failed, for a throttled warning.
+static UNASKED_ROUTES: crate::logging::Throttle =
+    crate::logging::Throttle::new(std::time::Duration::from_secs(1));
 
 /// RFC 8305 §4: the preferred family first, then the families alternate,
 /// each in the resolver's order.
@@ -633,6 +656,21 @@ mod tests {
         )
         .unwrap();
         let front = policy.rules[0].connect.as_ref().unwrap();
+        // The kernel's routes, as a prefix made local (AnyIP) would have
+        // them: asked last, and only of what passed everything else.
+        let asked = std::cell::RefCell::new(Vec::new());
+        let kernel = |ip: IpAddr| {
+            asked.borrow_mut().push(ip);
+            if "203.0.113.128/25"
+                .parse::<ipnet::IpNet>()
+                .unwrap()
+                .contains(&ip)
+            {
+                Err("this host's address")
+            } else {
+                Ok(())
+            }
+        };
         for (ip, expected) in [
             ("127.0.0.1", Err("loopback")),
             ("::1", Err("loopback")),
@@ -651,21 +689,33 @@ mod tests {
             ("0.0.0.0", Err("not a unicast address")),
             ("224.0.0.1", Err("not a unicast address")),
             ("203.0.113.7", Ok(())),
+            ("203.0.113.200", Err("this host's address")),
         ] {
             assert_eq!(
-                allowed(front, ip.parse().unwrap(), &local),
+                allowed(front, ip.parse().unwrap(), &local, kernel),
                 expected,
                 "{ip}"
             );
         }
+        let asked: Vec<String> = asked.take().iter().map(IpAddr::to_string).collect();
+        assert_eq!(
+            asked,
+            [
+                "fd20:ce::253",
+                "100.100.100.201",
+                "203.0.113.7",
+                "203.0.113.200"
+            ],
+            "only what passed the rest is asked of the kernel, allowed reserved addresses never"
+        );
         let mut limited = front.clone();
         limited.destinations = Some(vec!["203.0.113.0/24".parse().unwrap()]);
         assert_eq!(
-            allowed(&limited, "203.0.113.7".parse().unwrap(), &local),
+            allowed(&limited, "203.0.113.7".parse().unwrap(), &local, kernel),
             Ok(())
         );
         assert_eq!(
-            allowed(&limited, "192.0.2.7".parse().unwrap(), &local),
+            allowed(&limited, "192.0.2.7".parse().unwrap(), &local, kernel),
             Err("outside the rule's destinations")
         );
     }

@@ -828,8 +828,9 @@ fn timed_out() -> io::Error {
 /// Over TCP to the parent proxy `upstream`: TLS if `via` says so, then
 /// its answer to the CONNECT for `via.target`, all by `deadline`. TLS to
 /// the parent is the parent's alone (its name and certificate are the
-/// policy's, nothing the client sent): a failure there counts against it;
-/// its answer may be the destination's doing, and does not.
+/// policy's, nothing the client sent): a failure there counts against it,
+/// as does an answer it garbles or closes before; a refusal may be the
+/// destination's doing, and does not.
 async fn through_parent(
     tcp: TcpStream,
     upstream: UpstreamAddr,
@@ -857,8 +858,13 @@ async fn through_parent(
     parent::open(&mut stream, via.target, via.authorization, left)
         .await
         .map_err(|error| AttemptFailed {
+            // An answer, or none yet while it may wait on its destination,
+            // says nothing against the parent; closing or garbling does.
+            reached: matches!(
+                error,
+                parent::ParentError::Refused { .. } | parent::ParentError::Timeout { .. }
+            ),
             error: error.into(),
-            reached: true,
         })?;
     Ok(stream)
 }
