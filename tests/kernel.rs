@@ -275,6 +275,28 @@ fn port_ranges_are_classes_and_a_reload_moves_ports_between_them() {
         steered(&interceptor, port);
     }
 
+    // Every port of 192.0.2.0/25 (the wildcard class), and one port of the
+    // other half of the /24, twice with other classes: the classes move
+    // between the halves of their numbers each time, and a named port
+    // (80, then 443) of 192.0.2.10 is steered by the wildcard entry of the
+    // half it is in.
+    for named in [80, 443] {
+        let policy = Policy::from_json(&format!(
+            r#"{{ "intercept": [
+                {{ "name": "all", "prefixes": ["192.0.2.0/25"], "ports": ["*"], "upstream": "a" }},
+                {{ "name": "web", "prefixes": ["192.0.2.128/25"], "ports": [{named}], "upstream": "a" }} ],
+              "upstreams": {{ "a": {{ "servers": ["203.0.113.2:8080"] }} }} }}"#
+        ))
+        .expect("test policy is valid");
+        interceptor
+            .set_rules(&rules::compile(&policy))
+            .expect("moving to the wildcard");
+        assert_eq!(interceptor.rule_entries(), 2);
+        for port in [22, named, 65535] {
+            steered(&interceptor, port);
+        }
+    }
+
     // Back to fewer classes, and the same classes again (no change at all).
     let narrow = rules::compile(&ports_policy(&format!("[{}]", free_port.wrapping_add(1))));
     interceptor.set_rules(&narrow).expect("moving back");

@@ -14,6 +14,13 @@ pub const SOCKET_V6: u32 = 1;
 /// wildcard one.
 pub const ANY_PORT_CLASS: u32 = 0;
 
+/// The high bit of a port class: the running policy's classes, its
+/// wildcard class among them, are in one half, and a policy replacing them
+/// with other classes is written in the other, so that each port moves at
+/// once from complete old entries to complete new ones (`PORT_CLASSES`
+/// says which half a port's look-ups, the wildcard one too, are in).
+pub const CLASS_HALF: u32 = 1 << 31;
+
 /// Entries of `PORT_CLASSES`: one per port.
 pub const PORT_COUNT: u32 = 65_536;
 

@@ -10,13 +10,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
 };
 use l4proxy_common::{
-    ANY_PORT_CLASS, ClassKey, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES,
+    ANY_PORT_CLASS, CLASS_HALF, ClassKey, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES,
     MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, PORT_COUNT,
     RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SETTINGS_COUNT, VIA_BRIDGE_PORT,
 };
 
 /// Intercept rules, filled by the daemon from the policy: (port class,
-/// address prefix) to rule. `ANY_PORT_CLASS` entries are the wildcards.
+/// address prefix) to rule. `ANY_PORT_CLASS` entries are the wildcards (in
+/// each half of the class numbers: see `CLASS_HALF`).
 #[map]
 static RULES: LpmTrie<ClassKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
 
@@ -90,8 +91,10 @@ fn rule_for(port: u16, addr: [u8; 16]) -> Option<RuleValue> {
     let exact = RULES
         .get(&Key::new(FULL_PREFIX, ClassKey::new(class, addr)))
         .copied();
+    // The wildcard class of the half the port's class is in.
+    let any = ANY_PORT_CLASS | (class & CLASS_HALF);
     let wildcard = RULES
-        .get(&Key::new(FULL_PREFIX, ClassKey::new(ANY_PORT_CLASS, addr)))
+        .get(&Key::new(FULL_PREFIX, ClassKey::new(any, addr)))
         .copied();
     match (exact, wildcard) {
         (Some(exact), Some(wildcard)) if wildcard.rank > exact.rank => Some(wildcard),

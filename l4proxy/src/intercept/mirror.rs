@@ -101,11 +101,24 @@ where
     /// Writes the entries of `wanted` the map lacks or holds with another
     /// value.
     pub fn add(&mut self, wanted: &Contents<K, V>) -> Result<(), InterceptError> {
-        for (key, value) in wanted {
-            if self.held.get(key) != Some(value) {
-                self.map.write(key, value).map_err(map_error(self.name))?;
-                self.held.insert(*key, *value);
-            }
+        self.add_by(wanted, |_| ())
+    }
+
+    /// [`Mirrored::add`], writing the entries in the order `order` gives
+    /// their values.
+    pub fn add_by<O: Ord>(
+        &mut self,
+        wanted: &Contents<K, V>,
+        order: impl Fn(&V) -> O,
+    ) -> Result<(), InterceptError> {
+        let mut adding: Vec<(&K, &V)> = wanted
+            .iter()
+            .filter(|&(key, value)| self.held.get(key) != Some(value))
+            .collect();
+        adding.sort_by_key(|&(_, value)| order(value));
+        for (key, value) in adding {
+            self.map.write(key, value).map_err(map_error(self.name))?;
+            self.held.insert(*key, *value);
         }
         Ok(())
     }
@@ -113,13 +126,24 @@ where
     /// Removes the entries `wanted` lacks; one that is already gone counts as
     /// removed.
     pub fn remove_stale(&mut self, wanted: &Contents<K, V>) -> Result<(), InterceptError> {
-        let stale: Vec<K> = self
+        self.remove_stale_by(wanted, |_| ())
+    }
+
+    /// [`Mirrored::remove_stale`], removing the entries in the order `order`
+    /// gives their values.
+    pub fn remove_stale_by<O: Ord>(
+        &mut self,
+        wanted: &Contents<K, V>,
+        order: impl Fn(&V) -> O,
+    ) -> Result<(), InterceptError> {
+        let mut stale: Vec<(K, V)> = self
             .held
-            .keys()
-            .filter(|key| !wanted.contains_key(key))
-            .copied()
+            .iter()
+            .filter(|&(key, _)| !wanted.contains_key(key))
+            .map(|(&key, &value)| (key, value))
             .collect();
-        for key in stale {
+        stale.sort_by_key(|(_, value)| order(value));
+        for (key, _) in stale {
             match self.map.delete(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(MapError::SyscallError(e))

@@ -24,7 +24,7 @@ pub mod routes;
 pub mod rules;
 pub mod sysctl;
 
-use std::{fs::File, os::fd::AsRawFd};
+use std::{cmp::Reverse, fs::File, os::fd::AsRawFd};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -36,7 +36,7 @@ use aya::{
     },
 };
 use l4proxy_common::{
-    ANY_PORT_CLASS, ClassKey, Counter, DRAINING, INTERFACE_BRIDGE_PORT, INTERFACE_REPLIES,
+    CLASS_HALF, ClassKey, Counter, DRAINING, INTERFACE_BRIDGE_PORT, INTERFACE_REPLIES,
     InterfaceConfig, InterfaceRuleKey, MARK_MASK, MARK_VALUE, RETAINING, RULE_HALF, RuleKey,
     RuleValue, SOCKET_V4, SOCKET_V6, VIA_BRIDGE_PORT,
 };
@@ -242,12 +242,15 @@ impl Interceptor {
     /// a policy), so that no destination both policies take goes unsteered
     /// in between: new and changed entries first, then the ports' classes,
     /// then stale entries out. A policy whose port classes differ from the
-    /// running one's is keyed in the other half of the class numbers, so
-    /// each port moves from complete old entries to complete new ones.
+    /// running one's is keyed in the other half of the class numbers, its
+    /// wildcard entries too, so each port moves from complete old entries
+    /// to complete new ones. Within one half, entries go in from the highest
+    /// rank down and out from the lowest up ([`going_in`]): at every step
+    /// a connection takes the rule the old policy or the new one gives it.
     pub fn set_rules(&mut self, compiled: &rules::Compiled) -> Result<(), InterceptError> {
         let offset = self.class_offset_for(compiled);
         let wanted = rule_entries(&compiled.entries, offset, self.rule_half);
-        self.rules.add(&wanted)?;
+        self.rules.add_by(&wanted, going_in)?;
         let table: Vec<u32> = compiled
             .classes
             .table()
@@ -256,7 +259,7 @@ impl Interceptor {
             .collect();
         self.port_classes.set(&table)?;
         self.class_offset = offset;
-        self.rules.remove_stale(&wanted)
+        self.rules.remove_stale_by(&wanted, going_out)
     }
 
     /// How many `RULES` entries the map holds while it changes to
@@ -278,17 +281,11 @@ impl Interceptor {
     /// The class offset `compiled` is keyed with: the running one's if its
     /// port classes are the same, else the other half.
     fn class_offset_for(&self, compiled: &rules::Compiled) -> u32 {
-        let same = compiled
-            .classes
-            .table()
-            .iter()
-            .zip(self.port_classes.held())
-            .all(|(&class, &held)| kernel_class(class, self.class_offset) == held);
-        if same {
-            self.class_offset
-        } else {
-            self.class_offset ^ CLASS_HALF
-        }
+        offset_for(
+            compiled.classes.table(),
+            self.port_classes.held(),
+            self.class_offset,
+        )
     }
 
     /// How many `UPSTREAM_SERVERS` entries the map holds while it changes
@@ -509,19 +506,36 @@ impl Interceptor {
     }
 }
 
-/// The high bit of a port class in the kernel: the running policy's classes
-/// and those of a policy replacing them with other classes live in different
-/// halves while a reload moves the ports over.
-const CLASS_HALF: u32 = 1 << 31;
+/// The order `RULES` entries go in (the highest rank first; [`going_out`]:
+/// out, the lowest first) within one class half. The kernel's choice for a
+/// destination is the highest-ranked entry it finds: written from the top
+/// down, the first of the new entries for a destination to go in is the new
+/// policy's choice for it, and removed from the bottom up, the last of the
+/// old ones to go is the old policy's: never a rule neither policy gives.
+fn going_in(value: &RuleValue) -> Reverse<u64> {
+    Reverse(value.rank)
+}
 
-/// `class` as the kernel keys it, in the half `offset` names; the wildcard
-/// class is the same in both.
+/// See [`going_in`].
+fn going_out(value: &RuleValue) -> u64 {
+    value.rank
+}
+
+/// The class offset of a policy with the ports' classes `table`, where the
+/// kernel's `PORT_CLASSES` holds `held`, keyed with `offset`: the same if
+/// the classes are, else the other half.
+fn offset_for(table: &[u32], held: &[u32], offset: u32) -> u32 {
+    let same = table
+        .iter()
+        .zip(held)
+        .all(|(&class, &held)| kernel_class(class, offset) == held);
+    if same { offset } else { offset ^ CLASS_HALF }
+}
+
+/// `class` as the kernel keys it, in the half `offset` names
+/// ([`CLASS_HALF`]), the wildcard class too.
 fn kernel_class(class: u32, offset: u32) -> u32 {
-    if class == ANY_PORT_CLASS {
-        ANY_PORT_CLASS
-    } else {
-        class | offset
-    }
+    class | offset
 }
 
 /// `UPSTREAM_SERVERS` entries of `servers`.
@@ -627,6 +641,10 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
+    use aya::maps::MapError;
+
     use super::*;
 
     /// Interface `index` with gateway rules `rules` (by place), on bridge
@@ -651,6 +669,186 @@ mod tests {
                 mac: [2, 0, 0, 0, 0, 1],
             }),
         }
+    }
+
+    /// `RULES` entries, as the map holds them.
+    type RuleMap = foldhash::HashMap<(u32, ClassKey), RuleValue>;
+
+    /// The kernel's `RULES` in user space: its entries, and a look at every
+    /// probe after each change.
+    struct Trie {
+        entries: RuleMap,
+        after_each: Box<dyn FnMut(&RuleMap)>,
+    }
+
+    impl mirror::Entries<(u32, ClassKey), RuleValue> for Trie {
+        fn write(&mut self, key: &(u32, ClassKey), value: &RuleValue) -> Result<(), MapError> {
+            self.entries.insert(*key, *value);
+            (self.after_each)(&self.entries);
+            Ok(())
+        }
+
+        fn delete(&mut self, key: &(u32, ClassKey)) -> Result<(), MapError> {
+            self.entries.remove(key);
+            (self.after_each)(&self.entries);
+            Ok(())
+        }
+    }
+
+    /// `steer`'s `rule_for` over `entries`, the ports' classes `table`: the
+    /// rule id it gives a connection to `port` at `addr`.
+    fn kernel_rule(entries: &RuleMap, table: &[u32], port: u16, addr: IpAddr) -> Option<u32> {
+        let addr = lpm::key(addr);
+        let longest = |class: u32| {
+            entries
+                .iter()
+                .filter(|((len, key), _)| {
+                    let bits = len - l4proxy_common::RULE_KEY_FIXED_BITS;
+                    let prefix = u128::from_be_bytes(key.addr);
+                    key.class == class.to_be_bytes()
+                        && (bits == 0 || (prefix ^ addr) >> (128 - bits) == 0)
+                })
+                .max_by_key(|((len, _), _)| *len)
+                .map(|(_, value)| *value)
+        };
+        let class = table[usize::from(port)];
+        let exact = longest(class);
+        let wildcard = longest(l4proxy_common::ANY_PORT_CLASS | (class & CLASS_HALF));
+        match (exact, wildcard) {
+            (Some(exact), Some(wildcard)) if wildcard.rank > exact.rank => Some(wildcard),
+            (Some(exact), _) => Some(exact),
+            (None, wildcard) => wildcard,
+        }
+        .map(|value| value.rule_id)
+    }
+
+    fn rules_of(json: &str) -> rules::Compiled {
+        let policy = crate::policy::Policy::from_json(&format!(
+            r#"{{ "intercept": {json}, "upstreams": {{ "u": {{ "servers": ["203.0.113.2:80"] }} }} }}"#
+        ))
+        .unwrap();
+        rules::compile(&policy)
+    }
+
+    /// Replaces `old` with `new` as `set_rules` does (entries in, the ports'
+    /// classes, entries out) and looks at each probe after every single
+    /// change: it always has the rule one of the two policies gives it (new
+    /// rule ids are in the other rule half, to tell the policies apart).
+    fn reload_keeps_every_probe_on_a_policys_rule(
+        old: &str,
+        new: &str,
+        probes: &[(u16, &str)],
+    ) -> u32 {
+        let (old, new) = (rules_of(old), rules_of(new));
+        let old_offset = 0;
+        let old_table: Vec<u32> = old
+            .classes
+            .table()
+            .iter()
+            .map(|&c| kernel_class(c, old_offset))
+            .collect();
+        let new_offset = offset_for(new.classes.table(), &old_table, old_offset);
+        let new_table: Vec<u32> = new
+            .classes
+            .table()
+            .iter()
+            .map(|&c| kernel_class(c, new_offset))
+            .collect();
+        let old_entries = rule_entries(&old.entries, old_offset, 0);
+        let new_entries = rule_entries(&new.entries, new_offset, RULE_HALF);
+        let probes: Vec<(u16, IpAddr)> = probes
+            .iter()
+            .map(|&(port, ip)| (port, ip.parse().unwrap()))
+            .collect();
+        let answers: Vec<[Option<u32>; 2]> = probes
+            .iter()
+            .map(|&(port, ip)| {
+                [
+                    kernel_rule(&old_entries, &old_table, port, ip),
+                    kernel_rule(&new_entries, &new_table, port, ip),
+                ]
+            })
+            .collect();
+        let table = std::rc::Rc::new(std::cell::RefCell::new(old_table));
+        let looking = std::rc::Rc::new(std::cell::Cell::new(false));
+        let trie = Trie {
+            entries: Default::default(),
+            after_each: {
+                let (table, looking, probes) = (table.clone(), looking.clone(), probes.clone());
+                let answers = answers.clone();
+                Box::new(move |entries| {
+                    if !looking.get() {
+                        return;
+                    }
+                    for (&(port, ip), allowed) in probes.iter().zip(&answers) {
+                        let got = kernel_rule(entries, &table.borrow(), port, ip);
+                        assert!(
+                            allowed.contains(&got),
+                            "{ip} port {port}: rule {got:?} in between, the policies give {allowed:?}"
+                        );
+                    }
+                })
+            },
+        };
+        let mut rules = mirror::Mirrored::new(trie, "RULES");
+        rules.add_by(&old_entries, going_in).unwrap();
+        looking.set(true);
+        rules.add_by(&new_entries, going_in).unwrap();
+        *table.borrow_mut() = new_table;
+        rules.remove_stale_by(&new_entries, going_out).unwrap();
+        assert_eq!(rules.len(), new_entries.len());
+        new_offset
+    }
+
+    /// Both policies take 10.0.5.1:80 by a rule on port 80; the new one
+    /// adds a wider prefix on every port, whose wildcard entry must not take
+    /// it while the new /24 is not yet in (the classes are alike: one half).
+    #[test]
+    fn a_reload_in_one_half_never_gives_a_rule_neither_policy_does() {
+        let offset = reload_keeps_every_probe_on_a_policys_rule(
+            r#"[ { "name": "svc", "prefixes": ["10.0.0.0/8"], "ports": [80], "upstream": "u" } ]"#,
+            r#"[ { "name": "wide", "prefixes": ["10.0.0.0/16"], "ports": ["*"], "upstream": "u" },
+                { "name": "svc", "prefixes": ["10.0.5.0/24"], "ports": [80], "upstream": "u" },
+                { "name": "gone", "prefixes": ["10.0.9.0/24"], "ports": [22], "upstream": "u" } ]"#,
+            &[
+                (80, "10.0.5.1"),
+                (80, "10.0.7.1"),
+                (22, "10.0.5.1"),
+                (22, "10.0.9.9"),
+                (80, "10.9.0.1"),
+            ],
+        );
+        assert_eq!(offset, CLASS_HALF, "new classes (port 22): the other half");
+        reload_keeps_every_probe_on_a_policys_rule(
+            r#"[ { "name": "svc", "prefixes": ["10.0.0.0/8"], "ports": [80], "upstream": "u" } ]"#,
+            r#"[ { "name": "wide", "prefixes": ["10.0.0.0/16"], "ports": ["*"], "upstream": "u" },
+                { "name": "svc", "prefixes": ["10.0.5.0/24"], "ports": [80], "upstream": "u" } ]"#,
+            &[
+                (80, "10.0.5.1"),
+                (80, "10.0.7.1"),
+                (22, "10.0.5.1"),
+                (80, "10.9.0.1"),
+            ],
+        );
+    }
+
+    /// Classes that differ: the new policy's wildcard entries are keyed in
+    /// its half too, so a port still in the old half does not see them.
+    #[test]
+    fn a_reload_to_other_classes_moves_the_wildcards_with_them() {
+        let offset = reload_keeps_every_probe_on_a_policys_rule(
+            r#"[ { "name": "s", "prefixes": ["10.0.0.0/8"], "ports": [443], "upstream": "u" } ]"#,
+            r#"[ { "name": "w", "prefixes": ["10.0.0.0/16"], "ports": ["*"], "upstream": "u" },
+                { "name": "s", "prefixes": ["10.0.1.0/24"], "ports": [443, 8443], "upstream": "u" } ]"#,
+            &[
+                (443, "10.0.1.1"),
+                (443, "10.0.2.1"),
+                (8443, "10.0.1.1"),
+                (22, "10.0.1.1"),
+                (443, "10.5.0.1"),
+            ],
+        );
+        assert_eq!(offset, CLASS_HALF);
     }
 
     #[test]
