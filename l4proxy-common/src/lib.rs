@@ -11,7 +11,8 @@ pub const SOCKET_V6: u32 = 1;
 
 /// The port class of `*` port specs in a [`ClassKey`]; also the class
 /// `PORT_CLASSES` gives a port no spec names, whose only look-up is then the
-/// wildcard one.
+/// wildcard one. In the kernel's keys and `PORT_CLASSES`, as every class, it
+/// carries its half ([`CLASS_HALF`] or 0).
 pub const ANY_PORT_CLASS: u32 = 0;
 
 /// The high bit of a port class: the running policy's classes, its

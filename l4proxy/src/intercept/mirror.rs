@@ -101,19 +101,24 @@ where
     /// Writes the entries of `wanted` the map lacks or holds with another
     /// value.
     pub fn add(&mut self, wanted: &Contents<K, V>) -> Result<(), InterceptError> {
-        self.add_by(wanted, |_| ())
+        self.add_by(wanted, |_| (), |_, _| false)
     }
 
     /// [`Mirrored::add`], writing the entries in the order `order` gives
-    /// their values.
+    /// their values; an entry held with a value for which `later(held,
+    /// wanted)` is rewritten by [`Mirrored::remove_stale_by`] instead.
     pub fn add_by<O: Ord>(
         &mut self,
         wanted: &Contents<K, V>,
         order: impl Fn(&V) -> O,
+        later: impl Fn(&V, &V) -> bool,
     ) -> Result<(), InterceptError> {
         let mut adding: Vec<(&K, &V)> = wanted
             .iter()
-            .filter(|&(key, value)| self.held.get(key) != Some(value))
+            .filter(|&(key, value)| match self.held.get(key) {
+                Some(held) => held != value && !later(held, value),
+                None => true,
+            })
             .collect();
         adding.sort_by_key(|&(_, value)| order(value));
         for (key, value) in adding {
@@ -129,8 +134,8 @@ where
         self.remove_stale_by(wanted, |_| ())
     }
 
-    /// [`Mirrored::remove_stale`], removing the entries in the order `order`
-    /// gives their values.
+    /// [`Mirrored::remove_stale`], and the rewrites [`Mirrored::add_by`] left,
+    /// in the order `order` gives the values held.
     pub fn remove_stale_by<O: Ord>(
         &mut self,
         wanted: &Contents<K, V>,
@@ -139,11 +144,16 @@ where
         let mut stale: Vec<(K, V)> = self
             .held
             .iter()
-            .filter(|&(key, _)| !wanted.contains_key(key))
+            .filter(|&(key, value)| wanted.get(key) != Some(value))
             .map(|(&key, &value)| (key, value))
             .collect();
         stale.sort_by_key(|(_, value)| order(value));
         for (key, _) in stale {
+            if let Some(value) = wanted.get(&key) {
+                self.map.write(&key, value).map_err(map_error(self.name))?;
+                self.held.insert(key, *value);
+                continue;
+            }
             match self.map.delete(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(MapError::SyscallError(e))

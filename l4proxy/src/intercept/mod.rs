@@ -250,7 +250,7 @@ impl Interceptor {
     pub fn set_rules(&mut self, compiled: &rules::Compiled) -> Result<(), InterceptError> {
         let offset = self.class_offset_for(compiled);
         let wanted = rule_entries(&compiled.entries, offset, self.rule_half);
-        self.rules.add_by(&wanted, going_in)?;
+        self.rules.add_by(&wanted, going_in, lowered)?;
         let table: Vec<u32> = compiled
             .classes
             .table()
@@ -521,6 +521,14 @@ fn going_out(value: &RuleValue) -> u64 {
     value.rank
 }
 
+/// An entry both policies have, whose rank the new one lowers (a piece of
+/// an IPv6 prefix split around the IPv4-mapped range, taken by a shorter
+/// prefix): its rewrite takes the old value out, so it goes with the
+/// removals, in [`going_out`]'s order of the old value.
+fn lowered(held: &RuleValue, wanted: &RuleValue) -> bool {
+    wanted.rank < held.rank
+}
+
 /// The class offset of a policy with the ports' classes `table`, where the
 /// kernel's `PORT_CLASSES` holds `held`, keyed with `offset`: the same if
 /// the classes are, else the other half.
@@ -677,20 +685,20 @@ mod tests {
     /// The kernel's `RULES` in user space: its entries, and a look at every
     /// probe after each change.
     struct Trie {
-        entries: RuleMap,
+        entries: std::rc::Rc<std::cell::RefCell<RuleMap>>,
         after_each: Box<dyn FnMut(&RuleMap)>,
     }
 
     impl mirror::Entries<(u32, ClassKey), RuleValue> for Trie {
         fn write(&mut self, key: &(u32, ClassKey), value: &RuleValue) -> Result<(), MapError> {
-            self.entries.insert(*key, *value);
-            (self.after_each)(&self.entries);
+            self.entries.borrow_mut().insert(*key, *value);
+            (self.after_each)(&self.entries.borrow());
             Ok(())
         }
 
         fn delete(&mut self, key: &(u32, ClassKey)) -> Result<(), MapError> {
-            self.entries.remove(key);
-            (self.after_each)(&self.entries);
+            self.entries.borrow_mut().remove(key);
+            (self.after_each)(&self.entries.borrow());
             Ok(())
         }
     }
@@ -771,8 +779,9 @@ mod tests {
             .collect();
         let table = std::rc::Rc::new(std::cell::RefCell::new(old_table));
         let looking = std::rc::Rc::new(std::cell::Cell::new(false));
+        let trie_entries = std::rc::Rc::new(std::cell::RefCell::new(RuleMap::default()));
         let trie = Trie {
-            entries: Default::default(),
+            entries: trie_entries.clone(),
             after_each: {
                 let (table, looking, probes) = (table.clone(), looking.clone(), probes.clone());
                 let answers = answers.clone();
@@ -791,12 +800,16 @@ mod tests {
             },
         };
         let mut rules = mirror::Mirrored::new(trie, "RULES");
-        rules.add_by(&old_entries, going_in).unwrap();
+        rules.add_by(&old_entries, going_in, lowered).unwrap();
         looking.set(true);
-        rules.add_by(&new_entries, going_in).unwrap();
+        rules.add_by(&new_entries, going_in, lowered).unwrap();
         *table.borrow_mut() = new_table;
         rules.remove_stale_by(&new_entries, going_out).unwrap();
         assert_eq!(rules.len(), new_entries.len());
+        assert!(
+            *trie_entries.borrow() == new_entries,
+            "the map holds the new policy's entries"
+        );
         new_offset
     }
 
@@ -829,6 +842,35 @@ mod tests {
                 (22, "10.0.5.1"),
                 (80, "10.9.0.1"),
             ],
+        );
+    }
+
+    /// An IPv6 prefix that holds the IPv4-mapped range is split into
+    /// pieces around it, each keyed longer than the prefix: a shorter
+    /// prefix of the new policy rewrites a piece the old one held with a
+    /// higher rank, and that rewrite goes with the removals, not before a
+    /// wildcard of the old policy that the lower rank would let win.
+    #[test]
+    fn a_reload_that_lowers_a_pieces_rank_never_lets_a_third_rule_win() {
+        let probes = [
+            (443, "2001:db8::1"),
+            (80, "2001:db8::1"),
+            (443, "fe80::1"),
+            (443, "::2"),
+            (443, "10.0.0.1"),
+        ];
+        let offset = reload_keeps_every_probe_on_a_policys_rule(
+            r#"[ { "name": "web", "prefixes": ["2000::/3"], "ports": [443], "upstream": "u" },
+                { "name": "all", "prefixes": ["2000::/3"], "ports": ["*"], "upstream": "u" } ]"#,
+            r#"[ { "name": "web", "prefixes": ["::/0"], "ports": [443], "upstream": "u" } ]"#,
+            &probes,
+        );
+        assert_eq!(offset, 0, "the same classes: one half");
+        reload_keeps_every_probe_on_a_policys_rule(
+            r#"[ { "name": "web", "prefixes": ["::/0"], "ports": [443], "upstream": "u" } ]"#,
+            r#"[ { "name": "web", "prefixes": ["2000::/3"], "ports": [443], "upstream": "u" },
+                { "name": "all", "prefixes": ["2000::/3"], "ports": ["*"], "upstream": "u" } ]"#,
+            &probes,
         );
     }
 

@@ -1,7 +1,9 @@
 //! Compiles a [`Policy`] into the entries of the kernel's `RULES` LPM trie.
 //!
 //! The kernel (`l4proxy-ebpf`) looks up (the port's class, address) and
-//! ([`ANY_PORT_CLASS`], address) and keeps the entry of higher rank; it must
+//! ([`ANY_PORT_CLASS`], address), each in the class half the port is in
+//! (`CLASS_HALF`, see `Interceptor::set_rules`), and keeps the entry of
+//! higher rank; it must
 //! find the rule [`route::match_rule`] picks, because whether a gateway rule
 //! takes a packet depends on which rule it is. So:
 //! - the trie is keyed by port class ([`PortClasses`]): ports the same specs
