@@ -251,13 +251,7 @@ impl Interceptor {
         let offset = self.class_offset_for(compiled);
         let wanted = rule_entries(&compiled.entries, offset, self.rule_half);
         self.rules.add_by(&wanted, going_in, lowered)?;
-        let table: Vec<u32> = compiled
-            .classes
-            .table()
-            .iter()
-            .map(|&class| kernel_class(class, offset))
-            .collect();
-        self.port_classes.set(&table)?;
+        self.port_classes.set(&kernel_table(compiled, offset))?;
         self.class_offset = offset;
         self.rules.remove_stale_by(&wanted, going_out)
     }
@@ -540,6 +534,16 @@ fn offset_for(table: &[u32], held: &[u32], offset: u32) -> u32 {
     if same { offset } else { offset ^ CLASS_HALF }
 }
 
+/// `PORT_CLASSES` for `compiled`, its classes in the half `offset` names.
+fn kernel_table(compiled: &rules::Compiled, offset: u32) -> Vec<u32> {
+    compiled
+        .classes
+        .table()
+        .iter()
+        .map(|&class| kernel_class(class, offset))
+        .collect()
+}
+
 /// `class` as the kernel keys it, in the half `offset` names
 /// ([`CLASS_HALF`]), the wildcard class too.
 fn kernel_class(class: u32, offset: u32) -> u32 {
@@ -749,19 +753,9 @@ mod tests {
     ) -> u32 {
         let (old, new) = (rules_of(old), rules_of(new));
         let old_offset = 0;
-        let old_table: Vec<u32> = old
-            .classes
-            .table()
-            .iter()
-            .map(|&c| kernel_class(c, old_offset))
-            .collect();
+        let old_table = kernel_table(&old, old_offset);
         let new_offset = offset_for(new.classes.table(), &old_table, old_offset);
-        let new_table: Vec<u32> = new
-            .classes
-            .table()
-            .iter()
-            .map(|&c| kernel_class(c, new_offset))
-            .collect();
+        let new_table = kernel_table(&new, new_offset);
         let old_entries = rule_entries(&old.entries, old_offset, 0);
         let new_entries = rule_entries(&new.entries, new_offset, RULE_HALF);
         let probes: Vec<(u16, IpAddr)> = probes
