@@ -10,9 +10,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
 };
 use l4proxy_common::{
-    ANY_PORT_CLASS, CLASS_HALF, ClassKey, Counter, InterfaceConfig, InterfaceRuleKey, MAX_INTERFACE_RULES,
-    MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS, PORT_COUNT,
-    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SETTINGS_COUNT, VIA_BRIDGE_PORT,
+    ANY_PORT_CLASS, CLASS_HALF, ClassKey, Counter, InterfaceConfig, InterfaceRuleKey,
+    MAX_INTERFACE_RULES, MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS,
+    PORT_COUNT, RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SETTINGS_COUNT, VIA_BRIDGE_PORT,
 };
 
 /// Intercept rules, filled by the daemon from the policy: (port class,
