@@ -31,7 +31,9 @@ use std::{
 };
 
 use ipnet::IpNet;
-use l4proxy_common::{MAX_INTERFACE_RULES, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS};
+use l4proxy_common::{
+    MAX_INTERFACE_RULES, MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS,
+};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::{
@@ -97,6 +99,10 @@ pub enum InstallError {
         "the upstream servers' map would hold {peak} addresses while the new policy replaces the running one, more than its {MAX_UPSTREAM_SERVERS}; restart l4proxy with the new policy instead"
     )]
     TooManyUpstreamServers { peak: usize },
+    #[error(
+        "this host's addresses in the kernel (for gateway rules) would be {peak} prefixes with those the new policy makes local beside those of replaced policies still serving, more than its {MAX_LOCAL_ADDRS}; reload once their connections have ended, or restart l4proxy with the new policy"
+    )]
+    TooManyLocalAddresses { peak: usize },
 }
 
 /// Everything this daemon set up in its network namespace.
@@ -176,6 +182,30 @@ impl Needs {
     fn delivery(&self) -> bool {
         !self.classify.is_empty() || !self.local_servers.is_empty()
     }
+}
+
+/// The prefixes the daemon makes local for `needs` (policies in force and
+/// replaced ones still serving) and for what it took over, each once.
+fn all_owned<'a>(needs: impl Iterator<Item = &'a Needs>, inherited: &Routing) -> Vec<IpNet> {
+    let mut owned: Vec<IpNet> = needs
+        .flat_map(|needs| needs.owned.iter().copied())
+        .chain(inherited.prefixes.iter().copied())
+        .collect();
+    owned.sort();
+    owned.dedup();
+    owned
+}
+
+/// Entries of the kernel's `LOCAL_ADDRS` for this host's own `host_keys`
+/// and the prefixes `owned` (an IPv6 prefix that holds the IPv4-mapped
+/// range is several). The map's contents only grow during a change: the
+/// replaced policies' prefixes stay until their connections end.
+fn local_addrs_peak(host_keys: usize, owned: &[IpNet]) -> usize {
+    host_keys
+        + owned
+            .iter()
+            .map(|&prefix| crate::lpm::prefix_keys(prefix).len())
+            .sum::<usize>()
 }
 
 /// What applying a policy produced.
@@ -297,6 +327,21 @@ impl Installation {
         if peak > MAX_UPSTREAM_SERVERS as usize {
             return Err(InstallError::TooManyUpstreamServers { peak });
         }
+        // The kernel's copy of this host's addresses holds every policy's
+        // own prefixes while one still serves, when gateway rules read it.
+        let serving = self.current.iter().chain(&self.older);
+        let gateway = policy.rules.iter().any(InterceptRule::is_gateway)
+            || serving
+                .clone()
+                .any(|g| g.active.policy.rules.iter().any(InterceptRule::is_gateway));
+        if gateway {
+            let inherited = self.inherited.clone().unwrap_or_default();
+            let owned = all_owned(serving.map(|g| &g.needs).chain([&needs]), &inherited);
+            let peak = local_addrs_peak(self.local.host_keys(), &owned);
+            if peak > MAX_LOCAL_ADDRS as usize {
+                return Err(InstallError::TooManyLocalAddresses { peak });
+            }
+        }
 
         let active = Arc::new(
             Active::new(
@@ -378,13 +423,7 @@ impl Installation {
         };
         let generations: Vec<&Generation> = std::iter::once(current).chain(&self.older).collect();
         let inherited = self.inherited.clone().unwrap_or_default();
-        let mut owned: Vec<IpNet> = generations
-            .iter()
-            .flat_map(|g| g.needs.owned.iter().copied())
-            .chain(inherited.prefixes)
-            .collect();
-        owned.sort();
-        owned.dedup();
+        let owned = all_owned(generations.iter().map(|g| &g.needs), &inherited);
         let mut local_servers: Vec<SocketAddr> = generations
             .iter()
             .flat_map(|g| g.needs.local_servers.iter().copied())
@@ -1180,6 +1219,34 @@ mod tests {
 
     fn link(name: &str, index: u32, master: Option<u32>, is_bridge: bool) -> Interface {
         Interface::ethernet(name, index, master, is_bridge)
+    }
+
+    /// Every serving policy's prefixes count once, an IPv6 prefix split
+    /// around the IPv4-mapped range as its pieces.
+    #[test]
+    fn the_host_addresses_peak_counts_every_serving_policys_prefixes_once() {
+        let needs = |owned: &[&str]| Needs {
+            owned: owned.iter().map(|p| p.parse().unwrap()).collect(),
+            local_servers: Vec::new(),
+            classify: Vec::new(),
+            bridges: Vec::new(),
+            routed_v4: false,
+            routed_v6: false,
+        };
+        let running = needs(&["192.0.2.0/24", "2001:db8::/32"]);
+        let replaced = needs(&["192.0.2.0/24", "198.51.100.0/24"]);
+        let taken_over = Routing {
+            prefixes: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Routing::default()
+        };
+        let owned = all_owned([&running, &replaced].into_iter(), &taken_over);
+        assert_eq!(owned.len(), 4, "{owned:?}");
+        assert_eq!(local_addrs_peak(3, &owned), 3 + 4);
+        let everything = needs(&["::/0"]);
+        let pieces = crate::lpm::prefix_keys("::/0".parse().unwrap()).len();
+        assert!(pieces > 90, "{pieces}");
+        let owned = all_owned([&everything].into_iter(), &Routing::default());
+        assert_eq!(local_addrs_peak(0, &owned), pieces);
     }
 
     /// Tunnels to their original destination from a fixed address that is

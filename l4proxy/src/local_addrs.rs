@@ -18,7 +18,10 @@ use std::{
     cell::RefCell,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use futures::TryStreamExt;
@@ -62,6 +65,8 @@ pub struct LocalAddrs {
     host: RwLock<Arc<Lpm<()>>>,
     /// The kernel programs' copy (`intercept::LocalMap`), if any.
     sink: Mutex<Option<Sink>>,
+    /// Entries the interfaces' addresses and loopback take in that copy.
+    host_keys: AtomicUsize,
 }
 
 impl LocalAddrs {
@@ -73,6 +78,7 @@ impl LocalAddrs {
             current: RwLock::new(Arc::new(Lpm::default())),
             host: RwLock::new(Arc::new(Lpm::default())),
             sink: Mutex::new(sink),
+            host_keys: AtomicUsize::new(0),
         };
         local.reload().await?;
         Ok(Arc::new(local))
@@ -89,6 +95,12 @@ impl LocalAddrs {
     /// policies made local.
     pub fn is_host_address(&self, ip: IpAddr) -> bool {
         read(&self.host).contains(ip)
+    }
+
+    /// Entries this host's own addresses take in the kernel's copy, as of
+    /// the last reread.
+    pub fn host_keys(&self) -> usize {
+        self.host_keys.load(Ordering::Relaxed)
     }
 
     /// Takes the prefixes the daemon now makes local (after a new policy).
@@ -132,6 +144,11 @@ impl LocalAddrs {
         {
             sink(if in_kernel { &all } else { &all[..host] });
         }
+        let keys = all[..host]
+            .iter()
+            .map(|&prefix| crate::lpm::prefix_keys(prefix).len())
+            .sum();
+        self.host_keys.store(keys, Ordering::Relaxed);
         let host_only = Lpm::of(all[..host].iter().copied());
         let prefixes = Lpm::of(all);
         *self
