@@ -300,3 +300,24 @@ fn warnings_fail_only_with_strict() {
     let clean = check_with("valid.json", &["--strict"]);
     assert!(clean.ok, "{}{}", clean.stdout, clean.stderr);
 }
+
+/// A rule whose every prefix and port another takes first (single ports
+/// win over a range) is named, and
+/// counts as a warning for `--strict`.
+#[test]
+fn a_rule_that_never_matches_is_a_warning() {
+    let lenient = check("shadowed_rule.json");
+    let ctx = format!("stdout: {}\nstderr: {}", lenient.stdout, lenient.stderr);
+    assert!(lenient.ok, "{ctx}");
+    assert_eq!(
+        lenient.stderr.trim_end(),
+        format!(
+            "{}: warning: intercept[1]: never matches: rule \"web-range\" has no destination \
+             and port another rule does not take first",
+            lenient.file
+        ),
+        "{ctx}"
+    );
+    let strict = check_with("shadowed_rule.json", &["--strict"]);
+    assert_eq!(strict.code, Some(1), "{}", strict.stderr);
+}

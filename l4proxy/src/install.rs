@@ -313,6 +313,9 @@ impl Installation {
             planned.l2_len()?;
         }
         let compiled = rules::compile(&policy);
+        for warning in rules::unreachable(&policy, &compiled) {
+            tracing::warn!("{warning}");
+        }
         let peak = self.interceptor.peak_rule_entries(&compiled);
         if peak > MAX_RULE_ENTRIES as usize {
             return Err(InstallError::TooManyEntries { peak });

@@ -131,7 +131,9 @@ fn check(file: &std::path::Path, strict: bool) -> ExitCode {
                 eprintln!("{}: {e}", file.display());
                 return ExitCode::FAILURE;
             }
-            let warnings = policy.warnings();
+            let mut warnings = policy.warnings();
+            let compiled = l4proxy::intercept::rules::compile(&policy);
+            warnings.extend(l4proxy::intercept::rules::unreachable(&policy, &compiled));
             for warning in &warnings {
                 eprintln!("{}: warning: {warning}", file.display());
             }

@@ -105,6 +105,31 @@ pub fn compile(policy: &Policy) -> Compiled {
     Compiled { classes, entries }
 }
 
+/// Rules that steer nothing: no entry of `compiled` holds them, so every
+/// destination and port they name goes to a rule that wins over them (a
+/// more specific prefix, or the same prefix with narrower port specs).
+/// Conservative: a rule taken from by several more specific ones together
+/// still holds the entry of its own prefix, and is not named. One message
+/// per rule, starting with its JSON path (as `Policy::warnings`).
+pub fn unreachable(policy: &Policy, compiled: &Compiled) -> Vec<String> {
+    let mut reached = vec![false; policy.rules.len()];
+    for entry in &compiled.entries {
+        reached[entry.value.rule_id as usize] = true;
+    }
+    policy
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|&(i, rule)| !reached[i] && rule.connect.is_none())
+        .map(|(i, rule)| {
+            format!(
+                "intercept[{i}]: never matches: rule {:?} has no destination and port another rule does not take first",
+                rule.name
+            )
+        })
+        .collect()
+}
+
 /// The rule of a destination, found as the kernel finds it.
 pub struct RuleIndex {
     classes: PortClasses,
@@ -312,6 +337,51 @@ mod tests {
 
     fn policy(rules: &[(&[&str], &[PortSpec])]) -> Policy {
         Policy::of_rules(rules)
+    }
+
+    #[test]
+    fn a_rule_no_entry_holds_is_named_as_never_matching() {
+        let unreachable_of = |rules: &[(&[&str], &[PortSpec])]| {
+            let policy = policy(rules);
+            unreachable(&policy, &compile(&policy))
+        };
+        // A range whose every port another rule names singly, on the same
+        // prefix: single ports win, wherever the rules are in the list.
+        let found = unreachable_of(&[
+            (&["192.0.2.0/24"], &[Range(80, 81)]),
+            (&["192.0.2.0/24"], &[Single(80), Single(81)]),
+        ]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("intercept[0]: never matches: rule \"r0\""),
+            "{found:?}"
+        );
+        // A port of its own, or a prefix of its own: it matches.
+        for rules in [
+            &[
+                (&["192.0.2.0/24"][..], &[Single(80)][..]),
+                (&["192.0.2.0/24"], &[Single(80), Single(443)]),
+            ][..],
+            &[
+                (&["192.0.2.0/24"], &[Single(80)]),
+                (&["192.0.2.0/24", "198.51.100.0/24"], &[Single(80)]),
+            ],
+            // Earlier, but less specific: the later, narrower rule wins.
+            &[
+                (&["192.0.2.0/24"], &[Any]),
+                (&["192.0.2.0/25"], &[Range(1, 1023)]),
+            ],
+        ] {
+            assert_eq!(unreachable_of(rules), Vec::<String>::new(), "{rules:?}");
+        }
+        // Taken from by two more specific rules together: not found (its own
+        // prefix's entry is still its).
+        let found = unreachable_of(&[
+            (&["192.0.2.0/24"], &[Single(80)]),
+            (&["192.0.2.0/25"], &[Single(80)]),
+            (&["192.0.2.128/25"], &[Single(80)]),
+        ]);
+        assert_eq!(found, Vec::<String>::new());
     }
 
     /// An entry as (key prefix length, key, rule).

@@ -15,12 +15,10 @@ fn every_example_loads_without_warnings() {
             continue;
         }
         let policy = Policy::load(&file).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            policy.warnings(),
-            Vec::<String>::new(),
-            "{}",
-            file.display()
-        );
+        let mut warnings = policy.warnings();
+        let compiled = crate::intercept::rules::compile(&policy);
+        warnings.extend(crate::intercept::rules::unreachable(&policy, &compiled));
+        assert_eq!(warnings, Vec::<String>::new(), "{}", file.display());
         checked.push(file.file_name().unwrap().to_string_lossy().into_owned());
     }
     // The scenarios docs/policy.md walks through.
