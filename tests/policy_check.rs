@@ -312,8 +312,8 @@ fn a_rule_that_never_matches_is_a_warning() {
     assert_eq!(
         lenient.stderr.trim_end(),
         format!(
-            "{}: warning: intercept[1]: never matches: rule \"web-range\" has no destination \
-             and port another rule does not take first",
+            "{}: warning: intercept[1]: never matches: rules that win over rule \"web-range\" \
+             (a more specific prefix, or narrower ports) take every destination and port it names",
             lenient.file
         ),
         "{ctx}"

@@ -100,7 +100,7 @@ pub enum InstallError {
     )]
     TooManyUpstreamServers { peak: usize },
     #[error(
-        "this host's addresses in the kernel (for gateway rules) would be {peak} prefixes with those the new policy makes local beside those of replaced policies still serving, more than its {MAX_LOCAL_ADDRS}; reload once their connections have ended, or restart l4proxy with the new policy"
+        "this host's addresses in the kernel (for gateway rules) would be {peak} prefixes, more than its {MAX_LOCAL_ADDRS}: with those the new policy makes local count those of policies still serving (a replaced policy's until its connections end; in a takeover, the running daemon's); reload once they have ended, or stop l4proxy and start it with the new policy"
     )]
     TooManyLocalAddresses { peak: usize },
 }
@@ -197,15 +197,16 @@ fn all_owned<'a>(needs: impl Iterator<Item = &'a Needs>, inherited: &Routing) ->
 }
 
 /// Entries of the kernel's `LOCAL_ADDRS` for this host's own `host_keys`
-/// and the prefixes `owned` (an IPv6 prefix that holds the IPv4-mapped
-/// range is several). The map's contents only grow during a change: the
-/// replaced policies' prefixes stay until their connections end.
+/// and the prefixes `owned`, each key once (an IPv6 prefix that holds the
+/// IPv4-mapped range is several, and nested ones share some). The map's
+/// contents only grow during a change: the replaced policies' prefixes
+/// stay until their connections end.
 fn local_addrs_peak(host_keys: usize, owned: &[IpNet]) -> usize {
-    host_keys
-        + owned
-            .iter()
-            .map(|&prefix| crate::lpm::prefix_keys(prefix).len())
-            .sum::<usize>()
+    let keys: std::collections::HashSet<(u128, u8)> = owned
+        .iter()
+        .flat_map(|&prefix| crate::lpm::prefix_keys(prefix))
+        .collect();
+    host_keys + keys.len()
 }
 
 /// What applying a policy produced.
@@ -313,9 +314,6 @@ impl Installation {
             planned.l2_len()?;
         }
         let compiled = rules::compile(&policy);
-        for warning in rules::unreachable(&policy, &compiled) {
-            tracing::warn!("{warning}");
-        }
         let peak = self.interceptor.peak_rule_entries(&compiled);
         if peak > MAX_RULE_ENTRIES as usize {
             return Err(InstallError::TooManyEntries { peak });
@@ -344,6 +342,9 @@ impl Installation {
             if peak > MAX_LOCAL_ADDRS as usize {
                 return Err(InstallError::TooManyLocalAddresses { peak });
             }
+        }
+        for warning in rules::unreachable(&policy, &compiled) {
+            tracing::warn!("{warning}");
         }
 
         let active = Arc::new(
@@ -1249,6 +1250,10 @@ mod tests {
         let pieces = crate::lpm::prefix_keys("::/0".parse().unwrap()).len();
         assert!(pieces > 90, "{pieces}");
         let owned = all_owned([&everything].into_iter(), &Routing::default());
+        assert_eq!(local_addrs_peak(0, &owned), pieces);
+        // ::/1 is made of pieces ::/0 has too: they count once.
+        let nested = needs(&["::/0", "::/1"]);
+        let owned = all_owned([&nested].into_iter(), &Routing::default());
         assert_eq!(local_addrs_peak(0, &owned), pieces);
     }
 

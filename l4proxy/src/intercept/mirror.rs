@@ -128,8 +128,9 @@ where
         Ok(())
     }
 
-    /// Removes the entries `wanted` lacks; one that is already gone counts as
-    /// removed.
+    /// Removes the entries `wanted` lacks (one that is already gone counts as
+    /// removed), and writes those it holds with another value, if any are
+    /// left (after [`Mirrored::add`], none are).
     pub fn remove_stale(&mut self, wanted: &Contents<K, V>) -> Result<(), InterceptError> {
         self.remove_stale_by(wanted, |_| ())
     }

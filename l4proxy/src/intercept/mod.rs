@@ -245,8 +245,9 @@ impl Interceptor {
     /// running one's is keyed in the other half of the class numbers, its
     /// wildcard entries too, so each port moves from complete old entries
     /// to complete new ones. Within one half, entries go in from the highest
-    /// rank down and out from the lowest up ([`going_in`]): at every step
-    /// a connection takes the rule the old policy or the new one gives it.
+    /// rank down and out from the lowest up ([`going_in`]), a rewrite that
+    /// lowers a key's rank with the removals ([`lowered`]): at every step a
+    /// connection takes the rule the old policy or the new one gives it.
     pub fn set_rules(&mut self, compiled: &rules::Compiled) -> Result<(), InterceptError> {
         let offset = self.class_offset_for(compiled);
         let wanted = rule_entries(&compiled.entries, offset, self.rule_half);

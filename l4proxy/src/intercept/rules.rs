@@ -123,7 +123,7 @@ pub fn unreachable(policy: &Policy, compiled: &Compiled) -> Vec<String> {
         .filter(|&(i, rule)| !reached[i] && rule.connect.is_none())
         .map(|(i, rule)| {
             format!(
-                "intercept[{i}]: never matches: rule {:?} has no destination and port another rule does not take first",
+                "intercept[{i}]: never matches: rules that win over rule {:?} (a more specific prefix, or narrower ports) take every destination and port it names",
                 rule.name
             )
         })
@@ -353,7 +353,7 @@ mod tests {
         ]);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
-            found[0].starts_with("intercept[0]: never matches: rule \"r0\""),
+            found[0].starts_with("intercept[0]: never matches: rules that win over rule \"r0\""),
             "{found:?}"
         );
         // A port of its own, or a prefix of its own: it matches.
