@@ -555,22 +555,8 @@ fn client_ip_to_the_original_destination_never_takes_the_clients_port() {
     for (f, port, server) in &servers {
         let to = sock(f.server, *port);
         let from = sock(f.client, 61000);
-        // Reused at once for the next destination: the last one's close
-        // leaves the port in TIME_WAIT here.
-        let mut c =
-            t.cl.run(|| {
-                let socket = socket2::Socket::new(
-                    socket2::Domain::for_address(to),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                socket.set_reuse_address(true)?;
-                socket.bind(&from.into())?;
-                socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
-                std::io::Result::Ok(std::net::TcpStream::from(socket))
-            })
-            .unwrap_or_else(|e| panic!("connect from {from} to {to}: {e}"));
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Reused at once for the next destination (the helper allows it).
+        let mut c = lab::connect_from(&t.cl, from, to);
         talk(&mut c, "origin", &format!("{} to {to}", f.name));
         let accepted = server.wait_accepted(1, Duration::from_secs(5));
         assert_eq!(

@@ -236,6 +236,9 @@ pub fn try_connect_from(ns: &Netns, local: SocketAddr, addr: SocketAddr) -> io::
             socket2::Type::STREAM,
             None,
         )?;
+        // A fixed port may be reused at once: the last connection from it
+        // left it in TIME_WAIT here.
+        socket.set_reuse_address(true)?;
         socket.bind(&local.into())?;
         socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
         Ok(socket.into())
