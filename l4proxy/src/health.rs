@@ -343,9 +343,7 @@ impl Registry {
             }
             match plan {
                 Some(plan) => {
-                    if let Some(checks) = entry.checks.take() {
-                        checks.task.abort();
-                    }
+                    entry.pause_checks();
                     entry.state.checked.store(true, Ordering::Relaxed);
                     let task = tokio::spawn(run(entry.state.clone(), plan.clone()));
                     entry.checks = Some(Checks {
@@ -367,9 +365,7 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         for entry in self.lock().entries.values_mut() {
-            if let Some(checks) = entry.checks.take() {
-                checks.task.abort();
-            }
+            entry.pause_checks();
         }
     }
 }

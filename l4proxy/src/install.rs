@@ -186,14 +186,20 @@ impl Needs {
 
 /// The prefixes the daemon makes local for `needs` (policies in force and
 /// replaced ones still serving) and for what it took over, each once.
-fn all_owned<'a>(needs: impl Iterator<Item = &'a Needs>, inherited: &Routing) -> Vec<IpNet> {
+fn all_owned<'a>(needs: impl Iterator<Item = &'a Needs>, inherited: &[IpNet]) -> Vec<IpNet> {
     let mut owned: Vec<IpNet> = needs
         .flat_map(|needs| needs.owned.iter().copied())
-        .chain(inherited.prefixes.iter().copied())
+        .chain(inherited.iter().copied())
         .collect();
     owned.sort();
     owned.dedup();
     owned
+}
+
+/// Whether `policy` has gateway rules, which read the kernel's copy of this
+/// host's addresses.
+fn has_gateway(policy: &Policy) -> bool {
+    policy.rules.iter().any(InterceptRule::is_gateway)
 }
 
 /// Entries of the kernel's `LOCAL_ADDRS` for this host's own `host_keys`
@@ -331,13 +337,9 @@ impl Installation {
         // The kernel's copy of this host's addresses holds every policy's
         // own prefixes while one still serves, when gateway rules read it.
         let serving = self.current.iter().chain(&self.older);
-        let gateway = policy.rules.iter().any(InterceptRule::is_gateway)
-            || serving
-                .clone()
-                .any(|g| g.active.policy.rules.iter().any(InterceptRule::is_gateway));
-        if gateway {
-            let inherited = self.inherited.clone().unwrap_or_default();
-            let owned = all_owned(serving.map(|g| &g.needs).chain([&needs]), &inherited);
+        if has_gateway(&policy) || serving.clone().any(|g| has_gateway(&g.active.policy)) {
+            let inherited = self.inherited.as_ref().map_or(&[][..], |r| &r.prefixes);
+            let owned = all_owned(serving.map(|g| &g.needs).chain([&needs]), inherited);
             let peak = local_addrs_peak(self.local.host_keys(), &owned);
             if peak > MAX_LOCAL_ADDRS as usize {
                 return Err(InstallError::TooManyLocalAddresses { peak });
@@ -427,7 +429,7 @@ impl Installation {
         };
         let generations: Vec<&Generation> = std::iter::once(current).chain(&self.older).collect();
         let inherited = self.inherited.clone().unwrap_or_default();
-        let owned = all_owned(generations.iter().map(|g| &g.needs), &inherited);
+        let owned = all_owned(generations.iter().map(|g| &g.needs), &inherited.prefixes);
         let mut local_servers: Vec<SocketAddr> = generations
             .iter()
             .flat_map(|g| g.needs.local_servers.iter().copied())
@@ -438,9 +440,7 @@ impl Installation {
         let delivery = inherited.delivery || generations.iter().any(|g| g.needs.delivery());
         // The kernel reads LOCAL_ADDRS only for gateway rules: the entries of
         // the rules in force and of replaced ones still serving.
-        let gateway = generations
-            .iter()
-            .any(|g| g.active.policy.rules.iter().any(InterceptRule::is_gateway));
+        let gateway = generations.iter().any(|g| has_gateway(&g.active.policy));
         let classify = self.classify_plan();
         let compiled = current.rules.clone();
         let upstream_servers = upstream_servers(&current.active.policy);
@@ -1243,17 +1243,17 @@ mod tests {
             prefixes: vec!["203.0.113.0/24".parse().unwrap()],
             ..Routing::default()
         };
-        let owned = all_owned([&running, &replaced].into_iter(), &taken_over);
+        let owned = all_owned([&running, &replaced].into_iter(), &taken_over.prefixes);
         assert_eq!(owned.len(), 4, "{owned:?}");
         assert_eq!(local_addrs_peak(3, &owned), 3 + 4);
         let everything = needs(&["::/0"]);
         let pieces = crate::lpm::prefix_keys("::/0".parse().unwrap()).len();
         assert!(pieces > 90, "{pieces}");
-        let owned = all_owned([&everything].into_iter(), &Routing::default());
+        let owned = all_owned([&everything].into_iter(), &[]);
         assert_eq!(local_addrs_peak(0, &owned), pieces);
         // ::/1 is made of pieces ::/0 has too: they count once.
         let nested = needs(&["::/0", "::/1"]);
-        let owned = all_owned([&nested].into_iter(), &Routing::default());
+        let owned = all_owned([&nested].into_iter(), &[]);
         assert_eq!(local_addrs_peak(0, &owned), pieces);
     }
 

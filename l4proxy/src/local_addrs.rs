@@ -27,7 +27,7 @@ use std::{
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::lpm::Lpm;
+use crate::{intercept::netlink_batch, lpm::Lpm};
 use rtnetlink::{
     packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload},
     packet_route::{
@@ -35,7 +35,7 @@ use rtnetlink::{
         address::{AddressAttribute, AddressMessage},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     },
-    sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
+    sys::Socket,
 };
 
 /// 127.0.0.0/8 and ::1: local whether or not `lo` lists them.
@@ -194,13 +194,11 @@ pub fn routed_here(ip: IpAddr) -> io::Result<bool> {
         NetlinkPayload::from(RouteNetlinkMessage::GetRoute(query)),
     );
     request.finalize();
-    let mut sending = vec![0; request.buffer_len()];
-    request.serialize(&mut sending);
-    let answer = ROUTE_SOCKET.with_borrow_mut(|kept| {
-        let asked = ask(kept, &sending);
+    let answer = ROUTE_QUERIES.with_borrow_mut(|queries| {
+        let asked = queries.ask(&request);
         if asked.is_err() {
             // An answer may be left queued: the next question opens anew.
-            *kept = None;
+            queries.socket = None;
         }
         asked
     })?;
@@ -218,31 +216,40 @@ pub fn routed_here(ip: IpAddr) -> io::Result<bool> {
 }
 
 thread_local! {
-    /// One netlink socket per thread that asks, opened on first use: in
-    /// the daemon's network namespace, as every worker is.
-    static ROUTE_SOCKET: RefCell<Option<Socket>> = const { RefCell::new(None) };
+    /// One netlink socket per thread that asks, opened on first use (in the
+    /// daemon's network namespace, as every worker is), and its buffers.
+    static ROUTE_QUERIES: RefCell<RouteQueries> = const {
+        RefCell::new(RouteQueries { socket: None, request: Vec::new(), answer: Vec::new() })
+    };
 }
 
-/// Sends `request` and reads its answer, which the kernel queues before
-/// the send returns.
-fn ask(
-    kept: &mut Option<Socket>,
-    request: &[u8],
-) -> io::Result<NetlinkMessage<RouteNetlinkMessage>> {
-    let socket = match kept {
-        Some(socket) => socket,
-        None => {
-            let mut socket = Socket::new(NETLINK_ROUTE)?;
-            socket.bind_auto()?;
-            socket.connect(&SocketAddr::new(0, 0))?;
-            kept.insert(socket)
-        }
-    };
-    socket.send(request, 0)?;
-    let mut answer = Vec::with_capacity(4096);
-    socket.recv(&mut answer, libc::MSG_DONTWAIT)?;
-    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+struct RouteQueries {
+    socket: Option<Socket>,
+    request: Vec<u8>,
+    answer: Vec<u8>,
+}
+
+impl RouteQueries {
+    /// Sends `request` and reads its answer, which the kernel queues before
+    /// the send returns.
+    fn ask(
+        &mut self,
+        request: &NetlinkMessage<RouteNetlinkMessage>,
+    ) -> io::Result<NetlinkMessage<RouteNetlinkMessage>> {
+        let socket = match &mut self.socket {
+            Some(socket) => socket,
+            None => self.socket.insert(netlink_batch::route_socket()?),
+        };
+        self.request.clear();
+        self.request.resize(request.buffer_len(), 0);
+        request.serialize(&mut self.request);
+        socket.send(&self.request, 0)?;
+        self.answer.clear();
+        self.answer.reserve(4096);
+        socket.recv(&mut self.answer, libc::MSG_DONTWAIT)?;
+        NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.answer)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
 }
 
 /// The host's own address of an `ip addr` entry: IFA_LOCAL where given (on a

@@ -131,9 +131,7 @@ fn check(file: &std::path::Path, strict: bool) -> ExitCode {
                 eprintln!("{}: {e}", file.display());
                 return ExitCode::FAILURE;
             }
-            let mut warnings = policy.warnings();
-            let compiled = l4proxy::intercept::rules::compile(&policy);
-            warnings.extend(l4proxy::intercept::rules::unreachable(&policy, &compiled));
+            let warnings = l4proxy::intercept::rules::warnings(&policy);
             for warning in &warnings {
                 eprintln!("{}: warning: {warning}", file.display());
             }

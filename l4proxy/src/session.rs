@@ -683,17 +683,17 @@ async fn open(
         Some(origination) => {
             // A CONNECT to an address: the server's certificate must name it,
             // as a client's own TLS to it would ask.
-            let asked = target_name.clone().or_else(|| {
+            let asked = client_name.or(target_name).or_else(|| {
                 rule.connect
                     .as_ref()
                     .and_then(|_| request.checked.first())
                     .map(|addr| addr.ip().to_string())
             });
-            match tls_server_name(origination, client_name.or(asked)) {
+            match tls_server_name(origination, asked) {
                 Ok(name) => Some(name),
                 Err(e) => {
                     // The client gave no name, or one that is none.
-                    let failed = TlsFailed(upstream_id, Whose::Clients, &e);
+                    let failed = TlsFailed(upstream_id, "client", &e);
                     tls_failed(&mut client, established, record, active, failed).await;
                     return None;
                 }
@@ -743,12 +743,8 @@ async fn open(
         }
         Err(e) if e.secure_failed() => {
             record.upstream = e.upstream();
-            let whose = if e.clients_doing() {
-                Whose::Clients
-            } else {
-                Whose::Servers
-            };
-            let failed = TlsFailed(upstream_id, whose, &e);
+            let reason = if e.clients_doing() { "client" } else { "tls" };
+            let failed = TlsFailed(upstream_id, reason, &e);
             tls_failed(&mut client, established, record, active, failed).await;
             return None;
         }
@@ -892,16 +888,9 @@ async fn await_first_bytes(client: &TcpStream, upstream: &TcpStream) {
     }
 }
 
-/// Whose doing a failed TLS to the upstream was, for its count.
-enum Whose {
-    Servers,
-    /// What the client asked for (a name, an ALPN protocol): not held
-    /// against the upstream's TLS.
-    Clients,
-}
-
-/// TLS to this upstream failed, whose doing it was, and why.
-struct TlsFailed<'a>(UpstreamId, Whose, &'a (dyn std::fmt::Display + Sync));
+/// TLS to this upstream failed, the failure's count (`tls`, or `client`:
+/// what the client asked for, not held against the upstream), and why.
+struct TlsFailed<'a>(UpstreamId, &'static str, &'a (dyn std::fmt::Display + Sync));
 
 /// TLS to the upstream failed, or could not start (no name to verify
 /// against): counted, told the client as a failed connect, and logged.
@@ -910,12 +899,9 @@ async fn tls_failed(
     established: bool,
     record: &Record,
     active: &Active,
-    TlsFailed(upstream_id, whose, error): TlsFailed<'_>,
+    TlsFailed(upstream_id, reason, error): TlsFailed<'_>,
 ) {
-    active.metrics.upstreams[upstream_id.0].failed(match whose {
-        Whose::Servers => "tls",
-        Whose::Clients => "client",
-    });
+    active.metrics.upstreams[upstream_id.0].failed(reason);
     upstream_failed(client, established, false, record).await;
     record.end(active, "upstream_tls_failed", Some(error));
 }

@@ -964,22 +964,14 @@ fn leave_out_port(socket: &Socket, port: u16) -> io::Result<()> {
     if from > to {
         return Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
     }
+    // The option's u32 (`low | high << 16`), as the c_int of the same bits.
     let range = u32::from(from) | (u32::from(to) << 16);
-    // SAFETY: the option takes a u32, passed by pointer with its size; the
-    // descriptor is borrowed from a live socket.
-    let set = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            IP_LOCAL_PORT_RANGE,
-            (&raw const range).cast(),
-            size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_int_option(
+        socket,
+        libc::IPPROTO_IP,
+        IP_LOCAL_PORT_RANGE,
+        range as libc::c_int,
+    )
 }
 
 /// This network namespace's `net.ipv4.ip_local_port_range` as last read
@@ -991,18 +983,22 @@ static LOCAL_PORT_RANGE: AtomicU32 = AtomicU32::new(0);
 /// start-up, on each reload and every few seconds (a changed sysctl is
 /// seen that late).
 pub fn reread_local_port_range() {
-    match local_port_range() {
-        Ok((low, high)) => {
-            LOCAL_PORT_RANGE.store(u32::from(low) | (u32::from(high) << 16), Ordering::Relaxed)
-        }
-        Err(e) => tracing::warn!(error = %e, "reading net.ipv4.ip_local_port_range"),
+    if let Err(e) = read_local_port_range() {
+        tracing::warn!(error = %e, "reading net.ipv4.ip_local_port_range");
     }
+}
+
+/// Reads the port range into [`LOCAL_PORT_RANGE`], and gives it.
+fn read_local_port_range() -> io::Result<(u16, u16)> {
+    let (low, high) = local_port_range()?;
+    LOCAL_PORT_RANGE.store(u32::from(low) | (u32::from(high) << 16), Ordering::Relaxed);
+    Ok((low, high))
 }
 
 /// [`LOCAL_PORT_RANGE`], read now if it never was.
 fn known_local_port_range() -> io::Result<(u16, u16)> {
     match LOCAL_PORT_RANGE.load(Ordering::Relaxed) {
-        0 => local_port_range(),
+        0 => read_local_port_range(),
         range => Ok((range as u16, (range >> 16) as u16)),
     }
 }

@@ -101,22 +101,22 @@ where
     /// Writes the entries of `wanted` the map lacks or holds with another
     /// value.
     pub fn add(&mut self, wanted: &Contents<K, V>) -> Result<(), InterceptError> {
-        self.add_by(wanted, |_| (), |_, _| false)
+        self.add_by(wanted, |_| ())
     }
 
     /// [`Mirrored::add`], writing the entries in the order `order` gives
-    /// their values; an entry held with a value for which `later(held,
-    /// wanted)` is rewritten by [`Mirrored::remove_stale_by`] instead.
+    /// their values; an entry held with a value that `order` puts first
+    /// (its rewrite takes out what comes first) is rewritten by
+    /// [`Mirrored::remove_stale_by`] instead.
     pub fn add_by<O: Ord>(
         &mut self,
         wanted: &Contents<K, V>,
         order: impl Fn(&V) -> O,
-        later: impl Fn(&V, &V) -> bool,
     ) -> Result<(), InterceptError> {
         let mut adding: Vec<(&K, &V)> = wanted
             .iter()
             .filter(|&(key, value)| match self.held.get(key) {
-                Some(held) => held != value && !later(held, value),
+                Some(held) => held != value && order(value) <= order(held),
                 None => true,
             })
             .collect();

@@ -36,14 +36,21 @@ pub type Refusals = Vec<(usize, ErrorMessage)>;
 pub fn in_background(
     requests: Vec<RouteNetlinkMessage>,
 ) -> io::Result<JoinHandle<io::Result<Refusals>>> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
+    let socket = route_socket()?;
     // Answers carry the refused request's header, not all of it.
     socket.set_cap_ack(true)?;
     Ok(tokio::task::spawn_blocking(move || {
         send_all(&socket, &requests)
     }))
+}
+
+/// A route netlink socket talking to the kernel, in the calling thread's
+/// network namespace.
+pub(crate) fn route_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
 }
 
 /// Waits for [`in_background`]'s thread.

@@ -130,6 +130,14 @@ pub fn unreachable(policy: &Policy, compiled: &Compiled) -> Vec<String> {
         .collect()
 }
 
+/// Everything `l4proxy check` warns of: [`Policy::warnings`] and the
+/// rules that never match ([`unreachable`]).
+pub fn warnings(policy: &Policy) -> Vec<String> {
+    let mut warnings = policy.warnings();
+    warnings.extend(unreachable(policy, &compile(policy)));
+    warnings
+}
+
 /// The rule of a destination, found as the kernel finds it.
 pub struct RuleIndex {
     classes: PortClasses,
