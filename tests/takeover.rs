@@ -833,6 +833,15 @@ fn a_control_socket_name_held_by_another_user_is_no_daemon() {
         !cleanup.success() && cleanup.stderr.contains(&who),
         "cleanup names the holder and removes nothing: {cleanup:?}"
     );
+    // Every client asked it (a hang would be a missing one): within 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !answering.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "not all four clients asked the holder"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     answering.join().unwrap();
 }
 
@@ -1000,15 +1009,16 @@ fn a_failed_takeover_with_more_workers_loses_no_connection() {
             new.log_text()
         );
     }
-    // The successors without cap_setuid never asked.
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = load.finish();
+    // The successors without cap_setuid never asked (counted once the last
+    // one's end would have been read).
     assert_eq!(
         old.events().iter().filter(|e| failed(e)).count(),
         3,
         "{}",
         old.log_text()
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let tally = load.finish();
     assert!(
         tally.failures.is_empty() && tally.ok > 0,
         "{} served, failed: {:#?}",
