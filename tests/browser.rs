@@ -224,9 +224,9 @@ fn check_tunnels(lab: &mut BrowserLab, run: &Run) -> Vec<Value> {
 /// Chromium loads an HTTPS page through the CONNECT listener: it asks for
 /// the name (l4proxy resolves it), trusts nginx's key by its SPKI hash, and
 /// the page's text is in the DOM; l4proxy logs each tunnel as
-/// `app.example.test:443`, closed normally. Without the SPKI flag the same
-/// tunnel carries the same certificate and Chromium refuses it
-/// (ERR_CERT_AUTHORITY_INVALID): nothing is served.
+/// `app.example.test:443`, closed normally or by Chromium's exit. Without
+/// the SPKI flag the same tunnel carries the same certificate and Chromium
+/// refuses it (ERR_CERT_AUTHORITY_INVALID): nothing is served.
 #[test]
 fn chromium_loads_a_page_through_the_connect_listener() {
     let mut lab = BrowserLab::start("browser_page");
@@ -242,10 +242,15 @@ fn chromium_loads_a_page_through_the_connect_listener() {
         "the page is not in the DOM: {}",
         trusted.describe()
     );
+    // Closed, or cut by Chromium: at exit it drops its sockets, and one
+    // with nginx's last bytes unread (a close_notify) resets, so l4proxy's
+    // write of them fails on the client's side. Never the upstream's fault.
     for ev in check_tunnels(&mut lab, &trusted) {
-        assert_eq!(
-            Some(lab::daemon::outcome(&ev)).as_deref(),
-            Some("closed"),
+        let outcome = lab::daemon::outcome(&ev);
+        assert!(
+            outcome == "closed"
+                || outcome == "client_error: Broken pipe (os error 32)"
+                || outcome == "client_error: Connection reset by peer (os error 104)",
             "{ev}"
         );
     }
