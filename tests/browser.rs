@@ -174,7 +174,7 @@ fn same_pem(a: &str, b: &str) -> bool {
 }
 
 /// Checks what every tunnel to app.example.test of `run` shows: l4proxy
-/// answered 200, the certificate that came through is nginx's own (the TLS
+/// answered 200 (where Chromium read the answer), the certificate that came through is nginx's own (the TLS
 /// is Chromium's with nginx, end to end), and l4proxy's close event for
 /// Chromium's address has the name as its target and nginx as upstream.
 /// Returns those close events.
@@ -187,12 +187,17 @@ fn check_tunnels(lab: &mut BrowserLab, run: &Run) -> Vec<Value> {
         run.describe()
     );
     let mut closed = Vec::new();
+    // A tunnel Chromium opened on speculation and dropped at its exit may
+    // have no answer read; one that has must have l4proxy's 200.
+    assert!(
+        tunnels.iter().any(|t| t.answer.is_some()),
+        "no tunnel's answer was read: {}",
+        run.describe()
+    );
     for tunnel in tunnels {
-        assert_eq!(
-            tunnel.answer.as_deref(),
-            Some("HTTP/1.1 200 Connection established"),
-            "{tunnel:#?}"
-        );
+        if let Some(answer) = &tunnel.answer {
+            assert_eq!(answer, "HTTP/1.1 200 Connection established", "{tunnel:#?}");
+        }
         if let Some(got) = &tunnel.certificate {
             assert!(same_pem(got, &pem), "not nginx's certificate: {tunnel:#?}");
         }

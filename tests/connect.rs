@@ -350,10 +350,11 @@ fn denials_and_failures_are_answered_by_status() {
 #[test]
 fn a_head_that_never_ends_is_closed_at_the_deadline() {
     let mut lab = ConnectLab::start("connect_slow");
+    // Before the connection: the deadline runs from its accept.
+    let started = Instant::now();
     let mut c = lab::connect(&lab.t.cl, sa(PROXY4));
     c.write_all(b"CONNECT app.example.test:443 HTTP/1.1\r\nHost: app")
         .unwrap();
-    let started = Instant::now();
     let mut got = Vec::new();
     let _ = c.read_to_end(&mut got);
     let took = started.elapsed();
@@ -506,27 +507,26 @@ fn fronting_that_cannot_be_ruled_out_is_refused() {
     let mut lab = ConnectLab::start("connect_unchecked");
     let fronted = lab::tls::capture_client_hello(&lab.t.cl, &["-servername", "other.example.test"]);
     let head = connect_head("app.example.test:443");
-    for (first, wait, why) in [
-        (
-            &fronted[..],
-            Duration::from_millis(1500),
-            "not read (sniff timeout)",
-        ),
+    for (first, waits_out_deadline, why) in [
+        (&fronted[..], true, "not read (sniff timeout)"),
         (
             &b"SSH-2.0-OpenSSH_9.2p1\r\n"[..],
-            Duration::ZERO,
+            false,
             "neither a ClientHello nor an HTTP request",
         ),
     ] {
         let (answer, mut c) = ask(&lab.t, STRICT4, &head);
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
-        std::thread::sleep(wait);
+        let local = c.local_addr().unwrap();
+        // The refusal is logged as the deadline passes: the hello comes
+        // after it, however late the daemon's timer fires.
+        let waited = waits_out_deadline.then(|| lab.closed(local));
         // The refusal may already be there (a reset) when the client writes.
         let _ = c.write_all(first);
         let mut got = Vec::new();
         let _ = c.read_to_end(&mut got);
         assert!(got.is_empty(), "{why}: the server answered {got:?}");
-        let ev = lab.closed(c.local_addr().unwrap());
+        let ev = waited.unwrap_or_else(|| lab.closed(local));
         assert_eq!(
             field_str(&ev, "outcome").as_deref(),
             Some("refused"),
@@ -546,13 +546,13 @@ fn a_draining_daemon_refuses_new_tunnels() {
     lab.d.drain();
     // The accept loops read their queues to the end first: give them a
     // moment, then every new client must be refused.
-    let refused_by = Instant::now() + Duration::from_secs(2);
+    let refused_by = Instant::now() + Duration::from_secs(10);
     loop {
         match lab::try_connect(&lab.t.cl, sa(PROXY4), Duration::from_secs(1)) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
             other => assert!(
                 Instant::now() < refused_by,
-                "2 s into the drain a new CONNECT client still gets {other:?}"
+                "10 s into the drain a new CONNECT client still gets {other:?}"
             ),
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -874,10 +874,10 @@ fn two_silent_addresses_in_front_do_not_hold_out_the_third() {
         "after {took:?}"
     );
     // The silent ones were tried first, for their half of the timeout; the
-    // third well before the deadline (a server farther away than this
-    // lab's would need the time).
+    // third before the deadline (its 200 says so: at the deadline the
+    // answer is a 504).
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_millis(1800),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(2),
         "{took:?}"
     );
     assert_eq!(lab::read_line(&mut c).unwrap(), "good");

@@ -345,7 +345,7 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
         &["--max-connections", &fitting, WORKERS[0], WORKERS[1]],
         LOW_LIMIT,
     );
-    d.wait_ready(Duration::from_secs(10));
+    d.wait_ready(Duration::from_secs(30));
     let running = installed(&t);
     for kind in ["192.0.2.0/24", "proto 244", "classify", "sk_lookup"] {
         assert!(
@@ -365,7 +365,7 @@ fn a_max_connections_beyond_the_open_files_limit_is_refused() {
 fn the_default_max_connections_is_lowered_to_the_open_files_limit() {
     let (t, _echo) = Topo::with_echo("budget_lowered", "203.0.113.2:8080", "sv");
     let mut d = Daemon::start_with_open_files_limit(&t.px, &budget_policy(), &WORKERS, LOW_LIMIT);
-    d.wait_ready(Duration::from_secs(10));
+    d.wait_ready(Duration::from_secs(30));
     let ready = d.wait_event("`ready`", Duration::ZERO, |e| message(e) == Some("ready"));
     assert_eq!(
         field_u64(&ready, "max_connections"),
@@ -414,7 +414,7 @@ fn the_default_max_connections_is_lowered_to_the_open_files_limit() {
             "connection {} over the limit: {got:?} after {took:?}, not a reset",
             FITS_LOW_LIMIT + extra
         );
-        assert!(took < Duration::from_secs(1), "reset after {took:?}");
+        assert!(took < Duration::from_secs(3), "reset after {took:?}");
     }
     let refusal = d.wait_event("the refusal", Duration::from_secs(5), |e| {
         message(e).is_some_and(|m| m.starts_with("over a connection limit"))

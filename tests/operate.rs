@@ -272,6 +272,8 @@ fn status_and_reload_answer_from_the_running_daemon() {
         .collect();
     exchange(&t, "done\n");
     refused(&t, 82);
+    // Their counts are let go just before their close lines.
+    d.wait_closed_events(2, Duration::from_secs(10));
 
     let out = l4proxy(&t, &["status", "--json"]);
     assert!(out.success(), "{}", out.describe());

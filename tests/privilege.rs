@@ -146,13 +146,13 @@ fn transparent_connection(t: &Topo, d: &mut Daemon, server: &Server, port: u16) 
 fn assert_clean_shutdown(t: &Topo, d: &mut Daemon) {
     let st = d.terminate(Duration::from_secs(10));
     d.assert_exit_ok(st);
-    let routes = t.px.wait_no_proxy_routes(Duration::from_secs(3));
+    let routes = t.px.wait_no_proxy_routes(Duration::from_secs(10));
     assert!(routes.is_empty(), "{routes:?}");
     assert!(t.px.proxy_rules().is_empty(), "{:?}", t.px.proxy_rules());
     let tc =
-        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(3));
+        t.px.wait_no_tc_programs(&["to-cl", "to-sv"], Duration::from_secs(10));
     assert!(tc.is_empty(), "{tc:?}");
-    let links = t.px.wait_no_bpf_links(Duration::from_secs(3));
+    let links = t.px.wait_no_bpf_links(Duration::from_secs(10));
     assert!(links.is_empty(), "{links:?}");
 }
 

@@ -359,9 +359,10 @@ fn the_announced_client_is_bound_transparently() {
 
 /// A client a trusted front proxy names is held to its rule's limits as
 /// soon as it is named, before anything else is read: over its limit (one
-/// connection, which a first connection holds while its TLS handshake is
-/// still to come), its next connection is reset before the TLS handshake
-/// the rule terminates.
+/// connection), of two connections naming it, each with its ClientHello
+/// sent, one is reset without a byte of the handshake the rule terminates
+/// (which one is the daemon's order of naming them), while the other's
+/// handshake goes on.
 #[test]
 fn a_named_client_over_its_limit_is_reset_before_the_handshake() {
     let (t, _srv) = Topo::with_echo("pp_limit", "203.0.113.2:8080", "a");
@@ -378,36 +379,59 @@ fn a_named_client_over_its_limit_is_reset_before_the_handshake() {
     });
     let mut d = Daemon::start_ready(&t.px, &policy, &[]);
     let header = b"PROXY TCP4 192.0.2.99 192.0.2.10 5555 443\r\n";
-    let mut first = connect(&t.cl, sa("192.0.2.10:443"));
-    first.write_all(header).unwrap();
-    // The first is named (its ClientHello still to come) before the second.
-    std::thread::sleep(Duration::from_millis(200));
-    let mut second = connect(&t.cl, sa("192.0.2.10:443"));
-    second.write_all(header).unwrap();
     let hello_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("src/sniff/fixtures/tls13_openssl.bin");
-    let wrote = second.write_all(&std::fs::read(hello_path).unwrap());
-    second
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut got = Vec::new();
-    let end = second.read_to_end(&mut got);
-    // Reset: the read sees it, or the hello's write already did (and the
-    // read then sees the end).
+    let hello = std::fs::read(hello_path).unwrap();
+    let mut both: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = connect(&t.cl, sa("192.0.2.10:443"));
+            c.write_all(header).unwrap();
+            c
+        })
+        .collect();
+    // What each got before its end, or before 2 s passed (a handshake the
+    // client does not go on with stays open), and how its write and read
+    // ended.
+    let ends: Vec<_> = both
+        .iter_mut()
+        .map(|c| {
+            let wrote = c.write_all(&hello);
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut got = Vec::new();
+            let end = c.read_to_end(&mut got);
+            (got, wrote, end)
+        })
+        .collect();
     let reset = |e: Option<&std::io::Error>| {
         e.is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
     };
-    assert!(
+    // Reset: the read sees it, or the hello's write already did (and the
+    // read then sees the end).
+    let was_reset = |(got, wrote, end): &(Vec<u8>, std::io::Result<()>, std::io::Result<usize>)| {
         got.is_empty()
-            && (reset(end.as_ref().err()) || (reset(wrote.as_ref().err()) && end.is_ok())),
-        "{} bytes (a ServerHello?); the write: {wrote:?}, the read: {end:?}",
-        got.len()
+            && (reset(end.as_ref().err()) || (reset(wrote.as_ref().err()) && end.is_ok()))
+    };
+    let reset_ones = ends.iter().filter(|e| was_reset(e)).count();
+    // The other got the start of its handshake: the ServerHello's record.
+    let shaking = ends
+        .iter()
+        .filter(|(got, _, _)| got.first() == Some(&22))
+        .count();
+    assert!(
+        reset_ones == 1 && shaking == 1,
+        "one reset and one handshake expected: {:?}",
+        ends.iter()
+            .map(|(got, wrote, end)| format!(
+                "{} bytes, the write {wrote:?}, the read {end:?}",
+                got.len()
+            ))
+            .collect::<Vec<_>>()
     );
     let limited = d.wait_event("the limit's refusal", Duration::from_secs(10), |e| {
         lab::daemon::message(e).is_some_and(|m| m.starts_with("over a connection limit"))
     });
     assert_eq!(field(&limited, "client"), "192.0.2.99:5555", "{limited}");
-    drop(first);
+    drop(both);
 }
 
 /// A CONNECT tunnel whose name has two addresses, the first refusing: the

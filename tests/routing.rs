@@ -340,6 +340,11 @@ fn read_until_closed(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, io::Resu
     }
 }
 
+/// For a daemon whose client trickles its hello: thousands of pauses take
+/// seconds on a loaded machine, and the sniff deadline is not what those
+/// tests are about.
+const TRICKLE_FLAGS: &[&str] = &["--sniff-timeout", "60"];
+
 /// Writes `data` in pieces of `chunk` bytes, each its own segment
 /// (TCP_NODELAY) with `pause` in between.
 fn trickle(s: &mut TcpStream, data: &[u8], chunk: usize, pause: Duration) -> io::Result<()> {
@@ -1046,7 +1051,7 @@ fn client_hello_one_byte_per_write() {
     let (b, _b_rx) = recording_server(&t, B, "server-b");
     let (fb, _fb_rx) = recording_server(&t, FALLBACK, "server-fallback");
     let (h2, _h2_rx) = recording_server(&t, A_H2, "server-a-h2");
-    let mut d = Daemon::start_ready(&t.px, &policy(), &[]);
+    let mut d = Daemon::start_ready(&t.px, &policy(), TRICKLE_FLAGS);
 
     let mut s = connect(&t.cl, sa(&format!("{SVC4}:443")));
     let client = s.local_addr().unwrap();
@@ -1123,7 +1128,7 @@ fn assert_hello_reaches_b(topo: &str, hello: &[u8], chunk: usize) {
     let (a, _a_rx) = recording_server(&t, A, "server-a");
     let (b, b_rx) = recording_server(&t, B, "server-b");
     let (fb, _fb_rx) = recording_server(&t, FALLBACK, "server-fallback");
-    let mut d = Daemon::start_ready(&t.px, &policy(), &[]);
+    let mut d = Daemon::start_ready(&t.px, &policy(), TRICKLE_FLAGS);
 
     let mut s = connect(&t.cl, sa(&format!("{SVC4}:443")));
     let client = s.local_addr().unwrap();
@@ -1160,7 +1165,7 @@ fn assert_hello_reaches_b(topo: &str, hello: &[u8], chunk: usize) {
 fn http_request_one_byte_per_write() {
     let t = Topo::new("http_bytes");
     let (web, web_rx) = recording_server(&t, WEB, "server-web");
-    let mut d = Daemon::start_ready(&t.px, &policy(), &[]);
+    let mut d = Daemon::start_ready(&t.px, &policy(), TRICKLE_FLAGS);
     let request: &[u8] =
         b"GET /index.html HTTP/1.1\r\nUser-Agent: routing-test\r\nHost: Www.Example.Com:80\r\nAccept: */*\r\n\r\n";
 

@@ -408,7 +408,9 @@ fn takeovers_under_load(
         );
         let rate = tally.ok as f64 / tally.ran.as_secs_f64();
         assert!(
-            tally.ok >= 1000 && rate >= 200.0,
+            // Enough to have crossed every takeover: what a loaded 2-core
+            // runner makes with a debug test binary, not a speed check.
+            tally.ok >= 300 && rate >= 50.0,
             "via {via:?}: only {} connections in {:?} ({rate:.0}/s): the load did not run at its rate",
             tally.ok,
             tally.ran

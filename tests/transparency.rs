@@ -873,7 +873,7 @@ fn priority_tagged_frames_are_intercepted() {
         sock(V4.server_b, 8080),
     );
     send_from_client(&t, &frame);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until_steered(&t);
     d.stop(Duration::from_secs(15));
     // The SYN was marked and steered to the daemon (the client's reset
     // of the daemon's SYN-ACK, untagged, is marked too).
@@ -979,7 +979,12 @@ fn an_ipv6_syn_to_an_ipv4_mapped_address_matches_no_ipv4_rule() {
         let mut d = Daemon::start_ready(&t.px, &full_policy_on(8080, 9090), &[]);
         let frame = syn_frame(mac(&t.px, "to-cl"), mac(&t.cl, "to-px"), None, src, dst);
         send_from_client(&t, &frame);
-        std::thread::sleep(Duration::from_millis(300));
+        if steered > 0 {
+            wait_until_steered(&t);
+        } else {
+            // Time for a steer that should not come.
+            std::thread::sleep(Duration::from_millis(300));
+        }
         d.stop(Duration::from_secs(15));
         assert_eq!(
             d.exit_counter("steered"),
@@ -1005,6 +1010,31 @@ fn mac(ns: &lab::Netns, dev: &str) -> [u8; 6] {
 fn send_from_client(t: &Topo, frame: &[u8]) {
     let index = t.cl.link("to-px")["ifindex"].as_i64().unwrap() as i32;
     t.cl.run(|| send_frame(index, frame)).unwrap();
+}
+
+/// Waits until the running daemon's kernel counts a steered connection
+/// (its `status`), so that the exact count read at its exit is final.
+fn wait_until_steered(t: &Topo) {
+    let steered = |status: &Value| {
+        status["kernel"].as_array().and_then(|counters| {
+            counters
+                .iter()
+                .find(|k| k["counter"] == "steered")
+                .and_then(|k| k["value"].as_u64())
+        })
+    };
+    let status = lab::poll_until(
+        Duration::from_secs(10),
+        || {
+            let out = lab::daemon::command(&t.px, &["status", "--json"], Duration::from_secs(10));
+            serde_json::from_str::<Value>(&out.stdout).unwrap_or(Value::Null)
+        },
+        |status| steered(status).is_some_and(|n| n >= 1),
+    );
+    assert!(
+        steered(&status).is_some_and(|n| n >= 1),
+        "nothing steered within 10 s: {status}"
+    );
 }
 
 /// Sends `frame` as it is out of interface `index` (an AF_PACKET socket

@@ -212,7 +212,7 @@ impl Daemon {
             },
         );
         d.collect_stderr();
-        d.wait_ready(Duration::from_secs(10));
+        d.wait_ready(Duration::from_secs(30));
         d
     }
 
@@ -351,10 +351,11 @@ impl Daemon {
         self.collectors.push(collect(stderr, "", self.log.clone()));
     }
 
-    /// Starts the daemon and waits for `ready` (10 s).
+    /// Starts the daemon and waits for `ready` (30 s: loading and
+    /// verifying its programs takes longer on a loaded machine).
     pub fn start_ready(ns: &Netns, policy: &Value, extra: &[&str]) -> Daemon {
         let mut d = Daemon::start(ns, policy, extra);
-        d.wait_ready(Duration::from_secs(10));
+        d.wait_ready(Duration::from_secs(30));
         d
     }
 
@@ -602,11 +603,11 @@ impl Daemon {
         self.assert_exit_ok(status);
     }
 
-    /// SIGTERM, and waits (5 s) for `draining`: the daemon has stopped
+    /// SIGTERM, and waits (15 s) for `draining`: the daemon has stopped
     /// steering and accepting, open connections go on.
     pub fn drain(&mut self) {
         self.signal(libc::SIGTERM);
-        self.wait_event("draining", Duration::from_secs(5), |e| {
+        self.wait_event("draining", Duration::from_secs(15), |e| {
             message(e) == Some("draining: no new connections are taken")
         });
     }

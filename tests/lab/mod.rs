@@ -373,14 +373,14 @@ impl Netns {
     /// `rules_before`, no BPF link.
     pub fn assert_nothing_left(&self, devs: &[&str], rules_before: &[String]) {
         let (rules, routes) = poll_until(
-            Duration::from_secs(5),
+            Duration::from_secs(10),
             || (self.proxy_rules(), self.proxy_routes()),
             |(rules, routes)| rules.is_empty() && routes.is_empty(),
         );
         assert_eq!(rules, Vec::<String>::new(), "proto 244 rules left");
         assert_eq!(routes, Vec::<String>::new(), "proto 244 routes left");
         assert_eq!(
-            self.wait_no_tc_programs(devs, Duration::from_secs(2)),
+            self.wait_no_tc_programs(devs, Duration::from_secs(10)),
             Vec::<String>::new(),
             "tc programs left"
         );
@@ -390,7 +390,7 @@ impl Netns {
             "routing rules differ from before the start"
         );
         assert_eq!(
-            self.wait_no_bpf_links(Duration::from_secs(2)),
+            self.wait_no_bpf_links(Duration::from_secs(10)),
             Vec::<serde_json::Value>::new()
         );
     }

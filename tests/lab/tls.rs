@@ -131,7 +131,7 @@ pub fn ns_command(ns: &Netns, prog: &str, args: &[&str]) -> Command {
     cmd
 }
 
-/// Waits until each of `addrs` accepts a connection from inside `ns` (10 s
+/// Waits until each of `addrs` accepts a connection from inside `ns` (30 s
 /// in all); panics with `logs()` if `child` (`what`) exits first or the time
 /// runs out.
 pub fn wait_listening(
@@ -141,7 +141,7 @@ pub fn wait_listening(
     addrs: &[SocketAddr],
     logs: impl Fn() -> String,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     for &addr in addrs {
         while try_connect(ns, addr, Duration::from_millis(500)).is_err() {
             if let Some(status) = child.try_wait().unwrap() {
@@ -153,7 +153,7 @@ pub fn wait_listening(
             }
             assert!(
                 Instant::now() < deadline,
-                "{what} in {} does not accept on {addr} after 10 s\n{}",
+                "{what} in {} does not accept on {addr} after 30 s\n{}",
                 ns.name(),
                 logs()
             );
@@ -492,7 +492,7 @@ pub fn logged(addr: SocketAddr) -> String {
 
 impl Nginx {
     /// Starts nginx in `ns` serving `sites`, and waits until every listen
-    /// address accepts a TCP connection from inside `ns` (10 s).
+    /// address accepts a TCP connection from inside `ns` (30 s).
     pub fn start(ns: &Netns, sites: &[Site]) -> Nginx {
         let dir = TempDir::new("nginx");
         let d = dir.path().display().to_string();
