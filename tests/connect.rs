@@ -756,7 +756,7 @@ fn a_connect_client_over_its_limit_is_reset_before_its_head_is_read() {
     let over =
         lab::try_connect(&lab.t.cl, sa(LIMITED4), Duration::from_secs(5)).and_then(|mut c| {
             c.set_read_timeout(Some(Duration::from_secs(3)))?;
-            c.read(&mut [0u8; 64])
+            lab::read_some(&mut c, &mut [0u8; 64])
         });
     assert!(
         matches!(&over, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
@@ -768,7 +768,7 @@ fn a_connect_client_over_its_limit_is_reset_before_its_head_is_read() {
         });
     // The held tunnel is untouched: still open, nothing to read yet.
     held.set_nonblocking(true).unwrap();
-    let still = (&held).read(&mut [0u8; 1]);
+    let still = lab::read_some(&mut &held, &mut [0u8; 1]);
     assert!(
         matches!(&still, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "{still:?}"

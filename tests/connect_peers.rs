@@ -6,7 +6,6 @@
 
 mod lab;
 
-use std::io::Read;
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -287,7 +286,7 @@ fn fake_parent(seen: Arc<Mutex<Vec<Asked>>>) -> impl Fn(TcpStream) + Send + Sync
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
-            match s.read(&mut byte) {
+            match lab::read_some(&mut s, &mut byte) {
                 Ok(1) => head.push(byte[0]),
                 _ => break,
             }
@@ -309,7 +308,7 @@ fn fake_parent(seen: Arc<Mutex<Vec<Asked>>>) -> impl Fn(TcpStream) + Send + Sync
         }
         let mut after = 0;
         let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = s.read(&mut buf) {
+        while let Ok(n @ 1..) = lab::read_some(&mut s, &mut buf) {
             after += n;
         }
         seen.lock().unwrap().push(Asked { head, after });

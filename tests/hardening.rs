@@ -406,7 +406,7 @@ fn the_default_max_connections_is_lowered_to_the_open_files_limit() {
         // The reset may already be there when connect() looks at the socket.
         let got = lab::try_connect(&t.cl, service, Duration::from_secs(5)).and_then(|mut c| {
             c.set_read_timeout(Some(Duration::from_secs(3)))?;
-            c.read(&mut [0u8; 64])
+            lab::read_some(&mut c, &mut [0u8; 64])
         });
         let took = started.elapsed();
         assert!(
@@ -593,7 +593,7 @@ fn hold_open_echo(
             .map_err(|e| format!("waiting for the clients to close: {e}"))?;
         let mut ended = 0;
         for (i, mut s) in held.into_iter().enumerate() {
-            match s.read(&mut [0u8; 1]) {
+            match lab::read_some(&mut s, &mut [0u8; 1]) {
                 Ok(0) => ended += 1,
                 other => return Err(format!("connection {i} at the end: {other:?}")),
             }
@@ -862,7 +862,7 @@ fn receive_stream(s: &mut TcpStream, seed: u64) -> io::Result<Received> {
             )));
         }
         let want = 1 + rng.below(MAX_PIECE);
-        match s.read(&mut buf[..want]) {
+        match lab::read_some(s, &mut buf[..want]) {
             Ok(0) => return hash.finish(),
             Ok(n) => hash.update(&buf[..n])?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -278,7 +278,7 @@ fn read_until_closed(c: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match c.read(&mut buf) {
+        match lab::read_some(c, &mut buf) {
             Ok(0) => return (got, Ok(())),
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

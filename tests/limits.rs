@@ -5,7 +5,7 @@
 
 mod lab;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -95,7 +95,7 @@ fn ends_with_reset(c: &mut TcpStream, within: Duration, what: &str) -> (usize, D
     let mut got = 0;
     let mut buf = [0u8; 4096];
     loop {
-        match c.read(&mut buf) {
+        match lab::read_some(c, &mut buf) {
             Ok(0) => panic!("{what}: clean EOF after {got} bytes, not a reset"),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
@@ -117,7 +117,7 @@ fn report_end(tx: Sender<io::Result<usize>>) -> impl Fn(TcpStream) + Send + Sync
         let mut got = 0;
         let mut buf = [0u8; 4096];
         let end = loop {
-            match s.read(&mut buf) {
+            match lab::read_some(&mut s, &mut buf) {
                 Ok(0) => break Ok(got),
                 Ok(n) => got += n,
                 Err(e) => break Err(e),

@@ -59,7 +59,7 @@ fn scrape(t: &Topo) -> String {
 fn refused(t: &Topo, port: u16) {
     let mut c = lab::connect(&t.cl, SocketAddr::new(ip("192.0.2.10"), port));
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = c.read(&mut [0u8; 16]);
+    let _ = lab::read_some(&mut c, &mut [0u8; 16]);
 }
 
 /// A stopping daemon's admin port closes at once: during the drain a
@@ -208,7 +208,7 @@ fn connect_failures_are_counted_by_whose_doing() {
             sa(&format!("192.0.2.10:{port}")),
             Duration::from_secs(5),
         ) {
-            let _ = c.read(&mut [0u8; 16]);
+            let _ = lab::read_some(&mut c, &mut [0u8; 16]);
         }
     }
     let failures = |scraped: &str, upstream: &str, reason: &str| {

@@ -331,10 +331,9 @@ fn read_until_closed(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, io::Resu
     let mut got = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
-        match s.read(&mut buf) {
+        match lab::read_some(s, &mut buf) {
             Ok(0) => return (got, Ok(())),
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return (got, Err(e)),
         }
     }
@@ -1298,7 +1297,7 @@ fn default_sniff_timeout_lets_slow_clients_speak() {
         let left = silent_until.saturating_duration_since(Instant::now());
         s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .unwrap();
-        match s.read(&mut b) {
+        match lab::read_some(&mut s, &mut b) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             other => break other,
         }

@@ -85,13 +85,12 @@ pub fn read_to_eof(s: &mut TcpStream) -> io::Result<Received> {
     let mut len = 0usize;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match s.read(&mut buf) {
+        match read_some(s, &mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 hasher.update(&buf[..n]);
                 len += n;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
@@ -119,7 +118,7 @@ pub fn answer_head(c: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        match c.read(&mut byte) {
+        match read_some(c, &mut byte) {
             Ok(1) => head.push(byte[0]),
             _ => break,
         }
@@ -127,18 +126,24 @@ pub fn answer_head(c: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// One `read`, again as long as it is interrupted: a read with a timeout
+/// returns EINTR when the process is stopped and resumed (or frozen),
+/// whatever the signal disposition, which is not the peer's doing.
+pub fn read_some(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Reads one `\n`-terminated line (byte by byte, so nothing after it is lost).
 pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
-        // A read with a timeout returns EINTR when the process is stopped
-        // and resumed (or frozen), whatever the signal disposition: retry.
-        let n = match s.read(&mut b) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => other?,
-        };
-        match n {
+        match read_some(s, &mut b)? {
             0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
