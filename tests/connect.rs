@@ -917,7 +917,7 @@ fn names_are_not_looked_up_under_search_domains() {
     std::fs::write(
         &resolv,
         format!(
-            "nameserver {}\nsearch corp.example.test\noptions timeout:1 attempts:1\n",
+            "nameserver {}\nsearch corp.example.test\noptions timeout:3 attempts:1\n",
             lab::origin::RESOLVER
         ),
     )

@@ -462,7 +462,13 @@ impl Daemon {
     /// (its crash guard, a successor), hence the bound.
     fn read_to_the_end(&self) {
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !self.collectors.iter().all(|c| c.is_finished()) && Instant::now() < deadline {
+        while !self.collectors.iter().all(|c| c.is_finished()) {
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "lab: the exited daemon's output is still open after 2 s (held by what it started?): its last lines may be missing"
+                );
+                return;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
     }

@@ -75,10 +75,11 @@ impl Dnsmasq {
     /// A resolv.conf naming only `server`, in this resolver's temp dir.
     pub fn resolv_conf(&self, server: IpAddr) -> PathBuf {
         let path = self.dir.join("resolv.conf");
-        // One try, one second: a test's resolution failure shows quickly.
+        // One try: a name dnsmasq does not know is answered at once; a
+        // dnsmasq slow to answer on a loaded machine has 3 s.
         fs::write(
             &path,
-            format!("nameserver {server}\noptions timeout:1 attempts:1\n"),
+            format!("nameserver {server}\noptions timeout:3 attempts:1\n"),
         )
         .unwrap();
         path
