@@ -45,6 +45,13 @@ pub struct ExplicitListeners {
 /// with copies of their descriptors.
 pub struct Opened(Vec<(SocketAddr, Vec<TcpListener>, Vec<OwnedFd>)>);
 
+impl Opened {
+    /// The addresses listened on.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.0.iter().map(|(addr, _, _)| *addr).collect()
+    }
+}
+
 impl ExplicitListeners {
     /// None open yet; each address will have one listener per worker.
     pub fn new(workers: usize) -> ExplicitListeners {

@@ -18,11 +18,11 @@
 
 use std::{
     io,
-    net::TcpListener as StdListener,
+    net::{SocketAddr, TcpListener as StdListener},
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -247,7 +247,7 @@ pub async fn run(
         limit: Limit::new(settings.max_connections),
         tracker: TaskTracker::new(),
         stop: CancellationToken::new(),
-        handed_over: Arc::new(AtomicBool::new(false)),
+        handed_over: Arc::default(),
         workers,
     };
     metrics.in_force();
@@ -257,7 +257,7 @@ pub async fn run(
     let prepared = prepare(&control_listener, admin.as_ref(), &settings);
     let ready = match (prepared, &mut predecessor) {
         (Ok(prepared), Some(predecessor)) => predecessor
-            .ready()
+            .ready(&opened.addresses())
             .await
             .map(|()| prepared)
             .map_err(Into::into),
@@ -461,9 +461,9 @@ pub async fn run(
         tracing::error!(error = %e, "detaching steer for the drain; new connections to the steered addresses are dropped (no listener) until the daemon exits");
     }
     // A successor accepts on the same queues: what waits there is its.
-    accepting
-        .handed_over
-        .store(successor.is_some(), Ordering::Relaxed);
+    if let Some(successor) = &successor {
+        accepting.handed_over.to(successor.kept.clone());
+    }
     accepting.stop.cancel();
     accepting.tracker.close();
     installation.close_listeners();
@@ -746,7 +746,7 @@ struct Accepting<'a> {
     tracker: TaskTracker,
     stop: CancellationToken,
     /// Set before `stop` when a successor took over.
-    handed_over: Arc<AtomicBool>,
+    handed_over: Arc<HandedOver>,
     workers: &'a Workers,
 }
 
@@ -894,14 +894,50 @@ impl Acceptor {
     }
 }
 
+/// What a successor that took over accepts on, for the accept loops that
+/// stop: whose queues are left to it.
+#[derive(Default)]
+struct HandedOver {
+    /// A successor took over: it accepts on every steered listener.
+    successor: AtomicBool,
+    /// The CONNECT listeners it said it accepts on; unset when it did not
+    /// say (an older successor): their queues are read here then.
+    connect: OnceLock<Vec<SocketAddr>>,
+}
+
+impl HandedOver {
+    /// Set before the accept loops stop.
+    fn to(&self, connect: Option<Vec<SocketAddr>>) {
+        if let Some(connect) = connect {
+            let _ = self.connect.set(connect);
+        }
+        self.successor.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the successor accepts on `listener` (of `front`) too.
+    fn shares(&self, front: Front, listener: &TcpListener) -> bool {
+        if !self.successor.load(Ordering::Relaxed) {
+            return false;
+        }
+        match front {
+            Front::Steered => true,
+            Front::Connect(_) => self.connect.get().is_some_and(|kept| {
+                listener
+                    .local_addr()
+                    .is_ok_and(|listening| kept.contains(&listening))
+            }),
+        }
+    }
+}
+
 /// Accepts on `listener` until stopped; runs on a worker, which serves the
 /// connections it accepts. Then it reads the rest of the queue, unless
-/// `handed_over` says a successor holds a steered one too.
+/// `handed_over` says a successor accepts on the same one.
 async fn accept_loop(
     listener: StdListener,
     acceptor: Acceptor,
     stop: CancellationToken,
-    handed_over: Arc<AtomicBool>,
+    handed_over: Arc<HandedOver>,
 ) {
     // Registered with this worker's runtime.
     let listener = match TcpListener::from_std(listener) {
@@ -930,12 +966,12 @@ async fn accept_loop(
             },
         }
     }
-    // A successor accepts on the same steered sockets, and its `steer`
-    // goes on filling their queues: a connection taken from them now would
-    // be served under this daemon's policy and cut at the end of its grace
-    // period. (A CONNECT listener its policy dropped it has closed: those
-    // queues are read.)
-    if matches!(acceptor.front, Front::Steered) && handed_over.load(Ordering::Relaxed) {
+    // A successor accepts on the same steered sockets (its `steer` goes on
+    // filling their queues), and on the CONNECT listeners its policy kept:
+    // a connection taken from them now would be served under this daemon's
+    // policy and cut at the end of its grace period. (A CONNECT listener
+    // its policy dropped it has closed: those queues are read.)
+    if handed_over.shares(acceptor.front, &listener) {
         return;
     }
     // Clients whose handshakes completed before the stop are served, not
@@ -1081,6 +1117,31 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a takeover, the accept loops leave to the successor the queues
+    /// it reads too: every steered one, the CONNECT listeners it said it
+    /// kept, and none it did not name or when it said nothing (an older
+    /// successor).
+    #[tokio::test]
+    async fn queues_a_successor_reads_are_left_to_it() {
+        let kept = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dropped = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = Front::Connect(None);
+        let before = HandedOver::default();
+        assert!(!before.shares(Front::Steered, &kept));
+        assert!(!before.shares(connect, &kept));
+
+        let said = HandedOver::default();
+        said.to(Some(vec![kept.local_addr().unwrap()]));
+        assert!(said.shares(Front::Steered, &dropped));
+        assert!(said.shares(connect, &kept));
+        assert!(!said.shares(connect, &dropped));
+
+        let silent = HandedOver::default();
+        silent.to(None);
+        assert!(silent.shares(Front::Steered, &kept));
+        assert!(!silent.shares(connect, &kept));
+    }
 
     #[test]
     fn the_limit_gives_places_up_to_its_max_and_takes_them_back() {

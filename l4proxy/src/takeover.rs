@@ -114,6 +114,11 @@ struct Offer {
     /// that exchange, which detach theirs before `draining`).
     #[serde(default)]
     waits_for_attached: bool,
+    /// This daemon hears which CONNECT listeners the successor kept, and
+    /// leaves their queues to it (absent from older offers: the successor
+    /// does not say, and the predecessor reads every queue to its end).
+    #[serde(default)]
+    hears_kept: bool,
 }
 
 /// A steered listener's family, as the offer names it.
@@ -185,6 +190,8 @@ pub struct Predecessor {
     /// it has stopped accepting (else attached with our policy, as a
     /// predecessor that detaches its own before `draining` needs).
     pub holds: bool,
+    /// It understands `kept` in our `ready`.
+    hears_kept: bool,
 }
 
 /// Asks the daemon of this network namespace for its sockets and routing
@@ -244,6 +251,7 @@ pub async fn request(mark: Mark, table: u32) -> Result<(Predecessor, Handed), Ta
         stream,
         pid: offer.pid,
         holds: offer.waits_for_attached,
+        hears_kept: offer.hears_kept,
     };
     Ok((predecessor, handed(offer, fds)?))
 }
@@ -300,11 +308,18 @@ fn handed(offer: Offer, fds: Vec<OwnedFd>) -> Result<Handed, TakeoverError> {
 
 impl Predecessor {
     /// Tells the predecessor that this daemon is ready (its policy in the
-    /// maps, its listeners bound; its programs not attached yet) and waits
-    /// until it says it has stopped accepting and drains.
-    pub async fn ready(&mut self) -> Result<(), TakeoverError> {
+    /// maps, its listeners bound, `connect` the CONNECT listeners' addresses;
+    /// its programs not attached yet) and waits until it says it has
+    /// stopped accepting and drains.
+    pub async fn ready(&mut self, connect: &[SocketAddr]) -> Result<(), TakeoverError> {
         let held = if self.holds { " held" } else { "" };
-        let line = format!("ready {}{held}\n", std::process::id());
+        let kept = if self.hears_kept {
+            let addresses: Vec<String> = connect.iter().map(SocketAddr::to_string).collect();
+            format!(" kept={}", addresses.join(","))
+        } else {
+            String::new()
+        };
+        let line = format!("ready {}{held}{kept}\n", std::process::id());
         self.stream
             .get_mut()
             .write_all(line.as_bytes())
@@ -392,6 +407,8 @@ pub struct Successor {
     /// Its programs wait for our stop, and it says `attached` once they
     /// run: ours steer until then (else they let go before `draining`).
     pub held: bool,
+    /// The CONNECT listeners it accepts on (`None`: it did not say).
+    pub kept: Option<Vec<SocketAddr>>,
     upgrade: Option<Upgrade>,
 }
 
@@ -430,6 +447,7 @@ impl Handover {
             connect: listeners.connect.iter().map(|(addr, _)| *addr).collect(),
             admin: listeners.admin.map(|(addr, _)| addr),
             waits_for_attached: true,
+            hears_kept: true,
         };
         let fds: Vec<RawFd> = std::iter::once(listeners.control)
             .chain(listeners.steered.iter().map(|(_, fd)| *fd))
@@ -511,19 +529,20 @@ impl Handover {
                 // Read late (this daemon was held up): the successor waited
                 // its DRAINING_TIMEOUT for our answer and gave up. Draining
                 // now would leave nobody serving.
-                Ok((pid, _)) if hung_up(self.successor.as_ref().expect("ready came from it")) => {
+                Ok(Ready { pid, .. }) if hung_up(self.successor.as_ref().expect("ready came from it")) => {
                     self.successor = None;
                     self.fail(format!(
                         "the successor ({pid}) had given up by the time its ready was read"
                     ))
                 }
-                Ok((pid, held)) => {
+                Ok(Ready { pid, held, kept }) => {
                     let stream = self.successor.take().expect("ready came from it").stream;
                     tracing::info!(successor = pid, held, "takeover: the successor is ready");
                     Event::Ready(Box::new(Successor {
                         stream,
                         pid,
                         held,
+                        kept,
                         upgrade: self.upgrade.take(),
                     }))
                 }
@@ -563,9 +582,8 @@ impl Handover {
     }
 }
 
-/// The successor's `ready PID` (with `held`: its programs wait for our
-/// stop); `None` while there is no successor.
-async fn wait_ready(successor: &mut Option<Offered>) -> Option<Result<(u32, bool), String>> {
+/// The successor's `ready`; `None` while there is no successor.
+async fn wait_ready(successor: &mut Option<Offered>) -> Option<Result<Ready, String>> {
     let Offered {
         stream,
         line,
@@ -587,14 +605,46 @@ async fn wait_ready(successor: &mut Option<Offered>) -> Option<Result<(u32, bool
     })
 }
 
-/// `ready PID` or `ready PID held`.
-fn parse_ready(line: &str) -> Option<(u32, bool)> {
-    let rest = line.strip_prefix("ready ")?;
-    let (pid, held) = match rest.strip_suffix(" held") {
-        Some(pid) => (pid, true),
-        None => (rest, false),
+/// What a successor's `ready` says.
+#[derive(Debug, PartialEq)]
+struct Ready {
+    pid: u32,
+    /// Its programs wait for our stop.
+    held: bool,
+    /// The CONNECT listeners it accepts on, if it says (to a predecessor
+    /// whose offer `hears_kept`).
+    kept: Option<Vec<SocketAddr>>,
+}
+
+/// `ready PID`, then `held` if it holds its programs, then
+/// `kept=ADDRESS,…` (possibly empty) if it says what it kept.
+fn parse_ready(line: &str) -> Option<Ready> {
+    let mut words = line.split(' ');
+    if words.next()? != "ready" {
+        return None;
+    }
+    let pid = words.next()?.parse().ok()?;
+    let mut next = words.next();
+    let held = next == Some("held");
+    if held {
+        next = words.next();
+    }
+    let kept = match next {
+        None => None,
+        Some(word) => {
+            let list = word.strip_prefix("kept=")?;
+            let addresses = list.split(',').filter(|a| !a.is_empty());
+            Some(
+                addresses
+                    .map(|a| a.parse().ok())
+                    .collect::<Option<Vec<_>>>()?,
+            )
+        }
     };
-    Some((pid.parse().ok()?, held))
+    if words.next().is_some() {
+        return None;
+    }
+    Some(Ready { pid, held, kept })
 }
 
 /// Whether the successor has closed its end: nothing more is queued and the
@@ -801,14 +851,34 @@ mod tests {
     /// `waits_for_attached`, are the older exchange.
     #[test]
     fn the_exchange_tells_older_daemons_apart() {
-        assert_eq!(parse_ready("ready 42"), Some((42, false)));
-        assert_eq!(parse_ready("ready 42 held"), Some((42, true)));
-        for bad in ["ready", "ready held", "ready 42 attached", "ready x held"] {
+        let ready = |pid, held, kept: Option<&[&str]>| {
+            Some(Ready {
+                pid,
+                held,
+                kept: kept.map(|k| k.iter().map(|a| a.parse().unwrap()).collect()),
+            })
+        };
+        assert_eq!(parse_ready("ready 42"), ready(42, false, None));
+        assert_eq!(parse_ready("ready 42 held"), ready(42, true, None));
+        assert_eq!(
+            parse_ready("ready 42 held kept=192.0.2.1:3128,[2001:db8::1]:3128"),
+            ready(42, true, Some(&["192.0.2.1:3128", "[2001:db8::1]:3128"]))
+        );
+        assert_eq!(parse_ready("ready 42 kept="), ready(42, false, Some(&[])));
+        for bad in [
+            "ready",
+            "ready held",
+            "ready 42 attached",
+            "ready x held",
+            "ready 42 kept=192.0.2.1",
+            "ready 42 kept=192.0.2.1:3128 held",
+            "ready 42 held kept= more",
+        ] {
             assert_eq!(parse_ready(bad), None, "{bad:?}");
         }
         let older = r#"{"pid":1,"mark":[1,1],"table":244,"routing":{"prefixes":[],"delivery":false,"local_servers":[]},"steered":[],"connect":[],"admin":null}"#;
         let offer: Offer = serde_json::from_str(older).unwrap();
-        assert!(!offer.waits_for_attached);
+        assert!(!offer.waits_for_attached && !offer.hears_kept);
     }
 
     /// What goes in one message comes out of it: the bytes, and the same
