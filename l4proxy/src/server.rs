@@ -468,9 +468,9 @@ pub async fn run(
     accepting.tracker.close();
     installation.close_listeners();
     // A CONNECT listener closes once its accept loops have read its queue
-    // (each holds a copy): a client that comes later is refused, not left
-    // in a queue nobody reads until the grace period ends. A successor has
-    // its own copies.
+    // (each holds a copy), or left it to a successor that kept it: a client
+    // that comes later is refused, not left in a queue nobody reads until
+    // the grace period ends. A successor has its own copies.
     drop(explicit);
     // Held until we exit: the successor watches for our end of it.
     let (ended, _handed_over) = match successor {
