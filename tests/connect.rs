@@ -876,12 +876,9 @@ fn two_silent_addresses_in_front_do_not_hold_out_the_third() {
         "after {took:?}"
     );
     // The silent ones were tried first, for their half of the timeout; the
-    // third before the deadline (its 200 says so: at the deadline the
-    // answer is a 504).
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(2),
-        "{took:?}"
-    );
+    // third before the deadline (the 200 above says so: at the deadline
+    // the answer is a 504).
+    assert!(took >= Duration::from_millis(900), "{took:?}");
     assert_eq!(lab::read_line(&mut c).unwrap(), "good");
     let local = c.local_addr().unwrap();
     lab::finish(&mut c, "the tunnel");

@@ -281,7 +281,6 @@ fn read_until_closed(c: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
         match lab::read_some(c, &mut buf) {
             Ok(0) => return (got, Ok(())),
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return (got, Err(e)),
         }
     }

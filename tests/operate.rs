@@ -291,11 +291,7 @@ fn status_and_reload_answer_from_the_running_daemon() {
     assert_eq!(status["routes"][1]["total"], 1, "{status}");
     assert_eq!(status["generation"], 1, "{status}");
     assert!(
-        status["kernel"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|k| k["counter"] == "steered" && k["value"].as_u64() >= Some(3)),
+        lab::daemon::kernel_counter(&status, "steered") >= Some(3),
         "{status}"
     );
     let table = l4proxy(&t, &["status"]);

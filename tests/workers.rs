@@ -11,7 +11,6 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use lab::daemon::{field, field_string, message};
-use lab::tls::run_in;
 use lab::{Daemon, Topo, sa};
 use serde_json::{Value, json};
 
@@ -27,15 +26,7 @@ fn policy() -> Value {
 
 /// Connections each worker accepted, from `l4proxy status --json`.
 fn accepted(t: &Topo) -> Vec<u64> {
-    let out = run_in(
-        &t.px,
-        lab::daemon::binary(),
-        &["status", "--json"],
-        b"",
-        Duration::from_secs(30),
-    );
-    let status: Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("status --json: {e}: {}{}", out.stdout, out.stderr));
+    let status = lab::daemon::status(&t.px);
     status["workers"]
         .as_array()
         .unwrap_or_else(|| panic!("status has no workers: {status}"))

@@ -1246,11 +1246,7 @@ mod tests {
         let owned = all_owned([&running, &replaced].into_iter(), &taken_over.prefixes);
         assert_eq!(owned.len(), 4, "{owned:?}");
         assert_eq!(local_addrs_peak(3, &owned), 3 + 4);
-        let everything = needs(&["::/0"]);
         let pieces = crate::lpm::prefix_keys("::/0".parse().unwrap()).len();
-        assert!(pieces > 90, "{pieces}");
-        let owned = all_owned([&everything].into_iter(), &[]);
-        assert_eq!(local_addrs_peak(0, &owned), pieces);
         // ::/1 is made of pieces ::/0 has too: they count once.
         let nested = needs(&["::/0", "::/1"]);
         let owned = all_owned([&nested].into_iter(), &[]);

@@ -219,13 +219,12 @@ thread_local! {
     /// One netlink socket per thread that asks, opened on first use (in the
     /// daemon's network namespace, as every worker is), and its buffers.
     static ROUTE_QUERIES: RefCell<RouteQueries> = const {
-        RefCell::new(RouteQueries { socket: None, request: Vec::new(), answer: Vec::new() })
+        RefCell::new(RouteQueries { socket: None, answer: Vec::new() })
     };
 }
 
 struct RouteQueries {
     socket: Option<Socket>,
-    request: Vec<u8>,
     answer: Vec<u8>,
 }
 
@@ -240,10 +239,9 @@ impl RouteQueries {
             Some(socket) => socket,
             None => self.socket.insert(netlink_batch::route_socket()?),
         };
-        self.request.clear();
-        self.request.resize(request.buffer_len(), 0);
-        request.serialize(&mut self.request);
-        socket.send(&self.request, 0)?;
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        socket.send(&bytes, 0)?;
         self.answer.clear();
         self.answer.reserve(4096);
         socket.recv(&mut self.answer, libc::MSG_DONTWAIT)?;

@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -895,33 +895,27 @@ impl Acceptor {
 }
 
 /// What a successor that took over accepts on, for the accept loops that
-/// stop: whose queues are left to it.
+/// stop: whose queues are left to it. Set when a successor took over: it
+/// accepts on every steered listener, and on the CONNECT listeners it
+/// named (`None`: it did not say, an older successor; their queues are
+/// read here then).
 #[derive(Default)]
-struct HandedOver {
-    /// A successor took over: it accepts on every steered listener.
-    successor: AtomicBool,
-    /// The CONNECT listeners it said it accepts on; unset when it did not
-    /// say (an older successor): their queues are read here then.
-    connect: OnceLock<Vec<SocketAddr>>,
-}
+struct HandedOver(OnceLock<Option<Vec<SocketAddr>>>);
 
 impl HandedOver {
     /// Set before the accept loops stop.
     fn to(&self, connect: Option<Vec<SocketAddr>>) {
-        if let Some(connect) = connect {
-            let _ = self.connect.set(connect);
-        }
-        self.successor.store(true, Ordering::Relaxed);
+        let _ = self.0.set(connect);
     }
 
     /// Whether the successor accepts on `listener` (of `front`) too.
     fn shares(&self, front: Front, listener: &TcpListener) -> bool {
-        if !self.successor.load(Ordering::Relaxed) {
+        let Some(connect) = self.0.get() else {
             return false;
-        }
+        };
         match front {
             Front::Steered => true,
-            Front::Connect(_) => self.connect.get().is_some_and(|kept| {
+            Front::Connect(_) => connect.as_ref().is_some_and(|kept| {
                 listener
                     .local_addr()
                     .is_ok_and(|listening| kept.contains(&listening))

@@ -697,9 +697,9 @@ mod tests {
                 "{ip}"
             );
         }
-        let asked: Vec<String> = asked.take().iter().map(IpAddr::to_string).collect();
+        let names: Vec<String> = asked.take().iter().map(IpAddr::to_string).collect();
         assert_eq!(
-            asked,
+            names,
             [
                 "fd20:ce::253",
                 "100.100.100.201",
@@ -718,5 +718,7 @@ mod tests {
             allowed(&limited, "192.0.2.7".parse().unwrap(), &local, kernel),
             Err("outside the rule's destinations")
         );
+        // The kernel heard of the allowed one, never of the refused one.
+        assert_eq!(asked.take(), ["203.0.113.7".parse::<IpAddr>().unwrap()]);
     }
 }

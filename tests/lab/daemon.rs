@@ -25,6 +25,23 @@ pub fn command(ns: &Netns, args: &[&str], timeout: Duration) -> Output {
     run_in(ns, binary(), args, b"", timeout)
 }
 
+/// The running daemon's `l4proxy status --json` in `ns`; panics with the
+/// output if it is not JSON.
+pub fn status(ns: &Netns) -> Value {
+    let out = command(ns, &["status", "--json"], Duration::from_secs(30));
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}{}", out.stdout, out.stderr))
+}
+
+/// A kernel counter of a `status` (see [`status`]), if it has it.
+pub fn kernel_counter(status: &Value, name: &str) -> Option<u64> {
+    status["kernel"]
+        .as_array()?
+        .iter()
+        .find(|k| k["counter"] == name)
+        .and_then(|k| k["value"].as_u64())
+}
+
 /// A process this test did not start (the successor `upgrade` made),
 /// killed if it still runs when the test ends.
 pub struct Stray(pub i32);
