@@ -220,6 +220,11 @@ fn denials_and_failures_are_answered_by_status() {
         "dev",
         "lo",
     ]);
+    // Routes that deliver nowhere: the kernel refuses to route to them
+    // (each kind with its own error), and the tunnel fails as a connect.
+    for (kind, ip) in REFUSED_ROUTES {
+        lab.t.px.ip(&["route", "add", kind, &format!("{ip}/32")]);
+    }
     let anyip = Server::start(
         &lab.t.px,
         sa("203.0.113.241:443"),
@@ -303,6 +308,10 @@ fn denials_and_failures_are_answered_by_status() {
             "connect_timeout: connecting to",
         ),
     ];
+    let cases = cases.into_iter().chain(REFUSED_ROUTES.map(|(_, ip)| {
+        let head = connect_head(&format!("{ip}:443"));
+        (head, "502", "connect_failed: connecting to")
+    }));
     for (head, status, reason) in cases {
         let what = String::from_utf8_lossy(&head[..head.len().min(48)]).into_owned();
         let (answer, c) = ask(&lab.t, PROXY4, &head);
@@ -346,6 +355,14 @@ fn denials_and_failures_are_answered_by_status() {
         "a tunnel reached a prefix px routes to itself"
     );
 }
+
+/// Addresses `denials_and_failures_are_answered_by_status` routes to
+/// nowhere, by the kind of route.
+const REFUSED_ROUTES: [(&str, &str); 3] = [
+    ("blackhole", "203.0.113.224"),
+    ("unreachable", "203.0.113.225"),
+    ("prohibit", "203.0.113.226"),
+];
 
 /// A client that never finishes its head is closed at the deadline
 /// (`--sniff-timeout 3`), without an answer.

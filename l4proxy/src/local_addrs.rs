@@ -173,8 +173,9 @@ fn read(lock: &RwLock<Arc<Lpm<()>>>) -> Arc<Lpm<()>> {
 /// Whether the kernel delivers a connection to `ip` to this host (`ip
 /// route get` says `local`): an interface's address, or one of a `local`
 /// route's prefix. A route that refuses (no route, `unreachable`,
-/// `blackhole`, `prohibit`, a family disabled here) is not local. An error
-/// is this host's: the question could not be asked.
+/// `blackhole`, `prohibit`, a family disabled here) is not local. Any other
+/// error (the kernel out of memory or buffers) is one: the question could
+/// not be asked, and the caller must not take the address for a remote one.
 pub fn routed_here(ip: IpAddr) -> io::Result<bool> {
     let mut query = RouteMessage::default();
     (
@@ -206,13 +207,29 @@ pub fn routed_here(ip: IpAddr) -> io::Result<bool> {
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
             Ok(route.header.kind == RouteType::Local)
         }
-        // The kernel's answer for a route that does not deliver here.
-        NetlinkPayload::Error(_) => Ok(false),
+        NetlinkPayload::Error(error) if refuses(error.raw_code()) => Ok(false),
+        NetlinkPayload::Error(error) => Err(error.to_io()),
         other => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("unexpected answer to a route query: {other:?}"),
         )),
     }
+}
+
+/// Whether `code` (a netlink error, a negated errno) is the kernel's
+/// answer for a route that does not deliver anywhere (as `ip route get`
+/// shows them): no route or a `throw` (ENETUNREACH), `unreachable`
+/// (EHOSTUNREACH), `blackhole` (EINVAL), `prohibit` (EACCES), or a family
+/// this kernel does not have (EAFNOSUPPORT).
+fn refuses(code: i32) -> bool {
+    [
+        libc::ENETUNREACH,
+        libc::EHOSTUNREACH,
+        libc::EINVAL,
+        libc::EACCES,
+        libc::EAFNOSUPPORT,
+    ]
+    .contains(&-code)
 }
 
 thread_local! {
@@ -280,5 +297,24 @@ mod tests {
         assert!(!routed_here("240.0.0.1".parse().unwrap()).unwrap());
         // The thread's socket is kept and asked again.
         assert!(routed_here("127.0.0.1".parse().unwrap()).unwrap());
+    }
+
+    /// The refusals of routes that deliver nowhere are answers (the lab's
+    /// CONNECT test has each kind of route); a kernel short of memory or
+    /// buffers did not answer.
+    #[test]
+    fn only_a_routes_refusal_says_not_local() {
+        for errno in [
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+            libc::EINVAL,
+            libc::EACCES,
+            libc::EAFNOSUPPORT,
+        ] {
+            assert!(refuses(-errno), "{errno}");
+        }
+        for errno in [libc::ENOBUFS, libc::ENOMEM, libc::EPERM, libc::EBUSY] {
+            assert!(!refuses(-errno), "{errno}");
+        }
     }
 }
