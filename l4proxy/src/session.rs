@@ -35,7 +35,7 @@ use crate::{
     stream::{Stream, TlsInfo},
     tls::Terminators,
     tunnel,
-    upstream::{self, Fallback, Pool, Unsecured},
+    upstream::{self, Fallback, Fault, Pool, Unsecured},
 };
 
 /// The policy in force, with what is built from it once. A connection takes
@@ -715,11 +715,11 @@ async fn open(
                     let bytes = header_bytes(version, told, orig_dst, hop_tls, onward_local)
                         .map_err(|e| Unsecured {
                             error: format!("encoding the PROXY header: {e}"),
-                            servers_fault: false,
+                            fault: Fault::ThisHost,
                         })?;
                     upstream.send(&bytes).await.map_err(|e| Unsecured {
                         error: format!("sending the PROXY header: {e}"),
-                        servers_fault: true,
+                        fault: Fault::Server,
                     })?;
                 }
                 originate(upstream, origination, name, alpn, shared.connect_timeout).await
@@ -741,10 +741,9 @@ async fn open(
             record.end(active, "refused", Some(&e));
             return None;
         }
-        Err(e) if e.secure_failed() => {
+        Err(e) if let Some(fault) = e.secure_fault() => {
             record.upstream = e.upstream();
-            let reason = if e.clients_doing() { "client" } else { "tls" };
-            let failed = TlsFailed(upstream_id, reason, &e);
+            let failed = TlsFailed(upstream_id, fault.reason(), &e);
             tls_failed(&mut client, established, record, active, failed).await;
             return None;
         }
@@ -889,7 +888,8 @@ async fn await_first_bytes(client: &TcpStream, upstream: &TcpStream) {
 }
 
 /// TLS to this upstream failed, the failure's count (`tls`, or `client`:
-/// what the client asked for, not held against the upstream), and why.
+/// what the client asked for, or `local`: this host's, neither held
+/// against the upstream; see [`Fault::reason`]), and why.
 struct TlsFailed<'a>(UpstreamId, &'static str, &'a (dyn std::fmt::Display + Sync));
 
 /// TLS to the upstream failed, or could not start (no name to verify
@@ -957,16 +957,14 @@ async fn originate(
     client_alpn: Option<Option<String>>,
     deadline: Duration,
 ) -> Result<Stream, Unsecured> {
-    let clients = |error: String| Unsecured {
-        error,
-        servers_fault: false,
-    };
     let terminated = client_alpn.is_some();
     let client_alpn = client_alpn.flatten();
     let Stream::Tcp(tcp) = upstream else {
-        return Err(clients(
-            "TLS inside TLS to a parent proxy is not supported".to_owned(),
-        ));
+        // The policy check refuses it; should one get through, it is ours.
+        return Err(Unsecured {
+            error: "TLS inside TLS to a parent proxy is not supported".to_owned(),
+            fault: Fault::ThisHost,
+        });
     };
     // The client's protocol alone, where it has one the policy's list (if
     // any) has: the server must choose it anyway, and offered the whole
@@ -990,17 +988,22 @@ async fn originate(
             let tls = e
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+            let clients = tls.is_some_and(|tls| {
+                clients_doing(tls, origination.server_name.is_none(), offered.is_some())
+            });
             return Err(Unsecured {
                 error: e.to_string(),
-                servers_fault: !tls.is_some_and(|tls| {
-                    clients_doing(tls, origination.server_name.is_none(), offered.is_some())
-                }),
+                fault: if clients {
+                    Fault::Client
+                } else {
+                    Fault::Server
+                },
             });
         }
         Err(_) => {
             return Err(Unsecured {
                 error: format!("no TLS handshake within {deadline:?}"),
-                servers_fault: true,
+                fault: Fault::Server,
             });
         }
     };
@@ -1012,9 +1015,10 @@ async fn originate(
     ) {
         let agreed = agreed.map_or("none".into(), String::from_utf8_lossy);
         let client = client_alpn.as_deref().unwrap_or("none");
-        return Err(clients(format!(
-            "the server's ALPN protocol is {agreed}, the client's {client}"
-        )));
+        return Err(Unsecured {
+            error: format!("the server's ALPN protocol is {agreed}, the client's {client}"),
+            fault: Fault::Client,
+        });
     }
     Ok(Stream::from(tokio_rustls::TlsStream::Client(secured)))
 }

@@ -217,9 +217,8 @@ pub enum ConnectError {
     Secure {
         upstream: UpstreamAddr,
         error: String,
-        /// Whether it says something of the server, not of what the
-        /// client asked for ([`Unsecured::servers_fault`]).
-        servers_fault: bool,
+        /// Whose doing it was ([`Unsecured::fault`]).
+        fault: Fault,
     },
 }
 
@@ -235,21 +234,13 @@ impl ConnectError {
         matches!(self, ConnectError::Failed { error, .. } if error.kind() == io::ErrorKind::TimedOut)
     }
 
-    /// Whether the last server tried was connected to, and TLS to it failed.
-    pub fn secure_failed(&self) -> bool {
-        matches!(self, ConnectError::Secure { .. })
-    }
-
-    /// Whether TLS to the server failed for what the client asked for (its
-    /// server name, its ALPN), not for anything of the server's.
-    pub fn clients_doing(&self) -> bool {
-        matches!(
-            self,
-            ConnectError::Secure {
-                servers_fault: false,
-                ..
-            }
-        )
+    /// Whose doing a failure of what is made over the connection was, if
+    /// that is what failed.
+    pub fn secure_fault(&self) -> Option<Fault> {
+        match self {
+            ConnectError::Secure { fault, .. } => Some(*fault),
+            _ => None,
+        }
     }
 
     /// Whether the failure says nothing of the servers: none was tried
@@ -279,12 +270,32 @@ impl ConnectError {
 /// to the server, the PROXY header before it) failed.
 pub struct Unsecured {
     pub error: String,
-    /// The server's doing (its handshake, its certificate for a name the
-    /// policy gives, a reset): the next server is tried, and `observe`
-    /// counts it. Otherwise it comes of what the client asked for (the
-    /// name the certificate must have, its ALPN protocol) and would be the
-    /// same on every server: nothing is counted, nothing tried again.
-    pub servers_fault: bool,
+    pub fault: Fault,
+}
+
+/// Whose doing a failure over a new connection was. Only the server's
+/// tries the next server and counts for `observe`: the others would be the
+/// same on every server, and nothing is tried again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Its handshake, its certificate for a name the policy gives, a reset.
+    Server,
+    /// What the client asked for: the name the certificate must have, its
+    /// ALPN protocol.
+    Client,
+    /// This host's: a header it could not encode, TLS it cannot stack.
+    ThisHost,
+}
+
+impl Fault {
+    /// The failure's `reason` in the upstream's failed-connect count.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Fault::Server => "tls",
+            Fault::Client => "client",
+            Fault::ThisHost => "local",
+        }
+    }
 }
 
 /// An open upstream connection.
@@ -434,13 +445,10 @@ impl Pool {
                         stream,
                         ..connected
                     }),
-                    Err(Unsecured {
-                        error,
-                        servers_fault,
-                    }) => Err(ConnectError::Secure {
+                    Err(Unsecured { error, fault }) => Err(ConnectError::Secure {
                         upstream: connected.upstream,
                         error,
-                        servers_fault,
+                        fault,
                     }),
                 };
             }
@@ -511,18 +519,15 @@ impl Pool {
                         ..connected
                     });
                 }
-                Err(Unsecured {
-                    error,
-                    servers_fault,
-                }) => {
+                Err(Unsecured { error, fault }) => {
                     let failed = ConnectError::Secure {
                         upstream: server.address,
                         error,
-                        servers_fault,
+                        fault,
                     };
                     // Through a parent, it is the destination's failure
                     // (the same through every parent): the parent worked.
-                    if via.is_some() || !servers_fault {
+                    if via.is_some() || fault != Fault::Server {
                         if self.observe.is_some() {
                             server.state.connect_succeeded();
                         }
@@ -1434,19 +1439,19 @@ mod tests {
         let (bad, good) = (bad.local_addr().unwrap(), good.local_addr().unwrap());
         let pool = pool_of(&[bad, good], r#", "observe": { "errors": 1 }"#, &registry);
         let request = request("192.0.2.7:40000", "192.0.2.10:80", Bind::Proxy);
-        let failing = |servers_fault| {
+        let failing = |fault| {
             move |stream: Stream, upstream: UpstreamAddr| async move {
                 if upstream.0 == bad {
                     Err(Unsecured {
                         error: "invalid peer certificate: Expired".to_owned(),
-                        servers_fault,
+                        fault,
                     })
                 } else {
                     Ok(stream)
                 }
             }
         };
-        let secure = failing(true);
+        let secure = failing(Fault::Server);
         // Round robin starts with one, then the other: one of the two
         // picks the bad server first.
         for _ in 0..2 {
@@ -1467,24 +1472,30 @@ mod tests {
             .await
             .err()
             .expect("TLS fails");
-        assert!(failed.secure_failed(), "{failed}");
+        assert_eq!(failed.secure_fault(), Some(Fault::Server), "{failed}");
         assert_eq!(failed.upstream(), Some(UpstreamAddr(bad)));
         assert_eq!(failed.to_string(), "invalid peer certificate: Expired");
 
-        // What the client asked for fails alike everywhere: no other server
-        // is tried, and the server is not counted as failed.
-        let registry = health::Registry::default();
-        let pool = pool_of(&[bad, good], r#", "observe": { "errors": 1 }"#, &registry);
-        let mut failed = Vec::new();
-        for _ in 0..2 {
-            let outcome = pool
-                .connect(&request, &local, Duration::from_secs(1), failing(false))
-                .await;
-            failed.extend(outcome.err().and_then(|e| e.upstream()));
+        // What the client asked for, or this host could not do, fails alike
+        // everywhere: no other server is tried, and the server is not
+        // counted as failed.
+        for fault in [Fault::Client, Fault::ThisHost] {
+            let registry = health::Registry::default();
+            let pool = pool_of(&[bad, good], r#", "observe": { "errors": 1 }"#, &registry);
+            let mut failed = Vec::new();
+            for _ in 0..2 {
+                let outcome = pool
+                    .connect(&request, &local, Duration::from_secs(1), failing(fault))
+                    .await;
+                failed.extend(outcome.err().and_then(|e| e.upstream()));
+            }
+            // Round robin picked the bad server first once, and stopped there.
+            assert_eq!(failed, [UpstreamAddr(bad)], "{fault:?}");
+            assert!(
+                pool.servers_state().iter().all(|s| s.health.up),
+                "{fault:?}"
+            );
         }
-        // Round robin picked the bad server first once, and stopped there.
-        assert_eq!(failed, [UpstreamAddr(bad)]);
-        assert!(pool.servers_state().iter().all(|s| s.health.up));
     }
 
     #[tokio::test]
