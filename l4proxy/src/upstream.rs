@@ -969,18 +969,22 @@ fn leave_out_port(socket: &Socket, port: u16) -> io::Result<()> {
     if from > to {
         return Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
     }
-    // The option's u32 (`low | high << 16`), as the c_int of the same bits.
-    let range = u32::from(from) | (u32::from(to) << 16);
+    // The option's u32, as the c_int of the same bits.
     set_int_option(
         socket,
         libc::IPPROTO_IP,
         IP_LOCAL_PORT_RANGE,
-        range as libc::c_int,
+        packed_port_range(from, to) as libc::c_int,
     )
 }
 
+/// A port range as `IP_LOCAL_PORT_RANGE` takes it: `low | high << 16`.
+fn packed_port_range(low: u16, high: u16) -> u32 {
+    u32::from(low) | (u32::from(high) << 16)
+}
+
 /// This network namespace's `net.ipv4.ip_local_port_range` as last read
-/// (`low | high << 16`; 0 before the first read), so that a connection
+/// ([`packed_port_range`]; 0 before the first read), so that a connection
 /// reads no file.
 static LOCAL_PORT_RANGE: AtomicU32 = AtomicU32::new(0);
 
@@ -996,7 +1000,7 @@ pub fn reread_local_port_range() {
 /// Reads the port range into [`LOCAL_PORT_RANGE`], and gives it.
 fn read_local_port_range() -> io::Result<(u16, u16)> {
     let (low, high) = local_port_range()?;
-    LOCAL_PORT_RANGE.store(u32::from(low) | (u32::from(high) << 16), Ordering::Relaxed);
+    LOCAL_PORT_RANGE.store(packed_port_range(low, high), Ordering::Relaxed);
     Ok((low, high))
 }
 
