@@ -704,36 +704,15 @@ mod tests {
     /// `steer`'s `rule_for` over `entries`, the ports' classes `table`: the
     /// rule id it gives a connection to `port` at `addr`.
     fn kernel_rule(entries: &RuleMap, table: &[u32], port: u16, addr: IpAddr) -> Option<u32> {
-        let addr = lpm::key(addr);
-        let longest = |class: u32| {
-            entries
-                .iter()
-                .filter(|((len, key), _)| {
-                    let bits = len - l4proxy_common::RULE_KEY_FIXED_BITS;
-                    let prefix = u128::from_be_bytes(key.addr);
-                    key.class == class.to_be_bytes()
-                        && (bits == 0 || (prefix ^ addr) >> (128 - bits) == 0)
-                })
-                .max_by_key(|((len, _), _)| *len)
-                .map(|(_, value)| *value)
-        };
-        let class = table[usize::from(port)];
-        let exact = longest(class);
-        let wildcard = longest(l4proxy_common::ANY_PORT_CLASS | (class & CLASS_HALF));
-        match (exact, wildcard) {
-            (Some(exact), Some(wildcard)) if wildcard.rank > exact.rank => Some(wildcard),
-            (Some(exact), _) => Some(exact),
-            (None, wildcard) => wildcard,
-        }
-        .map(|value| value.rule_id)
+        let entries = entries.iter().map(|((len, key), value)| (*len, key, value));
+        rules::kernel_lookup(entries, table[usize::from(port)], addr)
     }
 
-    fn rules_of(json: &str) -> rules::Compiled {
-        let policy = crate::policy::Policy::from_json(&format!(
+    fn policy_of(json: &str) -> crate::policy::Policy {
+        crate::policy::Policy::from_json(&format!(
             r#"{{ "intercept": {json}, "upstreams": {{ "u": {{ "servers": ["203.0.113.2:80"] }} }} }}"#
         ))
-        .unwrap();
-        rules::compile(&policy)
+        .unwrap()
     }
 
     /// Replaces `old` with `new` as `set_rules` does (entries in, the ports'
@@ -745,7 +724,8 @@ mod tests {
         new: &str,
         probes: &[(u16, &str)],
     ) -> u32 {
-        let (old, new) = (rules_of(old), rules_of(new));
+        let (old_policy, new_policy) = (policy_of(old), policy_of(new));
+        let (old, new) = (rules::compile(&old_policy), rules::compile(&new_policy));
         let old_offset = 0;
         let old_table = kernel_table(&old, old_offset);
         let new_offset = offset_for(new.classes.table(), &old_table, old_offset);
@@ -756,13 +736,25 @@ mod tests {
             .iter()
             .map(|&(port, ip)| (port, ip.parse().unwrap()))
             .collect();
+        // What each policy gives (route's plain scan, the reference), and
+        // the kernel with each policy's entries alone gives the same.
         let answers: Vec<[Option<u32>; 2]> = probes
             .iter()
             .map(|&(port, ip)| {
-                [
+                let dst = std::net::SocketAddr::new(ip, port);
+                let rule = |policy, half| {
+                    crate::route::match_rule(policy, dst).map(|rule| rule.0 as u32 | half)
+                };
+                let answer = [rule(&old_policy, 0), rule(&new_policy, RULE_HALF)];
+                let kernel = [
                     kernel_rule(&old_entries, &old_table, port, ip),
                     kernel_rule(&new_entries, &new_table, port, ip),
-                ]
+                ];
+                assert_eq!(
+                    kernel, answer,
+                    "{dst}: the kernel's look-up, each policy alone"
+                );
+                answer
             })
             .collect();
         let table = std::rc::Rc::new(std::cell::RefCell::new(old_table));

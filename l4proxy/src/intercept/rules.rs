@@ -335,6 +335,45 @@ fn trie_prefixes(prefix: &IpNet) -> Vec<TriePrefix> {
     }
 }
 
+/// The kernel's look-up (`rule_for` in l4proxy-ebpf) in user space, for
+/// tests: over `entries` (each a prefix length over the whole key, the
+/// key, the value), the longest-prefix match for `addr` in the port's
+/// `class` and in the wildcard class of that class's half; the wildcard's
+/// wins only with a higher rank. The rule id it gives.
+#[cfg(test)]
+pub(super) fn kernel_lookup<'a>(
+    entries: impl Iterator<Item = (u32, &'a ClassKey, &'a RuleValue)> + Clone,
+    class: u32,
+    addr: std::net::IpAddr,
+) -> Option<u32> {
+    let addr = match addr.to_canonical() {
+        std::net::IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let key_bytes = |key: &ClassKey| [&key.class[..], &key.addr[..]].concat();
+    let same_prefix = |a: &[u8], b: &[u8], bits: u32| {
+        let (whole, rest) = ((bits / 8) as usize, bits % 8);
+        let mask = !(0xffu8 >> rest);
+        a[..whole] == b[..whole] && (rest == 0 || (a[whole] ^ b[whole]) & mask == 0)
+    };
+    let longest = |class: u32| {
+        let key = key_bytes(&ClassKey::new(class, addr));
+        entries
+            .clone()
+            .filter(|(len, k, _)| same_prefix(&key_bytes(k), &key, *len))
+            .max_by_key(|(len, _, _)| *len)
+            .map(|(_, _, value)| *value)
+    };
+    let exact = longest(class);
+    let wildcard = longest(ANY_PORT_CLASS | (class & l4proxy_common::CLASS_HALF));
+    match (exact, wildcard) {
+        (Some(exact), Some(wildcard)) if wildcard.rank > exact.rank => Some(wildcard),
+        (Some(exact), _) => Some(exact),
+        (None, wildcard) => wildcard,
+    }
+    .map(|value| value.rule_id)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -514,36 +553,13 @@ mod tests {
         assert_eq!(flags, [(0, 0), (1, RULE_ON_INTERFACES)]);
     }
 
-    /// The kernel's look-up (`rule_for` in l4proxy-ebpf): longest-prefix match
-    /// over the whole key for the port's class and for the wildcard class;
-    /// the higher rank wins.
+    /// [`kernel_lookup`] over `compiled`'s entries.
     fn kernel_rule(compiled: &Compiled, dst: SocketAddr) -> Option<u32> {
-        let addr = match dst.ip().to_canonical() {
-            IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
-            IpAddr::V6(v6) => v6.octets(),
-        };
-        [compiled.classes.of_port(dst.port()), ANY_PORT_CLASS]
-            .into_iter()
-            .filter_map(|class| {
-                let key = key_bytes(&ClassKey::new(class, addr));
-                compiled
-                    .entries
-                    .iter()
-                    .filter(|e| same_prefix(&key_bytes(&e.key), &key, e.prefix_len))
-                    .max_by_key(|e| e.prefix_len)
-            })
-            .max_by_key(|e| e.value.rank)
-            .map(|e| e.value.rule_id)
-    }
-
-    fn key_bytes(key: &ClassKey) -> Vec<u8> {
-        [&key.class[..], &key.addr[..]].concat()
-    }
-
-    fn same_prefix(a: &[u8], b: &[u8], bits: u32) -> bool {
-        let (whole, rest) = ((bits / 8) as usize, bits % 8);
-        let mask = !(0xffu8 >> rest);
-        a[..whole] == b[..whole] && (rest == 0 || (a[whole] ^ b[whole]) & mask == 0)
+        let entries = compiled
+            .entries
+            .iter()
+            .map(|e| (e.prefix_len, &e.key, &e.value));
+        kernel_lookup(entries, compiled.classes.of_port(dst.port()), dst.ip())
     }
 
     /// Addresses around the edges of every prefix in `policy` and of the
