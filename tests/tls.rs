@@ -1472,11 +1472,10 @@ fn observed_pool(app: &pki::Cert, tls: Value) -> Value {
 #[test]
 fn a_server_whose_tls_fails_is_passed_over_and_observed_down() {
     let pki = Pki::new();
-    let app = app_cert(&pki.front);
     let inner = inner_cert(&pki);
     // Another name than inner.example.test, from another CA.
     let tls = json!({ "ca": p(&pki.back.cert), "server_name": "inner.example.test" });
-    passed_over_and_observed_down("tls_failover", &pki, tls, &app, (&app, &inner));
+    passed_over_and_observed_down("tls_failover", &pki, tls, &inner);
 }
 
 /// Without `server_name` (the client's name is verified), a certificate
@@ -1485,28 +1484,23 @@ fn a_server_whose_tls_fails_is_passed_over_and_observed_down() {
 #[test]
 fn an_untrusted_certificate_for_the_clients_name_is_the_servers_failure() {
     let pki = Pki::new();
-    let app = app_cert(&pki.front);
     let trusted = pki
         .back
         .issue_server("app-by-back", &["DNS:app.example.test"]);
     let tls = json!({ "ca": p(&pki.back.cert) });
-    passed_over_and_observed_down("tls_untrusted", &pki, tls, &app, (&app, &trusted));
+    passed_over_and_observed_down("tls_untrusted", &pki, tls, &trusted);
 }
 
-/// Clients to [`observed_pool`] (terminated with `app`) with `tls`, whose
-/// `TLS_UP` shows `wrong` and `TLS_UP_H2` `right`: each gets through the
-/// right one, and the wrong one is taken down for its certificate.
-fn passed_over_and_observed_down(
-    test: &str,
-    pki: &Pki,
-    tls: Value,
-    app: &pki::Cert,
-    (wrong, right): (&pki::Cert, &pki::Cert),
-) {
+/// Clients to [`observed_pool`] (terminated with the front CA's
+/// app.example.test) with `tls`, whose `TLS_UP` shows that same
+/// certificate (wrong for `tls`) and `TLS_UP_H2` `right`: each gets through
+/// the right one, and the wrong one is taken down for its certificate.
+fn passed_over_and_observed_down(test: &str, pki: &Pki, tls: Value, right: &pki::Cert) {
+    let app = app_cert(&pki.front);
     let t = Topo::new(test);
-    let mut d = Daemon::start_ready(&t.px, &observed_pool(app, tls), &[]);
+    let mut d = Daemon::start_ready(&t.px, &observed_pool(&app, tls), &[]);
     let data = Arc::new(b"hello".to_vec());
-    let _wrong = bulk_server(&t, TLS_UP, wrong, &[], &data);
+    let _wrong = bulk_server(&t, TLS_UP, &app, &[], &data);
     let _right = bulk_server(&t, TLS_UP_H2, right, &[], &data);
     for i in 0..4 {
         let run =
