@@ -248,6 +248,36 @@ impl Netns {
     }
 }
 
+/// A server thread that runs until this is dropped: the drop tells it to
+/// stop (its `stopped` end of the channel) and waits for it.
+pub struct ServerThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    pub fn new(
+        stop: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    ) -> ServerThread {
+        ServerThread {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Moves the calling thread into the namespace `file` refers to.
 fn enter(file: &File) -> anyhow::Result<()> {
     // SAFETY: plain syscall on an open namespace descriptor; it changes only the

@@ -17,7 +17,11 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::{dial::Dial, hello, lab::Netns};
+use super::{
+    dial::Dial,
+    hello,
+    lab::{Netns, ServerThread},
+};
 
 /// What the responder answers to a ClientHello.
 pub const REPLY: &[u8] = b"hello from the bench responder\n";
@@ -51,8 +55,7 @@ const BULK_CHUNK: usize = 128 * 1024;
 /// and of the bulk streams ([`Mode::Sink`], [`Mode::Source`]).
 /// Runs on a thread inside the server namespace until dropped.
 pub struct Responder {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _running: ServerThread,
 }
 
 impl Responder {
@@ -82,20 +85,8 @@ impl Responder {
             .context("the responder thread ended before listening")?
             .context("responder: listening")?;
         Ok(Responder {
-            stop: Some(stop),
-            thread: Some(thread),
+            _running: ServerThread::new(stop, thread),
         })
-    }
-}
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -50,7 +50,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::{
     Bench,
     cpu::{threads_cpu, tree_cpu},
-    lab::{self, Netns, Proc},
+    lab::{self, Netns, Proc, ServerThread},
     load::count_for,
     nginx,
     report::Report,
@@ -567,8 +567,7 @@ enum Serve {
 /// namespace until dropped: the direct path's TLS servers and the proxies'
 /// upstreams (see [`Port`]).
 struct ServerSide {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _running: ServerThread,
 }
 
 impl ServerSide {
@@ -621,20 +620,8 @@ impl ServerSide {
             .recv()
             .context("the TLS server thread ended before listening")??;
         Ok(ServerSide {
-            stop: Some(stop),
-            thread: Some(thread),
+            _running: ServerThread::new(stop, thread),
         })
-    }
-}
-
-impl Drop for ServerSide {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
