@@ -233,6 +233,20 @@ mod tests {
         }
     }
 
+    /// The header of `bytes`, which must be whole and of `version`.
+    pub(super) fn decoded_as(
+        version: Version,
+        bytes: &[u8],
+    ) -> Result<Option<Header>, DecodeError> {
+        decode(bytes).map(|d| {
+            d.map(|decoded| {
+                assert_eq!(decoded.version, version);
+                assert_eq!(decoded.len, bytes.len(), "the whole header, no more");
+                decoded.header
+            })
+        })
+    }
+
     /// Asserts that every proper prefix of `bytes` asks for more.
     pub(super) fn assert_prefixes_incomplete(bytes: &[u8]) {
         for n in 0..bytes.len() {

@@ -151,23 +151,11 @@ mod tests {
     use super::*;
     use crate::proxy_protocol::{
         Decoded, Version, decode,
-        tests::{all_tlvs, assert_prefixes_incomplete, proxy},
+        tests::{all_tlvs, assert_prefixes_incomplete, decoded_as, proxy},
     };
 
     fn decoded(bytes: &[u8]) -> Result<Option<Header>, DecodeError> {
-        decode(bytes).map(|d| {
-            d.map(
-                |Decoded {
-                     header,
-                     version,
-                     len,
-                 }| {
-                    assert_eq!(version, Version::V1);
-                    assert_eq!(len, bytes.len(), "the whole line, no more");
-                    header
-                },
-            )
-        })
+        decoded_as(Version::V1, bytes)
     }
 
     #[test]

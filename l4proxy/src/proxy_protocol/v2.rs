@@ -232,27 +232,14 @@ mod tests {
     use super::*;
     use crate::proxy_protocol::{
         Decoded, MAX_HEADER_LEN, Version, decode,
-        tests::{all_tlvs, assert_prefixes_incomplete, proxy},
+        tests::{all_tlvs, assert_prefixes_incomplete, decoded_as, proxy},
     };
 
     #[rustfmt::skip]
     const SIG: [u8; 12] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A];
 
-    /// The header of `bytes`, which must be whole.
     fn decoded(bytes: &[u8]) -> Result<Option<Header>, DecodeError> {
-        decode(bytes).map(|d| {
-            d.map(
-                |Decoded {
-                     header,
-                     version,
-                     len,
-                 }| {
-                    assert_eq!(version, Version::V2);
-                    assert_eq!(len, bytes.len(), "the whole header, no more");
-                    header
-                },
-            )
-        })
+        decoded_as(Version::V2, bytes)
     }
 
     /// A header: signature, then the rest as given.
