@@ -119,9 +119,9 @@ const SNIFF_RESULTS: [&str; 4] = ["tls", "http", "other", "gave_up"];
 
 /// Why an upstream connection failed, for
 /// `l4proxy_upstream_connect_failures_total`.
-/// `local`: not the server's doing (see `ConnectError::on_this_host`);
-/// `client`: TLS to the server failed for what the client asked for (see
-/// `ConnectError::clients_doing`).
+/// `local`: not the server's doing (see `ConnectError::on_this_host` and
+/// `Fault::ThisHost`); `tls` and `client`: TLS to the server failed for
+/// the server's doing or for what the client asked for (see `Fault`).
 pub const CONNECT_FAILURES: [&str; 6] = ["refused", "timeout", "local", "parent", "tls", "client"];
 
 /// Upstream connect times: 0.5 ms to about 33 s, past the default connect
