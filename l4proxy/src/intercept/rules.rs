@@ -165,13 +165,20 @@ impl RuleIndex {
     }
 
     /// The rule a connection to `dst` belongs to: the better-ranked of the
-    /// longest matches for its port's class and for any port.
+    /// longest matches for its port's class and for any port, the port's
+    /// class's on a tie (as the kernel's `rule_for` decides).
     pub fn lookup(&self, dst: SocketAddr) -> Option<RuleId> {
         let addr = lpm::key(dst.ip());
         [self.classes.of_port(dst.port()), ANY_PORT_CLASS]
             .iter()
             .filter_map(|class| self.by_class.get(class)?.longest(addr))
-            .max_by_key(|value| value.rank)
+            .reduce(|exact, wildcard| {
+                if wildcard.rank > exact.rank {
+                    wildcard
+                } else {
+                    exact
+                }
+            })
             .map(|value| RuleId(value.rule_id as usize))
     }
 }
