@@ -223,7 +223,7 @@ fn denials_and_failures_are_answered_by_status() {
     // Routes that deliver nowhere: the kernel refuses to route to them
     // (each kind with its own error), and the tunnel fails as a connect.
     for (kind, ip) in REFUSED_ROUTES {
-        lab.t.px.ip(&["route", "add", kind, &format!("{ip}/32")]);
+        lab.t.px.ip(&["route", "add", kind, ip]);
     }
     let anyip = Server::start(
         &lab.t.px,
@@ -309,8 +309,12 @@ fn denials_and_failures_are_answered_by_status() {
         ),
     ];
     let cases = cases.into_iter().chain(REFUSED_ROUTES.map(|(_, ip)| {
-        let head = connect_head(&format!("{ip}:443"));
-        (head, "502", "connect_failed: connecting to")
+        let target = std::net::SocketAddr::new(ip.parse().unwrap(), 443);
+        (
+            connect_head(&target.to_string()),
+            "502",
+            "connect_failed: connecting to",
+        )
     }));
     for (head, status, reason) in cases {
         let what = String::from_utf8_lossy(&head[..head.len().min(48)]).into_owned();
@@ -358,10 +362,13 @@ fn denials_and_failures_are_answered_by_status() {
 
 /// Addresses `denials_and_failures_are_answered_by_status` routes to
 /// nowhere, by the kind of route.
-const REFUSED_ROUTES: [(&str, &str); 3] = [
+const REFUSED_ROUTES: [(&str, &str); 6] = [
     ("blackhole", "203.0.113.224"),
     ("unreachable", "203.0.113.225"),
     ("prohibit", "203.0.113.226"),
+    ("blackhole", "2001:db8:5:e::1"),
+    ("unreachable", "2001:db8:5:e::2"),
+    ("prohibit", "2001:db8:5:e::3"),
 ];
 
 /// A client that never finishes its head is closed at the deadline
