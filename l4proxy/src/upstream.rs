@@ -558,10 +558,10 @@ impl Pool {
     /// answered is alive, whatever it answered; one this host could not
     /// even try is not at fault.
     fn connect_failed(&self, server: &PoolServer, failed: AttemptFailed) -> ConnectError {
-        let AttemptFailed { error, reached } = failed;
+        let AttemptFailed { error, alive } = failed;
         tracing::debug!(upstream = %server.address, %error, "upstream connect failed");
         match &self.observe {
-            Some(_) if reached => server.state.connect_succeeded(),
+            Some(_) if alive => server.state.connect_succeeded(),
             Some(_) if this_hosts_fault(&error) => {}
             Some(observe) => server.state.connect_failed(observe, &error),
             None => {}
@@ -769,11 +769,12 @@ fn parent_target(request: &Request) -> String {
     }
 }
 
-/// Why an attempt failed, and whether it says nothing of the server (a
-/// parent's answer, which may be its destination's doing, failed).
+/// Why an attempt failed, and whether the server showed itself alive all
+/// the same: a parent that refused the tunnel (which may be its
+/// destination's doing) or waits on its destination.
 struct AttemptFailed {
     error: io::Error,
-    reached: bool,
+    alive: bool,
 }
 
 /// Connects from `from` within `timeout`, the socket set up as `request`
@@ -814,7 +815,7 @@ async fn connect_from(
         .unwrap_or_else(|_| Err(timed_out()))
         .map_err(|error| AttemptFailed {
             error,
-            reached: false,
+            alive: false,
         })?;
     let stream = match via {
         Some(via) => through_parent(stream, upstream, via, deadline).await?,
@@ -855,7 +856,7 @@ async fn through_parent(
                 .unwrap_or_else(|_| Err(timed_out()))
                 .map_err(|e| AttemptFailed {
                     error: io::Error::new(e.kind(), format!("TLS to the parent proxy: {e}")),
-                    reached: false,
+                    alive: false,
                 })?;
             Stream::from(tokio_rustls::TlsStream::Client(secured))
         }
@@ -867,7 +868,7 @@ async fn through_parent(
         .map_err(|error| AttemptFailed {
             // An answer, or none yet while it may wait on its destination,
             // says nothing against the parent; closing or garbling does.
-            reached: matches!(
+            alive: matches!(
                 error,
                 parent::ParentError::Refused { .. } | parent::ParentError::Timeout { .. }
             ),
