@@ -231,7 +231,10 @@ fn clients_queued_at_the_stop_wait_out_a_lack_of_descriptors() {
         lab::daemon::message(e).is_some_and(|m| m.starts_with("accept failed"))
     });
     d.drain();
-    std::thread::sleep(Duration::from_millis(300));
+    // The drain meets the same lack, and waits (for 2 s at most).
+    d.wait_event("the drain waiting", Duration::from_secs(10), |e| {
+        lab::daemon::message(e).is_some_and(|m| m.starts_with("accept failed while draining"))
+    });
     d.set_open_files_limit(&soft);
     for (i, c) in queued.iter_mut().enumerate() {
         assert_eq!(

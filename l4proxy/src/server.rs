@@ -1000,7 +1000,11 @@ async fn accept_loop(
             // Out of descriptors (connections of the drain end and give
             // theirs back): waited out for a while, then the rest is reset.
             Err(e) if backed_off < DRAIN_BACK_OFF => {
-                accept_failed(&e, "proxy");
+                static WAITING: crate::logging::Throttle =
+                    crate::logging::Throttle::new(Duration::from_secs(1));
+                if let Some(count) = WAITING.event() {
+                    tracing::warn!(error = %e, count, "accept failed while draining; waiting for descriptors");
+                }
                 tokio::time::sleep(ACCEPT_BACK_OFF).await;
                 backed_off += ACCEPT_BACK_OFF;
             }
