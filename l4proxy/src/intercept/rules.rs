@@ -353,10 +353,7 @@ pub(super) fn kernel_lookup<'a>(
     class: u32,
     addr: std::net::IpAddr,
 ) -> Option<u32> {
-    let addr = match addr.to_canonical() {
-        std::net::IpAddr::V4(v4) => RuleKey::mapped_v4(v4.octets()),
-        std::net::IpAddr::V6(v6) => v6.octets(),
-    };
+    let addr = lpm::key(addr).to_be_bytes();
     let key_bytes = |key: &ClassKey| [&key.class[..], &key.addr[..]].concat();
     let same_prefix = |a: &[u8], b: &[u8], bits: u32| {
         let (whole, rest) = ((bits / 8) as usize, bits % 8);
