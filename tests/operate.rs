@@ -275,9 +275,7 @@ fn status_and_reload_answer_from_the_running_daemon() {
     // Their counts are let go just before their close lines.
     d.wait_closed_events(2, Duration::from_secs(10));
 
-    let out = l4proxy(&t, &["status", "--json"]);
-    assert!(out.success(), "{}", out.describe());
-    let status: Value = serde_json::from_str(&out.stdout).unwrap();
+    let status = lab::daemon::status(&t.px);
     assert_eq!(status["rules"][0]["name"], "svc", "{status}");
     assert_eq!(status["rules"][0]["active"], 2, "{status}");
     assert_eq!(status["rules"][0]["total"], 4, "{status}");
@@ -335,7 +333,7 @@ fn status_and_reload_answer_from_the_running_daemon() {
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.read_exact(&mut hello).unwrap();
     assert_eq!(&hello, b"other\n");
-    let status: Value = serde_json::from_str(&l4proxy(&t, &["status", "--json"]).stdout).unwrap();
+    let status = lab::daemon::status(&t.px);
     assert_eq!(status["generation"], 2, "{status}");
     d.wait_event("the reload", Duration::from_secs(5), |ev| {
         lab::daemon::message(ev) == Some("policy reloaded")
