@@ -242,7 +242,8 @@ impl Netns {
         }))
     }
 
-    fn file(&self) -> anyhow::Result<File> {
+    /// The namespace's file, for [`enter`] on a thread of one's own.
+    pub fn file(&self) -> anyhow::Result<File> {
         let path = format!("/run/netns/{}", self.name);
         File::open(&path).with_context(|| format!("opening {path}"))
     }
@@ -279,7 +280,7 @@ impl Drop for ServerThread {
 }
 
 /// Moves the calling thread into the namespace `file` refers to.
-fn enter(file: &File) -> anyhow::Result<()> {
+pub fn enter(file: &File) -> anyhow::Result<()> {
     // SAFETY: plain syscall on an open namespace descriptor; it changes only the
     // calling thread, which is one of ours.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

@@ -19,11 +19,9 @@
 
 use std::{
     fmt::Write as _,
-    fs::File,
     future::Future,
     io,
     net::{Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Arc, LazyLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -50,7 +48,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::{
     Bench,
     cpu::{threads_cpu, tree_cpu},
-    lab::{self, Netns, Proc, ServerThread},
+    lab::{self, Netns, Proc, ServerThread, enter},
     load::count_for,
     nginx,
     report::Report,
@@ -489,7 +487,7 @@ fn in_netns<T: Send>(
     ns: &Netns,
     f: impl FnOnce() -> anyhow::Result<T> + Send,
 ) -> anyhow::Result<T> {
-    let file = netns_file(ns)?;
+    let file = ns.file()?;
     std::thread::scope(|s| {
         s.spawn(move || {
             enter(&file)?;
@@ -498,20 +496,6 @@ fn in_netns<T: Send>(
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
-}
-
-fn netns_file(ns: &Netns) -> anyhow::Result<File> {
-    let path = format!("/run/netns/{}", ns.name());
-    File::open(&path).with_context(|| format!("opening {path}"))
-}
-
-fn enter(file: &File) -> anyhow::Result<()> {
-    // SAFETY: plain syscall on an open namespace descriptor; it changes only
-    // the calling thread, one of ours.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns: {}", io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// A two-thread runtime (as l4proxy's on this 2-core machine), its threads
@@ -585,7 +569,7 @@ impl ServerSide {
             (Port::SINK_TLS, Some(ecdsa.clone()), Serve::Sink(bulk)),
             (Port::SOURCE_TLS, Some(ecdsa), source),
         ];
-        let file = netns_file(sv)?;
+        let file = sv.file()?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
