@@ -611,13 +611,7 @@ impl Report {
                 .filter_map(|&t| Some((t, self.added(t, 1)?)))
                 .min_by(|a, b| a.1.total_cmp(&b.1));
             if let Some((peer, theirs)) = best {
-                lines.push(format!(
-                    "- added time to first byte p99 ≤ 0.8× the better peer's: {}: l4proxy \
-                     {mine:+.0} µs, {}'s {theirs:+.0} µs ({})",
-                    met([Some(mine <= 0.8 * theirs)]),
-                    peer.label(),
-                    ratio(mine, Some(theirs)),
-                ));
+                lines.push(added_p99_line(mine, peer, theirs));
             }
         }
         if let Some(mine) = self.memory_of(Target::L4proxy) {
@@ -951,6 +945,24 @@ fn met(checks: impl IntoIterator<Item = Option<bool>>) -> &'static str {
     }
 }
 
+/// The time-to-first-byte target's line, from l4proxy's and the better
+/// peer's added p99 (µs over the direct path's). A direct path whose p99
+/// was not below a proxy's (a disturbed direct run) leaves nothing to
+/// compare: a negative figure "met" 0.8× of a more negative one.
+fn added_p99_line(mine: f64, peer: Target, theirs: f64) -> String {
+    let verdict = if mine <= 0.0 || theirs <= 0.0 {
+        "not measured (the direct path's p99 was not below every proxy's)"
+    } else {
+        met([Some(mine <= 0.8 * theirs)])
+    };
+    format!(
+        "- added time to first byte p99 ≤ 0.8× the better peer's: {verdict}: l4proxy \
+         {mine:+.0} µs, {}'s {theirs:+.0} µs ({})",
+        peer.label(),
+        ratio(mine, Some(theirs)),
+    )
+}
+
 fn find<K: PartialEq + Copy>(rows: &[Row<K>], case: K, target: Target) -> Option<f64> {
     rows.iter()
         .find(|r| r.case == case && r.target == target)
@@ -1078,6 +1090,27 @@ mod tests {
             &CONN,
         );
         assert_eq!(none, None);
+    }
+
+    #[test]
+    fn an_added_p99_is_compared_only_over_a_quicker_direct_path() {
+        assert_eq!(
+            added_p99_line(70.0, Target::Nginx, 100.0),
+            "- added time to first byte p99 ≤ 0.8× the better peer's: met: l4proxy +70 µs, \
+             nginx's +100 µs (0.70×)"
+        );
+        assert_eq!(
+            added_p99_line(90.0, Target::Nginx, 100.0),
+            "- added time to first byte p99 ≤ 0.8× the better peer's: **not met**: l4proxy \
+             +90 µs, nginx's +100 µs (0.90×)"
+        );
+        // The 2026-11-29 09:21 run: the direct path's p99 above every proxy's.
+        assert_eq!(
+            added_p99_line(-155.0, Target::Nginx, -165.0),
+            "- added time to first byte p99 ≤ 0.8× the better peer's: not measured (the direct \
+             path's p99 was not below every proxy's): l4proxy -155 µs, nginx's -165 µs (–)"
+        );
+        assert!(added_p99_line(20.0, Target::Haproxy, -5.0).contains("not measured"));
     }
 
     #[test]
