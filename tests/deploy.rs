@@ -205,8 +205,34 @@ const PACKAGED: &[(&str, u32)] = &[
     ("usr/share/fish/vendor_completions.d/l4proxy.fish", 0o644),
     ("usr/share/doc/l4proxy/copyright", 0o644),
     ("usr/share/doc/l4proxy/README.md", 0o644),
-    ("usr/share/doc/l4proxy/policy.md", 0o644),
+    ("usr/share/doc/l4proxy/docs/policy.md", 0o644),
+    ("usr/share/doc/l4proxy/docs/takeover.md", 0o644),
+    ("usr/share/doc/l4proxy/docs/bridged.md", 0o644),
+    ("usr/share/doc/l4proxy/examples/tls-sni.json", 0o644),
 ];
+
+/// The files an installed document points to, relative to its own
+/// directory: its Markdown links (not to a web page or an anchor of its
+/// own), and the example policies it names (`examples/NAME.json`, relative
+/// to the doc directory).
+fn pointed_to(text: &str) -> (Vec<String>, Vec<String>) {
+    let links = text
+        .split("](")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+        .map(|target| target.split('#').next().unwrap_or_default())
+        .filter(|target| !target.is_empty() && !target.contains("://"))
+        .map(str::to_owned)
+        .collect();
+    let examples = text
+        .split("`examples/")
+        .skip(1)
+        .filter_map(|rest| rest.split('`').next())
+        .filter(|name| name.ends_with(".json"))
+        .map(|name| format!("examples/{name}"))
+        .collect();
+    (links, examples)
+}
 
 /// `cargo xtask package` with the binary under test: the debug build, not
 /// a release one (the packaging is the same, the build minutes cheaper).
@@ -267,6 +293,33 @@ fn the_deb_installs_into_a_scratch_root_and_its_unit_verifies() {
         let meta = std::fs::metadata(&path)
             .unwrap_or_else(|e| panic!("{file} is not in the package: {e}"));
         assert_eq!(meta.permissions().mode() & 0o7777, *mode, "mode of {file}");
+    }
+    // What the installed docs point to is installed too.
+    let doc = root.join("usr/share/doc/l4proxy");
+    for file in [
+        "README.md",
+        "docs/policy.md",
+        "docs/takeover.md",
+        "docs/bridged.md",
+    ] {
+        let path = doc.join(file);
+        let (links, examples) = pointed_to(&std::fs::read_to_string(&path).unwrap());
+        if file == "README.md" {
+            assert!(
+                links.contains(&"docs/policy.md".to_owned()) && !examples.is_empty(),
+                "the README's links and examples were not found: the parse is wrong"
+            );
+        }
+        for target in links {
+            let to = path.parent().unwrap().join(&target);
+            assert!(to.exists(), "{file} links {target}, not in the package");
+        }
+        for name in examples {
+            assert!(
+                doc.join(&name).exists(),
+                "{file} names {name}, not in the package"
+            );
+        }
     }
     let control = dir.join("DEBIAN");
     lab::must("dpkg-deb", &["-e", text(&deb), text(&control)]);

@@ -204,7 +204,9 @@ fn a_missing_listener_is_a_debug_line_of_the_kernel_log() {
     let text = captured.text();
     assert!(
         text.contains("DEBUG l4proxy::kernel")
-            && text.contains("refused 192.0.2.10:80 (rule 0): no listener in the socket map"),
+            && text.contains(
+                "refused 192.0.2.10:80 (rule 0): no listener in the socket map, error -2"
+            ),
         "the kernel's line is missing from the log:\n{text}"
     );
 }

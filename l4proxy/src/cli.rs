@@ -138,12 +138,14 @@ pub struct RunArgs {
     /// [default: no limit]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_client: Option<u32>,
-    /// Close a connection when no byte has moved either way for this long
-    /// (a duration; 0: never). A rule or route's `timeouts.idle` overrides it.
+    /// Reset a connection (both sides) when no byte has moved either way for
+    /// this long (a duration; 0: never). A rule or route's `timeouts.idle`
+    /// overrides it.
     #[arg(long, default_value = "3600", value_parser = parse_seconds)]
     pub idle_timeout: Duration,
-    /// Close a connection this long after it was accepted, busy or not
-    /// (a duration; 0: never). A rule or route's `timeouts.lifetime` overrides it.
+    /// Reset a connection (both sides) this long after it was accepted, busy
+    /// or not (a duration; 0: never). A rule or route's `timeouts.lifetime`
+    /// overrides it.
     #[arg(long, default_value = "0", value_parser = parse_seconds)]
     pub max_lifetime: Duration,
     /// TCP keepalive on both sides of every connection, IDLE,INTERVAL,COUNT

@@ -3,7 +3,8 @@
 //! `target/package/l4proxy_<version>_<arch>.deb` holds the binary (with the
 //! kernel programs embedded), the systemd unit, a default policy (a
 //! conffile), the man pages and completions the binary generates from its
-//! own command line (`l4proxy manual`), and the copyright and docs. Built
+//! own command line (`l4proxy manual`), and the copyright, docs and example
+//! policies. Built
 //! with `dpkg-deb` from a staging tree; the service is not enabled on
 //! install (the policy comes first), and an upgrade of a running service
 //! hands over to the new binary with `l4proxy upgrade` (dist/postinst).
@@ -86,14 +87,19 @@ fn build(root: &Path, binary: &Path, out: &Path) -> anyhow::Result<PathBuf> {
             to: "usr/share/doc/l4proxy/README.md",
             mode: 0o644,
         },
-        Entry {
-            from: &root.join("docs/policy.md"),
-            to: "usr/share/doc/l4proxy/policy.md",
-            mode: 0o644,
-        },
     ];
     for entry in &files {
         install(entry.from, &stage.join(entry.to), entry.mode)?;
+    }
+    // The docs and examples the README and policy.md point to, in the
+    // source tree's layout, so that their relative links hold.
+    let doc = stage.join("usr/share/doc/l4proxy");
+    for dir in ["docs", "examples"] {
+        for entry in fs::read_dir(root.join(dir))? {
+            let from = entry?.path();
+            let name = from.file_name().context("a file name")?;
+            install(&from, &doc.join(dir).join(name), 0o644)?;
+        }
     }
     // Debug information stays out of the package (the release profile
     // keeps some for profiling).
