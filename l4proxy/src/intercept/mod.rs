@@ -843,12 +843,12 @@ mod tests {
         let offset = reload_keeps_every_probe_on_a_policys_rule(
             r#"[ { "name": "web", "prefixes": ["2000::/3"], "ports": [443], "upstream": "u" },
                 { "name": "all", "prefixes": ["2000::/3"], "ports": ["*"], "upstream": "u" } ]"#,
-            r#"[ { "name": "web", "prefixes": ["::/0"], "ports": [443], "upstream": "u" } ]"#,
+            r#"[ { "name": "web", "prefixes": ["::/1"], "ports": [443], "upstream": "u" } ]"#,
             &probes,
         );
         assert_eq!(offset, 0, "the same classes: one half");
         reload_keeps_every_probe_on_a_policys_rule(
-            r#"[ { "name": "web", "prefixes": ["::/0"], "ports": [443], "upstream": "u" } ]"#,
+            r#"[ { "name": "web", "prefixes": ["::/1"], "ports": [443], "upstream": "u" } ]"#,
             r#"[ { "name": "web", "prefixes": ["2000::/3"], "ports": [443], "upstream": "u" },
                 { "name": "all", "prefixes": ["2000::/3"], "ports": ["*"], "upstream": "u" } ]"#,
             &probes,

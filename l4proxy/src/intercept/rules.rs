@@ -638,9 +638,11 @@ mod tests {
                 { "name": "d", "prefixes": ["10.1.2.3/32", "2001:db8:1::/48"], "ports": [22, "1000-1002"], "upstream": "u" } ],
                "upstreams": { "u": { "servers": ["203.0.113.2:8080"] } } }"#,
             r#"{ "intercept": [
-                { "name": "v6-web", "prefixes": ["::/0"], "ports": [80], "upstream": "u" },
+                { "name": "v6-web", "prefixes": ["::/0"], "ports": [80], "upstream": "u",
+                  "interfaces": ["eth0"] },
                 { "name": "low", "prefixes": ["::/80", "::/96"], "ports": ["*"], "upstream": "u" },
-                { "name": "v4-all", "prefixes": ["0.0.0.0/0"], "ports": [8080], "upstream": "u" },
+                { "name": "v4-all", "prefixes": ["0.0.0.0/0"], "ports": [8080], "upstream": "u",
+                  "interfaces": ["eth0"] },
                 { "name": "nat64", "prefixes": ["64:ff9b::/96"], "ports": [53], "upstream": "u" } ],
                "upstreams": { "u": { "servers": ["203.0.113.2:9"] } } }"#,
         ]

@@ -131,11 +131,27 @@ fn front_of(
     i: usize,
 ) -> Result<Front, PolicyError> {
     match (prefixes, ports, connect) {
-        (Some(prefixes), Some(ports), None) => Ok((
-            prefixes.into_iter().map(|p| p.0).collect(),
-            ports.into_iter().map(|p| p.0).collect(),
-            None,
-        )),
+        (Some(prefixes), Some(ports), None) => {
+            // A rule without interfaces makes its prefixes this host's own
+            // (a local route each): all of them would leave the host no
+            // other destination.
+            if !gateway && let Some(k) = prefixes.iter().position(|p| p.0.prefix_len() == 0) {
+                return Err(PolicyError::at(
+                    format!("intercept[{i}].prefixes[{k}]"),
+                    format!(
+                        "{} on a rule without \"interfaces\" would make every address this \
+                         host's own, and the host could reach no other: name the prefixes this \
+                         host serves, or list \"interfaces\" to intercept what a gateway forwards",
+                        prefixes[k].0
+                    ),
+                ));
+            }
+            Ok((
+                prefixes.into_iter().map(|p| p.0).collect(),
+                ports.into_iter().map(|p| p.0).collect(),
+                None,
+            ))
+        }
         (None, None, Some(connect)) => {
             if gateway {
                 return Err(PolicyError::at(
@@ -479,10 +495,11 @@ fn check_connect_listeners(policy: &Policy) -> Result<(), PolicyError> {
             }
         }
     }
+    // A pool server there too: relayed to the listener, a client would
+    // speak CONNECT to it as this host, inside its `clients` or not, and
+    // could name the listener again.
     for upstream in &policy.upstreams {
-        if let Target::Parent(parent) = &upstream.target
-            && let Some(k) = parent.servers.iter().position(|s| seen.contains_key(s))
-        {
+        if let Some(k) = upstream.servers().iter().position(|s| seen.contains_key(s)) {
             return Err(PolicyError::at(
                 upstream.server_path(k),
                 "is one of this policy's CONNECT listeners: the chain would never end",

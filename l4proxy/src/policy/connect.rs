@@ -53,16 +53,53 @@ impl ConnectFront {
     }
 
     /// Whether nothing limits who may use it or where to: an open relay. A
-    /// list with a prefix of length 0 limits nothing (in that family at
-    /// least).
+    /// list that covers a whole family (`0.0.0.0/0`, or halves that add up
+    /// to it) limits nothing, in that family at least.
     pub fn is_open_relay(&self) -> bool {
         let limits = |prefixes: &[IpNet]| {
-            !prefixes.is_empty() && prefixes.iter().all(|p| p.prefix_len() > 0)
+            !prefixes.is_empty()
+                && !covers_a_family(prefixes, true)
+                && !covers_a_family(prefixes, false)
         };
         !limits(&self.clients)
             && self.names.is_none()
             && !self.destinations.as_deref().is_some_and(limits)
     }
+}
+
+/// Whether `prefixes` together hold every address of a family (IPv4 or
+/// IPv6): their ranges, sorted, leave no gap from the first address to the
+/// last.
+fn covers_a_family(prefixes: &[IpNet], ipv4: bool) -> bool {
+    let mut ranges: Vec<(u128, u128)> = prefixes
+        .iter()
+        .filter_map(|prefix| match (prefix, ipv4) {
+            (IpNet::V4(p), true) => Some((
+                u128::from(u32::from(p.network())),
+                u128::from(u32::from(p.broadcast())),
+            )),
+            (IpNet::V6(p), false) => Some((u128::from(p.network()), u128::from(p.broadcast()))),
+            _ => None,
+        })
+        .collect();
+    ranges.sort_unstable();
+    let last = if ipv4 {
+        u128::from(u32::MAX)
+    } else {
+        u128::MAX
+    };
+    // The first address the ranges so far leave out.
+    let mut next = 0u128;
+    for (start, end) in ranges {
+        if start > next {
+            return false;
+        }
+        if end >= last {
+            return true;
+        }
+        next = next.max(end + 1);
+    }
+    false
 }
 
 /// The JSON form; each value checked alone as it is read.
@@ -133,4 +170,36 @@ fn some_timeout<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Dur
         .check(&written)
         .map(Some)
         .map_err(D::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|p| p.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_family_is_covered_only_without_a_gap() {
+        for (list, v4, v6) in [
+            (&["0.0.0.0/0"][..], true, false),
+            (&["0.0.0.0/1", "128.0.0.0/1"], true, false),
+            (&["128.0.0.0/1", "0.0.0.0/2", "64.0.0.0/2"], true, false),
+            (&["0.0.0.0/1", "0.0.0.0/2", "128.0.0.0/1"], true, false),
+            (&["0.0.0.0/1", "128.0.0.0/2"], false, false),
+            (
+                &["0.0.0.0/1", "192.0.0.0/2", "255.255.255.255/32"],
+                false,
+                false,
+            ),
+            (&["192.0.2.0/24", "::/0"], false, true),
+            (&["::/1", "8000::/1"], false, true),
+            (&["::/1", "8000::/2", "ffff::/16"], false, false),
+        ] {
+            let prefixes = nets(list);
+            assert_eq!(covers_a_family(&prefixes, true), v4, "{list:?} IPv4");
+            assert_eq!(covers_a_family(&prefixes, false), v6, "{list:?} IPv6");
+        }
+    }
 }

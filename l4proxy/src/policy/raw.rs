@@ -661,8 +661,8 @@ impl TryFrom<String> for BindSpec {
                         "{addr} is the kernel's choice: write \"proxy\" instead"
                     ));
                 }
-                if addr.is_multicast() {
-                    return Err(format!("{addr} is a multicast address"));
+                if no_tcp_to(addr) {
+                    return Err(format!("{addr} is a multicast or broadcast address"));
                 }
                 if let IpAddr::V6(v6) = addr
                     && let Some(v4) = v6.to_ipv4_mapped()
@@ -755,8 +755,21 @@ impl TryFrom<String> for Prefix {
                 v6.prefix_len() - IPV4_MAPPED.prefix_len()
             ));
         }
+        // Multicast is one aligned block per family: ends in it, all in it.
+        let multicast = net.network().is_multicast() && net.broadcast().is_multicast();
+        if multicast || net.network() == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+            return Err(format!(
+                "{net} is multicast or broadcast: no TCP connection goes there"
+            ));
+        }
         Ok(Prefix(net))
     }
+}
+
+/// A multicast or the broadcast address: no TCP connection is made to or
+/// from one.
+fn no_tcp_to(ip: IpAddr) -> bool {
+    ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
 }
 
 /// An IPv4 prefix's octet, or any prefix's length, written with a leading
@@ -785,7 +798,7 @@ impl TryFrom<String> for Server {
             return Err("port must be 1-65535, got 0".to_owned());
         }
         let ip = addr.ip();
-        if ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        if no_tcp_to(ip) {
             return Err(format!("{ip} is a multicast or broadcast address"));
         }
         if let SocketAddr::V6(v6) = addr {

@@ -135,6 +135,22 @@ fn bad_connect_rules_name_their_place() {
             "upstreams.parent.parent.servers[0]: is one of this policy's CONNECT listeners",
         ),
         (
+            r#""direct": { "original_destination": true }"#,
+            r#""direct": { "servers": ["203.0.113.9:443", "[2001:db8:c::1]:3128"] }"#,
+            "upstreams.direct.servers[1]: is one of this policy's CONNECT listeners",
+        ),
+        (
+            // Halves that cover a family limit no more than its /0.
+            r#""clients": ["198.51.100.0/24"], "names": ["*.example.com"],"#,
+            r#""clients": ["0.0.0.0/1", "128.0.0.0/2", "192.0.0.0/2", "2001:db8:c::/64"],"#,
+            "intercept[0].connect: would be an open relay",
+        ),
+        (
+            r#""clients": ["198.51.100.0/24"], "names": ["*.example.com"],"#,
+            r#""destinations": ["192.0.2.0/24", "::/1", "8000::/1"],"#,
+            "intercept[0].connect: would be an open relay",
+        ),
+        (
             r#""user": "u", "password": "p""#,
             r#""user": "u""#,
             "upstreams.parent: a parent's \"user\" and \"password\" go together",

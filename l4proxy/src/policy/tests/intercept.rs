@@ -177,6 +177,54 @@ fn ipv4_mapped_prefix() {
 }
 
 #[test]
+fn prefixes_no_tcp_connection_goes_to() {
+    for (prefix, said) in [
+        ("224.0.0.0/4", "224.0.0.0/4 is multicast or broadcast"),
+        ("239.1.2.0/24", "239.1.2.0/24 is multicast or broadcast"),
+        ("ff02::/16", "ff02::/16 is multicast or broadcast"),
+        (
+            "255.255.255.255/32",
+            "255.255.255.255/32 is multicast or broadcast",
+        ),
+    ] {
+        let err = error_with(r#""192.0.2.0/24""#, &format!("{prefix:?}"));
+        assert!(
+            err.ends_with(&format!(
+                "intercept[0].prefixes[0]: {said}: no TCP connection goes there"
+            )),
+            "{err}"
+        );
+    }
+    // One that only holds them among others is taken.
+    Policy::from_json(&EXAMPLE.replace(r#""192.0.2.10/32""#, r#""224.0.0.0/3""#)).unwrap();
+}
+
+#[test]
+fn a_local_rule_cannot_take_every_address() {
+    for (prefix, at) in [("0.0.0.0/0", 0), ("::/0", 1)] {
+        let err = error_with(
+            r#"["192.0.2.0/24", "2001:db8:a::/64"]"#,
+            &format!(r#"["192.0.2.0/24", "{prefix}"]"#).replace(
+                r#"["192.0.2.0/24", "0.0.0.0/0"]"#,
+                r#"["0.0.0.0/0", "2001:db8:a::/64"]"#,
+            ),
+        );
+        assert!(
+            err.contains(&format!(
+                "intercept[0].prefixes[{at}]: {prefix} on a rule without \"interfaces\" would make every address this host's own"
+            )),
+            "{err}"
+        );
+    }
+    // A gateway's may: it intercepts what it forwards, and makes nothing local.
+    let gateway = EXAMPLE.replace(
+        r#""prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80, "8000-8099"],"#,
+        r#""prefixes": ["0.0.0.0/0", "::/0"], "ports": [80, "8000-8099"], "interfaces": ["eth0"],"#,
+    );
+    Policy::from_json(&gateway).unwrap();
+}
+
+#[test]
 fn port_zero() {
     assert_eq!(
         error_with(r#"[80, "8000-8099"]"#, "[80, 0]"),

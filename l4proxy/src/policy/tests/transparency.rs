@@ -67,7 +67,14 @@ fn bad_bind_values() {
             r#""0.0.0.0""#,
             r#"0.0.0.0 is the kernel's choice: write "proxy" instead"#,
         ),
-        (r#""224.0.0.1""#, "224.0.0.1 is a multicast address"),
+        (
+            r#""224.0.0.1""#,
+            "224.0.0.1 is a multicast or broadcast address",
+        ),
+        (
+            r#""255.255.255.255""#,
+            "255.255.255.255 is a multicast or broadcast address",
+        ),
         (
             r#""::ffff:203.0.113.1""#,
             "IPv4-mapped IPv6 address; use the IPv4 form 203.0.113.1",
