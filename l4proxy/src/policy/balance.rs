@@ -275,7 +275,7 @@ impl<'de> Visitor<'de> for PoolServerVisitor {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 struct ServerFields {
     address: Server,
     #[serde(default, deserialize_with = "some")]
@@ -338,7 +338,7 @@ fn some_check_time<'de, D: Deserializer<'de>>(
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub(super) struct RawHealth {
     #[serde(default, deserialize_with = "some_check_time")]
     interval: Option<Duration>,
@@ -372,7 +372,7 @@ impl From<RawHealth> for HealthCheck {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub(super) struct RawObserve {
     #[serde(default, deserialize_with = "some")]
     errors: Option<Count>,

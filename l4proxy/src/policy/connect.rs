@@ -104,7 +104,7 @@ fn covers_a_family(prefixes: &[IpNet], ipv4: bool) -> bool {
 
 /// The JSON form; each value checked alone as it is read.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawConnectFront {
     #[serde(deserialize_with = "non_empty")]
     listen: Vec<Server>,

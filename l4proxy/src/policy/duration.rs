@@ -175,10 +175,13 @@ impl de::Visitor<'_> for WrittenVisitor {
     }
 
     fn visit_f64<E: de::Error>(self, n: f64) -> Result<Written, E> {
-        Ok(Written {
-            seconds: n,
-            text: n.to_string(),
-        })
+        // `1e300` as written, not as its 301 digits.
+        let text = if n.abs() >= 1e15 {
+            format!("{n:e}")
+        } else {
+            n.to_string()
+        };
+        Ok(Written { seconds: n, text })
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<Written, E> {
@@ -270,6 +273,9 @@ mod tests {
         assert_eq!(written("30").unwrap().seconds, 30.0);
         assert_eq!(written("-2").unwrap().text, "-2");
         assert_eq!(written("2.5").unwrap().seconds, 2.5);
+        // A huge number is echoed short, not as its 301 digits.
+        assert_eq!(written("1e300").unwrap().text, "1e300");
+        assert_eq!(written("-2.5e20").unwrap().text, "-2.5e20");
         assert_eq!(written(r#""5m""#).unwrap().seconds, 300.0);
         assert_eq!(written(r#""5m""#).unwrap().text, r#""5m""#);
         let err = written(r#""5 minutes""#).unwrap_err().to_string();

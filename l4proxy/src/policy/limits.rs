@@ -18,7 +18,7 @@ use super::duration::{self, Bounds, Written};
 
 /// Timeouts as a rule or route writes them; `None` inherits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct Timeouts {
     /// Closed once no byte has moved either way for this long
     /// (HAProxy's `timeout client`/`server`/`tunnel`).
@@ -168,7 +168,7 @@ impl<'de> Visitor<'de> for KeepaliveVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Keepalive, A::Error> {
         #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
+        #[serde(deny_unknown_fields, expecting = "an object")]
         struct Probe {
             #[serde(deserialize_with = "probe_seconds")]
             idle: u32,
@@ -202,7 +202,7 @@ fn probe_count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Err
 /// limit a new connection is reset before a byte is read; the ones it has
 /// are left alone.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct ClientLimits {
     /// Per client address.
     #[serde(default, deserialize_with = "some_count")]
@@ -222,7 +222,7 @@ impl ClientLimits {
 /// At most `max` connections from the addresses of one `/ipv4` or `/ipv6`
 /// prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct PrefixLimit {
     #[serde(default = "default_ipv4_len")]
     pub ipv4: u8,

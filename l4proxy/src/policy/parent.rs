@@ -40,7 +40,7 @@ impl std::fmt::Debug for Parent {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawParent {
     #[serde(deserialize_with = "non_empty")]
     servers: Vec<Server>,

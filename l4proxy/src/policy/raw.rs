@@ -253,7 +253,7 @@ pub(super) struct Policy {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub(super) struct Rule {
     pub name: Name,
     #[serde(default, deserialize_with = "some_non_empty")]
@@ -280,7 +280,7 @@ pub(super) struct Rule {
 
 /// Where a rule takes PROXY protocol headers from.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub(super) struct AcceptProxyProtocol {
     #[serde(deserialize_with = "non_empty")]
     pub from: Vec<Prefix>,
@@ -302,7 +302,7 @@ pub(super) enum Action {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 struct RouteFields {
     #[serde(default, deserialize_with = "some")]
     name: Option<Name>,
@@ -376,7 +376,7 @@ pub(super) struct Conditions {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 struct ConditionFields {
     #[serde(default, deserialize_with = "some_non_empty")]
     intercept: Option<Vec<Name>>,
@@ -551,7 +551,7 @@ pub(super) enum Target {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 struct UpstreamFields {
     #[serde(default, deserialize_with = "some_non_empty")]
     servers: Option<Vec<PoolServer>>,

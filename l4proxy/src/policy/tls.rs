@@ -56,7 +56,7 @@ pub struct Originate {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawTerminate {
     #[serde(deserialize_with = "non_empty")]
     certificates: Vec<Object<CertificateFiles>>,
@@ -86,7 +86,7 @@ impl From<Object<RawTerminate>> for Terminate {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 struct RawClientCertificates {
     ca: CaFile,
     #[serde(default = "yes")]
@@ -98,7 +98,7 @@ fn yes() -> bool {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object")]
 pub struct RawOriginate {
     #[serde(default, deserialize_with = "some")]
     ca: Option<CaFile>,
@@ -131,7 +131,7 @@ struct CertificateFiles(Certificate);
 impl<'de> Deserialize<'de> for CertificateFiles {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
+        #[serde(deny_unknown_fields, expecting = "an object")]
         struct Files {
             chain: String,
             key: String,

@@ -225,6 +225,30 @@ fn a_local_rule_cannot_take_every_address() {
 }
 
 #[test]
+fn an_object_of_the_wrong_type_is_named_so() {
+    for (field, said) in [
+        (
+            r#""timeouts": 1"#,
+            "intercept[0].timeouts: invalid type: integer `1`, expected an object",
+        ),
+        (
+            r#""terminate": true"#,
+            "intercept[0].terminate: invalid type: boolean `true`, expected an object",
+        ),
+        (
+            r#""limits": "x""#,
+            "intercept[0].limits: invalid type: string \"x\", expected an object",
+        ),
+    ] {
+        let err = error_with(
+            r#""ports": [80, "8000-8099"],"#,
+            &format!(r#""ports": [80, "8000-8099"], {field},"#),
+        );
+        assert!(err.ends_with(said), "{err}");
+    }
+}
+
+#[test]
 fn port_zero() {
     assert_eq!(
         error_with(r#"[80, "8000-8099"]"#, "[80, 0]"),
