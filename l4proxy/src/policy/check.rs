@@ -93,15 +93,28 @@ fn check_rules(
         let gateway = rule.interfaces.is_some();
         let (prefixes, ports, connect) =
             front_of(rule.prefixes, rule.ports, rule.connect, gateway, i)?;
+        let interfaces: Vec<String> = rule
+            .interfaces
+            .map(|names| names.into_iter().map(|i| i.0).collect())
+            .unwrap_or_default();
+        for (field, repeat) in [
+            ("prefixes", repeated(&prefixes)),
+            ("ports", repeated(&ports)),
+            ("interfaces", repeated(&interfaces)),
+        ] {
+            if let Some((k, first)) = repeat {
+                return Err(PolicyError::at(
+                    format!("intercept[{i}].{field}[{k}]"),
+                    format!("repeats intercept[{i}].{field}[{first}]: list each once"),
+                ));
+            }
+        }
         rules.push(InterceptRule {
             name: rule.name.0,
             prefixes,
             ports,
             upstream,
-            interfaces: rule
-                .interfaces
-                .map(|names| names.into_iter().map(|i| i.0).collect())
-                .unwrap_or_default(),
+            interfaces,
             accept_proxy_from: rule
                 .accept_proxy_protocol
                 .map(|raw::Object(accept)| accept.from.into_iter().map(|p| p.0).collect())
@@ -114,6 +127,16 @@ fn check_rules(
         });
     }
     Ok(rules)
+}
+
+/// The first item of a list that an earlier one equals: its place and the
+/// earlier one's.
+fn repeated<T: Eq + std::hash::Hash>(items: &[T]) -> Option<(usize, usize)> {
+    let mut first: HashMap<&T, usize> = HashMap::default();
+    items
+        .iter()
+        .enumerate()
+        .find_map(|(k, item)| first.insert(item, k).map(|earlier| (k, earlier)))
 }
 
 /// How a rule takes its connections: the prefixes and ports the kernel

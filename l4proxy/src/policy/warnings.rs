@@ -39,10 +39,19 @@ impl Policy {
                 .enumerate()
                 .any(|(r, rule)| route.may_apply(RuleId(r), rule))
             {
-                warnings.push(format!(
-                    "routes[{j}]: never matches: no intercept rule steers a connection \
-                     that its intercept, destination and ports conditions allow"
-                ));
+                let no_connect_rule = route.conditions.target.is_some()
+                    && self.rules.iter().all(|rule| rule.connect.is_none());
+                warnings.push(if no_connect_rule {
+                    format!(
+                        "routes[{j}]: never matches: its \"target\" condition holds only for \
+                         CONNECT requests, and no rule is a \"connect\" rule"
+                    )
+                } else {
+                    format!(
+                        "routes[{j}]: never matches: no intercept rule steers a connection \
+                         that its intercept, destination and ports conditions allow"
+                    )
+                });
             }
         }
         for (r, rule) in self.rules.iter().enumerate() {

@@ -202,6 +202,22 @@ fn a_route_after_one_for_other_names_is_reached() {
 }
 
 #[test]
+fn a_target_route_without_a_connect_rule_is_named_for_its_target() {
+    let steered = r#"{
+      "intercept": [ { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [443], "upstream": "u" } ],
+      "routes": [ { "match": { "target": ["*.example.com"] }, "upstream": "u" } ],
+      "upstreams": { "u": { "servers": ["203.0.113.2:443"] } }
+    }"#;
+    assert_eq!(
+        Policy::from_json(steered).unwrap().warnings(),
+        [
+            "routes[0]: never matches: its \"target\" condition holds only for CONNECT requests, \
+          and no rule is a \"connect\" rule"
+        ]
+    );
+}
+
+#[test]
 fn a_server_listed_twice_is_refused() {
     let err = error_with(
         r#""servers": ["203.0.113.8:3128"]"#,

@@ -249,6 +249,30 @@ fn an_object_of_the_wrong_type_is_named_so() {
 }
 
 #[test]
+fn a_rule_lists_each_prefix_port_and_interface_once() {
+    for (from, to, said) in [
+        (
+            r#"["192.0.2.0/24", "2001:db8:a::/64"]"#,
+            r#"["192.0.2.0/24", "2001:db8:a::/64", "192.0.2.0/24"]"#,
+            "intercept[0].prefixes[2]: repeats intercept[0].prefixes[0]: list each once",
+        ),
+        (
+            r#"[80, "8000-8099"]"#,
+            r#"[80, "8000-8099", "8000-8099"]"#,
+            "intercept[0].ports[2]: repeats intercept[0].ports[1]: list each once",
+        ),
+        (
+            r#""ports": [80, "8000-8099"],"#,
+            r#""ports": [80, "8000-8099"], "interfaces": ["eth0", "eth1", "eth0"],"#,
+            "intercept[0].interfaces[2]: repeats intercept[0].interfaces[0]: list each once",
+        ),
+    ] {
+        let err = error_with(from, to);
+        assert!(err.ends_with(said), "{err}");
+    }
+}
+
+#[test]
 fn port_zero() {
     assert_eq!(
         error_with(r#"[80, "8000-8099"]"#, "[80, 0]"),
