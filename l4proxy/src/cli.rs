@@ -113,6 +113,15 @@ pub struct ExplainArgs {
     /// terminates it).
     #[arg(long)]
     pub host: Option<String>,
+    /// The target of a CONNECT request sent to --dst, one of the policy's
+    /// CONNECT listeners: `name:port` or `address:port`, as the request
+    /// line has it.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub connect: Option<String>,
+    /// The address a --connect name resolves to: what the rule's
+    /// `destinations` and the routes' `destination` conditions see.
+    #[arg(long, value_name = "ADDR", requires = "connect")]
+    pub resolved: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -43,6 +43,7 @@ pub mod control;
 pub mod credentials;
 pub mod descriptors;
 pub mod doctor;
+pub mod explain;
 pub mod explicit;
 pub mod health;
 pub mod hello;

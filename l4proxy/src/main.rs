@@ -3,17 +3,14 @@ use std::{process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::Parser;
 use l4proxy::{
-    addrs::{ClientAddr, OrigDstAddr},
     cli::{Cli, Command, ExplainArgs, RunArgs},
     control, descriptors, health,
     intercept::{guard, routes},
     logging::{self, LogFormat, LogGuard},
-    policy::{Policy, Target, Timeouts},
+    policy::{Policy, Timeouts},
     privilege::{self, User},
-    route,
     server::{self, Ended, Settings},
     session::Defaults,
-    sniff,
     takeover::Restart,
     tls::Terminators,
     upstream::Pool,
@@ -173,88 +170,7 @@ fn tls_configs(policy: &Policy) -> Result<(), String> {
 
 fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     let policy = Policy::load(&args.file)?;
-    let Some(rule) = route::match_rule(&policy, args.dst) else {
-        println!("not intercepted: no intercept rule matches {}", args.dst);
-        return Ok(());
-    };
-    println!(
-        "intercept rule: {} (intercept[{}])",
-        policy.rules[rule.0].name, rule.0
-    );
-    let conn = route::Connection {
-        client: ClientAddr(args.src),
-        orig_dst: OrigDstAddr(args.dst),
-        rule,
-        target: None,
-    };
-    // As the sniffer reads them: a name in its normal form, none if invalid.
-    let sni = args
-        .sni
-        .as_deref()
-        .and_then(|sni| sniff::normalize_host_name(sni.as_bytes()));
-    let host = args
-        .host
-        .as_deref()
-        .and_then(|host| sniff::host_of(host.as_bytes()));
-    let alpn = &args.alpn;
-    let plain = match &args.host {
-        Some(_) => route::Hello::Http {
-            host: host.as_deref(),
-        },
-        None => route::Hello::Other,
-    };
-    // A rule that terminates TLS routes on its handshake (the name, the
-    // protocol agreed: the first of its `alpn` the client offers) and on
-    // what the decrypted stream starts with (`--host`: an HTTP head).
-    let agreed: Vec<String> = match &policy.rules[rule.0].terminate {
-        Some(terminate) => terminate
-            .alpn
-            .iter()
-            .find(|protocol| alpn.contains(protocol))
-            .cloned()
-            .into_iter()
-            .collect(),
-        None => Vec::new(),
-    };
-    let hello = match &policy.rules[rule.0].terminate {
-        Some(_) => route::Hello::Terminated {
-            sni: sni.as_deref(),
-            alpn: &agreed,
-            inner: Some(&plain),
-        },
-        None if args.sni.is_some() || !alpn.is_empty() || args.tls => route::Hello::Tls {
-            sni: sni.as_deref(),
-            alpn,
-        },
-        None => plain,
-    };
-    let decision = route::decide(&policy, &conn, Some(&hello));
-    match &decision {
-        route::Decision::Upstream {
-            upstream,
-            name,
-            bind,
-            why,
-        } => {
-            println!("route: {}", why.route_name());
-            match &policy.upstreams[upstream.0].target {
-                Target::Servers(servers) => println!("upstream: {name} {servers:?}"),
-                Target::Parent(parent) => {
-                    println!(
-                        "upstream: {name} (through parent proxies {:?})",
-                        parent.servers
-                    )
-                }
-                Target::OriginalDestination => {
-                    println!("upstream: {name} (original destination {})", args.dst)
-                }
-            }
-            println!("bind: {bind}");
-        }
-        route::Decision::Reject { why } => println!("route: {}\nrejected", why.route_name()),
-        _ => println!("no route"),
-    }
-    println!("why: {decision}");
+    print!("{}", l4proxy::explain::explain(&policy, args)?);
     Ok(())
 }
 

@@ -159,20 +159,15 @@ pub async fn open(
         }
         None => None,
     };
+    listed(front, &target)?;
     let port = target.port;
-    if !front.ports.iter().any(|ports| ports.contains(port)) {
-        return Err(Refused::Port(port));
-    }
     let prefer_v4 = peer.to_canonical().is_ipv4();
+    let is_local = |ip| local.contains(ip);
     match target.host {
         Host::Ip(ip) => {
             let ip = ip.to_canonical();
-            // A rule that names the names it allows allows no bare address,
-            // unless it also names the prefixes.
-            if front.names.is_some() && front.destinations.is_none() {
-                return Err(Refused::Destination(ip, "only names are allowed"));
-            }
-            allowed(front, ip, local, kernel_route).map_err(|why| Refused::Destination(ip, why))?;
+            allowed(front, ip, is_local, kernel_route)
+                .map_err(|why| Refused::Destination(ip, why))?;
             let addr = SocketAddr::new(ip, port);
             Ok(Tunnel {
                 name: None,
@@ -181,11 +176,6 @@ pub async fn open(
             })
         }
         Host::Name(name) => {
-            if let Some(names) = &front.names
-                && !names.iter().any(|pattern| pattern.matches(&name))
-            {
-                return Err(Refused::Name(name));
-            }
             let resolved = match lookup::resolve(peer, &name, port, front.resolve_timeout).await {
                 Ok(resolved) => resolved,
                 Err(LookupError::Failed(e)) => return Err(Refused::Resolve(name, e)),
@@ -197,7 +187,7 @@ pub async fn open(
             let checked: Vec<SocketAddr> = resolved
                 .into_iter()
                 .filter(
-                    |addr| match allowed(front, addr.ip(), local, kernel_route) {
+                    |addr| match allowed(front, addr.ip(), is_local, kernel_route) {
                         Ok(()) => true,
                         Err(why) => {
                             refused.get_or_insert((addr.ip(), why));
@@ -330,13 +320,39 @@ const METADATA: [IpAddr; 7] = [
     IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
 ];
 
-/// Whether a tunnel may go to `ip`, and why not. `routed_locally` is
-/// asked last, of an address that passed everything else: whether the
-/// kernel's routing delivers it here ([`kernel_route`]), and why not.
-fn allowed(
+/// Whether the rule's lists let a tunnel go to `target`, before anything
+/// is resolved or asked of this host: its port, and a name in `names`, or
+/// an address where the rule does not take names only (one that names the
+/// names it allows allows no bare address, unless it names the prefixes
+/// too).
+pub fn listed(front: &ConnectFront, target: &connect_head::Target) -> Result<(), Refused> {
+    if !front.ports.iter().any(|ports| ports.contains(target.port)) {
+        return Err(Refused::Port(target.port));
+    }
+    match &target.host {
+        Host::Ip(ip) if front.names.is_some() && front.destinations.is_none() => Err(
+            Refused::Destination(ip.to_canonical(), "only names are allowed"),
+        ),
+        Host::Name(name)
+            if front
+                .names
+                .as_ref()
+                .is_some_and(|names| !names.iter().any(|pattern| pattern.matches(name))) =>
+        {
+            Err(Refused::Name(name.clone()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether a tunnel may go to `ip`, and why not. `is_local`: whether it is
+/// this host's. `routed_locally` is asked last, of an address that passed
+/// everything else: whether the kernel's routing delivers it here
+/// ([`kernel_route`]), and why not.
+pub fn allowed(
     front: &ConnectFront,
     ip: IpAddr,
-    local: &LocalAddrs,
+    is_local: impl Fn(IpAddr) -> bool,
     routed_locally: impl Fn(IpAddr) -> Result<(), &'static str>,
 ) -> Result<(), &'static str> {
     let allowed_reserved = front.allow_reserved.iter().any(|p| p.contains(&ip));
@@ -353,7 +369,7 @@ fn allowed(
         if METADATA.contains(&ip) {
             return Err("a cloud metadata service");
         }
-        if local.contains(ip) {
+        if is_local(ip) {
             return Err("this host's address");
         }
     }
@@ -692,7 +708,7 @@ mod tests {
             ("203.0.113.200", Err("this host's address")),
         ] {
             assert_eq!(
-                allowed(front, ip.parse().unwrap(), &local, kernel),
+                allowed(front, ip.parse().unwrap(), |ip| local.contains(ip), kernel),
                 expected,
                 "{ip}"
             );
@@ -711,11 +727,21 @@ mod tests {
         let mut limited = front.clone();
         limited.destinations = Some(vec!["203.0.113.0/24".parse().unwrap()]);
         assert_eq!(
-            allowed(&limited, "203.0.113.7".parse().unwrap(), &local, kernel),
+            allowed(
+                &limited,
+                "203.0.113.7".parse().unwrap(),
+                |ip| local.contains(ip),
+                kernel
+            ),
             Ok(())
         );
         assert_eq!(
-            allowed(&limited, "192.0.2.7".parse().unwrap(), &local, kernel),
+            allowed(
+                &limited,
+                "192.0.2.7".parse().unwrap(),
+                |ip| local.contains(ip),
+                kernel
+            ),
             Err("outside the rule's destinations")
         );
         // The kernel heard of the allowed one, never of the refused one.
