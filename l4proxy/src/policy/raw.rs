@@ -703,7 +703,7 @@ impl TryFrom<String> for Interface {
         if name == "."
             || name == ".."
             || name.contains(['/', ':'])
-            || name.contains(char::is_whitespace)
+            || name.contains(|c: char| c.is_whitespace() || c.is_control())
         {
             return Err(format!("{name:?} is not a valid interface name"));
         }
@@ -791,6 +791,16 @@ pub(super) struct Server(pub SocketAddr);
 impl TryFrom<String> for Server {
     type Error = String;
     fn try_from(text: String) -> Result<Self, Self::Error> {
+        // Refused as in prefixes and ports: `203.0.113.02:80`, `…:0080`.
+        let (host, port) = text.rsplit_once(':').unwrap_or((&text, ""));
+        if let Some(number) = leading_zero(host) {
+            return Err(format!(
+                "{number} in {text:?} has a leading zero, which other tools read as octal"
+            ));
+        }
+        if port.len() > 1 && port.starts_with('0') {
+            return Err(format!("the port in {text:?} has a leading zero"));
+        }
         let addr: SocketAddr = text.parse().map_err(|_| {
             format!("expected a server address like 203.0.113.2:8080 or [2001:db8::2]:8080, got {text:?}")
         })?;

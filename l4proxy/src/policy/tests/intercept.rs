@@ -440,6 +440,18 @@ fn bad_servers() {
             "[::]:8080",
             "[::]:8080 is unspecified: a connection to it reaches this host itself; name the server's address",
         ),
+        (
+            "203.0.113.02:8080",
+            r#"02 in "203.0.113.02:8080" has a leading zero, which other tools read as octal"#,
+        ),
+        (
+            "203.0.113.2:08080",
+            r#"the port in "203.0.113.2:08080" has a leading zero"#,
+        ),
+        (
+            "[2001:db8:5::2]:0443",
+            r#"the port in "[2001:db8:5::2]:0443" has a leading zero"#,
+        ),
     ] {
         let err = error_with("203.0.113.2:8080", server);
         assert!(

@@ -107,6 +107,10 @@ fn interfaces_are_names() {
         (r#"["eth/0"]"#, r#""eth/0" is not a valid interface name"#),
         (r#"["eth 0"]"#, r#""eth 0" is not a valid interface name"#),
         (
+            r#"["eth0\u0000"]"#,
+            r#""eth0\0" is not a valid interface name"#,
+        ),
+        (
             r#"["lo"]"#,
             r#""lo" carries no forwarded traffic; a rule without "interfaces" takes connections made on this host"#,
         ),
