@@ -130,6 +130,8 @@ impl Bounds {
         // Negative, NaN and overflowing seconds are no `Duration`. A value
         // above 0 that rounds to 0 ns is refused: 0 may mean "none".
         match Duration::try_from_secs_f64(written.seconds) {
+            // -0 has a sign, which durations do not.
+            _ if written.seconds.is_sign_negative() => Err(self.refusal(written)),
             Ok(duration) if duration.is_zero() && written.seconds > 0.0 => {
                 Err(self.refusal(written))
             }
@@ -273,6 +275,14 @@ mod tests {
         assert_eq!(written("30").unwrap().seconds, 30.0);
         assert_eq!(written("-2").unwrap().text, "-2");
         assert_eq!(written("2.5").unwrap().seconds, 2.5);
+        // JSON's -0 is no duration: a duration has no sign.
+        for minus_zero in ["-0", "-0.0"] {
+            let written = written(minus_zero).unwrap();
+            assert_eq!(
+                Bounds::TIMEOUT.check(&written).unwrap_err(),
+                "expected a duration from 0 (none) to 1000000000 seconds, got -0"
+            );
+        }
         // A huge number is echoed short, not as its 301 digits.
         assert_eq!(written("1e300").unwrap().text, "1e300");
         assert_eq!(written("-2.5e20").unwrap().text, "-2.5e20");
