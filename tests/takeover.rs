@@ -678,6 +678,79 @@ fn a_successor_killed_before_the_handover_leaves_nothing() {
     stop_last(&mut old, &t.px);
 }
 
+/// SIGTERM to a successor before the running daemon stopped taking
+/// connections (`systemctl stop` during an upgrade, Ctrl-C of `run
+/// --takeover`) ends the successor's start: it exits non-zero saying so,
+/// and the running daemon serves on with its routes and rules. Both while
+/// the successor asks for the listeners and while it waits for the running
+/// daemon's `draining` (having applied a policy with more routes).
+#[test]
+fn a_stop_during_a_takeover_leaves_the_old_daemon_serving() {
+    let (t, _srv) = Topo::with_echo("takeover-term", "203.0.113.2:8080", "upstream");
+    let dst = sa("192.0.2.10:80");
+    let mut old = Daemon::start_ready(&t.px, &policy(), &[]);
+    let (routes, rules) = (t.px.proxy_routes(), t.px.proxy_rules());
+    let grown = json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80], "upstream": "pool" }
+        ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    });
+    for (stage, line) in [
+        (
+            "asking",
+            "takeover: asking the running daemon for its listeners",
+        ),
+        (
+            "waiting",
+            "takeover: ready; waiting for the running daemon to drain",
+        ),
+    ] {
+        if stage == "asking" {
+            // It answers only once continued.
+            old.signal(libc::SIGSTOP);
+        }
+        let mut new = Daemon::start(&t.px, &grown, &["--takeover"]);
+        if stage == "waiting" {
+            old.wait_event("the offer", Duration::from_secs(20), |e| {
+                message(e) == Some("takeover: listeners offered to a successor")
+            });
+            // It hears `ready` only once continued.
+            old.signal(libc::SIGSTOP);
+        }
+        new.wait_event(line, Duration::from_secs(20), |e| message(e) == Some(line));
+        new.signal(libc::SIGTERM);
+        let status = new.wait_exit(Duration::from_secs(10));
+        assert!(
+            !status.success()
+                && new
+                    .log_text()
+                    .contains("stopped by SIGTERM or SIGINT while starting"),
+            "{stage}: the successor should end its start, saying why: {status:?}\n{}",
+            new.log_text()
+        );
+        old.signal(libc::SIGCONT);
+        if stage == "waiting" {
+            old.wait_event("the failed takeover", Duration::from_secs(10), |e| {
+                message(e).is_some_and(|m| m.starts_with("takeover failed"))
+            });
+        }
+        exchange(&t.cl, dst, "after\n")
+            .unwrap_or_else(|e| panic!("{stage}: the old daemon should serve: {e}"));
+        assert_eq!(
+            t.px.proxy_routes(),
+            routes,
+            "{stage}: the old daemon's routes, no more"
+        );
+        assert_eq!(
+            t.px.proxy_rules(),
+            rules,
+            "{stage}: the old daemon's rules, no more"
+        );
+    }
+    stop_last(&mut old, &t.px);
+}
+
 /// A reload while a successor takes over is refused (the kernel state
 /// stays as it was offered), says why, and counts as a failed reload; the
 /// running daemon serves on once the successor gives up.

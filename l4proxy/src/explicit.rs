@@ -79,7 +79,11 @@ impl ExplicitListeners {
     ) -> Result<Opened, ListenError> {
         let mut handed = std::mem::take(&mut self.handed);
         let mut opened = Vec::new();
-        for addr in wanted(policy) {
+        // New addresses first: one that cannot be bound fails the start
+        // before a handed group (a running daemon's) gets members of ours.
+        let (from_handed, new): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            wanted(policy).partition(|addr| handed.contains_key(addr));
+        for addr in new.into_iter().chain(from_handed) {
             if self.open.contains_key(&addr) || opened.iter().any(|(a, _, _)| *a == addr) {
                 continue;
             }

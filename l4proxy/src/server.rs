@@ -81,6 +81,8 @@ pub enum ServerError {
         what: &'static str,
         error: io::Error,
     },
+    #[error("stopped by SIGTERM or SIGINT while starting")]
+    StoppedStarting,
 }
 
 /// How the daemon ended. Only `Stopped` is a stop: after `HandedOver` the
@@ -140,17 +142,21 @@ pub async fn run(
     guard: &Guard,
     workers: &Workers,
 ) -> Result<Ended, ServerError> {
-    // First: SIGHUP's default action ends the process, and a start can take
-    // long (a takeover waits for the running daemon). One that comes now
-    // rereads the policy once the daemon serves. SIGTERM and SIGINT keep
-    // theirs until then: a start they stop ends at once, and a running
-    // daemon it was taking over from serves on.
-    let hangup = signal(SignalKind::hangup()).map_err(ServerError::Signals)?;
+    // First: a start can take long (a takeover waits for the running
+    // daemon). A SIGHUP that comes meanwhile rereads the policy once the
+    // daemon serves. A SIGTERM or SIGINT ends the start, undone, while the
+    // running daemon it would take over from has not stopped taking
+    // connections (it serves on): while asking it, while the policy is
+    // applied (looked for after), and while waiting for its `draining`.
+    let mut signals = Signals::new()?;
     // The namespace's kernel state is nobody's (a clean start: what a
     // crashed daemon left goes), or the running daemon's, which hands it on.
     let (mut predecessor, handed) = if settings.takeover {
-        let (predecessor, handed) =
-            takeover::request(settings.mark, settings.routing_table).await?;
+        let asked = tokio::select! {
+            asked = takeover::request(settings.mark, settings.routing_table) => asked,
+            () = signals.stopped() => return Err(ServerError::StoppedStarting),
+        };
+        let (predecessor, handed) = asked?;
         tracing::info!(
             predecessor = predecessor.pid,
             "takeover: the running daemon handed over its listeners"
@@ -170,7 +176,6 @@ pub async fn run(
         admin: handed_admin,
         routing: handed_routing,
     } = handed;
-    let mut signals = Signals::new(hangup)?;
     let mut host_changes = interfaces::watch()?;
     let started = std::time::Instant::now();
     let metrics = Metrics::new();
@@ -202,10 +207,14 @@ pub async fn run(
     explicit.adopt(handed_connect);
     // A predecessor's listeners change (their settings, more members in
     // their groups) only once the policy is in force.
+    // The CONNECT listeners a policy adds are bound before the handed
+    // groups take members of ours: one that cannot be bound (its address
+    // in use) fails the start before a handed group deals connections to
+    // members that would close with it.
     let in_force = async {
         let applied = installation.apply(policy, |_| {}).await?;
-        let adopted = installation.join_adopted()?;
         let opened = explicit.bind_new(&applied.active.policy, settings.defaults.keepalive)?;
+        let adopted = installation.join_adopted()?;
         Ok::<_, ServerError>((applied, adopted, opened))
     }
     .await;
@@ -255,12 +264,17 @@ pub async fn run(
     // it stops taking connections then, and a failure of ours after that
     // would leave nobody serving.
     let prepared = prepare(&control_listener, admin.as_ref(), &settings);
+    let addresses = opened.addresses();
     let ready = match (prepared, &mut predecessor) {
-        (Ok(prepared), Some(predecessor)) => predecessor
-            .ready(&opened.addresses())
-            .await
-            .map(|()| prepared)
-            .map_err(Into::into),
+        (Ok(_), _) if signals.stop_pending() => Err(ServerError::StoppedStarting),
+        // A predecessor that reads our `ready` after we gave up finds us
+        // gone, and serves on (below).
+        (Ok(prepared), Some(predecessor)) => tokio::select! {
+            ready = predecessor.ready(&addresses) => {
+                ready.map(|()| prepared).map_err(Into::into)
+            }
+            () = signals.stopped() => Err(ServerError::StoppedStarting),
+        },
         (prepared, _) => prepared,
     };
     let Prepared {
@@ -524,6 +538,14 @@ pub async fn run(
         predecessor.gone().await;
     }
     installation.remove().await?;
+    // Nothing of ours is left for the crash guard to remove once we exit,
+    // and a daemon started meanwhile (the control socket is free soon)
+    // may have routes of its own by then.
+    if ended == Ended::Stopped
+        && let Err(e) = guard.disarm()
+    {
+        tracing::warn!(error = %e, "the crash guard may remove routes of a daemon started after us");
+    }
     // Answers under way go out first: an `upgrade` is answered as this
     // daemon hands over, which it may finish at once.
     control_stop.cancel();
@@ -1093,13 +1115,12 @@ struct Signals {
 }
 
 impl Signals {
-    /// `hup`: SIGHUP's stream, made as the daemon started.
-    fn new(hup: tokio::signal::unix::Signal) -> Result<Self, ServerError> {
+    fn new() -> Result<Self, ServerError> {
         let listen = |kind| signal(kind).map_err(ServerError::Signals);
         Ok(Self {
             term: listen(SignalKind::terminate())?,
             int: listen(SignalKind::interrupt())?,
-            hup,
+            hup: listen(SignalKind::hangup())?,
         })
     }
 
@@ -1109,6 +1130,19 @@ impl Signals {
             _ = self.int.recv() => Signal::Stop,
             _ = self.hup.recv() => Signal::Reload,
         }
+    }
+
+    /// When SIGTERM or SIGINT comes.
+    async fn stopped(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+
+    /// Whether SIGTERM or SIGINT came, without waiting (and taking it).
+    fn stop_pending(&mut self) -> bool {
+        futures::FutureExt::now_or_never(self.stopped()).is_some()
     }
 }
 

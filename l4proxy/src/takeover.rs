@@ -325,6 +325,7 @@ impl Predecessor {
             .write_all(line.as_bytes())
             .await
             .map_err(io_error("telling the running daemon we are ready"))?;
+        tracing::info!("takeover: ready; waiting for the running daemon to drain");
         let mut answer = String::new();
         match tokio::time::timeout(DRAINING_TIMEOUT, self.stream.read_line(&mut answer)).await {
             Ok(Ok(_)) if answer.trim() == "draining" => Ok(()),
