@@ -660,9 +660,17 @@ impl Change {
 
     /// Whether thread `tid` shows the change in its status.
     fn done(&self, tid: i32) -> bool {
-        let Ok(status) = fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+        let status = match fs::read_to_string(format!("/proc/self/task/{tid}/status")) {
+            Ok(status) => status,
             // Gone: nothing left to change.
-            return true;
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                return true;
+            }
+            // Unread (out of descriptors or memory): not known to be done,
+            // so it is asked again, and the drop fails if it stays unread.
+            Err(_) => return false,
         };
         let field = |name: &str| {
             status
