@@ -32,7 +32,7 @@ use std::{
 
 use ipnet::IpNet;
 use l4proxy_common::{
-    MAX_INTERFACE_RULES, MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS,
+    MAX_INTERFACE_RULES, MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS,
 };
 use socket2::{Domain, SockRef, Socket, Type};
 
@@ -95,6 +95,10 @@ pub enum InstallError {
         "gateway rules need {peak} (interface, rule) pairs in the kernel (a bridge counts each of its ports too), more than its {MAX_INTERFACE_RULES}, while the new policy replaces the running one; list fewer interfaces, or restart l4proxy with the new policy"
     )]
     TooManyInterfacePairs { peak: usize },
+    #[error(
+        "the tc program would run on {peak} interfaces while the new policy replaces the running one, more than its map's {MAX_INTERFACES}; list fewer interfaces (a policy binding to client addresses takes them all), or restart l4proxy with the new policy"
+    )]
+    TooManyInterfaces { peak: usize },
     #[error(
         "the upstream servers' map would hold {peak} addresses while the new policy replaces the running one, more than its {MAX_UPSTREAM_SERVERS}; restart l4proxy with the new policy instead"
     )]
@@ -327,6 +331,10 @@ impl Installation {
         let peak = self.interceptor.peak_interface_pairs(&needs.classify);
         if peak > MAX_INTERFACE_RULES as usize {
             return Err(InstallError::TooManyInterfacePairs { peak });
+        }
+        let peak = self.interceptor.peak_interfaces(&needs.classify);
+        if peak > MAX_INTERFACES as usize {
+            return Err(InstallError::TooManyInterfaces { peak });
         }
         let peak = self
             .interceptor

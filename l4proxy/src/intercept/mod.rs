@@ -274,6 +274,17 @@ impl Interceptor {
         self.interface_rules.peak(&self.next_pairs(plan).1)
     }
 
+    /// How many `INTERFACES` entries the map holds while `classify` moves
+    /// to `plan`'s interfaces: the new ones go in before the gone ones out.
+    pub fn peak_interfaces(&self, plan: &[ClassifyPlan]) -> usize {
+        let attached = self.classify.iter().map(|a| a.index);
+        let planned = plan.iter().map(|p| p.interface.index);
+        attached
+            .chain(planned)
+            .collect::<std::collections::BTreeSet<u32>>()
+            .len()
+    }
+
     /// The class offset `compiled` is keyed with: the running one's if its
     /// port classes are the same, else the other half.
     fn class_offset_for(&self, compiled: &rules::Compiled) -> u32 {
@@ -411,6 +422,9 @@ impl Interceptor {
             let link = match attached {
                 Ok(link) => link,
                 Err(source) => {
+                    // Its configuration goes with it: only attached
+                    // interfaces' entries are ever removed.
+                    let _ = self.interfaces.remove(&interface.index);
                     failed.get_or_insert(InterceptError::Classify {
                         interface: interface.name.clone(),
                         source,
