@@ -163,7 +163,14 @@ struct Generation {
     active: Arc<Active>,
     rules: Compiled,
     needs: Needs,
+    /// When a reload replaced it (`None`: in force).
+    replaced: Option<std::time::Instant>,
 }
+
+/// How long a replaced policy is kept at least, connections or not: a
+/// client the kernel steered by it may still wait in an accept queue, and
+/// is served under it once accepted (`session::Shared::rule_for`).
+const REPLACED_KEPT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a policy needs that depends on this host (its interfaces and
 /// addresses) as well as on the policy.
@@ -371,13 +378,20 @@ impl Installation {
             active: active.clone(),
             rules: compiled,
             needs,
+            replaced: None,
         };
         let replaced = self.current.replace(generation);
-        self.older.extend(replaced);
+        self.older.extend(replaced.map(|old| Generation {
+            replaced: Some(std::time::Instant::now()),
+            ..old
+        }));
         announce(&active);
         if let Err(e) = self.enforce().await {
             // Back to the replaced policy, if there was one.
-            self.current = self.older.pop();
+            self.current = self.older.pop().map(|old| Generation {
+                replaced: None,
+                ..old
+            });
             if self.current.is_some()
                 && let Err(undo) = self.enforce().await
             {
@@ -412,12 +426,17 @@ impl Installation {
     }
 
     /// Forgets replaced policies none of whose connections are open any
-    /// more, and removes what only they needed.
+    /// more (and replaced at least `REPLACED_KEPT` ago), and removes what
+    /// only they needed.
     pub async fn settle(&mut self) -> Result<(), InstallError> {
         let before = self.older.len();
         // Strong count 1: only this list holds it; no session does.
-        self.older
-            .retain(|generation| Arc::strong_count(&generation.active) > 1);
+        self.older.retain(|generation| {
+            Arc::strong_count(&generation.active) > 1
+                || generation
+                    .replaced
+                    .is_some_and(|at| at.elapsed() < REPLACED_KEPT)
+        });
         if self.older.len() == before {
             return Ok(());
         }
