@@ -1330,3 +1330,57 @@ fn an_ipv4_only_host_runs_an_ipv4_policy() {
     d.stop(Duration::from_secs(10));
     t.px.assert_nothing_left(&["to-cl", "to-sv"], &rules_before);
 }
+
+/// A gateway address on a macvlan above a listed interface (keepalived's
+/// `use_vmac`): frames to the macvlan's MAC reach the listed interface's
+/// ingress first, but they are the macvlan's. With only the lower
+/// interface listed, they are forwarded as without l4proxy (they were
+/// marked there, then found no listener for the macvlan and were reset);
+/// with the macvlan listed, they are intercepted.
+#[test]
+fn a_macvlan_above_a_gateway_interface_is_its_own() {
+    const VMAC: &str = "198.51.100.254";
+    let (t, _proxied) = Topo::with_echo("gw-macvlan", "203.0.113.2:8080", "proxied");
+    let _direct = Server::start(
+        &t.sv,
+        sa("203.0.113.3:9000"),
+        handlers::hello_echo("direct"),
+    );
+    t.px.ip(&[
+        "link", "add", "vmac", "link", "to-cl", "type", "macvlan", "mode", "bridge",
+    ]);
+    t.px.addr("vmac", &format!("{VMAC}/32"));
+    t.px.ip(&["link", "set", "vmac", "up"]);
+    // Only the macvlan answers for its address: the client's frames go to
+    // its MAC.
+    t.px.sysctl("net.ipv4.conf.to-cl.arp_ignore", "1");
+    t.cl.ip(&["route", "replace", "203.0.113.0/24", "via", VMAC]);
+    let policy = |interfaces: &[&str]| {
+        json!({
+            "intercept": [ { "name": "gw", "prefixes": ["203.0.113.3/32"], "ports": [9000],
+                             "interfaces": interfaces, "upstream": "a" } ],
+            "upstreams": { "a": { "servers": ["203.0.113.2:8080"] } }
+        })
+    };
+    let greeting = || {
+        let mut c = connect(&t.cl, sa("203.0.113.3:9000"));
+        let line = lab::read_line(&mut c).unwrap_or_else(|e| panic!("greeting: {e}"));
+        lab::finish(&mut c, "through the macvlan");
+        line
+    };
+    let mut d = Daemon::start_ready(&t.px, &policy(&["to-cl"]), &[]);
+    assert_eq!(greeting(), "direct", "forwarded: the macvlan is not listed");
+    let mac = t.px.link("vmac")["address"].as_str().unwrap().to_owned();
+    let neighbours = t.cl.ip(&["neigh", "show", VMAC]);
+    assert!(
+        neighbours.contains(&mac),
+        "the client sends to the macvlan's MAC {mac}: {neighbours}"
+    );
+    assert_eq!(
+        message(&d.reload(&policy(&["to-cl", "vmac"]))),
+        Some("policy reloaded")
+    );
+    assert_eq!(greeting(), "proxied", "intercepted on the macvlan");
+    let status = d.terminate(Duration::from_secs(10));
+    d.assert_exit_ok(status);
+}

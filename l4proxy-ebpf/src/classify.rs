@@ -65,6 +65,8 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETHERNET_HEADER: usize = 14;
 /// The VLAN ID in a tag (the rest is priority and drop eligibility).
 const VLAN_VID_MASK: u32 = 0x0fff;
+/// `skb->pkt_type` of a frame to a MAC address that is not the device's.
+const PACKET_OTHERHOST: u32 = 3;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -118,7 +120,7 @@ pub fn classify(ctx: TcContext) -> i32 {
     // Context fields first, in straight-line code (see `steer`).
     let skb = ctx.skb.skb;
     // SAFETY: the kernel passes a valid __sk_buff for the program's run.
-    let (ifindex, protocol, mark, vlan_id) = unsafe {
+    let (ifindex, protocol, mark, vlan_id, pkt_type) = unsafe {
         (
             (*skb).ifindex,
             (*skb).protocol,
@@ -128,6 +130,7 @@ pub fn classify(ctx: TcContext) -> i32 {
             } else {
                 0
             },
+            (*skb).pkt_type,
         )
     };
 
@@ -140,6 +143,13 @@ pub fn classify(ctx: TcContext) -> i32 {
     // (VLAN ID 0, 802.1p) does not: the kernel takes that frame as
     // untagged, here.
     if vlan_id != 0 || classified_on_port(mark) {
+        return TC_ACT_UNSPEC;
+    }
+    // A frame to another MAC is not this device's to route: a macvlan
+    // above it that has that MAC (keepalived's `use_vmac`) receives it
+    // next, through its own ingress and `steer`'s interface check. On a
+    // bridge port, such frames are the ones the bridge forwards.
+    if pkt_type == PACKET_OTHERHOST && config.flags & INTERFACE_BRIDGE_PORT == 0 {
         return TC_ACT_UNSPEC;
     }
     // A constant per branch: the verifier must bound packet offsets.
