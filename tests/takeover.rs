@@ -615,6 +615,35 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
     );
 }
 
+/// A successor's policy that adds a service prefix's route and a gateway's
+/// fwmark rules and table routes to `policy()`.
+fn grown_policy() -> Value {
+    json!({
+        "intercept": [
+            { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80], "upstream": "pool" },
+            { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["to-cl"], "upstream": "pool" }
+        ],
+        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
+    })
+}
+
+/// After a takeover that failed: the old daemon's routes and rules (as
+/// they were before it), no more, and it serves.
+fn assert_serving_as_before(t: &Topo, (routes, rules): (&[String], &[String]), what: &str) {
+    assert_eq!(
+        t.px.proxy_routes(),
+        routes,
+        "{what}: the old daemon's routes, no more"
+    );
+    assert_eq!(
+        t.px.proxy_rules(),
+        rules,
+        "{what}: the old daemon's rules, no more"
+    );
+    exchange(&t.cl, sa("192.0.2.10:80"), "after\n")
+        .unwrap_or_else(|e| panic!("{what}: the old daemon should serve: {e}"));
+}
+
 /// A successor killed before the running daemon took its `ready` (SIGKILL,
 /// the OOM killer) leaves nothing behind: its guard was not armed (the
 /// routes were still the running daemon's), so the running daemon removes
@@ -624,17 +653,9 @@ fn refused_takeover_leaves_the_old_daemon_serving() {
 #[test]
 fn a_successor_killed_before_the_handover_leaves_nothing() {
     let (t, _srv) = Topo::with_echo("takeover-killed", "203.0.113.2:8080", "upstream");
-    let dst = sa("192.0.2.10:80");
     let mut old = Daemon::start_ready(&t.px, &policy(), &[]);
     let (routes, rules) = (t.px.proxy_routes(), t.px.proxy_rules());
-    let grown = json!({
-        "intercept": [
-            { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80], "upstream": "pool" },
-            { "name": "gw", "prefixes": ["203.0.113.0/24"], "ports": [80], "interfaces": ["to-cl"], "upstream": "pool" }
-        ],
-        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
-    });
-    let mut new = Daemon::start(&t.px, &grown, &["--takeover"]);
+    let mut new = Daemon::start(&t.px, &grown_policy(), &["--takeover"]);
     old.wait_event("the offer", Duration::from_secs(20), |e| {
         message(e) == Some("takeover: listeners offered to a successor")
     });
@@ -668,13 +689,7 @@ fn a_successor_killed_before_the_handover_leaves_nothing() {
         field(&swept, "removed").and_then(Value::as_u64) >= Some(3),
         "a prefix's route, the table's route and the fwmark rule at least: {swept}"
     );
-    assert_eq!(
-        t.px.proxy_routes(),
-        routes,
-        "the old daemon's routes, no more"
-    );
-    assert_eq!(t.px.proxy_rules(), rules, "the old daemon's rules, no more");
-    exchange(&t.cl, dst, "after\n").expect("the old daemon serves");
+    assert_serving_as_before(&t, (&routes, &rules), "killed");
     stop_last(&mut old, &t.px);
 }
 
@@ -687,15 +702,8 @@ fn a_successor_killed_before_the_handover_leaves_nothing() {
 #[test]
 fn a_stop_during_a_takeover_leaves_the_old_daemon_serving() {
     let (t, _srv) = Topo::with_echo("takeover-term", "203.0.113.2:8080", "upstream");
-    let dst = sa("192.0.2.10:80");
     let mut old = Daemon::start_ready(&t.px, &policy(), &[]);
     let (routes, rules) = (t.px.proxy_routes(), t.px.proxy_rules());
-    let grown = json!({
-        "intercept": [
-            { "name": "web", "prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80], "upstream": "pool" }
-        ],
-        "upstreams": { "pool": { "servers": ["203.0.113.2:8080"] } }
-    });
     for (stage, line) in [
         (
             "asking",
@@ -710,7 +718,7 @@ fn a_stop_during_a_takeover_leaves_the_old_daemon_serving() {
             // It answers only once continued.
             old.signal(libc::SIGSTOP);
         }
-        let mut new = Daemon::start(&t.px, &grown, &["--takeover"]);
+        let mut new = Daemon::start(&t.px, &grown_policy(), &["--takeover"]);
         if stage == "waiting" {
             old.wait_event("the offer", Duration::from_secs(20), |e| {
                 message(e) == Some("takeover: listeners offered to a successor")
@@ -735,18 +743,7 @@ fn a_stop_during_a_takeover_leaves_the_old_daemon_serving() {
                 message(e).is_some_and(|m| m.starts_with("takeover failed"))
             });
         }
-        exchange(&t.cl, dst, "after\n")
-            .unwrap_or_else(|e| panic!("{stage}: the old daemon should serve: {e}"));
-        assert_eq!(
-            t.px.proxy_routes(),
-            routes,
-            "{stage}: the old daemon's routes, no more"
-        );
-        assert_eq!(
-            t.px.proxy_rules(),
-            rules,
-            "{stage}: the old daemon's rules, no more"
-        );
+        assert_serving_as_before(&t, (&routes, &rules), stage);
     }
     stop_last(&mut old, &t.px);
 }
