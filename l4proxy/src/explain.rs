@@ -188,7 +188,16 @@ fn connect_request(
         },
     };
     if let Err(why) = tunnel::allowed(front, ip, |_| false, |_| Ok(())) {
-        return refused(&tunnel::Refused::Destination(ip, why), out);
+        let refusal = match &name {
+            // As the daemon says it of a name's addresses.
+            Some(name) => tunnel::Refused::Resolved {
+                name: name.clone(),
+                first: ip,
+                why,
+            },
+            None => tunnel::Refused::Destination(ip, why),
+        };
+        return refused(&refusal, out);
     }
     let to = SocketAddr::new(ip, target.port);
     writeln!(
@@ -294,7 +303,8 @@ mod tests {
                 CLIENT,
                 "www.example.com:443",
                 Some("192.0.2.1"),
-                "destination 192.0.2.1 refused: outside the rule's destinations",
+                "www.example.com resolves only to refused addresses (192.0.2.1: outside the \
+                 rule's destinations)",
             ),
         ] {
             let said = ask(src, LISTENER, Some(connect), resolved).unwrap();

@@ -169,7 +169,8 @@ struct Generation {
 
 /// How long a replaced policy is kept at least, connections or not: a
 /// client the kernel steered by it may still wait in an accept queue, and
-/// is served under it once accepted (`session::Shared::rule_for`).
+/// is served under it once accepted, if it is the policy replaced last
+/// (`session::Shared::rule_for` looks at that one only).
 const REPLACED_KEPT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a policy needs that depends on this host (its interfaces and

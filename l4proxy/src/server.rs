@@ -144,10 +144,11 @@ pub async fn run(
 ) -> Result<Ended, ServerError> {
     // First: a start can take long (a takeover waits for the running
     // daemon). A SIGHUP that comes meanwhile rereads the policy once the
-    // daemon serves. A SIGTERM or SIGINT ends the start, undone, while the
-    // running daemon it would take over from has not stopped taking
-    // connections (it serves on): while asking it, while the policy is
-    // applied (looked for after), and while waiting for its `draining`.
+    // daemon serves. A SIGTERM or SIGINT during a takeover ends the start,
+    // undone, while the running daemon it would take over from has not
+    // taken our `ready` (it serves on): while asking it, while the policy
+    // is applied (looked for after), and while waiting for its answer. One
+    // that comes to a fresh start is a stop once the daemon serves.
     let mut signals = Signals::new()?;
     // The namespace's kernel state is nobody's (a clean start: what a
     // crashed daemon left goes), or the running daemon's, which hands it on.
@@ -266,10 +267,13 @@ pub async fn run(
     let prepared = prepare(&control_listener, admin.as_ref(), &settings);
     let addresses = opened.addresses();
     let ready = match (prepared, &mut predecessor) {
-        (Ok(_), _) if signals.stop_pending() => Err(ServerError::StoppedStarting),
+        (Ok(_), Some(_)) if signals.stop_pending() => Err(ServerError::StoppedStarting),
         // A predecessor that reads our `ready` after we gave up finds us
-        // gone, and serves on (below).
+        // gone, and serves on (below). One that answered `draining` has
+        // stopped taking connections: that answer wins over a stop, which
+        // is then the service's, once we serve.
         (Ok(prepared), Some(predecessor)) => tokio::select! {
+            biased;
             ready = predecessor.ready(&addresses) => {
                 ready.map(|()| prepared).map_err(Into::into)
             }

@@ -422,9 +422,6 @@ impl Interceptor {
             let link = match attached {
                 Ok(link) => link,
                 Err(source) => {
-                    // Its configuration goes with it: only attached
-                    // interfaces' entries are ever removed.
-                    let _ = self.interfaces.remove(&interface.index);
                     failed.get_or_insert(InterceptError::Classify {
                         interface: interface.name.clone(),
                         source,
@@ -446,6 +443,21 @@ impl Interceptor {
         self.classify = kept;
         for attached in gone {
             self.detach_classify(attached)?;
+        }
+        // Configurations of interfaces neither attached nor planned: one
+        // classify could not attach to, or one a change that was undone
+        // had prepared.
+        let stale: Vec<u32> = self
+            .interfaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|index| {
+                !self.classify.iter().any(|a| a.index == *index)
+                    && !plan.iter().any(|p| p.interface.index == *index)
+            })
+            .collect();
+        for index in stale {
+            let _ = self.interfaces.remove(&index);
         }
         failed.map_or(Ok(()), Err)
     }

@@ -11,8 +11,10 @@ use l4proxy_common::{MAX_INTERFACE_RULES, MAX_RULE_ENTRIES, MAX_UPSTREAM_SERVERS
 
 use super::{
     Action, Bind, Conditions, ConnectFront, InterceptRule, Parent, Policy, PolicyError, PortSpec,
-    Route, RuleId, Target, Terminate, Upstream, UpstreamId, connect::RawConnectFront,
-    enclosing::Enclosing, raw,
+    Route, RuleId, Target, Terminate, Upstream, UpstreamId,
+    connect::{RawConnectFront, covers_a_family},
+    enclosing::Enclosing,
+    raw,
 };
 use crate::{intercept::rules, proxy_protocol, route};
 
@@ -155,25 +157,26 @@ fn front_of(
 ) -> Result<Front, PolicyError> {
     match (prefixes, ports, connect) {
         (Some(prefixes), Some(ports), None) => {
+            let prefixes: Vec<IpNet> = prefixes.into_iter().map(|p| p.0).collect();
             // A rule without interfaces makes its prefixes this host's own
-            // (a local route each): all of them would leave the host no
-            // other destination.
-            if !gateway && let Some(k) = prefixes.iter().position(|p| p.0.prefix_len() == 0) {
+            // (a local route each): all of a family's addresses would leave
+            // the host no other destination in it.
+            if !gateway
+                && let Some(family) = [("IPv4", true), ("IPv6", false)]
+                    .into_iter()
+                    .find_map(|(family, v4)| covers_a_family(&prefixes, v4).then_some(family))
+            {
                 return Err(PolicyError::at(
-                    format!("intercept[{i}].prefixes[{k}]"),
+                    format!("intercept[{i}].prefixes"),
                     format!(
-                        "{} on a rule without \"interfaces\" would make every address this \
-                         host's own, and the host could reach no other: name the prefixes this \
-                         host serves, or list \"interfaces\" to intercept what a gateway forwards",
-                        prefixes[k].0
+                        "hold every {family} address: on a rule without \"interfaces\" they \
+                         would all be this host's own, and the host could reach no other; name \
+                         the prefixes this host serves, or list \"interfaces\" to intercept what \
+                         a gateway forwards"
                     ),
                 ));
             }
-            Ok((
-                prefixes.into_iter().map(|p| p.0).collect(),
-                ports.into_iter().map(|p| p.0).collect(),
-                None,
-            ))
+            Ok((prefixes, ports.into_iter().map(|p| p.0).collect(), None))
         }
         (None, None, Some(connect)) => {
             if gateway {

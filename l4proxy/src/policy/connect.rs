@@ -70,7 +70,7 @@ impl ConnectFront {
 /// Whether `prefixes` together hold every address of a family (IPv4 or
 /// IPv6): their ranges, sorted, leave no gap from the first address to the
 /// last.
-fn covers_a_family(prefixes: &[IpNet], ipv4: bool) -> bool {
+pub(super) fn covers_a_family(prefixes: &[IpNet], ipv4: bool) -> bool {
     let mut ranges: Vec<(u128, u128)> = prefixes
         .iter()
         .filter_map(|prefix| match (prefix, ipv4) {

@@ -201,21 +201,25 @@ fn prefixes_no_tcp_connection_goes_to() {
 
 #[test]
 fn a_local_rule_cannot_take_every_address() {
-    for (prefix, at) in [("0.0.0.0/0", 0), ("::/0", 1)] {
-        let err = error_with(
-            r#"["192.0.2.0/24", "2001:db8:a::/64"]"#,
-            &format!(r#"["192.0.2.0/24", "{prefix}"]"#).replace(
-                r#"["192.0.2.0/24", "0.0.0.0/0"]"#,
-                r#"["0.0.0.0/0", "2001:db8:a::/64"]"#,
-            ),
-        );
+    for (prefixes, family) in [
+        (r#"["0.0.0.0/0", "2001:db8:a::/64"]"#, "IPv4"),
+        (r#"["192.0.2.0/24", "::/0"]"#, "IPv6"),
+        // In halves, as in one.
+        (r#"["0.0.0.0/1", "128.0.0.0/1"]"#, "IPv4"),
+    ] {
+        let err = error_with(r#"["192.0.2.0/24", "2001:db8:a::/64"]"#, prefixes);
         assert!(
             err.contains(&format!(
-                "intercept[0].prefixes[{at}]: {prefix} on a rule without \"interfaces\" would make every address this host's own"
+                "intercept[0].prefixes: hold every {family} address: on a rule without \"interfaces\""
             )),
             "{err}"
         );
     }
+    // Half of the addresses is the operator's business.
+    Policy::from_json(
+        &EXAMPLE.replace(r#"["192.0.2.0/24", "2001:db8:a::/64"]"#, r#"["0.0.0.0/1"]"#),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     // A gateway's may: it intercepts what it forwards, and makes nothing local.
     let gateway = EXAMPLE.replace(
         r#""prefixes": ["192.0.2.0/24", "2001:db8:a::/64"], "ports": [80, "8000-8099"],"#,
