@@ -1179,6 +1179,71 @@ fn draining_keeps_open_connections_and_forwards_new_ones() {
     assert_eq!(t.px.tc_programs(&["to-cl", "to-sv"]), Vec::<String>::new());
 }
 
+/// While draining, a new connection that reuses the addresses and ports of
+/// one the proxy closed first (its socket is in TIME-WAIT here) is
+/// forwarded like any other: its SYN was, and so are the packets after it,
+/// which the TIME-WAIT socket took and dropped (clients that pick ports at
+/// random reuse one within a minute now and then). With the kernel's early
+/// demultiplexing on (its default), the kernel itself drops such forwarded
+/// packets (it hands them to the local socket, and a packet with one is
+/// not forwarded): the test turns it off to see what `classify` does.
+#[test]
+fn draining_forwards_a_new_connection_on_a_closed_ones_ports() {
+    let t = Topo::new("drain-tw");
+    t.px.sysctl("net.ipv4.tcp_early_demux", "0");
+    let direct = Server::start(&t.sv, sock(addr::SV4, 8080), handlers::hello_echo("direct"));
+    let (tx, rx) = lab::reports();
+    // The server ends first: the proxy then ends towards the client first,
+    // and its client-side socket is left in TIME-WAIT.
+    let bye = std::sync::Arc::new(b"bye\n".to_vec());
+    let _closing = Server::start(
+        &t.sv,
+        sock(addr::SV4, 9090),
+        handlers::send_then_sink(bye, tx),
+    );
+    let mut d = Daemon::start_ready(
+        &t.px,
+        &full_policy_on(8080, 9090),
+        &["--grace-period", "30"],
+    );
+    let from = sock(addr::CL4, 40_000);
+    let mut closed = lab::connect_from(&t.cl, from, direct.addr());
+    assert_eq!(
+        lab::read_to_eof(&mut closed).unwrap().len,
+        4,
+        "the proxied reply"
+    );
+    drop(closed);
+    lab::recv_report(&rx, "the proxied connection");
+    let time_wait = lab::must(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            t.px.name(),
+            "ss",
+            "-Htn",
+            "state",
+            "time-wait",
+            "sport",
+            "= :8080",
+        ],
+    );
+    assert!(
+        time_wait.contains(&format!("{}:{}", addr::CL4, from.port())),
+        "the proxy's side is in TIME-WAIT: {time_wait:?}"
+    );
+    // An intercepted connection holds the drain open.
+    let open = lab::connect_greeted(&t.cl, direct.addr(), "bye");
+    d.drain();
+    let mut again = lab::connect_from(&t.cl, from, direct.addr());
+    talk(&mut again, "direct", "the new connection on the same ports");
+    assert_eq!(direct.accepted().last().unwrap().peer, from, "forwarded");
+    drop((again, open));
+    let status = d.wait_exit(Duration::from_secs(10));
+    d.assert_exit_ok(status);
+}
+
 /// The start-up checks: an interface the policy names must exist, and
 /// `src_valid_mark` (which makes marked packets fail the reverse-path check)
 /// is refused with what to change; none of them leaves anything behind.

@@ -76,6 +76,7 @@ const TCP_HEADER: usize = 20;
 /// Type, code, checksum and four more bytes precede the quoted packet.
 const ICMP_HEADER: usize = 8;
 const TCP_LISTEN: u32 = 10;
+const TCP_TIME_WAIT: u32 = 6;
 /// Deepest header offset `packet_at` serves: Ethernet, IP with options, TCP.
 const MAX_HEADERS: usize = 128;
 /// IPv4 fragment offset bits: a non-first fragment has no TCP header.
@@ -107,8 +108,11 @@ enum Packet {
 /// What a socket look-up found for a packet's 4-tuple.
 enum Owner {
     Nobody,
-    /// A connection (or a handshake, or a TIME-WAIT) of this host.
+    /// A connection (or a handshake) of this host.
     Connection,
+    /// A connection of this host that has closed (TIME-WAIT): its late
+    /// packets, or those of a new connection with its addresses and ports.
+    TimeWait,
     /// A listener, which answered this ACK's handshake with a SYN cookie.
     CookieAck,
     /// A listener, and the packet is no cookie ACK.
@@ -190,11 +194,16 @@ fn tcp_verdict(
             // Delivered here anyway, and not the rule's (see `steer`).
             return None;
         }
+        let draining = draining();
         if flow.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            return (!draining()).then_some(Counter::MarkedIntercept);
+            return (!draining).then_some(Counter::MarkedIntercept);
         }
-        return match owner(ctx, flow, !draining()) {
+        return match owner(ctx, flow, !draining) {
             Owner::Connection | Owner::CookieAck => Some(Counter::MarkedIntercept),
+            // While draining, new connections are forwarded (their SYN
+            // was): one that reuses a closed one's ports is not its late
+            // packets, and the TIME-WAIT would swallow it.
+            Owner::TimeWait => (!draining).then_some(Counter::MarkedIntercept),
             Owner::Listener | Owner::Nobody => None,
         };
     }
@@ -388,7 +397,9 @@ fn owner(ctx: &TcContext, flow: &Flow, cookies: bool) -> Owner {
     // SAFETY: `sk` is a valid socket until released; `state` is readable on
     // every kind the lookup returns (full, request and timewait sockets).
     let state = unsafe { (*sk).state };
-    let owner = if state != TCP_LISTEN {
+    let owner = if state == TCP_TIME_WAIT {
+        Owner::TimeWait
+    } else if state != TCP_LISTEN {
         Owner::Connection
     } else if cookies && cookie_ack(ctx, sk, flow) {
         Owner::CookieAck
