@@ -2,7 +2,7 @@
 //! span several fields. These errors carry the JSON path only: serde is done
 //! with the text by then.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use foldhash::HashMap;
 
@@ -658,15 +658,18 @@ fn check_bind_family(policy: &Policy, target: &BindTarget) -> Result<(), PolicyE
         return Ok(());
     };
     let upstream = &policy.upstreams[target.upstream.0];
+    // A connection is made in one family, and from loopback only to it.
+    let unfit =
+        |to: IpAddr| to.is_ipv4() != addr.is_ipv4() || (addr.is_loopback() && !to.is_loopback());
     let mismatch = match &upstream.target {
         Target::Servers(servers) | Target::Parent(Parent { servers, .. }) => servers
             .iter()
             .enumerate()
-            .find(|(_, server)| server.is_ipv4() != addr.is_ipv4())
+            .find(|(_, server)| unfit(server.ip()))
             .map(|(k, server)| format!("server {server} ({})", upstream.server_path(k))),
         Target::OriginalDestination => target
             .destinations(policy)
-            .find(|(_, prefix)| prefix.addr().is_ipv4() != addr.is_ipv4())
+            .find(|(_, prefix)| unfit(prefix.addr()))
             .map(|(RuleId(r), prefix)| {
                 format!(
                     "prefix {prefix} of rule {:?} (intercept[{r}])",
@@ -674,16 +677,18 @@ fn check_bind_family(policy: &Policy, target: &BindTarget) -> Result<(), PolicyE
                 )
             }),
     };
-    match mismatch {
-        Some(what) => Err(PolicyError::at(
-            target.bind_path(policy),
-            format!(
-                "source address {addr} is {} but {what} is not: a connection is made in one family",
-                if addr.is_ipv4() { "IPv4" } else { "IPv6" }
-            ),
-        )),
-        None => Ok(()),
-    }
+    let Some(what) = mismatch else {
+        return Ok(());
+    };
+    let (is, why) = match addr {
+        _ if addr.is_loopback() => ("loopback", "a loopback source reaches only this host"),
+        IpAddr::V4(_) => ("IPv4", "a connection is made in one family"),
+        IpAddr::V6(_) => ("IPv6", "a connection is made in one family"),
+    };
+    Err(PolicyError::at(
+        target.bind_path(policy),
+        format!("source address {addr} is {is} but {what} is not: {why}"),
+    ))
 }
 
 /// One way connections reach an upstream: a rule's default or a route.
