@@ -559,11 +559,17 @@ impl PolicyError {
     fn json(error: serde_json::Error, path: Option<String>, origin: (usize, usize)) -> Self {
         let (line, col) = (error.line(), error.column());
         let message = error.to_string();
-        // serde_json appends the position; it goes in front instead.
-        let reason = message
+        // serde_json appends the position; it goes in front instead. And
+        // it names a plain number field by its Rust type.
+        let mut reason = message
             .strip_suffix(&format!(" at line {line} column {col}"))
             .unwrap_or(&message)
             .to_owned();
+        for rust in ["u8", "u16", "u32", "u64"] {
+            if let Some(said) = reason.strip_suffix(&format!(", expected {rust}")) {
+                reason = format!("{said}, expected a whole number of 0 or more");
+            }
+        }
         // Line 0: serde_json knows no place. Columns count bytes, from the
         // part's first byte on its first line; column 0 means "before the
         // first character".

@@ -229,6 +229,26 @@ fn a_local_rule_cannot_take_every_address() {
 }
 
 #[test]
+fn a_number_of_the_wrong_kind_is_named_in_words() {
+    for (field, said) in [
+        (
+            r#""limits": { "per_client": "x" }"#,
+            r#"intercept[0].limits.per_client: invalid type: string "x", expected a whole number of 0 or more"#,
+        ),
+        (
+            r#""limits": { "per_client": -1 }"#,
+            "intercept[0].limits.per_client: invalid value: integer `-1`, expected a whole number of 0 or more",
+        ),
+    ] {
+        let err = error_with(
+            r#""ports": [80, "8000-8099"],"#,
+            &format!(r#""ports": [80, "8000-8099"], {field},"#),
+        );
+        assert!(err.ends_with(said), "{err}");
+    }
+}
+
+#[test]
 fn an_object_of_the_wrong_type_is_named_so() {
     for (field, said) in [
         (
