@@ -26,17 +26,40 @@ gateway_policy=$(realpath "$3")
 bridged_policy=$(realpath "$4")
 tag="l4demo-$$"
 work=$(mktemp -d)
-chmod 755 "$work" # nginx workers (www-data) read the sites from here
+chmod 755 "$work" # nginx's workers (user nobody) read the sites from here
 cl="$tag-client" px="$tag-proxy" sv="$tag-server" br="$tag-bridge"
 daemon_pid=""
 
-cleanup() {
-    if [[ -n $daemon_pid ]] && kill -0 "$daemon_pid" 2>/dev/null; then
-        kill -TERM "$daemon_pid"
-        wait "$daemon_pid" || true
+# What an earlier run that was cut short left: its namespaces, and the
+# nginx running in them.
+for ns in $(ip netns list | awk '{print $1}' | grep '^l4demo-' || true); do
+    pid=${ns#l4demo-}
+    pid=${pid%%-*}
+    if ! kill -0 "$pid" 2>/dev/null; then
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+        ip netns del "$ns" 2>/dev/null || true
     fi
-    [[ -f $work/nginx.pid ]] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-    for ns in "$cl" "$px" "$sv" "$br"; do ip netns del "$ns" 2>/dev/null || true; done
+done
+
+cleanup() {
+    local status=$?
+    # Not cut short by a second Ctrl-C or a failing command.
+    trap '' INT TERM
+    set +e
+    if [[ $status -ne 0 && -s $work/l4proxy.log ]]; then
+        echo "--- the demo failed; l4proxy's log:"
+        tail -n 30 "$work/l4proxy.log"
+        [[ -s $work/nginx-error.log ]] && { echo "--- nginx's error log:"; tail -n 10 "$work/nginx-error.log"; }
+    fi
+    if [[ -n $daemon_pid ]] && kill -0 "$daemon_pid" 2>/dev/null; then
+        kill -TERM "$daemon_pid" 2>/dev/null
+        wait "$daemon_pid"
+    fi
+    [[ -f $work/nginx.pid ]] && kill "$(cat "$work/nginx.pid")" 2>/dev/null
+    for ns in "$cl" "$px" "$sv" "$br"; do
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+        ip netns del "$ns" 2>/dev/null
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -83,6 +106,12 @@ error_log $work/nginx-error.log;
 events {}
 http {
     access_log $work/nginx-access.log;
+    # Its temporary files here too, not under /var/lib/nginx.
+    client_body_temp_path $work/tmp-body;
+    proxy_temp_path $work/tmp-proxy;
+    fastcgi_temp_path $work/tmp-fastcgi;
+    uwsgi_temp_path $work/tmp-uwsgi;
+    scgi_temp_path $work/tmp-scgi;
     server { listen 8080; listen [::]:8080; root $work/a; }
     server { listen 8081; listen [::]:8081; root $work/b; }
     server { listen 80; listen [::]:80; root $work/c; }
@@ -143,6 +172,7 @@ say "what the server saw (the proxy's address: act 1 is not transparent)"
 cat "$work/nginx-access.log"
 stop_l4proxy
 show ip -n "$px" route show table local proto 244
+[[ -z $(ip -n "$px" route show table local proto 244) ]] || { echo "unexpected: routes left"; exit 1; }
 echo "(no routes of ours left)"
 
 say "ACT 2: the proxy host is a gateway; l4proxy intercepts port 80 on to-cl"
@@ -164,6 +194,11 @@ say "what the server saw: the client's own address every time (fully transparent
 cat "$work/nginx-access.log"
 stop_l4proxy
 show ip -n "$px" rule show
+[[ -z $(ip -n "$px" rule show | grep 'lookup 244') && -z $(ip -n "$px" route show table 244 2>/dev/null) ]] ||
+    { echo "unexpected: rules or routes left"; exit 1; }
+if ip netns exec "$px" bpftool net show 2>/dev/null | grep -q classify; then
+    echo "unexpected: tc programs left"; exit 1
+fi
 echo "(no rules, routes or tc programs of ours left)"
 
 say "ACT 3: a bridge is put into the client's cable; l4proxy on it intercepts port 80"

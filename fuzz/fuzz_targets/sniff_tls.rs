@@ -18,7 +18,10 @@ const CUTS: usize = 16;
 fuzz_target!(|data: &[u8]| {
     let whole = tls::parse_client_hello(data);
     if data.len() >= tls::MAX_CLIENT_HELLO_LEN {
-        assert!(!matches!(whole, Ok(Hello::Partial { .. })), "no answer at the bound");
+        assert!(
+            !matches!(whole, Ok(Hello::Partial { .. })),
+            "no answer at the bound"
+        );
     }
     let sniffed = sniff(data);
     for cut in (1..=CUTS).map(|i| data.len() * i / (CUTS + 1)) {

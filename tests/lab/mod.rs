@@ -61,6 +61,7 @@ impl TempDir {
     /// `l4proxy-<what>-<pid>-<n>`, fresh.
     pub fn new(what: &str) -> TempDir {
         use std::sync::atomic::{AtomicUsize, Ordering};
+        sweep_stale_temp_dirs();
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("l4proxy-{what}-{}-{n}", std::process::id()));
@@ -83,6 +84,34 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Removes the directories of earlier test processes that died without
+/// unwinding (a Ctrl-C of `cargo xtask test`): `l4proxy-<what>-<pid>-<n>`
+/// whose process is gone. They hold keys and policies.
+fn sweep_stale_temp_dirs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("l4proxy-") {
+                continue;
+            }
+            let mut from_end = name.rsplitn(3, '-');
+            let (Some(n), Some(pid)) = (from_end.next(), from_end.next()) else {
+                continue;
+            };
+            let Ok(pid) = pid.parse::<u32>() else {
+                continue;
+            };
+            if n.parse::<u64>().is_ok() && !PathBuf::from(format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
 }
 
 /// Prefix of every namespace this lab creates.

@@ -63,6 +63,9 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The LLVM bpf-linker is built against: the compiler's major version.
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
 pub fn run() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
@@ -100,7 +103,7 @@ pub fn run() -> anyhow::Result<()> {
                 ])
                 .args(["--no-default-features", "--features", "llvm-22"])
                 // Without it bpf-linker's build script cannot find libLLVM.
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+                .env("LLVM_PREFIX", LLVM_PREFIX),
         )?;
     }
     Ok(())
@@ -144,9 +147,17 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
 }
 
+/// bpf-linker of our version, linked against our LLVM (one built against
+/// another LLVM links objects the compiler's LLVM cannot read back).
 fn bpf_linker_ready() -> bool {
-    Command::new("bpf-linker")
+    let version = Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION));
+    let libraries = Command::new("sh")
+        .args(["-c", "ldd \"$(command -v bpf-linker)\""])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    version && libraries.contains(&format!("{LLVM_PREFIX}/lib/libLLVM"))
 }

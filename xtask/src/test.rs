@@ -19,6 +19,9 @@ pub fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
         command
     };
     run_command(cargo().args(["fmt", "--all", "--check"]))?;
+    // The fuzz targets are a workspace of their own (nightly builds them):
+    // their formatting is checked here all the same.
+    run_command(cargo().args(["fmt", "--check", "--manifest-path", "fuzz/Cargo.toml"]))?;
     run_command(cargo().args([
         "clippy",
         "--workspace",
