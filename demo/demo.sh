@@ -172,7 +172,8 @@ say "what the server saw (the proxy's address: act 1 is not transparent)"
 cat "$work/nginx-access.log"
 stop_l4proxy
 show ip -n "$px" route show table local proto 244
-[[ -z $(ip -n "$px" route show table local proto 244) ]] || { echo "unexpected: routes left"; exit 1; }
+[[ -z $(ip -n "$px" route show table local proto 244; ip -n "$px" -6 route show table local proto 244) ]] ||
+    { echo "unexpected: routes left"; exit 1; }
 echo "(no routes of ours left)"
 
 say "ACT 2: the proxy host is a gateway; l4proxy intercepts port 80 on to-cl"
@@ -194,12 +195,11 @@ say "what the server saw: the client's own address every time (fully transparent
 cat "$work/nginx-access.log"
 stop_l4proxy
 show ip -n "$px" rule show
-[[ -z $(ip -n "$px" rule show | grep 'lookup 244') && -z $(ip -n "$px" route show table 244 2>/dev/null) ]] ||
-    { echo "unexpected: rules or routes left"; exit 1; }
-if ip netns exec "$px" bpftool net show 2>/dev/null | grep -q classify; then
-    echo "unexpected: tc programs left"; exit 1
-fi
-echo "(no rules, routes or tc programs of ours left)"
+for family in -4 -6; do
+    [[ -z $(ip -n "$px" "$family" rule show | grep 'lookup 244') && -z $(ip -n "$px" "$family" route show table 244 2>/dev/null) ]] ||
+        { echo "unexpected: rules or routes left"; exit 1; }
+done
+echo "(no rules or routes of ours left; the tc programs went with the daemon's links)"
 
 say "ACT 3: a bridge is put into the client's cable; l4proxy on it intercepts port 80"
 # Deleting the client's link removes its routes too: they are added back as

@@ -209,13 +209,13 @@ fn tcp_verdict(
     }
     if config.flags & INTERFACE_REPLIES != 0
         && from_upstream(flow)
-        && matches!(owner(ctx, flow, false), Owner::Connection)
+        && matches!(owner(ctx, flow, false), Owner::Connection | Owner::TimeWait)
     {
         return Some(Counter::MarkedReply);
     }
     if retaining()
         && flow.flags & (TCP_SYN | TCP_ACK) != TCP_SYN
-        && matches!(owner(ctx, flow, false), Owner::Connection)
+        && matches!(owner(ctx, flow, false), Owner::Connection | Owner::TimeWait)
     {
         return Some(Counter::MarkedRetained);
     }
@@ -239,7 +239,7 @@ fn icmp_verdict(ctx: &TcContext, quoted: &Flow) -> Option<Counter> {
         l4: quoted.l4,
     };
     match owner(ctx, &arriving, false) {
-        Owner::Connection => Some(Counter::MarkedIcmp),
+        Owner::Connection | Owner::TimeWait => Some(Counter::MarkedIcmp),
         _ => None,
     }
 }

@@ -64,6 +64,7 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// The LLVM bpf-linker is built against: the compiler's major version.
+const LLVM_MAJOR: &str = "22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> anyhow::Result<()> {
@@ -97,6 +98,8 @@ pub fn run() -> anyhow::Result<()> {
                 .args([
                     "install",
                     "bpf-linker",
+                    // Over one of the same version built against another LLVM.
+                    "--force",
                     "--locked",
                     "--version",
                     BPF_LINKER_VERSION,
@@ -154,10 +157,12 @@ fn bpf_linker_ready() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION));
-    let libraries = Command::new("sh")
-        .args(["-c", "ldd \"$(command -v bpf-linker)\""])
+    // The library it needs, as its ELF header names it (whatever the
+    // loader would find now).
+    let needed = Command::new("sh")
+        .args(["-c", "readelf -d \"$(command -v bpf-linker)\""])
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
         .unwrap_or_default();
-    version && libraries.contains(&format!("{LLVM_PREFIX}/lib/libLLVM"))
+    version && needed.contains(&format!("[libLLVM.so.{LLVM_MAJOR}"))
 }

@@ -666,22 +666,28 @@ fn check_bind_family(policy: &Policy, target: &BindTarget) -> Result<(), PolicyE
             .iter()
             .enumerate()
             .find(|(_, server)| unfit(server.ip()))
-            .map(|(k, server)| format!("server {server} ({})", upstream.server_path(k))),
+            .map(|(k, server)| {
+                let what = format!("server {server} ({})", upstream.server_path(k));
+                (what, server.ip())
+            }),
         Target::OriginalDestination => target
             .destinations(policy)
             .find(|(_, prefix)| unfit(prefix.addr()))
             .map(|(RuleId(r), prefix)| {
-                format!(
+                let what = format!(
                     "prefix {prefix} of rule {:?} (intercept[{r}])",
                     policy.rules[r].name
-                )
+                );
+                (what, prefix.addr())
             }),
     };
-    let Some(what) = mismatch else {
+    let Some((what, to)) = mismatch else {
         return Ok(());
     };
     let (is, why) = match addr {
-        _ if addr.is_loopback() => ("loopback", "a loopback source reaches only this host"),
+        _ if to.is_ipv4() == addr.is_ipv4() => {
+            ("loopback", "a loopback source reaches only this host")
+        }
         IpAddr::V4(_) => ("IPv4", "a connection is made in one family"),
         IpAddr::V6(_) => ("IPv6", "a connection is made in one family"),
     };

@@ -565,9 +565,14 @@ impl PolicyError {
             .strip_suffix(&format!(" at line {line} column {col}"))
             .unwrap_or(&message)
             .to_owned();
-        for rust in ["u8", "u16", "u32", "u64"] {
+        for (rust, max) in [
+            ("u8", u64::from(u8::MAX)),
+            ("u16", u64::from(u16::MAX)),
+            ("u32", u64::from(u32::MAX)),
+            ("u64", u64::MAX),
+        ] {
             if let Some(said) = reason.strip_suffix(&format!(", expected {rust}")) {
-                reason = format!("{said}, expected a whole number of 0 or more");
+                reason = format!("{said}, expected a whole number from 0 to {max}");
             }
         }
         // Line 0: serde_json knows no place. Columns count bytes, from the

@@ -233,11 +233,15 @@ fn a_number_of_the_wrong_kind_is_named_in_words() {
     for (field, said) in [
         (
             r#""limits": { "per_client": "x" }"#,
-            r#"intercept[0].limits.per_client: invalid type: string "x", expected a whole number of 0 or more"#,
+            r#"intercept[0].limits.per_client: invalid type: string "x", expected a whole number from 0 to 4294967295"#,
         ),
         (
             r#""limits": { "per_client": -1 }"#,
-            "intercept[0].limits.per_client: invalid value: integer `-1`, expected a whole number of 0 or more",
+            "intercept[0].limits.per_client: invalid value: integer `-1`, expected a whole number from 0 to 4294967295",
+        ),
+        (
+            r#""limits": { "per_client_prefix": { "ipv4": 300, "max": 4 } }"#,
+            "intercept[0].limits.per_client_prefix.ipv4: invalid value: integer `300`, expected a whole number from 0 to 255",
         ),
     ] {
         let err = error_with(

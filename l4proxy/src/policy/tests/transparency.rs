@@ -204,11 +204,19 @@ fn a_fixed_source_is_of_its_servers_family() {
         err,
         r#"upstreams.origin.bind: source address 2001:db8:5::1 is IPv6 but prefix 203.0.113.0/24 of rule "gateway" (intercept[0]) is not: a connection is made in one family"#
     );
-    // A loopback source reaches loopback servers only.
+    // A loopback source reaches loopback servers only, of its family.
     let err = error_with(r#""bind": "client-ip""#, r#""bind": "127.0.0.1""#);
     assert_eq!(
         err,
         r#"upstreams.origin.bind: source address 127.0.0.1 is loopback but prefix 203.0.113.0/24 of rule "gateway" (intercept[0]) is not: a loopback source reaches only this host"#
+    );
+    let err = error_with(
+        r#""[2001:db8:5::3]:8080"], "bind": "client""#,
+        r#""[2001:db8:5::3]:8080"], "bind": "::1""#,
+    );
+    assert!(
+        err.ends_with("source address ::1 is IPv6 but server 203.0.113.3:8080 (upstreams.api.servers[0]) is not: a connection is made in one family"),
+        "{err}"
     );
 }
 
