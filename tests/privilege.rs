@@ -357,18 +357,7 @@ fn a_reload_needing_a_capability_not_held_is_refused() {
         "{stderr}"
     );
     // Nothing of the new policy: no listener on port 80; the old one works.
-    let listening = lab::must(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            t.px.name(),
-            "ss",
-            "-Htln",
-            "sport",
-            "= :80",
-        ],
-    );
+    let listening = t.px.ss(&["-Htln", "sport", "= :80"]);
     assert!(listening.trim().is_empty(), "{listening}");
     transparent_connection(&t, &mut d, &server, 8080);
     assert_clean_shutdown(&t, &mut d);

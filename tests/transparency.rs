@@ -1215,20 +1215,7 @@ fn draining_forwards_a_new_connection_on_a_closed_ones_ports() {
     );
     drop(closed);
     lab::recv_report(&rx, "the proxied connection");
-    let time_wait = lab::must(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            t.px.name(),
-            "ss",
-            "-Htn",
-            "state",
-            "time-wait",
-            "sport",
-            "= :8080",
-        ],
-    );
+    let time_wait = t.px.ss(&["-Htn", "state", "time-wait", "sport", "= :8080"]);
     assert!(
         time_wait.contains(&format!("{}:{}", addr::CL4, from.port())),
         "the proxy's side is in TIME-WAIT: {time_wait:?}"

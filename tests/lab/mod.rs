@@ -242,6 +242,13 @@ impl Netns {
         must("ip", &full)
     }
 
+    /// `ss ARGS...` inside the namespace (its sockets); returns stdout.
+    pub fn ss(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", self.name.as_str(), "ss"];
+        full.extend_from_slice(args);
+        must("ip", &full)
+    }
+
     /// `ip -j link show DEV`: the link's attributes (`address`, `ifindex`, ...).
     pub fn link(&self, dev: &str) -> serde_json::Value {
         let links: serde_json::Value =
