@@ -5,13 +5,21 @@ use std::process::Command;
 
 use crate::run_command;
 
+/// The LLVM major version bpf-linker is built against: the compiler's
+/// (Debian's Rust 1.96 uses LLVM 22). One literal, for `concat!`.
+macro_rules! llvm_major {
+    () => {
+        "22"
+    };
+}
+
 /// Debian packages: Debian's Rust 1.96 with its std source (for -Z build-std),
 /// LLVM 22 for bpf-linker, and the real peers and tools the tests use.
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
-    "llvm-22-dev",
-    "libpolly-22-dev",
+    concat!("llvm-", llvm_major!(), "-dev"),
+    concat!("libpolly-", llvm_major!(), "-dev"),
     "zlib1g-dev",
     "libzstd-dev",
     // jemalloc, the daemon's allocator, is built from C by its crate with make.
@@ -63,9 +71,8 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// The LLVM bpf-linker is built against: the compiler's major version.
-const LLVM_MAJOR: &str = "22";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Where bpf-linker's LLVM lives (the packages above).
+const LLVM_PREFIX: &str = concat!("/usr/lib/llvm-", llvm_major!());
 
 pub fn run() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
@@ -104,7 +111,11 @@ pub fn run() -> anyhow::Result<()> {
                     "--version",
                     BPF_LINKER_VERSION,
                 ])
-                .args(["--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "--no-default-features",
+                    "--features",
+                    concat!("llvm-", llvm_major!()),
+                ])
                 // Without it bpf-linker's build script cannot find libLLVM.
                 .env("LLVM_PREFIX", LLVM_PREFIX),
         )?;
@@ -164,5 +175,5 @@ fn bpf_linker_ready() -> bool {
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
         .unwrap_or_default();
-    version && needed.contains(&format!("[libLLVM.so.{LLVM_MAJOR}"))
+    version && needed.contains(concat!("[libLLVM.so.", llvm_major!()))
 }
