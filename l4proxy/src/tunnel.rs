@@ -25,7 +25,7 @@ use crate::{
     hello::{self, GaveUp, Look},
     local_addrs::{self, LocalAddrs},
     lookup::{self, LookupError},
-    policy::{ConnectFront, Htpasswd},
+    policy::{ConnectFront, Htpasswd, no_tcp_to},
     sniff::Sniffed,
     stream::Stream,
     upstream,
@@ -357,7 +357,7 @@ pub fn allowed(
 ) -> Result<(), &'static str> {
     let allowed_reserved = front.allow_reserved.iter().any(|p| p.contains(&ip));
     if !allowed_reserved {
-        if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        if ip.is_unspecified() || no_tcp_to(ip) {
             return Err("not a unicast address");
         }
         if ip.is_loopback() {

@@ -96,6 +96,12 @@ use std::{
 use ipnet::{IpNet, Ipv6Net};
 use thiserror::Error;
 
+/// A multicast or the broadcast address: no TCP connection is made to or
+/// from one.
+pub fn no_tcp_to(ip: std::net::IpAddr) -> bool {
+    ip.is_multicast() || ip == std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
+}
+
 pub use balance::{Balance, Balancing, HealthCheck, Observe, ServerOptions};
 pub use check::BindTarget;
 pub use connect::ConnectFront;

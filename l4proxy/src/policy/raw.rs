@@ -21,6 +21,7 @@ use super::{
     SniCondition, Timeouts,
     balance::{Balance, Balancing, PoolServer, RawBalancing, RawHealth, RawObserve},
     connect::RawConnectFront,
+    no_tcp_to,
     parent::{Parent, RawParent},
     tls::{Originate, RawOriginate, RawTerminate, Terminate},
 };
@@ -757,19 +758,13 @@ impl TryFrom<String> for Prefix {
         }
         // Multicast is one aligned block per family: ends in it, all in it.
         let multicast = net.network().is_multicast() && net.broadcast().is_multicast();
-        if multicast || net.network() == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        if multicast || (net.prefix_len() == 32 && no_tcp_to(net.network())) {
             return Err(format!(
                 "{net} is multicast or broadcast: no TCP connection goes there"
             ));
         }
         Ok(Prefix(net))
     }
-}
-
-/// A multicast or the broadcast address: no TCP connection is made to or
-/// from one.
-fn no_tcp_to(ip: IpAddr) -> bool {
-    ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
 }
 
 /// An IPv4 prefix's octet, or any prefix's length, written with a leading
