@@ -487,8 +487,9 @@ fn check_gateway_pair(
 }
 
 /// A CONNECT listener must be one rule's, reachable (not an address and
-/// port the kernel steers to another rule), not a parent of l4proxy's own
-/// (an endless chain), and it reads CONNECT heads, not PROXY headers.
+/// port the kernel steers to another rule), not one of an upstream's
+/// servers, pool or parent (an endless chain), and it reads CONNECT heads,
+/// not PROXY headers.
 fn check_connect_listeners(policy: &Policy) -> Result<(), PolicyError> {
     let mut seen: HashMap<SocketAddr, usize> = HashMap::default();
     for (i, rule) in policy.rules.iter().enumerate() {
@@ -540,13 +541,14 @@ fn check_connect_listeners(policy: &Policy) -> Result<(), PolicyError> {
 fn check_repeated_servers(policy: &Policy) -> Result<(), PolicyError> {
     for upstream in &policy.upstreams {
         let servers = upstream.servers();
-        for (k, server) in servers.iter().enumerate() {
-            if let Some(j) = servers[..k].iter().position(|earlier| earlier == server) {
-                return Err(PolicyError::at(
-                    upstream.server_path(k),
-                    format!("{server} is listed already ([{j}]): give it a \"weight\" instead"),
-                ));
-            }
+        if let Some((k, j)) = repeated(servers) {
+            return Err(PolicyError::at(
+                upstream.server_path(k),
+                format!(
+                    "{} is listed already ([{j}]): give it a \"weight\" instead",
+                    servers[k]
+                ),
+            ));
         }
     }
     Ok(())
