@@ -244,15 +244,14 @@ impl ConnectError {
     }
 
     /// Whether the failure says nothing of the servers: none was tried
-    /// (this host as destination, no server of the client's family), the
-    /// connect could not be made from here ([`this_hosts_fault`]), or what
-    /// goes over it ([`Fault::ThisHost`]).
+    /// (this host as destination, no server of the client's family), or the
+    /// connect could not be made from here ([`this_hosts_fault`]). What
+    /// goes over a connection is judged by its [`Fault`].
     pub fn on_this_host(&self) -> bool {
         match self {
             ConnectError::LocalDestination(_) | ConnectError::NoServerOfFamily { .. } => true,
             ConnectError::Failed { error, .. } => this_hosts_fault(error),
-            ConnectError::Secure { fault, .. } => *fault == Fault::ThisHost,
-            ConnectError::NoServerUp { .. } => false,
+            ConnectError::NoServerUp { .. } | ConnectError::Secure { .. } => false,
         }
     }
 

@@ -20,11 +20,11 @@ use super::duration::{self, Bounds, Written};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an object")]
 pub struct Timeouts {
-    /// Closed once no byte has moved either way for this long
+    /// Reset (both sides) once no byte has moved either way for this long
     /// (HAProxy's `timeout client`/`server`/`tunnel`).
     #[serde(default, deserialize_with = "some_timeout")]
     pub idle: Option<Duration>,
-    /// Closed this long after it was accepted, busy or not.
+    /// Reset (both sides) this long after it was accepted, busy or not.
     #[serde(default, deserialize_with = "some_timeout")]
     pub lifetime: Option<Duration>,
 }
