@@ -275,12 +275,12 @@ impl Interceptor {
     }
 
     /// How many `INTERFACES` entries the map holds while `classify` moves
-    /// to `plan`'s interfaces: the new ones go in before the gone ones out.
+    /// to `plan`'s interfaces: the new ones go in before the gone ones out
+    /// (those of interfaces it could not attach to included).
     pub fn peak_interfaces(&self, plan: &[ClassifyPlan]) -> usize {
-        let attached = self.classify.iter().map(|a| a.index);
+        let held = self.interfaces.keys().filter_map(Result::ok);
         let planned = plan.iter().map(|p| p.interface.index);
-        attached
-            .chain(planned)
+        held.chain(planned)
             .collect::<std::collections::BTreeSet<u32>>()
             .len()
     }
