@@ -244,7 +244,7 @@ fn keepalive_finds_a_vanished_client() {
     c.write_all(b"hello").unwrap();
     let sockets = lab::poll_until(
         Duration::from_secs(5),
-        || t.px.run(ss_established),
+        || t.px.ss(&["-tno", "state", "established"]),
         |sockets| sockets.matches("timer:(keepalive").count() >= 2,
     );
     assert!(
@@ -260,15 +260,6 @@ fn keepalive_finds_a_vanished_client() {
     assert!(found < Duration::from_secs(20), "found after {found:?}");
     let ev = d.closed_event(c.local_addr().unwrap());
     assert!(outcome(&ev).starts_with("client_error"), "{ev}");
-}
-
-/// The proxy namespace's established TCP sockets with their timers.
-fn ss_established() -> String {
-    let out = std::process::Command::new("ss")
-        .args(["-tno", "state", "established"])
-        .output()
-        .expect("running ss");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A client at its per-address limit gets a reset for the next connection,

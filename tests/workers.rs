@@ -119,17 +119,6 @@ fn spread_over_two_workers(t: &Topo, open: impl Fn(u64) -> TcpStream) {
     );
 }
 
-/// The listening sockets on `addr` in the proxy's namespace (`ss`).
-fn listening_on(t: &Topo, addr: &str) -> usize {
-    let out = t.px.run(|| {
-        std::process::Command::new("ss")
-            .args(["-Hltn", "src", addr])
-            .output()
-            .expect("running ss")
-    });
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
-
 /// A CONNECT tunnel through `proxy` to the server's echo, greeted.
 fn tunnel(t: &Topo, proxy: &str) -> TcpStream {
     let mut c = lab::connect(&t.cl, sa(proxy));
@@ -156,7 +145,8 @@ fn connect_tunnels_are_spread_over_the_workers() {
         "upstreams": { "asked": { "original_destination": true } }
     });
     let _d = Daemon::start_ready(&t.px, &policy, &["--workers", "2"]);
-    assert_eq!(listening_on(&t, "198.51.100.1:3128"), 2);
+    let listening = t.px.ss(&["-Hltn", "src", "198.51.100.1:3128"]);
+    assert_eq!(listening.lines().count(), 2, "{listening}");
 
     spread_over_two_workers(&t, |_| tunnel(&t, "198.51.100.1:3128"));
 }

@@ -86,6 +86,11 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether the test process `pid` that named something of the lab's is gone.
+fn gone(pid: u32) -> bool {
+    !PathBuf::from(format!("/proc/{pid}")).exists()
+}
+
 /// Removes the directories of earlier test processes that died without
 /// unwinding (a Ctrl-C of `cargo xtask test`): `l4proxy-<what>-<pid>-<n>`
 /// whose process is gone. They hold keys and policies.
@@ -107,7 +112,7 @@ fn sweep_stale_temp_dirs() {
             let Ok(pid) = pid.parse::<u32>() else {
                 continue;
             };
-            if n.parse::<u64>().is_ok() && !PathBuf::from(format!("/proc/{pid}")).exists() {
+            if n.parse::<u64>().is_ok() && gone(pid) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -189,7 +194,7 @@ fn sweep_stale_namespaces() {
             let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
                 continue;
             };
-            if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            if gone(pid) {
                 // Its peers run on in their own process groups, out of
                 // reach once the name is gone.
                 kill_what_is_left(&name);
