@@ -30,15 +30,17 @@ chmod 755 "$work" # nginx's workers (user nobody) read the sites from here
 cl="$tag-client" px="$tag-proxy" sv="$tag-server" br="$tag-bridge"
 daemon_pid=""
 
-# What an earlier run that was cut short left: its namespaces, and the
-# nginx running in them.
+# Kills what runs in namespace $1 (nginx, a daemon's crash guard) and
+# deletes it.
+remove_ns() {
+    for p in $(ip netns pids "$1" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+    ip netns del "$1" 2>/dev/null || true
+}
+
+# What an earlier run that was cut short left.
 for ns in $(ip netns list | awk '{print $1}' | grep '^l4demo-' || true); do
     pid=${ns#l4demo-}
-    pid=${pid%%-*}
-    if ! kill -0 "$pid" 2>/dev/null; then
-        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-        ip netns del "$ns" 2>/dev/null || true
-    fi
+    kill -0 "${pid%%-*}" 2>/dev/null || remove_ns "$ns"
 done
 
 cleanup() {
@@ -46,20 +48,15 @@ cleanup() {
     # Not cut short by a second Ctrl-C or a failing command.
     trap '' INT TERM
     set +e
-    if [[ $status -ne 0 && -s $work/l4proxy.log ]]; then
-        echo "--- the demo failed; l4proxy's log:"
-        tail -n 30 "$work/l4proxy.log"
+    if [[ $status -ne 0 ]]; then
+        [[ -s $work/l4proxy.log ]] && { echo "--- the demo failed; l4proxy's log:"; tail -n 30 "$work/l4proxy.log"; }
         [[ -s $work/nginx-error.log ]] && { echo "--- nginx's error log:"; tail -n 10 "$work/nginx-error.log"; }
     fi
-    if [[ -n $daemon_pid ]] && kill -0 "$daemon_pid" 2>/dev/null; then
-        kill -TERM "$daemon_pid" 2>/dev/null
-        wait "$daemon_pid"
+    # A running daemon gets its stop (it removes what it set up), for 5 s.
+    if [[ -n $daemon_pid ]] && kill -TERM "$daemon_pid" 2>/dev/null; then
+        for _ in $(seq 50); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.1; done
     fi
-    [[ -f $work/nginx.pid ]] && kill "$(cat "$work/nginx.pid")" 2>/dev/null
-    for ns in "$cl" "$px" "$sv" "$br"; do
-        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-        ip netns del "$ns" 2>/dev/null
-    done
+    for ns in "$cl" "$px" "$sv" "$br"; do remove_ns "$ns"; done
     rm -rf "$work"
 }
 trap cleanup EXIT
