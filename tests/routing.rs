@@ -905,6 +905,33 @@ fn http_without_route_or_default_gets_503() {
     );
 }
 
+/// A Host that is not a host name (`x!.www.example.com`, which nginx would
+/// still serve from a `*.www.example.com` server) is not an HTTP request
+/// without a name: it is `"other"`, which routes that reject by name should
+/// reject too. On a rule without a default it is closed, not answered 503.
+#[test]
+fn a_host_that_is_not_a_name_is_other() {
+    let mut lab = Lab::new("badhost");
+    let url = format!("http://{SVC4}/");
+    let c = lab.curl(&["-H", "Host: x!.www.example.com", &url]);
+    assert!(
+        c.http_code.is_none() && !c.out.success(),
+        "no HTTP answer for a Host that is not a name\n{}",
+        c.describe()
+    );
+    let ev = lab.d.closed_event(c.local.expect("curl's own address"));
+    assert_eq!(
+        field_str(&ev, "outcome").as_deref(),
+        Some("no_route"),
+        "{ev}"
+    );
+    assert_eq!(field_str(&ev, "host"), None, "{ev}");
+    assert!(
+        lab.nginx.requests_on(WEB).is_empty(),
+        "no upstream is contacted"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Reject and reset
 // ---------------------------------------------------------------------------

@@ -11,8 +11,12 @@
 //!   (`[0:0::1]:80` gives `::1`), so a host is always a name or a bare address.
 //!   What follows its first colon is the port, whatever it is: nginx picks
 //!   its server by the name before it (`admin.example:x` is
-//!   `admin.example`). A host that is not a name (bad characters) gives
-//!   `host: None`: the head is still HTTP, it just names nothing routable.
+//!   `admin.example`). A host that is not a name or address (bad characters,
+//!   empty) is an error, not `host: None`: nginx still picks a wildcard
+//!   server for `x!.ads.example` (it refuses only `/`, controls, spaces and
+//!   `..`), so taking it as "no host" would let it past a route that
+//!   rejects `*.ads.example`. `host: None` is a head without any authority
+//!   (HTTP/1.0 without Host).
 //! - What servers take, the sniffer takes, so that a client cannot make a
 //!   request a server serves look like another protocol: empty lines before
 //!   the request line (RFC 9112 §2.2: servers SHOULD ignore them) and runs of
@@ -59,6 +63,8 @@ pub enum HttpError {
     BadHeader,
     #[error("more than one Host header")]
     DuplicateHost,
+    #[error("the host the request names is not a host name or address")]
+    BadHost,
 }
 
 /// Parses the request head at the start of `buf`, everything received so
@@ -109,9 +115,13 @@ impl HeadReader {
                     let authority = absolute_form_authority(target)
                         .or_else(|| (method == b"CONNECT").then_some(&target[..]))
                         .or(self.host_header.as_deref());
+                    let host = match authority {
+                        Some(authority) => Some(host_of(authority).ok_or(HttpError::BadHost)?),
+                        None => None,
+                    };
                     return Ok(Some(HttpRequestInfo {
                         method: String::from_utf8_lossy(method).into_owned(),
-                        host: authority.and_then(host_of),
+                        host,
                     }));
                 }
                 Some(_) => {
@@ -380,20 +390,31 @@ mod tests {
             ("[::1]", Some("::1")),
             ("[0:0::1]:8080", Some("::1")),
             ("[2001:DB8::A]:80", Some("2001:db8::a")),
-            ("", None),
             // The port is not looked at, as nginx picks by the name.
             ("example.com:http", Some("example.com")),
-            ("::1", None),
-            ("[::1", None),
-            ("[::1]x", None),
-            ("[example.com]", None),
-            ("user@example.com", None),
             ("exa_mple.com:80:80", Some("exa_mple.com")),
-            ("bad!name", None),
         ];
+        let head =
+            |value: &str| format!("GET / HTTP/1.1\r\nAccept: */*\r\nhOsT: \t{value} \r\n\r\n");
         for (value, want) in cases {
-            let head = format!("GET / HTTP/1.1\r\nAccept: */*\r\nhOsT: \t{value} \r\n\r\n");
-            assert_eq!(host(&head).as_deref(), want, "Host: {value:?}");
+            assert_eq!(host(&head(value)).as_deref(), want, "Host: {value:?}");
+        }
+        // Not a name or address: an error, not "no host" (nginx would pick
+        // the `*.ads.example` server for the first).
+        for value in [
+            "x!.ads.example",
+            "-x.ads.example",
+            "%78.ads.example",
+            "\u{fc}.ads.example",
+            "",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[example.com]",
+            "user@example.com",
+            "bad!name",
+        ] {
+            assert_eq!(err(&head(value)), HttpError::BadHost, "Host: {value:?}");
         }
     }
 
@@ -413,7 +434,6 @@ mod tests {
                 Some("q.example"),
             ),
             ("OPTIONS http://[::1]:80 HTTP/1.1\r\n\r\n", Some("::1")),
-            ("GET http:///nohost HTTP/1.1\r\nHost: ignored\r\n\r\n", None),
             (
                 "CONNECT Tunnel.Example:443 HTTP/1.1\r\nHost: other\r\n\r\n",
                 Some("tunnel.example"),
@@ -431,6 +451,15 @@ mod tests {
         ];
         for (head, want) in cases {
             assert_eq!(host(head).as_deref(), want, "{head:?}");
+        }
+        // The target's authority is what the server goes by: a bad one is
+        // an error whatever Host says.
+        for head in [
+            "GET http:///nohost HTTP/1.1\r\nHost: ignored\r\n\r\n",
+            "GET http://x!.ads.example/ HTTP/1.1\r\nHost: fine.example\r\n\r\n",
+            "CONNECT bad!name:443 HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(err(head), HttpError::BadHost, "{head:?}");
         }
     }
 
