@@ -1199,6 +1199,43 @@ fn route_terminates_one_name_and_passes_another() {
     );
 }
 
+/// A client whose TLS the rule terminated, with a name no route takes and
+/// no default: reset, as a passed-through ClientHello no route takes is
+/// (a close would be a FIN without close_notify, which its TLS reads as a
+/// truncation, not a refusal).
+#[test]
+fn a_terminated_client_no_route_takes_is_reset() {
+    let t = Topo::new("tls_noroute");
+    let pki = Pki::new();
+    let app = app_cert(&pki.front);
+    let mut edge = rule("edge", 443, "unused");
+    edge.as_object_mut().unwrap().remove("upstream");
+    edge["terminate"] = json!({ "certificates": [files(&app)] });
+    let policy = json!({
+        "intercept": [edge],
+        "routes": [
+            { "name": "other-name", "match": { "sni": ["other.example.test"] }, "upstream": "plain" }
+        ],
+        "upstreams": { "plain": { "servers": [PLAIN] } }
+    });
+    let mut d = Daemon::start_ready(&t.px, &policy, &[]);
+    let run = tls_peer::tls_client(
+        &t.cl,
+        sa(&svc(443)),
+        tls_peer::client_config(&pki.front.cert, &[]),
+        "app.example.test",
+        b"",
+        Order::ReceiveFirst,
+    );
+    let error = run.expect_err("no route takes app.example.test");
+    assert!(
+        error.contains("reset"),
+        "the client should see a reset after its handshake: {error}"
+    );
+    let ev = closed(&mut d, 1);
+    assert!(outcome(&ev).starts_with("no route"), "{ev}");
+}
+
 // ---------------------------------------------------------------------------
 // 8. Plain to TLS
 // ---------------------------------------------------------------------------

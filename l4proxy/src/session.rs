@@ -1422,16 +1422,16 @@ Content-Type: text/plain\r\nContent-Length: 22\r\nConnection: close\r\n\r\n\
 upstream unreachable\r\n";
 
 /// No route, or a rejecting one: TLS gets a reset, HTTP/1.x a 503, the rest
-/// a close (when the caller drops `client`).
+/// a close (when the caller drops `client`). TLS is a ClientHello passed
+/// through or a client whose TLS l4proxy ended: a close would end that with
+/// a FIN without close_notify, which the client reads as a truncation.
 async fn refuse(client: &mut Stream, sniffed: Option<&sniff::Sniffed>) {
     match sniffed {
-        Some(sniff::Sniffed::Tls(_)) => {
-            // Linger 0: close() sends a reset instead of a FIN.
-            relay::reset_on_close(client.tcp());
-        }
         Some(sniff::Sniffed::Http(_)) => {
             let _ = client.answer_and_close(SERVICE_UNAVAILABLE).await;
         }
+        Some(sniff::Sniffed::Tls(_)) => relay::reset_on_close(client.tcp()),
+        _ if matches!(client, Stream::Tls(_)) => relay::reset_on_close(client.tcp()),
         _ => {}
     }
 }
