@@ -212,14 +212,12 @@ fn connect_failures_are_counted_by_whose_doing() {
         }
     }
     let failures = |scraped: &str, upstream: &str, reason: &str| {
-        let series = format!(
-            r#"l4proxy_upstream_connect_failures_total{{upstream="{upstream}",reason="{reason}"}} "#
-        );
-        scraped
-            .lines()
-            .find_map(|line| line.strip_prefix(series.as_str()))
-            .unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
-            .to_owned()
+        sample(
+            scraped,
+            &format!(
+                r#"l4proxy_upstream_connect_failures_total{{upstream="{upstream}",reason="{reason}"}}"#
+            ),
+        )
     };
     let counted = |scraped: &str| {
         ["gone", "v6", "tls"].map(|upstream| {
@@ -249,6 +247,34 @@ fn connect_failures_are_counted_by_whose_doing() {
         .map(|reasons| reasons.map(str::to_owned)),
         "upstreams gone, v6, tls: refused, local, tls, client\n{scraped}"
     );
+    // Per server: the refusal counts against its server; what this host
+    // (no source of the family) or the client (no name) did does not.
+    let server = |upstream: &str, server: &str| {
+        sample(
+            &scraped,
+            &format!(
+                r#"l4proxy_server_connect_failures_total{{upstream="{upstream}",server="{server}"}}"#
+            ),
+        )
+    };
+    assert_eq!(
+        [
+            server("gone", "203.0.113.2:8081"),
+            server("v6", "[2001:db8:2::2]:8080"),
+            server("tls", "203.0.113.2:8080"),
+        ],
+        ["1", "0", "0"],
+        "{scraped}"
+    );
+}
+
+/// The value of `series` in a scraped exposition.
+fn sample(scraped: &str, series: &str) -> String {
+    scraped
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
+        .to_owned()
 }
 
 /// `status` shows the connections the test holds open, and the totals;

@@ -54,6 +54,8 @@ pub struct ServerState {
     /// bring it back up.
     checked: AtomicBool,
     failed_checks: AtomicU64,
+    /// Connects to it that failed for its doing, since the daemon started.
+    failed_connects: AtomicU64,
     went_down: AtomicU64,
 }
 
@@ -67,6 +69,9 @@ pub struct Health {
     pub active: usize,
     /// Checks that failed, since the daemon started.
     pub failed_checks: u64,
+    /// Connects (and TLS handshakes) to it that failed for its doing,
+    /// those a retry hid too, since the daemon started.
+    pub failed_connects: u64,
     /// Times it was marked down, since the daemon started.
     pub went_down: u64,
 }
@@ -80,6 +85,7 @@ impl ServerState {
             errors: AtomicU32::new(0),
             checked: AtomicBool::new(false),
             failed_checks: AtomicU64::new(counts.failed_checks),
+            failed_connects: AtomicU64::new(counts.failed_connects),
             went_down: AtomicU64::new(counts.went_down),
         }
     }
@@ -98,6 +104,7 @@ impl ServerState {
             checked: self.checked.load(Ordering::Relaxed),
             active: self.active(),
             failed_checks: self.failed_checks.load(Ordering::Relaxed),
+            failed_connects: self.failed_connects.load(Ordering::Relaxed),
             went_down: self.went_down.load(Ordering::Relaxed),
         }
     }
@@ -138,10 +145,15 @@ impl ServerState {
         self.errors.store(0, Ordering::Relaxed);
     }
 
-    /// A relayed connection could not connect to it: `observe.errors` in
-    /// a row mark it down. Without checks to bring it back, it is up again
-    /// after `observe.down_for`, for connections to try it.
-    pub fn connect_failed(self: &Arc<Self>, observe: &Observe, error: &dyn fmt::Display) {
+    /// A relayed connection could not connect to it, for its doing: counted
+    /// and, where its upstream observes, `observe.errors` in a row mark it
+    /// down. Without checks to bring it back, it is up again after
+    /// `observe.down_for`, for connections to try it.
+    pub fn connect_failed(self: &Arc<Self>, observe: Option<&Observe>, error: &dyn fmt::Display) {
+        self.failed_connects.fetch_add(1, Ordering::Relaxed);
+        let Some(observe) = observe else {
+            return;
+        };
         let errors = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
         if errors < observe.errors {
             return;
@@ -209,6 +221,7 @@ const MAX_RETIRED: usize = 4096;
 struct Counts {
     failed_checks: u64,
     went_down: u64,
+    failed_connects: u64,
 }
 
 impl Servers {
@@ -315,6 +328,7 @@ impl Registry {
                 let counts = Counts {
                     failed_checks: health.failed_checks,
                     went_down: health.went_down,
+                    failed_connects: health.failed_connects,
                 };
                 if retired.len() >= MAX_RETIRED
                     && let Some(any) = retired.keys().next().cloned()
@@ -602,14 +616,14 @@ mod tests {
             down_for: Duration::from_millis(200),
         };
         let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
-        state.connect_failed(&observe, &refused);
-        state.connect_failed(&observe, &refused);
+        state.connect_failed(Some(&observe), &refused);
+        state.connect_failed(Some(&observe), &refused);
         // A connect that works starts the count again.
         state.connect_succeeded();
-        state.connect_failed(&observe, &refused);
-        state.connect_failed(&observe, &refused);
+        state.connect_failed(Some(&observe), &refused);
+        state.connect_failed(Some(&observe), &refused);
         assert!(state.is_up());
-        state.connect_failed(&observe, &refused);
+        state.connect_failed(Some(&observe), &refused);
         assert!(!state.is_up());
         until_up(&state, true, Duration::from_secs(5)).await;
         assert_eq!(state.health().went_down, 1);
@@ -648,7 +662,7 @@ mod tests {
             ),
         ] {
             registry.update(&policy("web", &[address], old));
-            state.connect_failed(&observe_of(old), &refused);
+            state.connect_failed(Some(&observe_of(old)), &refused);
             assert!(!state.is_up(), "{old}");
             registry.update(&policy("web", &[address], old));
             assert!(!state.is_up(), "the same settings: still down");
@@ -666,10 +680,10 @@ mod tests {
         let short = r#", "observe": { "errors": 1, "down_for": "200ms" }"#;
         let long = r#", "observe": { "errors": 1, "down_for": "1h" }"#;
         registry.update(&policy("web", &[address], short));
-        state.connect_failed(&observe_of(short), &refused);
+        state.connect_failed(Some(&observe_of(short)), &refused);
         registry.update(&policy("web", &[address], long));
         assert!(state.is_up(), "tried again");
-        state.connect_failed(&observe_of(long), &refused);
+        state.connect_failed(Some(&observe_of(long)), &refused);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!state.is_up(), "the first timer ended the second time down");
     }
@@ -689,7 +703,7 @@ mod tests {
         let state_a = registry.server("web", a);
         let state_b = registry.server("web", b);
         registry.update(&policy("web", &[a, b], r#", "observe": { "errors": 1 }"#));
-        state_a.connect_failed(&observe, &io::Error::from(io::ErrorKind::TimedOut));
+        state_a.connect_failed(Some(&observe), &io::Error::from(io::ErrorKind::TimedOut));
         let lease = state_a.lease();
         assert!(!state_a.is_up());
 
@@ -704,7 +718,7 @@ mod tests {
         // b's state is held (a replaced policy's pool, a connection): a
         // policy that brings b back has it, connection and all ...
         let lease_b = state_b.lease();
-        state_b.connect_failed(&observe, &io::Error::from(io::ErrorKind::TimedOut));
+        state_b.connect_failed(Some(&observe), &io::Error::from(io::ErrorKind::TimedOut));
         registry.update(&policy("web", &[a, b], r#", "observe": { "errors": 1 }"#));
         assert!(Arc::ptr_eq(&registry.server("web", b), &state_b));
         assert_eq!(registry.server("web", b).active(), 1);

@@ -148,6 +148,7 @@ pub struct Metrics {
     server_up: Family<ServerLabel, Gauge>,
     server_active: Family<ServerLabel, Gauge>,
     server_check_failures: Family<ServerLabel, Counter>,
+    server_connect_failures: Family<ServerLabel, Counter>,
     server_downs: Family<ServerLabel, Counter>,
     limited: Family<LimitLabel, Counter>,
     /// Cumulative values read from elsewhere (the kernel's counters, the
@@ -174,6 +175,7 @@ impl Metrics {
             server_up: Family::default(),
             server_active: Family::default(),
             server_check_failures: Family::default(),
+            server_connect_failures: Family::default(),
             server_downs: Family::default(),
             limited: Family::default(),
             seen: Mutex::new(HashMap::new()),
@@ -232,7 +234,7 @@ impl Metrics {
         );
         r.register(
             "upstream_connect_failures",
-            "Failed connections to an upstream, by reason",
+            "Connections that could not connect to an upstream (every attempt failed), by the last attempt's reason",
             metrics.upstream_failures.clone(),
         );
         r.register_with_unit(
@@ -266,6 +268,11 @@ impl Metrics {
             "server_check_failures",
             "A server's failed health checks",
             metrics.server_check_failures.clone(),
+        );
+        r.register(
+            "server_connect_failures",
+            "Connects and TLS handshakes to a server that failed for its doing (refused, timed out, its certificate), those another server then took too",
+            metrics.server_connect_failures.clone(),
         );
         r.register(
             "server_downs",
@@ -440,6 +447,10 @@ impl Metrics {
             self.server_check_failures
                 .get_or_create(&label)
                 .inc_by(failures);
+            let connects = grown(key("connects"), health.failed_connects);
+            self.server_connect_failures
+                .get_or_create(&label)
+                .inc_by(connects);
             let downs = grown(key("downs"), health.went_down);
             self.server_downs.get_or_create(&label).inc_by(downs);
         }
@@ -740,6 +751,7 @@ mod tests {
                     active: 3,
                     failed_checks,
                     went_down: 1,
+                    failed_connects: 4,
                 },
             },
         };
@@ -749,6 +761,7 @@ mod tests {
             format!("l4proxy_server_up{series} 0"),
             format!("l4proxy_server_active_connections{series} 3"),
             format!("l4proxy_server_check_failures_total{series} 5"),
+            format!("l4proxy_server_connect_failures_total{series} 4"),
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }

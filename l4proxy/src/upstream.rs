@@ -535,9 +535,7 @@ impl Pool {
                         return Err(failed);
                     }
                     tracing::debug!(upstream = %server.address, error = %failed, "TLS to the upstream failed");
-                    if let Some(observe) = &self.observe {
-                        server.state.connect_failed(observe, &failed);
-                    }
+                    server.state.connect_failed(self.observe.as_ref(), &failed);
                     last_error = Some(failed);
                 }
             }
@@ -553,17 +551,18 @@ impl Pool {
         }))
     }
 
-    /// A failed connect to `server`, counted by observation: a parent that
-    /// answered is alive, whatever it answered; one this host could not
-    /// even try is not at fault.
+    /// A failed connect to `server`, counted against it (and by
+    /// observation): a parent that answered is alive, whatever it
+    /// answered; one this host could not even try is not at fault.
     fn connect_failed(&self, server: &PoolServer, failed: AttemptFailed) -> ConnectError {
         let AttemptFailed { error, alive } = failed;
         tracing::debug!(upstream = %server.address, %error, "upstream connect failed");
-        match &self.observe {
-            Some(_) if alive => server.state.connect_succeeded(),
-            Some(_) if this_hosts_fault(&error) => {}
-            Some(observe) => server.state.connect_failed(observe, &error),
-            None => {}
+        if alive {
+            if self.observe.is_some() {
+                server.state.connect_succeeded();
+            }
+        } else if !this_hosts_fault(&error) {
+            server.state.connect_failed(self.observe.as_ref(), &error);
         }
         ConnectError::Failed {
             upstream: server.address,
@@ -1417,9 +1416,19 @@ mod tests {
             .expect("every server refuses");
         assert!(matches!(failed, ConnectError::Failed { .. }), "{failed}");
         // Two tried (the first and one retry), each marked down at its
-        // first error.
+        // first error, and each failure counted against its server.
         let down = |pool: &Pool| pool.servers_state().iter().filter(|s| !s.health.up).count();
         assert_eq!(down(&pool), 2);
+        let failed_connects = |pool: &Pool| {
+            let state = pool.servers_state();
+            state
+                .iter()
+                .map(|s| s.health.failed_connects)
+                .collect::<Vec<_>>()
+        };
+        let mut counted = failed_connects(&pool);
+        counted.sort();
+        assert_eq!(counted, [0, 0, 1, 1]);
         // No lease outlives its failed attempt.
         assert!(pool.servers_state().iter().all(|s| s.health.active == 0));
         pool.connect(&request, &local, Duration::from_secs(1), plain)
@@ -1434,6 +1443,33 @@ mod tests {
             .expect("every server is down");
         assert!(refused.all_down(), "{refused}");
         assert_eq!(refused.to_string(), r#"no server of upstream "u" is up"#);
+    }
+
+    /// Without observation too, a failure a retry hides is counted against
+    /// its server (the connection's own counters see only its success).
+    #[tokio::test]
+    async fn a_failure_another_server_hides_is_counted_against_its_server() {
+        let local = LocalAddrs::load(None).await.unwrap();
+        let registry = health::Registry::default();
+        let refusing = refusing(1).await[0];
+        let listening = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = listening.local_addr().unwrap();
+        let pool = pool_of(&[refusing, good], "", &registry);
+        let request = request("192.0.2.7:40000", "192.0.2.10:80", Bind::Proxy);
+        // Round robin tries each first once.
+        for _ in 0..2 {
+            let connected = pool
+                .connect(&request, &local, Duration::from_secs(1), plain)
+                .await
+                .expect("the listening server, tried next");
+            assert_eq!(connected.upstream.0, good);
+        }
+        let counted: Vec<(SocketAddr, u64, bool)> = pool
+            .servers_state()
+            .iter()
+            .map(|s| (s.address, s.health.failed_connects, s.health.up))
+            .collect();
+        assert_eq!(counted, [(refusing, 1, true), (good, 0, true)]);
     }
 
     #[tokio::test]
