@@ -21,12 +21,19 @@ use tokio::{io::Interest, net::TcpStream};
 /// The peek buffer's first size; it doubles while a peek fills it.
 const INITIAL_BUFFER: usize = 4096;
 
+/// The most looks without a verdict: each copies everything queued, so a
+/// client sending its hello a byte per segment (a classifier that cannot
+/// tell how much more it needs waits for the next byte) would cost
+/// looks × bytes copied. Real clients send a hello in a few segments.
+const MAX_LOOKS: u32 = 256;
+
 /// Why peeking stopped before the classifier could decide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GaveUp {
     /// The deadline passed (a silent or slow client).
     Timeout,
-    /// The client sent the most bytes we look at without a verdict.
+    /// The client sent the most bytes we look at without a verdict (or
+    /// sent them in more than [`MAX_LOOKS`] pieces).
     TooLarge,
     /// The client finished sending (or reset) before a verdict.
     Closed,
@@ -184,6 +191,8 @@ struct Peeker {
     /// The kernel would not hold `SO_RCVLOWAT` at `until` (it caps it at
     /// half the most a receive buffer may hold): every arrival wakes us.
     lowat_capped: bool,
+    /// Looks that asked the classifier and got no verdict.
+    looks: u32,
 }
 
 thread_local! {
@@ -202,6 +211,7 @@ impl Peeker {
             until: 1,
             lowat: 1,
             lowat_capped: false,
+            looks: 0,
         }
     }
 
@@ -231,8 +241,11 @@ impl Peeker {
             let decided = match classify(&buffer[..n]) {
                 Look::Verdict(verdict) => Some(Ok(verdict)),
                 Look::TooLarge => Some(Err(GaveUp::TooLarge)),
-                Look::Wait { .. } if n == self.limit => Some(Err(GaveUp::TooLarge)),
+                Look::Wait { .. } if n == self.limit || self.looks + 1 >= MAX_LOOKS => {
+                    Some(Err(GaveUp::TooLarge))
+                }
                 Look::Wait { until } => {
+                    self.looks += 1;
                     self.until = next_wait(until, n, self.limit);
                     None
                 }
@@ -402,6 +415,42 @@ mod tests {
         assert_eq!(seen.asked, 2, "looks for 100 pieces");
         assert!(seen.polls <= 3, "{} wake-ups for 100 pieces", seen.polls);
         drop(writer.await.unwrap());
+    }
+
+    /// A classifier that waits for each next byte, and a client that sends
+    /// one at a time, each once the last was looked at: given up after
+    /// [`MAX_LOOKS`] looks, not one per byte up to the limit.
+    #[tokio::test]
+    async fn a_hello_in_too_many_pieces_is_given_up() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        };
+        let (accepted, mut client) = pair().await;
+        client.set_nodelay(true).unwrap();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let looked = asked.clone();
+        let writer = tokio::spawn(async move {
+            for sent in 1..=2 * MAX_LOOKS as usize {
+                if client.write_all(b"x").await.is_err() {
+                    break;
+                }
+                while looked.load(Ordering::Relaxed) < sent {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            client
+        });
+        let verdict = peek_until(&accepted, 64 * 1024, Duration::from_secs(20), |bytes| {
+            asked.fetch_add(1, Ordering::Relaxed);
+            line(bytes)
+        })
+        .await
+        .unwrap();
+        assert_eq!(verdict, Err(GaveUp::TooLarge));
+        assert_eq!(asked.load(Ordering::Relaxed), MAX_LOOKS as usize);
+        // The writer waits for a look that no longer comes.
+        writer.abort();
     }
 
     #[tokio::test]
