@@ -67,11 +67,24 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Whether `head` holds a whole request head: an empty line after the
+/// request line, its lines ended by CRLF or a bare LF (as curl and
+/// HAProxy's checks send, and servers take); empty lines before the
+/// request line do not end it.
+fn head_ends(head: &[u8]) -> bool {
+    let start = head
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(head.len());
+    let head = &head[start..];
+    head.windows(2).any(|w| w == b"\n\n") || head.windows(3).any(|w| w == b"\n\r\n")
+}
+
 async fn answer(mut stream: TcpStream, scrape: &Scrape) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let read = tokio::time::timeout(HEAD_TIMEOUT, async {
         let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+        while !head_ends(&head) && head.len() < MAX_HEAD {
             let n = stream.read(&mut buf).await?;
             if n == 0 {
                 break;
@@ -248,6 +261,21 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_head_ends_at_its_first_empty_line_whatever_the_line_ends() {
+        for (head, ends) in [
+            (&b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..], true),
+            (b"GET /metrics HTTP/1.1\nHost: x\n\n", true),
+            (b"GET /metrics HTTP/1.1\n\r\n", true),
+            (b"\r\n\nGET /metrics HTTP/1.1\r\n\r\n", true),
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n", false),
+            (b"\r\n\r\n", false),
+            (b"", false),
+        ] {
+            assert_eq!(head_ends(head), ends, "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
     /// What each kind of request gets back, whole.
     #[tokio::test]
     async fn a_head_gets_no_body_and_another_method_a_405() {
@@ -264,6 +292,13 @@ mod tests {
             got.starts_with("HTTP/1.1 200 OK\r\n") && got.ends_with("\r\n\r\nl4proxy_x 1\n"),
             "{got:?}"
         );
+        // Bare LF line ends: answered at once, not at the head's timeout
+        // (the client does not half-close).
+        let got =
+            tokio::time::timeout(HEAD_TIMEOUT / 2, ask(b"GET /metrics HTTP/1.1\nHost: x\n\n"))
+                .await
+                .expect("an answer before the head's timeout");
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got:?}");
         let got = ask(b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert!(
             got.starts_with("HTTP/1.1 200 OK\r\n")
