@@ -32,21 +32,23 @@ pub fn explain(policy: &Policy, args: &ExplainArgs) -> anyhow::Result<String> {
         rule,
         target: name.as_deref(),
     };
-    // As the sniffer reads them: a name in its normal form, none if invalid.
+    // As the sniffer reads them: a name in its normal form; an SNI that is
+    // none is no SNI, a Host that is none makes the head "other" (an empty
+    // one names nothing).
     let sni = args
         .sni
         .as_deref()
         .and_then(|sni| sniff::normalize_host_name(sni.as_bytes()));
-    let host = args
-        .host
-        .as_deref()
-        .and_then(|host| sniff::host_of(host.as_bytes()));
+    let host = args.host.as_deref().map(|host| match host {
+        "" => Some(None),
+        host => sniff::host_of(host.as_bytes()).map(Some),
+    });
     let alpn = &args.alpn;
-    let plain = match &args.host {
-        Some(_) => route::Hello::Http {
-            host: host.as_deref(),
+    let plain = match &host {
+        Some(Some(name)) => route::Hello::Http {
+            host: name.as_deref(),
         },
-        None => route::Hello::Other,
+        Some(None) | None => route::Hello::Other,
     };
     // A rule that terminates TLS routes on its handshake (the name, the
     // protocol agreed: the first of its `alpn` the client offers) and on
@@ -250,6 +252,45 @@ mod tests {
     }
 
     const CLIENT: &str = "198.51.100.7:40000";
+
+    /// A Host that is not a name makes the head "other", as in the daemon;
+    /// an empty one names nothing.
+    #[test]
+    fn a_host_that_is_not_a_name_is_explained_as_other() {
+        let policy = Policy::from_json(
+            r#"{
+              "intercept": [ { "name": "web", "prefixes": ["192.0.2.0/24"], "ports": [80], "upstream": "web" } ],
+              "routes": [
+                { "name": "ads", "match": { "host": ["*.ads.example.com"] }, "reject": true },
+                { "name": "unreadable", "match": { "protocol": "other" }, "reject": true }
+              ],
+              "upstreams": { "web": { "servers": ["203.0.113.2:80"] } }
+            }"#,
+        )
+        .unwrap();
+        let ask = |host: &str| {
+            let args = ExplainArgs {
+                file: "unused".into(),
+                src: CLIENT.parse().unwrap(),
+                dst: "192.0.2.10:80".parse().unwrap(),
+                sni: None,
+                alpn: Vec::new(),
+                tls: false,
+                host: Some(host.to_owned()),
+                connect: None,
+                resolved: None,
+            };
+            explain(&policy, &args).unwrap()
+        };
+        for (host, want) in [
+            ("a.ads.example.com", "route: ads"),
+            ("x!.ads.example.com", "route: unreadable"),
+            ("", "upstream: web"),
+        ] {
+            let said = ask(host);
+            assert!(said.contains(want), "--host {host:?}: {said}");
+        }
+    }
     const LISTENER: &str = "198.51.100.1:3128";
 
     #[test]

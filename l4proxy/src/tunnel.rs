@@ -438,7 +438,7 @@ pub fn fronting(name: &str, said: &Sniffed, gave_up: Option<GaveUp>) -> Option<S
         (None, Sniffed::Http(request)) => ("HTTP Host", request.host.as_deref()),
         (None, Sniffed::Other) => {
             return Some(
-                "domain fronting not ruled out: the tunnel's first bytes are neither a ClientHello nor an HTTP request, so they name no server".to_owned(),
+                "domain fronting not ruled out: the tunnel's first bytes are not a ClientHello or an HTTP request that names a host, so they name no server".to_owned(),
             );
         }
     };
@@ -448,7 +448,7 @@ pub fn fronting(name: &str, said: &Sniffed, gave_up: Option<GaveUp>) -> Option<S
             "domain fronting: {what} {named} differs from the CONNECT name {name}"
         )),
         None => Some(format!(
-            "domain fronting not ruled out: no valid {what} to compare with the CONNECT name {name}"
+            "domain fronting not ruled out: no {what} to compare with the CONNECT name {name}"
         )),
     }
 }

@@ -11,12 +11,13 @@
 //!   (`[0:0::1]:80` gives `::1`), so a host is always a name or a bare address.
 //!   What follows its first colon is the port, whatever it is: nginx picks
 //!   its server by the name before it (`admin.example:x` is
-//!   `admin.example`). A host that is not a name or address (bad characters,
-//!   empty) is an error, not `host: None`: nginx still picks a wildcard
-//!   server for `x!.ads.example` (it refuses only `/`, controls, spaces and
-//!   `..`), so taking it as "no host" would let it past a route that
-//!   rejects `*.ads.example`. `host: None` is a head without any authority
-//!   (HTTP/1.0 without Host).
+//!   `admin.example`). A host that is not a name or address (bad characters)
+//!   is an error, not `host: None`: nginx still picks a wildcard server for
+//!   `x!.ads.example` (it refuses only `/`, controls, spaces and `..`), so
+//!   taking it as "no host" would let it past a route that rejects
+//!   `*.ads.example`. `host: None` is a head that names none: no authority
+//!   (HTTP/1.0 without Host), or an empty Host (RFC 9112 §3.2: a target
+//!   without an authority).
 //! - What servers take, the sniffer takes, so that a client cannot make a
 //!   request a server serves look like another protocol: empty lines before
 //!   the request line (RFC 9112 §2.2: servers SHOULD ignore them) and runs of
@@ -116,8 +117,8 @@ impl HeadReader {
                         .or_else(|| (method == b"CONNECT").then_some(&target[..]))
                         .or(self.host_header.as_deref());
                     let host = match authority {
+                        None | Some(b"") => None,
                         Some(authority) => Some(host_of(authority).ok_or(HttpError::BadHost)?),
-                        None => None,
                     };
                     return Ok(Some(HttpRequestInfo {
                         method: String::from_utf8_lossy(method).into_owned(),
@@ -399,6 +400,8 @@ mod tests {
         for (value, want) in cases {
             assert_eq!(host(&head(value)).as_deref(), want, "Host: {value:?}");
         }
+        // Empty: a target without an authority (RFC 9112 §3.2) names none.
+        assert_eq!(host(&head("")), None);
         // Not a name or address: an error, not "no host" (nginx would pick
         // the `*.ads.example` server for the first).
         for value in [
@@ -406,7 +409,6 @@ mod tests {
             "-x.ads.example",
             "%78.ads.example",
             "\u{fc}.ads.example",
-            "",
             "::1",
             "[::1",
             "[::1]x",
@@ -434,6 +436,8 @@ mod tests {
                 Some("q.example"),
             ),
             ("OPTIONS http://[::1]:80 HTTP/1.1\r\n\r\n", Some("::1")),
+            // An empty authority names none, whatever Host says.
+            ("GET http:///nohost HTTP/1.1\r\nHost: ignored\r\n\r\n", None),
             (
                 "CONNECT Tunnel.Example:443 HTTP/1.1\r\nHost: other\r\n\r\n",
                 Some("tunnel.example"),
@@ -455,7 +459,6 @@ mod tests {
         // The target's authority is what the server goes by: a bad one is
         // an error whatever Host says.
         for head in [
-            "GET http:///nohost HTTP/1.1\r\nHost: ignored\r\n\r\n",
             "GET http://x!.ads.example/ HTTP/1.1\r\nHost: fine.example\r\n\r\n",
             "CONNECT bad!name:443 HTTP/1.1\r\n\r\n",
         ] {
