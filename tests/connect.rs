@@ -538,7 +538,7 @@ fn fronting_that_cannot_be_ruled_out_is_refused() {
         (
             &b"SSH-2.0-OpenSSH_9.2p1\r\n"[..],
             false,
-            "neither a ClientHello nor an HTTP request",
+            "not a ClientHello or an HTTP request that names a host",
         ),
     ] {
         let (answer, mut c) = ask(&lab.t, STRICT4, &head);
