@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use lab::prometheus::{Prometheus, promtool_check};
+use lab::prometheus::{Prometheus, promtool_check, sample};
 use lab::tls::run_in;
 use lab::{Daemon, Server, Topo, handlers, ip, sa};
 use serde_json::{Value, json};
@@ -212,7 +212,7 @@ fn connect_failures_are_counted_by_whose_doing() {
         }
     }
     let failures = |scraped: &str, upstream: &str, reason: &str| {
-        sample(
+        value(
             scraped,
             &format!(
                 r#"l4proxy_upstream_connect_failures_total{{upstream="{upstream}",reason="{reason}"}}"#
@@ -231,7 +231,7 @@ fn connect_failures_are_counted_by_whose_doing() {
         scraped = scrape(&t);
         if counted(&scraped)
             .iter()
-            .all(|reasons| reasons.contains(&"1".to_owned()))
+            .all(|reasons| reasons.contains(&1.0))
         {
             break;
         }
@@ -240,17 +240,17 @@ fn connect_failures_are_counted_by_whose_doing() {
     assert_eq!(
         counted(&scraped),
         [
-            ["1", "0", "0", "0"],
-            ["0", "1", "0", "0"],
-            ["0", "0", "0", "1"]
-        ]
-        .map(|reasons| reasons.map(str::to_owned)),
+            [1.0, 0.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0]
+        ],
         "upstreams gone, v6, tls: refused, local, tls, client\n{scraped}"
     );
-    // Per server: the refusal counts against its server; what this host
-    // (no source of the family) or the client (no name) did does not.
+    // Per server: the refusal counts against its server. The others were
+    // never tried (no source of the family; no name to verify): nothing
+    // is counted against a server before an attempt.
     let server = |upstream: &str, server: &str| {
-        sample(
+        value(
             &scraped,
             &format!(
                 r#"l4proxy_server_connect_failures_total{{upstream="{upstream}",server="{server}"}}"#
@@ -263,18 +263,14 @@ fn connect_failures_are_counted_by_whose_doing() {
             server("v6", "[2001:db8:2::2]:8080"),
             server("tls", "203.0.113.2:8080"),
         ],
-        ["1", "0", "0"],
+        [1.0, 0.0, 0.0],
         "{scraped}"
     );
 }
 
-/// The value of `series` in a scraped exposition.
-fn sample(scraped: &str, series: &str) -> String {
-    scraped
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
-        .to_owned()
+/// The value of `series` in a scraped exposition, which must have it.
+fn value(scraped: &str, series: &str) -> f64 {
+    sample(scraped, series).unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
 }
 
 /// `status` shows the connections the test holds open, and the totals;

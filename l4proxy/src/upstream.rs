@@ -653,7 +653,7 @@ static SECOND_ATTEMPTS: tokio::sync::Semaphore =
 
 /// The addresses of one name tried at most (Squid's `forward_max_tries`
 /// is 25): a name with hundreds must not become a SYN to each.
-const MAX_ADDRESSES: usize = 16;
+pub(crate) const MAX_ADDRESSES: usize = 16;
 
 /// Happy Eyeballs (RFC 8305 §5) over the first [`MAX_ADDRESSES`] of
 /// `candidates`, in their order: the first attempt starts at once, each
@@ -1506,6 +1506,8 @@ mod tests {
         let state = pool.servers_state();
         assert!(!state[0].health.up, "{:?}", state[0].health);
         assert!(state[1].health.up, "{:?}", state[1].health);
+        assert_eq!(state[0].health.failed_connects, 1, "{:?}", state[0].health);
+        assert_eq!(state[1].health.failed_connects, 0, "{:?}", state[1].health);
 
         // A registry of its own: the first one has the bad server down.
         let pool = pool_of(&[bad], "", &health::Registry::default());
@@ -1534,7 +1536,9 @@ mod tests {
             // Round robin picked the bad server first once, and stopped there.
             assert_eq!(failed, [UpstreamAddr(bad)], "{fault:?}");
             assert!(
-                pool.servers_state().iter().all(|s| s.health.up),
+                pool.servers_state()
+                    .iter()
+                    .all(|s| s.health.up && s.health.failed_connects == 0),
                 "{fault:?}"
             );
         }
