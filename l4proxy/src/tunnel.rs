@@ -184,8 +184,9 @@ pub async fn open(
                 }
             };
             let mut refused = None;
-            let checked: Vec<SocketAddr> = resolved
-                .into_iter()
+            // No more are ever tried: a name with thousands of addresses
+            // would cost a route query each.
+            let checked: Vec<SocketAddr> = first_of_each_family(resolved, upstream::MAX_ADDRESSES)
                 .filter(
                     |addr| match allowed(front, addr.ip(), is_local, kernel_route) {
                         Ok(()) => true,
@@ -208,6 +209,23 @@ pub async fn open(
             })
         }
     }
+}
+
+/// The first `most` addresses of each family, in their order.
+fn first_of_each_family(
+    addresses: Vec<SocketAddr>,
+    most: usize,
+) -> impl Iterator<Item = SocketAddr> {
+    let (mut v4, mut v6) = (0, 0);
+    addresses.into_iter().filter(move |addr| {
+        let seen = if addr.ip().to_canonical().is_ipv4() {
+            &mut v4
+        } else {
+            &mut v6
+        };
+        *seen += 1;
+        *seen <= most
+    })
 }
 
 /// Reads the client's head within `deadline` and takes it off the stream,
@@ -473,6 +491,15 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn only_the_addresses_that_may_be_tried_are_checked() {
+        let v4 = |i: u8| SocketAddr::from(([203, 0, 113, i], 443));
+        let v6 = |i: u16| SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, i], 443));
+        let resolved: Vec<SocketAddr> = (1..=40).flat_map(|i| [v4(i), v6(u16::from(i))]).collect();
+        let kept: Vec<SocketAddr> = first_of_each_family(resolved, 3).collect();
+        assert_eq!(kept, [v4(1), v6(1), v4(2), v6(2), v4(3), v6(3)]);
+    }
     use crate::{install, policy::Keepalive};
 
     fn sa(text: &str) -> SocketAddr {
@@ -526,12 +553,12 @@ mod tests {
                 None,
                 "HTTP Host other.example.test differs",
             ),
-            (tls(None), None, "no valid TLS server name"),
-            (http(None), None, "no valid HTTP Host"),
+            (tls(None), None, "no TLS server name"),
+            (http(None), None, "no HTTP Host"),
             (
                 Sniffed::Other,
                 None,
-                "neither a ClientHello nor an HTTP request",
+                "not a ClientHello or an HTTP request that names a host",
             ),
             // What the sniffer makes of a client that waited out the
             // deadline, or sent more than it reads, whatever came later.
