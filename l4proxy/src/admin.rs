@@ -68,9 +68,9 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Whether `head` holds a whole request head: an empty line after the
-/// request line, its lines ended by CRLF or a bare LF (as curl and
-/// HAProxy's checks send, and servers take); empty lines before the
-/// request line do not end it.
+/// request line, its lines ended by CRLF or a bare LF (as `printf … | nc`
+/// and some health checkers send, and servers take); empty lines before
+/// the request line do not end it.
 fn head_ends(head: &[u8]) -> bool {
     let start = head
         .iter()

@@ -32,9 +32,11 @@ const MAX_LOOKS: u32 = 256;
 pub enum GaveUp {
     /// The deadline passed (a silent or slow client).
     Timeout,
-    /// The client sent the most bytes we look at without a verdict (or
-    /// sent them in more than [`MAX_LOOKS`] pieces).
+    /// The client sent the most bytes we look at without a verdict.
     TooLarge,
+    /// The client's bytes came in more than [`MAX_LOOKS`] pieces without a
+    /// verdict.
+    TooManyPieces,
     /// The client finished sending (or reset) before a verdict.
     Closed,
 }
@@ -44,6 +46,7 @@ impl GaveUp {
         match self {
             GaveUp::Timeout => "sniff timeout",
             GaveUp::TooLarge => "sniff size limit",
+            GaveUp::TooManyPieces => "sniff piece limit",
             GaveUp::Closed => "client closed before a verdict",
         }
     }
@@ -241,8 +244,9 @@ impl Peeker {
             let decided = match classify(&buffer[..n]) {
                 Look::Verdict(verdict) => Some(Ok(verdict)),
                 Look::TooLarge => Some(Err(GaveUp::TooLarge)),
-                Look::Wait { .. } if n == self.limit || self.looks + 1 >= MAX_LOOKS => {
-                    Some(Err(GaveUp::TooLarge))
+                Look::Wait { .. } if n == self.limit => Some(Err(GaveUp::TooLarge)),
+                Look::Wait { .. } if self.looks + 1 >= MAX_LOOKS => {
+                    Some(Err(GaveUp::TooManyPieces))
                 }
                 Look::Wait { until } => {
                     self.looks += 1;
@@ -447,7 +451,7 @@ mod tests {
         })
         .await
         .unwrap();
-        assert_eq!(verdict, Err(GaveUp::TooLarge));
+        assert_eq!(verdict, Err(GaveUp::TooManyPieces));
         assert_eq!(asked.load(Ordering::Relaxed), MAX_LOOKS as usize);
         // The writer waits for a look that no longer comes.
         writer.abort();

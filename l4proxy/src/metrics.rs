@@ -234,7 +234,7 @@ impl Metrics {
         );
         r.register(
             "upstream_connect_failures",
-            "Connections that could not connect to an upstream (every attempt failed), by the last attempt's reason",
+            "Connections that could not connect to an upstream, by reason (where servers were tried, the last attempt's)",
             metrics.upstream_failures.clone(),
         );
         r.register_with_unit(

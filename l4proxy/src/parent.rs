@@ -70,7 +70,7 @@ pub async fn open(
     let target = target.to_owned();
     let answer = match verdict {
         Ok(Ok(answer)) => answer,
-        Ok(Err(Malformed)) | Err(GaveUp::TooLarge) => {
+        Ok(Err(Malformed)) | Err(GaveUp::TooLarge | GaveUp::TooManyPieces) => {
             return Err(ParentError::Malformed { target });
         }
         Err(GaveUp::Closed) => return Err(ParentError::Closed { target }),

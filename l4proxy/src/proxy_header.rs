@@ -42,9 +42,11 @@ pub async fn read(stream: &TcpStream, deadline: Duration) -> Result<Decoded, Rea
         Ok(Err(e)) => return Err(ReadError::Malformed(e)),
         Err(GaveUp::Timeout) => return Err(ReadError::Timeout(deadline)),
         Err(GaveUp::Closed) => return Err(ReadError::Closed),
-        // The decoder has a verdict by MAX_HEADER_LEN bytes; this would be a
-        // bug, and the header is refused either way.
-        Err(GaveUp::TooLarge) => {
+        // The decoder has a verdict by MAX_HEADER_LEN bytes, and within far
+        // fewer looks than the most (a v1 line is at most 107 bytes, a v2
+        // header waits for its declared length): either would be a bug,
+        // and the header is refused either way.
+        Err(GaveUp::TooLarge | GaveUp::TooManyPieces) => {
             return Err(ReadError::Malformed(DecodeError::V2TooLong(MAX_HEADER_LEN)));
         }
     };

@@ -275,7 +275,11 @@ async fn read_head(client: &mut Stream, deadline: Duration) -> Result<Request, R
             Ok(Err(e)) => return Err(Refused::BadRequest(e)),
             Err(GaveUp::Timeout) => return Err(Refused::HeadTimeout(deadline)),
             Err(GaveUp::Closed) => return Err(Refused::Closed),
-            Err(GaveUp::TooLarge) => return Err(Refused::BadRequest(HeadError::TooLarge)),
+            // The head's classifier answers at each line: never in more
+            // pieces than the most looks.
+            Err(GaveUp::TooLarge | GaveUp::TooManyPieces) => {
+                return Err(Refused::BadRequest(HeadError::TooLarge));
+            }
         }
     }
 }
