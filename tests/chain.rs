@@ -8,6 +8,9 @@
 
 mod lab;
 
+use std::io::{ErrorKind, Read, Write};
+use std::time::Duration;
+
 use lab::daemon::field_str;
 use lab::daemon::outcome;
 use lab::origin::{APP, Origin};
@@ -317,6 +320,38 @@ fn curl_speaks_tls_to_the_connect_listener() {
         );
         assert!(field_str(&ev, "tls_cipher").is_some(), "{ev}");
     }
+}
+
+/// A client outside the TLS listener's `clients` is reset before any TLS:
+/// no ServerHello (no private-key operation) for a host the rule does not
+/// take; the log says why.
+#[test]
+fn a_client_the_tls_listener_does_not_take_gets_no_handshake() {
+    let mut c = Chain::start("chain_tls_clients");
+    let hello = lab::tls::capture_client_hello(&c.t.sv, &["-servername", REMOTE_NAME]);
+    // The server's host is outside the rule's clients.
+    let mut s = lab::try_connect(&c.t.sv, lab::sa(REMOTE4), Duration::from_secs(5))
+        .expect("connect to the TLS listener");
+    let local = s.local_addr().unwrap();
+    let _ = s.write_all(&hello);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let end = s.read_to_end(&mut got);
+    assert!(
+        got.is_empty()
+            && end
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+        "a reset and no handshake: got {} bytes, then {end:?}",
+        got.len()
+    );
+    let ev = c.remote.closed_event(local);
+    assert_eq!(
+        outcome(&ev),
+        "refused: client not allowed by the rule's clients",
+        "{ev}"
+    );
+    assert_eq!(field_str(&ev, "tls_cipher"), None, "{ev}");
 }
 
 /// Plain HTTP through the remote's TLS listener (`--proxy https://`,

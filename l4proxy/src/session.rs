@@ -1195,8 +1195,20 @@ async fn front(
             }
         }
     }
+    let acceptor = &active.terminators.rules[rule_id.0];
+    // A client the CONNECT rule does not take is refused before its TLS:
+    // the handshake (a private-key operation) is not spent on it. Without
+    // TLS it is read and answered 403, which tells it why.
+    if acceptor.is_some()
+        && let Some(connect) = &rule.connect
+        && !connect.admits(peer.ip())
+    {
+        relay::reset_on_close(&client);
+        record.end(active, "refused", Some(&tunnel::Refused::Client));
+        return None;
+    }
     let mut client = Stream::Tcp(client);
-    if let Some(acceptor) = &active.terminators.rules[rule_id.0] {
+    if let Some(acceptor) = acceptor {
         client = terminate(client, acceptor, shared, active, record).await?;
     }
     let mut tunnel = None;
