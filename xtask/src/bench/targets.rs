@@ -580,9 +580,13 @@ pub fn rules_policy(rules: usize) -> Value {
 /// of a connection that has a socket here is marked and taken at once, so
 /// only a connection's first packet walks the TPROXY rules after it (one
 /// per destination: what an iptables user writes without ipset or nft
-/// sets).
+/// sets). Not a SYN: one that finds the TIME-WAIT socket of an earlier
+/// connection with the same addresses and ports (the bench's one client
+/// reuses them within the minute) must reach its TPROXY rule, which ends
+/// that socket and hands the SYN to the listener; taken here, it found no
+/// listener, and the client sent it again a second later.
 pub const TPROXY_PRELUDE: &str = "*mangle\n:PREROUTING ACCEPT [0:0]\n:DIVERT - [0:0]\n\
-     -A PREROUTING -p tcp -m socket -j DIVERT\n-A DIVERT -j MARK --set-mark 1\n\
+     -A PREROUTING -p tcp ! --syn -m socket -j DIVERT\n-A DIVERT -j MARK --set-mark 1\n\
      -A DIVERT -j ACCEPT\n";
 
 /// The classic recipe, inside the proxy namespace: marked packets are
