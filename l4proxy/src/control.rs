@@ -2,8 +2,9 @@
 //! daemon of their network namespace over an abstract Unix socket (scoped
 //! to the namespace, as the daemon's kernel programs are; nothing on the
 //! file system to clean up), answered only for root holding cap_net_admin
-//! (uid 0 alone could be a container's root sharing the namespace, which
-//! a takeover would hand the listeners to). One request line per
+//! in the daemon's user namespace (uid 0 alone could be a container's root
+//! sharing the namespace, which a takeover would hand the listeners to;
+//! such a root holds every capability in a user namespace it makes). One request line per
 //! connection, one JSON answer; a `takeover` request's connection is handed
 //! to the daemon whole (`takeover`).
 //!
@@ -228,13 +229,32 @@ pub async fn serve(
     }
 }
 
+/// Whether process `pid` is in this daemon's user namespace, where alone
+/// its capabilities count: a root process without cap_net_admin has every
+/// capability in a user namespace it makes (`unshare -U`), and `capget`
+/// reports them alike. Told by its namespace where /proc shows it (this
+/// daemon's ptrace rights over it), else by its uid and gid maps, which a
+/// process in another namespace shows as this one's only if it held
+/// cap_setuid and cap_setgid where it made them.
+fn in_our_user_namespace(pid: i32) -> bool {
+    let ns = |who: &str| std::fs::read_link(format!("/proc/{who}/ns/user"));
+    match ns(&pid.to_string()) {
+        Ok(theirs) => ns("self").is_ok_and(|ours| ours == theirs),
+        Err(_) => ["uid_map", "gid_map"].iter().all(|map| {
+            let read = |who: &str| std::fs::read(format!("/proc/{who}/{map}"));
+            matches!((read(&pid.to_string()), read("self")), (Ok(theirs), Ok(ours)) if theirs == ours)
+        }),
+    }
+}
+
 async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
     let peer = stream.peer_cred()?;
     let (uid, pid) = (peer.uid(), peer.pid().unwrap_or(0));
     // A pid of 0: the client is in a pid namespace this daemon cannot see.
     let admin = pid > 0
         && crate::privilege::held_by(pid)
-            .is_ok_and(|held| held.effective.contains(crate::privilege::CAP_NET_ADMIN));
+            .is_ok_and(|held| held.effective.contains(crate::privilege::CAP_NET_ADMIN))
+        && in_our_user_namespace(pid);
     if uid != 0 || !admin {
         // Any local user can connect to an abstract socket: its refusals
         // must not crowd the log.
@@ -244,12 +264,12 @@ async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
                 uid,
                 pid,
                 refused,
-                "control socket: refused a client that is not root with cap_net_admin \
-                 (refused counts this one and those not logged since the last such line)"
+                "control socket: refused a client that is not root with cap_net_admin in this \
+                 daemon's user namespace (refused counts this one and those not logged since \
+                 the last such line)"
             );
         }
-        let refusal =
-            serde_json::json!({ "ok": false, "error": "only root with cap_net_admin may ask" });
+        let refusal = serde_json::json!({ "ok": false, "error": "only root with cap_net_admin may ask (in the daemon's user namespace)" });
         return reply(&mut stream, &refusal).await;
     }
     let mut line = String::new();
@@ -348,8 +368,7 @@ mod tests {
     #[test]
     fn a_refusal_before_the_question_is_the_answer() {
         let (client, daemon) = std::os::unix::net::UnixStream::pair().unwrap();
-        let refusal =
-            serde_json::json!({ "ok": false, "error": "only root with cap_net_admin may ask" });
+        let refusal = serde_json::json!({ "ok": false, "error": "only root with cap_net_admin may ask (in the daemon's user namespace)" });
         (&daemon)
             .write_all(format!("{refusal}\n").as_bytes())
             .unwrap();
