@@ -118,6 +118,28 @@ pub fn init(format: LogFormat, level: LogLevel) -> LogGuard {
         .expect("duplicating stderr for the log writer");
     let (queue, guard) = queue(QUEUE_LINES, File::from(stderr), format, ansi);
     subscriber(format, ansi, filter(level), queue).init();
+    // Through the queue: the default hook writes to stderr on the
+    // panicking thread, which a blocked stderr would stall with every
+    // connection of its worker, and in no log format.
+    std::panic::set_hook(Box::new(|panic| {
+        let payload = panic.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(a value that is not text)");
+        let location = panic.location().map(ToString::to_string);
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+            .then(|| backtrace.to_string());
+        tracing::error!(
+            panic = message,
+            location,
+            thread = std::thread::current().name(),
+            backtrace,
+            "panicked"
+        );
+    }));
     guard
 }
 
@@ -276,22 +298,25 @@ fn start(capacity: usize, out: File, format: LogFormat, ansi: bool) -> (Queue, L
 /// How long the writer lets lines gather after writing: meanwhile the
 /// threads that log queue their lines without waking it (a wake-up per line
 /// cost a futex call and a context switch per connection), and a busy
-/// daemon's lines go out in one write per interval. A line waits at most
+/// daemon's lines go out in a write per 4 KiB per interval. A line waits at most
 /// this long; after a quiet spell the first is written at once.
 const GATHER: Duration = Duration::from_millis(10);
 
-/// Bytes gathered before a write even within an interval.
-const BATCH_BYTES: usize = 64 * 1024;
+/// The most bytes one write takes (a line longer goes alone): a write to a
+/// pipe is atomic only up to `PIPE_BUF` (a Unix socket's, as journald's,
+/// up to far more), and during an upgrade the successor writes to the
+/// same stderr: longer writes could interleave with its lines mid-line.
+const BATCH_BYTES: usize = libc::PIPE_BUF;
 
 /// The writer thread: writes the queued lines to `out`, and where lines
 /// were dropped a line saying how many (at the end, for those dropped after
 /// the last line queued). Ends when every sender is gone.
 fn write_lines(queued: Receiver<Message>, dropped: &AtomicU64, out: &File) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
-    let tell = |batch: &mut Vec<u8>, dropped: u64| {
-        write_out(batch, out);
+    let tell = |batch: &mut Vec<u8>, count: u64| {
+        write_out(batch, out, dropped);
         tracing::warn!(
-            dropped,
+            dropped = count,
             "log lines dropped: the log output was not keeping up"
         );
     };
@@ -301,35 +326,58 @@ fn write_lines(queued: Receiver<Message>, dropped: &AtomicU64, out: &File) {
         while let Some(message) = next {
             match message {
                 Message::Line(line) => {
-                    batch.extend_from_slice(&line);
-                    if batch.len() >= BATCH_BYTES {
-                        write_out(&mut batch, out);
+                    if batch.len() + line.len() > BATCH_BYTES {
+                        write_out(&mut batch, out, dropped);
                     }
+                    batch.extend_from_slice(&line);
                 }
                 Message::Dropped(count) => tell(&mut batch, count),
                 Message::Flush(done) => {
+                    write_out(&mut batch, out, dropped);
                     let count = dropped.swap(0, Ordering::Relaxed);
                     if count > 0 {
                         tell(&mut batch, count);
                     }
-                    write_out(&mut batch, out);
                     _ = done.send(());
                 }
             }
             next = queued.try_recv().ok();
         }
-        write_out(&mut batch, out);
+        write_out(&mut batch, out, dropped);
         std::thread::sleep(GATHER);
     }
 }
 
-/// Writes out and empties `batch`.
-fn write_out(batch: &mut Vec<u8>, mut out: &File) {
-    if !batch.is_empty() {
-        // A failed write to stderr has nowhere to be reported.
-        _ = out.write_all(batch);
-        batch.clear();
+/// Writes out and empties `batch`. What does not go out (an error; an
+/// output someone made non-blocking that stays full for a second) is
+/// counted in `dropped`, by its lines, as lines the queue had no room for.
+fn write_out(batch: &mut Vec<u8>, mut out: &File, dropped: &AtomicU64) {
+    let mut rest = &batch[..];
+    while !rest.is_empty() {
+        match out.write(rest) {
+            Ok(0) => break,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && writable(out) => {}
+            Err(_) => break,
+        }
     }
+    let lost = rest.iter().filter(|&&b| b == b'\n').count() as u64;
+    if lost > 0 {
+        dropped.fetch_add(lost, Ordering::Relaxed);
+    }
+    batch.clear();
+}
+
+/// Waits at most a second for `out` to take bytes again.
+fn writable(out: &File) -> bool {
+    let mut poll = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(out),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call.
+    unsafe { libc::poll(&mut poll, 1, 1000) == 1 }
 }
 
 /// The fmt subscriber in `format`: one definition for the daemon's lines and
@@ -406,6 +454,60 @@ mod tests {
             assert!(Instant::now() < deadline, "the writer never wrote");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Each write is whole lines, at most `PIPE_BUF` bytes (a datagram
+    /// socket shows each write apart).
+    #[test]
+    fn writes_are_whole_lines_of_at_most_pipe_buf() {
+        let (reader, writer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        reader
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let sizes = std::thread::spawn(move || {
+            let mut sizes = Vec::new();
+            let mut buffer = vec![0u8; 1 << 16];
+            while sizes.iter().sum::<usize>() < 200 * 100 {
+                let n = reader.recv(&mut buffer).expect("the next write");
+                assert_eq!(buffer[n - 1], b'\n', "a write of {n} bytes ends a line");
+                sizes.push(n);
+            }
+            sizes
+        });
+        let (queue, guard) = start(
+            512,
+            File::from(OwnedFd::from(writer)),
+            LogFormat::Text,
+            false,
+        );
+        let line = [vec![b'x'; 99], vec![b'\n']].concat();
+        for _ in 0..200 {
+            queue.push(&line);
+        }
+        let sizes = sizes.join().unwrap();
+        drop(guard);
+        assert!(
+            sizes.iter().all(|&n| n <= libc::PIPE_BUF),
+            "writes of {sizes:?} bytes"
+        );
+        assert_eq!(sizes.iter().sum::<usize>(), 200 * 100);
+    }
+
+    /// Lines a write could not put out are counted as dropped.
+    #[test]
+    fn lines_a_failed_write_lost_are_counted() {
+        let (reader, writer) = pipe();
+        drop(reader);
+        let (queue, _guard) = start(64, writer, LogFormat::Text, false);
+        for line in ["a\n", "b\n", "c\n"] {
+            queue.push(line.as_bytes());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queue.dropped.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "lost lines not counted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 3);
     }
 
     #[test]
