@@ -849,12 +849,7 @@ fn http_without_route_or_default_gets_503() {
         "curl should see 503 for an HTTP request no route takes\n{}",
         c.describe()
     );
-    let ev = lab.d.closed_event(c.local.expect("curl's own address"));
-    assert_eq!(
-        field_str(&ev, "outcome").as_deref(),
-        Some("no_route"),
-        "{ev}"
-    );
+    closed_without_route(&mut lab, &c);
 
     // The exact response, then the close (raw socket, HTTP/1.1 keep-alive
     // request: the close must come from the proxy). The request has a body
@@ -905,6 +900,17 @@ fn http_without_route_or_default_gets_503() {
     );
 }
 
+/// The close line of curl's connection, which no route took.
+fn closed_without_route(lab: &mut Lab, c: &Curl) -> Value {
+    let ev = lab.d.closed_event(c.local.expect("curl's own address"));
+    assert_eq!(
+        field_str(&ev, "outcome").as_deref(),
+        Some("no_route"),
+        "{ev}"
+    );
+    ev
+}
+
 /// A Host that is not a host name (`x!.www.example.com`, which nginx would
 /// still serve from a `*.www.example.com` server) is not an HTTP request
 /// without a name: it is `"other"`, which routes that reject by name should
@@ -919,12 +925,7 @@ fn a_host_that_is_not_a_name_is_other() {
         "no HTTP answer for a Host that is not a name\n{}",
         c.describe()
     );
-    let ev = lab.d.closed_event(c.local.expect("curl's own address"));
-    assert_eq!(
-        field_str(&ev, "outcome").as_deref(),
-        Some("no_route"),
-        "{ev}"
-    );
+    let ev = closed_without_route(&mut lab, &c);
     assert_eq!(field_str(&ev, "host"), None, "{ev}");
     assert!(
         lab.nginx.requests_on(WEB).is_empty(),
