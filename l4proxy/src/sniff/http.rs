@@ -113,12 +113,16 @@ impl HeadReader {
                     self.request = Some((method.to_vec(), target.to_vec()));
                 }
                 Some((method, target)) if complete && line.is_empty() => {
-                    let authority = absolute_form_authority(target)
-                        .or_else(|| (method == b"CONNECT").then_some(&target[..]))
-                        .or(self.host_header.as_deref());
-                    let host = match authority {
-                        None | Some(b"") => None,
-                        Some(authority) => Some(host_of(authority).ok_or(HttpError::BadHost)?),
+                    let target_authority = absolute_form_authority(target)
+                        .or_else(|| (method == b"CONNECT").then_some(&target[..]));
+                    let host = match (target_authority, self.host_header.as_deref()) {
+                        // An empty Host: a target without an authority.
+                        (None, None | Some(b"")) => None,
+                        // An empty authority in the target is refused by
+                        // servers (RFC 9110 §4.2.1), or replaced by Host.
+                        (Some(authority), _) | (None, Some(authority)) => {
+                            Some(host_of(authority).ok_or(HttpError::BadHost)?)
+                        }
                     };
                     return Ok(Some(HttpRequestInfo {
                         method: String::from_utf8_lossy(method).into_owned(),
@@ -436,8 +440,6 @@ mod tests {
                 Some("q.example"),
             ),
             ("OPTIONS http://[::1]:80 HTTP/1.1\r\n\r\n", Some("::1")),
-            // An empty authority names none, whatever Host says.
-            ("GET http:///nohost HTTP/1.1\r\nHost: ignored\r\n\r\n", None),
             (
                 "CONNECT Tunnel.Example:443 HTTP/1.1\r\nHost: other\r\n\r\n",
                 Some("tunnel.example"),
@@ -459,6 +461,7 @@ mod tests {
         // The target's authority is what the server goes by: a bad one is
         // an error whatever Host says.
         for head in [
+            "GET http:///nohost HTTP/1.1\r\nHost: a.ads.example\r\n\r\n",
             "GET http://x!.ads.example/ HTTP/1.1\r\nHost: fine.example\r\n\r\n",
             "CONNECT bad!name:443 HTTP/1.1\r\n\r\n",
         ] {
