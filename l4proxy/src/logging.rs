@@ -2,7 +2,8 @@
 //!
 //! Logging never blocks the relay: the threads that log only put each
 //! formatted line on a bounded queue, and one writer thread writes the lines
-//! to stderr, those that gathered in the last 10 ms in one write. When
+//! to stderr, those that gathered in the last 10 ms in as few writes as the
+//! output takes whole ([`batch_limit`]). When
 //! stderr does not keep up (a pipe nobody reads, a stalled journald) the
 //! queue fills, and further lines are dropped and counted; the next line
 //! queued after them is preceded on the queue by a note of how many, which
@@ -298,21 +299,31 @@ fn start(capacity: usize, out: File, format: LogFormat, ansi: bool) -> (Queue, L
 /// How long the writer lets lines gather after writing: meanwhile the
 /// threads that log queue their lines without waking it (a wake-up per line
 /// cost a futex call and a context switch per connection), and a busy
-/// daemon's lines go out in a write per 4 KiB per interval. A line waits at most
+/// daemon's lines go out in a few writes per interval ([`batch_limit`]). A line waits at most
 /// this long; after a quiet spell the first is written at once.
 const GATHER: Duration = Duration::from_millis(10);
 
-/// The most bytes one write takes (a line longer goes alone): a write to a
-/// pipe is atomic only up to `PIPE_BUF` (a Unix socket's, as journald's,
-/// up to far more), and during an upgrade the successor writes to the
-/// same stderr: longer writes could interleave with its lines mid-line.
-const BATCH_BYTES: usize = libc::PIPE_BUF;
+/// The most bytes one write takes (a line longer goes alone), by what the
+/// output is: during an upgrade the successor writes to the same stderr,
+/// and a longer write could interleave with its lines mid-line. A pipe
+/// takes a write whole up to `PIPE_BUF`; a Unix stream socket (journald's)
+/// in pieces of some 36 KiB (a socket buffer's page fragments), 32 KiB
+/// whole; a file opened for appending (or a terminal) any write.
+fn batch_limit(out: &File) -> usize {
+    use std::os::unix::fs::FileTypeExt;
+    match out.metadata().map(|m| m.file_type()) {
+        Ok(kind) if kind.is_fifo() => libc::PIPE_BUF,
+        Ok(kind) if kind.is_file() || kind.is_char_device() => 64 * 1024,
+        _ => 32 * 1024,
+    }
+}
 
 /// The writer thread: writes the queued lines to `out`, and where lines
 /// were dropped a line saying how many (at the end, for those dropped after
 /// the last line queued). Ends when every sender is gone.
 fn write_lines(queued: Receiver<Message>, dropped: &AtomicU64, out: &File) {
-    let mut batch = Vec::with_capacity(BATCH_BYTES);
+    let limit = batch_limit(out);
+    let mut batch = Vec::with_capacity(limit);
     let tell = |batch: &mut Vec<u8>, count: u64| {
         write_out(batch, out, dropped);
         tracing::warn!(
@@ -326,7 +337,7 @@ fn write_lines(queued: Receiver<Message>, dropped: &AtomicU64, out: &File) {
         while let Some(message) = next {
             match message {
                 Message::Line(line) => {
-                    if batch.len() + line.len() > BATCH_BYTES {
+                    if batch.len() + line.len() > limit {
                         write_out(&mut batch, out, dropped);
                     }
                     batch.extend_from_slice(&line);
@@ -456,10 +467,29 @@ mod tests {
         }
     }
 
-    /// Each write is whole lines, at most `PIPE_BUF` bytes (a datagram
+    /// How much one write may take, by the output's kind.
+    #[test]
+    fn a_write_takes_what_the_output_takes_whole() {
+        let (_reader, fifo) = pipe();
+        assert_eq!(batch_limit(&fifo), libc::PIPE_BUF);
+        let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(batch_limit(&File::from(OwnedFd::from(socket))), 32 * 1024);
+        let file = tempfile_in_tmp();
+        assert_eq!(batch_limit(&file), 64 * 1024);
+    }
+
+    fn tempfile_in_tmp() -> File {
+        let path = std::env::temp_dir().join(format!("l4proxy-log-test-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    /// Each write is whole lines, within the output's limit (a datagram
     /// socket shows each write apart).
     #[test]
-    fn writes_are_whole_lines_of_at_most_pipe_buf() {
+    fn writes_are_whole_lines_within_the_limit() {
+        const LINES: usize = 2000;
         let (reader, writer) = std::os::unix::net::UnixDatagram::pair().unwrap();
         reader
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -467,30 +497,27 @@ mod tests {
         let sizes = std::thread::spawn(move || {
             let mut sizes = Vec::new();
             let mut buffer = vec![0u8; 1 << 16];
-            while sizes.iter().sum::<usize>() < 200 * 100 {
+            while sizes.iter().sum::<usize>() < LINES * 100 {
                 let n = reader.recv(&mut buffer).expect("the next write");
                 assert_eq!(buffer[n - 1], b'\n', "a write of {n} bytes ends a line");
                 sizes.push(n);
             }
             sizes
         });
-        let (queue, guard) = start(
-            512,
-            File::from(OwnedFd::from(writer)),
-            LogFormat::Text,
-            false,
-        );
+        let out = File::from(OwnedFd::from(writer));
+        let limit = batch_limit(&out);
+        let (queue, guard) = start(LINES, out, LogFormat::Text, false);
         let line = [vec![b'x'; 99], vec![b'\n']].concat();
-        for _ in 0..200 {
+        for _ in 0..LINES {
             queue.push(&line);
         }
         let sizes = sizes.join().unwrap();
         drop(guard);
         assert!(
-            sizes.iter().all(|&n| n <= libc::PIPE_BUF),
-            "writes of {sizes:?} bytes"
+            sizes.iter().all(|&n| n <= limit),
+            "writes of {sizes:?} bytes, more than {limit}"
         );
-        assert_eq!(sizes.iter().sum::<usize>(), 200 * 100);
+        assert_eq!(sizes.iter().sum::<usize>(), LINES * 100);
     }
 
     /// Lines a write could not put out are counted as dropped.
@@ -498,10 +525,12 @@ mod tests {
     fn lines_a_failed_write_lost_are_counted() {
         let (reader, writer) = pipe();
         drop(reader);
-        let (queue, _guard) = start(64, writer, LogFormat::Text, false);
+        // Queued before the writer starts: one batch, one failed write.
+        let (queue, mut guard) = queue(64, writer, LogFormat::Text, false);
         for line in ["a\n", "b\n", "c\n"] {
             queue.push(line.as_bytes());
         }
+        guard.start_writer();
         let deadline = Instant::now() + Duration::from_secs(5);
         while queue.dropped.load(Ordering::Relaxed) < 3 {
             assert!(Instant::now() < deadline, "lost lines not counted");
