@@ -168,6 +168,15 @@ fn connect_request(
         Ok(None)
     };
     if !front.admits(args.src.ip()) {
+        if policy.rules[rule.0].terminate.is_some() {
+            // As the daemon does: before the TLS handshake, no answer.
+            let _ = writeln!(
+                out,
+                "refused (a reset, before the TLS handshake): {}",
+                tunnel::Refused::Client
+            );
+            return Ok(None);
+        }
         return refused(&tunnel::Refused::Client, out);
     }
     if front.users.is_some() {
@@ -252,6 +261,48 @@ mod tests {
     }
 
     const CLIENT: &str = "198.51.100.7:40000";
+
+    /// A TLS listener resets a client outside its `clients` before the
+    /// handshake: explain says so, not a 403.
+    #[test]
+    fn a_tls_listener_refuses_outside_clients_with_a_reset() {
+        let dir = std::env::temp_dir().join(format!("l4proxy-explain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let issued = rcgen::generate_simple_self_signed(vec!["proxy.example".to_owned()]).unwrap();
+        let (chain, key) = (dir.join("chain.pem"), dir.join("key.pem"));
+        std::fs::write(&chain, issued.cert.pem()).unwrap();
+        std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+        let policy = Policy::from_json(&format!(
+            r#"{{
+              "intercept": [
+                {{ "name": "proxy", "upstream": "direct",
+                  "terminate": {{ "certificates": [ {{ "chain": "{}", "key": "{}" }} ] }},
+                  "connect": {{ "listen": ["198.51.100.1:3128"], "clients": ["198.51.100.0/24"] }} }}
+              ],
+              "upstreams": {{ "direct": {{ "original_destination": true }} }}
+            }}"#,
+            chain.display(),
+            key.display()
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let policy = policy.unwrap();
+        let args = ExplainArgs {
+            file: "unused".into(),
+            src: "192.0.2.7:40000".parse().unwrap(),
+            dst: LISTENER.parse().unwrap(),
+            sni: None,
+            alpn: Vec::new(),
+            tls: false,
+            host: None,
+            connect: Some("203.0.113.9:443".to_owned()),
+            resolved: None,
+        };
+        let said = explain(&policy, &args).unwrap();
+        assert!(
+            said.contains("refused (a reset, before the TLS handshake): client not allowed"),
+            "{said}"
+        );
+    }
 
     /// A Host that is not a name makes the head "other", as in the daemon;
     /// an empty one names nothing.

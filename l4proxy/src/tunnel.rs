@@ -184,8 +184,11 @@ pub async fn open(
                 }
             };
             let mut refused = None;
-            // No more are ever tried: a name with thousands of addresses
-            // would cost a route query each.
+            // The first 16 of each family are checked, and of those that
+            // pass no more than 16 are tried: a name with thousands of
+            // addresses would cost a route query each. (One whose first 16
+            // of a family are all refused is refused, where a later one
+            // might have passed.)
             let checked: Vec<SocketAddr> = first_of_each_family(resolved, upstream::MAX_ADDRESSES)
                 .filter(
                     |addr| match allowed(front, addr.ip(), is_local, kernel_route) {
