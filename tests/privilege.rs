@@ -227,45 +227,56 @@ fn the_control_socket_answers_root_with_cap_net_admin_only() {
 
 /// Root without cap_net_admin that makes a user namespace of its own
 /// (`unshare -U`) holds every capability there, cap_net_admin too: it is
-/// still refused, its capabilities counting only in its namespace.
+/// still refused, its capabilities counting only in its namespace. Told
+/// by the client's namespace where the daemon may read it (as root), else
+/// by its uid and gid maps (a daemon run as nobody, as one that gave up
+/// capabilities the client holds); root in the daemon's namespace is
+/// answered either way.
 #[test]
 fn a_user_namespace_of_its_own_does_not_make_root_an_admin() {
-    let (t, _server) = Topo::with_echo("privuserns", "203.0.113.3:8080", "server");
-    let _d = Daemon::start_ready(&t.px, &policy(&[8080]), &[]);
     let binary = lab::daemon::binary();
-    let ask = |args: &[&str]| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: plain syscall; only this thread's bounding set changes.
-                let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) };
-                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-                lab::tls::run_in(&t.px, "unshare", args, b"", Duration::from_secs(30))
+    for (test, daemon_args) in [
+        ("privuserns", &[][..]),
+        ("privusernsmap", &["--user", "nobody"]),
+    ] {
+        let (t, _server) = Topo::with_echo(test, "203.0.113.3:8080", "server");
+        let _d = Daemon::start_ready(&t.px, &policy(&[8080]), daemon_args);
+        let without_cap_net_admin = |args: &[&str]| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    // SAFETY: plain syscall; only this thread's bounding set changes.
+                    let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) };
+                    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+                    lab::tls::run_in(&t.px, "unshare", args, b"", Duration::from_secs(30))
+                })
+                .join()
+                .unwrap()
             })
-            .join()
-            .unwrap()
-        })
-    };
-    // What the namespace gives it: cap_net_admin among the rest.
-    let caps = ask(&["-U", "-r", "grep", "CapEff", "/proc/self/status"]);
-    let effective = caps
-        .stdout
-        .split_whitespace()
-        .nth(1)
-        .and_then(|hex| u64::from_str_radix(hex, 16).ok());
-    assert!(
-        caps.success() && effective.is_some_and(|set| set & 1 << CAP_NET_ADMIN != 0),
-        "{caps:?}"
-    );
-    // Root in its namespace (`-r`), as the daemon sees it through
-    // SO_PEERCRED.
-    let refused = ask(&["-U", "-r", binary, "status"]);
-    assert!(
-        !refused.success()
-            && refused
-                .stderr
-                .contains("only root with cap_net_admin may ask (in the daemon's user namespace)"),
-        "{refused:?}"
-    );
+        };
+        // What the namespace gives it: cap_net_admin among the rest.
+        let caps = without_cap_net_admin(&["-U", "-r", "grep", "CapEff", "/proc/self/status"]);
+        let effective = caps
+            .stdout
+            .split_whitespace()
+            .nth(1)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        assert!(
+            caps.success() && effective.is_some_and(|set| set & 1 << CAP_NET_ADMIN != 0),
+            "{caps:?}"
+        );
+        // Root in its namespace (`-r`), as the daemon sees it through
+        // SO_PEERCRED.
+        let refused = without_cap_net_admin(&["-U", "-r", binary, "status"]);
+        assert!(
+            !refused.success()
+                && refused.stderr.contains(
+                    "only root with cap_net_admin may ask (in the daemon's user namespace)"
+                ),
+            "{test}: {refused:?}"
+        );
+        let answered = command(&t.px, &["status"], Duration::from_secs(30));
+        assert!(answered.success(), "{test}: {answered:?}");
+    }
 }
 
 /// Under no_new_privs (the unit's `NoNewPrivileges=yes`), `l4proxy upgrade`

@@ -233,29 +233,41 @@ pub async fn serve(
 /// its capabilities count: a root process without cap_net_admin has every
 /// capability in a user namespace it makes (`unshare -U`), and `capget`
 /// reports them alike. Told by its namespace where /proc shows it (this
-/// daemon's ptrace rights over it), else by its uid and gid maps, which a
-/// process in another namespace shows as this one's only if it held
-/// cap_setuid and cap_setgid where it made them.
-fn in_our_user_namespace(pid: i32) -> bool {
+/// daemon's ptrace rights over it: not over a client holding capabilities
+/// the daemon gave up, as under the shipped unit), else by its uid and gid
+/// maps, which a process in another namespace shows as this one's only if
+/// it held cap_setuid and cap_setgid where it made them. `None`: /proc
+/// shows neither (`hidepid`, `ProtectProc=`).
+fn in_our_user_namespace(pid: i32) -> Option<bool> {
     let ns = |who: &str| std::fs::read_link(format!("/proc/{who}/ns/user"));
-    match ns(&pid.to_string()) {
-        Ok(theirs) => ns("self").is_ok_and(|ours| ours == theirs),
-        Err(_) => ["uid_map", "gid_map"].iter().all(|map| {
-            let read = |who: &str| std::fs::read(format!("/proc/{who}/{map}"));
-            matches!((read(&pid.to_string()), read("self")), (Ok(theirs), Ok(ours)) if theirs == ours)
-        }),
+    if let Ok(theirs) = ns(&pid.to_string()) {
+        return Some(ns("self").is_ok_and(|ours| ours == theirs));
     }
+    let mut same = true;
+    for map in ["uid_map", "gid_map"] {
+        let read = |who: &str| std::fs::read(format!("/proc/{who}/{map}"));
+        same &= read(&pid.to_string()).ok()? == read("self").ok()?;
+    }
+    Some(same)
 }
 
 async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
     let peer = stream.peer_cred()?;
     let (uid, pid) = (peer.uid(), peer.pid().unwrap_or(0));
     // A pid of 0: the client is in a pid namespace this daemon cannot see.
-    let admin = pid > 0
+    let capable = uid == 0
+        && pid > 0
         && crate::privilege::held_by(pid)
-            .is_ok_and(|held| held.effective.contains(crate::privilege::CAP_NET_ADMIN))
-        && in_our_user_namespace(pid);
-    if uid != 0 || !admin {
+            .is_ok_and(|held| held.effective.contains(crate::privilege::CAP_NET_ADMIN));
+    let refused = match capable.then(|| in_our_user_namespace(pid)) {
+        Some(Some(true)) => None,
+        Some(None) => Some(
+            "the daemon cannot see the client's /proc entry (hidepid, ProtectProc=), \
+             so not its user namespace",
+        ),
+        _ => Some("only root with cap_net_admin may ask (in the daemon's user namespace)"),
+    };
+    if let Some(why) = refused {
         // Any local user can connect to an abstract socket: its refusals
         // must not crowd the log.
         static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
@@ -264,12 +276,12 @@ async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
                 uid,
                 pid,
                 refused,
-                "control socket: refused a client that is not root with cap_net_admin in this \
-                 daemon's user namespace (refused counts this one and those not logged since \
-                 the last such line)"
+                why,
+                "control socket: refused a client (refused counts this one and those not \
+                 logged since the last such line)"
             );
         }
-        let refusal = serde_json::json!({ "ok": false, "error": "only root with cap_net_admin may ask (in the daemon's user namespace)" });
+        let refusal = serde_json::json!({ "ok": false, "error": why });
         return reply(&mut stream, &refusal).await;
     }
     let mut line = String::new();
