@@ -70,6 +70,8 @@ pub async fn open(
     let target = target.to_owned();
     let answer = match verdict {
         Ok(Ok(answer)) => answer,
+        // An answer beyond its size, or sent in more pieces than the
+        // sniffer's most looks, is taken for a broken parent's.
         Ok(Err(Malformed)) | Err(GaveUp::TooLarge | GaveUp::TooManyPieces) => {
             return Err(ParentError::Malformed { target });
         }
