@@ -842,11 +842,13 @@ impl<'a> Bench<'a> {
         let addr = targets::rule_dst(rules - 1).into();
         self.probe(addr, target)?;
         let mut values = Vec::new();
+        self.only_running(target);
         for _ in 0..self.plan.repetitions {
             let rate = self.connection_rate(addr, self.plan.rules_concurrency)?;
             self.note_failures(&rate, &format!("{steering} with {rules} rules"), report);
             values.push(rate.per_second);
         }
+        self.all_running();
         Spread::of(&values).context("at least one repetition")
     }
 }
@@ -1031,7 +1033,8 @@ fn machine_description(root: &Path, binary: &Path) -> Vec<String> {
          .21 HAProxy+splice, .22 nginx) → server 203.0.113.2; direct = client to the server \
          through the proxy host's forwarding; the server keeps no TIME_WAIT \
          (`tcp_max_tw_buckets` 0), so that one run's closed connections do not slow the next's; \
-         while one path is measured (throughput, rates, latency, CONNECT), every other proxy is \
+         while one path is measured (throughput, rates, latency, CONNECT, rule counts), every \
+         other proxy is \
          stopped (SIGSTOP), so that work one puts off (Squid's timed events after its runs) is \
          done in its own runs"
             .to_owned(),
