@@ -32,23 +32,25 @@ pub fn explain(policy: &Policy, args: &ExplainArgs) -> anyhow::Result<String> {
         rule,
         target: name.as_deref(),
     };
-    // As the sniffer reads them: a name in its normal form; an SNI that is
-    // none is no SNI, a Host that is none makes the head "other" (an empty
-    // one names nothing).
+    // As the sniffer reads them: a name in its normal form, an SNI that is
+    // none no SNI; `--host` in a request head the daemon's parser reads (a
+    // head it refuses is "other").
     let sni = args
         .sni
         .as_deref()
         .and_then(|sni| sniff::normalize_host_name(sni.as_bytes()));
-    let host = args.host.as_deref().map(|host| match host {
-        "" => Some(None),
-        host => sniff::host_of(host.as_bytes()).map(Some),
+    let request = args.host.as_deref().and_then(|host| {
+        let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        sniff::http::parse_request_head(head.as_bytes())
+            .ok()
+            .flatten()
     });
     let alpn = &args.alpn;
-    let plain = match &host {
-        Some(Some(name)) => route::Hello::Http {
-            host: name.as_deref(),
+    let plain = match &request {
+        Some(request) => route::Hello::Http {
+            host: request.host.as_deref(),
         },
-        Some(None) | None => route::Hello::Other,
+        None => route::Hello::Other,
     };
     // A rule that terminates TLS routes on its handshake (the name, the
     // protocol agreed: the first of its `alpn` the client offers) and on

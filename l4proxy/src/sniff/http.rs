@@ -289,7 +289,7 @@ fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
 /// The normal form of the host of `host [":" port]` (RFC 9110 §7.2), `None`
 /// if it is not a name or address. The port is not looked at: servers pick
 /// by the host before it.
-pub fn host_of(host_port: &[u8]) -> Option<String> {
+fn host_of(host_port: &[u8]) -> Option<String> {
     if let Some(rest) = host_port.strip_prefix(b"[") {
         let close = rest.iter().position(|&b| b == b']')?;
         if !matches!(rest.get(close + 1), None | Some(b':')) {

@@ -13,7 +13,7 @@
 pub mod http;
 pub mod tls;
 
-pub use http::{HttpRequestInfo, host_of};
+pub use http::HttpRequestInfo;
 pub use tls::ClientHelloInfo;
 
 /// The most bytes [`sniff`] will ever wait for: with this many, it never says
