@@ -139,10 +139,13 @@ impl ServerState {
         }
     }
 
-    /// A relayed connection reached it: the failed connects in a row
-    /// start again from none.
-    pub fn connect_succeeded(&self) {
-        self.errors.store(0, Ordering::Relaxed);
+    /// A relayed connection reached it: where its upstream observes, the
+    /// failed connects in a row start again from none (without, nothing is
+    /// written: a store every worker would make on every connection).
+    pub fn connect_succeeded(&self, observe: Option<&Observe>) {
+        if observe.is_some() {
+            self.errors.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A relayed connection could not connect to it, for its doing: counted
@@ -619,7 +622,7 @@ mod tests {
         state.connect_failed(Some(&observe), &refused);
         state.connect_failed(Some(&observe), &refused);
         // A connect that works starts the count again.
-        state.connect_succeeded();
+        state.connect_succeeded(Some(&observe));
         state.connect_failed(Some(&observe), &refused);
         state.connect_failed(Some(&observe), &refused);
         assert!(state.is_up());

@@ -1442,8 +1442,11 @@ async fn refuse(client: &mut Stream, sniffed: Option<&sniff::Sniffed>) {
         Some(sniff::Sniffed::Http(_)) => {
             let _ = client.answer_and_close(SERVICE_UNAVAILABLE).await;
         }
-        Some(sniff::Sniffed::Tls(_)) => relay::reset_on_close(client.tcp()),
-        _ if matches!(client, Stream::Tls(_)) => relay::reset_on_close(client.tcp()),
+        _ if matches!(sniffed, Some(sniff::Sniffed::Tls(_)))
+            || matches!(client, Stream::Tls(_)) =>
+        {
+            relay::reset_on_close(client.tcp());
+        }
         _ => {}
     }
 }

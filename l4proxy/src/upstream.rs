@@ -511,9 +511,7 @@ impl Pool {
                 };
             match secure(connected.stream, server.address).await {
                 Ok(stream) => {
-                    if self.observe.is_some() {
-                        server.state.connect_succeeded();
-                    }
+                    server.state.connect_succeeded(self.observe.as_ref());
                     return Ok(Connected {
                         stream,
                         lease: Some(lease),
@@ -529,9 +527,7 @@ impl Pool {
                     // Through a parent, it is the destination's failure
                     // (the same through every parent): the parent worked.
                     if via.is_some() || fault != Fault::Server {
-                        if self.observe.is_some() {
-                            server.state.connect_succeeded();
-                        }
+                        server.state.connect_succeeded(self.observe.as_ref());
                         return Err(failed);
                     }
                     tracing::debug!(upstream = %server.address, error = %failed, "TLS to the upstream failed");
@@ -558,9 +554,7 @@ impl Pool {
         let AttemptFailed { error, alive } = failed;
         tracing::debug!(upstream = %server.address, %error, "upstream connect failed");
         if alive {
-            if self.observe.is_some() {
-                server.state.connect_succeeded();
-            }
+            server.state.connect_succeeded(self.observe.as_ref());
         } else if !this_hosts_fault(&error) {
             server.state.connect_failed(self.observe.as_ref(), &error);
         }
