@@ -239,17 +239,33 @@ pub async fn serve(
 /// it held cap_setuid and cap_setgid where it made them. `None`: /proc
 /// shows neither (`hidepid`, `ProtectProc=`).
 fn in_our_user_namespace(pid: i32) -> Option<bool> {
-    let ns = |who: &str| std::fs::read_link(format!("/proc/{who}/ns/user"));
-    if let Ok(theirs) = ns(&pid.to_string()) {
-        return Some(ns("self").is_ok_and(|ours| ours == theirs));
+    let theirs = UserNamespace::of(&format!("/proc/{pid}"));
+    let ours = OURS.get_or_init(|| UserNamespace::of("/proc/self"));
+    match (&theirs.link, &ours.link) {
+        (Some(theirs), Some(ours)) => Some(theirs == ours),
+        _ => Some(theirs.maps.as_ref()? == ours.maps.as_ref()?),
     }
-    let mut same = true;
-    for map in ["uid_map", "gid_map"] {
-        let read = |who: &str| std::fs::read(format!("/proc/{who}/{map}"));
-        same &= read(&pid.to_string()).ok()? == read("self").ok()?;
-    }
-    Some(same)
 }
+
+/// A process's user namespace as /proc shows it: its link (where ptrace
+/// rights allow) and its uid and gid maps.
+struct UserNamespace {
+    link: Option<std::path::PathBuf>,
+    maps: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl UserNamespace {
+    fn of(proc: &str) -> UserNamespace {
+        let map = |name: &str| std::fs::read(format!("{proc}/{name}")).ok();
+        UserNamespace {
+            link: std::fs::read_link(format!("{proc}/ns/user")).ok(),
+            maps: map("uid_map").zip(map("gid_map")),
+        }
+    }
+}
+
+/// This daemon's own, read at its first client: it does not change.
+static OURS: std::sync::OnceLock<UserNamespace> = std::sync::OnceLock::new();
 
 async fn answer(mut stream: UnixStream, requests: &Requests) -> io::Result<()> {
     let peer = stream.peer_cred()?;
