@@ -42,8 +42,7 @@ const ADMIN: &str = "127.0.0.1:9901";
 fn limited(t: &Topo, limit: &str) -> f64 {
     let scraped = lab::prometheus::scrape(&t.px, ADMIN);
     let series = format!(r#"l4proxy_limited_connections_total{{limit="{limit}"}}"#);
-    lab::prometheus::sample(&scraped, &series)
-        .unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
+    lab::prometheus::expect_sample(&scraped, &series)
 }
 
 fn service(host: &str, port: u16) -> SocketAddr {

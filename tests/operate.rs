@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use lab::prometheus::{Prometheus, promtool_check, sample};
+use lab::prometheus::{Prometheus, expect_sample, promtool_check};
 use lab::tls::run_in;
 use lab::{Daemon, Server, Topo, handlers, ip, sa};
 use serde_json::{Value, json};
@@ -212,7 +212,7 @@ fn connect_failures_are_counted_by_whose_doing() {
         }
     }
     let failures = |scraped: &str, upstream: &str, reason: &str| {
-        value(
+        expect_sample(
             scraped,
             &format!(
                 r#"l4proxy_upstream_connect_failures_total{{upstream="{upstream}",reason="{reason}"}}"#
@@ -250,7 +250,7 @@ fn connect_failures_are_counted_by_whose_doing() {
     // never tried (no source of the family; no name to verify): nothing
     // is counted against a server before an attempt.
     let server = |upstream: &str, server: &str| {
-        value(
+        expect_sample(
             &scraped,
             &format!(
                 r#"l4proxy_server_connect_failures_total{{upstream="{upstream}",server="{server}"}}"#
@@ -266,11 +266,6 @@ fn connect_failures_are_counted_by_whose_doing() {
         [1.0, 0.0, 0.0],
         "{scraped}"
     );
-}
-
-/// The value of `series` in a scraped exposition, which must have it.
-fn value(scraped: &str, series: &str) -> f64 {
-    sample(scraped, series).unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
 }
 
 /// `status` shows the connections the test holds open, and the totals;

@@ -196,6 +196,23 @@ fn as_root_the_same_capabilities_remain_and_what_a_successor_needs_is_bounded() 
     assert_clean_shutdown(&t, &mut d);
 }
 
+/// Runs `f` on a thread of its own without `caps` in its bounding set
+/// (per thread, and inherited by what it starts).
+fn without_caps<T: Send>(caps: &[u32], f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for &cap in caps {
+                // SAFETY: plain syscall; only this thread's bounding set changes.
+                let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
 /// The control socket answers root holding cap_net_admin, not uid 0 alone
 /// (a container's root sharing the network namespace, say).
 #[test]
@@ -204,15 +221,8 @@ fn the_control_socket_answers_root_with_cap_net_admin_only() {
     let _d = Daemon::start_ready(&t.px, &policy(&[8080]), &[]);
     // The bounding set is per thread and inherited: `status` started from
     // this thread is root without cap_net_admin.
-    let without = std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: plain syscall; only this thread's bounding set changes.
-            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) };
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-            command(&t.px, &["status"], Duration::from_secs(30))
-        })
-        .join()
-        .unwrap()
+    let without = without_caps(&[CAP_NET_ADMIN], || {
+        command(&t.px, &["status"], Duration::from_secs(30))
     });
     assert!(
         !without.success()
@@ -242,15 +252,8 @@ fn a_user_namespace_of_its_own_does_not_make_root_an_admin() {
         let (t, _server) = Topo::with_echo(test, "203.0.113.3:8080", "server");
         let _d = Daemon::start_ready(&t.px, &policy(&[8080]), daemon_args);
         let without_cap_net_admin = |args: &[&str]| {
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    // SAFETY: plain syscall; only this thread's bounding set changes.
-                    let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) };
-                    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-                    lab::tls::run_in(&t.px, "unshare", args, b"", Duration::from_secs(30))
-                })
-                .join()
-                .unwrap()
+            without_caps(&[CAP_NET_ADMIN], || {
+                lab::tls::run_in(&t.px, "unshare", args, b"", Duration::from_secs(30))
             })
         };
         // What the namespace gives it: cap_net_admin among the rest.
@@ -328,17 +331,8 @@ fn with_cap_sys_admin_for_bpf_an_upgrade_works() {
     let (t, server) = Topo::with_echo("privsysadm", "203.0.113.3:8080", "server");
     // The bounding set is per thread and inherited: a thread of its own
     // starts the daemon without cap_bpf and cap_perfmon.
-    let mut d = std::thread::scope(|s| {
-        s.spawn(|| {
-            for cap in [38, 39] {
-                // SAFETY: plain syscall; only this thread's bounding set changes.
-                let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-            }
-            Daemon::start_ready(&t.px, &policy(&[8080]), &[])
-        })
-        .join()
-        .unwrap()
+    let mut d = without_caps(&[38, 39], || {
+        Daemon::start_ready(&t.px, &policy(&[8080]), &[])
     });
     assert_credentials(&d, (0, 0), KEPT, KEPT | 1 << CAP_SYS_ADMIN);
     transparent_connection(&t, &mut d, &server, 8080);
@@ -373,15 +367,8 @@ fn a_reload_needing_a_capability_not_held_is_refused() {
     let (t, server) = Topo::with_echo("privrefuse", "203.0.113.3:8080", "server");
     // The bounding set is per thread and inherited: a thread of its own
     // starts the daemon without the capability.
-    let mut d = std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: plain syscall; only this thread's bounding set changes.
-            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) };
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-            Daemon::start_ready(&t.px, &policy(&[8080]), &[])
-        })
-        .join()
-        .unwrap()
+    let mut d = without_caps(&[CAP_NET_BIND_SERVICE], || {
+        Daemon::start_ready(&t.px, &policy(&[8080]), &[])
     });
     assert_credentials(&d, (0, 0), 1 << CAP_NET_ADMIN, START);
 

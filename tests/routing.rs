@@ -902,7 +902,7 @@ fn http_without_route_or_default_gets_503() {
 
 /// The close line of curl's connection, which no route took.
 fn closed_without_route(lab: &mut Lab, c: &Curl) -> Value {
-    let ev = lab.d.closed_event(c.local.expect("curl's own address"));
+    let ev = closed_event_of(lab, c);
     assert_eq!(
         field_str(&ev, "outcome").as_deref(),
         Some("no_route"),

@@ -119,6 +119,11 @@ pub fn scrape(ns: &Netns, admin: &str) -> String {
     scraped.stdout
 }
 
+/// [`sample`], which must be there.
+pub fn expect_sample(scraped: &str, series: &str) -> f64 {
+    sample(scraped, series).unwrap_or_else(|| panic!("no {series} in:\n{scraped}"))
+}
+
 /// The value of `series` (its name and labels as the exposition writes
 /// them) in `scraped`, if it is there.
 pub fn sample(scraped: &str, series: &str) -> Option<f64> {
