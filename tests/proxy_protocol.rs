@@ -392,38 +392,25 @@ fn a_named_client_over_its_limit_is_reset_before_the_handshake() {
     // What each got before its end, or before 2 s passed (a handshake the
     // client does not go on with stays open), and how its write and read
     // ended.
-    let ends: Vec<_> = both
+    let ends: Vec<lab::Sent> = both
         .iter_mut()
-        .map(|c| {
-            let wrote = c.write_all(&hello);
-            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut got = Vec::new();
-            let end = c.read_to_end(&mut got);
-            (got, wrote, end)
-        })
+        .map(|c| lab::Sent::to(c, &hello, Duration::from_secs(2)))
         .collect();
-    let reset = |e: Option<&std::io::Error>| {
-        e.is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
-    };
-    // Reset: the read sees it, or the hello's write already did (and the
-    // read then sees the end).
-    let was_reset = |(got, wrote, end): &(Vec<u8>, std::io::Result<()>, std::io::Result<usize>)| {
-        got.is_empty()
-            && (reset(end.as_ref().err()) || (reset(wrote.as_ref().err()) && end.is_ok()))
-    };
-    let reset_ones = ends.iter().filter(|e| was_reset(e)).count();
+    let reset_ones = ends.iter().filter(|e| e.was_reset()).count();
     // The other got the start of its handshake: the ServerHello's record.
     let shaking = ends
         .iter()
-        .filter(|(got, _, _)| got.first() == Some(&22))
+        .filter(|sent| sent.got.first() == Some(&22))
         .count();
     assert!(
         reset_ones == 1 && shaking == 1,
         "one reset and one handshake expected: {:?}",
         ends.iter()
-            .map(|(got, wrote, end)| format!(
-                "{} bytes, the write {wrote:?}, the read {end:?}",
-                got.len()
+            .map(|sent| format!(
+                "{} bytes, the write {:?}, the read {:?}",
+                sent.got.len(),
+                sent.wrote,
+                sent.end
             ))
             .collect::<Vec<_>>()
     );

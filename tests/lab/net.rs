@@ -129,6 +129,35 @@ pub fn answer_head(c: &mut TcpStream) -> String {
 /// One `read`, again as long as it is interrupted: a read with a timeout
 /// returns EINTR when the process is stopped and resumed (or frozen),
 /// whatever the signal disposition, which is not the peer's doing.
+/// What came of writing some bytes and reading to the end (or a timeout).
+#[derive(Debug)]
+pub struct Sent {
+    pub got: Vec<u8>,
+    pub wrote: io::Result<()>,
+    pub end: io::Result<usize>,
+}
+
+impl Sent {
+    /// Writes `bytes` to `s`, then reads until its end or `wait` passes.
+    pub fn to(s: &mut TcpStream, bytes: &[u8], wait: Duration) -> Sent {
+        let wrote = s.write_all(bytes);
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut got = Vec::new();
+        let end = s.read_to_end(&mut got);
+        Sent { got, wrote, end }
+    }
+
+    /// The peer reset the connection before sending anything: the read saw
+    /// the reset, or the write already did (the read then finds the end).
+    pub fn was_reset(&self) -> bool {
+        let reset =
+            |e: Option<&io::Error>| e.is_some_and(|e| e.kind() == io::ErrorKind::ConnectionReset);
+        self.got.is_empty()
+            && (reset(self.end.as_ref().err())
+                || (reset(self.wrote.as_ref().err()) && self.end.is_ok()))
+    }
+}
+
 pub fn read_some(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match r.read(buf) {
